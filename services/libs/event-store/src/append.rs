@@ -1,0 +1,300 @@
+//! What an append asks for and what it returns, with the validation and the
+//! request fingerprint that idempotency compares.
+use crm_domain::TenantId;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::AppendError;
+
+/// Limits on one append request; larger requests are refused as invalid.
+pub mod limits {
+    /// Streams written atomically by one append.
+    pub const MAX_STREAMS: usize = 100;
+    /// Events in one append, over all its streams.
+    pub const MAX_EVENTS: usize = 10_000;
+    /// Serialized size of one event payload.
+    pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
+    /// Length of an idempotency key.
+    pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+    /// Length of a stream type or event type name.
+    pub const MAX_NAME_LEN: usize = 128;
+}
+
+/// The version a stream must be at for the append to happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpectedVersion {
+    /// No check.
+    Any,
+    /// The stream must not exist yet (same as `Exact(0)`).
+    NoStream,
+    /// The stream's last event has exactly this version (1-based).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    pub(crate) fn describe(self) -> String {
+        match self {
+            Self::Any => "any".to_owned(),
+            Self::NoStream | Self::Exact(0) => "no stream".to_owned(),
+            Self::Exact(n) => n.to_string(),
+        }
+    }
+}
+
+/// One event to append. `event_id` should be a UUIDv7 made by the caller, so
+/// a retried request carries the same id.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub payload: serde_json::Value,
+}
+
+impl NewEvent {
+    /// A new event with a fresh UUIDv7 id and schema version 1.
+    pub fn new(event_type: impl Into<String>, payload: serde_json::Value) -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            event_type: event_type.into(),
+            schema_version: 1,
+            payload,
+        }
+    }
+}
+
+/// Events for one stream, checked against the stream's expected version.
+#[derive(Clone, Debug)]
+pub struct StreamAppend {
+    pub stream_type: String,
+    pub stream_id: Uuid,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+}
+
+/// Who caused the events and within which trace. Stored with every event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// One atomic append: every stream's events land, or none do.
+#[derive(Clone, Debug)]
+pub struct AppendEvents {
+    pub tenant_id: TenantId,
+    pub streams: Vec<StreamAppend>,
+    /// The same key with the same request replays the first outcome and
+    /// appends nothing, forever. Scoped to the tenant.
+    pub idempotency_key: Option<String>,
+    pub metadata: Metadata,
+}
+
+/// What an append wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// Global position of the first and last event written (contiguous).
+    pub first_position: u64,
+    pub last_position: u64,
+    pub streams: Vec<AppendedStream>,
+    /// True when this is the stored outcome of an earlier request with the
+    /// same idempotency key: nothing was appended this time.
+    #[serde(skip)]
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendedStream {
+    pub stream_id: Uuid,
+    pub first_version: u64,
+    pub last_version: u64,
+}
+
+/// An append checked and serialized by the calling task, ready for the writer.
+pub(crate) struct PreparedAppend {
+    pub request: AppendEvents,
+    /// Each event's payload as JSON text, in request order.
+    pub payloads: Vec<String>,
+    pub metadata: String,
+    /// Fingerprint of what the request asks for, compared on idempotent retry.
+    pub fingerprint: [u8; 32],
+    pub n_events: usize,
+}
+
+fn invalid(field: impl Into<String>, rule: &'static str) -> AppendError {
+    AppendError::Invalid {
+        field: field.into(),
+        rule,
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= limits::MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+impl PreparedAppend {
+    /// Validates the request and serializes what the writer needs, off the
+    /// writer's task.
+    pub(crate) fn new(request: AppendEvents) -> Result<Self, AppendError> {
+        if request.streams.is_empty() {
+            return Err(invalid("streams", "must not be empty"));
+        }
+        if request.streams.len() > limits::MAX_STREAMS {
+            return Err(invalid("streams", "too many streams in one append"));
+        }
+        if let Some(key) = &request.idempotency_key
+            && (key.is_empty() || key.len() > limits::MAX_IDEMPOTENCY_KEY_LEN)
+        {
+            return Err(invalid(
+                "idempotency_key",
+                "must be 1 to 200 bytes when present",
+            ));
+        }
+        let n_events: usize = request.streams.iter().map(|s| s.events.len()).sum();
+        if n_events > limits::MAX_EVENTS {
+            return Err(invalid("streams", "too many events in one append"));
+        }
+        let mut hasher = Sha256::new();
+        let mut feed = |bytes: &[u8]| {
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        };
+        feed(request.tenant_id.as_str().as_bytes());
+        let mut payloads = Vec::with_capacity(n_events);
+        let mut seen = std::collections::HashSet::with_capacity(request.streams.len());
+        for (i, stream) in request.streams.iter().enumerate() {
+            if !valid_name(&stream.stream_type) {
+                return Err(invalid(
+                    format!("streams[{i}].stream_type"),
+                    "must be 1 to 128 of [A-Za-z0-9_.]",
+                ));
+            }
+            if !seen.insert(stream.stream_id) {
+                return Err(invalid(
+                    format!("streams[{i}].stream_id"),
+                    "appears twice in one append",
+                ));
+            }
+            if stream.events.is_empty() {
+                return Err(invalid(format!("streams[{i}].events"), "must not be empty"));
+            }
+            if let ExpectedVersion::Exact(n) = stream.expected
+                && n > i64::MAX as u64
+            {
+                return Err(invalid(format!("streams[{i}].expected"), "out of range"));
+            }
+            feed(stream.stream_type.as_bytes());
+            feed(stream.stream_id.as_bytes());
+            feed(stream.expected.describe().as_bytes());
+            for (j, event) in stream.events.iter().enumerate() {
+                if !valid_name(&event.event_type) {
+                    return Err(invalid(
+                        format!("streams[{i}].events[{j}].event_type"),
+                        "must be 1 to 128 of [A-Za-z0-9_.]",
+                    ));
+                }
+                if event.schema_version == 0 || event.schema_version > i32::MAX as u32 {
+                    return Err(invalid(
+                        format!("streams[{i}].events[{j}].schema_version"),
+                        "must be at least 1",
+                    ));
+                }
+                if !event.payload.is_object() {
+                    return Err(invalid(
+                        format!("streams[{i}].events[{j}].payload"),
+                        "must be a JSON object",
+                    ));
+                }
+                let payload = event.payload.to_string();
+                if payload.len() > limits::MAX_PAYLOAD_BYTES {
+                    return Err(invalid(
+                        format!("streams[{i}].events[{j}].payload"),
+                        "larger than 1 MiB",
+                    ));
+                }
+                feed(event.event_type.as_bytes());
+                feed(&event.schema_version.to_le_bytes());
+                feed(payload.as_bytes());
+                payloads.push(payload);
+            }
+        }
+        let metadata = serde_json::to_string(&request.metadata)
+            .map_err(|_| invalid("metadata", "must serialize to JSON"))?;
+        Ok(Self {
+            request,
+            payloads,
+            metadata,
+            fingerprint: hasher.finalize().into(),
+            n_events,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(payload: serde_json::Value) -> AppendEvents {
+        AppendEvents {
+            tenant_id: TenantId::parse("t1").unwrap(),
+            streams: vec![StreamAppend {
+                stream_type: "contact".into(),
+                stream_id: Uuid::nil(),
+                expected: ExpectedVersion::NoStream,
+                events: vec![NewEvent::new("ContactCreated", payload)],
+            }],
+            idempotency_key: Some("k".into()),
+            metadata: Metadata::default(),
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_event_ids_and_metadata_but_not_payload() {
+        let a = PreparedAppend::new(request(serde_json::json!({"name": "Ada"}))).unwrap();
+        let mut again = request(serde_json::json!({"name": "Ada"}));
+        again.metadata.correlation_id = Some("other".into());
+        let b = PreparedAppend::new(again).unwrap();
+        let c = PreparedAppend::new(request(serde_json::json!({"name": "Bob"}))).unwrap();
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_ne!(a.fingerprint, c.fingerprint);
+    }
+
+    #[test]
+    fn rejects_malformed_requests_naming_the_field() {
+        let field_of = |r: AppendEvents| match PreparedAppend::new(r) {
+            Err(AppendError::Invalid { field, .. }) => field,
+            other => panic!("expected invalid, got {:?}", other.map(|p| p.n_events)),
+        };
+        let mut r = request(serde_json::json!({}));
+        r.streams.clear();
+        assert_eq!(field_of(r), "streams");
+        let r = request(serde_json::json!([1]));
+        assert_eq!(field_of(r), "streams[0].events[0].payload");
+        let mut r = request(serde_json::json!({}));
+        r.streams[0].events[0].event_type = "bad type".into();
+        assert_eq!(field_of(r), "streams[0].events[0].event_type");
+        let mut r = request(serde_json::json!({}));
+        r.streams.push(r.streams[0].clone());
+        assert_eq!(field_of(r), "streams[1].stream_id");
+        let mut r = request(serde_json::json!({}));
+        r.idempotency_key = Some(String::new());
+        assert_eq!(field_of(r), "idempotency_key");
+        let mut r = request(serde_json::json!({}));
+        r.streams[0].events.clear();
+        assert_eq!(field_of(r), "streams[0].events");
+    }
+}

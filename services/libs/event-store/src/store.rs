@@ -1,0 +1,350 @@
+//! `EventStore`: the handle every role uses. Owns the connection pool, the
+//! writer task and the NOTIFY listener.
+use std::sync::Arc;
+use std::time::Duration;
+
+use crm_domain::TenantId;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::append::PreparedAppend;
+use crate::read::{EventStream, RecordedEvent, decode, read_range, to_i64};
+use crate::snapshot::{self, Snapshot};
+use crate::subscribe::SubscriptionTask;
+use crate::writer::{self, Job, WriterConfig};
+use crate::{AppendError, AppendEvents, Appended, Filter, ReadError, StoreError, Subscription};
+
+/// Tuning of one store instance. The defaults suit `crm all`.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Connections in the pool (the writer uses one at a time).
+    pub pool_size: usize,
+    /// Appends queued for the writer before callers wait.
+    pub queue_depth: usize,
+    /// Most appends and events committed in one transaction.
+    pub max_batch_appends: usize,
+    pub max_batch_events: usize,
+    /// How often subscribers look for new events when no wake-up arrives
+    /// (a safety net: NOTIFY normally wakes them at once).
+    pub poll_interval: Duration,
+    /// Events buffered per subscription before the reader waits.
+    pub subscription_buffer: usize,
+    /// Fault injection for tests: hold every batch transaction open this long
+    /// after writing and before committing.
+    pub pause_before_commit: Option<Duration>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            queue_depth: 4096,
+            max_batch_appends: 512,
+            max_batch_events: 20_000,
+            poll_interval: Duration::from_secs(1),
+            subscription_buffer: 1024,
+            pause_before_commit: None,
+        }
+    }
+}
+
+/// The event store. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct EventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    writer: mpsc::Sender<Job>,
+    head: watch::Receiver<u64>,
+    options: StoreOptions,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+const READ_STREAM: &str = "SELECT global_position, event_id, tenant_id, stream_type, \
+     stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at \
+     FROM events WHERE tenant_id = $1 AND stream_id = $2 AND stream_version >= $3 \
+     ORDER BY stream_version LIMIT $4";
+
+pub(crate) async fn committed_head(client: &deadpool_postgres::Client) -> Result<u64, ReadError> {
+    let statement = client
+        .prepare_cached("SELECT position FROM log_head WHERE id = 1")
+        .await?;
+    let head: i64 = client.query_one(&statement, &[]).await?.get(0);
+    Ok(u64::try_from(head).unwrap_or(0))
+}
+
+/// Builds a pool whose connections time out statements and identify themselves.
+pub(crate) fn build_pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, StoreError> {
+    let mut config = config.clone();
+    config.application_name("crm");
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()?)
+}
+
+impl EventStore {
+    /// Connects, starts the writer and the listener. Does not migrate: call
+    /// [`crate::migrate`] first.
+    pub async fn connect(
+        config: &tokio_postgres::Config,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
+        let pool = build_pool(config, options.pool_size)?;
+        let head_now = {
+            let client = pool.get().await?;
+            committed_head(&client).await?
+        };
+        let (head_sender, head) = watch::channel(head_now);
+        let (writer, queue) = mpsc::channel(options.queue_depth);
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        tasks.spawn(
+            writer::run(
+                pool.clone(),
+                queue,
+                head_sender.clone(),
+                WriterConfig {
+                    max_batch_appends: options.max_batch_appends,
+                    max_batch_events: options.max_batch_events,
+                    pause_before_commit: options.pause_before_commit,
+                },
+                cancel.clone(),
+            )
+            .instrument(tracing::info_span!("event_store_writer")),
+        );
+        tasks.spawn(
+            listen(config.clone(), head_sender, cancel.clone())
+                .instrument(tracing::info_span!("event_store_listener")),
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                writer,
+                head,
+                options,
+                tasks,
+                cancel,
+            }),
+        })
+    }
+
+    /// Appends events to one or more streams atomically. See [`AppendEvents`].
+    #[tracing::instrument(
+        name = "append",
+        skip_all,
+        err(Display),
+        fields(tenant_id = %request.tenant_id, n_streams = request.streams.len(), first_position, replayed)
+    )]
+    pub async fn append(&self, request: AppendEvents) -> Result<Appended, AppendError> {
+        let append = PreparedAppend::new(request)?;
+        let (reply, outcome) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Job { append, reply })
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        let appended = outcome.await.map_err(|_| AppendError::ShuttingDown)??;
+        let span = tracing::Span::current();
+        span.record("first_position", appended.first_position);
+        span.record("replayed", appended.replayed);
+        Ok(appended)
+    }
+
+    /// Up to `max_count` events of one stream, from `from_version` (1-based) on.
+    #[tracing::instrument(name = "read_stream", skip_all, err(Display), fields(tenant_id = %tenant_id, %stream_id, from_version))]
+    pub async fn read_stream(
+        &self,
+        tenant_id: &TenantId,
+        stream_id: Uuid,
+        from_version: u64,
+        max_count: u64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let from = to_i64(from_version, "from_version")?;
+        let limit = to_i64(max_count, "max_count")?;
+        let client = self.inner.pool.get().await?;
+        let statement = client.prepare_cached(READ_STREAM).await?;
+        let rows = client
+            .query(
+                &statement,
+                &[&tenant_id.as_str(), &stream_id, &from, &limit],
+            )
+            .await?;
+        rows.iter().map(decode).collect()
+    }
+
+    /// Every committed event after `after` that passes `filter`, in position
+    /// order, streamed. Ends at the head as of the start of the read.
+    #[tracing::instrument(name = "read_all", skip_all, err(Display), fields(after))]
+    pub async fn read_all(&self, after: u64, filter: &Filter) -> Result<EventStream, ReadError> {
+        let client = self.inner.pool.get().await?;
+        read_range(client, after, i64::MAX as u64, filter).await
+    }
+
+    /// History after `after`, then live events, in position order, with no gap
+    /// and no duplicate. Ends when the store shuts down.
+    pub fn subscribe(&self, after: u64, filter: Filter) -> Subscription {
+        SubscriptionTask {
+            pool: self.inner.pool.clone(),
+            head: self.inner.head.clone(),
+            poll_interval: self.inner.options.poll_interval,
+            cancel: self.inner.cancel.child_token(),
+            buffer: self.inner.options.subscription_buffer,
+        }
+        .spawn(&self.inner.tasks, after, filter)
+    }
+
+    /// The position of the last committed event (0 for an empty log).
+    pub async fn head(&self) -> Result<u64, ReadError> {
+        let client = self.inner.pool.get().await?;
+        committed_head(&client).await
+    }
+
+    /// Stores `state` as the snapshot of a stream at `version`, unless a newer
+    /// snapshot is already stored.
+    #[tracing::instrument(name = "save_snapshot", skip_all, err(Display), fields(tenant_id = %tenant_id, stream_id = %snapshot.stream_id, version = snapshot.version))]
+    pub async fn save_snapshot(
+        &self,
+        tenant_id: &TenantId,
+        snapshot: &Snapshot,
+    ) -> Result<(), ReadError> {
+        let version = to_i64(snapshot.version, "version")?;
+        let schema_version =
+            i32::try_from(snapshot.schema_version).map_err(|_| ReadError::Invalid {
+                field: "schema_version",
+                rule: "out of range",
+            })?;
+        let client = self.inner.pool.get().await?;
+        let statement = client.prepare_cached(snapshot::SAVE).await?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &tenant_id.as_str(),
+                    &snapshot.stream_id,
+                    &snapshot.stream_type,
+                    &version,
+                    &schema_version,
+                    &snapshot.state.as_str(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The latest snapshot of a stream, if any.
+    pub async fn load_snapshot(
+        &self,
+        tenant_id: &TenantId,
+        stream_id: Uuid,
+    ) -> Result<Option<Snapshot>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client.prepare_cached(snapshot::LOAD).await?;
+        let Some(row) = client
+            .query_opt(&statement, &[&tenant_id.as_str(), &stream_id])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let version: i64 = row.try_get(1)?;
+        let schema_version: i32 = row.try_get(2)?;
+        Ok(Some(Snapshot {
+            stream_type: row.try_get(0)?,
+            stream_id,
+            version: u64::try_from(version).unwrap_or(0),
+            schema_version: u32::try_from(schema_version).unwrap_or(0),
+            state: row.try_get(3)?,
+        }))
+    }
+
+    /// Stops taking appends, commits what is queued, ends subscriptions and
+    /// the listener, and waits for all of it.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+/// Follows NOTIFYs from other processes' appends and wakes local subscribers.
+/// Reconnects with backoff; subscribers also poll, so a lost connection only
+/// adds latency.
+async fn listen(
+    config: tokio_postgres::Config,
+    head: watch::Sender<u64>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                backoff = Duration::from_millis(100);
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let listen_sql = format!("LISTEN {}", crate::NOTIFY_CHANNEL);
+                let mut listening = std::pin::pin!(client.batch_execute(&listen_sql));
+                let mut subscribed = false;
+                // The connection only makes progress while its messages are
+                // polled, so they are polled while LISTEN runs too.
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        result = &mut listening, if !subscribed => {
+                            if let Err(error) = result {
+                                tracing::warn!(%error, "LISTEN failed");
+                                break;
+                            }
+                            subscribed = true;
+                        }
+                        message = messages.next() => match message {
+                            Some(Ok(AsyncMessage::Notification(note))) => {
+                                if let Ok(position) = note.payload().parse::<u64>() {
+                                    head.send_if_modified(|known| {
+                                        let newer = position > *known;
+                                        if newer {
+                                            *known = position;
+                                        }
+                                        newer
+                                    });
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, "listener connection failed");
+                                break;
+                            }
+                            None => break,
+                        },
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "listener cannot connect"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

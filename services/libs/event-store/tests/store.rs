@@ -1,0 +1,1035 @@
+//! The event store against a real PostgreSQL, one database per test.
+use std::time::Duration;
+
+use crm_domain::TenantId;
+use crm_event_store::{
+    AppendError, AppendEvents, EventStore, ExpectedVersion, Filter, JsonText, Metadata, NewEvent,
+    Snapshot, StoreOptions, StreamAppend,
+};
+use crm_test_support::TestDb;
+use futures_util::StreamExt;
+use serde_json::json;
+use uuid::Uuid;
+
+async fn store(db: &TestDb) -> EventStore {
+    EventStore::connect(db.config(), StoreOptions::default())
+        .await
+        .expect("connect store")
+}
+
+fn tenant(name: &str) -> TenantId {
+    TenantId::parse(name).unwrap()
+}
+
+fn one(
+    stream_type: &str,
+    stream_id: Uuid,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> StreamAppend {
+    StreamAppend {
+        stream_type: stream_type.into(),
+        stream_id,
+        expected,
+        events,
+    }
+}
+
+fn request(tenant_id: &str, streams: Vec<StreamAppend>, key: Option<&str>) -> AppendEvents {
+    AppendEvents {
+        tenant_id: tenant(tenant_id),
+        streams,
+        idempotency_key: key.map(str::to_owned),
+        metadata: Metadata {
+            actor: "user:ada".into(),
+            ..Metadata::default()
+        },
+    }
+}
+
+fn created(n: u64) -> NewEvent {
+    NewEvent::new("ContactCreated", json!({ "n": n }))
+}
+
+async fn count_events(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn append_stores_the_full_envelope_and_reads_back_in_order() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let stream_id = Uuid::now_v7();
+    let mut metadata = Metadata {
+        actor: "user:ada".into(),
+        ..Metadata::default()
+    };
+    metadata.correlation_id = Some("corr-1".into());
+    metadata.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    let events = vec![
+        created(1),
+        NewEvent::new("ContactDetailsUpdated", json!({"changes": {}})),
+    ];
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let appended = store
+        .append(AppendEvents {
+            tenant_id: tenant("acme"),
+            streams: vec![one("contact", stream_id, ExpectedVersion::NoStream, events)],
+            idempotency_key: None,
+            metadata: metadata.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((appended.first_position, appended.last_position), (1, 2));
+    assert_eq!(
+        (
+            appended.streams[0].first_version,
+            appended.streams[0].last_version
+        ),
+        (1, 2)
+    );
+    assert!(!appended.replayed);
+
+    let read = store
+        .read_stream(&tenant("acme"), stream_id, 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 2);
+    for (i, event) in read.iter().enumerate() {
+        assert_eq!(event.global_position, i as u64 + 1);
+        assert_eq!(event.stream_version, i as u64 + 1);
+        assert_eq!(event.event_id, ids[i]);
+        assert_eq!(event.tenant_id, "acme");
+        assert_eq!(event.stream_type, "contact");
+        assert_eq!(event.schema_version, 1);
+        assert_eq!(event.metadata.parse::<Metadata>().unwrap(), metadata);
+    }
+    assert_eq!(read[0].event_type, "ContactCreated");
+    assert_eq!(
+        read[0].payload.parse::<serde_json::Value>().unwrap(),
+        json!({"n": 1})
+    );
+    assert_eq!(
+        store
+            .read_stream(&tenant("acme"), stream_id, 2, 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .read_stream(&tenant("other"), stream_id, 1, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.head().await.unwrap(), 2);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn expected_version_conflicts_carry_the_current_version_and_store_nothing() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let id = Uuid::now_v7();
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                id,
+                ExpectedVersion::NoStream,
+                vec![created(1)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                id,
+                ExpectedVersion::Exact(1),
+                vec![created(2)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+
+    for (expected, label) in [
+        (ExpectedVersion::NoStream, "no stream"),
+        (ExpectedVersion::Exact(0), "no stream"),
+        (ExpectedVersion::Exact(1), "1"),
+        (ExpectedVersion::Exact(7), "7"),
+    ] {
+        match store
+            .append(request(
+                "t",
+                vec![one("contact", id, expected, vec![created(9)])],
+                None,
+            ))
+            .await
+        {
+            Err(AppendError::VersionConflict {
+                stream_id,
+                expected,
+                current,
+            }) => {
+                assert_eq!((stream_id, expected.as_str(), current), (id, label, 2));
+            }
+            other => panic!("expected a conflict for {label}, got {other:?}"),
+        }
+    }
+    let missing = Uuid::now_v7();
+    match store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                missing,
+                ExpectedVersion::Exact(3),
+                vec![created(1)],
+            )],
+            None,
+        ))
+        .await
+    {
+        Err(AppendError::VersionConflict { current: 0, .. }) => {}
+        other => panic!("expected a conflict on a missing stream, got {other:?}"),
+    }
+    match store
+        .append(request(
+            "t",
+            vec![one("lead", id, ExpectedVersion::Any, vec![created(1)])],
+            None,
+        ))
+        .await
+    {
+        Err(AppendError::WrongStreamType { actual, .. }) => assert_eq!(actual, "contact"),
+        other => panic!("expected wrong stream type, got {other:?}"),
+    }
+    // Any appends to an existing stream of the right type.
+    let appended = store
+        .append(request(
+            "t",
+            vec![one("contact", id, ExpectedVersion::Any, vec![created(3)])],
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(appended.streams[0].last_version, 3);
+    assert_eq!(count_events(&db).await, 3);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_replays_the_outcome_and_appends_nothing() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let id = Uuid::now_v7();
+    let make = |payload: u64| {
+        request(
+            "t",
+            vec![one(
+                "contact",
+                id,
+                ExpectedVersion::NoStream,
+                vec![created(payload)],
+            )],
+            Some("create-ada"),
+        )
+    };
+    let first = store.append(make(1)).await.unwrap();
+    // A retry carries new event ids (made anew by the caller) but asks the same.
+    let again = store.append(make(1)).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(
+        (
+            again.first_position,
+            again.last_position,
+            again.streams.clone()
+        ),
+        (
+            first.first_position,
+            first.last_position,
+            first.streams.clone()
+        )
+    );
+    // Even after other appends moved the stream on: the key wins over the version check.
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                id,
+                ExpectedVersion::Exact(1),
+                vec![created(2)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.append(make(1)).await.unwrap().first_position,
+        first.first_position
+    );
+    match store.append(make(2)).await {
+        Err(AppendError::IdempotencyKeyReused { key }) => assert_eq!(key, "create-ada"),
+        other => panic!("expected key reuse error, got {other:?}"),
+    }
+    // Keys are per tenant.
+    let other_tenant = request(
+        "u",
+        vec![one(
+            "contact",
+            id,
+            ExpectedVersion::NoStream,
+            vec![created(1)],
+        )],
+        Some("create-ada"),
+    );
+    assert!(!store.append(other_tenant).await.unwrap().replayed);
+    assert_eq!(count_events(&db).await, 3);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_retries_with_one_key_append_once() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let id = Uuid::now_v7();
+    let mut calls = Vec::new();
+    for _ in 0..50 {
+        let store = store.clone();
+        let req = request(
+            "t",
+            vec![one(
+                "contact",
+                id,
+                ExpectedVersion::NoStream,
+                vec![created(1)],
+            )],
+            Some("k"),
+        );
+        calls.push(tokio::spawn(async move { store.append(req).await }));
+    }
+    let mut outcomes = Vec::new();
+    for call in calls {
+        outcomes.push(call.await.unwrap().expect("every retry succeeds"));
+    }
+    assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.first_position == outcomes[0].first_position)
+    );
+    assert_eq!(count_events(&db).await, 1);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_multi_stream_append_is_all_or_nothing() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let (lead, account, contact) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "lead",
+                lead,
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("LeadCaptured", json!({}))],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                contact,
+                ExpectedVersion::NoStream,
+                vec![created(1)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    // The contact must not exist yet: it does, so nothing of the conversion lands.
+    let conversion = |contact_expected| {
+        request(
+            "t",
+            vec![
+                one(
+                    "account",
+                    account,
+                    ExpectedVersion::NoStream,
+                    vec![NewEvent::new("AccountCreated", json!({}))],
+                ),
+                one(
+                    "contact",
+                    contact,
+                    contact_expected,
+                    vec![NewEvent::new("ContactLinkedToAccount", json!({}))],
+                ),
+                one(
+                    "lead",
+                    lead,
+                    ExpectedVersion::Exact(1),
+                    vec![NewEvent::new("LeadConverted", json!({}))],
+                ),
+            ],
+            None,
+        )
+    };
+    assert!(matches!(
+        store.append(conversion(ExpectedVersion::NoStream)).await,
+        Err(AppendError::VersionConflict { .. })
+    ));
+    assert_eq!(count_events(&db).await, 2);
+    assert!(
+        store
+            .read_stream(&tenant("t"), account, 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let done = store
+        .append(conversion(ExpectedVersion::Exact(1)))
+        .await
+        .unwrap();
+    assert_eq!((done.first_position, done.last_position), (3, 5));
+    let versions: Vec<(Uuid, u64)> = done
+        .streams
+        .iter()
+        .map(|s| (s.stream_id, s.last_version))
+        .collect();
+    assert_eq!(versions, vec![(account, 1), (contact, 2), (lead, 2)]);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn group_commit_gives_each_caller_its_own_outcome() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    // 20 streams, 10 callers per stream all expecting version 0: exactly one
+    // wins per stream, the others see a conflict at version 1.
+    let streams: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    let mut calls = Vec::new();
+    for round in 0..10 {
+        for id in &streams {
+            let store = store.clone();
+            let req = request(
+                "t",
+                vec![one(
+                    "contact",
+                    *id,
+                    ExpectedVersion::NoStream,
+                    vec![created(round)],
+                )],
+                None,
+            );
+            calls.push(tokio::spawn(async move { store.append(req).await }));
+        }
+    }
+    let (mut ok, mut conflicts) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(AppendError::VersionConflict { current: 1, .. }) => conflicts += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (20, 180));
+    assert_eq!(count_events(&db).await, 20);
+    // Few transactions did the work: the batches shared commits.
+    let commits: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(DISTINCT xmin::text) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        commits < 20,
+        "expected batching, got {commits} transactions for 20 appends"
+    );
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_and_store_nothing() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let id = Uuid::now_v7();
+    let huge = "x".repeat(crm_event_store::limits::MAX_PAYLOAD_BYTES);
+    let cases = vec![
+        (request("t", vec![], None), "streams"),
+        (
+            request(
+                "t",
+                vec![one("contact", id, ExpectedVersion::Any, vec![])],
+                None,
+            ),
+            "streams[0].events",
+        ),
+        (
+            request(
+                "t",
+                vec![one("", id, ExpectedVersion::Any, vec![created(1)])],
+                None,
+            ),
+            "streams[0].stream_type",
+        ),
+        (
+            request(
+                "t",
+                vec![one(
+                    "contact",
+                    id,
+                    ExpectedVersion::Any,
+                    vec![NewEvent::new("has space", json!({}))],
+                )],
+                None,
+            ),
+            "streams[0].events[0].event_type",
+        ),
+        (
+            request(
+                "t",
+                vec![one(
+                    "contact",
+                    id,
+                    ExpectedVersion::Any,
+                    vec![NewEvent::new("E", json!("text"))],
+                )],
+                None,
+            ),
+            "streams[0].events[0].payload",
+        ),
+        (
+            request(
+                "t",
+                vec![one(
+                    "contact",
+                    id,
+                    ExpectedVersion::Any,
+                    vec![NewEvent::new("E", json!({ "big": huge }))],
+                )],
+                None,
+            ),
+            "streams[0].events[0].payload",
+        ),
+        (
+            request(
+                "t",
+                vec![one(
+                    "contact",
+                    id,
+                    ExpectedVersion::Exact(u64::MAX),
+                    vec![created(1)],
+                )],
+                None,
+            ),
+            "streams[0].expected",
+        ),
+        (
+            request(
+                "t",
+                vec![one("contact", id, ExpectedVersion::Any, vec![created(1)])],
+                Some(&"k".repeat(201)),
+            ),
+            "idempotency_key",
+        ),
+    ];
+    for (req, field) in cases {
+        match store.append(req).await {
+            Err(AppendError::Invalid { field: got, .. }) => assert_eq!(got, field),
+            other => panic!("expected invalid {field}, got {other:?}"),
+        }
+    }
+    let mut zero = created(1);
+    zero.schema_version = 0;
+    assert!(matches!(
+        store
+            .append(request(
+                "t",
+                vec![one("contact", id, ExpectedVersion::Any, vec![zero])],
+                None
+            ))
+            .await,
+        Err(AppendError::Invalid { .. })
+    ));
+    assert_eq!(count_events(&db).await, 0);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_event_id_never_lands_twice() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let event = created(1);
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                Uuid::now_v7(),
+                ExpectedVersion::Any,
+                vec![event.clone()],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    let again = store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                Uuid::now_v7(),
+                ExpectedVersion::Any,
+                vec![event],
+            )],
+            None,
+        ))
+        .await;
+    assert!(
+        matches!(
+            again,
+            Err(AppendError::Unavailable {
+                outcome_unknown: false,
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    assert_eq!(count_events(&db).await, 1);
+    // The writer is still healthy afterwards.
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                Uuid::now_v7(),
+                ExpectedVersion::Any,
+                vec![created(2)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.head().await.unwrap(), 2);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn read_all_filters_by_tenant_stream_type_event_type_and_stream() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let a_contact = Uuid::now_v7();
+    store
+        .append(request(
+            "a",
+            vec![one(
+                "contact",
+                a_contact,
+                ExpectedVersion::Any,
+                vec![
+                    created(1),
+                    NewEvent::new("ContactDetailsUpdated", json!({})),
+                ],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    store
+        .append(request(
+            "a",
+            vec![one(
+                "lead",
+                Uuid::now_v7(),
+                ExpectedVersion::Any,
+                vec![NewEvent::new("LeadCaptured", json!({}))],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    store
+        .append(request(
+            "b",
+            vec![one(
+                "contact",
+                Uuid::now_v7(),
+                ExpectedVersion::Any,
+                vec![created(2)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    let positions = |filter: Filter, after: u64| {
+        let store = store.clone();
+        async move {
+            let events: Vec<_> = store
+                .read_all(after, &filter)
+                .await
+                .unwrap()
+                .collect()
+                .await;
+            events
+                .into_iter()
+                .map(|e| e.unwrap().global_position)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(positions(Filter::default(), 0).await, vec![1, 2, 3, 4]);
+    assert_eq!(positions(Filter::default(), 2).await, vec![3, 4]);
+    assert_eq!(
+        positions(Filter::tenant(tenant("a")), 0).await,
+        vec![1, 2, 3]
+    );
+    assert_eq!(positions(Filter::tenant(tenant("b")), 0).await, vec![4]);
+    assert_eq!(
+        positions(
+            Filter {
+                stream_types: vec!["contact".into()],
+                ..Filter::tenant(tenant("a"))
+            },
+            0
+        )
+        .await,
+        vec![1, 2]
+    );
+    assert_eq!(
+        positions(
+            Filter {
+                event_types: vec!["ContactCreated".into()],
+                ..Filter::default()
+            },
+            0
+        )
+        .await,
+        vec![1, 4]
+    );
+    assert_eq!(
+        positions(
+            Filter {
+                stream_id: Some(a_contact),
+                ..Filter::default()
+            },
+            1
+        )
+        .await,
+        vec![2]
+    );
+    assert!(store.read_all(u64::MAX, &Filter::default()).await.is_err());
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn snapshots_keep_the_newest_version() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let id = Uuid::now_v7();
+    assert_eq!(store.load_snapshot(&tenant("t"), id).await.unwrap(), None);
+    let snapshot = |version: u64| Snapshot {
+        stream_type: "opportunity".into(),
+        stream_id: id,
+        version,
+        schema_version: 1,
+        state: JsonText(format!("{{\"version\": {version}}}")),
+    };
+    store
+        .save_snapshot(&tenant("t"), &snapshot(10))
+        .await
+        .unwrap();
+    store
+        .save_snapshot(&tenant("t"), &snapshot(5))
+        .await
+        .unwrap();
+    let loaded = store
+        .load_snapshot(&tenant("t"), id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.version, 10);
+    assert_eq!(
+        loaded.state.parse::<serde_json::Value>().unwrap(),
+        json!({"version": 10})
+    );
+    store
+        .save_snapshot(&tenant("t"), &snapshot(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .load_snapshot(&tenant("t"), id)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        20
+    );
+    assert_eq!(
+        store.load_snapshot(&tenant("other"), id).await.unwrap(),
+        None
+    );
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_refuse_edited_files() {
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    assert_eq!(crm_event_store::migrate(&mut client).await.unwrap(), 0);
+    client
+        .execute(
+            "UPDATE schema_migrations SET checksum = 'tampered' WHERE version = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let error = crm_event_store::migrate(&mut client).await.unwrap_err();
+    assert!(error.to_string().contains("was edited"), "{error}");
+}
+
+#[tokio::test]
+async fn a_subscription_switches_from_history_to_live_without_loss_or_repeat() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    // History first.
+    for n in 0..500 {
+        store
+            .append(request(
+                "t",
+                vec![one(
+                    "contact",
+                    Uuid::now_v7(),
+                    ExpectedVersion::NoStream,
+                    vec![created(n)],
+                )],
+                None,
+            ))
+            .await
+            .unwrap();
+    }
+    let mut subscription = store.subscribe(0, Filter::default());
+    // Live writes from several tasks while the subscriber is mid-history.
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..250 {
+                let req = request(
+                    "t",
+                    vec![one(
+                        "contact",
+                        Uuid::now_v7(),
+                        ExpectedVersion::NoStream,
+                        vec![created(w * 1000 + n)],
+                    )],
+                    None,
+                );
+                store.append(req).await.unwrap();
+            }
+        }));
+    }
+    let total = 500 + 8 * 250;
+    let mut expected = 1;
+    while expected <= total {
+        let event = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .expect("subscription stalled")
+            .expect("subscription ended")
+            .unwrap();
+        assert_eq!(event.global_position, expected, "gap or repeat");
+        expected += 1;
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    // Nothing more arrives: no duplicate after the switch.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), subscription.next())
+            .await
+            .is_err()
+    );
+    // A filtered subscription from the middle sees only its tenant.
+    store
+        .append(request(
+            "other",
+            vec![one(
+                "contact",
+                Uuid::now_v7(),
+                ExpectedVersion::NoStream,
+                vec![created(1)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    let mut filtered = store.subscribe(total - 1, Filter::tenant(tenant("other")));
+    let event = filtered.next().await.unwrap().unwrap();
+    assert_eq!(
+        (event.tenant_id.as_str(), event.global_position),
+        ("other", total + 1)
+    );
+    store.shutdown().await;
+}
+
+/// The gap test: many writers on several store instances (as several processes
+/// would be), one of which holds each of its transactions open before commit,
+/// while two catch-up readers run throughout. Neither reader may ever see a
+/// later position before an earlier one; both must end with every position
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reader_sees_no_gap_under_concurrent_writers() {
+    const WRITERS_PER_STORE: u64 = 16;
+    const STORES: u64 = 3;
+    const EVENTS_PER_APPEND: u64 = 5;
+    const APPENDS_PER_WRITER: u64 = 420;
+    let total = STORES * WRITERS_PER_STORE * APPENDS_PER_WRITER * EVENTS_PER_APPEND + 40 * 2; // plus the slow store's appends
+    assert!(total >= 100_000);
+    let db = TestDb::create().await;
+    let mut stores = Vec::new();
+    for _ in 0..STORES {
+        stores.push(store(&db).await);
+    }
+    let slow = EventStore::connect(
+        db.config(),
+        StoreOptions {
+            pause_before_commit: Some(Duration::from_millis(40)),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    // Reader 1: the store's subscription.
+    let mut subscription = stores[0].subscribe(0, Filter::default());
+    let subscriber = tokio::spawn(async move {
+        let mut expected = 1;
+        while expected <= total {
+            let event = tokio::time::timeout(Duration::from_secs(60), subscription.next())
+                .await
+                .expect("subscription stalled")
+                .expect("subscription ended")
+                .expect("read failed");
+            assert_eq!(
+                event.global_position, expected,
+                "subscription saw a gap or a repeat"
+            );
+            expected += 1;
+        }
+    });
+    // Reader 2: a naive poller that reads whatever is visible past its last
+    // position, as any catch-up reader would, with no knowledge of the head.
+    let poll_client = db.client().await;
+    let poller = tokio::spawn(async move {
+        let mut last: i64 = 0;
+        while (last as u64) < total {
+            let rows = poll_client
+                .query("SELECT global_position FROM events WHERE global_position > $1 ORDER BY global_position LIMIT 5000", &[&last])
+                .await
+                .unwrap();
+            for row in rows {
+                let position: i64 = row.get(0);
+                assert_eq!(
+                    position,
+                    last + 1,
+                    "poller saw position {position} right after {last}"
+                );
+                last = position;
+            }
+        }
+    });
+
+    let mut writers = Vec::new();
+    for store in &stores {
+        for w in 0..WRITERS_PER_STORE {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                let id = Uuid::now_v7();
+                for n in 0..APPENDS_PER_WRITER {
+                    let events = (0..EVENTS_PER_APPEND)
+                        .map(|e| created(w * 1_000_000 + n * 10 + e))
+                        .collect();
+                    let expected = if n == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::Exact(n * EVENTS_PER_APPEND)
+                    };
+                    store
+                        .append(request(
+                            "t",
+                            vec![one("contact", id, expected, events)],
+                            None,
+                        ))
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+    }
+    // The slow store's transactions sit open (lock held, rows written) while
+    // the others queue up behind the lock.
+    let slow_writer = {
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                let events = vec![created(1), created(2)];
+                slow.append(request(
+                    "t",
+                    vec![one(
+                        "contact",
+                        Uuid::now_v7(),
+                        ExpectedVersion::NoStream,
+                        events,
+                    )],
+                    None,
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    slow_writer.await.unwrap();
+    subscriber.await.unwrap();
+    poller.await.unwrap();
+
+    let client = db.client().await;
+    let row = client.query_one("SELECT count(*), min(global_position), max(global_position), count(DISTINCT event_id) FROM events", &[]).await.unwrap();
+    let (count, min, max, distinct): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        (count as u64, min, max as u64, distinct as u64),
+        (total, 1, total, total)
+    );
+    let streams_ok: bool = client
+        .query_one("SELECT bool_and(v = n) FROM (SELECT max(stream_version) v, count(*) n FROM events GROUP BY stream_id) s", &[])
+        .await.unwrap().get(0);
+    assert!(streams_ok, "stream versions are not dense");
+    for store in stores {
+        store.shutdown().await;
+    }
+    slow.shutdown().await;
+}
