@@ -1,1 +1,2 @@
-
+//! End-to-end scenarios, one module per area.
+mod all_role;

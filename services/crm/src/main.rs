@@ -1,1 +1,62 @@
-fn main() {}
+//! The `crm` binary: parses flags, loads configuration, starts telemetry and
+//! calls the chosen role's library `run`.
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use crm_platform::Config;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "crm", version, about = "Event-sourced CRM backend")]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Every role in one process: development and small installs.
+    All,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Exit 0 when the gRPC server at --grpc-addr reports SERVING.
+    Health,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = cli.config;
+    if let Role::Health = cli.role {
+        let serving = crm::health_check(config.grpc_addr)
+            .await
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("health check of {}", config.grpc_addr))?;
+        anyhow::ensure!(serving, "{} is not serving", config.grpc_addr);
+        println!("SERVING");
+        return Ok(());
+    }
+    config.validate()?;
+    let telemetry = crm_platform::telemetry::init("crm", config.log_format)?;
+    tracing::info!(?config, "starting");
+    let result = match cli.role {
+        Role::All => {
+            let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.grpc_addr))?;
+            let shutdown = CancellationToken::new();
+            crm_platform::shutdown::cancel_on_signal(shutdown.clone());
+            crm::run_all(&config, listener, shutdown)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        Role::Migrate => crm::run_migrate(&config)
+            .await
+            .map(|applied| tracing::info!(applied, "migrations applied"))
+            .map_err(anyhow::Error::from),
+        Role::Health => Ok(()),
+    };
+    telemetry.shutdown();
+    result
+}

@@ -248,16 +248,34 @@ async fn try_commit(
     appends: &[&PreparedAppend],
     config: &WriterConfig,
 ) -> Result<(Vec<Decision>, u64), BatchError> {
-    let mut client = pool.get().await.map_err(|e| BatchError::Connection {
+    let client = pool.get().await.map_err(|e| BatchError::Connection {
         message: e.to_string(),
         during_commit: false,
     })?;
+    let outcome = run_batch(&client, appends, config).await;
+    if outcome.is_err() {
+        // Never hand a connection in an unknown transaction state back to the
+        // pool: detach and close it (closing rolls back whatever is open).
+        drop(deadpool_postgres::Object::take(client));
+    }
+    outcome
+}
+
+/// One batch transaction on `client`, in two round trips: BEGIN, the lock and
+/// the reads go out together (the server runs them in order, so the reads'
+/// snapshots are taken after the lock is held); then the write and COMMIT.
+async fn run_batch(
+    client: &deadpool_postgres::Client,
+    appends: &[&PreparedAppend],
+    config: &WriterConfig,
+) -> Result<(Vec<Decision>, u64), BatchError> {
     let pg = |e| BatchError::from_pg(e, false);
-    // READ COMMITTED (the default): each statement after the lock sees every
-    // transaction that committed before we got it.
-    let tx = client.transaction().await.map_err(pg)?;
-    let lock = tx.prepare_cached(LOCK_HEAD).await.map_err(pg)?;
-    let head: i64 = tx.query_one(&lock, &[]).await.map_err(pg)?.get(0);
+    let begin = client.prepare_cached("BEGIN").await.map_err(pg)?;
+    let lock = client.prepare_cached(LOCK_HEAD).await.map_err(pg)?;
+    let select_streams = client.prepare_cached(SELECT_STREAMS).await.map_err(pg)?;
+    let select_keys = client.prepare_cached(SELECT_KEYS).await.map_err(pg)?;
+    let write = client.prepare_cached(WRITE_BATCH).await.map_err(pg)?;
+    let commit = client.prepare_cached("COMMIT").await.map_err(pg)?;
 
     let mut stream_tenants = Vec::new();
     let mut stream_ids = Vec::new();
@@ -274,20 +292,17 @@ async fn try_commit(
             keys.push(key.as_str());
         }
     }
-    let select_streams = tx.prepare_cached(SELECT_STREAMS).await.map_err(pg)?;
-    let select_keys = tx.prepare_cached(SELECT_KEYS).await.map_err(pg)?;
-    let (stream_rows, key_rows) = futures_util::future::try_join(
-        tx.query(&select_streams, &[&stream_tenants, &stream_ids]),
-        async {
-            if keys.is_empty() {
-                Ok(Vec::new())
-            } else {
-                tx.query(&select_keys, &[&key_tenants, &keys]).await
-            }
-        },
+    // READ COMMITTED (the default): each statement after the lock sees every
+    // transaction that committed before we got it.
+    let (_, head_row, stream_rows, key_rows) = futures_util::future::try_join4(
+        client.execute(&begin, &[]),
+        client.query_one(&lock, &[]),
+        client.query(&select_streams, &[&stream_tenants, &stream_ids]),
+        client.query(&select_keys, &[&key_tenants, &keys]),
     )
     .await
     .map_err(pg)?;
+    let head: i64 = head_row.get(0);
 
     // Current state of every stream the batch touches: (type, version).
     let mut streams: HashMap<(String, Uuid), (String, u64)> = HashMap::new();
@@ -385,40 +400,50 @@ async fn try_commit(
             update_types.push(*stream_type);
             update_versions.push(*version as i64);
         }
-        let write = tx.prepare_cached(WRITE_BATCH).await.map_err(pg)?;
-        tx.query_one(
-            &write,
-            &[
-                &rows.positions,
-                &rows.event_ids,
-                &rows.tenants,
-                &rows.stream_types,
-                &rows.stream_ids,
-                &rows.versions,
-                &rows.event_types,
-                &rows.schema_versions,
-                &rows.payloads,
-                &rows.metadata,
-                &update_tenants,
-                &update_ids,
-                &update_types,
-                &update_versions,
-                &rows.key_tenants,
-                &rows.keys,
-                &rows.key_hashes,
-                &rows.outcomes,
-                &(new_head as i64),
-            ],
-        )
-        .await
-        .map_err(pg)?;
+        let new_head_param = new_head as i64;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 19] = [
+            &rows.positions,
+            &rows.event_ids,
+            &rows.tenants,
+            &rows.stream_types,
+            &rows.stream_ids,
+            &rows.versions,
+            &rows.event_types,
+            &rows.schema_versions,
+            &rows.payloads,
+            &rows.metadata,
+            &update_tenants,
+            &update_ids,
+            &update_types,
+            &update_versions,
+            &rows.key_tenants,
+            &rows.keys,
+            &rows.key_hashes,
+            &rows.outcomes,
+            &new_head_param,
+        ];
+        let written = client.query_one(&write, &params);
         if let Some(pause) = config.pause_before_commit {
+            written.await.map_err(pg)?;
             tokio::time::sleep(pause).await;
+            client
+                .execute(&commit, &[])
+                .await
+                .map_err(|e| BatchError::from_pg(e, true))?;
+        } else {
+            // Pipelined: if the write fails, the server answers the COMMIT
+            // with a rollback, and the write's error is what we report.
+            let (written, committed) =
+                futures_util::future::join(written, client.execute(&commit, &[])).await;
+            written.map_err(pg)?;
+            committed.map_err(|e| BatchError::from_pg(e, true))?;
         }
+    } else {
+        client
+            .execute(&commit, &[])
+            .await
+            .map_err(|e| BatchError::from_pg(e, true))?;
     }
-    tx.commit()
-        .await
-        .map_err(|e| BatchError::from_pg(e, true))?;
     Ok((decisions, new_head))
 }
 

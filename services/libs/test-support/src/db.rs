@@ -51,6 +51,22 @@ impl TestDb {
         &self.config
     }
 
+    /// This database as a URL, for code configured by `CRM__PG__URL`.
+    pub fn url(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let user = self.config.get_user().unwrap_or("crm");
+        let password = self
+            .config
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        format!("postgres://{user}{password}@{host}:{port}/{}", self.name)
+    }
+
     /// A plain client on this database, for assertions in raw SQL.
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.config).await

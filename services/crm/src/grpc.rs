@@ -1,0 +1,62 @@
+//! gRPC bootstrap: the server every role that answers calls shares, with
+//! health, reflection and a span per request.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::RunError;
+
+/// Serves on `listener` until `intake` is cancelled: then reports NOT_SERVING,
+/// stops accepting, and lets in-flight calls finish.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    intake: CancellationToken,
+) -> Result<(), RunError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let address = listener.local_addr().ok();
+    tracing::info!(?address, "gRPC serving");
+    Server::builder()
+        .timeout(Duration::from_secs(60))
+        .trace_fn(|request| tracing::info_span!("grpc_request", method = %request.uri().path()))
+        .add_service(health)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            intake.cancelled().await;
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            tracing::info!("gRPC intake closed; draining in-flight calls");
+        })
+        .await?;
+    Ok(())
+}
+
+/// Asks the server at `address` for its overall health; true when SERVING.
+pub async fn health_check(address: SocketAddr) -> Result<bool, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2));
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|status| status.to_string())?;
+    Ok(reply.into_inner().status() == WireStatus::Serving)
+}

@@ -1,0 +1,28 @@
+//! The CRM's roles as library functions, so the binary and the tests start
+//! them the same way: `run_*(config, listener, shutdown)`.
+//!
+//! - `all`: every role in one process (development and small installs).
+//! - `migrate`: apply pending migrations and exit.
+//!
+//! More roles (command, relay, projector, query, scheduler) join as they land;
+//! each is the same code as inside `all`, scaled by deployment.
+mod all;
+mod grpc;
+
+pub use all::{run_all, run_migrate};
+pub use grpc::health_check;
+
+/// Why a role stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] crm_platform::ConfigError),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Store(#[from] crm_event_store::StoreError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}

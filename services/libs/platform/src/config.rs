@@ -1,0 +1,182 @@
+//! Typed configuration: compiled-in defaults that work with `just up`, then
+//! `CRM__SECTION__KEY` environment variables, then command-line flags.
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (the default on a terminal).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Settings shared by every role.
+#[derive(Clone, clap::Args)]
+pub struct Config {
+    /// PostgreSQL URL of the event store and read models.
+    #[arg(
+        long = "pg-url",
+        env = "CRM__PG__URL",
+        default_value = "postgres://crm@127.0.0.1:55432/crm"
+    )]
+    pub pg_url: String,
+    /// Connections per process in the PostgreSQL pool.
+    #[arg(
+        long = "pg-pool-size",
+        env = "CRM__PG__POOL_SIZE",
+        default_value_t = 16
+    )]
+    pub pg_pool_size: usize,
+    /// Statement timeout for every PostgreSQL statement, in seconds.
+    #[arg(
+        long = "pg-statement-timeout-secs",
+        env = "CRM__PG__STATEMENT_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub pg_statement_timeout_secs: u64,
+    /// NATS URL (JetStream must be enabled).
+    #[arg(
+        long = "nats-url",
+        env = "CRM__NATS__URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// Address the gRPC server listens on.
+    #[arg(
+        long = "grpc-addr",
+        env = "CRM__GRPC__ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub grpc_addr: SocketAddr,
+    /// How long a graceful shutdown may take per phase, in seconds.
+    #[arg(
+        long = "shutdown-grace-secs",
+        env = "CRM__SHUTDOWN__GRACE_SECS",
+        default_value_t = 20
+    )]
+    pub shutdown_grace_secs: u64,
+    /// Log line format.
+    #[arg(
+        long = "log-format",
+        env = "CRM__LOG__FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// A setting that cannot be used, naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration {key}: {reason}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl Config {
+    /// Defaults with the environment applied, as the binary would see them.
+    pub fn from_env() -> Self {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        <Only as clap::Parser>::parse_from(["crm"]).config
+    }
+
+    /// The PostgreSQL connection settings, validated.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        let mut config =
+            tokio_postgres::Config::from_str(&self.pg_url).map_err(|e| ConfigError {
+                key: "CRM__PG__URL",
+                reason: e.to_string(),
+            })?;
+        if self.pg_pool_size == 0 {
+            return Err(ConfigError {
+                key: "CRM__PG__POOL_SIZE",
+                reason: "must be at least 1".into(),
+            });
+        }
+        config.options(format!(
+            "-c statement_timeout={}s",
+            self.pg_statement_timeout_secs
+        ));
+        Ok(config)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// Checks every setting; call once at startup.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pg_config()?;
+        if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
+            return Err(ConfigError {
+                key: "CRM__NATS__URL",
+                reason: "must start with nats:// or tls://".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Hides a URL's password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Logged once at startup, so secrets are redacted.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("pg_url", &redact(&self.pg_url))
+            .field("pg_pool_size", &self.pg_pool_size)
+            .field("pg_statement_timeout_secs", &self.pg_statement_timeout_secs)
+            .field("nats_url", &redact(&self.nats_url))
+            .field("grpc_addr", &self.grpc_addr)
+            .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_passwords() {
+        let mut config = Config::from_env();
+        config.pg_url = "postgres://crm:s3cret@db:5432/crm".into();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("postgres://crm:***@db:5432/crm"), "{shown}");
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        let mut config = Config::from_env();
+        config.pg_url = "not a url at all".into();
+        assert_eq!(config.validate().unwrap_err().key, "CRM__PG__URL");
+        let mut config = Config::from_env();
+        config.nats_url = "http://x".into();
+        assert_eq!(config.validate().unwrap_err().key, "CRM__NATS__URL");
+        let mut config = Config::from_env();
+        config.pg_pool_size = 0;
+        assert_eq!(config.validate().unwrap_err().key, "CRM__PG__POOL_SIZE");
+    }
+}
