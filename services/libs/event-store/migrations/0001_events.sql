@@ -23,24 +23,15 @@ CREATE TABLE events (
 );
 CREATE INDEX events_by_tenant ON events (tenant_id, global_position);
 
--- One row per stream: its type and current version. Read under the log lock to
--- check expected versions without scanning events.
-CREATE TABLE streams (
-    tenant_id    text        NOT NULL,
-    stream_id    uuid        NOT NULL,
-    stream_type  text        NOT NULL,
-    version      bigint      NOT NULL CHECK (version >= 1),
-    updated_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, stream_id)
-);
-
 -- Idempotency: the outcome of every append that carried a key, written in the
 -- append's own transaction and kept forever.
 CREATE TABLE idempotency_keys (
     tenant_id     text        NOT NULL,
     key           text        NOT NULL,
     request_hash  bytea       NOT NULL,
-    outcome       jsonb       NOT NULL,
+    first_position bigint     NOT NULL,
+    last_position  bigint     NOT NULL,
+    streams       jsonb       NOT NULL,
     recorded_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, key)
 );

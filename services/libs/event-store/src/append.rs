@@ -126,7 +126,8 @@ pub(crate) struct PreparedAppend {
     /// Each event's payload as JSON text, in request order.
     pub payloads: Vec<String>,
     pub metadata: String,
-    /// Fingerprint of what the request asks for, compared on idempotent retry.
+    /// Fingerprint of what the request asks for, compared on idempotent retry
+    /// (all zeros for a request without an idempotency key).
     pub fingerprint: [u8; 32],
     pub n_events: usize,
 }
@@ -168,10 +169,14 @@ impl PreparedAppend {
         if n_events > limits::MAX_EVENTS {
             return Err(invalid("streams", "too many events in one append"));
         }
+        // Only a keyed request is ever compared, so only it pays for hashing.
+        let keyed = request.idempotency_key.is_some();
         let mut hasher = Sha256::new();
         let mut feed = |bytes: &[u8]| {
-            hasher.update((bytes.len() as u64).to_le_bytes());
-            hasher.update(bytes);
+            if keyed {
+                hasher.update((bytes.len() as u64).to_le_bytes());
+                hasher.update(bytes);
+            }
         };
         feed(request.tenant_id.as_str().as_bytes());
         let mut payloads = Vec::with_capacity(n_events);

@@ -83,9 +83,21 @@ pub(crate) async fn committed_head(client: &deadpool_postgres::Client) -> Result
 }
 
 /// Builds a pool whose connections time out statements and identify themselves.
-pub(crate) fn build_pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, StoreError> {
+///
+/// With `generic_plans`, statements are planned once per connection: right for
+/// the writer, whose statements take arrays and whose plans never change with
+/// the values, and where re-planning each batch costs more than executing it.
+pub(crate) fn build_pool(
+    config: &tokio_postgres::Config,
+    size: usize,
+    generic_plans: bool,
+) -> Result<Pool, StoreError> {
     let mut config = config.clone();
     config.application_name("crm");
+    if generic_plans {
+        let options = config.get_options().unwrap_or_default().to_owned();
+        config.options(format!("{options} -c plan_cache_mode=force_generic_plan"));
+    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
@@ -111,7 +123,10 @@ impl EventStore {
         config: &tokio_postgres::Config,
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
-        let pool = build_pool(config, options.pool_size)?;
+        let pool = build_pool(config, options.pool_size, false)?;
+        // The writer runs one batch at a time; a second connection stands by
+        // for when one is being replaced.
+        let writer_pool = build_pool(config, 2, true)?;
         let head_now = {
             let client = pool.get().await?;
             committed_head(&client).await?
@@ -122,7 +137,7 @@ impl EventStore {
         let cancel = CancellationToken::new();
         tasks.spawn(
             writer::run(
-                pool.clone(),
+                writer_pool,
                 queue,
                 head_sender.clone(),
                 WriterConfig {

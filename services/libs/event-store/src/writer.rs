@@ -1,16 +1,24 @@
 //! The writer: one task per store that turns queued appends into few
 //! transactions (group commit in the application).
 //!
-//! Each batch transaction:
-//! 1. locks `log_head` (so transactions commit in position order across every
-//!    process writing the log),
-//! 2. reads the current version of every stream and every idempotency key the
-//!    batch touches,
-//! 3. decides each append in queue order against that state plus the appends
-//!    already accepted in the batch (so each caller gets its own conflict or
-//!    success),
-//! 4. writes events, stream versions, idempotency outcomes and the new head in
-//!    one statement, notifies listeners, and commits.
+//! Each batch is one transaction that holds the row lock on `log_head` from
+//! before it reads anything until it commits, so transactions commit in
+//! position order across every process writing the log, and positions are
+//! dense. Within the batch each append is decided on its own, so each caller
+//! gets its own conflict, replay or success.
+//!
+//! **Fast path, one round trip.** When every append states the exact version
+//! of its streams (or "no stream") and no key repeats within the batch, the
+//! writer already knows every stream version it will write. It sends BEGIN,
+//! the lock, one guarded write and COMMIT together. The guard checks, after the
+//! lock is held, that each stream is at the version the batch assumes and that
+//! no idempotency key exists yet; if it fails, nothing is written, the empty
+//! transaction commits, and the batch takes the careful path.
+//!
+//! **Careful path, two round trips.** BEGIN, the lock and reads of every
+//! touched stream's version and every key; then the writer decides each append
+//! in queue order (conflict, replay, key reused, accepted), and sends the same
+//! write statement (whose guard then holds) with COMMIT.
 //!
 //! If the database rejects a batch, it rolled back as a whole, so every append
 //! in it is retried alone, which attributes the failure to the one that caused
@@ -21,6 +29,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
@@ -41,34 +50,58 @@ pub(crate) struct WriterConfig {
 
 const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";
 
-const SELECT_STREAMS: &str = "SELECT s.tenant_id, s.stream_id, s.stream_type, s.version \
-     FROM streams s JOIN unnest($1::text[], $2::uuid[]) AS k(tenant_id, stream_id) \
-     USING (tenant_id, stream_id)";
+/// The last event of each stream: one backward probe of the
+/// (tenant_id, stream_id, stream_version) index per stream.
+const SELECT_STREAMS: &str = "SELECT k.tenant_id, k.stream_id, e.stream_type, e.stream_version \
+     FROM unnest($1::text[], $2::uuid[]) AS k(tenant_id, stream_id) \
+     CROSS JOIN LATERAL ( \
+       SELECT stream_type, stream_version FROM events \
+       WHERE events.tenant_id = k.tenant_id AND events.stream_id = k.stream_id \
+       ORDER BY stream_version DESC LIMIT 1) e";
 
-const SELECT_KEYS: &str = "SELECT i.tenant_id, i.key, i.request_hash, i.outcome::text \
+const SELECT_KEYS: &str = "SELECT i.tenant_id, i.key, i.request_hash, i.first_position, \
+       i.last_position, i.streams::text \
      FROM idempotency_keys i JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, key) \
      USING (tenant_id, key)";
 
-const WRITE_BATCH: &str = "WITH new_events AS ( \
+/// The guarded write. Positions are offsets from the head read under the lock.
+/// `ok` is false, and nothing is written, when a stream is not at the version
+/// the batch assumes ($1-$4) or an idempotency key already exists ($5-$6).
+const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id = 1), \
+     ok AS ( \
+       SELECT NOT EXISTS ( \
+         SELECT 1 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[]) \
+              AS g(tenant_id, stream_id, stream_type, version) \
+         LEFT JOIN LATERAL ( \
+           SELECT e.stream_type, e.stream_version FROM events e \
+           WHERE e.tenant_id = g.tenant_id AND e.stream_id = g.stream_id \
+           ORDER BY e.stream_version DESC LIMIT 1) cur ON true \
+         WHERE coalesce(cur.stream_version, 0) <> g.version OR cur.stream_type <> g.stream_type \
+       ) AND NOT EXISTS ( \
+         SELECT 1 FROM idempotency_keys i \
+         JOIN unnest($5::text[], $6::text[]) AS k(tenant_id, key) USING (tenant_id, key) \
+       ) AS ok \
+     ), new_events AS ( \
        INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
                            stream_version, event_type, schema_version, payload, metadata) \
-       SELECT p, e, t, st, s, v, et, sv, pl::jsonb, md::jsonb \
-       FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::bigint[], \
-                   $7::text[], $8::int[], $9::text[], $10::text[]) \
-            AS x(p, e, t, st, s, v, et, sv, pl, md) \
-     ), stream_versions AS ( \
-       INSERT INTO streams (tenant_id, stream_id, stream_type, version) \
-       SELECT * FROM unnest($11::text[], $12::uuid[], $13::text[], $14::bigint[]) \
-       ON CONFLICT (tenant_id, stream_id) \
-       DO UPDATE SET version = EXCLUDED.version, updated_at = now() \
+       SELECT head.position + x.o, x.e, x.t, x.st, x.s, x.v, x.et, x.sv, x.pl::jsonb, x.md::jsonb \
+       FROM unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[], $11::uuid[], $12::bigint[], \
+                   $13::text[], $14::int[], $15::text[], $16::text[]) \
+            AS x(o, e, t, st, s, v, et, sv, pl, md), head, ok \
+       WHERE ok.ok \
      ), outcomes AS ( \
-       INSERT INTO idempotency_keys (tenant_id, key, request_hash, outcome) \
-       SELECT t, k, h, o::jsonb FROM unnest($15::text[], $16::text[], $17::bytea[], $18::text[]) \
-            AS x(t, k, h, o) \
+       INSERT INTO idempotency_keys (tenant_id, key, request_hash, first_position, last_position, streams) \
+       SELECT k.t, k.k, k.h, head.position + k.f, head.position + k.l, k.s::jsonb \
+       FROM unnest($5::text[], $6::text[], $17::bytea[], $18::bigint[], $19::bigint[], $20::text[]) \
+            AS k(t, k, h, f, l, s), head, ok \
+       WHERE ok.ok \
      ), new_head AS ( \
-       UPDATE log_head SET position = $19 WHERE id = 1 \
+       UPDATE log_head SET position = head.position + $21::bigint FROM head, ok \
+       WHERE log_head.id = 1 AND ok.ok AND $21::bigint > 0 \
+     ), notified AS ( \
+       SELECT pg_notify('crm_events', (head.position + $21::bigint)::text) FROM head, ok WHERE ok.ok AND $21::bigint > 0 \
      ) \
-     SELECT pg_notify('crm_events', $19::text)";
+     SELECT ok.ok, head.position, (SELECT count(*) FROM notified) FROM ok, head";
 
 /// Runs until cancelled, then drains what is queued and returns.
 pub(crate) async fn run(
@@ -184,6 +217,9 @@ enum BatchError {
     /// The server refused a statement: the transaction did not commit.
     #[error("rolled back: {0}")]
     RolledBack(tokio_postgres::Error),
+    /// The guarded write failed although the lock was held since the reads.
+    #[error("the log changed under the writer's lock")]
+    Inconsistent,
     /// No connection, or the connection broke: before the commit was sent the
     /// batch did not happen; during the commit nobody knows.
     #[error("connection failed: {message}")]
@@ -207,6 +243,10 @@ impl BatchError {
 
     fn to_append_error(&self) -> AppendError {
         match self {
+            Self::Inconsistent => AppendError::Unavailable {
+                message: self.to_string(),
+                outcome_unknown: false,
+            },
             Self::RolledBack(error) => AppendError::Unavailable {
                 message: error.to_string(),
                 outcome_unknown: false,
@@ -222,10 +262,17 @@ impl BatchError {
     }
 }
 
-/// Column vectors for the batch's one write statement.
+/// Everything the write statement needs, positions as offsets (1-based)
+/// from the head.
 #[derive(Default)]
-struct Rows<'a> {
-    positions: Vec<i64>,
+struct WritePlan<'a> {
+    // Guards: each touched stream's version before the batch.
+    guard_tenants: Vec<&'a str>,
+    guard_ids: Vec<Uuid>,
+    guard_types: Vec<&'a str>,
+    guard_versions: Vec<i64>,
+    // Events.
+    offsets: Vec<i64>,
     event_ids: Vec<Uuid>,
     tenants: Vec<&'a str>,
     stream_types: Vec<&'a str>,
@@ -235,13 +282,151 @@ struct Rows<'a> {
     schema_versions: Vec<i32>,
     payloads: Vec<&'a str>,
     metadata: Vec<&'a str>,
+    // Idempotency outcomes.
     key_tenants: Vec<&'a str>,
     keys: Vec<&'a str>,
     key_hashes: Vec<&'a [u8]>,
-    outcomes: Vec<String>,
+    key_first: Vec<i64>,
+    key_last: Vec<i64>,
+    key_streams: Vec<String>,
+    /// Per append: its outcome with offsets, or why it was refused.
+    decisions: Vec<Decision>,
+    n_events: u64,
 }
 
-type StreamKey<'a> = (&'a str, Uuid);
+/// Tracks, per stream, the version before the batch and as the batch goes.
+type StreamVersions<'a> = HashMap<(&'a str, Uuid), StreamState<'a>>;
+
+struct StreamState<'a> {
+    stream_type: &'a str,
+    before: u64,
+    current: u64,
+}
+
+impl<'a> WritePlan<'a> {
+    /// Adds an accepted append whose streams' current versions are in `streams`.
+    fn accept(&mut self, append: &'a PreparedAppend, streams: &mut StreamVersions<'a>) {
+        let request = &append.request;
+        let tenant = request.tenant_id.as_str();
+        let first_offset = self.n_events + 1;
+        let mut payloads = append.payloads.iter();
+        let mut appended = Vec::with_capacity(request.streams.len());
+        for stream in &request.streams {
+            let state = streams
+                .entry((tenant, stream.stream_id))
+                .or_insert(StreamState {
+                    stream_type: &stream.stream_type,
+                    before: 0,
+                    current: 0,
+                });
+            let first_version = state.current + 1;
+            for event in &stream.events {
+                self.n_events += 1;
+                state.current += 1;
+                self.offsets.push(self.n_events as i64);
+                self.event_ids.push(event.event_id);
+                self.tenants.push(tenant);
+                self.stream_types.push(&stream.stream_type);
+                self.stream_ids.push(stream.stream_id);
+                self.versions.push(state.current as i64);
+                self.event_types.push(&event.event_type);
+                self.schema_versions.push(event.schema_version as i32);
+                self.payloads
+                    .push(payloads.next().map(String::as_str).unwrap_or("{}"));
+                self.metadata.push(&append.metadata);
+            }
+            appended.push(AppendedStream {
+                stream_id: stream.stream_id,
+                first_version,
+                last_version: state.current,
+            });
+        }
+        if let Some(key) = request.idempotency_key.as_deref() {
+            self.key_tenants.push(tenant);
+            self.keys.push(key);
+            self.key_hashes.push(&append.fingerprint);
+            self.key_first.push(first_offset as i64);
+            self.key_last.push(self.n_events as i64);
+            self.key_streams
+                .push(serde_json::to_string(&appended).unwrap_or_else(|_| "[]".into()));
+        }
+        self.decisions.push(Decision::Done(Ok(Appended {
+            first_position: first_offset,
+            last_position: self.n_events,
+            streams: appended,
+            replayed: false,
+        })));
+    }
+
+    /// Records each touched stream's version before the batch as a guard.
+    fn guard(&mut self, streams: &StreamVersions<'a>) {
+        for ((tenant, id), state) in streams {
+            self.guard_tenants.push(tenant);
+            self.guard_ids.push(*id);
+            self.guard_types.push(state.stream_type);
+            self.guard_versions.push(state.before as i64);
+        }
+    }
+
+    /// Turns offsets into positions once the head is known.
+    fn into_decisions(self, head: u64) -> Vec<Decision> {
+        self.decisions
+            .into_iter()
+            .map(|decision| match decision {
+                Decision::Done(Ok(mut appended)) if !appended.replayed => {
+                    appended.first_position += head;
+                    appended.last_position += head;
+                    Decision::Done(Ok(appended))
+                }
+                other => other,
+            })
+            .collect()
+    }
+}
+
+/// The fast path's plan, if the batch qualifies: every stream's expected
+/// version is exact (or "no stream") and consistent within the batch, and no
+/// idempotency key repeats.
+fn optimistic_plan<'a>(appends: &[&'a PreparedAppend]) -> Option<WritePlan<'a>> {
+    let mut streams: StreamVersions<'a> = HashMap::new();
+    let mut keys = HashSet::new();
+    let mut plan = WritePlan::default();
+    for append in appends {
+        let request = &append.request;
+        let tenant = request.tenant_id.as_str();
+        if let Some(key) = request.idempotency_key.as_deref()
+            && !keys.insert((tenant, key))
+        {
+            return None;
+        }
+        for stream in &request.streams {
+            let expected = match stream.expected {
+                ExpectedVersion::Any => return None,
+                ExpectedVersion::NoStream => 0,
+                ExpectedVersion::Exact(n) => n,
+            };
+            match streams.get(&(tenant, stream.stream_id)) {
+                Some(state) if state.current != expected || state.stream_type != stream.stream_type => {
+                    return None;
+                }
+                Some(_) => {}
+                None => {
+                    streams.insert(
+                        (tenant, stream.stream_id),
+                        StreamState {
+                            stream_type: &stream.stream_type,
+                            before: expected,
+                            current: expected,
+                        },
+                    );
+                }
+            }
+        }
+        plan.accept(append, &mut streams);
+    }
+    plan.guard(&streams);
+    Some(plan)
+}
 
 async fn try_commit(
     pool: &Pool,
@@ -252,7 +437,15 @@ async fn try_commit(
         message: e.to_string(),
         during_commit: false,
     })?;
-    let outcome = run_batch(&client, appends, config).await;
+    let outcome = async {
+        if let Some(plan) = optimistic_plan(appends)
+            && let Some(done) = run_fast(&client, plan, config).await?
+        {
+            return Ok(done);
+        }
+        run_careful(&client, appends, config).await
+    }
+    .await;
     if outcome.is_err() {
         // Never hand a connection in an unknown transaction state back to the
         // pool: detach and close it (closing rolls back whatever is open).
@@ -261,21 +454,112 @@ async fn try_commit(
     outcome
 }
 
-/// One batch transaction on `client`, in two round trips: BEGIN, the lock and
-/// the reads go out together (the server runs them in order, so the reads'
-/// snapshots are taken after the lock is held); then the write and COMMIT.
-async fn run_batch(
+struct Statements {
+    begin: tokio_postgres::Statement,
+    lock: tokio_postgres::Statement,
+    write: tokio_postgres::Statement,
+    commit: tokio_postgres::Statement,
+}
+
+async fn statements(client: &deadpool_postgres::Client) -> Result<Statements, BatchError> {
+    let pg = |e| BatchError::from_pg(e, false);
+    Ok(Statements {
+        begin: client.prepare_cached("BEGIN").await.map_err(pg)?,
+        lock: client.prepare_cached(LOCK_HEAD).await.map_err(pg)?,
+        write: client.prepare_cached(WRITE_BATCH).await.map_err(pg)?,
+        commit: client.prepare_cached("COMMIT").await.map_err(pg)?,
+    })
+}
+
+/// Sends the guarded write and COMMIT (pipelined unless a test pause sits
+/// between them); returns whether the guard held and the head before the write.
+async fn write_and_commit(
+    client: &deadpool_postgres::Client,
+    statements: &Statements,
+    plan: &WritePlan<'_>,
+    config: &WriterConfig,
+) -> Result<(bool, u64), BatchError> {
+    let pg = |e| BatchError::from_pg(e, false);
+    let n_events = plan.n_events as i64;
+    let params: [&(dyn ToSql + Sync); 21] = [
+        &plan.guard_tenants,
+        &plan.guard_ids,
+        &plan.guard_types,
+        &plan.guard_versions,
+        &plan.key_tenants,
+        &plan.keys,
+        &plan.offsets,
+        &plan.event_ids,
+        &plan.tenants,
+        &plan.stream_types,
+        &plan.stream_ids,
+        &plan.versions,
+        &plan.event_types,
+        &plan.schema_versions,
+        &plan.payloads,
+        &plan.metadata,
+        &plan.key_hashes,
+        &plan.key_first,
+        &plan.key_last,
+        &plan.key_streams,
+        &n_events,
+    ];
+    let written = client.query_one(&statements.write, &params);
+    let row = if let Some(pause) = config.pause_before_commit {
+        let row = written.await.map_err(pg)?;
+        tokio::time::sleep(pause).await;
+        client
+            .execute(&statements.commit, &[])
+            .await
+            .map_err(|e| BatchError::from_pg(e, true))?;
+        row
+    } else {
+        // If the write fails, the server answers the COMMIT with a rollback,
+        // and the write's error is what we report.
+        let (written, committed) =
+            futures_util::future::join(written, client.execute(&statements.commit, &[])).await;
+        let row = written.map_err(pg)?;
+        committed.map_err(|e| BatchError::from_pg(e, true))?;
+        row
+    };
+    let ok: bool = row.get(0);
+    let head: i64 = row.get(1);
+    Ok((ok, u64::try_from(head).unwrap_or(0)))
+}
+
+/// One round trip: BEGIN, lock, guarded write, COMMIT. `None` when the guard
+/// failed (nothing was written).
+async fn run_fast(
+    client: &deadpool_postgres::Client,
+    plan: WritePlan<'_>,
+    config: &WriterConfig,
+) -> Result<Option<(Vec<Decision>, u64)>, BatchError> {
+    let pg = |e| BatchError::from_pg(e, false);
+    let statements = statements(client).await?;
+    let begin = client.execute(&statements.begin, &[]);
+    let lock = client.query_one(&statements.lock, &[]);
+    let write = write_and_commit(client, &statements, &plan, config);
+    let (begun, locked, written) = futures_util::future::join3(begin, lock, write).await;
+    begun.map_err(pg)?;
+    locked.map_err(pg)?;
+    let (ok, head) = written?;
+    if !ok {
+        return Ok(None);
+    }
+    let new_head = head + plan.n_events;
+    Ok(Some((plan.into_decisions(head), new_head)))
+}
+
+/// Two round trips: read the state under the lock, decide each append, write.
+async fn run_careful(
     client: &deadpool_postgres::Client,
     appends: &[&PreparedAppend],
     config: &WriterConfig,
 ) -> Result<(Vec<Decision>, u64), BatchError> {
     let pg = |e| BatchError::from_pg(e, false);
-    let begin = client.prepare_cached("BEGIN").await.map_err(pg)?;
-    let lock = client.prepare_cached(LOCK_HEAD).await.map_err(pg)?;
+    let statements = statements(client).await?;
     let select_streams = client.prepare_cached(SELECT_STREAMS).await.map_err(pg)?;
     let select_keys = client.prepare_cached(SELECT_KEYS).await.map_err(pg)?;
-    let write = client.prepare_cached(WRITE_BATCH).await.map_err(pg)?;
-    let commit = client.prepare_cached("COMMIT").await.map_err(pg)?;
 
     let mut stream_tenants = Vec::new();
     let mut stream_ids = Vec::new();
@@ -292,207 +576,151 @@ async fn run_batch(
             keys.push(key.as_str());
         }
     }
-    // READ COMMITTED (the default): each statement after the lock sees every
-    // transaction that committed before we got it.
+    // The server runs these in order, so the reads' snapshots (READ
+    // COMMITTED) are taken once the lock is held: they see every commit
+    // before ours.
     let (_, head_row, stream_rows, key_rows) = futures_util::future::try_join4(
-        client.execute(&begin, &[]),
-        client.query_one(&lock, &[]),
+        client.execute(&statements.begin, &[]),
+        client.query_one(&statements.lock, &[]),
         client.query(&select_streams, &[&stream_tenants, &stream_ids]),
         client.query(&select_keys, &[&key_tenants, &keys]),
     )
     .await
     .map_err(pg)?;
     let head: i64 = head_row.get(0);
+    let head = u64::try_from(head).unwrap_or(0);
 
-    // Current state of every stream the batch touches: (type, version).
-    let mut streams: HashMap<(String, Uuid), (String, u64)> = HashMap::new();
+    let mut stored_streams: HashMap<(String, Uuid), (String, u64)> = HashMap::new();
     for row in &stream_rows {
         let version: i64 = row.get(3);
-        streams.insert(
+        stored_streams.insert(
             (row.get(0), row.get(1)),
             (row.get(2), u64::try_from(version).unwrap_or(0)),
         );
     }
-    let mut stored_keys: HashMap<(String, String), (Vec<u8>, String)> = HashMap::new();
+    let mut stored_keys: HashMap<(String, String), StoredOutcome> = HashMap::new();
     for row in &key_rows {
-        stored_keys.insert((row.get(0), row.get(1)), (row.get(2), row.get(3)));
+        stored_keys.insert(
+            (row.get(0), row.get(1)),
+            StoredOutcome {
+                hash: row.get(2),
+                first_position: row.get(3),
+                last_position: row.get(4),
+                streams: row.get(5),
+            },
+        );
     }
 
-    let mut rows = Rows::default();
-    let mut position = u64::try_from(head).unwrap_or(0);
+    let mut plan = WritePlan::default();
+    let mut streams: StreamVersions<'_> = HashMap::new();
     let mut batch_keys: HashSet<(&str, &str)> = HashSet::new();
-    let mut stream_updates: HashMap<StreamKey<'_>, (&str, u64)> = HashMap::new();
-    let mut decisions = Vec::with_capacity(appends.len());
-
     for append in appends {
         let request = &append.request;
         let tenant = request.tenant_id.as_str();
         if let Some(key) = request.idempotency_key.as_deref() {
-            if let Some((hash, outcome)) = stored_keys.get(&(tenant.to_owned(), key.to_owned())) {
-                decisions.push(Decision::Done(replay(append, key, hash, outcome)));
+            if let Some(stored) = stored_keys.get(&(tenant.to_owned(), key.to_owned())) {
+                plan.decisions
+                    .push(Decision::Done(stored.replay(append, key)));
                 continue;
             }
-            if batch_keys.contains(&(tenant, key)) {
-                decisions.push(Decision::Defer);
+            if !batch_keys.insert((tenant, key)) {
+                plan.decisions.push(Decision::Defer);
                 continue;
             }
         }
-        if let Err(error) = check_versions(append, &streams) {
-            decisions.push(Decision::Done(Err(error)));
-            continue;
-        }
-        let first_position = position + 1;
-        let mut appended = Vec::with_capacity(request.streams.len());
-        let mut payloads = append.payloads.iter();
+        // Bring every stream of this append into the batch's view.
         for stream in &request.streams {
-            let entry = streams
-                .entry((tenant.to_owned(), stream.stream_id))
-                .or_insert_with(|| (stream.stream_type.clone(), 0));
-            let first_version = entry.1 + 1;
-            for event in &stream.events {
-                position += 1;
-                entry.1 += 1;
-                rows.positions.push(position as i64);
-                rows.event_ids.push(event.event_id);
-                rows.tenants.push(tenant);
-                rows.stream_types.push(&stream.stream_type);
-                rows.stream_ids.push(stream.stream_id);
-                rows.versions.push(entry.1 as i64);
-                rows.event_types.push(&event.event_type);
-                rows.schema_versions.push(event.schema_version as i32);
-                rows.payloads
-                    .push(payloads.next().map(String::as_str).unwrap_or("{}"));
-                rows.metadata.push(&append.metadata);
-            }
-            stream_updates.insert((tenant, stream.stream_id), (&stream.stream_type, entry.1));
-            appended.push(AppendedStream {
-                stream_id: stream.stream_id,
-                first_version,
-                last_version: entry.1,
+            streams.entry((tenant, stream.stream_id)).or_insert_with(|| {
+                match stored_streams.get(&(tenant.to_owned(), stream.stream_id)) {
+                    Some((stored_type, version)) => StreamState {
+                        stream_type: stored_type.as_str(),
+                        before: *version,
+                        current: *version,
+                    },
+                    None => StreamState {
+                        stream_type: &stream.stream_type,
+                        before: 0,
+                        current: 0,
+                    },
+                }
             });
         }
-        let outcome = Appended {
-            first_position,
-            last_position: position,
-            streams: appended,
-            replayed: false,
-        };
-        if let Some(key) = request.idempotency_key.as_deref() {
-            batch_keys.insert((tenant, key));
-            rows.key_tenants.push(tenant);
-            rows.keys.push(key);
-            rows.key_hashes.push(&append.fingerprint);
-            rows.outcomes
-                .push(serde_json::to_string(&outcome).unwrap_or_default());
+        match check_versions(append, &streams) {
+            Ok(()) => plan.accept(append, &mut streams),
+            Err(error) => {
+                if let Some(key) = request.idempotency_key.as_deref() {
+                    batch_keys.remove(&(tenant, key));
+                }
+                plan.decisions.push(Decision::Done(Err(error)));
+            }
         }
-        decisions.push(Decision::Done(Ok(outcome)));
     }
-
-    let new_head = position;
-    if new_head > head as u64 {
-        let mut update_tenants = Vec::with_capacity(stream_updates.len());
-        let mut update_ids = Vec::with_capacity(stream_updates.len());
-        let mut update_types = Vec::with_capacity(stream_updates.len());
-        let mut update_versions = Vec::with_capacity(stream_updates.len());
-        for ((tenant, id), (stream_type, version)) in &stream_updates {
-            update_tenants.push(*tenant);
-            update_ids.push(*id);
-            update_types.push(*stream_type);
-            update_versions.push(*version as i64);
-        }
-        let new_head_param = new_head as i64;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 19] = [
-            &rows.positions,
-            &rows.event_ids,
-            &rows.tenants,
-            &rows.stream_types,
-            &rows.stream_ids,
-            &rows.versions,
-            &rows.event_types,
-            &rows.schema_versions,
-            &rows.payloads,
-            &rows.metadata,
-            &update_tenants,
-            &update_ids,
-            &update_types,
-            &update_versions,
-            &rows.key_tenants,
-            &rows.keys,
-            &rows.key_hashes,
-            &rows.outcomes,
-            &new_head_param,
-        ];
-        let written = client.query_one(&write, &params);
-        if let Some(pause) = config.pause_before_commit {
-            written.await.map_err(pg)?;
-            tokio::time::sleep(pause).await;
-            client
-                .execute(&commit, &[])
-                .await
-                .map_err(|e| BatchError::from_pg(e, true))?;
-        } else {
-            // Pipelined: if the write fails, the server answers the COMMIT
-            // with a rollback, and the write's error is what we report.
-            let (written, committed) =
-                futures_util::future::join(written, client.execute(&commit, &[])).await;
-            written.map_err(pg)?;
-            committed.map_err(|e| BatchError::from_pg(e, true))?;
-        }
-    } else {
-        client
-            .execute(&commit, &[])
-            .await
-            .map_err(|e| BatchError::from_pg(e, true))?;
+    // Streams only looked at by refused appends need no guard, but guarding
+    // them is harmless: their versions are what we just read.
+    plan.guard(&streams);
+    let (ok, written_head) = write_and_commit(client, &statements, &plan, config).await?;
+    if !ok || written_head != head {
+        // We hold the lock, so the state cannot have moved: the database is
+        // not what this writer expects. Report rather than guess.
+        return Err(BatchError::Inconsistent);
     }
-    Ok((decisions, new_head))
+    let new_head = head + plan.n_events;
+    Ok((plan.into_decisions(head), new_head))
 }
 
-fn replay(
-    append: &PreparedAppend,
-    key: &str,
-    stored_hash: &[u8],
-    stored_outcome: &str,
-) -> Result<Appended, AppendError> {
-    if stored_hash != append.fingerprint {
-        return Err(AppendError::IdempotencyKeyReused {
-            key: key.to_owned(),
-        });
+struct StoredOutcome {
+    hash: Vec<u8>,
+    first_position: i64,
+    last_position: i64,
+    streams: String,
+}
+
+impl StoredOutcome {
+    fn replay(&self, append: &PreparedAppend, key: &str) -> Result<Appended, AppendError> {
+        if self.hash != append.fingerprint {
+            return Err(AppendError::IdempotencyKeyReused {
+                key: key.to_owned(),
+            });
+        }
+        let streams: Vec<AppendedStream> =
+            serde_json::from_str(&self.streams).map_err(|e| AppendError::Unavailable {
+                message: format!("stored idempotency outcome is unreadable: {e}"),
+                outcome_unknown: false,
+            })?;
+        Ok(Appended {
+            first_position: u64::try_from(self.first_position).unwrap_or(0),
+            last_position: u64::try_from(self.last_position).unwrap_or(0),
+            streams,
+            replayed: true,
+        })
     }
-    let mut outcome: Appended =
-        serde_json::from_str(stored_outcome).map_err(|e| AppendError::Unavailable {
-            message: format!("stored idempotency outcome is unreadable: {e}"),
-            outcome_unknown: false,
-        })?;
-    outcome.replayed = true;
-    Ok(outcome)
 }
 
 fn check_versions(
     append: &PreparedAppend,
-    streams: &HashMap<(String, Uuid), (String, u64)>,
+    streams: &StreamVersions<'_>,
 ) -> Result<(), AppendError> {
-    let tenant = append.request.tenant_id.as_str().to_owned();
+    let tenant = append.request.tenant_id.as_str();
     for stream in &append.request.streams {
-        let current = streams.get(&(tenant.clone(), stream.stream_id));
-        if let Some((stream_type, _)) = current
-            && *stream_type != stream.stream_type
-        {
+        let Some(state) = streams.get(&(tenant, stream.stream_id)) else {
+            continue;
+        };
+        if state.current > 0 && state.stream_type != stream.stream_type {
             return Err(AppendError::WrongStreamType {
                 stream_id: stream.stream_id,
-                actual: stream_type.clone(),
+                actual: state.stream_type.to_owned(),
             });
         }
-        let current_version = current.map_or(0, |(_, version)| *version);
         let ok = match stream.expected {
             ExpectedVersion::Any => true,
-            ExpectedVersion::NoStream => current_version == 0,
-            ExpectedVersion::Exact(n) => current_version == n,
+            ExpectedVersion::NoStream => state.current == 0,
+            ExpectedVersion::Exact(n) => state.current == n,
         };
         if !ok {
             return Err(AppendError::VersionConflict {
                 stream_id: stream.stream_id,
                 expected: stream.expected.describe(),
-                current: current_version,
+                current: state.current,
             });
         }
     }
