@@ -206,7 +206,13 @@ async fn main() {
     progress("store: single-event appends, 1 caller");
     let (ours_1, mut ours_1_latency) = store_appends(&store, 1, 1).await;
     progress("store: single-event appends, 32 callers");
+    let before = store.writer_stats();
     let (ours_32, _) = store_appends(&store, 32, 1).await;
+    let after = store.writer_stats();
+    progress(&format!(
+        "store: {:.1} appends per transaction at 32 callers",
+        (after.appends - before.appends) as f64 / (after.batches - before.batches).max(1) as f64
+    ));
     progress("store: batches of 1000 events, 4 callers");
     let (ours_batch, _) = store_appends(&store, 4, 1000).await;
     store.shutdown().await;

@@ -27,6 +27,7 @@ pub use read::{EventStream, Filter, RecordedEvent};
 pub use snapshot::Snapshot;
 pub use store::{EventStore, StoreOptions};
 pub use subscribe::Subscription;
+pub use writer::WriterStats;
 
 /// The PostgreSQL channel on which every append announces its last position.
 pub const NOTIFY_CHANNEL: &str = "crm_events";

@@ -17,7 +17,7 @@ use crate::append::PreparedAppend;
 use crate::read::{EventStream, RecordedEvent, decode, read_range, to_i64};
 use crate::snapshot::{self, Snapshot};
 use crate::subscribe::SubscriptionTask;
-use crate::writer::{self, Job, WriterConfig};
+use crate::writer::{self, Counters, Job, WriterConfig, WriterStats};
 use crate::{AppendError, AppendEvents, Appended, Filter, ReadError, StoreError, Subscription};
 
 /// Tuning of one store instance. The defaults suit `crm all`.
@@ -46,7 +46,7 @@ impl Default for StoreOptions {
             pool_size: 16,
             queue_depth: 4096,
             max_batch_appends: 512,
-            max_batch_events: 20_000,
+            max_batch_events: 1_000,
             poll_interval: Duration::from_secs(1),
             subscription_buffer: 1024,
             pause_before_commit: None,
@@ -65,6 +65,7 @@ struct Inner {
     writer: mpsc::Sender<Job>,
     head: watch::Receiver<u64>,
     options: StoreOptions,
+    stats: Arc<Counters>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -135,6 +136,7 @@ impl EventStore {
         let (writer, queue) = mpsc::channel(options.queue_depth);
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
+        let stats = Arc::new(Counters::default());
         tasks.spawn(
             writer::run(
                 writer_pool,
@@ -144,6 +146,8 @@ impl EventStore {
                     max_batch_appends: options.max_batch_appends,
                     max_batch_events: options.max_batch_events,
                     pause_before_commit: options.pause_before_commit,
+                    stats: stats.clone(),
+                    yield_for_more: false,
                 },
                 cancel.clone(),
             )
@@ -159,6 +163,7 @@ impl EventStore {
                 writer,
                 head,
                 options,
+                stats,
                 tasks,
                 cancel,
             }),
@@ -228,6 +233,11 @@ impl EventStore {
             buffer: self.inner.options.subscription_buffer,
         }
         .spawn(&self.inner.tasks, after, filter)
+    }
+
+    /// The writer's totals since this store started (batches, appends, events).
+    pub fn writer_stats(&self) -> WriterStats {
+        self.inner.stats.snapshot()
     }
 
     /// The position of the last committed event (0 for an empty log).

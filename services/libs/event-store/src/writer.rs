@@ -7,13 +7,19 @@
 //! dense. Within the batch each append is decided on its own, so each caller
 //! gets its own conflict, replay or success.
 //!
-//! **Fast path, one round trip.** When every append states the exact version
+//! **Fast path: one statement.** When every append states the exact version
 //! of its streams (or "no stream") and no key repeats within the batch, the
-//! writer already knows every stream version it will write. It sends BEGIN,
-//! the lock, one guarded write and COMMIT together. The guard checks, after the
-//! lock is held, that each stream is at the version the batch assumes and that
-//! no idempotency key exists yet; if it fails, nothing is written, the empty
-//! transaction commits, and the batch takes the careful path.
+//! writer already knows every stream version it will write. It sends one
+//! guarded write in autocommit: the statement locks `log_head`, checks that
+//! each stream is at the version the batch assumes and that no idempotency key
+//! exists yet, writes at head + offset, and commits. If the guard fails,
+//! nothing is written and the batch takes the careful path. If the statement
+//! had to wait for the lock (another process was appending), its guard read
+//! an older snapshot; it can then only pass wrongly for a stream or key that
+//! the other process just wrote, and the unique constraints on
+//! (tenant, stream, version) and on keys reject the write, so the batch is
+//! retried on the careful path. Versions are dense, so no stale guard can let
+//! a wrong write through.
 //!
 //! **Careful path, two round trips.** BEGIN, the lock and reads of every
 //! touched stream's version and every key; then the writer decides each append
@@ -25,6 +31,8 @@
 //! it. If the connection fails during commit, the outcome is unknown and is
 //! reported as such (a retry with the same idempotency key is safe).
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -46,6 +54,38 @@ pub(crate) struct WriterConfig {
     pub max_batch_appends: usize,
     pub max_batch_events: usize,
     pub pause_before_commit: Option<Duration>,
+    pub stats: Arc<Counters>,
+    /// Yield once before closing a batch (set while batches are busy).
+    pub yield_for_more: bool,
+}
+
+/// Running totals of the writer's work, for metrics and benchmarks.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub batches: AtomicU64,
+    pub appends: AtomicU64,
+    pub events: AtomicU64,
+}
+
+/// A snapshot of the writer's totals since the store started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Transactions the writer ran.
+    pub batches: u64,
+    /// Append requests it handled (committed, refused or replayed).
+    pub appends: u64,
+    /// Events it committed.
+    pub events: u64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> WriterStats {
+        WriterStats {
+            batches: self.batches.load(Ordering::Relaxed),
+            appends: self.appends.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+        }
+    }
 }
 
 const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";
@@ -67,7 +107,7 @@ const SELECT_KEYS: &str = "SELECT i.tenant_id, i.key, i.request_hash, i.first_po
 /// The guarded write. Positions are offsets from the head read under the lock.
 /// `ok` is false, and nothing is written, when a stream is not at the version
 /// the batch assumes ($1-$4) or an idempotency key already exists ($5-$6).
-const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id = 1), \
+const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id = 1 FOR UPDATE), \
      ok AS ( \
        SELECT NOT EXISTS ( \
          SELECT 1 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[]) \
@@ -108,7 +148,7 @@ pub(crate) async fn run(
     pool: Pool,
     mut queue: mpsc::Receiver<Job>,
     head: watch::Sender<u64>,
-    config: WriterConfig,
+    mut config: WriterConfig,
     cancel: CancellationToken,
 ) {
     let mut deferred: VecDeque<Job> = VecDeque::new();
@@ -138,17 +178,33 @@ pub(crate) async fn run(
         };
         let mut n_events = first.append.n_events;
         let mut batch = vec![first];
+        // Callers answered by the last batch are about to send their next
+        // append: one yield lets the ones already runnable join this batch
+        // instead of the next, which keeps batches from shrinking to one.
+        let mut yielded = !config.yield_for_more;
         while batch.len() < config.max_batch_appends && n_events < config.max_batch_events {
             let next = match deferred.pop_front() {
                 Some(job) => job,
                 None => match queue.try_recv() {
                     Ok(job) => job,
+                    Err(_) if !yielded => {
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                     Err(_) => break,
                 },
             };
             n_events += next.append.n_events;
             batch.push(next);
         }
+        config.stats.batches.fetch_add(1, Ordering::Relaxed);
+        config
+            .stats
+            .appends
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // Only worth a scheduling round when callers are many.
+        config.yield_for_more = batch.len() > 1;
         let span = info_span!("append_batch", n_appends = batch.len(), n_events);
         let again = commit_batch(&pool, batch, &head, &config)
             .instrument(span)
@@ -175,6 +231,11 @@ async fn commit_batch(
     let appends: Vec<&PreparedAppend> = batch.iter().map(|job| &job.append).collect();
     match try_commit(pool, &appends, config).await {
         Ok((decisions, new_head)) => {
+            let before = *head.borrow();
+            config
+                .stats
+                .events
+                .fetch_add(new_head.saturating_sub(before), Ordering::Relaxed);
             head.send_if_modified(|known| {
                 let newer = new_head > *known;
                 if newer {
@@ -212,10 +273,19 @@ async fn commit_batch(
     }
 }
 
+/// A database error with the server's own message and SQLSTATE, which the
+/// plain Display ("db error") leaves out.
+pub(crate) fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
     /// The server refused a statement: the transaction did not commit.
-    #[error("rolled back: {0}")]
+    #[error("rolled back: {}", describe(.0))]
     RolledBack(tokio_postgres::Error),
     /// The guarded write failed although the lock was held since the reads.
     #[error("the log changed under the writer's lock")]
@@ -248,7 +318,7 @@ impl BatchError {
                 outcome_unknown: false,
             },
             Self::RolledBack(error) => AppendError::Unavailable {
-                message: error.to_string(),
+                message: describe(error),
                 outcome_unknown: false,
             },
             Self::Connection {
@@ -406,7 +476,9 @@ fn optimistic_plan<'a>(appends: &[&'a PreparedAppend]) -> Option<WritePlan<'a>> 
                 ExpectedVersion::Exact(n) => n,
             };
             match streams.get(&(tenant, stream.stream_id)) {
-                Some(state) if state.current != expected || state.stream_type != stream.stream_type => {
+                Some(state)
+                    if state.current != expected || state.stream_type != stream.stream_type =>
+                {
                     return None;
                 }
                 Some(_) => {}
@@ -481,29 +553,7 @@ async fn write_and_commit(
 ) -> Result<(bool, u64), BatchError> {
     let pg = |e| BatchError::from_pg(e, false);
     let n_events = plan.n_events as i64;
-    let params: [&(dyn ToSql + Sync); 21] = [
-        &plan.guard_tenants,
-        &plan.guard_ids,
-        &plan.guard_types,
-        &plan.guard_versions,
-        &plan.key_tenants,
-        &plan.keys,
-        &plan.offsets,
-        &plan.event_ids,
-        &plan.tenants,
-        &plan.stream_types,
-        &plan.stream_ids,
-        &plan.versions,
-        &plan.event_types,
-        &plan.schema_versions,
-        &plan.payloads,
-        &plan.metadata,
-        &plan.key_hashes,
-        &plan.key_first,
-        &plan.key_last,
-        &plan.key_streams,
-        &n_events,
-    ];
+    let params = write_params(plan, &n_events);
     let written = client.query_one(&statements.write, &params);
     let row = if let Some(pause) = config.pause_before_commit {
         let row = written.await.map_err(pg)?;
@@ -527,7 +577,34 @@ async fn write_and_commit(
     Ok((ok, u64::try_from(head).unwrap_or(0)))
 }
 
-/// One round trip: BEGIN, lock, guarded write, COMMIT. `None` when the guard
+fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToSql + Sync); 21] {
+    [
+        &plan.guard_tenants,
+        &plan.guard_ids,
+        &plan.guard_types,
+        &plan.guard_versions,
+        &plan.key_tenants,
+        &plan.keys,
+        &plan.offsets,
+        &plan.event_ids,
+        &plan.tenants,
+        &plan.stream_types,
+        &plan.stream_ids,
+        &plan.versions,
+        &plan.event_types,
+        &plan.schema_versions,
+        &plan.payloads,
+        &plan.metadata,
+        &plan.key_hashes,
+        &plan.key_first,
+        &plan.key_last,
+        &plan.key_streams,
+        n_events,
+    ]
+}
+
+/// One round trip, one statement: in autocommit, the guarded write takes the
+/// lock, writes and commits. `None` when the guard
 /// failed (nothing was written).
 async fn run_fast(
     client: &deadpool_postgres::Client,
@@ -536,13 +613,22 @@ async fn run_fast(
 ) -> Result<Option<(Vec<Decision>, u64)>, BatchError> {
     let pg = |e| BatchError::from_pg(e, false);
     let statements = statements(client).await?;
-    let begin = client.execute(&statements.begin, &[]);
-    let lock = client.query_one(&statements.lock, &[]);
-    let write = write_and_commit(client, &statements, &plan, config);
-    let (begun, locked, written) = futures_util::future::join3(begin, lock, write).await;
-    begun.map_err(pg)?;
-    locked.map_err(pg)?;
-    let (ok, head) = written?;
+    let (ok, head) = if config.pause_before_commit.is_some() {
+        // Fault injection needs a transaction to hold open.
+        let begin = client.execute(&statements.begin, &[]);
+        let write = write_and_commit(client, &statements, &plan, config);
+        let (begun, written) = futures_util::future::join(begin, write).await;
+        begun.map_err(pg)?;
+        written?
+    } else {
+        let n_events = plan.n_events as i64;
+        let row = client
+            .query_one(&statements.write, &write_params(&plan, &n_events))
+            .await
+            .map_err(|e| BatchError::from_pg(e, true))?;
+        let head: i64 = row.get(1);
+        (row.get::<_, bool>(0), u64::try_from(head).unwrap_or(0))
+    };
     if !ok {
         return Ok(None);
     }
@@ -630,20 +716,22 @@ async fn run_careful(
         }
         // Bring every stream of this append into the batch's view.
         for stream in &request.streams {
-            streams.entry((tenant, stream.stream_id)).or_insert_with(|| {
-                match stored_streams.get(&(tenant.to_owned(), stream.stream_id)) {
-                    Some((stored_type, version)) => StreamState {
-                        stream_type: stored_type.as_str(),
-                        before: *version,
-                        current: *version,
-                    },
-                    None => StreamState {
-                        stream_type: &stream.stream_type,
-                        before: 0,
-                        current: 0,
-                    },
-                }
-            });
+            streams
+                .entry((tenant, stream.stream_id))
+                .or_insert_with(|| {
+                    match stored_streams.get(&(tenant.to_owned(), stream.stream_id)) {
+                        Some((stored_type, version)) => StreamState {
+                            stream_type: stored_type.as_str(),
+                            before: *version,
+                            current: *version,
+                        },
+                        None => StreamState {
+                            stream_type: &stream.stream_type,
+                            before: 0,
+                            current: 0,
+                        },
+                    }
+                });
         }
         match check_versions(append, &streams) {
             Ok(()) => plan.accept(append, &mut streams),
