@@ -1,2 +1,3 @@
 //! End-to-end scenarios, one module per area.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 mod all_role;

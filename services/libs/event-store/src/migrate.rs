@@ -21,7 +21,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../migrations/0001_events.sql"),
 }];
 
-const LOCK_KEY: i64 = 0x6372_6d5f_6d69_67; // "crm_mig"
+const LOCK_KEY: i64 = 0x0063_726d_5f6d_6967; // "crm_mig"
 
 fn checksum(sql: &str) -> String {
     Sha256::digest(sql.as_bytes())

@@ -1,4 +1,5 @@
 //! The event store against a real PostgreSQL, one database per test.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 use std::time::Duration;
 
 use crm_domain::TenantId;

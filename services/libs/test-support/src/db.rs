@@ -18,7 +18,7 @@ pub struct TestDb {
     config: Config,
 }
 
-const TEMPLATE_LOCK: i64 = 0x6372_6d5f_7470_6c; // "crm_tpl"
+const TEMPLATE_LOCK: i64 = 0x0063_726d_5f74_706c; // "crm_tpl"
 
 async fn connect(config: &Config) -> tokio_postgres::Client {
     let (client, connection) = config.connect(NoTls).await.unwrap_or_else(|e| {
