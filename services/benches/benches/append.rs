@@ -157,6 +157,7 @@ async fn store_appends(
                         }],
                         idempotency_key: None,
                         metadata: metadata(),
+                        reservations: Vec::new(),
                     })
                     .await
                     .expect("append");

@@ -17,6 +17,10 @@ pub mod limits {
     pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
     /// Length of an idempotency key.
     pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+    /// Unique-value reservations claimed or released by one append.
+    pub const MAX_RESERVATIONS: usize = 100;
+    /// Length of a reservation's key hash.
+    pub const MAX_KEY_HASH_LEN: usize = 64;
     /// Length of a stream type or event type name.
     pub const MAX_NAME_LEN: usize = 128;
 }
@@ -89,6 +93,28 @@ pub struct Metadata {
     pub traceparent: Option<String>,
 }
 
+/// Claims or releases a unique value for a stream, in the append's transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReservationAction {
+    /// The value becomes the stream's; refused if another stream holds it.
+    Claim,
+    /// The stream gives the value up (no effect if it does not hold it).
+    Release,
+}
+
+/// A unique value within a tenant, such as a contact's email. `key_hash` is
+/// an HMAC of the normalized value made by the caller, so the store never
+/// sees the value itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// What kind of value, e.g. `email`, `tax_id`.
+    pub kind: String,
+    pub key_hash: Vec<u8>,
+    /// The stream that claims or releases it: one of the append's streams.
+    pub stream_id: Uuid,
+    pub action: ReservationAction,
+}
+
 /// One atomic append: every stream's events land, or none do.
 #[derive(Clone, Debug)]
 pub struct AppendEvents {
@@ -98,6 +124,8 @@ pub struct AppendEvents {
     /// appends nothing, forever. Scoped to the tenant.
     pub idempotency_key: Option<String>,
     pub metadata: Metadata,
+    /// Unique values claimed or released atomically with the events.
+    pub reservations: Vec<Reservation>,
 }
 
 /// What an append wrote.
@@ -237,6 +265,48 @@ impl PreparedAppend {
                 payloads.push(payload);
             }
         }
+        if request.reservations.len() > limits::MAX_RESERVATIONS {
+            return Err(invalid(
+                "reservations",
+                "too many reservations in one append",
+            ));
+        }
+        let mut reserved = std::collections::HashSet::new();
+        for (i, reservation) in request.reservations.iter().enumerate() {
+            if !valid_name(&reservation.kind) {
+                return Err(invalid(
+                    format!("reservations[{i}].kind"),
+                    "must be 1 to 128 of [A-Za-z0-9_.]",
+                ));
+            }
+            if reservation.key_hash.is_empty()
+                || reservation.key_hash.len() > limits::MAX_KEY_HASH_LEN
+            {
+                return Err(invalid(
+                    format!("reservations[{i}].key_hash"),
+                    "must be 1 to 64 bytes",
+                ));
+            }
+            if !seen.contains(&reservation.stream_id) {
+                return Err(invalid(
+                    format!("reservations[{i}].stream_id"),
+                    "must be one of the append's streams",
+                ));
+            }
+            if !reserved.insert((&reservation.kind, &reservation.key_hash)) {
+                return Err(invalid(
+                    format!("reservations[{i}]"),
+                    "the same value appears twice in one append",
+                ));
+            }
+            feed(reservation.kind.as_bytes());
+            feed(&reservation.key_hash);
+            feed(reservation.stream_id.as_bytes());
+            feed(match reservation.action {
+                ReservationAction::Claim => b"claim",
+                ReservationAction::Release => b"release",
+            });
+        }
         let metadata = serde_json::to_string(&request.metadata)
             .map_err(|_| invalid("metadata", "must serialize to JSON"))?;
         Ok(Self {
@@ -264,6 +334,7 @@ mod tests {
             }],
             idempotency_key: Some("k".into()),
             metadata: Metadata::default(),
+            reservations: Vec::new(),
         }
     }
 

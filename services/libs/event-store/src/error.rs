@@ -19,6 +19,9 @@ pub enum AppendError {
     /// The stream exists with another stream type.
     #[error("stream {stream_id} is a {actual} stream")]
     WrongStreamType { stream_id: Uuid, actual: String },
+    /// A unique value is held by another stream of the tenant.
+    #[error("the {kind} is already held by stream {holder}")]
+    AlreadyReserved { kind: String, holder: Uuid },
     /// The idempotency key was used before for a different request.
     #[error("idempotency key {key:?} was already used for a different request")]
     IdempotencyKeyReused { key: String },

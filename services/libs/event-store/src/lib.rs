@@ -17,8 +17,8 @@ mod subscribe;
 mod writer;
 
 pub use append::{
-    AppendEvents, Appended, AppendedStream, ExpectedVersion, Metadata, NewEvent, StreamAppend,
-    limits,
+    AppendEvents, Appended, AppendedStream, ExpectedVersion, Metadata, NewEvent, Reservation,
+    ReservationAction, StreamAppend, limits,
 };
 pub use error::{AppendError, ReadError, StoreError};
 pub use json::JsonText;

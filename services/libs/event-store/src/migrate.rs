@@ -15,11 +15,18 @@ pub struct Migration {
 }
 
 /// The event store's migrations, oldest first. Add files; never edit one.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_events",
-    sql: include_str!("../migrations/0001_events.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_events",
+        sql: include_str!("../migrations/0001_events.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_reservations",
+        sql: include_str!("../migrations/0002_reservations.sql"),
+    },
+];
 
 const LOCK_KEY: i64 = 0x0063_726d_5f6d_6967; // "crm_mig"
 

@@ -42,7 +42,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
 
-use crate::append::{Appended, AppendedStream, ExpectedVersion, PreparedAppend};
+use crate::append::{
+    Appended, AppendedStream, ExpectedVersion, PreparedAppend, Reservation, ReservationAction,
+};
 use crate::error::AppendError;
 
 pub(crate) struct Job {
@@ -104,9 +106,17 @@ const SELECT_KEYS: &str = "SELECT i.tenant_id, i.key, i.request_hash, i.first_po
      FROM idempotency_keys i JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, key) \
      USING (tenant_id, key)";
 
+const SELECT_RESERVATIONS: &str = "SELECT r.tenant_id, r.kind, r.key_hash, r.stream_id \
+     FROM reservations r \
+     JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS c(tenant_id, kind, key_hash) \
+     USING (tenant_id, kind, key_hash)";
+
 /// The guarded write. Positions are offsets from the head read under the lock.
 /// `ok` is false, and nothing is written, when a stream is not at the version
-/// the batch assumes ($1-$4) or an idempotency key already exists ($5-$6).
+/// the batch assumes ($1-$4), an idempotency key already exists ($5-$6), or a
+/// claimed value ($22-$25) is held by another stream. Releases are $26-$29.
+/// A claim that lost a race after the guard (stale snapshot) aborts the
+/// statement through `crm_require`, so a claim is never silently dropped.
 const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id = 1 FOR UPDATE), \
      ok AS ( \
        SELECT NOT EXISTS ( \
@@ -120,6 +130,12 @@ const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id 
        ) AND NOT EXISTS ( \
          SELECT 1 FROM idempotency_keys i \
          JOIN unnest($5::text[], $6::text[]) AS k(tenant_id, key) USING (tenant_id, key) \
+       ) AND NOT EXISTS ( \
+         SELECT 1 FROM reservations r \
+         JOIN unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) \
+              AS c(tenant_id, kind, key_hash, stream_id) \
+           ON r.tenant_id = c.tenant_id AND r.kind = c.kind AND r.key_hash = c.key_hash \
+         WHERE r.stream_id <> c.stream_id \
        ) AS ok \
      ), new_events AS ( \
        INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
@@ -138,10 +154,25 @@ const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id 
      ), new_head AS ( \
        UPDATE log_head SET position = head.position + $21::bigint FROM head, ok \
        WHERE log_head.id = 1 AND ok.ok AND $21::bigint > 0 \
+     ), released AS ( \
+       DELETE FROM reservations r \
+       USING unnest($26::text[], $27::text[], $28::bytea[], $29::uuid[]) AS x(t, k, h, s), ok \
+       WHERE ok.ok AND r.tenant_id = x.t AND r.kind = x.k AND r.key_hash = x.h AND r.stream_id = x.s \
+     ), claimed AS ( \
+       INSERT INTO reservations (tenant_id, kind, key_hash, stream_id) \
+       SELECT x.t, x.k, x.h, x.s \
+       FROM unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) AS x(t, k, h, s), ok \
+       WHERE ok.ok \
+       ON CONFLICT (tenant_id, kind, key_hash) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+       WHERE reservations.stream_id = EXCLUDED.stream_id \
+       RETURNING 1 \
      ), notified AS ( \
        SELECT pg_notify('crm_events', (head.position + $21::bigint)::text) FROM head, ok WHERE ok.ok AND $21::bigint > 0 \
      ) \
-     SELECT ok.ok, head.position, (SELECT count(*) FROM notified) FROM ok, head";
+     SELECT ok.ok, head.position, (SELECT count(*) FROM notified), \
+       crm_require(NOT ok.ok OR (SELECT count(*) FROM claimed) = cardinality($22::text[]), \
+                   'a reserved value was claimed by another stream meanwhile') \
+     FROM ok, head";
 
 /// Runs until cancelled, then drains what is queued and returns.
 pub(crate) async fn run(
@@ -359,6 +390,15 @@ struct WritePlan<'a> {
     key_first: Vec<i64>,
     key_last: Vec<i64>,
     key_streams: Vec<String>,
+    // Reservations claimed and released.
+    claim_tenants: Vec<&'a str>,
+    claim_kinds: Vec<&'a str>,
+    claim_hashes: Vec<&'a [u8]>,
+    claim_streams: Vec<Uuid>,
+    release_tenants: Vec<&'a str>,
+    release_kinds: Vec<&'a str>,
+    release_hashes: Vec<&'a [u8]>,
+    release_streams: Vec<Uuid>,
     /// Per append: its outcome with offsets, or why it was refused.
     decisions: Vec<Decision>,
     n_events: u64,
@@ -411,6 +451,26 @@ impl<'a> WritePlan<'a> {
                 last_version: state.current,
             });
         }
+        for reservation in &request.reservations {
+            let (tenants, kinds, hashes, streams) = match reservation.action {
+                ReservationAction::Claim => (
+                    &mut self.claim_tenants,
+                    &mut self.claim_kinds,
+                    &mut self.claim_hashes,
+                    &mut self.claim_streams,
+                ),
+                ReservationAction::Release => (
+                    &mut self.release_tenants,
+                    &mut self.release_kinds,
+                    &mut self.release_hashes,
+                    &mut self.release_streams,
+                ),
+            };
+            tenants.push(tenant);
+            kinds.push(&reservation.kind);
+            hashes.push(&reservation.key_hash);
+            streams.push(reservation.stream_id);
+        }
         if let Some(key) = request.idempotency_key.as_deref() {
             self.key_tenants.push(tenant);
             self.keys.push(key);
@@ -460,6 +520,7 @@ impl<'a> WritePlan<'a> {
 fn optimistic_plan<'a>(appends: &[&'a PreparedAppend]) -> Option<WritePlan<'a>> {
     let mut streams: StreamVersions<'a> = HashMap::new();
     let mut keys = HashSet::new();
+    let mut reserved = HashSet::new();
     let mut plan = WritePlan::default();
     for append in appends {
         let request = &append.request;
@@ -468,6 +529,16 @@ fn optimistic_plan<'a>(appends: &[&'a PreparedAppend]) -> Option<WritePlan<'a>> 
             && !keys.insert((tenant, key))
         {
             return None;
+        }
+        // A value touched by two appends of the batch needs deciding in order.
+        for reservation in &request.reservations {
+            if !reserved.insert((
+                tenant,
+                reservation.kind.as_str(),
+                reservation.key_hash.as_slice(),
+            )) {
+                return None;
+            }
         }
         for stream in &request.streams {
             let expected = match stream.expected {
@@ -577,7 +648,7 @@ async fn write_and_commit(
     Ok((ok, u64::try_from(head).unwrap_or(0)))
 }
 
-fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToSql + Sync); 21] {
+fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToSql + Sync); 29] {
     [
         &plan.guard_tenants,
         &plan.guard_ids,
@@ -600,6 +671,14 @@ fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToS
         &plan.key_last,
         &plan.key_streams,
         n_events,
+        &plan.claim_tenants,
+        &plan.claim_kinds,
+        &plan.claim_hashes,
+        &plan.claim_streams,
+        &plan.release_tenants,
+        &plan.release_kinds,
+        &plan.release_hashes,
+        &plan.release_streams,
     ]
 }
 
@@ -646,6 +725,22 @@ async fn run_careful(
     let statements = statements(client).await?;
     let select_streams = client.prepare_cached(SELECT_STREAMS).await.map_err(pg)?;
     let select_keys = client.prepare_cached(SELECT_KEYS).await.map_err(pg)?;
+    let select_reservations = client
+        .prepare_cached(SELECT_RESERVATIONS)
+        .await
+        .map_err(pg)?;
+    let mut claim_tenants = Vec::new();
+    let mut claim_kinds = Vec::new();
+    let mut claim_hashes = Vec::new();
+    for append in appends {
+        for reservation in &append.request.reservations {
+            if reservation.action == ReservationAction::Claim {
+                claim_tenants.push(append.request.tenant_id.as_str());
+                claim_kinds.push(reservation.kind.as_str());
+                claim_hashes.push(reservation.key_hash.as_slice());
+            }
+        }
+    }
 
     let mut stream_tenants = Vec::new();
     let mut stream_ids = Vec::new();
@@ -665,14 +760,22 @@ async fn run_careful(
     // The server runs these in order, so the reads' snapshots (READ
     // COMMITTED) are taken once the lock is held: they see every commit
     // before ours.
-    let (_, head_row, stream_rows, key_rows) = futures_util::future::try_join4(
+    let (_, head_row, stream_rows, key_rows, reservation_rows) = futures_util::future::try_join5(
         client.execute(&statements.begin, &[]),
         client.query_one(&statements.lock, &[]),
         client.query(&select_streams, &[&stream_tenants, &stream_ids]),
         client.query(&select_keys, &[&key_tenants, &keys]),
+        client.query(
+            &select_reservations,
+            &[&claim_tenants, &claim_kinds, &claim_hashes],
+        ),
     )
     .await
     .map_err(pg)?;
+    let mut holders: HashMap<(String, String, Vec<u8>), Uuid> = HashMap::new();
+    for row in &reservation_rows {
+        holders.insert((row.get(0), row.get(1), row.get(2)), row.get(3));
+    }
     let head: i64 = head_row.get(0);
     let head = u64::try_from(head).unwrap_or(0);
 
@@ -700,6 +803,7 @@ async fn run_careful(
     let mut plan = WritePlan::default();
     let mut streams: StreamVersions<'_> = HashMap::new();
     let mut batch_keys: HashSet<(&str, &str)> = HashSet::new();
+    let mut batch_reserved: HashSet<(&str, &str, &[u8])> = HashSet::new();
     for append in appends {
         let request = &append.request;
         let tenant = request.tenant_id.as_str();
@@ -709,10 +813,21 @@ async fn run_careful(
                     .push(Decision::Done(stored.replay(append, key)));
                 continue;
             }
-            if !batch_keys.insert((tenant, key)) {
+            if batch_keys.contains(&(tenant, key)) {
                 plan.decisions.push(Decision::Defer);
                 continue;
             }
+        }
+        // A value an earlier append of this batch claimed or released is
+        // decided in the next batch: one statement cannot both write and then
+        // see the same reservation row.
+        if request
+            .reservations
+            .iter()
+            .any(|r| batch_reserved.contains(&(tenant, r.kind.as_str(), r.key_hash.as_slice())))
+        {
+            plan.decisions.push(Decision::Defer);
+            continue;
         }
         // Bring every stream of this append into the batch's view.
         for stream in &request.streams {
@@ -733,14 +848,19 @@ async fn run_careful(
                     }
                 });
         }
-        match check_versions(append, &streams) {
-            Ok(()) => plan.accept(append, &mut streams),
-            Err(error) => {
+        let checked = check_versions(append, &streams)
+            .and_then(|()| check_reservations(tenant, &request.reservations, &holders));
+        match checked {
+            Ok(()) => {
                 if let Some(key) = request.idempotency_key.as_deref() {
-                    batch_keys.remove(&(tenant, key));
+                    batch_keys.insert((tenant, key));
                 }
-                plan.decisions.push(Decision::Done(Err(error)));
+                for r in &request.reservations {
+                    batch_reserved.insert((tenant, r.kind.as_str(), r.key_hash.as_slice()));
+                }
+                plan.accept(append, &mut streams);
             }
+            Err(error) => plan.decisions.push(Decision::Done(Err(error))),
         }
     }
     // Streams only looked at by refused appends need no guard, but guarding
@@ -782,6 +902,32 @@ impl StoredOutcome {
             replayed: true,
         })
     }
+}
+
+fn check_reservations(
+    tenant: &str,
+    reservations: &[Reservation],
+    holders: &HashMap<(String, String, Vec<u8>), Uuid>,
+) -> Result<(), AppendError> {
+    for reservation in reservations {
+        if reservation.action != ReservationAction::Claim {
+            continue;
+        }
+        let key = (
+            tenant.to_owned(),
+            reservation.kind.clone(),
+            reservation.key_hash.clone(),
+        );
+        if let Some(holder) = holders.get(&key)
+            && *holder != reservation.stream_id
+        {
+            return Err(AppendError::AlreadyReserved {
+                kind: reservation.kind.clone(),
+                holder: *holder,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_versions(

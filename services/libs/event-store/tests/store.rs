@@ -45,6 +45,7 @@ fn request(tenant_id: &str, streams: Vec<StreamAppend>, key: Option<&str>) -> Ap
             actor: "user:ada".into(),
             ..Metadata::default()
         },
+        reservations: Vec::new(),
     }
 }
 
@@ -83,6 +84,7 @@ async fn append_stores_the_full_envelope_and_reads_back_in_order() {
             streams: vec![one("contact", stream_id, ExpectedVersion::NoStream, events)],
             idempotency_key: None,
             metadata: metadata.clone(),
+            reservations: Vec::new(),
         })
         .await
         .unwrap();
