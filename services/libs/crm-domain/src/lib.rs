@@ -2,8 +2,18 @@
 //! `evolve`. No I/O and no async here, by design: everything the domain needs
 //! from the outside world (other aggregates' facts, the clock) is passed in.
 //!
-//! For now it holds the identifiers every layer shares; the aggregates arrive
-//! with the command API.
+//! Each aggregate implements [`Aggregate`]; its events implement
+//! [`DomainEvent`] (stable names, schema versions, decoding with upcasting).
+pub mod account;
+mod aggregate;
+pub mod common;
+pub mod contact;
+mod error;
 mod tenant;
 
+#[cfg(test)]
+mod testing;
+
+pub use aggregate::{Aggregate, Context, DomainEvent, UniqueKey};
+pub use error::{DomainError, Violation, Violations};
 pub use tenant::{InvalidTenantId, TenantId};

@@ -1,0 +1,663 @@
+//! Account: a company, or a person buying for themselves (DOMAIN.md §2.2).
+//!
+//! `Prospect → Customer → Churned → Customer`. The tax id is unique per tenant
+//! (hard reservation); archived accounts refuse everything but restore.
+use std::collections::BTreeSet;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::aggregate::{Aggregate, Context, DomainEvent, UniqueKey};
+use crate::common::{
+    Change, Lifecycle, LifecycleChanged, Reason, diff, is_code, is_domain, text_ok,
+};
+use crate::error::{DomainError, Violations};
+
+pub const MAX_DOMAINS: usize = 20;
+pub const CHURN_REASONS: &[&str] = &["contract_ended", "cancelled", "inactive"];
+pub const CUSTOMER_TRIGGERS: &[&str] = &["first_won_deal", "first_order", "reactivation"];
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    #[default]
+    Company,
+    Person,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountStatus {
+    #[default]
+    Prospect,
+    Customer,
+    Churned,
+}
+
+impl AccountStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Prospect => "prospect",
+            Self::Customer => "customer",
+            Self::Churned => "churned",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountDetails {
+    pub kind: AccountKind,
+    pub name: String,
+    pub domains: Vec<String>,
+    pub industry: String,
+    pub tax_id: String,
+    pub parent_id: Option<Uuid>,
+    pub segment: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountDetailsPatch {
+    pub name: Option<String>,
+    pub domains: Option<Vec<String>>,
+    pub industry: Option<String>,
+    pub parent_id: Option<Option<Uuid>>,
+    pub segment: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccountCommand {
+    /// `self_id` is the account's own id, to refuse itself as parent.
+    Create {
+        self_id: Uuid,
+        details: AccountDetails,
+    },
+    UpdateDetails {
+        self_id: Uuid,
+        patch: AccountDetailsPatch,
+    },
+    /// Sent by the process manager on the first won deal or paid order.
+    MarkCustomer {
+        trigger: String,
+    },
+    MarkChurned {
+        reason: String,
+    },
+    Archive(Reason),
+    Restore(Reason),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountCreated {
+    pub kind: AccountKind,
+    pub name: String,
+    #[serde(default)]
+    pub domains: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub industry: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tax_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub segment: String,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Change<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domains: Option<Change<Vec<String>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub industry: Option<Change<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<Change<Option<Uuid>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<Change<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountDetailsUpdated {
+    pub changes: AccountChanges,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountBecameCustomer {
+    pub trigger: String,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountChurned {
+    pub reason: String,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum AccountEvent {
+    Created(AccountCreated),
+    DetailsUpdated(AccountDetailsUpdated),
+    BecameCustomer(AccountBecameCustomer),
+    Churned(AccountChurned),
+    Archived(LifecycleChanged),
+    Restored(LifecycleChanged),
+}
+
+impl DomainEvent for AccountEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::Created(_) => "AccountCreated",
+            Self::DetailsUpdated(_) => "AccountDetailsUpdated",
+            Self::BecameCustomer(_) => "AccountBecameCustomer",
+            Self::Churned(_) => "AccountChurned",
+            Self::Archived(_) => "RecordArchived",
+            Self::Restored(_) => "RecordRestored",
+        }
+    }
+
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        _schema_version: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error> {
+        Ok(Some(match event_type {
+            "AccountCreated" => Self::Created(Deserialize::deserialize(payload)?),
+            "AccountDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
+            "AccountBecameCustomer" => Self::BecameCustomer(Deserialize::deserialize(payload)?),
+            "AccountChurned" => Self::Churned(Deserialize::deserialize(payload)?),
+            "RecordArchived" => Self::Archived(Deserialize::deserialize(payload)?),
+            "RecordRestored" => Self::Restored(Deserialize::deserialize(payload)?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub exists: bool,
+    pub lifecycle: Lifecycle,
+    pub status: AccountStatus,
+    pub kind: AccountKind,
+    pub name: String,
+    pub domains: Vec<String>,
+    pub industry: String,
+    pub tax_id: String,
+    pub parent_id: Option<Uuid>,
+    pub segment: String,
+}
+
+fn validate_domains(domains: &[String], v: &mut Violations) -> Vec<String> {
+    v.check(
+        domains.len() <= MAX_DOMAINS,
+        "domains",
+        "must have at most 20 domains",
+    );
+    let mut seen = BTreeSet::new();
+    let mut normalized = Vec::with_capacity(domains.len());
+    for (i, domain) in domains.iter().enumerate() {
+        let domain = domain.trim().to_lowercase();
+        v.check(
+            is_domain(&domain),
+            format!("domains[{i}]"),
+            "must be a domain such as example.com",
+        );
+        v.check(
+            seen.insert(domain.clone()),
+            format!("domains[{i}]"),
+            "appears twice",
+        );
+        normalized.push(domain);
+    }
+    normalized
+}
+
+fn validate_segment(segment: &str, v: &mut Violations) {
+    v.check(
+        segment.is_empty() || is_code(segment, 64),
+        "segment",
+        "must be a code of [a-z0-9_]",
+    );
+}
+
+/// Letters, digits and hyphens, uppercased: the form uniqueness compares.
+pub fn normalize_tax_id(tax_id: &str) -> String {
+    tax_id.trim().to_uppercase()
+}
+
+impl Account {
+    fn live(&self) -> Result<(), DomainError> {
+        if !self.exists {
+            return Err(DomainError::NotFound);
+        }
+        if self.lifecycle == Lifecycle::Archived {
+            return Err(DomainError::RecordArchived);
+        }
+        Ok(())
+    }
+}
+
+impl Aggregate for Account {
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+    const STREAM_TYPE: &'static str = "account";
+
+    fn exists(&self) -> bool {
+        self.exists
+    }
+
+    fn decide(
+        &self,
+        command: AccountCommand,
+        context: Context,
+    ) -> Result<Vec<AccountEvent>, DomainError> {
+        let occurred_at = context.occurred_at()?;
+        match command {
+            AccountCommand::Create { self_id, details } => {
+                if self.exists {
+                    return Err(DomainError::AlreadyExists {
+                        key: "account_id",
+                        holder: None,
+                    });
+                }
+                let mut v = Violations::default();
+                v.check(
+                    text_ok(&details.name, 200, false),
+                    "name",
+                    "must be 1 to 200 characters",
+                );
+                let domains = validate_domains(&details.domains, &mut v);
+                v.check(
+                    text_ok(&details.industry, 100, true),
+                    "industry",
+                    "must be at most 100 characters",
+                );
+                let tax_id = normalize_tax_id(&details.tax_id);
+                v.check(
+                    tax_id.len() <= 50
+                        && tax_id
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                    "tax_id",
+                    "must be at most 50 letters, digits or hyphens",
+                );
+                v.check(
+                    details.parent_id != Some(self_id),
+                    "parent_id",
+                    "must not be the account itself",
+                );
+                validate_segment(&details.segment, &mut v);
+                v.into_result()?;
+                Ok(vec![AccountEvent::Created(AccountCreated {
+                    kind: details.kind,
+                    name: details.name.trim().to_owned(),
+                    domains,
+                    industry: details.industry,
+                    tax_id,
+                    parent_id: details.parent_id,
+                    segment: details.segment,
+                    occurred_at,
+                })])
+            }
+            AccountCommand::UpdateDetails { self_id, patch } => {
+                self.live()?;
+                let mut v = Violations::default();
+                if let Some(name) = &patch.name {
+                    v.check(
+                        text_ok(name, 200, false),
+                        "name",
+                        "must be 1 to 200 characters",
+                    );
+                }
+                let domains = patch
+                    .domains
+                    .as_deref()
+                    .map(|d| validate_domains(d, &mut v));
+                if let Some(industry) = &patch.industry {
+                    v.check(
+                        text_ok(industry, 100, true),
+                        "industry",
+                        "must be at most 100 characters",
+                    );
+                }
+                if let Some(parent) = &patch.parent_id {
+                    v.check(
+                        *parent != Some(self_id),
+                        "parent_id",
+                        "must not be the account itself",
+                    );
+                }
+                if let Some(segment) = &patch.segment {
+                    validate_segment(segment, &mut v);
+                }
+                v.into_result()?;
+                let name = patch.name.map(|n| n.trim().to_owned());
+                let changes = AccountChanges {
+                    name: diff(&self.name, name.as_ref()),
+                    domains: diff(&self.domains, domains.as_ref()),
+                    industry: diff(&self.industry, patch.industry.as_ref()),
+                    parent_id: diff(&self.parent_id, patch.parent_id.as_ref()),
+                    segment: diff(&self.segment, patch.segment.as_ref()),
+                };
+                if changes == AccountChanges::default() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![AccountEvent::DetailsUpdated(AccountDetailsUpdated {
+                    changes,
+                    occurred_at,
+                })])
+            }
+            AccountCommand::MarkCustomer { trigger } => {
+                self.live()?;
+                if !CUSTOMER_TRIGGERS.contains(&trigger.as_str()) {
+                    return Err(DomainError::invalid(
+                        "trigger",
+                        "must be first_won_deal, first_order or reactivation",
+                    ));
+                }
+                if self.status == AccountStatus::Customer {
+                    return Ok(vec![]);
+                }
+                Ok(vec![AccountEvent::BecameCustomer(AccountBecameCustomer {
+                    trigger,
+                    occurred_at,
+                })])
+            }
+            AccountCommand::MarkChurned { reason } => {
+                self.live()?;
+                if !CHURN_REASONS.contains(&reason.as_str()) {
+                    return Err(DomainError::invalid(
+                        "reason",
+                        "must be contract_ended, cancelled or inactive",
+                    ));
+                }
+                if self.status != AccountStatus::Customer {
+                    return Err(DomainError::InvalidTransition {
+                        from: self.status.name(),
+                        to: "churned",
+                    });
+                }
+                Ok(vec![AccountEvent::Churned(AccountChurned {
+                    reason,
+                    occurred_at,
+                })])
+            }
+            AccountCommand::Archive(reason) => {
+                self.live()?;
+                let mut v = Violations::default();
+                reason.validate("reason", &mut v);
+                v.into_result()?;
+                Ok(vec![AccountEvent::Archived(LifecycleChanged {
+                    reason,
+                    occurred_at,
+                })])
+            }
+            AccountCommand::Restore(reason) => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                if self.lifecycle == Lifecycle::Active {
+                    return Err(DomainError::InvalidTransition {
+                        from: "active",
+                        to: "active",
+                    });
+                }
+                let mut v = Violations::default();
+                reason.validate("reason", &mut v);
+                v.into_result()?;
+                Ok(vec![AccountEvent::Restored(LifecycleChanged {
+                    reason,
+                    occurred_at,
+                })])
+            }
+        }
+    }
+
+    fn evolve(mut self, event: &AccountEvent) -> Self {
+        match event {
+            AccountEvent::Created(created) => {
+                self.exists = true;
+                self.kind = created.kind;
+                self.name = created.name.clone();
+                self.domains = created.domains.clone();
+                self.industry = created.industry.clone();
+                self.tax_id = created.tax_id.clone();
+                self.parent_id = created.parent_id;
+                self.segment = created.segment.clone();
+            }
+            AccountEvent::DetailsUpdated(updated) => {
+                let c = &updated.changes;
+                if let Some(change) = &c.name {
+                    self.name = change.new.clone();
+                }
+                if let Some(change) = &c.domains {
+                    self.domains = change.new.clone();
+                }
+                if let Some(change) = &c.industry {
+                    self.industry = change.new.clone();
+                }
+                if let Some(change) = &c.parent_id {
+                    self.parent_id = change.new;
+                }
+                if let Some(change) = &c.segment {
+                    self.segment = change.new.clone();
+                }
+            }
+            AccountEvent::BecameCustomer(_) => self.status = AccountStatus::Customer,
+            AccountEvent::Churned(_) => self.status = AccountStatus::Churned,
+            AccountEvent::Archived(_) => self.lifecycle = Lifecycle::Archived,
+            AccountEvent::Restored(_) => self.lifecycle = Lifecycle::Active,
+        }
+        self
+    }
+
+    fn unique_keys(&self) -> BTreeSet<UniqueKey> {
+        if self.tax_id.is_empty() {
+            BTreeSet::new()
+        } else {
+            BTreeSet::from([("tax_id", self.tax_id.clone())])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{given, now};
+
+    fn id() -> Uuid {
+        Uuid::from_u128(7)
+    }
+
+    fn acme() -> AccountDetails {
+        AccountDetails {
+            kind: AccountKind::Company,
+            name: " Acme Ltd ".into(),
+            domains: vec!["Acme.example".into()],
+            industry: "Manufacturing".into(),
+            tax_id: "91310000ma1fl0000x".into(),
+            parent_id: None,
+            segment: "enterprise".into(),
+        }
+    }
+
+    fn created() -> AccountEvent {
+        AccountEvent::Created(AccountCreated {
+            kind: AccountKind::Company,
+            name: "Acme Ltd".into(),
+            domains: vec!["acme.example".into()],
+            industry: "Manufacturing".into(),
+            tax_id: "91310000MA1FL0000X".into(),
+            parent_id: None,
+            segment: "enterprise".into(),
+            occurred_at: now(),
+        })
+    }
+
+    fn customer() -> AccountEvent {
+        AccountEvent::BecameCustomer(AccountBecameCustomer {
+            trigger: "first_won_deal".into(),
+            occurred_at: now(),
+        })
+    }
+
+    #[test]
+    fn create_normalizes_and_reserves_the_tax_id() {
+        let state = given::<Account>([])
+            .when(AccountCommand::Create {
+                self_id: id(),
+                details: acme(),
+            })
+            .then(vec![created()]);
+        assert_eq!(state.status, AccountStatus::Prospect);
+        assert_eq!(
+            state.unique_keys(),
+            BTreeSet::from([("tax_id", "91310000MA1FL0000X".to_owned())])
+        );
+    }
+
+    #[test]
+    fn create_refuses_bad_fields_and_itself_as_parent() {
+        let mut bad = acme();
+        bad.name = String::new();
+        bad.domains = vec![
+            "not a domain".into(),
+            "x.example".into(),
+            "X.example".into(),
+        ];
+        bad.tax_id = "12 34".into();
+        bad.parent_id = Some(id());
+        bad.segment = "Big Ones".into();
+        given::<Account>([])
+            .when(AccountCommand::Create {
+                self_id: id(),
+                details: bad,
+            })
+            .then_invalid(&[
+                "name",
+                "domains[0]",
+                "domains[2]",
+                "tax_id",
+                "parent_id",
+                "segment",
+            ]);
+        given::<Account>([created()])
+            .when(AccountCommand::Create {
+                self_id: id(),
+                details: acme(),
+            })
+            .then_error(DomainError::AlreadyExists {
+                key: "account_id",
+                holder: None,
+            });
+    }
+
+    #[test]
+    fn update_records_only_real_changes() {
+        let patch = AccountDetailsPatch {
+            name: Some("Acme Ltd".into()),
+            industry: Some("Robotics".into()),
+            ..AccountDetailsPatch::default()
+        };
+        given::<Account>([created()])
+            .when(AccountCommand::UpdateDetails {
+                self_id: id(),
+                patch,
+            })
+            .then(vec![AccountEvent::DetailsUpdated(AccountDetailsUpdated {
+                changes: AccountChanges {
+                    industry: Some(Change {
+                        old: "Manufacturing".into(),
+                        new: "Robotics".into(),
+                    }),
+                    ..AccountChanges::default()
+                },
+                occurred_at: now(),
+            })]);
+        let same = AccountDetailsPatch {
+            segment: Some("enterprise".into()),
+            ..AccountDetailsPatch::default()
+        };
+        given::<Account>([created()])
+            .when(AccountCommand::UpdateDetails {
+                self_id: id(),
+                patch: same,
+            })
+            .then(vec![]);
+    }
+
+    #[test]
+    fn the_lifecycle_is_prospect_customer_churned_customer() {
+        given::<Account>([created()])
+            .when(AccountCommand::MarkChurned {
+                reason: "cancelled".into(),
+            })
+            .then_error(DomainError::InvalidTransition {
+                from: "prospect",
+                to: "churned",
+            });
+        let state = given::<Account>([created()])
+            .when(AccountCommand::MarkCustomer {
+                trigger: "first_won_deal".into(),
+            })
+            .then(vec![customer()]);
+        assert_eq!(state.status, AccountStatus::Customer);
+        given::<Account>([created(), customer()])
+            .when(AccountCommand::MarkCustomer {
+                trigger: "first_order".into(),
+            })
+            .then(vec![]);
+        let churned = AccountEvent::Churned(AccountChurned {
+            reason: "cancelled".into(),
+            occurred_at: now(),
+        });
+        given::<Account>([created(), customer()])
+            .when(AccountCommand::MarkChurned {
+                reason: "cancelled".into(),
+            })
+            .then(vec![churned.clone()]);
+        given::<Account>([created(), customer()])
+            .when(AccountCommand::MarkChurned {
+                reason: "bored".into(),
+            })
+            .then_invalid(&["reason"]);
+        let back = given::<Account>([created(), customer(), churned])
+            .when(AccountCommand::MarkCustomer {
+                trigger: "reactivation".into(),
+            })
+            .then(vec![AccountEvent::BecameCustomer(AccountBecameCustomer {
+                trigger: "reactivation".into(),
+                occurred_at: now(),
+            })]);
+        assert_eq!(back.status, AccountStatus::Customer);
+    }
+
+    #[test]
+    fn archived_accounts_refuse_all_but_restore() {
+        let reason = Reason {
+            code: "duplicate".into(),
+            text: String::new(),
+        };
+        let archived = AccountEvent::Archived(LifecycleChanged {
+            reason: reason.clone(),
+            occurred_at: now(),
+        });
+        given::<Account>([created(), archived.clone()])
+            .when(AccountCommand::MarkCustomer {
+                trigger: "first_order".into(),
+            })
+            .then_error(DomainError::RecordArchived);
+        given::<Account>([created(), archived])
+            .when(AccountCommand::Restore(reason.clone()))
+            .then(vec![AccountEvent::Restored(LifecycleChanged {
+                reason,
+                occurred_at: now(),
+            })]);
+        given::<Account>([])
+            .when(AccountCommand::Archive(Reason::default()))
+            .then_error(DomainError::NotFound);
+    }
+}

@@ -1,0 +1,88 @@
+//! What every aggregate offers the command handler: a stream type, commands
+//! decided purely against state, events folded into state, and the unique
+//! values the state holds (so the handler can reserve them atomically).
+use std::collections::BTreeSet;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::error::DomainError;
+
+/// Facts from outside the aggregate, valid at command time only.
+#[derive(Clone, Copy, Debug)]
+pub struct Context {
+    /// The handler's clock.
+    pub now: Timestamp,
+    /// Business time the caller gave, if any.
+    pub occurred_at: Option<Timestamp>,
+}
+
+impl Context {
+    pub fn at(now: Timestamp) -> Self {
+        Self {
+            now,
+            occurred_at: None,
+        }
+    }
+
+    /// The command's business time (given or now; never > 5 minutes ahead).
+    pub fn occurred_at(&self) -> Result<Timestamp, DomainError> {
+        crate::common::occurred_at(self.occurred_at, crate::common::Clock { now: self.now })
+    }
+}
+
+/// A unique value: its kind (`email`, `tax_id`) and normalized form.
+pub type UniqueKey = (&'static str, String);
+
+pub trait Aggregate: Default + Clone + std::fmt::Debug + PartialEq {
+    type Command;
+    type Event: DomainEvent;
+
+    /// The stream type in subjects and the log; stable forever.
+    const STREAM_TYPE: &'static str;
+
+    /// Whether a create event has been applied.
+    fn exists(&self) -> bool;
+
+    /// The events a command produces, or why it is refused. Pure.
+    fn decide(
+        &self,
+        command: Self::Command,
+        context: Context,
+    ) -> Result<Vec<Self::Event>, DomainError>;
+
+    /// The state after one event. Total: never fails, never panics.
+    fn evolve(self, event: &Self::Event) -> Self;
+
+    /// Unique values this state holds (hard reservations).
+    fn unique_keys(&self) -> BTreeSet<UniqueKey> {
+        BTreeSet::new()
+    }
+
+    /// Folds events into a state.
+    fn replay<'a>(self, events: impl IntoIterator<Item = &'a Self::Event>) -> Self
+    where
+        Self::Event: 'a,
+    {
+        events.into_iter().fold(self, Self::evolve)
+    }
+}
+
+/// An event type with a stable name and a schema version.
+pub trait DomainEvent: Serialize + Sized + Clone + std::fmt::Debug + PartialEq {
+    /// Past-tense PascalCase, e.g. `ContactCreated`; stable forever.
+    fn event_type(&self) -> &'static str;
+
+    /// The payload's current schema version.
+    fn schema_version(&self) -> u32 {
+        1
+    }
+
+    /// Reads a stored payload of `event_type`, upcasting older schema
+    /// versions. `Ok(None)` for an event type this aggregate does not know.
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        schema_version: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error>;
+}

@@ -1,0 +1,946 @@
+//! Contact: a person the tenant does business with (DOMAIN.md §2.3).
+//!
+//! Emails are unique per tenant (hard reservation on the lowercased address);
+//! archived contacts refuse everything but restore.
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{Aggregate, Context, DomainEvent, UniqueKey};
+use crate::common::{
+    Change, Lifecycle, LifecycleChanged, Reason, diff, is_bcp47, is_e164, is_email, is_iana_zone,
+    normalize_email, text_ok,
+};
+use crate::error::{DomainError, Violations};
+
+pub const MAX_EMAILS: usize = 10;
+pub const MAX_PHONES: usize = 10;
+/// Consent purposes of DOMAIN.md §2.3.
+pub const CONSENT_PURPOSES: &[&str] = &[
+    "marketing_email",
+    "marketing_sms",
+    "marketing_call",
+    "profiling",
+    "third_party_sharing",
+];
+/// GDPR legal bases.
+pub const LEGAL_BASES: &[&str] = &[
+    "consent",
+    "contract",
+    "legal_obligation",
+    "vital_interests",
+    "public_task",
+    "legitimate_interests",
+];
+pub const CHANNELS: &[&str] = &["email", "phone", "sms", "chat", "mail"];
+pub const PHONE_KINDS: &[&str] = &["mobile", "work", "home", "other"];
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonName {
+    pub given: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub family: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Email {
+    pub address: String,
+    pub primary: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phone {
+    pub number: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preferences {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub channel: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub language: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub time_zone: String,
+    #[serde(default)]
+    pub do_not_contact: bool,
+}
+
+/// Everything a new contact is created with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContactDetails {
+    pub name: PersonName,
+    pub emails: Vec<Email>,
+    pub phones: Vec<Phone>,
+    pub title: String,
+    pub preferences: Preferences,
+}
+
+/// The fields an update replaces; `None` keeps the current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContactDetailsPatch {
+    pub name: Option<PersonName>,
+    pub emails: Option<Vec<Email>>,
+    pub phones: Option<Vec<Phone>>,
+    pub title: Option<String>,
+    pub preferences: Option<Preferences>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    pub granted: bool,
+    pub source: String,
+    pub basis: String,
+    pub decided_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContactCommand {
+    Create(ContactDetails),
+    UpdateDetails(ContactDetailsPatch),
+    ChangeConsent {
+        purpose: String,
+        granted: bool,
+        source: String,
+        basis: String,
+    },
+    Archive(Reason),
+    Restore(Reason),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactCreated {
+    pub name: PersonName,
+    pub emails: Vec<Email>,
+    pub phones: Vec<Phone>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub title: String,
+    #[serde(default)]
+    pub preferences: Preferences,
+    pub occurred_at: Timestamp,
+}
+
+/// Only the fields that really changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Change<PersonName>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emails: Option<Change<Vec<Email>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phones: Option<Change<Vec<Phone>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<Change<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferences: Option<Change<Preferences>>,
+}
+
+impl ContactChanges {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactDetailsUpdated {
+    pub changes: ContactChanges,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactConsentChanged {
+    pub purpose: String,
+    pub granted: bool,
+    pub source: String,
+    pub basis: String,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ContactEvent {
+    Created(ContactCreated),
+    DetailsUpdated(ContactDetailsUpdated),
+    ConsentChanged(ContactConsentChanged),
+    Archived(LifecycleChanged),
+    Restored(LifecycleChanged),
+}
+
+impl DomainEvent for ContactEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::Created(_) => "ContactCreated",
+            Self::DetailsUpdated(_) => "ContactDetailsUpdated",
+            Self::ConsentChanged(_) => "ContactConsentChanged",
+            Self::Archived(_) => "RecordArchived",
+            Self::Restored(_) => "RecordRestored",
+        }
+    }
+
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        _schema_version: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error> {
+        Ok(Some(match event_type {
+            "ContactCreated" => Self::Created(Deserialize::deserialize(payload)?),
+            "ContactDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
+            "ContactConsentChanged" => Self::ConsentChanged(Deserialize::deserialize(payload)?),
+            "RecordArchived" => Self::Archived(Deserialize::deserialize(payload)?),
+            "RecordRestored" => Self::Restored(Deserialize::deserialize(payload)?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    pub exists: bool,
+    pub lifecycle: Lifecycle,
+    pub name: PersonName,
+    pub emails: Vec<Email>,
+    pub phones: Vec<Phone>,
+    pub title: String,
+    pub preferences: Preferences,
+    pub consent: BTreeMap<String, Consent>,
+}
+
+fn validate_name(name: &PersonName, v: &mut Violations) {
+    v.check(
+        text_ok(&name.given, 200, false),
+        "name.given",
+        "must be 1 to 200 characters",
+    );
+    v.check(
+        text_ok(&name.family, 200, true),
+        "name.family",
+        "must be at most 200 characters",
+    );
+}
+
+/// Validates emails and makes exactly one primary (the first, if none is).
+fn validate_emails(emails: &[Email], field: &str, v: &mut Violations) -> Vec<Email> {
+    v.check(
+        emails.len() <= MAX_EMAILS,
+        field,
+        "must have at most 10 addresses",
+    );
+    let mut seen = BTreeSet::new();
+    for (i, email) in emails.iter().enumerate() {
+        v.check(
+            is_email(&email.address),
+            format!("{field}[{i}].address"),
+            "must be an email address",
+        );
+        v.check(
+            seen.insert(normalize_email(&email.address)),
+            format!("{field}[{i}].address"),
+            "appears twice",
+        );
+    }
+    let primaries = emails.iter().filter(|e| e.primary).count();
+    v.check(
+        primaries <= 1,
+        field,
+        "must have at most one primary address",
+    );
+    let mut normalized: Vec<Email> = emails
+        .iter()
+        .map(|e| Email {
+            address: e.address.trim().to_owned(),
+            primary: e.primary,
+        })
+        .collect();
+    if primaries == 0
+        && let Some(first) = normalized.first_mut()
+    {
+        first.primary = true;
+    }
+    normalized
+}
+
+fn validate_phones(phones: &[Phone], field: &str, v: &mut Violations) -> Vec<Phone> {
+    v.check(
+        phones.len() <= MAX_PHONES,
+        field,
+        "must have at most 10 numbers",
+    );
+    phones
+        .iter()
+        .enumerate()
+        .map(|(i, phone)| {
+            v.check(
+                is_e164(&phone.number),
+                format!("{field}[{i}].number"),
+                "must be E.164, e.g. +8613800138000",
+            );
+            let kind = if phone.kind.is_empty() {
+                "other".to_owned()
+            } else {
+                phone.kind.clone()
+            };
+            v.check(
+                PHONE_KINDS.contains(&kind.as_str()),
+                format!("{field}[{i}].kind"),
+                "must be mobile, work, home or other",
+            );
+            Phone {
+                number: phone.number.clone(),
+                kind,
+            }
+        })
+        .collect()
+}
+
+fn validate_preferences(p: &Preferences, v: &mut Violations) {
+    v.check(
+        p.channel.is_empty() || CHANNELS.contains(&p.channel.as_str()),
+        "preferences.channel",
+        "must be email, phone, sms, chat or mail",
+    );
+    v.check(
+        p.language.is_empty() || is_bcp47(&p.language),
+        "preferences.language",
+        "must be a BCP 47 language tag, e.g. en-GB",
+    );
+    v.check(
+        p.time_zone.is_empty() || is_iana_zone(&p.time_zone),
+        "preferences.time_zone",
+        "must be an IANA time zone, e.g. Asia/Shanghai",
+    );
+}
+
+impl Contact {
+    fn live(&self) -> Result<(), DomainError> {
+        if !self.exists {
+            return Err(DomainError::NotFound);
+        }
+        if self.lifecycle == Lifecycle::Archived {
+            return Err(DomainError::RecordArchived);
+        }
+        Ok(())
+    }
+}
+
+impl Aggregate for Contact {
+    type Command = ContactCommand;
+    type Event = ContactEvent;
+    const STREAM_TYPE: &'static str = "contact";
+
+    fn exists(&self) -> bool {
+        self.exists
+    }
+
+    fn decide(
+        &self,
+        command: ContactCommand,
+        context: Context,
+    ) -> Result<Vec<ContactEvent>, DomainError> {
+        let occurred_at = context.occurred_at()?;
+        match command {
+            ContactCommand::Create(details) => {
+                if self.exists {
+                    return Err(DomainError::AlreadyExists {
+                        key: "contact_id",
+                        holder: None,
+                    });
+                }
+                let mut v = Violations::default();
+                validate_name(&details.name, &mut v);
+                let emails = validate_emails(&details.emails, "emails", &mut v);
+                let phones = validate_phones(&details.phones, "phones", &mut v);
+                v.check(
+                    text_ok(&details.title, 200, true),
+                    "title",
+                    "must be at most 200 characters",
+                );
+                validate_preferences(&details.preferences, &mut v);
+                v.into_result()?;
+                Ok(vec![ContactEvent::Created(ContactCreated {
+                    name: details.name,
+                    emails,
+                    phones,
+                    title: details.title,
+                    preferences: details.preferences,
+                    occurred_at,
+                })])
+            }
+            ContactCommand::UpdateDetails(patch) => {
+                self.live()?;
+                let mut v = Violations::default();
+                if let Some(name) = &patch.name {
+                    validate_name(name, &mut v);
+                }
+                let emails = patch
+                    .emails
+                    .as_deref()
+                    .map(|e| validate_emails(e, "emails", &mut v));
+                let phones = patch
+                    .phones
+                    .as_deref()
+                    .map(|p| validate_phones(p, "phones", &mut v));
+                if let Some(title) = &patch.title {
+                    v.check(
+                        text_ok(title, 200, true),
+                        "title",
+                        "must be at most 200 characters",
+                    );
+                }
+                if let Some(preferences) = &patch.preferences {
+                    validate_preferences(preferences, &mut v);
+                }
+                v.into_result()?;
+                let changes = ContactChanges {
+                    name: diff(&self.name, patch.name.as_ref()),
+                    emails: diff(&self.emails, emails.as_ref()),
+                    phones: diff(&self.phones, phones.as_ref()),
+                    title: diff(&self.title, patch.title.as_ref()),
+                    preferences: diff(&self.preferences, patch.preferences.as_ref()),
+                };
+                if changes.is_empty() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![ContactEvent::DetailsUpdated(ContactDetailsUpdated {
+                    changes,
+                    occurred_at,
+                })])
+            }
+            ContactCommand::ChangeConsent {
+                purpose,
+                granted,
+                source,
+                basis,
+            } => {
+                self.live()?;
+                let mut v = Violations::default();
+                v.check(
+                    CONSENT_PURPOSES.contains(&purpose.as_str()),
+                    "purpose",
+                    "must be a consent purpose",
+                );
+                v.check(
+                    text_ok(&source, 100, false),
+                    "source",
+                    "must be 1 to 100 characters",
+                );
+                v.check(
+                    LEGAL_BASES.contains(&basis.as_str()),
+                    "basis",
+                    "must be a legal basis",
+                );
+                v.into_result()?;
+                if let Some(current) = self.consent.get(&purpose)
+                    && current.granted == granted
+                    && current.source == source
+                    && current.basis == basis
+                {
+                    return Ok(vec![]);
+                }
+                Ok(vec![ContactEvent::ConsentChanged(ContactConsentChanged {
+                    purpose,
+                    granted,
+                    source,
+                    basis,
+                    occurred_at,
+                })])
+            }
+            ContactCommand::Archive(reason) => {
+                self.live()?;
+                let mut v = Violations::default();
+                reason.validate("reason", &mut v);
+                v.into_result()?;
+                Ok(vec![ContactEvent::Archived(LifecycleChanged {
+                    reason,
+                    occurred_at,
+                })])
+            }
+            ContactCommand::Restore(reason) => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                if self.lifecycle == Lifecycle::Active {
+                    return Err(DomainError::InvalidTransition {
+                        from: "active",
+                        to: "active",
+                    });
+                }
+                let mut v = Violations::default();
+                reason.validate("reason", &mut v);
+                v.into_result()?;
+                Ok(vec![ContactEvent::Restored(LifecycleChanged {
+                    reason,
+                    occurred_at,
+                })])
+            }
+        }
+    }
+
+    fn evolve(mut self, event: &ContactEvent) -> Self {
+        match event {
+            ContactEvent::Created(created) => {
+                self.exists = true;
+                self.name = created.name.clone();
+                self.emails = created.emails.clone();
+                self.phones = created.phones.clone();
+                self.title = created.title.clone();
+                self.preferences = created.preferences.clone();
+            }
+            ContactEvent::DetailsUpdated(updated) => {
+                let c = &updated.changes;
+                if let Some(change) = &c.name {
+                    self.name = change.new.clone();
+                }
+                if let Some(change) = &c.emails {
+                    self.emails = change.new.clone();
+                }
+                if let Some(change) = &c.phones {
+                    self.phones = change.new.clone();
+                }
+                if let Some(change) = &c.title {
+                    self.title = change.new.clone();
+                }
+                if let Some(change) = &c.preferences {
+                    self.preferences = change.new.clone();
+                }
+            }
+            ContactEvent::ConsentChanged(consent) => {
+                self.consent.insert(
+                    consent.purpose.clone(),
+                    Consent {
+                        granted: consent.granted,
+                        source: consent.source.clone(),
+                        basis: consent.basis.clone(),
+                        decided_at: consent.occurred_at,
+                    },
+                );
+            }
+            ContactEvent::Archived(_) => self.lifecycle = Lifecycle::Archived,
+            ContactEvent::Restored(_) => self.lifecycle = Lifecycle::Active,
+        }
+        self
+    }
+
+    fn unique_keys(&self) -> BTreeSet<UniqueKey> {
+        self.emails
+            .iter()
+            .map(|e| ("email", normalize_email(&e.address)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{given, now};
+    use proptest::prelude::*;
+
+    fn ada() -> ContactDetails {
+        ContactDetails {
+            name: PersonName {
+                given: "Ada".into(),
+                family: "Lovelace".into(),
+            },
+            emails: vec![Email {
+                address: "Ada@Example.com".into(),
+                primary: false,
+            }],
+            phones: vec![Phone {
+                number: "+442071838750".into(),
+                kind: String::new(),
+            }],
+            title: "Analyst".into(),
+            preferences: Preferences {
+                channel: "email".into(),
+                language: "en-GB".into(),
+                time_zone: "Europe/London".into(),
+                do_not_contact: false,
+            },
+        }
+    }
+
+    fn created() -> ContactEvent {
+        ContactEvent::Created(ContactCreated {
+            name: PersonName {
+                given: "Ada".into(),
+                family: "Lovelace".into(),
+            },
+            emails: vec![Email {
+                address: "Ada@Example.com".into(),
+                primary: true,
+            }],
+            phones: vec![Phone {
+                number: "+442071838750".into(),
+                kind: "other".into(),
+            }],
+            title: "Analyst".into(),
+            preferences: Preferences {
+                channel: "email".into(),
+                language: "en-GB".into(),
+                time_zone: "Europe/London".into(),
+                do_not_contact: false,
+            },
+            occurred_at: now(),
+        })
+    }
+
+    fn archived() -> ContactEvent {
+        ContactEvent::Archived(LifecycleChanged {
+            reason: Reason {
+                code: "left_company".into(),
+                text: String::new(),
+            },
+            occurred_at: now(),
+        })
+    }
+
+    fn reason() -> Reason {
+        Reason {
+            code: "left_company".into(),
+            text: "moved on".into(),
+        }
+    }
+
+    #[test]
+    fn create_makes_the_first_email_primary_and_reserves_it_lowercased() {
+        let state = given::<Contact>([])
+            .when(ContactCommand::Create(ada()))
+            .then(vec![created()]);
+        assert_eq!(
+            state.unique_keys(),
+            BTreeSet::from([("email", "ada@example.com".to_owned())])
+        );
+    }
+
+    #[test]
+    fn create_twice_is_already_exists() {
+        given::<Contact>([created()])
+            .when(ContactCommand::Create(ada()))
+            .then_error(DomainError::AlreadyExists {
+                key: "contact_id",
+                holder: None,
+            });
+    }
+
+    #[test]
+    fn create_lists_every_bad_field() {
+        let mut bad = ada();
+        bad.name.given = " ".into();
+        bad.emails = vec![
+            Email {
+                address: "not-an-email".into(),
+                primary: true,
+            },
+            Email {
+                address: "b@example.com".into(),
+                primary: true,
+            },
+        ];
+        bad.phones = vec![Phone {
+            number: "138 0013 8000".into(),
+            kind: "pager".into(),
+        }];
+        bad.preferences.language = "english".into();
+        bad.preferences.time_zone = "Mars/Olympus".into();
+        bad.preferences.channel = "pigeon".into();
+        given::<Contact>([])
+            .when(ContactCommand::Create(bad))
+            .then_invalid(&[
+                "name.given",
+                "emails[0].address",
+                "emails",
+                "phones[0].number",
+                "phones[0].kind",
+                "preferences.channel",
+                "preferences.language",
+                "preferences.time_zone",
+            ]);
+    }
+
+    #[test]
+    fn duplicate_emails_in_one_contact_are_refused_case_insensitively() {
+        let mut bad = ada();
+        bad.emails.push(Email {
+            address: "ADA@example.COM".into(),
+            primary: false,
+        });
+        given::<Contact>([])
+            .when(ContactCommand::Create(bad))
+            .then_invalid(&["emails[1].address"]);
+    }
+
+    #[test]
+    fn too_many_emails_are_refused() {
+        let mut bad = ada();
+        bad.emails = (0..11)
+            .map(|i| Email {
+                address: format!("a{i}@example.com"),
+                primary: i == 0,
+            })
+            .collect();
+        given::<Contact>([])
+            .when(ContactCommand::Create(bad))
+            .then_invalid(&["emails"]);
+    }
+
+    #[test]
+    fn a_future_occurred_at_is_refused_but_the_past_is_fine() {
+        given::<Contact>([])
+            .at("2026-11-28T11:00:00Z")
+            .when(ContactCommand::Create(ada()))
+            .then_invalid(&["options.occurred_at"]);
+        let events = given::<Contact>([])
+            .at("2020-01-01T00:00:00Z")
+            .when(ContactCommand::Create(ada()));
+        assert!(events.result.is_ok());
+    }
+
+    #[test]
+    fn update_records_only_what_changed() {
+        let patch = ContactDetailsPatch {
+            title: Some("CTO".into()),
+            name: Some(PersonName {
+                given: "Ada".into(),
+                family: "Lovelace".into(),
+            }),
+            ..ContactDetailsPatch::default()
+        };
+        let state = given::<Contact>([created()])
+            .when(ContactCommand::UpdateDetails(patch))
+            .then(vec![ContactEvent::DetailsUpdated(ContactDetailsUpdated {
+                changes: ContactChanges {
+                    title: Some(Change {
+                        old: "Analyst".into(),
+                        new: "CTO".into(),
+                    }),
+                    ..ContactChanges::default()
+                },
+                occurred_at: now(),
+            })]);
+        assert_eq!(state.title, "CTO");
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_appends_nothing() {
+        let patch = ContactDetailsPatch {
+            title: Some("Analyst".into()),
+            ..ContactDetailsPatch::default()
+        };
+        given::<Contact>([created()])
+            .when(ContactCommand::UpdateDetails(patch))
+            .then(vec![]);
+    }
+
+    #[test]
+    fn changing_emails_moves_the_reservation() {
+        let patch = ContactDetailsPatch {
+            emails: Some(vec![Email {
+                address: "ada@new.example".into(),
+                primary: true,
+            }]),
+            ..ContactDetailsPatch::default()
+        };
+        let outcome = given::<Contact>([created()]).when(ContactCommand::UpdateDetails(patch));
+        assert!(outcome.result.is_ok());
+        assert_eq!(
+            outcome.state.unique_keys(),
+            BTreeSet::from([("email", "ada@example.com".to_owned())]),
+            "state before the change"
+        );
+        let after = given::<Contact>([created()])
+            .when(ContactCommand::UpdateDetails(ContactDetailsPatch {
+                emails: Some(vec![Email {
+                    address: "ada@new.example".into(),
+                    primary: true,
+                }]),
+                ..ContactDetailsPatch::default()
+            }))
+            .then(vec![ContactEvent::DetailsUpdated(ContactDetailsUpdated {
+                changes: ContactChanges {
+                    emails: Some(Change {
+                        old: vec![Email {
+                            address: "Ada@Example.com".into(),
+                            primary: true,
+                        }],
+                        new: vec![Email {
+                            address: "ada@new.example".into(),
+                            primary: true,
+                        }],
+                    }),
+                    ..ContactChanges::default()
+                },
+                occurred_at: now(),
+            })]);
+        assert_eq!(
+            after.unique_keys(),
+            BTreeSet::from([("email", "ada@new.example".to_owned())])
+        );
+    }
+
+    #[test]
+    fn commands_on_a_missing_contact_are_not_found() {
+        given::<Contact>([])
+            .when(ContactCommand::UpdateDetails(ContactDetailsPatch::default()))
+            .then_error(DomainError::NotFound);
+        given::<Contact>([])
+            .when(ContactCommand::Archive(reason()))
+            .then_error(DomainError::NotFound);
+        given::<Contact>([])
+            .when(ContactCommand::Restore(reason()))
+            .then_error(DomainError::NotFound);
+    }
+
+    #[test]
+    fn consent_is_recorded_per_purpose_and_repeats_are_no_ops() {
+        let command = || ContactCommand::ChangeConsent {
+            purpose: "marketing_email".into(),
+            granted: true,
+            source: "web_form".into(),
+            basis: "consent".into(),
+        };
+        let state =
+            given::<Contact>([created()])
+                .when(command())
+                .then(vec![ContactEvent::ConsentChanged(ContactConsentChanged {
+                    purpose: "marketing_email".into(),
+                    granted: true,
+                    source: "web_form".into(),
+                    basis: "consent".into(),
+                    occurred_at: now(),
+                })]);
+        assert!(state.consent["marketing_email"].granted);
+        let events: Vec<ContactEvent> = vec![
+            created(),
+            ContactEvent::ConsentChanged(ContactConsentChanged {
+                purpose: "marketing_email".into(),
+                granted: true,
+                source: "web_form".into(),
+                basis: "consent".into(),
+                occurred_at: now(),
+            }),
+        ];
+        given::<Contact>(events).when(command()).then(vec![]);
+    }
+
+    #[test]
+    fn consent_refuses_unknown_purposes_and_bases() {
+        given::<Contact>([created()])
+            .when(ContactCommand::ChangeConsent {
+                purpose: "spam".into(),
+                granted: true,
+                source: String::new(),
+                basis: "whim".into(),
+            })
+            .then_invalid(&["purpose", "source", "basis"]);
+    }
+
+    #[test]
+    fn archived_contacts_refuse_all_but_restore() {
+        given::<Contact>([created()])
+            .when(ContactCommand::Archive(reason()))
+            .then(vec![ContactEvent::Archived(LifecycleChanged {
+                reason: reason(),
+                occurred_at: now(),
+            })]);
+        given::<Contact>([created(), archived()])
+            .when(ContactCommand::UpdateDetails(ContactDetailsPatch::default()))
+            .then_error(DomainError::RecordArchived);
+        given::<Contact>([created(), archived()])
+            .when(ContactCommand::Archive(reason()))
+            .then_error(DomainError::RecordArchived);
+        let state = given::<Contact>([created(), archived()])
+            .when(ContactCommand::Restore(reason()))
+            .then(vec![ContactEvent::Restored(LifecycleChanged {
+                reason: reason(),
+                occurred_at: now(),
+            })]);
+        assert_eq!(state.lifecycle, Lifecycle::Active);
+        given::<Contact>([created()])
+            .when(ContactCommand::Restore(reason()))
+            .then_error(DomainError::InvalidTransition {
+                from: "active",
+                to: "active",
+            });
+    }
+
+    #[test]
+    fn reasons_need_a_code() {
+        given::<Contact>([created()])
+            .when(ContactCommand::Archive(Reason {
+                code: "Left Company".into(),
+                text: String::new(),
+            }))
+            .then_invalid(&["reason.code"]);
+    }
+
+    #[test]
+    fn payloads_round_trip_through_their_stored_form() {
+        for event in [created(), archived()] {
+            let json = serde_json::to_string(&event).unwrap();
+            let mut de = serde_json::Deserializer::from_str(&json);
+            let back = ContactEvent::decode(event.event_type(), 1, &mut de)
+                .unwrap()
+                .unwrap();
+            assert_eq!(back, event);
+        }
+        let mut de = serde_json::Deserializer::from_str("{}");
+        assert_eq!(
+            ContactEvent::decode("SomethingElse", 1, &mut de).unwrap(),
+            None
+        );
+    }
+
+    fn arb_command() -> impl Strategy<Value = ContactCommand> {
+        let title = "[A-Za-z ]{0,30}";
+        prop_oneof![
+            Just(ContactCommand::Create(ada())),
+            title.prop_map(|t| ContactCommand::UpdateDetails(ContactDetailsPatch {
+                title: Some(t),
+                ..ContactDetailsPatch::default()
+            })),
+            "[a-z@.]{0,20}".prop_map(|a| ContactCommand::UpdateDetails(ContactDetailsPatch {
+                emails: Some(vec![Email {
+                    address: a,
+                    primary: true
+                }]),
+                ..ContactDetailsPatch::default()
+            })),
+            (0usize..6, any::<bool>()).prop_map(|(p, g)| ContactCommand::ChangeConsent {
+                purpose: CONSENT_PURPOSES.get(p).copied().unwrap_or("bogus").into(),
+                granted: g,
+                source: "web".into(),
+                basis: "consent".into()
+            }),
+            Just(ContactCommand::Archive(Reason {
+                code: "x".into(),
+                text: String::new()
+            })),
+            Just(ContactCommand::Restore(Reason {
+                code: "x".into(),
+                text: String::new()
+            })),
+        ]
+    }
+
+    proptest! {
+        /// Whatever commands arrive, deciding never panics, refused commands
+        /// leave state alone, and replaying the accepted events rebuilds the
+        /// state exactly; emails stay unique and one is primary.
+        #[test]
+        fn replay_rebuilds_state_and_invariants_hold(commands in proptest::collection::vec(arb_command(), 0..40)) {
+            let mut state = Contact::default();
+            let mut log = Vec::new();
+            for command in commands {
+                if let Ok(events) = state.decide(command, crate::Context::at(now())) {
+                    state = state.replay(events.iter());
+                    log.extend(events);
+                }
+            }
+            prop_assert_eq!(Contact::default().replay(log.iter()), state.clone());
+            if !state.emails.is_empty() {
+                prop_assert_eq!(state.emails.iter().filter(|e| e.primary).count(), 1);
+            }
+            prop_assert_eq!(state.unique_keys().len(), state.emails.len());
+        }
+    }
+}

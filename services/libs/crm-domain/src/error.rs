@@ -1,0 +1,92 @@
+//! Domain errors: values with data, mapped to gRPC statuses at the edge
+//! (DOMAIN.md §1.3).
+use uuid::Uuid;
+
+/// One bad field of a command and the rule it breaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Path of the field as the caller named it, e.g. `emails[1].address`.
+    pub field: String,
+    /// The rule, e.g. `must be an email address`.
+    pub rule: &'static str,
+}
+
+impl Violation {
+    pub fn new(field: impl Into<String>, rule: &'static str) -> Self {
+        Self {
+            field: field.into(),
+            rule,
+        }
+    }
+}
+
+/// Why a command was refused. Nothing is appended for any of these.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// The command is malformed; every bad field is listed.
+    #[error("invalid command: {}", .0.iter().map(|v| format!("{} {}", v.field, v.rule)).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Violation>),
+    /// The record does not exist (or is not visible to the caller).
+    #[error("not found")]
+    NotFound,
+    /// The record to create exists already.
+    #[error("{key} already exists")]
+    AlreadyExists {
+        key: &'static str,
+        holder: Option<Uuid>,
+    },
+    /// The state does not allow this change.
+    #[error("cannot go from {from} to {to}")]
+    InvalidTransition {
+        from: &'static str,
+        to: &'static str,
+    },
+    /// A referenced record is missing or not usable.
+    #[error("{field} refers to a record that is missing or inactive")]
+    InvalidReference { field: &'static str },
+    /// Archived records refuse everything but restore.
+    #[error("the record is archived")]
+    RecordArchived,
+}
+
+impl DomainError {
+    pub fn invalid(field: impl Into<String>, rule: &'static str) -> Self {
+        Self::Invalid(vec![Violation::new(field, rule)])
+    }
+
+    /// A short machine-readable reason, for `google.rpc.ErrorInfo`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "VALIDATION_FAILED",
+            Self::NotFound => "NOT_FOUND",
+            Self::AlreadyExists { .. } => "ALREADY_EXISTS",
+            Self::InvalidTransition { .. } => "INVALID_TRANSITION",
+            Self::InvalidReference { .. } => "INVALID_REFERENCE",
+            Self::RecordArchived => "RECORD_ARCHIVED",
+        }
+    }
+}
+
+/// Collects violations, so a command reports every bad field at once.
+#[derive(Default)]
+pub struct Violations(Vec<Violation>);
+
+impl Violations {
+    pub fn add(&mut self, field: impl Into<String>, rule: &'static str) {
+        self.0.push(Violation::new(field, rule));
+    }
+
+    pub fn check(&mut self, ok: bool, field: impl Into<String>, rule: &'static str) {
+        if !ok {
+            self.add(field, rule);
+        }
+    }
+
+    pub fn into_result(self) -> Result<(), DomainError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DomainError::Invalid(self.0))
+        }
+    }
+}
