@@ -1,3 +1,6 @@
 //! End-to-end scenarios, one module per area.
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+mod accounts;
 mod all_role;
+mod contacts;
+mod support;

@@ -158,6 +158,7 @@ async fn store_appends(
                         idempotency_key: None,
                         metadata: metadata(),
                         reservations: Vec::new(),
+                        request_fingerprint: None,
                     })
                     .await
                     .expect("append");

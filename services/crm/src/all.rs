@@ -39,7 +39,8 @@ pub async fn run_all(
         },
     )
     .await?;
-    let served = crate::grpc::serve(listener, shutdown.clone()).await;
+    let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
+    let served = crate::grpc::serve(listener, shutdown.clone(), commands).await;
     if tokio::time::timeout(config.shutdown_grace(), store.shutdown())
         .await
         .is_err()

@@ -1,5 +1,5 @@
 //! gRPC bootstrap: the server every role that answers calls shares, with
-//! health, reflection and a span per request.
+//! health, reflection (of every crm.v1 service) and a span per request.
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,12 +13,16 @@ use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::RunError;
+use crate::command::{AccountsService, CommandHandler, ContactsService, MAX_REQUEST_BYTES};
+use crm_proto::v1::accounts_server::AccountsServer;
+use crm_proto::v1::contacts_server::ContactsServer;
 
 /// Serves on `listener` until `intake` is cancelled: then reports NOT_SERVING,
 /// stops accepting, and lets in-flight calls finish.
 pub(crate) async fn serve(
     listener: TcpListener,
     intake: CancellationToken,
+    commands: CommandHandler,
 ) -> Result<(), RunError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -26,7 +30,12 @@ pub(crate) async fn serve(
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(crm_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let contacts = ContactsServer::new(ContactsService::new(commands.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let accounts = AccountsServer::new(AccountsService::new(commands))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let address = listener.local_addr().ok();
     tracing::info!(?address, "gRPC serving");
     Server::builder()
@@ -34,6 +43,8 @@ pub(crate) async fn serve(
         .trace_fn(|request| tracing::info_span!("grpc_request", method = %request.uri().path()))
         .add_service(health)
         .add_service(reflection)
+        .add_service(contacts)
+        .add_service(accounts)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             intake.cancelled().await;
             reporter

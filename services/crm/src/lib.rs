@@ -7,6 +7,7 @@
 //! More roles (command, relay, projector, query, scheduler) join as they land;
 //! each is the same code as inside `all`, scaled by deployment.
 mod all;
+pub mod command;
 mod grpc;
 
 pub use all::{run_all, run_migrate};

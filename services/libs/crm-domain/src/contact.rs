@@ -229,7 +229,7 @@ fn validate_emails(emails: &[Email], field: &str, v: &mut Violations) -> Vec<Ema
     let mut seen = BTreeSet::new();
     for (i, email) in emails.iter().enumerate() {
         v.check(
-            is_email(&email.address),
+            is_email(email.address.trim()),
             format!("{field}[{i}].address"),
             "must be an email address",
         );

@@ -126,6 +126,11 @@ pub struct AppendEvents {
     pub metadata: Metadata,
     /// Unique values claimed or released atomically with the events.
     pub reservations: Vec<Reservation>,
+    /// What a retry with the same idempotency key must match. `None`: a hash
+    /// of the events' types and payloads. Command handlers pass a hash of the
+    /// command instead, since a retried command may produce events that
+    /// differ (e.g. in `occurred_at`).
+    pub request_fingerprint: Option<[u8; 32]>,
 }
 
 /// What an append wrote.
@@ -309,11 +314,14 @@ impl PreparedAppend {
         }
         let metadata = serde_json::to_string(&request.metadata)
             .map_err(|_| invalid("metadata", "must serialize to JSON"))?;
+        let fingerprint = request
+            .request_fingerprint
+            .unwrap_or_else(|| hasher.finalize().into());
         Ok(Self {
             request,
             payloads,
             metadata,
-            fingerprint: hasher.finalize().into(),
+            fingerprint,
             n_events,
         })
     }
@@ -335,6 +343,7 @@ mod tests {
             idempotency_key: Some("k".into()),
             metadata: Metadata::default(),
             reservations: Vec::new(),
+            request_fingerprint: None,
         }
     }
 

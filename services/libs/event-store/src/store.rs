@@ -235,6 +235,43 @@ impl EventStore {
         .spawn(&self.inner.tasks, after, filter)
     }
 
+    /// The stored outcome of an append made with this idempotency key, with
+    /// the fingerprint it was made with, if any.
+    pub async fn idempotent_outcome(
+        &self,
+        tenant_id: &TenantId,
+        key: &str,
+    ) -> Result<Option<([u8; 32], Appended)>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT request_hash, first_position, last_position, streams::text \
+                 FROM idempotency_keys WHERE tenant_id = $1 AND key = $2",
+            )
+            .await?;
+        let Some(row) = client
+            .query_opt(&statement, &[&tenant_id.as_str(), &key])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let hash: Vec<u8> = row.try_get(0)?;
+        let first: i64 = row.try_get(1)?;
+        let last: i64 = row.try_get(2)?;
+        let streams: String = row.try_get(3)?;
+        let corrupt = |what: &str| ReadError::Corrupt(format!("idempotency key {key:?}: {what}"));
+        Ok(Some((
+            hash.try_into()
+                .map_err(|_| corrupt("fingerprint is not 32 bytes"))?,
+            Appended {
+                first_position: u64::try_from(first).map_err(|_| corrupt("position"))?,
+                last_position: u64::try_from(last).map_err(|_| corrupt("position"))?,
+                streams: serde_json::from_str(&streams).map_err(|e| corrupt(&e.to_string()))?,
+                replayed: true,
+            },
+        )))
+    }
+
     /// The writer's totals since this store started (batches, appends, events).
     pub fn writer_stats(&self) -> WriterStats {
         self.inner.stats.snapshot()

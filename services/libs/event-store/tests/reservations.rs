@@ -33,6 +33,7 @@ fn append(
                 action,
             })
             .collect(),
+        request_fingerprint: None,
     }
 }
 

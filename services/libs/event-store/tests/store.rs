@@ -46,6 +46,7 @@ fn request(tenant_id: &str, streams: Vec<StreamAppend>, key: Option<&str>) -> Ap
             ..Metadata::default()
         },
         reservations: Vec::new(),
+        request_fingerprint: None,
     }
 }
 
@@ -85,6 +86,7 @@ async fn append_stores_the_full_envelope_and_reads_back_in_order() {
             idempotency_key: None,
             metadata: metadata.clone(),
             reservations: Vec::new(),
+            request_fingerprint: None,
         })
         .await
         .unwrap();

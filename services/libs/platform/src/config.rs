@@ -59,6 +59,15 @@ pub struct Config {
         default_value_t = 20
     )]
     pub shutdown_grace_secs: u64,
+    /// Secret key for the HMACs of unique values (emails, tax ids), at least
+    /// 32 characters. Unset: a fixed development key, with a warning. Changing
+    /// it later needs a re-keying of stored reservations.
+    #[arg(
+        long = "reservation-key",
+        env = "CRM__SECURITY__RESERVATION_KEY",
+        hide_env_values = true
+    )]
+    pub reservation_key: Option<String>,
     /// Log line format.
     #[arg(
         long = "log-format",
@@ -108,6 +117,23 @@ impl Config {
         Ok(config)
     }
 
+    /// The reservation HMAC key, or the development key with a warning.
+    pub fn reservation_key(&self) -> Result<Vec<u8>, ConfigError> {
+        match &self.reservation_key {
+            Some(key) if key.len() >= 32 => Ok(key.as_bytes().to_vec()),
+            Some(_) => Err(ConfigError {
+                key: "CRM__SECURITY__RESERVATION_KEY",
+                reason: "must be at least 32 characters".into(),
+            }),
+            None => {
+                tracing::warn!(
+                    "CRM__SECURITY__RESERVATION_KEY is not set: using the development key; set it in production"
+                );
+                Ok(b"crm-development-reservation-key-not-for-production".to_vec())
+            }
+        }
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -149,6 +175,10 @@ impl fmt::Debug for Config {
             .field("nats_url", &redact(&self.nats_url))
             .field("grpc_addr", &self.grpc_addr)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .field(
+                "reservation_key",
+                &self.reservation_key.as_ref().map(|_| "***"),
+            )
             .field("log_format", &self.log_format)
             .finish()
     }

@@ -1,0 +1,138 @@
+//! `crm.v1.Accounts`: proto requests → account commands.
+use crm_domain::account::{
+    Account, AccountCommand, AccountDetails, AccountDetailsPatch, AccountKind,
+};
+use crm_proto::v1 as pb;
+use crm_proto::v1::accounts_server::Accounts;
+use tonic::{Request, Response, Status};
+
+use super::contacts::reason;
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+pub struct AccountsService {
+    handler: CommandHandler,
+}
+
+impl AccountsService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+}
+
+fn parent(value: &str) -> Result<Option<uuid::Uuid>, ServiceError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        parse_id("parent_id", value, false).map(Some)
+    }
+}
+
+#[tonic::async_trait]
+impl Accounts for AccountsService {
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("CreateAccount", request.options.as_ref(), &request)?;
+        let id = parse_id("account_id", &request.account_id, true)?;
+        let kind = match pb::AccountKind::try_from(request.kind) {
+            Ok(pb::AccountKind::Company) => AccountKind::Company,
+            Ok(pb::AccountKind::Person) => AccountKind::Person,
+            _ => return Err(ServiceError::invalid("kind", "must be COMPANY or PERSON").into()),
+        };
+        let command = AccountCommand::Create {
+            self_id: id,
+            details: AccountDetails {
+                kind,
+                name: request.name,
+                domains: request.domains,
+                industry: request.industry,
+                tax_id: request.tax_id,
+                parent_id: parent(&request.parent_id)?,
+                segment: request.segment,
+            },
+        };
+        let reply = self
+            .handler
+            .execute::<Account>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn update_account_details(
+        &self,
+        request: Request<pb::UpdateAccountDetailsRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("UpdateAccountDetails", request.options.as_ref(), &request)?;
+        let id = parse_id("account_id", &request.account_id, false)?;
+        let command = AccountCommand::UpdateDetails {
+            self_id: id,
+            patch: AccountDetailsPatch {
+                name: request.name,
+                domains: request.domains.map(|d| d.items),
+                industry: request.industry,
+                parent_id: request.parent_id.as_deref().map(parent).transpose()?,
+                segment: request.segment,
+            },
+        };
+        let reply = self
+            .handler
+            .execute::<Account>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn mark_account_churned(
+        &self,
+        request: Request<pb::MarkAccountChurnedRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("MarkAccountChurned", request.options.as_ref(), &request)?;
+        let id = parse_id("account_id", &request.account_id, false)?;
+        let command = AccountCommand::MarkChurned {
+            reason: request.reason,
+        };
+        let reply = self
+            .handler
+            .execute::<Account>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn archive_account(
+        &self,
+        request: Request<pb::ArchiveAccountRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ArchiveAccount", request.options.as_ref(), &request)?;
+        let id = parse_id("account_id", &request.account_id, false)?;
+        let command = AccountCommand::Archive(reason(request.reason));
+        let reply = self
+            .handler
+            .execute::<Account>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn restore_account(
+        &self,
+        request: Request<pb::RestoreAccountRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RestoreAccount", request.options.as_ref(), &request)?;
+        let id = parse_id("account_id", &request.account_id, false)?;
+        let command = AccountCommand::Restore(reason(request.reason));
+        let reply = self
+            .handler
+            .execute::<Account>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}

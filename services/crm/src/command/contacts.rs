@@ -1,0 +1,167 @@
+//! `crm.v1.Contacts`: proto requests → contact commands.
+use crm_domain::common::Reason;
+use crm_domain::contact::{
+    Contact, ContactCommand, ContactDetails, ContactDetailsPatch, Email, PersonName, Phone,
+    Preferences,
+};
+use crm_proto::v1 as pb;
+use crm_proto::v1::contacts_server::Contacts;
+use tonic::{Request, Response, Status};
+
+use super::{Caller, CommandHandler, Options, parse_id};
+
+pub struct ContactsService {
+    handler: CommandHandler,
+}
+
+impl ContactsService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+}
+
+fn name(name: Option<pb::PersonName>) -> PersonName {
+    let name = name.unwrap_or_default();
+    PersonName {
+        given: name.given,
+        family: name.family,
+    }
+}
+
+fn emails(emails: Vec<pb::EmailAddress>) -> Vec<Email> {
+    emails
+        .into_iter()
+        .map(|e| Email {
+            address: e.address,
+            primary: e.primary,
+        })
+        .collect()
+}
+
+fn phones(phones: Vec<pb::PhoneNumber>) -> Vec<Phone> {
+    phones
+        .into_iter()
+        .map(|p| Phone {
+            number: p.number,
+            kind: p.kind,
+        })
+        .collect()
+}
+
+fn preferences(p: Option<pb::ContactPreferences>) -> Preferences {
+    let p = p.unwrap_or_default();
+    Preferences {
+        channel: p.channel,
+        language: p.language,
+        time_zone: p.time_zone,
+        do_not_contact: p.do_not_contact,
+    }
+}
+
+pub(crate) fn reason(reason: Option<pb::Reason>) -> Reason {
+    let reason = reason.unwrap_or_default();
+    Reason {
+        code: reason.code,
+        text: reason.text,
+    }
+}
+
+#[tonic::async_trait]
+impl Contacts for ContactsService {
+    async fn create_contact(
+        &self,
+        request: Request<pb::CreateContactRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("CreateContact", request.options.as_ref(), &request)?;
+        let id = parse_id("contact_id", &request.contact_id, true)?;
+        let command = ContactCommand::Create(ContactDetails {
+            name: name(request.name),
+            emails: emails(request.emails),
+            phones: phones(request.phones),
+            title: request.title,
+            preferences: preferences(request.preferences),
+        });
+        let reply = self
+            .handler
+            .execute::<Contact>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn update_contact_details(
+        &self,
+        request: Request<pb::UpdateContactDetailsRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("UpdateContactDetails", request.options.as_ref(), &request)?;
+        let id = parse_id("contact_id", &request.contact_id, false)?;
+        let command = ContactCommand::UpdateDetails(ContactDetailsPatch {
+            name: request.name.map(|n| name(Some(n))),
+            emails: request.emails.map(|e| emails(e.items)),
+            phones: request.phones.map(|p| phones(p.items)),
+            title: request.title,
+            preferences: request.preferences.map(|p| preferences(Some(p))),
+        });
+        let reply = self
+            .handler
+            .execute::<Contact>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn change_contact_consent(
+        &self,
+        request: Request<pb::ChangeContactConsentRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ChangeContactConsent", request.options.as_ref(), &request)?;
+        let id = parse_id("contact_id", &request.contact_id, false)?;
+        let command = ContactCommand::ChangeConsent {
+            purpose: request.purpose,
+            granted: request.granted,
+            source: request.source,
+            basis: request.basis,
+        };
+        let reply = self
+            .handler
+            .execute::<Contact>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn archive_contact(
+        &self,
+        request: Request<pb::ArchiveContactRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ArchiveContact", request.options.as_ref(), &request)?;
+        let id = parse_id("contact_id", &request.contact_id, false)?;
+        let command = ContactCommand::Archive(reason(request.reason));
+        let reply = self
+            .handler
+            .execute::<Contact>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn restore_contact(
+        &self,
+        request: Request<pb::RestoreContactRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RestoreContact", request.options.as_ref(), &request)?;
+        let id = parse_id("contact_id", &request.contact_id, false)?;
+        let command = ContactCommand::Restore(reason(request.reason));
+        let reply = self
+            .handler
+            .execute::<Contact>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}

@@ -1,0 +1,329 @@
+//! The command role: gRPC commands → load the record → `decide` → append.
+//!
+//! One generic path serves every aggregate: it loads the stream, lets the
+//! aggregate decide, reserves the unique values that the new state holds
+//! (and releases those it no longer does) in the same append, and answers
+//! with the stream version and the global position reached. Without a
+//! caller-given expected version, a concurrent change is retried on fresh
+//! state; with one, it is `ABORTED` with the current version. A retried
+//! request with the same idempotency key gets the first answer.
+mod accounts;
+mod caller;
+mod contacts;
+mod error;
+
+use std::collections::BTreeSet;
+
+use crm_domain::{Aggregate, Context, DomainEvent, TenantId};
+use crm_event_store::{
+    AppendError, AppendEvents, Appended, EventStore, ExpectedVersion, NewEvent, Reservation,
+    ReservationAction, StreamAppend,
+};
+use crm_proto::v1::{CommandOptions, CommandReply};
+use hmac::{Hmac, KeyInit, Mac};
+use jiff::Timestamp;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+pub use accounts::AccountsService;
+pub use caller::Caller;
+pub use contacts::ContactsService;
+pub use error::ServiceError;
+
+/// Longest stream the command path folds from events (snapshots take over
+/// for longer ones).
+const MAX_STREAM_EVENTS: u64 = 100_000;
+/// Attempts on concurrent changes when the caller gave no expected version.
+const MAX_ATTEMPTS: usize = 3;
+/// Largest request a command service accepts.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// The command options of one request, parsed.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub idempotency_key: Option<String>,
+    pub expected_version: Option<u64>,
+    pub occurred_at: Option<Timestamp>,
+    /// Hash of the whole request: a retry with the same key must match it.
+    pub fingerprint: [u8; 32],
+}
+
+impl Options {
+    /// Parses `options` of a request whose encoded form is `request`.
+    pub fn parse(
+        method: &str,
+        options: Option<&CommandOptions>,
+        request: &impl prost::Message,
+    ) -> Result<Self, ServiceError> {
+        let mut hasher = Sha256::new();
+        hasher.update(method.as_bytes());
+        hasher.update([0]);
+        hasher.update(request.encode_to_vec());
+        let fingerprint = hasher.finalize().into();
+        let Some(options) = options else {
+            return Ok(Self {
+                idempotency_key: None,
+                expected_version: None,
+                occurred_at: None,
+                fingerprint,
+            });
+        };
+        let key = &options.idempotency_key;
+        if key.len() > crm_event_store::limits::MAX_IDEMPOTENCY_KEY_LEN
+            || key.chars().any(char::is_control)
+        {
+            return Err(ServiceError::invalid(
+                "options.idempotency_key",
+                "must be at most 200 bytes without control characters",
+            ));
+        }
+        let occurred_at = if options.occurred_at.is_empty() {
+            None
+        } else {
+            Some(options.occurred_at.parse::<Timestamp>().map_err(|_| {
+                ServiceError::invalid("options.occurred_at", "must be an RFC 3339 timestamp")
+            })?)
+        };
+        if options
+            .expected_version
+            .is_some_and(|v| v > i64::MAX as u64)
+        {
+            return Err(ServiceError::invalid(
+                "options.expected_version",
+                "out of range",
+            ));
+        }
+        Ok(Self {
+            idempotency_key: (!key.is_empty()).then(|| key.clone()),
+            expected_version: options.expected_version,
+            occurred_at,
+            fingerprint,
+        })
+    }
+}
+
+/// Parses a record id. `new_if_empty` (creates): an empty id gets a fresh
+/// UUIDv7, and a given one must be a UUIDv7.
+pub fn parse_id(
+    field: &'static str,
+    value: &str,
+    new_if_empty: bool,
+) -> Result<Uuid, ServiceError> {
+    if value.is_empty() {
+        return if new_if_empty {
+            Ok(Uuid::now_v7())
+        } else {
+            Err(ServiceError::invalid(field, "is required"))
+        };
+    }
+    let id = Uuid::parse_str(value).map_err(|_| ServiceError::invalid(field, "must be a UUID"))?;
+    if new_if_empty && id.get_version_num() != 7 {
+        return Err(ServiceError::invalid(field, "must be a UUIDv7"));
+    }
+    Ok(id)
+}
+
+/// Runs commands for every aggregate against one event store.
+#[derive(Clone)]
+pub struct CommandHandler {
+    store: EventStore,
+    /// HMAC key for reservation hashes: values are compared, never stored.
+    reservation_key: std::sync::Arc<[u8]>,
+}
+
+impl CommandHandler {
+    pub fn new(store: EventStore, reservation_key: &[u8]) -> Self {
+        Self {
+            store,
+            reservation_key: reservation_key.into(),
+        }
+    }
+
+    fn key_hash(&self, tenant: &TenantId, kind: &str, value: &str) -> Vec<u8> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.reservation_key)
+            .expect("HMAC takes keys of any length");
+        mac.update(tenant.as_str().as_bytes());
+        mac.update(&[0]);
+        mac.update(kind.as_bytes());
+        mac.update(&[0]);
+        mac.update(value.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    /// Folds a stream into state. Another stream type under this id reads as
+    /// missing.
+    async fn load<A: Aggregate>(
+        &self,
+        tenant: &TenantId,
+        stream_id: Uuid,
+    ) -> Result<(A, u64, u64), ServiceError> {
+        let events = self
+            .store
+            .read_stream(tenant, stream_id, 1, MAX_STREAM_EVENTS)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        let mut state = A::default();
+        let (mut version, mut position) = (0, 0);
+        for stored in &events {
+            if stored.stream_type != A::STREAM_TYPE {
+                return Err(crm_domain::DomainError::NotFound.into());
+            }
+            let mut payload = serde_json::Deserializer::from_str(stored.payload.as_str());
+            let event = A::Event::decode(&stored.event_type, stored.schema_version, &mut payload)
+                .map_err(|e| {
+                    ServiceError::Internal(format!(
+                        "event {} ({}) does not decode: {e}",
+                        stored.global_position, stored.event_type
+                    ))
+                })?
+                .ok_or_else(|| {
+                    ServiceError::Internal(format!(
+                        "event {} has type {} unknown to {}",
+                        stored.global_position,
+                        stored.event_type,
+                        A::STREAM_TYPE
+                    ))
+                })?;
+            state = state.evolve(&event);
+            version = stored.stream_version;
+            position = stored.global_position;
+        }
+        Ok((state, version, position))
+    }
+
+    /// Decides `command` against the stream's state and appends the result.
+    #[tracing::instrument(
+        name = "command",
+        skip_all,
+        err(Display),
+        fields(tenant_id = %caller.tenant, %stream_id, stream_type = A::STREAM_TYPE, idempotent = options.idempotency_key.is_some())
+    )]
+    pub async fn execute<A: Aggregate>(
+        &self,
+        caller: &Caller,
+        stream_id: Uuid,
+        options: &Options,
+        command: A::Command,
+    ) -> Result<CommandReply, ServiceError>
+    where
+        A::Command: Clone,
+    {
+        if let Some(key) = &options.idempotency_key {
+            let stored = self
+                .store
+                .idempotent_outcome(&caller.tenant, key)
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            if let Some((fingerprint, appended)) = stored {
+                if fingerprint != options.fingerprint {
+                    return Err(ServiceError::IdempotencyKeyReused);
+                }
+                return Ok(reply(stream_id, &appended));
+            }
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let (state, version, position) = self.load::<A>(&caller.tenant, stream_id).await?;
+            if let Some(expected) = options.expected_version
+                && expected != version
+            {
+                return Err(ServiceError::VersionConflict { current: version });
+            }
+            let context = Context {
+                now: Timestamp::now(),
+                occurred_at: options.occurred_at,
+            };
+            let events = state.decide(command.clone(), context)?;
+            if events.is_empty() {
+                return Ok(CommandReply {
+                    stream_id: stream_id.to_string(),
+                    stream_version: version,
+                    global_position: position,
+                    unchanged: true,
+                });
+            }
+            let before = state.unique_keys();
+            let after = state.replay(events.iter()).unique_keys();
+            let request = self.append_request::<A>(
+                caller, stream_id, version, options, &events, &before, &after,
+            )?;
+            match self.store.append(request).await {
+                Ok(appended) => return Ok(reply(stream_id, &appended)),
+                Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {
+                    tracing::debug!("concurrent change; deciding again on fresh state");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ServiceError::Contention)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_request<A: Aggregate>(
+        &self,
+        caller: &Caller,
+        stream_id: Uuid,
+        version: u64,
+        options: &Options,
+        events: &[A::Event],
+        before: &BTreeSet<crm_domain::UniqueKey>,
+        after: &BTreeSet<crm_domain::UniqueKey>,
+    ) -> Result<AppendEvents, ServiceError> {
+        let mut new_events = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = serde_json::to_value(event)
+                .map_err(|e| ServiceError::Internal(format!("event does not serialize: {e}")))?;
+            new_events.push(NewEvent {
+                event_id: Uuid::now_v7(),
+                event_type: event.event_type().to_owned(),
+                schema_version: event.schema_version(),
+                payload,
+            });
+        }
+        let reservation = |(kind, value): &crm_domain::UniqueKey, action| Reservation {
+            kind: (*kind).to_owned(),
+            key_hash: self.key_hash(&caller.tenant, kind, value),
+            stream_id,
+            action,
+        };
+        let mut reservations: Vec<Reservation> = after
+            .difference(before)
+            .map(|key| reservation(key, ReservationAction::Claim))
+            .collect();
+        reservations.extend(
+            before
+                .difference(after)
+                .map(|key| reservation(key, ReservationAction::Release)),
+        );
+        Ok(AppendEvents {
+            tenant_id: caller.tenant.clone(),
+            streams: vec![StreamAppend {
+                stream_type: A::STREAM_TYPE.to_owned(),
+                stream_id,
+                expected: if version == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(version)
+                },
+                events: new_events,
+            }],
+            idempotency_key: options.idempotency_key.clone(),
+            metadata: caller.metadata(options),
+            reservations,
+            request_fingerprint: Some(options.fingerprint),
+        })
+    }
+}
+
+fn reply(stream_id: Uuid, appended: &Appended) -> CommandReply {
+    let version = appended
+        .streams
+        .iter()
+        .find(|s| s.stream_id == stream_id)
+        .map_or(0, |s| s.last_version);
+    CommandReply {
+        stream_id: stream_id.to_string(),
+        stream_version: version,
+        global_position: appended.last_position,
+        unchanged: appended.replayed,
+    }
+}

@@ -1,0 +1,207 @@
+//! `crm.v1.Accounts` through a real client.
+use crm_proto::v1::{
+    AccountKind, ArchiveAccountRequest, CreateAccountRequest, Domains, MarkAccountChurnedRequest,
+    Reason, RestoreAccountRequest, UpdateAccountDetailsRequest, UpdateContactDetailsRequest,
+};
+use tonic::Code;
+
+use crate::support::{TestApp, bad_fields, error_info};
+
+fn acme(tax_id: &str) -> CreateAccountRequest {
+    CreateAccountRequest {
+        kind: AccountKind::Company.into(),
+        name: "Acme Ltd".into(),
+        domains: vec!["acme.example".into()],
+        industry: "Manufacturing".into(),
+        tax_id: tax_id.into(),
+        segment: "enterprise".into(),
+        ..CreateAccountRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn accounts_are_created_updated_archived_and_restored() {
+    let app = TestApp::spawn().await;
+    let created = app
+        .accounts()
+        .create_account(app.request(acme("91310000MA1FL0000X")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.stream_version, 1);
+    let update = UpdateAccountDetailsRequest {
+        account_id: created.stream_id.clone(),
+        domains: Some(Domains {
+            items: vec!["acme.example".into(), "acme-group.example".into()],
+        }),
+        name: Some("Acme Ltd".into()),
+        ..UpdateAccountDetailsRequest::default()
+    };
+    let updated = app
+        .accounts()
+        .update_account_details(app.request(update))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.stream_version, 2);
+    let stored = app.stored().await;
+    assert_eq!(
+        stored[1].1["changes"]["domains"]["new"],
+        serde_json::json!(["acme.example", "acme-group.example"])
+    );
+    assert!(
+        stored[1].1["changes"].get("name").is_none(),
+        "unchanged fields are not recorded"
+    );
+
+    let reason = Some(Reason {
+        code: "duplicate".into(),
+        text: "merged by hand".into(),
+    });
+    app.accounts()
+        .archive_account(app.request(ArchiveAccountRequest {
+            options: None,
+            account_id: created.stream_id.clone(),
+            reason: reason.clone(),
+        }))
+        .await
+        .unwrap();
+    let restored = app
+        .accounts()
+        .restore_account(app.request(RestoreAccountRequest {
+            options: None,
+            account_id: created.stream_id.clone(),
+            reason,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(restored.stream_version, 4);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tax_ids_are_unique_and_rules_answer_failed_precondition() {
+    let app = TestApp::spawn().await;
+    let created = app
+        .accounts()
+        .create_account(app.request(acme("91310000MA1FL0000X")))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = app
+        .accounts()
+        .create_account(app.request(acme("91310000ma1fl0000x")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert_eq!(error_info(&status).1["holder"], created.stream_id);
+    // Accounts without a tax id do not collide.
+    app.accounts()
+        .create_account(app.request(acme("")))
+        .await
+        .unwrap();
+    app.accounts()
+        .create_account(app.request(acme("")))
+        .await
+        .unwrap();
+
+    let churn = MarkAccountChurnedRequest {
+        options: None,
+        account_id: created.stream_id.clone(),
+        reason: "cancelled".into(),
+    };
+    let status = app
+        .accounts()
+        .mark_account_churned(app.request(churn))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(
+        (
+            reason.as_str(),
+            metadata["from"].as_str(),
+            metadata["to"].as_str()
+        ),
+        ("INVALID_TRANSITION", "prospect", "churned")
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_account_inputs_are_invalid_argument() {
+    let app = TestApp::spawn().await;
+    let mut bad = acme("12 34");
+    bad.kind = AccountKind::Unspecified.into();
+    assert_eq!(
+        bad_fields(
+            &app.accounts()
+                .create_account(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["kind"]
+    );
+    let mut bad = acme("12 34");
+    bad.name = String::new();
+    bad.domains = vec!["nope".into()];
+    bad.parent_id = "not-a-uuid".into();
+    assert_eq!(
+        bad_fields(
+            &app.accounts()
+                .create_account(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["parent_id"]
+    );
+    let mut bad = acme("12 34");
+    bad.name = String::new();
+    bad.domains = vec!["nope".into()];
+    assert_eq!(
+        bad_fields(
+            &app.accounts()
+                .create_account(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["name", "domains[0]", "tax_id"]
+    );
+    let mut own_parent = acme("");
+    let id = uuid::Uuid::now_v7().to_string();
+    own_parent.account_id = id.clone();
+    own_parent.parent_id = id;
+    assert_eq!(
+        bad_fields(
+            &app.accounts()
+                .create_account(app.request(own_parent))
+                .await
+                .unwrap_err()
+        ),
+        ["parent_id"]
+    );
+    assert!(app.stored().await.is_empty());
+
+    // An account id used as a contact id is not a contact.
+    let account = app
+        .accounts()
+        .create_account(app.request(acme("")))
+        .await
+        .unwrap()
+        .into_inner();
+    let as_contact = UpdateContactDetailsRequest {
+        contact_id: account.stream_id,
+        title: Some("x".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        app.contacts()
+            .update_contact_details(app.request(as_contact))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    app.stop().await;
+}

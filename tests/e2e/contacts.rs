@@ -1,0 +1,572 @@
+//! `crm.v1.Contacts` through a real client: happy paths and bad inputs.
+use crm_proto::v1::{
+    ArchiveContactRequest, ChangeContactConsentRequest, CommandOptions, ContactPreferences,
+    CreateContactRequest, EmailAddress, EmailAddresses, PersonName, PhoneNumber, Reason,
+    RestoreContactRequest, UpdateContactDetailsRequest,
+};
+use tonic::Code;
+
+use crate::support::{TestApp, as_caller, bad_fields, error_info};
+
+fn ada(email: &str) -> CreateContactRequest {
+    CreateContactRequest {
+        options: None,
+        contact_id: String::new(),
+        name: Some(PersonName {
+            given: "Ada".into(),
+            family: "Lovelace".into(),
+        }),
+        emails: vec![EmailAddress {
+            address: email.into(),
+            primary: true,
+        }],
+        phones: vec![PhoneNumber {
+            number: "+442071838750".into(),
+            kind: "work".into(),
+        }],
+        title: "Analyst".into(),
+        preferences: Some(ContactPreferences {
+            channel: "email".into(),
+            language: "en-GB".into(),
+            time_zone: "Europe/London".into(),
+            do_not_contact: false,
+        }),
+    }
+}
+
+fn with_key(mut request: CreateContactRequest, key: &str) -> CreateContactRequest {
+    request.options = Some(CommandOptions {
+        idempotency_key: key.into(),
+        ..CommandOptions::default()
+    });
+    request
+}
+
+fn update_title(id: &str, title: &str, expected: Option<u64>) -> UpdateContactDetailsRequest {
+    UpdateContactDetailsRequest {
+        options: Some(CommandOptions {
+            expected_version: expected,
+            ..CommandOptions::default()
+        }),
+        contact_id: id.into(),
+        title: Some(title.into()),
+        ..UpdateContactDetailsRequest::default()
+    }
+}
+
+fn reason(code: &str) -> Option<Reason> {
+    Some(Reason {
+        code: code.into(),
+        text: String::new(),
+    })
+}
+
+#[tokio::test]
+async fn create_contact_answers_version_and_position_and_stores_the_envelope() {
+    let app = TestApp::spawn().await;
+    let mut request = app.request(ada("ada@example.com"));
+    request
+        .metadata_mut()
+        .insert("x-correlation-id", "corr-42".parse().unwrap());
+    request.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    let reply = app
+        .contacts()
+        .create_contact(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reply.stream_version, reply.global_position, reply.unchanged),
+        (1, 1, false)
+    );
+    assert_eq!(
+        uuid::Uuid::parse_str(&reply.stream_id)
+            .unwrap()
+            .get_version_num(),
+        7
+    );
+
+    let stored = app.stored().await;
+    assert_eq!(stored.len(), 1);
+    let (event_type, payload, metadata) = &stored[0];
+    assert_eq!(event_type, "ContactCreated");
+    assert_eq!(payload["emails"][0]["address"], "ada@example.com");
+    assert_eq!(payload["phones"][0]["kind"], "work");
+    assert!(payload["occurred_at"].is_string());
+    assert_eq!(metadata["actor"], "user:ada");
+    assert_eq!(metadata["correlation_id"], "corr-42");
+    assert_eq!(
+        metadata["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_chosen_id_and_an_idempotency_key_make_retries_safe() {
+    let app = TestApp::spawn().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let mut request = with_key(ada("ada@example.com"), "create-ada-1");
+    request.contact_id = id.clone();
+    let first = app
+        .contacts()
+        .create_contact(app.request(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = app
+        .contacts()
+        .create_contact(app.request(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.stream_id, id);
+    assert_eq!(
+        (again.stream_id, again.stream_version, again.global_position),
+        (id.clone(), 1, first.global_position)
+    );
+    assert!(again.unchanged, "a replay is flagged");
+    assert_eq!(app.stored().await.len(), 1);
+
+    // The same key for another request is refused, and stores nothing.
+    let mut other = request.clone();
+    other.title = "CTO".into();
+    let status = app
+        .contacts()
+        .create_contact(app.request(other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(error_info(&status).0, "IDEMPOTENCY_KEY_REUSED");
+
+    // Without a key, creating the same id again is ALREADY_EXISTS.
+    let mut plain = request;
+    plain.options = None;
+    let status = app
+        .contacts()
+        .create_contact(app.request(plain))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert_eq!(app.stored().await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn emails_are_unique_per_tenant_and_move_with_updates() {
+    let app = TestApp::spawn().await;
+    let first = app
+        .contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = app
+        .contacts()
+        .create_contact(app.request(ada("ADA@Example.com ")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(
+        (
+            reason.as_str(),
+            metadata["key"].as_str(),
+            metadata["holder"].as_str()
+        ),
+        ("ALREADY_EXISTS", "email", first.stream_id.as_str())
+    );
+    assert_eq!(
+        app.stored().await.len(),
+        1,
+        "the refused contact stored nothing"
+    );
+
+    // Another tenant may use the same address.
+    app.contacts()
+        .create_contact(as_caller(
+            ada("ada@example.com"),
+            Some("another-tenant"),
+            Some("user:bob"),
+        ))
+        .await
+        .unwrap();
+
+    // Changing the first contact's email frees the old one.
+    let update = UpdateContactDetailsRequest {
+        contact_id: first.stream_id.clone(),
+        emails: Some(EmailAddresses {
+            items: vec![EmailAddress {
+                address: "ada@new.example".into(),
+                primary: true,
+            }],
+        }),
+        ..UpdateContactDetailsRequest::default()
+    };
+    let updated = app
+        .contacts()
+        .update_contact_details(app.request(update))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.stream_version, 2);
+    app.contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap();
+    let status = app
+        .contacts()
+        .create_contact(app.request(ada("ada@new.example")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_inputs_get_invalid_argument_naming_each_field() {
+    let app = TestApp::spawn().await;
+    let mut bad = ada("not-an-email");
+    bad.name = Some(PersonName {
+        given: String::new(),
+        family: "x".into(),
+    });
+    bad.phones = vec![PhoneNumber {
+        number: "138-0013-8000".into(),
+        kind: String::new(),
+    }];
+    bad.preferences.as_mut().unwrap().time_zone = "Mars/Olympus".into();
+    let status = app
+        .contacts()
+        .create_contact(app.request(bad))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        [
+            "name.given",
+            "emails[0].address",
+            "phones[0].number",
+            "preferences.time_zone"
+        ]
+    );
+
+    let mut missing_name = ada("a@example.com");
+    missing_name.name = None;
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .create_contact(app.request(missing_name))
+                .await
+                .unwrap_err()
+        ),
+        ["name.given"]
+    );
+
+    let mut bad_id = ada("a@example.com");
+    bad_id.contact_id = "not-a-uuid".into();
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .create_contact(app.request(bad_id))
+                .await
+                .unwrap_err()
+        ),
+        ["contact_id"]
+    );
+    let mut v4 = ada("a@example.com");
+    v4.contact_id = "9b2c1a5e-8f0d-4c2e-9a77-3f1e2d4c5b6a".into();
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .create_contact(app.request(v4))
+                .await
+                .unwrap_err()
+        ),
+        ["contact_id"]
+    );
+
+    let mut future = ada("a@example.com");
+    future.options = Some(CommandOptions {
+        occurred_at: "2999-01-01T00:00:00Z".into(),
+        ..CommandOptions::default()
+    });
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .create_contact(app.request(future))
+                .await
+                .unwrap_err()
+        ),
+        ["options.occurred_at"]
+    );
+    let mut garbled = ada("a@example.com");
+    garbled.options = Some(CommandOptions {
+        occurred_at: "yesterday".into(),
+        ..CommandOptions::default()
+    });
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .create_contact(app.request(garbled))
+                .await
+                .unwrap_err()
+        ),
+        ["options.occurred_at"]
+    );
+    let long_key = with_key(ada("a@example.com"), &"k".repeat(201));
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .create_contact(app.request(long_key))
+                .await
+                .unwrap_err()
+        ),
+        ["options.idempotency_key"]
+    );
+
+    let update = UpdateContactDetailsRequest::default();
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .update_contact_details(app.request(update))
+                .await
+                .unwrap_err()
+        ),
+        ["contact_id"]
+    );
+
+    let consent = ChangeContactConsentRequest {
+        contact_id: uuid::Uuid::now_v7().to_string(),
+        ..Default::default()
+    };
+    assert_eq!(
+        app.contacts()
+            .change_contact_consent(app.request(consent))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    // Oversized requests are refused before any work.
+    let mut huge = ada("a@example.com");
+    huge.title = "x".repeat(300 * 1024);
+    let status = app
+        .contacts()
+        .create_contact(app.request(huge))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert!(
+        app.stored().await.is_empty(),
+        "nothing was stored by any bad request"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn callers_without_a_valid_tenant_or_actor_are_refused() {
+    let app = TestApp::spawn().await;
+    let status = app
+        .contacts()
+        .create_contact(as_caller(ada("a@example.com"), None, Some("user:ada")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = app
+        .contacts()
+        .create_contact(as_caller(ada("a@example.com"), Some("acme"), None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = app
+        .contacts()
+        .create_contact(as_caller(
+            ada("a@example.com"),
+            Some("bad.tenant"),
+            Some("user:ada"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["x-tenant-id"]);
+    assert!(app.stored().await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn updates_check_versions_skip_no_ops_and_respect_tenants() {
+    let app = TestApp::spawn().await;
+    let created = app
+        .contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.stream_id.clone();
+
+    let status = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "CTO", Some(5))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    assert_eq!(error_info(&status).1["current_version"], "1");
+
+    let updated = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "CTO", Some(1))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((updated.stream_version, updated.unchanged), (2, false));
+    let same = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "CTO", None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (same.stream_version, same.global_position, same.unchanged),
+        (2, updated.global_position, true)
+    );
+
+    let (_, payload, _) = &app.stored().await[1];
+    assert_eq!(
+        payload["changes"],
+        serde_json::json!({ "title": { "old": "Analyst", "new": "CTO" } })
+    );
+
+    // Another tenant cannot see or change it.
+    let status = app
+        .contacts()
+        .update_contact_details(as_caller(
+            update_title(&id, "Spy", None),
+            Some("other"),
+            Some("user:eve"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = app
+        .contacts()
+        .update_contact_details(app.request(update_title(
+            &uuid::Uuid::now_v7().to_string(),
+            "x",
+            None,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(app.stored().await.len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn consent_archive_and_restore() {
+    let app = TestApp::spawn().await;
+    let id = app
+        .contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let consent = ChangeContactConsentRequest {
+        options: None,
+        contact_id: id.clone(),
+        purpose: "marketing_email".into(),
+        granted: true,
+        source: "web_form".into(),
+        basis: "consent".into(),
+    };
+    assert_eq!(
+        app.contacts()
+            .change_contact_consent(app.request(consent.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        2
+    );
+    let mut bad = consent.clone();
+    bad.purpose = "spam".into();
+    bad.basis = "whim".into();
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .change_contact_consent(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["purpose", "basis"]
+    );
+
+    let archive = ArchiveContactRequest {
+        options: None,
+        contact_id: id.clone(),
+        reason: reason("left_company"),
+    };
+    app.contacts()
+        .archive_contact(app.request(archive.clone()))
+        .await
+        .unwrap();
+    let status = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "CTO", None)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(error_info(&status).0, "RECORD_ARCHIVED");
+    let status = app
+        .contacts()
+        .archive_contact(app.request(archive))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "RECORD_ARCHIVED");
+
+    let restore = RestoreContactRequest {
+        options: None,
+        contact_id: id.clone(),
+        reason: reason("returned"),
+    };
+    assert_eq!(
+        app.contacts()
+            .restore_contact(app.request(restore.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        4
+    );
+    let status = app
+        .contacts()
+        .restore_contact(app.request(restore))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(error_info(&status).0, "INVALID_TRANSITION");
+    let no_reason = ArchiveContactRequest {
+        options: None,
+        contact_id: id,
+        reason: None,
+    };
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .archive_contact(app.request(no_reason))
+                .await
+                .unwrap_err()
+        ),
+        ["reason.code"]
+    );
+    app.stop().await;
+}

@@ -1,0 +1,130 @@
+//! `TestApp`: `crm all` on port 0 against a database of its own, with gRPC
+//! clients and a tenant of its own.
+use std::time::Duration;
+
+use crm_platform::Config;
+use crm_proto::v1::accounts_client::AccountsClient;
+use crm_proto::v1::contacts_client::ContactsClient;
+use crm_test_support::{TestDb, eventually};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+pub struct TestApp {
+    pub db: TestDb,
+    pub channel: Channel,
+    pub tenant: String,
+    shutdown: CancellationToken,
+    running: Option<JoinHandle<Result<(), crm::RunError>>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        let db = TestDb::create().await;
+        let mut config = Config::from_env();
+        config.pg_url = db.url();
+        config.pg_pool_size = 4;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { crm::run_all(&config, listener, shutdown).await }
+        });
+        eventually(Duration::from_secs(20), "crm all to serve", || async {
+            crm::health_check(address)
+                .await
+                .ok()
+                .filter(|serving| *serving)
+        })
+        .await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self {
+            db,
+            channel,
+            tenant: format!("t-{}", uuid::Uuid::now_v7().simple()),
+            shutdown,
+            running: Some(running),
+        }
+    }
+
+    pub fn contacts(&self) -> ContactsClient<Channel> {
+        ContactsClient::new(self.channel.clone())
+    }
+
+    pub fn accounts(&self) -> AccountsClient<Channel> {
+        AccountsClient::new(self.channel.clone())
+    }
+
+    /// A request from this app's tenant, as user `ada`.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        as_caller(message, Some(&self.tenant), Some("user:ada"))
+    }
+
+    /// Every event row of this test's database, as (type, payload, metadata).
+    pub async fn stored(&self) -> Vec<(String, serde_json::Value, serde_json::Value)> {
+        self.db
+            .client()
+            .await
+            .query(
+                "SELECT event_type, payload, metadata FROM events ORDER BY global_position",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            let result = tokio::time::timeout(Duration::from_secs(30), running).await;
+            assert!(
+                matches!(result, Ok(Ok(Ok(())))),
+                "crm all did not stop cleanly"
+            );
+        }
+    }
+}
+
+pub fn as_caller<T>(message: T, tenant: Option<&str>, actor: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(tenant) = tenant {
+        request
+            .metadata_mut()
+            .insert("x-tenant-id", tenant.parse().unwrap());
+    }
+    if let Some(actor) = actor {
+        request
+            .metadata_mut()
+            .insert("x-actor-id", actor.parse().unwrap());
+    }
+    request
+}
+
+/// The fields a status's `BadRequest` names, in order.
+#[track_caller]
+pub fn bad_fields(status: &Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+/// The `ErrorInfo` reason and metadata of a status.
+pub fn error_info(status: &Status) -> (String, std::collections::HashMap<String, String>) {
+    let info = status.get_details_error_info().expect("ErrorInfo details");
+    (info.reason, info.metadata)
+}
