@@ -3,7 +3,13 @@
 //! the same run:
 //!
 //! `BENCH name=<name> value=<n> unit=<unit> ceiling=<n> ratio=<n>`
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crm_event_store::Metadata;
+use crm_test_support::TestDb;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
 
 /// How long each measured phase runs: `BENCH_SECS`, default 5.
 pub fn phase_duration() -> Duration {
@@ -77,4 +83,125 @@ pub fn contact_payload(n: u64) -> serde_json::Value {
         "preferences": { "channel": "email", "language": "en-GB", "time_zone": "Europe/London" },
         "occurred_at": "2026-11-28T10:00:00Z"
     })
+}
+
+/// The raw ceiling's scratch table: the events table's shape (columns,
+/// constraints, indexes), positions from a plain sequence.
+pub async fn create_raw_table(db: &TestDb) {
+    connect(db)
+        .await
+        .batch_execute(
+            "CREATE TABLE raw_events (LIKE events INCLUDING ALL); \
+             CREATE SEQUENCE raw_positions OWNED BY raw_events.global_position; \
+             ALTER TABLE raw_events ALTER global_position SET DEFAULT nextval('raw_positions')",
+        )
+        .await
+        .expect("scratch table");
+}
+
+const RAW_INSERT: &str = "INSERT INTO raw_events (event_id, tenant_id, stream_type, stream_id, \
+     stream_version, event_type, schema_version, payload, metadata) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9::text::jsonb)";
+
+const RAW_BATCH: &str = "INSERT INTO raw_events (event_id, tenant_id, stream_type, stream_id, \
+     stream_version, event_type, schema_version, payload, metadata) \
+     SELECT e, t, st, s, v, et, sv, pl::jsonb, md::jsonb \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::text[], \
+                 $7::int[], $8::text[], $9::text[]) AS x(e, t, st, s, v, et, sv, pl, md)";
+
+pub fn metadata() -> Metadata {
+    Metadata {
+        actor: "user:bench".into(),
+        roles: vec!["sales_rep".into()],
+        correlation_id: Some(Uuid::now_v7().to_string()),
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        ..Metadata::default()
+    }
+}
+
+pub async fn connect(db: &TestDb) -> tokio_postgres::Client {
+    let (client, connection) = db.config().connect(NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// Raw ceiling: `tasks` connections, each inserting `rows_per_tx` rows per
+/// autocommit statement. Returns rows/s and per-statement latencies.
+pub async fn raw_inserts(db: &TestDb, tasks: usize, rows_per_tx: usize) -> (f64, Latencies) {
+    let metadata = Arc::new(serde_json::to_string(&metadata()).expect("metadata"));
+    let deadline = Instant::now() + phase_duration();
+    let rate = Rate::start();
+    let mut workers = Vec::new();
+    for _ in 0..tasks {
+        let client = connect(db).await;
+        let metadata = metadata.clone();
+        workers.push(tokio::spawn(async move {
+            let single = client.prepare(RAW_INSERT).await.expect("prepare");
+            let batch = client.prepare(RAW_BATCH).await.expect("prepare");
+            let stream_id = Uuid::now_v7();
+            let (mut rows, mut version, mut latencies) = (0u64, 0i64, Latencies::default());
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                if rows_per_tx == 1 {
+                    version += 1;
+                    let payload = contact_payload(version as u64).to_string();
+                    client
+                        .execute(
+                            &single,
+                            &[
+                                &Uuid::now_v7(),
+                                &"bench",
+                                &"contact",
+                                &stream_id,
+                                &version,
+                                &"ContactCreated",
+                                &1i32,
+                                &payload,
+                                &metadata.as_str(),
+                            ],
+                        )
+                        .await
+                        .expect("raw insert");
+                } else {
+                    let mut ids = Vec::with_capacity(rows_per_tx);
+                    let mut versions = Vec::with_capacity(rows_per_tx);
+                    let mut payloads = Vec::with_capacity(rows_per_tx);
+                    for _ in 0..rows_per_tx {
+                        version += 1;
+                        ids.push(Uuid::now_v7());
+                        versions.push(version);
+                        payloads.push(contact_payload(version as u64).to_string());
+                    }
+                    let n = rows_per_tx;
+                    client
+                        .execute(
+                            &batch,
+                            &[
+                                &ids,
+                                &vec!["bench"; n],
+                                &vec!["contact"; n],
+                                &vec![stream_id; n],
+                                &versions,
+                                &vec!["ContactCreated"; n],
+                                &vec![1i32; n],
+                                &payloads,
+                                &vec![metadata.as_str(); n],
+                            ],
+                        )
+                        .await
+                        .expect("raw batch insert");
+                }
+                latencies.record(started.elapsed());
+                rows += rows_per_tx as u64;
+            }
+            (rows, latencies)
+        }));
+    }
+    let (mut total, mut latencies) = (0, Latencies::default());
+    for worker in workers {
+        let (rows, worker_latencies) = worker.await.expect("worker");
+        total += rows;
+        latencies.extend(worker_latencies);
+    }
+    (rate.per_second(total), latencies)
 }

@@ -221,8 +221,15 @@ impl CommandHandler {
                 return Ok(reply(stream_id, &appended));
             }
         }
+        // A create is first decided on empty state, without reading: the
+        // append's "no stream" expectation catches an existing record.
+        let mut assume_new = A::creates(&command) && options.expected_version.unwrap_or(0) == 0;
         for _ in 0..MAX_ATTEMPTS {
-            let (state, version, position) = self.load::<A>(&caller.tenant, stream_id).await?;
+            let (state, version, position) = if std::mem::take(&mut assume_new) {
+                (A::default(), 0, 0)
+            } else {
+                self.load::<A>(&caller.tenant, stream_id).await?
+            };
             if let Some(expected) = options.expected_version
                 && expected != version
             {
@@ -248,7 +255,9 @@ impl CommandHandler {
             )?;
             match self.store.append(request).await {
                 Ok(appended) => return Ok(reply(stream_id, &appended)),
-                Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {
+                Err(AppendError::VersionConflict { .. })
+                    if options.expected_version.is_none() || version == 0 =>
+                {
                     tracing::debug!("concurrent change; deciding again on fresh state");
                 }
                 Err(error) => return Err(error.into()),

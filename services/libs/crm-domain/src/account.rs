@@ -249,6 +249,10 @@ impl Aggregate for Account {
         self.exists
     }
 
+    fn creates(command: &Self::Command) -> bool {
+        matches!(command, AccountCommand::Create { .. })
+    }
+
     fn decide(
         &self,
         command: AccountCommand,

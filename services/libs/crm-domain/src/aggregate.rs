@@ -44,6 +44,14 @@ pub trait Aggregate: Default + Clone + std::fmt::Debug + PartialEq {
     /// Whether a create event has been applied.
     fn exists(&self) -> bool;
 
+    /// Whether the command creates the record. The handler may then decide it
+    /// on empty state without reading the stream first: the append expects
+    /// "no stream", and if the stream exists after all, it reads and decides
+    /// again (which then refuses the create).
+    fn creates(_command: &Self::Command) -> bool {
+        false
+    }
+
     /// The events a command produces, or why it is refused. Pure.
     fn decide(
         &self,

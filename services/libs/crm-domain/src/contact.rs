@@ -332,6 +332,10 @@ impl Aggregate for Contact {
         self.exists
     }
 
+    fn creates(command: &Self::Command) -> bool {
+        matches!(command, ContactCommand::Create(_))
+    }
+
     fn decide(
         &self,
         command: ContactCommand,

@@ -101,15 +101,24 @@ const SELECT_STREAMS: &str = "SELECT k.tenant_id, k.stream_id, e.stream_type, e.
        WHERE events.tenant_id = k.tenant_id AND events.stream_id = k.stream_id \
        ORDER BY stream_version DESC LIMIT 1) e";
 
-const SELECT_KEYS: &str = "SELECT i.tenant_id, i.key, i.request_hash, i.first_position, \
-       i.last_position, i.streams::text \
-     FROM idempotency_keys i JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, key) \
-     USING (tenant_id, key)";
+// Every lookup below is a correlated subquery per requested key (LATERAL ...
+// LIMIT 1), not a join: the writer's statements use generic plans, made once
+// per connection, and a join planned while a table was small would stay a
+// sequential scan however large the table grows.
 
-const SELECT_RESERVATIONS: &str = "SELECT r.tenant_id, r.kind, r.key_hash, r.stream_id \
-     FROM reservations r \
-     JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS c(tenant_id, kind, key_hash) \
-     USING (tenant_id, kind, key_hash)";
+const SELECT_KEYS: &str = "SELECT k.tenant_id, k.key, i.request_hash, i.first_position, \
+       i.last_position, i.streams::text \
+     FROM unnest($1::text[], $2::text[]) AS k(tenant_id, key) \
+     CROSS JOIN LATERAL ( \
+       SELECT * FROM idempotency_keys i \
+       WHERE i.tenant_id = k.tenant_id AND i.key = k.key LIMIT 1) i";
+
+const SELECT_RESERVATIONS: &str = "SELECT c.tenant_id, c.kind, c.key_hash, r.stream_id \
+     FROM unnest($1::text[], $2::text[], $3::bytea[]) AS c(tenant_id, kind, key_hash) \
+     CROSS JOIN LATERAL ( \
+       SELECT stream_id FROM reservations r \
+       WHERE r.tenant_id = c.tenant_id AND r.kind = c.kind AND r.key_hash = c.key_hash \
+       LIMIT 1) r";
 
 /// The guarded write. Positions are offsets from the head read under the lock.
 /// `ok` is false, and nothing is written, when a stream is not at the version
@@ -128,13 +137,17 @@ const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id 
            ORDER BY e.stream_version DESC LIMIT 1) cur ON true \
          WHERE coalesce(cur.stream_version, 0) <> g.version OR cur.stream_type <> g.stream_type \
        ) AND NOT EXISTS ( \
-         SELECT 1 FROM idempotency_keys i \
-         JOIN unnest($5::text[], $6::text[]) AS k(tenant_id, key) USING (tenant_id, key) \
+         SELECT 1 FROM unnest($5::text[], $6::text[]) AS k(tenant_id, key) \
+         CROSS JOIN LATERAL ( \
+           SELECT 1 FROM idempotency_keys i \
+           WHERE i.tenant_id = k.tenant_id AND i.key = k.key LIMIT 1) i \
        ) AND NOT EXISTS ( \
-         SELECT 1 FROM reservations r \
-         JOIN unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) \
+         SELECT 1 FROM unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) \
               AS c(tenant_id, kind, key_hash, stream_id) \
-           ON r.tenant_id = c.tenant_id AND r.kind = c.kind AND r.key_hash = c.key_hash \
+         CROSS JOIN LATERAL ( \
+           SELECT r.stream_id FROM reservations r \
+           WHERE r.tenant_id = c.tenant_id AND r.kind = c.kind AND r.key_hash = c.key_hash \
+           LIMIT 1) r \
          WHERE r.stream_id <> c.stream_id \
        ) AS ok \
      ), new_events AS ( \
@@ -155,9 +168,14 @@ const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id 
        UPDATE log_head SET position = head.position + $21::bigint FROM head, ok \
        WHERE log_head.id = 1 AND ok.ok AND $21::bigint > 0 \
      ), released AS ( \
-       DELETE FROM reservations r \
-       USING unnest($26::text[], $27::text[], $28::bytea[], $29::uuid[]) AS x(t, k, h, s), ok \
-       WHERE ok.ok AND r.tenant_id = x.t AND r.kind = x.k AND r.key_hash = x.h AND r.stream_id = x.s \
+       DELETE FROM reservations WHERE ctid = ANY (ARRAY( \
+         SELECT r.ctid FROM unnest($26::text[], $27::text[], $28::bytea[], $29::uuid[]) \
+              AS x(t, k, h, s) \
+         CROSS JOIN LATERAL ( \
+           SELECT ctid FROM reservations r \
+           WHERE r.tenant_id = x.t AND r.kind = x.k AND r.key_hash = x.h AND r.stream_id = x.s \
+           LIMIT 1) r, ok \
+         WHERE ok.ok)) \
      ), claimed AS ( \
        INSERT INTO reservations (tenant_id, kind, key_hash, stream_id) \
        SELECT x.t, x.k, x.h, x.s \
