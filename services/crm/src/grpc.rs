@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
@@ -37,6 +37,10 @@ pub(crate) async fn serve(
     let accounts = AccountsServer::new(AccountsService::new(commands))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let address = listener.local_addr().ok();
+    // Small unary replies must not wait for Nagle's algorithm.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     tracing::info!(?address, "gRPC serving");
     Server::builder()
         .timeout(Duration::from_secs(60))
@@ -45,7 +49,7 @@ pub(crate) async fn serve(
         .add_service(reflection)
         .add_service(contacts)
         .add_service(accounts)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter
                 .set_service_status("", ServingStatus::NotServing)

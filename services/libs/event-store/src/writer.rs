@@ -176,6 +176,7 @@ const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id 
            WHERE r.tenant_id = x.t AND r.kind = x.k AND r.key_hash = x.h AND r.stream_id = x.s \
            LIMIT 1) r, ok \
          WHERE ok.ok)) \
+       AND cardinality($26::text[]) > 0 \
      ), claimed AS ( \
        INSERT INTO reservations (tenant_id, kind, key_hash, stream_id) \
        SELECT x.t, x.k, x.h, x.s \
