@@ -3,11 +3,13 @@
 //!
 //! - `all`: every role in one process (development and small installs).
 //! - `migrate`: apply pending migrations and exit.
+//! - `demo seed`: load demo data through the public API.
 //!
 //! More roles (command, relay, projector, query, scheduler) join as they land;
 //! each is the same code as inside `all`, scaled by deployment.
 mod all;
 pub mod command;
+pub mod demo;
 mod grpc;
 
 pub use all::{run_all, run_migrate};

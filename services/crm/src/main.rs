@@ -22,6 +22,22 @@ enum Role {
     Migrate,
     /// Exit 0 when the gRPC server at --grpc-addr reports SERVING.
     Health,
+    /// Demo data.
+    Demo {
+        #[command(subcommand)]
+        action: DemoAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemoAction {
+    /// Load demo accounts and contacts through the gRPC API at --grpc-addr.
+    /// Safe to run again: nothing changes the second time.
+    Seed {
+        /// The tenant to seed.
+        #[arg(long, default_value = "demo")]
+        tenant: String,
+    },
 }
 
 #[tokio::main]
@@ -54,6 +70,18 @@ async fn main() -> anyhow::Result<()> {
         Role::Migrate => crm::run_migrate(&config)
             .await
             .map(|applied| tracing::info!(applied, "migrations applied"))
+            .map_err(anyhow::Error::from),
+        Role::Demo {
+            action: DemoAction::Seed { tenant },
+        } => crm::demo::seed(config.grpc_addr, &tenant)
+            .await
+            .map(|seeded| {
+                tracing::info!(?seeded, tenant, "demo data seeded");
+                println!(
+                    "demo tenant {tenant:?}: {} accounts, {} contacts, {} consents ({} already there)",
+                    seeded.accounts, seeded.contacts, seeded.consents, seeded.unchanged
+                );
+            })
             .map_err(anyhow::Error::from),
         Role::Health => Ok(()),
     };

@@ -31,13 +31,13 @@
 //! it. If the connection fails during commit, the outcome is unknown and is
 //! reported as such (a retry with the same idempotency key is safe).
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
@@ -126,72 +126,149 @@ const SELECT_RESERVATIONS: &str = "SELECT c.tenant_id, c.kind, c.key_hash, r.str
 /// claimed value ($22-$25) is held by another stream. Releases are $26-$29.
 /// A claim that lost a race after the guard (stale snapshot) aborts the
 /// statement through `crm_require`, so a claim is never silently dropped.
-const WRITE_BATCH: &str = "WITH head AS (SELECT position FROM log_head WHERE id = 1 FOR UPDATE), \
-     ok AS ( \
-       SELECT NOT EXISTS ( \
-         SELECT 1 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[]) \
-              AS g(tenant_id, stream_id, stream_type, version) \
-         LEFT JOIN LATERAL ( \
-           SELECT e.stream_type, e.stream_version FROM events e \
-           WHERE e.tenant_id = g.tenant_id AND e.stream_id = g.stream_id \
-           ORDER BY e.stream_version DESC LIMIT 1) cur ON true \
-         WHERE coalesce(cur.stream_version, 0) <> g.version OR cur.stream_type <> g.stream_type \
-       ) AND NOT EXISTS ( \
-         SELECT 1 FROM unnest($5::text[], $6::text[]) AS k(tenant_id, key) \
-         CROSS JOIN LATERAL ( \
-           SELECT 1 FROM idempotency_keys i \
-           WHERE i.tenant_id = k.tenant_id AND i.key = k.key LIMIT 1) i \
-       ) AND NOT EXISTS ( \
-         SELECT 1 FROM unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) \
-              AS c(tenant_id, kind, key_hash, stream_id) \
-         CROSS JOIN LATERAL ( \
-           SELECT r.stream_id FROM reservations r \
-           WHERE r.tenant_id = c.tenant_id AND r.kind = c.kind AND r.key_hash = c.key_hash \
-           LIMIT 1) r \
-         WHERE r.stream_id <> c.stream_id \
-       ) AS ok \
-     ), new_events AS ( \
-       INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
-                           stream_version, event_type, schema_version, payload, metadata) \
-       SELECT head.position + x.o, x.e, x.t, x.st, x.s, x.v, x.et, x.sv, x.pl::jsonb, x.md::jsonb \
-       FROM unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[], $11::uuid[], $12::bigint[], \
-                   $13::text[], $14::int[], $15::text[], $16::text[]) \
-            AS x(o, e, t, st, s, v, et, sv, pl, md), head, ok \
-       WHERE ok.ok \
-     ), outcomes AS ( \
-       INSERT INTO idempotency_keys (tenant_id, key, request_hash, first_position, last_position, streams) \
-       SELECT k.t, k.k, k.h, head.position + k.f, head.position + k.l, k.s::jsonb \
-       FROM unnest($5::text[], $6::text[], $17::bytea[], $18::bigint[], $19::bigint[], $20::text[]) \
-            AS k(t, k, h, f, l, s), head, ok \
-       WHERE ok.ok \
-     ), new_head AS ( \
-       UPDATE log_head SET position = head.position + $21::bigint FROM head, ok \
-       WHERE log_head.id = 1 AND ok.ok AND $21::bigint > 0 \
-     ), released AS ( \
-       DELETE FROM reservations WHERE ctid = ANY (ARRAY( \
-         SELECT r.ctid FROM unnest($26::text[], $27::text[], $28::bytea[], $29::uuid[]) \
-              AS x(t, k, h, s) \
-         CROSS JOIN LATERAL ( \
-           SELECT ctid FROM reservations r \
-           WHERE r.tenant_id = x.t AND r.kind = x.k AND r.key_hash = x.h AND r.stream_id = x.s \
-           LIMIT 1) r, ok \
-         WHERE ok.ok)) \
-       AND cardinality($26::text[]) > 0 \
-     ), claimed AS ( \
-       INSERT INTO reservations (tenant_id, kind, key_hash, stream_id) \
-       SELECT x.t, x.k, x.h, x.s \
-       FROM unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) AS x(t, k, h, s), ok \
-       WHERE ok.ok \
-       ON CONFLICT (tenant_id, kind, key_hash) DO UPDATE SET stream_id = EXCLUDED.stream_id \
-       WHERE reservations.stream_id = EXCLUDED.stream_id \
-       RETURNING 1 \
-     ), notified AS ( \
-       SELECT pg_notify('crm_events', (head.position + $21::bigint)::text) FROM head, ok WHERE ok.ok AND $21::bigint > 0 \
-     ) \
-     SELECT ok.ok, head.position, (SELECT count(*) FROM notified), \
-       crm_require(NOT ok.ok OR (SELECT count(*) FROM claimed) = cardinality($22::text[]), \
-                   'a reserved value was claimed by another stream meanwhile') \
-     FROM ok, head";
+///
+/// Four variants (with or without idempotency keys, with or without
+/// reservations) keep the common batch free of work it does not need; all
+/// take the same 29 parameters.
+fn write_sql(keys: bool, reservations: bool) -> String {
+    let mut ok = String::from(
+        "SELECT NOT EXISTS ( \
+           SELECT 1 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[]) \
+                AS g(tenant_id, stream_id, stream_type, version) \
+           LEFT JOIN LATERAL ( \
+             SELECT e.stream_type, e.stream_version FROM events e \
+             WHERE e.tenant_id = g.tenant_id AND e.stream_id = g.stream_id \
+             ORDER BY e.stream_version DESC LIMIT 1) cur ON true \
+           WHERE coalesce(cur.stream_version, 0) <> g.version OR cur.stream_type <> g.stream_type)",
+    );
+    if keys {
+        ok.push_str(
+            " AND NOT EXISTS ( \
+               SELECT 1 FROM unnest($5::text[], $6::text[]) AS k(tenant_id, key) \
+               CROSS JOIN LATERAL ( \
+                 SELECT 1 FROM idempotency_keys i \
+                 WHERE i.tenant_id = k.tenant_id AND i.key = k.key LIMIT 1) i)",
+        );
+    }
+    if reservations {
+        ok.push_str(
+            " AND NOT EXISTS ( \
+               SELECT 1 FROM unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) \
+                    AS c(tenant_id, kind, key_hash, stream_id) \
+               CROSS JOIN LATERAL ( \
+                 SELECT r.stream_id FROM reservations r \
+                 WHERE r.tenant_id = c.tenant_id AND r.kind = c.kind AND r.key_hash = c.key_hash \
+                 LIMIT 1) r \
+               WHERE r.stream_id <> c.stream_id)",
+        );
+    }
+    let mut sql = format!(
+        "WITH head AS (SELECT position FROM log_head WHERE id = 1 FOR UPDATE), \
+         ok AS ({ok} AS ok), \
+         new_events AS ( \
+           INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
+                               stream_version, event_type, schema_version, payload, metadata) \
+           SELECT head.position + x.o, x.e, x.t, x.st, x.s, x.v, x.et, x.sv, x.pl::jsonb, x.md::jsonb \
+           FROM unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[], $11::uuid[], $12::bigint[], \
+                       $13::text[], $14::int[], $15::text[], $16::text[]) \
+                AS x(o, e, t, st, s, v, et, sv, pl, md), head, ok \
+           WHERE ok.ok), \
+         new_head AS ( \
+           UPDATE log_head SET position = head.position + $21::bigint FROM head, ok \
+           WHERE log_head.id = 1 AND ok.ok AND $21::bigint > 0), \
+         notified AS ( \
+           SELECT pg_notify('crm_events', (head.position + $21::bigint)::text) \
+           FROM head, ok WHERE ok.ok AND $21::bigint > 0)"
+    );
+    if keys {
+        sql.push_str(
+            ", outcomes AS ( \
+               INSERT INTO idempotency_keys \
+                 (tenant_id, key, request_hash, first_position, last_position, streams) \
+               SELECT k.t, k.k, k.h, head.position + k.f, head.position + k.l, k.s::jsonb \
+               FROM unnest($5::text[], $6::text[], $17::bytea[], $18::bigint[], $19::bigint[], \
+                           $20::text[]) AS k(t, k, h, f, l, s), head, ok \
+               WHERE ok.ok)",
+        );
+    }
+    if reservations {
+        sql.push_str(
+            ", released AS ( \
+               DELETE FROM reservations WHERE ctid = ANY (ARRAY( \
+                 SELECT r.ctid FROM unnest($26::text[], $27::text[], $28::bytea[], $29::uuid[]) \
+                      AS x(t, k, h, s) \
+                 CROSS JOIN LATERAL ( \
+                   SELECT ctid FROM reservations r \
+                   WHERE r.tenant_id = x.t AND r.kind = x.k AND r.key_hash = x.h AND r.stream_id = x.s \
+                   LIMIT 1) r, ok \
+                 WHERE ok.ok)) \
+               AND cardinality($26::text[]) > 0), \
+             claimed AS ( \
+               INSERT INTO reservations (tenant_id, kind, key_hash, stream_id) \
+               SELECT x.t, x.k, x.h, x.s \
+               FROM unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) AS x(t, k, h, s), ok \
+               WHERE ok.ok \
+               ON CONFLICT (tenant_id, kind, key_hash) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+               WHERE reservations.stream_id = EXCLUDED.stream_id \
+               RETURNING 1)",
+        );
+    }
+    sql.push_str(" SELECT ok.ok, head.position, (SELECT count(*) FROM notified)");
+    if reservations {
+        sql.push_str(
+            ", crm_require(NOT ok.ok OR (SELECT count(*) FROM claimed) = cardinality($22::text[]), \
+                 'a reserved value was claimed by another stream meanwhile')",
+        );
+    }
+    sql.push_str(" FROM ok, head");
+    sql
+}
+
+/// Parameter types of every write variant, so a variant may leave some unused.
+const WRITE_TYPES: [Type; 29] = [
+    Type::TEXT_ARRAY,
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::UUID_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT4_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::UUID_ARRAY,
+];
+
+fn write_variant(keys: bool, reservations: bool) -> &'static str {
+    static VARIANTS: OnceLock<[String; 4]> = OnceLock::new();
+    let variants = VARIANTS.get_or_init(|| {
+        [
+            write_sql(false, false),
+            write_sql(true, false),
+            write_sql(false, true),
+            write_sql(true, true),
+        ]
+    });
+    &variants[usize::from(keys) + 2 * usize::from(reservations)]
+}
 
 /// Runs until cancelled, then drains what is queued and returns.
 pub(crate) async fn run(
@@ -619,7 +696,6 @@ async fn try_commit(
 struct Statements {
     begin: tokio_postgres::Statement,
     lock: tokio_postgres::Statement,
-    write: tokio_postgres::Statement,
     commit: tokio_postgres::Statement,
 }
 
@@ -628,7 +704,6 @@ async fn statements(client: &deadpool_postgres::Client) -> Result<Statements, Ba
     Ok(Statements {
         begin: client.prepare_cached("BEGIN").await.map_err(pg)?,
         lock: client.prepare_cached(LOCK_HEAD).await.map_err(pg)?,
-        write: client.prepare_cached(WRITE_BATCH).await.map_err(pg)?,
         commit: client.prepare_cached("COMMIT").await.map_err(pg)?,
     })
 }
@@ -644,7 +719,8 @@ async fn write_and_commit(
     let pg = |e| BatchError::from_pg(e, false);
     let n_events = plan.n_events as i64;
     let params = write_params(plan, &n_events);
-    let written = client.query_one(&statements.write, &params);
+    let write = write_statement(client, plan).await?;
+    let written = client.query_one(&write, &params);
     let row = if let Some(pause) = config.pause_before_commit {
         let row = written.await.map_err(pg)?;
         tokio::time::sleep(pause).await;
@@ -665,6 +741,19 @@ async fn write_and_commit(
     let ok: bool = row.get(0);
     let head: i64 = row.get(1);
     Ok((ok, u64::try_from(head).unwrap_or(0)))
+}
+
+/// The write variant this plan needs, prepared once per connection.
+async fn write_statement(
+    client: &deadpool_postgres::Client,
+    plan: &WritePlan<'_>,
+) -> Result<tokio_postgres::Statement, BatchError> {
+    let keys = !plan.keys.is_empty();
+    let reservations = !plan.claim_tenants.is_empty() || !plan.release_tenants.is_empty();
+    client
+        .prepare_typed_cached(write_variant(keys, reservations), &WRITE_TYPES)
+        .await
+        .map_err(|e| BatchError::from_pg(e, false))
 }
 
 fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToSql + Sync); 29] {
@@ -720,8 +809,9 @@ async fn run_fast(
         written?
     } else {
         let n_events = plan.n_events as i64;
+        let write = write_statement(client, &plan).await?;
         let row = client
-            .query_one(&statements.write, &write_params(&plan, &n_events))
+            .query_one(&write, &write_params(&plan, &n_events))
             .await
             .map_err(|e| BatchError::from_pg(e, true))?;
         let head: i64 = row.get(1);

@@ -1,0 +1,218 @@
+//! `crm demo seed`: realistic demo data for one tenant, sent through the
+//! public gRPC API like any client would. Every command carries an
+//! idempotency key derived from the seed's own numbering, so running it again
+//! changes nothing and answers the same ids.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crm_proto::v1::accounts_client::AccountsClient;
+use crm_proto::v1::contacts_client::ContactsClient;
+use crm_proto::v1::{
+    AccountKind, ChangeContactConsentRequest, CommandOptions, ContactPreferences,
+    CreateAccountRequest, CreateContactRequest, EmailAddress, PersonName, PhoneNumber,
+};
+use tonic::Request;
+use tonic::transport::Channel;
+
+/// What the seed created (or found from an earlier run).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Seeded {
+    pub accounts: usize,
+    pub contacts: usize,
+    pub consents: usize,
+    /// Commands answered from an earlier run's outcome.
+    pub unchanged: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("cannot reach {address}: {source}")]
+    Connect {
+        address: SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error("{what} was refused: {status}")]
+    Refused { what: String, status: tonic::Status },
+}
+
+const COMPANIES: &[(&str, &str, &str)] = &[
+    ("Acme", "acme", "Manufacturing"),
+    ("Globex", "globex", "Energy"),
+    ("Initech", "initech", "Software"),
+    ("Umbrella", "umbrella", "Pharmaceuticals"),
+    ("Hooli", "hooli", "Internet"),
+    ("Stark Industries", "stark", "Aerospace"),
+    ("Wayne Enterprises", "wayne", "Conglomerate"),
+    ("Tyrell", "tyrell", "Biotech"),
+    ("Soylent", "soylent", "Food"),
+    ("Cyberdyne", "cyberdyne", "Robotics"),
+    ("Wonka", "wonka", "Confectionery"),
+    ("Oscorp", "oscorp", "Chemicals"),
+    ("Vandelay", "vandelay", "Import/Export"),
+    ("Gringotts", "gringotts", "Banking"),
+    ("Monarch", "monarch", "Research"),
+];
+const REGIONS: &[(&str, &str, &str, &str)] = &[
+    ("Ltd", "en-GB", "Europe/London", "+44207183"),
+    ("GmbH", "de-DE", "Europe/Berlin", "+49301234"),
+    ("有限公司", "zh-Hans-CN", "Asia/Shanghai", "+86138001"),
+];
+const GIVEN: &[&str] = &[
+    "Ada", "Grace", "Alan", "Barbara", "Edsger", "Frances", "Donald", "Margaret", "Ken", "Radia",
+    "Wei", "Li", "Mei", "Jun", "Hannah", "Lukas", "Sofia", "Noah", "Olivia", "Mateo",
+];
+const FAMILY: &[&str] = &[
+    "Lovelace", "Hopper", "Turing", "Liskov", "Dijkstra", "Allen", "Knuth", "Hamilton", "Thompson",
+    "Perlman", "Zhang", "Wang", "Chen", "Liu", "Schmidt", "Müller", "Rossi", "García", "Smith",
+];
+const TITLES: &[&str] = &[
+    "CEO",
+    "CTO",
+    "Head of Procurement",
+    "Buyer",
+    "Engineer",
+    "Analyst",
+    "Office Manager",
+];
+
+/// Accounts to create; each gets `CONTACTS_PER_ACCOUNT` contacts.
+pub const ACCOUNTS: usize = 30;
+pub const CONTACTS_PER_ACCOUNT: usize = 10;
+
+fn request<T>(tenant: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(Duration::from_secs(30));
+    let metadata = request.metadata_mut();
+    metadata.insert("x-tenant-id", tenant.parse().expect("tenant ids are ASCII"));
+    metadata.insert("x-actor-id", "system:demo-seed".parse().expect("ASCII"));
+    request
+}
+
+/// Business times count back from a fixed instant, so a second run sends
+/// exactly the same requests (idempotency compares them).
+const ANCHOR: &str = "2026-11-01T09:00:00Z";
+
+fn options(key: String, days_ago: u64) -> Option<CommandOptions> {
+    let anchor: jiff::Timestamp = ANCHOR.parse().expect("valid anchor");
+    let at = anchor - jiff::SignedDuration::from_hours(24 * days_ago as i64);
+    Some(CommandOptions {
+        idempotency_key: key,
+        expected_version: None,
+        occurred_at: at.to_string(),
+    })
+}
+
+/// Seeds `tenant` through the gRPC server at `address`.
+pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError> {
+    let channel: Channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|source| SeedError::Connect { address, source })?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|source| SeedError::Connect { address, source })?;
+    let mut accounts = AccountsClient::new(channel.clone());
+    let mut contacts = ContactsClient::new(channel);
+    let mut seeded = Seeded::default();
+    let refused = |what: String| move |status| SeedError::Refused { what, status };
+
+    for a in 0..ACCOUNTS {
+        let (company, slug, industry) = COMPANIES[a % COMPANIES.len()];
+        let (suffix, language, zone, phone_prefix) = REGIONS[a % REGIONS.len()];
+        let generation = a / COMPANIES.len();
+        let domain = format!(
+            "{slug}{}.example",
+            if generation == 0 {
+                String::new()
+            } else {
+                generation.to_string()
+            }
+        );
+        // Spread over the last year of business time, oldest first.
+        let days_ago = 365 - (a as u64 * 365 / ACCOUNTS as u64);
+        let reply = accounts
+            .create_account(request(
+                tenant,
+                CreateAccountRequest {
+                    options: options(format!("demo-seed:account:{a}"), days_ago),
+                    account_id: String::new(),
+                    kind: AccountKind::Company.into(),
+                    name: format!("{company} {suffix}"),
+                    domains: vec![domain.clone()],
+                    industry: industry.to_owned(),
+                    tax_id: format!("DEMO{a:06}"),
+                    parent_id: String::new(),
+                    segment: ["enterprise", "mid_market", "smb"][a % 3].to_owned(),
+                },
+            ))
+            .await
+            .map_err(refused(format!("account {a}")))?
+            .into_inner();
+        seeded.accounts += 1;
+        seeded.unchanged += usize::from(reply.unchanged);
+
+        for c in 0..CONTACTS_PER_ACCOUNT {
+            let n = a * CONTACTS_PER_ACCOUNT + c;
+            let given = GIVEN[(n * 7) % GIVEN.len()];
+            let family = FAMILY[(n * 11) % FAMILY.len()];
+            let reply = contacts
+                .create_contact(request(
+                    tenant,
+                    CreateContactRequest {
+                        options: options(
+                            format!("demo-seed:contact:{n}"),
+                            days_ago.saturating_sub(c as u64),
+                        ),
+                        contact_id: String::new(),
+                        name: Some(PersonName {
+                            given: given.to_owned(),
+                            family: family.to_owned(),
+                        }),
+                        emails: vec![EmailAddress {
+                            address: format!("{}.{}{n}@{domain}", given.to_lowercase(), c),
+                            primary: true,
+                        }],
+                        phones: vec![PhoneNumber {
+                            number: format!("{phone_prefix}{n:05}"),
+                            kind: "work".to_owned(),
+                        }],
+                        title: TITLES[n % TITLES.len()].to_owned(),
+                        preferences: Some(ContactPreferences {
+                            channel: ["email", "phone", "chat"][n % 3].to_owned(),
+                            language: language.to_owned(),
+                            time_zone: zone.to_owned(),
+                            do_not_contact: n % 17 == 0,
+                        }),
+                    },
+                ))
+                .await
+                .map_err(refused(format!("contact {n}")))?
+                .into_inner();
+            seeded.contacts += 1;
+            seeded.unchanged += usize::from(reply.unchanged);
+            if n % 3 == 0 {
+                let reply = contacts
+                    .change_contact_consent(request(
+                        tenant,
+                        ChangeContactConsentRequest {
+                            options: options(
+                                format!("demo-seed:consent:{n}"),
+                                days_ago.saturating_sub(c as u64),
+                            ),
+                            contact_id: reply.stream_id,
+                            purpose: "marketing_email".to_owned(),
+                            granted: n % 2 == 0,
+                            source: "web_form".to_owned(),
+                            basis: "consent".to_owned(),
+                        },
+                    ))
+                    .await
+                    .map_err(refused(format!("consent {n}")))?
+                    .into_inner();
+                seeded.consents += 1;
+                seeded.unchanged += usize::from(reply.unchanged);
+            }
+        }
+        tracing::info!(account = a + 1, of = ACCOUNTS, "demo accounts seeded");
+    }
+    Ok(seeded)
+}
