@@ -133,6 +133,24 @@ async fn a_client_chosen_id_and_an_idempotency_key_make_retries_safe() {
     assert!(again.unchanged, "a replay is flagged");
     assert_eq!(app.stored().await.len(), 1);
 
+    // A retry of a create that let the server choose the id answers the
+    // first id, not a new one.
+    let server_made = with_key(ada("grace@example.com"), "create-grace");
+    let first_grace = app
+        .contacts()
+        .create_contact(app.request(server_made.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let again_grace = app
+        .contacts()
+        .create_contact(app.request(server_made))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again_grace.stream_id, first_grace.stream_id);
+    assert_eq!(app.stored().await.len(), 2);
+
     // The same key for another request is refused, and stores nothing.
     let mut other = request.clone();
     other.title = "CTO".into();
@@ -153,7 +171,7 @@ async fn a_client_chosen_id_and_an_idempotency_key_make_retries_safe() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
-    assert_eq!(app.stored().await.len(), 1);
+    assert_eq!(app.stored().await.len(), 2);
     app.stop().await;
 }
 

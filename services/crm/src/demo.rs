@@ -180,7 +180,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
                             channel: ["email", "phone", "chat"][n % 3].to_owned(),
                             language: language.to_owned(),
                             time_zone: zone.to_owned(),
-                            do_not_contact: n % 17 == 0,
+                            do_not_contact: n.is_multiple_of(17),
                         }),
                     },
                 ))
@@ -189,7 +189,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
                 .into_inner();
             seeded.contacts += 1;
             seeded.unchanged += usize::from(reply.unchanged);
-            if n % 3 == 0 {
+            if n.is_multiple_of(3) {
                 let reply = contacts
                     .change_contact_consent(request(
                         tenant,
@@ -200,7 +200,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
                             ),
                             contact_id: reply.stream_id,
                             purpose: "marketing_email".to_owned(),
-                            granted: n % 2 == 0,
+                            granted: n.is_multiple_of(2),
                             source: "web_form".to_owned(),
                             basis: "consent".to_owned(),
                         },

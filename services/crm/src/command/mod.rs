@@ -323,15 +323,18 @@ impl CommandHandler {
     }
 }
 
+/// The reply for an append. A replayed outcome names the stream the first
+/// request wrote, which for a create with a server-made id is not the id this
+/// retry was given.
 fn reply(stream_id: Uuid, appended: &Appended) -> CommandReply {
-    let version = appended
+    let stream = appended
         .streams
         .iter()
         .find(|s| s.stream_id == stream_id)
-        .map_or(0, |s| s.last_version);
+        .or_else(|| appended.streams.first());
     CommandReply {
-        stream_id: stream_id.to_string(),
-        stream_version: version,
+        stream_id: stream.map_or(stream_id, |s| s.stream_id).to_string(),
+        stream_version: stream.map_or(0, |s| s.last_version),
         global_position: appended.last_position,
         unchanged: appended.replayed,
     }
