@@ -8,11 +8,16 @@ grpc_addr := env_var_or_default("CRM__GRPC__ADDR", "127.0.0.1:50051")
 default:
     @just --list
 
-# Start PostgreSQL and NATS (if nothing answers), migrate, and run `crm all` in the background.
+# Start PostgreSQL and NATS (if nothing answers), migrate, run `crm all` in the background, seed the demo tenant.
 up: infra
     cargo build --release -p crm
     ./target/release/crm migrate
     bash infra/crm-up.sh
+    ./target/release/crm demo seed
+
+# Load the demo tenant through the gRPC API (safe to repeat).
+demo:
+    ./target/release/crm demo seed
 
 # Stop crm, NATS and PostgreSQL (only the ones this project started).
 down:

@@ -3,4 +3,5 @@
 mod accounts;
 mod all_role;
 mod contacts;
+mod demo;
 mod support;

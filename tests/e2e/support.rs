@@ -14,6 +14,7 @@ use tonic_types::StatusExt;
 
 pub struct TestApp {
     pub db: TestDb,
+    pub address: std::net::SocketAddr,
     pub channel: Channel,
     pub tenant: String,
     shutdown: CancellationToken,
@@ -47,6 +48,7 @@ impl TestApp {
             .unwrap();
         Self {
             db,
+            address,
             channel,
             tenant: format!("t-{}", uuid::Uuid::now_v7().simple()),
             shutdown,
