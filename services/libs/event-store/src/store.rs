@@ -125,9 +125,9 @@ impl EventStore {
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
         let pool = build_pool(config, options.pool_size, false)?;
-        // The writer runs one batch at a time; a second connection stands by
-        // for when one is being replaced.
-        let writer_pool = build_pool(config, 2, true)?;
+        // The writer has up to two batches in flight; a third connection
+        // stands by for when one is being replaced.
+        let writer_pool = build_pool(config, 3, true)?;
         let head_now = {
             let client = pool.get().await?;
             committed_head(&client).await?
@@ -147,7 +147,6 @@ impl EventStore {
                     max_batch_events: options.max_batch_events,
                     pause_before_commit: options.pause_before_commit,
                     stats: stats.clone(),
-                    yield_for_more: false,
                 },
                 cancel.clone(),
             )
