@@ -1038,3 +1038,62 @@ async fn reader_sees_no_gap_under_concurrent_writers() {
     }
     slow.shutdown().await;
 }
+
+/// Large appends let the writer keep two batches in flight; positions and
+/// versions must stay dense and every caller must get its own outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_appends_in_pipelined_batches_keep_positions_dense() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let mut subscription = store.subscribe(0, Filter::default());
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let id = Uuid::now_v7();
+            let mut outcomes = Vec::new();
+            for n in 0..10u64 {
+                let events = (0..150)
+                    .map(|e| created(w * 10_000 + n * 150 + e))
+                    .collect();
+                let expected = if n == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(n * 150)
+                };
+                outcomes.push(
+                    store
+                        .append(request(
+                            "t",
+                            vec![one("contact", id, expected, events)],
+                            None,
+                        ))
+                        .await
+                        .unwrap(),
+                );
+            }
+            outcomes
+        }));
+    }
+    let mut ranges = Vec::new();
+    for writer in writers {
+        for outcome in writer.await.unwrap() {
+            assert_eq!(outcome.last_position - outcome.first_position, 149);
+            ranges.push((outcome.first_position, outcome.last_position));
+        }
+    }
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        assert_eq!(pair[0].1 + 1, pair[1].0, "outcomes overlap or leave a hole");
+    }
+    for expected in 1..=12_000u64 {
+        let event = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .expect("subscription stalled")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.global_position, expected);
+    }
+    assert_eq!(store.writer_stats().events, 12_000);
+    store.shutdown().await;
+}
