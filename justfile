@@ -43,6 +43,10 @@ test: infra
 bench NAME: infra
     cargo bench -p crm-benches --bench {{NAME}}
 
+# Regenerate the JSON Schemas of event payloads under schemas/ (CI checks they are current).
+schemas:
+    cargo run -q -p crm -- schemas write
+
 # Format the code.
 fmt:
     cargo fmt --all

@@ -4,6 +4,7 @@
 //! - `all`: every role in one process (development and small installs).
 //! - `migrate`: apply pending migrations and exit.
 //! - `demo seed`: load demo data through the public API.
+//! - `schemas write|check`: the JSON Schemas of event payloads.
 //!
 //! More roles (command, relay, projector, query, scheduler) join as they land;
 //! each is the same code as inside `all`, scaled by deployment.
@@ -11,6 +12,7 @@ mod all;
 pub mod command;
 pub mod demo;
 mod grpc;
+pub mod schemas;
 
 pub use all::{run_all, run_migrate};
 pub use grpc::health_check;

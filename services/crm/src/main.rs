@@ -22,10 +22,29 @@ enum Role {
     Migrate,
     /// Exit 0 when the gRPC server at --grpc-addr reports SERVING.
     Health,
+    /// JSON Schemas of event payloads.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
     /// Demo data.
     Demo {
         #[command(subcommand)]
         action: DemoAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemasAction {
+    /// Write every event payload's JSON Schema under DIR.
+    Write {
+        #[arg(long, default_value = "schemas")]
+        dir: std::path::PathBuf,
+    },
+    /// Exit non-zero when DIR differs from what the code generates.
+    Check {
+        #[arg(long, default_value = "schemas")]
+        dir: std::path::PathBuf,
     },
 }
 
@@ -44,6 +63,24 @@ enum DemoAction {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config;
+    if let Role::Schemas { action } = &cli.role {
+        match action {
+            SchemasAction::Write { dir } => {
+                let changed = crm::schemas::write(dir)?;
+                println!("{changed} schema file(s) written under {}", dir.display());
+            }
+            SchemasAction::Check { dir } => {
+                let problems = crm::schemas::check(dir);
+                anyhow::ensure!(
+                    problems.is_empty(),
+                    "schemas differ:\n  {}",
+                    problems.join("\n  ")
+                );
+                println!("schemas under {} are current", dir.display());
+            }
+        }
+        return Ok(());
+    }
     if let Role::Health = cli.role {
         let serving = crm::health_check(config.grpc_addr)
             .await
@@ -83,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
                 );
             })
             .map_err(anyhow::Error::from),
-        Role::Health => Ok(()),
+        Role::Health | Role::Schemas { .. } => Ok(()),
     };
     telemetry.shutdown();
     result

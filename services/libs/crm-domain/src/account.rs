@@ -18,6 +18,7 @@ pub const MAX_DOMAINS: usize = 20;
 pub const CHURN_REASONS: &[&str] = &["contract_ended", "cancelled", "inactive"];
 pub const CUSTOMER_TRIGGERS: &[&str] = &["first_won_deal", "first_order", "reactivation"];
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AccountKind {
@@ -26,6 +27,7 @@ pub enum AccountKind {
     Person,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AccountStatus {
@@ -87,9 +89,11 @@ pub enum AccountCommand {
     Restore(Reason),
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountCreated {
     pub kind: AccountKind,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     pub name: String,
     #[serde(default)]
     pub domains: Vec<String>,
@@ -104,8 +108,10 @@ pub struct AccountCreated {
     pub occurred_at: Timestamp,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountChanges {
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<Change<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,18 +124,21 @@ pub struct AccountChanges {
     pub segment: Option<Change<String>>,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountDetailsUpdated {
     pub changes: AccountChanges,
     pub occurred_at: Timestamp,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountBecameCustomer {
     pub trigger: String,
     pub occurred_at: Timestamp,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountChurned {
     pub reason: String,
@@ -176,6 +185,7 @@ impl DomainEvent for AccountEvent {
     }
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub exists: bool,

@@ -29,6 +29,7 @@ pub fn occurred_at(given: Option<Timestamp>, clock: Clock) -> Result<Timestamp, 
 }
 
 /// A field's value before and after an update, as update events carry it.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change<T> {
     pub old: T,
@@ -47,6 +48,7 @@ pub fn diff<T: PartialEq + Clone>(old: &T, new: Option<&T>) -> Option<Change<T>>
 }
 
 /// A reason: tenant code plus free text.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reason {
     pub code: String,
@@ -70,6 +72,7 @@ impl Reason {
 }
 
 /// Whether a record is live or archived (no hard delete, DOMAIN.md §1.2).
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Lifecycle {
     #[default]
@@ -78,6 +81,7 @@ pub enum Lifecycle {
 }
 
 /// `RecordArchived`/`RecordRestored` payload.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LifecycleChanged {
     pub reason: Reason,

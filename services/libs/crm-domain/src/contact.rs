@@ -36,6 +36,7 @@ pub const LEGAL_BASES: &[&str] = &[
 pub const CHANNELS: &[&str] = &["email", "phone", "sms", "chat", "mail"];
 pub const PHONE_KINDS: &[&str] = &["mobile", "work", "home", "other"];
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersonName {
     pub given: String,
@@ -43,18 +44,21 @@ pub struct PersonName {
     pub family: String,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Email {
     pub address: String,
     pub primary: bool,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Phone {
     pub number: String,
     pub kind: String,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Preferences {
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -87,6 +91,7 @@ pub struct ContactDetailsPatch {
     pub preferences: Option<Preferences>,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Consent {
     pub granted: bool,
@@ -109,10 +114,14 @@ pub enum ContactCommand {
     Restore(Reason),
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactCreated {
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     pub name: PersonName,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     pub emails: Vec<Email>,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     pub phones: Vec<Phone>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub title: String,
@@ -121,13 +130,62 @@ pub struct ContactCreated {
     pub occurred_at: Timestamp,
 }
 
+/// `ContactCreated` as schema version 1 stored it: one `full_name` string.
+/// Read through [`ContactCreatedV1::upcast`]; never written any more.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactCreatedV1 {
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    pub full_name: String,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    pub emails: Vec<Email>,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default)]
+    pub phones: Vec<Phone>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub title: String,
+    #[serde(default)]
+    pub preferences: Preferences,
+    pub occurred_at: Timestamp,
+}
+
+impl ContactCreatedV1 {
+    /// v1 → v2: the family name is the last word of `full_name`, the given
+    /// names the words before it (a single word is a given name).
+    pub fn upcast(self) -> ContactCreated {
+        let full = self.full_name.trim();
+        let name = match full.rsplit_once(char::is_whitespace) {
+            Some((given, family)) => PersonName {
+                given: given.trim().to_owned(),
+                family: family.to_owned(),
+            },
+            None => PersonName {
+                given: full.to_owned(),
+                family: String::new(),
+            },
+        };
+        ContactCreated {
+            name,
+            emails: self.emails,
+            phones: self.phones,
+            title: self.title,
+            preferences: self.preferences,
+            occurred_at: self.occurred_at,
+        }
+    }
+}
+
 /// Only the fields that really changed.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactChanges {
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<Change<PersonName>>,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emails: Option<Change<Vec<Email>>>,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phones: Option<Change<Vec<Phone>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,12 +200,14 @@ impl ContactChanges {
     }
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactDetailsUpdated {
     pub changes: ContactChanges,
     pub occurred_at: Timestamp,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactConsentChanged {
     pub purpose: String,
@@ -178,22 +238,37 @@ impl DomainEvent for ContactEvent {
         }
     }
 
+    fn schema_version(&self) -> u32 {
+        match self {
+            Self::Created(_) => 2,
+            _ => 1,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
-        _schema_version: u32,
+        schema_version: u32,
         payload: D,
     ) -> Result<Option<Self>, D::Error> {
-        Ok(Some(match event_type {
-            "ContactCreated" => Self::Created(Deserialize::deserialize(payload)?),
-            "ContactDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
-            "ContactConsentChanged" => Self::ConsentChanged(Deserialize::deserialize(payload)?),
-            "RecordArchived" => Self::Archived(Deserialize::deserialize(payload)?),
-            "RecordRestored" => Self::Restored(Deserialize::deserialize(payload)?),
+        Ok(Some(match (event_type, schema_version) {
+            ("ContactCreated", 1) => {
+                Self::Created(ContactCreatedV1::deserialize(payload)?.upcast())
+            }
+            ("ContactCreated", _) => Self::Created(Deserialize::deserialize(payload)?),
+            ("ContactDetailsUpdated", _) => {
+                Self::DetailsUpdated(Deserialize::deserialize(payload)?)
+            }
+            ("ContactConsentChanged", _) => {
+                Self::ConsentChanged(Deserialize::deserialize(payload)?)
+            }
+            ("RecordArchived", _) => Self::Archived(Deserialize::deserialize(payload)?),
+            ("RecordRestored", _) => Self::Restored(Deserialize::deserialize(payload)?),
             _ => return Ok(None),
         }))
     }
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contact {
     pub exists: bool,
@@ -882,7 +957,7 @@ mod tests {
         for event in [created(), archived()] {
             let json = serde_json::to_string(&event).unwrap();
             let mut de = serde_json::Deserializer::from_str(&json);
-            let back = ContactEvent::decode(event.event_type(), 1, &mut de)
+            let back = ContactEvent::decode(event.event_type(), event.schema_version(), &mut de)
                 .unwrap()
                 .unwrap();
             assert_eq!(back, event);
@@ -892,6 +967,48 @@ mod tests {
             ContactEvent::decode("SomethingElse", 1, &mut de).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn contact_created_v1_is_upcast_to_v2_on_read() {
+        let v1 = r#"{"full_name": " Ada King Lovelace ", "emails": [{"address": "ada@example.com", "primary": true}],
+                     "occurred_at": "2026-11-28T10:00:00Z"}"#;
+        let mut de = serde_json::Deserializer::from_str(v1);
+        let Some(ContactEvent::Created(created)) =
+            ContactEvent::decode("ContactCreated", 1, &mut de).unwrap()
+        else {
+            panic!("not a ContactCreated");
+        };
+        assert_eq!(
+            created.name,
+            PersonName {
+                given: "Ada King".into(),
+                family: "Lovelace".into()
+            }
+        );
+        assert!(created.phones.is_empty());
+        assert_eq!(created.occurred_at, now());
+        let mono = ContactCreatedV1 {
+            full_name: "Prince".into(),
+            emails: vec![],
+            phones: vec![],
+            title: String::new(),
+            preferences: Preferences::default(),
+            occurred_at: now(),
+        };
+        assert_eq!(
+            mono.upcast().name,
+            PersonName {
+                given: "Prince".into(),
+                family: String::new()
+            }
+        );
+        // Today's writes are version 2.
+        assert_eq!(created_event_version(), 2);
+    }
+
+    fn created_event_version() -> u32 {
+        created().schema_version()
     }
 
     fn arb_command() -> impl Strategy<Value = ContactCommand> {

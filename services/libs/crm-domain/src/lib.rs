@@ -9,6 +9,8 @@ mod aggregate;
 pub mod common;
 pub mod contact;
 mod error;
+#[cfg(feature = "schemas")]
+pub mod schemas;
 mod tenant;
 
 #[cfg(test)]

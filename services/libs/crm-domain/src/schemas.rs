@@ -1,0 +1,70 @@
+//! JSON Schemas of every event payload, per stream type, event type and
+//! schema version, generated from the Rust types (feature `schemas`).
+//! `crm schemas write` stores them under `schemas/`; a test fails when the
+//! checked-in files differ from what the code generates.
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+
+use crate::account::{
+    AccountBecameCustomer, AccountChurned, AccountCreated, AccountDetailsUpdated,
+};
+use crate::common::LifecycleChanged;
+use crate::contact::{
+    ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
+};
+
+/// One event payload's schema.
+pub struct EventSchema {
+    pub stream_type: &'static str,
+    pub event_type: &'static str,
+    pub schema_version: u32,
+    pub schema: Schema,
+}
+
+impl EventSchema {
+    /// Path under `schemas/`, e.g. `contact/ContactCreated.v2.json`.
+    pub fn path(&self) -> String {
+        format!(
+            "{}/{}.v{}.json",
+            self.stream_type, self.event_type, self.schema_version
+        )
+    }
+}
+
+fn schema<T: JsonSchema>(
+    stream_type: &'static str,
+    event_type: &'static str,
+    schema_version: u32,
+) -> EventSchema {
+    let mut schema = SchemaGenerator::default().into_root_schema_for::<T>();
+    schema.insert(
+        "$id".to_owned(),
+        format!("https://crm.example/schemas/{stream_type}/{event_type}.v{schema_version}.json")
+            .into(),
+    );
+    schema.insert("title".to_owned(), event_type.into());
+    schema.insert("x-schema-version".to_owned(), schema_version.into());
+    EventSchema {
+        stream_type,
+        event_type,
+        schema_version,
+        schema,
+    }
+}
+
+/// Every event type of every aggregate, each version that may be stored.
+pub fn event_schemas() -> Vec<EventSchema> {
+    vec![
+        schema::<AccountCreated>("account", "AccountCreated", 1),
+        schema::<AccountDetailsUpdated>("account", "AccountDetailsUpdated", 1),
+        schema::<AccountBecameCustomer>("account", "AccountBecameCustomer", 1),
+        schema::<AccountChurned>("account", "AccountChurned", 1),
+        schema::<LifecycleChanged>("account", "RecordArchived", 1),
+        schema::<LifecycleChanged>("account", "RecordRestored", 1),
+        schema::<ContactCreatedV1>("contact", "ContactCreated", 1),
+        schema::<ContactCreated>("contact", "ContactCreated", 2),
+        schema::<ContactDetailsUpdated>("contact", "ContactDetailsUpdated", 1),
+        schema::<ContactConsentChanged>("contact", "ContactConsentChanged", 1),
+        schema::<LifecycleChanged>("contact", "RecordArchived", 1),
+        schema::<LifecycleChanged>("contact", "RecordRestored", 1),
+    ]
+}
