@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, Context, DomainEvent, UniqueKey};
 use crate::common::{
@@ -112,6 +113,24 @@ pub enum ContactCommand {
     },
     Archive(Reason),
     Restore(Reason),
+    /// `account_active` is the handler's fact about the account, valid now.
+    LinkToAccount {
+        account_id: Uuid,
+        role: String,
+        primary: bool,
+        account_active: bool,
+    },
+}
+
+/// A contact's link to an account; at most one is primary.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactLinkedToAccount {
+    pub account_id: Uuid,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role: String,
+    pub primary: bool,
+    pub occurred_at: Timestamp,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -225,6 +244,7 @@ pub enum ContactEvent {
     ConsentChanged(ContactConsentChanged),
     Archived(LifecycleChanged),
     Restored(LifecycleChanged),
+    LinkedToAccount(ContactLinkedToAccount),
 }
 
 impl DomainEvent for ContactEvent {
@@ -235,6 +255,7 @@ impl DomainEvent for ContactEvent {
             Self::ConsentChanged(_) => "ContactConsentChanged",
             Self::Archived(_) => "RecordArchived",
             Self::Restored(_) => "RecordRestored",
+            Self::LinkedToAccount(_) => "ContactLinkedToAccount",
         }
     }
 
@@ -263,6 +284,9 @@ impl DomainEvent for ContactEvent {
             }
             ("RecordArchived", _) => Self::Archived(Deserialize::deserialize(payload)?),
             ("RecordRestored", _) => Self::Restored(Deserialize::deserialize(payload)?),
+            ("ContactLinkedToAccount", _) => {
+                Self::LinkedToAccount(Deserialize::deserialize(payload)?)
+            }
             _ => return Ok(None),
         }))
     }
@@ -279,6 +303,16 @@ pub struct Contact {
     pub title: String,
     pub preferences: Preferences,
     pub consent: BTreeMap<String, Consent>,
+    #[serde(default)]
+    pub accounts: Vec<AccountLink>,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountLink {
+    pub account_id: Uuid,
+    pub role: String,
+    pub primary: bool,
 }
 
 fn validate_name(name: &PersonName, v: &mut Violations) {
@@ -524,6 +558,38 @@ impl Aggregate for Contact {
                     occurred_at,
                 })])
             }
+            ContactCommand::LinkToAccount {
+                account_id,
+                role,
+                primary,
+                account_active,
+            } => {
+                self.live()?;
+                if !account_active {
+                    return Err(DomainError::InvalidReference {
+                        field: "account_id",
+                    });
+                }
+                let mut v = Violations::default();
+                v.check(
+                    role.is_empty() || crate::common::is_code(&role, 64),
+                    "role",
+                    "must be a code of [a-z0-9_]",
+                );
+                v.into_result()?;
+                let current = self.accounts.iter().find(|a| a.account_id == account_id);
+                if current.is_some_and(|a| a.role == role && a.primary == primary) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![ContactEvent::LinkedToAccount(
+                    ContactLinkedToAccount {
+                        account_id,
+                        role,
+                        primary,
+                        occurred_at,
+                    },
+                )])
+            }
             ContactCommand::Archive(reason) => {
                 self.live()?;
                 let mut v = Violations::default();
@@ -593,6 +659,19 @@ impl Aggregate for Contact {
                         decided_at: consent.occurred_at,
                     },
                 );
+            }
+            ContactEvent::LinkedToAccount(link) => {
+                if link.primary {
+                    for other in &mut self.accounts {
+                        other.primary = false;
+                    }
+                }
+                self.accounts.retain(|a| a.account_id != link.account_id);
+                self.accounts.push(AccountLink {
+                    account_id: link.account_id,
+                    role: link.role.clone(),
+                    primary: link.primary,
+                });
             }
             ContactEvent::Archived(_) => self.lifecycle = Lifecycle::Archived,
             ContactEvent::Restored(_) => self.lifecycle = Lifecycle::Active,

@@ -8,7 +8,9 @@ pub mod account;
 mod aggregate;
 pub mod common;
 pub mod contact;
+pub mod conversion;
 mod error;
+pub mod lead;
 #[cfg(feature = "schemas")]
 pub mod schemas;
 mod tenant;

@@ -1,0 +1,250 @@
+//! Lead conversion: one decision over three streams (DOMAIN.md §2.1), appended
+//! atomically by the handler. Pure, like every `decide`: the existing account
+//! (if the caller chose one) and the ids are passed in.
+use uuid::Uuid;
+
+use crate::account::{Account, AccountCommand, AccountDetails, AccountEvent, AccountKind};
+use crate::aggregate::{Aggregate, Context};
+use crate::common::Lifecycle;
+use crate::contact::{Contact, ContactCommand, ContactDetails, ContactEvent};
+use crate::error::DomainError;
+use crate::lead::{Lead, LeadConverted, LeadEvent, LeadStatus};
+
+/// Where the conversion writes.
+#[derive(Clone, Copy, Debug)]
+pub struct ConversionTargets<'a> {
+    /// The account to create (when `existing_account` is `None`) or use.
+    pub account_id: Uuid,
+    /// The existing account's state, when the caller named one.
+    pub existing_account: Option<&'a Account>,
+    pub contact_id: Uuid,
+}
+
+/// The events of each stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conversion {
+    pub lead: Vec<LeadEvent>,
+    pub account: Vec<AccountEvent>,
+    pub contact: Vec<ContactEvent>,
+}
+
+/// Converts a qualified lead into a contact linked to a new or existing
+/// account. Each part is decided by its own aggregate, so every rule of
+/// account and contact creation holds here too.
+pub fn convert(
+    lead: &Lead,
+    targets: ConversionTargets<'_>,
+    context: Context,
+) -> Result<Conversion, DomainError> {
+    if !lead.exists {
+        return Err(DomainError::NotFound);
+    }
+    if lead.status != LeadStatus::Qualified {
+        return Err(DomainError::InvalidTransition {
+            from: lead.status.name(),
+            to: "converted",
+        });
+    }
+    let occurred_at = context.occurred_at()?;
+    let account = match targets.existing_account {
+        Some(existing) => {
+            if !existing.exists || existing.lifecycle == Lifecycle::Archived {
+                return Err(DomainError::InvalidReference {
+                    field: "account_id",
+                });
+            }
+            Vec::new()
+        }
+        None => {
+            if lead.company.is_empty() {
+                return Err(DomainError::invalid(
+                    "account_id",
+                    "is required when the lead has no company",
+                ));
+            }
+            Account::default().decide(
+                AccountCommand::Create {
+                    self_id: targets.account_id,
+                    details: AccountDetails {
+                        kind: AccountKind::Company,
+                        name: lead.company.clone(),
+                        ..AccountDetails::default()
+                    },
+                },
+                context,
+            )?
+        }
+    };
+    let mut name = lead.name.clone();
+    if name.given.trim().is_empty() {
+        return Err(DomainError::invalid(
+            "name.given",
+            "the lead needs a given name to become a contact",
+        ));
+    }
+    name.given = name.given.trim().to_owned();
+    let created = Contact::default().decide(
+        ContactCommand::Create(ContactDetails {
+            name,
+            emails: lead.emails.clone(),
+            phones: lead.phones.clone(),
+            ..ContactDetails::default()
+        }),
+        context,
+    )?;
+    let state = Contact::default().replay(created.iter());
+    let linked = state.decide(
+        ContactCommand::LinkToAccount {
+            account_id: targets.account_id,
+            role: String::new(),
+            primary: true,
+            account_active: true,
+        },
+        context,
+    )?;
+    Ok(Conversion {
+        lead: vec![LeadEvent::Converted(LeadConverted {
+            account_id: targets.account_id,
+            account_created: targets.existing_account.is_none(),
+            contact_id: targets.contact_id,
+            occurred_at,
+        })],
+        account,
+        contact: created.into_iter().chain(linked).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contact::{Email, PersonName};
+    use crate::lead::{LeadCaptured, LeadSource, LeadStatusChanged};
+    use crate::testing::now;
+
+    fn qualified(company: &str) -> Lead {
+        let captured = LeadEvent::Captured(LeadCaptured {
+            name: PersonName {
+                given: "Li".into(),
+                family: "Wei".into(),
+            },
+            company: company.into(),
+            emails: vec![Email {
+                address: "li.wei@example.cn".into(),
+                primary: true,
+            }],
+            phones: vec![],
+            source: LeadSource {
+                channel: "web".into(),
+                ..LeadSource::default()
+            },
+            occurred_at: now(),
+        });
+        let steps = [
+            (LeadStatus::New, LeadStatus::Working),
+            (LeadStatus::Working, LeadStatus::Qualified),
+        ]
+        .map(|(from, to)| {
+            LeadEvent::StatusChanged(LeadStatusChanged {
+                from,
+                to,
+                reason: None,
+                occurred_at: now(),
+            })
+        });
+        Lead::default().replay([captured].iter().chain(steps.iter()))
+    }
+
+    fn targets() -> ConversionTargets<'static> {
+        ConversionTargets {
+            account_id: Uuid::from_u128(1),
+            existing_account: None,
+            contact_id: Uuid::from_u128(2),
+        }
+    }
+
+    #[test]
+    fn a_qualified_lead_becomes_account_contact_and_link() {
+        let conversion = convert(
+            &qualified("Wei Trading 有限公司"),
+            targets(),
+            Context::at(now()),
+        )
+        .unwrap();
+        assert_eq!(conversion.account.len(), 1);
+        let account = Account::default().replay(conversion.account.iter());
+        assert_eq!(account.name, "Wei Trading 有限公司");
+        let contact = Contact::default().replay(conversion.contact.iter());
+        assert_eq!(contact.emails[0].address, "li.wei@example.cn");
+        assert_eq!(contact.accounts[0].account_id, Uuid::from_u128(1));
+        assert!(contact.accounts[0].primary);
+        let lead = qualified("x").replay(conversion.lead.iter());
+        assert_eq!(lead.status, LeadStatus::Converted);
+    }
+
+    #[test]
+    fn an_existing_active_account_is_linked_not_created() {
+        let existing = Account::default().replay(
+            Account::default()
+                .decide(
+                    AccountCommand::Create {
+                        self_id: Uuid::from_u128(9),
+                        details: AccountDetails {
+                            name: "Acme".into(),
+                            ..Default::default()
+                        },
+                    },
+                    Context::at(now()),
+                )
+                .unwrap()
+                .iter(),
+        );
+        let conversion = convert(
+            &qualified(""),
+            ConversionTargets {
+                account_id: Uuid::from_u128(9),
+                existing_account: Some(&existing),
+                contact_id: Uuid::from_u128(2),
+            },
+            Context::at(now()),
+        )
+        .unwrap();
+        assert!(conversion.account.is_empty());
+        let missing = Account::default();
+        let refused = convert(
+            &qualified(""),
+            ConversionTargets {
+                account_id: Uuid::from_u128(9),
+                existing_account: Some(&missing),
+                contact_id: Uuid::from_u128(2),
+            },
+            Context::at(now()),
+        );
+        assert_eq!(
+            refused.unwrap_err(),
+            DomainError::InvalidReference {
+                field: "account_id"
+            }
+        );
+    }
+
+    #[test]
+    fn only_qualified_leads_convert() {
+        assert_eq!(
+            convert(&Lead::default(), targets(), Context::at(now())).unwrap_err(),
+            DomainError::NotFound
+        );
+        let mut working = qualified("Acme");
+        working.status = LeadStatus::Working;
+        assert_eq!(
+            convert(&working, targets(), Context::at(now())).unwrap_err(),
+            DomainError::InvalidTransition {
+                from: "working",
+                to: "converted"
+            }
+        );
+        assert!(matches!(
+            convert(&qualified(""), targets(), Context::at(now())),
+            Err(DomainError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,446 @@
+//! Lead: a prospect, the unit of attribution (DOMAIN.md §2.1).
+//!
+//! `New → Working ⇄ Nurturing → Qualified → Converted`; any open state may go
+//! to `Disqualified` (with a reason) and back to `Working`. Converted is final.
+//! Leads reserve no unique values: duplicates among leads are data quality's
+//! business. Conversion is decided by [`crate::conversion`], across streams.
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{Aggregate, Context, DomainEvent};
+use crate::common::{Reason, is_code, text_ok};
+use crate::contact::{Email, PersonName, Phone};
+use crate::error::{DomainError, Violations};
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeadStatus {
+    #[default]
+    New,
+    Working,
+    Nurturing,
+    Qualified,
+    Disqualified,
+    Converted,
+}
+
+impl LeadStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Working => "working",
+            Self::Nurturing => "nurturing",
+            Self::Qualified => "qualified",
+            Self::Disqualified => "disqualified",
+            Self::Converted => "converted",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::New,
+            Self::Working,
+            Self::Nurturing,
+            Self::Qualified,
+            Self::Disqualified,
+            Self::Converted,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
+
+    fn is_open(self) -> bool {
+        matches!(
+            self,
+            Self::New | Self::Working | Self::Nurturing | Self::Qualified
+        )
+    }
+
+    /// The moves ChangeLeadStatus allows (conversion has its own command).
+    pub fn may_become(self, to: Self) -> bool {
+        use LeadStatus::*;
+        match (self, to) {
+            (New, Working) | (Working, Nurturing) | (Nurturing, Working) => true,
+            (Working | Nurturing, Qualified) => true,
+            (from, Disqualified) => from.is_open(),
+            (Disqualified, Working) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Where a lead came from.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadSource {
+    /// e.g. `web`, `event`, `referral`, `import`.
+    pub channel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign_id: Option<uuid::Uuid>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub utm_source: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub utm_medium: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub utm_campaign: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeadDetails {
+    pub name: PersonName,
+    pub company: String,
+    pub emails: Vec<Email>,
+    pub phones: Vec<Phone>,
+    pub source: LeadSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeadCommand {
+    Capture(LeadDetails),
+    ChangeStatus {
+        to: LeadStatus,
+        reason: Option<Reason>,
+    },
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadCaptured {
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    pub name: PersonName,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub company: String,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default)]
+    pub emails: Vec<Email>,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default)]
+    pub phones: Vec<Phone>,
+    pub source: LeadSource,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadStatusChanged {
+    pub from: LeadStatus,
+    pub to: LeadStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadConverted {
+    pub account_id: uuid::Uuid,
+    /// True when the conversion created the account, false for an existing one.
+    pub account_created: bool,
+    pub contact_id: uuid::Uuid,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum LeadEvent {
+    Captured(LeadCaptured),
+    StatusChanged(LeadStatusChanged),
+    Converted(LeadConverted),
+}
+
+impl DomainEvent for LeadEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::Captured(_) => "LeadCaptured",
+            Self::StatusChanged(_) => "LeadStatusChanged",
+            Self::Converted(_) => "LeadConverted",
+        }
+    }
+
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        _schema_version: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error> {
+        Ok(Some(match event_type {
+            "LeadCaptured" => Self::Captured(Deserialize::deserialize(payload)?),
+            "LeadStatusChanged" => Self::StatusChanged(Deserialize::deserialize(payload)?),
+            "LeadConverted" => Self::Converted(Deserialize::deserialize(payload)?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lead {
+    pub exists: bool,
+    pub status: LeadStatus,
+    pub name: PersonName,
+    pub company: String,
+    pub emails: Vec<Email>,
+    pub phones: Vec<Phone>,
+    pub source: LeadSource,
+    pub converted_to: Option<LeadConverted>,
+}
+
+impl Aggregate for Lead {
+    type Command = LeadCommand;
+    type Event = LeadEvent;
+    const STREAM_TYPE: &'static str = "lead";
+
+    fn exists(&self) -> bool {
+        self.exists
+    }
+
+    fn creates(command: &LeadCommand) -> bool {
+        matches!(command, LeadCommand::Capture(_))
+    }
+
+    fn decide(
+        &self,
+        command: LeadCommand,
+        context: Context,
+    ) -> Result<Vec<LeadEvent>, DomainError> {
+        let occurred_at = context.occurred_at()?;
+        match command {
+            LeadCommand::Capture(details) => {
+                if self.exists {
+                    return Err(DomainError::AlreadyExists {
+                        key: "lead_id",
+                        holder: None,
+                    });
+                }
+                let mut v = Violations::default();
+                v.check(
+                    text_ok(&details.name.given, 200, true),
+                    "name.given",
+                    "must be at most 200 characters",
+                );
+                v.check(
+                    text_ok(&details.name.family, 200, true),
+                    "name.family",
+                    "must be at most 200 characters",
+                );
+                v.check(
+                    text_ok(&details.company, 200, true),
+                    "company",
+                    "must be at most 200 characters",
+                );
+                // Interactive capture rejects bad formats (imports keep them raw).
+                let contact = crate::contact::ContactDetails {
+                    name: PersonName {
+                        given: "x".into(),
+                        family: String::new(),
+                    },
+                    emails: details.emails.clone(),
+                    phones: details.phones.clone(),
+                    ..Default::default()
+                };
+                if let Err(DomainError::Invalid(found)) = (crate::contact::Contact::default())
+                    .decide(crate::contact::ContactCommand::Create(contact), context)
+                {
+                    for violation in found {
+                        v.add(violation.field, violation.rule);
+                    }
+                }
+                v.check(
+                    !details.emails.is_empty()
+                        || !details.phones.is_empty()
+                        || !details.company.trim().is_empty(),
+                    "emails",
+                    "a lead needs an email, a phone or a company",
+                );
+                v.check(
+                    is_code(&details.source.channel, 64),
+                    "source.channel",
+                    "must be a code of [a-z0-9_]",
+                );
+                v.into_result()?;
+                Ok(vec![LeadEvent::Captured(LeadCaptured {
+                    name: details.name,
+                    company: details.company.trim().to_owned(),
+                    emails: details.emails,
+                    phones: details.phones,
+                    source: details.source,
+                    occurred_at,
+                })])
+            }
+            LeadCommand::ChangeStatus { to, reason } => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                if self.status == to {
+                    return Ok(vec![]);
+                }
+                if !self.status.may_become(to) {
+                    return Err(DomainError::InvalidTransition {
+                        from: self.status.name(),
+                        to: to.name(),
+                    });
+                }
+                let mut v = Violations::default();
+                match &reason {
+                    Some(reason) => reason.validate("reason", &mut v),
+                    None => v.check(
+                        to != LeadStatus::Disqualified,
+                        "reason",
+                        "is required to disqualify",
+                    ),
+                }
+                v.into_result()?;
+                Ok(vec![LeadEvent::StatusChanged(LeadStatusChanged {
+                    from: self.status,
+                    to,
+                    reason,
+                    occurred_at,
+                })])
+            }
+        }
+    }
+
+    fn evolve(mut self, event: &LeadEvent) -> Self {
+        match event {
+            LeadEvent::Captured(captured) => {
+                self.exists = true;
+                self.name = captured.name.clone();
+                self.company = captured.company.clone();
+                self.emails = captured.emails.clone();
+                self.phones = captured.phones.clone();
+                self.source = captured.source.clone();
+            }
+            LeadEvent::StatusChanged(changed) => self.status = changed.to,
+            LeadEvent::Converted(converted) => {
+                self.status = LeadStatus::Converted;
+                self.converted_to = Some(converted.clone());
+            }
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{given, now};
+
+    fn captured() -> LeadEvent {
+        LeadEvent::Captured(LeadCaptured {
+            name: PersonName {
+                given: "Li".into(),
+                family: "Wei".into(),
+            },
+            company: "Wei Trading".into(),
+            emails: vec![],
+            phones: vec![],
+            source: LeadSource {
+                channel: "web".into(),
+                ..LeadSource::default()
+            },
+            occurred_at: now(),
+        })
+    }
+
+    fn moved(from: LeadStatus, to: LeadStatus) -> LeadEvent {
+        LeadEvent::StatusChanged(LeadStatusChanged {
+            from,
+            to,
+            reason: None,
+            occurred_at: now(),
+        })
+    }
+
+    #[test]
+    fn capture_needs_an_email_a_phone_or_a_company_and_valid_formats() {
+        let details = LeadDetails {
+            name: PersonName {
+                given: "Li".into(),
+                family: "Wei".into(),
+            },
+            company: "Wei Trading".into(),
+            source: LeadSource {
+                channel: "web".into(),
+                ..LeadSource::default()
+            },
+            ..LeadDetails::default()
+        };
+        given::<Lead>([])
+            .when(LeadCommand::Capture(details.clone()))
+            .then(vec![captured()]);
+        let mut empty = details.clone();
+        empty.company = String::new();
+        given::<Lead>([])
+            .when(LeadCommand::Capture(empty))
+            .then_invalid(&["emails"]);
+        let mut bad = details;
+        bad.emails = vec![Email {
+            address: "nope".into(),
+            primary: true,
+        }];
+        bad.source.channel = "Web Site".into();
+        given::<Lead>([])
+            .when(LeadCommand::Capture(bad))
+            .then_invalid(&["emails[0].address", "source.channel"]);
+    }
+
+    #[test]
+    fn status_moves_follow_the_lifecycle() {
+        given::<Lead>([captured()])
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Working,
+                reason: None,
+            })
+            .then(vec![moved(LeadStatus::New, LeadStatus::Working)]);
+        given::<Lead>([captured()])
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Qualified,
+                reason: None,
+            })
+            .then_error(DomainError::InvalidTransition {
+                from: "new",
+                to: "qualified",
+            });
+        given::<Lead>([captured()])
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Disqualified,
+                reason: None,
+            })
+            .then_invalid(&["reason"]);
+        let reason = Reason {
+            code: "no_budget".into(),
+            text: String::new(),
+        };
+        given::<Lead>([captured()])
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Disqualified,
+                reason: Some(reason.clone()),
+            })
+            .then(vec![LeadEvent::StatusChanged(LeadStatusChanged {
+                from: LeadStatus::New,
+                to: LeadStatus::Disqualified,
+                reason: Some(reason),
+                occurred_at: now(),
+            })]);
+        given::<Lead>([captured(), moved(LeadStatus::New, LeadStatus::Disqualified)])
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Working,
+                reason: None,
+            })
+            .then(vec![moved(LeadStatus::Disqualified, LeadStatus::Working)]);
+        given::<Lead>([captured(), moved(LeadStatus::New, LeadStatus::Working)])
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Working,
+                reason: None,
+            })
+            .then(vec![]);
+        given::<Lead>([captured()])
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Converted,
+                reason: None,
+            })
+            .then_error(DomainError::InvalidTransition {
+                from: "new",
+                to: "converted",
+            });
+    }
+}
