@@ -4,4 +4,5 @@ mod accounts;
 mod all_role;
 mod contacts;
 mod demo;
+mod leads;
 mod support;

@@ -5,6 +5,7 @@ use std::time::Duration;
 use crm_platform::Config;
 use crm_proto::v1::accounts_client::AccountsClient;
 use crm_proto::v1::contacts_client::ContactsClient;
+use crm_proto::v1::leads_client::LeadsClient;
 use crm_test_support::{TestDb, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,10 @@ impl TestApp {
 
     pub fn contacts(&self) -> ContactsClient<Channel> {
         ContactsClient::new(self.channel.clone())
+    }
+
+    pub fn leads(&self) -> LeadsClient<Channel> {
+        LeadsClient::new(self.channel.clone())
     }
 
     pub fn accounts(&self) -> AccountsClient<Channel> {

@@ -13,9 +13,12 @@ use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::RunError;
-use crate::command::{AccountsService, CommandHandler, ContactsService, MAX_REQUEST_BYTES};
+use crate::command::{
+    AccountsService, CommandHandler, ContactsService, LeadsService, MAX_REQUEST_BYTES,
+};
 use crm_proto::v1::accounts_server::AccountsServer;
 use crm_proto::v1::contacts_server::ContactsServer;
+use crm_proto::v1::leads_server::LeadsServer;
 
 /// Serves on `listener` until `intake` is cancelled: then reports NOT_SERVING,
 /// stops accepting, and lets in-flight calls finish.
@@ -34,8 +37,10 @@ pub(crate) async fn serve(
         .build_v1()?;
     let contacts = ContactsServer::new(ContactsService::new(commands.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let accounts = AccountsServer::new(AccountsService::new(commands))
+    let accounts = AccountsServer::new(AccountsService::new(commands.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let leads =
+        LeadsServer::new(LeadsService::new(commands)).max_decoding_message_size(MAX_REQUEST_BYTES);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener)
@@ -49,6 +54,7 @@ pub(crate) async fn serve(
         .add_service(reflection)
         .add_service(contacts)
         .add_service(accounts)
+        .add_service(leads)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crm/v1/common.proto",
         "crm/v1/contacts.proto",
         "crm/v1/accounts.proto",
+        "crm/v1/leads.proto",
     ];
     let root = "../../../proto";
     for file in files {

@@ -28,7 +28,7 @@ fn name(name: Option<pb::PersonName>) -> PersonName {
     }
 }
 
-fn emails(emails: Vec<pb::EmailAddress>) -> Vec<Email> {
+pub(crate) fn emails(emails: Vec<pb::EmailAddress>) -> Vec<Email> {
     emails
         .into_iter()
         .map(|e| Email {
@@ -38,7 +38,7 @@ fn emails(emails: Vec<pb::EmailAddress>) -> Vec<Email> {
         .collect()
 }
 
-fn phones(phones: Vec<pb::PhoneNumber>) -> Vec<Phone> {
+pub(crate) fn phones(phones: Vec<pb::PhoneNumber>) -> Vec<Phone> {
     phones
         .into_iter()
         .map(|p| Phone {

@@ -11,15 +11,20 @@ mod accounts;
 mod caller;
 mod contacts;
 mod error;
+mod leads;
 
 use std::collections::BTreeSet;
 
+use crm_domain::account::Account;
+use crm_domain::contact::Contact;
+use crm_domain::conversion::ConversionTargets;
+use crm_domain::lead::Lead;
 use crm_domain::{Aggregate, Context, DomainEvent, TenantId};
 use crm_event_store::{
     AppendError, AppendEvents, Appended, EventStore, ExpectedVersion, NewEvent, Reservation,
     ReservationAction, StreamAppend,
 };
-use crm_proto::v1::{CommandOptions, CommandReply};
+use crm_proto::v1::{CommandOptions, CommandReply, ConvertLeadReply};
 use hmac::{Hmac, KeyInit, Mac};
 use jiff::Timestamp;
 use sha2::{Digest, Sha256};
@@ -29,6 +34,7 @@ pub use accounts::AccountsService;
 pub use caller::Caller;
 pub use contacts::ContactsService;
 pub use error::ServiceError;
+pub use leads::LeadsService;
 
 /// Longest stream the command path folds from events (snapshots take over
 /// for longer ones).
@@ -277,20 +283,27 @@ impl CommandHandler {
         before: &BTreeSet<crm_domain::UniqueKey>,
         after: &BTreeSet<crm_domain::UniqueKey>,
     ) -> Result<AppendEvents, ServiceError> {
-        let mut new_events = Vec::with_capacity(events.len());
-        for event in events {
-            let payload = serde_json::to_value(event)
-                .map_err(|e| ServiceError::Internal(format!("event does not serialize: {e}")))?;
-            new_events.push(NewEvent {
-                event_id: Uuid::now_v7(),
-                event_type: event.event_type().to_owned(),
-                schema_version: event.schema_version(),
-                payload,
-            });
-        }
+        Ok(AppendEvents {
+            tenant_id: caller.tenant.clone(),
+            streams: vec![stream_append::<A>(stream_id, version, events)?],
+            idempotency_key: options.idempotency_key.clone(),
+            metadata: caller.metadata(options),
+            reservations: self.reservations(&caller.tenant, stream_id, before, after),
+            request_fingerprint: Some(options.fingerprint),
+        })
+    }
+
+    /// Claims for the keys `after` adds, releases for those it drops.
+    fn reservations(
+        &self,
+        tenant: &TenantId,
+        stream_id: Uuid,
+        before: &BTreeSet<crm_domain::UniqueKey>,
+        after: &BTreeSet<crm_domain::UniqueKey>,
+    ) -> Vec<Reservation> {
         let reservation = |(kind, value): &crm_domain::UniqueKey, action| Reservation {
             kind: (*kind).to_owned(),
-            key_hash: self.key_hash(&caller.tenant, kind, value),
+            key_hash: self.key_hash(tenant, kind, value),
             stream_id,
             action,
         };
@@ -303,24 +316,171 @@ impl CommandHandler {
                 .difference(after)
                 .map(|key| reservation(key, ReservationAction::Release)),
         );
-        Ok(AppendEvents {
-            tenant_id: caller.tenant.clone(),
-            streams: vec![StreamAppend {
-                stream_type: A::STREAM_TYPE.to_owned(),
-                stream_id,
-                expected: if version == 0 {
-                    ExpectedVersion::NoStream
-                } else {
-                    ExpectedVersion::Exact(version)
-                },
-                events: new_events,
-            }],
-            idempotency_key: options.idempotency_key.clone(),
-            metadata: caller.metadata(options),
-            reservations,
-            request_fingerprint: Some(options.fingerprint),
-        })
+        reservations
     }
+
+    /// Converts a qualified lead in one atomic append over the lead, the new
+    /// account (unless an existing one is named) and the new contact. The
+    /// contact's and a new account's ids are derived from the lead, so a retry
+    /// converges on the same records.
+    #[tracing::instrument(name = "convert_lead", skip_all, err(Display), fields(tenant_id = %caller.tenant, %lead_id))]
+    pub async fn convert_lead(
+        &self,
+        caller: &Caller,
+        lead_id: Uuid,
+        existing_account: Option<Uuid>,
+        options: &Options,
+    ) -> Result<ConvertLeadReply, ServiceError> {
+        let account_id =
+            existing_account.unwrap_or_else(|| derived_id(&caller.tenant, lead_id, "account"));
+        let contact_id = derived_id(&caller.tenant, lead_id, "contact");
+        let answer = |appended: &Appended| ConvertLeadReply {
+            lead: Some(reply(lead_id, appended)),
+            account_id: account_id.to_string(),
+            account_created: appended.streams.iter().any(|s| s.stream_id == account_id),
+            contact_id: contact_id.to_string(),
+            global_position: appended.last_position,
+            unchanged: appended.replayed,
+        };
+        if let Some(key) = &options.idempotency_key
+            && let Some((fingerprint, appended)) = self
+                .store
+                .idempotent_outcome(&caller.tenant, key)
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?
+        {
+            if fingerprint != options.fingerprint {
+                return Err(ServiceError::IdempotencyKeyReused);
+            }
+            return Ok(answer(&appended));
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let (lead, lead_version, _) = self.load::<Lead>(&caller.tenant, lead_id).await?;
+            if let Some(expected) = options.expected_version
+                && expected != lead_version
+            {
+                return Err(ServiceError::VersionConflict {
+                    current: lead_version,
+                });
+            }
+            let account = match existing_account {
+                Some(id) => Some(
+                    self.load::<Account>(&caller.tenant, id)
+                        .await
+                        .or_else(|e| match e {
+                            // Not an account (another stream type): not usable.
+                            ServiceError::Domain(crm_domain::DomainError::NotFound) => {
+                                Ok((Account::default(), 0, 0))
+                            }
+                            other => Err(other),
+                        })?
+                        .0,
+                ),
+                None => None,
+            };
+            let context = Context {
+                now: Timestamp::now(),
+                occurred_at: options.occurred_at,
+            };
+            let conversion = crm_domain::conversion::convert(
+                &lead,
+                ConversionTargets {
+                    account_id,
+                    existing_account: account.as_ref(),
+                    contact_id,
+                },
+                context,
+            )?;
+            let mut streams = vec![stream_append::<Lead>(
+                lead_id,
+                lead_version,
+                &conversion.lead,
+            )?];
+            let mut reservations = Vec::new();
+            if !conversion.account.is_empty() {
+                streams.push(stream_append::<Account>(
+                    account_id,
+                    0,
+                    &conversion.account,
+                )?);
+                let keys = Account::default()
+                    .replay(conversion.account.iter())
+                    .unique_keys();
+                reservations.extend(self.reservations(
+                    &caller.tenant,
+                    account_id,
+                    &BTreeSet::new(),
+                    &keys,
+                ));
+            }
+            streams.push(stream_append::<Contact>(
+                contact_id,
+                0,
+                &conversion.contact,
+            )?);
+            let keys = Contact::default()
+                .replay(conversion.contact.iter())
+                .unique_keys();
+            reservations.extend(self.reservations(
+                &caller.tenant,
+                contact_id,
+                &BTreeSet::new(),
+                &keys,
+            ));
+            let request = AppendEvents {
+                tenant_id: caller.tenant.clone(),
+                streams,
+                idempotency_key: options.idempotency_key.clone(),
+                metadata: caller.metadata(options),
+                reservations,
+                request_fingerprint: Some(options.fingerprint),
+            };
+            match self.store.append(request).await {
+                Ok(appended) => return Ok(answer(&appended)),
+                Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {
+                    tracing::debug!("concurrent change; deciding the conversion again");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ServiceError::Contention)
+    }
+}
+
+/// A record id derived from a lead (UUIDv5 under a per-tenant namespace), so
+/// retried conversions converge on the same records.
+fn derived_id(tenant: &TenantId, lead_id: Uuid, role: &str) -> Uuid {
+    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
+    Uuid::new_v5(&namespace, format!("{lead_id}:{role}").as_bytes())
+}
+
+/// One stream's part of an append: serialized events at the expected version.
+fn stream_append<A: Aggregate>(
+    stream_id: Uuid,
+    version: u64,
+    events: &[A::Event],
+) -> Result<StreamAppend, ServiceError> {
+    let mut new_events = Vec::with_capacity(events.len());
+    for event in events {
+        let payload = serde_json::to_value(event)
+            .map_err(|e| ServiceError::Internal(format!("event does not serialize: {e}")))?;
+        new_events.push(NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: event.event_type().to_owned(),
+            schema_version: event.schema_version(),
+            payload,
+        });
+    }
+    Ok(StreamAppend {
+        stream_type: A::STREAM_TYPE.to_owned(),
+        stream_id,
+        expected: if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        },
+        events: new_events,
+    })
 }
 
 /// The reply for an append. A replayed outcome names the stream the first

@@ -10,7 +10,9 @@ use crate::account::{
 use crate::common::LifecycleChanged;
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
+    ContactLinkedToAccount,
 };
+use crate::lead::{LeadCaptured, LeadConverted, LeadStatusChanged};
 
 /// One event payload's schema.
 pub struct EventSchema {
@@ -66,5 +68,9 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<ContactConsentChanged>("contact", "ContactConsentChanged", 1),
         schema::<LifecycleChanged>("contact", "RecordArchived", 1),
         schema::<LifecycleChanged>("contact", "RecordRestored", 1),
+        schema::<ContactLinkedToAccount>("contact", "ContactLinkedToAccount", 1),
+        schema::<LeadCaptured>("lead", "LeadCaptured", 1),
+        schema::<LeadStatusChanged>("lead", "LeadStatusChanged", 1),
+        schema::<LeadConverted>("lead", "LeadConverted", 1),
     ]
 }

@@ -1,0 +1,111 @@
+//! `crm.v1.Leads`: proto requests → lead commands and the conversion.
+use crm_domain::contact::PersonName;
+use crm_domain::lead::{Lead, LeadCommand, LeadDetails, LeadSource, LeadStatus};
+use crm_proto::v1 as pb;
+use crm_proto::v1::leads_server::Leads;
+use tonic::{Request, Response, Status};
+
+use super::contacts::{emails, phones, reason};
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+pub struct LeadsService {
+    handler: CommandHandler,
+}
+
+impl LeadsService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+}
+
+fn source(source: Option<pb::LeadSource>) -> Result<LeadSource, ServiceError> {
+    let source = source.unwrap_or_default();
+    let campaign_id = if source.campaign_id.is_empty() {
+        None
+    } else {
+        Some(parse_id("source.campaign_id", &source.campaign_id, false)?)
+    };
+    Ok(LeadSource {
+        channel: source.channel,
+        campaign_id,
+        utm_source: source.utm_source,
+        utm_medium: source.utm_medium,
+        utm_campaign: source.utm_campaign,
+    })
+}
+
+#[tonic::async_trait]
+impl Leads for LeadsService {
+    async fn capture_lead(
+        &self,
+        request: Request<pb::CaptureLeadRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("CaptureLead", request.options.as_ref(), &request)?;
+        let id = parse_id("lead_id", &request.lead_id, true)?;
+        let name = request.name.unwrap_or_default();
+        let command = LeadCommand::Capture(LeadDetails {
+            name: PersonName {
+                given: name.given,
+                family: name.family,
+            },
+            company: request.company,
+            emails: emails(request.emails),
+            phones: phones(request.phones),
+            source: source(request.source)?,
+        });
+        let reply = self
+            .handler
+            .execute::<Lead>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn change_lead_status(
+        &self,
+        request: Request<pb::ChangeLeadStatusRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ChangeLeadStatus", request.options.as_ref(), &request)?;
+        let id = parse_id("lead_id", &request.lead_id, false)?;
+        let to = LeadStatus::parse(&request.status)
+            .filter(|status| *status != LeadStatus::Converted)
+            .ok_or_else(|| {
+                ServiceError::invalid(
+                    "status",
+                    "must be new, working, nurturing, qualified or disqualified",
+                )
+            })?;
+        let command = LeadCommand::ChangeStatus {
+            to,
+            reason: request.reason.map(|r| reason(Some(r))),
+        };
+        let reply = self
+            .handler
+            .execute::<Lead>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn convert_lead(
+        &self,
+        request: Request<pb::ConvertLeadRequest>,
+    ) -> Result<Response<pb::ConvertLeadReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ConvertLead", request.options.as_ref(), &request)?;
+        let id = parse_id("lead_id", &request.lead_id, false)?;
+        let account = if request.account_id.is_empty() {
+            None
+        } else {
+            Some(parse_id("account_id", &request.account_id, false)?)
+        };
+        let reply = self
+            .handler
+            .convert_lead(&caller, id, account, &options)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}

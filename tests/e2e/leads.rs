@@ -1,0 +1,325 @@
+//! `crm.v1.Leads`: capture, status moves, and the atomic conversion.
+use crm_proto::v1::{
+    AccountKind, ArchiveAccountRequest, CaptureLeadRequest, ChangeLeadStatusRequest,
+    CommandOptions, ConvertLeadRequest, CreateAccountRequest, CreateContactRequest, EmailAddress,
+    LeadSource, PersonName, Reason,
+};
+use tonic::Code;
+
+use crate::support::{TestApp, bad_fields, error_info};
+
+fn li_wei(email: &str, company: &str) -> CaptureLeadRequest {
+    CaptureLeadRequest {
+        name: Some(PersonName {
+            given: "Li".into(),
+            family: "Wei".into(),
+        }),
+        company: company.into(),
+        emails: vec![EmailAddress {
+            address: email.into(),
+            primary: true,
+        }],
+        source: Some(LeadSource {
+            channel: "web".into(),
+            utm_source: "newsletter".into(),
+            ..LeadSource::default()
+        }),
+        ..CaptureLeadRequest::default()
+    }
+}
+
+fn move_to(id: &str, to: &str) -> ChangeLeadStatusRequest {
+    ChangeLeadStatusRequest {
+        lead_id: id.into(),
+        status: to.into(),
+        ..ChangeLeadStatusRequest::default()
+    }
+}
+
+/// A lead captured and moved to qualified; returns its id.
+async fn qualified_lead(app: &TestApp, email: &str, company: &str) -> String {
+    let id = app
+        .leads()
+        .capture_lead(app.request(li_wei(email, company)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    for to in ["working", "qualified"] {
+        app.leads()
+            .change_lead_status(app.request(move_to(&id, to)))
+            .await
+            .unwrap();
+    }
+    id
+}
+
+fn convert(lead: &str, account: &str, key: &str) -> ConvertLeadRequest {
+    ConvertLeadRequest {
+        options: Some(CommandOptions {
+            idempotency_key: key.into(),
+            ..CommandOptions::default()
+        }),
+        lead_id: lead.into(),
+        account_id: account.into(),
+    }
+}
+
+#[tokio::test]
+async fn converting_a_lead_writes_account_contact_and_lead_in_one_append() {
+    let app = TestApp::spawn().await;
+    let lead = qualified_lead(&app, "li.wei@example.cn", "Wei Trading 有限公司").await;
+    let before = app.stored().await.len();
+    let reply = app
+        .leads()
+        .convert_lead(app.request(convert(&lead, "", "convert-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.account_created);
+    assert_eq!(reply.lead.as_ref().unwrap().stream_version, 4);
+
+    let rows = app.db.client().await
+        .query("SELECT event_type, stream_id::text, global_position, xmin::text FROM events WHERE global_position > $1 ORDER BY global_position", &[&(before as i64)])
+        .await.unwrap();
+    let types: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        types,
+        [
+            "LeadConverted",
+            "AccountCreated",
+            "ContactCreated",
+            "ContactLinkedToAccount"
+        ]
+    );
+    let transactions: std::collections::HashSet<String> = rows.iter().map(|r| r.get(3)).collect();
+    assert_eq!(transactions.len(), 1, "one transaction");
+    assert_eq!(rows[1].get::<_, String>(1), reply.account_id);
+    assert_eq!(rows[2].get::<_, String>(1), reply.contact_id);
+    assert_eq!(reply.global_position as i64, rows[3].get::<_, i64>(2));
+
+    // The retry answers the same records; without the key, the lead is converted already.
+    let again = app
+        .leads()
+        .convert_lead(app.request(convert(&lead, "", "convert-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            again.contact_id.as_str(),
+            again.account_id.as_str(),
+            again.unchanged
+        ),
+        (reply.contact_id.as_str(), reply.account_id.as_str(), true)
+    );
+    let status = app
+        .leads()
+        .convert_lead(app.request(convert(&lead, "", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (Code::FailedPrecondition, "INVALID_TRANSITION")
+    );
+    assert_eq!(app.stored().await.len(), before + 4);
+
+    // The new contact holds the lead's email like any contact.
+    let taken = CreateContactRequest {
+        name: Some(PersonName {
+            given: "Other".into(),
+            family: String::new(),
+        }),
+        emails: vec![EmailAddress {
+            address: "LI.WEI@example.cn".into(),
+            primary: true,
+        }],
+        ..CreateContactRequest::default()
+    };
+    let status = app
+        .contacts()
+        .create_contact(app.request(taken))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["holder"], reply.contact_id);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_conversion_that_fails_on_any_stream_stores_nothing() {
+    let app = TestApp::spawn().await;
+    // Another contact already holds the lead's email.
+    let holder = CreateContactRequest {
+        name: Some(PersonName {
+            given: "Mei".into(),
+            family: "Chen".into(),
+        }),
+        emails: vec![EmailAddress {
+            address: "li.wei@example.cn".into(),
+            primary: true,
+        }],
+        ..CreateContactRequest::default()
+    };
+    app.contacts()
+        .create_contact(app.request(holder))
+        .await
+        .unwrap();
+    let lead = qualified_lead(&app, "li.wei@example.cn", "Wei Trading").await;
+    let before = app.stored().await.len();
+    let status = app
+        .leads()
+        .convert_lead(app.request(convert(&lead, "", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert_eq!(
+        app.stored().await.len(),
+        before,
+        "no account, no contact, lead unchanged"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn conversion_links_an_existing_account_and_refuses_unusable_ones() {
+    let app = TestApp::spawn().await;
+    let account = CreateAccountRequest {
+        kind: AccountKind::Company.into(),
+        name: "Acme".into(),
+        ..CreateAccountRequest::default()
+    };
+    let account_id = app
+        .accounts()
+        .create_account(app.request(account))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let lead = qualified_lead(&app, "li.wei@example.cn", "").await;
+    let reply = app
+        .leads()
+        .convert_lead(app.request(convert(&lead, &account_id, "")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reply.account_id.as_str(), reply.account_created),
+        (account_id.as_str(), false)
+    );
+
+    let archived_lead = qualified_lead(&app, "mei@example.cn", "").await;
+    let archive = ArchiveAccountRequest {
+        options: None,
+        account_id: account_id.clone(),
+        reason: Some(Reason {
+            code: "closed".into(),
+            text: String::new(),
+        }),
+    };
+    app.accounts()
+        .archive_account(app.request(archive))
+        .await
+        .unwrap();
+    let status = app
+        .leads()
+        .convert_lead(app.request(convert(&archived_lead, &account_id, "")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (Code::FailedPrecondition, "INVALID_REFERENCE")
+    );
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let status = app
+        .leads()
+        .convert_lead(app.request(convert(&archived_lead, &unknown, "")))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "INVALID_REFERENCE");
+    // A lead without a company needs an account to convert into.
+    let status = app
+        .leads()
+        .convert_lead(app.request(convert(&archived_lead, "", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["account_id"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn lead_status_moves_and_bad_inputs() {
+    let app = TestApp::spawn().await;
+    let id = app
+        .leads()
+        .capture_lead(app.request(li_wei("li@example.cn", "")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let status = app
+        .leads()
+        .change_lead_status(app.request(move_to(&id, "qualified")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).1["from"].as_str()),
+        (Code::FailedPrecondition, "new")
+    );
+    assert_eq!(
+        bad_fields(
+            &app.leads()
+                .change_lead_status(app.request(move_to(&id, "converted")))
+                .await
+                .unwrap_err()
+        ),
+        ["status"]
+    );
+    assert_eq!(
+        bad_fields(
+            &app.leads()
+                .change_lead_status(app.request(move_to(&id, "disqualified")))
+                .await
+                .unwrap_err()
+        ),
+        ["reason"]
+    );
+    let status_code = app
+        .leads()
+        .convert_lead(app.request(convert(&id, "", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status_code).0, "INVALID_TRANSITION");
+
+    let mut nothing = li_wei("", "");
+    nothing.emails.clear();
+    assert_eq!(
+        bad_fields(
+            &app.leads()
+                .capture_lead(app.request(nothing))
+                .await
+                .unwrap_err()
+        ),
+        ["emails"]
+    );
+    let mut bad = li_wei("not-an-email", "Acme");
+    bad.source.as_mut().unwrap().channel = String::new();
+    assert_eq!(
+        bad_fields(
+            &app.leads()
+                .capture_lead(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["emails[0].address", "source.channel"]
+    );
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_eq!(
+        app.leads()
+            .change_lead_status(app.request(move_to(&unknown, "working")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    app.stop().await;
+}
