@@ -588,3 +588,66 @@ async fn consent_archive_and_restore() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn long_streams_load_from_snapshots_and_ignore_outdated_ones() {
+    let app = TestApp::spawn().await;
+    let id = app
+        .contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    for n in 0..120 {
+        app.contacts()
+            .update_contact_details(app.request(update_title(&id, &format!("Title {n}"), None)))
+            .await
+            .unwrap();
+    }
+    let client = app.db.client().await;
+    let snapshot_version =
+        crm_test_support::eventually(std::time::Duration::from_secs(10), "a snapshot", || async {
+            client
+                .query_opt(
+                    "SELECT version FROM snapshots WHERE stream_id = $1::text::uuid",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get::<_, i64>(0))
+        })
+        .await;
+    assert_eq!(snapshot_version, 100);
+    // Loading from the snapshot sees the current state: a repeat is a no-op.
+    let same = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "Title 119", None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((same.stream_version, same.unchanged), (121, true));
+    // A snapshot of an older state format is ignored, not trusted.
+    client
+        .execute(
+            "UPDATE snapshots SET schema_version = 99, state = '{\"garbage\": true}'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let changed = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "CEO", Some(121))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.stream_version, 122);
+    let same = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "CEO", None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(same.unchanged);
+    app.stop().await;
+}

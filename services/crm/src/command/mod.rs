@@ -39,6 +39,9 @@ pub use leads::LeadsService;
 /// Longest stream the command path folds from events (snapshots take over
 /// for longer ones).
 const MAX_STREAM_EVENTS: u64 = 100_000;
+/// A snapshot is taken each time a stream passes a multiple of this many
+/// events.
+pub const SNAPSHOT_EVERY: u64 = 100;
 /// Attempts on concurrent changes when the caller gave no expected version.
 const MAX_ATTEMPTS: usize = 3;
 /// Largest request a command service accepts.
@@ -156,20 +159,33 @@ impl CommandHandler {
         mac.finalize().into_bytes().to_vec()
     }
 
-    /// Folds a stream into state. Another stream type under this id reads as
-    /// missing.
+    /// Folds a stream into state: the latest usable snapshot, then the events
+    /// after it. Another stream type under this id reads as missing.
     async fn load<A: Aggregate>(
         &self,
         tenant: &TenantId,
         stream_id: Uuid,
     ) -> Result<(A, u64, u64), ServiceError> {
+        let unavailable = |e: crm_event_store::ReadError| ServiceError::Unavailable(e.to_string());
+        let snapshot = self
+            .store
+            .load_snapshot(tenant, stream_id)
+            .await
+            .map_err(unavailable)?
+            .filter(|s| s.stream_type == A::STREAM_TYPE && s.schema_version == A::SNAPSHOT_VERSION)
+            .and_then(|s| match s.state.parse::<Snapshotted<A>>() {
+                Ok(snapshotted) => Some((snapshotted.state, s.version, snapshotted.position)),
+                Err(error) => {
+                    tracing::warn!(%error, %stream_id, "unreadable snapshot ignored; folding all events");
+                    None
+                }
+            });
+        let (mut state, mut version, mut position) = snapshot.unwrap_or_default();
         let events = self
             .store
-            .read_stream(tenant, stream_id, 1, MAX_STREAM_EVENTS)
+            .read_stream(tenant, stream_id, version + 1, MAX_STREAM_EVENTS)
             .await
-            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-        let mut state = A::default();
-        let (mut version, mut position) = (0, 0);
+            .map_err(unavailable)?;
         for stored in &events {
             if stored.stream_type != A::STREAM_TYPE {
                 return Err(crm_domain::DomainError::NotFound.into());
@@ -255,12 +271,22 @@ impl CommandHandler {
                 });
             }
             let before = state.unique_keys();
-            let after = state.replay(events.iter()).unique_keys();
+            let new_state = state.replay(events.iter());
+            let after = new_state.unique_keys();
             let request = self.append_request::<A>(
                 caller, stream_id, version, options, &events, &before, &after,
             )?;
             match self.store.append(request).await {
-                Ok(appended) => return Ok(reply(stream_id, &appended)),
+                Ok(appended) => {
+                    let reply = reply(stream_id, &appended);
+                    if !appended.replayed
+                        && version / SNAPSHOT_EVERY != reply.stream_version / SNAPSHOT_EVERY
+                    {
+                        let (version, position) = (reply.stream_version, reply.global_position);
+                        self.save_snapshot(caller, stream_id, new_state, version, position);
+                    }
+                    return Ok(reply);
+                }
                 Err(AppendError::VersionConflict { .. })
                     if options.expected_version.is_none() || version == 0 =>
                 {
@@ -270,6 +296,38 @@ impl CommandHandler {
             }
         }
         Err(ServiceError::Contention)
+    }
+
+    /// Stores a snapshot in the background: it only speeds up later loads.
+    fn save_snapshot<A: Aggregate>(
+        &self,
+        caller: &Caller,
+        stream_id: Uuid,
+        state: A,
+        version: u64,
+        position: u64,
+    ) {
+        let state = match serde_json::to_string(&Snapshotted { position, state }) {
+            Ok(json) => crm_event_store::JsonText(json),
+            Err(error) => {
+                tracing::warn!(%error, %stream_id, "state does not serialize; no snapshot");
+                return;
+            }
+        };
+        let store = self.store.clone();
+        let tenant = caller.tenant.clone();
+        tokio::spawn(async move {
+            let snapshot = crm_event_store::Snapshot {
+                stream_type: A::STREAM_TYPE.to_owned(),
+                stream_id,
+                version,
+                schema_version: A::SNAPSHOT_VERSION,
+                state,
+            };
+            if let Err(error) = store.save_snapshot(&tenant, &snapshot).await {
+                tracing::warn!(%error, %stream_id, "snapshot not saved");
+            }
+        });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -445,6 +503,14 @@ impl CommandHandler {
         }
         Err(ServiceError::Contention)
     }
+}
+
+/// A snapshot's content: the state and the position of its last event.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(bound(deserialize = "A: serde::de::DeserializeOwned"))]
+struct Snapshotted<A> {
+    position: u64,
+    state: A,
 }
 
 /// A record id derived from a lead (UUIDv5 under a per-tenant namespace), so

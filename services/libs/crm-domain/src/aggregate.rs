@@ -34,12 +34,18 @@ impl Context {
 /// A unique value: its kind (`email`, `tax_id`) and normalized form.
 pub type UniqueKey = (&'static str, String);
 
-pub trait Aggregate: Default + Clone + std::fmt::Debug + PartialEq {
+pub trait Aggregate:
+    Default + Clone + std::fmt::Debug + PartialEq + Serialize + serde::de::DeserializeOwned
+{
     type Command;
     type Event: DomainEvent;
 
     /// The stream type in subjects and the log; stable forever.
     const STREAM_TYPE: &'static str;
+
+    /// The state's serialized shape, for snapshots. Bump it whenever the state
+    /// struct changes: older snapshots are then ignored and rebuilt from events.
+    const SNAPSHOT_VERSION: u32 = 1;
 
     /// Whether a create event has been applied.
     fn exists(&self) -> bool;
