@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use crm_proto::v1::accounts_client::AccountsClient;
 use crm_proto::v1::contacts_client::ContactsClient;
+use crm_proto::v1::leads_client::LeadsClient;
 use crm_proto::v1::{
-    AccountKind, ChangeContactConsentRequest, CommandOptions, ContactPreferences,
-    CreateAccountRequest, CreateContactRequest, EmailAddress, PersonName, PhoneNumber,
+    AccountKind, CaptureLeadRequest, ChangeContactConsentRequest, ChangeLeadStatusRequest,
+    CommandOptions, ContactPreferences, ConvertLeadRequest, CreateAccountRequest,
+    CreateContactRequest, EmailAddress, LeadSource, PersonName, PhoneNumber, Reason,
 };
 use tonic::Request;
 use tonic::transport::Channel;
@@ -20,6 +22,8 @@ pub struct Seeded {
     pub accounts: usize,
     pub contacts: usize,
     pub consents: usize,
+    pub leads: usize,
+    pub conversions: usize,
     /// Commands answered from an earlier run's outcome.
     pub unchanged: usize,
 }
@@ -75,6 +79,10 @@ const TITLES: &[&str] = &[
     "Office Manager",
 ];
 
+/// Leads to capture; every `CONVERT_EVERY`-th is qualified and converted.
+pub const LEADS: usize = 60;
+pub const CONVERT_EVERY: usize = 6;
+
 /// Accounts to create; each gets `CONTACTS_PER_ACCOUNT` contacts.
 pub const ACCOUNTS: usize = 30;
 pub const CONTACTS_PER_ACCOUNT: usize = 10;
@@ -111,7 +119,8 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
         .await
         .map_err(|source| SeedError::Connect { address, source })?;
     let mut accounts = AccountsClient::new(channel.clone());
-    let mut contacts = ContactsClient::new(channel);
+    let mut contacts = ContactsClient::new(channel.clone());
+    let mut leads = LeadsClient::new(channel);
     let mut seeded = Seeded::default();
     let refused = |what: String| move |status| SeedError::Refused { what, status };
 
@@ -214,5 +223,91 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
         }
         tracing::info!(account = a + 1, of = ACCOUNTS, "demo accounts seeded");
     }
+
+    for l in 0..LEADS {
+        let given = GIVEN[(l * 13) % GIVEN.len()];
+        let family = FAMILY[(l * 5) % FAMILY.len()];
+        let (company, slug, _) = COMPANIES[(l * 3) % COMPANIES.len()];
+        let days_ago = 360 - (l as u64 * 360 / LEADS as u64);
+        let reply = leads
+            .capture_lead(request(
+                tenant,
+                CaptureLeadRequest {
+                    options: options(format!("demo-seed:lead:{l}"), days_ago),
+                    lead_id: String::new(),
+                    name: Some(PersonName {
+                        given: given.to_owned(),
+                        family: family.to_owned(),
+                    }),
+                    company: format!("{company} Prospects {l}"),
+                    emails: vec![EmailAddress {
+                        address: format!("{}.{l}@lead.{slug}.example", given.to_lowercase()),
+                        primary: true,
+                    }],
+                    phones: Vec::new(),
+                    source: Some(LeadSource {
+                        channel: ["web", "event", "referral", "import"][l % 4].to_owned(),
+                        utm_source: ["newsletter", "linkedin", "", "search"][l % 4].to_owned(),
+                        ..LeadSource::default()
+                    }),
+                },
+            ))
+            .await
+            .map_err(refused(format!("lead {l}")))?
+            .into_inner();
+        seeded.leads += 1;
+        seeded.unchanged += usize::from(reply.unchanged);
+        let lead_id = reply.stream_id;
+        // A path through the lifecycle, a few days apart.
+        let path: &[&str] = match l % CONVERT_EVERY {
+            0 => &["working", "qualified"],
+            1 | 2 => &["working"],
+            3 => &["working", "nurturing"],
+            4 => &["disqualified"],
+            _ => &[],
+        };
+        for (step, to) in path.iter().enumerate() {
+            let reply = leads
+                .change_lead_status(request(
+                    tenant,
+                    ChangeLeadStatusRequest {
+                        options: options(
+                            format!("demo-seed:lead:{l}:{to}"),
+                            days_ago.saturating_sub(3 * (step as u64 + 1)),
+                        ),
+                        lead_id: lead_id.clone(),
+                        status: (*to).to_owned(),
+                        reason: (*to == "disqualified").then(|| Reason {
+                            code: "no_budget".to_owned(),
+                            text: String::new(),
+                        }),
+                    },
+                ))
+                .await
+                .map_err(refused(format!("lead {l} to {to}")))?
+                .into_inner();
+            seeded.unchanged += usize::from(reply.unchanged);
+        }
+        if l % CONVERT_EVERY == 0 {
+            let reply = leads
+                .convert_lead(request(
+                    tenant,
+                    ConvertLeadRequest {
+                        options: options(
+                            format!("demo-seed:lead:{l}:convert"),
+                            days_ago.saturating_sub(10),
+                        ),
+                        lead_id: lead_id.clone(),
+                        account_id: String::new(),
+                    },
+                ))
+                .await
+                .map_err(refused(format!("conversion of lead {l}")))?
+                .into_inner();
+            seeded.conversions += 1;
+            seeded.unchanged += usize::from(reply.unchanged);
+        }
+    }
+    tracing::info!(leads = LEADS, "demo leads seeded");
     Ok(seeded)
 }

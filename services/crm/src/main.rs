@@ -115,8 +115,8 @@ async fn main() -> anyhow::Result<()> {
             .map(|seeded| {
                 tracing::info!(?seeded, tenant, "demo data seeded");
                 println!(
-                    "demo tenant {tenant:?}: {} accounts, {} contacts, {} consents ({} already there)",
-                    seeded.accounts, seeded.contacts, seeded.consents, seeded.unchanged
+                    "demo tenant {tenant:?}: {} accounts, {} contacts, {} consents, {} leads, {} conversions ({} commands already done)",
+                    seeded.accounts, seeded.contacts, seeded.consents, seeded.leads, seeded.conversions, seeded.unchanged
                 );
             })
             .map_err(anyhow::Error::from),
