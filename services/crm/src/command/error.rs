@@ -82,6 +82,14 @@ impl From<ServiceError> for Status {
                 )
             }
             ServiceError::Domain(DomainError::NotFound) => Status::not_found("record not found"),
+            ServiceError::Domain(error @ DomainError::PermissionDenied { .. }) => {
+                let reason = error.reason();
+                Status::with_error_details(
+                    Code::PermissionDenied,
+                    error.to_string(),
+                    info(reason, vec![]),
+                )
+            }
             ServiceError::Domain(error @ DomainError::AlreadyExists { .. }) => {
                 let reason = error.reason();
                 Status::with_error_details(

@@ -71,6 +71,25 @@ impl Reason {
     }
 }
 
+/// Money: integer minor units and an ISO 4217 currency. No floats anywhere.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Money {
+    pub amount_minor: i64,
+    /// Three uppercase letters, e.g. `EUR`, `CNY`.
+    pub currency: String,
+}
+
+impl Money {
+    pub(crate) fn validate(&self, field: &str, violations: &mut Violations) {
+        violations.check(
+            self.currency.len() == 3 && self.currency.bytes().all(|b| b.is_ascii_uppercase()),
+            format!("{field}.currency"),
+            "must be an ISO 4217 code such as EUR",
+        );
+    }
+}
+
 /// Whether a record is live or archived (no hard delete, DOMAIN.md §1.2).
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,9 @@ pub enum DomainError {
     /// A referenced record is missing or not usable.
     #[error("{field} refers to a record that is missing or inactive")]
     InvalidReference { field: &'static str },
+    /// The caller's role does not allow this.
+    #[error("not allowed to {action}")]
+    PermissionDenied { action: &'static str },
     /// Archived records refuse everything but restore.
     #[error("the record is archived")]
     RecordArchived,
@@ -63,6 +66,7 @@ impl DomainError {
             Self::InvalidTransition { .. } => "INVALID_TRANSITION",
             Self::InvalidReference { .. } => "INVALID_REFERENCE",
             Self::RecordArchived => "RECORD_ARCHIVED",
+            Self::PermissionDenied { .. } => "PERMISSION_DENIED",
         }
     }
 }

@@ -11,6 +11,8 @@ pub mod contact;
 pub mod conversion;
 mod error;
 pub mod lead;
+pub mod opportunity;
+pub mod pipeline;
 #[cfg(feature = "schemas")]
 pub mod schemas;
 mod tenant;

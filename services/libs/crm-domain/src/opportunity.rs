@@ -1,0 +1,797 @@
+//! Opportunity: a deal moving through a pipeline (DOMAIN.md §2.4).
+//!
+//! `Open(stage) → Won | Lost`, reopenable. A deal keeps the pipeline version
+//! it was opened under; stage changes copy the stage's default probability and
+//! forecast category, and overrides last until the next stage change.
+use jiff::Timestamp;
+use jiff::civil::Date;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::aggregate::{Aggregate, Context, DomainEvent};
+use crate::common::{Change, Money, Reason, diff, text_ok};
+use crate::error::{DomainError, Violations};
+use crate::pipeline::{ForecastCategory, PipelineConfig, StageKind};
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    #[default]
+    Open,
+    Won,
+    Lost,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Won => "won",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+/// What the handler knows about other aggregates when the command is decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DealFacts {
+    /// The deal's account exists and is active.
+    pub account_active: bool,
+    /// The pipeline's configuration (all versions).
+    pub pipeline: PipelineConfig,
+    /// The caller may reopen won deals (sales_manager or admin).
+    pub may_reopen_won: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DealDetails {
+    pub name: String,
+    pub account_id: Uuid,
+    pub contact_id: Option<Uuid>,
+    pub pipeline_id: Uuid,
+    pub stage: String,
+    pub amount: Money,
+    pub close_date: Date,
+    pub owner: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForecastPatch {
+    pub amount: Option<Money>,
+    pub close_date: Option<Date>,
+    pub probability_bp: Option<u32>,
+    pub category: Option<ForecastCategory>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpportunityCommand {
+    Open(DealDetails, DealFacts),
+    ChangeStage {
+        to: String,
+        facts: DealFacts,
+    },
+    ChangeForecastFields(ForecastPatch),
+    Win {
+        facts: DealFacts,
+    },
+    Lose {
+        reason: Reason,
+        competitor: String,
+        facts: DealFacts,
+    },
+    Reopen {
+        stage: String,
+        facts: DealFacts,
+    },
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityOpened {
+    pub name: String,
+    pub account_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_id: Option<Uuid>,
+    pub pipeline_id: Uuid,
+    pub pipeline_version: u32,
+    pub stage: String,
+    pub amount: Money,
+    pub probability_bp: u32,
+    pub category: ForecastCategory,
+    pub close_date: Date,
+    pub owner: String,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityStageChanged {
+    pub from: String,
+    pub to: String,
+    pub probability_bp: u32,
+    pub category: ForecastCategory,
+    pub direction: Direction,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForecastChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Change<Money>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_date: Option<Change<Date>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probability_bp: Option<Change<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<Change<ForecastCategory>>,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityForecastFieldsChanged {
+    pub changes: ForecastChanges,
+    pub occurred_at: Timestamp,
+}
+
+/// Won: the amount, and the owner as they were (credit goes by snapshot).
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityWon {
+    pub amount: Money,
+    pub stage: String,
+    pub owner: String,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityLost {
+    pub reason: Reason,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub competitor: String,
+    pub stage: String,
+    pub owner: String,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityReopened {
+    pub previous_outcome: Outcome,
+    pub stage: String,
+    pub probability_bp: u32,
+    pub category: ForecastCategory,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum OpportunityEvent {
+    Opened(OpportunityOpened),
+    StageChanged(OpportunityStageChanged),
+    ForecastFieldsChanged(OpportunityForecastFieldsChanged),
+    Won(OpportunityWon),
+    Lost(OpportunityLost),
+    Reopened(OpportunityReopened),
+}
+
+impl DomainEvent for OpportunityEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::Opened(_) => "OpportunityOpened",
+            Self::StageChanged(_) => "OpportunityStageChanged",
+            Self::ForecastFieldsChanged(_) => "OpportunityForecastFieldsChanged",
+            Self::Won(_) => "OpportunityWon",
+            Self::Lost(_) => "OpportunityLost",
+            Self::Reopened(_) => "OpportunityReopened",
+        }
+    }
+
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        _schema_version: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error> {
+        Ok(Some(match event_type {
+            "OpportunityOpened" => Self::Opened(Deserialize::deserialize(payload)?),
+            "OpportunityStageChanged" => Self::StageChanged(Deserialize::deserialize(payload)?),
+            "OpportunityForecastFieldsChanged" => {
+                Self::ForecastFieldsChanged(Deserialize::deserialize(payload)?)
+            }
+            "OpportunityWon" => Self::Won(Deserialize::deserialize(payload)?),
+            "OpportunityLost" => Self::Lost(Deserialize::deserialize(payload)?),
+            "OpportunityReopened" => Self::Reopened(Deserialize::deserialize(payload)?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opportunity {
+    pub exists: bool,
+    pub outcome: Outcome,
+    pub name: String,
+    pub account_id: Option<Uuid>,
+    pub pipeline_id: Option<Uuid>,
+    pub pipeline_version: u32,
+    pub stage: String,
+    pub amount: Option<Money>,
+    pub probability_bp: u32,
+    pub category: Option<ForecastCategory>,
+    pub close_date: Option<Date>,
+    pub owner: String,
+}
+
+impl Opportunity {
+    fn open(&self) -> Result<(), DomainError> {
+        if !self.exists {
+            return Err(DomainError::NotFound);
+        }
+        if self.outcome != Outcome::Open {
+            return Err(DomainError::InvalidTransition {
+                from: self.outcome.name(),
+                to: "open stage",
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Aggregate for Opportunity {
+    type Command = OpportunityCommand;
+    type Event = OpportunityEvent;
+    const STREAM_TYPE: &'static str = "opportunity";
+
+    fn exists(&self) -> bool {
+        self.exists
+    }
+
+    fn creates(command: &OpportunityCommand) -> bool {
+        matches!(command, OpportunityCommand::Open(..))
+    }
+
+    fn decide(
+        &self,
+        command: OpportunityCommand,
+        context: Context,
+    ) -> Result<Vec<OpportunityEvent>, DomainError> {
+        let occurred_at = context.occurred_at()?;
+        match command {
+            OpportunityCommand::Open(details, facts) => {
+                if self.exists {
+                    return Err(DomainError::AlreadyExists {
+                        key: "opportunity_id",
+                        holder: None,
+                    });
+                }
+                let mut v = Violations::default();
+                v.check(
+                    text_ok(&details.name, 200, false),
+                    "name",
+                    "must be 1 to 200 characters",
+                );
+                details.amount.validate("amount", &mut v);
+                v.check(
+                    details.amount.amount_minor >= 0,
+                    "amount.amount_minor",
+                    "must not be negative",
+                );
+                v.check(
+                    text_ok(&details.owner, 200, false),
+                    "owner",
+                    "must be 1 to 200 characters",
+                );
+                v.into_result()?;
+                if !facts.account_active {
+                    return Err(DomainError::InvalidReference {
+                        field: "account_id",
+                    });
+                }
+                let version =
+                    facts
+                        .pipeline
+                        .current_version()
+                        .ok_or(DomainError::InvalidReference {
+                            field: "pipeline_id",
+                        })?;
+                let stage = facts
+                    .pipeline
+                    .stage(version, &details.stage)
+                    .filter(|s| s.kind == StageKind::Open)
+                    .ok_or(DomainError::InvalidReference { field: "stage" })?;
+                Ok(vec![OpportunityEvent::Opened(OpportunityOpened {
+                    name: details.name,
+                    account_id: details.account_id,
+                    contact_id: details.contact_id,
+                    pipeline_id: details.pipeline_id,
+                    pipeline_version: version,
+                    stage: stage.key.clone(),
+                    amount: details.amount,
+                    probability_bp: stage.probability_bp,
+                    category: stage.category,
+                    close_date: details.close_date,
+                    owner: details.owner,
+                    occurred_at,
+                })])
+            }
+            OpportunityCommand::ChangeStage { to, facts } => {
+                self.open()?;
+                if to == self.stage {
+                    return Ok(vec![]);
+                }
+                let version = self.pipeline_version;
+                let stage = facts
+                    .pipeline
+                    .stage(version, &to)
+                    .filter(|s| s.kind == StageKind::Open)
+                    .ok_or(DomainError::InvalidReference { field: "stage" })?;
+                let from_order = facts.pipeline.open_order(version, &self.stage).unwrap_or(0);
+                let to_order = facts.pipeline.open_order(version, &to).unwrap_or(0);
+                Ok(vec![OpportunityEvent::StageChanged(
+                    OpportunityStageChanged {
+                        from: self.stage.clone(),
+                        to,
+                        probability_bp: stage.probability_bp,
+                        category: stage.category,
+                        direction: if to_order >= from_order {
+                            Direction::Forward
+                        } else {
+                            Direction::Backward
+                        },
+                        occurred_at,
+                    },
+                )])
+            }
+            OpportunityCommand::ChangeForecastFields(patch) => {
+                self.open()?;
+                let mut v = Violations::default();
+                if let Some(amount) = &patch.amount {
+                    amount.validate("amount", &mut v);
+                    v.check(
+                        amount.amount_minor >= 0,
+                        "amount.amount_minor",
+                        "must not be negative",
+                    );
+                    v.check(
+                        self.amount
+                            .as_ref()
+                            .is_none_or(|current| current.currency == amount.currency),
+                        "amount.currency",
+                        "must stay the deal's currency",
+                    );
+                }
+                if let Some(p) = patch.probability_bp {
+                    v.check(p <= 10_000, "probability_bp", "must be 0 to 10000");
+                }
+                if let Some(category) = patch.category {
+                    v.check(
+                        category != ForecastCategory::Closed,
+                        "category",
+                        "must not be closed for an open deal",
+                    );
+                }
+                v.into_result()?;
+                let changes = ForecastChanges {
+                    amount: self
+                        .amount
+                        .as_ref()
+                        .and_then(|old| diff(old, patch.amount.as_ref())),
+                    close_date: self
+                        .close_date
+                        .and_then(|old| diff(&old, patch.close_date.as_ref())),
+                    probability_bp: diff(&self.probability_bp, patch.probability_bp.as_ref()),
+                    category: self
+                        .category
+                        .and_then(|old| diff(&old, patch.category.as_ref())),
+                };
+                if changes == ForecastChanges::default() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![OpportunityEvent::ForecastFieldsChanged(
+                    OpportunityForecastFieldsChanged {
+                        changes,
+                        occurred_at,
+                    },
+                )])
+            }
+            OpportunityCommand::Win { facts: _ } => {
+                self.open()?;
+                let amount = self.amount.clone().unwrap_or(Money {
+                    amount_minor: 0,
+                    currency: String::new(),
+                });
+                if amount.amount_minor <= 0 {
+                    return Err(DomainError::invalid("amount", "must be positive to win"));
+                }
+                Ok(vec![OpportunityEvent::Won(OpportunityWon {
+                    amount,
+                    stage: self.stage.clone(),
+                    owner: self.owner.clone(),
+                    occurred_at,
+                })])
+            }
+            OpportunityCommand::Lose {
+                reason,
+                competitor,
+                facts: _,
+            } => {
+                self.open()?;
+                let mut v = Violations::default();
+                reason.validate("reason", &mut v);
+                v.check(
+                    text_ok(&competitor, 200, true),
+                    "competitor",
+                    "must be at most 200 characters",
+                );
+                v.into_result()?;
+                Ok(vec![OpportunityEvent::Lost(OpportunityLost {
+                    reason,
+                    competitor,
+                    stage: self.stage.clone(),
+                    owner: self.owner.clone(),
+                    occurred_at,
+                })])
+            }
+            OpportunityCommand::Reopen { stage, facts } => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                if self.outcome == Outcome::Open {
+                    return Err(DomainError::InvalidTransition {
+                        from: "open",
+                        to: "open",
+                    });
+                }
+                if self.outcome == Outcome::Won && !facts.may_reopen_won {
+                    return Err(DomainError::PermissionDenied {
+                        action: "reopen a won deal",
+                    });
+                }
+                let definition = facts
+                    .pipeline
+                    .stage(self.pipeline_version, &stage)
+                    .filter(|s| s.kind == StageKind::Open)
+                    .ok_or(DomainError::InvalidReference { field: "stage" })?;
+                Ok(vec![OpportunityEvent::Reopened(OpportunityReopened {
+                    previous_outcome: self.outcome,
+                    stage,
+                    probability_bp: definition.probability_bp,
+                    category: definition.category,
+                    occurred_at,
+                })])
+            }
+        }
+    }
+
+    fn evolve(mut self, event: &OpportunityEvent) -> Self {
+        match event {
+            OpportunityEvent::Opened(opened) => {
+                self.exists = true;
+                self.outcome = Outcome::Open;
+                self.name = opened.name.clone();
+                self.account_id = Some(opened.account_id);
+                self.pipeline_id = Some(opened.pipeline_id);
+                self.pipeline_version = opened.pipeline_version;
+                self.stage = opened.stage.clone();
+                self.amount = Some(opened.amount.clone());
+                self.probability_bp = opened.probability_bp;
+                self.category = Some(opened.category);
+                self.close_date = Some(opened.close_date);
+                self.owner = opened.owner.clone();
+            }
+            OpportunityEvent::StageChanged(changed) => {
+                self.stage = changed.to.clone();
+                self.probability_bp = changed.probability_bp;
+                self.category = Some(changed.category);
+            }
+            OpportunityEvent::ForecastFieldsChanged(changed) => {
+                let c = &changed.changes;
+                if let Some(change) = &c.amount {
+                    self.amount = Some(change.new.clone());
+                }
+                if let Some(change) = &c.close_date {
+                    self.close_date = Some(change.new);
+                }
+                if let Some(change) = &c.probability_bp {
+                    self.probability_bp = change.new;
+                }
+                if let Some(change) = &c.category {
+                    self.category = Some(change.new);
+                }
+            }
+            OpportunityEvent::Won(_) => {
+                self.outcome = Outcome::Won;
+                self.probability_bp = 10_000;
+                self.category = Some(ForecastCategory::Closed);
+            }
+            OpportunityEvent::Lost(_) => {
+                self.outcome = Outcome::Lost;
+                self.probability_bp = 0;
+                self.category = Some(ForecastCategory::Omitted);
+            }
+            OpportunityEvent::Reopened(reopened) => {
+                self.outcome = Outcome::Open;
+                self.stage = reopened.stage.clone();
+                self.probability_bp = reopened.probability_bp;
+                self.category = Some(reopened.category);
+            }
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::tests::published;
+    use crate::testing::{given, now};
+
+    fn facts() -> DealFacts {
+        DealFacts {
+            account_active: true,
+            pipeline: PipelineConfig::default().replay([published()].iter()),
+            may_reopen_won: false,
+        }
+    }
+
+    fn eur(amount_minor: i64) -> Money {
+        Money {
+            amount_minor,
+            currency: "EUR".into(),
+        }
+    }
+
+    fn date() -> Date {
+        Date::constant(2026, 12, 31)
+    }
+
+    fn details() -> DealDetails {
+        DealDetails {
+            name: "Acme renewal".into(),
+            account_id: Uuid::from_u128(1),
+            contact_id: None,
+            pipeline_id: Uuid::from_u128(2),
+            stage: "qualification".into(),
+            amount: eur(30_000_000),
+            close_date: date(),
+            owner: "user:rep".into(),
+        }
+    }
+
+    fn opened() -> OpportunityEvent {
+        OpportunityEvent::Opened(OpportunityOpened {
+            name: "Acme renewal".into(),
+            account_id: Uuid::from_u128(1),
+            contact_id: None,
+            pipeline_id: Uuid::from_u128(2),
+            pipeline_version: 1,
+            stage: "qualification".into(),
+            amount: eur(30_000_000),
+            probability_bp: 1000,
+            category: ForecastCategory::Pipeline,
+            close_date: date(),
+            owner: "user:rep".into(),
+            occurred_at: now(),
+        })
+    }
+
+    fn won() -> OpportunityEvent {
+        OpportunityEvent::Won(OpportunityWon {
+            amount: eur(30_000_000),
+            stage: "qualification".into(),
+            owner: "user:rep".into(),
+            occurred_at: now(),
+        })
+    }
+
+    #[test]
+    fn open_copies_the_stage_defaults_of_the_current_pipeline_version() {
+        given::<Opportunity>([])
+            .when(OpportunityCommand::Open(details(), facts()))
+            .then(vec![opened()]);
+    }
+
+    #[test]
+    fn open_refuses_bad_references_and_values() {
+        let inactive = DealFacts {
+            account_active: false,
+            ..facts()
+        };
+        given::<Opportunity>([])
+            .when(OpportunityCommand::Open(details(), inactive))
+            .then_error(DomainError::InvalidReference {
+                field: "account_id",
+            });
+        let mut closed_stage = details();
+        closed_stage.stage = "won".into();
+        given::<Opportunity>([])
+            .when(OpportunityCommand::Open(closed_stage, facts()))
+            .then_error(DomainError::InvalidReference { field: "stage" });
+        given::<Opportunity>([])
+            .when(OpportunityCommand::Open(
+                details(),
+                DealFacts {
+                    pipeline: PipelineConfig::default(),
+                    ..facts()
+                },
+            ))
+            .then_error(DomainError::InvalidReference {
+                field: "pipeline_id",
+            });
+        let mut bad = details();
+        bad.amount = Money {
+            amount_minor: -1,
+            currency: "euro".into(),
+        };
+        given::<Opportunity>([])
+            .when(OpportunityCommand::Open(bad, facts()))
+            .then_invalid(&["amount.currency", "amount.amount_minor"]);
+    }
+
+    #[test]
+    fn stage_changes_copy_defaults_and_mark_backward_moves() {
+        let state = given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeStage {
+                to: "negotiation".into(),
+                facts: facts(),
+            })
+            .then(vec![OpportunityEvent::StageChanged(
+                OpportunityStageChanged {
+                    from: "qualification".into(),
+                    to: "negotiation".into(),
+                    probability_bp: 8000,
+                    category: ForecastCategory::Commit,
+                    direction: Direction::Forward,
+                    occurred_at: now(),
+                },
+            )]);
+        let back = state
+            .decide(
+                OpportunityCommand::ChangeStage {
+                    to: "proposal".into(),
+                    facts: facts(),
+                },
+                crate::Context::at(now()),
+            )
+            .unwrap();
+        assert!(
+            matches!(&back[0], OpportunityEvent::StageChanged(c) if c.direction == Direction::Backward && c.probability_bp == 5000)
+        );
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeStage {
+                to: "lost".into(),
+                facts: facts(),
+            })
+            .then_error(DomainError::InvalidReference { field: "stage" });
+        given::<Opportunity>([opened(), won()])
+            .when(OpportunityCommand::ChangeStage {
+                to: "proposal".into(),
+                facts: facts(),
+            })
+            .then_error(DomainError::InvalidTransition {
+                from: "won",
+                to: "open stage",
+            });
+    }
+
+    #[test]
+    fn forecast_overrides_keep_the_currency_and_the_range() {
+        let patch = ForecastPatch {
+            probability_bp: Some(2500),
+            amount: Some(eur(35_000_000)),
+            ..ForecastPatch::default()
+        };
+        let state = given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeForecastFields(patch))
+            .then(vec![OpportunityEvent::ForecastFieldsChanged(
+                OpportunityForecastFieldsChanged {
+                    changes: ForecastChanges {
+                        amount: Some(Change {
+                            old: eur(30_000_000),
+                            new: eur(35_000_000),
+                        }),
+                        probability_bp: Some(Change {
+                            old: 1000,
+                            new: 2500,
+                        }),
+                        ..ForecastChanges::default()
+                    },
+                    occurred_at: now(),
+                },
+            )]);
+        assert_eq!(state.probability_bp, 2500);
+        let bad = ForecastPatch {
+            amount: Some(Money {
+                amount_minor: 1,
+                currency: "USD".into(),
+            }),
+            probability_bp: Some(10_001),
+            category: Some(ForecastCategory::Closed),
+            ..ForecastPatch::default()
+        };
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeForecastFields(bad))
+            .then_invalid(&["amount.currency", "probability_bp", "category"]);
+    }
+
+    #[test]
+    fn win_lose_and_reopen() {
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::Win { facts: facts() })
+            .then(vec![won()]);
+        let free = OpportunityEvent::ForecastFieldsChanged(OpportunityForecastFieldsChanged {
+            changes: ForecastChanges {
+                amount: Some(Change {
+                    old: eur(30_000_000),
+                    new: eur(0),
+                }),
+                ..ForecastChanges::default()
+            },
+            occurred_at: now(),
+        });
+        given::<Opportunity>([opened(), free])
+            .when(OpportunityCommand::Win { facts: facts() })
+            .then_invalid(&["amount"]);
+        let reason = Reason {
+            code: "price".into(),
+            text: String::new(),
+        };
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::Lose {
+                reason: reason.clone(),
+                competitor: "Initech".into(),
+                facts: facts(),
+            })
+            .then(vec![OpportunityEvent::Lost(OpportunityLost {
+                reason,
+                competitor: "Initech".into(),
+                stage: "qualification".into(),
+                owner: "user:rep".into(),
+                occurred_at: now(),
+            })]);
+        given::<Opportunity>([opened(), won()])
+            .when(OpportunityCommand::Reopen {
+                stage: "proposal".into(),
+                facts: facts(),
+            })
+            .then_error(DomainError::PermissionDenied {
+                action: "reopen a won deal",
+            });
+        let manager = DealFacts {
+            may_reopen_won: true,
+            ..facts()
+        };
+        let state = given::<Opportunity>([opened(), won()])
+            .when(OpportunityCommand::Reopen {
+                stage: "proposal".into(),
+                facts: manager,
+            })
+            .then(vec![OpportunityEvent::Reopened(OpportunityReopened {
+                previous_outcome: Outcome::Won,
+                stage: "proposal".into(),
+                probability_bp: 5000,
+                category: ForecastCategory::BestCase,
+                occurred_at: now(),
+            })]);
+        assert_eq!(state.outcome, Outcome::Open);
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::Reopen {
+                stage: "proposal".into(),
+                facts: facts(),
+            })
+            .then_error(DomainError::InvalidTransition {
+                from: "open",
+                to: "open",
+            });
+    }
+}

@@ -1,0 +1,370 @@
+//! Pipeline configuration (DOMAIN.md §2.10): versioned stage lists. A deal
+//! keeps the version it was opened under; publishing a new version never
+//! rewrites deals.
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{Aggregate, Context, DomainEvent};
+use crate::common::{is_code, text_ok};
+use crate::error::{DomainError, Violations};
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    Open,
+    Won,
+    Lost,
+}
+
+/// Forecast categories, nested: closed ⊂ commit ⊂ best case ⊂ pipeline.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForecastCategory {
+    Pipeline,
+    BestCase,
+    Commit,
+    Closed,
+    Omitted,
+}
+
+impl ForecastCategory {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "pipeline" => Self::Pipeline,
+            "best_case" => Self::BestCase,
+            "commit" => Self::Commit,
+            "closed" => Self::Closed,
+            "omitted" => Self::Omitted,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    /// Stable code, e.g. `proposal`.
+    pub key: String,
+    pub name: String,
+    pub kind: StageKind,
+    /// Default probability in basis points (10000 = 100 %).
+    pub probability_bp: u32,
+    pub category: ForecastCategory,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_days_in_stage: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PipelineCommand {
+    /// Publishes a new version with these stages, open stages in order.
+    Publish { name: String, stages: Vec<Stage> },
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelinePublished {
+    pub version: u32,
+    pub name: String,
+    pub stages: Vec<Stage>,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum PipelineEvent {
+    Published(PipelinePublished),
+}
+
+impl DomainEvent for PipelineEvent {
+    fn event_type(&self) -> &'static str {
+        "PipelinePublished"
+    }
+
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        _schema_version: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error> {
+        Ok(match event_type {
+            "PipelinePublished" => Some(Self::Published(Deserialize::deserialize(payload)?)),
+            _ => None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineConfig {
+    pub name: String,
+    /// Every published version's stages; deals refer to theirs.
+    pub versions: BTreeMap<u32, Vec<Stage>>,
+}
+
+impl PipelineConfig {
+    pub fn current_version(&self) -> Option<u32> {
+        self.versions.keys().next_back().copied()
+    }
+
+    /// A stage of a given version.
+    pub fn stage(&self, version: u32, key: &str) -> Option<&Stage> {
+        self.versions.get(&version)?.iter().find(|s| s.key == key)
+    }
+
+    /// An open stage's position among the open stages of its version.
+    pub fn open_order(&self, version: u32, key: &str) -> Option<usize> {
+        self.versions
+            .get(&version)?
+            .iter()
+            .filter(|s| s.kind == StageKind::Open)
+            .position(|s| s.key == key)
+    }
+}
+
+fn validate(name: &str, stages: &[Stage]) -> Result<(), DomainError> {
+    let mut v = Violations::default();
+    v.check(
+        text_ok(name, 100, false),
+        "name",
+        "must be 1 to 100 characters",
+    );
+    v.check(stages.len() <= 30, "stages", "must have at most 30 stages");
+    let mut keys = BTreeSet::new();
+    for (i, stage) in stages.iter().enumerate() {
+        v.check(
+            is_code(&stage.key, 64),
+            format!("stages[{i}].key"),
+            "must be a code of [a-z0-9_]",
+        );
+        v.check(
+            keys.insert(stage.key.as_str()),
+            format!("stages[{i}].key"),
+            "appears twice",
+        );
+        v.check(
+            text_ok(&stage.name, 100, false),
+            format!("stages[{i}].name"),
+            "must be 1 to 100 characters",
+        );
+        match stage.kind {
+            StageKind::Won => {
+                v.check(
+                    stage.probability_bp == 10_000,
+                    format!("stages[{i}].probability_bp"),
+                    "must be 10000 for the won stage",
+                );
+                v.check(
+                    stage.category == ForecastCategory::Closed,
+                    format!("stages[{i}].category"),
+                    "must be closed for the won stage",
+                );
+            }
+            StageKind::Lost => {
+                v.check(
+                    stage.probability_bp == 0,
+                    format!("stages[{i}].probability_bp"),
+                    "must be 0 for a lost stage",
+                );
+                v.check(
+                    stage.category == ForecastCategory::Omitted,
+                    format!("stages[{i}].category"),
+                    "must be omitted for a lost stage",
+                );
+            }
+            StageKind::Open => {
+                v.check(
+                    stage.probability_bp <= 10_000,
+                    format!("stages[{i}].probability_bp"),
+                    "must be 0 to 10000",
+                );
+                v.check(
+                    !matches!(stage.category, ForecastCategory::Closed),
+                    format!("stages[{i}].category"),
+                    "must not be closed for an open stage",
+                );
+            }
+        }
+    }
+    let count = |kind| stages.iter().filter(|s| s.kind == kind).count();
+    v.check(
+        count(StageKind::Open) >= 1,
+        "stages",
+        "needs at least one open stage",
+    );
+    v.check(
+        count(StageKind::Won) == 1,
+        "stages",
+        "needs exactly one won stage",
+    );
+    v.check(
+        count(StageKind::Lost) >= 1,
+        "stages",
+        "needs at least one lost stage",
+    );
+    v.into_result()
+}
+
+impl Aggregate for PipelineConfig {
+    type Command = PipelineCommand;
+    type Event = PipelineEvent;
+    const STREAM_TYPE: &'static str = "pipeline_config";
+
+    fn exists(&self) -> bool {
+        !self.versions.is_empty()
+    }
+
+    fn decide(
+        &self,
+        command: PipelineCommand,
+        context: Context,
+    ) -> Result<Vec<PipelineEvent>, DomainError> {
+        let occurred_at = context.occurred_at()?;
+        let PipelineCommand::Publish { name, stages } = command;
+        validate(&name, &stages)?;
+        if let Some(current) = self.current_version()
+            && self.versions.get(&current) == Some(&stages)
+            && self.name == name
+        {
+            return Ok(vec![]);
+        }
+        Ok(vec![PipelineEvent::Published(PipelinePublished {
+            version: self.current_version().unwrap_or(0) + 1,
+            name,
+            stages,
+            occurred_at,
+        })])
+    }
+
+    fn evolve(mut self, event: &PipelineEvent) -> Self {
+        let PipelineEvent::Published(published) = event;
+        self.name = published.name.clone();
+        self.versions
+            .insert(published.version, published.stages.clone());
+        self
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::testing::{given, now};
+
+    pub(crate) fn stage(
+        key: &str,
+        kind: StageKind,
+        probability_bp: u32,
+        category: ForecastCategory,
+    ) -> Stage {
+        Stage {
+            key: key.into(),
+            name: key.to_uppercase(),
+            kind,
+            probability_bp,
+            category,
+            max_days_in_stage: Some(14),
+        }
+    }
+
+    pub(crate) fn standard() -> Vec<Stage> {
+        vec![
+            stage(
+                "qualification",
+                StageKind::Open,
+                1000,
+                ForecastCategory::Pipeline,
+            ),
+            stage(
+                "proposal",
+                StageKind::Open,
+                5000,
+                ForecastCategory::BestCase,
+            ),
+            stage(
+                "negotiation",
+                StageKind::Open,
+                8000,
+                ForecastCategory::Commit,
+            ),
+            stage("won", StageKind::Won, 10_000, ForecastCategory::Closed),
+            stage("lost", StageKind::Lost, 0, ForecastCategory::Omitted),
+        ]
+    }
+
+    pub(crate) fn published() -> PipelineEvent {
+        PipelineEvent::Published(PipelinePublished {
+            version: 1,
+            name: "Sales".into(),
+            stages: standard(),
+            occurred_at: now(),
+        })
+    }
+
+    #[test]
+    fn publishing_numbers_versions_and_skips_repeats() {
+        given::<PipelineConfig>([])
+            .when(PipelineCommand::Publish {
+                name: "Sales".into(),
+                stages: standard(),
+            })
+            .then(vec![published()]);
+        given::<PipelineConfig>([published()])
+            .when(PipelineCommand::Publish {
+                name: "Sales".into(),
+                stages: standard(),
+            })
+            .then(vec![]);
+        let mut changed = standard();
+        changed[0].probability_bp = 2000;
+        let state = given::<PipelineConfig>([published()])
+            .when(PipelineCommand::Publish {
+                name: "Sales".into(),
+                stages: changed.clone(),
+            })
+            .then(vec![PipelineEvent::Published(PipelinePublished {
+                version: 2,
+                name: "Sales".into(),
+                stages: changed,
+                occurred_at: now(),
+            })]);
+        assert_eq!(state.current_version(), Some(2));
+        assert_eq!(
+            state.stage(1, "qualification").unwrap().probability_bp,
+            1000,
+            "old versions stay"
+        );
+        assert_eq!(state.open_order(2, "negotiation"), Some(2));
+    }
+
+    #[test]
+    fn invariants_of_a_pipeline_are_enforced() {
+        let mut bad = standard();
+        bad[3].probability_bp = 9000;
+        bad[4].category = ForecastCategory::Pipeline;
+        bad.push(stage(
+            "won",
+            StageKind::Won,
+            10_000,
+            ForecastCategory::Closed,
+        ));
+        given::<PipelineConfig>([])
+            .when(PipelineCommand::Publish {
+                name: "Sales".into(),
+                stages: bad,
+            })
+            .then_invalid(&[
+                "stages[3].probability_bp",
+                "stages[4].category",
+                "stages[5].key",
+                "stages",
+            ]);
+        let only_open = vec![stage("a", StageKind::Open, 100, ForecastCategory::Closed)];
+        given::<PipelineConfig>([])
+            .when(PipelineCommand::Publish {
+                name: String::new(),
+                stages: only_open,
+            })
+            .then_invalid(&["name", "stages[0].category", "stages", "stages"]);
+    }
+}
