@@ -5,4 +5,5 @@ mod all_role;
 mod contacts;
 mod demo;
 mod leads;
+mod opportunities;
 mod support;

@@ -6,6 +6,8 @@ use crm_platform::Config;
 use crm_proto::v1::accounts_client::AccountsClient;
 use crm_proto::v1::contacts_client::ContactsClient;
 use crm_proto::v1::leads_client::LeadsClient;
+use crm_proto::v1::opportunities_client::OpportunitiesClient;
+use crm_proto::v1::pipelines_client::PipelinesClient;
 use crm_test_support::{TestDb, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,14 @@ impl TestApp {
 
     pub fn contacts(&self) -> ContactsClient<Channel> {
         ContactsClient::new(self.channel.clone())
+    }
+
+    pub fn pipelines(&self) -> PipelinesClient<Channel> {
+        PipelinesClient::new(self.channel.clone())
+    }
+
+    pub fn opportunities(&self) -> OpportunitiesClient<Channel> {
+        OpportunitiesClient::new(self.channel.clone())
     }
 
     pub fn leads(&self) -> LeadsClient<Channel> {

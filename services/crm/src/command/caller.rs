@@ -12,6 +12,8 @@ use super::{Options, ServiceError};
 pub struct Caller {
     pub tenant: TenantId,
     pub actor: String,
+    /// Role codes from `x-roles` (comma-separated), e.g. `sales_manager`.
+    pub roles: Vec<String>,
     pub correlation_id: String,
     pub causation_id: Option<String>,
     pub traceparent: Option<String>,
@@ -47,6 +49,24 @@ impl Caller {
         let actor = text(metadata, "x-actor-id")?
             .ok_or(ServiceError::Unauthenticated("missing x-actor-id"))?;
         let actor = bounded("x-actor-id", actor)?;
+        let roles = match text(metadata, "x-roles")? {
+            None => Vec::new(),
+            Some(roles) => roles
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(|r| {
+                    if crm_domain::common::is_code(r, 64) {
+                        Ok(r.to_owned())
+                    } else {
+                        Err(ServiceError::invalid(
+                            "x-roles",
+                            "must be role codes of [a-z0-9_], comma-separated",
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        };
         let correlation_id = match text(metadata, "x-correlation-id")? {
             Some(id) => bounded("x-correlation-id", id)?,
             None => Uuid::now_v7().to_string(),
@@ -61,6 +81,7 @@ impl Caller {
         Ok(Self {
             tenant,
             actor,
+            roles,
             correlation_id,
             causation_id,
             traceparent,
@@ -70,7 +91,7 @@ impl Caller {
     pub(crate) fn metadata(&self, options: &Options) -> Metadata {
         Metadata {
             actor: self.actor.clone(),
-            roles: Vec::new(),
+            roles: self.roles.clone(),
             correlation_id: Some(self.correlation_id.clone()),
             causation_id: self.causation_id.clone(),
             command_id: options.idempotency_key.clone(),

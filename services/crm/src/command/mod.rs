@@ -12,6 +12,7 @@ mod caller;
 mod contacts;
 mod error;
 mod leads;
+mod opportunities;
 
 use std::collections::BTreeSet;
 
@@ -35,6 +36,7 @@ pub use caller::Caller;
 pub use contacts::ContactsService;
 pub use error::ServiceError;
 pub use leads::LeadsService;
+pub use opportunities::{OpportunitiesService, PipelinesService};
 
 /// Longest stream the command path folds from events (snapshots take over
 /// for longer ones).

@@ -13,6 +13,11 @@ use crate::contact::{
     ContactLinkedToAccount,
 };
 use crate::lead::{LeadCaptured, LeadConverted, LeadStatusChanged};
+use crate::opportunity::{
+    OpportunityForecastFieldsChanged, OpportunityLost, OpportunityOpened, OpportunityReopened,
+    OpportunityStageChanged, OpportunityWon,
+};
+use crate::pipeline::PipelinePublished;
 
 /// One event payload's schema.
 pub struct EventSchema {
@@ -72,5 +77,16 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<LeadCaptured>("lead", "LeadCaptured", 1),
         schema::<LeadStatusChanged>("lead", "LeadStatusChanged", 1),
         schema::<LeadConverted>("lead", "LeadConverted", 1),
+        schema::<OpportunityOpened>("opportunity", "OpportunityOpened", 1),
+        schema::<OpportunityStageChanged>("opportunity", "OpportunityStageChanged", 1),
+        schema::<OpportunityForecastFieldsChanged>(
+            "opportunity",
+            "OpportunityForecastFieldsChanged",
+            1,
+        ),
+        schema::<OpportunityWon>("opportunity", "OpportunityWon", 1),
+        schema::<OpportunityLost>("opportunity", "OpportunityLost", 1),
+        schema::<OpportunityReopened>("opportunity", "OpportunityReopened", 1),
+        schema::<PipelinePublished>("pipeline_config", "PipelinePublished", 1),
     ]
 }

@@ -1,0 +1,326 @@
+//! `crm.v1.Pipelines` and `crm.v1.Opportunities`: proto requests → commands,
+//! with the facts a deal's decisions need (account active, pipeline versions,
+//! the caller's roles) loaded first.
+use crm_domain::account::Account;
+use crm_domain::common::{Lifecycle, Money};
+use crm_domain::opportunity::{
+    DealDetails, DealFacts, ForecastPatch, Opportunity, OpportunityCommand,
+};
+use crm_domain::pipeline::{ForecastCategory, PipelineCommand, PipelineConfig, Stage, StageKind};
+use crm_domain::{Aggregate, DomainError};
+use crm_proto::v1 as pb;
+use crm_proto::v1::opportunities_server::Opportunities;
+use crm_proto::v1::pipelines_server::Pipelines;
+use jiff::civil::Date;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::contacts::reason;
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+/// Roles that may reopen a won deal.
+const REOPEN_WON_ROLES: &[&str] = &["sales_manager", "admin"];
+
+pub struct PipelinesService {
+    handler: CommandHandler,
+}
+
+impl PipelinesService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+}
+
+pub struct OpportunitiesService {
+    handler: CommandHandler,
+}
+
+impl OpportunitiesService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+
+    /// A record's state, or the empty state when there is none (or it is
+    /// another kind of record).
+    async fn state_of<A: Aggregate>(&self, caller: &Caller, id: Uuid) -> Result<A, ServiceError> {
+        match self.handler.load::<A>(&caller.tenant, id).await {
+            Ok((state, _, _)) => Ok(state),
+            Err(ServiceError::Domain(DomainError::NotFound)) => Ok(A::default()),
+            Err(other) => Err(other),
+        }
+    }
+
+    async fn facts(
+        &self,
+        caller: &Caller,
+        account_id: Option<Uuid>,
+        pipeline_id: Option<Uuid>,
+    ) -> Result<DealFacts, ServiceError> {
+        let account_active = match account_id {
+            Some(id) => {
+                let account = self.state_of::<Account>(caller, id).await?;
+                account.exists && account.lifecycle == Lifecycle::Active
+            }
+            None => false,
+        };
+        let pipeline = match pipeline_id {
+            Some(id) => self.state_of::<PipelineConfig>(caller, id).await?,
+            None => PipelineConfig::default(),
+        };
+        Ok(DealFacts {
+            account_active,
+            pipeline,
+            may_reopen_won: caller
+                .roles
+                .iter()
+                .any(|r| REOPEN_WON_ROLES.contains(&r.as_str())),
+        })
+    }
+
+    /// Facts for a command on an existing deal: its own pipeline.
+    async fn deal_facts(&self, caller: &Caller, id: Uuid) -> Result<DealFacts, ServiceError> {
+        let deal = self.state_of::<Opportunity>(caller, id).await?;
+        self.facts(caller, deal.account_id, deal.pipeline_id).await
+    }
+}
+
+fn money(field: &'static str, value: Option<pb::Money>) -> Result<Money, ServiceError> {
+    let value = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
+    Ok(Money {
+        amount_minor: value.amount_minor,
+        currency: value.currency,
+    })
+}
+
+fn date(field: &'static str, value: &str) -> Result<Date, ServiceError> {
+    value
+        .parse::<Date>()
+        .map_err(|_| ServiceError::invalid(field, "must be a date YYYY-MM-DD"))
+}
+
+fn category(field: &'static str, value: &str) -> Result<ForecastCategory, ServiceError> {
+    ForecastCategory::parse(value).ok_or_else(|| {
+        ServiceError::invalid(
+            field,
+            "must be pipeline, best_case, commit, closed or omitted",
+        )
+    })
+}
+
+fn stages(stages: Vec<pb::PipelineStage>) -> Result<Vec<Stage>, ServiceError> {
+    stages
+        .into_iter()
+        .enumerate()
+        .map(|(i, stage)| {
+            let kind = match pb::StageKind::try_from(stage.kind) {
+                Ok(pb::StageKind::Open) => StageKind::Open,
+                Ok(pb::StageKind::Won) => StageKind::Won,
+                Ok(pb::StageKind::Lost) => StageKind::Lost,
+                _ => {
+                    return Err(ServiceError::Domain(DomainError::invalid(
+                        format!("stages[{i}].kind"),
+                        "must be OPEN, WON or LOST",
+                    )));
+                }
+            };
+            let category = ForecastCategory::parse(&stage.category).ok_or_else(|| {
+                ServiceError::Domain(DomainError::invalid(
+                    format!("stages[{i}].category"),
+                    "must be pipeline, best_case, commit, closed or omitted",
+                ))
+            })?;
+            Ok(Stage {
+                key: stage.key,
+                name: stage.name,
+                kind,
+                probability_bp: stage.probability_bp,
+                category,
+                max_days_in_stage: (stage.max_days_in_stage > 0).then_some(stage.max_days_in_stage),
+            })
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Pipelines for PipelinesService {
+    async fn publish_pipeline(
+        &self,
+        request: Request<pb::PublishPipelineRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("PublishPipeline", request.options.as_ref(), &request)?;
+        let id = if request.pipeline_id.is_empty() {
+            Uuid::now_v7()
+        } else {
+            parse_id("pipeline_id", &request.pipeline_id, false)?
+        };
+        let command = PipelineCommand::Publish {
+            name: request.name,
+            stages: stages(request.stages)?,
+        };
+        let reply = self
+            .handler
+            .execute::<PipelineConfig>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}
+
+#[tonic::async_trait]
+impl Opportunities for OpportunitiesService {
+    async fn open_opportunity(
+        &self,
+        request: Request<pb::OpenOpportunityRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("OpenOpportunity", request.options.as_ref(), &request)?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, true)?;
+        let account_id = parse_id("account_id", &request.account_id, false)?;
+        let pipeline_id = parse_id("pipeline_id", &request.pipeline_id, false)?;
+        let contact_id = if request.contact_id.is_empty() {
+            None
+        } else {
+            Some(parse_id("contact_id", &request.contact_id, false)?)
+        };
+        let details = DealDetails {
+            name: request.name,
+            account_id,
+            contact_id,
+            pipeline_id,
+            stage: request.stage,
+            amount: money("amount", request.amount)?,
+            close_date: date("close_date", &request.close_date)?,
+            owner: if request.owner.is_empty() {
+                caller.actor.clone()
+            } else {
+                request.owner
+            },
+        };
+        let facts = self
+            .facts(&caller, Some(account_id), Some(pipeline_id))
+            .await?;
+        let command = OpportunityCommand::Open(details, facts);
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn change_opportunity_stage(
+        &self,
+        request: Request<pb::ChangeOpportunityStageRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ChangeOpportunityStage", request.options.as_ref(), &request)?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let facts = self.deal_facts(&caller, id).await?;
+        let command = OpportunityCommand::ChangeStage {
+            to: request.stage,
+            facts,
+        };
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn change_opportunity_forecast(
+        &self,
+        request: Request<pb::ChangeOpportunityForecastRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse(
+            "ChangeOpportunityForecast",
+            request.options.as_ref(),
+            &request,
+        )?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let patch = ForecastPatch {
+            amount: request
+                .amount
+                .map(|m| money("amount", Some(m)))
+                .transpose()?,
+            close_date: request
+                .close_date
+                .as_deref()
+                .map(|d| date("close_date", d))
+                .transpose()?,
+            probability_bp: request.probability_bp,
+            category: request
+                .category
+                .as_deref()
+                .map(|c| category("category", c))
+                .transpose()?,
+        };
+        let command = OpportunityCommand::ChangeForecastFields(patch);
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn win_opportunity(
+        &self,
+        request: Request<pb::WinOpportunityRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("WinOpportunity", request.options.as_ref(), &request)?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let command = OpportunityCommand::Win {
+            facts: DealFacts::default(),
+        };
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn lose_opportunity(
+        &self,
+        request: Request<pb::LoseOpportunityRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("LoseOpportunity", request.options.as_ref(), &request)?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let command = OpportunityCommand::Lose {
+            reason: reason(request.reason),
+            competitor: request.competitor,
+            facts: DealFacts::default(),
+        };
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn reopen_opportunity(
+        &self,
+        request: Request<pb::ReopenOpportunityRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ReopenOpportunity", request.options.as_ref(), &request)?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let facts = self.deal_facts(&caller, id).await?;
+        let command = OpportunityCommand::Reopen {
+            stage: request.stage,
+            facts,
+        };
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}

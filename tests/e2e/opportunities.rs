@@ -1,0 +1,412 @@
+//! `crm.v1.Pipelines` and `crm.v1.Opportunities` through a real client.
+use crm_proto::v1::{
+    AccountKind, ChangeOpportunityForecastRequest, ChangeOpportunityStageRequest,
+    CreateAccountRequest, LoseOpportunityRequest, Money, OpenOpportunityRequest, PipelineStage,
+    PublishPipelineRequest, Reason, ReopenOpportunityRequest, StageKind, WinOpportunityRequest,
+};
+use tonic::Code;
+
+use crate::support::{TestApp, bad_fields, error_info};
+
+fn stage(key: &str, kind: StageKind, probability_bp: u32, category: &str) -> PipelineStage {
+    PipelineStage {
+        key: key.into(),
+        name: key.into(),
+        kind: kind.into(),
+        probability_bp,
+        category: category.into(),
+        max_days_in_stage: 14,
+    }
+}
+
+fn pipeline(qualification_bp: u32) -> Vec<PipelineStage> {
+    vec![
+        stage(
+            "qualification",
+            StageKind::Open,
+            qualification_bp,
+            "pipeline",
+        ),
+        stage("proposal", StageKind::Open, 5000, "best_case"),
+        stage("negotiation", StageKind::Open, 8000, "commit"),
+        stage("won", StageKind::Won, 10_000, "closed"),
+        stage("lost", StageKind::Lost, 0, "omitted"),
+    ]
+}
+
+async fn setup(app: &TestApp) -> (String, String) {
+    let account = CreateAccountRequest {
+        kind: AccountKind::Company.into(),
+        name: "Acme".into(),
+        ..Default::default()
+    };
+    let account_id = app
+        .accounts()
+        .create_account(app.request(account))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let publish = PublishPipelineRequest {
+        name: "Sales".into(),
+        stages: pipeline(1000),
+        ..Default::default()
+    };
+    let pipeline_id = app
+        .pipelines()
+        .publish_pipeline(app.request(publish))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    (account_id, pipeline_id)
+}
+
+fn deal(account_id: &str, pipeline_id: &str) -> OpenOpportunityRequest {
+    OpenOpportunityRequest {
+        name: "Acme renewal".into(),
+        account_id: account_id.into(),
+        pipeline_id: pipeline_id.into(),
+        stage: "qualification".into(),
+        amount: Some(Money {
+            amount_minor: 30_000_000,
+            currency: "EUR".into(),
+        }),
+        close_date: "2026-12-31".into(),
+        ..Default::default()
+    }
+}
+
+fn to_stage(id: &str, stage: &str) -> ChangeOpportunityStageRequest {
+    ChangeOpportunityStageRequest {
+        options: None,
+        opportunity_id: id.into(),
+        stage: stage.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
+    let app = TestApp::spawn().await;
+    let (account_id, pipeline_id) = setup(&app).await;
+    let id = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+
+    // A new pipeline version does not rewrite the open deal.
+    let republish = PublishPipelineRequest {
+        pipeline_id: pipeline_id.clone(),
+        name: "Sales".into(),
+        stages: pipeline(2000),
+        ..Default::default()
+    };
+    assert_eq!(
+        app.pipelines()
+            .publish_pipeline(app.request(republish))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        2
+    );
+
+    app.opportunities()
+        .change_opportunity_stage(app.request(to_stage(&id, "negotiation")))
+        .await
+        .unwrap();
+    app.opportunities()
+        .change_opportunity_stage(app.request(to_stage(&id, "qualification")))
+        .await
+        .unwrap();
+    let forecast = ChangeOpportunityForecastRequest {
+        opportunity_id: id.clone(),
+        probability_bp: Some(2500),
+        ..Default::default()
+    };
+    app.opportunities()
+        .change_opportunity_forecast(app.request(forecast))
+        .await
+        .unwrap();
+    let won = app
+        .opportunities()
+        .win_opportunity(app.request(WinOpportunityRequest {
+            options: None,
+            opportunity_id: id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(won.stream_version, 5);
+
+    let stored: Vec<_> = app
+        .stored()
+        .await
+        .into_iter()
+        .filter(|(t, _, _)| t.starts_with("Opportunity"))
+        .collect();
+    let types: Vec<&str> = stored.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "OpportunityOpened",
+            "OpportunityStageChanged",
+            "OpportunityStageChanged",
+            "OpportunityForecastFieldsChanged",
+            "OpportunityWon"
+        ]
+    );
+    assert_eq!(
+        (
+            stored[0].1["pipeline_version"].as_u64(),
+            stored[0].1["probability_bp"].as_u64()
+        ),
+        (Some(1), Some(1000))
+    );
+    assert_eq!(
+        (
+            stored[1].1["probability_bp"].as_u64(),
+            stored[1].1["direction"].as_str()
+        ),
+        (Some(8000), Some("forward"))
+    );
+    // Back to qualification under version 1's default, not version 2's.
+    assert_eq!(
+        (
+            stored[2].1["probability_bp"].as_u64(),
+            stored[2].1["direction"].as_str()
+        ),
+        (Some(1000), Some("backward"))
+    );
+    assert_eq!(stored[4].1["amount"]["amount_minor"], 30_000_000);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reopening_a_won_deal_needs_a_sales_manager() {
+    let app = TestApp::spawn().await;
+    let (account_id, pipeline_id) = setup(&app).await;
+    let id = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    app.opportunities()
+        .win_opportunity(app.request(WinOpportunityRequest {
+            options: None,
+            opportunity_id: id.clone(),
+        }))
+        .await
+        .unwrap();
+    let reopen = ReopenOpportunityRequest {
+        options: None,
+        opportunity_id: id.clone(),
+        stage: "proposal".into(),
+    };
+    let status = app
+        .opportunities()
+        .reopen_opportunity(app.request(reopen.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let mut as_manager = app.request(reopen);
+    as_manager
+        .metadata_mut()
+        .insert("x-roles", "sales_rep, sales_manager".parse().unwrap());
+    assert_eq!(
+        app.opportunities()
+            .reopen_opportunity(as_manager)
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        3
+    );
+    let (_, _, metadata) = app.stored().await.pop().unwrap();
+    assert_eq!(
+        metadata["roles"],
+        serde_json::json!(["sales_rep", "sales_manager"])
+    );
+
+    // Lost deals reopen without the role; a lost reason is required.
+    let lose = LoseOpportunityRequest {
+        options: None,
+        opportunity_id: id.clone(),
+        reason: None,
+        competitor: String::new(),
+    };
+    assert_eq!(
+        bad_fields(
+            &app.opportunities()
+                .lose_opportunity(app.request(lose.clone()))
+                .await
+                .unwrap_err()
+        ),
+        ["reason.code"]
+    );
+    let lose = LoseOpportunityRequest {
+        reason: Some(Reason {
+            code: "price".into(),
+            text: String::new(),
+        }),
+        ..lose
+    };
+    app.opportunities()
+        .lose_opportunity(app.request(lose))
+        .await
+        .unwrap();
+    let reopen = ReopenOpportunityRequest {
+        options: None,
+        opportunity_id: id,
+        stage: "qualification".into(),
+    };
+    app.opportunities()
+        .reopen_opportunity(app.request(reopen))
+        .await
+        .unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_deals_and_pipelines_are_refused() {
+    let app = TestApp::spawn().await;
+    let (account_id, pipeline_id) = setup(&app).await;
+    let before = app.stored().await.len();
+    let unknown = uuid::Uuid::now_v7().to_string();
+
+    let status = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&unknown, &pipeline_id)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).1["field"].as_str()),
+        (Code::FailedPrecondition, "account_id")
+    );
+    let status = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account_id, &unknown)))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["field"], "pipeline_id");
+    let mut won_stage = deal(&account_id, &pipeline_id);
+    won_stage.stage = "won".into();
+    let status = app
+        .opportunities()
+        .open_opportunity(app.request(won_stage))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["field"], "stage");
+    let mut bad = deal(&account_id, &pipeline_id);
+    bad.close_date = "31/12/2026".into();
+    assert_eq!(
+        bad_fields(
+            &app.opportunities()
+                .open_opportunity(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["close_date"]
+    );
+    let mut bad = deal(&account_id, &pipeline_id);
+    bad.amount = Some(Money {
+        amount_minor: -5,
+        currency: "eur".into(),
+    });
+    assert_eq!(
+        bad_fields(
+            &app.opportunities()
+                .open_opportunity(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["amount.currency", "amount.amount_minor"]
+    );
+    let mut bad = deal(&account_id, &pipeline_id);
+    bad.amount = None;
+    assert_eq!(
+        bad_fields(
+            &app.opportunities()
+                .open_opportunity(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["amount"]
+    );
+
+    let mut stages = pipeline(1000);
+    stages.retain(|s| s.key != "won");
+    stages[0].category = "someday".into();
+    let publish = PublishPipelineRequest {
+        name: "Broken".into(),
+        stages,
+        ..Default::default()
+    };
+    assert_eq!(
+        bad_fields(
+            &app.pipelines()
+                .publish_pipeline(app.request(publish))
+                .await
+                .unwrap_err()
+        ),
+        ["stages[0].category"]
+    );
+    let mut stages = pipeline(1000);
+    stages.retain(|s| s.key != "won");
+    let publish = PublishPipelineRequest {
+        name: "Broken".into(),
+        stages,
+        ..Default::default()
+    };
+    assert_eq!(
+        bad_fields(
+            &app.pipelines()
+                .publish_pipeline(app.request(publish))
+                .await
+                .unwrap_err()
+        ),
+        ["stages"]
+    );
+
+    let id = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let other_currency = ChangeOpportunityForecastRequest {
+        opportunity_id: id.clone(),
+        amount: Some(Money {
+            amount_minor: 1,
+            currency: "USD".into(),
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        bad_fields(
+            &app.opportunities()
+                .change_opportunity_forecast(app.request(other_currency))
+                .await
+                .unwrap_err()
+        ),
+        ["amount.currency"]
+    );
+    let status = app
+        .opportunities()
+        .change_opportunity_stage(app.request(to_stage(&unknown, "proposal")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(
+        app.stored().await.len(),
+        before + 1,
+        "only the one valid deal was stored"
+    );
+    app.stop().await;
+}
