@@ -1,32 +1,52 @@
 //! `crm demo seed` goes through the public API and can run twice.
 use crate::support::TestApp;
 
+async fn stored_count(app: &TestApp, event_type: &str) -> usize {
+    app.stored()
+        .await
+        .iter()
+        .filter(|(stored, _, _)| stored == event_type)
+        .count()
+}
+
 #[tokio::test]
 async fn the_demo_seed_fills_a_tenant_and_a_second_run_changes_nothing() {
     let app = TestApp::spawn().await;
     let first = crm::demo::seed(app.address, "demo").await.unwrap();
-    let status_moves = stored_status_moves(&app).await;
-    let commands = first.accounts
-        + first.contacts
-        + first.consents
-        + first.leads
-        + status_moves
-        + first.conversions;
     assert_eq!(
-        (first.leads, first.conversions),
         (
-            crm::demo::LEADS,
-            crm::demo::LEADS / crm::demo::CONVERT_EVERY
-        )
-    );
-    assert_eq!(
-        (first.accounts, first.contacts, first.unchanged),
+            first.accounts,
+            first.contacts,
+            first.leads,
+            first.conversions,
+            first.opportunities,
+            first.unchanged
+        ),
         (
             crm::demo::ACCOUNTS,
             crm::demo::ACCOUNTS * crm::demo::CONTACTS_PER_ACCOUNT,
+            crm::demo::LEADS,
+            crm::demo::LEADS / crm::demo::CONVERT_EVERY,
+            2 * crm::demo::ACCOUNTS,
             0
         )
     );
+    let moves = stored_count(&app, "LeadStatusChanged").await
+        + stored_count(&app, "OpportunityStageChanged").await
+        + stored_count(&app, "OpportunityWon").await
+        + stored_count(&app, "OpportunityLost").await;
+    assert!(
+        stored_count(&app, "OpportunityWon").await > 0
+            && stored_count(&app, "OpportunityLost").await > 0
+    );
+    let commands = 1 // the pipeline
+        + first.accounts
+        + first.contacts
+        + first.consents
+        + first.leads
+        + first.conversions
+        + first.opportunities
+        + moves;
     let stored = app.stored().await.len();
     // Each conversion appends four events (lead, account, contact created and linked).
     assert_eq!(stored, commands + 3 * first.conversions);
@@ -42,12 +62,4 @@ async fn the_demo_seed_fills_a_tenant_and_a_second_run_changes_nothing() {
         "nothing appended the second time"
     );
     app.stop().await;
-}
-
-async fn stored_status_moves(app: &TestApp) -> usize {
-    app.stored()
-        .await
-        .iter()
-        .filter(|(event_type, _, _)| event_type == "LeadStatusChanged")
-        .count()
 }

@@ -8,10 +8,14 @@ use std::time::Duration;
 use crm_proto::v1::accounts_client::AccountsClient;
 use crm_proto::v1::contacts_client::ContactsClient;
 use crm_proto::v1::leads_client::LeadsClient;
+use crm_proto::v1::opportunities_client::OpportunitiesClient;
+use crm_proto::v1::pipelines_client::PipelinesClient;
 use crm_proto::v1::{
     AccountKind, CaptureLeadRequest, ChangeContactConsentRequest, ChangeLeadStatusRequest,
-    CommandOptions, ContactPreferences, ConvertLeadRequest, CreateAccountRequest,
-    CreateContactRequest, EmailAddress, LeadSource, PersonName, PhoneNumber, Reason,
+    ChangeOpportunityStageRequest, CommandOptions, ContactPreferences, ConvertLeadRequest,
+    CreateAccountRequest, CreateContactRequest, EmailAddress, LeadSource, LoseOpportunityRequest,
+    Money, OpenOpportunityRequest, PersonName, PhoneNumber, PipelineStage, PublishPipelineRequest,
+    Reason, StageKind, WinOpportunityRequest,
 };
 use tonic::Request;
 use tonic::transport::Channel;
@@ -24,6 +28,7 @@ pub struct Seeded {
     pub consents: usize,
     pub leads: usize,
     pub conversions: usize,
+    pub opportunities: usize,
     /// Commands answered from an earlier run's outcome.
     pub unchanged: usize,
 }
@@ -120,9 +125,42 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
         .map_err(|source| SeedError::Connect { address, source })?;
     let mut accounts = AccountsClient::new(channel.clone());
     let mut contacts = ContactsClient::new(channel.clone());
-    let mut leads = LeadsClient::new(channel);
+    let mut leads = LeadsClient::new(channel.clone());
+    let mut pipelines = PipelinesClient::new(channel.clone());
+    let mut opportunities = OpportunitiesClient::new(channel);
+
+    let mut account_ids = Vec::with_capacity(ACCOUNTS);
     let mut seeded = Seeded::default();
     let refused = |what: String| move |status| SeedError::Refused { what, status };
+    let stage = |key: &str, kind: StageKind, probability_bp: u32, category: &str| PipelineStage {
+        key: key.to_owned(),
+        name: key.replace('_', " "),
+        kind: kind.into(),
+        probability_bp,
+        category: category.to_owned(),
+        max_days_in_stage: 14,
+    };
+    let pipeline = pipelines
+        .publish_pipeline(request(
+            tenant,
+            PublishPipelineRequest {
+                options: options("demo-seed:pipeline".to_owned(), 365),
+                pipeline_id: String::new(),
+                name: "New business".to_owned(),
+                stages: vec![
+                    stage("qualification", StageKind::Open, 1000, "pipeline"),
+                    stage("discovery", StageKind::Open, 2500, "pipeline"),
+                    stage("proposal", StageKind::Open, 5000, "best_case"),
+                    stage("negotiation", StageKind::Open, 8000, "commit"),
+                    stage("won", StageKind::Won, 10_000, "closed"),
+                    stage("lost", StageKind::Lost, 0, "omitted"),
+                ],
+            },
+        ))
+        .await
+        .map_err(refused("pipeline".to_owned()))?
+        .into_inner();
+    seeded.unchanged += usize::from(pipeline.unchanged);
 
     for a in 0..ACCOUNTS {
         let (company, slug, industry) = COMPANIES[a % COMPANIES.len()];
@@ -158,6 +196,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
             .into_inner();
         seeded.accounts += 1;
         seeded.unchanged += usize::from(reply.unchanged);
+        account_ids.push(reply.stream_id.clone());
 
         for c in 0..CONTACTS_PER_ACCOUNT {
             let n = a * CONTACTS_PER_ACCOUNT + c;
@@ -309,5 +348,103 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
         }
     }
     tracing::info!(leads = LEADS, "demo leads seeded");
+
+    // Two deals per account, spread over the year and the stages: some won,
+    // some lost, the rest open.
+    for (a, account_id) in account_ids.iter().enumerate() {
+        for d in 0..2 {
+            let n = a * 2 + d;
+            let days_ago = 330 - (n as u64 * 330 / (2 * ACCOUNTS) as u64);
+            let reply = opportunities
+                .open_opportunity(request(
+                    tenant,
+                    OpenOpportunityRequest {
+                        options: options(format!("demo-seed:deal:{n}"), days_ago),
+                        opportunity_id: String::new(),
+                        name: format!("Deal {n}"),
+                        account_id: account_id.clone(),
+                        contact_id: String::new(),
+                        pipeline_id: pipeline.stream_id.clone(),
+                        stage: "qualification".to_owned(),
+                        amount: Some(Money {
+                            amount_minor: 500_000 + (n as i64 * 137_000) % 9_000_000,
+                            currency: "EUR".to_owned(),
+                        }),
+                        close_date: (jiff::civil::date(2026, 12, 31)
+                            - jiff::Span::new().days((n * 5) as i64))
+                        .to_string(),
+                        owner: format!("user:rep{}", n % 5),
+                    },
+                ))
+                .await
+                .map_err(refused(format!("deal {n}")))?
+                .into_inner();
+            seeded.opportunities += 1;
+            seeded.unchanged += usize::from(reply.unchanged);
+            let deal_id = reply.stream_id;
+            let stages: &[&str] = match n % 5 {
+                0 => &["discovery", "proposal", "negotiation"],
+                1 => &["discovery"],
+                2 => &["discovery", "proposal"],
+                3 => &["proposal"],
+                _ => &[],
+            };
+            for (step, to) in stages.iter().enumerate() {
+                let reply = opportunities
+                    .change_opportunity_stage(request(
+                        tenant,
+                        ChangeOpportunityStageRequest {
+                            options: options(
+                                format!("demo-seed:deal:{n}:{to}"),
+                                days_ago.saturating_sub(7 * (step as u64 + 1)),
+                            ),
+                            opportunity_id: deal_id.clone(),
+                            stage: (*to).to_owned(),
+                        },
+                    ))
+                    .await
+                    .map_err(refused(format!("deal {n} to {to}")))?
+                    .into_inner();
+                seeded.unchanged += usize::from(reply.unchanged);
+            }
+            let closed_at = days_ago.saturating_sub(30);
+            if n % 5 == 0 {
+                let reply = opportunities
+                    .win_opportunity(request(
+                        tenant,
+                        WinOpportunityRequest {
+                            options: options(format!("demo-seed:deal:{n}:won"), closed_at),
+                            opportunity_id: deal_id.clone(),
+                        },
+                    ))
+                    .await
+                    .map_err(refused(format!("deal {n} won")))?
+                    .into_inner();
+                seeded.unchanged += usize::from(reply.unchanged);
+            } else if n % 5 == 4 {
+                let reply = opportunities
+                    .lose_opportunity(request(
+                        tenant,
+                        LoseOpportunityRequest {
+                            options: options(format!("demo-seed:deal:{n}:lost"), closed_at),
+                            opportunity_id: deal_id.clone(),
+                            reason: Some(Reason {
+                                code: ["price", "timing", "competitor"][n % 3].to_owned(),
+                                text: String::new(),
+                            }),
+                            competitor: if n % 3 == 2 {
+                                "Initech".to_owned()
+                            } else {
+                                String::new()
+                            },
+                        },
+                    ))
+                    .await
+                    .map_err(refused(format!("deal {n} lost")))?
+                    .into_inner();
+                seeded.unchanged += usize::from(reply.unchanged);
+            }
+        }
+    }
     Ok(seeded)
 }

@@ -115,8 +115,14 @@ async fn main() -> anyhow::Result<()> {
             .map(|seeded| {
                 tracing::info!(?seeded, tenant, "demo data seeded");
                 println!(
-                    "demo tenant {tenant:?}: {} accounts, {} contacts, {} consents, {} leads, {} conversions ({} commands already done)",
-                    seeded.accounts, seeded.contacts, seeded.consents, seeded.leads, seeded.conversions, seeded.unchanged
+                    "demo tenant {tenant:?}: {} accounts, {} contacts, {} consents, {} leads, {} conversions, {} deals ({} commands already done)",
+                    seeded.accounts,
+                    seeded.contacts,
+                    seeded.consents,
+                    seeded.leads,
+                    seeded.conversions,
+                    seeded.opportunities,
+                    seeded.unchanged
                 );
             })
             .map_err(anyhow::Error::from),
