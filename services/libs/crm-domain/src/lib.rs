@@ -16,6 +16,7 @@ pub mod pipeline;
 #[cfg(feature = "schemas")]
 pub mod schemas;
 mod tenant;
+pub mod ticket;
 
 #[cfg(test)]
 mod testing;
