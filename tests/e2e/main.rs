@@ -7,3 +7,4 @@ mod demo;
 mod leads;
 mod opportunities;
 mod support;
+mod tickets;

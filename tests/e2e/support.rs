@@ -8,6 +8,7 @@ use crm_proto::v1::contacts_client::ContactsClient;
 use crm_proto::v1::leads_client::LeadsClient;
 use crm_proto::v1::opportunities_client::OpportunitiesClient;
 use crm_proto::v1::pipelines_client::PipelinesClient;
+use crm_proto::v1::tickets_client::TicketsClient;
 use crm_test_support::{TestDb, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +70,10 @@ impl TestApp {
 
     pub fn opportunities(&self) -> OpportunitiesClient<Channel> {
         OpportunitiesClient::new(self.channel.clone())
+    }
+
+    pub fn tickets(&self) -> TicketsClient<Channel> {
+        TicketsClient::new(self.channel.clone())
     }
 
     pub fn leads(&self) -> LeadsClient<Channel> {

@@ -15,13 +15,14 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::RunError;
 use crate::command::{
     AccountsService, CommandHandler, ContactsService, LeadsService, MAX_REQUEST_BYTES,
-    OpportunitiesService, PipelinesService,
+    OpportunitiesService, PipelinesService, TicketsService,
 };
 use crm_proto::v1::accounts_server::AccountsServer;
 use crm_proto::v1::contacts_server::ContactsServer;
 use crm_proto::v1::leads_server::LeadsServer;
 use crm_proto::v1::opportunities_server::OpportunitiesServer;
 use crm_proto::v1::pipelines_server::PipelinesServer;
+use crm_proto::v1::tickets_server::TicketsServer;
 
 /// Serves on `listener` until `intake` is cancelled: then reports NOT_SERVING,
 /// stops accepting, and lets in-flight calls finish.
@@ -46,7 +47,9 @@ pub(crate) async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let pipelines = PipelinesServer::new(PipelinesService::new(commands.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let opportunities = OpportunitiesServer::new(OpportunitiesService::new(commands))
+    let opportunities = OpportunitiesServer::new(OpportunitiesService::new(commands.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let tickets = TicketsServer::new(TicketsService::new(commands))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
@@ -64,6 +67,7 @@ pub(crate) async fn serve(
         .add_service(leads)
         .add_service(pipelines)
         .add_service(opportunities)
+        .add_service(tickets)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

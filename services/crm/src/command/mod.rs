@@ -13,6 +13,7 @@ mod contacts;
 mod error;
 mod leads;
 mod opportunities;
+mod tickets;
 
 use std::collections::BTreeSet;
 
@@ -37,6 +38,7 @@ pub use contacts::ContactsService;
 pub use error::ServiceError;
 pub use leads::LeadsService;
 pub use opportunities::{OpportunitiesService, PipelinesService};
+pub use tickets::TicketsService;
 
 /// Longest stream the command path folds from events (snapshots take over
 /// for longer ones).

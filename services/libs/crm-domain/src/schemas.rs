@@ -18,6 +18,10 @@ use crate::opportunity::{
     OpportunityStageChanged, OpportunityWon,
 };
 use crate::pipeline::PipelinePublished;
+use crate::ticket::{
+    CsatRatingReceived, TicketClosed, TicketEscalated, TicketMessageAdded, TicketOpened,
+    TicketReopened, TicketSolved, TicketStatusChanged, TicketTriaged,
+};
 
 /// One event payload's schema.
 pub struct EventSchema {
@@ -88,5 +92,14 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<OpportunityLost>("opportunity", "OpportunityLost", 1),
         schema::<OpportunityReopened>("opportunity", "OpportunityReopened", 1),
         schema::<PipelinePublished>("pipeline_config", "PipelinePublished", 1),
+        schema::<TicketOpened>("ticket", "TicketOpened", 1),
+        schema::<TicketTriaged>("ticket", "TicketTriaged", 1),
+        schema::<TicketMessageAdded>("ticket", "TicketMessageAdded", 1),
+        schema::<TicketStatusChanged>("ticket", "TicketStatusChanged", 1),
+        schema::<TicketEscalated>("ticket", "TicketEscalated", 1),
+        schema::<TicketSolved>("ticket", "TicketSolved", 1),
+        schema::<TicketReopened>("ticket", "TicketReopened", 1),
+        schema::<TicketClosed>("ticket", "TicketClosed", 1),
+        schema::<CsatRatingReceived>("ticket", "CsatRatingReceived", 1),
     ]
 }

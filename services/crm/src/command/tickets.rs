@@ -1,0 +1,243 @@
+//! `crm.v1.Tickets`: proto requests → ticket commands.
+use crm_domain::ticket::{
+    AuthorRole, Channel, Priority, Ticket, TicketCommand, TicketDetails, TicketStatus, TicketType,
+    TriagePatch,
+};
+use crm_proto::v1 as pb;
+use crm_proto::v1::tickets_server::Tickets;
+use tonic::{Request, Response, Status};
+
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+pub struct TicketsService {
+    handler: CommandHandler,
+}
+
+impl TicketsService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+
+    async fn run(
+        &self,
+        caller: Caller,
+        options: Options,
+        id: uuid::Uuid,
+        command: TicketCommand,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let reply = self
+            .handler
+            .execute::<Ticket>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}
+
+fn one_of<T: Copy>(
+    field: &'static str,
+    value: &str,
+    parse: fn(&str) -> Option<T>,
+    rule: &'static str,
+) -> Result<T, ServiceError> {
+    parse(value).ok_or_else(|| ServiceError::invalid(field, rule))
+}
+
+const TYPES: &str = "must be question, incident, request or complaint";
+const PRIORITIES: &str = "must be low, normal, high or urgent";
+
+#[tonic::async_trait]
+impl Tickets for TicketsService {
+    async fn open_ticket(
+        &self,
+        request: Request<pb::OpenTicketRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("OpenTicket", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, true)?;
+        let details = TicketDetails {
+            requester_id: parse_id("requester_id", &request.requester_id, false)?,
+            account_id: if request.account_id.is_empty() {
+                None
+            } else {
+                Some(parse_id("account_id", &request.account_id, false)?)
+            },
+            channel: one_of(
+                "channel",
+                &request.channel,
+                Channel::parse,
+                "must be email, phone, chat, web or social",
+            )?,
+            ticket_type: one_of("type", &request.r#type, TicketType::parse, TYPES)?,
+            category: request.category,
+            priority: if request.priority.is_empty() {
+                None
+            } else {
+                Some(one_of(
+                    "priority",
+                    &request.priority,
+                    Priority::parse,
+                    PRIORITIES,
+                )?)
+            },
+            subject: request.subject,
+        };
+        self.run(caller, options, id, TicketCommand::Open(details))
+            .await
+    }
+
+    async fn triage_ticket(
+        &self,
+        request: Request<pb::TriageTicketRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("TriageTicket", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        let patch = TriagePatch {
+            ticket_type: request
+                .r#type
+                .as_deref()
+                .map(|t| one_of("type", t, TicketType::parse, TYPES))
+                .transpose()?,
+            category: request.category,
+            priority: request
+                .priority
+                .as_deref()
+                .map(|p| one_of("priority", p, Priority::parse, PRIORITIES))
+                .transpose()?,
+        };
+        self.run(caller, options, id, TicketCommand::Triage(patch))
+            .await
+    }
+
+    async fn add_ticket_message(
+        &self,
+        request: Request<pb::AddTicketMessageRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("AddTicketMessage", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        let command = TicketCommand::AddMessage {
+            author_role: one_of(
+                "author_role",
+                &request.author_role,
+                AuthorRole::parse,
+                "must be customer, agent or system",
+            )?,
+            author: if request.author.is_empty() {
+                caller.actor.clone()
+            } else {
+                request.author
+            },
+            public: request.public,
+            body: request.body,
+        };
+        self.run(caller, options, id, command).await
+    }
+
+    async fn change_ticket_status(
+        &self,
+        request: Request<pb::ChangeTicketStatusRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ChangeTicketStatus", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        let to = TicketStatus::parse(&request.status)
+            .filter(|s| {
+                matches!(
+                    s,
+                    TicketStatus::Open | TicketStatus::Pending | TicketStatus::OnHold
+                )
+            })
+            .ok_or_else(|| ServiceError::invalid("status", "must be open, pending or on_hold"))?;
+        self.run(caller, options, id, TicketCommand::ChangeStatus { to })
+            .await
+    }
+
+    async fn escalate_ticket(
+        &self,
+        request: Request<pb::EscalateTicketRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("EscalateTicket", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        let level = u8::try_from(request.level)
+            .map_err(|_| ServiceError::invalid("level", "must be 1 to 255"))?;
+        let command = TicketCommand::Escalate {
+            level,
+            rule: request.rule,
+            target: request.target,
+        };
+        self.run(caller, options, id, command).await
+    }
+
+    async fn solve_ticket(
+        &self,
+        request: Request<pb::SolveTicketRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("SolveTicket", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        let command = TicketCommand::Solve {
+            resolution: request.resolution,
+            root_cause: request.root_cause,
+        };
+        self.run(caller, options, id, command).await
+    }
+
+    async fn reopen_ticket(
+        &self,
+        request: Request<pb::ReopenTicketRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ReopenTicket", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        self.run(
+            caller,
+            options,
+            id,
+            TicketCommand::Reopen {
+                cause: request.cause,
+            },
+        )
+        .await
+    }
+
+    async fn close_ticket(
+        &self,
+        request: Request<pb::CloseTicketRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("CloseTicket", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        self.run(caller, options, id, TicketCommand::Close).await
+    }
+
+    async fn record_csat(
+        &self,
+        request: Request<pb::RecordCsatRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RecordCsat", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        let score = u8::try_from(request.score).unwrap_or(0);
+        self.run(
+            caller,
+            options,
+            id,
+            TicketCommand::RecordCsat {
+                score,
+                comment: request.comment,
+            },
+        )
+        .await
+    }
+}
