@@ -1,6 +1,7 @@
 //! End-to-end scenarios, one module per area.
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 mod accounts;
+mod activities;
 mod all_role;
 mod contacts;
 mod demo;

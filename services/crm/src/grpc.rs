@@ -14,10 +14,11 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::RunError;
 use crate::command::{
-    AccountsService, CommandHandler, ContactsService, LeadsService, MAX_REQUEST_BYTES,
-    OpportunitiesService, PipelinesService, TicketsService,
+    AccountsService, ActivitiesService, CommandHandler, ContactsService, LeadsService,
+    MAX_REQUEST_BYTES, OpportunitiesService, PipelinesService, TicketsService,
 };
 use crm_proto::v1::accounts_server::AccountsServer;
+use crm_proto::v1::activities_server::ActivitiesServer;
 use crm_proto::v1::contacts_server::ContactsServer;
 use crm_proto::v1::leads_server::LeadsServer;
 use crm_proto::v1::opportunities_server::OpportunitiesServer;
@@ -49,7 +50,9 @@ pub(crate) async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let opportunities = OpportunitiesServer::new(OpportunitiesService::new(commands.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let tickets = TicketsServer::new(TicketsService::new(commands))
+    let tickets = TicketsServer::new(TicketsService::new(commands.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let activities = ActivitiesServer::new(ActivitiesService::new(commands))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
@@ -68,6 +71,7 @@ pub(crate) async fn serve(
         .add_service(pipelines)
         .add_service(opportunities)
         .add_service(tickets)
+        .add_service(activities)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

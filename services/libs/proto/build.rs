@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crm/v1/leads.proto",
         "crm/v1/opportunities.proto",
         "crm/v1/tickets.proto",
+        "crm/v1/activities.proto",
     ];
     let root = "../../../proto";
     for file in files {

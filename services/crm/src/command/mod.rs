@@ -8,6 +8,7 @@
 //! state; with one, it is `ABORTED` with the current version. A retried
 //! request with the same idempotency key gets the first answer.
 mod accounts;
+mod activities;
 mod caller;
 mod contacts;
 mod error;
@@ -33,6 +34,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 pub use accounts::AccountsService;
+pub use activities::ActivitiesService;
 pub use caller::Caller;
 pub use contacts::ContactsService;
 pub use error::ServiceError;

@@ -5,6 +5,7 @@
 //! Each aggregate implements [`Aggregate`]; its events implement
 //! [`DomainEvent`] (stable names, schema versions, decoding with upcasting).
 pub mod account;
+pub mod activity;
 mod aggregate;
 pub mod common;
 pub mod contact;

@@ -7,6 +7,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use crate::account::{
     AccountBecameCustomer, AccountChurned, AccountCreated, AccountDetailsUpdated,
 };
+use crate::activity::{ActivityCompleted, ActivityLogged, ActivityScheduled};
 use crate::common::LifecycleChanged;
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
@@ -65,6 +66,9 @@ fn schema<T: JsonSchema>(
 /// Every event type of every aggregate, each version that may be stored.
 pub fn event_schemas() -> Vec<EventSchema> {
     vec![
+        schema::<ActivityLogged>("activity", "ActivityLogged", 1),
+        schema::<ActivityScheduled>("activity", "ActivityScheduled", 1),
+        schema::<ActivityCompleted>("activity", "ActivityCompleted", 1),
         schema::<AccountCreated>("account", "AccountCreated", 1),
         schema::<AccountDetailsUpdated>("account", "AccountDetailsUpdated", 1),
         schema::<AccountBecameCustomer>("account", "AccountBecameCustomer", 1),

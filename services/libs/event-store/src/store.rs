@@ -234,6 +234,29 @@ impl EventStore {
         .spawn(&self.inner.tasks, after, filter)
     }
 
+    /// The type of a tenant's stream, or `None` when the tenant has no such
+    /// stream.
+    pub async fn stream_type(
+        &self,
+        tenant_id: &TenantId,
+        stream_id: Uuid,
+    ) -> Result<Option<String>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT stream_type FROM events WHERE tenant_id = $1 AND stream_id = $2 \
+                 ORDER BY stream_version LIMIT 1",
+            )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&tenant_id.as_str(), &stream_id])
+            .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+
     /// The stored outcome of an append made with this idempotency key, with
     /// the fingerprint it was made with, if any.
     pub async fn idempotent_outcome(

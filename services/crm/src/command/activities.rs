@@ -1,0 +1,167 @@
+//! `crm.v1.Activities`: proto requests → activity commands, with the targets
+//! checked to exist (as the kind the caller named) first.
+use crm_domain::TenantId;
+use crm_domain::activity::{Activity, ActivityCommand, Target};
+use crm_proto::v1 as pb;
+use crm_proto::v1::activities_server::Activities;
+use jiff::Timestamp;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+pub struct ActivitiesService {
+    handler: CommandHandler,
+}
+
+impl ActivitiesService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+
+    /// Whether every target exists in the caller's tenant as the kind named.
+    async fn targets_exist(
+        &self,
+        tenant: &TenantId,
+        targets: &[Target],
+    ) -> Result<bool, ServiceError> {
+        for target in targets {
+            let found = self
+                .handler
+                .store
+                .stream_type(tenant, target.id)
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            if found.as_deref() != Some(target.kind.as_str()) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn targets(targets: Vec<pb::ActivityTarget>) -> Result<Vec<Target>, ServiceError> {
+    targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, target)| {
+            let id = Uuid::parse_str(&target.id).map_err(|_| {
+                ServiceError::Domain(crm_domain::DomainError::invalid(
+                    format!("targets[{i}].id"),
+                    "must be a UUID",
+                ))
+            })?;
+            Ok(Target {
+                kind: target.kind,
+                id,
+            })
+        })
+        .collect()
+}
+
+/// An activity id derived from a synced message's external id (UUIDv5 under a
+/// per-tenant namespace).
+fn from_external_id(tenant: &TenantId, external_id: &str) -> Uuid {
+    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
+    Uuid::new_v5(&namespace, format!("activity:{external_id}").as_bytes())
+}
+
+#[tonic::async_trait]
+impl Activities for ActivitiesService {
+    async fn log_activity(
+        &self,
+        request: Request<pb::LogActivityRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("LogActivity", request.options.as_ref(), &request)?;
+        let derived = request.activity_id.is_empty() && !request.external_id.is_empty();
+        let id = if derived {
+            from_external_id(&caller.tenant, &request.external_id)
+        } else {
+            parse_id("activity_id", &request.activity_id, true)?
+        };
+        let targets = targets(request.targets)?;
+        let targets_exist = self.targets_exist(&caller.tenant, &targets).await?;
+        let command = ActivityCommand::Log {
+            kind: request.kind,
+            direction: request.direction,
+            targets,
+            outcome: request.outcome,
+            body: request.body,
+            external_id: request.external_id,
+            targets_exist,
+        };
+        let reply = self
+            .handler
+            .execute::<Activity>(&caller, id, &options, command)
+            .await;
+        // A re-synced message is the same activity: answer it, change nothing.
+        let reply = match reply {
+            Err(ServiceError::Domain(crm_domain::DomainError::AlreadyExists { .. })) if derived => {
+                let (_, version, position) =
+                    self.handler.load::<Activity>(&caller.tenant, id).await?;
+                pb::CommandReply {
+                    stream_id: id.to_string(),
+                    stream_version: version,
+                    global_position: position,
+                    unchanged: true,
+                }
+            }
+            other => other?,
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn schedule_activity(
+        &self,
+        request: Request<pb::ScheduleActivityRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ScheduleActivity", request.options.as_ref(), &request)?;
+        let id = parse_id("activity_id", &request.activity_id, true)?;
+        let due = request
+            .due
+            .parse::<Timestamp>()
+            .map_err(|_| ServiceError::invalid("due", "must be an RFC 3339 timestamp"))?;
+        let targets = targets(request.targets)?;
+        let targets_exist = self.targets_exist(&caller.tenant, &targets).await?;
+        let command = ActivityCommand::Schedule {
+            kind: request.kind,
+            targets,
+            due,
+            assignee: if request.assignee.is_empty() {
+                caller.actor.clone()
+            } else {
+                request.assignee
+            },
+            subject: request.subject,
+            targets_exist,
+        };
+        let reply = self
+            .handler
+            .execute::<Activity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn complete_activity(
+        &self,
+        request: Request<pb::CompleteActivityRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("CompleteActivity", request.options.as_ref(), &request)?;
+        let id = parse_id("activity_id", &request.activity_id, false)?;
+        let command = ActivityCommand::Complete {
+            outcome: request.outcome,
+            notes: request.notes,
+        };
+        let reply = self
+            .handler
+            .execute::<Activity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}

@@ -1,0 +1,441 @@
+//! Activity: one interaction or planned piece of work, linked to the records
+//! it concerns (DOMAIN.md §2.5).
+//!
+//! Logged kinds (call, email, SMS, chat, visit, note) happened already;
+//! scheduled kinds (meeting, task, call-back) go `Scheduled → Completed` with
+//! an outcome. Messages synced from mail or chat systems carry their external
+//! id, and the handler derives the activity id from it, so a re-sync
+//! converges on the same record.
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::aggregate::{Aggregate, Context, DomainEvent};
+use crate::common::text_ok;
+use crate::error::{DomainError, Violations};
+
+pub const MAX_TARGETS: usize = 20;
+pub const LOGGED_KINDS: &[&str] = &["call", "email", "sms", "chat", "visit", "note"];
+pub const SCHEDULED_KINDS: &[&str] = &["meeting", "task", "call_back"];
+pub const TARGET_KINDS: &[&str] = &["lead", "contact", "account", "opportunity", "ticket"];
+pub const OUTCOMES: &[&str] = &["done", "held", "no_show", "cancelled"];
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Target {
+    /// The target's stream type: lead, contact, account, opportunity, ticket.
+    pub kind: String,
+    pub id: Uuid,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActivityCommand {
+    /// `targets_exist`: the handler found every target, of its kind.
+    Log {
+        kind: String,
+        direction: String,
+        targets: Vec<Target>,
+        outcome: String,
+        body: String,
+        external_id: String,
+        targets_exist: bool,
+    },
+    Schedule {
+        kind: String,
+        targets: Vec<Target>,
+        due: Timestamp,
+        assignee: String,
+        subject: String,
+        targets_exist: bool,
+    },
+    Complete {
+        outcome: String,
+        notes: String,
+    },
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityLogged {
+    pub kind: String,
+    /// `inbound`, `outbound`, or empty for notes and visits.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub direction: String,
+    pub targets: Vec<Target>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub outcome: String,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub body: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub external_id: String,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityScheduled {
+    pub kind: String,
+    pub targets: Vec<Target>,
+    pub due: Timestamp,
+    pub assignee: String,
+    pub subject: String,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityCompleted {
+    pub outcome: String,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub notes: String,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ActivityEvent {
+    Logged(ActivityLogged),
+    Scheduled(ActivityScheduled),
+    Completed(ActivityCompleted),
+}
+
+impl DomainEvent for ActivityEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::Logged(_) => "ActivityLogged",
+            Self::Scheduled(_) => "ActivityScheduled",
+            Self::Completed(_) => "ActivityCompleted",
+        }
+    }
+
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        _schema_version: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error> {
+        Ok(Some(match event_type {
+            "ActivityLogged" => Self::Logged(Deserialize::deserialize(payload)?),
+            "ActivityScheduled" => Self::Scheduled(Deserialize::deserialize(payload)?),
+            "ActivityCompleted" => Self::Completed(Deserialize::deserialize(payload)?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivityState {
+    #[default]
+    None,
+    Logged,
+    Scheduled,
+    Completed,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    pub state: ActivityState,
+    pub kind: String,
+    pub targets: Vec<Target>,
+    pub outcome: String,
+}
+
+fn validate_targets(
+    targets: &[Target],
+    exist: bool,
+    v: &mut Violations,
+) -> Result<(), DomainError> {
+    v.check(!targets.is_empty(), "targets", "needs at least one target");
+    v.check(
+        targets.len() <= MAX_TARGETS,
+        "targets",
+        "must have at most 20 targets",
+    );
+    for (i, target) in targets.iter().enumerate() {
+        v.check(
+            TARGET_KINDS.contains(&target.kind.as_str()),
+            format!("targets[{i}].kind"),
+            "must be lead, contact, account, opportunity or ticket",
+        );
+    }
+    if !targets.is_empty() && !exist {
+        return Err(DomainError::InvalidReference { field: "targets" });
+    }
+    Ok(())
+}
+
+impl Aggregate for Activity {
+    type Command = ActivityCommand;
+    type Event = ActivityEvent;
+    const STREAM_TYPE: &'static str = "activity";
+
+    fn exists(&self) -> bool {
+        self.state != ActivityState::None
+    }
+
+    fn creates(command: &ActivityCommand) -> bool {
+        !matches!(command, ActivityCommand::Complete { .. })
+    }
+
+    fn decide(
+        &self,
+        command: ActivityCommand,
+        context: Context,
+    ) -> Result<Vec<ActivityEvent>, DomainError> {
+        let occurred_at = context.occurred_at()?;
+        match command {
+            ActivityCommand::Log {
+                kind,
+                direction,
+                mut targets,
+                outcome,
+                body,
+                external_id,
+                targets_exist,
+            } => {
+                if self.exists() {
+                    return Err(DomainError::AlreadyExists {
+                        key: "activity_id",
+                        holder: None,
+                    });
+                }
+                let mut v = Violations::default();
+                v.check(
+                    LOGGED_KINDS.contains(&kind.as_str()),
+                    "kind",
+                    "must be call, email, sms, chat, visit or note",
+                );
+                v.check(
+                    direction.is_empty() || direction == "inbound" || direction == "outbound",
+                    "direction",
+                    "must be inbound, outbound or empty",
+                );
+                v.check(
+                    text_ok(&outcome, 200, true),
+                    "outcome",
+                    "must be at most 200 characters",
+                );
+                v.check(
+                    body.chars().count() <= 50_000,
+                    "body",
+                    "must be at most 50000 characters",
+                );
+                v.check(
+                    text_ok(&external_id, 500, true),
+                    "external_id",
+                    "must be at most 500 characters",
+                );
+                validate_targets(&targets, targets_exist, &mut v)?;
+                v.into_result()?;
+                targets.sort();
+                targets.dedup();
+                Ok(vec![ActivityEvent::Logged(ActivityLogged {
+                    kind,
+                    direction,
+                    targets,
+                    outcome,
+                    body,
+                    external_id,
+                    occurred_at,
+                })])
+            }
+            ActivityCommand::Schedule {
+                kind,
+                mut targets,
+                due,
+                assignee,
+                subject,
+                targets_exist,
+            } => {
+                if self.exists() {
+                    return Err(DomainError::AlreadyExists {
+                        key: "activity_id",
+                        holder: None,
+                    });
+                }
+                let mut v = Violations::default();
+                v.check(
+                    SCHEDULED_KINDS.contains(&kind.as_str()),
+                    "kind",
+                    "must be meeting, task or call_back",
+                );
+                v.check(
+                    text_ok(&assignee, 200, false),
+                    "assignee",
+                    "must be 1 to 200 characters",
+                );
+                v.check(
+                    text_ok(&subject, 300, false),
+                    "subject",
+                    "must be 1 to 300 characters",
+                );
+                validate_targets(&targets, targets_exist, &mut v)?;
+                v.into_result()?;
+                targets.sort();
+                targets.dedup();
+                Ok(vec![ActivityEvent::Scheduled(ActivityScheduled {
+                    kind,
+                    targets,
+                    due,
+                    assignee,
+                    subject,
+                    occurred_at,
+                })])
+            }
+            ActivityCommand::Complete { outcome, notes } => {
+                match self.state {
+                    ActivityState::None => return Err(DomainError::NotFound),
+                    ActivityState::Scheduled => {}
+                    ActivityState::Logged => {
+                        return Err(DomainError::InvalidTransition {
+                            from: "logged",
+                            to: "completed",
+                        });
+                    }
+                    ActivityState::Completed if self.outcome == outcome => return Ok(vec![]),
+                    ActivityState::Completed => {
+                        return Err(DomainError::InvalidTransition {
+                            from: "completed",
+                            to: "completed",
+                        });
+                    }
+                }
+                let mut v = Violations::default();
+                v.check(
+                    OUTCOMES.contains(&outcome.as_str()),
+                    "outcome",
+                    "must be done, held, no_show or cancelled",
+                );
+                v.check(
+                    notes.chars().count() <= 20_000,
+                    "notes",
+                    "must be at most 20000 characters",
+                );
+                v.into_result()?;
+                Ok(vec![ActivityEvent::Completed(ActivityCompleted {
+                    outcome,
+                    notes,
+                    occurred_at,
+                })])
+            }
+        }
+    }
+
+    fn evolve(mut self, event: &ActivityEvent) -> Self {
+        match event {
+            ActivityEvent::Logged(logged) => {
+                self.state = ActivityState::Logged;
+                self.kind = logged.kind.clone();
+                self.targets = logged.targets.clone();
+                self.outcome = logged.outcome.clone();
+            }
+            ActivityEvent::Scheduled(scheduled) => {
+                self.state = ActivityState::Scheduled;
+                self.kind = scheduled.kind.clone();
+                self.targets = scheduled.targets.clone();
+            }
+            ActivityEvent::Completed(completed) => {
+                self.state = ActivityState::Completed;
+                self.outcome = completed.outcome.clone();
+            }
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{given, now};
+
+    fn contact() -> Target {
+        Target {
+            kind: "contact".into(),
+            id: Uuid::from_u128(1),
+        }
+    }
+
+    fn scheduled() -> ActivityEvent {
+        ActivityEvent::Scheduled(ActivityScheduled {
+            kind: "meeting".into(),
+            targets: vec![contact()],
+            due: now(),
+            assignee: "user:rep".into(),
+            subject: "Kick-off".into(),
+            occurred_at: now(),
+        })
+    }
+
+    fn log(kind: &str, targets: Vec<Target>, exist: bool) -> ActivityCommand {
+        ActivityCommand::Log {
+            kind: kind.into(),
+            direction: "outbound".into(),
+            targets,
+            outcome: "interested".into(),
+            body: "Talked about the renewal".into(),
+            external_id: String::new(),
+            targets_exist: exist,
+        }
+    }
+
+    #[test]
+    fn logging_needs_a_known_kind_and_existing_targets() {
+        let events = given::<Activity>([])
+            .when(log("call", vec![contact(), contact()], true))
+            .result
+            .unwrap();
+        assert!(
+            matches!(&events[0], ActivityEvent::Logged(l) if l.targets.len() == 1),
+            "duplicate targets collapse"
+        );
+        given::<Activity>([])
+            .when(log("fax", vec![], true))
+            .then_invalid(&["kind", "targets"]);
+        given::<Activity>([])
+            .when(log("call", vec![contact()], false))
+            .then_error(DomainError::InvalidReference { field: "targets" });
+        given::<Activity>([])
+            .at("2026-11-28T11:00:00Z")
+            .when(log("call", vec![contact()], true))
+            .then_invalid(&["options.occurred_at"]);
+    }
+
+    #[test]
+    fn scheduled_work_completes_once() {
+        let complete = |outcome: &str| ActivityCommand::Complete {
+            outcome: outcome.into(),
+            notes: String::new(),
+        };
+        let state = given::<Activity>([scheduled()])
+            .when(complete("held"))
+            .then(vec![ActivityEvent::Completed(ActivityCompleted {
+                outcome: "held".into(),
+                notes: String::new(),
+                occurred_at: now(),
+            })]);
+        assert_eq!(state.state, ActivityState::Completed);
+        let done = ActivityEvent::Completed(ActivityCompleted {
+            outcome: "held".into(),
+            notes: String::new(),
+            occurred_at: now(),
+        });
+        given::<Activity>([scheduled(), done.clone()])
+            .when(complete("held"))
+            .then(vec![]);
+        given::<Activity>([scheduled(), done])
+            .when(complete("no_show"))
+            .then_error(DomainError::InvalidTransition {
+                from: "completed",
+                to: "completed",
+            });
+        given::<Activity>([scheduled()])
+            .when(complete("great"))
+            .then_invalid(&["outcome"]);
+        given::<Activity>([])
+            .when(complete("done"))
+            .then_error(DomainError::NotFound);
+    }
+}

@@ -1,0 +1,194 @@
+//! `crm.v1.Activities`: logged interactions, scheduled work, synced messages.
+use crm_proto::v1::{
+    ActivityTarget, CompleteActivityRequest, CreateContactRequest, LogActivityRequest, PersonName,
+    ScheduleActivityRequest,
+};
+use tonic::Code;
+
+use crate::support::{TestApp, bad_fields, error_info};
+
+async fn contact(app: &TestApp) -> String {
+    let request = CreateContactRequest {
+        name: Some(PersonName {
+            given: "Ada".into(),
+            family: String::new(),
+        }),
+        ..Default::default()
+    };
+    app.contacts()
+        .create_contact(app.request(request))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id
+}
+
+fn target(kind: &str, id: &str) -> ActivityTarget {
+    ActivityTarget {
+        kind: kind.into(),
+        id: id.into(),
+    }
+}
+
+fn email(contact_id: &str, external_id: &str) -> LogActivityRequest {
+    LogActivityRequest {
+        kind: "email".into(),
+        direction: "inbound".into(),
+        targets: vec![target("contact", contact_id)],
+        body: "About the renewal…".into(),
+        external_id: external_id.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn synced_messages_converge_and_scheduled_work_completes() {
+    let app = TestApp::spawn().await;
+    let ada = contact(&app).await;
+    let first = app
+        .activities()
+        .log_activity(app.request(email(&ada, "<msg-1@mail>")))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = app
+        .activities()
+        .log_activity(app.request(email(&ada, "<msg-1@mail>")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.stream_id.as_str(), again.unchanged),
+        (first.stream_id.as_str(), true)
+    );
+    let other = app
+        .activities()
+        .log_activity(app.request(email(&ada, "<msg-2@mail>")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.stream_id, first.stream_id);
+
+    let schedule = ScheduleActivityRequest {
+        kind: "meeting".into(),
+        targets: vec![target("contact", &ada)],
+        due: "2026-12-01T10:00:00Z".into(),
+        subject: "Kick-off".into(),
+        ..Default::default()
+    };
+    let meeting = app
+        .activities()
+        .schedule_activity(app.request(schedule))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let complete = CompleteActivityRequest {
+        options: None,
+        activity_id: meeting.clone(),
+        outcome: "held".into(),
+        notes: String::new(),
+    };
+    assert_eq!(
+        app.activities()
+            .complete_activity(app.request(complete))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        2
+    );
+    let stored = app.stored().await;
+    let scheduled = stored
+        .iter()
+        .find(|(t, _, _)| t == "ActivityScheduled")
+        .unwrap();
+    assert_eq!(
+        scheduled.1["assignee"], "user:ada",
+        "defaults to the caller"
+    );
+    let status = app
+        .activities()
+        .complete_activity(app.request(CompleteActivityRequest {
+            options: None,
+            activity_id: first.stream_id,
+            outcome: "done".into(),
+            notes: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error_info(&status).0,
+        "INVALID_TRANSITION",
+        "logged items do not complete"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn activities_need_existing_targets_of_the_named_kind() {
+    let app = TestApp::spawn().await;
+    let ada = contact(&app).await;
+    let status = app
+        .activities()
+        .log_activity(app.request(email(&uuid::Uuid::now_v7().to_string(), "")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).1["field"].as_str()),
+        (Code::FailedPrecondition, "targets")
+    );
+    let mut wrong_kind = email(&ada, "");
+    wrong_kind.targets = vec![target("account", &ada)];
+    assert_eq!(
+        error_info(
+            &app.activities()
+                .log_activity(app.request(wrong_kind))
+                .await
+                .unwrap_err()
+        )
+        .0,
+        "INVALID_REFERENCE"
+    );
+    let mut bad = email(&ada, "");
+    bad.kind = "fax".into();
+    bad.direction = "sideways".into();
+    assert_eq!(
+        bad_fields(
+            &app.activities()
+                .log_activity(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["kind", "direction"]
+    );
+    let mut bad = email(&ada, "");
+    bad.targets = vec![target("contact", "nope")];
+    assert_eq!(
+        bad_fields(
+            &app.activities()
+                .log_activity(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["targets[0].id"]
+    );
+    let schedule = ScheduleActivityRequest {
+        kind: "meeting".into(),
+        targets: vec![target("contact", &ada)],
+        due: "tomorrow".into(),
+        subject: "x".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        bad_fields(
+            &app.activities()
+                .schedule_activity(app.request(schedule))
+                .await
+                .unwrap_err()
+        ),
+        ["due"]
+    );
+    assert_eq!(app.stored().await.len(), 1, "only the contact");
+    app.stop().await;
+}
