@@ -3,6 +3,7 @@
 mod accounts;
 mod activities;
 mod all_role;
+mod campaigns;
 mod contacts;
 mod demo;
 mod leads;

@@ -5,6 +5,7 @@ use std::time::Duration;
 use crm_platform::Config;
 use crm_proto::v1::accounts_client::AccountsClient;
 use crm_proto::v1::activities_client::ActivitiesClient;
+use crm_proto::v1::campaigns_client::CampaignsClient;
 use crm_proto::v1::contacts_client::ContactsClient;
 use crm_proto::v1::leads_client::LeadsClient;
 use crm_proto::v1::opportunities_client::OpportunitiesClient;
@@ -75,6 +76,10 @@ impl TestApp {
 
     pub fn activities(&self) -> ActivitiesClient<Channel> {
         ActivitiesClient::new(self.channel.clone())
+    }
+
+    pub fn campaigns(&self) -> CampaignsClient<Channel> {
+        CampaignsClient::new(self.channel.clone())
     }
 
     pub fn tickets(&self) -> TicketsClient<Channel> {

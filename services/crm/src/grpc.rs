@@ -14,11 +14,12 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::RunError;
 use crate::command::{
-    AccountsService, ActivitiesService, CommandHandler, ContactsService, LeadsService,
-    MAX_REQUEST_BYTES, OpportunitiesService, PipelinesService, TicketsService,
+    AccountsService, ActivitiesService, CampaignsService, CommandHandler, ContactsService,
+    LeadsService, MAX_REQUEST_BYTES, OpportunitiesService, PipelinesService, TicketsService,
 };
 use crm_proto::v1::accounts_server::AccountsServer;
 use crm_proto::v1::activities_server::ActivitiesServer;
+use crm_proto::v1::campaigns_server::CampaignsServer;
 use crm_proto::v1::contacts_server::ContactsServer;
 use crm_proto::v1::leads_server::LeadsServer;
 use crm_proto::v1::opportunities_server::OpportunitiesServer;
@@ -52,7 +53,9 @@ pub(crate) async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let tickets = TicketsServer::new(TicketsService::new(commands.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let activities = ActivitiesServer::new(ActivitiesService::new(commands))
+    let activities = ActivitiesServer::new(ActivitiesService::new(commands.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let campaigns = CampaignsServer::new(CampaignsService::new(commands))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
@@ -72,6 +75,7 @@ pub(crate) async fn serve(
         .add_service(opportunities)
         .add_service(tickets)
         .add_service(activities)
+        .add_service(campaigns)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crm/v1/opportunities.proto",
         "crm/v1/tickets.proto",
         "crm/v1/activities.proto",
+        "crm/v1/campaigns.proto",
     ];
     let root = "../../../proto";
     for file in files {

@@ -110,6 +110,9 @@ impl From<ServiceError> for Status {
                     DomainError::InvalidReference { field } => {
                         vec![("field".to_owned(), (*field).to_owned())]
                     }
+                    DomainError::ConsentMissing { purpose } => {
+                        vec![("purpose".to_owned(), (*purpose).to_owned())]
+                    }
                     _ => vec![],
                 };
                 Status::with_error_details(

@@ -10,6 +10,7 @@
 mod accounts;
 mod activities;
 mod caller;
+mod campaigns;
 mod contacts;
 mod error;
 mod leads;
@@ -36,6 +37,7 @@ use uuid::Uuid;
 pub use accounts::AccountsService;
 pub use activities::ActivitiesService;
 pub use caller::Caller;
+pub use campaigns::CampaignsService;
 pub use contacts::ContactsService;
 pub use error::ServiceError;
 pub use leads::LeadsService;

@@ -44,6 +44,10 @@ pub enum DomainError {
     /// A referenced record is missing or not usable.
     #[error("{field} refers to a record that is missing or inactive")]
     InvalidReference { field: &'static str },
+    /// Marketing to this person on this channel needs a consent they have not
+    /// given.
+    #[error("no {purpose} consent")]
+    ConsentMissing { purpose: &'static str },
     /// The caller's role does not allow this.
     #[error("not allowed to {action}")]
     PermissionDenied { action: &'static str },
@@ -67,6 +71,7 @@ impl DomainError {
             Self::InvalidReference { .. } => "INVALID_REFERENCE",
             Self::RecordArchived => "RECORD_ARCHIVED",
             Self::PermissionDenied { .. } => "PERMISSION_DENIED",
+            Self::ConsentMissing { .. } => "CONSENT_MISSING",
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod account;
 pub mod activity;
 mod aggregate;
+pub mod campaign;
 pub mod common;
 pub mod contact;
 pub mod conversion;

@@ -8,6 +8,10 @@ use crate::account::{
     AccountBecameCustomer, AccountChurned, AccountCreated, AccountDetailsUpdated,
 };
 use crate::activity::{ActivityCompleted, ActivityLogged, ActivityScheduled};
+use crate::campaign::{
+    CampaignCostRecorded, CampaignDetailsUpdated, CampaignMemberAdded, CampaignMemberResponded,
+    CampaignPlanned,
+};
 use crate::common::LifecycleChanged;
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
@@ -70,6 +74,11 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<ActivityScheduled>("activity", "ActivityScheduled", 1),
         schema::<ActivityCompleted>("activity", "ActivityCompleted", 1),
         schema::<AccountCreated>("account", "AccountCreated", 1),
+        schema::<CampaignPlanned>("campaign", "CampaignPlanned", 1),
+        schema::<CampaignDetailsUpdated>("campaign", "CampaignDetailsUpdated", 1),
+        schema::<CampaignCostRecorded>("campaign", "CampaignCostRecorded", 1),
+        schema::<CampaignMemberAdded>("campaign", "CampaignMemberAdded", 1),
+        schema::<CampaignMemberResponded>("campaign", "CampaignMemberResponded", 1),
         schema::<AccountDetailsUpdated>("account", "AccountDetailsUpdated", 1),
         schema::<AccountBecameCustomer>("account", "AccountBecameCustomer", 1),
         schema::<AccountChurned>("account", "AccountChurned", 1),

@@ -1,0 +1,185 @@
+//! `crm.v1.Campaigns`: proto requests → campaign commands, with the member's
+//! consent looked up first.
+use crm_domain::campaign::{Campaign, CampaignCommand, CampaignPlan, CampaignStatus, purpose_for};
+use crm_domain::common::Money;
+use crm_domain::contact::Contact;
+use crm_domain::{Aggregate, DomainError};
+use crm_proto::v1 as pb;
+use crm_proto::v1::campaigns_server::Campaigns;
+use jiff::civil::Date;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+pub struct CampaignsService {
+    handler: CommandHandler,
+}
+
+impl CampaignsService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+
+    async fn run(
+        &self,
+        caller: Caller,
+        options: Options,
+        id: Uuid,
+        command: CampaignCommand,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let reply = self
+            .handler
+            .execute::<Campaign>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn state<A: Aggregate>(&self, caller: &Caller, id: Uuid) -> Result<A, ServiceError> {
+        match self.handler.load::<A>(&caller.tenant, id).await {
+            Ok((state, _, _)) => Ok(state),
+            Err(ServiceError::Domain(DomainError::NotFound)) => Ok(A::default()),
+            Err(other) => Err(other),
+        }
+    }
+}
+
+fn date(field: &'static str, value: &str) -> Result<Date, ServiceError> {
+    value
+        .parse::<Date>()
+        .map_err(|_| ServiceError::invalid(field, "must be a date YYYY-MM-DD"))
+}
+
+fn money(field: &'static str, value: Option<pb::Money>) -> Result<Money, ServiceError> {
+    let value = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
+    Ok(Money {
+        amount_minor: value.amount_minor,
+        currency: value.currency,
+    })
+}
+
+#[tonic::async_trait]
+impl Campaigns for CampaignsService {
+    async fn plan_campaign(
+        &self,
+        request: Request<pb::PlanCampaignRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("PlanCampaign", request.options.as_ref(), &request)?;
+        let id = parse_id("campaign_id", &request.campaign_id, true)?;
+        let plan = CampaignPlan {
+            name: request.name,
+            campaign_type: request.r#type,
+            channel: request.channel,
+            parent_id: if request.parent_id.is_empty() {
+                None
+            } else {
+                Some(parse_id("parent_id", &request.parent_id, false)?)
+            },
+            starts_on: date("starts_on", &request.starts_on)?,
+            ends_on: date("ends_on", &request.ends_on)?,
+            budget: money("budget", request.budget)?,
+            owner: if request.owner.is_empty() {
+                caller.actor.clone()
+            } else {
+                request.owner
+            },
+            utm_campaign: request.utm_campaign,
+        };
+        self.run(
+            caller,
+            options,
+            id,
+            CampaignCommand::Plan { self_id: id, plan },
+        )
+        .await
+    }
+
+    async fn change_campaign_status(
+        &self,
+        request: Request<pb::ChangeCampaignStatusRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ChangeCampaignStatus", request.options.as_ref(), &request)?;
+        let id = parse_id("campaign_id", &request.campaign_id, false)?;
+        let to = CampaignStatus::parse(&request.status)
+            .filter(|s| *s != CampaignStatus::Planned)
+            .ok_or_else(|| {
+                ServiceError::invalid("status", "must be active, completed or aborted")
+            })?;
+        self.run(caller, options, id, CampaignCommand::ChangeStatus { to })
+            .await
+    }
+
+    async fn record_campaign_cost(
+        &self,
+        request: Request<pb::RecordCampaignCostRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RecordCampaignCost", request.options.as_ref(), &request)?;
+        let id = parse_id("campaign_id", &request.campaign_id, false)?;
+        let command = CampaignCommand::RecordCost {
+            amount: money("amount", request.amount)?,
+            spent_on: date("spent_on", &request.spent_on)?,
+            source: request.source,
+        };
+        self.run(caller, options, id, command).await
+    }
+
+    async fn add_campaign_member(
+        &self,
+        request: Request<pb::AddCampaignMemberRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("AddCampaignMember", request.options.as_ref(), &request)?;
+        let id = parse_id("campaign_id", &request.campaign_id, false)?;
+        let contact_id = parse_id("contact_id", &request.contact_id, false)?;
+        let contact = self.state::<Contact>(&caller, contact_id).await?;
+        if !contact.exists {
+            return Err(ServiceError::Domain(DomainError::InvalidReference {
+                field: "contact_id",
+            })
+            .into());
+        }
+        let campaign = self.state::<Campaign>(&caller, id).await?;
+        let consented = purpose_for(&campaign.channel).is_none_or(|purpose| {
+            contact.consent.get(purpose).is_some_and(|c| c.granted)
+                && !contact.preferences.do_not_contact
+        });
+        self.run(
+            caller,
+            options,
+            id,
+            CampaignCommand::AddMember {
+                contact_id,
+                consented,
+            },
+        )
+        .await
+    }
+
+    async fn record_campaign_response(
+        &self,
+        request: Request<pb::RecordCampaignResponseRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RecordCampaignResponse", request.options.as_ref(), &request)?;
+        let id = parse_id("campaign_id", &request.campaign_id, false)?;
+        let contact_id = parse_id("contact_id", &request.contact_id, false)?;
+        self.run(
+            caller,
+            options,
+            id,
+            CampaignCommand::RecordResponse {
+                contact_id,
+                response: request.response,
+            },
+        )
+        .await
+    }
+}

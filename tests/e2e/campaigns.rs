@@ -1,0 +1,225 @@
+//! `crm.v1.Campaigns`: consent-checked members, costs, responses.
+use crm_proto::v1::{
+    AddCampaignMemberRequest, ChangeCampaignStatusRequest, ChangeContactConsentRequest,
+    CreateContactRequest, Money, PersonName, PlanCampaignRequest, RecordCampaignCostRequest,
+    RecordCampaignResponseRequest,
+};
+use tonic::Code;
+
+use crate::support::{TestApp, bad_fields, error_info};
+
+fn plan(channel: &str) -> PlanCampaignRequest {
+    PlanCampaignRequest {
+        name: "Spring newsletter".into(),
+        r#type: "newsletter".into(),
+        channel: channel.into(),
+        starts_on: "2026-03-01".into(),
+        ends_on: "2026-03-31".into(),
+        budget: Some(Money {
+            amount_minor: 2_000_000,
+            currency: "EUR".into(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn contact(app: &TestApp) -> String {
+    let request = CreateContactRequest {
+        name: Some(PersonName {
+            given: "Ada".into(),
+            family: String::new(),
+        }),
+        ..Default::default()
+    };
+    app.contacts()
+        .create_contact(app.request(request))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id
+}
+
+fn member(campaign: &str, contact: &str) -> AddCampaignMemberRequest {
+    AddCampaignMemberRequest {
+        options: None,
+        campaign_id: campaign.into(),
+        contact_id: contact.into(),
+    }
+}
+
+#[tokio::test]
+async fn email_campaign_members_need_marketing_email_consent() {
+    let app = TestApp::spawn().await;
+    let campaign = app
+        .campaigns()
+        .plan_campaign(app.request(plan("email")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let ada = contact(&app).await;
+    let status = app
+        .campaigns()
+        .add_campaign_member(app.request(member(&campaign, &ada)))
+        .await
+        .unwrap_err();
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(
+        (status.code(), reason.as_str(), metadata["purpose"].as_str()),
+        (
+            Code::FailedPrecondition,
+            "CONSENT_MISSING",
+            "marketing_email"
+        )
+    );
+
+    let consent = ChangeContactConsentRequest {
+        options: None,
+        contact_id: ada.clone(),
+        purpose: "marketing_email".into(),
+        granted: true,
+        source: "web_form".into(),
+        basis: "consent".into(),
+    };
+    app.contacts()
+        .change_contact_consent(app.request(consent))
+        .await
+        .unwrap();
+    let added = app
+        .campaigns()
+        .add_campaign_member(app.request(member(&campaign, &ada)))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = app
+        .campaigns()
+        .add_campaign_member(app.request(member(&campaign, &ada)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.stream_version, again.unchanged),
+        (added.stream_version, true)
+    );
+
+    let respond = RecordCampaignResponseRequest {
+        options: None,
+        campaign_id: campaign.clone(),
+        contact_id: ada,
+        response: "clicked".into(),
+    };
+    app.campaigns()
+        .record_campaign_response(app.request(respond))
+        .await
+        .unwrap();
+    let cost = |minor: i64| RecordCampaignCostRequest {
+        options: None,
+        campaign_id: campaign.clone(),
+        amount: Some(Money {
+            amount_minor: minor,
+            currency: "EUR".into(),
+        }),
+        spent_on: "2026-03-02".into(),
+        source: "invoice".into(),
+    };
+    app.campaigns()
+        .record_campaign_cost(app.request(cost(20_000)))
+        .await
+        .unwrap();
+    app.campaigns()
+        .record_campaign_cost(app.request(cost(-5_000)))
+        .await
+        .unwrap();
+    let activate = ChangeCampaignStatusRequest {
+        options: None,
+        campaign_id: campaign,
+        status: "active".into(),
+    };
+    assert_eq!(
+        app.campaigns()
+            .change_campaign_status(app.request(activate))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        6
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_campaign_inputs_are_refused() {
+    let app = TestApp::spawn().await;
+    let mut bad = plan("pigeon");
+    bad.ends_on = "2026-02-01".into();
+    assert_eq!(
+        bad_fields(
+            &app.campaigns()
+                .plan_campaign(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["channel", "ends_on"]
+    );
+    let mut bad = plan("email");
+    bad.starts_on = "March".into();
+    assert_eq!(
+        bad_fields(
+            &app.campaigns()
+                .plan_campaign(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["starts_on"]
+    );
+    let campaign = app
+        .campaigns()
+        .plan_campaign(app.request(plan("event")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let status = app
+        .campaigns()
+        .add_campaign_member(app.request(member(&campaign, &unknown)))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "INVALID_REFERENCE");
+    let other_currency = RecordCampaignCostRequest {
+        options: None,
+        campaign_id: campaign.clone(),
+        amount: Some(Money {
+            amount_minor: 1,
+            currency: "USD".into(),
+        }),
+        spent_on: "2026-03-02".into(),
+        source: "invoice".into(),
+    };
+    assert_eq!(
+        bad_fields(
+            &app.campaigns()
+                .record_campaign_cost(app.request(other_currency))
+                .await
+                .unwrap_err()
+        ),
+        ["amount.currency"]
+    );
+    let complete = ChangeCampaignStatusRequest {
+        options: None,
+        campaign_id: campaign,
+        status: "completed".into(),
+    };
+    assert_eq!(
+        error_info(
+            &app.campaigns()
+                .change_campaign_status(app.request(complete))
+                .await
+                .unwrap_err()
+        )
+        .0,
+        "INVALID_TRANSITION"
+    );
+    assert_eq!(app.stored().await.len(), 1);
+    app.stop().await;
+}
