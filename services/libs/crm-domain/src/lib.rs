@@ -8,6 +8,7 @@ pub mod account;
 pub mod activity;
 mod aggregate;
 pub mod campaign;
+pub mod commerce;
 pub mod common;
 pub mod contact;
 pub mod conversion;
