@@ -4,6 +4,7 @@ mod accounts;
 mod activities;
 mod all_role;
 mod campaigns;
+mod commerce;
 mod contacts;
 mod demo;
 mod leads;

@@ -6,6 +6,7 @@ use crm_platform::Config;
 use crm_proto::v1::accounts_client::AccountsClient;
 use crm_proto::v1::activities_client::ActivitiesClient;
 use crm_proto::v1::campaigns_client::CampaignsClient;
+use crm_proto::v1::commerce_client::CommerceClient;
 use crm_proto::v1::contacts_client::ContactsClient;
 use crm_proto::v1::leads_client::LeadsClient;
 use crm_proto::v1::opportunities_client::OpportunitiesClient;
@@ -76,6 +77,10 @@ impl TestApp {
 
     pub fn activities(&self) -> ActivitiesClient<Channel> {
         ActivitiesClient::new(self.channel.clone())
+    }
+
+    pub fn commerce(&self) -> CommerceClient<Channel> {
+        CommerceClient::new(self.channel.clone())
     }
 
     pub fn campaigns(&self) -> CampaignsClient<Channel> {

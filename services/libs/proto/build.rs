@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crm/v1/tickets.proto",
         "crm/v1/activities.proto",
         "crm/v1/campaigns.proto",
+        "crm/v1/commerce.proto",
     ];
     let root = "../../../proto";
     for file in files {

@@ -12,6 +12,9 @@ use crate::campaign::{
     CampaignCostRecorded, CampaignDetailsUpdated, CampaignMemberAdded, CampaignMemberResponded,
     CampaignPlanned,
 };
+use crate::commerce::{
+    OrderCancelled, OrderRecorded, PaymentReceived, ProductRecorded, RefundIssued,
+};
 use crate::common::LifecycleChanged;
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
@@ -74,6 +77,11 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<ActivityScheduled>("activity", "ActivityScheduled", 1),
         schema::<ActivityCompleted>("activity", "ActivityCompleted", 1),
         schema::<AccountCreated>("account", "AccountCreated", 1),
+        schema::<ProductRecorded>("product", "ProductRecorded", 1),
+        schema::<OrderRecorded>("order", "OrderRecorded", 1),
+        schema::<OrderCancelled>("order", "OrderCancelled", 1),
+        schema::<PaymentReceived>("payment", "PaymentReceived", 1),
+        schema::<RefundIssued>("payment", "RefundIssued", 1),
         schema::<CampaignPlanned>("campaign", "CampaignPlanned", 1),
         schema::<CampaignDetailsUpdated>("campaign", "CampaignDetailsUpdated", 1),
         schema::<CampaignCostRecorded>("campaign", "CampaignCostRecorded", 1),

@@ -234,6 +234,29 @@ impl EventStore {
         .spawn(&self.inner.tasks, after, filter)
     }
 
+    /// The stream holding a reserved unique value, if any.
+    pub async fn reservation_holder(
+        &self,
+        tenant_id: &TenantId,
+        kind: &str,
+        key_hash: &[u8],
+    ) -> Result<Option<Uuid>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT stream_id FROM reservations \
+                 WHERE tenant_id = $1 AND kind = $2 AND key_hash = $3",
+            )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&tenant_id.as_str(), &kind, &key_hash])
+            .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+
     /// The type of a tenant's stream, or `None` when the tenant has no such
     /// stream.
     pub async fn stream_type(

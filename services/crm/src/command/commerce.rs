@@ -1,0 +1,267 @@
+//! `crm.v1.Commerce`: ERP upserts keyed by (source, external id).
+use crm_domain::account::normalize_tax_id;
+use crm_domain::commerce::{
+    ExternalRef, Order, OrderCommand, OrderLine, OrderTotals, Payment, PaymentCommand, Product,
+    RecordOrder, RecordProduct,
+};
+use crm_domain::common::Money;
+use crm_domain::{Aggregate, TenantId};
+use crm_proto::v1 as pb;
+use crm_proto::v1::commerce_server::Commerce;
+use jiff::civil::Date;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+pub struct CommerceService {
+    handler: CommandHandler,
+}
+
+impl CommerceService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+
+    async fn run<A: Aggregate>(
+        &self,
+        caller: Caller,
+        mut options: Options,
+        external: &ExternalRef,
+        command: A::Command,
+    ) -> Result<Response<pb::CommandReply>, Status>
+    where
+        A::Command: Clone,
+    {
+        let id = derived_id(&caller.tenant, A::STREAM_TYPE, external);
+        if options.idempotency_key.is_none() {
+            options.idempotency_key = Some(format!(
+                "{}:{}:{}:{}",
+                A::STREAM_TYPE,
+                external.source,
+                external.external_id,
+                external.external_version
+            ));
+        }
+        let reply = self
+            .handler
+            .execute::<A>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}
+
+/// The CRM id of an ERP record: UUIDv5 of (stream type, source, external id)
+/// under a per-tenant namespace, so every resend lands on the same stream.
+fn derived_id(tenant: &TenantId, stream_type: &str, external: &ExternalRef) -> Uuid {
+    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
+    Uuid::new_v5(
+        &namespace,
+        format!("{stream_type}:{}:{}", external.source, external.external_id).as_bytes(),
+    )
+}
+
+fn external(
+    field: &'static str,
+    value: Option<pb::ExternalRef>,
+) -> Result<ExternalRef, ServiceError> {
+    let value = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
+    Ok(ExternalRef {
+        source: value.source,
+        external_id: value.external_id,
+        external_version: value.external_version,
+    })
+}
+
+fn money(field: &'static str, value: Option<pb::Money>) -> Result<Money, ServiceError> {
+    let value = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
+    Ok(Money {
+        amount_minor: value.amount_minor,
+        currency: value.currency,
+    })
+}
+
+fn date(field: &'static str, value: &str) -> Result<Date, ServiceError> {
+    value
+        .parse::<Date>()
+        .map_err(|_| ServiceError::invalid(field, "must be a date YYYY-MM-DD"))
+}
+
+fn optional_id(field: &'static str, value: &str) -> Result<Option<Uuid>, ServiceError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        parse_id(field, value, false).map(Some)
+    }
+}
+
+#[tonic::async_trait]
+impl Commerce for CommerceService {
+    async fn record_product(
+        &self,
+        request: Request<pb::RecordProductRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RecordProduct", request.options.as_ref(), &request)?;
+        let external = external("external", request.external)?;
+        let command = RecordProduct {
+            external: external.clone(),
+            sku: request.sku,
+            name: request.name,
+            category: request.category,
+            price: money("price", request.price)?,
+            cost: request.cost.map(|c| money("cost", Some(c))).transpose()?,
+        };
+        self.run::<Product>(caller, options, &external, command)
+            .await
+    }
+
+    async fn record_order(
+        &self,
+        request: Request<pb::RecordOrderRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RecordOrder", request.options.as_ref(), &request)?;
+        let external = external("external", request.external)?;
+        let mut account_id = optional_id("account_id", &request.account_id)?;
+        if account_id.is_none() && !request.customer_tax_id.is_empty() {
+            let hash = self.handler.key_hash(
+                &caller.tenant,
+                "tax_id",
+                &normalize_tax_id(&request.customer_tax_id),
+            );
+            account_id = self
+                .handler
+                .store
+                .reservation_holder(&caller.tenant, "tax_id", &hash)
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        }
+        let lines = request
+            .lines
+            .into_iter()
+            .enumerate()
+            .map(|(i, line)| {
+                let field = |name: &str| format!("lines[{i}].{name}");
+                let required = |name: &str, m: Option<pb::Money>| {
+                    m.map(|m| Money {
+                        amount_minor: m.amount_minor,
+                        currency: m.currency,
+                    })
+                    .ok_or_else(|| {
+                        ServiceError::Domain(crm_domain::DomainError::invalid(
+                            field(name),
+                            "is required",
+                        ))
+                    })
+                };
+                Ok(OrderLine {
+                    sku: line.sku,
+                    quantity: line.quantity,
+                    unit_price: required("unit_price", line.unit_price)?,
+                    line_total: required("line_total", line.line_total)?,
+                    line_cost: line.line_cost.map(|m| Money {
+                        amount_minor: m.amount_minor,
+                        currency: m.currency,
+                    }),
+                })
+            })
+            .collect::<Result<Vec<_>, ServiceError>>()?;
+        let command = OrderCommand::Record(RecordOrder {
+            external: external.clone(),
+            account_id,
+            customer_ref: request.customer_ref,
+            deal_id: optional_id("deal_id", &request.deal_id)?,
+            status: request.status,
+            lines,
+            totals: OrderTotals {
+                net: money("net", request.net)?,
+                tax: money("tax", request.tax)?,
+                gross: money("gross", request.gross)?,
+            },
+            ordered_on: date("ordered_on", &request.ordered_on)?,
+            promised_delivery: if request.promised_delivery.is_empty() {
+                None
+            } else {
+                Some(date("promised_delivery", &request.promised_delivery)?)
+            },
+        });
+        self.run::<Order>(caller, options, &external, command).await
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let mut options = Options::parse("CancelOrder", request.options.as_ref(), &request)?;
+        let external = external("external", request.external)?;
+        if options.idempotency_key.is_none() {
+            options.idempotency_key = Some(format!(
+                "order:{}:{}:cancel",
+                external.source, external.external_id
+            ));
+        }
+        self.run::<Order>(
+            caller,
+            options,
+            &external,
+            OrderCommand::Cancel {
+                reason: request.reason,
+            },
+        )
+        .await
+    }
+
+    async fn record_payment(
+        &self,
+        request: Request<pb::RecordPaymentRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RecordPayment", request.options.as_ref(), &request)?;
+        let external = external("external", request.external)?;
+        let order_ids = request
+            .order_ids
+            .iter()
+            .map(|id| parse_id("order_ids", id, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let command = PaymentCommand::Record {
+            external: external.clone(),
+            account_id: optional_id("account_id", &request.account_id)?,
+            amount: money("amount", request.amount)?,
+            order_ids,
+            paid_on: date("paid_on", &request.paid_on)?,
+        };
+        self.run::<Payment>(caller, options, &external, command)
+            .await
+    }
+
+    async fn issue_refund(
+        &self,
+        request: Request<pb::IssueRefundRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let mut options = Options::parse("IssueRefund", request.options.as_ref(), &request)?;
+        let payment = external("payment", request.payment)?;
+        if options.idempotency_key.is_none() && !request.refund_id.is_empty() {
+            options.idempotency_key =
+                Some(format!("refund:{}:{}", payment.source, request.refund_id));
+        }
+        let command = PaymentCommand::Refund {
+            amount: money("amount", request.amount)?,
+            external_id: request.refund_id,
+            refunded_on: date("refunded_on", &request.refunded_on)?,
+        };
+        let id = derived_id(&caller.tenant, Payment::STREAM_TYPE, &payment);
+        let reply = self
+            .handler
+            .execute::<Payment>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+}

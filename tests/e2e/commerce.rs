@@ -1,0 +1,233 @@
+//! `crm.v1.Commerce`: ERP upserts converge, versions only move forward,
+//! orders map to accounts by tax id, refunds are bounded.
+use crm_proto::v1::{
+    AccountKind, CancelOrderRequest, CreateAccountRequest, ExternalRef, IssueRefundRequest, Money,
+    OrderLine, RecordOrderRequest, RecordPaymentRequest,
+};
+use tonic::Code;
+
+use crate::support::{TestApp, bad_fields};
+
+fn cny(minor: i64) -> Option<Money> {
+    Some(Money {
+        amount_minor: minor,
+        currency: "CNY".into(),
+    })
+}
+
+fn external(id: &str, version: u64) -> Option<ExternalRef> {
+    Some(ExternalRef {
+        source: "erp".into(),
+        external_id: id.into(),
+        external_version: version,
+    })
+}
+
+fn order(version: u64, status: &str) -> RecordOrderRequest {
+    RecordOrderRequest {
+        external: external("SO-1", version),
+        customer_tax_id: "91310000ma1fl0000x".into(),
+        customer_ref: "C-42".into(),
+        status: status.into(),
+        lines: vec![
+            OrderLine {
+                sku: "A".into(),
+                quantity: 2,
+                unit_price: cny(10_000),
+                line_total: cny(20_000),
+                line_cost: None,
+            },
+            OrderLine {
+                sku: "B".into(),
+                quantity: 1,
+                unit_price: cny(5_000),
+                line_total: cny(5_000),
+                line_cost: None,
+            },
+        ],
+        net: cny(25_000),
+        tax: cny(3_250),
+        gross: cny(28_250),
+        ordered_on: "2026-11-01".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn erp_orders_upsert_map_to_accounts_and_ignore_old_versions() {
+    let app = TestApp::spawn().await;
+    let account = CreateAccountRequest {
+        kind: AccountKind::Company.into(),
+        name: "Acme".into(),
+        tax_id: "91310000MA1FL0000X".into(),
+        ..Default::default()
+    };
+    let account_id = app
+        .accounts()
+        .create_account(app.request(account))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+
+    let first = app
+        .commerce()
+        .record_order(app.request(order(1, "placed")))
+        .await
+        .unwrap()
+        .into_inner();
+    let resent = app
+        .commerce()
+        .record_order(app.request(order(1, "placed")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (resent.stream_id.as_str(), resent.unchanged),
+        (first.stream_id.as_str(), true)
+    );
+    let paid = app
+        .commerce()
+        .record_order(app.request(order(3, "paid")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (paid.stream_id.as_str(), paid.stream_version),
+        (first.stream_id.as_str(), 2)
+    );
+    let late = app
+        .commerce()
+        .record_order(app.request(order(2, "confirmed")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (late.stream_version, late.unchanged),
+        (2, true),
+        "an older version changes nothing"
+    );
+
+    let stored = app.stored().await;
+    let recorded: Vec<_> = stored
+        .iter()
+        .filter(|(t, _, _)| t == "OrderRecorded")
+        .collect();
+    assert_eq!(recorded.len(), 2);
+    assert_eq!(recorded[0].1["account_id"], account_id, "mapped by tax id");
+
+    let cancel = CancelOrderRequest {
+        options: None,
+        external: external("SO-1", 4),
+        reason: "returned".into(),
+    };
+    assert_eq!(
+        app.commerce()
+            .cancel_order(app.request(cancel))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        3
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn inconsistent_orders_and_excess_refunds_are_refused() {
+    let app = TestApp::spawn().await;
+    let mut bad = order(1, "placed");
+    bad.net = cny(24_000);
+    bad.lines[1].line_total = Some(Money {
+        amount_minor: 5_000,
+        currency: "EUR".into(),
+    });
+    assert_eq!(
+        bad_fields(
+            &app.commerce()
+                .record_order(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["lines[1].line_total.currency", "totals.net", "totals.gross"]
+    );
+    let mut bad = order(0, "lost");
+    bad.external.as_mut().unwrap().source = "ERP 1".into();
+    assert_eq!(
+        bad_fields(
+            &app.commerce()
+                .record_order(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["source", "external_version", "status"]
+    );
+    let mut bad = order(1, "placed");
+    bad.external = None;
+    assert_eq!(
+        bad_fields(
+            &app.commerce()
+                .record_order(app.request(bad))
+                .await
+                .unwrap_err()
+        ),
+        ["external"]
+    );
+
+    let payment = RecordPaymentRequest {
+        external: external("PAY-1", 1),
+        amount: cny(28_250),
+        paid_on: "2026-11-02".into(),
+        ..Default::default()
+    };
+    app.commerce()
+        .record_payment(app.request(payment))
+        .await
+        .unwrap();
+    let refund = |minor: i64, id: &str| IssueRefundRequest {
+        options: None,
+        payment: external("PAY-1", 1),
+        amount: cny(minor),
+        refund_id: id.into(),
+        refunded_on: "2026-11-05".into(),
+    };
+    app.commerce()
+        .issue_refund(app.request(refund(20_000, "R-1")))
+        .await
+        .unwrap();
+    assert!(
+        app.commerce()
+            .issue_refund(app.request(refund(20_000, "R-1")))
+            .await
+            .unwrap()
+            .into_inner()
+            .unchanged,
+        "same refund id: once"
+    );
+    assert_eq!(
+        bad_fields(
+            &app.commerce()
+                .issue_refund(app.request(refund(9_000, "R-2")))
+                .await
+                .unwrap_err()
+        ),
+        ["amount.amount_minor"]
+    );
+    let status = app
+        .commerce()
+        .issue_refund(app.request(IssueRefundRequest {
+            payment: external("PAY-404", 1),
+            ..refund(1, "R-3")
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let refunds = app
+        .stored()
+        .await
+        .iter()
+        .filter(|(t, _, _)| t == "RefundIssued")
+        .count();
+    assert_eq!(refunds, 1);
+    app.stop().await;
+}
