@@ -194,6 +194,9 @@ pub struct OrderTotals {
     pub gross: Money,
 }
 
+// Commands and events are short-lived values moved once; boxing the large
+// variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OrderCommand {
     Record(RecordOrder),
@@ -243,6 +246,7 @@ pub struct OrderCancelled {
     pub occurred_at: Timestamp,
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum OrderEvent {
