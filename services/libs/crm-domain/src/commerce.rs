@@ -609,6 +609,8 @@ impl Aggregate for Payment {
 }
 
 #[cfg(test)]
+// Amounts are written as yuan_fen (282_50 is 282.50 CNY).
+#[allow(clippy::inconsistent_digit_grouping)]
 mod tests {
     use super::*;
     use crate::testing::{given, now};
