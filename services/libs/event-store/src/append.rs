@@ -100,6 +100,9 @@ pub enum ReservationAction {
     Claim,
     /// The stream gives the value up (no effect if it does not hold it).
     Release,
+    /// The value passes from `from` (another stream of the same append, e.g.
+    /// a merged record) to this stream; refused if a third stream holds it.
+    Transfer { from: Uuid },
 }
 
 /// A unique value within a tenant, such as a contact's email. `key_hash` is
@@ -307,10 +310,20 @@ impl PreparedAppend {
             feed(reservation.kind.as_bytes());
             feed(&reservation.key_hash);
             feed(reservation.stream_id.as_bytes());
-            feed(match reservation.action {
-                ReservationAction::Claim => b"claim",
-                ReservationAction::Release => b"release",
-            });
+            match reservation.action {
+                ReservationAction::Claim => feed(b"claim"),
+                ReservationAction::Release => feed(b"release"),
+                ReservationAction::Transfer { from } => {
+                    if !seen.contains(&from) || from == reservation.stream_id {
+                        return Err(invalid(
+                            format!("reservations[{i}].from"),
+                            "must be another of the append's streams",
+                        ));
+                    }
+                    feed(b"transfer");
+                    feed(from.as_bytes());
+                }
+            }
         }
         let metadata = serde_json::to_string(&request.metadata)
             .map_err(|_| invalid("metadata", "must serialize to JSON"))?;

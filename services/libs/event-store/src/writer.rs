@@ -129,7 +129,9 @@ const SELECT_RESERVATIONS: &str = "SELECT c.tenant_id, c.kind, c.key_hash, r.str
 ///
 /// Four variants (with or without idempotency keys, with or without
 /// reservations) keep the common batch free of work it does not need; all
-/// take the same 29 parameters.
+/// take the same 34 parameters. Transfers ($30-$34: tenant, kind, hash, from,
+/// to) are written unconditionally: only the careful path writes them, after
+/// checking under the lock that the holder is `from`, `to` or nobody.
 fn write_sql(keys: bool, reservations: bool) -> String {
     let mut ok = String::from(
         "SELECT NOT EXISTS ( \
@@ -210,7 +212,13 @@ fn write_sql(keys: bool, reservations: bool) -> String {
                WHERE ok.ok \
                ON CONFLICT (tenant_id, kind, key_hash) DO UPDATE SET stream_id = EXCLUDED.stream_id \
                WHERE reservations.stream_id = EXCLUDED.stream_id \
-               RETURNING 1)",
+               RETURNING 1), \
+             transferred AS ( \
+               INSERT INTO reservations (tenant_id, kind, key_hash, stream_id) \
+               SELECT x.t, x.k, x.h, x.s \
+               FROM unnest($30::text[], $31::text[], $32::bytea[], $34::uuid[]) AS x(t, k, h, s), ok \
+               WHERE ok.ok \
+               ON CONFLICT (tenant_id, kind, key_hash) DO UPDATE SET stream_id = EXCLUDED.stream_id)",
         );
     }
     sql.push_str(" SELECT ok.ok, head.position, (SELECT count(*) FROM notified)");
@@ -225,7 +233,7 @@ fn write_sql(keys: bool, reservations: bool) -> String {
 }
 
 /// Parameter types of every write variant, so a variant may leave some unused.
-const WRITE_TYPES: [Type; 29] = [
+const WRITE_TYPES: [Type; 34] = [
     Type::TEXT_ARRAY,
     Type::UUID_ARRAY,
     Type::TEXT_ARRAY,
@@ -254,6 +262,11 @@ const WRITE_TYPES: [Type; 29] = [
     Type::TEXT_ARRAY,
     Type::TEXT_ARRAY,
     Type::BYTEA_ARRAY,
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::UUID_ARRAY,
     Type::UUID_ARRAY,
 ];
 
@@ -550,6 +563,11 @@ struct WritePlan<'a> {
     release_kinds: Vec<&'a str>,
     release_hashes: Vec<&'a [u8]>,
     release_streams: Vec<Uuid>,
+    transfer_tenants: Vec<&'a str>,
+    transfer_kinds: Vec<&'a str>,
+    transfer_hashes: Vec<&'a [u8]>,
+    transfer_from: Vec<Uuid>,
+    transfer_to: Vec<Uuid>,
     /// Per append: its outcome with offsets, or why it was refused.
     decisions: Vec<Decision>,
     n_events: u64,
@@ -604,6 +622,14 @@ impl<'a> WritePlan<'a> {
         }
         for reservation in &request.reservations {
             let (tenants, kinds, hashes, streams) = match reservation.action {
+                ReservationAction::Transfer { from } => {
+                    self.transfer_tenants.push(tenant);
+                    self.transfer_kinds.push(&reservation.kind);
+                    self.transfer_hashes.push(&reservation.key_hash);
+                    self.transfer_from.push(from);
+                    self.transfer_to.push(reservation.stream_id);
+                    continue;
+                }
                 ReservationAction::Claim => (
                     &mut self.claim_tenants,
                     &mut self.claim_kinds,
@@ -678,6 +704,14 @@ fn optimistic_plan<'a>(appends: &[&'a PreparedAppend]) -> Option<WritePlan<'a>> 
         let tenant = request.tenant_id.as_str();
         if let Some(key) = request.idempotency_key.as_deref()
             && !keys.insert((tenant, key))
+        {
+            return None;
+        }
+        // Transfers are only written after reading the holders under the lock.
+        if request
+            .reservations
+            .iter()
+            .any(|r| matches!(r.action, ReservationAction::Transfer { .. }))
         {
             return None;
         }
@@ -804,14 +838,16 @@ async fn write_statement(
     plan: &WritePlan<'_>,
 ) -> Result<tokio_postgres::Statement, BatchError> {
     let keys = !plan.keys.is_empty();
-    let reservations = !plan.claim_tenants.is_empty() || !plan.release_tenants.is_empty();
+    let reservations = !plan.claim_tenants.is_empty()
+        || !plan.release_tenants.is_empty()
+        || !plan.transfer_tenants.is_empty();
     client
         .prepare_typed_cached(write_variant(keys, reservations), &WRITE_TYPES)
         .await
         .map_err(|e| BatchError::from_pg(e, false))
 }
 
-fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToSql + Sync); 29] {
+fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToSql + Sync); 34] {
     [
         &plan.guard_tenants,
         &plan.guard_ids,
@@ -842,6 +878,11 @@ fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToS
         &plan.release_kinds,
         &plan.release_hashes,
         &plan.release_streams,
+        &plan.transfer_tenants,
+        &plan.transfer_kinds,
+        &plan.transfer_hashes,
+        &plan.transfer_from,
+        &plan.transfer_to,
     ]
 }
 
@@ -898,7 +939,7 @@ async fn run_careful(
     let mut claim_hashes = Vec::new();
     for append in appends {
         for reservation in &append.request.reservations {
-            if reservation.action == ReservationAction::Claim {
+            if reservation.action != ReservationAction::Release {
                 claim_tenants.push(append.request.tenant_id.as_str());
                 claim_kinds.push(reservation.kind.as_str());
                 claim_hashes.push(reservation.key_hash.as_slice());
@@ -1074,9 +1115,11 @@ fn check_reservations(
     holders: &HashMap<(String, String, Vec<u8>), Uuid>,
 ) -> Result<(), AppendError> {
     for reservation in reservations {
-        if reservation.action != ReservationAction::Claim {
-            continue;
-        }
+        let allowed_from = match reservation.action {
+            ReservationAction::Release => continue,
+            ReservationAction::Claim => None,
+            ReservationAction::Transfer { from } => Some(from),
+        };
         let key = (
             tenant.to_owned(),
             reservation.kind.clone(),
@@ -1084,6 +1127,7 @@ fn check_reservations(
         );
         if let Some(holder) = holders.get(&key)
             && *holder != reservation.stream_id
+            && Some(*holder) != allowed_from
         {
             return Err(AppendError::AlreadyReserved {
                 kind: reservation.kind.clone(),

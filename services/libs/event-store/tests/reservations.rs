@@ -199,3 +199,75 @@ async fn malformed_reservations_are_refused() {
     assert_eq!(events(&db).await, 0);
     store.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_value_transfers_between_streams_of_one_append() {
+    let db = TestDb::create().await;
+    let store = EventStore::connect(db.config(), StoreOptions::default())
+        .await
+        .unwrap();
+    let (loser, survivor, other) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    store
+        .append(append("t", loser, vec![("email", b"h-1", CLAIM)]))
+        .await
+        .unwrap();
+    store
+        .append(append("t", other, vec![("email", b"h-2", CLAIM)]))
+        .await
+        .unwrap();
+    let merge = |hash: &[u8]| {
+        let mut request = append("t", survivor, vec![]);
+        request.streams.push(StreamAppend {
+            stream_type: "contact".into(),
+            stream_id: loser,
+            expected: ExpectedVersion::Any,
+            events: vec![NewEvent::new("RecordMergedInto", json!({}))],
+        });
+        request.reservations.push(Reservation {
+            kind: "email".into(),
+            key_hash: hash.to_vec(),
+            stream_id: survivor,
+            action: ReservationAction::Transfer { from: loser },
+        });
+        request
+    };
+    // Held by the loser: moves to the survivor.
+    store.append(merge(b"h-1")).await.unwrap();
+    let holder: Uuid = db
+        .client()
+        .await
+        .query_one(
+            "SELECT stream_id FROM reservations WHERE key_hash = $1",
+            &[&b"h-1".as_slice()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holder, survivor);
+    // Held by a third stream: refused, nothing stored.
+    let before = events(&db).await;
+    match store.append(merge(b"h-2")).await {
+        Err(AppendError::AlreadyReserved { holder, .. }) => assert_eq!(holder, other),
+        result => panic!("expected already reserved, got {result:?}"),
+    }
+    assert_eq!(events(&db).await, before);
+    // Held by nobody: the survivor gets it.
+    store.append(merge(b"h-3")).await.unwrap();
+    // The loser can no longer claim what moved.
+    assert!(matches!(
+        store.append(append("t", loser, vec![("email", b"h-1", CLAIM)])).await,
+        Err(AppendError::AlreadyReserved { holder, .. }) if holder == survivor
+    ));
+    // `from` must be another stream of the same append.
+    let mut bad = append("t", survivor, vec![]);
+    bad.reservations.push(Reservation {
+        kind: "email".into(),
+        key_hash: b"h-9".to_vec(),
+        stream_id: survivor,
+        action: ReservationAction::Transfer { from: other },
+    });
+    assert!(
+        matches!(store.append(bad).await, Err(AppendError::Invalid { field, .. }) if field == "reservations[0].from")
+    );
+    store.shutdown().await;
+}
