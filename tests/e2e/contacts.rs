@@ -651,3 +651,122 @@ async fn long_streams_load_from_snapshots_and_ignore_outdated_ones() {
     assert!(same.unchanged);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn duplicates_merge_atomically_and_the_loser_points_to_the_survivor() {
+    use crm_proto::v1::MergeContactsRequest;
+    let app = TestApp::spawn().await;
+    let person = |given: &str, email: &str| CreateContactRequest {
+        name: Some(PersonName {
+            given: given.into(),
+            family: "Wei".into(),
+        }),
+        emails: vec![EmailAddress {
+            address: email.into(),
+            primary: true,
+        }],
+        phones: vec![crm_proto::v1::PhoneNumber {
+            number: "+8613800138000".into(),
+            kind: "mobile".into(),
+        }],
+        ..CreateContactRequest::default()
+    };
+    let p1 = app
+        .contacts()
+        .create_contact(app.request(person("Li", "li.wei@example.cn")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let p2 = app
+        .contacts()
+        .create_contact(app.request(person("Ｌｉ", "wei.li@work.example")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let merge = |dry_run: bool| MergeContactsRequest {
+        options: None,
+        survivor_id: p1.clone(),
+        loser_ids: vec![p2.clone()],
+        name_from: String::new(),
+        title_from: String::new(),
+        preferences_from: String::new(),
+        dry_run,
+    };
+    let before = app.stored().await.len();
+    let preview = app
+        .contacts()
+        .merge_contacts(app.request(merge(true)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(preview.dry_run && preview.changes_json.contains("wei.li@work.example"));
+    assert_eq!(app.stored().await.len(), before, "a dry run stores nothing");
+
+    let merged = app
+        .contacts()
+        .merge_contacts(app.request(merge(false)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(merged.survivor.as_ref().unwrap().stream_version, 2);
+    let rows = app.db.client().await
+        .query("SELECT event_type, stream_id::text, xmin::text FROM events WHERE global_position > $1 ORDER BY global_position", &[&(before as i64)])
+        .await.unwrap();
+    let types: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        types,
+        [
+            ("RecordsMerged".to_owned(), p1.clone()),
+            ("RecordMergedInto".to_owned(), p2.clone())
+        ]
+    );
+    assert_eq!(
+        rows[0].get::<_, String>(2),
+        rows[1].get::<_, String>(2),
+        "one transaction"
+    );
+
+    // The loser's email moved with it: it now belongs to the survivor.
+    let status = app
+        .contacts()
+        .create_contact(app.request(person("X", "WEI.LI@work.example")))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["holder"], p1);
+    // Commands on the loser name the survivor.
+    let status = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&p2, "CTO", None)))
+        .await
+        .unwrap_err();
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(
+        (
+            status.code(),
+            reason.as_str(),
+            metadata["survivor"].as_str()
+        ),
+        (Code::FailedPrecondition, "RECORD_MERGED", p1.as_str())
+    );
+    // A merged record cannot be merged again, nor can the survivor absorb itself.
+    let status = app
+        .contacts()
+        .merge_contacts(app.request(merge(false)))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "RECORD_MERGED");
+    let mut itself = merge(false);
+    itself.loser_ids = vec![p1.clone()];
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .merge_contacts(app.request(itself))
+                .await
+                .unwrap_err()
+        ),
+        ["loser_ids"]
+    );
+    app.stop().await;
+}

@@ -1,14 +1,14 @@
 //! `crm.v1.Contacts`: proto requests → contact commands.
 use crm_domain::common::Reason;
 use crm_domain::contact::{
-    Contact, ContactCommand, ContactDetails, ContactDetailsPatch, Email, PersonName, Phone,
-    Preferences,
+    Contact, ContactCommand, ContactDetails, ContactDetailsPatch, Email, MergeChoices, PersonName,
+    Phone, Preferences,
 };
 use crm_proto::v1 as pb;
 use crm_proto::v1::contacts_server::Contacts;
 use tonic::{Request, Response, Status};
 
-use super::{Caller, CommandHandler, Options, parse_id};
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct ContactsService {
     handler: CommandHandler,
@@ -161,6 +161,48 @@ impl Contacts for ContactsService {
         let reply = self
             .handler
             .execute::<Contact>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn merge_contacts(
+        &self,
+        request: Request<pb::MergeContactsRequest>,
+    ) -> Result<Response<pb::MergeContactsReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("MergeContacts", request.options.as_ref(), &request)?;
+        let survivor = parse_id("survivor_id", &request.survivor_id, false)?;
+        if request.loser_ids.len() > crm_domain::contact::MAX_MERGE_LOSERS {
+            return Err(ServiceError::invalid("loser_ids", "must name 1 to 10 records").into());
+        }
+        let losers = request
+            .loser_ids
+            .iter()
+            .map(|id| parse_id("loser_ids", id, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let choice = |field: &'static str, value: &str| {
+            if value.is_empty() {
+                Ok(None)
+            } else {
+                parse_id(field, value, false).map(Some)
+            }
+        };
+        let choices = MergeChoices {
+            name_from: choice("name_from", &request.name_from)?,
+            title_from: choice("title_from", &request.title_from)?,
+            preferences_from: choice("preferences_from", &request.preferences_from)?,
+        };
+        let reply = self
+            .handler
+            .merge_contacts(
+                &caller,
+                survivor,
+                &losers,
+                &choices,
+                request.dry_run,
+                &options,
+            )
             .await?;
         Ok(Response::new(reply))
     }

@@ -113,6 +113,9 @@ impl From<ServiceError> for Status {
                     DomainError::ConsentMissing { purpose } => {
                         vec![("purpose".to_owned(), (*purpose).to_owned())]
                     }
+                    DomainError::RecordMerged { survivor } => {
+                        vec![("survivor".to_owned(), survivor.to_string())]
+                    }
                     _ => vec![],
                 };
                 Status::with_error_details(

@@ -21,7 +21,7 @@ mod tickets;
 use std::collections::BTreeSet;
 
 use crm_domain::account::Account;
-use crm_domain::contact::Contact;
+use crm_domain::contact::{Contact, MergeChoices};
 use crm_domain::conversion::ConversionTargets;
 use crm_domain::lead::Lead;
 use crm_domain::{Aggregate, Context, DomainEvent, TenantId};
@@ -29,7 +29,7 @@ use crm_event_store::{
     AppendError, AppendEvents, Appended, EventStore, ExpectedVersion, NewEvent, Reservation,
     ReservationAction, StreamAppend,
 };
-use crm_proto::v1::{CommandOptions, CommandReply, ConvertLeadReply};
+use crm_proto::v1::{CommandOptions, CommandReply, ConvertLeadReply, MergeContactsReply};
 use hmac::{Hmac, KeyInit, Mac};
 use jiff::Timestamp;
 use sha2::{Digest, Sha256};
@@ -385,6 +385,145 @@ impl CommandHandler {
                 .map(|key| reservation(key, ReservationAction::Release)),
         );
         reservations
+    }
+
+    /// Merges duplicate contacts in one atomic append over the survivor and
+    /// every loser; the losers' unique values move to the survivor.
+    #[tracing::instrument(name = "merge_contacts", skip_all, err(Display), fields(tenant_id = %caller.tenant, %survivor_id, n_losers = loser_ids.len()))]
+    pub async fn merge_contacts(
+        &self,
+        caller: &Caller,
+        survivor_id: Uuid,
+        loser_ids: &[Uuid],
+        choices: &MergeChoices,
+        dry_run: bool,
+        options: &Options,
+    ) -> Result<MergeContactsReply, ServiceError> {
+        let merged: Vec<String> = loser_ids.iter().map(Uuid::to_string).collect();
+        if !dry_run
+            && let Some(key) = &options.idempotency_key
+            && let Some((fingerprint, appended)) = self
+                .store
+                .idempotent_outcome(&caller.tenant, key)
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?
+        {
+            if fingerprint != options.fingerprint {
+                return Err(ServiceError::IdempotencyKeyReused);
+            }
+            return Ok(MergeContactsReply {
+                survivor: Some(reply(survivor_id, &appended)),
+                merged,
+                changes_json: String::new(),
+                dry_run,
+            });
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let (survivor, version, position) =
+                self.load::<Contact>(&caller.tenant, survivor_id).await?;
+            if let Some(expected) = options.expected_version
+                && expected != version
+            {
+                return Err(ServiceError::VersionConflict { current: version });
+            }
+            let mut losers = Vec::with_capacity(loser_ids.len());
+            let mut versions = Vec::with_capacity(loser_ids.len());
+            for id in loser_ids {
+                let (loser, loser_version, _) = self.load::<Contact>(&caller.tenant, *id).await?;
+                losers.push((*id, loser));
+                versions.push(loser_version);
+            }
+            let context = Context {
+                now: Timestamp::now(),
+                occurred_at: options.occurred_at,
+            };
+            let outcome =
+                crm_domain::contact::merge(survivor_id, &survivor, &losers, choices, context)?;
+            let changes_json = match outcome.survivor.first() {
+                Some(event) => serde_json::to_string(event).map_err(|e| {
+                    ServiceError::Internal(format!("event does not serialize: {e}"))
+                })?,
+                None => String::new(),
+            };
+            if dry_run {
+                return Ok(MergeContactsReply {
+                    survivor: Some(CommandReply {
+                        stream_id: survivor_id.to_string(),
+                        stream_version: version,
+                        global_position: position,
+                        unchanged: true,
+                    }),
+                    merged,
+                    changes_json,
+                    dry_run,
+                });
+            }
+            let before = survivor.unique_keys();
+            let after = survivor
+                .clone()
+                .replay(outcome.survivor.iter())
+                .unique_keys();
+            let mut reservations = Vec::new();
+            for key in after.difference(&before) {
+                let holder = losers
+                    .iter()
+                    .find(|(_, loser)| loser.unique_keys().contains(key))
+                    .map(|(id, _)| *id);
+                let action = match holder {
+                    Some(from) => ReservationAction::Transfer { from },
+                    None => ReservationAction::Claim,
+                };
+                reservations.push(Reservation {
+                    kind: key.0.to_owned(),
+                    key_hash: self.key_hash(&caller.tenant, key.0, &key.1),
+                    stream_id: survivor_id,
+                    action,
+                });
+            }
+            let mut streams = vec![stream_append::<Contact>(
+                survivor_id,
+                version,
+                &outcome.survivor,
+            )?];
+            for ((id, events), loser_version) in outcome.losers.iter().zip(&versions) {
+                streams.push(stream_append::<Contact>(*id, *loser_version, events)?);
+                let (_, loser) = losers
+                    .iter()
+                    .find(|(loser, _)| loser == id)
+                    .expect("every loser was loaded");
+                for key in loser.unique_keys().difference(&after) {
+                    reservations.push(Reservation {
+                        kind: key.0.to_owned(),
+                        key_hash: self.key_hash(&caller.tenant, key.0, &key.1),
+                        stream_id: *id,
+                        action: ReservationAction::Release,
+                    });
+                }
+            }
+            let request = AppendEvents {
+                tenant_id: caller.tenant.clone(),
+                streams,
+                idempotency_key: options.idempotency_key.clone(),
+                metadata: caller.metadata(options),
+                reservations,
+                request_fingerprint: Some(options.fingerprint),
+            };
+            match self.store.append(request).await {
+                Ok(appended) => {
+                    return Ok(MergeContactsReply {
+                        survivor: Some(reply(survivor_id, &appended)),
+                        merged,
+                        changes_json,
+                        dry_run,
+                    });
+                }
+                Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {
+                    tracing::debug!("concurrent change; deciding the merge again");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ServiceError::Contention)
     }
 
     /// Converts a qualified lead in one atomic append over the lead, the new

@@ -236,6 +236,26 @@ pub struct ContactConsentChanged {
     pub occurred_at: Timestamp,
 }
 
+/// The survivor of a merge: what it took from the losers.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordsMerged {
+    pub losers: Vec<Uuid>,
+    pub changes: ContactChanges,
+    /// Consent decisions of losers that are newer than the survivor's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consent: BTreeMap<String, Consent>,
+    pub occurred_at: Timestamp,
+}
+
+/// A loser of a merge: from now on it answers with its survivor.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordMergedInto {
+    pub survivor: Uuid,
+    pub occurred_at: Timestamp,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum ContactEvent {
@@ -245,6 +265,8 @@ pub enum ContactEvent {
     Archived(LifecycleChanged),
     Restored(LifecycleChanged),
     LinkedToAccount(ContactLinkedToAccount),
+    Merged(RecordsMerged),
+    MergedInto(RecordMergedInto),
 }
 
 impl DomainEvent for ContactEvent {
@@ -256,6 +278,8 @@ impl DomainEvent for ContactEvent {
             Self::Archived(_) => "RecordArchived",
             Self::Restored(_) => "RecordRestored",
             Self::LinkedToAccount(_) => "ContactLinkedToAccount",
+            Self::Merged(_) => "RecordsMerged",
+            Self::MergedInto(_) => "RecordMergedInto",
         }
     }
 
@@ -284,6 +308,8 @@ impl DomainEvent for ContactEvent {
             }
             ("RecordArchived", _) => Self::Archived(Deserialize::deserialize(payload)?),
             ("RecordRestored", _) => Self::Restored(Deserialize::deserialize(payload)?),
+            ("RecordsMerged", _) => Self::Merged(Deserialize::deserialize(payload)?),
+            ("RecordMergedInto", _) => Self::MergedInto(Deserialize::deserialize(payload)?),
             ("ContactLinkedToAccount", _) => {
                 Self::LinkedToAccount(Deserialize::deserialize(payload)?)
             }
@@ -305,6 +331,8 @@ pub struct Contact {
     pub consent: BTreeMap<String, Consent>,
     #[serde(default)]
     pub accounts: Vec<AccountLink>,
+    #[serde(default)]
+    pub merged_into: Option<Uuid>,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -424,6 +452,9 @@ impl Contact {
     fn live(&self) -> Result<(), DomainError> {
         if !self.exists {
             return Err(DomainError::NotFound);
+        }
+        if let Some(survivor) = self.merged_into {
+            return Err(DomainError::RecordMerged { survivor });
         }
         if self.lifecycle == Lifecycle::Archived {
             return Err(DomainError::RecordArchived);
@@ -604,6 +635,9 @@ impl Aggregate for Contact {
                 if !self.exists {
                     return Err(DomainError::NotFound);
                 }
+                if let Some(survivor) = self.merged_into {
+                    return Err(DomainError::RecordMerged { survivor });
+                }
                 if self.lifecycle == Lifecycle::Active {
                     return Err(DomainError::InvalidTransition {
                         from: "active",
@@ -673,6 +707,16 @@ impl Aggregate for Contact {
                     primary: link.primary,
                 });
             }
+            ContactEvent::Merged(merged) => {
+                self = self.evolve(&ContactEvent::DetailsUpdated(ContactDetailsUpdated {
+                    changes: merged.changes.clone(),
+                    occurred_at: merged.occurred_at,
+                }));
+                for (purpose, consent) in &merged.consent {
+                    self.consent.insert(purpose.clone(), consent.clone());
+                }
+            }
+            ContactEvent::MergedInto(merged) => self.merged_into = Some(merged.survivor),
             ContactEvent::Archived(_) => self.lifecycle = Lifecycle::Archived,
             ContactEvent::Restored(_) => self.lifecycle = Lifecycle::Active,
         }
@@ -680,11 +724,145 @@ impl Aggregate for Contact {
     }
 
     fn unique_keys(&self) -> BTreeSet<UniqueKey> {
+        if self.merged_into.is_some() {
+            return BTreeSet::new();
+        }
         self.emails
             .iter()
             .map(|e| ("email", normalize_email(&e.address)))
             .collect()
     }
+}
+
+/// Most losers one merge may take.
+pub const MAX_MERGE_LOSERS: usize = 10;
+
+/// Which record each single-valued field comes from; `None` keeps the
+/// survivor's. Emails and phones are the union of all records'.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MergeChoices {
+    pub name_from: Option<Uuid>,
+    pub title_from: Option<Uuid>,
+    pub preferences_from: Option<Uuid>,
+}
+
+/// The events of a merge, per stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MergeOutcome {
+    pub survivor: Vec<ContactEvent>,
+    pub losers: Vec<(Uuid, Vec<ContactEvent>)>,
+}
+
+/// Merges `losers` into the survivor (DOMAIN.md §2.11). None may be merged
+/// or archived; consent follows the latest decision per purpose.
+pub fn merge(
+    survivor_id: Uuid,
+    survivor: &Contact,
+    losers: &[(Uuid, Contact)],
+    choices: &MergeChoices,
+    context: Context,
+) -> Result<MergeOutcome, DomainError> {
+    let occurred_at = context.occurred_at()?;
+    survivor.live()?;
+    let mut v = Violations::default();
+    v.check(
+        !losers.is_empty() && losers.len() <= MAX_MERGE_LOSERS,
+        "loser_ids",
+        "must name 1 to 10 records",
+    );
+    let mut ids = BTreeSet::new();
+    v.check(
+        losers
+            .iter()
+            .all(|(id, _)| *id != survivor_id && ids.insert(*id)),
+        "loser_ids",
+        "must be distinct and not the survivor",
+    );
+    v.into_result()?;
+    for (_, loser) in losers {
+        loser.live()?;
+    }
+    let pick = |field: &'static str, from: Option<Uuid>| -> Result<&Contact, DomainError> {
+        match from {
+            None => Ok(survivor),
+            Some(id) if id == survivor_id => Ok(survivor),
+            Some(id) => losers
+                .iter()
+                .find(|(loser, _)| *loser == id)
+                .map(|(_, contact)| contact)
+                .ok_or_else(|| {
+                    DomainError::invalid(field, "must be the survivor or one of the losers")
+                }),
+        }
+    };
+    let name = pick("name_from", choices.name_from)?.name.clone();
+    let title = pick("title_from", choices.title_from)?.title.clone();
+    let preferences = pick("preferences_from", choices.preferences_from)?
+        .preferences
+        .clone();
+    let mut emails = survivor.emails.clone();
+    let mut phones = survivor.phones.clone();
+    let mut consent: BTreeMap<String, Consent> = BTreeMap::new();
+    for (_, loser) in losers {
+        for email in &loser.emails {
+            if !emails
+                .iter()
+                .any(|e| normalize_email(&e.address) == normalize_email(&email.address))
+            {
+                emails.push(Email {
+                    address: email.address.clone(),
+                    primary: emails.is_empty(),
+                });
+            }
+        }
+        for phone in &loser.phones {
+            if !phones.iter().any(|p| p.number == phone.number) {
+                phones.push(phone.clone());
+            }
+        }
+        for (purpose, decision) in &loser.consent {
+            let newest = consent
+                .get(purpose)
+                .or_else(|| survivor.consent.get(purpose))
+                .is_none_or(|current| decision.decided_at > current.decided_at);
+            if newest {
+                consent.insert(purpose.clone(), decision.clone());
+            }
+        }
+    }
+    if emails.len() > MAX_EMAILS || phones.len() > MAX_PHONES {
+        return Err(DomainError::invalid(
+            "loser_ids",
+            "the merged contact would have more than 10 emails or phones",
+        ));
+    }
+    let changes = ContactChanges {
+        name: diff(&survivor.name, Some(&name)),
+        emails: diff(&survivor.emails, Some(&emails)),
+        phones: diff(&survivor.phones, Some(&phones)),
+        title: diff(&survivor.title, Some(&title)),
+        preferences: diff(&survivor.preferences, Some(&preferences)),
+    };
+    Ok(MergeOutcome {
+        survivor: vec![ContactEvent::Merged(RecordsMerged {
+            losers: losers.iter().map(|(id, _)| *id).collect(),
+            changes,
+            consent,
+            occurred_at,
+        })],
+        losers: losers
+            .iter()
+            .map(|(id, _)| {
+                (
+                    *id,
+                    vec![ContactEvent::MergedInto(RecordMergedInto {
+                        survivor: survivor_id,
+                        occurred_at,
+                    })],
+                )
+            })
+            .collect(),
+    })
 }
 
 #[cfg(test)]
@@ -1088,6 +1266,127 @@ mod tests {
 
     fn created_event_version() -> u32 {
         created().schema_version()
+    }
+
+    #[test]
+    fn merging_takes_the_union_of_emails_the_chosen_fields_and_the_latest_consent() {
+        let survivor = Contact::default().replay([created()].iter());
+        let loser_created = ContactEvent::Created(ContactCreated {
+            name: PersonName {
+                given: "Ｌｉ".into(),
+                family: "Wei".into(),
+            },
+            emails: vec![
+                Email {
+                    address: "li@example.cn".into(),
+                    primary: true,
+                },
+                Email {
+                    address: "ada@example.com".into(),
+                    primary: false,
+                },
+            ],
+            phones: vec![Phone {
+                number: "+8613800138000".into(),
+                kind: "mobile".into(),
+            }],
+            title: "Buyer".into(),
+            preferences: Preferences::default(),
+            occurred_at: now(),
+        });
+        let later: Timestamp = "2026-11-28T11:00:00Z".parse().unwrap();
+        let consent = ContactEvent::ConsentChanged(ContactConsentChanged {
+            purpose: "profiling".into(),
+            granted: true,
+            source: "web".into(),
+            basis: "consent".into(),
+            occurred_at: later,
+        });
+        let loser_id = Uuid::from_u128(2);
+        let loser = Contact::default().replay([loser_created, consent].iter());
+        let choices = MergeChoices {
+            title_from: Some(loser_id),
+            ..MergeChoices::default()
+        };
+        let outcome = merge(
+            Uuid::from_u128(1),
+            &survivor,
+            &[(loser_id, loser.clone())],
+            &choices,
+            crate::Context::at(now()),
+        )
+        .unwrap();
+        let merged = survivor.clone().replay(outcome.survivor.iter());
+        let addresses: Vec<&str> = merged.emails.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(
+            addresses,
+            ["Ada@Example.com", "li@example.cn"],
+            "case-insensitive duplicates collapse"
+        );
+        assert_eq!(merged.emails.iter().filter(|e| e.primary).count(), 1);
+        assert_eq!(merged.title, "Buyer");
+        assert_eq!(merged.name.given, "Ada", "the survivor's name by default");
+        assert!(merged.consent["profiling"].granted);
+        let gone = loser.clone().replay(outcome.losers[0].1.iter());
+        assert_eq!(gone.merged_into, Some(Uuid::from_u128(1)));
+        assert!(
+            gone.unique_keys().is_empty(),
+            "the loser's keys move to the survivor"
+        );
+        assert_eq!(
+            gone.decide(ContactCommand::Archive(reason()), crate::Context::at(now())),
+            Err(DomainError::RecordMerged {
+                survivor: Uuid::from_u128(1)
+            })
+        );
+        // The survivor cannot absorb itself, merged or archived records.
+        assert!(matches!(
+            merge(
+                Uuid::from_u128(1),
+                &survivor,
+                &[(Uuid::from_u128(1), survivor.clone())],
+                &choices,
+                crate::Context::at(now())
+            ),
+            Err(DomainError::Invalid(_))
+        ));
+        assert_eq!(
+            merge(
+                Uuid::from_u128(3),
+                &survivor,
+                &[(loser_id, gone)],
+                &MergeChoices::default(),
+                crate::Context::at(now())
+            ),
+            Err(DomainError::RecordMerged {
+                survivor: Uuid::from_u128(1)
+            })
+        );
+        let archived_loser = Contact::default().replay([created(), archived()].iter());
+        assert_eq!(
+            merge(
+                Uuid::from_u128(1),
+                &survivor,
+                &[(loser_id, archived_loser)],
+                &MergeChoices::default(),
+                crate::Context::at(now())
+            ),
+            Err(DomainError::RecordArchived)
+        );
+        let stranger = MergeChoices {
+            name_from: Some(Uuid::from_u128(99)),
+            ..MergeChoices::default()
+        };
+        assert!(matches!(
+            merge(
+                Uuid::from_u128(1),
+                &survivor,
+                &[(loser_id, loser)],
+                &stranger,
+                crate::Context::at(now())
+            ),
+            Err(DomainError::Invalid(_))
+        ));
     }
 
     fn arb_command() -> impl Strategy<Value = ContactCommand> {

@@ -51,6 +51,9 @@ pub enum DomainError {
     /// The caller's role does not allow this.
     #[error("not allowed to {action}")]
     PermissionDenied { action: &'static str },
+    /// The record was merged into `survivor`; use that one.
+    #[error("the record was merged into {survivor}")]
+    RecordMerged { survivor: Uuid },
     /// Archived records refuse everything but restore.
     #[error("the record is archived")]
     RecordArchived,
@@ -70,6 +73,7 @@ impl DomainError {
             Self::InvalidTransition { .. } => "INVALID_TRANSITION",
             Self::InvalidReference { .. } => "INVALID_REFERENCE",
             Self::RecordArchived => "RECORD_ARCHIVED",
+            Self::RecordMerged { .. } => "RECORD_MERGED",
             Self::PermissionDenied { .. } => "PERMISSION_DENIED",
             Self::ConsentMissing { .. } => "CONSENT_MISSING",
         }

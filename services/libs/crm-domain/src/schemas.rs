@@ -18,7 +18,7 @@ use crate::commerce::{
 use crate::common::LifecycleChanged;
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
-    ContactLinkedToAccount,
+    ContactLinkedToAccount, RecordMergedInto, RecordsMerged,
 };
 use crate::lead::{LeadCaptured, LeadConverted, LeadStatusChanged};
 use crate::opportunity::{
@@ -99,6 +99,8 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<LifecycleChanged>("contact", "RecordArchived", 1),
         schema::<LifecycleChanged>("contact", "RecordRestored", 1),
         schema::<ContactLinkedToAccount>("contact", "ContactLinkedToAccount", 1),
+        schema::<RecordsMerged>("contact", "RecordsMerged", 1),
+        schema::<RecordMergedInto>("contact", "RecordMergedInto", 1),
         schema::<LeadCaptured>("lead", "LeadCaptured", 1),
         schema::<LeadStatusChanged>("lead", "LeadStatusChanged", 1),
         schema::<LeadConverted>("lead", "LeadConverted", 1),
