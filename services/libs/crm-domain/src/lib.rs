@@ -10,6 +10,7 @@ mod aggregate;
 pub mod campaign;
 pub mod commerce;
 pub mod common;
+pub mod configuration;
 pub mod contact;
 pub mod conversion;
 mod error;

@@ -1,0 +1,656 @@
+//! Versioned configuration (DOMAIN.md §2.10): business calendars, SLA
+//! policies, commission plans and sales targets. Each is a stream of
+//! `...Published` events carrying the full content and a version number, so
+//! history is read under the rules then in force. Publishing the same
+//! content again changes nothing; every publish checks its invariants.
+use std::collections::BTreeSet;
+use std::marker::PhantomData;
+
+use jiff::Timestamp;
+use jiff::civil::{Date, Time};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{Aggregate, Context, DomainEvent};
+use crate::common::{Money, is_iana_zone, text_ok};
+use crate::error::{DomainError, Violations};
+
+/// One kind of configuration content.
+pub trait ConfigContent:
+    Clone + std::fmt::Debug + PartialEq + Eq + Serialize + DeserializeOwned
+{
+    const STREAM_TYPE: &'static str;
+    const EVENT_TYPE: &'static str;
+    /// Every invariant of the content, each broken one named.
+    fn validate(&self, v: &mut Violations);
+}
+
+/// A published version.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(deserialize = "C: DeserializeOwned"))]
+pub struct Published<C> {
+    pub version: u32,
+    pub content: C,
+    pub occurred_at: Timestamp,
+}
+
+impl<C: ConfigContent> DomainEvent for Published<C> {
+    fn event_type(&self) -> &'static str {
+        C::EVENT_TYPE
+    }
+
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        _: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error> {
+        if event_type == C::EVENT_TYPE {
+            Ok(Some(Deserialize::deserialize(payload)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Publishes a new version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish<C>(pub C);
+
+/// The current and every earlier version of one configuration record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(deserialize = "C: DeserializeOwned"))]
+pub struct Config<C> {
+    pub versions: Vec<C>,
+    #[serde(skip)]
+    kind: PhantomData<C>,
+}
+
+impl<C> Default for Config<C> {
+    fn default() -> Self {
+        Self {
+            versions: Vec::new(),
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<C: ConfigContent> Config<C> {
+    pub fn current(&self) -> Option<&C> {
+        self.versions.last()
+    }
+
+    /// Version `n` (1-based).
+    pub fn version(&self, n: u32) -> Option<&C> {
+        self.versions.get((n as usize).checked_sub(1)?)
+    }
+}
+
+impl<C: ConfigContent> Aggregate for Config<C> {
+    type Command = Publish<C>;
+    type Event = Published<C>;
+    const STREAM_TYPE: &'static str = C::STREAM_TYPE;
+
+    fn exists(&self) -> bool {
+        !self.versions.is_empty()
+    }
+
+    fn decide(
+        &self,
+        Publish(content): Publish<C>,
+        context: Context,
+    ) -> Result<Vec<Published<C>>, DomainError> {
+        let occurred_at = context.occurred_at()?;
+        let mut v = Violations::default();
+        content.validate(&mut v);
+        v.into_result()?;
+        if self.current() == Some(&content) {
+            return Ok(vec![]);
+        }
+        Ok(vec![Published {
+            version: self.versions.len() as u32 + 1,
+            content,
+            occurred_at,
+        }])
+    }
+
+    fn evolve(mut self, event: &Published<C>) -> Self {
+        self.versions.push(event.content.clone());
+        self
+    }
+}
+
+// ---------------------------------------------------------------- calendar
+
+/// Working hours of one weekday, `[start, end)` in the calendar's zone.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingHours {
+    /// 1 = Monday … 7 = Sunday.
+    pub weekday: u8,
+    pub start: Time,
+    pub end: Time,
+}
+
+/// A date that works differently: a holiday (no hours) or a make-up workday.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DateOverride {
+    pub date: Date,
+    /// Empty: closed all day (a holiday).
+    #[serde(default)]
+    pub hours: Vec<(Time, Time)>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusinessCalendar {
+    pub name: String,
+    /// IANA zone, e.g. `Asia/Shanghai`.
+    pub time_zone: String,
+    pub weekly: Vec<WorkingHours>,
+    #[serde(default)]
+    pub overrides: Vec<DateOverride>,
+}
+
+impl ConfigContent for BusinessCalendar {
+    const STREAM_TYPE: &'static str = "business_calendar";
+    const EVENT_TYPE: &'static str = "BusinessCalendarPublished";
+
+    fn validate(&self, v: &mut Violations) {
+        v.check(
+            text_ok(&self.name, 100, false),
+            "name",
+            "must be 1 to 100 characters",
+        );
+        v.check(
+            is_iana_zone(&self.time_zone),
+            "time_zone",
+            "must be an IANA time zone",
+        );
+        v.check(
+            !self.weekly.is_empty(),
+            "weekly",
+            "needs at least one working interval",
+        );
+        for (i, hours) in self.weekly.iter().enumerate() {
+            v.check(
+                (1..=7).contains(&hours.weekday),
+                format!("weekly[{i}].weekday"),
+                "must be 1 (Monday) to 7 (Sunday)",
+            );
+            v.check(
+                hours.start < hours.end,
+                format!("weekly[{i}].end"),
+                "must be after start",
+            );
+            let overlaps = self.weekly[..i].iter().any(|other| {
+                other.weekday == hours.weekday && other.start < hours.end && hours.start < other.end
+            });
+            v.check(
+                !overlaps,
+                format!("weekly[{i}]"),
+                "overlaps another interval of the same day",
+            );
+        }
+        let mut dates = BTreeSet::new();
+        for (i, day) in self.overrides.iter().enumerate() {
+            v.check(
+                dates.insert(day.date),
+                format!("overrides[{i}].date"),
+                "appears twice",
+            );
+            v.check(
+                day.hours.iter().all(|(start, end)| start < end),
+                format!("overrides[{i}].hours"),
+                "each interval must end after it starts",
+            );
+        }
+    }
+}
+
+// --------------------------------------------------------------- SLA policy
+
+/// Targets in business minutes for one priority.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlaTargets {
+    /// `low`, `normal`, `high` or `urgent`.
+    pub priority: String,
+    pub first_response_minutes: u32,
+    pub next_response_minutes: u32,
+    pub resolution_minutes: u32,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlaPolicy {
+    pub name: String,
+    /// Lower applies first among matching policies.
+    pub order: u32,
+    /// Ticket types the policy applies to; empty: all.
+    #[serde(default)]
+    pub ticket_types: Vec<String>,
+    pub targets: Vec<SlaTargets>,
+    /// The business calendar (a stream id); `None`: 24×7.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calendar_id: Option<uuid::Uuid>,
+    /// Statuses that pause the clocks (default: pending).
+    pub pause_statuses: Vec<String>,
+    /// Percent of a target at which a warning fires (1–99).
+    pub warning_percent: u8,
+}
+
+const PRIORITIES: &[&str] = &["low", "normal", "high", "urgent"];
+const TICKET_TYPES: &[&str] = &["question", "incident", "request", "complaint"];
+
+impl ConfigContent for SlaPolicy {
+    const STREAM_TYPE: &'static str = "sla_policy";
+    const EVENT_TYPE: &'static str = "SlaPolicyPublished";
+
+    fn validate(&self, v: &mut Violations) {
+        v.check(
+            text_ok(&self.name, 100, false),
+            "name",
+            "must be 1 to 100 characters",
+        );
+        for (i, t) in self.ticket_types.iter().enumerate() {
+            v.check(
+                TICKET_TYPES.contains(&t.as_str()),
+                format!("ticket_types[{i}]"),
+                "must be a ticket type",
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for (i, target) in self.targets.iter().enumerate() {
+            v.check(
+                PRIORITIES.contains(&target.priority.as_str()),
+                format!("targets[{i}].priority"),
+                "must be low, normal, high or urgent",
+            );
+            v.check(
+                seen.insert(target.priority.as_str()),
+                format!("targets[{i}].priority"),
+                "appears twice",
+            );
+            v.check(
+                target.first_response_minutes > 0
+                    && target.next_response_minutes > 0
+                    && target.resolution_minutes > 0,
+                format!("targets[{i}]"),
+                "every target must be positive",
+            );
+            v.check(
+                target.first_response_minutes <= target.resolution_minutes,
+                format!("targets[{i}].resolution_minutes"),
+                "must not be shorter than the first response",
+            );
+        }
+        v.check(
+            seen.len() == PRIORITIES.len(),
+            "targets",
+            "needs targets for low, normal, high and urgent",
+        );
+        for (i, status) in self.pause_statuses.iter().enumerate() {
+            v.check(
+                ["pending", "on_hold"].contains(&status.as_str()),
+                format!("pause_statuses[{i}]"),
+                "must be pending or on_hold",
+            );
+        }
+        v.check(
+            (1..=99).contains(&self.warning_percent),
+            "warning_percent",
+            "must be 1 to 99",
+        );
+    }
+}
+
+// ---------------------------------------------------------- commission plan
+
+/// One band of a tiered plan: from `from_bp` (inclusive) to the next band's
+/// start, paid at `rate_bp` (basis points).
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommissionTier {
+    /// Attainment in basis points (10000 = 100 %) or amount in minor units,
+    /// per the plan's basis.
+    pub from: i64,
+    pub rate_bp: u32,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommissionPlan {
+    pub name: String,
+    pub effective_from: Date,
+    /// `bookings`, `collections` or `margin`.
+    pub metric: String,
+    /// `attainment` or `amount`.
+    pub tier_basis: String,
+    /// `marginal` (each band at its rate, the default) or `whole_amount`.
+    pub tier_mode: String,
+    /// Contiguous from 0, increasing.
+    pub tiers: Vec<CommissionTier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<Money>,
+    pub clawback_days: u32,
+    /// Reps on the plan (user ids).
+    pub reps: Vec<String>,
+}
+
+impl ConfigContent for CommissionPlan {
+    const STREAM_TYPE: &'static str = "commission_plan";
+    const EVENT_TYPE: &'static str = "CommissionPlanPublished";
+
+    fn validate(&self, v: &mut Violations) {
+        v.check(
+            text_ok(&self.name, 100, false),
+            "name",
+            "must be 1 to 100 characters",
+        );
+        v.check(
+            ["bookings", "collections", "margin"].contains(&self.metric.as_str()),
+            "metric",
+            "must be bookings, collections or margin",
+        );
+        v.check(
+            ["attainment", "amount"].contains(&self.tier_basis.as_str()),
+            "tier_basis",
+            "must be attainment or amount",
+        );
+        v.check(
+            ["marginal", "whole_amount"].contains(&self.tier_mode.as_str()),
+            "tier_mode",
+            "must be marginal or whole_amount",
+        );
+        v.check(!self.tiers.is_empty(), "tiers", "needs at least one tier");
+        v.check(
+            self.tiers.first().is_none_or(|t| t.from == 0),
+            "tiers[0].from",
+            "the first tier starts at 0",
+        );
+        for (i, pair) in self.tiers.windows(2).enumerate() {
+            v.check(
+                pair[1].from > pair[0].from,
+                format!("tiers[{}].from", i + 1),
+                "must be above the previous tier's start",
+            );
+        }
+        for (i, tier) in self.tiers.iter().enumerate() {
+            v.check(
+                tier.rate_bp <= 10_000,
+                format!("tiers[{i}].rate_bp"),
+                "must be 0 to 10000",
+            );
+        }
+        if let Some(cap) = &self.cap {
+            cap.validate("cap", v);
+            v.check(cap.amount_minor > 0, "cap.amount_minor", "must be positive");
+        }
+        v.check(
+            self.clawback_days <= 730,
+            "clawback_days",
+            "must be at most 730",
+        );
+        v.check(
+            self.reps.iter().all(|r| text_ok(r, 200, false)),
+            "reps",
+            "each rep must be 1 to 200 characters",
+        );
+    }
+}
+
+impl CommissionPlan {
+    /// The payout for `credited` against `target` (both minor units), before
+    /// the cap — DOMAIN.md §5.1: marginal pays each band at its rate,
+    /// whole-amount pays everything at the band reached. Rounds half to even
+    /// once, at the end.
+    pub fn payout_minor(&self, credited: i64, target: i64) -> i64 {
+        let to_basis = |amount: i64| -> i128 {
+            if self.tier_basis == "attainment" {
+                if target <= 0 {
+                    0
+                } else {
+                    i128::from(amount) * 10_000 / i128::from(target)
+                }
+            } else {
+                i128::from(amount)
+            }
+        };
+        let from_basis = |basis: i128| -> i128 {
+            if self.tier_basis == "attainment" {
+                basis * i128::from(target) / 10_000
+            } else {
+                basis
+            }
+        };
+        let reached = to_basis(credited);
+        // Numerator in minor units × basis points.
+        let scaled: i128 = if self.tier_mode == "whole_amount" {
+            let rate = self
+                .tiers
+                .iter()
+                .rev()
+                .find(|t| i128::from(t.from) <= reached)
+                .map_or(0, |t| t.rate_bp);
+            i128::from(credited) * i128::from(rate)
+        } else {
+            let mut total = 0i128;
+            for (i, tier) in self.tiers.iter().enumerate() {
+                let start = from_basis(i128::from(tier.from));
+                let end = self.tiers.get(i + 1).map_or(i128::from(credited), |next| {
+                    from_basis(i128::from(next.from)).min(i128::from(credited))
+                });
+                if end > start {
+                    total += (end - start) * i128::from(tier.rate_bp);
+                }
+            }
+            total
+        };
+        let payout = round_half_even(scaled, 10_000);
+        let payout = i64::try_from(payout).unwrap_or(i64::MAX);
+        match &self.cap {
+            Some(cap) => payout.min(cap.amount_minor),
+            None => payout,
+        }
+    }
+}
+
+fn round_half_even(numerator: i128, denominator: i128) -> i128 {
+    let quotient = numerator.div_euclid(denominator);
+    let remainder = numerator.rem_euclid(denominator);
+    match (remainder * 2).cmp(&denominator) {
+        std::cmp::Ordering::Less => quotient,
+        std::cmp::Ordering::Greater => quotient + 1,
+        std::cmp::Ordering::Equal => quotient + (quotient & 1),
+    }
+}
+
+pub type BusinessCalendarConfig = Config<BusinessCalendar>;
+pub type SlaPolicyConfig = Config<SlaPolicy>;
+pub type CommissionPlanConfig = Config<CommissionPlan>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{given, now};
+
+    fn plan(mode: &str) -> CommissionPlan {
+        CommissionPlan {
+            name: "AE 2026".into(),
+            effective_from: Date::constant(2026, 1, 1),
+            metric: "bookings".into(),
+            tier_basis: "attainment".into(),
+            tier_mode: mode.into(),
+            tiers: vec![
+                CommissionTier {
+                    from: 0,
+                    rate_bp: 300,
+                },
+                CommissionTier {
+                    from: 10_000,
+                    rate_bp: 500,
+                },
+                CommissionTier {
+                    from: 15_000,
+                    rate_bp: 800,
+                },
+            ],
+            cap: None,
+            clawback_days: 90,
+            reps: vec!["user:rep".into()],
+        }
+    }
+
+    /// DOMAIN.md §5.1: target 1,000,000, credited 1,300,000.
+    #[test]
+    fn tiered_commission_matches_the_worked_figures() {
+        let marginal = plan("marginal");
+        assert_eq!(marginal.payout_minor(1_300_000, 1_000_000), 45_000);
+        let whole = plan("whole_amount");
+        assert_eq!(whole.payout_minor(1_300_000, 1_000_000), 65_000);
+        // The cliff of whole-amount plans.
+        assert_eq!(whole.payout_minor(999_000, 1_000_000), 29_970);
+        assert_eq!(whole.payout_minor(1_000_000, 1_000_000), 50_000);
+        // Worked example A: 900,000 then 1,200,000 credited → 27,000 then 40,000.
+        assert_eq!(marginal.payout_minor(900_000, 1_000_000), 27_000);
+        assert_eq!(marginal.payout_minor(1_200_000, 1_000_000), 40_000);
+        let capped = CommissionPlan {
+            cap: Some(Money {
+                amount_minor: 30_000,
+                currency: "EUR".into(),
+            }),
+            ..plan("marginal")
+        };
+        assert_eq!(capped.payout_minor(1_300_000, 1_000_000), 30_000);
+        assert_eq!(round_half_even(25, 10), 2);
+        assert_eq!(round_half_even(35, 10), 4);
+    }
+
+    #[test]
+    fn plans_need_contiguous_increasing_tiers_from_zero() {
+        let mut bad = plan("marginal");
+        bad.tiers = vec![
+            CommissionTier {
+                from: 100,
+                rate_bp: 300,
+            },
+            CommissionTier {
+                from: 50,
+                rate_bp: 20_000,
+            },
+        ];
+        bad.tier_mode = "progressive".into();
+        given::<CommissionPlanConfig>([])
+            .when(Publish(bad))
+            .then_invalid(&[
+                "tier_mode",
+                "tiers[0].from",
+                "tiers[1].from",
+                "tiers[1].rate_bp",
+            ]);
+        let published = given::<CommissionPlanConfig>([])
+            .when(Publish(plan("marginal")))
+            .then(vec![Published {
+                version: 1,
+                content: plan("marginal"),
+                occurred_at: now(),
+            }]);
+        assert_eq!(published.current(), Some(&plan("marginal")));
+        given::<CommissionPlanConfig>([Published {
+            version: 1,
+            content: plan("marginal"),
+            occurred_at: now(),
+        }])
+        .when(Publish(plan("marginal")))
+        .then(vec![]);
+    }
+
+    fn calendar() -> BusinessCalendar {
+        let nine = Time::constant(9, 0, 0, 0);
+        let six = Time::constant(18, 0, 0, 0);
+        BusinessCalendar {
+            name: "Shanghai office".into(),
+            time_zone: "Asia/Shanghai".into(),
+            weekly: (1..=5)
+                .map(|weekday| WorkingHours {
+                    weekday,
+                    start: nine,
+                    end: six,
+                })
+                .collect(),
+            overrides: vec![DateOverride {
+                date: Date::constant(2026, 10, 1),
+                hours: vec![],
+                name: "National Day".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn calendars_and_sla_policies_check_their_invariants() {
+        given::<BusinessCalendarConfig>([])
+            .when(Publish(calendar()))
+            .result
+            .unwrap();
+        let mut bad = calendar();
+        bad.time_zone = "Mars/Olympus".into();
+        bad.weekly.push(WorkingHours {
+            weekday: 1,
+            start: Time::constant(17, 0, 0, 0),
+            end: Time::constant(20, 0, 0, 0),
+        });
+        bad.weekly.push(WorkingHours {
+            weekday: 8,
+            start: Time::constant(10, 0, 0, 0),
+            end: Time::constant(9, 0, 0, 0),
+        });
+        given::<BusinessCalendarConfig>([])
+            .when(Publish(bad))
+            .then_invalid(&[
+                "time_zone",
+                "weekly[5]",
+                "weekly[6].weekday",
+                "weekly[6].end",
+            ]);
+
+        let targets = |priority: &str, first: u32| SlaTargets {
+            priority: priority.into(),
+            first_response_minutes: first,
+            next_response_minutes: 240,
+            resolution_minutes: 960,
+        };
+        let policy = SlaPolicy {
+            name: "Complaints".into(),
+            order: 1,
+            ticket_types: vec!["complaint".into()],
+            targets: vec![
+                targets("low", 480),
+                targets("normal", 240),
+                targets("high", 120),
+                targets("urgent", 60),
+            ],
+            calendar_id: None,
+            pause_statuses: vec!["pending".into()],
+            warning_percent: 75,
+        };
+        given::<SlaPolicyConfig>([])
+            .when(Publish(policy.clone()))
+            .result
+            .unwrap();
+        let mut bad = policy;
+        bad.targets.pop();
+        bad.targets[0].resolution_minutes = 10;
+        bad.warning_percent = 100;
+        given::<SlaPolicyConfig>([])
+            .when(Publish(bad))
+            .then_invalid(&[
+                "targets[0].resolution_minutes",
+                "targets",
+                "warning_percent",
+            ]);
+    }
+}
