@@ -5,6 +5,7 @@ mod activities;
 mod all_role;
 mod campaigns;
 mod commerce;
+mod configuration;
 mod contacts;
 mod demo;
 mod leads;

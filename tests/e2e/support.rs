@@ -7,6 +7,7 @@ use crm_proto::v1::accounts_client::AccountsClient;
 use crm_proto::v1::activities_client::ActivitiesClient;
 use crm_proto::v1::campaigns_client::CampaignsClient;
 use crm_proto::v1::commerce_client::CommerceClient;
+use crm_proto::v1::configuration_client::ConfigurationClient;
 use crm_proto::v1::contacts_client::ContactsClient;
 use crm_proto::v1::leads_client::LeadsClient;
 use crm_proto::v1::opportunities_client::OpportunitiesClient;
@@ -77,6 +78,10 @@ impl TestApp {
 
     pub fn activities(&self) -> ActivitiesClient<Channel> {
         ActivitiesClient::new(self.channel.clone())
+    }
+
+    pub fn configuration(&self) -> ConfigurationClient<Channel> {
+        ConfigurationClient::new(self.channel.clone())
     }
 
     pub fn commerce(&self) -> CommerceClient<Channel> {

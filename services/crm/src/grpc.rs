@@ -15,13 +15,14 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::RunError;
 use crate::command::{
     AccountsService, ActivitiesService, CampaignsService, CommandHandler, CommerceService,
-    ContactsService, LeadsService, MAX_REQUEST_BYTES, OpportunitiesService, PipelinesService,
-    TicketsService,
+    ConfigurationService, ContactsService, LeadsService, MAX_REQUEST_BYTES, OpportunitiesService,
+    PipelinesService, TicketsService,
 };
 use crm_proto::v1::accounts_server::AccountsServer;
 use crm_proto::v1::activities_server::ActivitiesServer;
 use crm_proto::v1::campaigns_server::CampaignsServer;
 use crm_proto::v1::commerce_server::CommerceServer;
+use crm_proto::v1::configuration_server::ConfigurationServer;
 use crm_proto::v1::contacts_server::ContactsServer;
 use crm_proto::v1::leads_server::LeadsServer;
 use crm_proto::v1::opportunities_server::OpportunitiesServer;
@@ -59,7 +60,9 @@ pub(crate) async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let campaigns = CampaignsServer::new(CampaignsService::new(commands.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let commerce = CommerceServer::new(CommerceService::new(commands))
+    let commerce = CommerceServer::new(CommerceService::new(commands.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let configuration = ConfigurationServer::new(ConfigurationService::new(commands))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
@@ -81,6 +84,7 @@ pub(crate) async fn serve(
         .add_service(activities)
         .add_service(campaigns)
         .add_service(commerce)
+        .add_service(configuration)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

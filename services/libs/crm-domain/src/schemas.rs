@@ -16,6 +16,7 @@ use crate::commerce::{
     OrderCancelled, OrderRecorded, PaymentReceived, ProductRecorded, RefundIssued,
 };
 use crate::common::LifecycleChanged;
+use crate::configuration::{BusinessCalendar, CommissionPlan, Published, SlaPolicy};
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
     ContactLinkedToAccount, RecordMergedInto, RecordsMerged,
@@ -115,6 +116,9 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<OpportunityLost>("opportunity", "OpportunityLost", 1),
         schema::<OpportunityReopened>("opportunity", "OpportunityReopened", 1),
         schema::<PipelinePublished>("pipeline_config", "PipelinePublished", 1),
+        schema::<Published<BusinessCalendar>>("business_calendar", "BusinessCalendarPublished", 1),
+        schema::<Published<SlaPolicy>>("sla_policy", "SlaPolicyPublished", 1),
+        schema::<Published<CommissionPlan>>("commission_plan", "CommissionPlanPublished", 1),
         schema::<TicketOpened>("ticket", "TicketOpened", 1),
         schema::<TicketTriaged>("ticket", "TicketTriaged", 1),
         schema::<TicketMessageAdded>("ticket", "TicketMessageAdded", 1),

@@ -1,0 +1,212 @@
+//! `crm.v1.Configuration`: versioned configuration, role-checked.
+use crm_domain::DomainError;
+use crm_domain::common::Money;
+use crm_domain::configuration::{
+    BusinessCalendar, BusinessCalendarConfig, CommissionPlan, CommissionPlanConfig, CommissionTier,
+    DateOverride, Publish, SlaPolicy, SlaPolicyConfig, SlaTargets, WorkingHours,
+};
+use crm_proto::v1 as pb;
+use crm_proto::v1::configuration_server::Configuration;
+use jiff::civil::{Date, Time};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+pub struct ConfigurationService {
+    handler: CommandHandler,
+}
+
+impl ConfigurationService {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self { handler }
+    }
+}
+
+fn require_role(caller: &Caller, roles: &[&str], action: &'static str) -> Result<(), ServiceError> {
+    if caller.roles.iter().any(|r| roles.contains(&r.as_str())) {
+        Ok(())
+    } else {
+        Err(ServiceError::Domain(DomainError::PermissionDenied {
+            action,
+        }))
+    }
+}
+
+fn id_or_new(field: &'static str, value: &str) -> Result<Uuid, ServiceError> {
+    if value.is_empty() {
+        Ok(Uuid::now_v7())
+    } else {
+        parse_id(field, value, false)
+    }
+}
+
+fn time(field: String, value: &str) -> Result<Time, ServiceError> {
+    value
+        .parse::<Time>()
+        .map_err(|_| ServiceError::Domain(DomainError::invalid(field, "must be a time HH:MM")))
+}
+
+fn date(field: String, value: &str) -> Result<Date, ServiceError> {
+    value
+        .parse::<Date>()
+        .map_err(|_| ServiceError::Domain(DomainError::invalid(field, "must be a date YYYY-MM-DD")))
+}
+
+#[tonic::async_trait]
+impl Configuration for ConfigurationService {
+    async fn publish_business_calendar(
+        &self,
+        request: Request<pb::PublishBusinessCalendarRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        require_role(
+            &caller,
+            &["admin", "service_manager"],
+            "publish business calendars",
+        )?;
+        let request = request.into_inner();
+        let options = Options::parse(
+            "PublishBusinessCalendar",
+            request.options.as_ref(),
+            &request,
+        )?;
+        let id = id_or_new("calendar_id", &request.calendar_id)?;
+        let weekly = request
+            .weekly
+            .iter()
+            .enumerate()
+            .map(|(i, hours)| {
+                Ok(WorkingHours {
+                    weekday: u8::try_from(hours.weekday).unwrap_or(0),
+                    start: time(format!("weekly[{i}].start"), &hours.start)?,
+                    end: time(format!("weekly[{i}].end"), &hours.end)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ServiceError>>()?;
+        let overrides = request
+            .overrides
+            .iter()
+            .enumerate()
+            .map(|(i, day)| {
+                let hours = day
+                    .hours
+                    .iter()
+                    .map(|interval| {
+                        let field = || format!("overrides[{i}].hours");
+                        let (start, end) = interval.split_once('-').ok_or_else(|| {
+                            ServiceError::Domain(DomainError::invalid(
+                                field(),
+                                "must be HH:MM-HH:MM",
+                            ))
+                        })?;
+                        Ok((time(field(), start)?, time(field(), end)?))
+                    })
+                    .collect::<Result<Vec<_>, ServiceError>>()?;
+                Ok(DateOverride {
+                    date: date(format!("overrides[{i}].date"), &day.date)?,
+                    hours,
+                    name: day.name.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, ServiceError>>()?;
+        let content = BusinessCalendar {
+            name: request.name,
+            time_zone: request.time_zone,
+            weekly,
+            overrides,
+        };
+        let reply = self
+            .handler
+            .execute::<BusinessCalendarConfig>(&caller, id, &options, Publish(content))
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn publish_sla_policy(
+        &self,
+        request: Request<pb::PublishSlaPolicyRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        require_role(
+            &caller,
+            &["admin", "service_manager"],
+            "publish SLA policies",
+        )?;
+        let request = request.into_inner();
+        let options = Options::parse("PublishSlaPolicy", request.options.as_ref(), &request)?;
+        let id = id_or_new("policy_id", &request.policy_id)?;
+        let content = SlaPolicy {
+            name: request.name,
+            order: request.order,
+            ticket_types: request.ticket_types,
+            targets: request
+                .targets
+                .into_iter()
+                .map(|t| SlaTargets {
+                    priority: t.priority,
+                    first_response_minutes: t.first_response_minutes,
+                    next_response_minutes: t.next_response_minutes,
+                    resolution_minutes: t.resolution_minutes,
+                })
+                .collect(),
+            calendar_id: if request.calendar_id.is_empty() {
+                None
+            } else {
+                Some(parse_id("calendar_id", &request.calendar_id, false)?)
+            },
+            pause_statuses: request.pause_statuses,
+            warning_percent: u8::try_from(request.warning_percent).unwrap_or(0),
+        };
+        let reply = self
+            .handler
+            .execute::<SlaPolicyConfig>(&caller, id, &options, Publish(content))
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn publish_commission_plan(
+        &self,
+        request: Request<pb::PublishCommissionPlanRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        require_role(
+            &caller,
+            &["admin", "sales_manager"],
+            "publish commission plans",
+        )?;
+        let request = request.into_inner();
+        let options = Options::parse("PublishCommissionPlan", request.options.as_ref(), &request)?;
+        let id = id_or_new("plan_id", &request.plan_id)?;
+        let content = CommissionPlan {
+            name: request.name,
+            effective_from: date("effective_from".to_owned(), &request.effective_from)?,
+            metric: request.metric,
+            tier_basis: request.tier_basis,
+            tier_mode: if request.tier_mode.is_empty() {
+                "marginal".to_owned()
+            } else {
+                request.tier_mode
+            },
+            tiers: request
+                .tiers
+                .into_iter()
+                .map(|t| CommissionTier {
+                    from: t.from,
+                    rate_bp: t.rate_bp,
+                })
+                .collect(),
+            cap: request.cap.map(|m| Money {
+                amount_minor: m.amount_minor,
+                currency: m.currency,
+            }),
+            clawback_days: request.clawback_days,
+            reps: request.reps,
+        };
+        let reply = self
+            .handler
+            .execute::<CommissionPlanConfig>(&caller, id, &options, Publish(content))
+            .await?;
+        Ok(Response::new(reply))
+    }
+}

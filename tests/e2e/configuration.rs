@@ -1,0 +1,166 @@
+//! `crm.v1.Configuration`: role-checked, versioned, validated.
+use crm_proto::v1::{
+    CommissionTier, DateOverride, PublishBusinessCalendarRequest, PublishCommissionPlanRequest,
+    PublishSlaPolicyRequest, SlaTargets, WorkingHours,
+};
+use tonic::Code;
+
+use crate::support::{TestApp, bad_fields};
+
+fn with_roles<T>(app: &TestApp, message: T, roles: &str) -> tonic::Request<T> {
+    let mut request = app.request(message);
+    request
+        .metadata_mut()
+        .insert("x-roles", roles.parse().unwrap());
+    request
+}
+
+fn calendar(id: &str) -> PublishBusinessCalendarRequest {
+    PublishBusinessCalendarRequest {
+        options: None,
+        calendar_id: id.into(),
+        name: "Shanghai office".into(),
+        time_zone: "Asia/Shanghai".into(),
+        weekly: (1..=5)
+            .map(|weekday| WorkingHours {
+                weekday,
+                start: "09:00".into(),
+                end: "18:00".into(),
+            })
+            .collect(),
+        overrides: vec![DateOverride {
+            date: "2026-10-01".into(),
+            hours: vec![],
+            name: "National Day".into(),
+        }],
+    }
+}
+
+#[tokio::test]
+async fn calendars_and_policies_are_versioned_and_need_the_right_role() {
+    let app = TestApp::spawn().await;
+    let status = app
+        .configuration()
+        .publish_business_calendar(app.request(calendar("")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let first = app
+        .configuration()
+        .publish_business_calendar(with_roles(&app, calendar(""), "service_manager"))
+        .await
+        .unwrap()
+        .into_inner();
+    let same = app
+        .configuration()
+        .publish_business_calendar(with_roles(&app, calendar(&first.stream_id), "admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((same.stream_version, same.unchanged), (1, true));
+    let mut saturday = calendar(&first.stream_id);
+    saturday.overrides.push(DateOverride {
+        date: "2026-10-11".into(),
+        hours: vec!["09:00-18:00".into()],
+        name: "Make-up workday".into(),
+    });
+    let second = app
+        .configuration()
+        .publish_business_calendar(with_roles(&app, saturday, "admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.stream_version, 2);
+
+    let targets = |priority: &str, first_response: u32| SlaTargets {
+        priority: priority.into(),
+        first_response_minutes: first_response,
+        next_response_minutes: 240,
+        resolution_minutes: 960,
+    };
+    let policy = PublishSlaPolicyRequest {
+        name: "Complaints".into(),
+        order: 1,
+        ticket_types: vec!["complaint".into()],
+        targets: vec![
+            targets("low", 480),
+            targets("normal", 240),
+            targets("high", 120),
+            targets("urgent", 60),
+        ],
+        calendar_id: first.stream_id.clone(),
+        pause_statuses: vec!["pending".into()],
+        warning_percent: 75,
+        ..Default::default()
+    };
+    app.configuration()
+        .publish_sla_policy(with_roles(&app, policy.clone(), "service_manager"))
+        .await
+        .unwrap();
+    let mut bad = policy;
+    bad.targets.truncate(3);
+    bad.warning_percent = 0;
+    let status = app
+        .configuration()
+        .publish_sla_policy(with_roles(&app, bad, "service_manager"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["targets", "warning_percent"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn commission_plans_check_their_tiers() {
+    let app = TestApp::spawn().await;
+    let plan = PublishCommissionPlanRequest {
+        name: "AE 2026".into(),
+        effective_from: "2026-01-01".into(),
+        metric: "bookings".into(),
+        tier_basis: "attainment".into(),
+        tiers: vec![
+            CommissionTier {
+                from: 0,
+                rate_bp: 300,
+            },
+            CommissionTier {
+                from: 10_000,
+                rate_bp: 500,
+            },
+            CommissionTier {
+                from: 15_000,
+                rate_bp: 800,
+            },
+        ],
+        clawback_days: 90,
+        reps: vec!["user:rep".into()],
+        ..Default::default()
+    };
+    let status = app
+        .configuration()
+        .publish_commission_plan(with_roles(&app, plan.clone(), "service_manager"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    app.configuration()
+        .publish_commission_plan(with_roles(&app, plan.clone(), "sales_manager"))
+        .await
+        .unwrap();
+    let stored = app.stored().await;
+    assert_eq!(
+        stored[0].1["content"]["tier_mode"], "marginal",
+        "the default mode"
+    );
+    let mut bad = plan;
+    bad.tiers[0].from = 100;
+    bad.effective_from = "soon".into();
+    assert_eq!(
+        bad_fields(
+            &app.configuration()
+                .publish_commission_plan(with_roles(&app, bad, "admin"))
+                .await
+                .unwrap_err()
+        ),
+        ["effective_from"]
+    );
+    app.stop().await;
+}
