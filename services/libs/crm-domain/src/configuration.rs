@@ -469,6 +469,110 @@ fn round_half_even(numerator: i128, denominator: i128) -> i128 {
     }
 }
 
+// ------------------------------------------------------ queue, team, agent
+
+/// A service queue: who may take its tickets and how they are routed.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queue {
+    pub name: String,
+    /// Agent user ids.
+    pub members: Vec<String>,
+    /// Skills an agent needs to be routed tickets of this queue.
+    #[serde(default)]
+    pub skills: Vec<String>,
+    /// `round_robin` or `least_loaded`.
+    pub routing: String,
+    /// Where tickets go when no agent is eligible for too long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overflow_queue_id: Option<uuid::Uuid>,
+}
+
+impl ConfigContent for Queue {
+    const STREAM_TYPE: &'static str = "queue";
+    const EVENT_TYPE: &'static str = "QueuePublished";
+
+    fn validate(&self, v: &mut Violations) {
+        v.check(
+            text_ok(&self.name, 100, false),
+            "name",
+            "must be 1 to 100 characters",
+        );
+        v.check(
+            self.members.len() <= 500,
+            "members",
+            "must have at most 500 agents",
+        );
+        let mut seen = BTreeSet::new();
+        for (i, member) in self.members.iter().enumerate() {
+            v.check(
+                text_ok(member, 200, false),
+                format!("members[{i}]"),
+                "must be 1 to 200 characters",
+            );
+            v.check(
+                seen.insert(member.as_str()),
+                format!("members[{i}]"),
+                "appears twice",
+            );
+        }
+        for (i, skill) in self.skills.iter().enumerate() {
+            v.check(
+                crate::common::is_code(skill, 64),
+                format!("skills[{i}]"),
+                "must be a code of [a-z0-9_]",
+            );
+        }
+        v.check(
+            ["round_robin", "least_loaded"].contains(&self.routing.as_str()),
+            "routing",
+            "must be round_robin or least_loaded",
+        );
+    }
+}
+
+/// An agent's availability for routing.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentAvailability {
+    pub agent: String,
+    /// `online`, `away` or `offline`.
+    pub status: String,
+    /// Open tickets the agent may hold at once.
+    pub capacity: u32,
+    #[serde(default)]
+    pub skills: Vec<String>,
+}
+
+impl ConfigContent for AgentAvailability {
+    const STREAM_TYPE: &'static str = "agent";
+    const EVENT_TYPE: &'static str = "AgentAvailabilityChanged";
+
+    fn validate(&self, v: &mut Violations) {
+        v.check(
+            text_ok(&self.agent, 200, false),
+            "agent",
+            "must be 1 to 200 characters",
+        );
+        v.check(
+            ["online", "away", "offline"].contains(&self.status.as_str()),
+            "status",
+            "must be online, away or offline",
+        );
+        v.check(self.capacity <= 1000, "capacity", "must be at most 1000");
+        for (i, skill) in self.skills.iter().enumerate() {
+            v.check(
+                crate::common::is_code(skill, 64),
+                format!("skills[{i}]"),
+                "must be a code of [a-z0-9_]",
+            );
+        }
+    }
+}
+
+pub type QueueConfig = Config<Queue>;
+pub type AgentConfig = Config<AgentAvailability>;
+
 pub type BusinessCalendarConfig = Config<BusinessCalendar>;
 pub type SlaPolicyConfig = Config<SlaPolicy>;
 pub type CommissionPlanConfig = Config<CommissionPlan>;

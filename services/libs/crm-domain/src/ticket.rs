@@ -108,6 +108,16 @@ pub enum TicketCommand {
         score: u8,
         comment: String,
     },
+    /// `eligible`: the handler found the assignee a member of the queue,
+    /// online, skilled and below capacity. Without that, only a recorded
+    /// `override_reason` lets the assignment through.
+    Assign {
+        queue: String,
+        assignee: Option<String>,
+        method: String,
+        eligible: bool,
+        override_reason: String,
+    },
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -152,6 +162,21 @@ pub struct TicketMessageAdded {
     pub public: bool,
     #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     pub body: String,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketAssigned {
+    /// The queue (a stream id).
+    pub queue: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignee: Option<String>,
+    /// `manual`, `round_robin`, `least_loaded` or `rule`.
+    pub method: String,
+    /// Why an ineligible assignee was assigned anyway.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub override_reason: String,
     pub occurred_at: Timestamp,
 }
 
@@ -228,6 +253,7 @@ pub struct CsatRatingReceived {
 pub enum TicketEvent {
     Opened(TicketOpened),
     Triaged(TicketTriaged),
+    Assigned(TicketAssigned),
     MessageAdded(TicketMessageAdded),
     StatusChanged(TicketStatusChanged),
     Escalated(TicketEscalated),
@@ -242,6 +268,7 @@ impl DomainEvent for TicketEvent {
         match self {
             Self::Opened(_) => "TicketOpened",
             Self::Triaged(_) => "TicketTriaged",
+            Self::Assigned(_) => "TicketAssigned",
             Self::MessageAdded(_) => "TicketMessageAdded",
             Self::StatusChanged(_) => "TicketStatusChanged",
             Self::Escalated(_) => "TicketEscalated",
@@ -260,6 +287,7 @@ impl DomainEvent for TicketEvent {
         Ok(Some(match event_type {
             "TicketOpened" => Self::Opened(Deserialize::deserialize(payload)?),
             "TicketTriaged" => Self::Triaged(Deserialize::deserialize(payload)?),
+            "TicketAssigned" => Self::Assigned(Deserialize::deserialize(payload)?),
             "TicketMessageAdded" => Self::MessageAdded(Deserialize::deserialize(payload)?),
             "TicketStatusChanged" => Self::StatusChanged(Deserialize::deserialize(payload)?),
             "TicketEscalated" => Self::Escalated(Deserialize::deserialize(payload)?),
@@ -373,6 +401,45 @@ impl Aggregate for Ticket {
                     category: details.category,
                     priority,
                     subject: details.subject.trim().to_owned(),
+                    occurred_at,
+                })])
+            }
+            TicketCommand::Assign {
+                queue,
+                assignee,
+                method,
+                eligible,
+                override_reason,
+            } => {
+                self.not_closed()?;
+                let mut v = Violations::default();
+                v.check(
+                    ["manual", "round_robin", "least_loaded", "rule"].contains(&method.as_str()),
+                    "method",
+                    "must be manual, round_robin, least_loaded or rule",
+                );
+                v.check(
+                    text_ok(&override_reason, 500, true),
+                    "override_reason",
+                    "must be at most 500 characters",
+                );
+                v.into_result()?;
+                if assignee.is_some() && !eligible && override_reason.trim().is_empty() {
+                    return Err(DomainError::InvalidReference { field: "assignee" });
+                }
+                if self.queue.as_deref() == Some(queue.as_str()) && self.assignee == assignee {
+                    return Ok(vec![]);
+                }
+                let override_reason = if eligible {
+                    String::new()
+                } else {
+                    override_reason
+                };
+                Ok(vec![TicketEvent::Assigned(TicketAssigned {
+                    queue,
+                    assignee,
+                    method,
+                    override_reason,
                     occurred_at,
                 })])
             }
@@ -622,6 +689,10 @@ impl Aggregate for Ticket {
                     self.priority = Some(change.new);
                 }
             }
+            TicketEvent::Assigned(assigned) => {
+                self.queue = Some(assigned.queue.clone());
+                self.assignee = assigned.assignee.clone();
+            }
             TicketEvent::MessageAdded(message) => {
                 if message.author_role == AuthorRole::Agent && self.assignee.is_none() {
                     self.assignee = Some(message.author.clone());
@@ -809,6 +880,41 @@ mod tests {
         given::<Ticket>(done)
             .when(TicketCommand::Close)
             .then(vec![]);
+    }
+
+    #[test]
+    fn assignment_needs_an_eligible_agent_or_a_recorded_override() {
+        let assign = |eligible: bool, why: &str| TicketCommand::Assign {
+            queue: "q1".into(),
+            assignee: Some("agent:g".into()),
+            method: "manual".into(),
+            eligible,
+            override_reason: why.into(),
+        };
+        given::<Ticket>([opened()])
+            .when(assign(false, ""))
+            .then_error(DomainError::InvalidReference { field: "assignee" });
+        let overridden = given::<Ticket>([opened()])
+            .when(assign(false, "customer asked for G"))
+            .result
+            .unwrap();
+        assert!(
+            matches!(&overridden[0], TicketEvent::Assigned(a) if a.override_reason == "customer asked for G")
+        );
+        let events = Ticket::default()
+            .replay([opened()].iter())
+            .decide(assign(true, "ignored"), crate::Context::at(now()))
+            .unwrap();
+        assert!(
+            matches!(&events[0], TicketEvent::Assigned(a) if a.override_reason.is_empty() && a.assignee.as_deref() == Some("agent:g"))
+        );
+        let assigned = Ticket::default().replay([opened()].iter().chain(events.iter()));
+        assert_eq!(
+            assigned
+                .decide(assign(true, ""), crate::Context::at(now()))
+                .unwrap(),
+            vec![]
+        );
     }
 
     #[test]
