@@ -286,3 +286,119 @@ async fn bad_ticket_inputs_are_refused_and_store_nothing() {
     assert_eq!(app.stored().await.len(), 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn tickets_go_to_eligible_agents_or_need_an_override() {
+    use crm_proto::v1::{AssignTicketRequest, ChangeAgentAvailabilityRequest, PublishQueueRequest};
+    let app = TestApp::spawn().await;
+    let queue = PublishQueueRequest {
+        name: "Billing".into(),
+        members: vec!["agent:g".into(), "agent:h".into()],
+        skills: vec!["billing".into()],
+        routing: "round_robin".into(),
+        ..Default::default()
+    };
+    let queue_id = app
+        .configuration()
+        .publish_queue(as_manager(&app, queue))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let availability = |agent: &str, status: &str| ChangeAgentAvailabilityRequest {
+        options: None,
+        agent: agent.into(),
+        status: status.into(),
+        capacity: 5,
+        skills: vec!["billing".into()],
+    };
+    app.configuration()
+        .change_agent_availability(as_manager(&app, availability("agent:g", "online")))
+        .await
+        .unwrap();
+    app.configuration()
+        .change_agent_availability(as_manager(&app, availability("agent:h", "offline")))
+        .await
+        .unwrap();
+    // Changing someone else's availability needs the role.
+    let status = app
+        .configuration()
+        .change_agent_availability(app.request(availability("agent:g", "away")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let id = app
+        .tickets()
+        .open_ticket(app.request(complaint()))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let assign = |assignee: &str, why: &str| AssignTicketRequest {
+        options: None,
+        ticket_id: id.clone(),
+        queue_id: queue_id.clone(),
+        assignee: assignee.into(),
+        method: String::new(),
+        override_reason: why.into(),
+    };
+    app.tickets()
+        .assign_ticket(app.request(assign("agent:g", "")))
+        .await
+        .unwrap();
+    let status = app
+        .tickets()
+        .assign_ticket(app.request(assign("agent:h", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error_info(&status).1["field"],
+        "assignee",
+        "offline agents are not eligible"
+    );
+    let status = app
+        .tickets()
+        .assign_ticket(app.request(assign("agent:x", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error_info(&status).1["field"],
+        "assignee",
+        "nor are non-members"
+    );
+    app.tickets()
+        .assign_ticket(app.request(assign("agent:h", "customer asked for H")))
+        .await
+        .unwrap();
+    let stored = app.stored().await;
+    let assigned: Vec<_> = stored
+        .iter()
+        .filter(|(t, _, _)| t == "TicketAssigned")
+        .collect();
+    assert_eq!(assigned.len(), 2);
+    assert_eq!(assigned[1].1["override_reason"], "customer asked for H");
+    let unknown_queue = AssignTicketRequest {
+        queue_id: uuid::Uuid::now_v7().to_string(),
+        ..assign("agent:g", "")
+    };
+    assert_eq!(
+        error_info(
+            &app.tickets()
+                .assign_ticket(app.request(unknown_queue))
+                .await
+                .unwrap_err()
+        )
+        .1["field"],
+        "queue_id"
+    );
+    app.stop().await;
+}
+
+fn as_manager<T>(app: &TestApp, message: T) -> tonic::Request<T> {
+    let mut request = app.request(message);
+    request
+        .metadata_mut()
+        .insert("x-roles", "service_manager".parse().unwrap());
+    request
+}

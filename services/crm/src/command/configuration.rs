@@ -2,8 +2,9 @@
 use crm_domain::DomainError;
 use crm_domain::common::Money;
 use crm_domain::configuration::{
-    BusinessCalendar, BusinessCalendarConfig, CommissionPlan, CommissionPlanConfig, CommissionTier,
-    DateOverride, Publish, SlaPolicy, SlaPolicyConfig, SlaTargets, WorkingHours,
+    AgentAvailability, AgentConfig, BusinessCalendar, BusinessCalendarConfig, CommissionPlan,
+    CommissionPlanConfig, CommissionTier, DateOverride, Publish, Queue, QueueConfig, SlaPolicy,
+    SlaPolicyConfig, SlaTargets, WorkingHours,
 };
 use crm_proto::v1 as pb;
 use crm_proto::v1::configuration_server::Configuration;
@@ -209,4 +210,78 @@ impl Configuration for ConfigurationService {
             .await?;
         Ok(Response::new(reply))
     }
+
+    async fn publish_queue(
+        &self,
+        request: Request<pb::PublishQueueRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        require_role(&caller, &["admin", "service_manager"], "publish queues")?;
+        let request = request.into_inner();
+        let options = Options::parse("PublishQueue", request.options.as_ref(), &request)?;
+        let id = id_or_new("queue_id", &request.queue_id)?;
+        let content = Queue {
+            name: request.name,
+            members: request.members,
+            skills: request.skills,
+            routing: request.routing,
+            overflow_queue_id: if request.overflow_queue_id.is_empty() {
+                None
+            } else {
+                Some(parse_id(
+                    "overflow_queue_id",
+                    &request.overflow_queue_id,
+                    false,
+                )?)
+            },
+        };
+        let reply = self
+            .handler
+            .execute::<QueueConfig>(&caller, id, &options, Publish(content))
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn change_agent_availability(
+        &self,
+        request: Request<pb::ChangeAgentAvailabilityRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse(
+            "ChangeAgentAvailability",
+            request.options.as_ref(),
+            &request,
+        )?;
+        let agent = if request.agent.is_empty() {
+            caller.actor.clone()
+        } else {
+            request.agent
+        };
+        if agent != caller.actor {
+            require_role(
+                &caller,
+                &["admin", "service_manager"],
+                "change another agent's availability",
+            )?;
+        }
+        let id = agent_id(&caller.tenant, &agent);
+        let content = AgentAvailability {
+            agent,
+            status: request.status,
+            capacity: request.capacity,
+            skills: request.skills,
+        };
+        let reply = self
+            .handler
+            .execute::<AgentConfig>(&caller, id, &options, Publish(content))
+            .await?;
+        Ok(Response::new(reply))
+    }
+}
+
+/// The record of an agent: derived from the agent's user id.
+pub(crate) fn agent_id(tenant: &crm_domain::TenantId, agent: &str) -> Uuid {
+    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
+    Uuid::new_v5(&namespace, format!("agent:{agent}").as_bytes())
 }

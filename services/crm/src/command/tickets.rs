@@ -47,6 +47,65 @@ const PRIORITIES: &str = "must be low, normal, high or urgent";
 
 #[tonic::async_trait]
 impl Tickets for TicketsService {
+    async fn assign_ticket(
+        &self,
+        request: Request<pb::AssignTicketRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        use crm_domain::configuration::{AgentConfig, QueueConfig};
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("AssignTicket", request.options.as_ref(), &request)?;
+        let id = parse_id("ticket_id", &request.ticket_id, false)?;
+        let queue_id = parse_id("queue_id", &request.queue_id, false)?;
+        let queue = match self
+            .handler
+            .load::<QueueConfig>(&caller.tenant, queue_id)
+            .await
+        {
+            Ok((config, _, _)) => config.current().cloned(),
+            Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => None,
+            Err(other) => return Err(other.into()),
+        }
+        .ok_or(ServiceError::Domain(
+            crm_domain::DomainError::InvalidReference { field: "queue_id" },
+        ))?;
+        let assignee = (!request.assignee.is_empty()).then_some(request.assignee);
+        let eligible = match &assignee {
+            None => true,
+            Some(agent) => {
+                let availability = match self
+                    .handler
+                    .load::<AgentConfig>(
+                        &caller.tenant,
+                        super::configuration::agent_id(&caller.tenant, agent),
+                    )
+                    .await
+                {
+                    Ok((config, _, _)) => config.current().cloned(),
+                    Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => None,
+                    Err(other) => return Err(other.into()),
+                };
+                queue.members.contains(agent)
+                    && availability.is_some_and(|a| {
+                        a.status == "online"
+                            && queue.skills.iter().all(|skill| a.skills.contains(skill))
+                    })
+            }
+        };
+        let command = TicketCommand::Assign {
+            queue: queue_id.to_string(),
+            assignee,
+            method: if request.method.is_empty() {
+                "manual".to_owned()
+            } else {
+                request.method
+            },
+            eligible,
+            override_reason: request.override_reason,
+        };
+        self.run(caller, options, id, command).await
+    }
+
     async fn open_ticket(
         &self,
         request: Request<pb::OpenTicketRequest>,

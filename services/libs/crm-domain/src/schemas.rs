@@ -16,7 +16,9 @@ use crate::commerce::{
     OrderCancelled, OrderRecorded, PaymentReceived, ProductRecorded, RefundIssued,
 };
 use crate::common::LifecycleChanged;
-use crate::configuration::{BusinessCalendar, CommissionPlan, Published, SlaPolicy};
+use crate::configuration::{
+    AgentAvailability, BusinessCalendar, CommissionPlan, Published, Queue, SlaPolicy,
+};
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
     ContactLinkedToAccount, RecordMergedInto, RecordsMerged,
@@ -28,8 +30,8 @@ use crate::opportunity::{
 };
 use crate::pipeline::PipelinePublished;
 use crate::ticket::{
-    CsatRatingReceived, TicketClosed, TicketEscalated, TicketMessageAdded, TicketOpened,
-    TicketReopened, TicketSolved, TicketStatusChanged, TicketTriaged,
+    CsatRatingReceived, TicketAssigned, TicketClosed, TicketEscalated, TicketMessageAdded,
+    TicketOpened, TicketReopened, TicketSolved, TicketStatusChanged, TicketTriaged,
 };
 
 /// One event payload's schema.
@@ -119,8 +121,11 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<Published<BusinessCalendar>>("business_calendar", "BusinessCalendarPublished", 1),
         schema::<Published<SlaPolicy>>("sla_policy", "SlaPolicyPublished", 1),
         schema::<Published<CommissionPlan>>("commission_plan", "CommissionPlanPublished", 1),
+        schema::<Published<Queue>>("queue", "QueuePublished", 1),
+        schema::<Published<AgentAvailability>>("agent", "AgentAvailabilityChanged", 1),
         schema::<TicketOpened>("ticket", "TicketOpened", 1),
         schema::<TicketTriaged>("ticket", "TicketTriaged", 1),
+        schema::<TicketAssigned>("ticket", "TicketAssigned", 1),
         schema::<TicketMessageAdded>("ticket", "TicketMessageAdded", 1),
         schema::<TicketStatusChanged>("ticket", "TicketStatusChanged", 1),
         schema::<TicketEscalated>("ticket", "TicketEscalated", 1),
