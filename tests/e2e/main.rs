@@ -10,5 +10,6 @@ mod contacts;
 mod demo;
 mod leads;
 mod opportunities;
+mod records;
 mod support;
 mod tickets;

@@ -12,6 +12,7 @@ use crm_proto::v1::contacts_client::ContactsClient;
 use crm_proto::v1::leads_client::LeadsClient;
 use crm_proto::v1::opportunities_client::OpportunitiesClient;
 use crm_proto::v1::pipelines_client::PipelinesClient;
+use crm_proto::v1::records_client::RecordsClient;
 use crm_proto::v1::tickets_client::TicketsClient;
 use crm_test_support::{TestDb, eventually};
 use tokio::task::JoinHandle;
@@ -78,6 +79,10 @@ impl TestApp {
 
     pub fn activities(&self) -> ActivitiesClient<Channel> {
         ActivitiesClient::new(self.channel.clone())
+    }
+
+    pub fn records(&self) -> RecordsClient<Channel> {
+        RecordsClient::new(self.channel.clone())
     }
 
     pub fn configuration(&self) -> ConfigurationClient<Channel> {

@@ -16,7 +16,7 @@ use crate::RunError;
 use crate::command::{
     AccountsService, ActivitiesService, CampaignsService, CommandHandler, CommerceService,
     ConfigurationService, ContactsService, LeadsService, MAX_REQUEST_BYTES, OpportunitiesService,
-    PipelinesService, TicketsService,
+    PipelinesService, RecordsService, TicketsService,
 };
 use crm_proto::v1::accounts_server::AccountsServer;
 use crm_proto::v1::activities_server::ActivitiesServer;
@@ -27,6 +27,7 @@ use crm_proto::v1::contacts_server::ContactsServer;
 use crm_proto::v1::leads_server::LeadsServer;
 use crm_proto::v1::opportunities_server::OpportunitiesServer;
 use crm_proto::v1::pipelines_server::PipelinesServer;
+use crm_proto::v1::records_server::RecordsServer;
 use crm_proto::v1::tickets_server::TicketsServer;
 
 /// Serves on `listener` until `intake` is cancelled: then reports NOT_SERVING,
@@ -62,7 +63,9 @@ pub(crate) async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let commerce = CommerceServer::new(CommerceService::new(commands.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let configuration = ConfigurationServer::new(ConfigurationService::new(commands))
+    let configuration = ConfigurationServer::new(ConfigurationService::new(commands.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let records = RecordsServer::new(RecordsService::new(commands))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
@@ -85,6 +88,7 @@ pub(crate) async fn serve(
         .add_service(campaigns)
         .add_service(commerce)
         .add_service(configuration)
+        .add_service(records)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crm/v1/campaigns.proto",
         "crm/v1/commerce.proto",
         "crm/v1/configuration.proto",
+        "crm/v1/records.proto",
     ];
     let root = "../../../proto";
     for file in files {

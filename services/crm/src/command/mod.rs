@@ -17,6 +17,7 @@ mod contacts;
 mod error;
 mod leads;
 mod opportunities;
+mod records;
 mod tickets;
 
 use std::collections::BTreeSet;
@@ -46,6 +47,7 @@ pub use contacts::ContactsService;
 pub use error::ServiceError;
 pub use leads::LeadsService;
 pub use opportunities::{OpportunitiesService, PipelinesService};
+pub use records::RecordsService;
 pub use tickets::TicketsService;
 
 /// Longest stream the command path folds from events (snapshots take over

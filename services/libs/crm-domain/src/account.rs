@@ -13,6 +13,7 @@ use crate::common::{
     Change, Lifecycle, LifecycleChanged, Reason, diff, is_code, is_domain, text_ok,
 };
 use crate::error::{DomainError, Violations};
+use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
 pub const MAX_DOMAINS: usize = 20;
 pub const CHURN_REASONS: &[&str] = &["contract_ended", "cancelled", "inactive"];
@@ -87,6 +88,8 @@ pub enum AccountCommand {
     },
     Archive(Reason),
     Restore(Reason),
+    /// Owner, tags and shares (see [`crate::records`]).
+    Common(CommonCommand),
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -154,11 +157,13 @@ pub enum AccountEvent {
     Churned(AccountChurned),
     Archived(LifecycleChanged),
     Restored(LifecycleChanged),
+    Common(CommonEvent),
 }
 
 impl DomainEvent for AccountEvent {
     fn event_type(&self) -> &'static str {
         match self {
+            Self::Common(event) => event.event_type(),
             Self::Created(_) => "AccountCreated",
             Self::DetailsUpdated(_) => "AccountDetailsUpdated",
             Self::BecameCustomer(_) => "AccountBecameCustomer",
@@ -180,7 +185,7 @@ impl DomainEvent for AccountEvent {
             "AccountChurned" => Self::Churned(Deserialize::deserialize(payload)?),
             "RecordArchived" => Self::Archived(Deserialize::deserialize(payload)?),
             "RecordRestored" => Self::Restored(Deserialize::deserialize(payload)?),
-            _ => return Ok(None),
+            _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
         }))
     }
 }
@@ -198,6 +203,8 @@ pub struct Account {
     pub tax_id: String,
     pub parent_id: Option<Uuid>,
     pub segment: String,
+    #[serde(default)]
+    pub meta: RecordMeta,
 }
 
 fn validate_domains(domains: &[String], v: &mut Violations) -> Vec<String> {
@@ -270,6 +277,15 @@ impl Aggregate for Account {
     ) -> Result<Vec<AccountEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
         match command {
+            AccountCommand::Common(command) => {
+                self.live()?;
+                Ok(self
+                    .meta
+                    .decide(command, occurred_at)?
+                    .into_iter()
+                    .map(AccountEvent::Common)
+                    .collect())
+            }
             AccountCommand::Create { self_id, details } => {
                 if self.exists {
                     return Err(DomainError::AlreadyExists {
@@ -432,6 +448,7 @@ impl Aggregate for Account {
 
     fn evolve(mut self, event: &AccountEvent) -> Self {
         match event {
+            AccountEvent::Common(event) => self.meta.evolve(event),
             AccountEvent::Created(created) => {
                 self.exists = true;
                 self.kind = created.kind;

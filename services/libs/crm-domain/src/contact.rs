@@ -14,6 +14,7 @@ use crate::common::{
     normalize_email, text_ok,
 };
 use crate::error::{DomainError, Violations};
+use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
 pub const MAX_EMAILS: usize = 10;
 pub const MAX_PHONES: usize = 10;
@@ -120,6 +121,8 @@ pub enum ContactCommand {
         primary: bool,
         account_active: bool,
     },
+    /// Owner, tags and shares (see [`crate::records`]).
+    Common(CommonCommand),
 }
 
 /// A contact's link to an account; at most one is primary.
@@ -267,11 +270,13 @@ pub enum ContactEvent {
     LinkedToAccount(ContactLinkedToAccount),
     Merged(RecordsMerged),
     MergedInto(RecordMergedInto),
+    Common(CommonEvent),
 }
 
 impl DomainEvent for ContactEvent {
     fn event_type(&self) -> &'static str {
         match self {
+            Self::Common(event) => event.event_type(),
             Self::Created(_) => "ContactCreated",
             Self::DetailsUpdated(_) => "ContactDetailsUpdated",
             Self::ConsentChanged(_) => "ContactConsentChanged",
@@ -313,7 +318,7 @@ impl DomainEvent for ContactEvent {
             ("ContactLinkedToAccount", _) => {
                 Self::LinkedToAccount(Deserialize::deserialize(payload)?)
             }
-            _ => return Ok(None),
+            _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
         }))
     }
 }
@@ -333,6 +338,8 @@ pub struct Contact {
     pub accounts: Vec<AccountLink>,
     #[serde(default)]
     pub merged_into: Option<Uuid>,
+    #[serde(default)]
+    pub meta: RecordMeta,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -483,6 +490,15 @@ impl Aggregate for Contact {
     ) -> Result<Vec<ContactEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
         match command {
+            ContactCommand::Common(command) => {
+                self.live()?;
+                Ok(self
+                    .meta
+                    .decide(command, occurred_at)?
+                    .into_iter()
+                    .map(ContactEvent::Common)
+                    .collect())
+            }
             ContactCommand::Create(details) => {
                 if self.exists {
                     return Err(DomainError::AlreadyExists {
@@ -657,6 +673,7 @@ impl Aggregate for Contact {
 
     fn evolve(mut self, event: &ContactEvent) -> Self {
         match event {
+            ContactEvent::Common(event) => self.meta.evolve(event),
             ContactEvent::Created(created) => {
                 self.exists = true;
                 self.name = created.name.clone();

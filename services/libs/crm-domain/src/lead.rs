@@ -11,6 +11,7 @@ use crate::aggregate::{Aggregate, Context, DomainEvent};
 use crate::common::{Reason, is_code, text_ok};
 use crate::contact::{Email, PersonName, Phone};
 use crate::error::{DomainError, Violations};
+use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,6 +103,8 @@ pub enum LeadCommand {
         to: LeadStatus,
         reason: Option<Reason>,
     },
+    /// Owner, tags and shares (see [`crate::records`]).
+    Common(CommonCommand),
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -147,11 +150,13 @@ pub enum LeadEvent {
     Captured(LeadCaptured),
     StatusChanged(LeadStatusChanged),
     Converted(LeadConverted),
+    Common(CommonEvent),
 }
 
 impl DomainEvent for LeadEvent {
     fn event_type(&self) -> &'static str {
         match self {
+            Self::Common(event) => event.event_type(),
             Self::Captured(_) => "LeadCaptured",
             Self::StatusChanged(_) => "LeadStatusChanged",
             Self::Converted(_) => "LeadConverted",
@@ -167,7 +172,7 @@ impl DomainEvent for LeadEvent {
             "LeadCaptured" => Self::Captured(Deserialize::deserialize(payload)?),
             "LeadStatusChanged" => Self::StatusChanged(Deserialize::deserialize(payload)?),
             "LeadConverted" => Self::Converted(Deserialize::deserialize(payload)?),
-            _ => return Ok(None),
+            _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
         }))
     }
 }
@@ -182,6 +187,8 @@ pub struct Lead {
     pub phones: Vec<Phone>,
     pub source: LeadSource,
     pub converted_to: Option<LeadConverted>,
+    #[serde(default)]
+    pub meta: RecordMeta,
 }
 
 impl Aggregate for Lead {
@@ -204,6 +211,17 @@ impl Aggregate for Lead {
     ) -> Result<Vec<LeadEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
         match command {
+            LeadCommand::Common(command) => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                Ok(self
+                    .meta
+                    .decide(command, occurred_at)?
+                    .into_iter()
+                    .map(LeadEvent::Common)
+                    .collect())
+            }
             LeadCommand::Capture(details) => {
                 if self.exists {
                     return Err(DomainError::AlreadyExists {
@@ -301,6 +319,7 @@ impl Aggregate for Lead {
 
     fn evolve(mut self, event: &LeadEvent) -> Self {
         match event {
+            LeadEvent::Common(event) => self.meta.evolve(event),
             LeadEvent::Captured(captured) => {
                 self.exists = true;
                 self.name = captured.name.clone();

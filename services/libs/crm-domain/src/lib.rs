@@ -17,6 +17,7 @@ mod error;
 pub mod lead;
 pub mod opportunity;
 pub mod pipeline;
+pub mod records;
 #[cfg(feature = "schemas")]
 pub mod schemas;
 mod tenant;

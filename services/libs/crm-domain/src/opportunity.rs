@@ -12,6 +12,7 @@ use crate::aggregate::{Aggregate, Context, DomainEvent};
 use crate::common::{Change, Money, Reason, diff, text_ok};
 use crate::error::{DomainError, Violations};
 use crate::pipeline::{ForecastCategory, PipelineConfig, StageKind};
+use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +85,8 @@ pub enum OpportunityCommand {
         stage: String,
         facts: DealFacts,
     },
+    /// Owner, tags and shares (see [`crate::records`]).
+    Common(CommonCommand),
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -183,11 +186,13 @@ pub enum OpportunityEvent {
     Won(OpportunityWon),
     Lost(OpportunityLost),
     Reopened(OpportunityReopened),
+    Common(CommonEvent),
 }
 
 impl DomainEvent for OpportunityEvent {
     fn event_type(&self) -> &'static str {
         match self {
+            Self::Common(event) => event.event_type(),
             Self::Opened(_) => "OpportunityOpened",
             Self::StageChanged(_) => "OpportunityStageChanged",
             Self::ForecastFieldsChanged(_) => "OpportunityForecastFieldsChanged",
@@ -211,7 +216,7 @@ impl DomainEvent for OpportunityEvent {
             "OpportunityWon" => Self::Won(Deserialize::deserialize(payload)?),
             "OpportunityLost" => Self::Lost(Deserialize::deserialize(payload)?),
             "OpportunityReopened" => Self::Reopened(Deserialize::deserialize(payload)?),
-            _ => return Ok(None),
+            _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
         }))
     }
 }
@@ -230,6 +235,8 @@ pub struct Opportunity {
     pub category: Option<ForecastCategory>,
     pub close_date: Option<Date>,
     pub owner: String,
+    #[serde(default)]
+    pub meta: RecordMeta,
 }
 
 impl Opportunity {
@@ -267,6 +274,17 @@ impl Aggregate for Opportunity {
     ) -> Result<Vec<OpportunityEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
         match command {
+            OpportunityCommand::Common(command) => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                Ok(self
+                    .meta
+                    .decide(command, occurred_at)?
+                    .into_iter()
+                    .map(OpportunityEvent::Common)
+                    .collect())
+            }
             OpportunityCommand::Open(details, facts) => {
                 if self.exists {
                     return Err(DomainError::AlreadyExists {
@@ -475,6 +493,7 @@ impl Aggregate for Opportunity {
 
     fn evolve(mut self, event: &OpportunityEvent) -> Self {
         match event {
+            OpportunityEvent::Common(event) => self.meta.evolve(event),
             OpportunityEvent::Opened(opened) => {
                 self.exists = true;
                 self.outcome = Outcome::Open;

@@ -29,6 +29,7 @@ use crate::opportunity::{
     OpportunityStageChanged, OpportunityWon,
 };
 use crate::pipeline::PipelinePublished;
+use crate::records::{OwnerChanged, RecordShareRevoked, RecordShared, TagsChanged};
 use crate::ticket::{
     CsatRatingReceived, TicketAssigned, TicketClosed, TicketEscalated, TicketMessageAdded,
     TicketOpened, TicketReopened, TicketSolved, TicketStatusChanged, TicketTriaged,
@@ -75,7 +76,7 @@ fn schema<T: JsonSchema>(
 
 /// Every event type of every aggregate, each version that may be stored.
 pub fn event_schemas() -> Vec<EventSchema> {
-    vec![
+    let mut schemas = vec![
         schema::<ActivityLogged>("activity", "ActivityLogged", 1),
         schema::<ActivityScheduled>("activity", "ActivityScheduled", 1),
         schema::<ActivityCompleted>("activity", "ActivityCompleted", 1),
@@ -133,5 +134,17 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<TicketReopened>("ticket", "TicketReopened", 1),
         schema::<TicketClosed>("ticket", "TicketClosed", 1),
         schema::<CsatRatingReceived>("ticket", "CsatRatingReceived", 1),
-    ]
+    ];
+    // The shared record events, on every main record type.
+    for stream_type in ["account", "contact", "lead", "opportunity", "ticket"] {
+        schemas.push(schema::<OwnerChanged>(stream_type, "OwnerChanged", 1));
+        schemas.push(schema::<TagsChanged>(stream_type, "TagsChanged", 1));
+        schemas.push(schema::<RecordShared>(stream_type, "RecordShared", 1));
+        schemas.push(schema::<RecordShareRevoked>(
+            stream_type,
+            "RecordShareRevoked",
+            1,
+        ));
+    }
+    schemas
 }

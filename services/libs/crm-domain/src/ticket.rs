@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::aggregate::{Aggregate, Context, DomainEvent};
 use crate::common::{Change, diff, is_code, text_ok};
 use crate::error::{DomainError, Violations};
+use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
 macro_rules! named_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
@@ -118,6 +119,8 @@ pub enum TicketCommand {
         eligible: bool,
         override_reason: String,
     },
+    /// Owner, tags and shares (see [`crate::records`]).
+    Common(CommonCommand),
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -261,11 +264,13 @@ pub enum TicketEvent {
     Reopened(TicketReopened),
     Closed(TicketClosed),
     CsatReceived(CsatRatingReceived),
+    Common(CommonEvent),
 }
 
 impl DomainEvent for TicketEvent {
     fn event_type(&self) -> &'static str {
         match self {
+            Self::Common(event) => event.event_type(),
             Self::Opened(_) => "TicketOpened",
             Self::Triaged(_) => "TicketTriaged",
             Self::Assigned(_) => "TicketAssigned",
@@ -295,7 +300,7 @@ impl DomainEvent for TicketEvent {
             "TicketReopened" => Self::Reopened(Deserialize::deserialize(payload)?),
             "TicketClosed" => Self::Closed(Deserialize::deserialize(payload)?),
             "CsatRatingReceived" => Self::CsatReceived(Deserialize::deserialize(payload)?),
-            _ => return Ok(None),
+            _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
         }))
     }
 }
@@ -312,6 +317,8 @@ pub struct Ticket {
     pub escalation_level: u8,
     pub reopen_count: u32,
     pub csat: Option<u8>,
+    #[serde(default)]
+    pub meta: RecordMeta,
 }
 
 impl Ticket {
@@ -366,6 +373,15 @@ impl Aggregate for Ticket {
     ) -> Result<Vec<TicketEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
         match command {
+            TicketCommand::Common(command) => {
+                self.not_closed()?;
+                Ok(self
+                    .meta
+                    .decide(command, occurred_at)?
+                    .into_iter()
+                    .map(TicketEvent::Common)
+                    .collect())
+            }
             TicketCommand::Open(details) => {
                 if self.exists {
                     return Err(DomainError::AlreadyExists {
@@ -670,6 +686,7 @@ impl Aggregate for Ticket {
 
     fn evolve(mut self, event: &TicketEvent) -> Self {
         match event {
+            TicketEvent::Common(event) => self.meta.evolve(event),
             TicketEvent::Opened(opened) => {
                 self.exists = true;
                 self.status = Some(TicketStatus::New);
