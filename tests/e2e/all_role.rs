@@ -95,3 +95,54 @@ async fn crm_all_refuses_a_bad_configuration_naming_the_key() {
         .unwrap_err();
     assert!(error.to_string().contains("CRM__PG__URL"), "{error}");
 }
+
+#[tokio::test]
+async fn crm_command_alone_serves_commands() {
+    let db = TestDb::create().await;
+    let mut config = Config::from_env();
+    config.pg_url = db.url();
+    config.pg_pool_size = 4;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let (config, shutdown) = (config.clone(), shutdown.clone());
+        async move { crm::run_command(&config, listener, shutdown).await }
+    });
+    eventually(
+        Duration::from_secs(20),
+        "crm command to report SERVING",
+        || async {
+            crm::health_check(address)
+                .await
+                .ok()
+                .filter(|serving| *serving)
+        },
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut contacts = crm_proto::v1::contacts_client::ContactsClient::new(channel);
+    let request = crm_proto::v1::CreateContactRequest {
+        name: Some(crm_proto::v1::PersonName {
+            given: "Ada".into(),
+            family: String::new(),
+        }),
+        ..Default::default()
+    };
+    let reply = contacts
+        .create_contact(crate::support::as_caller(
+            request,
+            Some("acme"),
+            Some("user:ada"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.stream_version, 1);
+    shutdown.cancel();
+    assert!(running.await.unwrap().is_ok());
+}

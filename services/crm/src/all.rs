@@ -1,4 +1,4 @@
-//! `crm all`: every role in one process, and `crm migrate`.
+//! `crm all` (every role in one process), `crm command` and `crm migrate`.
 //!
 //! Shutdown drains in order: gRPC intake first (health goes NOT_SERVING,
 //! in-flight calls finish), then the workers (the event store's writer commits
@@ -23,7 +23,19 @@ pub async fn run_migrate(config: &Config) -> Result<usize, RunError> {
 }
 
 /// Runs every role until `shutdown` is cancelled, then drains and returns.
+/// Today the command role is the only one that exists; the relay,
+/// projectors, query and scheduler roles join here as they land.
 pub async fn run_all(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    run_command(config, listener, shutdown).await
+}
+
+/// The command role alone: migrations, the event store and the command gRPC
+/// services (with health and reflection), until `shutdown` is cancelled.
+pub async fn run_command(
     config: &Config,
     listener: TcpListener,
     shutdown: CancellationToken,

@@ -2,6 +2,7 @@
 //! them the same way: `run_*(config, listener, shutdown)`.
 //!
 //! - `all`: every role in one process (development and small installs).
+//! - `command`: the command gRPC services alone.
 //! - `migrate`: apply pending migrations and exit.
 //! - `demo seed`: load demo data through the public API.
 //! - `schemas write|check`: the JSON Schemas of event payloads.
@@ -14,7 +15,7 @@ pub mod demo;
 mod grpc;
 pub mod schemas;
 
-pub use all::{run_all, run_migrate};
+pub use all::{run_all, run_command, run_migrate};
 pub use grpc::health_check;
 
 /// Why a role stopped with an error.

@@ -18,6 +18,8 @@ struct Cli {
 enum Role {
     /// Every role in one process: development and small installs.
     All,
+    /// The command role alone (scale it out behind a load balancer).
+    Command,
     /// Apply pending database migrations and exit.
     Migrate,
     /// Exit 0 when the gRPC server at --grpc-addr reports SERVING.
@@ -94,15 +96,18 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = crm_platform::telemetry::init("crm", config.log_format)?;
     tracing::info!(?config, "starting");
     let result = match cli.role {
-        Role::All => {
+        Role::All | Role::Command => {
             let listener = tokio::net::TcpListener::bind(config.grpc_addr)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.grpc_addr))?;
             let shutdown = CancellationToken::new();
             crm_platform::shutdown::cancel_on_signal(shutdown.clone());
-            crm::run_all(&config, listener, shutdown)
-                .await
-                .map_err(anyhow::Error::from)
+            let run = if matches!(cli.role, Role::All) {
+                crm::run_all(&config, listener, shutdown).await
+            } else {
+                crm::run_command(&config, listener, shutdown).await
+            };
+            run.map_err(anyhow::Error::from)
         }
         Role::Migrate => crm::run_migrate(&config)
             .await
