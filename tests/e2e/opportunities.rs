@@ -410,3 +410,88 @@ async fn bad_deals_and_pipelines_are_refused() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn line_items_need_recorded_products_and_set_the_amount() {
+    use crm_proto::v1::{
+        ChangeOpportunityLineItemsRequest, ExternalRef, LineItem, RecordProductRequest,
+    };
+    let app = TestApp::spawn().await;
+    let (account_id, pipeline_id) = setup(&app).await;
+    let id = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let product = RecordProductRequest {
+        external: Some(ExternalRef {
+            source: "erp".into(),
+            external_id: "P-1".into(),
+            external_version: 1,
+        }),
+        sku: "WIDGET".into(),
+        name: "Widget".into(),
+        price: Some(Money {
+            amount_minor: 1_000_000,
+            currency: "EUR".into(),
+        }),
+        ..Default::default()
+    };
+    let product_id = app
+        .commerce()
+        .record_product(app.request(product))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let lines = |product: &str, quantity: u32| ChangeOpportunityLineItemsRequest {
+        options: None,
+        opportunity_id: id.clone(),
+        lines: vec![LineItem {
+            product_id: product.into(),
+            quantity,
+            unit_price: Some(Money {
+                amount_minor: 1_000_000,
+                currency: "EUR".into(),
+            }),
+        }],
+    };
+    let reply = app
+        .opportunities()
+        .change_opportunity_line_items(app.request(lines(&product_id, 3)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.stream_version, 3, "line items and the new amount");
+    let stored = app.stored().await;
+    let forecast = stored
+        .iter()
+        .rev()
+        .find(|(t, _, _)| t == "OpportunityForecastFieldsChanged")
+        .unwrap();
+    assert_eq!(
+        forecast.1["changes"]["amount"]["new"]["amount_minor"],
+        3_000_000
+    );
+    let status = app
+        .opportunities()
+        .change_opportunity_line_items(app.request(lines(&account_id, 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).1["field"].as_str()),
+        (Code::FailedPrecondition, "lines")
+    );
+    assert_eq!(
+        bad_fields(
+            &app.opportunities()
+                .change_opportunity_line_items(app.request(lines(&product_id, 0)))
+                .await
+                .unwrap_err()
+        ),
+        ["lines[0].quantity"]
+    );
+    app.stop().await;
+}

@@ -266,6 +266,62 @@ impl Opportunities for OpportunitiesService {
         Ok(Response::new(reply))
     }
 
+    async fn change_opportunity_line_items(
+        &self,
+        request: Request<pb::ChangeOpportunityLineItemsRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse(
+            "ChangeOpportunityLineItems",
+            request.options.as_ref(),
+            &request,
+        )?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let mut lines = Vec::with_capacity(request.lines.len());
+        for (i, line) in request.lines.into_iter().enumerate() {
+            let product_id = Uuid::parse_str(&line.product_id).map_err(|_| {
+                ServiceError::Domain(DomainError::invalid(
+                    format!("lines[{i}].product_id"),
+                    "must be a UUID",
+                ))
+            })?;
+            let unit_price = line.unit_price.ok_or_else(|| {
+                ServiceError::Domain(DomainError::invalid(
+                    format!("lines[{i}].unit_price"),
+                    "is required",
+                ))
+            })?;
+            lines.push(crm_domain::opportunity::LineItem {
+                product_id,
+                quantity: line.quantity,
+                unit_price: Money {
+                    amount_minor: unit_price.amount_minor,
+                    currency: unit_price.currency,
+                },
+            });
+        }
+        let mut products_exist = true;
+        for line in &lines {
+            let found = self
+                .handler
+                .store
+                .stream_type(&caller.tenant, line.product_id)
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            products_exist &= found.as_deref() == Some("product");
+        }
+        let command = OpportunityCommand::ChangeLineItems {
+            lines,
+            products_exist,
+        };
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
     async fn win_opportunity(
         &self,
         request: Request<pb::WinOpportunityRequest>,

@@ -87,6 +87,35 @@ pub enum OpportunityCommand {
     },
     /// Owner, tags and shares (see [`crate::records`]).
     Common(CommonCommand),
+    /// Replaces the line items; `products_exist` is the handler's fact that
+    /// every product is a known product record.
+    ChangeLineItems {
+        lines: Vec<LineItem>,
+        products_exist: bool,
+    },
+}
+
+/// One product line of a deal; its total is quantity × unit price.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineItem {
+    pub product_id: Uuid,
+    pub quantity: u32,
+    pub unit_price: Money,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityLineItemsChanged {
+    #[serde(default)]
+    pub added: Vec<LineItem>,
+    #[serde(default)]
+    pub changed: Vec<Change<LineItem>>,
+    #[serde(default)]
+    pub removed: Vec<LineItem>,
+    /// Σ quantity × unit price of the new lines.
+    pub total: Money,
+    pub occurred_at: Timestamp,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -187,6 +216,7 @@ pub enum OpportunityEvent {
     Lost(OpportunityLost),
     Reopened(OpportunityReopened),
     Common(CommonEvent),
+    LineItemsChanged(OpportunityLineItemsChanged),
 }
 
 impl DomainEvent for OpportunityEvent {
@@ -199,6 +229,7 @@ impl DomainEvent for OpportunityEvent {
             Self::Won(_) => "OpportunityWon",
             Self::Lost(_) => "OpportunityLost",
             Self::Reopened(_) => "OpportunityReopened",
+            Self::LineItemsChanged(_) => "OpportunityLineItemsChanged",
         }
     }
 
@@ -216,6 +247,9 @@ impl DomainEvent for OpportunityEvent {
             "OpportunityWon" => Self::Won(Deserialize::deserialize(payload)?),
             "OpportunityLost" => Self::Lost(Deserialize::deserialize(payload)?),
             "OpportunityReopened" => Self::Reopened(Deserialize::deserialize(payload)?),
+            "OpportunityLineItemsChanged" => {
+                Self::LineItemsChanged(Deserialize::deserialize(payload)?)
+            }
             _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
         }))
     }
@@ -237,6 +271,8 @@ pub struct Opportunity {
     pub owner: String,
     #[serde(default)]
     pub meta: RecordMeta,
+    #[serde(default)]
+    pub lines: Vec<LineItem>,
 }
 
 impl Opportunity {
@@ -422,6 +458,105 @@ impl Aggregate for Opportunity {
                     },
                 )])
             }
+            OpportunityCommand::ChangeLineItems {
+                lines,
+                products_exist,
+            } => {
+                self.open()?;
+                let currency = self
+                    .amount
+                    .as_ref()
+                    .map(|m| m.currency.clone())
+                    .unwrap_or_default();
+                let mut v = Violations::default();
+                v.check(lines.len() <= 200, "lines", "must have at most 200 lines");
+                let mut products = std::collections::BTreeSet::new();
+                let mut total: i64 = 0;
+                for (i, line) in lines.iter().enumerate() {
+                    v.check(
+                        line.quantity > 0,
+                        format!("lines[{i}].quantity"),
+                        "must be positive",
+                    );
+                    v.check(
+                        line.unit_price.currency == currency,
+                        format!("lines[{i}].unit_price.currency"),
+                        "must be the deal's currency",
+                    );
+                    v.check(
+                        line.unit_price.amount_minor >= 0,
+                        format!("lines[{i}].unit_price.amount_minor"),
+                        "must not be negative",
+                    );
+                    v.check(
+                        products.insert(line.product_id),
+                        format!("lines[{i}].product_id"),
+                        "appears twice",
+                    );
+                    total = total.saturating_add(
+                        line.unit_price
+                            .amount_minor
+                            .saturating_mul(i64::from(line.quantity)),
+                    );
+                }
+                v.into_result()?;
+                if !lines.is_empty() && !products_exist {
+                    return Err(DomainError::InvalidReference { field: "lines" });
+                }
+                let find =
+                    |list: &[LineItem], id: Uuid| list.iter().find(|l| l.product_id == id).cloned();
+                let added: Vec<LineItem> = lines
+                    .iter()
+                    .filter(|l| find(&self.lines, l.product_id).is_none())
+                    .cloned()
+                    .collect();
+                let removed: Vec<LineItem> = self
+                    .lines
+                    .iter()
+                    .filter(|l| find(&lines, l.product_id).is_none())
+                    .cloned()
+                    .collect();
+                let changed: Vec<Change<LineItem>> = lines
+                    .iter()
+                    .filter_map(|new| {
+                        find(&self.lines, new.product_id)
+                            .filter(|old| old != new)
+                            .map(|old| Change {
+                                old,
+                                new: new.clone(),
+                            })
+                    })
+                    .collect();
+                if added.is_empty() && removed.is_empty() && changed.is_empty() {
+                    return Ok(vec![]);
+                }
+                let total = Money {
+                    amount_minor: total,
+                    currency,
+                };
+                let mut events = vec![OpportunityEvent::LineItemsChanged(
+                    OpportunityLineItemsChanged {
+                        added,
+                        changed,
+                        removed,
+                        total: total.clone(),
+                        occurred_at,
+                    },
+                )];
+                // The new total becomes the deal's amount, as a forecast change.
+                if let Some(amount) = self.amount.as_ref().and_then(|old| diff(old, Some(&total))) {
+                    events.push(OpportunityEvent::ForecastFieldsChanged(
+                        OpportunityForecastFieldsChanged {
+                            changes: ForecastChanges {
+                                amount: Some(amount),
+                                ..ForecastChanges::default()
+                            },
+                            occurred_at,
+                        },
+                    ));
+                }
+                Ok(events)
+            }
             OpportunityCommand::Win { facts: _ } => {
                 self.open()?;
                 let amount = self.amount.clone().unwrap_or(Money {
@@ -527,6 +662,20 @@ impl Aggregate for Opportunity {
                 if let Some(change) = &c.category {
                     self.category = Some(change.new);
                 }
+            }
+            OpportunityEvent::LineItemsChanged(changed) => {
+                self.lines
+                    .retain(|l| !changed.removed.iter().any(|r| r.product_id == l.product_id));
+                for change in &changed.changed {
+                    if let Some(line) = self
+                        .lines
+                        .iter_mut()
+                        .find(|l| l.product_id == change.new.product_id)
+                    {
+                        *line = change.new.clone();
+                    }
+                }
+                self.lines.extend(changed.added.iter().cloned());
             }
             OpportunityEvent::Won(_) => {
                 self.outcome = Outcome::Won;
@@ -741,6 +890,54 @@ mod tests {
         given::<Opportunity>([opened()])
             .when(OpportunityCommand::ChangeForecastFields(bad))
             .then_invalid(&["amount.currency", "probability_bp", "category"]);
+    }
+
+    #[test]
+    fn line_items_set_the_amount_and_need_known_products() {
+        let line = |product: u128, quantity: u32, price: i64| LineItem {
+            product_id: Uuid::from_u128(product),
+            quantity,
+            unit_price: eur(price),
+        };
+        let events = given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeLineItems {
+                lines: vec![line(7, 3, 1_000_000), line(8, 1, 500_000)],
+                products_exist: true,
+            })
+            .result
+            .unwrap();
+        assert!(
+            matches!(&events[0], OpportunityEvent::LineItemsChanged(c) if c.added.len() == 2 && c.total == eur(3_500_000))
+        );
+        assert!(
+            matches!(&events[1], OpportunityEvent::ForecastFieldsChanged(f) if f.changes.amount.as_ref().map(|c| c.new.amount_minor) == Some(3_500_000))
+        );
+        let state = Opportunity::default().replay([opened()].iter().chain(events.iter()));
+        assert_eq!(state.lines.len(), 2);
+        let again = state
+            .decide(
+                OpportunityCommand::ChangeLineItems {
+                    lines: vec![line(7, 3, 1_000_000), line(8, 2, 500_000)],
+                    products_exist: true,
+                },
+                crate::Context::at(now()),
+            )
+            .unwrap();
+        assert!(
+            matches!(&again[0], OpportunityEvent::LineItemsChanged(c) if c.changed.len() == 1 && c.added.is_empty())
+        );
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeLineItems {
+                lines: vec![line(7, 1, 1)],
+                products_exist: false,
+            })
+            .then_error(DomainError::InvalidReference { field: "lines" });
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeLineItems {
+                lines: vec![line(7, 0, 1), line(7, 1, 1)],
+                products_exist: true,
+            })
+            .then_invalid(&["lines[0].quantity", "lines[1].product_id"]);
     }
 
     #[test]

@@ -25,8 +25,8 @@ use crate::contact::{
 };
 use crate::lead::{LeadCaptured, LeadConverted, LeadStatusChanged};
 use crate::opportunity::{
-    OpportunityForecastFieldsChanged, OpportunityLost, OpportunityOpened, OpportunityReopened,
-    OpportunityStageChanged, OpportunityWon,
+    OpportunityForecastFieldsChanged, OpportunityLineItemsChanged, OpportunityLost,
+    OpportunityOpened, OpportunityReopened, OpportunityStageChanged, OpportunityWon,
 };
 use crate::pipeline::PipelinePublished;
 use crate::records::{OwnerChanged, RecordShareRevoked, RecordShared, TagsChanged};
@@ -116,6 +116,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
             1,
         ),
         schema::<OpportunityWon>("opportunity", "OpportunityWon", 1),
+        schema::<OpportunityLineItemsChanged>("opportunity", "OpportunityLineItemsChanged", 1),
         schema::<OpportunityLost>("opportunity", "OpportunityLost", 1),
         schema::<OpportunityReopened>("opportunity", "OpportunityReopened", 1),
         schema::<PipelinePublished>("pipeline_config", "PipelinePublished", 1),
