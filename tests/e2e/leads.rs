@@ -98,6 +98,19 @@ async fn converting_a_lead_writes_account_contact_and_lead_in_one_append() {
     assert_eq!(rows[2].get::<_, String>(1), reply.contact_id);
     assert_eq!(reply.global_position as i64, rows[3].get::<_, i64>(2));
 
+    // A converted lead's details are frozen.
+    let update = crm_proto::v1::UpdateLeadDetailsRequest {
+        lead_id: lead.clone(),
+        company: Some("Other".into()),
+        ..Default::default()
+    };
+    let status = app
+        .leads()
+        .update_lead_details(app.request(update))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "INVALID_TRANSITION");
+
     // The retry answers the same records; without the key, the lead is converted already.
     let again = app
         .leads()
@@ -311,6 +324,20 @@ async fn lead_status_moves_and_bad_inputs() {
                 .unwrap_err()
         ),
         ["emails[0].address", "source.channel"]
+    );
+    let update = crm_proto::v1::UpdateLeadDetailsRequest {
+        lead_id: id.clone(),
+        company: Some("Wei Trading".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        app.leads()
+            .update_lead_details(app.request(update))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        2
     );
     let unknown = uuid::Uuid::now_v7().to_string();
     assert_eq!(

@@ -1,6 +1,6 @@
 //! `crm.v1.Leads`: proto requests → lead commands and the conversion.
 use crm_domain::contact::PersonName;
-use crm_domain::lead::{Lead, LeadCommand, LeadDetails, LeadSource, LeadStatus};
+use crm_domain::lead::{Lead, LeadCommand, LeadDetails, LeadDetailsPatch, LeadSource, LeadStatus};
 use crm_proto::v1 as pb;
 use crm_proto::v1::leads_server::Leads;
 use tonic::{Request, Response, Status};
@@ -54,6 +54,30 @@ impl Leads for LeadsService {
             emails: emails(request.emails),
             phones: phones(request.phones),
             source: source(request.source)?,
+        });
+        let reply = self
+            .handler
+            .execute::<Lead>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn update_lead_details(
+        &self,
+        request: Request<pb::UpdateLeadDetailsRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("UpdateLeadDetails", request.options.as_ref(), &request)?;
+        let id = parse_id("lead_id", &request.lead_id, false)?;
+        let command = LeadCommand::UpdateDetails(LeadDetailsPatch {
+            name: request.name.map(|n| PersonName {
+                given: n.given,
+                family: n.family,
+            }),
+            company: request.company,
+            emails: request.emails.map(|e| emails(e.items)),
+            phones: request.phones.map(|p| phones(p.items)),
         });
         let reply = self
             .handler

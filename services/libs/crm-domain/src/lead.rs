@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregate, Context, DomainEvent};
-use crate::common::{Reason, is_code, text_ok};
+use crate::common::{Change, Reason, is_code, text_ok};
 use crate::contact::{Email, PersonName, Phone};
 use crate::error::{DomainError, Violations};
 use crate::records::{CommonCommand, CommonEvent, RecordMeta};
@@ -96,6 +96,39 @@ pub struct LeadDetails {
     pub source: LeadSource,
 }
 
+/// The fields an update replaces; `None` keeps the current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeadDetailsPatch {
+    pub name: Option<PersonName>,
+    pub company: Option<String>,
+    pub emails: Option<Vec<Email>>,
+    pub phones: Option<Vec<Phone>>,
+}
+
+/// Only the fields that really changed.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadChanges {
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Change<PersonName>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company: Option<Change<String>>,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emails: Option<Change<Vec<Email>>>,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phones: Option<Change<Vec<Phone>>>,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadDetailsUpdated {
+    pub changes: LeadChanges,
+    pub occurred_at: Timestamp,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeadCommand {
     Capture(LeadDetails),
@@ -105,6 +138,8 @@ pub enum LeadCommand {
     },
     /// Owner, tags and shares (see [`crate::records`]).
     Common(CommonCommand),
+    /// Replaces the given fields; refused once converted.
+    UpdateDetails(LeadDetailsPatch),
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -151,6 +186,7 @@ pub enum LeadEvent {
     StatusChanged(LeadStatusChanged),
     Converted(LeadConverted),
     Common(CommonEvent),
+    DetailsUpdated(LeadDetailsUpdated),
 }
 
 impl DomainEvent for LeadEvent {
@@ -158,6 +194,7 @@ impl DomainEvent for LeadEvent {
         match self {
             Self::Common(event) => event.event_type(),
             Self::Captured(_) => "LeadCaptured",
+            Self::DetailsUpdated(_) => "LeadDetailsUpdated",
             Self::StatusChanged(_) => "LeadStatusChanged",
             Self::Converted(_) => "LeadConverted",
         }
@@ -170,6 +207,7 @@ impl DomainEvent for LeadEvent {
     ) -> Result<Option<Self>, D::Error> {
         Ok(Some(match event_type {
             "LeadCaptured" => Self::Captured(Deserialize::deserialize(payload)?),
+            "LeadDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
             "LeadStatusChanged" => Self::StatusChanged(Deserialize::deserialize(payload)?),
             "LeadConverted" => Self::Converted(Deserialize::deserialize(payload)?),
             _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
@@ -284,6 +322,68 @@ impl Aggregate for Lead {
                     occurred_at,
                 })])
             }
+            LeadCommand::UpdateDetails(patch) => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                if self.status == LeadStatus::Converted {
+                    return Err(DomainError::InvalidTransition {
+                        from: "converted",
+                        to: "updated",
+                    });
+                }
+                let mut v = Violations::default();
+                if let Some(name) = &patch.name {
+                    v.check(
+                        text_ok(&name.given, 200, true),
+                        "name.given",
+                        "must be at most 200 characters",
+                    );
+                    v.check(
+                        text_ok(&name.family, 200, true),
+                        "name.family",
+                        "must be at most 200 characters",
+                    );
+                }
+                if let Some(company) = &patch.company {
+                    v.check(
+                        text_ok(company, 200, true),
+                        "company",
+                        "must be at most 200 characters",
+                    );
+                }
+                let contact = crate::contact::ContactDetails {
+                    name: PersonName {
+                        given: "x".into(),
+                        family: String::new(),
+                    },
+                    emails: patch.emails.clone().unwrap_or_default(),
+                    phones: patch.phones.clone().unwrap_or_default(),
+                    ..Default::default()
+                };
+                if let Err(DomainError::Invalid(found)) = (crate::contact::Contact::default())
+                    .decide(crate::contact::ContactCommand::Create(contact), context)
+                {
+                    for violation in found {
+                        v.add(violation.field, violation.rule);
+                    }
+                }
+                v.into_result()?;
+                let company = patch.company.map(|c| c.trim().to_owned());
+                let changes = LeadChanges {
+                    name: crate::common::diff(&self.name, patch.name.as_ref()),
+                    company: crate::common::diff(&self.company, company.as_ref()),
+                    emails: crate::common::diff(&self.emails, patch.emails.as_ref()),
+                    phones: crate::common::diff(&self.phones, patch.phones.as_ref()),
+                };
+                if changes == LeadChanges::default() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![LeadEvent::DetailsUpdated(LeadDetailsUpdated {
+                    changes,
+                    occurred_at,
+                })])
+            }
             LeadCommand::ChangeStatus { to, reason } => {
                 if !self.exists {
                     return Err(DomainError::NotFound);
@@ -327,6 +427,21 @@ impl Aggregate for Lead {
                 self.emails = captured.emails.clone();
                 self.phones = captured.phones.clone();
                 self.source = captured.source.clone();
+            }
+            LeadEvent::DetailsUpdated(updated) => {
+                let c = &updated.changes;
+                if let Some(change) = &c.name {
+                    self.name = change.new.clone();
+                }
+                if let Some(change) = &c.company {
+                    self.company = change.new.clone();
+                }
+                if let Some(change) = &c.emails {
+                    self.emails = change.new.clone();
+                }
+                if let Some(change) = &c.phones {
+                    self.phones = change.new.clone();
+                }
             }
             LeadEvent::StatusChanged(changed) => self.status = changed.to,
             LeadEvent::Converted(converted) => {
@@ -400,6 +515,49 @@ mod tests {
         given::<Lead>([])
             .when(LeadCommand::Capture(bad))
             .then_invalid(&["emails[0].address", "source.channel"]);
+    }
+
+    #[test]
+    fn details_update_until_conversion() {
+        let patch = LeadDetailsPatch {
+            company: Some("Wei Trading Ltd".into()),
+            ..LeadDetailsPatch::default()
+        };
+        let state = given::<Lead>([captured()])
+            .when(LeadCommand::UpdateDetails(patch.clone()))
+            .then(vec![LeadEvent::DetailsUpdated(LeadDetailsUpdated {
+                changes: LeadChanges {
+                    company: Some(Change {
+                        old: "Wei Trading".into(),
+                        new: "Wei Trading Ltd".into(),
+                    }),
+                    ..LeadChanges::default()
+                },
+                occurred_at: now(),
+            })]);
+        assert_eq!(state.company, "Wei Trading Ltd");
+        let bad = LeadDetailsPatch {
+            emails: Some(vec![Email {
+                address: "nope".into(),
+                primary: true,
+            }]),
+            ..LeadDetailsPatch::default()
+        };
+        given::<Lead>([captured()])
+            .when(LeadCommand::UpdateDetails(bad))
+            .then_invalid(&["emails[0].address"]);
+        let converted = LeadEvent::Converted(LeadConverted {
+            account_id: uuid::Uuid::nil(),
+            account_created: true,
+            contact_id: uuid::Uuid::nil(),
+            occurred_at: now(),
+        });
+        given::<Lead>([captured(), converted])
+            .when(LeadCommand::UpdateDetails(patch))
+            .then_error(DomainError::InvalidTransition {
+                from: "converted",
+                to: "updated",
+            });
     }
 
     #[test]

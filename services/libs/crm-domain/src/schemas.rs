@@ -23,7 +23,7 @@ use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
     ContactLinkedToAccount, RecordMergedInto, RecordsMerged,
 };
-use crate::lead::{LeadCaptured, LeadConverted, LeadStatusChanged};
+use crate::lead::{LeadCaptured, LeadConverted, LeadDetailsUpdated, LeadStatusChanged};
 use crate::opportunity::{
     OpportunityForecastFieldsChanged, OpportunityLineItemsChanged, OpportunityLost,
     OpportunityOpened, OpportunityReopened, OpportunityStageChanged, OpportunityWon,
@@ -107,6 +107,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<RecordMergedInto>("contact", "RecordMergedInto", 1),
         schema::<LeadCaptured>("lead", "LeadCaptured", 1),
         schema::<LeadStatusChanged>("lead", "LeadStatusChanged", 1),
+        schema::<LeadDetailsUpdated>("lead", "LeadDetailsUpdated", 1),
         schema::<LeadConverted>("lead", "LeadConverted", 1),
         schema::<OpportunityOpened>("opportunity", "OpportunityOpened", 1),
         schema::<OpportunityStageChanged>("opportunity", "OpportunityStageChanged", 1),
