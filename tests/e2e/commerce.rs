@@ -174,6 +174,35 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         ["external"]
     );
 
+    let invoice = crm_proto::v1::RecordInvoiceRequest {
+        external: external("INV-1", 1),
+        number: "2026-0001".into(),
+        issued_on: "2026-11-03".into(),
+        due_on: "2026-11-01".into(),
+        net: cny(25_000),
+        tax: cny(3_250),
+        gross: cny(28_000),
+        ..Default::default()
+    };
+    assert_eq!(
+        bad_fields(
+            &app.commerce()
+                .record_invoice(app.request(invoice.clone()))
+                .await
+                .unwrap_err()
+        ),
+        ["due_on", "totals.gross"]
+    );
+    let invoice = crm_proto::v1::RecordInvoiceRequest {
+        due_on: "2026-12-03".into(),
+        gross: cny(28_250),
+        ..invoice
+    };
+    app.commerce()
+        .record_invoice(app.request(invoice))
+        .await
+        .unwrap();
+
     let payment = RecordPaymentRequest {
         external: external("PAY-1", 1),
         amount: cny(28_250),

@@ -1,8 +1,8 @@
 //! `crm.v1.Commerce`: ERP upserts keyed by (source, external id).
 use crm_domain::account::normalize_tax_id;
 use crm_domain::commerce::{
-    ExternalRef, Order, OrderCommand, OrderLine, OrderTotals, Payment, PaymentCommand, Product,
-    RecordOrder, RecordProduct,
+    ExternalRef, Invoice, Order, OrderCommand, OrderLine, OrderTotals, Payment, PaymentCommand,
+    Product, RecordInvoice, RecordOrder, RecordProduct,
 };
 use crm_domain::common::Money;
 use crm_domain::{Aggregate, TenantId};
@@ -214,6 +214,37 @@ impl Commerce for CommerceService {
             },
         )
         .await
+    }
+
+    async fn record_invoice(
+        &self,
+        request: Request<pb::RecordInvoiceRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RecordInvoice", request.options.as_ref(), &request)?;
+        let external = external("external", request.external)?;
+        let order_ids = request
+            .order_ids
+            .iter()
+            .map(|id| parse_id("order_ids", id, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let command = RecordInvoice {
+            external: external.clone(),
+            account_id: optional_id("account_id", &request.account_id)?,
+            order_ids,
+            number: request.number,
+            fapiao_number: request.fapiao_number,
+            issued_on: date("issued_on", &request.issued_on)?,
+            due_on: date("due_on", &request.due_on)?,
+            totals: OrderTotals {
+                net: money("net", request.net)?,
+                tax: money("tax", request.tax)?,
+                gross: money("gross", request.gross)?,
+            },
+        };
+        self.run::<Invoice>(caller, options, &external, command)
+            .await
     }
 
     async fn record_payment(

@@ -420,6 +420,138 @@ impl Aggregate for Order {
     }
 }
 
+// ---------------------------------------------------------------- invoice
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceIssued {
+    pub external: ExternalRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<Uuid>,
+    /// The CRM ids of the orders invoiced.
+    #[serde(default)]
+    pub order_ids: Vec<Uuid>,
+    pub number: String,
+    /// China: the fapiao number, when issued.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fapiao_number: String,
+    pub issued_on: Date,
+    pub due_on: Date,
+    pub totals: OrderTotals,
+    pub occurred_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordInvoice {
+    pub external: ExternalRef,
+    pub account_id: Option<Uuid>,
+    pub order_ids: Vec<Uuid>,
+    pub number: String,
+    pub fapiao_number: String,
+    pub issued_on: Date,
+    pub due_on: Date,
+    pub totals: OrderTotals,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum InvoiceEvent {
+    Issued(InvoiceIssued),
+}
+
+impl DomainEvent for InvoiceEvent {
+    fn event_type(&self) -> &'static str {
+        "InvoiceIssued"
+    }
+
+    fn decode<'de, D: serde::Deserializer<'de>>(
+        event_type: &str,
+        _: u32,
+        payload: D,
+    ) -> Result<Option<Self>, D::Error> {
+        Ok(match event_type {
+            "InvoiceIssued" => Some(Self::Issued(Deserialize::deserialize(payload)?)),
+            _ => None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invoice {
+    pub external_version: u64,
+    pub gross: Option<Money>,
+}
+
+impl Aggregate for Invoice {
+    type Command = RecordInvoice;
+    type Event = InvoiceEvent;
+    const STREAM_TYPE: &'static str = "invoice";
+
+    fn exists(&self) -> bool {
+        self.external_version > 0
+    }
+
+    fn decide(
+        &self,
+        command: RecordInvoice,
+        context: Context,
+    ) -> Result<Vec<InvoiceEvent>, DomainError> {
+        let occurred_at = context.occurred_at()?;
+        let mut v = Violations::default();
+        command.external.validate(&mut v);
+        v.check(
+            text_ok(&command.number, 100, false),
+            "number",
+            "must be 1 to 100 characters",
+        );
+        v.check(
+            text_ok(&command.fapiao_number, 100, true),
+            "fapiao_number",
+            "must be at most 100 characters",
+        );
+        v.check(
+            command.due_on >= command.issued_on,
+            "due_on",
+            "must not be before issued_on",
+        );
+        let totals = &command.totals;
+        totals.gross.validate("totals.gross", &mut v);
+        same_currency(&totals.net, &totals.gross.currency, "totals.net", &mut v);
+        same_currency(&totals.tax, &totals.gross.currency, "totals.tax", &mut v);
+        v.check(
+            totals
+                .net
+                .amount_minor
+                .saturating_add(totals.tax.amount_minor)
+                == totals.gross.amount_minor,
+            "totals.gross",
+            "must equal net + tax",
+        );
+        v.into_result()?;
+        if command.external.external_version <= self.external_version {
+            return Ok(vec![]);
+        }
+        Ok(vec![InvoiceEvent::Issued(InvoiceIssued {
+            external: command.external,
+            account_id: command.account_id,
+            order_ids: command.order_ids,
+            number: command.number,
+            fapiao_number: command.fapiao_number,
+            issued_on: command.issued_on,
+            due_on: command.due_on,
+            totals: command.totals,
+            occurred_at,
+        })])
+    }
+
+    fn evolve(mut self, event: &InvoiceEvent) -> Self {
+        let InvoiceEvent::Issued(issued) = event;
+        self.external_version = issued.external.external_version;
+        self.gross = Some(issued.totals.gross.clone());
+        self
+    }
+}
+
 // ---------------------------------------------------------------- payment
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -753,6 +885,42 @@ mod tests {
         given::<Payment>([])
             .when(refund(1, "R-9"))
             .then_error(DomainError::NotFound);
+    }
+
+    #[test]
+    fn invoices_add_up_and_fall_due_after_issue() {
+        let invoice = |version: u64, gross: i64| RecordInvoice {
+            external: ExternalRef {
+                source: "erp".into(),
+                external_id: "INV-1".into(),
+                external_version: version,
+            },
+            account_id: None,
+            order_ids: vec![],
+            number: "2026-0001".into(),
+            fapiao_number: "044001900111".into(),
+            issued_on: Date::constant(2026, 11, 3),
+            due_on: Date::constant(2026, 12, 3),
+            totals: OrderTotals {
+                net: cny(250_00),
+                tax: cny(32_50),
+                gross: cny(gross),
+            },
+        };
+        let issued = given::<Invoice>([])
+            .when(invoice(1, 282_50))
+            .result
+            .unwrap();
+        assert_eq!(issued.len(), 1);
+        given::<Invoice>(issued)
+            .when(invoice(1, 282_50))
+            .then(vec![]);
+        let mut late = invoice(1, 282_50);
+        late.due_on = Date::constant(2026, 11, 1);
+        given::<Invoice>([]).when(late).then_invalid(&["due_on"]);
+        given::<Invoice>([])
+            .when(invoice(1, 300_00))
+            .then_invalid(&["totals.gross"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::campaign::{
     CampaignPlanned,
 };
 use crate::commerce::{
-    OrderCancelled, OrderRecorded, PaymentReceived, ProductRecorded, RefundIssued,
+    InvoiceIssued, OrderCancelled, OrderRecorded, PaymentReceived, ProductRecorded, RefundIssued,
 };
 use crate::common::LifecycleChanged;
 use crate::configuration::{
@@ -84,6 +84,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<ProductRecorded>("product", "ProductRecorded", 1),
         schema::<OrderRecorded>("order", "OrderRecorded", 1),
         schema::<OrderCancelled>("order", "OrderCancelled", 1),
+        schema::<InvoiceIssued>("invoice", "InvoiceIssued", 1),
         schema::<PaymentReceived>("payment", "PaymentReceived", 1),
         schema::<RefundIssued>("payment", "RefundIssued", 1),
         schema::<CampaignPlanned>("campaign", "CampaignPlanned", 1),
