@@ -417,31 +417,17 @@ impl Aggregate for Account {
             }
             AccountCommand::Archive(reason) => {
                 self.live()?;
-                let mut v = Violations::default();
-                reason.validate("reason", &mut v);
-                v.into_result()?;
-                Ok(vec![AccountEvent::Archived(LifecycleChanged {
-                    reason,
-                    occurred_at,
-                })])
+                Ok(vec![AccountEvent::Archived(
+                    self.lifecycle.archive(reason, occurred_at)?,
+                )])
             }
             AccountCommand::Restore(reason) => {
                 if !self.exists {
                     return Err(DomainError::NotFound);
                 }
-                if self.lifecycle == Lifecycle::Active {
-                    return Err(DomainError::InvalidTransition {
-                        from: "active",
-                        to: "active",
-                    });
-                }
-                let mut v = Violations::default();
-                reason.validate("reason", &mut v);
-                v.into_result()?;
-                Ok(vec![AccountEvent::Restored(LifecycleChanged {
-                    reason,
-                    occurred_at,
-                })])
+                Ok(vec![AccountEvent::Restored(
+                    self.lifecycle.restore(reason, occurred_at)?,
+                )])
             }
         }
     }

@@ -99,6 +99,39 @@ pub enum Lifecycle {
     Archived,
 }
 
+impl Lifecycle {
+    /// The `RecordArchived` payload for a live record (the caller checks that
+    /// it is live).
+    pub fn archive(
+        self,
+        reason: Reason,
+        occurred_at: Timestamp,
+    ) -> Result<LifecycleChanged, DomainError> {
+        let mut v = Violations::default();
+        reason.validate("reason", &mut v);
+        v.into_result()?;
+        Ok(LifecycleChanged {
+            reason,
+            occurred_at,
+        })
+    }
+
+    /// The `RecordRestored` payload; only archived records restore.
+    pub fn restore(
+        self,
+        reason: Reason,
+        occurred_at: Timestamp,
+    ) -> Result<LifecycleChanged, DomainError> {
+        if self == Self::Active {
+            return Err(DomainError::InvalidTransition {
+                from: "active",
+                to: "active",
+            });
+        }
+        self.archive(reason, occurred_at)
+    }
+}
+
 /// `RecordArchived`/`RecordRestored` payload.
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

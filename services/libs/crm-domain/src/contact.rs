@@ -639,13 +639,9 @@ impl Aggregate for Contact {
             }
             ContactCommand::Archive(reason) => {
                 self.live()?;
-                let mut v = Violations::default();
-                reason.validate("reason", &mut v);
-                v.into_result()?;
-                Ok(vec![ContactEvent::Archived(LifecycleChanged {
-                    reason,
-                    occurred_at,
-                })])
+                Ok(vec![ContactEvent::Archived(
+                    self.lifecycle.archive(reason, occurred_at)?,
+                )])
             }
             ContactCommand::Restore(reason) => {
                 if !self.exists {
@@ -654,19 +650,9 @@ impl Aggregate for Contact {
                 if let Some(survivor) = self.merged_into {
                     return Err(DomainError::RecordMerged { survivor });
                 }
-                if self.lifecycle == Lifecycle::Active {
-                    return Err(DomainError::InvalidTransition {
-                        from: "active",
-                        to: "active",
-                    });
-                }
-                let mut v = Violations::default();
-                reason.validate("reason", &mut v);
-                v.into_result()?;
-                Ok(vec![ContactEvent::Restored(LifecycleChanged {
-                    reason,
-                    occurred_at,
-                })])
+                Ok(vec![ContactEvent::Restored(
+                    self.lifecycle.restore(reason, occurred_at)?,
+                )])
             }
         }
     }
