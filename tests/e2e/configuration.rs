@@ -164,3 +164,88 @@ async fn commission_plans_check_their_tiers() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn tenant_settings_are_admin_only_and_teams_never_cycle() {
+    use crm_proto::v1::{PublishTeamRequest, PublishTenantSettingsRequest};
+    let app = TestApp::spawn().await;
+    let settings = PublishTenantSettingsRequest {
+        time_zone: "Asia/Shanghai".into(),
+        fiscal_year_start_month: 4,
+        reporting_currency: "CNY".into(),
+        duplicate_threshold: 80,
+        stale_days_lead: 30,
+        stale_days_deal: 14,
+        stale_days_customer: 90,
+        ..Default::default()
+    };
+    assert_eq!(
+        app.configuration()
+            .publish_tenant_settings(with_roles(&app, settings.clone(), "sales_manager"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let first = app
+        .configuration()
+        .publish_tenant_settings(with_roles(&app, settings.clone(), "admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = app
+        .configuration()
+        .publish_tenant_settings(with_roles(
+            &app,
+            PublishTenantSettingsRequest {
+                fiscal_year_start_month: 1,
+                ..settings
+            },
+            "admin",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (second.stream_id.as_str(), second.stream_version),
+        (first.stream_id.as_str(), 2),
+        "one record per tenant"
+    );
+
+    let team = |id: &str, parent: &str| PublishTeamRequest {
+        options: None,
+        team_id: id.into(),
+        name: "Team".into(),
+        parent_id: parent.into(),
+        manager: "user:mgr".into(),
+        members: vec![],
+    };
+    let root = app
+        .configuration()
+        .publish_team(with_roles(&app, team("", ""), "admin"))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let child = app
+        .configuration()
+        .publish_team(with_roles(&app, team("", &root), "admin"))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let status = app
+        .configuration()
+        .publish_team(with_roles(&app, team(&root, &child), "admin"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["parent_id"]);
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let status = app
+        .configuration()
+        .publish_team(with_roles(&app, team("", &unknown), "admin"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    app.stop().await;
+}

@@ -4,7 +4,8 @@ use crm_domain::common::Money;
 use crm_domain::configuration::{
     AgentAvailability, AgentConfig, BusinessCalendar, BusinessCalendarConfig, CommissionPlan,
     CommissionPlanConfig, CommissionTier, DateOverride, Publish, Queue, QueueConfig, SlaPolicy,
-    SlaPolicyConfig, SlaTargets, WorkingHours,
+    SlaPolicyConfig, SlaTargets, Team, TeamConfig, TenantSettings, TenantSettingsConfig,
+    WorkingHours,
 };
 use crm_proto::v1 as pb;
 use crm_proto::v1::configuration_server::Configuration;
@@ -207,6 +208,95 @@ impl Configuration for ConfigurationService {
         let reply = self
             .handler
             .execute::<CommissionPlanConfig>(&caller, id, &options, Publish(content))
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn publish_tenant_settings(
+        &self,
+        request: Request<pb::PublishTenantSettingsRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        require_role(&caller, &["admin"], "change tenant settings")?;
+        let request = request.into_inner();
+        let options = Options::parse("PublishTenantSettings", request.options.as_ref(), &request)?;
+        let namespace = Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("crm:{}", caller.tenant).as_bytes(),
+        );
+        let id = Uuid::new_v5(&namespace, b"tenant_settings");
+        let content = TenantSettings {
+            time_zone: request.time_zone,
+            fiscal_year_start_month: u8::try_from(request.fiscal_year_start_month).unwrap_or(0),
+            reporting_currency: request.reporting_currency,
+            convert_from_working: request.convert_from_working,
+            duplicate_threshold: u8::try_from(request.duplicate_threshold).unwrap_or(u8::MAX),
+            stale_days_lead: request.stale_days_lead,
+            stale_days_deal: request.stale_days_deal,
+            stale_days_customer: request.stale_days_customer,
+        };
+        let reply = self
+            .handler
+            .execute::<TenantSettingsConfig>(&caller, id, &options, Publish(content))
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn publish_team(
+        &self,
+        request: Request<pb::PublishTeamRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        require_role(
+            &caller,
+            &["admin", "sales_manager", "service_manager"],
+            "publish teams",
+        )?;
+        let request = request.into_inner();
+        let options = Options::parse("PublishTeam", request.options.as_ref(), &request)?;
+        let id = id_or_new("team_id", &request.team_id)?;
+        let parent_id = if request.parent_id.is_empty() {
+            None
+        } else {
+            Some(parse_id("parent_id", &request.parent_id, false)?)
+        };
+        // The parent must be a team, and following parents must not lead back
+        // here (bounded walk: trees deeper than 32 levels are refused too).
+        let mut next = parent_id;
+        let mut depth = 0;
+        while let Some(ancestor) = next {
+            if ancestor == id || depth == 32 {
+                return Err(
+                    ServiceError::invalid("parent_id", "would make a cycle of teams").into(),
+                );
+            }
+            let team = match self
+                .handler
+                .load::<TeamConfig>(&caller.tenant, ancestor)
+                .await
+            {
+                Ok((config, _, _)) => config.current().cloned(),
+                Err(ServiceError::Domain(DomainError::NotFound)) => None,
+                Err(other) => return Err(other.into()),
+            };
+            let Some(team) = team else {
+                return Err(ServiceError::Domain(DomainError::InvalidReference {
+                    field: "parent_id",
+                })
+                .into());
+            };
+            next = team.parent_id;
+            depth += 1;
+        }
+        let content = Team {
+            name: request.name,
+            parent_id,
+            manager: request.manager,
+            members: request.members,
+        };
+        let reply = self
+            .handler
+            .execute::<TeamConfig>(&caller, id, &options, Publish(content))
             .await?;
         Ok(Response::new(reply))
     }

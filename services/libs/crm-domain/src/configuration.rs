@@ -573,6 +573,114 @@ impl ConfigContent for AgentAvailability {
 pub type QueueConfig = Config<Queue>;
 pub type AgentConfig = Config<AgentAvailability>;
 
+// ------------------------------------------------------- tenant and teams
+
+/// Tenant-wide settings.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantSettings {
+    /// IANA zone reports bucket by.
+    pub time_zone: String,
+    /// First month of the fiscal year (1–12).
+    pub fiscal_year_start_month: u8,
+    /// ISO 4217 currency reports are in.
+    pub reporting_currency: String,
+    /// Leads may convert from `working` as well as `qualified`.
+    #[serde(default)]
+    pub convert_from_working: bool,
+    /// Duplicate score at which a pair is suspected (0–100).
+    pub duplicate_threshold: u8,
+    /// Days without a touch before records count as stale, per kind.
+    pub stale_days_lead: u32,
+    pub stale_days_deal: u32,
+    pub stale_days_customer: u32,
+}
+
+impl ConfigContent for TenantSettings {
+    const STREAM_TYPE: &'static str = "tenant_settings";
+    const EVENT_TYPE: &'static str = "TenantSettingsPublished";
+
+    fn validate(&self, v: &mut Violations) {
+        v.check(
+            is_iana_zone(&self.time_zone),
+            "time_zone",
+            "must be an IANA time zone",
+        );
+        v.check(
+            (1..=12).contains(&self.fiscal_year_start_month),
+            "fiscal_year_start_month",
+            "must be 1 to 12",
+        );
+        v.check(
+            self.reporting_currency.len() == 3
+                && self
+                    .reporting_currency
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase()),
+            "reporting_currency",
+            "must be an ISO 4217 code such as EUR",
+        );
+        v.check(
+            self.duplicate_threshold <= 100,
+            "duplicate_threshold",
+            "must be 0 to 100",
+        );
+        for (field, days) in [
+            ("stale_days_lead", self.stale_days_lead),
+            ("stale_days_deal", self.stale_days_deal),
+            ("stale_days_customer", self.stale_days_customer),
+        ] {
+            v.check((1..=3650).contains(&days), field, "must be 1 to 3650 days");
+        }
+    }
+}
+
+/// A sales or service team; teams nest (no cycles).
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Team {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<uuid::Uuid>,
+    pub manager: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+impl ConfigContent for Team {
+    const STREAM_TYPE: &'static str = "team";
+    const EVENT_TYPE: &'static str = "TeamPublished";
+
+    fn validate(&self, v: &mut Violations) {
+        v.check(
+            text_ok(&self.name, 100, false),
+            "name",
+            "must be 1 to 100 characters",
+        );
+        v.check(
+            text_ok(&self.manager, 200, false),
+            "manager",
+            "must be 1 to 200 characters",
+        );
+        v.check(
+            self.members.len() <= 1000,
+            "members",
+            "must have at most 1000 members",
+        );
+        let mut seen = BTreeSet::new();
+        for (i, member) in self.members.iter().enumerate() {
+            v.check(
+                seen.insert(member.as_str()),
+                format!("members[{i}]"),
+                "appears twice",
+            );
+        }
+    }
+}
+
+pub type TenantSettingsConfig = Config<TenantSettings>;
+pub type TeamConfig = Config<Team>;
+
 pub type BusinessCalendarConfig = Config<BusinessCalendar>;
 pub type SlaPolicyConfig = Config<SlaPolicy>;
 pub type CommissionPlanConfig = Config<CommissionPlan>;
@@ -692,6 +800,46 @@ mod tests {
                 name: "National Day".into(),
             }],
         }
+    }
+
+    #[test]
+    fn tenant_settings_and_teams_check_their_invariants() {
+        let settings = TenantSettings {
+            time_zone: "Asia/Shanghai".into(),
+            fiscal_year_start_month: 4,
+            reporting_currency: "CNY".into(),
+            convert_from_working: false,
+            duplicate_threshold: 80,
+            stale_days_lead: 30,
+            stale_days_deal: 14,
+            stale_days_customer: 90,
+        };
+        given::<TenantSettingsConfig>([])
+            .when(Publish(settings.clone()))
+            .result
+            .unwrap();
+        let bad = TenantSettings {
+            fiscal_year_start_month: 13,
+            reporting_currency: "yuan".into(),
+            stale_days_deal: 0,
+            ..settings
+        };
+        given::<TenantSettingsConfig>([])
+            .when(Publish(bad))
+            .then_invalid(&[
+                "fiscal_year_start_month",
+                "reporting_currency",
+                "stale_days_deal",
+            ]);
+        let team = Team {
+            name: "EMEA".into(),
+            parent_id: None,
+            manager: "user:mgr".into(),
+            members: vec!["user:a".into(), "user:a".into()],
+        };
+        given::<TeamConfig>([])
+            .when(Publish(team))
+            .then_invalid(&["members[1]"]);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::commerce::{
 };
 use crate::common::LifecycleChanged;
 use crate::configuration::{
-    AgentAvailability, BusinessCalendar, CommissionPlan, Published, Queue, SlaPolicy,
+    AgentAvailability, BusinessCalendar, CommissionPlan, Published, Queue, SlaPolicy, Team,
+    TenantSettings,
 };
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
@@ -126,6 +127,8 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<Published<SlaPolicy>>("sla_policy", "SlaPolicyPublished", 1),
         schema::<Published<CommissionPlan>>("commission_plan", "CommissionPlanPublished", 1),
         schema::<Published<Queue>>("queue", "QueuePublished", 1),
+        schema::<Published<TenantSettings>>("tenant_settings", "TenantSettingsPublished", 1),
+        schema::<Published<Team>>("team", "TeamPublished", 1),
         schema::<Published<AgentAvailability>>("agent", "AgentAvailabilityChanged", 1),
         schema::<TicketOpened>("ticket", "TicketOpened", 1),
         schema::<TicketTriaged>("ticket", "TicketTriaged", 1),
