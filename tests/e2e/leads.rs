@@ -350,3 +350,54 @@ async fn lead_status_moves_and_bad_inputs() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn tenants_may_let_working_leads_convert() {
+    use crm_proto::v1::PublishTenantSettingsRequest;
+    let app = TestApp::spawn().await;
+    let id = app
+        .leads()
+        .capture_lead(app.request(li_wei("li@example.cn", "Wei Trading")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    app.leads()
+        .change_lead_status(app.request(move_to(&id, "working")))
+        .await
+        .unwrap();
+    let status = app
+        .leads()
+        .convert_lead(app.request(convert(&id, "", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["from"], "working");
+
+    let settings = PublishTenantSettingsRequest {
+        time_zone: "Asia/Shanghai".into(),
+        fiscal_year_start_month: 1,
+        reporting_currency: "CNY".into(),
+        convert_from_working: true,
+        duplicate_threshold: 80,
+        stale_days_lead: 30,
+        stale_days_deal: 14,
+        stale_days_customer: 90,
+        ..Default::default()
+    };
+    let mut request = app.request(settings);
+    request
+        .metadata_mut()
+        .insert("x-roles", "admin".parse().unwrap());
+    app.configuration()
+        .publish_tenant_settings(request)
+        .await
+        .unwrap();
+    let converted = app
+        .leads()
+        .convert_lead(app.request(convert(&id, "", "")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(converted.account_created);
+    app.stop().await;
+}

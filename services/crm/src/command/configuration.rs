@@ -370,6 +370,12 @@ impl Configuration for ConfigurationService {
     }
 }
 
+/// The tenant's one settings record.
+pub(crate) fn tenant_settings_id(tenant: &crm_domain::TenantId) -> Uuid {
+    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
+    Uuid::new_v5(&namespace, b"tenant_settings")
+}
+
 /// The record of an agent: derived from the agent's user id.
 pub(crate) fn agent_id(tenant: &crm_domain::TenantId, agent: &str) -> Uuid {
     let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());

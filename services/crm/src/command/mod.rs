@@ -589,6 +589,17 @@ impl CommandHandler {
                 ),
                 None => None,
             };
+            let allow_working = match self
+                .load::<crm_domain::configuration::TenantSettingsConfig>(
+                    &caller.tenant,
+                    configuration::tenant_settings_id(&caller.tenant),
+                )
+                .await
+            {
+                Ok((settings, _, _)) => settings.current().is_some_and(|s| s.convert_from_working),
+                Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => false,
+                Err(other) => return Err(other),
+            };
             let context = Context {
                 now: Timestamp::now(),
                 occurred_at: options.occurred_at,
@@ -599,6 +610,7 @@ impl CommandHandler {
                     account_id,
                     existing_account: account.as_ref(),
                     contact_id,
+                    allow_working,
                 },
                 context,
             )?;

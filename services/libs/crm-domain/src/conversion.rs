@@ -18,6 +18,8 @@ pub struct ConversionTargets<'a> {
     /// The existing account's state, when the caller named one.
     pub existing_account: Option<&'a Account>,
     pub contact_id: Uuid,
+    /// The tenant lets leads convert from `working` too (tenant settings).
+    pub allow_working: bool,
 }
 
 /// The events of each stream.
@@ -39,7 +41,9 @@ pub fn convert(
     if !lead.exists {
         return Err(DomainError::NotFound);
     }
-    if lead.status != LeadStatus::Qualified {
+    let convertible = lead.status == LeadStatus::Qualified
+        || (targets.allow_working && lead.status == LeadStatus::Working);
+    if !convertible {
         return Err(DomainError::InvalidTransition {
             from: lead.status.name(),
             to: "converted",
@@ -159,6 +163,7 @@ mod tests {
             account_id: Uuid::from_u128(1),
             existing_account: None,
             contact_id: Uuid::from_u128(2),
+            allow_working: false,
         }
     }
 
@@ -204,6 +209,7 @@ mod tests {
                 account_id: Uuid::from_u128(9),
                 existing_account: Some(&existing),
                 contact_id: Uuid::from_u128(2),
+                allow_working: false,
             },
             Context::at(now()),
         )
@@ -216,6 +222,7 @@ mod tests {
                 account_id: Uuid::from_u128(9),
                 existing_account: Some(&missing),
                 contact_id: Uuid::from_u128(2),
+                allow_working: false,
             },
             Context::at(now()),
         );
