@@ -249,3 +249,97 @@ async fn tenant_settings_are_admin_only_and_teams_never_cycle() {
     assert_eq!(status.code(), Code::FailedPrecondition);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn sales_targets_are_allocated_top_down() {
+    use crm_proto::v1::{AllocateSalesTargetRequest, Money};
+    let app = TestApp::spawn().await;
+    let allocate =
+        |node: &str, parent: &str, quarter: u32, amount: i64| AllocateSalesTargetRequest {
+            options: None,
+            fiscal_year: 2026,
+            metric: "bookings".into(),
+            node: node.into(),
+            parent: parent.into(),
+            quarter,
+            month: 0,
+            amount: Some(Money {
+                amount_minor: amount,
+                currency: "EUR".into(),
+            }),
+        };
+    let status = app
+        .configuration()
+        .allocate_sales_target(with_roles(
+            &app,
+            allocate("company", "", 0, 4_000_000),
+            "agent",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    app.configuration()
+        .allocate_sales_target(with_roles(
+            &app,
+            allocate("company", "", 0, 4_000_000),
+            "sales_manager",
+        ))
+        .await
+        .unwrap();
+    app.configuration()
+        .allocate_sales_target(with_roles(
+            &app,
+            allocate("team:emea", "company", 0, 3_000_000),
+            "sales_manager",
+        ))
+        .await
+        .unwrap();
+    let over = app
+        .configuration()
+        .allocate_sales_target(with_roles(
+            &app,
+            allocate("team:apac", "company", 0, 2_000_000),
+            "sales_manager",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        over.stream_version, 3,
+        "one stream per fiscal year and metric"
+    );
+    let stored = app.stored().await;
+    assert_eq!(stored[2].1["over_allocated"], true);
+    let status = app
+        .configuration()
+        .allocate_sales_target(with_roles(
+            &app,
+            allocate("user:rep", "team:nowhere", 1, 1),
+            "sales_manager",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let mut bad = allocate("user:rep", "team:emea", 7, 1);
+    bad.metric = "happiness".into();
+    assert_eq!(
+        bad_fields(
+            &app.configuration()
+                .allocate_sales_target(with_roles(&app, bad, "sales_manager"))
+                .await
+                .unwrap_err()
+        ),
+        ["metric"]
+    );
+    let bad = allocate("user:rep", "team:emea", 7, 1);
+    assert_eq!(
+        bad_fields(
+            &app.configuration()
+                .allocate_sales_target(with_roles(&app, bad, "sales_manager"))
+                .await
+                .unwrap_err()
+        ),
+        ["period"]
+    );
+    app.stop().await;
+}

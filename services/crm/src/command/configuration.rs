@@ -301,6 +301,66 @@ impl Configuration for ConfigurationService {
         Ok(Response::new(reply))
     }
 
+    async fn allocate_sales_target(
+        &self,
+        request: Request<pb::AllocateSalesTargetRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        use crm_domain::targets::{Allocate, METRICS, Period, SalesTargets};
+        let caller = Caller::from_metadata(request.metadata())?;
+        require_role(
+            &caller,
+            &["admin", "sales_manager"],
+            "allocate sales targets",
+        )?;
+        let request = request.into_inner();
+        let options = Options::parse("AllocateSalesTarget", request.options.as_ref(), &request)?;
+        if !(2000..=2100).contains(&request.fiscal_year) {
+            return Err(ServiceError::invalid("fiscal_year", "must be 2000 to 2100").into());
+        }
+        if !METRICS.contains(&request.metric.as_str()) {
+            return Err(
+                ServiceError::invalid("metric", "must be bookings, collections or margin").into(),
+            );
+        }
+        let amount = request
+            .amount
+            .ok_or_else(|| ServiceError::invalid("amount", "is required"))?;
+        let namespace = Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("crm:{}", caller.tenant).as_bytes(),
+        );
+        let id = Uuid::new_v5(
+            &namespace,
+            format!("sales_target:{}:{}", request.fiscal_year, request.metric).as_bytes(),
+        );
+        let small = |value: u32| u8::try_from(value).ok().filter(|v| *v > 0);
+        let command = Allocate {
+            node: request.node,
+            parent: (!request.parent.is_empty()).then_some(request.parent),
+            period: Period {
+                quarter: if request.quarter == 0 {
+                    None
+                } else {
+                    Some(small(request.quarter).unwrap_or(u8::MAX))
+                },
+                month: if request.month == 0 {
+                    None
+                } else {
+                    Some(small(request.month).unwrap_or(u8::MAX))
+                },
+            },
+            amount: Money {
+                amount_minor: amount.amount_minor,
+                currency: amount.currency,
+            },
+        };
+        let reply = self
+            .handler
+            .execute::<SalesTargets>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
     async fn publish_queue(
         &self,
         request: Request<pb::PublishQueueRequest>,

@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod records;
 #[cfg(feature = "schemas")]
 pub mod schemas;
+pub mod targets;
 mod tenant;
 pub mod ticket;
 

@@ -31,6 +31,7 @@ use crate::opportunity::{
 };
 use crate::pipeline::PipelinePublished;
 use crate::records::{OwnerChanged, RecordShareRevoked, RecordShared, TagsChanged};
+use crate::targets::SalesTargetAllocated;
 use crate::ticket::{
     CsatRatingReceived, TicketAssigned, TicketClosed, TicketEscalated, TicketMessageAdded,
     TicketOpened, TicketReopened, TicketSolved, TicketStatusChanged, TicketTriaged,
@@ -129,6 +130,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<Published<Queue>>("queue", "QueuePublished", 1),
         schema::<Published<TenantSettings>>("tenant_settings", "TenantSettingsPublished", 1),
         schema::<Published<Team>>("team", "TeamPublished", 1),
+        schema::<SalesTargetAllocated>("sales_target", "SalesTargetAllocated", 1),
         schema::<Published<AgentAvailability>>("agent", "AgentAvailabilityChanged", 1),
         schema::<TicketOpened>("ticket", "TicketOpened", 1),
         schema::<TicketTriaged>("ticket", "TicketTriaged", 1),
