@@ -199,3 +199,135 @@ async fn owners_tags_and_shares_work_on_every_record_type() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn any_main_record_can_be_archived_and_restored() {
+    use crm_proto::v1::{
+        ArchiveRecordRequest, Reason, RestoreRecordRequest, UpdateLeadDetailsRequest,
+    };
+    let app = TestApp::spawn().await;
+    let lead = CaptureLeadRequest {
+        name: Some(PersonName {
+            given: "Li".into(),
+            family: String::new(),
+        }),
+        company: "Wei Trading".into(),
+        source: Some(LeadSource {
+            channel: "web".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let lead = app
+        .leads()
+        .capture_lead(app.request(lead))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let reason = || {
+        Some(Reason {
+            code: "duplicate".into(),
+            text: String::new(),
+        })
+    };
+    let archive = ArchiveRecordRequest {
+        options: None,
+        record: record("lead", &lead),
+        reason: reason(),
+    };
+    app.records()
+        .archive_record(app.request(archive.clone()))
+        .await
+        .unwrap();
+    let update = UpdateLeadDetailsRequest {
+        lead_id: lead.clone(),
+        company: Some("Other".into()),
+        ..Default::default()
+    };
+    let status = app
+        .leads()
+        .update_lead_details(app.request(update.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(crate::support::error_info(&status).0, "RECORD_ARCHIVED");
+    assert_eq!(
+        crate::support::error_info(
+            &app.records()
+                .archive_record(app.request(archive))
+                .await
+                .unwrap_err()
+        )
+        .0,
+        "RECORD_ARCHIVED"
+    );
+    let restore = RestoreRecordRequest {
+        options: None,
+        record: record("lead", &lead),
+        reason: reason(),
+    };
+    app.records()
+        .restore_record(app.request(restore))
+        .await
+        .unwrap();
+    app.leads()
+        .update_lead_details(app.request(update))
+        .await
+        .unwrap();
+
+    // Contacts keep their own archive commands; the shared ones reach them too.
+    let contact = CreateContactRequest {
+        name: Some(PersonName {
+            given: "Ada".into(),
+            family: String::new(),
+        }),
+        ..Default::default()
+    };
+    let contact = app
+        .contacts()
+        .create_contact(app.request(contact))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let archive = ArchiveRecordRequest {
+        options: None,
+        record: record("contact", &contact),
+        reason: reason(),
+    };
+    app.records()
+        .archive_record(app.request(archive))
+        .await
+        .unwrap();
+    let tags = ChangeTagsRequest {
+        options: None,
+        record: record("contact", &contact),
+        add: vec!["vip".into()],
+        remove: vec![],
+    };
+    assert_eq!(
+        crate::support::error_info(
+            &app.records()
+                .change_tags(app.request(tags))
+                .await
+                .unwrap_err()
+        )
+        .0,
+        "RECORD_ARCHIVED"
+    );
+    let missing_reason = ArchiveRecordRequest {
+        options: None,
+        record: record("lead", &lead),
+        reason: None,
+    };
+    assert_eq!(
+        bad_fields(
+            &app.records()
+                .archive_record(app.request(missing_reason))
+                .await
+                .unwrap_err()
+        ),
+        ["reason.code"]
+    );
+    app.stop().await;
+}

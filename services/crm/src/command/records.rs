@@ -146,4 +146,26 @@ impl Records for RecordsService {
         )
         .await
     }
+
+    async fn archive_record(
+        &self,
+        request: Request<pb::ArchiveRecordRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("ArchiveRecord", request.options.as_ref(), &request)?;
+        let command = CommonCommand::Archive(super::contacts::reason(request.reason));
+        self.run(caller, options, request.record, command).await
+    }
+
+    async fn restore_record(
+        &self,
+        request: Request<pb::RestoreRecordRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RestoreRecord", request.options.as_ref(), &request)?;
+        let command = CommonCommand::Restore(super::contacts::reason(request.reason));
+        self.run(caller, options, request.record, command).await
+    }
 }

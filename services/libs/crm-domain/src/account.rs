@@ -276,6 +276,16 @@ impl Aggregate for Account {
         context: Context,
     ) -> Result<Vec<AccountEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
+        // Their own lifecycle handles archiving (it predates the shared one).
+        let command = match command {
+            AccountCommand::Common(CommonCommand::Archive(reason)) => {
+                AccountCommand::Archive(reason)
+            }
+            AccountCommand::Common(CommonCommand::Restore(reason)) => {
+                AccountCommand::Restore(reason)
+            }
+            other => other,
+        };
         match command {
             AccountCommand::Common(command) => {
                 self.live()?;

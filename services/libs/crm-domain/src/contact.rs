@@ -489,6 +489,16 @@ impl Aggregate for Contact {
         context: Context,
     ) -> Result<Vec<ContactEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
+        // Their own lifecycle handles archiving (it predates the shared one).
+        let command = match command {
+            ContactCommand::Common(CommonCommand::Archive(reason)) => {
+                ContactCommand::Archive(reason)
+            }
+            ContactCommand::Common(CommonCommand::Restore(reason)) => {
+                ContactCommand::Restore(reason)
+            }
+            other => other,
+        };
         match command {
             ContactCommand::Common(command) => {
                 self.live()?;

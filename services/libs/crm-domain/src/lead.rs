@@ -248,6 +248,10 @@ impl Aggregate for Lead {
         context: Context,
     ) -> Result<Vec<LeadEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
+        self.meta.refuse_if_archived(matches!(
+            command,
+            LeadCommand::Common(CommonCommand::Restore(_))
+        ))?;
         match command {
             LeadCommand::Common(command) => {
                 if !self.exists {
@@ -515,6 +519,34 @@ mod tests {
         given::<Lead>([])
             .when(LeadCommand::Capture(bad))
             .then_invalid(&["emails[0].address", "source.channel"]);
+    }
+
+    #[test]
+    fn archived_leads_refuse_all_but_restore() {
+        use crate::records::CommonCommand;
+        let reason = Reason {
+            code: "duplicate".into(),
+            text: String::new(),
+        };
+        let archived = given::<Lead>([captured()])
+            .when(LeadCommand::Common(CommonCommand::Archive(reason.clone())))
+            .result
+            .unwrap();
+        let history: Vec<LeadEvent> = [captured()].into_iter().chain(archived).collect();
+        given::<Lead>(history.clone())
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Working,
+                reason: None,
+            })
+            .then_error(DomainError::RecordArchived);
+        given::<Lead>(history.clone())
+            .when(LeadCommand::Common(CommonCommand::Archive(reason.clone())))
+            .then_error(DomainError::RecordArchived);
+        let restored = given::<Lead>(history)
+            .when(LeadCommand::Common(CommonCommand::Restore(reason)))
+            .result
+            .unwrap();
+        assert_eq!(restored.len(), 1);
     }
 
     #[test]

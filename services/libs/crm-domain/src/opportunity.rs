@@ -309,6 +309,10 @@ impl Aggregate for Opportunity {
         context: Context,
     ) -> Result<Vec<OpportunityEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
+        self.meta.refuse_if_archived(matches!(
+            command,
+            OpportunityCommand::Common(CommonCommand::Restore(_))
+        ))?;
         match command {
             OpportunityCommand::Common(command) => {
                 if !self.exists {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{is_code, text_ok};
+use crate::common::{Lifecycle, LifecycleChanged, Reason, is_code, text_ok};
 use crate::error::{DomainError, Violations};
 
 pub const MAX_TAGS: usize = 50;
@@ -32,6 +32,9 @@ pub enum CommonCommand {
     RevokeShare {
         grantee: String,
     },
+    /// Archived records refuse everything but restore (no hard delete).
+    Archive(Reason),
+    Restore(Reason),
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -80,6 +83,8 @@ pub enum CommonEvent {
     TagsChanged(TagsChanged),
     Shared(RecordShared),
     ShareRevoked(RecordShareRevoked),
+    Archived(LifecycleChanged),
+    Restored(LifecycleChanged),
 }
 
 impl CommonEvent {
@@ -89,6 +94,8 @@ impl CommonEvent {
             Self::TagsChanged(_) => "TagsChanged",
             Self::Shared(_) => "RecordShared",
             Self::ShareRevoked(_) => "RecordShareRevoked",
+            Self::Archived(_) => "RecordArchived",
+            Self::Restored(_) => "RecordRestored",
         }
     }
 
@@ -102,6 +109,8 @@ impl CommonEvent {
             "TagsChanged" => Self::TagsChanged(Deserialize::deserialize(payload)?),
             "RecordShared" => Self::Shared(Deserialize::deserialize(payload)?),
             "RecordShareRevoked" => Self::ShareRevoked(Deserialize::deserialize(payload)?),
+            "RecordArchived" => Self::Archived(Deserialize::deserialize(payload)?),
+            "RecordRestored" => Self::Restored(Deserialize::deserialize(payload)?),
             _ => return Ok(None),
         }))
     }
@@ -122,9 +131,19 @@ pub struct RecordMeta {
     pub team: Option<String>,
     pub tags: BTreeSet<String>,
     pub shares: BTreeMap<String, Share>,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
 }
 
 impl RecordMeta {
+    /// Archived records refuse every command but restore.
+    pub fn refuse_if_archived(&self, restoring: bool) -> Result<(), DomainError> {
+        if self.lifecycle == Lifecycle::Archived && !restoring {
+            return Err(DomainError::RecordArchived);
+        }
+        Ok(())
+    }
+
     pub fn decide(
         &self,
         command: CommonCommand,
@@ -245,6 +264,15 @@ impl RecordMeta {
                     occurred_at,
                 })])
             }
+            CommonCommand::Archive(reason) => {
+                self.refuse_if_archived(false)?;
+                Ok(vec![CommonEvent::Archived(
+                    self.lifecycle.archive(reason, occurred_at)?,
+                )])
+            }
+            CommonCommand::Restore(reason) => Ok(vec![CommonEvent::Restored(
+                self.lifecycle.restore(reason, occurred_at)?,
+            )]),
         }
     }
 
@@ -272,6 +300,8 @@ impl RecordMeta {
             CommonEvent::ShareRevoked(revoked) => {
                 self.shares.remove(&revoked.grantee);
             }
+            CommonEvent::Archived(_) => self.lifecycle = Lifecycle::Archived,
+            CommonEvent::Restored(_) => self.lifecycle = Lifecycle::Active,
         }
     }
 }

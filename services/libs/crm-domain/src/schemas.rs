@@ -154,5 +154,10 @@ pub fn event_schemas() -> Vec<EventSchema> {
             1,
         ));
     }
+    // Contacts and accounts list their own archive events above.
+    for stream_type in ["lead", "opportunity", "ticket"] {
+        schemas.push(schema::<LifecycleChanged>(stream_type, "RecordArchived", 1));
+        schemas.push(schema::<LifecycleChanged>(stream_type, "RecordRestored", 1));
+    }
     schemas
 }

@@ -372,6 +372,10 @@ impl Aggregate for Ticket {
         context: Context,
     ) -> Result<Vec<TicketEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
+        self.meta.refuse_if_archived(matches!(
+            command,
+            TicketCommand::Common(CommonCommand::Restore(_))
+        ))?;
         match command {
             TicketCommand::Common(command) => {
                 self.not_closed()?;
