@@ -770,3 +770,104 @@ async fn duplicates_merge_atomically_and_the_loser_points_to_the_survivor() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn contacts_link_to_active_accounts_and_answer_nps() {
+    use crm_proto::v1::{
+        AccountKind, ArchiveAccountRequest, CreateAccountRequest, LinkContactToAccountRequest,
+        RecordNpsResponseRequest, UnlinkContactFromAccountRequest,
+    };
+    let app = TestApp::spawn().await;
+    let contact = app
+        .contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let account = CreateAccountRequest {
+        kind: AccountKind::Company.into(),
+        name: "Acme".into(),
+        ..Default::default()
+    };
+    let account = app
+        .accounts()
+        .create_account(app.request(account))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let link = LinkContactToAccountRequest {
+        options: None,
+        contact_id: contact.clone(),
+        account_id: account.clone(),
+        role: "buyer".into(),
+        primary: true,
+    };
+    assert_eq!(
+        app.contacts()
+            .link_contact_to_account(app.request(link.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_version,
+        2
+    );
+    assert!(
+        app.contacts()
+            .link_contact_to_account(app.request(link.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .unchanged
+    );
+    let unlink = UnlinkContactFromAccountRequest {
+        options: None,
+        contact_id: contact.clone(),
+        account_id: account.clone(),
+    };
+    app.contacts()
+        .unlink_contact_from_account(app.request(unlink))
+        .await
+        .unwrap();
+    let archive = ArchiveAccountRequest {
+        options: None,
+        account_id: account.clone(),
+        reason: reason("closed"),
+    };
+    app.accounts()
+        .archive_account(app.request(archive))
+        .await
+        .unwrap();
+    let status = app
+        .contacts()
+        .link_contact_to_account(app.request(link))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error_info(&status).1["field"],
+        "account_id",
+        "archived accounts take no links"
+    );
+
+    let nps = |score: u32| RecordNpsResponseRequest {
+        options: None,
+        contact_id: contact.clone(),
+        score,
+        comment: String::new(),
+    };
+    app.contacts()
+        .record_nps_response(app.request(nps(9)))
+        .await
+        .unwrap();
+    assert_eq!(
+        bad_fields(
+            &app.contacts()
+                .record_nps_response(app.request(nps(11)))
+                .await
+                .unwrap_err()
+        ),
+        ["score"]
+    );
+    app.stop().await;
+}

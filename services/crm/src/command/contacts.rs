@@ -206,4 +206,86 @@ impl Contacts for ContactsService {
             .await?;
         Ok(Response::new(reply))
     }
+
+    async fn link_contact_to_account(
+        &self,
+        request: Request<pb::LinkContactToAccountRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        use crm_domain::account::Account;
+        use crm_domain::common::Lifecycle;
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("LinkContactToAccount", request.options.as_ref(), &request)?;
+        let id = parse_id("contact_id", &request.contact_id, false)?;
+        let account_id = parse_id("account_id", &request.account_id, false)?;
+        let account_active = match self
+            .handler
+            .load::<Account>(&caller.tenant, account_id)
+            .await
+        {
+            Ok((account, _, _)) => account.exists && account.lifecycle == Lifecycle::Active,
+            Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => false,
+            Err(other) => return Err(other.into()),
+        };
+        let command = ContactCommand::LinkToAccount {
+            account_id,
+            role: request.role,
+            primary: request.primary,
+            account_active,
+        };
+        let reply = self
+            .handler
+            .execute::<Contact>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn unlink_contact_from_account(
+        &self,
+        request: Request<pb::UnlinkContactFromAccountRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse(
+            "UnlinkContactFromAccount",
+            request.options.as_ref(),
+            &request,
+        )?;
+        let id = parse_id("contact_id", &request.contact_id, false)?;
+        let account_id = parse_id("account_id", &request.account_id, false)?;
+        let reply = self
+            .handler
+            .execute::<Contact>(
+                &caller,
+                id,
+                &options,
+                ContactCommand::UnlinkFromAccount { account_id },
+            )
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn record_nps_response(
+        &self,
+        request: Request<pb::RecordNpsResponseRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("RecordNpsResponse", request.options.as_ref(), &request)?;
+        let id = parse_id("contact_id", &request.contact_id, false)?;
+        let score = u8::try_from(request.score).unwrap_or(u8::MAX);
+        let reply = self
+            .handler
+            .execute::<Contact>(
+                &caller,
+                id,
+                &options,
+                ContactCommand::RecordNpsResponse {
+                    score,
+                    comment: request.comment,
+                },
+            )
+            .await?;
+        Ok(Response::new(reply))
+    }
 }

@@ -123,6 +123,14 @@ pub enum ContactCommand {
     },
     /// Owner, tags and shares (see [`crate::records`]).
     Common(CommonCommand),
+    UnlinkFromAccount {
+        account_id: Uuid,
+    },
+    /// 0–10; the latest response per contact counts for NPS.
+    RecordNpsResponse {
+        score: u8,
+        comment: String,
+    },
 }
 
 /// A contact's link to an account; at most one is primary.
@@ -239,6 +247,23 @@ pub struct ContactConsentChanged {
     pub occurred_at: Timestamp,
 }
 
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactUnlinkedFromAccount {
+    pub account_id: Uuid,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NpsResponseRecorded {
+    pub score: u8,
+    #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
+    pub occurred_at: Timestamp,
+}
+
 /// The survivor of a merge: what it took from the losers.
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -271,6 +296,8 @@ pub enum ContactEvent {
     Merged(RecordsMerged),
     MergedInto(RecordMergedInto),
     Common(CommonEvent),
+    UnlinkedFromAccount(ContactUnlinkedFromAccount),
+    NpsRecorded(NpsResponseRecorded),
 }
 
 impl DomainEvent for ContactEvent {
@@ -283,6 +310,8 @@ impl DomainEvent for ContactEvent {
             Self::Archived(_) => "RecordArchived",
             Self::Restored(_) => "RecordRestored",
             Self::LinkedToAccount(_) => "ContactLinkedToAccount",
+            Self::UnlinkedFromAccount(_) => "ContactUnlinkedFromAccount",
+            Self::NpsRecorded(_) => "NpsResponseRecorded",
             Self::Merged(_) => "RecordsMerged",
             Self::MergedInto(_) => "RecordMergedInto",
         }
@@ -314,6 +343,10 @@ impl DomainEvent for ContactEvent {
             ("RecordArchived", _) => Self::Archived(Deserialize::deserialize(payload)?),
             ("RecordRestored", _) => Self::Restored(Deserialize::deserialize(payload)?),
             ("RecordsMerged", _) => Self::Merged(Deserialize::deserialize(payload)?),
+            ("ContactUnlinkedFromAccount", _) => {
+                Self::UnlinkedFromAccount(Deserialize::deserialize(payload)?)
+            }
+            ("NpsResponseRecorded", _) => Self::NpsRecorded(Deserialize::deserialize(payload)?),
             ("RecordMergedInto", _) => Self::MergedInto(Deserialize::deserialize(payload)?),
             ("ContactLinkedToAccount", _) => {
                 Self::LinkedToAccount(Deserialize::deserialize(payload)?)
@@ -340,6 +373,8 @@ pub struct Contact {
     pub merged_into: Option<Uuid>,
     #[serde(default)]
     pub meta: RecordMeta,
+    #[serde(default)]
+    pub nps: Option<u8>,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -647,6 +682,34 @@ impl Aggregate for Contact {
                     },
                 )])
             }
+            ContactCommand::UnlinkFromAccount { account_id } => {
+                self.live()?;
+                if !self.accounts.iter().any(|a| a.account_id == account_id) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![ContactEvent::UnlinkedFromAccount(
+                    ContactUnlinkedFromAccount {
+                        account_id,
+                        occurred_at,
+                    },
+                )])
+            }
+            ContactCommand::RecordNpsResponse { score, comment } => {
+                self.live()?;
+                let mut v = Violations::default();
+                v.check(score <= 10, "score", "must be 0 to 10");
+                v.check(
+                    text_ok(&comment, 2000, true),
+                    "comment",
+                    "must be at most 2000 characters",
+                );
+                v.into_result()?;
+                Ok(vec![ContactEvent::NpsRecorded(NpsResponseRecorded {
+                    score,
+                    comment,
+                    occurred_at,
+                })])
+            }
             ContactCommand::Archive(reason) => {
                 self.live()?;
                 Ok(vec![ContactEvent::Archived(
@@ -730,6 +793,11 @@ impl Aggregate for Contact {
                 }
             }
             ContactEvent::MergedInto(merged) => self.merged_into = Some(merged.survivor),
+            ContactEvent::UnlinkedFromAccount(unlinked) => {
+                self.accounts
+                    .retain(|a| a.account_id != unlinked.account_id);
+            }
+            ContactEvent::NpsRecorded(nps) => self.nps = Some(nps.score),
             ContactEvent::Archived(_) => self.lifecycle = Lifecycle::Archived,
             ContactEvent::Restored(_) => self.lifecycle = Lifecycle::Active,
         }
@@ -1210,6 +1278,49 @@ mod tests {
                 from: "active",
                 to: "active",
             });
+    }
+
+    #[test]
+    fn nps_scores_range_from_0_to_10_and_unlinking_is_idempotent() {
+        given::<Contact>([created()])
+            .when(ContactCommand::RecordNpsResponse {
+                score: 11,
+                comment: String::new(),
+            })
+            .then_invalid(&["score"]);
+        let state = given::<Contact>([created()])
+            .when(ContactCommand::RecordNpsResponse {
+                score: 9,
+                comment: "great".into(),
+            })
+            .then(vec![ContactEvent::NpsRecorded(NpsResponseRecorded {
+                score: 9,
+                comment: "great".into(),
+                occurred_at: now(),
+            })]);
+        assert_eq!(state.nps, Some(9));
+        let linked = ContactEvent::LinkedToAccount(ContactLinkedToAccount {
+            account_id: Uuid::from_u128(5),
+            role: String::new(),
+            primary: true,
+            occurred_at: now(),
+        });
+        let state = given::<Contact>([created(), linked.clone()])
+            .when(ContactCommand::UnlinkFromAccount {
+                account_id: Uuid::from_u128(5),
+            })
+            .then(vec![ContactEvent::UnlinkedFromAccount(
+                ContactUnlinkedFromAccount {
+                    account_id: Uuid::from_u128(5),
+                    occurred_at: now(),
+                },
+            )]);
+        assert!(state.accounts.is_empty());
+        given::<Contact>([created()])
+            .when(ContactCommand::UnlinkFromAccount {
+                account_id: Uuid::from_u128(5),
+            })
+            .then(vec![]);
     }
 
     #[test]

@@ -22,7 +22,8 @@ use crate::configuration::{
 };
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
-    ContactLinkedToAccount, RecordMergedInto, RecordsMerged,
+    ContactLinkedToAccount, ContactUnlinkedFromAccount, NpsResponseRecorded, RecordMergedInto,
+    RecordsMerged,
 };
 use crate::lead::{LeadCaptured, LeadConverted, LeadDetailsUpdated, LeadStatusChanged};
 use crate::opportunity::{
@@ -107,6 +108,8 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<LifecycleChanged>("contact", "RecordRestored", 1),
         schema::<ContactLinkedToAccount>("contact", "ContactLinkedToAccount", 1),
         schema::<RecordsMerged>("contact", "RecordsMerged", 1),
+        schema::<ContactUnlinkedFromAccount>("contact", "ContactUnlinkedFromAccount", 1),
+        schema::<NpsResponseRecorded>("contact", "NpsResponseRecorded", 1),
         schema::<RecordMergedInto>("contact", "RecordMergedInto", 1),
         schema::<LeadCaptured>("lead", "LeadCaptured", 1),
         schema::<LeadStatusChanged>("lead", "LeadStatusChanged", 1),
