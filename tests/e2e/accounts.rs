@@ -205,3 +205,53 @@ async fn bad_account_inputs_are_invalid_argument() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn duplicate_accounts_merge_and_the_tax_id_moves() {
+    use crm_proto::v1::MergeAccountsRequest;
+    let app = TestApp::spawn().await;
+    let mut plain = acme("");
+    plain.domains = vec!["acme.example".into()];
+    let survivor = app
+        .accounts()
+        .create_account(app.request(plain))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let mut with_tax = acme("91310000MA1FL0000X");
+    with_tax.domains = vec!["acme-group.example".into()];
+    let loser = app
+        .accounts()
+        .create_account(app.request(with_tax))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let merge = MergeAccountsRequest {
+        survivor_id: survivor.clone(),
+        loser_ids: vec![loser.clone()],
+        ..Default::default()
+    };
+    let merged = app
+        .accounts()
+        .merge_accounts(app.request(merge.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(merged.changes_json.contains("acme-group.example"));
+    // The tax id now belongs to the survivor.
+    let status = app
+        .accounts()
+        .create_account(app.request(acme("91310000MA1FL0000X")))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["holder"], survivor);
+    let status = app
+        .accounts()
+        .merge_accounts(app.request(merge))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["survivor"], survivor);
+    app.stop().await;
+}

@@ -1,6 +1,6 @@
 //! `crm.v1.Accounts`: proto requests → account commands.
 use crm_domain::account::{
-    Account, AccountCommand, AccountDetails, AccountDetailsPatch, AccountKind,
+    Account, AccountCommand, AccountDetails, AccountDetailsPatch, AccountKind, AccountMergeChoices,
 };
 use crm_proto::v1 as pb;
 use crm_proto::v1::accounts_server::Accounts;
@@ -134,5 +134,52 @@ impl Accounts for AccountsService {
             .execute::<Account>(&caller, id, &options, command)
             .await?;
         Ok(Response::new(reply))
+    }
+
+    async fn merge_accounts(
+        &self,
+        request: Request<pb::MergeAccountsRequest>,
+    ) -> Result<Response<pb::MergeAccountsReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("MergeAccounts", request.options.as_ref(), &request)?;
+        let survivor = parse_id("survivor_id", &request.survivor_id, false)?;
+        if request.loser_ids.len() > 10 {
+            return Err(ServiceError::invalid("loser_ids", "must name 1 to 10 records").into());
+        }
+        let losers = request
+            .loser_ids
+            .iter()
+            .map(|id| parse_id("loser_ids", id, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let choice = |field: &'static str, value: &str| {
+            if value.is_empty() {
+                Ok(None)
+            } else {
+                parse_id(field, value, false).map(Some)
+            }
+        };
+        let choices = AccountMergeChoices {
+            name_from: choice("name_from", &request.name_from)?,
+            industry_from: choice("industry_from", &request.industry_from)?,
+            segment_from: choice("segment_from", &request.segment_from)?,
+        };
+        let merged = self
+            .handler
+            .merge_records::<Account>(
+                &caller,
+                survivor,
+                &losers,
+                &choices,
+                request.dry_run,
+                &options,
+            )
+            .await?;
+        Ok(Response::new(pb::MergeAccountsReply {
+            survivor: merged.survivor,
+            merged: merged.merged,
+            changes_json: merged.changes_json,
+            dry_run: merged.dry_run,
+        }))
     }
 }

@@ -193,9 +193,9 @@ impl Contacts for ContactsService {
             title_from: choice("title_from", &request.title_from)?,
             preferences_from: choice("preferences_from", &request.preferences_from)?,
         };
-        let reply = self
+        let merged = self
             .handler
-            .merge_contacts(
+            .merge_records::<Contact>(
                 &caller,
                 survivor,
                 &losers,
@@ -204,7 +204,12 @@ impl Contacts for ContactsService {
                 &options,
             )
             .await?;
-        Ok(Response::new(reply))
+        Ok(Response::new(pb::MergeContactsReply {
+            survivor: merged.survivor,
+            merged: merged.merged,
+            changes_json: merged.changes_json,
+            dry_run: merged.dry_run,
+        }))
     }
 
     async fn link_contact_to_account(

@@ -23,15 +23,15 @@ mod tickets;
 use std::collections::BTreeSet;
 
 use crm_domain::account::Account;
-use crm_domain::contact::{Contact, MergeChoices};
+use crm_domain::contact::Contact;
 use crm_domain::conversion::ConversionTargets;
 use crm_domain::lead::Lead;
-use crm_domain::{Aggregate, Context, DomainEvent, TenantId};
+use crm_domain::{Aggregate, Context, DomainEvent, Mergeable, TenantId};
 use crm_event_store::{
     AppendError, AppendEvents, Appended, EventStore, ExpectedVersion, NewEvent, Reservation,
     ReservationAction, StreamAppend,
 };
-use crm_proto::v1::{CommandOptions, CommandReply, ConvertLeadReply, MergeContactsReply};
+use crm_proto::v1::{CommandOptions, CommandReply, ConvertLeadReply};
 use hmac::{Hmac, KeyInit, Mac};
 use jiff::Timestamp;
 use sha2::{Digest, Sha256};
@@ -391,18 +391,18 @@ impl CommandHandler {
         reservations
     }
 
-    /// Merges duplicate contacts in one atomic append over the survivor and
+    /// Merges duplicate records in one atomic append over the survivor and
     /// every loser; the losers' unique values move to the survivor.
-    #[tracing::instrument(name = "merge_contacts", skip_all, err(Display), fields(tenant_id = %caller.tenant, %survivor_id, n_losers = loser_ids.len()))]
-    pub async fn merge_contacts(
+    #[tracing::instrument(name = "merge_records", skip_all, err(Display), fields(tenant_id = %caller.tenant, %survivor_id, n_losers = loser_ids.len()))]
+    pub async fn merge_records<A: Mergeable>(
         &self,
         caller: &Caller,
         survivor_id: Uuid,
         loser_ids: &[Uuid],
-        choices: &MergeChoices,
+        choices: &A::Choices,
         dry_run: bool,
         options: &Options,
-    ) -> Result<MergeContactsReply, ServiceError> {
+    ) -> Result<Merged, ServiceError> {
         let merged: Vec<String> = loser_ids.iter().map(Uuid::to_string).collect();
         if !dry_run
             && let Some(key) = &options.idempotency_key
@@ -415,7 +415,7 @@ impl CommandHandler {
             if fingerprint != options.fingerprint {
                 return Err(ServiceError::IdempotencyKeyReused);
             }
-            return Ok(MergeContactsReply {
+            return Ok(Merged {
                 survivor: Some(reply(survivor_id, &appended)),
                 merged,
                 changes_json: String::new(),
@@ -423,8 +423,7 @@ impl CommandHandler {
             });
         }
         for _ in 0..MAX_ATTEMPTS {
-            let (survivor, version, position) =
-                self.load::<Contact>(&caller.tenant, survivor_id).await?;
+            let (survivor, version, position) = self.load::<A>(&caller.tenant, survivor_id).await?;
             if let Some(expected) = options.expected_version
                 && expected != version
             {
@@ -433,7 +432,7 @@ impl CommandHandler {
             let mut losers = Vec::with_capacity(loser_ids.len());
             let mut versions = Vec::with_capacity(loser_ids.len());
             for id in loser_ids {
-                let (loser, loser_version, _) = self.load::<Contact>(&caller.tenant, *id).await?;
+                let (loser, loser_version, _) = self.load::<A>(&caller.tenant, *id).await?;
                 losers.push((*id, loser));
                 versions.push(loser_version);
             }
@@ -441,16 +440,16 @@ impl CommandHandler {
                 now: Timestamp::now(),
                 occurred_at: options.occurred_at,
             };
-            let outcome =
-                crm_domain::contact::merge(survivor_id, &survivor, &losers, choices, context)?;
-            let changes_json = match outcome.survivor.first() {
+            let (survivor_events, loser_events) =
+                A::merge(survivor_id, &survivor, &losers, choices, context)?;
+            let changes_json = match survivor_events.first() {
                 Some(event) => serde_json::to_string(event).map_err(|e| {
                     ServiceError::Internal(format!("event does not serialize: {e}"))
                 })?,
                 None => String::new(),
             };
             if dry_run {
-                return Ok(MergeContactsReply {
+                return Ok(Merged {
                     survivor: Some(CommandReply {
                         stream_id: survivor_id.to_string(),
                         stream_version: version,
@@ -465,7 +464,7 @@ impl CommandHandler {
             let before = survivor.unique_keys();
             let after = survivor
                 .clone()
-                .replay(outcome.survivor.iter())
+                .replay(survivor_events.iter())
                 .unique_keys();
             let mut reservations = Vec::new();
             for key in after.difference(&before) {
@@ -484,13 +483,9 @@ impl CommandHandler {
                     action,
                 });
             }
-            let mut streams = vec![stream_append::<Contact>(
-                survivor_id,
-                version,
-                &outcome.survivor,
-            )?];
-            for ((id, events), loser_version) in outcome.losers.iter().zip(&versions) {
-                streams.push(stream_append::<Contact>(*id, *loser_version, events)?);
+            let mut streams = vec![stream_append::<A>(survivor_id, version, &survivor_events)?];
+            for ((id, events), loser_version) in loser_events.iter().zip(&versions) {
+                streams.push(stream_append::<A>(*id, *loser_version, events)?);
                 let (_, loser) = losers
                     .iter()
                     .find(|(loser, _)| loser == id)
@@ -514,7 +509,7 @@ impl CommandHandler {
             };
             match self.store.append(request).await {
                 Ok(appended) => {
-                    return Ok(MergeContactsReply {
+                    return Ok(Merged {
                         survivor: Some(reply(survivor_id, &appended)),
                         merged,
                         changes_json,
@@ -668,6 +663,15 @@ impl CommandHandler {
         }
         Err(ServiceError::Contention)
     }
+}
+
+/// The outcome of a merge (or its preview).
+pub struct Merged {
+    pub survivor: Option<CommandReply>,
+    pub merged: Vec<String>,
+    /// The survivor's merge event as JSON: what changed.
+    pub changes_json: String,
+    pub dry_run: bool,
 }
 
 /// A snapshot's content: the state and the position of its last event.

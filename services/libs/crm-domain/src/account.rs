@@ -148,6 +148,34 @@ pub struct AccountChurned {
     pub occurred_at: Timestamp,
 }
 
+/// The survivor of an account merge.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountsMerged {
+    pub losers: Vec<Uuid>,
+    pub changes: AccountChanges,
+    /// The tax id taken from a loser when the survivor had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tax_id: Option<String>,
+    pub occurred_at: Timestamp,
+}
+
+/// A loser of an account merge.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountMergedInto {
+    pub survivor: Uuid,
+    pub occurred_at: Timestamp,
+}
+
+/// Which account each single-valued field comes from; `None`: the survivor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountMergeChoices {
+    pub name_from: Option<Uuid>,
+    pub industry_from: Option<Uuid>,
+    pub segment_from: Option<Uuid>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum AccountEvent {
@@ -158,6 +186,8 @@ pub enum AccountEvent {
     Archived(LifecycleChanged),
     Restored(LifecycleChanged),
     Common(CommonEvent),
+    Merged(AccountsMerged),
+    MergedInto(AccountMergedInto),
 }
 
 impl DomainEvent for AccountEvent {
@@ -168,6 +198,8 @@ impl DomainEvent for AccountEvent {
             Self::DetailsUpdated(_) => "AccountDetailsUpdated",
             Self::BecameCustomer(_) => "AccountBecameCustomer",
             Self::Churned(_) => "AccountChurned",
+            Self::Merged(_) => "RecordsMerged",
+            Self::MergedInto(_) => "RecordMergedInto",
             Self::Archived(_) => "RecordArchived",
             Self::Restored(_) => "RecordRestored",
         }
@@ -183,6 +215,8 @@ impl DomainEvent for AccountEvent {
             "AccountDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
             "AccountBecameCustomer" => Self::BecameCustomer(Deserialize::deserialize(payload)?),
             "AccountChurned" => Self::Churned(Deserialize::deserialize(payload)?),
+            "RecordsMerged" => Self::Merged(Deserialize::deserialize(payload)?),
+            "RecordMergedInto" => Self::MergedInto(Deserialize::deserialize(payload)?),
             "RecordArchived" => Self::Archived(Deserialize::deserialize(payload)?),
             "RecordRestored" => Self::Restored(Deserialize::deserialize(payload)?),
             _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
@@ -205,6 +239,8 @@ pub struct Account {
     pub segment: String,
     #[serde(default)]
     pub meta: RecordMeta,
+    #[serde(default)]
+    pub merged_into: Option<Uuid>,
 }
 
 fn validate_domains(domains: &[String], v: &mut Violations) -> Vec<String> {
@@ -249,6 +285,9 @@ impl Account {
     fn live(&self) -> Result<(), DomainError> {
         if !self.exists {
             return Err(DomainError::NotFound);
+        }
+        if let Some(survivor) = self.merged_into {
+            return Err(DomainError::RecordMerged { survivor });
         }
         if self.lifecycle == Lifecycle::Archived {
             return Err(DomainError::RecordArchived);
@@ -435,6 +474,9 @@ impl Aggregate for Account {
                 if !self.exists {
                     return Err(DomainError::NotFound);
                 }
+                if let Some(survivor) = self.merged_into {
+                    return Err(DomainError::RecordMerged { survivor });
+                }
                 Ok(vec![AccountEvent::Restored(
                     self.lifecycle.restore(reason, occurred_at)?,
                 )])
@@ -444,6 +486,16 @@ impl Aggregate for Account {
 
     fn evolve(mut self, event: &AccountEvent) -> Self {
         match event {
+            AccountEvent::Merged(merged) => {
+                self = self.evolve(&AccountEvent::DetailsUpdated(AccountDetailsUpdated {
+                    changes: merged.changes.clone(),
+                    occurred_at: merged.occurred_at,
+                }));
+                if let Some(tax_id) = &merged.tax_id {
+                    self.tax_id = tax_id.clone();
+                }
+            }
+            AccountEvent::MergedInto(merged) => self.merged_into = Some(merged.survivor),
             AccountEvent::Common(event) => self.meta.evolve(event),
             AccountEvent::Created(created) => {
                 self.exists = true;
@@ -482,11 +534,115 @@ impl Aggregate for Account {
     }
 
     fn unique_keys(&self) -> BTreeSet<UniqueKey> {
-        if self.tax_id.is_empty() {
+        if self.tax_id.is_empty() || self.merged_into.is_some() {
             BTreeSet::new()
         } else {
             BTreeSet::from([("tax_id", self.tax_id.clone())])
         }
+    }
+}
+
+impl crate::aggregate::Mergeable for Account {
+    type Choices = AccountMergeChoices;
+
+    fn merge(
+        survivor_id: Uuid,
+        survivor: &Self,
+        losers: &[(Uuid, Self)],
+        choices: &AccountMergeChoices,
+        context: Context,
+    ) -> Result<(Vec<AccountEvent>, Vec<(Uuid, Vec<AccountEvent>)>), DomainError> {
+        let occurred_at = context.occurred_at()?;
+        survivor.live()?;
+        let mut v = Violations::default();
+        v.check(
+            !losers.is_empty() && losers.len() <= 10,
+            "loser_ids",
+            "must name 1 to 10 records",
+        );
+        let mut ids = BTreeSet::new();
+        v.check(
+            losers
+                .iter()
+                .all(|(id, _)| *id != survivor_id && ids.insert(*id)),
+            "loser_ids",
+            "must be distinct and not the survivor",
+        );
+        v.into_result()?;
+        for (_, loser) in losers {
+            loser.live()?;
+        }
+        let pick = |field: &'static str, from: Option<Uuid>| -> Result<&Account, DomainError> {
+            match from {
+                None => Ok(survivor),
+                Some(id) if id == survivor_id => Ok(survivor),
+                Some(id) => losers
+                    .iter()
+                    .find(|(loser, _)| *loser == id)
+                    .map(|(_, account)| account)
+                    .ok_or_else(|| {
+                        DomainError::invalid(field, "must be the survivor or one of the losers")
+                    }),
+            }
+        };
+        let name = pick("name_from", choices.name_from)?.name.clone();
+        let industry = pick("industry_from", choices.industry_from)?
+            .industry
+            .clone();
+        let segment = pick("segment_from", choices.segment_from)?.segment.clone();
+        let mut domains = survivor.domains.clone();
+        let mut tax_id = None;
+        for (_, loser) in losers {
+            for domain in &loser.domains {
+                if !domains.contains(domain) {
+                    domains.push(domain.clone());
+                }
+            }
+            if !loser.tax_id.is_empty() && loser.tax_id != survivor.tax_id {
+                if !survivor.tax_id.is_empty()
+                    || tax_id.as_ref().is_some_and(|t| t != &loser.tax_id)
+                {
+                    return Err(DomainError::invalid(
+                        "loser_ids",
+                        "accounts with different tax ids are not duplicates",
+                    ));
+                }
+                tax_id = Some(loser.tax_id.clone());
+            }
+        }
+        if domains.len() > MAX_DOMAINS {
+            return Err(DomainError::invalid(
+                "loser_ids",
+                "the merged account would have more than 20 domains",
+            ));
+        }
+        let changes = AccountChanges {
+            name: diff(&survivor.name, Some(&name)),
+            domains: diff(&survivor.domains, Some(&domains)),
+            industry: diff(&survivor.industry, Some(&industry)),
+            parent_id: None,
+            segment: diff(&survivor.segment, Some(&segment)),
+        };
+        Ok((
+            vec![AccountEvent::Merged(AccountsMerged {
+                losers: losers.iter().map(|(id, _)| *id).collect(),
+                changes,
+                tax_id,
+                occurred_at,
+            })],
+            losers
+                .iter()
+                .map(|(id, _)| {
+                    (
+                        *id,
+                        vec![AccountEvent::MergedInto(AccountMergedInto {
+                            survivor: survivor_id,
+                            occurred_at,
+                        })],
+                    )
+                })
+                .collect(),
+        ))
     }
 }
 
@@ -660,6 +816,68 @@ mod tests {
                 occurred_at: now(),
             })]);
         assert_eq!(back.status, AccountStatus::Customer);
+    }
+
+    #[test]
+    fn accounts_merge_domains_and_take_a_missing_tax_id() {
+        use crate::aggregate::Mergeable;
+        let survivor = Account::default().replay(
+            Account::default()
+                .decide(
+                    AccountCommand::Create {
+                        self_id: id(),
+                        details: AccountDetails {
+                            name: "Acme".into(),
+                            domains: vec!["acme.example".into()],
+                            ..Default::default()
+                        },
+                    },
+                    crate::Context::at(now()),
+                )
+                .unwrap()
+                .iter(),
+        );
+        let loser = Account::default().replay([created()].iter());
+        let (events, losers) = Account::merge(
+            id(),
+            &survivor,
+            &[(Uuid::from_u128(8), loser.clone())],
+            &AccountMergeChoices::default(),
+            crate::Context::at(now()),
+        )
+        .unwrap();
+        let merged = survivor.clone().replay(events.iter());
+        assert_eq!(
+            merged.domains,
+            vec!["acme.example".to_owned()],
+            "same domain once"
+        );
+        assert_eq!(merged.tax_id, "91310000MA1FL0000X");
+        let gone = loser.replay(losers[0].1.iter());
+        assert!(gone.unique_keys().is_empty());
+        assert_eq!(
+            gone.decide(
+                AccountCommand::MarkCustomer {
+                    trigger: "first_order".into()
+                },
+                crate::Context::at(now())
+            ),
+            Err(DomainError::RecordMerged { survivor: id() })
+        );
+        // Different tax ids are not duplicates.
+        let other = Account::default().replay([created()].iter());
+        let mut survivor_with_tax = merged.clone();
+        survivor_with_tax.tax_id = "OTHER".into();
+        assert!(matches!(
+            Account::merge(
+                id(),
+                &survivor_with_tax,
+                &[(Uuid::from_u128(9), other)],
+                &AccountMergeChoices::default(),
+                crate::Context::at(now())
+            ),
+            Err(DomainError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -100,3 +100,21 @@ pub trait DomainEvent: Serialize + Sized + Clone + std::fmt::Debug + PartialEq {
         payload: D,
     ) -> Result<Option<Self>, D::Error>;
 }
+
+/// An aggregate whose duplicates merge (DOMAIN.md §2.11): one append writes
+/// the survivor's events and each loser's, and the losers' unique values move
+/// to the survivor.
+pub trait Mergeable: Aggregate {
+    /// Which record each single-valued field comes from.
+    type Choices;
+
+    /// The survivor's events and each loser's. Pure.
+    #[allow(clippy::type_complexity)]
+    fn merge(
+        survivor_id: uuid::Uuid,
+        survivor: &Self,
+        losers: &[(uuid::Uuid, Self)],
+        choices: &Self::Choices,
+        context: Context,
+    ) -> Result<(Vec<Self::Event>, Vec<(uuid::Uuid, Vec<Self::Event>)>), DomainError>;
+}

@@ -834,6 +834,21 @@ pub struct MergeOutcome {
     pub losers: Vec<(Uuid, Vec<ContactEvent>)>,
 }
 
+impl crate::aggregate::Mergeable for Contact {
+    type Choices = MergeChoices;
+
+    fn merge(
+        survivor_id: Uuid,
+        survivor: &Self,
+        losers: &[(Uuid, Self)],
+        choices: &MergeChoices,
+        context: Context,
+    ) -> Result<(Vec<ContactEvent>, Vec<(Uuid, Vec<ContactEvent>)>), DomainError> {
+        let outcome = merge(survivor_id, survivor, losers, choices, context)?;
+        Ok((outcome.survivor, outcome.losers))
+    }
+}
+
 /// Merges `losers` into the survivor (DOMAIN.md §2.11). None may be merged
 /// or archived; consent follows the latest decision per purpose.
 pub fn merge(

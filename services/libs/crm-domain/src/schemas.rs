@@ -6,6 +6,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 
 use crate::account::{
     AccountBecameCustomer, AccountChurned, AccountCreated, AccountDetailsUpdated,
+    AccountMergedInto, AccountsMerged,
 };
 use crate::activity::{ActivityCompleted, ActivityLogged, ActivityScheduled};
 use crate::campaign::{
@@ -84,6 +85,8 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<ActivityScheduled>("activity", "ActivityScheduled", 1),
         schema::<ActivityCompleted>("activity", "ActivityCompleted", 1),
         schema::<AccountCreated>("account", "AccountCreated", 1),
+        schema::<AccountsMerged>("account", "RecordsMerged", 1),
+        schema::<AccountMergedInto>("account", "RecordMergedInto", 1),
         schema::<ProductRecorded>("product", "ProductRecorded", 1),
         schema::<OrderRecorded>("order", "OrderRecorded", 1),
         schema::<OrderCancelled>("order", "OrderCancelled", 1),
