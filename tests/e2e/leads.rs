@@ -401,3 +401,54 @@ async fn tenants_may_let_working_leads_convert() {
     assert!(converted.account_created);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn duplicate_leads_merge_in_one_append() {
+    use crm_proto::v1::MergeLeadsRequest;
+    let app = TestApp::spawn().await;
+    let survivor = app
+        .leads()
+        .capture_lead(app.request(li_wei("li@example.cn", "Wei Trading")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let loser = app
+        .leads()
+        .capture_lead(app.request(li_wei("wei.li@work.example", "")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let merge = MergeLeadsRequest {
+        survivor_id: survivor.clone(),
+        loser_ids: vec![loser.clone()],
+        ..Default::default()
+    };
+    let merged = app
+        .leads()
+        .merge_leads(app.request(merge.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(merged.changes_json.contains("wei.li@work.example"));
+    let status = app
+        .leads()
+        .change_lead_status(app.request(move_to(&loser, "working")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            error_info(&status).0.as_str(),
+            error_info(&status).1["survivor"].as_str()
+        ),
+        ("RECORD_MERGED", survivor.as_str())
+    );
+    let status = app
+        .leads()
+        .merge_leads(app.request(merge))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "RECORD_MERGED");
+    app.stop().await;
+}

@@ -1,6 +1,8 @@
 //! `crm.v1.Leads`: proto requests → lead commands and the conversion.
 use crm_domain::contact::PersonName;
-use crm_domain::lead::{Lead, LeadCommand, LeadDetails, LeadDetailsPatch, LeadSource, LeadStatus};
+use crm_domain::lead::{
+    Lead, LeadCommand, LeadDetails, LeadDetailsPatch, LeadMergeChoices, LeadSource, LeadStatus,
+};
 use crm_proto::v1 as pb;
 use crm_proto::v1::leads_server::Leads;
 use tonic::{Request, Response, Status};
@@ -131,5 +133,51 @@ impl Leads for LeadsService {
             .convert_lead(&caller, id, account, &options)
             .await?;
         Ok(Response::new(reply))
+    }
+
+    async fn merge_leads(
+        &self,
+        request: Request<pb::MergeLeadsRequest>,
+    ) -> Result<Response<pb::MergeLeadsReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("MergeLeads", request.options.as_ref(), &request)?;
+        let survivor = parse_id("survivor_id", &request.survivor_id, false)?;
+        if request.loser_ids.len() > 10 {
+            return Err(ServiceError::invalid("loser_ids", "must name 1 to 10 records").into());
+        }
+        let losers = request
+            .loser_ids
+            .iter()
+            .map(|id| parse_id("loser_ids", id, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let choice = |field: &'static str, value: &str| {
+            if value.is_empty() {
+                Ok(None)
+            } else {
+                parse_id(field, value, false).map(Some)
+            }
+        };
+        let choices = LeadMergeChoices {
+            name_from: choice("name_from", &request.name_from)?,
+            company_from: choice("company_from", &request.company_from)?,
+        };
+        let merged = self
+            .handler
+            .merge_records::<Lead>(
+                &caller,
+                survivor,
+                &losers,
+                &choices,
+                request.dry_run,
+                &options,
+            )
+            .await?;
+        Ok(Response::new(pb::MergeLeadsReply {
+            survivor: merged.survivor,
+            merged: merged.merged,
+            changes_json: merged.changes_json,
+            dry_run: merged.dry_run,
+        }))
     }
 }

@@ -179,6 +179,30 @@ pub struct LeadConverted {
     pub occurred_at: Timestamp,
 }
 
+/// The survivor of a lead merge.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadsMerged {
+    pub losers: Vec<uuid::Uuid>,
+    pub changes: LeadChanges,
+    pub occurred_at: Timestamp,
+}
+
+/// A loser of a lead merge.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadMergedInto {
+    pub survivor: uuid::Uuid,
+    pub occurred_at: Timestamp,
+}
+
+/// Which lead the name and company come from; `None`: the survivor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeadMergeChoices {
+    pub name_from: Option<uuid::Uuid>,
+    pub company_from: Option<uuid::Uuid>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum LeadEvent {
@@ -187,6 +211,8 @@ pub enum LeadEvent {
     Converted(LeadConverted),
     Common(CommonEvent),
     DetailsUpdated(LeadDetailsUpdated),
+    Merged(LeadsMerged),
+    MergedInto(LeadMergedInto),
 }
 
 impl DomainEvent for LeadEvent {
@@ -197,6 +223,8 @@ impl DomainEvent for LeadEvent {
             Self::DetailsUpdated(_) => "LeadDetailsUpdated",
             Self::StatusChanged(_) => "LeadStatusChanged",
             Self::Converted(_) => "LeadConverted",
+            Self::Merged(_) => "RecordsMerged",
+            Self::MergedInto(_) => "RecordMergedInto",
         }
     }
 
@@ -210,6 +238,8 @@ impl DomainEvent for LeadEvent {
             "LeadDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
             "LeadStatusChanged" => Self::StatusChanged(Deserialize::deserialize(payload)?),
             "LeadConverted" => Self::Converted(Deserialize::deserialize(payload)?),
+            "RecordsMerged" => Self::Merged(Deserialize::deserialize(payload)?),
+            "RecordMergedInto" => Self::MergedInto(Deserialize::deserialize(payload)?),
             _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
         }))
     }
@@ -227,6 +257,8 @@ pub struct Lead {
     pub converted_to: Option<LeadConverted>,
     #[serde(default)]
     pub meta: RecordMeta,
+    #[serde(default)]
+    pub merged_into: Option<uuid::Uuid>,
 }
 
 impl Aggregate for Lead {
@@ -248,6 +280,9 @@ impl Aggregate for Lead {
         context: Context,
     ) -> Result<Vec<LeadEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
+        if let Some(survivor) = self.merged_into {
+            return Err(DomainError::RecordMerged { survivor });
+        }
         self.meta.refuse_if_archived(matches!(
             command,
             LeadCommand::Common(CommonCommand::Restore(_))
@@ -423,6 +458,13 @@ impl Aggregate for Lead {
 
     fn evolve(mut self, event: &LeadEvent) -> Self {
         match event {
+            LeadEvent::Merged(merged) => {
+                self = self.evolve(&LeadEvent::DetailsUpdated(LeadDetailsUpdated {
+                    changes: merged.changes.clone(),
+                    occurred_at: merged.occurred_at,
+                }));
+            }
+            LeadEvent::MergedInto(merged) => self.merged_into = Some(merged.survivor),
             LeadEvent::Common(event) => self.meta.evolve(event),
             LeadEvent::Captured(captured) => {
                 self.exists = true;
@@ -454,6 +496,115 @@ impl Aggregate for Lead {
             }
         }
         self
+    }
+}
+
+impl crate::aggregate::Mergeable for Lead {
+    type Choices = LeadMergeChoices;
+
+    fn merge(
+        survivor_id: uuid::Uuid,
+        survivor: &Self,
+        losers: &[(uuid::Uuid, Self)],
+        choices: &LeadMergeChoices,
+        context: Context,
+    ) -> Result<(Vec<LeadEvent>, Vec<(uuid::Uuid, Vec<LeadEvent>)>), DomainError> {
+        let occurred_at = context.occurred_at()?;
+        let usable = |lead: &Lead| -> Result<(), DomainError> {
+            if !lead.exists {
+                return Err(DomainError::NotFound);
+            }
+            if let Some(survivor) = lead.merged_into {
+                return Err(DomainError::RecordMerged { survivor });
+            }
+            if lead.status == LeadStatus::Converted {
+                return Err(DomainError::InvalidTransition {
+                    from: "converted",
+                    to: "merged",
+                });
+            }
+            lead.meta.refuse_if_archived(false)
+        };
+        usable(survivor)?;
+        let mut v = Violations::default();
+        v.check(
+            !losers.is_empty() && losers.len() <= 10,
+            "loser_ids",
+            "must name 1 to 10 records",
+        );
+        let mut ids = std::collections::BTreeSet::new();
+        v.check(
+            losers
+                .iter()
+                .all(|(id, _)| *id != survivor_id && ids.insert(*id)),
+            "loser_ids",
+            "must be distinct and not the survivor",
+        );
+        v.into_result()?;
+        for (_, loser) in losers {
+            usable(loser)?;
+        }
+        let pick = |field: &'static str, from: Option<uuid::Uuid>| -> Result<&Lead, DomainError> {
+            match from {
+                None => Ok(survivor),
+                Some(id) if id == survivor_id => Ok(survivor),
+                Some(id) => losers
+                    .iter()
+                    .find(|(loser, _)| *loser == id)
+                    .map(|(_, lead)| lead)
+                    .ok_or_else(|| {
+                        DomainError::invalid(field, "must be the survivor or one of the losers")
+                    }),
+            }
+        };
+        let name = pick("name_from", choices.name_from)?.name.clone();
+        let company = pick("company_from", choices.company_from)?.company.clone();
+        let mut emails = survivor.emails.clone();
+        let mut phones = survivor.phones.clone();
+        for (_, loser) in losers {
+            for email in &loser.emails {
+                let key = crate::common::normalize_email(&email.address);
+                if !emails
+                    .iter()
+                    .any(|e| crate::common::normalize_email(&e.address) == key)
+                {
+                    emails.push(Email {
+                        address: email.address.clone(),
+                        primary: emails.is_empty(),
+                    });
+                }
+            }
+            for phone in &loser.phones {
+                if !phones.iter().any(|p| p.number == phone.number) {
+                    phones.push(phone.clone());
+                }
+            }
+        }
+        let changes = LeadChanges {
+            name: crate::common::diff(&survivor.name, Some(&name)),
+            company: crate::common::diff(&survivor.company, Some(&company)),
+            emails: crate::common::diff(&survivor.emails, Some(&emails)),
+            phones: crate::common::diff(&survivor.phones, Some(&phones)),
+        };
+        Ok((
+            vec![LeadEvent::Merged(LeadsMerged {
+                losers: losers.iter().map(|(id, _)| *id).collect(),
+                changes,
+                occurred_at,
+            })],
+            losers
+                .iter()
+                .map(|(id, _)| {
+                    (
+                        *id,
+                        vec![LeadEvent::MergedInto(LeadMergedInto {
+                            survivor: survivor_id,
+                            occurred_at,
+                        })],
+                    )
+                })
+                .collect(),
+        ))
     }
 }
 
@@ -519,6 +670,77 @@ mod tests {
         given::<Lead>([])
             .when(LeadCommand::Capture(bad))
             .then_invalid(&["emails[0].address", "source.channel"]);
+    }
+
+    #[test]
+    fn duplicate_leads_merge_and_converted_ones_do_not() {
+        use crate::aggregate::Mergeable;
+        let with_email = LeadEvent::Captured(LeadCaptured {
+            name: PersonName {
+                given: "Li".into(),
+                family: "Wei".into(),
+            },
+            company: String::new(),
+            emails: vec![Email {
+                address: "li@example.cn".into(),
+                primary: true,
+            }],
+            phones: vec![],
+            source: LeadSource {
+                channel: "event".into(),
+                ..LeadSource::default()
+            },
+            occurred_at: now(),
+        });
+        let survivor = Lead::default().replay([captured()].iter());
+        let loser = Lead::default().replay([with_email].iter());
+        let choices = LeadMergeChoices::default();
+        let (events, losers) = Lead::merge(
+            uuid::Uuid::from_u128(1),
+            &survivor,
+            &[(uuid::Uuid::from_u128(2), loser.clone())],
+            &choices,
+            crate::Context::at(now()),
+        )
+        .unwrap();
+        let merged = survivor.clone().replay(events.iter());
+        assert_eq!(merged.emails.len(), 1);
+        assert_eq!(merged.company, "Wei Trading");
+        let gone = loser.replay(losers[0].1.iter());
+        assert_eq!(
+            gone.decide(
+                LeadCommand::ChangeStatus {
+                    to: LeadStatus::Working,
+                    reason: None
+                },
+                crate::Context::at(now())
+            ),
+            Err(DomainError::RecordMerged {
+                survivor: uuid::Uuid::from_u128(1)
+            })
+        );
+        let converted = Lead::default().replay(
+            [
+                captured(),
+                LeadEvent::Converted(LeadConverted {
+                    account_id: uuid::Uuid::nil(),
+                    account_created: true,
+                    contact_id: uuid::Uuid::nil(),
+                    occurred_at: now(),
+                }),
+            ]
+            .iter(),
+        );
+        assert!(matches!(
+            Lead::merge(
+                uuid::Uuid::from_u128(1),
+                &survivor,
+                &[(uuid::Uuid::from_u128(3), converted)],
+                &choices,
+                crate::Context::at(now())
+            ),
+            Err(DomainError::InvalidTransition { .. })
+        ));
     }
 
     #[test]

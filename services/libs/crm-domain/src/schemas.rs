@@ -26,7 +26,9 @@ use crate::contact::{
     ContactLinkedToAccount, ContactUnlinkedFromAccount, NpsResponseRecorded, RecordMergedInto,
     RecordsMerged,
 };
-use crate::lead::{LeadCaptured, LeadConverted, LeadDetailsUpdated, LeadStatusChanged};
+use crate::lead::{
+    LeadCaptured, LeadConverted, LeadDetailsUpdated, LeadMergedInto, LeadStatusChanged, LeadsMerged,
+};
 use crate::opportunity::{
     OpportunityForecastFieldsChanged, OpportunityLineItemsChanged, OpportunityLost,
     OpportunityOpened, OpportunityReopened, OpportunityStageChanged, OpportunityWon,
@@ -117,6 +119,8 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<LeadCaptured>("lead", "LeadCaptured", 1),
         schema::<LeadStatusChanged>("lead", "LeadStatusChanged", 1),
         schema::<LeadDetailsUpdated>("lead", "LeadDetailsUpdated", 1),
+        schema::<LeadsMerged>("lead", "RecordsMerged", 1),
+        schema::<LeadMergedInto>("lead", "RecordMergedInto", 1),
         schema::<LeadConverted>("lead", "LeadConverted", 1),
         schema::<OpportunityOpened>("opportunity", "OpportunityOpened", 1),
         schema::<OpportunityStageChanged>("opportunity", "OpportunityStageChanged", 1),
