@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::fields::tenant_scoped_id;
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct ActivitiesService {
@@ -62,8 +63,7 @@ fn targets(targets: Vec<pb::ActivityTarget>) -> Result<Vec<Target>, ServiceError
 /// An activity id derived from a synced message's external id (UUIDv5 under a
 /// per-tenant namespace).
 fn from_external_id(tenant: &TenantId, external_id: &str) -> Uuid {
-    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
-    Uuid::new_v5(&namespace, format!("activity:{external_id}").as_bytes())
+    tenant_scoped_id(tenant, &format!("activity:{external_id}"))
 }
 
 #[tonic::async_trait]

@@ -1,15 +1,14 @@
 //! `crm.v1.Campaigns`: proto requests → campaign commands, with the member's
 //! consent looked up first.
+use crm_domain::DomainError;
 use crm_domain::campaign::{Campaign, CampaignCommand, CampaignPlan, CampaignStatus, purpose_for};
-use crm_domain::common::Money;
 use crm_domain::contact::Contact;
-use crm_domain::{Aggregate, DomainError};
 use crm_proto::v1 as pb;
 use crm_proto::v1::campaigns_server::Campaigns;
-use jiff::civil::Date;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::fields::{date, money};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct CampaignsService {
@@ -34,28 +33,6 @@ impl CampaignsService {
             .await?;
         Ok(Response::new(reply))
     }
-
-    async fn state<A: Aggregate>(&self, caller: &Caller, id: Uuid) -> Result<A, ServiceError> {
-        match self.handler.load::<A>(&caller.tenant, id).await {
-            Ok((state, _, _)) => Ok(state),
-            Err(ServiceError::Domain(DomainError::NotFound)) => Ok(A::default()),
-            Err(other) => Err(other),
-        }
-    }
-}
-
-fn date(field: &'static str, value: &str) -> Result<Date, ServiceError> {
-    value
-        .parse::<Date>()
-        .map_err(|_| ServiceError::invalid(field, "must be a date YYYY-MM-DD"))
-}
-
-fn money(field: &'static str, value: Option<pb::Money>) -> Result<Money, ServiceError> {
-    let value = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
-    Ok(Money {
-        amount_minor: value.amount_minor,
-        currency: value.currency,
-    })
 }
 
 #[tonic::async_trait]
@@ -138,14 +115,20 @@ impl Campaigns for CampaignsService {
         let options = Options::parse("AddCampaignMember", request.options.as_ref(), &request)?;
         let id = parse_id("campaign_id", &request.campaign_id, false)?;
         let contact_id = parse_id("contact_id", &request.contact_id, false)?;
-        let contact = self.state::<Contact>(&caller, contact_id).await?;
+        let contact = self
+            .handler
+            .state_or_default::<Contact>(&caller.tenant, contact_id)
+            .await?;
         if !contact.exists {
             return Err(ServiceError::Domain(DomainError::InvalidReference {
                 field: "contact_id",
             })
             .into());
         }
-        let campaign = self.state::<Campaign>(&caller, id).await?;
+        let campaign = self
+            .handler
+            .state_or_default::<Campaign>(&caller.tenant, id)
+            .await?;
         let consented = purpose_for(&campaign.channel).is_none_or(|purpose| {
             contact.consent.get(purpose).is_some_and(|c| c.granted)
                 && !contact.preferences.do_not_contact

@@ -8,10 +8,10 @@ use crm_domain::common::Money;
 use crm_domain::{Aggregate, TenantId};
 use crm_proto::v1 as pb;
 use crm_proto::v1::commerce_server::Commerce;
-use jiff::civil::Date;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::fields::{date, money, optional_id, tenant_scoped_id};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct CommerceService {
@@ -54,10 +54,9 @@ impl CommerceService {
 /// The CRM id of an ERP record: UUIDv5 of (stream type, source, external id)
 /// under a per-tenant namespace, so every resend lands on the same stream.
 fn derived_id(tenant: &TenantId, stream_type: &str, external: &ExternalRef) -> Uuid {
-    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
-    Uuid::new_v5(
-        &namespace,
-        format!("{stream_type}:{}:{}", external.source, external.external_id).as_bytes(),
+    tenant_scoped_id(
+        tenant,
+        &format!("{stream_type}:{}:{}", external.source, external.external_id),
     )
 }
 
@@ -71,28 +70,6 @@ fn external(
         external_id: value.external_id,
         external_version: value.external_version,
     })
-}
-
-fn money(field: &'static str, value: Option<pb::Money>) -> Result<Money, ServiceError> {
-    let value = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
-    Ok(Money {
-        amount_minor: value.amount_minor,
-        currency: value.currency,
-    })
-}
-
-fn date(field: &'static str, value: &str) -> Result<Date, ServiceError> {
-    value
-        .parse::<Date>()
-        .map_err(|_| ServiceError::invalid(field, "must be a date YYYY-MM-DD"))
-}
-
-fn optional_id(field: &'static str, value: &str) -> Result<Option<Uuid>, ServiceError> {
-    if value.is_empty() {
-        Ok(None)
-    } else {
-        parse_id(field, value, false).map(Some)
-    }
 }
 
 #[tonic::async_trait]

@@ -9,10 +9,10 @@ use crm_domain::configuration::{
 };
 use crm_proto::v1 as pb;
 use crm_proto::v1::configuration_server::Configuration;
-use jiff::civil::{Date, Time};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::fields::{date, tenant_scoped_id, time};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct ConfigurationService {
@@ -41,18 +41,6 @@ fn id_or_new(field: &'static str, value: &str) -> Result<Uuid, ServiceError> {
     } else {
         parse_id(field, value, false)
     }
-}
-
-fn time(field: String, value: &str) -> Result<Time, ServiceError> {
-    value
-        .parse::<Time>()
-        .map_err(|_| ServiceError::Domain(DomainError::invalid(field, "must be a time HH:MM")))
-}
-
-fn date(field: String, value: &str) -> Result<Date, ServiceError> {
-    value
-        .parse::<Date>()
-        .map_err(|_| ServiceError::Domain(DomainError::invalid(field, "must be a date YYYY-MM-DD")))
 }
 
 #[tonic::async_trait]
@@ -220,11 +208,7 @@ impl Configuration for ConfigurationService {
         require_role(&caller, &["admin"], "change tenant settings")?;
         let request = request.into_inner();
         let options = Options::parse("PublishTenantSettings", request.options.as_ref(), &request)?;
-        let namespace = Uuid::new_v5(
-            &Uuid::NAMESPACE_OID,
-            format!("crm:{}", caller.tenant).as_bytes(),
-        );
-        let id = Uuid::new_v5(&namespace, b"tenant_settings");
+        let id = tenant_settings_id(&caller.tenant);
         let content = TenantSettings {
             time_zone: request.time_zone,
             fiscal_year_start_month: u8::try_from(request.fiscal_year_start_month).unwrap_or(0),
@@ -270,15 +254,12 @@ impl Configuration for ConfigurationService {
                     ServiceError::invalid("parent_id", "would make a cycle of teams").into(),
                 );
             }
-            let team = match self
+            let team = self
                 .handler
-                .load::<TeamConfig>(&caller.tenant, ancestor)
-                .await
-            {
-                Ok((config, _, _)) => config.current().cloned(),
-                Err(ServiceError::Domain(DomainError::NotFound)) => None,
-                Err(other) => return Err(other.into()),
-            };
+                .state_or_default::<TeamConfig>(&caller.tenant, ancestor)
+                .await?
+                .current()
+                .cloned();
             let Some(team) = team else {
                 return Err(ServiceError::Domain(DomainError::InvalidReference {
                     field: "parent_id",
@@ -325,13 +306,9 @@ impl Configuration for ConfigurationService {
         let amount = request
             .amount
             .ok_or_else(|| ServiceError::invalid("amount", "is required"))?;
-        let namespace = Uuid::new_v5(
-            &Uuid::NAMESPACE_OID,
-            format!("crm:{}", caller.tenant).as_bytes(),
-        );
-        let id = Uuid::new_v5(
-            &namespace,
-            format!("sales_target:{}:{}", request.fiscal_year, request.metric).as_bytes(),
+        let id = tenant_scoped_id(
+            &caller.tenant,
+            &format!("sales_target:{}:{}", request.fiscal_year, request.metric),
         );
         let small = |value: u32| u8::try_from(value).ok().filter(|v| *v > 0);
         let command = Allocate {
@@ -432,12 +409,10 @@ impl Configuration for ConfigurationService {
 
 /// The tenant's one settings record.
 pub(crate) fn tenant_settings_id(tenant: &crm_domain::TenantId) -> Uuid {
-    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
-    Uuid::new_v5(&namespace, b"tenant_settings")
+    tenant_scoped_id(tenant, "tenant_settings")
 }
 
 /// The record of an agent: derived from the agent's user id.
 pub(crate) fn agent_id(tenant: &crm_domain::TenantId, agent: &str) -> Uuid {
-    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
-    Uuid::new_v5(&namespace, format!("agent:{agent}").as_bytes())
+    tenant_scoped_id(tenant, &format!("agent:{agent}"))
 }

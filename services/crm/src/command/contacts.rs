@@ -223,15 +223,11 @@ impl Contacts for ContactsService {
         let options = Options::parse("LinkContactToAccount", request.options.as_ref(), &request)?;
         let id = parse_id("contact_id", &request.contact_id, false)?;
         let account_id = parse_id("account_id", &request.account_id, false)?;
-        let account_active = match self
+        let account = self
             .handler
-            .load::<Account>(&caller.tenant, account_id)
-            .await
-        {
-            Ok((account, _, _)) => account.exists && account.lifecycle == Lifecycle::Active,
-            Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => false,
-            Err(other) => return Err(other.into()),
-        };
+            .state_or_default::<Account>(&caller.tenant, account_id)
+            .await?;
+        let account_active = account.exists && account.lifecycle == Lifecycle::Active;
         let command = ContactCommand::LinkToAccount {
             account_id,
             role: request.role,

@@ -15,6 +15,7 @@ mod commerce;
 mod configuration;
 mod contacts;
 mod error;
+mod fields;
 mod leads;
 mod opportunities;
 mod records;
@@ -171,6 +172,20 @@ impl CommandHandler {
         mac.update(&[0]);
         mac.update(value.as_bytes());
         mac.finalize().into_bytes().to_vec()
+    }
+
+    /// A record's state, or the empty state when there is none (or it is
+    /// another kind of record): for facts about other aggregates.
+    pub(crate) async fn state_or_default<A: Aggregate>(
+        &self,
+        tenant: &TenantId,
+        stream_id: Uuid,
+    ) -> Result<A, ServiceError> {
+        match self.load::<A>(tenant, stream_id).await {
+            Ok((state, _, _)) => Ok(state),
+            Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => Ok(A::default()),
+            Err(other) => Err(other),
+        }
     }
 
     /// Folds a stream into state: the latest usable snapshot, then the events
@@ -537,9 +552,10 @@ impl CommandHandler {
         existing_account: Option<Uuid>,
         options: &Options,
     ) -> Result<ConvertLeadReply, ServiceError> {
-        let account_id =
-            existing_account.unwrap_or_else(|| derived_id(&caller.tenant, lead_id, "account"));
-        let contact_id = derived_id(&caller.tenant, lead_id, "contact");
+        let account_id = existing_account.unwrap_or_else(|| {
+            fields::tenant_scoped_id(&caller.tenant, &format!("{lead_id}:account"))
+        });
+        let contact_id = fields::tenant_scoped_id(&caller.tenant, &format!("{lead_id}:contact"));
         let answer = |appended: &Appended| ConvertLeadReply {
             lead: Some(reply(lead_id, appended)),
             account_id: account_id.to_string(),
@@ -570,31 +586,19 @@ impl CommandHandler {
                 });
             }
             let account = match existing_account {
-                Some(id) => Some(
-                    self.load::<Account>(&caller.tenant, id)
-                        .await
-                        .or_else(|e| match e {
-                            // Not an account (another stream type): not usable.
-                            ServiceError::Domain(crm_domain::DomainError::NotFound) => {
-                                Ok((Account::default(), 0, 0))
-                            }
-                            other => Err(other),
-                        })?
-                        .0,
-                ),
+                // Not an account (or another stream type): the empty
+                // state, which conversion refuses as not usable.
+                Some(id) => Some(self.state_or_default::<Account>(&caller.tenant, id).await?),
                 None => None,
             };
-            let allow_working = match self
-                .load::<crm_domain::configuration::TenantSettingsConfig>(
+            let allow_working = self
+                .state_or_default::<crm_domain::configuration::TenantSettingsConfig>(
                     &caller.tenant,
                     configuration::tenant_settings_id(&caller.tenant),
                 )
-                .await
-            {
-                Ok((settings, _, _)) => settings.current().is_some_and(|s| s.convert_from_working),
-                Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => false,
-                Err(other) => return Err(other),
-            };
+                .await?
+                .current()
+                .is_some_and(|s| s.convert_from_working);
             let context = Context {
                 now: Timestamp::now(),
                 occurred_at: options.occurred_at,
@@ -680,13 +684,6 @@ pub struct Merged {
 struct Snapshotted<A> {
     position: u64,
     state: A,
-}
-
-/// A record id derived from a lead (UUIDv5 under a per-tenant namespace), so
-/// retried conversions converge on the same records.
-fn derived_id(tenant: &TenantId, lead_id: Uuid, role: &str) -> Uuid {
-    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
-    Uuid::new_v5(&namespace, format!("{lead_id}:{role}").as_bytes())
 }
 
 /// One stream's part of an append: serialized events at the expected version.

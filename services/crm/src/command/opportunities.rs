@@ -1,21 +1,21 @@
 //! `crm.v1.Pipelines` and `crm.v1.Opportunities`: proto requests → commands,
 //! with the facts a deal's decisions need (account active, pipeline versions,
 //! the caller's roles) loaded first.
+use crm_domain::DomainError;
 use crm_domain::account::Account;
 use crm_domain::common::{Lifecycle, Money};
 use crm_domain::opportunity::{
     DealDetails, DealFacts, ForecastPatch, Opportunity, OpportunityCommand,
 };
 use crm_domain::pipeline::{ForecastCategory, PipelineCommand, PipelineConfig, Stage, StageKind};
-use crm_domain::{Aggregate, DomainError};
 use crm_proto::v1 as pb;
 use crm_proto::v1::opportunities_server::Opportunities;
 use crm_proto::v1::pipelines_server::Pipelines;
-use jiff::civil::Date;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::contacts::reason;
+use super::fields::{date, money};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 /// Roles that may reopen a won deal.
@@ -42,14 +42,6 @@ impl OpportunitiesService {
 
     /// A record's state, or the empty state when there is none (or it is
     /// another kind of record).
-    async fn state_of<A: Aggregate>(&self, caller: &Caller, id: Uuid) -> Result<A, ServiceError> {
-        match self.handler.load::<A>(&caller.tenant, id).await {
-            Ok((state, _, _)) => Ok(state),
-            Err(ServiceError::Domain(DomainError::NotFound)) => Ok(A::default()),
-            Err(other) => Err(other),
-        }
-    }
-
     async fn facts(
         &self,
         caller: &Caller,
@@ -58,13 +50,20 @@ impl OpportunitiesService {
     ) -> Result<DealFacts, ServiceError> {
         let account_active = match account_id {
             Some(id) => {
-                let account = self.state_of::<Account>(caller, id).await?;
+                let account = self
+                    .handler
+                    .state_or_default::<Account>(&caller.tenant, id)
+                    .await?;
                 account.exists && account.lifecycle == Lifecycle::Active
             }
             None => false,
         };
         let pipeline = match pipeline_id {
-            Some(id) => self.state_of::<PipelineConfig>(caller, id).await?,
+            Some(id) => {
+                self.handler
+                    .state_or_default::<PipelineConfig>(&caller.tenant, id)
+                    .await?
+            }
             None => PipelineConfig::default(),
         };
         Ok(DealFacts {
@@ -79,23 +78,12 @@ impl OpportunitiesService {
 
     /// Facts for a command on an existing deal: its own pipeline.
     async fn deal_facts(&self, caller: &Caller, id: Uuid) -> Result<DealFacts, ServiceError> {
-        let deal = self.state_of::<Opportunity>(caller, id).await?;
+        let deal = self
+            .handler
+            .state_or_default::<Opportunity>(&caller.tenant, id)
+            .await?;
         self.facts(caller, deal.account_id, deal.pipeline_id).await
     }
-}
-
-fn money(field: &'static str, value: Option<pb::Money>) -> Result<Money, ServiceError> {
-    let value = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
-    Ok(Money {
-        amount_minor: value.amount_minor,
-        currency: value.currency,
-    })
-}
-
-fn date(field: &'static str, value: &str) -> Result<Date, ServiceError> {
-    value
-        .parse::<Date>()
-        .map_err(|_| ServiceError::invalid(field, "must be a date YYYY-MM-DD"))
 }
 
 fn category(field: &'static str, value: &str) -> Result<ForecastCategory, ServiceError> {

@@ -57,34 +57,28 @@ impl Tickets for TicketsService {
         let options = Options::parse("AssignTicket", request.options.as_ref(), &request)?;
         let id = parse_id("ticket_id", &request.ticket_id, false)?;
         let queue_id = parse_id("queue_id", &request.queue_id, false)?;
-        let queue = match self
+        let queue = self
             .handler
-            .load::<QueueConfig>(&caller.tenant, queue_id)
-            .await
-        {
-            Ok((config, _, _)) => config.current().cloned(),
-            Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => None,
-            Err(other) => return Err(other.into()),
-        }
-        .ok_or(ServiceError::Domain(
-            crm_domain::DomainError::InvalidReference { field: "queue_id" },
-        ))?;
+            .state_or_default::<QueueConfig>(&caller.tenant, queue_id)
+            .await?
+            .current()
+            .cloned()
+            .ok_or(ServiceError::Domain(
+                crm_domain::DomainError::InvalidReference { field: "queue_id" },
+            ))?;
         let assignee = (!request.assignee.is_empty()).then_some(request.assignee);
         let eligible = match &assignee {
             None => true,
             Some(agent) => {
-                let availability = match self
+                let availability = self
                     .handler
-                    .load::<AgentConfig>(
+                    .state_or_default::<AgentConfig>(
                         &caller.tenant,
                         super::configuration::agent_id(&caller.tenant, agent),
                     )
-                    .await
-                {
-                    Ok((config, _, _)) => config.current().cloned(),
-                    Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => None,
-                    Err(other) => return Err(other.into()),
-                };
+                    .await?
+                    .current()
+                    .cloned();
                 queue.members.contains(agent)
                     && availability.is_some_and(|a| {
                         a.status == "online"

@@ -1,0 +1,49 @@
+//! Conversions every service shares: optional ids, money, dates and times,
+//! and ids derived from a tenant-scoped name.
+use crm_domain::TenantId;
+use crm_domain::common::Money;
+use crm_proto::v1 as pb;
+use jiff::civil::{Date, Time};
+use uuid::Uuid;
+
+use super::{ServiceError, parse_id};
+
+/// A record id derived from a name within the tenant (UUIDv5 under a
+/// per-tenant namespace), so that retries, resends and re-syncs converge on
+/// the same record.
+pub fn tenant_scoped_id(tenant: &TenantId, name: &str) -> Uuid {
+    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("crm:{tenant}").as_bytes());
+    Uuid::new_v5(&namespace, name.as_bytes())
+}
+
+/// An id that may be empty.
+pub fn optional_id(field: &'static str, value: &str) -> Result<Option<Uuid>, ServiceError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        parse_id(field, value, false).map(Some)
+    }
+}
+
+/// A required amount.
+pub fn money(field: impl Into<String>, value: Option<pb::Money>) -> Result<Money, ServiceError> {
+    let value = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
+    Ok(Money {
+        amount_minor: value.amount_minor,
+        currency: value.currency,
+    })
+}
+
+/// A `YYYY-MM-DD` date.
+pub fn date(field: impl Into<String>, value: &str) -> Result<Date, ServiceError> {
+    value
+        .parse::<Date>()
+        .map_err(|_| ServiceError::invalid(field, "must be a date YYYY-MM-DD"))
+}
+
+/// An `HH:MM` time.
+pub fn time(field: impl Into<String>, value: &str) -> Result<Time, ServiceError> {
+    value
+        .parse::<Time>()
+        .map_err(|_| ServiceError::invalid(field, "must be a time HH:MM"))
+}
