@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::aggregate::{Aggregate, Context, DomainEvent, UniqueKey};
+use crate::aggregate::{Aggregate, Context, DomainEvent, MergeParties, UniqueKey};
 use crate::common::{
     Change, Lifecycle, LifecycleChanged, Reason, diff, is_code, is_domain, text_ok,
 };
@@ -553,38 +553,10 @@ impl crate::aggregate::Mergeable for Account {
         context: Context,
     ) -> Result<(Vec<AccountEvent>, Vec<(Uuid, Vec<AccountEvent>)>), DomainError> {
         let occurred_at = context.occurred_at()?;
-        survivor.live()?;
-        let mut v = Violations::default();
-        v.check(
-            !losers.is_empty() && losers.len() <= 10,
-            "loser_ids",
-            "must name 1 to 10 records",
-        );
-        let mut ids = BTreeSet::new();
-        v.check(
-            losers
-                .iter()
-                .all(|(id, _)| *id != survivor_id && ids.insert(*id)),
-            "loser_ids",
-            "must be distinct and not the survivor",
-        );
-        v.into_result()?;
-        for (_, loser) in losers {
-            loser.live()?;
-        }
-        let pick = |field: &'static str, from: Option<Uuid>| -> Result<&Account, DomainError> {
-            match from {
-                None => Ok(survivor),
-                Some(id) if id == survivor_id => Ok(survivor),
-                Some(id) => losers
-                    .iter()
-                    .find(|(loser, _)| *loser == id)
-                    .map(|(_, account)| account)
-                    .ok_or_else(|| {
-                        DomainError::invalid(field, "must be the survivor or one of the losers")
-                    }),
-            }
-        };
+        let parties = MergeParties::check(survivor_id, survivor, losers, |account: &Account| {
+            account.live()
+        })?;
+        let pick = |field, from| parties.pick(field, from);
         let name = pick("name_from", choices.name_from)?.name.clone();
         let industry = pick("industry_from", choices.industry_from)?
             .industry

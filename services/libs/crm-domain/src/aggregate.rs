@@ -101,6 +101,73 @@ pub trait DomainEvent: Serialize + Sized + Clone + std::fmt::Debug + PartialEq {
     ) -> Result<Option<Self>, D::Error>;
 }
 
+/// The most losers one merge takes (DOMAIN.md §2.11).
+pub const MAX_MERGE_LOSERS: usize = 10;
+
+/// The records of one merge, checked: the survivor and every loser usable
+/// (by the aggregate's own rule), 1 to [`MAX_MERGE_LOSERS`] losers, distinct
+/// and not the survivor.
+pub struct MergeParties<'a, A> {
+    survivor_id: uuid::Uuid,
+    survivor: &'a A,
+    losers: &'a [(uuid::Uuid, A)],
+}
+
+impl<'a, A> MergeParties<'a, A> {
+    pub fn check(
+        survivor_id: uuid::Uuid,
+        survivor: &'a A,
+        losers: &'a [(uuid::Uuid, A)],
+        usable: impl Fn(&A) -> Result<(), DomainError>,
+    ) -> Result<Self, DomainError> {
+        usable(survivor)?;
+        let mut v = crate::error::Violations::default();
+        v.check(
+            !losers.is_empty() && losers.len() <= MAX_MERGE_LOSERS,
+            "loser_ids",
+            "must name 1 to 10 records",
+        );
+        let mut ids = BTreeSet::new();
+        v.check(
+            losers
+                .iter()
+                .all(|(id, _)| *id != survivor_id && ids.insert(*id)),
+            "loser_ids",
+            "must be distinct and not the survivor",
+        );
+        v.into_result()?;
+        for (_, loser) in losers {
+            usable(loser)?;
+        }
+        Ok(Self {
+            survivor_id,
+            survivor,
+            losers,
+        })
+    }
+
+    /// The record a single-valued field comes from: the survivor unless a
+    /// choice names one of the losers.
+    pub fn pick(
+        &self,
+        field: &'static str,
+        from: Option<uuid::Uuid>,
+    ) -> Result<&'a A, DomainError> {
+        match from {
+            None => Ok(self.survivor),
+            Some(id) if id == self.survivor_id => Ok(self.survivor),
+            Some(id) => self
+                .losers
+                .iter()
+                .find(|(loser, _)| *loser == id)
+                .map(|(_, record)| record)
+                .ok_or_else(|| {
+                    DomainError::invalid(field, "must be the survivor or one of the losers")
+                }),
+        }
+    }
+}
+
 /// An aggregate whose duplicates merge (DOMAIN.md §2.11): one append writes
 /// the survivor's events and each loser's, and the losers' unique values move
 /// to the survivor.

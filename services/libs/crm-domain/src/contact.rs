@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::aggregate::{Aggregate, Context, DomainEvent, UniqueKey};
+use crate::aggregate::{Aggregate, Context, DomainEvent, MergeParties, UniqueKey};
 use crate::common::{
     Change, Lifecycle, LifecycleChanged, Reason, diff, is_bcp47, is_e164, is_email, is_iana_zone,
     normalize_email, text_ok,
@@ -815,8 +815,7 @@ impl Aggregate for Contact {
     }
 }
 
-/// Most losers one merge may take.
-pub const MAX_MERGE_LOSERS: usize = 10;
+pub use crate::aggregate::MAX_MERGE_LOSERS;
 
 /// Which record each single-valued field comes from; `None` keeps the
 /// survivor's. Emails and phones are the union of all records'.
@@ -859,38 +858,10 @@ pub fn merge(
     context: Context,
 ) -> Result<MergeOutcome, DomainError> {
     let occurred_at = context.occurred_at()?;
-    survivor.live()?;
-    let mut v = Violations::default();
-    v.check(
-        !losers.is_empty() && losers.len() <= MAX_MERGE_LOSERS,
-        "loser_ids",
-        "must name 1 to 10 records",
-    );
-    let mut ids = BTreeSet::new();
-    v.check(
-        losers
-            .iter()
-            .all(|(id, _)| *id != survivor_id && ids.insert(*id)),
-        "loser_ids",
-        "must be distinct and not the survivor",
-    );
-    v.into_result()?;
-    for (_, loser) in losers {
-        loser.live()?;
-    }
-    let pick = |field: &'static str, from: Option<Uuid>| -> Result<&Contact, DomainError> {
-        match from {
-            None => Ok(survivor),
-            Some(id) if id == survivor_id => Ok(survivor),
-            Some(id) => losers
-                .iter()
-                .find(|(loser, _)| *loser == id)
-                .map(|(_, contact)| contact)
-                .ok_or_else(|| {
-                    DomainError::invalid(field, "must be the survivor or one of the losers")
-                }),
-        }
-    };
+    let parties = MergeParties::check(survivor_id, survivor, losers, |contact: &Contact| {
+        contact.live()
+    })?;
+    let pick = |field, from| parties.pick(field, from);
     let name = pick("name_from", choices.name_from)?.name.clone();
     let title = pick("title_from", choices.title_from)?.title.clone();
     let preferences = pick("preferences_from", choices.preferences_from)?

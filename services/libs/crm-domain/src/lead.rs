@@ -7,7 +7,7 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{Aggregate, Context, DomainEvent};
+use crate::aggregate::{Aggregate, Context, DomainEvent, MergeParties};
 use crate::common::{Change, Reason, is_code, text_ok};
 use crate::contact::{Email, PersonName, Phone};
 use crate::error::{DomainError, Violations};
@@ -525,38 +525,8 @@ impl crate::aggregate::Mergeable for Lead {
             }
             lead.meta.refuse_if_archived(false)
         };
-        usable(survivor)?;
-        let mut v = Violations::default();
-        v.check(
-            !losers.is_empty() && losers.len() <= 10,
-            "loser_ids",
-            "must name 1 to 10 records",
-        );
-        let mut ids = std::collections::BTreeSet::new();
-        v.check(
-            losers
-                .iter()
-                .all(|(id, _)| *id != survivor_id && ids.insert(*id)),
-            "loser_ids",
-            "must be distinct and not the survivor",
-        );
-        v.into_result()?;
-        for (_, loser) in losers {
-            usable(loser)?;
-        }
-        let pick = |field: &'static str, from: Option<uuid::Uuid>| -> Result<&Lead, DomainError> {
-            match from {
-                None => Ok(survivor),
-                Some(id) if id == survivor_id => Ok(survivor),
-                Some(id) => losers
-                    .iter()
-                    .find(|(loser, _)| *loser == id)
-                    .map(|(_, lead)| lead)
-                    .ok_or_else(|| {
-                        DomainError::invalid(field, "must be the survivor or one of the losers")
-                    }),
-            }
-        };
+        let parties = MergeParties::check(survivor_id, survivor, losers, usable)?;
+        let pick = |field, from| parties.pick(field, from);
         let name = pick("name_from", choices.name_from)?.name.clone();
         let company = pick("company_from", choices.company_from)?.company.clone();
         let mut emails = survivor.emails.clone();
