@@ -399,7 +399,7 @@ fn validate_name(name: &PersonName, v: &mut Violations) {
 }
 
 /// Validates emails and makes exactly one primary (the first, if none is).
-fn validate_emails(emails: &[Email], field: &str, v: &mut Violations) -> Vec<Email> {
+pub(crate) fn validate_emails(emails: &[Email], field: &str, v: &mut Violations) -> Vec<Email> {
     v.check(
         emails.len() <= MAX_EMAILS,
         field,
@@ -439,7 +439,7 @@ fn validate_emails(emails: &[Email], field: &str, v: &mut Violations) -> Vec<Ema
     normalized
 }
 
-fn validate_phones(phones: &[Phone], field: &str, v: &mut Violations) -> Vec<Phone> {
+pub(crate) fn validate_phones(phones: &[Phone], field: &str, v: &mut Violations) -> Vec<Phone> {
     v.check(
         phones.len() <= MAX_PHONES,
         field,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregate, Context, DomainEvent, MergeParties};
 use crate::common::{Change, Reason, is_code, text_ok};
-use crate::contact::{Email, PersonName, Phone};
+use crate::contact::{Email, PersonName, Phone, validate_emails, validate_phones};
 use crate::error::{DomainError, Violations};
 use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
@@ -322,23 +322,10 @@ impl Aggregate for Lead {
                     "company",
                     "must be at most 200 characters",
                 );
-                // Interactive capture rejects bad formats (imports keep them raw).
-                let contact = crate::contact::ContactDetails {
-                    name: PersonName {
-                        given: "x".into(),
-                        family: String::new(),
-                    },
-                    emails: details.emails.clone(),
-                    phones: details.phones.clone(),
-                    ..Default::default()
-                };
-                if let Err(DomainError::Invalid(found)) = (crate::contact::Contact::default())
-                    .decide(crate::contact::ContactCommand::Create(contact), context)
-                {
-                    for violation in found {
-                        v.add(violation.field, violation.rule);
-                    }
-                }
+                // Interactive capture rejects bad formats (imports keep them
+                // raw); the lead stores what was given, as given.
+                validate_emails(&details.emails, "emails", &mut v);
+                validate_phones(&details.phones, "phones", &mut v);
                 v.check(
                     !details.emails.is_empty()
                         || !details.phones.is_empty()
@@ -391,21 +378,11 @@ impl Aggregate for Lead {
                         "must be at most 200 characters",
                     );
                 }
-                let contact = crate::contact::ContactDetails {
-                    name: PersonName {
-                        given: "x".into(),
-                        family: String::new(),
-                    },
-                    emails: patch.emails.clone().unwrap_or_default(),
-                    phones: patch.phones.clone().unwrap_or_default(),
-                    ..Default::default()
-                };
-                if let Err(DomainError::Invalid(found)) = (crate::contact::Contact::default())
-                    .decide(crate::contact::ContactCommand::Create(contact), context)
-                {
-                    for violation in found {
-                        v.add(violation.field, violation.rule);
-                    }
+                if let Some(emails) = &patch.emails {
+                    validate_emails(emails, "emails", &mut v);
+                }
+                if let Some(phones) = &patch.phones {
+                    validate_phones(phones, "phones", &mut v);
                 }
                 v.into_result()?;
                 let company = patch.company.map(|c| c.trim().to_owned());
