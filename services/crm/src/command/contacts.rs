@@ -8,7 +8,8 @@ use crm_proto::v1 as pb;
 use crm_proto::v1::contacts_server::Contacts;
 use tonic::{Request, Response, Status};
 
-use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+use super::fields::{merge_ids, optional_id};
+use super::{Caller, CommandHandler, Options, parse_id};
 
 pub struct ContactsService {
     handler: CommandHandler,
@@ -172,26 +173,11 @@ impl Contacts for ContactsService {
         let caller = Caller::from_metadata(request.metadata())?;
         let request = request.into_inner();
         let options = Options::parse("MergeContacts", request.options.as_ref(), &request)?;
-        let survivor = parse_id("survivor_id", &request.survivor_id, false)?;
-        if request.loser_ids.len() > crm_domain::contact::MAX_MERGE_LOSERS {
-            return Err(ServiceError::invalid("loser_ids", "must name 1 to 10 records").into());
-        }
-        let losers = request
-            .loser_ids
-            .iter()
-            .map(|id| parse_id("loser_ids", id, false))
-            .collect::<Result<Vec<_>, _>>()?;
-        let choice = |field: &'static str, value: &str| {
-            if value.is_empty() {
-                Ok(None)
-            } else {
-                parse_id(field, value, false).map(Some)
-            }
-        };
+        let (survivor, losers) = merge_ids(&request.survivor_id, &request.loser_ids)?;
         let choices = MergeChoices {
-            name_from: choice("name_from", &request.name_from)?,
-            title_from: choice("title_from", &request.title_from)?,
-            preferences_from: choice("preferences_from", &request.preferences_from)?,
+            name_from: optional_id("name_from", &request.name_from)?,
+            title_from: optional_id("title_from", &request.title_from)?,
+            preferences_from: optional_id("preferences_from", &request.preferences_from)?,
         };
         let merged = self
             .handler

@@ -47,3 +47,23 @@ pub fn time(field: impl Into<String>, value: &str) -> Result<Time, ServiceError>
         .parse::<Time>()
         .map_err(|_| ServiceError::invalid(field, "must be a time HH:MM"))
 }
+
+/// A merge request's survivor and losers. The loser count is checked before
+/// any id is parsed, so an oversized list is refused without work.
+pub fn merge_ids(
+    survivor_id: &str,
+    loser_ids: &[String],
+) -> Result<(Uuid, Vec<Uuid>), ServiceError> {
+    let survivor = parse_id("survivor_id", survivor_id, false)?;
+    if loser_ids.len() > crm_domain::MAX_MERGE_LOSERS {
+        return Err(ServiceError::invalid(
+            "loser_ids",
+            "must name 1 to 10 records",
+        ));
+    }
+    let losers = loser_ids
+        .iter()
+        .map(|id| parse_id("loser_ids", id, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((survivor, losers))
+}

@@ -8,6 +8,7 @@ use crm_proto::v1::leads_server::Leads;
 use tonic::{Request, Response, Status};
 
 use super::contacts::{emails, phones, reason};
+use super::fields::{merge_ids, optional_id};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct LeadsService {
@@ -142,25 +143,10 @@ impl Leads for LeadsService {
         let caller = Caller::from_metadata(request.metadata())?;
         let request = request.into_inner();
         let options = Options::parse("MergeLeads", request.options.as_ref(), &request)?;
-        let survivor = parse_id("survivor_id", &request.survivor_id, false)?;
-        if request.loser_ids.len() > 10 {
-            return Err(ServiceError::invalid("loser_ids", "must name 1 to 10 records").into());
-        }
-        let losers = request
-            .loser_ids
-            .iter()
-            .map(|id| parse_id("loser_ids", id, false))
-            .collect::<Result<Vec<_>, _>>()?;
-        let choice = |field: &'static str, value: &str| {
-            if value.is_empty() {
-                Ok(None)
-            } else {
-                parse_id(field, value, false).map(Some)
-            }
-        };
+        let (survivor, losers) = merge_ids(&request.survivor_id, &request.loser_ids)?;
         let choices = LeadMergeChoices {
-            name_from: choice("name_from", &request.name_from)?,
-            company_from: choice("company_from", &request.company_from)?,
+            name_from: optional_id("name_from", &request.name_from)?,
+            company_from: optional_id("company_from", &request.company_from)?,
         };
         let merged = self
             .handler

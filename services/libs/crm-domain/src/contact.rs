@@ -815,8 +815,6 @@ impl Aggregate for Contact {
     }
 }
 
-pub use crate::aggregate::MAX_MERGE_LOSERS;
-
 /// Which record each single-valued field comes from; `None` keeps the
 /// survivor's. Emails and phones are the union of all records'.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -27,6 +27,6 @@ pub mod ticket;
 #[cfg(test)]
 mod testing;
 
-pub use aggregate::{Aggregate, Context, DomainEvent, Mergeable, UniqueKey};
+pub use aggregate::{Aggregate, Context, DomainEvent, MAX_MERGE_LOSERS, Mergeable, UniqueKey};
 pub use error::{DomainError, Violation, Violations};
 pub use tenant::{InvalidTenantId, TenantId};
