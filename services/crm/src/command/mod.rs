@@ -380,6 +380,19 @@ impl CommandHandler {
         })
     }
 
+    /// A new stream's append and the claims for the unique values its
+    /// events give it.
+    fn new_stream<A: Aggregate>(
+        &self,
+        tenant: &TenantId,
+        stream_id: Uuid,
+        events: &[A::Event],
+    ) -> Result<(StreamAppend, Vec<Reservation>), ServiceError> {
+        let keys = A::default().replay(events.iter()).unique_keys();
+        let claims = self.reservations(tenant, stream_id, &BTreeSet::new(), &keys);
+        Ok((stream_append::<A>(stream_id, 0, events)?, claims))
+    }
+
     /// Claims for the keys `after` adds, releases for those it drops.
     fn reservations(
         &self,
@@ -620,35 +633,15 @@ impl CommandHandler {
             )?];
             let mut reservations = Vec::new();
             if !conversion.account.is_empty() {
-                streams.push(stream_append::<Account>(
-                    account_id,
-                    0,
-                    &conversion.account,
-                )?);
-                let keys = Account::default()
-                    .replay(conversion.account.iter())
-                    .unique_keys();
-                reservations.extend(self.reservations(
-                    &caller.tenant,
-                    account_id,
-                    &BTreeSet::new(),
-                    &keys,
-                ));
+                let (stream, claims) =
+                    self.new_stream::<Account>(&caller.tenant, account_id, &conversion.account)?;
+                streams.push(stream);
+                reservations.extend(claims);
             }
-            streams.push(stream_append::<Contact>(
-                contact_id,
-                0,
-                &conversion.contact,
-            )?);
-            let keys = Contact::default()
-                .replay(conversion.contact.iter())
-                .unique_keys();
-            reservations.extend(self.reservations(
-                &caller.tenant,
-                contact_id,
-                &BTreeSet::new(),
-                &keys,
-            ));
+            let (stream, claims) =
+                self.new_stream::<Contact>(&caller.tenant, contact_id, &conversion.contact)?;
+            streams.push(stream);
+            reservations.extend(claims);
             let request = AppendEvents {
                 tenant_id: caller.tenant.clone(),
                 streams,
