@@ -20,14 +20,6 @@ impl AccountsService {
     }
 }
 
-fn parent(value: &str) -> Result<Option<uuid::Uuid>, ServiceError> {
-    if value.is_empty() {
-        Ok(None)
-    } else {
-        parse_id("parent_id", value, false).map(Some)
-    }
-}
-
 #[tonic::async_trait]
 impl Accounts for AccountsService {
     async fn create_account(
@@ -51,7 +43,7 @@ impl Accounts for AccountsService {
                 domains: request.domains,
                 industry: request.industry,
                 tax_id: request.tax_id,
-                parent_id: parent(&request.parent_id)?,
+                parent_id: optional_id("parent_id", &request.parent_id)?,
                 segment: request.segment,
             },
         };
@@ -76,7 +68,11 @@ impl Accounts for AccountsService {
                 name: request.name,
                 domains: request.domains.map(|d| d.items),
                 industry: request.industry,
-                parent_id: request.parent_id.as_deref().map(parent).transpose()?,
+                parent_id: request
+                    .parent_id
+                    .as_deref()
+                    .map(|id| optional_id("parent_id", id))
+                    .transpose()?,
                 segment: request.segment,
             },
         };

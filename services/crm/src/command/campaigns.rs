@@ -8,7 +8,7 @@ use crm_proto::v1::campaigns_server::Campaigns;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::fields::{date, money};
+use super::fields::{date, money, optional_id};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct CampaignsService {
@@ -49,11 +49,7 @@ impl Campaigns for CampaignsService {
             name: request.name,
             campaign_type: request.r#type,
             channel: request.channel,
-            parent_id: if request.parent_id.is_empty() {
-                None
-            } else {
-                Some(parse_id("parent_id", &request.parent_id, false)?)
-            },
+            parent_id: optional_id("parent_id", &request.parent_id)?,
             starts_on: date("starts_on", &request.starts_on)?,
             ends_on: date("ends_on", &request.ends_on)?,
             budget: money("budget", request.budget)?,

@@ -12,7 +12,7 @@ use crm_proto::v1::configuration_server::Configuration;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::fields::{date, tenant_scoped_id, time};
+use super::fields::{date, optional_id, tenant_scoped_id, time};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct ConfigurationService {
@@ -84,12 +84,9 @@ impl Configuration for ConfigurationService {
                     .iter()
                     .map(|interval| {
                         let field = || format!("overrides[{i}].hours");
-                        let (start, end) = interval.split_once('-').ok_or_else(|| {
-                            ServiceError::Domain(DomainError::invalid(
-                                field(),
-                                "must be HH:MM-HH:MM",
-                            ))
-                        })?;
+                        let (start, end) = interval
+                            .split_once('-')
+                            .ok_or_else(|| ServiceError::invalid(field(), "must be HH:MM-HH:MM"))?;
                         Ok((time(field(), start)?, time(field(), end)?))
                     })
                     .collect::<Result<Vec<_>, ServiceError>>()?;
@@ -140,11 +137,7 @@ impl Configuration for ConfigurationService {
                     resolution_minutes: t.resolution_minutes,
                 })
                 .collect(),
-            calendar_id: if request.calendar_id.is_empty() {
-                None
-            } else {
-                Some(parse_id("calendar_id", &request.calendar_id, false)?)
-            },
+            calendar_id: optional_id("calendar_id", &request.calendar_id)?,
             pause_statuses: request.pause_statuses,
             warning_percent: u8::try_from(request.warning_percent).unwrap_or(0),
         };
@@ -170,7 +163,7 @@ impl Configuration for ConfigurationService {
         let id = id_or_new("plan_id", &request.plan_id)?;
         let content = CommissionPlan {
             name: request.name,
-            effective_from: date("effective_from".to_owned(), &request.effective_from)?,
+            effective_from: date("effective_from", &request.effective_from)?,
             metric: request.metric,
             tier_basis: request.tier_basis,
             tier_mode: if request.tier_mode.is_empty() {
@@ -239,11 +232,7 @@ impl Configuration for ConfigurationService {
         let request = request.into_inner();
         let options = Options::parse("PublishTeam", request.options.as_ref(), &request)?;
         let id = id_or_new("team_id", &request.team_id)?;
-        let parent_id = if request.parent_id.is_empty() {
-            None
-        } else {
-            Some(parse_id("parent_id", &request.parent_id, false)?)
-        };
+        let parent_id = optional_id("parent_id", &request.parent_id)?;
         // The parent must be a team, and following parents must not lead back
         // here (bounded walk: trees deeper than 32 levels are refused too).
         let mut next = parent_id;
@@ -352,15 +341,7 @@ impl Configuration for ConfigurationService {
             members: request.members,
             skills: request.skills,
             routing: request.routing,
-            overflow_queue_id: if request.overflow_queue_id.is_empty() {
-                None
-            } else {
-                Some(parse_id(
-                    "overflow_queue_id",
-                    &request.overflow_queue_id,
-                    false,
-                )?)
-            },
+            overflow_queue_id: optional_id("overflow_queue_id", &request.overflow_queue_id)?,
         };
         let reply = self
             .handler

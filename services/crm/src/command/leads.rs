@@ -23,11 +23,7 @@ impl LeadsService {
 
 fn source(source: Option<pb::LeadSource>) -> Result<LeadSource, ServiceError> {
     let source = source.unwrap_or_default();
-    let campaign_id = if source.campaign_id.is_empty() {
-        None
-    } else {
-        Some(parse_id("source.campaign_id", &source.campaign_id, false)?)
-    };
+    let campaign_id = optional_id("source.campaign_id", &source.campaign_id)?;
     Ok(LeadSource {
         channel: source.channel,
         campaign_id,
@@ -124,11 +120,7 @@ impl Leads for LeadsService {
         let request = request.into_inner();
         let options = Options::parse("ConvertLead", request.options.as_ref(), &request)?;
         let id = parse_id("lead_id", &request.lead_id, false)?;
-        let account = if request.account_id.is_empty() {
-            None
-        } else {
-            Some(parse_id("account_id", &request.account_id, false)?)
-        };
+        let account = optional_id("account_id", &request.account_id)?;
         let reply = self
             .handler
             .convert_lead(&caller, id, account, &options)
