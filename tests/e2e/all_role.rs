@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use crm_platform::Config;
-use crm_test_support::{TestDb, eventually};
+use crm_test_support::{TestDb, TestNats, eventually};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -13,9 +13,12 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 #[tokio::test]
 async fn crm_all_serves_health_and_reflection_then_drains_on_shutdown() {
     let db = TestDb::create().await;
+    let nats = TestNats::shared();
     let mut config = Config::from_env();
     config.pg_url = db.url();
     config.pg_pool_size = 4;
+    config.relay_stream = nats.stream.clone();
+    config.relay_subject_prefix = nats.subject_prefix.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();

@@ -104,6 +104,25 @@ async fn create_contact_answers_version_and_position_and_stores_the_envelope() {
         metadata["traceparent"],
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     );
+
+    // The relay inside `crm all` publishes it to NATS, trace context included.
+    let published = app
+        .published(&format!("{}.>", app.nats.subject_prefix), 1)
+        .await;
+    let (subject, headers) = &published[0];
+    assert_eq!(
+        subject,
+        &format!(
+            "{}.{}.contact.{}.ContactCreated",
+            app.nats.subject_prefix, app.tenant, reply.stream_id
+        )
+    );
+    assert_eq!(headers.get("ce-globalposition").unwrap().as_str(), "1");
+    assert_eq!(headers.get("ce-correlationid").unwrap().as_str(), "corr-42");
+    assert_eq!(
+        headers.get("ce-traceparent").unwrap().as_str(),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
     app.stop().await;
 }
 

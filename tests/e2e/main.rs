@@ -11,5 +11,6 @@ mod demo;
 mod leads;
 mod opportunities;
 mod records;
+mod relay;
 mod support;
 mod tickets;

@@ -14,7 +14,7 @@ use crm_proto::v1::opportunities_client::OpportunitiesClient;
 use crm_proto::v1::pipelines_client::PipelinesClient;
 use crm_proto::v1::records_client::RecordsClient;
 use crm_proto::v1::tickets_client::TicketsClient;
-use crm_test_support::{TestDb, eventually};
+use crm_test_support::{TestDb, TestNats, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -23,6 +23,7 @@ use tonic_types::StatusExt;
 
 pub struct TestApp {
     pub db: TestDb,
+    pub nats: TestNats,
     pub address: std::net::SocketAddr,
     pub channel: Channel,
     pub tenant: String,
@@ -36,6 +37,11 @@ impl TestApp {
         let mut config = Config::from_env();
         config.pg_url = db.url();
         config.pg_pool_size = 4;
+        // The relay in `crm all` publishes to a stream of this test's own.
+        let nats = TestNats::shared();
+        config.nats_url = nats.url.clone();
+        config.relay_stream = nats.stream.clone();
+        config.relay_subject_prefix = nats.subject_prefix.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -57,6 +63,7 @@ impl TestApp {
             .unwrap();
         Self {
             db,
+            nats,
             address,
             channel,
             tenant: format!("t-{}", uuid::Uuid::now_v7().simple()),
@@ -128,6 +135,36 @@ impl TestApp {
             .iter()
             .map(|row| (row.get(0), row.get(1), row.get(2)))
             .collect()
+    }
+
+    /// The first `count` messages the relay published on subjects matching
+    /// `filter`: (subject, headers). Waits for them.
+    pub async fn published(
+        &self,
+        filter: &str,
+        count: usize,
+    ) -> Vec<(String, async_nats::HeaderMap)> {
+        use futures_util::StreamExt;
+        let js = self.nats.jetstream().await;
+        eventually(Duration::from_secs(20), "the relay's stream", || {
+            let js = js.clone();
+            async move { js.get_stream(&self.nats.stream).await.ok() }
+        })
+        .await;
+        let mut messages = self.nats.ordered_messages(filter).await;
+        let mut out = Vec::new();
+        while out.len() < count {
+            let message = tokio::time::timeout(Duration::from_secs(20), messages.next())
+                .await
+                .expect("the relay to publish in time")
+                .unwrap()
+                .unwrap();
+            out.push((
+                message.subject.to_string(),
+                message.headers.clone().unwrap_or_default(),
+            ));
+        }
+        out
     }
 
     pub async fn stop(mut self) {

@@ -1,4 +1,4 @@
-//! `just bench commands`: CreateContact over gRPC against `crm all` (started in
+//! `just bench commands`: CreateContact over gRPC against the command role (`crm command`, started in
 //! this process on a loopback port), next to plain tokio-postgres INSERTs into
 //! a scratch table of the events table's shape, in the same run.
 use std::time::{Duration, Instant};
@@ -92,13 +92,14 @@ async fn main() {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { crm::run_all(&config, listener, shutdown).await }
+        // The command role alone: the relay is measured by `just bench relay`.
+        async move { crm::run_command(&config, listener, shutdown).await }
     });
     let started = Instant::now();
     while !matches!(crm::health_check(address).await, Ok(true)) {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "crm all did not start"
+            "crm command did not start"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -113,7 +114,7 @@ async fn main() {
         );
     }
     progress(&format!(
-        "database {}, crm all on {address}, {:?} per phase",
+        "database {}, crm command on {address}, {:?} per phase",
         db.name,
         phase_duration()
     ));

@@ -20,6 +20,9 @@ enum Role {
     All,
     /// The command role alone (scale it out behind a load balancer).
     Command,
+    /// The relay alone: publishes the event log to NATS JetStream. Run two or
+    /// more for failover; one leads, the others stand by.
+    Relay,
     /// Apply pending database migrations and exit.
     Migrate,
     /// Exit 0 when the gRPC server at --grpc-addr reports SERVING.
@@ -108,6 +111,13 @@ async fn main() -> anyhow::Result<()> {
                 crm::run_command(&config, listener, shutdown).await
             };
             run.map_err(anyhow::Error::from)
+        }
+        Role::Relay => {
+            let shutdown = CancellationToken::new();
+            crm_platform::shutdown::cancel_on_signal(shutdown.clone());
+            crm::run_relay(&config, shutdown)
+                .await
+                .map_err(anyhow::Error::from)
         }
         Role::Migrate => crm::run_migrate(&config)
             .await

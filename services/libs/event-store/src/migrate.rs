@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_reservations",
         sql: include_str!("../migrations/0002_reservations.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_checkpoints",
+        sql: include_str!("../migrations/0003_checkpoints.sql"),
+    },
 ];
 
 const LOCK_KEY: i64 = 0x0063_726d_5f6d_6967; // "crm_mig"

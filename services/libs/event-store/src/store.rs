@@ -328,6 +328,36 @@ impl EventStore {
         committed_head(&client).await
     }
 
+    /// The checkpoint saved under `name` (0 when none was saved yet).
+    pub async fn load_checkpoint(&self, name: &str) -> Result<u64, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT position FROM checkpoints WHERE name = $1")
+            .await?;
+        let position: Option<i64> = client
+            .query_opt(&statement, &[&name])
+            .await?
+            .map(|row| row.get(0));
+        Ok(position.map_or(0, |p| u64::try_from(p).unwrap_or(0)))
+    }
+
+    /// Saves `position` as the checkpoint `name`. A checkpoint never moves
+    /// back: saving a lower position than the stored one changes nothing.
+    #[tracing::instrument(name = "save_checkpoint", skip(self), err(Display))]
+    pub async fn save_checkpoint(&self, name: &str, position: u64) -> Result<(), ReadError> {
+        let position = to_i64(position, "position")?;
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO checkpoints (name, position) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now() \
+                 WHERE checkpoints.position < EXCLUDED.position",
+            )
+            .await?;
+        client.execute(&statement, &[&name, &position]).await?;
+        Ok(())
+    }
+
     /// Stores `state` as the snapshot of a stream at `version`, unless a newer
     /// snapshot is already stored.
     #[tracing::instrument(name = "save_snapshot", skip_all, err(Display), fields(tenant_id = %tenant_id, stream_id = %snapshot.stream_id, version = snapshot.version))]

@@ -68,6 +68,35 @@ pub struct Config {
         hide_env_values = true
     )]
     pub reservation_key: Option<String>,
+    /// JetStream stream the relay publishes to (created or updated at start).
+    #[arg(
+        long = "relay-stream",
+        env = "CRM__RELAY__STREAM",
+        default_value = "CRM_EVENTS"
+    )]
+    pub relay_stream: String,
+    /// First tokens of every published subject:
+    /// `<prefix>.<tenant>.<stream_type>.<stream_id>.<event_type>`.
+    #[arg(
+        long = "relay-subject-prefix",
+        env = "CRM__RELAY__SUBJECT_PREFIX",
+        default_value = "crm.v1"
+    )]
+    pub relay_subject_prefix: String,
+    /// Publishes awaiting their JetStream ack at once.
+    #[arg(
+        long = "relay-window",
+        env = "CRM__RELAY__WINDOW",
+        default_value_t = 1024
+    )]
+    pub relay_window: usize,
+    /// How long the stream keeps events, in days; 0 keeps them forever.
+    #[arg(
+        long = "relay-max-age-days",
+        env = "CRM__RELAY__MAX_AGE_DAYS",
+        default_value_t = 0
+    )]
+    pub relay_max_age_days: u64,
     /// Log line format.
     #[arg(
         long = "log-format",
@@ -147,6 +176,29 @@ impl Config {
                 reason: "must start with nats:// or tls://".into(),
             });
         }
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !token(&self.relay_stream) {
+            return Err(ConfigError {
+                key: "CRM__RELAY__STREAM",
+                reason: "must be 1 or more of [A-Za-z0-9_-]".into(),
+            });
+        }
+        if !self.relay_subject_prefix.split('.').all(token) {
+            return Err(ConfigError {
+                key: "CRM__RELAY__SUBJECT_PREFIX",
+                reason: "must be dot-separated tokens of [A-Za-z0-9_-] (no wildcards)".into(),
+            });
+        }
+        if !(1..=65_536).contains(&self.relay_window) {
+            return Err(ConfigError {
+                key: "CRM__RELAY__WINDOW",
+                reason: "must be 1 to 65536".into(),
+            });
+        }
         Ok(())
     }
 }
@@ -179,6 +231,10 @@ impl fmt::Debug for Config {
                 "reservation_key",
                 &self.reservation_key.as_ref().map(|_| "***"),
             )
+            .field("relay_stream", &self.relay_stream)
+            .field("relay_subject_prefix", &self.relay_subject_prefix)
+            .field("relay_window", &self.relay_window)
+            .field("relay_max_age_days", &self.relay_max_age_days)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -208,5 +264,17 @@ mod tests {
         let mut config = Config::from_env();
         config.pg_pool_size = 0;
         assert_eq!(config.validate().unwrap_err().key, "CRM__PG__POOL_SIZE");
+        let mut config = Config::from_env();
+        config.relay_subject_prefix = "crm.*".into();
+        assert_eq!(
+            config.validate().unwrap_err().key,
+            "CRM__RELAY__SUBJECT_PREFIX"
+        );
+        let mut config = Config::from_env();
+        config.relay_stream = "a.b".into();
+        assert_eq!(config.validate().unwrap_err().key, "CRM__RELAY__STREAM");
+        let mut config = Config::from_env();
+        config.relay_window = 0;
+        assert_eq!(config.validate().unwrap_err().key, "CRM__RELAY__WINDOW");
     }
 }

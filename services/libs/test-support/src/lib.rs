@@ -3,10 +3,14 @@
 //! - [`TestDb`]: a fresh PostgreSQL database per test, cloned from a migrated
 //!   template (one per migration fingerprint), dropped afterwards, so tests run
 //!   in parallel without seeing each other.
+//! - [`TestNats`]: a JetStream stream and subject prefix per test on the
+//!   shared NATS; [`NatsServer`]: a private nats-server to kill and restart.
 //! - [`eventually`]: waits on a condition with a deadline instead of sleeping.
 mod db;
+mod nats;
 
 pub use db::{TestDb, admin_config};
+pub use nats::{NatsServer, TestNats, shared_url};
 
 use std::future::Future;
 use std::time::{Duration, Instant};
