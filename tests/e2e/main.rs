@@ -8,6 +8,7 @@ mod commerce;
 mod configuration;
 mod contacts;
 mod demo;
+mod event_log;
 mod leads;
 mod opportunities;
 mod records;

@@ -1,5 +1,5 @@
-//! `crm all` (every role in one process), `crm command`, `crm relay` and
-//! `crm migrate`.
+//! `crm all` (every role in one process), `crm command`, `crm relay`,
+//! `crm query` and `crm migrate`.
 //!
 //! Shutdown drains in order: gRPC intake first (health goes NOT_SERVING,
 //! in-flight calls finish), then the workers (the event store's writer commits
@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::RunError;
+use crate::grpc::Services;
+use crate::query::{EventLogService, MAX_SUBSCRIPTIONS};
 use crate::relay::{Relay, RelayOptions};
 
 /// Applies pending migrations of every component.
@@ -47,7 +49,12 @@ pub async fn run_all(
     );
     tasks.close();
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
-    let served = crate::grpc::serve(listener, shutdown.clone(), commands).await;
+    let event_log = EventLogService::new(store.clone(), MAX_SUBSCRIPTIONS, shutdown.clone());
+    let services = Services {
+        commands: Some(commands),
+        event_log: Some(event_log),
+    };
+    let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     // Intake is closed and in-flight calls are done: stop the workers (the
     // relay finishes its acks and checkpoints), then drain the writer.
     workers.cancel();
@@ -110,7 +117,29 @@ pub async fn run_command(
 ) -> Result<(), RunError> {
     let store = start_store(config).await?;
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
-    let served = crate::grpc::serve(listener, shutdown.clone(), commands).await;
+    let services = Services {
+        commands: Some(commands),
+        event_log: None,
+    };
+    let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
+    stop_store(config, &store).await;
+    served
+}
+
+/// The query role alone: the read-side gRPC services (today the event log),
+/// until `shutdown` is cancelled.
+pub async fn run_query(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let store = start_store(config).await?;
+    let event_log = EventLogService::new(store.clone(), MAX_SUBSCRIPTIONS, shutdown.clone());
+    let services = Services {
+        commands: None,
+        event_log: Some(event_log),
+    };
+    let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     stop_store(config, &store).await;
     served
 }

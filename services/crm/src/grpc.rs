@@ -18,24 +18,32 @@ use crate::command::{
     ConfigurationService, ContactsService, LeadsService, MAX_REQUEST_BYTES, OpportunitiesService,
     PipelinesService, RecordsService, TicketsService,
 };
+use crate::query::EventLogService;
 use crm_proto::v1::accounts_server::AccountsServer;
 use crm_proto::v1::activities_server::ActivitiesServer;
 use crm_proto::v1::campaigns_server::CampaignsServer;
 use crm_proto::v1::commerce_server::CommerceServer;
 use crm_proto::v1::configuration_server::ConfigurationServer;
 use crm_proto::v1::contacts_server::ContactsServer;
+use crm_proto::v1::event_log_server::EventLogServer;
 use crm_proto::v1::leads_server::LeadsServer;
 use crm_proto::v1::opportunities_server::OpportunitiesServer;
 use crm_proto::v1::pipelines_server::PipelinesServer;
 use crm_proto::v1::records_server::RecordsServer;
 use crm_proto::v1::tickets_server::TicketsServer;
 
+/// The gRPC services one process answers, by role.
+pub(crate) struct Services {
+    pub commands: Option<CommandHandler>,
+    pub event_log: Option<EventLogService>,
+}
+
 /// Serves on `listener` until `intake` is cancelled: then reports NOT_SERVING,
 /// stops accepting, and lets in-flight calls finish.
 pub(crate) async fn serve(
     listener: TcpListener,
     intake: CancellationToken,
-    commands: CommandHandler,
+    services: Services,
 ) -> Result<(), RunError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -45,28 +53,26 @@ pub(crate) async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(crm_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let contacts = ContactsServer::new(ContactsService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let accounts = AccountsServer::new(AccountsService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let leads = LeadsServer::new(LeadsService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let pipelines = PipelinesServer::new(PipelinesService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let opportunities = OpportunitiesServer::new(OpportunitiesService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let tickets = TicketsServer::new(TicketsService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let activities = ActivitiesServer::new(ActivitiesService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let campaigns = CampaignsServer::new(CampaignsService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let commerce = CommerceServer::new(CommerceService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let configuration = ConfigurationServer::new(ConfigurationService::new(commands.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let records = RecordsServer::new(RecordsService::new(commands))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let commands = services.commands;
+    macro_rules! command_service {
+        ($server:ident, $service:ident) => {
+            commands.clone().map(|commands| {
+                $server::new($service::new(commands)).max_decoding_message_size(MAX_REQUEST_BYTES)
+            })
+        };
+    }
+    let contacts = command_service!(ContactsServer, ContactsService);
+    let accounts = command_service!(AccountsServer, AccountsService);
+    let leads = command_service!(LeadsServer, LeadsService);
+    let pipelines = command_service!(PipelinesServer, PipelinesService);
+    let opportunities = command_service!(OpportunitiesServer, OpportunitiesService);
+    let tickets = command_service!(TicketsServer, TicketsService);
+    let activities = command_service!(ActivitiesServer, ActivitiesService);
+    let campaigns = command_service!(CampaignsServer, CampaignsService);
+    let commerce = command_service!(CommerceServer, CommerceService);
+    let configuration = command_service!(ConfigurationServer, ConfigurationService);
+    let records = command_service!(RecordsServer, RecordsService);
+    let event_log = services.event_log.map(EventLogServer::new);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener)
@@ -78,17 +84,18 @@ pub(crate) async fn serve(
         .trace_fn(|request| tracing::info_span!("grpc_request", method = %request.uri().path()))
         .add_service(health)
         .add_service(reflection)
-        .add_service(contacts)
-        .add_service(accounts)
-        .add_service(leads)
-        .add_service(pipelines)
-        .add_service(opportunities)
-        .add_service(tickets)
-        .add_service(activities)
-        .add_service(campaigns)
-        .add_service(commerce)
-        .add_service(configuration)
-        .add_service(records)
+        .add_optional_service(contacts)
+        .add_optional_service(accounts)
+        .add_optional_service(leads)
+        .add_optional_service(pipelines)
+        .add_optional_service(opportunities)
+        .add_optional_service(tickets)
+        .add_optional_service(activities)
+        .add_optional_service(campaigns)
+        .add_optional_service(commerce)
+        .add_optional_service(configuration)
+        .add_optional_service(records)
+        .add_optional_service(event_log)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

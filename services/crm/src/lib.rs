@@ -13,10 +13,11 @@ mod all;
 pub mod command;
 pub mod demo;
 mod grpc;
+pub mod query;
 pub mod relay;
 pub mod schemas;
 
-pub use all::{run_all, run_command, run_migrate, run_relay};
+pub use all::{run_all, run_command, run_migrate, run_query, run_relay};
 pub use grpc::health_check;
 
 /// Why a role stopped with an error.

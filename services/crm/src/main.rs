@@ -23,6 +23,9 @@ enum Role {
     /// The relay alone: publishes the event log to NATS JetStream. Run two or
     /// more for failover; one leads, the others stand by.
     Relay,
+    /// The query role alone: read-side gRPC (the event log: Subscribe,
+    /// ReadAll, ReadStream).
+    Query,
     /// Apply pending database migrations and exit.
     Migrate,
     /// Exit 0 when the gRPC server at --grpc-addr reports SERVING.
@@ -99,16 +102,16 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = crm_platform::telemetry::init("crm", config.log_format)?;
     tracing::info!(?config, "starting");
     let result = match cli.role {
-        Role::All | Role::Command => {
+        Role::All | Role::Command | Role::Query => {
             let listener = tokio::net::TcpListener::bind(config.grpc_addr)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.grpc_addr))?;
             let shutdown = CancellationToken::new();
             crm_platform::shutdown::cancel_on_signal(shutdown.clone());
-            let run = if matches!(cli.role, Role::All) {
-                crm::run_all(&config, listener, shutdown).await
-            } else {
-                crm::run_command(&config, listener, shutdown).await
+            let run = match cli.role {
+                Role::All => crm::run_all(&config, listener, shutdown).await,
+                Role::Query => crm::run_query(&config, listener, shutdown).await,
+                _ => crm::run_command(&config, listener, shutdown).await,
             };
             run.map_err(anyhow::Error::from)
         }

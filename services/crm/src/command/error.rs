@@ -27,6 +27,12 @@ pub enum ServiceError {
     /// Concurrent writers kept moving the record; the caller may retry.
     #[error("the record kept changing; retry")]
     Contention,
+    /// A position or version beyond what exists; `current` is the newest.
+    #[error("{field} is beyond the current {current}")]
+    OutOfRange { field: &'static str, current: u64 },
+    /// A per-process limit (e.g. open subscriptions) is reached.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(&'static str),
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("internal: {0}")]
@@ -63,6 +69,17 @@ fn info(reason: &str, metadata: Vec<(String, String)>) -> ErrorDetails {
             .into_iter()
             .collect::<std::collections::HashMap<_, _>>(),
     )
+}
+
+impl From<crm_event_store::ReadError> for ServiceError {
+    fn from(error: crm_event_store::ReadError) -> Self {
+        use crm_event_store::ReadError;
+        match error {
+            ReadError::Invalid { field, rule } => Self::invalid(field, rule),
+            ReadError::Database(_) | ReadError::Pool(_) => Self::Unavailable(error.to_string()),
+            ReadError::Corrupt(_) => Self::Internal(error.to_string()),
+        }
+    }
 }
 
 impl From<ServiceError> for Status {
@@ -124,6 +141,18 @@ impl From<ServiceError> for Status {
                     info(reason, metadata),
                 )
             }
+            ServiceError::OutOfRange { field, current } => Status::with_error_details(
+                Code::OutOfRange,
+                format!("{field} is beyond the current {current}"),
+                info(
+                    "BEYOND_CURRENT",
+                    vec![
+                        ("field".to_owned(), field.to_owned()),
+                        ("current".to_owned(), current.to_string()),
+                    ],
+                ),
+            ),
+            ServiceError::ResourceExhausted(what) => Status::resource_exhausted(what),
             ServiceError::VersionConflict { current } => Status::with_error_details(
                 Code::Aborted,
                 format!("stream is at version {current}"),

@@ -54,23 +54,82 @@ impl Filter {
     }
 }
 
+/// The envelope columns in the order `decode` reads them.
+macro_rules! select_events {
+    ($($rest:literal),*) => {
+        concat!(
+            "SELECT global_position, event_id, tenant_id, stream_type, stream_id, \
+             stream_version, event_type, schema_version, payload, metadata, recorded_at \
+             FROM events ",
+            $($rest),*
+        )
+    };
+}
+pub(crate) use select_events;
+
 /// Events after `$1` up to and including `$2`, filtered. The `IS NULL` /
 /// `cardinality` guards fold away when the plan is made for real values.
-pub(crate) const READ_RANGE: &str = "SELECT global_position, event_id, tenant_id, stream_type, \
-     stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at \
-     FROM events \
-     WHERE global_position > $1 AND global_position <= $2 \
-       AND ($3::text IS NULL OR tenant_id = $3) \
-       AND (cardinality($4::text[]) = 0 OR stream_type = ANY($4)) \
-       AND (cardinality($5::text[]) = 0 OR event_type = ANY($5)) \
-       AND ($6::uuid IS NULL OR stream_id = $6) \
-     ORDER BY global_position";
+macro_rules! filtered_range {
+    ($($rest:literal),*) => {
+        select_events!(
+            "WHERE global_position > $1 AND global_position <= $2 \
+               AND ($3::text IS NULL OR tenant_id = $3) \
+               AND (cardinality($4::text[]) = 0 OR stream_type = ANY($4)) \
+               AND (cardinality($5::text[]) = 0 OR event_type = ANY($5)) \
+               AND ($6::uuid IS NULL OR stream_id = $6) \
+             ORDER BY global_position"
+            $(, $rest)*
+        )
+    };
+}
+
+pub(crate) const READ_RANGE: &str = filtered_range!();
 
 /// The same without filters: a plain primary-key range scan.
-pub(crate) const READ_RANGE_ALL: &str = "SELECT global_position, event_id, tenant_id, stream_type, \
-     stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at \
-     FROM events WHERE global_position > $1 AND global_position <= $2 \
-     ORDER BY global_position";
+pub(crate) const READ_RANGE_ALL: &str =
+    select_events!("WHERE global_position > $1 AND global_position <= $2 ORDER BY global_position");
+
+/// The same, at most `$7` rows (filtered) or `$3` (unfiltered), for chunked
+/// reads.
+const READ_CHUNK: &str = filtered_range!(" LIMIT $7");
+const READ_CHUNK_ALL: &str = select_events!(
+    "WHERE global_position > $1 AND global_position <= $2 ORDER BY global_position LIMIT $3"
+);
+
+/// At most `limit` events after `after` up to `up_to`, filtered, collected.
+pub(crate) async fn read_chunk(
+    client: &deadpool_postgres::Client,
+    after: u64,
+    up_to: u64,
+    filter: &Filter,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    let after = to_i64(after, "from_position")?;
+    let up_to = to_i64(up_to, "up_to")?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = if filter.is_everything() {
+        let statement = client.prepare_cached(READ_CHUNK_ALL).await?;
+        client.query(&statement, &[&after, &up_to, &limit]).await?
+    } else {
+        let statement = client.prepare_cached(READ_CHUNK).await?;
+        let tenant = filter.tenant_id.as_ref().map(TenantId::as_str);
+        client
+            .query(
+                &statement,
+                &[
+                    &after,
+                    &up_to,
+                    &tenant,
+                    &filter.stream_types,
+                    &filter.event_types,
+                    &filter.stream_id,
+                    &limit,
+                ],
+            )
+            .await?
+    };
+    rows.iter().map(decode).collect()
+}
 
 pub(crate) fn decode(row: &Row) -> Result<RecordedEvent, ReadError> {
     let position: i64 = row.try_get(0)?;

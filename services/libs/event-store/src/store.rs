@@ -14,7 +14,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::append::PreparedAppend;
-use crate::read::{EventStream, RecordedEvent, decode, read_range, to_i64};
+use crate::read::{EventStream, RecordedEvent, decode, read_range, select_events, to_i64};
 use crate::snapshot::{self, Snapshot};
 use crate::subscribe::SubscriptionTask;
 use crate::writer::{self, Counters, Job, WriterConfig, WriterStats};
@@ -35,6 +35,9 @@ pub struct StoreOptions {
     pub poll_interval: Duration,
     /// Events buffered per subscription before the reader waits.
     pub subscription_buffer: usize,
+    /// Most events a subscription reads per query (and holds in memory
+    /// besides its buffer).
+    pub subscription_chunk: usize,
     /// Fault injection for tests: hold every batch transaction open this long
     /// after writing and before committing.
     pub pause_before_commit: Option<Duration>,
@@ -49,6 +52,7 @@ impl Default for StoreOptions {
             max_batch_events: 1_000,
             poll_interval: Duration::from_secs(1),
             subscription_buffer: 1024,
+            subscription_chunk: 1000,
             pause_before_commit: None,
         }
     }
@@ -70,10 +74,15 @@ struct Inner {
     cancel: CancellationToken,
 }
 
-const READ_STREAM: &str = "SELECT global_position, event_id, tenant_id, stream_type, \
-     stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at \
-     FROM events WHERE tenant_id = $1 AND stream_id = $2 AND stream_version >= $3 \
-     ORDER BY stream_version LIMIT $4";
+const READ_STREAM: &str = select_events!(
+    "WHERE tenant_id = $1 AND stream_id = $2 AND stream_version >= $3 \
+     ORDER BY stream_version LIMIT $4"
+);
+
+const READ_STREAM_BACKWARD: &str = select_events!(
+    "WHERE tenant_id = $1 AND stream_id = $2 AND stream_version <= $3 \
+     ORDER BY stream_version DESC LIMIT $4"
+);
 
 pub(crate) async fn committed_head(client: &deadpool_postgres::Client) -> Result<u64, ReadError> {
     let statement = client
@@ -192,9 +201,40 @@ impl EventStore {
     }
 
     /// Up to `max_count` events of one stream, from `from_version` (1-based) on.
-    #[tracing::instrument(name = "read_stream", skip_all, err(Display), fields(tenant_id = %tenant_id, %stream_id, from_version))]
     pub async fn read_stream(
         &self,
+        tenant_id: &TenantId,
+        stream_id: Uuid,
+        from_version: u64,
+        max_count: u64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        self.read_stream_in(READ_STREAM, tenant_id, stream_id, from_version, max_count)
+            .await
+    }
+
+    /// Up to `max_count` events of one stream, from `from_version` down
+    /// (newest first).
+    pub async fn read_stream_backward(
+        &self,
+        tenant_id: &TenantId,
+        stream_id: Uuid,
+        from_version: u64,
+        max_count: u64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        self.read_stream_in(
+            READ_STREAM_BACKWARD,
+            tenant_id,
+            stream_id,
+            from_version,
+            max_count,
+        )
+        .await
+    }
+
+    #[tracing::instrument(name = "read_stream", skip(self, sql, tenant_id), err(Display), fields(tenant_id = %tenant_id))]
+    async fn read_stream_in(
+        &self,
+        sql: &'static str,
         tenant_id: &TenantId,
         stream_id: Uuid,
         from_version: u64,
@@ -203,7 +243,7 @@ impl EventStore {
         let from = to_i64(from_version, "from_version")?;
         let limit = to_i64(max_count, "max_count")?;
         let client = self.inner.pool.get().await?;
-        let statement = client.prepare_cached(READ_STREAM).await?;
+        let statement = client.prepare_cached(sql).await?;
         let rows = client
             .query(
                 &statement,
@@ -211,6 +251,26 @@ impl EventStore {
             )
             .await?;
         rows.iter().map(decode).collect()
+    }
+
+    /// The version of a stream's last event; `None` when the tenant has no
+    /// such stream.
+    pub async fn stream_version(
+        &self,
+        tenant_id: &TenantId,
+        stream_id: Uuid,
+    ) -> Result<Option<u64>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT max(stream_version) FROM events WHERE tenant_id = $1 AND stream_id = $2",
+            )
+            .await?;
+        let version: Option<i64> = client
+            .query_one(&statement, &[&tenant_id.as_str(), &stream_id])
+            .await?
+            .get(0);
+        Ok(version.and_then(|v| u64::try_from(v).ok()))
     }
 
     /// Every committed event after `after` that passes `filter`, in position
@@ -224,14 +284,27 @@ impl EventStore {
     /// History after `after`, then live events, in position order, with no gap
     /// and no duplicate. Ends when the store shuts down.
     pub fn subscribe(&self, after: u64, filter: Filter) -> Subscription {
+        self.subscription_task(None)
+            .spawn(&self.inner.tasks, after, filter)
+    }
+
+    /// Like [`Self::subscribe`], but ends after position `until` (replay of a
+    /// fixed range, e.g. up to the head at the time of a call).
+    pub fn replay(&self, after: u64, until: u64, filter: Filter) -> Subscription {
+        self.subscription_task(Some(until))
+            .spawn(&self.inner.tasks, after, filter)
+    }
+
+    fn subscription_task(&self, until: Option<u64>) -> SubscriptionTask {
         SubscriptionTask {
             pool: self.inner.pool.clone(),
             head: self.inner.head.clone(),
             poll_interval: self.inner.options.poll_interval,
             cancel: self.inner.cancel.child_token(),
             buffer: self.inner.options.subscription_buffer,
+            chunk: self.inner.options.subscription_chunk.max(1),
+            until,
         }
-        .spawn(&self.inner.tasks, after, filter)
     }
 
     /// The stream holding a reserved unique value, if any.

@@ -1,23 +1,27 @@
 //! Catch-up subscriptions: history first, then live, without a gap or a
 //! duplicate at the switch.
 //!
-//! The task reads the committed head, streams the events up to it, and repeats;
+//! The task reads the committed head, reads the events up to it, and repeats;
 //! when nothing is new it waits for a wake-up (an append in this process, a
 //! NOTIFY from another, or the poll interval). Because positions commit in
 //! order, "every event up to the head I read" is a complete prefix of the log,
-//! so the next read can start exactly after it. The channel to the consumer is
-//! bounded: a slow consumer slows the reader instead of filling memory.
+//! so the next read can start exactly after it.
+//!
+//! Reads go in chunks of at most `chunk` events, each collected before the
+//! connection goes back to the pool, and the channel to the consumer is
+//! bounded: a slow consumer slows its reader, holding at most a chunk and a
+//! channel's worth of events, and never holds a database connection.
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::read::{RecordedEvent, read_range};
+use crate::read::{RecordedEvent, read_chunk};
 use crate::{Filter, ReadError};
 
 /// Events in position order, history then live. Ends only on error or when the
@@ -40,6 +44,9 @@ pub(crate) struct SubscriptionTask {
     pub poll_interval: Duration,
     pub cancel: CancellationToken,
     pub buffer: usize,
+    pub chunk: usize,
+    /// Stop after this position instead of following live events (replay).
+    pub until: Option<u64>,
 }
 
 impl SubscriptionTask {
@@ -65,6 +72,7 @@ impl SubscriptionTask {
             self.head.borrow_and_update();
             let result = self.read_once(after, &filter, &sender).await;
             match result {
+                Ok(Some(next)) if self.until.is_some_and(|until| next >= until) => return,
                 Ok(Some(next)) if next > after => {
                     after = next;
                     continue;
@@ -85,26 +93,37 @@ impl SubscriptionTask {
         }
     }
 
-    /// Sends every event after `after` up to the committed head; returns the
-    /// head read (the new `after`), or `None` when the consumer is gone.
+    /// Sends every event after `after` up to the committed head (or `until`);
+    /// returns the position read up to (the new `after`), or `None` when the
+    /// consumer is gone.
     async fn read_once(
         &self,
-        after: u64,
+        mut after: u64,
         filter: &Filter,
         sender: &mpsc::Sender<Result<RecordedEvent, ReadError>>,
     ) -> Result<Option<u64>, ReadError> {
-        let client = self.pool.get().await?;
-        let head = crate::store::committed_head(&client).await?;
-        if head <= after {
-            return Ok(Some(after));
-        }
-        let mut events = read_range(client, after, head, filter).await?;
-        while let Some(event) = events.next().await {
-            let event = event?;
-            if sender.send(Ok(event)).await.is_err() {
-                return Ok(None);
+        let head = {
+            let client = self.pool.get().await?;
+            crate::store::committed_head(&client).await?
+        };
+        let head = self.until.map_or(head, |until| head.min(until));
+        while head > after {
+            let events = {
+                let client = self.pool.get().await?;
+                read_chunk(&client, after, head, filter, self.chunk).await?
+            };
+            let complete = events.len() < self.chunk;
+            let last = events.last().map(|e| e.global_position);
+            for event in events {
+                if sender.send(Ok(event)).await.is_err() {
+                    return Ok(None);
+                }
+            }
+            match last {
+                Some(last) if !complete => after = last,
+                _ => break,
             }
         }
-        Ok(Some(head))
+        Ok(Some(head.max(after)))
     }
 }
