@@ -205,3 +205,53 @@ pub async fn raw_inserts(db: &TestDb, tasks: usize, rows_per_tx: usize) -> (f64,
     }
     (rate.per_second(total), latencies)
 }
+
+/// Fills the events table with `count` created-contact events of tenant
+/// `bench` (the same shape as [`contact_payload`] and [`metadata`]) straight
+/// in SQL, in chunks with progress, and moves the log head. For benchmarks
+/// that read a big log.
+pub async fn fill_events(db: &TestDb, count: u64) {
+    let client = connect(db).await;
+    let chunk = 100_000u64;
+    let mut from = 1u64;
+    while from <= count {
+        let to = (from + chunk - 1).min(count);
+        client
+            .execute(
+                "INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
+                   stream_version, event_type, schema_version, payload, metadata) \
+                 SELECT g, gen_random_uuid(), 'bench', 'contact', gen_random_uuid(), 1, \
+                   'ContactCreated', 1, \
+                   jsonb_build_object( \
+                     'name', jsonb_build_object('given', 'Ada', 'family', 'Lovelace-' || g), \
+                     'emails', jsonb_build_array(jsonb_build_object( \
+                        'address', 'ada.' || g || '@example.com', 'primary', true)), \
+                     'phones', jsonb_build_array(jsonb_build_object( \
+                        'number', '+8613800138000', 'kind', 'mobile')), \
+                     'preferences', jsonb_build_object('channel', 'email', \
+                        'language', 'en-GB', 'time_zone', 'Europe/London'), \
+                     'occurred_at', '2026-11-28T10:00:00Z'), \
+                   jsonb_build_object('actor', 'user:bench', \
+                     'roles', jsonb_build_array('sales_rep'), \
+                     'correlation_id', gen_random_uuid()::text, \
+                     'traceparent', '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01') \
+                 FROM generate_series($1::bigint, $2::bigint) AS g",
+                &[&(from as i64), &(to as i64)],
+            )
+            .await
+            .expect("fill events");
+        progress(&format!("stored {to} of {count} events"));
+        from = to + 1;
+    }
+    client
+        .execute(
+            "UPDATE log_head SET position = $1 WHERE id = 1",
+            &[&(count as i64)],
+        )
+        .await
+        .expect("move the head");
+    client
+        .batch_execute("VACUUM ANALYZE events")
+        .await
+        .expect("vacuum");
+}

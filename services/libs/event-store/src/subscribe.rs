@@ -24,17 +24,33 @@ use tracing::Instrument;
 use crate::read::{RecordedEvent, read_chunk};
 use crate::{Filter, ReadError};
 
+type Chunk = Result<Vec<RecordedEvent>, ReadError>;
+
 /// Events in position order, history then live. Ends only on error or when the
-/// store shuts down.
+/// store shuts down (or, for a replay, after its last position).
+///
+/// The reader hands over whole chunks, so the per-event cost of the channel
+/// and of waking the consumer is paid once per chunk.
 pub struct Subscription {
-    events: mpsc::Receiver<Result<RecordedEvent, ReadError>>,
+    chunks: mpsc::Receiver<Chunk>,
+    current: std::vec::IntoIter<RecordedEvent>,
 }
 
 impl Stream for Subscription {
     type Item = Result<RecordedEvent, ReadError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.events.poll_recv(cx)
+        loop {
+            if let Some(event) = self.current.next() {
+                return Poll::Ready(Some(Ok(event)));
+            }
+            match self.chunks.poll_recv(cx) {
+                Poll::Ready(Some(Ok(chunk))) => self.current = chunk.into_iter(),
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -56,18 +72,17 @@ impl SubscriptionTask {
         after: u64,
         filter: Filter,
     ) -> Subscription {
-        let (sender, events) = mpsc::channel(self.buffer);
+        // `buffer` events, in whole chunks (at least one).
+        let (sender, chunks) = mpsc::channel(self.buffer.div_ceil(self.chunk).max(1));
         let span = tracing::info_span!("subscription", from_position = after);
         tasks.spawn(self.run(after, filter, sender).instrument(span));
-        Subscription { events }
+        Subscription {
+            chunks,
+            current: Vec::new().into_iter(),
+        }
     }
 
-    async fn run(
-        mut self,
-        mut after: u64,
-        filter: Filter,
-        sender: mpsc::Sender<Result<RecordedEvent, ReadError>>,
-    ) {
+    async fn run(mut self, mut after: u64, filter: Filter, sender: mpsc::Sender<Chunk>) {
         loop {
             self.head.borrow_and_update();
             let result = self.read_once(after, &filter, &sender).await;
@@ -100,7 +115,7 @@ impl SubscriptionTask {
         &self,
         mut after: u64,
         filter: &Filter,
-        sender: &mpsc::Sender<Result<RecordedEvent, ReadError>>,
+        sender: &mpsc::Sender<Chunk>,
     ) -> Result<Option<u64>, ReadError> {
         let head = {
             let client = self.pool.get().await?;
@@ -114,10 +129,8 @@ impl SubscriptionTask {
             };
             let complete = events.len() < self.chunk;
             let last = events.last().map(|e| e.global_position);
-            for event in events {
-                if sender.send(Ok(event)).await.is_err() {
-                    return Ok(None);
-                }
+            if last.is_some() && sender.send(Ok(events)).await.is_err() {
+                return Ok(None);
             }
             match last {
                 Some(last) if !complete => after = last,
