@@ -441,3 +441,92 @@ async fn bad_event_log_requests_get_clear_statuses() {
     assert_eq!(bad_fields(&status), vec!["direction"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_subscriber_holds_no_connection_and_open_streams_are_limited() {
+    let app = TestApp::spawn_with(|config| config.query_max_subscriptions = 2).await;
+    // 20,000 events, straight into the store.
+    let store = crm_event_store::EventStore::connect(
+        app.db.config(),
+        crm_event_store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        store
+            .append(crm_event_store::AppendEvents {
+                tenant_id: crm_domain::TenantId::parse(&app.tenant).unwrap(),
+                streams: vec![crm_event_store::StreamAppend {
+                    stream_type: "contact".into(),
+                    stream_id: uuid::Uuid::now_v7(),
+                    expected: crm_event_store::ExpectedVersion::NoStream,
+                    events: (0..1000)
+                        .map(|n| {
+                            crm_event_store::NewEvent::new(
+                                "ContactCreated",
+                                serde_json::json!({ "n": n, "padding": "x".repeat(200) }),
+                            )
+                        })
+                        .collect(),
+                }],
+                idempotency_key: None,
+                metadata: crm_event_store::Metadata {
+                    actor: "user:ada".into(),
+                    ..crm_event_store::Metadata::default()
+                },
+                reservations: Vec::new(),
+                request_fingerprint: None,
+            })
+            .await
+            .unwrap();
+    }
+    let mut log = event_log(&app);
+    let mut slow = log
+        .subscribe(app.request(SubscribeRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    // The client reads nothing: the server's reader fills its bounded buffer
+    // and waits, without keeping a query running.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let active: i64 = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(active, 0, "no query runs for a stalled subscriber");
+
+    let second = log
+        .subscribe(app.request(SubscribeRequest::default()))
+        .await
+        .unwrap();
+    let status = log
+        .read_all(app.request(ReadAllRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // Closing a stream frees its place.
+    drop(second);
+    crm_test_support::eventually(Duration::from_secs(10), "a free place", || {
+        let mut log = log.clone();
+        let request = app.request(ReadAllRequest {
+            max_count: 1,
+            ..ReadAllRequest::default()
+        });
+        async move { log.read_all(request).await.ok() }
+    })
+    .await;
+
+    // The slow subscriber still gets everything, in order.
+    let events = take(&mut slow, 20_000).await;
+    assert_eq!(positions(&events), (1..=20_000).collect::<Vec<_>>());
+    store.shutdown().await;
+    app.stop().await;
+}

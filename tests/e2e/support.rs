@@ -33,6 +33,11 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Like [`Self::spawn`], with settings changed by `configure`.
+    pub async fn spawn_with(configure: impl FnOnce(&mut Config)) -> Self {
         let db = TestDb::create().await;
         let mut config = Config::from_env();
         config.pg_url = db.url();
@@ -42,6 +47,7 @@ impl TestApp {
         config.nats_url = nats.url.clone();
         config.relay_stream = nats.stream.clone();
         config.relay_subject_prefix = nats.subject_prefix.clone();
+        configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();

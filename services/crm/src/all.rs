@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::RunError;
 use crate::grpc::Services;
-use crate::query::{EventLogService, MAX_SUBSCRIPTIONS};
+use crate::query::EventLogService;
 use crate::relay::{Relay, RelayOptions};
 
 /// Applies pending migrations of every component.
@@ -49,7 +49,11 @@ pub async fn run_all(
     );
     tasks.close();
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
-    let event_log = EventLogService::new(store.clone(), MAX_SUBSCRIPTIONS, shutdown.clone());
+    let event_log = EventLogService::new(
+        store.clone(),
+        config.query_max_subscriptions,
+        shutdown.clone(),
+    );
     let services = Services {
         commands: Some(commands),
         event_log: Some(event_log),
@@ -134,7 +138,11 @@ pub async fn run_query(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let store = start_store(config).await?;
-    let event_log = EventLogService::new(store.clone(), MAX_SUBSCRIPTIONS, shutdown.clone());
+    let event_log = EventLogService::new(
+        store.clone(),
+        config.query_max_subscriptions,
+        shutdown.clone(),
+    );
     let services = Services {
         commands: None,
         event_log: Some(event_log),

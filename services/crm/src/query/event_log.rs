@@ -26,8 +26,6 @@ use uuid::Uuid;
 
 use crate::command::{Caller, ServiceError};
 
-/// Subscriptions and replays open at once in one process, by default.
-pub const MAX_SUBSCRIPTIONS: usize = 256;
 /// Most events in one `EventBatch`.
 const BATCH: usize = 256;
 const MAX_STREAM_TYPES: usize = 20;

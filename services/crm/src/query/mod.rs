@@ -3,4 +3,4 @@
 //! projections land.
 mod event_log;
 
-pub use event_log::{EventLogService, MAX_SUBSCRIPTIONS};
+pub use event_log::EventLogService;

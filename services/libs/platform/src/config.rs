@@ -97,6 +97,14 @@ pub struct Config {
         default_value_t = 0
     )]
     pub relay_max_age_days: u64,
+    /// Most `Subscribe`/`ReadAll` streams open at once in one process; more
+    /// are refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long = "query-max-subscriptions",
+        env = "CRM__QUERY__MAX_SUBSCRIPTIONS",
+        default_value_t = 256
+    )]
+    pub query_max_subscriptions: usize,
     /// Log line format.
     #[arg(
         long = "log-format",
@@ -235,6 +243,7 @@ impl fmt::Debug for Config {
             .field("relay_subject_prefix", &self.relay_subject_prefix)
             .field("relay_window", &self.relay_window)
             .field("relay_max_age_days", &self.relay_max_age_days)
+            .field("query_max_subscriptions", &self.query_max_subscriptions)
             .field("log_format", &self.log_format)
             .finish()
     }
