@@ -15,6 +15,10 @@ up: infra
     bash infra/crm-up.sh
     ./target/release/crm demo seed
 
+# Follow a tenant's events as a plain NATS + CloudEvents SDK subscriber would (Python example).
+consume TENANT="demo":
+    "$(bash examples/python-consumer/setup.sh)" examples/python-consumer/consume.py --subject 'crm.v1.{{TENANT}}.>'
+
 # Load the demo tenant through the gRPC API (safe to repeat).
 demo:
     ./target/release/crm demo seed
@@ -33,6 +37,7 @@ logs:
 
 # Every test, unit to end-to-end, against real PostgreSQL and NATS.
 test: infra
+    bash examples/python-consumer/setup.sh >/dev/null
     if cargo nextest --version >/dev/null 2>&1; then \
         cargo nextest run --workspace --no-fail-fast; \
     else \

@@ -350,3 +350,65 @@ async fn only_the_leader_publishes_and_a_standby_takes_over() {
     second.stop.cancel();
     second.task.await.unwrap();
 }
+
+/// The example consumer (`examples/python-consumer`): nats-py and the stock
+/// CloudEvents SDK, nothing of ours.
+#[tokio::test]
+async fn a_subscriber_with_only_nats_and_a_cloudevents_sdk_receives_the_demo_in_order() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let setup = std::process::Command::new("bash")
+        .arg(root.join("examples/python-consumer/setup.sh"))
+        .output()
+        .expect("run the consumer's setup");
+    assert!(
+        setup.status.success(),
+        "examples/python-consumer/setup.sh failed: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let python = String::from_utf8(setup.stdout).unwrap().trim().to_owned();
+
+    let app = crate::support::TestApp::spawn().await;
+    crm::demo::seed(app.address, "demo").await.unwrap();
+    let stored = app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT event_id, event_type FROM events WHERE tenant_id = 'demo' ORDER BY global_position",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(stored.len() > 500, "a demo run is hundreds of events");
+
+    let consume = std::process::Command::new(python)
+        .arg(root.join("examples/python-consumer/consume.py"))
+        .args(["--url", &app.nats.url, "--stream", &app.nats.stream])
+        .args(["--subject", &format!("{}.demo.>", app.nats.subject_prefix)])
+        .args(["--expect", &stored.len().to_string()])
+        .output();
+    let consumed = tokio::task::spawn_blocking(move || consume)
+        .await
+        .unwrap()
+        .expect("run the consumer");
+    assert!(
+        consumed.status.success(),
+        "consumer failed: {}",
+        String::from_utf8_lossy(&consumed.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(consumed.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), stored.len());
+    for (line, row) in lines.iter().zip(&stored) {
+        let id: Uuid = row.get(0);
+        let event_type: String = row.get(1);
+        assert_eq!(line["id"], id.to_string(), "same events, same order");
+        assert_eq!(line["type"], format!("crm.v1.{event_type}"));
+        assert_eq!(line["tenant"], "demo");
+        assert!(line["data"].is_object(), "the SDK decoded the JSON body");
+    }
+    app.stop().await;
+}
