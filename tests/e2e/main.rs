@@ -11,6 +11,7 @@ mod demo;
 mod event_log;
 mod leads;
 mod opportunities;
+mod projections;
 mod records;
 mod relay;
 mod support;

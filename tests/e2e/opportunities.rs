@@ -34,7 +34,7 @@ fn pipeline(qualification_bp: u32) -> Vec<PipelineStage> {
     ]
 }
 
-async fn setup(app: &TestApp) -> (String, String) {
+pub(crate) async fn setup(app: &TestApp) -> (String, String) {
     let account = CreateAccountRequest {
         kind: AccountKind::Company.into(),
         name: "Acme".into(),
@@ -62,7 +62,7 @@ async fn setup(app: &TestApp) -> (String, String) {
     (account_id, pipeline_id)
 }
 
-fn deal(account_id: &str, pipeline_id: &str) -> OpenOpportunityRequest {
+pub(crate) fn deal(account_id: &str, pipeline_id: &str) -> OpenOpportunityRequest {
     OpenOpportunityRequest {
         name: "Acme renewal".into(),
         account_id: account_id.into(),
@@ -77,7 +77,7 @@ fn deal(account_id: &str, pipeline_id: &str) -> OpenOpportunityRequest {
     }
 }
 
-fn to_stage(id: &str, stage: &str) -> ChangeOpportunityStageRequest {
+pub(crate) fn to_stage(id: &str, stage: &str) -> ChangeOpportunityStageRequest {
     ChangeOpportunityStageRequest {
         options: None,
         opportunity_id: id.into(),

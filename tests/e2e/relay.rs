@@ -5,13 +5,13 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use crm::relay::cloudevents::header;
 use crm::relay::{Relay, RelayOptions, RelayStatus};
 use crm_domain::TenantId;
 use crm_event_store::{
     AppendEvents, EventStore, ExpectedVersion, Metadata, NewEvent, StoreOptions, StreamAppend,
 };
 use crm_test_support::{NatsServer, TestDb, TestNats, eventually};
+use crm_wire::cloudevents::header;
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;

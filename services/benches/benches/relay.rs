@@ -4,10 +4,11 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use crm::relay::{Relay, RelayOptions, cloudevents};
+use crm::relay::{Relay, RelayOptions};
 use crm_benches::{fill_events, progress, report};
 use crm_event_store::{EventStore, Filter, StoreOptions};
 use crm_test_support::{TestDb, TestNats};
+use crm_wire::cloudevents;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 

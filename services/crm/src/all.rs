@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::RunError;
 use crate::grpc::Services;
-use crate::query::EventLogService;
+use crate::query::{EventLogService, SalesService};
 use crate::relay::{Relay, RelayOptions};
 
 /// Applies pending migrations of every component.
@@ -36,6 +36,7 @@ pub async fn run_all(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let store = start_store(config).await?;
+    let read_models = read_model_pool(config).await?;
     let workers = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(
@@ -47,16 +48,12 @@ pub async fn run_all(
         )
         .run(workers.clone()),
     );
+    spawn_projectors(&tasks, config, &store, &read_models, &[], &workers)?;
     tasks.close();
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
-    let event_log = EventLogService::new(
-        store.clone(),
-        config.query_max_subscriptions,
-        shutdown.clone(),
-    );
     let services = Services {
         commands: Some(commands),
-        event_log: Some(event_log),
+        ..query_services(config, &store, read_models, &shutdown)
     };
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     // Intake is closed and in-flight calls are done: stop the workers (the
@@ -84,6 +81,113 @@ pub async fn run_relay(config: &Config, shutdown: CancellationToken) -> Result<(
     .run(shutdown)
     .await;
     stop_store(config, &store).await;
+    Ok(())
+}
+
+/// The projector role: the named projections (all when `names` is empty),
+/// until `shutdown` is cancelled.
+pub async fn run_projectors(
+    config: &Config,
+    names: &[String],
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let store = start_store(config).await?;
+    let read_models = read_model_pool(config).await?;
+    let tasks = TaskTracker::new();
+    spawn_projectors(&tasks, config, &store, &read_models, names, &shutdown)?;
+    tasks.close();
+    tasks.wait().await;
+    stop_store(config, &store).await;
+    Ok(())
+}
+
+/// Every projection's position, state and lag (`crm projections status`).
+pub async fn projections_status(
+    config: &Config,
+) -> Result<Vec<crm_projections::ProjectionStatus>, RunError> {
+    config.validate()?;
+    run_migrate(config).await?;
+    let pool = read_model_pool(config).await?;
+    let client = pool.get().await.map_err(RunError::ReadModels)?;
+    crm_projections::statuses(&client)
+        .await
+        .map_err(RunError::Connect)
+}
+
+/// A pool on the read models' database, with every projection's tables.
+async fn read_model_pool(config: &Config) -> Result<deadpool_postgres::Pool, RunError> {
+    let mut pg = config.pg_config()?;
+    pg.application_name("crm-read-models");
+    pg.connect_timeout(std::time::Duration::from_secs(5));
+    let manager = deadpool_postgres::Manager::new(pg, NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(config.pg_pool_size)
+        .wait_timeout(Some(std::time::Duration::from_secs(10)))
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| RunError::Pool(e.to_string()))?;
+    let client = pool.get().await.map_err(RunError::ReadModels)?;
+    for projection in crm_projections::all() {
+        crm_projections::ensure_schema(&client, projection.as_ref())
+            .await
+            .map_err(RunError::Connect)?;
+    }
+    Ok(pool)
+}
+
+fn query_services(
+    config: &Config,
+    store: &EventStore,
+    read_models: deadpool_postgres::Pool,
+    shutdown: &CancellationToken,
+) -> Services {
+    let wait = std::time::Duration::from_millis(config.query_min_position_wait_ms);
+    Services {
+        commands: None,
+        event_log: Some(EventLogService::new(
+            store.clone(),
+            config.query_max_subscriptions,
+            shutdown.clone(),
+        )),
+        sales: Some(SalesService::new(read_models, wait)),
+    }
+}
+
+/// Starts a projector per named projection (every one when `names` is empty).
+fn spawn_projectors(
+    tasks: &TaskTracker,
+    config: &Config,
+    store: &EventStore,
+    read_models: &deadpool_postgres::Pool,
+    names: &[String],
+    stop: &CancellationToken,
+) -> Result<(), RunError> {
+    let known = crm_projections::all();
+    for name in names {
+        if !known.iter().any(|p| p.name() == name) {
+            let names: Vec<_> = known.iter().map(|p| p.name()).collect();
+            return Err(RunError::UnknownProjection(name.clone(), names.join(", ")));
+        }
+    }
+    for projection in known {
+        if !names.is_empty() && !names.iter().any(|n| n == projection.name()) {
+            continue;
+        }
+        let options = crm_projections::ProjectorOptions {
+            stream: config.relay_stream.clone(),
+            subject_prefix: config.relay_subject_prefix.clone(),
+            ..crm_projections::ProjectorOptions::default()
+        };
+        let projector = crm_projections::Projector::new(
+            projection,
+            store.clone(),
+            read_models.clone(),
+            config.nats_url.clone(),
+            options,
+        );
+        tasks.spawn(projector.run(stop.clone()));
+    }
     Ok(())
 }
 
@@ -124,6 +228,7 @@ pub async fn run_command(
     let services = Services {
         commands: Some(commands),
         event_log: None,
+        sales: None,
     };
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     stop_store(config, &store).await;
@@ -138,15 +243,8 @@ pub async fn run_query(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let store = start_store(config).await?;
-    let event_log = EventLogService::new(
-        store.clone(),
-        config.query_max_subscriptions,
-        shutdown.clone(),
-    );
-    let services = Services {
-        commands: None,
-        event_log: Some(event_log),
-    };
+    let read_models = read_model_pool(config).await?;
+    let services = query_services(config, &store, read_models, &shutdown);
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     stop_store(config, &store).await;
     served

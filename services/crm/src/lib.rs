@@ -17,7 +17,9 @@ pub mod query;
 pub mod relay;
 pub mod schemas;
 
-pub use all::{run_all, run_command, run_migrate, run_query, run_relay};
+pub use all::{
+    projections_status, run_all, run_command, run_migrate, run_projectors, run_query, run_relay,
+};
 pub use grpc::health_check;
 
 /// Why a role stopped with an error.
@@ -33,4 +35,10 @@ pub enum RunError {
     Grpc(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("read-model connection pool: {0}")]
+    Pool(String),
+    #[error("no read-model connection: {0}")]
+    ReadModels(#[source] deadpool_postgres::PoolError),
+    #[error("no projection named {0:?}; known: {1}")]
+    UnknownProjection(String, String),
 }

@@ -26,6 +26,16 @@ enum Role {
     /// The query role alone: read-side gRPC (the event log: Subscribe,
     /// ReadAll, ReadStream).
     Query,
+    /// Projections (read models) alone: the named ones, or every one.
+    Projector {
+        /// e.g. `pipeline_board`; none: every projection.
+        names: Vec<String>,
+    },
+    /// Projection administration.
+    Projections {
+        #[command(subcommand)]
+        action: ProjectionsAction,
+    },
     /// Apply pending database migrations and exit.
     Migrate,
     /// Exit 0 when the gRPC server at --grpc-addr reports SERVING.
@@ -54,6 +64,12 @@ enum SchemasAction {
         #[arg(long, default_value = "schemas")]
         dir: std::path::PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ProjectionsAction {
+    /// Every projection's position, state, lag and last error.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -122,6 +138,39 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(anyhow::Error::from)
         }
+        Role::Projector { names } => {
+            let shutdown = CancellationToken::new();
+            crm_platform::shutdown::cancel_on_signal(shutdown.clone());
+            crm::run_projectors(&config, &names, shutdown)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        Role::Projections {
+            action: ProjectionsAction::Status,
+        } => crm::projections_status(&config)
+            .await
+            .map(|statuses| {
+                println!(
+                    "{:<20} {:>10} {:>10} {:>10} {:<8} {:>8}  last error",
+                    "projection", "position", "lag", "lag (s)", "state", "refilled"
+                );
+                for s in statuses {
+                    println!(
+                        "{:<20} {:>10} {:>10} {:>10.1} {:<8} {:>8}  {}",
+                        s.name,
+                        s.position,
+                        s.lag_events,
+                        s.lag_seconds,
+                        s.state,
+                        s.holes_refilled,
+                        match (s.error_position, s.last_error) {
+                            (Some(at), Some(error)) => format!("at {at}: {error}"),
+                            _ => String::new(),
+                        }
+                    );
+                }
+            })
+            .map_err(anyhow::Error::from),
         Role::Migrate => crm::run_migrate(&config)
             .await
             .map(|applied| tracing::info!(applied, "migrations applied"))

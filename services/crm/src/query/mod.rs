@@ -1,6 +1,8 @@
-//! The query role: read-side gRPC services. Today the event log
-//! (`Subscribe`, `ReadAll`, `ReadStream`); the read-model queries join as the
-//! projections land.
+//! The query role: read-side gRPC services: the event log (`Subscribe`,
+//! `ReadAll`, `ReadStream`) and the read-model queries (`SalesQueries`; more
+//! as the projections land).
 mod event_log;
+mod sales;
 
 pub use event_log::EventLogService;
+pub use sales::SalesService;

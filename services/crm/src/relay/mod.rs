@@ -19,12 +19,11 @@
 //!   drops stops publishing at once.
 //! - **NATS down**: the relay backs off and retries; commands keep working
 //!   (they never wait for the relay) and nothing is skipped.
-pub mod cloudevents;
-
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use crm_event_store::{EventStore, Filter, ReadError};
+use crm_wire::cloudevents;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;

@@ -105,6 +105,14 @@ pub struct Config {
         default_value_t = 256
     )]
     pub query_max_subscriptions: usize,
+    /// How long a query waits for its `min_position` before answering
+    /// UNAVAILABLE, in milliseconds.
+    #[arg(
+        long = "query-min-position-wait-ms",
+        env = "CRM__QUERY__MIN_POSITION_WAIT_MS",
+        default_value_t = 2000
+    )]
+    pub query_min_position_wait_ms: u64,
     /// Log line format.
     #[arg(
         long = "log-format",
@@ -244,6 +252,10 @@ impl fmt::Debug for Config {
             .field("relay_window", &self.relay_window)
             .field("relay_max_age_days", &self.relay_max_age_days)
             .field("query_max_subscriptions", &self.query_max_subscriptions)
+            .field(
+                "query_min_position_wait_ms",
+                &self.query_min_position_wait_ms,
+            )
             .field("log_format", &self.log_format)
             .finish()
     }

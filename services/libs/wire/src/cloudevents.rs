@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
-use crm_event_store::{Metadata, RecordedEvent};
+use crm_event_store::{JsonText, Metadata, RecordedEvent};
 
 /// CloudEvents header names (binary mode: `ce-` + attribute name).
 pub mod header {
@@ -101,6 +101,14 @@ fn encode_value(value: &str) -> String {
 /// The JetStream publish of `event`: CloudEvents headers, `Nats-Msg-Id` =
 /// event id, JSON body.
 pub fn message(event: &RecordedEvent) -> PublishMessage {
+    PublishMessage::build()
+        .headers(headers(event))
+        .message_id(event.event_id.to_string())
+        .payload(event.payload.as_str().to_owned().into())
+}
+
+/// The CloudEvents headers of `event`.
+pub fn headers(event: &RecordedEvent) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(header::SPECVERSION, SPEC_VERSION);
     headers.insert(header::ID, event.event_id.to_string().as_str());
@@ -152,10 +160,83 @@ pub fn message(event: &RecordedEvent) -> PublishMessage {
             headers.insert(header::TRACEPARENT, encode_value(traceparent).as_str());
         }
     }
-    PublishMessage::build()
-        .headers(headers)
-        .message_id(event.event_id.to_string())
-        .payload(event.payload.as_str().to_owned().into())
+    headers
+}
+
+/// Undoes [`encode_value`].
+fn decode_value(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        if let Some(byte) = escaped {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads a published message back into the stored event it came from. The
+/// metadata is rebuilt from the headers (actor, correlation, causation,
+/// traceparent); roles are not on the wire.
+pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<RecordedEvent, WireError> {
+    let position = position(headers).ok_or_else(|| WireError {
+        position: 0,
+        reason: format!("no {} header", header::POSITION),
+    })?;
+    let missing = |name: &str| WireError {
+        position,
+        reason: format!("missing or malformed {name}"),
+    };
+    let headers = headers.ok_or_else(|| missing("headers"))?;
+    let text = |name: &'static str| {
+        headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .ok_or_else(|| missing(name))
+    };
+    let number = |name: &'static str| text(name)?.parse::<u64>().map_err(|_| missing(name));
+    let event_type = text(header::TYPE)?;
+    let event_type = event_type
+        .strip_prefix("crm.v1.")
+        .ok_or_else(|| missing(header::TYPE))?
+        .to_owned();
+    let recorded_at = text(header::TIME)?
+        .parse::<jiff::Timestamp>()
+        .map_err(|_| missing(header::TIME))?;
+    let optional = |name: &'static str| headers.get(name).map(|v| decode_value(v.as_str()));
+    let metadata = Metadata {
+        actor: optional(header::ACTOR).unwrap_or_default(),
+        correlation_id: optional(header::CORRELATION),
+        causation_id: optional(header::CAUSATION),
+        traceparent: optional(header::TRACEPARENT),
+        ..Metadata::default()
+    };
+    let payload = std::str::from_utf8(payload).map_err(|_| missing("UTF-8 body"))?;
+    Ok(RecordedEvent {
+        global_position: position,
+        event_id: text(header::ID)?.parse().map_err(|_| missing(header::ID))?,
+        tenant_id: text(header::TENANT)?,
+        stream_type: text(header::STREAM_TYPE)?,
+        stream_id: text(header::SUBJECT)?
+            .parse()
+            .map_err(|_| missing(header::SUBJECT))?,
+        stream_version: number(header::STREAM_VERSION)?,
+        event_type,
+        schema_version: u32::try_from(number(header::SCHEMA_VERSION)?)
+            .map_err(|_| missing(header::SCHEMA_VERSION))?,
+        payload: JsonText(payload.to_owned()),
+        metadata: JsonText(serde_json::to_string(&metadata).map_err(|_| missing("metadata"))?),
+        recorded_at: recorded_at.into(),
+    })
 }
 
 /// The global position a published message carries, if it is one of ours.
@@ -172,6 +253,45 @@ mod tests {
         assert_eq!(encode_value("abc-1_2"), "abc-1_2");
         assert_eq!(encode_value("a b\"c%"), "a%20b%22c%25");
         assert_eq!(encode_value("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn a_message_decodes_back_into_its_event() {
+        let event = RecordedEvent {
+            global_position: 42,
+            event_id: uuid::Uuid::now_v7(),
+            tenant_id: "acme".into(),
+            stream_type: "contact".into(),
+            stream_id: uuid::Uuid::now_v7(),
+            stream_version: 3,
+            event_type: "ContactCreated".into(),
+            schema_version: 2,
+            payload: JsonText(r#"{"a":1}"#.into()),
+            metadata: JsonText(
+                serde_json::to_string(&Metadata {
+                    actor: "user:ada lovelace%".into(),
+                    correlation_id: Some("c 1".into()),
+                    ..Metadata::default()
+                })
+                .unwrap_or_default(),
+            ),
+            recorded_at: std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_micros(1_700_000_000_123_456),
+        };
+        let headers = headers(&event);
+        let decoded = decode(Some(&headers), event.payload.as_str().as_bytes()).expect("decodes");
+        assert_eq!(
+            decoded.metadata.parse::<Metadata>().ok().map(|m| m.actor),
+            Some("user:ada lovelace%".into())
+        );
+        assert_eq!(
+            RecordedEvent {
+                metadata: event.metadata.clone(),
+                ..decoded
+            },
+            event
+        );
+        assert!(decode(None, b"{}").is_err());
     }
 
     #[test]

@@ -1,0 +1,87 @@
+//! `crm.v1.SalesQueries`: the sales read models.
+use std::time::Duration;
+
+use crm_projections::PIPELINE_BOARD;
+use crm_proto::v1::sales_queries_server::SalesQueries;
+use crm_proto::v1::{GetPipelineBoardRequest, PipelineBoard, QueryOptions, StageColumn};
+use deadpool_postgres::Pool;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::command::{Caller, ServiceError};
+
+#[derive(Clone)]
+pub struct SalesService {
+    pool: Pool,
+    wait: Duration,
+}
+
+impl SalesService {
+    /// `wait`: the longest a query waits for its `min_position`.
+    pub fn new(pool: Pool, wait: Duration) -> Self {
+        Self { pool, wait }
+    }
+}
+
+/// A client on the read-model database, once `projection` has applied the
+/// caller's `min_position`; with the position applied.
+pub(crate) async fn ready(
+    pool: &Pool,
+    projection: &'static str,
+    options: Option<QueryOptions>,
+    wait: Duration,
+) -> Result<(deadpool_postgres::Object, u64), Status> {
+    let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("read models: {e}"));
+    let client = pool.get().await.map_err(|e| unavailable(&e))?;
+    let min_position = options.map_or(0, |o| o.min_position);
+    match crm_projections::wait_for_position(&client, projection, min_position, wait)
+        .await
+        .map_err(|e| unavailable(&e))?
+    {
+        Ok(position) => Ok((client, position)),
+        Err(position) => Err(Status::unavailable(format!(
+            "read model {projection} has applied position {position}, not yet {min_position}; retry"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl SalesQueries for SalesService {
+    async fn get_pipeline_board(
+        &self,
+        request: Request<GetPipelineBoardRequest>,
+    ) -> Result<Response<PipelineBoard>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let pipeline_id = Uuid::parse_str(&request.pipeline_id)
+            .map_err(|_| ServiceError::invalid("pipeline_id", "must be a UUID"))?;
+        if request.owner.len() > 200 {
+            return Err(ServiceError::invalid("owner", "must be at most 200 characters").into());
+        }
+        let (client, position) =
+            ready(&self.pool, PIPELINE_BOARD, request.options, self.wait).await?;
+        let rows = client
+            .query(
+                "SELECT stage, COALESCE(currency, ''), count(*), \
+                   COALESCE(sum(amount_minor), 0)::bigint, COALESCE(sum(weighted_minor), 0)::bigint \
+                 FROM pipeline_board \
+                 WHERE tenant_id = $1 AND pipeline_id = $2 AND outcome = 'open' AND NOT archived \
+                   AND ($3 = '' OR owner = $3) \
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+                &[&caller.tenant.as_str(), &pipeline_id, &request.owner],
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+        let stages = rows
+            .iter()
+            .map(|row| StageColumn {
+                stage: row.get(0),
+                currency: row.get(1),
+                deal_count: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+                amount_minor: row.get(3),
+                weighted_minor: row.get(4),
+            })
+            .collect();
+        Ok(Response::new(PipelineBoard { stages, position }))
+    }
+}

@@ -1,0 +1,25 @@
+//! Projections: read models built from the event log, with an exactly-once
+//! effect.
+//!
+//! Each projection consumes the relay's JetStream stream through its own
+//! durable consumer, applies a batch of events to its tables and writes its
+//! position in the same PostgreSQL transaction, skips positions it has already
+//! applied, then acks. Positions are dense, so a jump in what JetStream
+//! delivers (it can lose acknowledged messages on a crash) is refilled from
+//! the event store before going on; when NATS is quiet but the log has moved
+//! on, the projection reads the store directly. A poison event (one the
+//! projection cannot apply) stops that projection loudly: the status row says
+//! `failed` with the error and position, and nothing is skipped.
+mod pipeline_board;
+mod runtime;
+
+pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
+pub use runtime::{
+    ApplyError, Projection, ProjectionStatus, Projector, ProjectorOptions, STATUS_SCHEMA,
+    applied_position, ensure_schema, statuses, wait_for_position,
+};
+
+/// Every read model (`crm projector NAME` picks by [`Projection::name`]).
+pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
+    vec![std::sync::Arc::new(PipelineBoard)]
+}

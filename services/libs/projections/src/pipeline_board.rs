@@ -1,0 +1,137 @@
+//! `pipeline_board`: one row per deal with its stage, amount, probability and
+//! weighted value (DOMAIN.md §5.1), for `GetPipelineBoard`.
+//!
+//! The row keeps the deal's state as the domain's own `evolve` builds it, so
+//! the read model can never disagree with the aggregate about what an event
+//! means; the columns are derived from that state.
+use crm_domain::opportunity::{Opportunity, OpportunityEvent};
+use crm_domain::{Aggregate, DomainEvent};
+use crm_event_store::RecordedEvent;
+
+use crate::runtime::{ApplyError, ApplyFuture, Projection};
+
+pub struct PipelineBoard;
+
+pub const NAME: &str = "pipeline_board";
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pipeline_board (
+    tenant_id      text    NOT NULL,
+    deal_id        uuid    NOT NULL,
+    name           text    NOT NULL,
+    pipeline_id    uuid,
+    stage          text    NOT NULL,
+    outcome        text    NOT NULL,
+    archived       boolean NOT NULL,
+    amount_minor   bigint,
+    currency       text,
+    probability_bp integer NOT NULL,
+    weighted_minor bigint,
+    category       text,
+    close_date     date,
+    owner          text    NOT NULL,
+    state          jsonb   NOT NULL,
+    position       bigint  NOT NULL,
+    PRIMARY KEY (tenant_id, deal_id)
+);
+CREATE INDEX IF NOT EXISTS pipeline_board_by_stage
+    ON pipeline_board (tenant_id, pipeline_id, stage) WHERE outcome = 'open'";
+
+fn text<T: serde::Serialize>(value: &T) -> Option<String> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(text)) => Some(text),
+        _ => None,
+    }
+}
+
+impl Projection for PipelineBoard {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schema(&self) -> &'static str {
+        SCHEMA
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'_>,
+        event: &'a RecordedEvent,
+    ) -> ApplyFuture<'a> {
+        Box::pin(async move {
+            if event.stream_type != Opportunity::STREAM_TYPE {
+                return Ok(());
+            }
+            let malformed = |reason: String| ApplyError::Payload {
+                event_type: event.event_type.clone(),
+                reason,
+            };
+            let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
+            let Some(decoded) =
+                OpportunityEvent::decode(&event.event_type, event.schema_version, &mut payload)
+                    .map_err(|e| malformed(e.to_string()))?
+            else {
+                return Ok(());
+            };
+            let stored = tx
+                .query_opt(
+                    "SELECT state FROM pipeline_board WHERE tenant_id = $1 AND deal_id = $2",
+                    &[&event.tenant_id, &event.stream_id],
+                )
+                .await?;
+            let state: Opportunity = match stored {
+                Some(row) => serde_json::from_value(row.get(0))
+                    .map_err(|e| malformed(format!("stored state: {e}")))?,
+                None => Opportunity::default(),
+            };
+            let deal = state.evolve(&decoded);
+            let amount = deal.amount.as_ref().map(|m| m.amount_minor);
+            let currency = deal.amount.as_ref().map(|m| m.currency.clone());
+            let weighted = amount.map(|a| {
+                i64::try_from(i128::from(a) * i128::from(deal.probability_bp) / 10_000)
+                    .unwrap_or(i64::MAX)
+            });
+            let state_json =
+                serde_json::to_value(&deal).map_err(|e| malformed(format!("state: {e}")))?;
+            let outcome = text(&deal.outcome).unwrap_or_default();
+            let category = deal.category.as_ref().and_then(text);
+            let archived = deal.meta.lifecycle == crm_domain::common::Lifecycle::Archived;
+            let close_date = deal.close_date.map(|d| d.to_string());
+            let probability = i32::try_from(deal.probability_bp).unwrap_or(i32::MAX);
+            let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
+            tx.execute(
+                "INSERT INTO pipeline_board (tenant_id, deal_id, name, pipeline_id, stage, outcome, \
+                   archived, amount_minor, currency, probability_bp, weighted_minor, category, \
+                   close_date, owner, state, position) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16) \
+                 ON CONFLICT (tenant_id, deal_id) DO UPDATE SET name = EXCLUDED.name, \
+                   pipeline_id = EXCLUDED.pipeline_id, stage = EXCLUDED.stage, \
+                   outcome = EXCLUDED.outcome, archived = EXCLUDED.archived, \
+                   amount_minor = EXCLUDED.amount_minor, currency = EXCLUDED.currency, \
+                   probability_bp = EXCLUDED.probability_bp, \
+                   weighted_minor = EXCLUDED.weighted_minor, category = EXCLUDED.category, \
+                   close_date = EXCLUDED.close_date, owner = EXCLUDED.owner, \
+                   state = EXCLUDED.state, position = EXCLUDED.position",
+                &[
+                    &event.tenant_id,
+                    &event.stream_id,
+                    &deal.name,
+                    &deal.pipeline_id,
+                    &deal.stage,
+                    &outcome,
+                    &archived,
+                    &amount,
+                    &currency,
+                    &probability,
+                    &weighted,
+                    &category,
+                    &close_date,
+                    &deal.owner,
+                    &state_json,
+                    &position,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}

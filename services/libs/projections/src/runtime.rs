@@ -1,0 +1,513 @@
+//! The projection runtime: one [`Projector`] per projection.
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use crm_event_store::{EventStore, Filter, RecordedEvent};
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// The status table every projection's position lives in, written in the
+/// same transaction as the projection's own tables.
+pub const STATUS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS projections (
+    name           text        PRIMARY KEY,
+    position       bigint      NOT NULL DEFAULT 0,
+    state          text        NOT NULL DEFAULT 'running',
+    last_error     text,
+    error_position bigint,
+    holes_refilled bigint      NOT NULL DEFAULT 0,
+    updated_at     timestamptz NOT NULL DEFAULT now()
+)";
+
+/// Why an event could not be applied: the projection stops on it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("malformed payload of {event_type}: {reason}")]
+    Payload { event_type: String, reason: String },
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+}
+
+pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
+
+/// One read model.
+pub trait Projection: Send + Sync + 'static {
+    /// Stable name: status row, durable consumer, `crm projector NAME`.
+    fn name(&self) -> &'static str;
+    /// Idempotent DDL of its tables.
+    fn schema(&self) -> &'static str;
+    /// Applies one event inside the batch's transaction. Events it does not
+    /// use are ignored (`Ok`).
+    fn apply<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'_>,
+        event: &'a RecordedEvent,
+    ) -> ApplyFuture<'a>;
+}
+
+/// How a projector reads. Defaults suit `crm all`.
+#[derive(Clone, Debug)]
+pub struct ProjectorOptions {
+    /// The relay's JetStream stream and subject prefix.
+    pub stream: String,
+    pub subject_prefix: String,
+    /// Most messages per batch (one transaction).
+    pub batch: usize,
+    /// How long one fetch waits for messages.
+    pub fetch_wait: Duration,
+    /// After this long without messages while the log has moved on, read the
+    /// store directly.
+    pub tail_refill_after: Duration,
+    /// Most events read from the store per transaction when refilling.
+    pub refill_chunk: u64,
+    /// Longest wait between attempts when NATS or PostgreSQL fails.
+    pub max_backoff: Duration,
+}
+
+impl Default for ProjectorOptions {
+    fn default() -> Self {
+        Self {
+            stream: "CRM_EVENTS".into(),
+            subject_prefix: "crm.v1".into(),
+            batch: 500,
+            fetch_wait: Duration::from_millis(500),
+            tail_refill_after: Duration::from_secs(2),
+            refill_chunk: 5_000,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A projection's row in `projections`, for `crm projections status`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub position: u64,
+    pub state: String,
+    pub last_error: Option<String>,
+    pub error_position: Option<u64>,
+    pub holes_refilled: u64,
+    /// Events in the log not applied yet.
+    pub lag_events: u64,
+    /// Age of the oldest event not applied yet, in seconds (0 when caught up).
+    pub lag_seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("event store: {0}")]
+    Read(#[from] crm_event_store::ReadError),
+    #[error("event at position {position} cannot be applied: {error}")]
+    Poison { position: u64, error: String },
+}
+
+fn nats(error: impl std::fmt::Display) -> RunError {
+    RunError::Nats(error.to_string())
+}
+
+/// Runs one projection until shutdown, or until a poison event stops it.
+pub struct Projector {
+    projection: Arc<dyn Projection>,
+    store: EventStore,
+    pool: Pool,
+    nats_url: String,
+    options: ProjectorOptions,
+    position: watch::Sender<u64>,
+}
+
+impl Projector {
+    pub fn new(
+        projection: Arc<dyn Projection>,
+        store: EventStore,
+        pool: Pool,
+        nats_url: String,
+        options: ProjectorOptions,
+    ) -> Self {
+        Self {
+            projection,
+            store,
+            pool,
+            nats_url,
+            options,
+            position: watch::Sender::new(0),
+        }
+    }
+
+    /// The position applied so far, as it moves.
+    pub fn position(&self) -> watch::Receiver<u64> {
+        self.position.subscribe()
+    }
+
+    /// Runs until `shutdown`. Transient failures (NATS, PostgreSQL) are
+    /// retried with backoff; a poison event is recorded and ends the run.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let name = self.projection.name();
+        let span = tracing::info_span!("projector", projection = name);
+        async {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let before = *self.position.borrow();
+                let error = match self.session(&shutdown).await {
+                    Ok(()) => return,
+                    Err(error) => error,
+                };
+                if let RunError::Poison { position, error } = &error {
+                    tracing::error!(position, %error, "projection stopped on an event it cannot apply; fix and restart");
+                    if let Err(status_error) = self.record_failure(*position, error).await {
+                        tracing::error!(%status_error, "could not record the failure");
+                    }
+                    return;
+                }
+                if *self.position.borrow() > before {
+                    delay = Duration::from_millis(100);
+                }
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "projector failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(self.options.max_backoff);
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), RunError> {
+        let name = self.projection.name();
+        let start = self.prepare().await?;
+        self.position.send_replace(start);
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("crm-projector-{name}"))
+            .connection_timeout(Duration::from_secs(5))
+            .connect(self.nats_url.as_str())
+            .await
+            .map_err(nats)?;
+        let js = jetstream::new(client);
+        let stream = js.get_stream(&self.options.stream).await.map_err(nats)?;
+        let durable = format!("projection_{name}");
+        let consumer = stream
+            .get_or_create_consumer(
+                &durable,
+                consumer::pull::Config {
+                    durable_name: Some(durable.clone()),
+                    description: Some(format!("read model {name}")),
+                    ack_policy: consumer::AckPolicy::All,
+                    // Stream sequence n holds position n (ADR 0005); a
+                    // mismatch only means duplicates (skipped) or holes
+                    // (refilled).
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start + 1,
+                    },
+                    filter_subject: format!("{}.>", self.options.subject_prefix),
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(nats)?;
+        let mut idle_since: Option<tokio::time::Instant> = None;
+        loop {
+            let fetch = consumer
+                .fetch()
+                .max_messages(self.options.batch)
+                .expires(self.options.fetch_wait)
+                .messages();
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                batch = fetch => batch.map_err(nats)?,
+            };
+            let messages: Vec<_> = batch.collect().await;
+            let mut events = Vec::with_capacity(messages.len());
+            let mut last = None;
+            for message in messages {
+                let message = message.map_err(nats)?;
+                let event =
+                    crm_wire::cloudevents::decode(message.headers.as_ref(), &message.payload)
+                        .map_err(|e| RunError::Poison {
+                            position: e.position,
+                            error: e.to_string(),
+                        })?;
+                events.push(event);
+                last = Some(message);
+            }
+            if events.is_empty() {
+                // Quiet: if the log has moved on for a while, read the store.
+                let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= self.options.tail_refill_after {
+                    let head = self.store.head().await?;
+                    if head > *self.position.borrow() {
+                        tracing::warn!(
+                            head,
+                            position = *self.position.borrow(),
+                            "no messages while the log moved on; reading the store"
+                        );
+                    }
+                    while head > *self.position.borrow() && !shutdown.is_cancelled() {
+                        let next = head.min(*self.position.borrow() + self.options.refill_chunk);
+                        self.apply_batch(Vec::new(), next).await?;
+                    }
+                    idle_since = None;
+                }
+                continue;
+            }
+            idle_since = None;
+            let up_to = events.last().map_or(0, |e| e.global_position);
+            self.apply_batch(events, up_to).await?;
+            if let Some(message) = last {
+                // AckPolicy::All: acknowledging the last acknowledges the batch.
+                message.ack().await.map_err(nats)?;
+            }
+        }
+    }
+
+    /// Creates the tables and the status row, marks the projection running;
+    /// returns the applied position.
+    async fn prepare(&self) -> Result<u64, RunError> {
+        let name = self.projection.name();
+        let client = self.pool.get().await?;
+        ensure_schema(&client, self.projection.as_ref()).await?;
+        client
+            .execute(
+                "UPDATE projections SET state = 'running', last_error = NULL, \
+                 error_position = NULL WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        Ok(applied_position(&client, name).await?)
+    }
+
+    /// [`Self::apply_once`], and when an event cannot be applied, commits
+    /// everything before it first, so the status shows exactly where it
+    /// stopped.
+    async fn apply_batch(&self, events: Vec<RecordedEvent>, up_to: u64) -> Result<(), RunError> {
+        match self.apply_once(events.clone(), up_to).await {
+            Err(RunError::Poison { position, error }) => {
+                let before: Vec<_> = events
+                    .into_iter()
+                    .filter(|e| e.global_position < position)
+                    .collect();
+                if position > 1 {
+                    self.apply_once(before, position - 1).await?;
+                }
+                Err(RunError::Poison { position, error })
+            }
+            other => other,
+        }
+    }
+
+    /// Applies `events` (a batch from NATS, in order) in one transaction,
+    /// first refilling from the store whatever lies between the applied
+    /// position and each event, then up to `up_to`.
+    async fn apply_once(&self, events: Vec<RecordedEvent>, up_to: u64) -> Result<(), RunError> {
+        let name = self.projection.name();
+        let span = tracing::info_span!(
+            "projection_batch",
+            projection = name,
+            events = events.len(),
+            up_to
+        );
+        async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            // The row lock also keeps two instances of one projection apart.
+            let mut position: u64 = tx
+                .query_one(
+                    "SELECT position FROM projections WHERE name = $1 FOR UPDATE",
+                    &[&name],
+                )
+                .await?
+                .get::<_, i64>(0)
+                .try_into()
+                .unwrap_or(0);
+            let mut refilled = 0u64;
+            for event in &events {
+                if event.global_position <= position {
+                    continue; // applied before: redelivery
+                }
+                refilled += self
+                    .refill(&tx, &mut position, event.global_position - 1)
+                    .await?;
+                self.apply_one(&tx, event).await?;
+                position = event.global_position;
+            }
+            refilled += self.refill(&tx, &mut position, up_to).await?;
+            let stored = i64::try_from(position).unwrap_or(i64::MAX);
+            tx.execute(
+                "UPDATE projections SET position = $2, holes_refilled = holes_refilled + $3, \
+                 updated_at = now() WHERE name = $1",
+                &[&name, &stored, &(refilled as i64)],
+            )
+            .await?;
+            tx.commit().await?;
+            if refilled > 0 {
+                tracing::warn!(
+                    refilled,
+                    position,
+                    "refilled a hole in the delivery from the event store"
+                );
+            }
+            self.position.send_replace(position);
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Applies every stored event after `position` up to `up_to`, moving
+    /// `position` there; returns how many.
+    async fn refill(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        position: &mut u64,
+        up_to: u64,
+    ) -> Result<u64, RunError> {
+        let mut count = 0;
+        while *position < up_to {
+            let before = *position;
+            let mut events = self.store.replay(before, up_to, Filter::default());
+            while let Some(event) = events.next().await {
+                let event = event?;
+                self.apply_one(tx, &event).await?;
+                *position = event.global_position;
+                count += 1;
+            }
+            if *position == before {
+                return Err(RunError::Read(crm_event_store::ReadError::Corrupt(
+                    format!(
+                        "positions {} to {up_to} are missing from the store",
+                        before + 1
+                    ),
+                )));
+            }
+        }
+        Ok(count)
+    }
+
+    async fn apply_one(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        event: &RecordedEvent,
+    ) -> Result<(), RunError> {
+        self.projection
+            .apply(tx, event)
+            .await
+            .map_err(|error| RunError::Poison {
+                position: event.global_position,
+                error: error.to_string(),
+            })
+    }
+
+    async fn record_failure(&self, position: u64, error: &str) -> Result<(), RunError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE projections SET state = 'failed', last_error = $2, error_position = $3, \
+                 updated_at = now() WHERE name = $1",
+                &[
+                    &self.projection.name(),
+                    &error,
+                    &i64::try_from(position).unwrap_or(i64::MAX),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Creates a projection's tables and status row if missing (idempotent, one
+/// process at a time).
+pub async fn ensure_schema(
+    client: &tokio_postgres::Client,
+    projection: &dyn Projection,
+) -> Result<(), tokio_postgres::Error> {
+    const DDL_LOCK: i64 = 0x0063_726d_5f70_726a; // "crm_prj"
+    client
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock({DDL_LOCK}); {STATUS_SCHEMA}; {}; \
+             INSERT INTO projections (name) VALUES ('{}') ON CONFLICT DO NOTHING; \
+             SELECT pg_advisory_unlock({DDL_LOCK});",
+            projection.schema(),
+            projection.name()
+        ))
+        .await
+}
+
+/// The position `name` has applied (0 when it never ran).
+pub async fn applied_position(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    let row = client
+        .query_opt("SELECT position FROM projections WHERE name = $1", &[&name])
+        .await?;
+    Ok(row.map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)))
+}
+
+/// Waits until `name` has applied `min_position`, polling, at most `wait`.
+/// `Ok(position)` once reached, `Err(position)` with the applied position
+/// when the wait ran out.
+pub async fn wait_for_position(
+    client: &tokio_postgres::Client,
+    name: &str,
+    min_position: u64,
+    wait: Duration,
+) -> Result<Result<u64, u64>, tokio_postgres::Error> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let position = applied_position(client, name).await?;
+        if position >= min_position {
+            return Ok(Ok(position));
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            return Ok(Err(position));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Every projection's status with its lag against the log's head.
+pub async fn statuses(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<ProjectionStatus>, tokio_postgres::Error> {
+    client.batch_execute(STATUS_SCHEMA).await?;
+    let rows = client
+        .query(
+            "SELECT p.name, p.position, p.state, p.last_error, p.error_position, p.holes_refilled, \
+               h.position - p.position, \
+               COALESCE(EXTRACT(EPOCH FROM now() - e.recorded_at)::float8, 0) \
+             FROM projections p CROSS JOIN log_head h \
+             LEFT JOIN events e ON e.global_position = p.position + 1 \
+             ORDER BY p.name",
+            &[],
+        )
+        .await?;
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(rows
+        .iter()
+        .map(|row| ProjectionStatus {
+            name: row.get(0),
+            position: unsigned(row.get(1)),
+            state: row.get(2),
+            last_error: row.get(3),
+            error_position: row.get::<_, Option<i64>>(4).map(unsigned),
+            holes_refilled: unsigned(row.get(5)),
+            lag_events: unsigned(row.get(6)),
+            lag_seconds: row.get(7),
+        })
+        .collect())
+}

@@ -1,0 +1,390 @@
+//! The projection runtime and the pipeline board: read-your-writes through
+//! gRPC, redelivery and restarts that change nothing, holes refilled from the
+//! store, a poison event that stops the projection loudly.
+use std::sync::Arc;
+use std::time::Duration;
+
+use crm_domain::TenantId;
+use crm_event_store::{
+    AppendEvents, EventStore, ExpectedVersion, Metadata, NewEvent, StoreOptions, StreamAppend,
+};
+use crm_projections::{PIPELINE_BOARD, PipelineBoard, Projector, ProjectorOptions};
+use crm_proto::v1::sales_queries_client::SalesQueriesClient;
+use crm_proto::v1::{GetPipelineBoardRequest, QueryOptions, StageColumn};
+use crm_test_support::{TestDb, TestNats, eventually};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::opportunities::{deal, setup, to_stage};
+use crate::support::{TestApp, bad_fields};
+
+fn board_request(pipeline_id: &str, min_position: u64) -> GetPipelineBoardRequest {
+    GetPipelineBoardRequest {
+        options: Some(QueryOptions { min_position }),
+        pipeline_id: pipeline_id.into(),
+        owner: String::new(),
+    }
+}
+
+fn column(stage: &str, count: u64, amount: i64, weighted: i64) -> StageColumn {
+    StageColumn {
+        stage: stage.into(),
+        currency: "EUR".into(),
+        deal_count: count,
+        amount_minor: amount,
+        weighted_minor: weighted,
+    }
+}
+
+#[tokio::test]
+async fn a_command_position_as_min_position_reads_the_write_on_the_board() {
+    let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
+    let (account, pipeline) = setup(&app).await;
+    let mut sales = SalesQueriesClient::new(app.channel.clone());
+    // Two deals of 300,000.00 EUR at qualification (10 %), one moved on to
+    // negotiation (80 %).
+    app.opportunities()
+        .open_opportunity(app.request(deal(&account, &pipeline)))
+        .await
+        .unwrap();
+    let second = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account, &pipeline)))
+        .await
+        .unwrap()
+        .into_inner();
+    let moved = app
+        .opportunities()
+        .change_opportunity_stage(app.request(to_stage(&second.stream_id, "negotiation")))
+        .await
+        .unwrap()
+        .into_inner();
+    let board = sales
+        .get_pipeline_board(app.request(board_request(&pipeline, moved.global_position)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(board.position >= moved.global_position);
+    // weighted = amount × probability ÷ 10000: 30,000,000 × 1000 ÷ 10000 and
+    // 30,000,000 × 8000 ÷ 10000.
+    assert_eq!(
+        board.stages,
+        vec![
+            column("negotiation", 1, 30_000_000, 24_000_000),
+            column("qualification", 1, 30_000_000, 3_000_000),
+        ]
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn board_queries_refuse_bad_input_and_say_when_the_model_lags() {
+    let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 200).await;
+    let mut sales = SalesQueriesClient::new(app.channel.clone());
+    let status = sales
+        .get_pipeline_board(app.request(board_request("nope", 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), vec!["pipeline_id"]);
+    let pipeline = Uuid::now_v7().to_string();
+    let status = sales
+        .get_pipeline_board(app.request(board_request(&pipeline, 1_000_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("pipeline_board"), "{status:?}");
+    let status = sales
+        .get_pipeline_board(crate::support::as_caller(
+            board_request(&pipeline, 0),
+            None,
+            Some("u"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let empty = sales
+        .get_pipeline_board(app.request(board_request(&pipeline, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(empty.stages.is_empty());
+    app.stop().await;
+}
+
+// --- the runtime, driven directly ---
+
+struct Setup {
+    db: TestDb,
+    nats: TestNats,
+    store: EventStore,
+    pool: deadpool_postgres::Pool,
+}
+
+async fn setup_runtime() -> Setup {
+    let db = TestDb::create().await;
+    let nats = TestNats::shared();
+    let store = EventStore::connect(db.config(), StoreOptions::default())
+        .await
+        .unwrap();
+    let manager = deadpool_postgres::Manager::new(db.config().clone(), tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(4)
+        .build()
+        .unwrap();
+    Setup {
+        db,
+        nats,
+        store,
+        pool,
+    }
+}
+
+fn opened(pipeline: Uuid, amount: i64) -> serde_json::Value {
+    json!({
+        "name": "Deal", "account_id": Uuid::now_v7(), "pipeline_id": pipeline,
+        "pipeline_version": 1, "stage": "qualification", "probability_bp": 2500,
+        "category": "pipeline", "amount": { "amount_minor": amount, "currency": "EUR" },
+        "close_date": "2026-12-31", "owner": "user:ada",
+        "occurred_at": "2026-11-29T10:00:00Z"
+    })
+}
+
+/// Appends `event` as a new opportunity stream of tenant acme; its position.
+async fn append_deal(store: &EventStore, event: NewEvent) -> u64 {
+    store
+        .append(AppendEvents {
+            tenant_id: TenantId::parse("acme").unwrap(),
+            streams: vec![StreamAppend {
+                stream_type: "opportunity".into(),
+                stream_id: Uuid::now_v7(),
+                expected: ExpectedVersion::NoStream,
+                events: vec![event],
+            }],
+            idempotency_key: None,
+            metadata: Metadata {
+                actor: "user:ada".into(),
+                ..Metadata::default()
+            },
+            reservations: Vec::new(),
+            request_fingerprint: None,
+        })
+        .await
+        .unwrap()
+        .last_position
+}
+
+/// `count` opened deals of `amount`, one append each; returns the positions.
+async fn open_deals(store: &EventStore, pipeline: Uuid, count: usize, amount: i64) -> Vec<u64> {
+    let mut positions = Vec::new();
+    for _ in 0..count {
+        let event = NewEvent::new("OpportunityOpened", opened(pipeline, amount));
+        positions.push(append_deal(store, event).await);
+    }
+    positions
+}
+
+/// Publishes the stored events at `positions` as the relay would (stream
+/// sequence = position only where nothing is skipped).
+async fn publish(setup: &Setup, positions: &[u64]) {
+    use futures_util::StreamExt;
+    let js = setup.nats.jetstream().await;
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: setup.nats.stream.clone(),
+        subjects: vec![format!("{}.>", setup.nats.subject_prefix)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut events = setup
+        .store
+        .read_all(0, &crm_event_store::Filter::default())
+        .await
+        .unwrap();
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        if positions.contains(&event.global_position) {
+            let subject =
+                crm_wire::cloudevents::subject(&setup.nats.subject_prefix, &event).unwrap();
+            js.send_publish(subject, crm_wire::cloudevents::message(&event))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn projector(setup: &Setup) -> Projector {
+    Projector::new(
+        Arc::new(PipelineBoard),
+        setup.store.clone(),
+        setup.pool.clone(),
+        setup.nats.url.clone(),
+        ProjectorOptions {
+            stream: setup.nats.stream.clone(),
+            subject_prefix: setup.nats.subject_prefix.clone(),
+            fetch_wait: Duration::from_millis(100),
+            tail_refill_after: Duration::from_millis(300),
+            ..ProjectorOptions::default()
+        },
+    )
+}
+
+async fn run_until(
+    setup: &Setup,
+    position: u64,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let projector = projector(setup);
+    let applied = projector.position();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(projector.run(stop.clone()));
+    eventually(Duration::from_secs(20), "the projection to apply", || {
+        let now = *applied.borrow();
+        async move { (now >= position).then_some(()) }
+    })
+    .await;
+    (stop, task)
+}
+
+async fn board_rows(setup: &Setup) -> Vec<String> {
+    setup
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT row_to_json(b)::text FROM pipeline_board b ORDER BY deal_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+async fn status(setup: &Setup) -> crm_projections::ProjectionStatus {
+    let client = setup.db.client().await;
+    crm_projections::statuses(&client)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == PIPELINE_BOARD)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the_store() {
+    let setup = setup_runtime().await;
+    let pipeline = Uuid::now_v7();
+    let positions = open_deals(&setup.store, pipeline, 10, 100_000).await;
+    // JetStream "lost" positions 4 to 6.
+    let delivered: Vec<u64> = positions
+        .iter()
+        .copied()
+        .filter(|p| !(4..=6).contains(p))
+        .collect();
+    publish(&setup, &delivered).await;
+    let (stop, task) = run_until(&setup, 10).await;
+    stop.cancel();
+    task.await.unwrap();
+    let first = board_rows(&setup).await;
+    assert_eq!(first.len(), 10, "every deal, the refilled ones too");
+    let status = status(&setup).await;
+    assert_eq!(
+        (
+            status.position,
+            status.holes_refilled,
+            status.state.as_str(),
+            status.lag_events
+        ),
+        (10, 3, "running", 0)
+    );
+    let sums: (i64, i64) = {
+        let row = setup
+            .db
+            .client()
+            .await
+            .query_one(
+                "SELECT sum(amount_minor)::bigint, sum(weighted_minor)::bigint FROM pipeline_board",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    // 10 × 100,000 minor units; weighted at 25 %.
+    assert_eq!(sums, (1_000_000, 250_000));
+
+    // Redelivery of everything (the durable consumer reset to the start)
+    // and a restart change nothing.
+    let js = setup.nats.jetstream().await;
+    let stream = js.get_stream(&setup.nats.stream).await.unwrap();
+    stream
+        .delete_consumer(&format!("projection_{PIPELINE_BOARD}"))
+        .await
+        .unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(format!("projection_{PIPELINE_BOARD}")),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let more = open_deals(&setup.store, pipeline, 1, 100_000).await;
+    publish(&setup, &more).await;
+    let (stop, task) = run_until(&setup, 11).await;
+    stop.cancel();
+    task.await.unwrap();
+    let second = board_rows(&setup).await;
+    assert_eq!(second.len(), 11);
+    assert!(
+        first.iter().all(|row| second.contains(row)),
+        "redelivered events changed no row"
+    );
+    setup.store.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_poison_event_stops_the_projection_loudly_and_skips_nothing() {
+    let setup = setup_runtime().await;
+    let pipeline = Uuid::now_v7();
+    let mut positions = open_deals(&setup.store, pipeline, 2, 500).await;
+    let bad = append_deal(
+        &setup.store,
+        NewEvent::new("OpportunityOpened", json!({ "bogus": true })),
+    )
+    .await;
+    positions.push(bad);
+    positions.extend(open_deals(&setup.store, pipeline, 1, 500).await);
+    publish(&setup, &positions).await;
+    let projector = projector(&setup);
+    // The run ends by itself on the poison event.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        projector.run(CancellationToken::new()),
+    )
+    .await
+    .expect("the projector stops on the poison event");
+    let status = status(&setup).await;
+    assert_eq!(status.state, "failed");
+    assert_eq!(status.position, bad - 1, "applied up to the event before");
+    assert_eq!(status.error_position, Some(bad));
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("OpportunityOpened"),
+        "{status:?}"
+    );
+    assert_eq!(status.lag_events, 2);
+    assert_eq!(
+        board_rows(&setup).await.len(),
+        2,
+        "nothing after it applied"
+    );
+    setup.store.shutdown().await;
+}
