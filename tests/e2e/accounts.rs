@@ -255,3 +255,69 @@ async fn duplicate_accounts_merge_and_the_tax_id_moves() {
     assert_eq!(error_info(&status).1["survivor"], survivor);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn parents_must_exist_and_the_hierarchy_never_loops() {
+    let app = TestApp::spawn().await;
+    let create = |parent: &str| {
+        let mut request = acme("");
+        request.parent_id = parent.into();
+        app.request(request)
+    };
+    let top = app
+        .accounts()
+        .create_account(create(""))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let middle = app
+        .accounts()
+        .create_account(create(&top))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let bottom = app
+        .accounts()
+        .create_account(create(&middle))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+
+    // A parent that does not exist.
+    let status = app
+        .accounts()
+        .create_account(create(&uuid::Uuid::now_v7().to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(error_info(&status).0, "INVALID_REFERENCE");
+
+    // The top under its own grandchild would be a loop; nothing is stored.
+    let before = app.stored().await.len();
+    let status = app
+        .accounts()
+        .update_account_details(app.request(UpdateAccountDetailsRequest {
+            account_id: top.clone(),
+            parent_id: Some(bottom.clone()),
+            ..UpdateAccountDetailsRequest::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(error_info(&status).0, "INVALID_REFERENCE");
+    assert_eq!(app.stored().await.len(), before);
+
+    // Moving the bottom directly under the top is fine.
+    app.accounts()
+        .update_account_details(app.request(UpdateAccountDetailsRequest {
+            account_id: bottom.clone(),
+            parent_id: Some(top.clone()),
+            ..UpdateAccountDetailsRequest::default()
+        }))
+        .await
+        .unwrap();
+    app.stop().await;
+}

@@ -1,10 +1,13 @@
 //! `crm.v1.Accounts`: proto requests → account commands.
 use crm_domain::account::{
     Account, AccountCommand, AccountDetails, AccountDetailsPatch, AccountKind, AccountMergeChoices,
+    MAX_PARENT_DEPTH, ParentFacts,
 };
+use crm_domain::common::Lifecycle;
 use crm_proto::v1 as pb;
 use crm_proto::v1::accounts_server::Accounts;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use super::contacts::reason;
 use super::fields::{merge_ids, optional_id};
@@ -17,6 +20,40 @@ pub struct AccountsService {
 impl AccountsService {
     pub fn new(handler: CommandHandler) -> Self {
         Self { handler }
+    }
+
+    /// Whether `parent_id` can be a parent, and its ancestors (nearest
+    /// first), read up the hierarchy until the top, a repeat, or one past
+    /// the depth limit.
+    async fn parent_facts(
+        &self,
+        caller: &Caller,
+        parent_id: Option<Uuid>,
+    ) -> Result<ParentFacts, ServiceError> {
+        let Some(parent_id) = parent_id else {
+            return Ok(ParentFacts::default());
+        };
+        let parent = self
+            .handler
+            .state_or_default::<Account>(&caller.tenant, parent_id)
+            .await?;
+        let mut facts = ParentFacts {
+            usable: parent.exists && parent.lifecycle == Lifecycle::Active,
+            ancestors: Vec::new(),
+        };
+        let mut next = parent.parent_id;
+        while let Some(id) = next {
+            if facts.ancestors.contains(&id) || facts.ancestors.len() >= MAX_PARENT_DEPTH {
+                break;
+            }
+            facts.ancestors.push(id);
+            next = self
+                .handler
+                .state_or_default::<Account>(&caller.tenant, id)
+                .await?
+                .parent_id;
+        }
+        Ok(facts)
     }
 }
 
@@ -35,6 +72,7 @@ impl Accounts for AccountsService {
             Ok(pb::AccountKind::Person) => AccountKind::Person,
             _ => return Err(ServiceError::invalid("kind", "must be COMPANY or PERSON").into()),
         };
+        let parent_id = optional_id("parent_id", &request.parent_id)?;
         let command = AccountCommand::Create {
             self_id: id,
             details: AccountDetails {
@@ -43,8 +81,9 @@ impl Accounts for AccountsService {
                 domains: request.domains,
                 industry: request.industry,
                 tax_id: request.tax_id,
-                parent_id: optional_id("parent_id", &request.parent_id)?,
+                parent_id,
                 segment: request.segment,
+                parent: self.parent_facts(&caller, parent_id).await?,
             },
         };
         let reply = self
@@ -62,18 +101,20 @@ impl Accounts for AccountsService {
         let request = request.into_inner();
         let options = Options::parse("UpdateAccountDetails", request.options.as_ref(), &request)?;
         let id = parse_id("account_id", &request.account_id, false)?;
+        let parent_id = request
+            .parent_id
+            .as_deref()
+            .map(|id| optional_id("parent_id", id))
+            .transpose()?;
         let command = AccountCommand::UpdateDetails {
             self_id: id,
             patch: AccountDetailsPatch {
                 name: request.name,
                 domains: request.domains.map(|d| d.items),
                 industry: request.industry,
-                parent_id: request
-                    .parent_id
-                    .as_deref()
-                    .map(|id| optional_id("parent_id", id))
-                    .transpose()?,
+                parent_id,
                 segment: request.segment,
+                parent: self.parent_facts(&caller, parent_id.flatten()).await?,
             },
         };
         let reply = self

@@ -48,6 +48,43 @@ impl AccountStatus {
     }
 }
 
+/// Longest chain of parents an account may sit under.
+pub const MAX_PARENT_DEPTH: usize = 32;
+
+/// What the handler knows about a proposed parent account (facts valid at
+/// command time).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParentFacts {
+    /// The parent exists, is an account of the tenant and is not archived.
+    pub usable: bool,
+    /// The parent's own ancestors, nearest first, at most
+    /// [`MAX_PARENT_DEPTH`] (more means the hierarchy is too deep).
+    pub ancestors: Vec<Uuid>,
+}
+
+impl ParentFacts {
+    /// The parent rule: it must be usable, must not have the account among
+    /// its ancestors (no cycle), and the hierarchy stays bounded.
+    fn check(&self, self_id: Uuid, parent_id: Uuid) -> Result<(), DomainError> {
+        if parent_id == self_id {
+            return Err(DomainError::invalid(
+                "parent_id",
+                "must not be the account itself",
+            ));
+        }
+        if !self.usable || self.ancestors.contains(&self_id) {
+            return Err(DomainError::InvalidReference { field: "parent_id" });
+        }
+        if self.ancestors.len() >= MAX_PARENT_DEPTH {
+            return Err(DomainError::invalid(
+                "parent_id",
+                "would nest accounts more than 32 levels deep",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccountDetails {
     pub kind: AccountKind,
@@ -57,6 +94,8 @@ pub struct AccountDetails {
     pub tax_id: String,
     pub parent_id: Option<Uuid>,
     pub segment: String,
+    /// Facts about `parent_id`, when set.
+    pub parent: ParentFacts,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -66,6 +105,8 @@ pub struct AccountDetailsPatch {
     pub industry: Option<String>,
     pub parent_id: Option<Option<Uuid>>,
     pub segment: Option<String>,
+    /// Facts about the new `parent_id`, when one is set.
+    pub parent: ParentFacts,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -370,6 +411,9 @@ impl Aggregate for Account {
                 );
                 validate_segment(&details.segment, &mut v);
                 v.into_result()?;
+                if let Some(parent_id) = details.parent_id {
+                    details.parent.check(self_id, parent_id)?;
+                }
                 Ok(vec![AccountEvent::Created(AccountCreated {
                     kind: details.kind,
                     name: details.name.trim().to_owned(),
@@ -413,6 +457,11 @@ impl Aggregate for Account {
                     validate_segment(segment, &mut v);
                 }
                 v.into_result()?;
+                if let Some(Some(parent_id)) = patch.parent_id
+                    && self.parent_id != Some(parent_id)
+                {
+                    patch.parent.check(self_id, parent_id)?;
+                }
                 let name = patch.name.map(|n| n.trim().to_owned());
                 let changes = AccountChanges {
                     name: diff(&self.name, name.as_ref()),
@@ -636,6 +685,7 @@ mod tests {
             tax_id: "91310000ma1fl0000x".into(),
             parent_id: None,
             segment: "enterprise".into(),
+            parent: ParentFacts::default(),
         }
     }
 
@@ -672,6 +722,56 @@ mod tests {
             state.unique_keys(),
             BTreeSet::from([("tax_id", "91310000MA1FL0000X".to_owned())])
         );
+    }
+
+    #[test]
+    fn a_parent_must_exist_and_never_make_a_cycle() {
+        let parent = Uuid::from_u128(77);
+        let child = Uuid::from_u128(78);
+        // Create under a parent that does not exist (or is archived).
+        let mut under_missing = acme();
+        under_missing.parent_id = Some(parent);
+        given::<Account>([])
+            .when(AccountCommand::Create {
+                self_id: id(),
+                details: under_missing.clone(),
+            })
+            .then_error(DomainError::InvalidReference { field: "parent_id" });
+        // Under a usable parent: created with it.
+        under_missing.parent = ParentFacts {
+            usable: true,
+            ancestors: vec![],
+        };
+        let state = given::<Account>([])
+            .when(AccountCommand::Create {
+                self_id: id(),
+                details: under_missing,
+            })
+            .then_ok();
+        assert_eq!(state.parent_id, Some(parent));
+        // Moving the account under its own descendant (whose ancestors
+        // include the account) would make a cycle.
+        let under_child = |ancestors: Vec<Uuid>| AccountCommand::UpdateDetails {
+            self_id: id(),
+            patch: AccountDetailsPatch {
+                parent_id: Some(Some(child)),
+                parent: ParentFacts {
+                    usable: true,
+                    ancestors,
+                },
+                ..AccountDetailsPatch::default()
+            },
+        };
+        given::<Account>([created()])
+            .when(under_child(vec![id(), parent]))
+            .then_error(DomainError::InvalidReference { field: "parent_id" });
+        given::<Account>([created()])
+            .when(under_child(vec![Uuid::from_u128(1); MAX_PARENT_DEPTH]))
+            .then_invalid(&["parent_id"]);
+        let moved = given::<Account>([created()])
+            .when(under_child(vec![parent]))
+            .then_ok();
+        assert_eq!(moved.parent_id, Some(child));
     }
 
     #[test]

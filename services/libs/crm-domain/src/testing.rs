@@ -50,6 +50,14 @@ impl<A: Aggregate> Outcome<A> {
         self.state.replay(events.iter())
     }
 
+    /// Accepted, whatever the events: the state after them.
+    #[track_caller]
+    pub fn then_ok(self) -> A {
+        let events = self.result.expect("the command was refused");
+        assert!(!events.is_empty(), "the command changed nothing");
+        self.state.replay(events.iter())
+    }
+
     #[track_caller]
     pub fn then_error(self, expected: DomainError) {
         assert_eq!(self.result.err(), Some(expected));
