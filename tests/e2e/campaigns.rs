@@ -44,6 +44,7 @@ fn member(campaign: &str, contact: &str) -> AddCampaignMemberRequest {
         options: None,
         campaign_id: campaign.into(),
         contact_id: contact.into(),
+        lead_id: String::new(),
     }
 }
 
@@ -107,6 +108,7 @@ async fn email_campaign_members_need_marketing_email_consent() {
         campaign_id: campaign.clone(),
         contact_id: ada,
         response: "clicked".into(),
+        lead_id: String::new(),
     };
     app.campaigns()
         .record_campaign_response(app.request(respond))
@@ -221,5 +223,84 @@ async fn bad_campaign_inputs_are_refused() {
         "INVALID_TRANSITION"
     );
     assert_eq!(app.stored().await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn leads_join_campaigns_and_respond_and_members_are_named_once() {
+    let app = TestApp::spawn().await;
+    let campaign = app
+        .campaigns()
+        .plan_campaign(app.request(plan("email")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let lead = app
+        .leads()
+        .capture_lead(app.request(crate::leads::li_wei("li@example.com", "Wei Trading")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let as_lead = |lead_id: &str| AddCampaignMemberRequest {
+        campaign_id: campaign.clone(),
+        lead_id: lead_id.into(),
+        ..AddCampaignMemberRequest::default()
+    };
+    app.campaigns()
+        .add_campaign_member(app.request(as_lead(&lead)))
+        .await
+        .unwrap();
+    app.campaigns()
+        .record_campaign_response(app.request(RecordCampaignResponseRequest {
+            campaign_id: campaign.clone(),
+            lead_id: lead.clone(),
+            response: "registered".into(),
+            ..RecordCampaignResponseRequest::default()
+        }))
+        .await
+        .unwrap();
+    let stored = app.stored().await;
+    let (_, responded, _) = stored.last().unwrap();
+    assert_eq!(responded["member"]["kind"], "lead");
+    assert_eq!(responded["member"]["id"], lead.as_str());
+
+    // The lead's id is no contact member.
+    let status = app
+        .campaigns()
+        .record_campaign_response(app.request(RecordCampaignResponseRequest {
+            campaign_id: campaign.clone(),
+            contact_id: lead.clone(),
+            response: "clicked".into(),
+            ..RecordCampaignResponseRequest::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "INVALID_REFERENCE");
+    // Unknown lead; both ids; neither.
+    let status = app
+        .campaigns()
+        .add_campaign_member(app.request(as_lead(&uuid::Uuid::now_v7().to_string())))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (Code::FailedPrecondition, "INVALID_REFERENCE")
+    );
+    let mut both = as_lead(&lead);
+    both.contact_id = lead.clone();
+    let status = app
+        .campaigns()
+        .add_campaign_member(app.request(both))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), vec!["lead_id"]);
+    let status = app
+        .campaigns()
+        .add_campaign_member(app.request(as_lead("")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), vec!["contact_id"]);
     app.stop().await;
 }

@@ -8,7 +8,7 @@ use tonic::Code;
 
 use crate::support::{TestApp, bad_fields, error_info};
 
-fn li_wei(email: &str, company: &str) -> CaptureLeadRequest {
+pub(crate) fn li_wei(email: &str, company: &str) -> CaptureLeadRequest {
     CaptureLeadRequest {
         name: Some(PersonName {
             given: "Li".into(),

@@ -1,8 +1,11 @@
 //! `crm.v1.Campaigns`: proto requests → campaign commands, with the member's
 //! consent looked up first.
 use crm_domain::DomainError;
-use crm_domain::campaign::{Campaign, CampaignCommand, CampaignPlan, CampaignStatus, purpose_for};
+use crm_domain::campaign::{
+    Campaign, CampaignCommand, CampaignPlan, CampaignStatus, Member, purpose_for,
+};
 use crm_domain::contact::Contact;
+use crm_domain::lead::Lead;
 use crm_proto::v1 as pb;
 use crm_proto::v1::campaigns_server::Campaigns;
 use tonic::{Request, Response, Status};
@@ -110,33 +113,47 @@ impl Campaigns for CampaignsService {
         let request = request.into_inner();
         let options = Options::parse("AddCampaignMember", request.options.as_ref(), &request)?;
         let id = parse_id("campaign_id", &request.campaign_id, false)?;
-        let contact_id = parse_id("contact_id", &request.contact_id, false)?;
-        let contact = self
-            .handler
-            .state_or_default::<Contact>(&caller.tenant, contact_id)
-            .await?;
-        if !contact.exists {
-            return Err(ServiceError::Domain(DomainError::InvalidReference {
-                field: "contact_id",
-            })
-            .into());
-        }
-        let campaign = self
-            .handler
-            .state_or_default::<Campaign>(&caller.tenant, id)
-            .await?;
-        let consented = purpose_for(&campaign.channel).is_none_or(|purpose| {
-            contact.consent.get(purpose).is_some_and(|c| c.granted)
-                && !contact.preferences.do_not_contact
-        });
+        let member = member(&request.contact_id, &request.lead_id)?;
+        let consented = match member {
+            Member::Contact(contact_id) => {
+                let contact = self
+                    .handler
+                    .state_or_default::<Contact>(&caller.tenant, contact_id)
+                    .await?;
+                if !contact.exists {
+                    return Err(ServiceError::Domain(DomainError::InvalidReference {
+                        field: "contact_id",
+                    })
+                    .into());
+                }
+                let campaign = self
+                    .handler
+                    .state_or_default::<Campaign>(&caller.tenant, id)
+                    .await?;
+                purpose_for(&campaign.channel).is_none_or(|purpose| {
+                    contact.consent.get(purpose).is_some_and(|c| c.granted)
+                        && !contact.preferences.do_not_contact
+                })
+            }
+            Member::Lead(lead_id) => {
+                let lead = self
+                    .handler
+                    .state_or_default::<Lead>(&caller.tenant, lead_id)
+                    .await?;
+                if !lead.exists || lead.merged_into.is_some() {
+                    return Err(ServiceError::Domain(DomainError::InvalidReference {
+                        field: "lead_id",
+                    })
+                    .into());
+                }
+                true
+            }
+        };
         self.run(
             caller,
             options,
             id,
-            CampaignCommand::AddMember {
-                contact_id,
-                consented,
-            },
+            CampaignCommand::AddMember { member, consented },
         )
         .await
     }
@@ -149,16 +166,32 @@ impl Campaigns for CampaignsService {
         let request = request.into_inner();
         let options = Options::parse("RecordCampaignResponse", request.options.as_ref(), &request)?;
         let id = parse_id("campaign_id", &request.campaign_id, false)?;
-        let contact_id = parse_id("contact_id", &request.contact_id, false)?;
+        let member = member(&request.contact_id, &request.lead_id)?;
         self.run(
             caller,
             options,
             id,
             CampaignCommand::RecordResponse {
-                contact_id,
+                member,
                 response: request.response,
             },
         )
         .await
+    }
+}
+
+/// The member a request names: exactly one of `contact_id` and `lead_id`.
+fn member(contact_id: &str, lead_id: &str) -> Result<Member, ServiceError> {
+    match (contact_id.is_empty(), lead_id.is_empty()) {
+        (false, true) => Ok(Member::Contact(parse_id("contact_id", contact_id, false)?)),
+        (true, false) => Ok(Member::Lead(parse_id("lead_id", lead_id, false)?)),
+        (true, true) => Err(ServiceError::invalid(
+            "contact_id",
+            "is required (or lead_id): exactly one of them",
+        )),
+        (false, false) => Err(ServiceError::invalid(
+            "lead_id",
+            "must be empty when contact_id is given: exactly one of them",
+        )),
     }
 }

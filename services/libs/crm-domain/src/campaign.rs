@@ -96,14 +96,14 @@ pub enum CampaignCommand {
         spent_on: Date,
         source: String,
     },
-    /// `consented`: the handler's fact that the contact granted the consent
-    /// the campaign's channel needs (or that it needs none).
+    /// `consented`: the handler's fact that the member may be reached on the
+    /// campaign's channel (a contact's consent for it, or no consent needed).
     AddMember {
-        contact_id: Uuid,
+        member: Member,
         consented: bool,
     },
     RecordResponse {
-        contact_id: Uuid,
+        member: Member,
         response: String,
     },
 }
@@ -149,20 +149,76 @@ pub struct CampaignCostRecorded {
     pub occurred_at: Timestamp,
 }
 
+/// Who a campaign reaches: a contact, or a lead (the unit of attribution).
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
+pub enum Member {
+    Contact(Uuid),
+    Lead(Uuid),
+}
+
+impl Member {
+    /// The request field that names this member.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Contact(_) => "contact_id",
+            Self::Lead(_) => "lead_id",
+        }
+    }
+}
+
+/// Schema version 2: the member is a contact or a lead.
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CampaignMemberAdded {
-    pub contact_id: Uuid,
+    pub member: Member,
     pub occurred_at: Timestamp,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CampaignMemberResponded {
-    pub contact_id: Uuid,
+    pub member: Member,
     /// Response code, e.g. `opened`, `clicked`, `registered`, `attended`.
     pub response: String,
     pub occurred_at: Timestamp,
+}
+
+/// Schema version 1 (contacts only); read through [`Self::upcast`].
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignMemberAddedV1 {
+    pub contact_id: Uuid,
+    pub occurred_at: Timestamp,
+}
+
+impl CampaignMemberAddedV1 {
+    pub fn upcast(self) -> CampaignMemberAdded {
+        CampaignMemberAdded {
+            member: Member::Contact(self.contact_id),
+            occurred_at: self.occurred_at,
+        }
+    }
+}
+
+/// Schema version 1 (contacts only); read through [`Self::upcast`].
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignMemberRespondedV1 {
+    pub contact_id: Uuid,
+    pub response: String,
+    pub occurred_at: Timestamp,
+}
+
+impl CampaignMemberRespondedV1 {
+    pub fn upcast(self) -> CampaignMemberResponded {
+        CampaignMemberResponded {
+            member: Member::Contact(self.contact_id),
+            response: self.response,
+            occurred_at: self.occurred_at,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -186,17 +242,34 @@ impl DomainEvent for CampaignEvent {
         }
     }
 
+    fn schema_version(&self) -> u32 {
+        match self {
+            Self::MemberAdded(_) | Self::MemberResponded(_) => 2,
+            _ => 1,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
-        _schema_version: u32,
+        schema_version: u32,
         payload: D,
     ) -> Result<Option<Self>, D::Error> {
-        Ok(Some(match event_type {
-            "CampaignPlanned" => Self::Planned(Deserialize::deserialize(payload)?),
-            "CampaignDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
-            "CampaignCostRecorded" => Self::CostRecorded(Deserialize::deserialize(payload)?),
-            "CampaignMemberAdded" => Self::MemberAdded(Deserialize::deserialize(payload)?),
-            "CampaignMemberResponded" => Self::MemberResponded(Deserialize::deserialize(payload)?),
+        Ok(Some(match (event_type, schema_version) {
+            ("CampaignPlanned", _) => Self::Planned(Deserialize::deserialize(payload)?),
+            ("CampaignDetailsUpdated", _) => {
+                Self::DetailsUpdated(Deserialize::deserialize(payload)?)
+            }
+            ("CampaignCostRecorded", _) => Self::CostRecorded(Deserialize::deserialize(payload)?),
+            ("CampaignMemberAdded", 1) => {
+                Self::MemberAdded(CampaignMemberAddedV1::deserialize(payload)?.upcast())
+            }
+            ("CampaignMemberAdded", _) => Self::MemberAdded(Deserialize::deserialize(payload)?),
+            ("CampaignMemberResponded", 1) => {
+                Self::MemberResponded(CampaignMemberRespondedV1::deserialize(payload)?.upcast())
+            }
+            ("CampaignMemberResponded", _) => {
+                Self::MemberResponded(Deserialize::deserialize(payload)?)
+            }
             _ => return Ok(None),
         }))
     }
@@ -210,8 +283,33 @@ pub struct Campaign {
     pub currency: String,
     /// Total recorded cost in minor units (corrections included).
     pub cost_minor: i64,
-    /// Members and their latest response.
+    /// Contact members and their latest response.
     pub members: BTreeMap<Uuid, Option<String>>,
+    /// Lead members and their latest response.
+    #[serde(default)]
+    pub lead_members: BTreeMap<Uuid, Option<String>>,
+}
+
+impl Campaign {
+    fn responses(&self, member: Member) -> &BTreeMap<Uuid, Option<String>> {
+        match member {
+            Member::Contact(_) => &self.members,
+            Member::Lead(_) => &self.lead_members,
+        }
+    }
+
+    fn responses_mut(&mut self, member: Member) -> (&mut BTreeMap<Uuid, Option<String>>, Uuid) {
+        match member {
+            Member::Contact(id) => (&mut self.members, id),
+            Member::Lead(id) => (&mut self.lead_members, id),
+        }
+    }
+
+    /// Whether `member` joined this campaign.
+    pub fn has_member(&self, member: Member) -> bool {
+        let (Member::Contact(id) | Member::Lead(id)) = member;
+        self.responses(member).contains_key(&id)
+    }
 }
 
 impl Aggregate for Campaign {
@@ -349,10 +447,7 @@ impl Aggregate for Campaign {
                     occurred_at,
                 })])
             }
-            CampaignCommand::AddMember {
-                contact_id,
-                consented,
-            } => {
+            CampaignCommand::AddMember { member, consented } => {
                 if matches!(
                     self.status,
                     CampaignStatus::Completed | CampaignStatus::Aborted
@@ -362,7 +457,7 @@ impl Aggregate for Campaign {
                         to: "member added",
                     });
                 }
-                if self.members.contains_key(&contact_id) {
+                if self.has_member(member) {
                     return Ok(vec![]);
                 }
                 if let Some(purpose) = purpose_for(&self.channel)
@@ -371,17 +466,14 @@ impl Aggregate for Campaign {
                     return Err(DomainError::ConsentMissing { purpose });
                 }
                 Ok(vec![CampaignEvent::MemberAdded(CampaignMemberAdded {
-                    contact_id,
+                    member,
                     occurred_at,
                 })])
             }
-            CampaignCommand::RecordResponse {
-                contact_id,
-                response,
-            } => {
-                if !self.members.contains_key(&contact_id) {
+            CampaignCommand::RecordResponse { member, response } => {
+                if !self.has_member(member) {
                     return Err(DomainError::InvalidReference {
-                        field: "contact_id",
+                        field: member.field(),
                     });
                 }
                 if !is_code(&response, 64) {
@@ -392,7 +484,7 @@ impl Aggregate for Campaign {
                 }
                 Ok(vec![CampaignEvent::MemberResponded(
                     CampaignMemberResponded {
-                        contact_id,
+                        member,
                         response,
                         occurred_at,
                     },
@@ -415,11 +507,12 @@ impl Aggregate for Campaign {
             }
             CampaignEvent::CostRecorded(cost) => self.cost_minor += cost.amount.amount_minor,
             CampaignEvent::MemberAdded(added) => {
-                self.members.insert(added.contact_id, None);
+                let (members, id) = self.responses_mut(added.member);
+                members.insert(id, None);
             }
             CampaignEvent::MemberResponded(responded) => {
-                self.members
-                    .insert(responded.contact_id, Some(responded.response.clone()));
+                let (members, id) = self.responses_mut(responded.member);
+                members.insert(id, Some(responded.response.clone()));
             }
         }
         self
@@ -477,7 +570,7 @@ mod tests {
         let ada = Uuid::from_u128(1);
         given::<Campaign>(planned("email"))
             .when(CampaignCommand::AddMember {
-                contact_id: ada,
+                member: Member::Contact(ada),
                 consented: false,
             })
             .then_error(DomainError::ConsentMissing {
@@ -485,11 +578,11 @@ mod tests {
             });
         let state = given::<Campaign>(planned("event"))
             .when(CampaignCommand::AddMember {
-                contact_id: ada,
+                member: Member::Contact(ada),
                 consented: false,
             })
             .then(vec![CampaignEvent::MemberAdded(CampaignMemberAdded {
-                contact_id: ada,
+                member: Member::Contact(ada),
                 occurred_at: now(),
             })]);
         assert!(
@@ -498,35 +591,76 @@ mod tests {
         );
         let mut joined = planned("email");
         joined.push(CampaignEvent::MemberAdded(CampaignMemberAdded {
-            contact_id: ada,
+            member: Member::Contact(ada),
             occurred_at: now(),
         }));
         given::<Campaign>(joined.clone())
             .when(CampaignCommand::AddMember {
-                contact_id: ada,
+                member: Member::Contact(ada),
                 consented: true,
             })
             .then(vec![]);
         given::<Campaign>(joined.clone())
             .when(CampaignCommand::RecordResponse {
-                contact_id: Uuid::from_u128(2),
+                member: Member::Contact(Uuid::from_u128(2)),
                 response: "clicked".into(),
             })
             .then_error(DomainError::InvalidReference {
                 field: "contact_id",
             });
+        // The same id as a lead is another member.
+        given::<Campaign>(joined.clone())
+            .when(CampaignCommand::RecordResponse {
+                member: Member::Lead(ada),
+                response: "clicked".into(),
+            })
+            .then_error(DomainError::InvalidReference { field: "lead_id" });
         given::<Campaign>(joined)
             .when(CampaignCommand::RecordResponse {
-                contact_id: ada,
+                member: Member::Contact(ada),
                 response: "clicked".into(),
             })
             .then(vec![CampaignEvent::MemberResponded(
                 CampaignMemberResponded {
-                    contact_id: ada,
+                    member: Member::Contact(ada),
                     response: "clicked".into(),
                     occurred_at: now(),
                 },
             )]);
+    }
+
+    #[test]
+    fn leads_join_and_respond_as_members_of_their_own() {
+        let lead = Uuid::from_u128(5);
+        let state = given::<Campaign>(planned("email"))
+            .when(CampaignCommand::AddMember {
+                member: Member::Lead(lead),
+                consented: true,
+            })
+            .then(vec![CampaignEvent::MemberAdded(CampaignMemberAdded {
+                member: Member::Lead(lead),
+                occurred_at: now(),
+            })]);
+        assert!(state.has_member(Member::Lead(lead)));
+        assert!(!state.has_member(Member::Contact(lead)));
+    }
+
+    #[test]
+    fn version_1_member_events_are_upcast_to_contact_members() {
+        let v1 = r#"{"contact_id": "00000000-0000-0000-0000-000000000007", "response": "opened", "occurred_at": "2026-03-02T10:00:00Z"}"#;
+        let mut de = serde_json::Deserializer::from_str(v1);
+        let event = CampaignEvent::decode("CampaignMemberResponded", 1, &mut de)
+            .expect("decodes")
+            .expect("known");
+        assert_eq!(
+            event,
+            CampaignEvent::MemberResponded(CampaignMemberResponded {
+                member: Member::Contact(Uuid::from_u128(7)),
+                response: "opened".into(),
+                occurred_at: "2026-03-02T10:00:00Z".parse().expect("time"),
+            })
+        );
+        assert_eq!(event.schema_version(), 2);
     }
 
     #[test]

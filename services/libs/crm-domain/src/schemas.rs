@@ -10,8 +10,8 @@ use crate::account::{
 };
 use crate::activity::{ActivityCompleted, ActivityLogged, ActivityScheduled};
 use crate::campaign::{
-    CampaignCostRecorded, CampaignDetailsUpdated, CampaignMemberAdded, CampaignMemberResponded,
-    CampaignPlanned,
+    CampaignCostRecorded, CampaignDetailsUpdated, CampaignMemberAdded, CampaignMemberAddedV1,
+    CampaignMemberResponded, CampaignMemberRespondedV1, CampaignPlanned,
 };
 use crate::commerce::{
     InvoiceIssued, OrderCancelled, OrderRecorded, PaymentReceived, ProductRecorded, RefundIssued,
@@ -98,8 +98,10 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<CampaignPlanned>("campaign", "CampaignPlanned", 1),
         schema::<CampaignDetailsUpdated>("campaign", "CampaignDetailsUpdated", 1),
         schema::<CampaignCostRecorded>("campaign", "CampaignCostRecorded", 1),
-        schema::<CampaignMemberAdded>("campaign", "CampaignMemberAdded", 1),
-        schema::<CampaignMemberResponded>("campaign", "CampaignMemberResponded", 1),
+        schema::<CampaignMemberAddedV1>("campaign", "CampaignMemberAdded", 1),
+        schema::<CampaignMemberAdded>("campaign", "CampaignMemberAdded", 2),
+        schema::<CampaignMemberRespondedV1>("campaign", "CampaignMemberResponded", 1),
+        schema::<CampaignMemberResponded>("campaign", "CampaignMemberResponded", 2),
         schema::<AccountDetailsUpdated>("account", "AccountDetailsUpdated", 1),
         schema::<AccountBecameCustomer>("account", "AccountBecameCustomer", 1),
         schema::<AccountChurned>("account", "AccountChurned", 1),
