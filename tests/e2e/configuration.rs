@@ -5,7 +5,7 @@ use crm_proto::v1::{
 };
 use tonic::Code;
 
-use crate::support::{TestApp, bad_fields};
+use crate::support::{TestApp, bad_fields, error_info};
 
 fn with_roles<T>(app: &TestApp, message: T, roles: &str) -> tonic::Request<T> {
     let mut request = app.request(message);
@@ -341,5 +341,99 @@ async fn sales_targets_are_allocated_top_down() {
         ),
         ["period"]
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn uniqueness_modes_per_tenant_decide_which_values_are_reserved() {
+    use crm_proto::v1::{
+        CreateContactRequest, EmailAddress, PersonName, PhoneNumber, PublishTenantSettingsRequest,
+    };
+    let app = TestApp::spawn().await;
+    let contact = |email: &str, phone: &str| CreateContactRequest {
+        name: Some(PersonName {
+            given: "Ada".into(),
+            family: "Lovelace".into(),
+        }),
+        emails: vec![EmailAddress {
+            address: email.into(),
+            primary: true,
+        }],
+        phones: vec![PhoneNumber {
+            number: phone.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    // Defaults: phones are soft (a shared phone is fine), emails hard.
+    app.contacts()
+        .create_contact(app.request(contact("a@example.com", "+442071838750")))
+        .await
+        .unwrap();
+    app.contacts()
+        .create_contact(app.request(contact("b@example.com", "+442071838750")))
+        .await
+        .unwrap();
+    let status = app
+        .contacts()
+        .create_contact(app.request(contact("a@example.com", "+442071838751")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::AlreadyExists);
+
+    // The tenant makes phones hard and emails soft.
+    let settings = PublishTenantSettingsRequest {
+        time_zone: "Europe/London".into(),
+        fiscal_year_start_month: 1,
+        reporting_currency: "GBP".into(),
+        duplicate_threshold: 80,
+        stale_days_lead: 30,
+        stale_days_deal: 14,
+        stale_days_customer: 90,
+        uniqueness: [
+            ("phone".to_owned(), "hard".to_owned()),
+            ("email".to_owned(), "soft".to_owned()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    app.configuration()
+        .publish_tenant_settings(with_roles(&app, settings.clone(), "admin"))
+        .await
+        .unwrap();
+    let first = app
+        .contacts()
+        .create_contact(app.request(contact("c@example.com", "+442071838799")))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = app
+        .contacts()
+        .create_contact(app.request(contact("d@example.com", "+442071838799")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+    assert_eq!(error_info(&status).1["holder"], first.stream_id);
+    app.contacts()
+        .create_contact(app.request(contact("c@example.com", "+442071838700")))
+        .await
+        .expect("a soft email may repeat");
+
+    // Unknown kinds and modes are refused naming the field.
+    let mut bad = settings;
+    bad.uniqueness = [("phone".to_owned(), "strict".to_owned())].into();
+    let status = app
+        .configuration()
+        .publish_tenant_settings(with_roles(&app, bad.clone(), "admin"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), vec!["uniqueness.phone"]);
+    bad.uniqueness = [("shoe_size".to_owned(), "hard".to_owned())].into();
+    let status = app
+        .configuration()
+        .publish_tenant_settings(with_roles(&app, bad, "admin"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), vec!["uniqueness.shoe_size"]);
     app.stop().await;
 }

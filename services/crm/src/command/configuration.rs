@@ -5,7 +5,7 @@ use crm_domain::configuration::{
     AgentAvailability, AgentConfig, BusinessCalendar, BusinessCalendarConfig, CommissionPlan,
     CommissionPlanConfig, CommissionTier, DateOverride, Publish, Queue, QueueConfig, SlaPolicy,
     SlaPolicyConfig, SlaTargets, Team, TeamConfig, TenantSettings, TenantSettingsConfig,
-    WorkingHours,
+    UniquenessMode, WorkingHours,
 };
 use crm_proto::v1 as pb;
 use crm_proto::v1::configuration_server::Configuration;
@@ -211,6 +211,23 @@ impl Configuration for ConfigurationService {
             stale_days_lead: request.stale_days_lead,
             stale_days_deal: request.stale_days_deal,
             stale_days_customer: request.stale_days_customer,
+            uniqueness: request
+                .uniqueness
+                .into_iter()
+                .map(|(kind, mode)| {
+                    let mode = match mode.as_str() {
+                        "hard" => UniquenessMode::Hard,
+                        "soft" => UniquenessMode::Soft,
+                        _ => {
+                            return Err(ServiceError::invalid(
+                                format!("uniqueness.{kind}"),
+                                "must be hard or soft",
+                            ));
+                        }
+                    };
+                    Ok((kind, mode))
+                })
+                .collect::<Result<_, _>>()?,
         };
         let reply = self
             .handler

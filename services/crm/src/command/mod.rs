@@ -153,6 +153,38 @@ pub struct CommandHandler {
     store: EventStore,
     /// HMAC key for reservation hashes: values are compared, never stored.
     reservation_key: std::sync::Arc<[u8]>,
+    /// Each tenant's uniqueness modes, read from its settings, kept for
+    /// [`UNIQUENESS_TTL`].
+    uniqueness: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<TenantId, (std::time::Instant, Uniqueness)>>,
+    >,
+}
+
+/// How long a tenant's uniqueness modes are reused before its settings are
+/// read again: a change of mode applies within this time.
+const UNIQUENESS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Which kinds of unique values a tenant keeps hard (reserved).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Uniqueness(Option<crm_domain::configuration::TenantSettings>);
+
+impl Uniqueness {
+    /// The keys of `keys` whose kind is hard for the tenant.
+    pub(crate) fn hard(
+        &self,
+        keys: BTreeSet<crm_domain::UniqueKey>,
+    ) -> BTreeSet<crm_domain::UniqueKey> {
+        use crm_domain::configuration::{UniquenessMode, default_uniqueness_mode};
+        keys.into_iter()
+            .filter(|(kind, _)| {
+                let mode = match &self.0 {
+                    Some(settings) => settings.uniqueness_mode(kind),
+                    None => default_uniqueness_mode(kind),
+                };
+                mode == UniquenessMode::Hard
+            })
+            .collect()
+    }
 }
 
 impl CommandHandler {
@@ -160,7 +192,34 @@ impl CommandHandler {
         Self {
             store,
             reservation_key: reservation_key.into(),
+            uniqueness: Default::default(),
         }
+    }
+
+    /// The tenant's uniqueness modes (its settings over the defaults).
+    pub(crate) async fn uniqueness(&self, tenant: &TenantId) -> Result<Uniqueness, ServiceError> {
+        if let Ok(cache) = self.uniqueness.lock()
+            && let Some((read_at, modes)) = cache.get(tenant)
+            && read_at.elapsed() < UNIQUENESS_TTL
+        {
+            return Ok(modes.clone());
+        }
+        let settings = self
+            .state_or_default::<crm_domain::configuration::TenantSettingsConfig>(
+                tenant,
+                configuration::tenant_settings_id(tenant),
+            )
+            .await?
+            .current()
+            .cloned();
+        let modes = Uniqueness(settings);
+        if let Ok(mut cache) = self.uniqueness.lock() {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(tenant.clone(), (std::time::Instant::now(), modes.clone()));
+        }
+        Ok(modes)
     }
 
     fn key_hash(&self, tenant: &TenantId, kind: &str, value: &str) -> Vec<u8> {
@@ -299,14 +358,22 @@ impl CommandHandler {
                     unchanged: true,
                 });
             }
-            let before = state.unique_keys();
+            let uniqueness = self.uniqueness(&caller.tenant).await?;
+            let before = uniqueness.hard(state.unique_keys());
             let new_state = state.replay(events.iter());
-            let after = new_state.unique_keys();
+            let after = uniqueness.hard(new_state.unique_keys());
             let request = self.append_request::<A>(
                 caller, stream_id, version, options, &events, &before, &after,
             )?;
             match self.store.append(request).await {
                 Ok(appended) => {
+                    if A::STREAM_TYPE == <crm_domain::configuration::TenantSettings as crm_domain::configuration::ConfigContent>::STREAM_TYPE
+                        && let Ok(mut cache) = self.uniqueness.lock()
+                    {
+                        // This process applies new settings at once; others
+                        // within UNIQUENESS_TTL.
+                        cache.remove(&caller.tenant);
+                    }
                     let reply = reply(stream_id, &appended);
                     if !appended.replayed
                         && version / SNAPSHOT_EVERY != reply.stream_version / SNAPSHOT_EVERY
@@ -385,10 +452,11 @@ impl CommandHandler {
     fn new_stream<A: Aggregate>(
         &self,
         tenant: &TenantId,
+        uniqueness: &Uniqueness,
         stream_id: Uuid,
         events: &[A::Event],
     ) -> Result<(StreamAppend, Vec<Reservation>), ServiceError> {
-        let keys = A::default().replay(events.iter()).unique_keys();
+        let keys = uniqueness.hard(A::default().replay(events.iter()).unique_keys());
         let claims = self.reservations(tenant, stream_id, &BTreeSet::new(), &keys);
         Ok((stream_append::<A>(stream_id, 0, events)?, claims))
     }
@@ -489,16 +557,19 @@ impl CommandHandler {
                     dry_run,
                 });
             }
-            let before = survivor.unique_keys();
-            let after = survivor
-                .clone()
-                .replay(survivor_events.iter())
-                .unique_keys();
+            let uniqueness = self.uniqueness(&caller.tenant).await?;
+            let before = uniqueness.hard(survivor.unique_keys());
+            let after = uniqueness.hard(
+                survivor
+                    .clone()
+                    .replay(survivor_events.iter())
+                    .unique_keys(),
+            );
             let mut reservations = Vec::new();
             for key in after.difference(&before) {
                 let holder = losers
                     .iter()
-                    .find(|(_, loser)| loser.unique_keys().contains(key))
+                    .find(|(_, loser)| uniqueness.hard(loser.unique_keys()).contains(key))
                     .map(|(id, _)| *id);
                 let action = match holder {
                     Some(from) => ReservationAction::Transfer { from },
@@ -518,7 +589,7 @@ impl CommandHandler {
                     .iter()
                     .find(|(loser, _)| loser == id)
                     .expect("every loser was loaded");
-                for key in loser.unique_keys().difference(&after) {
+                for key in uniqueness.hard(loser.unique_keys()).difference(&after) {
                     reservations.push(Reservation {
                         kind: key.0.to_owned(),
                         key_hash: self.key_hash(&caller.tenant, key.0, &key.1),
@@ -604,6 +675,7 @@ impl CommandHandler {
                 Some(id) => Some(self.state_or_default::<Account>(&caller.tenant, id).await?),
                 None => None,
             };
+            let uniqueness = self.uniqueness(&caller.tenant).await?;
             let allow_working = self
                 .state_or_default::<crm_domain::configuration::TenantSettingsConfig>(
                     &caller.tenant,
@@ -633,13 +705,21 @@ impl CommandHandler {
             )?];
             let mut reservations = Vec::new();
             if !conversion.account.is_empty() {
-                let (stream, claims) =
-                    self.new_stream::<Account>(&caller.tenant, account_id, &conversion.account)?;
+                let (stream, claims) = self.new_stream::<Account>(
+                    &caller.tenant,
+                    &uniqueness,
+                    account_id,
+                    &conversion.account,
+                )?;
                 streams.push(stream);
                 reservations.extend(claims);
             }
-            let (stream, claims) =
-                self.new_stream::<Contact>(&caller.tenant, contact_id, &conversion.contact)?;
+            let (stream, claims) = self.new_stream::<Contact>(
+                &caller.tenant,
+                &uniqueness,
+                contact_id,
+                &conversion.contact,
+            )?;
             streams.push(stream);
             reservations.extend(claims);
             let request = AppendEvents {

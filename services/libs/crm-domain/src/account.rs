@@ -583,11 +583,16 @@ impl Aggregate for Account {
     }
 
     fn unique_keys(&self) -> BTreeSet<UniqueKey> {
-        if self.tax_id.is_empty() || self.merged_into.is_some() {
-            BTreeSet::new()
-        } else {
-            BTreeSet::from([("tax_id", self.tax_id.clone())])
+        if self.merged_into.is_some() {
+            return BTreeSet::new();
         }
+        // Domains are soft by default: the handler reserves only the kinds
+        // the tenant keeps hard.
+        let tax_id = (!self.tax_id.is_empty()).then(|| ("tax_id", self.tax_id.clone()));
+        tax_id
+            .into_iter()
+            .chain(self.domains.iter().map(|d| ("domain", d.to_lowercase())))
+            .collect()
     }
 }
 
@@ -720,7 +725,10 @@ mod tests {
         assert_eq!(state.status, AccountStatus::Prospect);
         assert_eq!(
             state.unique_keys(),
-            BTreeSet::from([("tax_id", "91310000MA1FL0000X".to_owned())])
+            BTreeSet::from([
+                ("domain", "acme.example".to_owned()),
+                ("tax_id", "91310000MA1FL0000X".to_owned())
+            ])
         );
     }
 

@@ -3,7 +3,7 @@
 //! `...Published` events carrying the full content and a version number, so
 //! history is read under the rules then in force. Publishing the same
 //! content again changes nothing; every publish checks its invariants.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::marker::PhantomData;
 
 use jiff::Timestamp;
@@ -575,6 +575,29 @@ pub type AgentConfig = Config<AgentAvailability>;
 
 // ------------------------------------------------------- tenant and teams
 
+/// How a kind of unique value is kept unique within a tenant.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UniquenessMode {
+    /// A second record with the value is refused (`AlreadyExists`, naming
+    /// the holder), checked in the append's transaction.
+    Hard,
+    /// Allowed; duplicates are only detected (data quality).
+    Soft,
+}
+
+/// Kinds of unique values records produce.
+pub const UNIQUE_KINDS: [&str; 4] = ["email", "tax_id", "phone", "domain"];
+
+/// DOMAIN.md defaults: email and tax id hard; phone and domain soft.
+pub fn default_uniqueness_mode(kind: &str) -> UniquenessMode {
+    match kind {
+        "phone" | "domain" => UniquenessMode::Soft,
+        _ => UniquenessMode::Hard,
+    }
+}
+
 /// Tenant-wide settings.
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -594,6 +617,21 @@ pub struct TenantSettings {
     pub stale_days_lead: u32,
     pub stale_days_deal: u32,
     pub stale_days_customer: u32,
+    /// Per kind of unique value (`email`, `tax_id`, `phone`, `domain`), the
+    /// mode when not the default. Switching a kind to hard applies to values
+    /// written from then on; earlier duplicates stay for data quality.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub uniqueness: BTreeMap<String, UniquenessMode>,
+}
+
+impl TenantSettings {
+    /// The mode of a kind of unique value for this tenant.
+    pub fn uniqueness_mode(&self, kind: &str) -> UniquenessMode {
+        self.uniqueness
+            .get(kind)
+            .copied()
+            .unwrap_or_else(|| default_uniqueness_mode(kind))
+    }
 }
 
 impl ConfigContent for TenantSettings {
@@ -631,6 +669,13 @@ impl ConfigContent for TenantSettings {
             ("stale_days_customer", self.stale_days_customer),
         ] {
             v.check((1..=3650).contains(&days), field, "must be 1 to 3650 days");
+        }
+        for kind in self.uniqueness.keys() {
+            v.check(
+                UNIQUE_KINDS.contains(&kind.as_str()),
+                format!("uniqueness.{kind}"),
+                "must be email, tax_id, phone or domain",
+            );
         }
     }
 }
@@ -813,7 +858,11 @@ mod tests {
             stale_days_lead: 30,
             stale_days_deal: 14,
             stale_days_customer: 90,
+            uniqueness: BTreeMap::from([("phone".to_owned(), UniquenessMode::Hard)]),
         };
+        assert_eq!(settings.uniqueness_mode("phone"), UniquenessMode::Hard);
+        assert_eq!(settings.uniqueness_mode("email"), UniquenessMode::Hard);
+        assert_eq!(settings.uniqueness_mode("domain"), UniquenessMode::Soft);
         given::<TenantSettingsConfig>([])
             .when(Publish(settings.clone()))
             .result
@@ -822,6 +871,7 @@ mod tests {
             fiscal_year_start_month: 13,
             reporting_currency: "yuan".into(),
             stale_days_deal: 0,
+            uniqueness: BTreeMap::from([("shoe_size".to_owned(), UniquenessMode::Soft)]),
             ..settings
         };
         given::<TenantSettingsConfig>([])
@@ -830,6 +880,7 @@ mod tests {
                 "fiscal_year_start_month",
                 "reporting_currency",
                 "stale_days_deal",
+                "uniqueness.shoe_size",
             ]);
         let team = Team {
             name: "EMEA".into(),
