@@ -321,3 +321,80 @@ async fn parents_must_exist_and_the_hierarchy_never_loops() {
         .unwrap();
     app.stop().await;
 }
+
+/// Long streams load from a snapshot plus the newer events; a snapshot of an
+/// older state format is ignored. (Contacts and leads, whose states hold
+/// personal data, are never snapshotted; accounts are.)
+#[tokio::test]
+async fn long_streams_load_from_snapshots_and_ignore_outdated_ones() {
+    let app = TestApp::spawn().await;
+    let id = app
+        .accounts()
+        .create_account(app.request(acme("")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let industry = |industry: &str, expected: Option<u64>| {
+        app.request(UpdateAccountDetailsRequest {
+            options: expected.map(|v| crm_proto::v1::CommandOptions {
+                expected_version: Some(v),
+                ..Default::default()
+            }),
+            account_id: id.clone(),
+            industry: Some(industry.into()),
+            ..UpdateAccountDetailsRequest::default()
+        })
+    };
+    for n in 0..120 {
+        app.accounts()
+            .update_account_details(industry(&format!("Industry {n}"), None))
+            .await
+            .unwrap();
+    }
+    let client = app.db.client().await;
+    let snapshot_version =
+        crm_test_support::eventually(std::time::Duration::from_secs(10), "a snapshot", || async {
+            client
+                .query_opt(
+                    "SELECT version FROM snapshots WHERE stream_id = $1::text::uuid",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get::<_, i64>(0))
+        })
+        .await;
+    assert_eq!(snapshot_version, 100);
+    // Loading from the snapshot sees the current state: a repeat is a no-op.
+    let same = app
+        .accounts()
+        .update_account_details(industry("Industry 119", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((same.stream_version, same.unchanged), (121, true));
+    // A snapshot of an older state format is ignored, not trusted.
+    client
+        .execute(
+            "UPDATE snapshots SET schema_version = 99, state = '{\"garbage\": true}'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let changed = app
+        .accounts()
+        .update_account_details(industry("Retail", Some(121)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.stream_version, 122);
+    let same = app
+        .accounts()
+        .update_account_details(industry("Retail", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(same.unchanged);
+    app.stop().await;
+}

@@ -95,8 +95,17 @@ async fn create_contact_answers_version_and_position_and_stores_the_envelope() {
     assert_eq!(stored.len(), 1);
     let (event_type, payload, metadata) = &stored[0];
     assert_eq!(event_type, "ContactCreated");
-    assert_eq!(payload["emails"][0]["address"], "ada@example.com");
-    assert_eq!(payload["phones"][0]["kind"], "work");
+    // Personal fields are stored encrypted under the contact's own key.
+    let address = payload["emails"][0]["address"].as_str().unwrap();
+    assert!(address.starts_with("enc:v1:"), "{address}");
+    assert!(!payload.to_string().contains("ada@example.com"));
+    assert_eq!(payload["emails"][0]["primary"], true, "flags stay clear");
+    assert!(
+        payload["phones"][0]["number"]
+            .as_str()
+            .unwrap()
+            .starts_with("enc:v1:")
+    );
     assert!(payload["occurred_at"].is_string());
     assert_eq!(metadata["actor"], "user:ada");
     assert_eq!(metadata["correlation_id"], "corr-42");
@@ -609,69 +618,6 @@ async fn consent_archive_and_restore() {
 }
 
 #[tokio::test]
-async fn long_streams_load_from_snapshots_and_ignore_outdated_ones() {
-    let app = TestApp::spawn().await;
-    let id = app
-        .contacts()
-        .create_contact(app.request(ada("ada@example.com")))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
-    for n in 0..120 {
-        app.contacts()
-            .update_contact_details(app.request(update_title(&id, &format!("Title {n}"), None)))
-            .await
-            .unwrap();
-    }
-    let client = app.db.client().await;
-    let snapshot_version =
-        crm_test_support::eventually(std::time::Duration::from_secs(10), "a snapshot", || async {
-            client
-                .query_opt(
-                    "SELECT version FROM snapshots WHERE stream_id = $1::text::uuid",
-                    &[&id],
-                )
-                .await
-                .unwrap()
-                .map(|row| row.get::<_, i64>(0))
-        })
-        .await;
-    assert_eq!(snapshot_version, 100);
-    // Loading from the snapshot sees the current state: a repeat is a no-op.
-    let same = app
-        .contacts()
-        .update_contact_details(app.request(update_title(&id, "Title 119", None)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((same.stream_version, same.unchanged), (121, true));
-    // A snapshot of an older state format is ignored, not trusted.
-    client
-        .execute(
-            "UPDATE snapshots SET schema_version = 99, state = '{\"garbage\": true}'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let changed = app
-        .contacts()
-        .update_contact_details(app.request(update_title(&id, "CEO", Some(121))))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(changed.stream_version, 122);
-    let same = app
-        .contacts()
-        .update_contact_details(app.request(update_title(&id, "CEO", None)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(same.unchanged);
-    app.stop().await;
-}
-
-#[tokio::test]
 async fn duplicates_merge_atomically_and_the_loser_points_to_the_survivor() {
     use crm_proto::v1::MergeContactsRequest;
     let app = TestApp::spawn().await;
@@ -888,5 +834,154 @@ async fn contacts_link_to_active_accounts_and_answer_nps() {
         ),
         ["score"]
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn erasing_personal_data_shreds_it_everywhere_and_frees_the_email() {
+    use crm_proto::v1::ErasePersonalDataRequest;
+    let app = TestApp::spawn().await;
+    let id = app
+        .contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    app.contacts()
+        .update_contact_details(app.request(update_title(&id, "Countess", None)))
+        .await
+        .unwrap();
+    // The state decrypts: the same (encrypted) name and email again change
+    // nothing.
+    let same = app
+        .contacts()
+        .update_contact_details(app.request(UpdateContactDetailsRequest {
+            contact_id: id.clone(),
+            name: Some(PersonName {
+                given: "Ada".into(),
+                family: "Lovelace".into(),
+            }),
+            emails: Some(EmailAddresses {
+                items: vec![EmailAddress {
+                    address: "ada@example.com".into(),
+                    primary: true,
+                }],
+            }),
+            ..UpdateContactDetailsRequest::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(same.unchanged, "decrypted state equals the request");
+    let erase = |roles: &str| {
+        let mut request = app.request(ErasePersonalDataRequest {
+            contact_id: id.clone(),
+            request: "DSR-2026-0042".into(),
+            ..Default::default()
+        });
+        if !roles.is_empty() {
+            request
+                .metadata_mut()
+                .insert("x-roles", roles.parse().unwrap());
+        }
+        request
+    };
+    let status = app
+        .contacts()
+        .erase_personal_data(erase("sales_rep"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    let stored_before: Vec<String> = app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT payload::text FROM events ORDER BY global_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let erased = app
+        .contacts()
+        .erase_personal_data(erase("admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(erased.stream_version, 3);
+    let db = app.db.client().await;
+    let keys: i64 = db
+        .query_one("SELECT count(*) FROM subject_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 0, "the key is destroyed");
+    let stored_after: Vec<String> = db
+        .query(
+            "SELECT payload::text FROM events ORDER BY global_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        &stored_after[..stored_before.len()],
+        &stored_before[..],
+        "stored events never change"
+    );
+    // A retry is harmless and reports no change.
+    let again = app
+        .contacts()
+        .erase_personal_data(erase("admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.unchanged);
+    // The contact takes no more commands; its email is free again.
+    let status = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "Lady", None)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (Code::FailedPrecondition, "RECORD_ERASED")
+    );
+    app.contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .expect("the erased contact's email is free");
+    // No personal value was ever stored (or published: the relay sends the
+    // stored payloads) in the clear.
+    let all: Vec<String> = db
+        .query("SELECT payload::text FROM events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for secret in ["ada@example.com", "Lovelace", "+442071838750"] {
+        assert!(
+            all.iter().all(|p| !p.contains(secret)),
+            "{secret} stored in the clear"
+        );
+    }
+    let status = app
+        .contacts()
+        .erase_personal_data(app.request(ErasePersonalDataRequest {
+            contact_id: uuid::Uuid::now_v7().to_string(),
+            request: "DSR-1".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
     app.stop().await;
 }

@@ -25,7 +25,11 @@ impl ConfigurationService {
     }
 }
 
-fn require_role(caller: &Caller, roles: &[&str], action: &'static str) -> Result<(), ServiceError> {
+pub(crate) fn require_role(
+    caller: &Caller,
+    roles: &[&str],
+    action: &'static str,
+) -> Result<(), ServiceError> {
     if caller.roles.iter().any(|r| roles.contains(&r.as_str())) {
         Ok(())
     } else {

@@ -252,6 +252,31 @@ impl Contacts for ContactsService {
         Ok(Response::new(reply))
     }
 
+    async fn erase_personal_data(
+        &self,
+        request: Request<pb::ErasePersonalDataRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        super::configuration::require_role(&caller, &["admin"], "erase personal data")?;
+        let request = request.into_inner();
+        let options = Options::parse("ErasePersonalData", request.options.as_ref(), &request)?;
+        let id = parse_id("contact_id", &request.contact_id, false)?;
+        let reply = self
+            .handler
+            .execute::<Contact>(
+                &caller,
+                id,
+                &options,
+                ContactCommand::ErasePersonalData {
+                    request: request.request,
+                },
+            )
+            .await?;
+        // The event is stored: now the key goes (again, on a retry).
+        self.handler.erase_subject(&caller.tenant, id).await?;
+        Ok(Response::new(reply))
+    }
+
     async fn record_nps_response(
         &self,
         request: Request<pb::RecordNpsResponseRequest>,

@@ -18,6 +18,7 @@ mod error;
 mod fields;
 mod leads;
 mod opportunities;
+pub(crate) mod personal;
 mod records;
 mod tickets;
 
@@ -158,7 +159,19 @@ pub struct CommandHandler {
     uniqueness: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<TenantId, (std::time::Instant, Uniqueness)>>,
     >,
+    /// Data subjects' keys, kept for [`SUBJECT_KEY_TTL`].
+    subject_keys: std::sync::Arc<std::sync::Mutex<SubjectKeys>>,
 }
+
+type SubjectKeys = std::collections::HashMap<
+    (TenantId, Uuid),
+    (std::time::Instant, std::sync::Arc<personal::SubjectKey>),
+>;
+
+/// How long a data subject's key is kept in memory: after an erasure in
+/// another process, this one stops reading the subject's personal data
+/// within this time (the erasing process at once).
+const SUBJECT_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long a tenant's uniqueness modes are reused before its settings are
 /// read again: a change of mode applies within this time.
@@ -193,7 +206,98 @@ impl CommandHandler {
             store,
             reservation_key: reservation_key.into(),
             uniqueness: Default::default(),
+            subject_keys: Default::default(),
         }
+    }
+
+    /// A data subject's key; with `create`, made on first use. `None` when
+    /// the subject has none (never needed, or erased).
+    async fn subject_key(
+        &self,
+        tenant: &TenantId,
+        subject: Uuid,
+        create: bool,
+    ) -> Result<Option<std::sync::Arc<personal::SubjectKey>>, ServiceError> {
+        let cache_key = (tenant.clone(), subject);
+        if let Ok(cache) = self.subject_keys.lock()
+            && let Some((read_at, key)) = cache.get(&cache_key)
+            && read_at.elapsed() < SUBJECT_KEY_TTL
+        {
+            return Ok(Some(key.clone()));
+        }
+        let unavailable = |e: crm_event_store::ReadError| ServiceError::Unavailable(e.to_string());
+        let bytes = if create {
+            let candidate = personal::new_key().map_err(ServiceError::Internal)?;
+            self.store
+                .subject_key_or_insert(tenant, subject, &candidate)
+                .await
+                .map_err(unavailable)?
+        } else {
+            self.store
+                .subject_key(tenant, subject)
+                .await
+                .map_err(unavailable)?
+        };
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let key = personal::SubjectKey::new(&bytes, tenant.as_str(), subject).ok_or_else(|| {
+            ServiceError::Internal(format!("subject key of {subject} is malformed"))
+        })?;
+        let key = std::sync::Arc::new(key);
+        if let Ok(mut cache) = self.subject_keys.lock() {
+            if cache.len() > 100_000 {
+                cache.clear();
+            }
+            cache.insert(cache_key, (std::time::Instant::now(), key.clone()));
+        }
+        Ok(Some(key))
+    }
+
+    /// Encrypts the personal fields of every data subject's events in
+    /// `request` under the subject's key.
+    async fn seal(&self, request: &mut AppendEvents) -> Result<(), ServiceError> {
+        for stream in &mut request.streams {
+            if !personal::is_subject(&stream.stream_type)
+                || !stream
+                    .events
+                    .iter()
+                    .any(|e| personal::has_personal_fields(&e.event_type, e.schema_version))
+            {
+                continue;
+            }
+            let key = self
+                .subject_key(&request.tenant_id, stream.stream_id, true)
+                .await?
+                .ok_or(ServiceError::Domain(crm_domain::DomainError::RecordErased))?;
+            for event in &mut stream.events {
+                personal::seal(
+                    &mut event.payload,
+                    &event.event_type,
+                    event.schema_version,
+                    &key,
+                )
+                .map_err(ServiceError::Internal)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys a data subject's key (after its erasure event is stored):
+    /// its personal fields become unreadable everywhere.
+    pub(crate) async fn erase_subject(
+        &self,
+        tenant: &TenantId,
+        subject: Uuid,
+    ) -> Result<(), ServiceError> {
+        self.store
+            .erase_subject(tenant, subject)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        if let Ok(mut cache) = self.subject_keys.lock() {
+            cache.remove(&(tenant.clone(), subject));
+        }
+        Ok(())
     }
 
     /// The tenant's uniqueness modes (its settings over the defaults).
@@ -274,26 +378,42 @@ impl CommandHandler {
             .read_stream(tenant, stream_id, version + 1, MAX_STREAM_EVENTS)
             .await
             .map_err(unavailable)?;
+        let key = if personal::is_subject(A::STREAM_TYPE)
+            && events
+                .iter()
+                .any(|e| personal::is_sealed(e.payload.as_str()))
+        {
+            self.subject_key(tenant, stream_id, false).await?
+        } else {
+            None
+        };
         for stored in &events {
             if stored.stream_type != A::STREAM_TYPE {
                 return Err(crm_domain::DomainError::NotFound.into());
             }
-            let mut payload = serde_json::Deserializer::from_str(stored.payload.as_str());
-            let event = A::Event::decode(&stored.event_type, stored.schema_version, &mut payload)
-                .map_err(|e| {
-                    ServiceError::Internal(format!(
-                        "event {} ({}) does not decode: {e}",
-                        stored.global_position, stored.event_type
-                    ))
-                })?
-                .ok_or_else(|| {
-                    ServiceError::Internal(format!(
-                        "event {} has type {} unknown to {}",
-                        stored.global_position,
-                        stored.event_type,
-                        A::STREAM_TYPE
-                    ))
-                })?;
+            let does_not_decode = |e: serde_json::Error| {
+                ServiceError::Internal(format!(
+                    "event {} ({}) does not decode: {e}",
+                    stored.global_position, stored.event_type
+                ))
+            };
+            let decoded = if personal::is_sealed(stored.payload.as_str()) {
+                let mut payload: serde_json::Value =
+                    stored.payload.parse().map_err(does_not_decode)?;
+                personal::open(&mut payload, key.as_deref());
+                A::Event::decode(&stored.event_type, stored.schema_version, payload)
+            } else {
+                let mut payload = serde_json::Deserializer::from_str(stored.payload.as_str());
+                A::Event::decode(&stored.event_type, stored.schema_version, &mut payload)
+            };
+            let event = decoded.map_err(does_not_decode)?.ok_or_else(|| {
+                ServiceError::Internal(format!(
+                    "event {} has type {} unknown to {}",
+                    stored.global_position,
+                    stored.event_type,
+                    A::STREAM_TYPE
+                ))
+            })?;
             state = state.evolve(&event);
             version = stored.stream_version;
             position = stored.global_position;
@@ -365,6 +485,8 @@ impl CommandHandler {
             let request = self.append_request::<A>(
                 caller, stream_id, version, options, &events, &before, &after,
             )?;
+            let mut request = request;
+            self.seal(&mut request).await?;
             match self.store.append(request).await {
                 Ok(appended) => {
                     if A::STREAM_TYPE == <crm_domain::configuration::TenantSettings as crm_domain::configuration::ConfigContent>::STREAM_TYPE
@@ -403,6 +525,11 @@ impl CommandHandler {
         version: u64,
         position: u64,
     ) {
+        if personal::is_subject(A::STREAM_TYPE) {
+            // A subject's state holds its personal data in the clear: its
+            // (short) stream is folded from the encrypted events instead.
+            return;
+        }
         let state = match serde_json::to_string(&Snapshotted { position, state }) {
             Ok(json) => crm_event_store::JsonText(json),
             Err(error) => {
@@ -606,6 +733,8 @@ impl CommandHandler {
                 reservations,
                 request_fingerprint: Some(options.fingerprint),
             };
+            let mut request = request;
+            self.seal(&mut request).await?;
             match self.store.append(request).await {
                 Ok(appended) => {
                     return Ok(Merged {
@@ -730,6 +859,8 @@ impl CommandHandler {
                 reservations,
                 request_fingerprint: Some(options.fingerprint),
             };
+            let mut request = request;
+            self.seal(&mut request).await?;
             match self.store.append(request).await {
                 Ok(appended) => return Ok(answer(&appended)),
                 Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {

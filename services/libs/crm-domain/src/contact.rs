@@ -131,6 +131,23 @@ pub enum ContactCommand {
         score: u8,
         comment: String,
     },
+    /// Forget the person (DESIGN §6): `request` names the data subject's
+    /// request (1–200 characters). The handler allows it to admins only and
+    /// then destroys the contact's key, so every personal field ever stored
+    /// becomes unreadable.
+    ErasePersonalData {
+        request: String,
+    },
+}
+
+/// The person's data was erased: the record keeps its ids, times and
+/// amounts; its personal fields are unreadable from now on.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonalDataErased {
+    /// The data subject's request, e.g. a ticket number.
+    pub request: String,
+    pub occurred_at: Timestamp,
 }
 
 /// A contact's link to an account; at most one is primary.
@@ -298,6 +315,7 @@ pub enum ContactEvent {
     Common(CommonEvent),
     UnlinkedFromAccount(ContactUnlinkedFromAccount),
     NpsRecorded(NpsResponseRecorded),
+    PersonalDataErased(PersonalDataErased),
 }
 
 impl DomainEvent for ContactEvent {
@@ -314,6 +332,7 @@ impl DomainEvent for ContactEvent {
             Self::NpsRecorded(_) => "NpsResponseRecorded",
             Self::Merged(_) => "RecordsMerged",
             Self::MergedInto(_) => "RecordMergedInto",
+            Self::PersonalDataErased(_) => "PersonalDataErased",
         }
     }
 
@@ -347,6 +366,9 @@ impl DomainEvent for ContactEvent {
                 Self::UnlinkedFromAccount(Deserialize::deserialize(payload)?)
             }
             ("NpsResponseRecorded", _) => Self::NpsRecorded(Deserialize::deserialize(payload)?),
+            ("PersonalDataErased", _) => {
+                Self::PersonalDataErased(Deserialize::deserialize(payload)?)
+            }
             ("RecordMergedInto", _) => Self::MergedInto(Deserialize::deserialize(payload)?),
             ("ContactLinkedToAccount", _) => {
                 Self::LinkedToAccount(Deserialize::deserialize(payload)?)
@@ -375,6 +397,9 @@ pub struct Contact {
     pub meta: RecordMeta,
     #[serde(default)]
     pub nps: Option<u8>,
+    /// Personal data erased: refuses every command.
+    #[serde(default)]
+    pub erased: bool,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -494,6 +519,9 @@ impl Contact {
     fn live(&self) -> Result<(), DomainError> {
         if !self.exists {
             return Err(DomainError::NotFound);
+        }
+        if self.erased {
+            return Err(DomainError::RecordErased);
         }
         if let Some(survivor) = self.merged_into {
             return Err(DomainError::RecordMerged { survivor });
@@ -710,6 +738,26 @@ impl Aggregate for Contact {
                     occurred_at,
                 })])
             }
+            ContactCommand::ErasePersonalData { request } => {
+                // Allowed on archived and merged records too: the law does
+                // not wait for a restore. Erasing twice changes nothing.
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                if self.erased {
+                    return Ok(vec![]);
+                }
+                if !text_ok(&request, 200, false) {
+                    return Err(DomainError::invalid(
+                        "request",
+                        "must be 1 to 200 characters",
+                    ));
+                }
+                Ok(vec![ContactEvent::PersonalDataErased(PersonalDataErased {
+                    request: request.trim().to_owned(),
+                    occurred_at,
+                })])
+            }
             ContactCommand::Archive(reason) => {
                 self.live()?;
                 Ok(vec![ContactEvent::Archived(
@@ -798,6 +846,13 @@ impl Aggregate for Contact {
                     .retain(|a| a.account_id != unlinked.account_id);
             }
             ContactEvent::NpsRecorded(nps) => self.nps = Some(nps.score),
+            ContactEvent::PersonalDataErased(_) => {
+                self.erased = true;
+                self.name = PersonName::default();
+                self.emails.clear();
+                self.phones.clear();
+                self.title.clear();
+            }
             ContactEvent::Archived(_) => self.lifecycle = Lifecycle::Archived,
             ContactEvent::Restored(_) => self.lifecycle = Lifecycle::Active,
         }
@@ -1012,6 +1067,53 @@ mod tests {
             code: "left_company".into(),
             text: "moved on".into(),
         }
+    }
+
+    #[test]
+    fn erasing_forgets_the_person_once_and_then_refuses_every_command() {
+        let state = given::<Contact>([created()])
+            .when(ContactCommand::ErasePersonalData {
+                request: " DSR-42 ".into(),
+            })
+            .then(vec![ContactEvent::PersonalDataErased(PersonalDataErased {
+                request: "DSR-42".into(),
+                occurred_at: now(),
+            })]);
+        assert!(state.erased);
+        assert_eq!(state.name, PersonName::default());
+        assert!(state.emails.is_empty() && state.phones.is_empty());
+        assert!(
+            state.unique_keys().is_empty(),
+            "erasure drops the reservations"
+        );
+        let erased = [
+            created(),
+            ContactEvent::PersonalDataErased(PersonalDataErased {
+                request: "DSR-42".into(),
+                occurred_at: now(),
+            }),
+        ];
+        given::<Contact>(erased.clone())
+            .when(ContactCommand::ErasePersonalData {
+                request: "DSR-43".into(),
+            })
+            .then(vec![]);
+        given::<Contact>(erased)
+            .when(ContactCommand::RecordNpsResponse {
+                score: 9,
+                comment: String::new(),
+            })
+            .then_error(DomainError::RecordErased);
+        given::<Contact>([created()])
+            .when(ContactCommand::ErasePersonalData {
+                request: String::new(),
+            })
+            .then_invalid(&["request"]);
+        given::<Contact>([])
+            .when(ContactCommand::ErasePersonalData {
+                request: "DSR-1".into(),
+            })
+            .then_error(DomainError::NotFound);
     }
 
     #[test]

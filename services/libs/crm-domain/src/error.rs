@@ -57,6 +57,9 @@ pub enum DomainError {
     /// Archived records refuse everything but restore.
     #[error("the record is archived")]
     RecordArchived,
+    /// The record's personal data was erased; it takes no more commands.
+    #[error("the record's personal data was erased")]
+    RecordErased,
 }
 
 impl DomainError {
@@ -73,6 +76,7 @@ impl DomainError {
             Self::InvalidTransition { .. } => "INVALID_TRANSITION",
             Self::InvalidReference { .. } => "INVALID_REFERENCE",
             Self::RecordArchived => "RECORD_ARCHIVED",
+            Self::RecordErased => "RECORD_ERASED",
             Self::RecordMerged { .. } => "RECORD_MERGED",
             Self::PermissionDenied { .. } => "PERMISSION_DENIED",
             Self::ConsentMissing { .. } => "CONSENT_MISSING",

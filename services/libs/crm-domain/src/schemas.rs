@@ -23,8 +23,8 @@ use crate::configuration::{
 };
 use crate::contact::{
     ContactConsentChanged, ContactCreated, ContactCreatedV1, ContactDetailsUpdated,
-    ContactLinkedToAccount, ContactUnlinkedFromAccount, NpsResponseRecorded, RecordMergedInto,
-    RecordsMerged,
+    ContactLinkedToAccount, ContactUnlinkedFromAccount, NpsResponseRecorded, PersonalDataErased,
+    RecordMergedInto, RecordsMerged,
 };
 use crate::lead::{
     LeadCaptured, LeadConverted, LeadDetailsUpdated, LeadMergedInto, LeadStatusChanged, LeadsMerged,
@@ -115,6 +115,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<LifecycleChanged>("contact", "RecordRestored", 1),
         schema::<ContactLinkedToAccount>("contact", "ContactLinkedToAccount", 1),
         schema::<RecordsMerged>("contact", "RecordsMerged", 1),
+        schema::<PersonalDataErased>("contact", "PersonalDataErased", 1),
         schema::<ContactUnlinkedFromAccount>("contact", "ContactUnlinkedFromAccount", 1),
         schema::<NpsResponseRecorded>("contact", "NpsResponseRecorded", 1),
         schema::<RecordMergedInto>("contact", "RecordMergedInto", 1),

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_checkpoints",
         sql: include_str!("../migrations/0003_checkpoints.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_subject_keys",
+        sql: include_str!("../migrations/0004_subject_keys.sql"),
+    },
 ];
 
 const LOCK_KEY: i64 = 0x0063_726d_5f6d_6967; // "crm_mig"

@@ -401,6 +401,82 @@ impl EventStore {
         committed_head(&client).await
     }
 
+    /// A data subject's key: `Some` when it exists; `None` when it was never
+    /// made or was destroyed by [`Self::erase_subject`].
+    pub async fn subject_key(
+        &self,
+        tenant_id: &TenantId,
+        subject_id: Uuid,
+    ) -> Result<Option<Vec<u8>>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT key FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2")
+            .await?;
+        Ok(client
+            .query_opt(&statement, &[&tenant_id.as_str(), &subject_id])
+            .await?
+            .map(|row| row.get(0)))
+    }
+
+    /// The subject's key, storing `candidate` as it when it has none. `None`
+    /// when the subject was erased: no key is ever made for it again.
+    pub async fn subject_key_or_insert(
+        &self,
+        tenant_id: &TenantId,
+        subject_id: Uuid,
+        candidate: &[u8],
+    ) -> Result<Option<Vec<u8>>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH inserted AS ( \
+                   INSERT INTO subject_keys (tenant_id, subject_id, key) \
+                   SELECT $1, $2, $3 WHERE NOT EXISTS ( \
+                     SELECT 1 FROM erased_subjects WHERE tenant_id = $1 AND subject_id = $2) \
+                   ON CONFLICT (tenant_id, subject_id) DO NOTHING RETURNING key) \
+                 SELECT key FROM inserted \
+                 UNION ALL \
+                 SELECT key FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2 \
+                 LIMIT 1",
+            )
+            .await?;
+        Ok(client
+            .query_opt(&statement, &[&tenant_id.as_str(), &subject_id, &candidate])
+            .await?
+            .map(|row| row.get(0)))
+    }
+
+    /// Destroys a subject's key (and its stream's snapshot, which holds its
+    /// state in the clear) and remembers the erasure. Idempotent.
+    #[tracing::instrument(name = "erase_subject", skip(self), fields(tenant_id = %tenant_id), err(Display))]
+    pub async fn erase_subject(
+        &self,
+        tenant_id: &TenantId,
+        subject_id: Uuid,
+    ) -> Result<(), ReadError> {
+        let mut client = self.inner.pool.get().await?;
+        let tx = client.transaction().await?;
+        let tenant = tenant_id.as_str();
+        tx.execute(
+            "INSERT INTO erased_subjects (tenant_id, subject_id) VALUES ($1, $2) \
+             ON CONFLICT DO NOTHING",
+            &[&tenant, &subject_id],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2",
+            &[&tenant, &subject_id],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM snapshots WHERE tenant_id = $1 AND stream_id = $2",
+            &[&tenant, &subject_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The checkpoint saved under `name` (0 when none was saved yet).
     pub async fn load_checkpoint(&self, name: &str) -> Result<u64, ReadError> {
         let client = self.inner.pool.get().await?;

@@ -1,0 +1,266 @@
+//! Personal data under per-subject keys (crypto-shredding, DESIGN §6).
+//!
+//! Every contact and lead (a *data subject*) gets a random 256-bit key. Before
+//! its events are appended, every string under a property the event's JSON
+//! Schema marks `x-personal` (names, emails, phones, free text) is replaced by
+//! `enc:v1:<base64(nonce ‖ ChaCha20-Poly1305 ciphertext)>`, bound to the
+//! tenant and subject. Ids, times, amounts and flags stay clear. Reading
+//! decrypts with the key; once [`crm_event_store::EventStore::erase_subject`]
+//! has destroyed it, every such string reads as empty, in the store, on NATS
+//! and in every copy, while the events themselves never change.
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Stream types whose streams are data subjects.
+pub const SUBJECT_STREAM_TYPES: [&str; 2] = ["contact", "lead"];
+const PREFIX: &str = "enc:v1:";
+/// What an encrypted string reads as once its key is gone.
+pub const ERASED: &str = "";
+
+pub fn is_subject(stream_type: &str) -> bool {
+    SUBJECT_STREAM_TYPES.contains(&stream_type)
+}
+
+/// A fresh random key.
+pub fn new_key() -> Result<[u8; 32], String> {
+    let mut key = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| "no system randomness".to_owned())?;
+    Ok(key)
+}
+
+/// One subject's key, with what its ciphertexts are bound to.
+pub struct SubjectKey {
+    key: LessSafeKey,
+    aad: Vec<u8>,
+}
+
+impl SubjectKey {
+    pub fn new(bytes: &[u8], tenant: &str, subject: Uuid) -> Option<Self> {
+        let key = UnboundKey::new(&CHACHA20_POLY1305, bytes).ok()?;
+        let mut aad = tenant.as_bytes().to_vec();
+        aad.push(0);
+        aad.extend_from_slice(subject.as_bytes());
+        Some(Self {
+            key: LessSafeKey::new(key),
+            aad,
+        })
+    }
+
+    fn seal(&self, plaintext: &str) -> Result<String, String> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| "no system randomness".to_owned())?;
+        let mut data = plaintext.as_bytes().to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&self.aad),
+                &mut data,
+            )
+            .map_err(|_| "encryption failed".to_owned())?;
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&data);
+        Ok(format!("{PREFIX}{}", STANDARD_NO_PAD.encode(sealed)))
+    }
+
+    fn open(&self, text: &str) -> Option<String> {
+        let sealed = STANDARD_NO_PAD.decode(text.strip_prefix(PREFIX)?).ok()?;
+        if sealed.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, data) = sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut data = data.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(&self.aad), &mut data)
+            .ok()?;
+        String::from_utf8(plain.to_vec()).ok()
+    }
+}
+
+/// Property names the schemas mark `x-personal`, per (event type, schema
+/// version) of the subject stream types.
+fn personal_properties() -> &'static HashMap<(String, u32), HashSet<String>> {
+    static PROPERTIES: OnceLock<HashMap<(String, u32), HashSet<String>>> = OnceLock::new();
+    PROPERTIES.get_or_init(|| {
+        let mut map = HashMap::new();
+        for schema in crm_domain::schemas::event_schemas() {
+            if !is_subject(schema.stream_type) {
+                continue;
+            }
+            let mut names = HashSet::new();
+            collect_personal(schema.schema.as_value(), &mut names);
+            map.insert((schema.event_type.to_owned(), schema.schema_version), names);
+        }
+        map
+    })
+}
+
+fn collect_personal(schema: &Value, names: &mut HashSet<String>) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::Object(properties)) = map.get("properties") {
+                for (name, property) in properties {
+                    if property.get("x-personal") == Some(&Value::Bool(true)) {
+                        names.insert(name.clone());
+                    }
+                }
+            }
+            for value in map.values() {
+                collect_personal(value, names);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_personal(v, names)),
+        _ => {}
+    }
+}
+
+/// Whether an event of this type carries personal fields.
+pub fn has_personal_fields(event_type: &str, schema_version: u32) -> bool {
+    personal_properties()
+        .get(&(event_type.to_owned(), schema_version))
+        .is_some_and(|names| !names.is_empty())
+}
+
+/// Encrypts, in `payload`, every string under a personal property of this
+/// event type.
+pub fn seal(
+    payload: &mut Value,
+    event_type: &str,
+    schema_version: u32,
+    key: &SubjectKey,
+) -> Result<(), String> {
+    let Some(names) = personal_properties().get(&(event_type.to_owned(), schema_version)) else {
+        return Ok(());
+    };
+    seal_under(payload, names, key)
+}
+
+fn seal_under(value: &mut Value, names: &HashSet<String>, key: &SubjectKey) -> Result<(), String> {
+    match value {
+        Value::Object(map) => {
+            for (name, value) in map.iter_mut() {
+                if names.contains(name) {
+                    seal_strings(value, key)?;
+                } else {
+                    seal_under(value, names, key)?;
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                seal_under(item, names, key)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn seal_strings(value: &mut Value, key: &SubjectKey) -> Result<(), String> {
+    match value {
+        Value::String(text) if !text.starts_with(PREFIX) => *text = key.seal(text)?,
+        Value::Object(map) => {
+            for value in map.values_mut() {
+                seal_strings(value, key)?;
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                seal_strings(item, key)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether stored JSON text holds encrypted strings.
+pub fn is_sealed(json: &str) -> bool {
+    json.contains(PREFIX)
+}
+
+/// Decrypts every encrypted string in `value`; with no key (erased) or a
+/// string that does not open, it reads as [`ERASED`].
+pub fn open(value: &mut Value, key: Option<&SubjectKey>) {
+    match value {
+        Value::String(text) if text.starts_with(PREFIX) => {
+            *text = key
+                .and_then(|key| key.open(text))
+                .unwrap_or_else(|| ERASED.to_owned());
+        }
+        Value::Object(map) => map.values_mut().for_each(|v| open(v, key)),
+        Value::Array(items) => items.iter_mut().for_each(|v| open(v, key)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(subject: u128) -> SubjectKey {
+        SubjectKey::new(&new_key().unwrap(), "acme", Uuid::from_u128(subject)).unwrap()
+    }
+
+    #[test]
+    fn personal_strings_are_sealed_and_open_only_with_their_key() {
+        let mut payload = serde_json::json!({
+            "name": { "given": "Ada", "family": "Lovelace" },
+            "emails": [{ "address": "ada@example.com", "primary": true }],
+            "phones": [],
+            "title": "Countess",
+            "preferences": { "language": "en-GB" },
+            "occurred_at": "2026-11-29T10:00:00Z"
+        });
+        let original = payload.clone();
+        let ada = key(1);
+        seal(&mut payload, "ContactCreated", 2, &ada).unwrap();
+        let text = payload.to_string();
+        for secret in ["Ada", "Lovelace", "ada@example.com"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(payload["emails"][0]["primary"], true, "flags stay clear");
+        assert_eq!(
+            payload["occurred_at"], original["occurred_at"],
+            "times stay clear"
+        );
+        assert_eq!(
+            payload["preferences"], original["preferences"],
+            "not personal"
+        );
+        assert!(is_sealed(&text));
+
+        let mut opened = payload.clone();
+        open(&mut opened, Some(&ada));
+        assert_eq!(opened, original);
+        // Another subject's key, or none: the personal strings read as empty.
+        let mut wrong = payload.clone();
+        open(&mut wrong, Some(&key(2)));
+        assert_eq!(wrong["name"]["given"], ERASED);
+        let mut erased = payload;
+        open(&mut erased, None);
+        assert_eq!(erased["emails"][0]["address"], ERASED);
+        assert_eq!(erased["preferences"], original["preferences"]);
+    }
+
+    #[test]
+    fn the_schemas_mark_what_is_personal() {
+        assert!(has_personal_fields("ContactCreated", 2));
+        assert!(has_personal_fields("ContactDetailsUpdated", 1));
+        assert!(has_personal_fields("LeadCaptured", 1));
+        assert!(!has_personal_fields("ContactConsentChanged", 1));
+        assert!(!has_personal_fields("PersonalDataErased", 1));
+    }
+}
