@@ -894,19 +894,21 @@ async fn erasing_personal_data_shreds_it_everywhere_and_frees_the_email() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
-    let stored_before: Vec<String> = app
-        .db
-        .client()
-        .await
-        .query(
-            "SELECT payload::text FROM events ORDER BY global_position",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let payloads = || async {
+        app.db
+            .client()
+            .await
+            .query(
+                "SELECT payload::text FROM events ORDER BY global_position",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    let stored_before = payloads().await;
     let erased = app
         .contacts()
         .erase_personal_data(erase("admin"))
@@ -921,16 +923,7 @@ async fn erasing_personal_data_shreds_it_everywhere_and_frees_the_email() {
         .unwrap()
         .get(0);
     assert_eq!(keys, 0, "the key is destroyed");
-    let stored_after: Vec<String> = db
-        .query(
-            "SELECT payload::text FROM events ORDER BY global_position",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let stored_after = payloads().await;
     assert_eq!(
         &stored_after[..stored_before.len()],
         &stored_before[..],
@@ -960,13 +953,7 @@ async fn erasing_personal_data_shreds_it_everywhere_and_frees_the_email() {
         .expect("the erased contact's email is free");
     // No personal value was ever stored (or published: the relay sends the
     // stored payloads) in the clear.
-    let all: Vec<String> = db
-        .query("SELECT payload::text FROM events", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let all = payloads().await;
     for secret in ["ada@example.com", "Lovelace", "+442071838750"] {
         assert!(
             all.iter().all(|p| !p.contains(secret)),
