@@ -452,3 +452,45 @@ async fn duplicate_leads_merge_in_one_append() {
     assert_eq!(error_info(&status).0, "RECORD_MERGED");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_lead_can_be_erased_by_an_admin_and_then_refuses_commands() {
+    use crm_proto::v1::{ChangeLeadStatusRequest, EraseLeadPersonalDataRequest};
+    let app = TestApp::spawn().await;
+    let lead = app
+        .leads()
+        .capture_lead(app.request(li_wei("li@example.com", "Wei Trading")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let stored = app.stored().await;
+    assert!(
+        !stored[0].1.to_string().contains("li@example.com"),
+        "personal fields are stored encrypted"
+    );
+    assert_eq!(
+        stored[0].1["company"], "Wei Trading",
+        "the company is not personal"
+    );
+    let mut erase = app.request(EraseLeadPersonalDataRequest {
+        lead_id: lead.clone(),
+        request: "DSR-9".into(),
+        ..Default::default()
+    });
+    erase
+        .metadata_mut()
+        .insert("x-roles", "admin".parse().unwrap());
+    app.leads().erase_lead_personal_data(erase).await.unwrap();
+    let status = app
+        .leads()
+        .change_lead_status(app.request(ChangeLeadStatusRequest {
+            lead_id: lead,
+            status: "working".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "RECORD_ERASED");
+    app.stop().await;
+}

@@ -140,6 +140,11 @@ pub enum LeadCommand {
     Common(CommonCommand),
     /// Replaces the given fields; refused once converted.
     UpdateDetails(LeadDetailsPatch),
+    /// Forget the person (admins only, by the handler), as for contacts:
+    /// the lead's key is destroyed afterwards.
+    ErasePersonalData {
+        request: String,
+    },
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -213,6 +218,7 @@ pub enum LeadEvent {
     DetailsUpdated(LeadDetailsUpdated),
     Merged(LeadsMerged),
     MergedInto(LeadMergedInto),
+    PersonalDataErased(crate::contact::PersonalDataErased),
 }
 
 impl DomainEvent for LeadEvent {
@@ -225,6 +231,7 @@ impl DomainEvent for LeadEvent {
             Self::Converted(_) => "LeadConverted",
             Self::Merged(_) => "RecordsMerged",
             Self::MergedInto(_) => "RecordMergedInto",
+            Self::PersonalDataErased(_) => "PersonalDataErased",
         }
     }
 
@@ -234,6 +241,7 @@ impl DomainEvent for LeadEvent {
         payload: D,
     ) -> Result<Option<Self>, D::Error> {
         Ok(Some(match event_type {
+            "PersonalDataErased" => Self::PersonalDataErased(Deserialize::deserialize(payload)?),
             "LeadCaptured" => Self::Captured(Deserialize::deserialize(payload)?),
             "LeadDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
             "LeadStatusChanged" => Self::StatusChanged(Deserialize::deserialize(payload)?),
@@ -259,6 +267,9 @@ pub struct Lead {
     pub meta: RecordMeta,
     #[serde(default)]
     pub merged_into: Option<uuid::Uuid>,
+    /// Personal data erased: refuses every command.
+    #[serde(default)]
+    pub erased: bool,
 }
 
 impl Aggregate for Lead {
@@ -280,6 +291,30 @@ impl Aggregate for Lead {
         context: Context,
     ) -> Result<Vec<LeadEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
+        if let LeadCommand::ErasePersonalData { request } = command {
+            // Allowed whatever the lead's state; erasing twice changes nothing.
+            if !self.exists {
+                return Err(DomainError::NotFound);
+            }
+            if self.erased {
+                return Ok(vec![]);
+            }
+            if !crate::common::text_ok(&request, 200, false) {
+                return Err(DomainError::invalid(
+                    "request",
+                    "must be 1 to 200 characters",
+                ));
+            }
+            return Ok(vec![LeadEvent::PersonalDataErased(
+                crate::contact::PersonalDataErased {
+                    request: request.trim().to_owned(),
+                    occurred_at,
+                },
+            )]);
+        }
+        if self.erased {
+            return Err(DomainError::RecordErased);
+        }
         if let Some(survivor) = self.merged_into {
             return Err(DomainError::RecordMerged { survivor });
         }
@@ -288,6 +323,7 @@ impl Aggregate for Lead {
             LeadCommand::Common(CommonCommand::Restore(_))
         ))?;
         match command {
+            LeadCommand::ErasePersonalData { .. } => Ok(vec![]), // decided above
             LeadCommand::Common(command) => {
                 if !self.exists {
                     return Err(DomainError::NotFound);
@@ -435,6 +471,12 @@ impl Aggregate for Lead {
 
     fn evolve(mut self, event: &LeadEvent) -> Self {
         match event {
+            LeadEvent::PersonalDataErased(_) => {
+                self.erased = true;
+                self.name = PersonName::default();
+                self.emails.clear();
+                self.phones.clear();
+            }
             LeadEvent::Merged(merged) => {
                 self = self.evolve(&LeadEvent::DetailsUpdated(LeadDetailsUpdated {
                     changes: merged.changes.clone(),
@@ -584,6 +626,32 @@ mod tests {
             reason: None,
             occurred_at: now(),
         })
+    }
+
+    #[test]
+    fn an_erased_lead_forgets_the_person_and_refuses_the_rest() {
+        let erase = |request: &str| LeadCommand::ErasePersonalData {
+            request: request.into(),
+        };
+        let state = given::<Lead>([captured()]).when(erase("DSR-7")).then_ok();
+        assert!(state.erased && state.emails.is_empty() && state.phones.is_empty());
+        assert_eq!(state.name, PersonName::default());
+        let erased = LeadEvent::PersonalDataErased(crate::contact::PersonalDataErased {
+            request: "DSR-7".into(),
+            occurred_at: now(),
+        });
+        given::<Lead>([captured(), erased.clone()])
+            .when(erase("DSR-8"))
+            .then(vec![]);
+        given::<Lead>([captured(), erased])
+            .when(LeadCommand::ChangeStatus {
+                to: LeadStatus::Working,
+                reason: None,
+            })
+            .then_error(DomainError::RecordErased);
+        given::<Lead>([])
+            .when(erase("DSR-9"))
+            .then_error(DomainError::NotFound);
     }
 
     #[test]
