@@ -481,6 +481,7 @@ async fn a_slow_subscriber_holds_no_connection_and_open_streams_are_limited() {
                     ..crm_event_store::Metadata::default()
                 },
                 reservations: Vec::new(),
+                subject_keys: Vec::new(),
                 request_fingerprint: None,
             })
             .await

@@ -168,6 +168,7 @@ async fn append_deal(store: &EventStore, event: NewEvent) -> u64 {
                 ..Metadata::default()
             },
             reservations: Vec::new(),
+            subject_keys: Vec::new(),
             request_fingerprint: None,
         })
         .await

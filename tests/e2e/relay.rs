@@ -105,6 +105,7 @@ async fn append_events(store: &EventStore, tenants: &[&str], count: usize) -> u6
                     ..Metadata::default()
                 },
                 reservations: Vec::new(),
+                subject_keys: Vec::new(),
                 request_fingerprint: None,
             })
             .await

@@ -52,6 +52,7 @@ async fn store_appends(
                         idempotency_key: None,
                         metadata: metadata(),
                         reservations: Vec::new(),
+                        subject_keys: Vec::new(),
                         request_fingerprint: None,
                     })
                     .await

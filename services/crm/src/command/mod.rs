@@ -257,6 +257,7 @@ impl CommandHandler {
     /// Encrypts the personal fields of every data subject's events in
     /// `request` under the subject's key.
     async fn seal(&self, request: &mut AppendEvents) -> Result<(), ServiceError> {
+        let mut new_keys = Vec::new();
         for stream in &mut request.streams {
             if !personal::is_subject(&stream.stream_type)
                 || !stream
@@ -266,10 +267,22 @@ impl CommandHandler {
             {
                 continue;
             }
-            let key = self
-                .subject_key(&request.tenant_id, stream.stream_id, true)
-                .await?
-                .ok_or(ServiceError::Domain(crm_domain::DomainError::RecordErased))?;
+            let key = if stream.expected == crm_event_store::ExpectedVersion::NoStream {
+                // A new subject: a fresh key, stored in the same transaction
+                // as its first events (cached only once read back).
+                let bytes = personal::new_key().map_err(ServiceError::Internal)?;
+                new_keys.push(crm_event_store::SubjectKey {
+                    subject_id: stream.stream_id,
+                    key: bytes.to_vec(),
+                });
+                personal::SubjectKey::new(&bytes, request.tenant_id.as_str(), stream.stream_id)
+                    .map(std::sync::Arc::new)
+                    .ok_or_else(|| ServiceError::Internal("bad key length".into()))?
+            } else {
+                self.subject_key(&request.tenant_id, stream.stream_id, true)
+                    .await?
+                    .ok_or(ServiceError::Domain(crm_domain::DomainError::RecordErased))?
+            };
             for event in &mut stream.events {
                 personal::seal(
                     &mut event.payload,
@@ -280,6 +293,7 @@ impl CommandHandler {
                 .map_err(ServiceError::Internal)?;
             }
         }
+        request.subject_keys.extend(new_keys);
         Ok(())
     }
 
@@ -570,6 +584,7 @@ impl CommandHandler {
             idempotency_key: options.idempotency_key.clone(),
             metadata: caller.metadata(options),
             reservations: self.reservations(&caller.tenant, stream_id, before, after),
+            subject_keys: Vec::new(),
             request_fingerprint: Some(options.fingerprint),
         })
     }
@@ -731,6 +746,7 @@ impl CommandHandler {
                 idempotency_key: options.idempotency_key.clone(),
                 metadata: caller.metadata(options),
                 reservations,
+                subject_keys: Vec::new(),
                 request_fingerprint: Some(options.fingerprint),
             };
             let mut request = request;
@@ -857,6 +873,7 @@ impl CommandHandler {
                 idempotency_key: options.idempotency_key.clone(),
                 metadata: caller.metadata(options),
                 reservations,
+                subject_keys: Vec::new(),
                 request_fingerprint: Some(options.fingerprint),
             };
             let mut request = request;

@@ -55,11 +55,7 @@ impl SubjectKey {
         })
     }
 
-    fn seal(&self, plaintext: &str) -> Result<String, String> {
-        let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| "no system randomness".to_owned())?;
+    fn seal_with(&self, nonce: [u8; NONCE_LEN], plaintext: &str) -> Result<String, String> {
         let mut data = plaintext.as_bytes().to_vec();
         self.key
             .seal_in_place_append_tag(
@@ -89,22 +85,34 @@ impl SubjectKey {
     }
 }
 
-/// Property names the schemas mark `x-personal`, per (event type, schema
-/// version) of the subject stream types.
-fn personal_properties() -> &'static HashMap<(String, u32), HashSet<String>> {
-    static PROPERTIES: OnceLock<HashMap<(String, u32), HashSet<String>>> = OnceLock::new();
+type PersonalProperties = HashMap<&'static str, HashMap<u32, HashSet<String>>>;
+
+/// Property names the schemas mark `x-personal`, per event type and schema
+/// version of the subject stream types.
+fn personal_properties() -> &'static PersonalProperties {
+    static PROPERTIES: OnceLock<PersonalProperties> = OnceLock::new();
     PROPERTIES.get_or_init(|| {
-        let mut map = HashMap::new();
+        let mut map: PersonalProperties = HashMap::new();
         for schema in crm_domain::schemas::event_schemas() {
             if !is_subject(schema.stream_type) {
                 continue;
             }
             let mut names = HashSet::new();
             collect_personal(schema.schema.as_value(), &mut names);
-            map.insert((schema.event_type.to_owned(), schema.schema_version), names);
+            if !names.is_empty() {
+                map.entry(schema.event_type)
+                    .or_default()
+                    .insert(schema.schema_version, names);
+            }
         }
         map
     })
+}
+
+fn personal_names(event_type: &str, schema_version: u32) -> Option<&'static HashSet<String>> {
+    personal_properties()
+        .get(event_type)
+        .and_then(|versions| versions.get(&schema_version))
 }
 
 fn collect_personal(schema: &Value, names: &mut HashSet<String>) {
@@ -128,9 +136,7 @@ fn collect_personal(schema: &Value, names: &mut HashSet<String>) {
 
 /// Whether an event of this type carries personal fields.
 pub fn has_personal_fields(event_type: &str, schema_version: u32) -> bool {
-    personal_properties()
-        .get(&(event_type.to_owned(), schema_version))
-        .is_some_and(|names| !names.is_empty())
+    personal_names(event_type, schema_version).is_some()
 }
 
 /// Encrypts, in `payload`, every string under a personal property of this
@@ -141,13 +147,48 @@ pub fn seal(
     schema_version: u32,
     key: &SubjectKey,
 ) -> Result<(), String> {
-    let Some(names) = personal_properties().get(&(event_type.to_owned(), schema_version)) else {
+    let Some(names) = personal_names(event_type, schema_version) else {
         return Ok(());
     };
-    seal_under(payload, names, key)
+    seal_under(payload, names, &mut Sealer::new(key))
 }
 
-fn seal_under(value: &mut Value, names: &HashSet<String>, key: &SubjectKey) -> Result<(), String> {
+/// Seals strings with nonces drawn from the system in one call per batch of
+/// 32 (one system call per event instead of one per string).
+struct Sealer<'k> {
+    key: &'k SubjectKey,
+    nonces: [u8; NONCE_LEN * 32],
+    used: usize,
+}
+
+impl<'k> Sealer<'k> {
+    fn new(key: &'k SubjectKey) -> Self {
+        Self {
+            key,
+            nonces: [0; NONCE_LEN * 32],
+            used: 32,
+        }
+    }
+
+    fn seal(&mut self, plaintext: &str) -> Result<String, String> {
+        if self.used == 32 {
+            SystemRandom::new()
+                .fill(&mut self.nonces)
+                .map_err(|_| "no system randomness".to_owned())?;
+            self.used = 0;
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&self.nonces[self.used * NONCE_LEN..(self.used + 1) * NONCE_LEN]);
+        self.used += 1;
+        self.key.seal_with(nonce, plaintext)
+    }
+}
+
+fn seal_under(
+    value: &mut Value,
+    names: &HashSet<String>,
+    key: &mut Sealer<'_>,
+) -> Result<(), String> {
     match value {
         Value::Object(map) => {
             for (name, value) in map.iter_mut() {
@@ -168,7 +209,7 @@ fn seal_under(value: &mut Value, names: &HashSet<String>, key: &SubjectKey) -> R
     Ok(())
 }
 
-fn seal_strings(value: &mut Value, key: &SubjectKey) -> Result<(), String> {
+fn seal_strings(value: &mut Value, key: &mut Sealer<'_>) -> Result<(), String> {
     match value {
         Value::String(text) if !text.starts_with(PREFIX) => *text = key.seal(text)?,
         Value::Object(map) => {

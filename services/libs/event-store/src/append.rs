@@ -118,6 +118,15 @@ pub struct Reservation {
     pub action: ReservationAction,
 }
 
+/// A data subject's encryption key, written with an append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectKey {
+    /// One of the append's streams.
+    pub subject_id: Uuid,
+    /// 32 random bytes.
+    pub key: Vec<u8>,
+}
+
 /// One atomic append: every stream's events land, or none do.
 #[derive(Clone, Debug)]
 pub struct AppendEvents {
@@ -129,6 +138,10 @@ pub struct AppendEvents {
     pub metadata: Metadata,
     /// Unique values claimed or released atomically with the events.
     pub reservations: Vec<Reservation>,
+    /// Data subjects' keys stored atomically with the events (see
+    /// [`crate::EventStore::subject_key`]): a new subject's key lands with its
+    /// first events, or not at all.
+    pub subject_keys: Vec<SubjectKey>,
     /// What a retry with the same idempotency key must match. `None`: a hash
     /// of the events' types and payloads. Command handlers pass a hash of the
     /// command instead, since a retried command may produce events that
@@ -273,6 +286,31 @@ impl PreparedAppend {
                 payloads.push(payload);
             }
         }
+        let mut keyed = std::collections::HashSet::new();
+        for (i, subject) in request.subject_keys.iter().enumerate() {
+            if subject.key.len() != 32 {
+                return Err(invalid(
+                    format!("subject_keys[{i}].key"),
+                    "must be 32 bytes",
+                ));
+            }
+            if !request
+                .streams
+                .iter()
+                .any(|s| s.stream_id == subject.subject_id)
+            {
+                return Err(invalid(
+                    format!("subject_keys[{i}].subject_id"),
+                    "must be one of the append's streams",
+                ));
+            }
+            if !keyed.insert(subject.subject_id) {
+                return Err(invalid(
+                    format!("subject_keys[{i}].subject_id"),
+                    "appears twice",
+                ));
+            }
+        }
         if request.reservations.len() > limits::MAX_RESERVATIONS {
             return Err(invalid(
                 "reservations",
@@ -356,6 +394,7 @@ mod tests {
             idempotency_key: Some("k".into()),
             metadata: Metadata::default(),
             reservations: Vec::new(),
+            subject_keys: Vec::new(),
             request_fingerprint: None,
         }
     }

@@ -18,7 +18,7 @@ mod writer;
 
 pub use append::{
     AppendEvents, Appended, AppendedStream, ExpectedVersion, Metadata, NewEvent, Reservation,
-    ReservationAction, StreamAppend, limits,
+    ReservationAction, StreamAppend, SubjectKey, limits,
 };
 pub use error::{AppendError, ReadError, StoreError};
 pub use json::JsonText;

@@ -132,7 +132,7 @@ const SELECT_RESERVATIONS: &str = "SELECT c.tenant_id, c.kind, c.key_hash, r.str
 /// take the same 34 parameters. Transfers ($30-$34: tenant, kind, hash, from,
 /// to) are written unconditionally: only the careful path writes them, after
 /// checking under the lock that the holder is `from`, `to` or nobody.
-fn write_sql(keys: bool, reservations: bool) -> String {
+fn write_sql(keys: bool, reservations: bool, subject_keys: bool) -> String {
     let mut ok = String::from(
         "SELECT NOT EXISTS ( \
            SELECT 1 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[]) \
@@ -221,7 +221,25 @@ fn write_sql(keys: bool, reservations: bool) -> String {
                ON CONFLICT (tenant_id, kind, key_hash) DO UPDATE SET stream_id = EXCLUDED.stream_id)",
         );
     }
+    if subject_keys {
+        sql.push_str(
+            ", subject_keys_written AS ( \
+               INSERT INTO subject_keys (tenant_id, subject_id, key) \
+               SELECT x.t, x.s, x.k \
+               FROM unnest($35::text[], $36::uuid[], $37::bytea[]) AS x(t, s, k), ok \
+               WHERE ok.ok \
+               ON CONFLICT (tenant_id, subject_id) DO NOTHING \
+               RETURNING 1)",
+        );
+    }
     sql.push_str(" SELECT ok.ok, head.position, (SELECT count(*) FROM notified)");
+    if subject_keys {
+        sql.push_str(
+            ", crm_require(NOT ok.ok \
+                 OR (SELECT count(*) FROM subject_keys_written) = cardinality($35::text[]), \
+                 'a data subject already has a key')",
+        );
+    }
     if reservations {
         sql.push_str(
             ", crm_require(NOT ok.ok OR (SELECT count(*) FROM claimed) = cardinality($22::text[]), \
@@ -233,7 +251,7 @@ fn write_sql(keys: bool, reservations: bool) -> String {
 }
 
 /// Parameter types of every write variant, so a variant may leave some unused.
-const WRITE_TYPES: [Type; 34] = [
+const WRITE_TYPES: [Type; 37] = [
     Type::TEXT_ARRAY,
     Type::UUID_ARRAY,
     Type::TEXT_ARRAY,
@@ -268,19 +286,19 @@ const WRITE_TYPES: [Type; 34] = [
     Type::BYTEA_ARRAY,
     Type::UUID_ARRAY,
     Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::UUID_ARRAY,
+    Type::BYTEA_ARRAY,
 ];
 
-fn write_variant(keys: bool, reservations: bool) -> &'static str {
-    static VARIANTS: OnceLock<[String; 4]> = OnceLock::new();
+fn write_variant(keys: bool, reservations: bool, subject_keys: bool) -> &'static str {
+    static VARIANTS: OnceLock<Vec<String>> = OnceLock::new();
     let variants = VARIANTS.get_or_init(|| {
-        [
-            write_sql(false, false),
-            write_sql(true, false),
-            write_sql(false, true),
-            write_sql(true, true),
-        ]
+        (0..8)
+            .map(|i| write_sql(i & 1 != 0, i & 2 != 0, i & 4 != 0))
+            .collect()
     });
-    &variants[usize::from(keys) + 2 * usize::from(reservations)]
+    &variants[usize::from(keys) + 2 * usize::from(reservations) + 4 * usize::from(subject_keys)]
 }
 
 /// Batches in flight at once when appends are large. The second one's
@@ -568,6 +586,10 @@ struct WritePlan<'a> {
     transfer_hashes: Vec<&'a [u8]>,
     transfer_from: Vec<Uuid>,
     transfer_to: Vec<Uuid>,
+    // Data subjects' new keys.
+    subject_tenants: Vec<&'a str>,
+    subject_ids: Vec<Uuid>,
+    subject_keys: Vec<&'a [u8]>,
     /// Per append: its outcome with offsets, or why it was refused.
     decisions: Vec<Decision>,
     n_events: u64,
@@ -619,6 +641,11 @@ impl<'a> WritePlan<'a> {
                 first_version,
                 last_version: state.current,
             });
+        }
+        for subject in &request.subject_keys {
+            self.subject_tenants.push(tenant);
+            self.subject_ids.push(subject.subject_id);
+            self.subject_keys.push(&subject.key);
         }
         for reservation in &request.reservations {
             let (tenants, kinds, hashes, streams) = match reservation.action {
@@ -841,13 +868,17 @@ async fn write_statement(
     let reservations = !plan.claim_tenants.is_empty()
         || !plan.release_tenants.is_empty()
         || !plan.transfer_tenants.is_empty();
+    let subject_keys = !plan.subject_ids.is_empty();
     client
-        .prepare_typed_cached(write_variant(keys, reservations), &WRITE_TYPES)
+        .prepare_typed_cached(
+            write_variant(keys, reservations, subject_keys),
+            &WRITE_TYPES,
+        )
         .await
         .map_err(|e| BatchError::from_pg(e, false))
 }
 
-fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToSql + Sync); 34] {
+fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToSql + Sync); 37] {
     [
         &plan.guard_tenants,
         &plan.guard_ids,
@@ -883,6 +914,9 @@ fn write_params<'p>(plan: &'p WritePlan<'_>, n_events: &'p i64) -> [&'p (dyn ToS
         &plan.transfer_hashes,
         &plan.transfer_from,
         &plan.transfer_to,
+        &plan.subject_tenants,
+        &plan.subject_ids,
+        &plan.subject_keys,
     ]
 }
 

@@ -33,6 +33,7 @@ fn append(
                 action,
             })
             .collect(),
+        subject_keys: Vec::new(),
         request_fingerprint: None,
     }
 }

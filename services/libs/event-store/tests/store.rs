@@ -46,6 +46,7 @@ fn request(tenant_id: &str, streams: Vec<StreamAppend>, key: Option<&str>) -> Ap
             ..Metadata::default()
         },
         reservations: Vec::new(),
+        subject_keys: Vec::new(),
         request_fingerprint: None,
     }
 }
@@ -86,6 +87,7 @@ async fn append_stores_the_full_envelope_and_reads_back_in_order() {
             idempotency_key: None,
             metadata: metadata.clone(),
             reservations: Vec::new(),
+            subject_keys: Vec::new(),
             request_fingerprint: None,
         })
         .await
