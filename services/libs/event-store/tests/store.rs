@@ -1099,3 +1099,74 @@ async fn large_appends_in_pipelined_batches_keep_positions_dense() {
     assert_eq!(store.writer_stats().events, 12_000);
     store.shutdown().await;
 }
+
+/// A new data subject's key lands with its first events or not at all, and
+/// erasing it is final.
+#[tokio::test]
+async fn subject_keys_land_with_their_append_and_erasure_is_final() {
+    use crm_event_store::SubjectKey;
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let acme = tenant("acme");
+    let ada = Uuid::now_v7();
+    let with_key = |expected, key: Vec<u8>, subject| {
+        let mut request = request(
+            "acme",
+            vec![one("contact", ada, expected, vec![created(1)])],
+            None,
+        );
+        request.subject_keys = vec![SubjectKey {
+            subject_id: subject,
+            key,
+        }];
+        request
+    };
+    // Refused appends store no key.
+    assert!(matches!(
+        store
+            .append(with_key(ExpectedVersion::Exact(3), vec![7; 32], ada))
+            .await,
+        Err(AppendError::VersionConflict { .. })
+    ));
+    assert_eq!(store.subject_key(&acme, ada).await.unwrap(), None);
+    for (key, subject, field) in [
+        (vec![7; 31], ada, "subject_keys[0].key"),
+        (vec![7; 32], Uuid::now_v7(), "subject_keys[0].subject_id"),
+    ] {
+        match store
+            .append(with_key(ExpectedVersion::NoStream, key, subject))
+            .await
+        {
+            Err(AppendError::Invalid { field: got, .. }) => assert_eq!(got, field),
+            other => panic!("expected invalid {field}, got {other:?}"),
+        }
+    }
+    // Accepted: the key is there, and a later insert keeps it.
+    store
+        .append(with_key(ExpectedVersion::NoStream, vec![7; 32], ada))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.subject_key(&acme, ada).await.unwrap(),
+        Some(vec![7; 32])
+    );
+    assert_eq!(
+        store
+            .subject_key_or_insert(&acme, ada, &[9; 32])
+            .await
+            .unwrap(),
+        Some(vec![7; 32])
+    );
+    // Erased: gone for good, never made again.
+    store.erase_subject(&acme, ada).await.unwrap();
+    store.erase_subject(&acme, ada).await.unwrap();
+    assert_eq!(store.subject_key(&acme, ada).await.unwrap(), None);
+    assert_eq!(
+        store
+            .subject_key_or_insert(&acme, ada, &[9; 32])
+            .await
+            .unwrap(),
+        None
+    );
+    store.shutdown().await;
+}
