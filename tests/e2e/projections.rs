@@ -389,3 +389,64 @@ async fn a_poison_event_stops_the_projection_loudly_and_skips_nothing() {
     );
     setup.store.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_rebuild_equals_the_live_tables_and_swaps_in_while_the_projector_runs() {
+    let setup = setup_runtime().await;
+    let pipeline = Uuid::now_v7();
+    let positions = open_deals(&setup.store, pipeline, 30, 1_000).await;
+    publish(&setup, &positions).await;
+    let (stop, task) = run_until(&setup, 30).await;
+    let live = board_rows(&setup).await;
+
+    let mut seen = Vec::new();
+    let swapped_at = crm_projections::rebuild(
+        Arc::new(PipelineBoard),
+        &setup.store,
+        setup.db.config(),
+        7,
+        |progress| seen.push(progress),
+    )
+    .await
+    .unwrap();
+    assert_eq!(swapped_at, 30);
+    assert!(
+        seen.windows(2).all(|w| w[0].position < w[1].position),
+        "progress moves forward: {seen:?}"
+    );
+    assert_eq!(seen.last().map(|p| (p.position, p.head)), Some((30, 30)));
+    assert_eq!(
+        board_rows(&setup).await,
+        live,
+        "the rebuild equals the live tables"
+    );
+    let schemas: i64 = setup
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schemas, 0, "the rebuild schema is gone");
+
+    // The live projector goes on with the swapped-in tables.
+    let more = open_deals(&setup.store, pipeline, 5, 1_000).await;
+    publish(&setup, &more).await;
+    eventually(
+        Duration::from_secs(20),
+        "the live projector to go on",
+        || async {
+            let rows = board_rows(&setup).await.len();
+            (rows == 35).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(status(&setup).await.position, 35);
+    stop.cancel();
+    task.await.unwrap();
+    setup.store.shutdown().await;
+}

@@ -101,6 +101,71 @@ pub async fn run_projectors(
     Ok(())
 }
 
+/// `crm projections rebuild NAME`: rebuilds one projection from the event
+/// store into fresh tables and swaps them in (blue/green), showing progress
+/// (a bar on a terminal, log lines otherwise). Live projectors may keep
+/// running; returns the position swapped in at.
+pub async fn rebuild_projection(config: &Config, name: &str) -> Result<u64, RunError> {
+    use std::io::{IsTerminal, Write};
+    let store = start_store(config).await?;
+    read_model_pool(config).await?;
+    let projection = crm_projections::all()
+        .into_iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = crm_projections::all().iter().map(|p| p.name()).collect();
+            RunError::UnknownProjection(name.to_owned(), names.join(", "))
+        })?;
+    let terminal = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut last_log = started;
+    let result = crm_projections::rebuild(
+        projection,
+        &store,
+        &config.pg_config()?,
+        5_000,
+        |progress| {
+            let percent = if progress.head == 0 {
+                100.0
+            } else {
+                100.0 * progress.position as f64 / progress.head as f64
+            };
+            let rate = progress.position as f64 / started.elapsed().as_secs_f64().max(0.001);
+            if terminal {
+                let filled = (percent / 5.0) as usize;
+                let mut err = std::io::stderr();
+                let _ = write!(
+                    err,
+                    "\r[{}{}] {percent:5.1}% {}/{} events, {rate:.0} events/s ",
+                    "#".repeat(filled.min(20)),
+                    ".".repeat(20 - filled.min(20)),
+                    progress.position,
+                    progress.head
+                );
+                let _ = err.flush();
+            } else if last_log.elapsed() >= std::time::Duration::from_secs(2)
+                || progress.position >= progress.head
+            {
+                last_log = std::time::Instant::now();
+                tracing::info!(
+                    projection = name,
+                    position = progress.position,
+                    head = progress.head,
+                    percent,
+                    events_per_second = rate,
+                    "rebuild progress"
+                );
+            }
+        },
+    )
+    .await;
+    if terminal {
+        eprintln!();
+    }
+    stop_store(config, &store).await;
+    result.map_err(|e| RunError::Rebuild(e.to_string()))
+}
+
 /// Every projection's position, state and lag (`crm projections status`).
 pub async fn projections_status(
     config: &Config,

@@ -18,7 +18,8 @@ pub mod relay;
 pub mod schemas;
 
 pub use all::{
-    projections_status, run_all, run_command, run_migrate, run_projectors, run_query, run_relay,
+    projections_status, rebuild_projection, run_all, run_command, run_migrate, run_projectors,
+    run_query, run_relay,
 };
 pub use grpc::health_check;
 
@@ -39,6 +40,8 @@ pub enum RunError {
     Pool(String),
     #[error("no read-model connection: {0}")]
     ReadModels(#[source] deadpool_postgres::PoolError),
+    #[error("rebuild failed: {0}")]
+    Rebuild(String),
     #[error("no projection named {0:?}; known: {1}")]
     UnknownProjection(String, String),
 }

@@ -70,6 +70,12 @@ enum SchemasAction {
 enum ProjectionsAction {
     /// Every projection's position, state, lag and last error.
     Status,
+    /// Rebuild one projection from the event store into fresh tables, then
+    /// swap them in atomically (live projectors may keep running).
+    Rebuild {
+        /// e.g. `pipeline_board`.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -170,6 +176,12 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
             })
+            .map_err(anyhow::Error::from),
+        Role::Projections {
+            action: ProjectionsAction::Rebuild { name },
+        } => crm::rebuild_projection(&config, &name)
+            .await
+            .map(|position| println!("{name} rebuilt and swapped in at position {position}"))
             .map_err(anyhow::Error::from),
         Role::Migrate => crm::run_migrate(&config)
             .await

@@ -155,8 +155,9 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        // Notices ("already exists, skipping") are not worth a log line.
         config.options(format!(
-            "-c statement_timeout={}s",
+            "-c statement_timeout={}s -c client_min_messages=warning",
             self.pg_statement_timeout_secs
         ));
         Ok(config)

@@ -11,9 +11,11 @@
 //! projection cannot apply) stops that projection loudly: the status row says
 //! `failed` with the error and position, and nothing is skipped.
 mod pipeline_board;
+mod rebuild;
 mod runtime;
 
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
+pub use rebuild::{Progress, RebuildError, rebuild};
 pub use runtime::{
     ApplyError, Projection, ProjectionStatus, Projector, ProjectorOptions, STATUS_SCHEMA,
     applied_position, ensure_schema, statuses, wait_for_position,

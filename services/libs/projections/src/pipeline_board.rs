@@ -52,6 +52,10 @@ impl Projection for PipelineBoard {
         SCHEMA
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["pipeline_board"]
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,

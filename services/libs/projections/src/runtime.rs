@@ -39,8 +39,11 @@ pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> +
 pub trait Projection: Send + Sync + 'static {
     /// Stable name: status row, durable consumer, `crm projector NAME`.
     fn name(&self) -> &'static str;
-    /// Idempotent DDL of its tables.
+    /// Idempotent DDL of its tables, unqualified (a rebuild runs it in a
+    /// schema of its own).
     fn schema(&self) -> &'static str;
+    /// Its tables, swapped as a whole by a rebuild.
+    fn tables(&self) -> &'static [&'static str];
     /// Applies one event inside the batch's transaction. Events it does not
     /// use are ignored (`Ok`).
     fn apply<'a>(
