@@ -46,9 +46,13 @@ pub async fn rebuild(
     let schema = format!("rebuild_{name}");
     let (mut client, connection) = pg.connect(NoTls).await?;
     let driver = tokio::spawn(connection);
+    // The live status row first (in `public`, the default path), then the
+    // rebuild's own tables and status row in its schema.
     client
         .batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; \
+            "{STATUS_SCHEMA}; INSERT INTO projections (name) VALUES ('{name}') \
+             ON CONFLICT DO NOTHING; \
+             DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; \
              SET search_path TO {schema}, public; {STATUS_SCHEMA}; {}; \
              INSERT INTO projections (name) VALUES ('{name}');",
             projection.schema()
@@ -70,11 +74,6 @@ pub async fn rebuild(
     }
     // The swap: hold the live row, catch up to it, exchange the tables.
     let tx = client.transaction().await?;
-    tx.batch_execute(&format!(
-        "{STATUS_SCHEMA_PUBLIC}; INSERT INTO public.projections (name) VALUES ('{name}') \
-         ON CONFLICT DO NOTHING"
-    ))
-    .await?;
     let live: i64 = tx
         .query_one(
             "SELECT position FROM public.projections WHERE name = $1 FOR UPDATE",
@@ -109,17 +108,6 @@ pub async fn rebuild(
     tracing::info!(projection = name, position, "rebuild swapped in");
     Ok(position)
 }
-
-/// The status table, created in `public` whatever the search path.
-const STATUS_SCHEMA_PUBLIC: &str = "CREATE TABLE IF NOT EXISTS public.projections (
-    name           text        PRIMARY KEY,
-    position       bigint      NOT NULL DEFAULT 0,
-    state          text        NOT NULL DEFAULT 'running',
-    last_error     text,
-    error_position bigint,
-    holes_refilled bigint      NOT NULL DEFAULT 0,
-    updated_at     timestamptz NOT NULL DEFAULT now()
-)";
 
 /// Applies the stored events after `after` up to `until` in `tx`; returns
 /// the new position.
