@@ -450,3 +450,82 @@ async fn a_rebuild_equals_the_live_tables_and_swaps_in_while_the_projector_runs(
     task.await.unwrap();
     setup.store.shutdown().await;
 }
+
+#[tokio::test]
+async fn admins_list_and_rebuild_projections_over_grpc() {
+    use crm_proto::v1::projections_admin_client::ProjectionsAdminClient;
+    use crm_proto::v1::{ListProjectionsRequest, RebuildProjectionRequest};
+    use tokio_stream::StreamExt;
+    let app = TestApp::spawn().await;
+    let (account, pipeline) = setup(&app).await;
+    let opened = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account, &pipeline)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut admin = ProjectionsAdminClient::new(app.channel.clone());
+    fn as_admin<T>(app: &TestApp, message: T) -> tonic::Request<T> {
+        let mut request = app.request(message);
+        request
+            .metadata_mut()
+            .insert("x-roles", "admin".parse().unwrap());
+        request
+    }
+    let status = admin
+        .list_projections(app.request(ListProjectionsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let listed = eventually(Duration::from_secs(20), "the board to catch up", || {
+        let mut admin = admin.clone();
+        let request = as_admin(&app, ListProjectionsRequest {});
+        async move {
+            let reply = admin.list_projections(request).await.ok()?.into_inner();
+            reply
+                .projections
+                .into_iter()
+                .find(|p| p.name == PIPELINE_BOARD && p.position >= opened.global_position)
+        }
+    })
+    .await;
+    assert_eq!((listed.state.as_str(), listed.lag_events), ("running", 0));
+
+    let mut progress = admin
+        .rebuild_projection(as_admin(
+            &app,
+            RebuildProjectionRequest {
+                name: PIPELINE_BOARD.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(message) = progress.next().await {
+        last = Some(message.unwrap());
+    }
+    let last = last.expect("a last message");
+    assert!(
+        last.done && last.position >= opened.global_position,
+        "{last:?}"
+    );
+    let status = admin
+        .rebuild_projection(as_admin(
+            &app,
+            RebuildProjectionRequest {
+                name: "nope".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    // The board still answers, from the rebuilt tables.
+    let board = SalesQueriesClient::new(app.channel.clone())
+        .get_pipeline_board(app.request(board_request(&pipeline, opened.global_position)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(board.stages.len(), 1);
+    app.stop().await;
+}

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::RunError;
 use crate::grpc::Services;
-use crate::query::{EventLogService, SalesService};
+use crate::query::{EventLogService, ProjectionsAdminService, SalesService};
 use crate::relay::{Relay, RelayOptions};
 
 /// Applies pending migrations of every component.
@@ -215,7 +215,11 @@ fn query_services(
             config.query_max_subscriptions,
             shutdown.clone(),
         )),
-        sales: Some(SalesService::new(read_models, wait)),
+        sales: Some(SalesService::new(read_models.clone(), wait)),
+        admin: config
+            .pg_config()
+            .ok()
+            .map(|pg| ProjectionsAdminService::new(store.clone(), read_models, pg)),
     }
 }
 
@@ -294,6 +298,7 @@ pub async fn run_command(
         commands: Some(commands),
         event_log: None,
         sales: None,
+        admin: None,
     };
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     stop_store(config, &store).await;

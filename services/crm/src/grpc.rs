@@ -18,7 +18,7 @@ use crate::command::{
     ConfigurationService, ContactsService, LeadsService, MAX_REQUEST_BYTES, OpportunitiesService,
     PipelinesService, RecordsService, TicketsService,
 };
-use crate::query::{EventLogService, SalesService};
+use crate::query::{EventLogService, ProjectionsAdminService, SalesService};
 use crm_proto::v1::accounts_server::AccountsServer;
 use crm_proto::v1::activities_server::ActivitiesServer;
 use crm_proto::v1::campaigns_server::CampaignsServer;
@@ -29,6 +29,7 @@ use crm_proto::v1::event_log_server::EventLogServer;
 use crm_proto::v1::leads_server::LeadsServer;
 use crm_proto::v1::opportunities_server::OpportunitiesServer;
 use crm_proto::v1::pipelines_server::PipelinesServer;
+use crm_proto::v1::projections_admin_server::ProjectionsAdminServer;
 use crm_proto::v1::records_server::RecordsServer;
 use crm_proto::v1::sales_queries_server::SalesQueriesServer;
 use crm_proto::v1::tickets_server::TicketsServer;
@@ -38,6 +39,7 @@ pub(crate) struct Services {
     pub commands: Option<CommandHandler>,
     pub event_log: Option<EventLogService>,
     pub sales: Option<SalesService>,
+    pub admin: Option<ProjectionsAdminService>,
 }
 
 /// Serves on `listener` until `intake` is cancelled: then reports NOT_SERVING,
@@ -76,6 +78,7 @@ pub(crate) async fn serve(
     let records = command_service!(RecordsServer, RecordsService);
     let event_log = services.event_log.map(EventLogServer::new);
     let sales = services.sales.map(SalesQueriesServer::new);
+    let admin = services.admin.map(ProjectionsAdminServer::new);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener)
@@ -100,6 +103,7 @@ pub(crate) async fn serve(
         .add_optional_service(records)
         .add_optional_service(event_log)
         .add_optional_service(sales)
+        .add_optional_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

@@ -45,6 +45,7 @@ pub use caller::Caller;
 pub use campaigns::CampaignsService;
 pub use commerce::CommerceService;
 pub use configuration::ConfigurationService;
+pub(crate) use configuration::require_role;
 pub use contacts::ContactsService;
 pub use error::ServiceError;
 pub use leads::LeadsService;
