@@ -529,3 +529,129 @@ async fn admins_list_and_rebuild_projections_over_grpc() {
     assert_eq!(board.stages.len(), 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_service_queue_lists_pages_counts_and_ages_open_tickets() {
+    use crm_proto::v1::service_queries_client::ServiceQueriesClient;
+    use crm_proto::v1::{
+        CommandOptions, GetBacklogAgingRequest, GetQueueStatsRequest, ListQueueRequest,
+        OpenTicketRequest,
+    };
+    let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
+    let ago = |days: i64| {
+        (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * days)).to_string()
+    };
+    let mut last = 0;
+    let mut ids = Vec::new();
+    for (priority, opened) in [("low", ago(10)), ("urgent", ago(0)), ("normal", ago(2))] {
+        let reply = app
+            .tickets()
+            .open_ticket(app.request(OpenTicketRequest {
+                options: Some(CommandOptions {
+                    occurred_at: opened,
+                    ..CommandOptions::default()
+                }),
+                requester_id: Uuid::now_v7().to_string(),
+                channel: "email".into(),
+                r#type: "incident".into(),
+                priority: priority.into(),
+                subject: "Printer on fire".into(),
+                ..OpenTicketRequest::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        last = reply.global_position;
+        ids.push(reply.stream_id);
+    }
+    let mut service = ServiceQueriesClient::new(app.channel.clone());
+    let read = |min_position: u64| Some(QueryOptions { min_position });
+
+    // Most urgent first, a page of one at a time.
+    let mut order = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = service
+            .list_queue(app.request(ListQueueRequest {
+                options: read(last),
+                page_size: 1,
+                page_token: token.clone(),
+                ..ListQueueRequest::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        order.extend(page.tickets.iter().map(|t| t.priority.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(order, vec!["urgent", "normal", "low"]);
+
+    let stats = service
+        .get_queue_stats(app.request(GetQueueStatsRequest {
+            options: read(last),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let counted: Vec<(String, u64)> = stats
+        .rows
+        .iter()
+        .map(|r| (r.priority.clone(), r.open_tickets))
+        .collect();
+    assert_eq!(
+        counted,
+        vec![
+            ("urgent".into(), 1),
+            ("normal".into(), 1),
+            ("low".into(), 1)
+        ]
+    );
+
+    let aging = service
+        .get_backlog_aging(app.request(GetBacklogAgingRequest {
+            options: read(last),
+            queue: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let buckets: Vec<(String, u64)> = aging
+        .buckets
+        .iter()
+        .map(|b| (b.age.clone(), b.open_tickets))
+        .collect();
+    assert_eq!(
+        buckets,
+        vec![
+            ("0-1d".into(), 1),
+            ("1-3d".into(), 1),
+            ("3-7d".into(), 0),
+            ("7d+".into(), 1)
+        ]
+    );
+
+    // Bad input names the field.
+    for (request, field) in [
+        (
+            ListQueueRequest {
+                page_size: 500,
+                ..ListQueueRequest::default()
+            },
+            "page_size",
+        ),
+        (
+            ListQueueRequest {
+                page_token: "garbage".into(),
+                ..ListQueueRequest::default()
+            },
+            "page_token",
+        ),
+    ] {
+        let status = service.list_queue(app.request(request)).await.unwrap_err();
+        assert_eq!(bad_fields(&status), vec![field]);
+    }
+    app.stop().await;
+}

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::RunError;
 use crate::grpc::Services;
-use crate::query::{EventLogService, ProjectionsAdminService, SalesService};
+use crate::query::{EventLogService, ProjectionsAdminService, SalesService, ServiceQueriesService};
 use crate::relay::{Relay, RelayOptions};
 
 /// Applies pending migrations of every component.
@@ -216,6 +216,7 @@ fn query_services(
             shutdown.clone(),
         )),
         sales: Some(SalesService::new(read_models.clone(), wait)),
+        service: Some(ServiceQueriesService::new(read_models.clone(), wait)),
         admin: config
             .pg_config()
             .ok()
@@ -298,6 +299,7 @@ pub async fn run_command(
         commands: Some(commands),
         event_log: None,
         sales: None,
+        service: None,
         admin: None,
     };
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;

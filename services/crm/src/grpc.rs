@@ -18,7 +18,7 @@ use crate::command::{
     ConfigurationService, ContactsService, LeadsService, MAX_REQUEST_BYTES, OpportunitiesService,
     PipelinesService, RecordsService, TicketsService,
 };
-use crate::query::{EventLogService, ProjectionsAdminService, SalesService};
+use crate::query::{EventLogService, ProjectionsAdminService, SalesService, ServiceQueriesService};
 use crm_proto::v1::accounts_server::AccountsServer;
 use crm_proto::v1::activities_server::ActivitiesServer;
 use crm_proto::v1::campaigns_server::CampaignsServer;
@@ -32,6 +32,7 @@ use crm_proto::v1::pipelines_server::PipelinesServer;
 use crm_proto::v1::projections_admin_server::ProjectionsAdminServer;
 use crm_proto::v1::records_server::RecordsServer;
 use crm_proto::v1::sales_queries_server::SalesQueriesServer;
+use crm_proto::v1::service_queries_server::ServiceQueriesServer;
 use crm_proto::v1::tickets_server::TicketsServer;
 
 /// The gRPC services one process answers, by role.
@@ -39,6 +40,7 @@ pub(crate) struct Services {
     pub commands: Option<CommandHandler>,
     pub event_log: Option<EventLogService>,
     pub sales: Option<SalesService>,
+    pub service: Option<ServiceQueriesService>,
     pub admin: Option<ProjectionsAdminService>,
 }
 
@@ -78,6 +80,7 @@ pub(crate) async fn serve(
     let records = command_service!(RecordsServer, RecordsService);
     let event_log = services.event_log.map(EventLogServer::new);
     let sales = services.sales.map(SalesQueriesServer::new);
+    let service = services.service.map(ServiceQueriesServer::new);
     let admin = services.admin.map(ProjectionsAdminServer::new);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
@@ -103,6 +106,7 @@ pub(crate) async fn serve(
         .add_optional_service(records)
         .add_optional_service(event_log)
         .add_optional_service(sales)
+        .add_optional_service(service)
         .add_optional_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;

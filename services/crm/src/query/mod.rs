@@ -4,7 +4,9 @@
 mod admin;
 mod event_log;
 mod sales;
+mod service;
 
 pub use admin::ProjectionsAdminService;
 pub use event_log::EventLogService;
 pub use sales::SalesService;
+pub use service::ServiceQueriesService;

@@ -13,6 +13,8 @@
 mod pipeline_board;
 mod rebuild;
 mod runtime;
+mod service_queue;
+mod state;
 
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
 pub use rebuild::{Progress, RebuildError, rebuild};
@@ -20,8 +22,12 @@ pub use runtime::{
     ApplyError, Projection, ProjectionStatus, Projector, ProjectorOptions, STATUS_SCHEMA,
     applied_position, ensure_schema, statuses, wait_for_position,
 };
+pub use service_queue::{NAME as SERVICE_QUEUE, ServiceQueue, priority_rank};
 
 /// Every read model (`crm projector NAME` picks by [`Projection::name`]).
 pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
-    vec![std::sync::Arc::new(PipelineBoard)]
+    vec![
+        std::sync::Arc::new(PipelineBoard),
+        std::sync::Arc::new(ServiceQueue),
+    ]
 }

@@ -4,8 +4,8 @@
 //! The row keeps the deal's state as the domain's own `evolve` builds it, so
 //! the read model can never disagree with the aggregate about what an event
 //! means; the columns are derived from that state.
-use crm_domain::opportunity::{Opportunity, OpportunityEvent};
-use crm_domain::{Aggregate, DomainEvent};
+use crm_domain::Aggregate;
+use crm_domain::opportunity::Opportunity;
 use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
@@ -65,29 +65,19 @@ impl Projection for PipelineBoard {
             if event.stream_type != Opportunity::STREAM_TYPE {
                 return Ok(());
             }
+            let Some((deal, _)) = crate::state::evolve_row::<Opportunity>(
+                tx,
+                "SELECT state FROM pipeline_board WHERE tenant_id = $1 AND deal_id = $2",
+                event,
+            )
+            .await?
+            else {
+                return Ok(());
+            };
             let malformed = |reason: String| ApplyError::Payload {
                 event_type: event.event_type.clone(),
                 reason,
             };
-            let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-            let Some(decoded) =
-                OpportunityEvent::decode(&event.event_type, event.schema_version, &mut payload)
-                    .map_err(|e| malformed(e.to_string()))?
-            else {
-                return Ok(());
-            };
-            let stored = tx
-                .query_opt(
-                    "SELECT state FROM pipeline_board WHERE tenant_id = $1 AND deal_id = $2",
-                    &[&event.tenant_id, &event.stream_id],
-                )
-                .await?;
-            let state: Opportunity = match stored {
-                Some(row) => serde_json::from_value(row.get(0))
-                    .map_err(|e| malformed(format!("stored state: {e}")))?,
-                None => Opportunity::default(),
-            };
-            let deal = state.evolve(&decoded);
             let amount = deal.amount.as_ref().map(|m| m.amount_minor);
             let currency = deal.amount.as_ref().map(|m| m.currency.clone());
             let weighted = amount.map(|a| {

@@ -1,0 +1,39 @@
+//! Read models that keep an aggregate's state per row: the domain's own
+//! `evolve` decides what an event means, the projection only derives columns.
+use crm_domain::{Aggregate, DomainEvent};
+use crm_event_store::RecordedEvent;
+
+use crate::runtime::ApplyError;
+
+/// Decodes `event` as one of `A`'s, loads the row's stored state with
+/// `select` (`$1` tenant, `$2` stream id, one `state` column) and evolves
+/// it. `None` when the event is not `A`'s.
+pub(crate) async fn evolve_row<A: Aggregate>(
+    tx: &tokio_postgres::Transaction<'_>,
+    select: &str,
+    event: &RecordedEvent,
+) -> Result<Option<(A, A::Event)>, ApplyError> {
+    if event.stream_type != A::STREAM_TYPE {
+        return Ok(None);
+    }
+    let malformed = |reason: String| ApplyError::Payload {
+        event_type: event.event_type.clone(),
+        reason,
+    };
+    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
+    let Some(decoded) = A::Event::decode(&event.event_type, event.schema_version, &mut payload)
+        .map_err(|e| malformed(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    let stored = tx
+        .query_opt(select, &[&event.tenant_id, &event.stream_id])
+        .await?;
+    let state: A = match stored {
+        Some(row) => serde_json::from_value(row.get(0))
+            .map_err(|e| malformed(format!("stored state: {e}")))?,
+        None => A::default(),
+    };
+    let evolved = state.evolve(&decoded);
+    Ok(Some((evolved, decoded)))
+}
