@@ -124,6 +124,13 @@ pub enum AccountCommand {
     MarkCustomer {
         trigger: String,
     },
+    /// Sent by the scheduler (`occurred_at` = when the account had been
+    /// inactive long enough): `inactive` is the handler's fact that there
+    /// has still been no touch or paid order for `days_inactive` days.
+    FlagChurnRisk {
+        days_inactive: u32,
+        inactive: bool,
+    },
     MarkChurned {
         reason: String,
     },
@@ -217,9 +224,20 @@ pub struct AccountMergeChoices {
     pub segment_from: Option<Uuid>,
 }
 
+/// A customer went quiet: no touch or paid order for `days_inactive` days.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountChurnRiskFlagged {
+    /// `inactivity`.
+    pub rule: String,
+    pub days_inactive: u32,
+    pub occurred_at: Timestamp,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum AccountEvent {
+    ChurnRiskFlagged(AccountChurnRiskFlagged),
     Created(AccountCreated),
     DetailsUpdated(AccountDetailsUpdated),
     BecameCustomer(AccountBecameCustomer),
@@ -235,6 +253,7 @@ impl DomainEvent for AccountEvent {
     fn event_type(&self) -> &'static str {
         match self {
             Self::Common(event) => event.event_type(),
+            Self::ChurnRiskFlagged(_) => "AccountChurnRiskFlagged",
             Self::Created(_) => "AccountCreated",
             Self::DetailsUpdated(_) => "AccountDetailsUpdated",
             Self::BecameCustomer(_) => "AccountBecameCustomer",
@@ -252,6 +271,7 @@ impl DomainEvent for AccountEvent {
         payload: D,
     ) -> Result<Option<Self>, D::Error> {
         Ok(Some(match event_type {
+            "AccountChurnRiskFlagged" => Self::ChurnRiskFlagged(Deserialize::deserialize(payload)?),
             "AccountCreated" => Self::Created(Deserialize::deserialize(payload)?),
             "AccountDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
             "AccountBecameCustomer" => Self::BecameCustomer(Deserialize::deserialize(payload)?),
@@ -494,6 +514,22 @@ impl Aggregate for Account {
                     occurred_at,
                 })])
             }
+            AccountCommand::FlagChurnRisk {
+                days_inactive,
+                inactive,
+            } => {
+                self.live()?;
+                if self.status != AccountStatus::Customer || !inactive {
+                    return Err(DomainError::NotApplicable { rule: "churn risk" });
+                }
+                Ok(vec![AccountEvent::ChurnRiskFlagged(
+                    AccountChurnRiskFlagged {
+                        rule: "inactivity".into(),
+                        days_inactive,
+                        occurred_at,
+                    },
+                )])
+            }
             AccountCommand::MarkChurned { reason } => {
                 self.live()?;
                 if !CHURN_REASONS.contains(&reason.as_str()) {
@@ -535,6 +571,8 @@ impl Aggregate for Account {
 
     fn evolve(mut self, event: &AccountEvent) -> Self {
         match event {
+            // A flag for read models and subscribers; the state does not change.
+            AccountEvent::ChurnRiskFlagged(_) => {}
             AccountEvent::Merged(merged) => {
                 self = self.evolve(&AccountEvent::DetailsUpdated(AccountDetailsUpdated {
                     changes: merged.changes.clone(),
@@ -712,6 +750,29 @@ mod tests {
             trigger: "first_won_deal".into(),
             occurred_at: now(),
         })
+    }
+
+    #[test]
+    fn only_an_inactive_customer_is_flagged_at_risk() {
+        let flag = |inactive| AccountCommand::FlagChurnRisk {
+            days_inactive: 90,
+            inactive,
+        };
+        given::<Account>([created(), customer()])
+            .when(flag(true))
+            .then(vec![AccountEvent::ChurnRiskFlagged(
+                AccountChurnRiskFlagged {
+                    rule: "inactivity".into(),
+                    days_inactive: 90,
+                    occurred_at: now(),
+                },
+            )]);
+        given::<Account>([created(), customer()])
+            .when(flag(false))
+            .then_error(DomainError::NotApplicable { rule: "churn risk" });
+        given::<Account>([created()])
+            .when(flag(true))
+            .then_error(DomainError::NotApplicable { rule: "churn risk" });
     }
 
     #[test]

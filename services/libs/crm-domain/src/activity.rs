@@ -52,6 +52,18 @@ pub enum ActivityCommand {
         outcome: String,
         notes: String,
     },
+    /// Sent by the scheduler at the due time (`occurred_at` = the due
+    /// instant): the scheduled item is still open [NotApplicable].
+    MarkTaskOverdue,
+}
+
+/// A scheduled item passed its due time while still open.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOverdue {
+    pub due: Timestamp,
+    pub assignee: String,
+    pub occurred_at: Timestamp,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -99,6 +111,7 @@ pub enum ActivityEvent {
     Logged(ActivityLogged),
     Scheduled(ActivityScheduled),
     Completed(ActivityCompleted),
+    Overdue(TaskOverdue),
 }
 
 impl DomainEvent for ActivityEvent {
@@ -107,6 +120,7 @@ impl DomainEvent for ActivityEvent {
             Self::Logged(_) => "ActivityLogged",
             Self::Scheduled(_) => "ActivityScheduled",
             Self::Completed(_) => "ActivityCompleted",
+            Self::Overdue(_) => "TaskOverdue",
         }
     }
 
@@ -119,6 +133,7 @@ impl DomainEvent for ActivityEvent {
             "ActivityLogged" => Self::Logged(Deserialize::deserialize(payload)?),
             "ActivityScheduled" => Self::Scheduled(Deserialize::deserialize(payload)?),
             "ActivityCompleted" => Self::Completed(Deserialize::deserialize(payload)?),
+            "TaskOverdue" => Self::Overdue(Deserialize::deserialize(payload)?),
             _ => return Ok(None),
         }))
     }
@@ -141,6 +156,12 @@ pub struct Activity {
     pub kind: String,
     pub targets: Vec<Target>,
     pub outcome: String,
+    #[serde(default)]
+    pub due: Option<Timestamp>,
+    #[serde(default)]
+    pub assignee: String,
+    #[serde(default)]
+    pub overdue: bool,
 }
 
 fn validate_targets(
@@ -177,7 +198,10 @@ impl Aggregate for Activity {
     }
 
     fn creates(command: &ActivityCommand) -> bool {
-        !matches!(command, ActivityCommand::Complete { .. })
+        matches!(
+            command,
+            ActivityCommand::Log { .. } | ActivityCommand::Schedule { .. }
+        )
     }
 
     fn decide(
@@ -285,6 +309,26 @@ impl Aggregate for Activity {
                     occurred_at,
                 })])
             }
+            ActivityCommand::MarkTaskOverdue => {
+                if self.state == ActivityState::None {
+                    return Err(DomainError::NotFound);
+                }
+                if self.overdue {
+                    return Ok(vec![]);
+                }
+                match (self.state, self.due) {
+                    (ActivityState::Scheduled, Some(due)) if occurred_at >= due => {
+                        Ok(vec![ActivityEvent::Overdue(TaskOverdue {
+                            due,
+                            assignee: self.assignee.clone(),
+                            occurred_at,
+                        })])
+                    }
+                    _ => Err(DomainError::NotApplicable {
+                        rule: "task overdue",
+                    }),
+                }
+            }
             ActivityCommand::Complete { outcome, notes } => {
                 match self.state {
                     ActivityState::None => return Err(DomainError::NotFound),
@@ -336,7 +380,10 @@ impl Aggregate for Activity {
                 self.state = ActivityState::Scheduled;
                 self.kind = scheduled.kind.clone();
                 self.targets = scheduled.targets.clone();
+                self.due = Some(scheduled.due);
+                self.assignee = scheduled.assignee.clone();
             }
+            ActivityEvent::Overdue(_) => self.overdue = true,
             ActivityEvent::Completed(completed) => {
                 self.state = ActivityState::Completed;
                 self.outcome = completed.outcome.clone();
@@ -379,6 +426,47 @@ mod tests {
             external_id: String::new(),
             targets_exist: exist,
         }
+    }
+
+    #[test]
+    fn an_open_task_past_due_is_marked_overdue_once() {
+        let ActivityEvent::Scheduled(s) = scheduled() else {
+            unreachable!()
+        };
+        let at = |t: jiff::Timestamp| t.to_string();
+        let overdue = given::<Activity>([scheduled()])
+            .at(&at(s.due))
+            .when(ActivityCommand::MarkTaskOverdue)
+            .then(vec![ActivityEvent::Overdue(TaskOverdue {
+                due: s.due,
+                assignee: s.assignee.clone(),
+                occurred_at: s.due,
+            })]);
+        assert!(overdue.overdue);
+        let marked = ActivityEvent::Overdue(TaskOverdue {
+            due: s.due,
+            assignee: s.assignee.clone(),
+            occurred_at: s.due,
+        });
+        given::<Activity>([scheduled(), marked])
+            .at(&at(s.due))
+            .when(ActivityCommand::MarkTaskOverdue)
+            .then(vec![]);
+        // Done before the due time, or not due yet: the rule does not apply.
+        let done = ActivityEvent::Completed(ActivityCompleted {
+            outcome: "done".into(),
+            notes: String::new(),
+            occurred_at: s.occurred_at,
+        });
+        given::<Activity>([scheduled(), done])
+            .at(&at(s.due))
+            .when(ActivityCommand::MarkTaskOverdue)
+            .then_error(DomainError::NotApplicable {
+                rule: "task overdue",
+            });
+        given::<Activity>([])
+            .when(ActivityCommand::MarkTaskOverdue)
+            .then_error(DomainError::NotFound);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub enum DomainError {
     /// The record's personal data was erased; it takes no more commands.
     #[error("the record's personal data was erased")]
     RecordErased,
+    /// A time-driven condition no longer holds (e.g. the deal moved).
+    #[error("{rule} does not apply any more")]
+    NotApplicable { rule: &'static str },
 }
 
 impl DomainError {
@@ -77,6 +80,7 @@ impl DomainError {
             Self::InvalidReference { .. } => "INVALID_REFERENCE",
             Self::RecordArchived => "RECORD_ARCHIVED",
             Self::RecordErased => "RECORD_ERASED",
+            Self::NotApplicable { .. } => "NOT_APPLICABLE",
             Self::RecordMerged { .. } => "RECORD_MERGED",
             Self::PermissionDenied { .. } => "PERMISSION_DENIED",
             Self::ConsentMissing { .. } => "CONSENT_MISSING",

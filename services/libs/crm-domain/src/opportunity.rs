@@ -67,6 +67,14 @@ pub struct ForecastPatch {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpportunityCommand {
+    /// Sent by the scheduler (`occurred_at` = when the deal became stalled):
+    /// `rule` is `stage_age` or `no_touch`, `days` the limit passed;
+    /// `stalled` is the handler's fact that the condition still holds.
+    FlagStalled {
+        rule: String,
+        days: u32,
+        stalled: bool,
+    },
     Open(DealDetails, DealFacts),
     ChangeStage {
         to: String,
@@ -206,9 +214,22 @@ pub struct OpportunityReopened {
     pub occurred_at: Timestamp,
 }
 
+/// An open deal stayed too long in its stage, or without a touch.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityStalled {
+    /// `stage_age` or `no_touch`.
+    pub rule: String,
+    pub days: u32,
+    /// The stage it stalled in.
+    pub stage: String,
+    pub occurred_at: Timestamp,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum OpportunityEvent {
+    Stalled(OpportunityStalled),
     Opened(OpportunityOpened),
     StageChanged(OpportunityStageChanged),
     ForecastFieldsChanged(OpportunityForecastFieldsChanged),
@@ -223,6 +244,7 @@ impl DomainEvent for OpportunityEvent {
     fn event_type(&self) -> &'static str {
         match self {
             Self::Common(event) => event.event_type(),
+            Self::Stalled(_) => "OpportunityStalled",
             Self::Opened(_) => "OpportunityOpened",
             Self::StageChanged(_) => "OpportunityStageChanged",
             Self::ForecastFieldsChanged(_) => "OpportunityForecastFieldsChanged",
@@ -239,6 +261,7 @@ impl DomainEvent for OpportunityEvent {
         payload: D,
     ) -> Result<Option<Self>, D::Error> {
         Ok(Some(match event_type {
+            "OpportunityStalled" => Self::Stalled(Deserialize::deserialize(payload)?),
             "OpportunityOpened" => Self::Opened(Deserialize::deserialize(payload)?),
             "OpportunityStageChanged" => Self::StageChanged(Deserialize::deserialize(payload)?),
             "OpportunityForecastFieldsChanged" => {
@@ -273,6 +296,9 @@ pub struct Opportunity {
     pub meta: RecordMeta,
     #[serde(default)]
     pub lines: Vec<LineItem>,
+    /// Flagged stalled in its current stage (cleared by a stage change).
+    #[serde(default)]
+    pub stalled: bool,
 }
 
 impl Opportunity {
@@ -314,6 +340,33 @@ impl Aggregate for Opportunity {
             OpportunityCommand::Common(CommonCommand::Restore(_))
         ))?;
         match command {
+            OpportunityCommand::FlagStalled {
+                rule,
+                days,
+                stalled,
+            } => {
+                self.open()?;
+                if !["stage_age", "no_touch"].contains(&rule.as_str()) {
+                    return Err(DomainError::invalid(
+                        "rule",
+                        "must be stage_age or no_touch",
+                    ));
+                }
+                if !stalled {
+                    return Err(DomainError::NotApplicable {
+                        rule: "stalled deal",
+                    });
+                }
+                if self.stalled {
+                    return Ok(vec![]);
+                }
+                Ok(vec![OpportunityEvent::Stalled(OpportunityStalled {
+                    rule,
+                    days,
+                    stage: self.stage.clone(),
+                    occurred_at,
+                })])
+            }
             OpportunityCommand::Common(command) => {
                 if !self.exists {
                     return Err(DomainError::NotFound);
@@ -632,6 +685,7 @@ impl Aggregate for Opportunity {
 
     fn evolve(mut self, event: &OpportunityEvent) -> Self {
         match event {
+            OpportunityEvent::Stalled(_) => self.stalled = true,
             OpportunityEvent::Common(event) => self.meta.evolve(event),
             OpportunityEvent::Opened(opened) => {
                 self.exists = true;
@@ -648,6 +702,7 @@ impl Aggregate for Opportunity {
                 self.owner = opened.owner.clone();
             }
             OpportunityEvent::StageChanged(changed) => {
+                self.stalled = false;
                 self.stage = changed.to.clone();
                 self.probability_bp = changed.probability_bp;
                 self.category = Some(changed.category);
@@ -764,6 +819,38 @@ mod tests {
             owner: "user:rep".into(),
             occurred_at: now(),
         })
+    }
+
+    #[test]
+    fn a_stalled_deal_is_flagged_once_per_stage() {
+        let flag = |stalled| OpportunityCommand::FlagStalled {
+            rule: "stage_age".into(),
+            days: 14,
+            stalled,
+        };
+        let state = given::<Opportunity>([opened()]).when(flag(true)).then_ok();
+        assert!(state.stalled);
+        let stalled = OpportunityEvent::Stalled(OpportunityStalled {
+            rule: "stage_age".into(),
+            days: 14,
+            stage: state.stage.clone(),
+            occurred_at: now(),
+        });
+        given::<Opportunity>([opened(), stalled])
+            .when(flag(true))
+            .then(vec![]);
+        given::<Opportunity>([opened()])
+            .when(flag(false))
+            .then_error(DomainError::NotApplicable {
+                rule: "stalled deal",
+            });
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::FlagStalled {
+                rule: "moon_phase".into(),
+                days: 1,
+                stalled: true,
+            })
+            .then_invalid(&["rule"]);
     }
 
     #[test]

@@ -5,10 +5,10 @@
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
 use crate::account::{
-    AccountBecameCustomer, AccountChurned, AccountCreated, AccountDetailsUpdated,
-    AccountMergedInto, AccountsMerged,
+    AccountBecameCustomer, AccountChurnRiskFlagged, AccountChurned, AccountCreated,
+    AccountDetailsUpdated, AccountMergedInto, AccountsMerged,
 };
-use crate::activity::{ActivityCompleted, ActivityLogged, ActivityScheduled};
+use crate::activity::{ActivityCompleted, ActivityLogged, ActivityScheduled, TaskOverdue};
 use crate::campaign::{
     CampaignCostRecorded, CampaignDetailsUpdated, CampaignMemberAdded, CampaignMemberAddedV1,
     CampaignMemberResponded, CampaignMemberRespondedV1, CampaignPlanned,
@@ -31,7 +31,8 @@ use crate::lead::{
 };
 use crate::opportunity::{
     OpportunityForecastFieldsChanged, OpportunityLineItemsChanged, OpportunityLost,
-    OpportunityOpened, OpportunityReopened, OpportunityStageChanged, OpportunityWon,
+    OpportunityOpened, OpportunityReopened, OpportunityStageChanged, OpportunityStalled,
+    OpportunityWon,
 };
 use crate::pipeline::PipelinePublished;
 use crate::records::{OwnerChanged, RecordShareRevoked, RecordShared, TagsChanged};
@@ -86,6 +87,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<ActivityLogged>("activity", "ActivityLogged", 1),
         schema::<ActivityScheduled>("activity", "ActivityScheduled", 1),
         schema::<ActivityCompleted>("activity", "ActivityCompleted", 1),
+        schema::<TaskOverdue>("activity", "TaskOverdue", 1),
         schema::<AccountCreated>("account", "AccountCreated", 1),
         schema::<AccountsMerged>("account", "RecordsMerged", 1),
         schema::<AccountMergedInto>("account", "RecordMergedInto", 1),
@@ -105,6 +107,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<AccountDetailsUpdated>("account", "AccountDetailsUpdated", 1),
         schema::<AccountBecameCustomer>("account", "AccountBecameCustomer", 1),
         schema::<AccountChurned>("account", "AccountChurned", 1),
+        schema::<AccountChurnRiskFlagged>("account", "AccountChurnRiskFlagged", 1),
         schema::<LifecycleChanged>("account", "RecordArchived", 1),
         schema::<LifecycleChanged>("account", "RecordRestored", 1),
         schema::<ContactCreatedV1>("contact", "ContactCreated", 1),
@@ -127,6 +130,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<LeadMergedInto>("lead", "RecordMergedInto", 1),
         schema::<LeadConverted>("lead", "LeadConverted", 1),
         schema::<OpportunityOpened>("opportunity", "OpportunityOpened", 1),
+        schema::<OpportunityStalled>("opportunity", "OpportunityStalled", 1),
         schema::<OpportunityStageChanged>("opportunity", "OpportunityStageChanged", 1),
         schema::<OpportunityForecastFieldsChanged>(
             "opportunity",
