@@ -398,3 +398,80 @@ async fn long_streams_load_from_snapshots_and_ignore_outdated_ones() {
     assert!(same.unchanged);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn person_accounts_keep_their_name_encrypted_and_can_be_erased() {
+    use crm_proto::v1::EraseAccountPersonalDataRequest;
+    let app = TestApp::spawn().await;
+    let person = app
+        .accounts()
+        .create_account(app.request(CreateAccountRequest {
+            kind: AccountKind::Person.into(),
+            name: "Wang Fang".into(),
+            ..CreateAccountRequest::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let company = app
+        .accounts()
+        .create_account(app.request(acme("")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let stored = app.stored().await;
+    assert!(
+        !stored[0].1.to_string().contains("Wang Fang"),
+        "{:?}",
+        stored[0].1
+    );
+    assert_eq!(stored[1].1["name"], "Acme Ltd", "company names stay clear");
+    // The person's name decrypts for the state: renaming to it is a no-op.
+    let same = app
+        .accounts()
+        .update_account_details(app.request(UpdateAccountDetailsRequest {
+            account_id: person.clone(),
+            name: Some("Wang Fang".into()),
+            ..UpdateAccountDetailsRequest::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(same.unchanged);
+    let erase = |id: &str| {
+        let mut request = app.request(EraseAccountPersonalDataRequest {
+            account_id: id.into(),
+            request: "DSR-77".into(),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("x-roles", "admin".parse().unwrap());
+        request
+    };
+    let status = app
+        .accounts()
+        .erase_account_personal_data(erase(&company))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(error_info(&status).0, "INVALID_TRANSITION");
+    app.accounts()
+        .erase_account_personal_data(erase(&person))
+        .await
+        .unwrap();
+    let status = app
+        .accounts()
+        .update_account_details(app.request(UpdateAccountDetailsRequest {
+            account_id: person,
+            industry: Some("Retail".into()),
+            ..UpdateAccountDetailsRequest::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(error_info(&status).0, "RECORD_ERASED");
+    app.stop().await;
+}

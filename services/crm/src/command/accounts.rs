@@ -93,6 +93,35 @@ impl Accounts for AccountsService {
         Ok(Response::new(reply))
     }
 
+    async fn erase_account_personal_data(
+        &self,
+        request: Request<pb::EraseAccountPersonalDataRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        super::configuration::require_role(&caller, &["admin"], "erase personal data")?;
+        let request = request.into_inner();
+        let options = Options::parse(
+            "EraseAccountPersonalData",
+            request.options.as_ref(),
+            &request,
+        )?;
+        let id = parse_id("account_id", &request.account_id, false)?;
+        let reply = self
+            .handler
+            .execute::<Account>(
+                &caller,
+                id,
+                &options,
+                AccountCommand::ErasePersonalData {
+                    request: request.request,
+                },
+            )
+            .await?;
+        // The event is stored: now the key goes (again, on a retry).
+        self.handler.erase_subject(&caller.tenant, id).await?;
+        Ok(Response::new(reply))
+    }
+
     async fn update_account_details(
         &self,
         request: Request<pb::UpdateAccountDetailsRequest>,

@@ -268,7 +268,24 @@ impl CommandHandler {
             {
                 continue;
             }
-            let key = if stream.expected == crm_event_store::ExpectedVersion::NoStream {
+            let new_stream = stream.expected == crm_event_store::ExpectedVersion::NoStream;
+            if stream.stream_type == "account" {
+                // Only person accounts are subjects: a new one says so in its
+                // AccountCreated; an existing one has a key.
+                let person = if new_stream {
+                    stream.events.first().is_some_and(|e| {
+                        e.event_type == "AccountCreated" && e.payload["kind"] == "person"
+                    })
+                } else {
+                    self.subject_key(&request.tenant_id, stream.stream_id, false)
+                        .await?
+                        .is_some()
+                };
+                if !person {
+                    continue;
+                }
+            }
+            let key = if new_stream {
                 // A new subject: a fresh key, stored in the same transaction
                 // as its first events (cached only once read back).
                 let bytes = personal::new_key().map_err(ServiceError::Internal)?;
@@ -540,7 +557,7 @@ impl CommandHandler {
         version: u64,
         position: u64,
     ) {
-        if personal::is_subject(A::STREAM_TYPE) {
+        if state.holds_personal_data() {
             // A subject's state holds its personal data in the clear: its
             // (short) stream is folded from the encrypted events instead.
             return;

@@ -1,6 +1,7 @@
 //! Personal data under per-subject keys (crypto-shredding, DESIGN §6).
 //!
-//! Every contact and lead (a *data subject*) gets a random 256-bit key. Before
+//! Every contact, lead and person account (a *data subject*) gets a random
+//! 256-bit key. Before
 //! its events are appended, every string under a property the event's JSON
 //! Schema marks `x-personal` (names, emails, phones, free text) is replaced by
 //! `enc:v1:<base64(nonce ‖ ChaCha20-Poly1305 ciphertext)>`, bound to the
@@ -18,8 +19,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Stream types whose streams are data subjects.
-pub const SUBJECT_STREAM_TYPES: [&str; 2] = ["contact", "lead"];
+/// Stream types whose streams may be data subjects: every contact and lead,
+/// and the accounts of kind `person` (B2C).
+pub const SUBJECT_STREAM_TYPES: [&str; 3] = ["contact", "lead", "account"];
 const PREFIX: &str = "enc:v1:";
 /// What an encrypted string reads as once its key is gone.
 pub const ERASED: &str = "";

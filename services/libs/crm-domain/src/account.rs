@@ -131,6 +131,11 @@ pub enum AccountCommand {
         days_inactive: u32,
         inactive: bool,
     },
+    /// Forget the person behind a person (B2C) account, as for contacts;
+    /// company accounts hold no personal data.
+    ErasePersonalData {
+        request: String,
+    },
     MarkChurned {
         reason: String,
     },
@@ -238,6 +243,7 @@ pub struct AccountChurnRiskFlagged {
 #[serde(untagged)]
 pub enum AccountEvent {
     ChurnRiskFlagged(AccountChurnRiskFlagged),
+    PersonalDataErased(crate::contact::PersonalDataErased),
     Created(AccountCreated),
     DetailsUpdated(AccountDetailsUpdated),
     BecameCustomer(AccountBecameCustomer),
@@ -254,6 +260,7 @@ impl DomainEvent for AccountEvent {
         match self {
             Self::Common(event) => event.event_type(),
             Self::ChurnRiskFlagged(_) => "AccountChurnRiskFlagged",
+            Self::PersonalDataErased(_) => "PersonalDataErased",
             Self::Created(_) => "AccountCreated",
             Self::DetailsUpdated(_) => "AccountDetailsUpdated",
             Self::BecameCustomer(_) => "AccountBecameCustomer",
@@ -272,6 +279,7 @@ impl DomainEvent for AccountEvent {
     ) -> Result<Option<Self>, D::Error> {
         Ok(Some(match event_type {
             "AccountChurnRiskFlagged" => Self::ChurnRiskFlagged(Deserialize::deserialize(payload)?),
+            "PersonalDataErased" => Self::PersonalDataErased(Deserialize::deserialize(payload)?),
             "AccountCreated" => Self::Created(Deserialize::deserialize(payload)?),
             "AccountDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
             "AccountBecameCustomer" => Self::BecameCustomer(Deserialize::deserialize(payload)?),
@@ -302,6 +310,9 @@ pub struct Account {
     pub meta: RecordMeta,
     #[serde(default)]
     pub merged_into: Option<Uuid>,
+    /// A person account whose personal data was erased.
+    #[serde(default)]
+    pub erased: bool,
 }
 
 fn validate_domains(domains: &[String], v: &mut Violations) -> Vec<String> {
@@ -346,6 +357,9 @@ impl Account {
     fn live(&self) -> Result<(), DomainError> {
         if !self.exists {
             return Err(DomainError::NotFound);
+        }
+        if self.erased {
+            return Err(DomainError::RecordErased);
         }
         if let Some(survivor) = self.merged_into {
             return Err(DomainError::RecordMerged { survivor });
@@ -514,6 +528,32 @@ impl Aggregate for Account {
                     occurred_at,
                 })])
             }
+            AccountCommand::ErasePersonalData { request } => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                if self.kind != AccountKind::Person {
+                    return Err(DomainError::InvalidTransition {
+                        from: "company account",
+                        to: "erased",
+                    });
+                }
+                if self.erased {
+                    return Ok(vec![]);
+                }
+                if !text_ok(&request, 200, false) {
+                    return Err(DomainError::invalid(
+                        "request",
+                        "must be 1 to 200 characters",
+                    ));
+                }
+                Ok(vec![AccountEvent::PersonalDataErased(
+                    crate::contact::PersonalDataErased {
+                        request: request.trim().to_owned(),
+                        occurred_at,
+                    },
+                )])
+            }
             AccountCommand::FlagChurnRisk {
                 days_inactive,
                 inactive,
@@ -573,6 +613,10 @@ impl Aggregate for Account {
         match event {
             // A flag for read models and subscribers; the state does not change.
             AccountEvent::ChurnRiskFlagged(_) => {}
+            AccountEvent::PersonalDataErased(_) => {
+                self.erased = true;
+                self.name.clear();
+            }
             AccountEvent::Merged(merged) => {
                 self = self.evolve(&AccountEvent::DetailsUpdated(AccountDetailsUpdated {
                     changes: merged.changes.clone(),
@@ -618,6 +662,10 @@ impl Aggregate for Account {
             AccountEvent::Restored(_) => self.lifecycle = Lifecycle::Active,
         }
         self
+    }
+
+    fn holds_personal_data(&self) -> bool {
+        self.kind == AccountKind::Person
     }
 
     fn unique_keys(&self) -> BTreeSet<UniqueKey> {
@@ -750,6 +798,49 @@ mod tests {
             trigger: "first_won_deal".into(),
             occurred_at: now(),
         })
+    }
+
+    #[test]
+    fn only_person_accounts_are_erased_and_the_event_reads_back() {
+        let mut person = acme();
+        person.kind = AccountKind::Person;
+        person.tax_id = String::new();
+        let person_created = AccountEvent::Created(AccountCreated {
+            kind: AccountKind::Person,
+            name: "Wang Fang".into(),
+            domains: vec![],
+            industry: String::new(),
+            tax_id: String::new(),
+            parent_id: None,
+            segment: String::new(),
+            occurred_at: now(),
+        });
+        let erase = || AccountCommand::ErasePersonalData {
+            request: "DSR-1".into(),
+        };
+        let events = given::<Account>([person_created.clone()])
+            .when(erase())
+            .result
+            .unwrap();
+        let state = Account::default().replay([person_created.clone()].iter().chain(&events));
+        assert!(state.erased && state.name.is_empty());
+        for event in &events {
+            let json = serde_json::to_string(event).unwrap();
+            let mut de = serde_json::Deserializer::from_str(&json);
+            let back = AccountEvent::decode(event.event_type(), event.schema_version(), &mut de)
+                .unwrap()
+                .unwrap();
+            assert_eq!(&back, event);
+        }
+        given::<Account>([created()])
+            .when(erase())
+            .then_error(DomainError::InvalidTransition {
+                from: "company account",
+                to: "erased",
+            });
+        let mut erased = vec![person_created];
+        erased.extend(events);
+        given::<Account>(erased).when(erase()).then(vec![]);
     }
 
     #[test]

@@ -73,6 +73,12 @@ pub trait Aggregate:
         BTreeSet::new()
     }
 
+    /// Whether the state holds a person's data (a contact, a lead, a person
+    /// account): such state is never stored in the clear (no snapshots).
+    fn holds_personal_data(&self) -> bool {
+        false
+    }
+
     /// Folds events into a state.
     fn replay<'a>(self, events: impl IntoIterator<Item = &'a Self::Event>) -> Self
     where

@@ -542,6 +542,10 @@ impl Aggregate for Contact {
         self.exists
     }
 
+    fn holds_personal_data(&self) -> bool {
+        true
+    }
+
     fn creates(command: &Self::Command) -> bool {
         matches!(command, ContactCommand::Create(_))
     }

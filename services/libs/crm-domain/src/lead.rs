@@ -281,6 +281,10 @@ impl Aggregate for Lead {
         self.exists
     }
 
+    fn holds_personal_data(&self) -> bool {
+        true
+    }
+
     fn creates(command: &LeadCommand) -> bool {
         matches!(command, LeadCommand::Capture(_))
     }

@@ -120,6 +120,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<RecordsMerged>("contact", "RecordsMerged", 1),
         schema::<PersonalDataErased>("contact", "PersonalDataErased", 1),
         schema::<PersonalDataErased>("lead", "PersonalDataErased", 1),
+        schema::<PersonalDataErased>("account", "PersonalDataErased", 1),
         schema::<ContactUnlinkedFromAccount>("contact", "ContactUnlinkedFromAccount", 1),
         schema::<NpsResponseRecorded>("contact", "NpsResponseRecorded", 1),
         schema::<RecordMergedInto>("contact", "RecordMergedInto", 1),
