@@ -98,7 +98,6 @@ impl Accounts for AccountsService {
         request: Request<pb::EraseAccountPersonalDataRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
-        super::configuration::require_role(&caller, &["admin"], "erase personal data")?;
         let request = request.into_inner();
         let options = Options::parse(
             "EraseAccountPersonalData",
@@ -108,7 +107,7 @@ impl Accounts for AccountsService {
         let id = parse_id("account_id", &request.account_id, false)?;
         let reply = self
             .handler
-            .execute::<Account>(
+            .erase::<Account>(
                 &caller,
                 id,
                 &options,
@@ -117,8 +116,6 @@ impl Accounts for AccountsService {
                 },
             )
             .await?;
-        // The event is stored: now the key goes (again, on a retry).
-        self.handler.erase_subject(&caller.tenant, id).await?;
         Ok(Response::new(reply))
     }
 

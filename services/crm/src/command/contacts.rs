@@ -257,13 +257,12 @@ impl Contacts for ContactsService {
         request: Request<pb::ErasePersonalDataRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
-        super::configuration::require_role(&caller, &["admin"], "erase personal data")?;
         let request = request.into_inner();
         let options = Options::parse("ErasePersonalData", request.options.as_ref(), &request)?;
         let id = parse_id("contact_id", &request.contact_id, false)?;
         let reply = self
             .handler
-            .execute::<Contact>(
+            .erase::<Contact>(
                 &caller,
                 id,
                 &options,
@@ -272,8 +271,6 @@ impl Contacts for ContactsService {
                 },
             )
             .await?;
-        // The event is stored: now the key goes (again, on a retry).
-        self.handler.erase_subject(&caller.tenant, id).await?;
         Ok(Response::new(reply))
     }
 

@@ -90,13 +90,12 @@ impl Leads for LeadsService {
         request: Request<pb::EraseLeadPersonalDataRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
-        super::configuration::require_role(&caller, &["admin"], "erase personal data")?;
         let request = request.into_inner();
         let options = Options::parse("EraseLeadPersonalData", request.options.as_ref(), &request)?;
         let id = parse_id("lead_id", &request.lead_id, false)?;
         let reply = self
             .handler
-            .execute::<Lead>(
+            .erase::<Lead>(
                 &caller,
                 id,
                 &options,
@@ -105,8 +104,6 @@ impl Leads for LeadsService {
                 },
             )
             .await?;
-        // The event is stored: now the key goes (again, on a retry).
-        self.handler.erase_subject(&caller.tenant, id).await?;
         Ok(Response::new(reply))
     }
 

@@ -315,6 +315,27 @@ impl CommandHandler {
         Ok(())
     }
 
+    /// An erasure command (admins only): stores its event, then destroys the
+    /// subject's key (again, on a retry), so every personal field of the
+    /// record becomes unreadable everywhere.
+    pub(crate) async fn erase<A: Aggregate>(
+        &self,
+        caller: &Caller,
+        stream_id: Uuid,
+        options: &Options,
+        command: A::Command,
+    ) -> Result<CommandReply, ServiceError>
+    where
+        A::Command: Clone,
+    {
+        configuration::require_role(caller, &["admin"], "erase personal data")?;
+        let reply = self
+            .execute::<A>(caller, stream_id, options, command)
+            .await?;
+        self.erase_subject(&caller.tenant, stream_id).await?;
+        Ok(reply)
+    }
+
     /// Destroys a data subject's key (after its erasure event is stored):
     /// its personal fields become unreadable everywhere.
     pub(crate) async fn erase_subject(
