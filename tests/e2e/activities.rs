@@ -192,3 +192,105 @@ async fn activities_need_existing_targets_of_the_named_kind() {
     assert_eq!(app.stored().await.len(), 1, "only the contact");
     app.stop().await;
 }
+
+/// The scheduler's time-driven commands: only for `x-roles: system`, and
+/// NOT_APPLICABLE once their condition is gone.
+#[tokio::test]
+async fn time_driven_commands_are_for_the_scheduler_and_check_their_condition() {
+    use crm_proto::v1::{
+        FlagAccountChurnRiskRequest, FlagOpportunityStalledRequest, MarkTaskOverdueRequest,
+    };
+    let app = TestApp::spawn().await;
+    fn as_system<T>(app: &TestApp, message: T) -> tonic::Request<T> {
+        let mut request = app.request(message);
+        request
+            .metadata_mut()
+            .insert("x-roles", "system".parse().unwrap());
+        request
+    }
+    // A deal flagged stalled once.
+    let (account, pipeline) = crate::opportunities::setup(&app).await;
+    let deal = app
+        .opportunities()
+        .open_opportunity(app.request(crate::opportunities::deal(&account, &pipeline)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let stalled = |rule: &str| FlagOpportunityStalledRequest {
+        opportunity_id: deal.clone(),
+        rule: rule.into(),
+        days: 14,
+        ..Default::default()
+    };
+    let status = app
+        .opportunities()
+        .flag_opportunity_stalled(app.request(stalled("stage_age")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let flagged = app
+        .opportunities()
+        .flag_opportunity_stalled(as_system(&app, stalled("stage_age")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!flagged.unchanged);
+    let again = app
+        .opportunities()
+        .flag_opportunity_stalled(as_system(&app, stalled("stage_age")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.unchanged, "once per stage");
+    let status = app
+        .opportunities()
+        .flag_opportunity_stalled(as_system(&app, stalled("moon_phase")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), vec!["rule"]);
+
+    // A prospect is no churn risk.
+    let status = app
+        .accounts()
+        .flag_account_churn_risk(as_system(
+            &app,
+            FlagAccountChurnRiskRequest {
+                account_id: account,
+                days_inactive: 90,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "NOT_APPLICABLE");
+
+    // A task not due yet is not overdue.
+    let ada = contact(&app).await;
+    let task = app
+        .activities()
+        .schedule_activity(app.request(ScheduleActivityRequest {
+            kind: "task".into(),
+            targets: vec![target("contact", &ada)],
+            due: (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24)).to_string(),
+            subject: "Send the offer".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let status = app
+        .activities()
+        .mark_task_overdue(as_system(
+            &app,
+            MarkTaskOverdueRequest {
+                activity_id: task,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "NOT_APPLICABLE");
+    app.stop().await;
+}

@@ -119,6 +119,27 @@ impl Accounts for AccountsService {
         Ok(Response::new(reply))
     }
 
+    async fn flag_account_churn_risk(
+        &self,
+        request: Request<pb::FlagAccountChurnRiskRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        super::configuration::require_role(&caller, &["system"], "send time-driven commands")?;
+        let request = request.into_inner();
+        let options = Options::parse("FlagAccountChurnRisk", request.options.as_ref(), &request)?;
+        let id = parse_id("account_id", &request.account_id, false)?;
+        // The scheduler found the inactivity in the read models.
+        let command = AccountCommand::FlagChurnRisk {
+            days_inactive: request.days_inactive,
+            inactive: true,
+        };
+        let reply = self
+            .handler
+            .execute::<Account>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
     async fn update_account_details(
         &self,
         request: Request<pb::UpdateAccountDetailsRequest>,

@@ -146,6 +146,22 @@ impl Activities for ActivitiesService {
         Ok(Response::new(reply))
     }
 
+    async fn mark_task_overdue(
+        &self,
+        request: Request<pb::MarkTaskOverdueRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        super::configuration::require_role(&caller, &["system"], "send time-driven commands")?;
+        let request = request.into_inner();
+        let options = Options::parse("MarkTaskOverdue", request.options.as_ref(), &request)?;
+        let id = parse_id("activity_id", &request.activity_id, false)?;
+        let reply = self
+            .handler
+            .execute::<Activity>(&caller, id, &options, ActivityCommand::MarkTaskOverdue)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
     async fn complete_activity(
         &self,
         request: Request<pb::CompleteActivityRequest>,

@@ -310,6 +310,28 @@ impl Opportunities for OpportunitiesService {
         Ok(Response::new(reply))
     }
 
+    async fn flag_opportunity_stalled(
+        &self,
+        request: Request<pb::FlagOpportunityStalledRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        super::configuration::require_role(&caller, &["system"], "send time-driven commands")?;
+        let request = request.into_inner();
+        let options = Options::parse("FlagOpportunityStalled", request.options.as_ref(), &request)?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        // The scheduler found the condition in the read models.
+        let command = OpportunityCommand::FlagStalled {
+            rule: request.rule,
+            days: request.days,
+            stalled: true,
+        };
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
     async fn win_opportunity(
         &self,
         request: Request<pb::WinOpportunityRequest>,

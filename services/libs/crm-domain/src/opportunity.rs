@@ -345,7 +345,15 @@ impl Aggregate for Opportunity {
                 days,
                 stalled,
             } => {
-                self.open()?;
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                if self.outcome != Outcome::Open {
+                    // Won or lost since the scheduler looked.
+                    return Err(DomainError::NotApplicable {
+                        rule: "stalled deal",
+                    });
+                }
                 if !["stage_age", "no_touch"].contains(&rule.as_str()) {
                     return Err(DomainError::invalid(
                         "rule",
