@@ -1,4 +1,4 @@
-//! `just bench commands`: CreateContact over gRPC against the command role (`crm command`, started in
+//! `just bench commands`: CreateContact over gRPC against `crm all` (started in
 //! this process on a loopback port), next to plain tokio-postgres INSERTs into
 //! a scratch table of the events table's shape, in the same run.
 use std::time::{Duration, Instant};
@@ -83,8 +83,12 @@ async fn commands(channels: &[Channel], callers: usize) -> (f64, Latencies) {
 async fn main() {
     let db = TestDb::create().await;
     create_raw_table(&db).await;
+    let nats = crm_test_support::TestNats::shared();
     let mut config = Config::from_env();
     config.pg_url = db.url();
+    config.nats_url = nats.url.clone();
+    config.relay_stream = nats.stream.clone();
+    config.relay_subject_prefix = nats.subject_prefix.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -92,14 +96,14 @@ async fn main() {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn({
         let shutdown = shutdown.clone();
-        // The command role alone: the relay is measured by `just bench relay`.
-        async move { crm::run_command(&config, listener, shutdown).await }
+        // `crm all`, as issue 5 asks: the relay and the projectors run too.
+        async move { crm::run_all(&config, listener, shutdown).await }
     });
     let started = Instant::now();
     while !matches!(crm::health_check(address).await, Ok(true)) {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "crm command did not start"
+            "crm all did not start"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -114,7 +118,7 @@ async fn main() {
         );
     }
     progress(&format!(
-        "database {}, crm command on {address}, {:?} per phase",
+        "database {}, crm all on {address}, {:?} per phase",
         db.name,
         phase_duration()
     ));

@@ -183,6 +183,11 @@ pub async fn projections_status(
 async fn read_model_pool(config: &Config) -> Result<deadpool_postgres::Pool, RunError> {
     let mut pg = config.pg_config()?;
     pg.application_name("crm-read-models");
+    // Read models are derived: a projection batch lost in a crash before its
+    // WAL flush is applied again from its checkpoint (written in the same
+    // transaction), so their commits need not wait for the disk.
+    let options = pg.get_options().unwrap_or_default().to_owned();
+    pg.options(format!("{options} -c synchronous_commit=off"));
     pg.connect_timeout(std::time::Duration::from_secs(5));
     let manager = deadpool_postgres::Manager::new(pg, NoTls);
     let pool = deadpool_postgres::Pool::builder(manager)
