@@ -655,3 +655,112 @@ async fn the_service_queue_lists_pages_counts_and_ages_open_tickets() {
     }
     app.stop().await;
 }
+
+/// Win rate = won ÷ (won + lost) closed in the period, by count and value
+/// (DOMAIN.md §5.1), figures worked out by hand below.
+#[tokio::test]
+async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
+    use crm_proto::v1::{
+        CommandOptions, GetWinRateRequest, LoseOpportunityRequest, Money, Reason,
+        WinOpportunityRequest,
+    };
+    let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
+    let (account, pipeline) = setup(&app).await;
+    let at = |time: &str| {
+        Some(CommandOptions {
+            occurred_at: time.into(),
+            ..CommandOptions::default()
+        })
+    };
+    let open = |minor: i64| {
+        let mut request = deal(&account, &pipeline);
+        request.amount = Some(Money {
+            amount_minor: minor,
+            currency: "EUR".into(),
+        });
+        request.options = at("2026-10-01T09:00:00Z");
+        app.request(request)
+    };
+    let mut last = 0;
+    // (amount, how it closes, when)
+    for (minor, close, when) in [
+        (30_000_000, Some("won"), "2026-11-10T12:00:00Z"),
+        (10_000_000, Some("won"), "2026-11-20T12:00:00Z"),
+        (20_000_000, Some("lost"), "2026-11-25T12:00:00Z"),
+        (50_000_000, Some("won"), "2026-10-15T12:00:00Z"), // before the period
+        (70_000_000, None, ""),                            // still open
+    ] {
+        let id = app
+            .opportunities()
+            .open_opportunity(open(minor))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_id;
+        let reply = match close {
+            Some("won") => app
+                .opportunities()
+                .win_opportunity(app.request(WinOpportunityRequest {
+                    options: at(when),
+                    opportunity_id: id,
+                }))
+                .await
+                .unwrap(),
+            Some(_) => app
+                .opportunities()
+                .lose_opportunity(app.request(LoseOpportunityRequest {
+                    options: at(when),
+                    opportunity_id: id,
+                    reason: Some(Reason {
+                        code: "price".into(),
+                        text: String::new(),
+                    }),
+                    competitor: String::new(),
+                }))
+                .await
+                .unwrap(),
+            None => continue,
+        };
+        last = reply.into_inner().global_position;
+    }
+    let mut sales = SalesQueriesClient::new(app.channel.clone());
+    let november = |owner: &str| GetWinRateRequest {
+        options: Some(QueryOptions { min_position: last }),
+        from: "2026-11-01T00:00:00Z".into(),
+        to: "2026-12-01T00:00:00Z".into(),
+        owner: owner.into(),
+    };
+    let rate = sales
+        .get_win_rate(app.request(november("")))
+        .await
+        .unwrap()
+        .into_inner();
+    // 2 won, 1 lost: 2 ÷ 3 = 6666 bp. By value: 400,000.00 won and 200,000.00
+    // lost: 40,000,000 ÷ 60,000,000 = 6666 bp.
+    assert_eq!((rate.won, rate.lost, rate.win_rate_bp), (2, 1, 6666));
+    assert_eq!(rate.by_value.len(), 1);
+    let eur = &rate.by_value[0];
+    assert_eq!(
+        (
+            eur.currency.as_str(),
+            eur.won_minor,
+            eur.lost_minor,
+            eur.win_rate_bp
+        ),
+        ("EUR", 40_000_000, 20_000_000, 6666)
+    );
+    let nobody = sales
+        .get_win_rate(app.request(november("user:nobody")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((nobody.won, nobody.lost, nobody.win_rate_bp), (0, 0, 0));
+    let mut backwards = november("");
+    backwards.to = "2026-10-01T00:00:00Z".into();
+    let status = sales
+        .get_win_rate(app.request(backwards))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), vec!["to"]);
+    app.stop().await;
+}

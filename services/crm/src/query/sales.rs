@@ -3,7 +3,10 @@ use std::time::Duration;
 
 use crm_projections::PIPELINE_BOARD;
 use crm_proto::v1::sales_queries_server::SalesQueries;
-use crm_proto::v1::{GetPipelineBoardRequest, PipelineBoard, QueryOptions, StageColumn};
+use crm_proto::v1::{
+    GetPipelineBoardRequest, GetWinRateRequest, PipelineBoard, QueryOptions, StageColumn, WinRate,
+    WinRateByValue,
+};
 use deadpool_postgres::Pool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -83,5 +86,71 @@ impl SalesQueries for SalesService {
             })
             .collect();
         Ok(Response::new(PipelineBoard { stages, position }))
+    }
+
+    async fn get_win_rate(
+        &self,
+        request: Request<GetWinRateRequest>,
+    ) -> Result<Response<WinRate>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let instant = |field: &'static str, text: &str| {
+            text.parse::<jiff::Timestamp>()
+                .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 instant"))
+        };
+        let from = instant("from", &request.from)?;
+        let to = instant("to", &request.to)?;
+        if to <= from || to.duration_since(from) > jiff::SignedDuration::from_hours(24 * 3660) {
+            return Err(ServiceError::invalid("to", "must be after from, at most 10 years").into());
+        }
+        if request.owner.len() > 200 {
+            return Err(ServiceError::invalid("owner", "must be at most 200 characters").into());
+        }
+        let (client, position) =
+            ready(&self.pool, PIPELINE_BOARD, request.options, self.wait).await?;
+        let (from, to): (std::time::SystemTime, std::time::SystemTime) = (from.into(), to.into());
+        let rows = client
+            .query(
+                "SELECT COALESCE(currency, ''), \
+                   count(*) FILTER (WHERE outcome = 'won'), \
+                   count(*) FILTER (WHERE outcome = 'lost'), \
+                   COALESCE(sum(amount_minor) FILTER (WHERE outcome = 'won'), 0)::bigint, \
+                   COALESCE(sum(amount_minor) FILTER (WHERE outcome = 'lost'), 0)::bigint \
+                 FROM pipeline_board \
+                 WHERE tenant_id = $1 AND outcome IN ('won', 'lost') \
+                   AND closed_at >= $2 AND closed_at < $3 AND ($4 = '' OR owner = $4) \
+                 GROUP BY 1 ORDER BY 1",
+                &[&caller.tenant.as_str(), &from, &to, &request.owner],
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+        let rate = |won: i128, lost: i128| -> u32 {
+            if won + lost <= 0 {
+                0
+            } else {
+                u32::try_from(won * 10_000 / (won + lost)).unwrap_or(0)
+            }
+        };
+        let (mut won, mut lost) = (0u64, 0u64);
+        let mut by_value = Vec::new();
+        for row in &rows {
+            let (w, l): (i64, i64) = (row.get(1), row.get(2));
+            won += u64::try_from(w).unwrap_or(0);
+            lost += u64::try_from(l).unwrap_or(0);
+            let (won_minor, lost_minor): (i64, i64) = (row.get(3), row.get(4));
+            by_value.push(WinRateByValue {
+                currency: row.get(0),
+                won_minor,
+                lost_minor,
+                win_rate_bp: rate(i128::from(won_minor), i128::from(lost_minor)),
+            });
+        }
+        Ok(Response::new(WinRate {
+            won,
+            lost,
+            win_rate_bp: rate(i128::from(won), i128::from(lost)),
+            by_value,
+            position,
+        }))
     }
 }

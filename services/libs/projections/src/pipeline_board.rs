@@ -5,7 +5,7 @@
 //! the read model can never disagree with the aggregate about what an event
 //! means; the columns are derived from that state.
 use crm_domain::Aggregate;
-use crm_domain::opportunity::Opportunity;
+use crm_domain::opportunity::{Opportunity, OpportunityEvent};
 use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
@@ -31,8 +31,14 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pipeline_board (
     owner          text    NOT NULL,
     state          jsonb   NOT NULL,
     position       bigint  NOT NULL,
+    closed_at      timestamptz,
     PRIMARY KEY (tenant_id, deal_id)
 );
+-- Added after the first release: run `crm projections rebuild pipeline_board`
+-- to fill it for deals closed before.
+ALTER TABLE pipeline_board ADD COLUMN IF NOT EXISTS closed_at timestamptz;
+CREATE INDEX IF NOT EXISTS pipeline_board_closed
+    ON pipeline_board (tenant_id, closed_at) WHERE outcome <> 'open';
 CREATE INDEX IF NOT EXISTS pipeline_board_by_stage
     ON pipeline_board (tenant_id, pipeline_id, stage) WHERE outcome = 'open'";
 
@@ -65,7 +71,7 @@ impl Projection for PipelineBoard {
             if event.stream_type != Opportunity::STREAM_TYPE {
                 return Ok(());
             }
-            let Some((deal, _)) = crate::state::evolve_row::<Opportunity>(
+            let Some((deal, decoded)) = crate::state::evolve_row::<Opportunity>(
                 tx,
                 "SELECT state FROM pipeline_board WHERE tenant_id = $1 AND deal_id = $2",
                 event,
@@ -92,11 +98,18 @@ impl Projection for PipelineBoard {
             let close_date = deal.close_date.map(|d| d.to_string());
             let probability = i32::try_from(deal.probability_bp).unwrap_or(i32::MAX);
             let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
+            // When the deal was won or lost (business time); a reopen clears it.
+            let (closes, closed_at): (bool, Option<std::time::SystemTime>) = match &decoded {
+                OpportunityEvent::Won(won) => (true, Some(won.occurred_at.into())),
+                OpportunityEvent::Lost(lost) => (true, Some(lost.occurred_at.into())),
+                OpportunityEvent::Reopened(_) => (true, None),
+                _ => (false, None),
+            };
             tx.execute(
                 "INSERT INTO pipeline_board (tenant_id, deal_id, name, pipeline_id, stage, outcome, \
                    archived, amount_minor, currency, probability_bp, weighted_minor, category, \
-                   close_date, owner, state, position) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16) \
+                   close_date, owner, state, position, closed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16, $18) \
                  ON CONFLICT (tenant_id, deal_id) DO UPDATE SET name = EXCLUDED.name, \
                    pipeline_id = EXCLUDED.pipeline_id, stage = EXCLUDED.stage, \
                    outcome = EXCLUDED.outcome, archived = EXCLUDED.archived, \
@@ -104,7 +117,8 @@ impl Projection for PipelineBoard {
                    probability_bp = EXCLUDED.probability_bp, \
                    weighted_minor = EXCLUDED.weighted_minor, category = EXCLUDED.category, \
                    close_date = EXCLUDED.close_date, owner = EXCLUDED.owner, \
-                   state = EXCLUDED.state, position = EXCLUDED.position",
+                   state = EXCLUDED.state, position = EXCLUDED.position, \
+                   closed_at = CASE WHEN $17 THEN $18 ELSE pipeline_board.closed_at END",
                 &[
                     &event.tenant_id,
                     &event.stream_id,
@@ -122,6 +136,8 @@ impl Projection for PipelineBoard {
                     &deal.owner,
                     &state_json,
                     &position,
+                    &closes,
+                    &closed_at,
                 ],
             )
             .await?;
