@@ -294,3 +294,107 @@ async fn time_driven_commands_are_for_the_scheduler_and_check_their_condition() 
     assert_eq!(error_info(&status).0, "NOT_APPLICABLE");
     app.stop().await;
 }
+
+/// The scheduler, driven by a clock of the test's: a task falls due once,
+/// with `occurred_at` = its due time, and a repeated tick changes nothing.
+#[tokio::test]
+async fn the_scheduler_marks_a_task_overdue_exactly_once_at_its_due_time() {
+    use std::sync::{Arc, Mutex};
+
+    use crm::scheduler::{Clock, Scheduler};
+
+    struct TestClock(Mutex<jiff::Timestamp>);
+    impl Clock for TestClock {
+        fn now(&self) -> jiff::Timestamp {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    let app = TestApp::spawn().await;
+    let ada = contact(&app).await;
+    let due = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1))
+        .round(jiff::Unit::Second)
+        .unwrap();
+    let task = app
+        .activities()
+        .schedule_activity(app.request(ScheduleActivityRequest {
+            kind: "task".into(),
+            targets: vec![target("contact", &ada)],
+            due: due.to_string(),
+            subject: "Send the offer".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let db = app.db.client().await;
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "the task in scheduled_tasks",
+        || async {
+            db.query_opt("SELECT 1 FROM scheduled_tasks", &[])
+                .await
+                .ok()
+                .flatten()
+        },
+    )
+    .await;
+
+    let store = crm_event_store::EventStore::connect(
+        app.db.config(),
+        crm_event_store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+        app.db.config().clone(),
+        tokio_postgres::NoTls,
+    ))
+    .max_size(2)
+    .build()
+    .unwrap();
+    let clock = Arc::new(TestClock(Mutex::new(jiff::Timestamp::now())));
+    let handler_clock = clock.clone();
+    let scheduler = Scheduler::new(
+        crm::command::CommandHandler::new(store.clone(), b"test-reservation-key-of-32-bytes!")
+            .with_clock(Arc::new(move || handler_clock.now())),
+        pool,
+        clock.clone(),
+        std::time::Duration::from_secs(3600),
+    );
+    assert_eq!(scheduler.tick().await.unwrap().appended, 0, "not due yet");
+    *clock.0.lock().unwrap() = due + jiff::SignedDuration::from_hours(1);
+    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
+    // The read model may still show it open: the idempotency key makes the
+    // repeat a no-op.
+    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    let overdue: Vec<serde_json::Value> = app
+        .stored()
+        .await
+        .into_iter()
+        .filter(|(event_type, _, _)| event_type == "TaskOverdue")
+        .map(|(_, payload, _)| payload)
+        .collect();
+    assert_eq!(overdue.len(), 1, "exactly once");
+    assert_eq!(
+        overdue[0]["occurred_at"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .unwrap(),
+        due,
+        "when the condition became true, not when the tick ran"
+    );
+    assert_eq!(
+        overdue[0]["due"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .unwrap(),
+        due
+    );
+    let _ = task;
+    store.shutdown().await;
+    app.stop().await;
+}

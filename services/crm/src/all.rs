@@ -49,8 +49,9 @@ pub async fn run_all(
         .run(workers.clone()),
     );
     spawn_projectors(&tasks, config, &store, &read_models, &[], &workers)?;
-    tasks.close();
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
+    tasks.spawn(scheduler(commands.clone(), read_models.clone()).run(workers.clone()));
+    tasks.close();
     let services = Services {
         commands: Some(commands),
         ..query_services(config, &store, read_models, &shutdown)
@@ -99,6 +100,28 @@ pub async fn run_projectors(
     tasks.wait().await;
     stop_store(config, &store).await;
     Ok(())
+}
+
+/// The scheduler role alone, until `shutdown` is cancelled.
+pub async fn run_scheduler(config: &Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let store = start_store(config).await?;
+    let read_models = read_model_pool(config).await?;
+    let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
+    scheduler(commands, read_models).run(shutdown).await;
+    stop_store(config, &store).await;
+    Ok(())
+}
+
+fn scheduler(
+    commands: crate::command::CommandHandler,
+    read_models: deadpool_postgres::Pool,
+) -> crate::scheduler::Scheduler {
+    crate::scheduler::Scheduler::new(
+        commands,
+        read_models,
+        std::sync::Arc::new(crate::scheduler::SystemClock),
+        std::time::Duration::from_secs(1),
+    )
 }
 
 /// `crm projections rebuild NAME`: rebuilds one projection from the event

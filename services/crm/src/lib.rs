@@ -15,11 +15,12 @@ pub mod demo;
 mod grpc;
 pub mod query;
 pub mod relay;
+pub mod scheduler;
 pub mod schemas;
 
 pub use all::{
     projections_status, rebuild_projection, run_all, run_command, run_migrate, run_projectors,
-    run_query, run_relay,
+    run_query, run_relay, run_scheduler,
 };
 pub use grpc::health_check;
 

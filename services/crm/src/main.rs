@@ -31,6 +31,9 @@ enum Role {
         /// e.g. `pipeline_board`; none: every projection.
         names: Vec<String>,
     },
+    /// The scheduler alone: appends the time-driven events (tasks overdue
+    /// today) exactly once each. Several may run; their commands converge.
+    Scheduler,
     /// Projection administration.
     Projections {
         #[command(subcommand)]
@@ -183,6 +186,13 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map(|position| println!("{name} rebuilt and swapped in at position {position}"))
             .map_err(anyhow::Error::from),
+        Role::Scheduler => {
+            let shutdown = CancellationToken::new();
+            crm_platform::shutdown::cancel_on_signal(shutdown.clone());
+            crm::run_scheduler(&config, shutdown)
+                .await
+                .map_err(anyhow::Error::from)
+        }
         Role::Migrate => crm::run_migrate(&config)
             .await
             .map(|applied| tracing::info!(applied, "migrations applied"))

@@ -40,6 +40,19 @@ fn bounded(name: &'static str, value: &str) -> Result<String, ServiceError> {
 }
 
 impl Caller {
+    /// The system itself (the scheduler, process managers) acting in a
+    /// tenant: role `system`, a fresh correlation id.
+    pub fn system(tenant: TenantId, actor: &str) -> Self {
+        Self {
+            tenant,
+            actor: actor.to_owned(),
+            roles: vec!["system".to_owned()],
+            correlation_id: Uuid::now_v7().to_string(),
+            causation_id: None,
+            traceparent: None,
+        }
+    }
+
     pub fn from_metadata(metadata: &MetadataMap) -> Result<Self, ServiceError> {
         let tenant = text(metadata, "x-tenant-id")?
             .ok_or(ServiceError::Unauthenticated("missing x-tenant-id"))?;

@@ -162,6 +162,8 @@ pub struct CommandHandler {
     >,
     /// Data subjects' keys, kept for [`SUBJECT_KEY_TTL`].
     subject_keys: std::sync::Arc<std::sync::Mutex<SubjectKeys>>,
+    /// "Now" for decisions (the system clock; a test's for the scheduler).
+    clock: std::sync::Arc<dyn Fn() -> Timestamp + Send + Sync>,
 }
 
 type SubjectKeys = std::collections::HashMap<
@@ -208,7 +210,18 @@ impl CommandHandler {
             reservation_key: reservation_key.into(),
             uniqueness: Default::default(),
             subject_keys: Default::default(),
+            clock: std::sync::Arc::new(Timestamp::now),
         }
+    }
+
+    /// The same handler deciding with another clock (tests of time-driven
+    /// rules).
+    pub fn with_clock(
+        mut self,
+        clock: std::sync::Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    ) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// A data subject's key; with `create`, made on first use. `None` when
@@ -519,7 +532,7 @@ impl CommandHandler {
                 return Err(ServiceError::VersionConflict { current: version });
             }
             let context = Context {
-                now: Timestamp::now(),
+                now: (self.clock)(),
                 occurred_at: options.occurred_at,
             };
             let events = state.decide(command.clone(), context)?;
@@ -714,7 +727,7 @@ impl CommandHandler {
                 versions.push(loser_version);
             }
             let context = Context {
-                now: Timestamp::now(),
+                now: (self.clock)(),
                 occurred_at: options.occurred_at,
             };
             let (survivor_events, loser_events) =
@@ -869,7 +882,7 @@ impl CommandHandler {
                 .current()
                 .is_some_and(|s| s.convert_from_working);
             let context = Context {
-                now: Timestamp::now(),
+                now: (self.clock)(),
                 occurred_at: options.occurred_at,
             };
             let conversion = crm_domain::conversion::convert(

@@ -13,6 +13,7 @@
 mod pipeline_board;
 mod rebuild;
 mod runtime;
+mod scheduled_tasks;
 mod service_queue;
 mod state;
 
@@ -22,6 +23,7 @@ pub use runtime::{
     ApplyError, Projection, ProjectionStatus, Projector, ProjectorOptions, STATUS_SCHEMA,
     applied_position, ensure_schema, statuses, wait_for_position,
 };
+pub use scheduled_tasks::{NAME as SCHEDULED_TASKS, ScheduledTasks};
 pub use service_queue::{NAME as SERVICE_QUEUE, ServiceQueue, priority_rank};
 
 /// Every read model (`crm projector NAME` picks by [`Projection::name`]).
@@ -29,5 +31,6 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
     vec![
         std::sync::Arc::new(PipelineBoard),
         std::sync::Arc::new(ServiceQueue),
+        std::sync::Arc::new(ScheduledTasks),
     ]
 }
