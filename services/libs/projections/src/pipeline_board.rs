@@ -50,17 +50,7 @@ fn text<T: serde::Serialize>(value: &T) -> Option<String> {
 }
 
 impl Projection for PipelineBoard {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn schema(&self) -> &'static str {
-        SCHEMA
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["pipeline_board"]
-    }
+    crate::runtime::projection_names!(NAME, SCHEMA, ["pipeline_board"]);
 
     fn apply<'a>(
         &'a self,

@@ -35,6 +35,25 @@ pub enum ApplyError {
 
 pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
 
+/// The three naming methods of a [`Projection`]: `projection_names!(NAME,
+/// SCHEMA, ["table", ...])` inside its `impl`.
+macro_rules! projection_names {
+    ($name:expr, $schema:expr, [$($table:expr),+ $(,)?]) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn schema(&self) -> &'static str {
+            $schema
+        }
+
+        fn tables(&self) -> &'static [&'static str] {
+            &[$($table),+]
+        }
+    };
+}
+pub(crate) use projection_names;
+
 /// One read model.
 pub trait Projection: Send + Sync + 'static {
     /// Stable name: status row, durable consumer, `crm projector NAME`.

@@ -25,17 +25,7 @@ CREATE INDEX IF NOT EXISTS scheduled_tasks_due
     ON scheduled_tasks (due) WHERE open AND NOT overdue";
 
 impl Projection for ScheduledTasks {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn schema(&self) -> &'static str {
-        SCHEMA
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["scheduled_tasks"]
-    }
+    crate::runtime::projection_names!(NAME, SCHEMA, ["scheduled_tasks"]);
 
     fn apply<'a>(
         &'a self,

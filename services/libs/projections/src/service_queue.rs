@@ -42,17 +42,7 @@ pub fn priority_rank(priority: Priority) -> i16 {
 }
 
 impl Projection for ServiceQueue {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn schema(&self) -> &'static str {
-        SCHEMA
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["service_queue"]
-    }
+    crate::runtime::projection_names!(NAME, SCHEMA, ["service_queue"]);
 
     fn apply<'a>(
         &'a self,
