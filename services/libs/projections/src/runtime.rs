@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use crm_event_store::{EventStore, Filter, RecordedEvent};
 use deadpool_postgres::Pool;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -240,22 +240,37 @@ impl Projector {
             )
             .await
             .map_err(nats)?;
+        // One continuous pull (the client re-pulls and heartbeats): a message
+        // arrives as soon as it is published, and whatever else is already
+        // there joins its batch. (`fetch` would answer at once when nothing
+        // is there, turning an idle projector into a busy loop.)
+        let mut stream = consumer
+            .stream()
+            .max_messages_per_batch(self.options.batch)
+            .messages()
+            .await
+            .map_err(nats)?;
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
-            let fetch = consumer
-                .fetch()
-                .max_messages(self.options.batch)
-                .expires(self.options.fetch_wait)
-                .messages();
-            let batch = tokio::select! {
+            let first = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                batch = fetch => batch.map_err(nats)?,
+                next = tokio::time::timeout(self.options.fetch_wait, stream.next()) => next,
             };
-            let messages: Vec<_> = batch.collect().await;
+            let mut messages = Vec::new();
+            match first {
+                Ok(Some(message)) => messages.push(message.map_err(nats)?),
+                Ok(None) => return Err(RunError::Nats("the consumer's stream ended".into())),
+                Err(_) => {} // quiet
+            }
+            while !messages.is_empty() && messages.len() < self.options.batch {
+                match stream.next().now_or_never() {
+                    Some(Some(message)) => messages.push(message.map_err(nats)?),
+                    _ => break,
+                }
+            }
             let mut events = Vec::with_capacity(messages.len());
             let mut last = None;
             for message in messages {
-                let message = message.map_err(nats)?;
                 let event =
                     crm_wire::cloudevents::decode(message.headers.as_ref(), &message.payload)
                         .map_err(|e| RunError::Poison {
