@@ -38,6 +38,9 @@ pub struct StoreOptions {
     /// Most events a subscription reads per query (and holds in memory
     /// besides its buffer).
     pub subscription_chunk: usize,
+    /// How long a live subscription waits after a wake-up before reading,
+    /// so a burst of commits costs one read (a latency of this much).
+    pub subscription_linger: Duration,
     /// Fault injection for tests: hold every batch transaction open this long
     /// after writing and before committing.
     pub pause_before_commit: Option<Duration>,
@@ -53,6 +56,7 @@ impl Default for StoreOptions {
             poll_interval: Duration::from_secs(1),
             subscription_buffer: 1024,
             subscription_chunk: 1000,
+            subscription_linger: Duration::from_millis(2),
             pause_before_commit: None,
         }
     }
@@ -303,6 +307,7 @@ impl EventStore {
             cancel: self.inner.cancel.child_token(),
             buffer: self.inner.options.subscription_buffer,
             chunk: self.inner.options.subscription_chunk.max(1),
+            linger: self.inner.options.subscription_linger,
             until,
         }
     }

@@ -61,6 +61,8 @@ pub(crate) struct SubscriptionTask {
     pub cancel: CancellationToken,
     pub buffer: usize,
     pub chunk: usize,
+    /// After a wake-up, wait this long so a burst of commits is read at once.
+    pub linger: Duration,
     /// Stop after this position instead of following live events (replay).
     pub until: Option<u64>,
 }
@@ -100,7 +102,12 @@ impl SubscriptionTask {
                 }
             }
             tokio::select! {
-                _ = self.head.changed() => {}
+                _ = self.head.changed() => {
+                    // Let a burst of commits gather before reading them.
+                    if !self.linger.is_zero() {
+                        tokio::time::sleep(self.linger).await;
+                    }
+                }
                 () = tokio::time::sleep(self.poll_interval) => {}
                 () = sender.closed() => return,
                 () = self.cancel.cancelled() => return,

@@ -87,6 +87,8 @@ pub struct ProjectorOptions {
     pub tail_refill_after: Duration,
     /// Most events read from the store per transaction when refilling.
     pub refill_chunk: u64,
+    /// How long a batch waits for more messages after its first.
+    pub linger: Duration,
     /// Longest wait between attempts when NATS or PostgreSQL fails.
     pub max_backoff: Duration,
 }
@@ -100,6 +102,7 @@ impl Default for ProjectorOptions {
             fetch_wait: Duration::from_millis(500),
             tail_refill_after: Duration::from_secs(2),
             refill_chunk: 5_000,
+            linger: Duration::from_millis(5),
             max_backoff: Duration::from_secs(5),
         }
     }
@@ -262,10 +265,20 @@ impl Projector {
                 Ok(None) => return Err(RunError::Nats("the consumer's stream ended".into())),
                 Err(_) => {} // quiet
             }
+            // Let a burst gather (`linger`), so busy logs apply in batches
+            // rather than a transaction per event.
+            let gather_until = tokio::time::Instant::now() + self.options.linger;
             while !messages.is_empty() && messages.len() < self.options.batch {
-                match stream.next().now_or_never() {
-                    Some(Some(message)) => messages.push(message.map_err(nats)?),
-                    _ => break,
+                let next = match stream.next().now_or_never() {
+                    Some(next) => next,
+                    None => match tokio::time::timeout_at(gather_until, stream.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
+                };
+                match next {
+                    Some(message) => messages.push(message.map_err(nats)?),
+                    None => break,
                 }
             }
             let mut events = Vec::with_capacity(messages.len());
