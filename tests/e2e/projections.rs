@@ -764,3 +764,98 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
     assert_eq!(bad_fields(&status), vec!["to"]);
     app.stop().await;
 }
+
+/// The forecast ladder of DOMAIN.md §5.1 (closed ⊂ commit ⊂ best case ⊂
+/// pipeline, a deal in its close-date period), figures worked out by hand.
+#[tokio::test]
+async fn the_forecast_climbs_the_category_ladder_for_the_period() {
+    use crm_proto::v1::{
+        ForecastAmounts, GetForecastRequest, LoseOpportunityRequest, Money, Reason,
+        WinOpportunityRequest,
+    };
+    let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
+    let (account, pipeline) = setup(&app).await;
+    let mut last = 0;
+    // (amount in minor units, stage or outcome, close date)
+    for (minor, to, close) in [
+        (10_000_000, "won", "2026-12-10"),           // closed, 100 %
+        (20_000_000, "negotiation", "2026-12-11"),   // commit, 80 %
+        (30_000_000, "proposal", "2026-12-12"),      // best case, 50 %
+        (40_000_000, "qualification", "2026-12-13"), // pipeline, 10 %
+        (50_000_000, "lost", "2026-12-14"),          // omitted: counts nowhere
+        (60_000_000, "negotiation", "2027-01-05"),   // another period
+    ] {
+        let mut request = deal(&account, &pipeline);
+        request.amount = Some(Money {
+            amount_minor: minor,
+            currency: "EUR".into(),
+        });
+        request.close_date = close.into();
+        let id = app
+            .opportunities()
+            .open_opportunity(app.request(request))
+            .await
+            .unwrap()
+            .into_inner()
+            .stream_id;
+        let reply = match to {
+            "qualification" => continue,
+            "won" => app
+                .opportunities()
+                .win_opportunity(app.request(WinOpportunityRequest {
+                    options: None,
+                    opportunity_id: id,
+                }))
+                .await
+                .unwrap(),
+            "lost" => app
+                .opportunities()
+                .lose_opportunity(app.request(LoseOpportunityRequest {
+                    options: None,
+                    opportunity_id: id,
+                    reason: Some(Reason {
+                        code: "price".into(),
+                        text: String::new(),
+                    }),
+                    competitor: String::new(),
+                }))
+                .await
+                .unwrap(),
+            stage => app
+                .opportunities()
+                .change_opportunity_stage(app.request(to_stage(&id, stage)))
+                .await
+                .unwrap(),
+        };
+        last = last.max(reply.into_inner().global_position);
+    }
+    let forecast = SalesQueriesClient::new(app.channel.clone())
+        .get_forecast(app.request(GetForecastRequest {
+            options: Some(QueryOptions { min_position: last }),
+            from_date: "2026-12-01".into(),
+            to_date: "2027-01-01".into(),
+            owner: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forecast.currencies.len(), 1);
+    let eur = &forecast.currencies[0];
+    let amounts = |deals, amount, weighted| {
+        Some(ForecastAmounts {
+            amount_minor: amount,
+            weighted_minor: weighted,
+            deals,
+        })
+    };
+    // closed: 100,000.00 at 100 %.
+    assert_eq!(eur.closed, amounts(1, 10_000_000, 10_000_000));
+    // commit adds 200,000.00 at 80 % = 160,000.00.
+    assert_eq!(eur.commit, amounts(2, 30_000_000, 26_000_000));
+    // best case adds 300,000.00 at 50 % = 150,000.00.
+    assert_eq!(eur.best_case, amounts(3, 60_000_000, 41_000_000));
+    // pipeline adds 400,000.00 at 10 % = 40,000.00; the lost deal and the
+    // January deal count nowhere.
+    assert_eq!(eur.pipeline, amounts(4, 100_000_000, 45_000_000));
+    app.stop().await;
+}

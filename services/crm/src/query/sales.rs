@@ -4,8 +4,8 @@ use std::time::Duration;
 use crm_projections::PIPELINE_BOARD;
 use crm_proto::v1::sales_queries_server::SalesQueries;
 use crm_proto::v1::{
-    GetPipelineBoardRequest, GetWinRateRequest, PipelineBoard, QueryOptions, StageColumn, WinRate,
-    WinRateByValue,
+    Forecast, ForecastAmounts, ForecastByCurrency, GetForecastRequest, GetPipelineBoardRequest,
+    GetWinRateRequest, PipelineBoard, QueryOptions, StageColumn, WinRate, WinRateByValue,
 };
 use deadpool_postgres::Pool;
 use tonic::{Request, Response, Status};
@@ -150,6 +150,87 @@ impl SalesQueries for SalesService {
             lost,
             win_rate_bp: rate(i128::from(won), i128::from(lost)),
             by_value,
+            position,
+        }))
+    }
+
+    async fn get_forecast(
+        &self,
+        request: Request<GetForecastRequest>,
+    ) -> Result<Response<Forecast>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let date = |field: &'static str, text: &str| {
+            text.parse::<jiff::civil::Date>()
+                .map_err(|_| ServiceError::invalid(field, "must be a date, YYYY-MM-DD"))
+        };
+        let from = date("from_date", &request.from_date)?;
+        let to = date("to_date", &request.to_date)?;
+        if to <= from {
+            return Err(ServiceError::invalid("to_date", "must be after from_date").into());
+        }
+        if request.owner.len() > 200 {
+            return Err(ServiceError::invalid("owner", "must be at most 200 characters").into());
+        }
+        let (client, position) =
+            ready(&self.pool, PIPELINE_BOARD, request.options, self.wait).await?;
+        let rows = client
+            .query(
+                "SELECT COALESCE(currency, ''), category, count(*), \
+                   COALESCE(sum(amount_minor), 0)::bigint, COALESCE(sum(weighted_minor), 0)::bigint \
+                 FROM pipeline_board \
+                 WHERE tenant_id = $1 AND NOT archived AND outcome <> 'lost' \
+                   AND close_date >= $2::text::date AND close_date < $3::text::date \
+                   AND ($4 = '' OR owner = $4) \
+                 GROUP BY 1, 2 ORDER BY 1",
+                &[
+                    &caller.tenant.as_str(),
+                    &from.to_string(),
+                    &to.to_string(),
+                    &request.owner,
+                ],
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+        // Each category counts in itself and every wider one.
+        const LADDER: [&str; 4] = ["closed", "commit", "best_case", "pipeline"];
+        let mut currencies: Vec<ForecastByCurrency> = Vec::new();
+        for row in &rows {
+            let currency: String = row.get(0);
+            let category: Option<String> = row.get(1);
+            let Some(rung) = category
+                .as_deref()
+                .and_then(|c| LADDER.iter().position(|l| *l == c))
+            else {
+                continue; // omitted
+            };
+            if currencies.last().is_none_or(|c| c.currency != currency) {
+                currencies.push(ForecastByCurrency {
+                    currency: currency.clone(),
+                    closed: Some(ForecastAmounts::default()),
+                    commit: Some(ForecastAmounts::default()),
+                    best_case: Some(ForecastAmounts::default()),
+                    pipeline: Some(ForecastAmounts::default()),
+                });
+            }
+            let Some(entry) = currencies.last_mut() else {
+                continue;
+            };
+            let (deals, amount, weighted): (i64, i64, i64) = (row.get(2), row.get(3), row.get(4));
+            let levels = [
+                &mut entry.closed,
+                &mut entry.commit,
+                &mut entry.best_case,
+                &mut entry.pipeline,
+            ];
+            for level in levels.into_iter().skip(rung).flatten() {
+                level.deals += u64::try_from(deals).unwrap_or(0);
+                level.amount_minor += amount;
+                level.weighted_minor += weighted;
+            }
+        }
+        Ok(Response::new(Forecast {
+            currencies,
             position,
         }))
     }
