@@ -268,12 +268,17 @@ impl CommandHandler {
         Ok(Some(key))
     }
 
-    /// Encrypts the personal fields of every data subject's events in
-    /// `request` under the subject's key.
-    async fn seal(&self, request: &mut AppendEvents) -> Result<(), ServiceError> {
+    /// Encrypts the personal fields of the events of `subjects` (the streams
+    /// of `request` whose state holds a person's data, as the caller's states
+    /// say) under each subject's key.
+    async fn seal(
+        &self,
+        request: &mut AppendEvents,
+        subjects: &[Uuid],
+    ) -> Result<(), ServiceError> {
         let mut new_keys = Vec::new();
         for stream in &mut request.streams {
-            if !personal::is_subject(&stream.stream_type)
+            if !subjects.contains(&stream.stream_id)
                 || !stream
                     .events
                     .iter()
@@ -281,24 +286,7 @@ impl CommandHandler {
             {
                 continue;
             }
-            let new_stream = stream.expected == crm_event_store::ExpectedVersion::NoStream;
-            if stream.stream_type == "account" {
-                // Only person accounts are subjects: a new one says so in its
-                // AccountCreated; an existing one has a key.
-                let person = if new_stream {
-                    stream.events.first().is_some_and(|e| {
-                        e.event_type == "AccountCreated" && e.payload["kind"] == "person"
-                    })
-                } else {
-                    self.subject_key(&request.tenant_id, stream.stream_id, false)
-                        .await?
-                        .is_some()
-                };
-                if !person {
-                    continue;
-                }
-            }
-            let key = if new_stream {
+            let key = if stream.expected == crm_event_store::ExpectedVersion::NoStream {
                 // A new subject: a fresh key, stored in the same transaction
                 // as its first events (cached only once read back).
                 let bytes = personal::new_key().map_err(ServiceError::Internal)?;
@@ -548,11 +536,15 @@ impl CommandHandler {
             let before = uniqueness.hard(state.unique_keys());
             let new_state = state.replay(events.iter());
             let after = uniqueness.hard(new_state.unique_keys());
-            let request = self.append_request::<A>(
+            let mut request = self.append_request::<A>(
                 caller, stream_id, version, options, &events, &before, &after,
             )?;
-            let mut request = request;
-            self.seal(&mut request).await?;
+            let subjects: &[Uuid] = if new_state.holds_personal_data() {
+                &[stream_id]
+            } else {
+                &[]
+            };
+            self.seal(&mut request, subjects).await?;
             match self.store.append(request).await {
                 Ok(appended) => {
                     if A::STREAM_TYPE == <crm_domain::configuration::TenantSettings as crm_domain::configuration::ConfigContent>::STREAM_TYPE
@@ -641,18 +633,23 @@ impl CommandHandler {
         })
     }
 
-    /// A new stream's append and the claims for the unique values its
-    /// events give it.
+    /// A new stream's append, the claims for the unique values its events
+    /// give it, and whether its state holds a person's data.
     fn new_stream<A: Aggregate>(
         &self,
         tenant: &TenantId,
         uniqueness: &Uniqueness,
         stream_id: Uuid,
         events: &[A::Event],
-    ) -> Result<(StreamAppend, Vec<Reservation>), ServiceError> {
-        let keys = uniqueness.hard(A::default().replay(events.iter()).unique_keys());
+    ) -> Result<(StreamAppend, Vec<Reservation>, bool), ServiceError> {
+        let state = A::default().replay(events.iter());
+        let keys = uniqueness.hard(state.unique_keys());
         let claims = self.reservations(tenant, stream_id, &BTreeSet::new(), &keys);
-        Ok((stream_append::<A>(stream_id, 0, events)?, claims))
+        Ok((
+            stream_append::<A>(stream_id, 0, events)?,
+            claims,
+            state.holds_personal_data(),
+        ))
     }
 
     /// Claims for the keys `after` adds, releases for those it drops.
@@ -792,7 +789,7 @@ impl CommandHandler {
                     });
                 }
             }
-            let request = AppendEvents {
+            let mut request = AppendEvents {
                 tenant_id: caller.tenant.clone(),
                 streams,
                 idempotency_key: options.idempotency_key.clone(),
@@ -801,8 +798,15 @@ impl CommandHandler {
                 subject_keys: Vec::new(),
                 request_fingerprint: Some(options.fingerprint),
             };
-            let mut request = request;
-            self.seal(&mut request).await?;
+            // Survivor and losers are one kind: all subjects, or none.
+            let subjects: Vec<Uuid> = if survivor.holds_personal_data() {
+                std::iter::once(survivor_id)
+                    .chain(loser_ids.iter().copied())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            self.seal(&mut request, &subjects).await?;
             match self.store.append(request).await {
                 Ok(appended) => {
                     return Ok(Merged {
@@ -901,8 +905,9 @@ impl CommandHandler {
                 &conversion.lead,
             )?];
             let mut reservations = Vec::new();
+            let mut subjects = vec![lead_id];
             if !conversion.account.is_empty() {
-                let (stream, claims) = self.new_stream::<Account>(
+                let (stream, claims, personal) = self.new_stream::<Account>(
                     &caller.tenant,
                     &uniqueness,
                     account_id,
@@ -910,8 +915,11 @@ impl CommandHandler {
                 )?;
                 streams.push(stream);
                 reservations.extend(claims);
+                if personal {
+                    subjects.push(account_id);
+                }
             }
-            let (stream, claims) = self.new_stream::<Contact>(
+            let (stream, claims, _) = self.new_stream::<Contact>(
                 &caller.tenant,
                 &uniqueness,
                 contact_id,
@@ -919,7 +927,8 @@ impl CommandHandler {
             )?;
             streams.push(stream);
             reservations.extend(claims);
-            let request = AppendEvents {
+            subjects.push(contact_id);
+            let mut request = AppendEvents {
                 tenant_id: caller.tenant.clone(),
                 streams,
                 idempotency_key: options.idempotency_key.clone(),
@@ -928,8 +937,7 @@ impl CommandHandler {
                 subject_keys: Vec::new(),
                 request_fingerprint: Some(options.fingerprint),
             };
-            let mut request = request;
-            self.seal(&mut request).await?;
+            self.seal(&mut request, &subjects).await?;
             match self.store.append(request).await {
                 Ok(appended) => return Ok(answer(&appended)),
                 Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {
