@@ -107,14 +107,7 @@ impl RelayOptions {
     }
 
     fn lock_key(&self) -> i64 {
-        // A stable 63-bit key per stream name (FNV-1a), so relays of different
-        // logs never block each other.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in format!("crm-relay:{}", self.stream).bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        i64::try_from(hash >> 1).unwrap_or(0)
+        crm_event_store::advisory_lock_key(&format!("crm-relay:{}", self.stream))
     }
 }
 

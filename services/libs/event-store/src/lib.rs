@@ -29,5 +29,18 @@ pub use store::{EventStore, StoreOptions};
 pub use subscribe::Subscription;
 pub use writer::WriterStats;
 
+/// A stable 63-bit PostgreSQL advisory-lock key for a name (FNV-1a), e.g.
+/// `crm-relay:<stream>`: roles that must run once per name (the relay's
+/// leader, a projection's rebuild) lock it; distinct names never collide in
+/// practice, so they never block each other.
+pub fn advisory_lock_key(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::try_from(hash >> 1).unwrap_or(0)
+}
+
 /// The PostgreSQL channel on which every append announces its last position.
 pub const NOTIFY_CHANNEL: &str = "crm_events";

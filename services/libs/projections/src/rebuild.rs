@@ -49,7 +49,7 @@ pub async fn rebuild(
     let (mut client, connection) = pg.connect(NoTls).await?;
     let driver = tokio::spawn(connection);
     // One rebuild per projection at a time (held until this connection ends).
-    let lock_key = rebuild_lock_key(name);
+    let lock_key = crm_event_store::advisory_lock_key(&format!("crm-rebuild:{name}"));
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key])
         .await?
@@ -118,16 +118,6 @@ pub async fn rebuild(
     let _ = driver.await;
     tracing::info!(projection = name, position, "rebuild swapped in");
     Ok(position)
-}
-
-fn rebuild_lock_key(name: &str) -> i64 {
-    // FNV-1a of the name, distinct from the relay's keys by its prefix.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in format!("crm-rebuild:{name}").bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    i64::try_from(hash >> 1).unwrap_or(0)
 }
 
 /// Applies the stored events after `after` up to `until` in `tx`; returns
