@@ -5,12 +5,13 @@ use crm_projections::PIPELINE_BOARD;
 use crm_proto::v1::sales_queries_server::SalesQueries;
 use crm_proto::v1::{
     Forecast, ForecastAmounts, ForecastByCurrency, GetForecastRequest, GetPipelineBoardRequest,
-    GetWinRateRequest, PipelineBoard, QueryOptions, StageColumn, WinRate, WinRateByValue,
+    GetWinRateRequest, PipelineBoard, StageColumn, WinRate, WinRateByValue,
 };
 use deadpool_postgres::Pool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::ready;
 use crate::command::{Caller, ServiceError};
 
 #[derive(Clone)]
@@ -23,28 +24,6 @@ impl SalesService {
     /// `wait`: the longest a query waits for its `min_position`.
     pub fn new(pool: Pool, wait: Duration) -> Self {
         Self { pool, wait }
-    }
-}
-
-/// A client on the read-model database, once `projection` has applied the
-/// caller's `min_position`; with the position applied.
-pub(crate) async fn ready(
-    pool: &Pool,
-    projection: &'static str,
-    options: Option<QueryOptions>,
-    wait: Duration,
-) -> Result<(deadpool_postgres::Object, u64), Status> {
-    let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("read models: {e}"));
-    let client = pool.get().await.map_err(|e| unavailable(&e))?;
-    let min_position = options.map_or(0, |o| o.min_position);
-    match crm_projections::wait_for_position(&client, projection, min_position, wait)
-        .await
-        .map_err(|e| unavailable(&e))?
-    {
-        Ok(position) => Ok((client, position)),
-        Err(position) => Err(Status::unavailable(format!(
-            "read model {projection} has applied position {position}, not yet {min_position}; retry"
-        ))),
     }
 }
 

@@ -11,7 +11,7 @@ use deadpool_postgres::Pool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::sales::ready;
+use super::ready;
 use crate::command::{Caller, ServiceError};
 
 const DEFAULT_PAGE: u32 = 50;
