@@ -301,14 +301,7 @@ async fn time_driven_commands_are_for_the_scheduler_and_check_their_condition() 
 async fn the_scheduler_marks_a_task_overdue_exactly_once_at_its_due_time() {
     use std::sync::{Arc, Mutex};
 
-    use crm::scheduler::{Clock, Scheduler};
-
-    struct TestClock(Mutex<jiff::Timestamp>);
-    impl Clock for TestClock {
-        fn now(&self) -> jiff::Timestamp {
-            *self.0.lock().unwrap()
-        }
-    }
+    use crate::support::{TestClock, test_scheduler};
 
     let app = TestApp::spawn().await;
     let ada = contact(&app).await;
@@ -341,28 +334,8 @@ async fn the_scheduler_marks_a_task_overdue_exactly_once_at_its_due_time() {
     )
     .await;
 
-    let store = crm_event_store::EventStore::connect(
-        app.db.config(),
-        crm_event_store::StoreOptions::default(),
-    )
-    .await
-    .unwrap();
-    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
-        app.db.config().clone(),
-        tokio_postgres::NoTls,
-    ))
-    .max_size(2)
-    .build()
-    .unwrap();
     let clock = Arc::new(TestClock(Mutex::new(jiff::Timestamp::now())));
-    let handler_clock = clock.clone();
-    let scheduler = Scheduler::new(
-        crm::command::CommandHandler::new(store.clone(), b"test-reservation-key-of-32-bytes!")
-            .with_clock(Arc::new(move || handler_clock.now())),
-        pool,
-        clock.clone(),
-        std::time::Duration::from_secs(3600),
-    );
+    let (scheduler, store) = test_scheduler(&app, clock.clone()).await;
     assert_eq!(scheduler.tick().await.unwrap().appended, 0, "not due yet");
     *clock.0.lock().unwrap() = due + jiff::SignedDuration::from_hours(1);
     assert_eq!(scheduler.tick().await.unwrap().appended, 1);

@@ -14,5 +14,6 @@ mod opportunities;
 mod projections;
 mod records;
 mod relay;
+mod sla;
 mod support;
 mod tickets;

@@ -218,3 +218,49 @@ pub fn error_info(status: &Status) -> (String, std::collections::HashMap<String,
     let info = status.get_details_error_info().expect("ErrorInfo details");
     (info.reason, info.metadata)
 }
+
+/// A clock a test sets by hand, for the scheduler.
+pub struct TestClock(pub std::sync::Mutex<jiff::Timestamp>);
+
+impl crm::scheduler::Clock for TestClock {
+    fn now(&self) -> jiff::Timestamp {
+        *self.0.lock().unwrap()
+    }
+}
+
+impl TestClock {
+    pub fn set(&self, text: &str) {
+        *self.0.lock().unwrap() = text.parse().unwrap();
+    }
+}
+
+/// A scheduler on `app`'s database driven by `clock` (its commands too),
+/// and the event store it appends through (shut it down at the end).
+pub async fn test_scheduler(
+    app: &TestApp,
+    clock: std::sync::Arc<TestClock>,
+) -> (crm::scheduler::Scheduler, crm_event_store::EventStore) {
+    use crm::scheduler::Clock;
+    let store = crm_event_store::EventStore::connect(
+        app.db.config(),
+        crm_event_store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+        app.db.config().clone(),
+        tokio_postgres::NoTls,
+    ))
+    .max_size(2)
+    .build()
+    .unwrap();
+    let handler_clock = clock.clone();
+    let scheduler = crm::scheduler::Scheduler::new(
+        crm::command::CommandHandler::new(store.clone(), b"test-reservation-key-of-32-bytes!")
+            .with_clock(std::sync::Arc::new(move || handler_clock.now())),
+        pool,
+        clock,
+        Duration::from_secs(3600),
+    );
+    (scheduler, store)
+}

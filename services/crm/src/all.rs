@@ -36,7 +36,9 @@ pub async fn run_all(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let store = start_store(config).await?;
-    let read_models = read_model_pool(config).await?;
+    let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
+    let projections = projections(&commands);
+    let read_models = read_model_pool(config, &projections).await?;
     let workers = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(
@@ -48,9 +50,18 @@ pub async fn run_all(
         )
         .run(workers.clone()),
     );
-    spawn_projectors(&tasks, config, &store, &read_models, &[], &workers)?;
-    let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
-    tasks.spawn(scheduler(commands.clone(), read_models.clone()).run(workers.clone()));
+    spawn_projectors(
+        &tasks,
+        config,
+        &store,
+        &read_models,
+        projections,
+        &[],
+        &workers,
+    )?;
+    if config.scheduler_interval_ms > 0 {
+        tasks.spawn(scheduler(config, commands.clone(), read_models.clone()).run(workers.clone()));
+    }
     tasks.close();
     let services = Services {
         commands: Some(commands),
@@ -93,9 +104,19 @@ pub async fn run_projectors(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let store = start_store(config).await?;
-    let read_models = read_model_pool(config).await?;
+    let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
+    let projections = projections(&commands);
+    let read_models = read_model_pool(config, &projections).await?;
     let tasks = TaskTracker::new();
-    spawn_projectors(&tasks, config, &store, &read_models, names, &shutdown)?;
+    spawn_projectors(
+        &tasks,
+        config,
+        &store,
+        &read_models,
+        projections,
+        names,
+        &shutdown,
+    )?;
     tasks.close();
     tasks.wait().await;
     stop_store(config, &store).await;
@@ -105,14 +126,15 @@ pub async fn run_projectors(
 /// The scheduler role alone, until `shutdown` is cancelled.
 pub async fn run_scheduler(config: &Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let store = start_store(config).await?;
-    let read_models = read_model_pool(config).await?;
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
-    scheduler(commands, read_models).run(shutdown).await;
+    let read_models = read_model_pool(config, &projections(&commands)).await?;
+    scheduler(config, commands, read_models).run(shutdown).await;
     stop_store(config, &store).await;
     Ok(())
 }
 
 fn scheduler(
+    config: &Config,
     commands: crate::command::CommandHandler,
     read_models: deadpool_postgres::Pool,
 ) -> crate::scheduler::Scheduler {
@@ -120,7 +142,7 @@ fn scheduler(
         commands,
         read_models,
         std::sync::Arc::new(crate::scheduler::SystemClock),
-        std::time::Duration::from_secs(1),
+        std::time::Duration::from_millis(config.scheduler_interval_ms.max(1)),
     )
 }
 
@@ -131,7 +153,11 @@ fn scheduler(
 pub async fn rebuild_projection(config: &Config, name: &str) -> Result<u64, RunError> {
     use std::io::{IsTerminal, Write};
     let store = start_store(config).await?;
-    read_model_pool(config).await?;
+    let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
+    read_model_pool(config, &projections(&commands)).await?;
+    if name == crate::sla::NAME {
+        return Err(RunError::NotRebuildable(name.to_owned()));
+    }
     let projection = crm_projections::all()
         .into_iter()
         .find(|p| p.name() == name)
@@ -194,16 +220,32 @@ pub async fn projections_status(
     config: &Config,
 ) -> Result<Vec<crm_projections::ProjectionStatus>, RunError> {
     config.validate()?;
-    run_migrate(config).await?;
-    let pool = read_model_pool(config).await?;
+    let store = start_store(config).await?;
+    let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
+    let pool = read_model_pool(config, &projections(&commands)).await?;
+    stop_store(config, &store).await;
     let client = pool.get().await.map_err(RunError::ReadModels)?;
     crm_projections::statuses(&client)
         .await
         .map_err(RunError::Connect)
 }
 
+/// Every projection and process manager this binary runs.
+fn projections(
+    commands: &crate::command::CommandHandler,
+) -> Vec<std::sync::Arc<dyn crm_projections::Projection>> {
+    let mut all = crm_projections::all();
+    all.push(std::sync::Arc::new(crate::sla::SlaProcess::new(
+        commands.clone(),
+    )));
+    all
+}
+
 /// A pool on the read models' database, with every projection's tables.
-async fn read_model_pool(config: &Config) -> Result<deadpool_postgres::Pool, RunError> {
+async fn read_model_pool(
+    config: &Config,
+    projections: &[std::sync::Arc<dyn crm_projections::Projection>],
+) -> Result<deadpool_postgres::Pool, RunError> {
     let mut pg = config.pg_config()?;
     pg.application_name("crm-read-models");
     // Read models are derived: a projection batch lost in a crash before its
@@ -221,7 +263,7 @@ async fn read_model_pool(config: &Config) -> Result<deadpool_postgres::Pool, Run
         .build()
         .map_err(|e| RunError::Pool(e.to_string()))?;
     let client = pool.get().await.map_err(RunError::ReadModels)?;
-    for projection in crm_projections::all() {
+    for projection in projections {
         crm_projections::ensure_schema(&client, projection.as_ref())
             .await
             .map_err(RunError::Connect)?;
@@ -258,10 +300,10 @@ fn spawn_projectors(
     config: &Config,
     store: &EventStore,
     read_models: &deadpool_postgres::Pool,
+    known: Vec<std::sync::Arc<dyn crm_projections::Projection>>,
     names: &[String],
     stop: &CancellationToken,
 ) -> Result<(), RunError> {
-    let known = crm_projections::all();
     for name in names {
         if !known.iter().any(|p| p.name() == name) {
             let names: Vec<_> = known.iter().map(|p| p.name()).collect();
@@ -343,7 +385,8 @@ pub async fn run_query(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let store = start_store(config).await?;
-    let read_models = read_model_pool(config).await?;
+    let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
+    let read_models = read_model_pool(config, &projections(&commands)).await?;
     let services = query_services(config, &store, read_models, &shutdown);
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     stop_store(config, &store).await;

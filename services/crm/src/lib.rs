@@ -17,6 +17,7 @@ pub mod query;
 pub mod relay;
 pub mod scheduler;
 pub mod schemas;
+pub mod sla;
 
 pub use all::{
     projections_status, rebuild_projection, run_all, run_command, run_migrate, run_projectors,
@@ -45,4 +46,6 @@ pub enum RunError {
     Rebuild(String),
     #[error("no projection named {0:?}; known: {1}")]
     UnknownProjection(String, String),
+    #[error("{0} is a process manager: its effect is the commands it sent, so it is never rebuilt")]
+    NotRebuildable(String),
 }

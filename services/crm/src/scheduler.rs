@@ -5,17 +5,23 @@
 //! rule's command with `occurred_at` = when the condition became true and the
 //! idempotency key `scheduler:<rule>:<stream>:<due instant>`, so a repeated
 //! tick, a restart or a second scheduler changes nothing; a condition that
-//! vanished meanwhile answers NOT_APPLICABLE and is skipped. Today's rule:
-//! task due (`TaskOverdue`); the SLA, auto-close, stalled-deal and churn
-//! rules join as their read models land.
+//! vanished meanwhile answers NOT_APPLICABLE and is skipped. Rules: task
+//! due (`TaskOverdue`), SLA warning and breach (`SlaWarningReached`,
+//! `SlaBreached`, from `sla_clock`), auto-solve of tickets pending on the
+//! customer for 7 days and auto-close of tickets solved for 4 days (from
+//! `service_queue`). Stalled deals and churn risk join as their read models
+//! land.
 use std::sync::Arc;
 use std::time::Duration;
 
-use crm_domain::TenantId;
+use std::time::SystemTime;
+
 use crm_domain::activity::{Activity, ActivityCommand};
-use crm_proto::v1 as pb;
+use crm_domain::sla::{SlaCommand, SlaMetric, SlaTracker, tracker_id};
+use crm_domain::ticket::{AUTO_CLOSE_DAYS, AUTO_SOLVE_DAYS, Ticket, TicketCommand};
+use crm_domain::{Aggregate, TenantId};
 use deadpool_postgres::Pool;
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -97,59 +103,176 @@ impl Scheduler {
     /// One pass over every rule.
     pub async fn tick(&self) -> Result<Tick, ServiceError> {
         let now = self.clock.now();
+        let mut tick = Tick::default();
+        self.tasks_due(now, &mut tick).await?;
+        self.sla_alarms(now, &mut tick).await?;
+        self.waiting_tickets(now, &mut tick).await?;
+        Ok(tick)
+    }
+
+    async fn due_rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, ServiceError> {
         let client = self
             .read_models
             .get()
             .await
             .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-        let now_system: std::time::SystemTime = now.into();
-        let due = client
-            .query(
+        client
+            .query(sql, params)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))
+    }
+
+    /// Sends one rule's command as `system:scheduler`, counting the outcome.
+    async fn send<A: Aggregate>(
+        &self,
+        tick: &mut Tick,
+        tenant: &str,
+        stream_id: Uuid,
+        key: String,
+        occurred_at: Timestamp,
+        command: A::Command,
+    ) -> Result<(), ServiceError>
+    where
+        A::Command: Clone,
+    {
+        let Ok(tenant) = TenantId::parse(tenant) else {
+            return Ok(());
+        };
+        let caller = Caller::system(tenant, "system:scheduler");
+        let options = Options::internal(key, occurred_at);
+        match self
+            .handler
+            .execute::<A>(&caller, stream_id, &options, command)
+            .await
+        {
+            Ok(reply) if !reply.unchanged => tick.appended += 1,
+            Ok(_) => tick.skipped += 1,
+            Err(ServiceError::Domain(crm_domain::DomainError::NotApplicable { .. })) => {
+                tick.skipped += 1;
+            }
+            Err(error @ ServiceError::Unavailable(_)) => return Err(error),
+            // One record refusing must not hold up the others.
+            Err(error) => {
+                tracing::warn!(%error, stream_id = %stream_id, "scheduled command refused");
+                tick.skipped += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Task due: an open scheduled activity past its due time.
+    async fn tasks_due(&self, now: Timestamp, tick: &mut Tick) -> Result<(), ServiceError> {
+        let now_system: SystemTime = now.into();
+        let rows = self
+            .due_rows(
                 "SELECT tenant_id, activity_id, due FROM scheduled_tasks \
                  WHERE open AND NOT overdue AND due <= $1 ORDER BY due LIMIT $2",
                 &[&now_system, &BATCH],
             )
-            .await
-            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-        drop(client);
-        let mut tick = Tick::default();
-        for row in &due {
-            let tenant: String = row.get(0);
+            .await?;
+        for row in &rows {
             let activity_id: Uuid = row.get(1);
-            let due: std::time::SystemTime = row.get(2);
-            let due = Timestamp::try_from(due)
-                .map_err(|e| ServiceError::Internal(format!("due time: {e}")))?;
-            let Ok(tenant) = TenantId::parse(&tenant) else {
-                continue;
-            };
-            let request = pb::MarkTaskOverdueRequest {
-                options: Some(pb::CommandOptions {
-                    idempotency_key: format!("scheduler:task_overdue:{activity_id}:{due}"),
-                    expected_version: None,
-                    occurred_at: due.to_string(),
-                }),
-                activity_id: activity_id.to_string(),
-            };
-            let options = Options::parse("MarkTaskOverdue", request.options.as_ref(), &request)?;
-            let caller = Caller::system(tenant, "system:scheduler");
-            match self
-                .handler
-                .execute::<Activity>(
-                    &caller,
-                    activity_id,
-                    &options,
-                    ActivityCommand::MarkTaskOverdue,
+            let due = timestamp(row.get(2))?;
+            self.send::<Activity>(
+                tick,
+                row.get(0),
+                activity_id,
+                format!("scheduler:task_overdue:{activity_id}:{due}"),
+                due,
+                ActivityCommand::MarkTaskOverdue,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// SLA warning and breach: a running clock past its warning share or
+    /// its due instant (the SLA process manager escalates the breach).
+    async fn sla_alarms(&self, now: Timestamp, tick: &mut Tick) -> Result<(), ServiceError> {
+        let now_system: SystemTime = now.into();
+        for (rule, column, flag) in [
+            ("sla_warning", "warn_at", "warned"),
+            ("sla_breach", "due", "breached"),
+        ] {
+            let rows = self
+                .due_rows(
+                    &format!(
+                        "SELECT tenant_id, ticket_id, metric, {column} FROM sla_clock \
+                         WHERE state = 'running' AND NOT {flag} AND {column} <= $1 \
+                         ORDER BY {column} LIMIT $2"
+                    ),
+                    &[&now_system, &BATCH],
                 )
-                .await
-            {
-                Ok(reply) if !reply.unchanged => tick.appended += 1,
-                Ok(_) => tick.skipped += 1,
-                Err(ServiceError::Domain(crm_domain::DomainError::NotApplicable { .. })) => {
-                    tick.skipped += 1;
-                }
-                Err(error) => return Err(error),
+                .await?;
+            for row in &rows {
+                let ticket_id: Uuid = row.get(1);
+                let metric_name: String = row.get(2);
+                let Some(metric) = SlaMetric::parse(&metric_name) else {
+                    continue;
+                };
+                let at = timestamp(row.get(3))?;
+                let command = if rule == "sla_warning" {
+                    SlaCommand::Warn { metric, at }
+                } else {
+                    SlaCommand::Breach { metric, due: at }
+                };
+                self.send::<SlaTracker>(
+                    tick,
+                    row.get(0),
+                    tracker_id(ticket_id),
+                    format!("scheduler:{rule}:{ticket_id}:{metric_name}:{at}"),
+                    at,
+                    command,
+                )
+                .await?;
             }
         }
-        Ok(tick)
+        Ok(())
     }
+
+    /// Auto-solve (pending on the customer for 7 days) and auto-close
+    /// (solved for 4 days).
+    async fn waiting_tickets(&self, now: Timestamp, tick: &mut Tick) -> Result<(), ServiceError> {
+        for (rule, status, days) in [
+            ("auto_solve", "pending", AUTO_SOLVE_DAYS),
+            ("auto_close", "solved", AUTO_CLOSE_DAYS),
+        ] {
+            let waited = SignedDuration::from_hours(24 * days);
+            let cutoff: SystemTime = (now - waited).into();
+            let rows = self
+                .due_rows(
+                    "SELECT tenant_id, ticket_id, status_since FROM service_queue \
+                     WHERE status = $1 AND status_since <= $2 ORDER BY status_since LIMIT $3",
+                    &[&status, &cutoff, &BATCH],
+                )
+                .await?;
+            for row in &rows {
+                let ticket_id: Uuid = row.get(1);
+                let since = timestamp(row.get(2))?;
+                let command = if rule == "auto_solve" {
+                    TicketCommand::AutoSolve { since }
+                } else {
+                    TicketCommand::AutoClose { since }
+                };
+                self.send::<Ticket>(
+                    tick,
+                    row.get(0),
+                    ticket_id,
+                    format!("scheduler:{rule}:{ticket_id}:{since}"),
+                    since + waited,
+                    command,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn timestamp(time: SystemTime) -> Result<Timestamp, ServiceError> {
+    Timestamp::try_from(time).map_err(|e| ServiceError::Internal(format!("stored time: {e}")))
 }

@@ -75,6 +75,18 @@ pub struct Options {
 }
 
 impl Options {
+    /// Options of a command the system sends itself (process managers, the
+    /// scheduler): a deterministic key that also stands for the request.
+    pub fn internal(idempotency_key: String, occurred_at: Timestamp) -> Self {
+        let fingerprint = Sha256::digest(idempotency_key.as_bytes()).into();
+        Self {
+            idempotency_key: Some(idempotency_key),
+            expected_version: None,
+            occurred_at: Some(occurred_at),
+            fingerprint,
+        }
+    }
+
     /// Parses `options` of a request whose encoded form is `request`.
     pub fn parse(
         method: &str,
@@ -407,7 +419,7 @@ impl CommandHandler {
 
     /// Folds a stream into state: the latest usable snapshot, then the events
     /// after it. Another stream type under this id reads as missing.
-    async fn load<A: Aggregate>(
+    pub(crate) async fn load<A: Aggregate>(
         &self,
         tenant: &TenantId,
         stream_id: Uuid,

@@ -77,6 +77,11 @@ impl ProjectionsAdmin for ProjectionsAdminService {
     ) -> Result<Response<Self::RebuildProjectionStream>, Status> {
         admin(request.metadata())?;
         let name = request.into_inner().name;
+        if name == crate::sla::NAME {
+            return Err(Status::failed_precondition(format!(
+                "{name} is a process manager: its effect is the commands it sent, so it is never rebuilt"
+            )));
+        }
         let projection: Arc<dyn Projection> = crm_projections::all()
             .into_iter()
             .find(|p| p.name() == name)

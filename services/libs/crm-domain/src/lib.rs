@@ -4,6 +4,29 @@
 //!
 //! Each aggregate implements [`Aggregate`]; its events implement
 //! [`DomainEvent`] (stable names, schema versions, decoding with upcasting).
+/// A closed set of names stored as snake_case text.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            pub fn name(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+
+            pub fn parse(text: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.name() == text)
+            }
+        }
+    };
+}
+
 pub mod account;
 pub mod activity;
 mod aggregate;
@@ -20,6 +43,7 @@ pub mod pipeline;
 pub mod records;
 #[cfg(feature = "schemas")]
 pub mod schemas;
+pub mod sla;
 pub mod targets;
 mod tenant;
 pub mod ticket;

@@ -36,6 +36,7 @@ use crate::opportunity::{
 };
 use crate::pipeline::PipelinePublished;
 use crate::records::{OwnerChanged, RecordShareRevoked, RecordShared, TagsChanged};
+use crate::sla::{SlaAlarm, SlaClockPaused, SlaClockResumed, SlaPolicyApplied, SlaTargetMet};
 use crate::targets::SalesTargetAllocated;
 use crate::ticket::{
     CsatRatingReceived, TicketAssigned, TicketClosed, TicketEscalated, TicketMessageAdded,
@@ -161,6 +162,12 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<TicketReopened>("ticket", "TicketReopened", 1),
         schema::<TicketClosed>("ticket", "TicketClosed", 1),
         schema::<CsatRatingReceived>("ticket", "CsatRatingReceived", 1),
+        schema::<SlaPolicyApplied>("ticket_sla", "SlaPolicyApplied", 1),
+        schema::<SlaClockPaused>("ticket_sla", "SlaClockPaused", 1),
+        schema::<SlaClockResumed>("ticket_sla", "SlaClockResumed", 1),
+        schema::<SlaAlarm>("ticket_sla", "SlaWarningReached", 1),
+        schema::<SlaAlarm>("ticket_sla", "SlaBreached", 1),
+        schema::<SlaTargetMet>("ticket_sla", "SlaTargetMet", 1),
     ];
     // The shared record events, on every main record type.
     for stream_type in ["account", "contact", "lead", "opportunity", "ticket"] {

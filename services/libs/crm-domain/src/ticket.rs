@@ -14,28 +14,6 @@ use crate::common::{Change, diff, is_code, text_ok};
 use crate::error::{DomainError, Violations};
 use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
-macro_rules! named_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
-
-            pub fn name(self) -> &'static str {
-                match self { $(Self::$variant => $text),+ }
-            }
-
-            pub fn parse(text: &str) -> Option<Self> {
-                Self::ALL.iter().copied().find(|v| v.name() == text)
-            }
-        }
-    };
-}
-
 named_enum!(TicketType { Question = "question", Incident = "incident", Request = "request", Complaint = "complaint" });
 named_enum!(Priority { Low = "low", Normal = "normal", High = "high", Urgent = "urgent" });
 named_enum!(Channel { Email = "email", Phone = "phone", Chat = "chat", Web = "web", Social = "social" });
@@ -119,9 +97,24 @@ pub enum TicketCommand {
         eligible: bool,
         override_reason: String,
     },
+    /// The scheduler: a ticket pending on the customer since `since` with no
+    /// reply for [`AUTO_SOLVE_DAYS`] is solved.
+    AutoSolve {
+        since: Timestamp,
+    },
+    /// The scheduler: a ticket solved at `since` closes after
+    /// [`AUTO_CLOSE_DAYS`].
+    AutoClose {
+        since: Timestamp,
+    },
     /// Owner, tags and shares (see [`crate::records`]).
     Common(CommonCommand),
 }
+
+/// Days a pending ticket waits for the customer before it is solved.
+pub const AUTO_SOLVE_DAYS: i64 = 7;
+/// Days a solved ticket stays open to a reply before it closes.
+pub const AUTO_CLOSE_DAYS: i64 = 4;
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,8 +310,28 @@ pub struct Ticket {
     pub escalation_level: u8,
     pub reopen_count: u32,
     pub csat: Option<u8>,
+    /// When the ticket entered its current status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_since: Option<Timestamp>,
     #[serde(default)]
     pub meta: RecordMeta,
+}
+
+/// When a ticket event happened.
+fn event_time(event: &TicketEvent) -> Timestamp {
+    match event {
+        TicketEvent::Opened(e) => e.occurred_at,
+        TicketEvent::Triaged(e) => e.occurred_at,
+        TicketEvent::Assigned(e) => e.occurred_at,
+        TicketEvent::MessageAdded(e) => e.occurred_at,
+        TicketEvent::StatusChanged(e) => e.occurred_at,
+        TicketEvent::Escalated(e) => e.occurred_at,
+        TicketEvent::Solved(e) => e.occurred_at,
+        TicketEvent::Reopened(e) => e.occurred_at,
+        TicketEvent::Closed(e) => e.occurred_at,
+        TicketEvent::CsatReceived(e) => e.occurred_at,
+        TicketEvent::Common(_) => Timestamp::UNIX_EPOCH,
+    }
 }
 
 impl Ticket {
@@ -357,6 +370,8 @@ impl Aggregate for Ticket {
     type Command = TicketCommand;
     type Event = TicketEvent;
     const STREAM_TYPE: &'static str = "ticket";
+    /// 2: the state records when the status last changed.
+    const SNAPSHOT_VERSION: u32 = 2;
 
     fn exists(&self) -> bool {
         self.exists
@@ -648,6 +663,41 @@ impl Aggregate for Ticket {
                     occurred_at,
                 })])
             }
+            TicketCommand::AutoSolve { since } => {
+                let due = since + jiff::SignedDuration::from_hours(24 * AUTO_SOLVE_DAYS);
+                if self.status()? != TicketStatus::Pending
+                    || self.status_since != Some(since)
+                    || occurred_at < due
+                {
+                    return Err(DomainError::NotApplicable { rule: "auto_solve" });
+                }
+                let root_cause = if self.ticket_type == Some(TicketType::Complaint) {
+                    "customer_unresponsive".into()
+                } else {
+                    String::new()
+                };
+                Ok(vec![TicketEvent::Solved(TicketSolved {
+                    resolution: format!(
+                        "Solved automatically: no reply from the customer in {AUTO_SOLVE_DAYS} days"
+                    ),
+                    root_cause,
+                    snapshot: self.snapshot(),
+                    occurred_at,
+                })])
+            }
+            TicketCommand::AutoClose { since } => {
+                let due = since + jiff::SignedDuration::from_hours(24 * AUTO_CLOSE_DAYS);
+                if self.status()? != TicketStatus::Solved
+                    || self.status_since != Some(since)
+                    || occurred_at < due
+                {
+                    return Err(DomainError::NotApplicable { rule: "auto_close" });
+                }
+                Ok(vec![TicketEvent::Closed(TicketClosed {
+                    how: "auto".into(),
+                    occurred_at,
+                })])
+            }
             TicketCommand::Close => {
                 let status = self.status()?;
                 match status {
@@ -689,6 +739,7 @@ impl Aggregate for Ticket {
     }
 
     fn evolve(mut self, event: &TicketEvent) -> Self {
+        let before = self.status;
         match event {
             TicketEvent::Common(event) => self.meta.evolve(event),
             TicketEvent::Opened(opened) => {
@@ -728,6 +779,9 @@ impl Aggregate for Ticket {
             }
             TicketEvent::Closed(_) => self.status = Some(TicketStatus::Closed),
             TicketEvent::CsatReceived(rating) => self.csat = Some(rating.score),
+        }
+        if self.status != before {
+            self.status_since = Some(event_time(event));
         }
         self
     }
@@ -1006,5 +1060,70 @@ mod tests {
                 },
                 occurred_at: now(),
             })]);
+    }
+
+    #[test]
+    fn pending_tickets_auto_solve_and_solved_tickets_auto_close_after_their_days() {
+        let decide_at = |state: &Ticket, command, at: &str| {
+            let at: Timestamp = at.parse().unwrap();
+            state.decide(command, crate::Context::at(at))
+        };
+        let state = Ticket::default()
+            .replay([opened(), status(TicketStatus::New, TicketStatus::Pending)].iter());
+        // Pending since NOW (2026-11-28T10:00Z): solved 7 days later.
+        let since = state.status_since.expect("status time");
+        assert_eq!(since, now());
+        // Too early, or a stale view of when it became pending: not applicable.
+        let not_applicable = Err(DomainError::NotApplicable { rule: "auto_solve" });
+        assert_eq!(
+            decide_at(
+                &state,
+                TicketCommand::AutoSolve { since },
+                "2026-12-05T09:59:00Z"
+            ),
+            not_applicable
+        );
+        assert_eq!(
+            decide_at(
+                &state,
+                TicketCommand::AutoSolve {
+                    since: "2026-11-20T10:00:00Z".parse().unwrap()
+                },
+                "2026-12-05T10:00:00Z"
+            ),
+            not_applicable
+        );
+        let events = decide_at(
+            &state,
+            TicketCommand::AutoSolve { since },
+            "2026-12-05T10:00:00Z",
+        )
+        .unwrap();
+        let solved = state.replay(events.iter());
+        assert_eq!(solved.status, Some(TicketStatus::Solved));
+        let solved_at = solved.status_since.unwrap();
+        assert_eq!(
+            solved_at,
+            "2026-12-05T10:00:00Z".parse::<Timestamp>().unwrap()
+        );
+        assert_eq!(
+            decide_at(
+                &solved,
+                TicketCommand::AutoClose { since: solved_at },
+                "2026-12-09T09:00:00Z"
+            ),
+            Err(DomainError::NotApplicable { rule: "auto_close" })
+        );
+        let events = decide_at(
+            &solved,
+            TicketCommand::AutoClose { since: solved_at },
+            "2026-12-09T10:00:00Z",
+        )
+        .unwrap();
+        assert!(matches!(&events[0], TicketEvent::Closed(c) if c.how == "auto"));
+        // An open ticket never auto-closes.
+        given::<Ticket>([opened()])
+            .when(TicketCommand::AutoClose { since: now() })
+            .then_error(DomainError::NotApplicable { rule: "auto_close" });
     }
 }

@@ -113,6 +113,15 @@ pub struct Config {
         default_value_t = 2000
     )]
     pub query_min_position_wait_ms: u64,
+    /// How often the scheduler looks for what has fallen due, in
+    /// milliseconds; 0 leaves the scheduler out of `crm all` (tests drive
+    /// their own, with a clock they control).
+    #[arg(
+        long = "scheduler-interval-ms",
+        env = "CRM__SCHEDULER__INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub scheduler_interval_ms: u64,
     /// Log line format.
     #[arg(
         long = "log-format",
@@ -257,6 +266,7 @@ impl fmt::Debug for Config {
                 "query_min_position_wait_ms",
                 &self.query_min_position_wait_ms,
             )
+            .field("scheduler_interval_ms", &self.scheduler_interval_ms)
             .field("log_format", &self.log_format)
             .finish()
     }

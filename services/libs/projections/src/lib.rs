@@ -15,16 +15,18 @@ mod rebuild;
 mod runtime;
 mod scheduled_tasks;
 mod service_queue;
+mod sla_clock;
 mod state;
 
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
 pub use rebuild::{Progress, RebuildError, rebuild};
 pub use runtime::{
-    ApplyError, Projection, ProjectionStatus, Projector, ProjectorOptions, STATUS_SCHEMA,
-    applied_position, ensure_schema, statuses, wait_for_position,
+    ApplyError, ApplyFuture, Projection, ProjectionStatus, Projector, ProjectorOptions,
+    STATUS_SCHEMA, applied_position, ensure_schema, statuses, wait_for_position,
 };
 pub use scheduled_tasks::{NAME as SCHEDULED_TASKS, ScheduledTasks};
 pub use service_queue::{NAME as SERVICE_QUEUE, ServiceQueue, priority_rank};
+pub use sla_clock::{NAME as SLA_CLOCK, SlaClock};
 
 /// Every read model (`crm projector NAME` picks by [`Projection::name`]).
 pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
@@ -32,5 +34,6 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
         std::sync::Arc::new(PipelineBoard),
         std::sync::Arc::new(ServiceQueue),
         std::sync::Arc::new(ScheduledTasks),
+        std::sync::Arc::new(SlaClock),
     ]
 }

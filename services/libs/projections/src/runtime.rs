@@ -31,6 +31,11 @@ pub enum ApplyError {
     Payload { event_type: String, reason: String },
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
+    /// Worth retrying (a process manager's command met an unavailable store
+    /// or a busy record): the batch is rolled back and retried with backoff,
+    /// the projection keeps running.
+    #[error("transient: {0}")]
+    Transient(String),
 }
 
 pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
@@ -63,6 +68,11 @@ pub trait Projection: Send + Sync + 'static {
     fn schema(&self) -> &'static str;
     /// Its tables, swapped as a whole by a rebuild.
     fn tables(&self) -> &'static [&'static str];
+    /// Whether `crm projections rebuild` may replay it: not for process
+    /// managers, whose effect is the commands they sent.
+    fn rebuildable(&self) -> bool {
+        true
+    }
     /// Applies one event inside the batch's transaction. Events it does not
     /// use are ignored (`Ok`).
     fn apply<'a>(
@@ -135,6 +145,8 @@ enum RunError {
     Read(#[from] crm_event_store::ReadError),
     #[error("event at position {position} cannot be applied: {error}")]
     Poison { position: u64, error: String },
+    #[error("event at position {position}: {error}; retrying")]
+    Transient { position: u64, error: String },
 }
 
 fn nats(error: impl std::fmt::Display) -> RunError {
@@ -454,9 +466,15 @@ impl Projector {
         self.projection
             .apply(tx, event)
             .await
-            .map_err(|error| RunError::Poison {
-                position: event.global_position,
-                error: error.to_string(),
+            .map_err(|error| match error {
+                ApplyError::Transient(error) => RunError::Transient {
+                    position: event.global_position,
+                    error,
+                },
+                error => RunError::Poison {
+                    position: event.global_position,
+                    error: error.to_string(),
+                },
             })
     }
 

@@ -23,13 +23,17 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS service_queue (
     opened_at        timestamptz NOT NULL,
     escalation_level smallint    NOT NULL,
     reopen_count     integer     NOT NULL,
+    status_since     timestamptz,
     state            jsonb       NOT NULL,
     position         bigint      NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
 );
 CREATE INDEX IF NOT EXISTS service_queue_open
     ON service_queue (tenant_id, queue, priority_rank, opened_at, ticket_id)
-    WHERE status NOT IN ('solved', 'closed')";
+    WHERE status NOT IN ('solved', 'closed');
+ALTER TABLE service_queue ADD COLUMN IF NOT EXISTS status_since timestamptz;
+CREATE INDEX IF NOT EXISTS service_queue_waiting
+    ON service_queue (status_since) WHERE status IN ('pending', 'solved')";
 
 /// Most urgent first.
 pub fn priority_rank(priority: Priority) -> i16 {
@@ -75,9 +79,9 @@ impl Projection for ServiceQueue {
             tx.execute(
                 "INSERT INTO service_queue (tenant_id, ticket_id, queue, status, priority, \
                    priority_rank, ticket_type, complaint, assignee, opened_at, escalation_level, \
-                   reopen_count, state, position) \
+                   reopen_count, state, position, status_since) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, $15::timestamptz), \
-                         $11, $12, $13, $14) \
+                         $11, $12, $13, $14, $16) \
                  ON CONFLICT (tenant_id, ticket_id) DO UPDATE SET queue = EXCLUDED.queue, \
                    status = EXCLUDED.status, priority = EXCLUDED.priority, \
                    priority_rank = EXCLUDED.priority_rank, ticket_type = EXCLUDED.ticket_type, \
@@ -85,7 +89,7 @@ impl Projection for ServiceQueue {
                    opened_at = COALESCE($10, service_queue.opened_at), \
                    escalation_level = EXCLUDED.escalation_level, \
                    reopen_count = EXCLUDED.reopen_count, state = EXCLUDED.state, \
-                   position = EXCLUDED.position",
+                   position = EXCLUDED.position, status_since = EXCLUDED.status_since",
                 &[
                     &event.tenant_id,
                     &event.stream_id,
@@ -102,6 +106,7 @@ impl Projection for ServiceQueue {
                     &state,
                     &i64::try_from(event.global_position).unwrap_or(i64::MAX),
                     &event.recorded_at,
+                    &ticket.status_since.map(std::time::SystemTime::from),
                 ],
             )
             .await?;
