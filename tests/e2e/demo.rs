@@ -48,8 +48,9 @@ async fn the_demo_seed_fills_a_tenant_and_a_second_run_changes_nothing() {
         + first.opportunities
         + moves;
     let stored = app.stored().await.len();
-    // Each conversion appends four events (lead, account, contact created and linked).
-    assert_eq!(stored, commands + 3 * first.conversions);
+    // Each conversion appends five events (lead, account, contact created and
+    // linked, the deal opened).
+    assert_eq!(stored, commands + 4 * first.conversions);
 
     let second = crm::demo::seed(app.address, "demo").await.unwrap();
     assert_eq!(

@@ -1,8 +1,8 @@
 //! `crm.v1.Leads`: capture, status moves, and the atomic conversion.
 use crm_proto::v1::{
     AccountKind, ArchiveAccountRequest, CaptureLeadRequest, ChangeLeadStatusRequest,
-    CommandOptions, ConvertLeadRequest, CreateAccountRequest, CreateContactRequest, EmailAddress,
-    LeadSource, PersonName, Reason,
+    CommandOptions, ConvertLeadRequest, ConvertedOpportunity, CreateAccountRequest,
+    CreateContactRequest, EmailAddress, LeadSource, Money, PersonName, Reason,
 };
 use tonic::Code;
 
@@ -62,7 +62,127 @@ fn convert(lead: &str, account: &str, key: &str) -> ConvertLeadRequest {
         }),
         lead_id: lead.into(),
         account_id: account.into(),
+        opportunity: None,
     }
+}
+
+/// The conversion of worked example A: the lead becomes account, contact
+/// and a 300,000 deal in one append, and the deal knows its lead.
+#[tokio::test]
+async fn a_conversion_opens_the_deal_in_the_same_append() {
+    let app = TestApp::spawn().await;
+    let (_, pipeline_id) = crate::opportunities::setup(&app).await;
+    let lead = qualified_lead(&app, "li.wei@example.cn", "Wei Trading").await;
+    let before = app.stored().await.len();
+    let deal = |amount_minor: i64, stage: &str| ConvertedOpportunity {
+        name: "Wei Trading first order".into(),
+        pipeline_id: pipeline_id.clone(),
+        stage: stage.into(),
+        amount: Some(Money {
+            amount_minor,
+            currency: "CNY".into(),
+        }),
+        close_date: "2026-12-31".into(),
+        owner: "user:r".into(),
+    };
+    // Bad deal fields are named under `opportunity` and store nothing.
+    for (bad, field) in [
+        (deal(-1, "qualification"), "opportunity.amount.amount_minor"),
+        (
+            ConvertedOpportunity {
+                close_date: "31/12/2026".into(),
+                ..deal(1, "qualification")
+            },
+            "opportunity.close_date",
+        ),
+        (
+            ConvertedOpportunity {
+                pipeline_id: "nope".into(),
+                ..deal(1, "qualification")
+            },
+            "opportunity.pipeline_id",
+        ),
+    ] {
+        let status = app
+            .leads()
+            .convert_lead(app.request(ConvertLeadRequest {
+                opportunity: Some(bad),
+                ..convert(&lead, "", "")
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(bad_fields(&status), [field]);
+    }
+    let status = app
+        .leads()
+        .convert_lead(app.request(ConvertLeadRequest {
+            opportunity: Some(deal(1, "nowhere")),
+            ..convert(&lead, "", "")
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).0, "INVALID_REFERENCE");
+    assert_eq!(app.stored().await.len(), before, "nothing stored");
+
+    let reply = app
+        .leads()
+        .convert_lead(app.request(ConvertLeadRequest {
+            opportunity: Some(deal(30_000_000, "qualification")),
+            ..convert(&lead, "", "convert-with-deal")
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!reply.opportunity_id.is_empty());
+    let rows = app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT event_type, stream_id::text, payload, xmin::text FROM events \
+             WHERE global_position > $1 ORDER BY global_position",
+            &[&(before as i64)],
+        )
+        .await
+        .unwrap();
+    let types: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        types,
+        [
+            "LeadConverted",
+            "AccountCreated",
+            "ContactCreated",
+            "ContactLinkedToAccount",
+            "OpportunityOpened"
+        ]
+    );
+    let transactions: std::collections::HashSet<String> = rows.iter().map(|r| r.get(3)).collect();
+    assert_eq!(transactions.len(), 1, "one transaction");
+    let converted: serde_json::Value = rows[0].get(2);
+    assert_eq!(converted["opportunity_id"], reply.opportunity_id.as_str());
+    let opened: serde_json::Value = rows[4].get(2);
+    assert_eq!(rows[4].get::<_, String>(1), reply.opportunity_id);
+    assert_eq!(opened["account_id"], reply.account_id.as_str());
+    assert_eq!(opened["contact_id"], reply.contact_id.as_str());
+    assert_eq!(opened["source"]["lead_id"], lead.as_str());
+    assert_eq!(opened["source"]["channel"], "web");
+    assert_eq!(opened["owner"], "user:r");
+    // The retry answers the same deal.
+    let again = app
+        .leads()
+        .convert_lead(app.request(ConvertLeadRequest {
+            opportunity: Some(deal(30_000_000, "qualification")),
+            ..convert(&lead, "", "convert-with-deal")
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.opportunity_id, again.unchanged),
+        (reply.opportunity_id, true)
+    );
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -13,9 +13,9 @@ use crm_proto::v1::pipelines_client::PipelinesClient;
 use crm_proto::v1::{
     AccountKind, CaptureLeadRequest, ChangeContactConsentRequest, ChangeLeadStatusRequest,
     ChangeOpportunityStageRequest, CommandOptions, ContactPreferences, ConvertLeadRequest,
-    CreateAccountRequest, CreateContactRequest, EmailAddress, LeadSource, LoseOpportunityRequest,
-    Money, OpenOpportunityRequest, PersonName, PhoneNumber, PipelineStage, PublishPipelineRequest,
-    Reason, StageKind, WinOpportunityRequest,
+    ConvertedOpportunity, CreateAccountRequest, CreateContactRequest, EmailAddress, LeadSource,
+    LoseOpportunityRequest, Money, OpenOpportunityRequest, PersonName, PhoneNumber, PipelineStage,
+    PublishPipelineRequest, Reason, StageKind, WinOpportunityRequest,
 };
 use tonic::Request;
 use tonic::transport::Channel;
@@ -338,6 +338,18 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
                         ),
                         lead_id: lead_id.clone(),
                         account_id: String::new(),
+                        // Every converted lead opens its first deal.
+                        opportunity: Some(ConvertedOpportunity {
+                            name: format!("Lead {l} first order"),
+                            pipeline_id: pipeline.stream_id.clone(),
+                            stage: "qualification".to_owned(),
+                            amount: Some(Money {
+                                amount_minor: 1_000_000 + (l as i64 * 250_000) % 4_000_000,
+                                currency: "EUR".to_owned(),
+                            }),
+                            close_date: "2026-12-31".to_owned(),
+                            owner: format!("user:rep{}", l % 5),
+                        }),
                     },
                 ))
                 .await

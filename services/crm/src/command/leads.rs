@@ -143,9 +143,24 @@ impl Leads for LeadsService {
         let options = Options::parse("ConvertLead", request.options.as_ref(), &request)?;
         let id = parse_id("lead_id", &request.lead_id, false)?;
         let account = optional_id("account_id", &request.account_id)?;
+        let deal = match request.opportunity {
+            Some(deal) => Some(crate::command::DealRequest {
+                name: deal.name,
+                pipeline_id: parse_id("opportunity.pipeline_id", &deal.pipeline_id, false)?,
+                stage: deal.stage,
+                amount: super::fields::money("opportunity.amount", deal.amount)?,
+                close_date: super::fields::date("opportunity.close_date", &deal.close_date)?,
+                owner: if deal.owner.is_empty() {
+                    caller.actor.clone()
+                } else {
+                    deal.owner
+                },
+            }),
+            None => None,
+        };
         let reply = self
             .handler
-            .convert_lead(&caller, id, account, &options)
+            .convert_lead(&caller, id, account, deal, &options)
             .await?;
         Ok(Response::new(reply))
     }

@@ -847,13 +847,31 @@ impl CommandHandler {
         caller: &Caller,
         lead_id: Uuid,
         existing_account: Option<Uuid>,
+        deal: Option<DealRequest>,
         options: &Options,
     ) -> Result<ConvertLeadReply, ServiceError> {
         let account_id = existing_account.unwrap_or_else(|| {
             fields::tenant_scoped_id(&caller.tenant, &format!("{lead_id}:account"))
         });
         let contact_id = fields::tenant_scoped_id(&caller.tenant, &format!("{lead_id}:contact"));
+        let opportunity_id = deal
+            .as_ref()
+            .map(|_| fields::tenant_scoped_id(&caller.tenant, &format!("{lead_id}:opportunity")));
+        let pipeline = match &deal {
+            Some(deal) => Some(crm_domain::opportunity::DealFacts {
+                account_active: true,
+                pipeline: self
+                    .state_or_default::<crm_domain::pipeline::PipelineConfig>(
+                        &caller.tenant,
+                        deal.pipeline_id,
+                    )
+                    .await?,
+                may_reopen_won: false,
+            }),
+            None => None,
+        };
         let answer = |appended: &Appended| ConvertLeadReply {
+            opportunity_id: opportunity_id.map(|id| id.to_string()).unwrap_or_default(),
             lead: Some(reply(lead_id, appended)),
             account_id: account_id.to_string(),
             account_created: appended.streams.iter().any(|s| s.stream_id == account_id),
@@ -908,6 +926,11 @@ impl CommandHandler {
                     existing_account: account.as_ref(),
                     contact_id,
                     allow_working,
+                    lead_id,
+                    opportunity: match (&deal, &pipeline, opportunity_id) {
+                        (Some(deal), Some(facts), Some(id)) => Some((id, deal.details(), facts)),
+                        _ => None,
+                    },
                 },
                 context,
             )?;
@@ -940,6 +963,16 @@ impl CommandHandler {
             streams.push(stream);
             reservations.extend(claims);
             subjects.push(contact_id);
+            if let Some(id) = opportunity_id {
+                let (stream, claims, _) = self.new_stream::<crm_domain::opportunity::Opportunity>(
+                    &caller.tenant,
+                    &uniqueness,
+                    id,
+                    &conversion.opportunity,
+                )?;
+                streams.push(stream);
+                reservations.extend(claims);
+            }
             let mut request = AppendEvents {
                 tenant_id: caller.tenant.clone(),
                 streams,
@@ -959,6 +992,34 @@ impl CommandHandler {
             }
         }
         Err(ServiceError::Contention)
+    }
+}
+
+/// The deal a lead conversion opens, as the caller asked for it.
+pub struct DealRequest {
+    pub name: String,
+    pub pipeline_id: Uuid,
+    pub stage: String,
+    pub amount: crm_domain::common::Money,
+    pub close_date: jiff::civil::Date,
+    pub owner: String,
+}
+
+impl DealRequest {
+    /// The deal's details; the conversion fills in account, contact and
+    /// source.
+    fn details(&self) -> crm_domain::opportunity::DealDetails {
+        crm_domain::opportunity::DealDetails {
+            name: self.name.clone(),
+            account_id: Uuid::nil(),
+            contact_id: None,
+            pipeline_id: self.pipeline_id,
+            stage: self.stage.clone(),
+            amount: self.amount.clone(),
+            close_date: self.close_date,
+            owner: self.owner.clone(),
+            source: crm_domain::opportunity::DealSource::default(),
+        }
     }
 }
 

@@ -185,6 +185,7 @@ impl Opportunities for OpportunitiesService {
             } else {
                 request.owner
             },
+            source: crm_domain::opportunity::DealSource::default(),
         };
         let facts = self
             .facts(&caller, Some(account_id), Some(pipeline_id))

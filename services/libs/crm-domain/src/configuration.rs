@@ -403,72 +403,6 @@ impl ConfigContent for CommissionPlan {
     }
 }
 
-impl CommissionPlan {
-    /// The payout for `credited` against `target` (both minor units), before
-    /// the cap — DOMAIN.md §5.1: marginal pays each band at its rate,
-    /// whole-amount pays everything at the band reached. Rounds half to even
-    /// once, at the end.
-    pub fn payout_minor(&self, credited: i64, target: i64) -> i64 {
-        let to_basis = |amount: i64| -> i128 {
-            if self.tier_basis == "attainment" {
-                if target <= 0 {
-                    0
-                } else {
-                    i128::from(amount) * 10_000 / i128::from(target)
-                }
-            } else {
-                i128::from(amount)
-            }
-        };
-        let from_basis = |basis: i128| -> i128 {
-            if self.tier_basis == "attainment" {
-                basis * i128::from(target) / 10_000
-            } else {
-                basis
-            }
-        };
-        let reached = to_basis(credited);
-        // Numerator in minor units × basis points.
-        let scaled: i128 = if self.tier_mode == "whole_amount" {
-            let rate = self
-                .tiers
-                .iter()
-                .rev()
-                .find(|t| i128::from(t.from) <= reached)
-                .map_or(0, |t| t.rate_bp);
-            i128::from(credited) * i128::from(rate)
-        } else {
-            let mut total = 0i128;
-            for (i, tier) in self.tiers.iter().enumerate() {
-                let start = from_basis(i128::from(tier.from));
-                let end = self.tiers.get(i + 1).map_or(i128::from(credited), |next| {
-                    from_basis(i128::from(next.from)).min(i128::from(credited))
-                });
-                if end > start {
-                    total += (end - start) * i128::from(tier.rate_bp);
-                }
-            }
-            total
-        };
-        let payout = round_half_even(scaled, 10_000);
-        let payout = i64::try_from(payout).unwrap_or(i64::MAX);
-        match &self.cap {
-            Some(cap) => payout.min(cap.amount_minor),
-            None => payout,
-        }
-    }
-}
-
-fn round_half_even(numerator: i128, denominator: i128) -> i128 {
-    let quotient = numerator.div_euclid(denominator);
-    let remainder = numerator.rem_euclid(denominator);
-    match (remainder * 2).cmp(&denominator) {
-        std::cmp::Ordering::Less => quotient,
-        std::cmp::Ordering::Greater => quotient + 1,
-        std::cmp::Ordering::Equal => quotient + (quotient & 1),
-    }
-}
-
 // ------------------------------------------------------ queue, team, agent
 
 /// A service queue: who may take its tickets and how they are routed.
@@ -766,15 +700,33 @@ mod tests {
     #[test]
     fn tiered_commission_matches_the_worked_figures() {
         let marginal = plan("marginal");
-        assert_eq!(marginal.payout_minor(1_300_000, 1_000_000), 45_000);
+        assert_eq!(
+            crate::commission::payout(&marginal, 1_000_000, 1_300_000),
+            45_000
+        );
         let whole = plan("whole_amount");
-        assert_eq!(whole.payout_minor(1_300_000, 1_000_000), 65_000);
+        assert_eq!(
+            crate::commission::payout(&whole, 1_000_000, 1_300_000),
+            65_000
+        );
         // The cliff of whole-amount plans.
-        assert_eq!(whole.payout_minor(999_000, 1_000_000), 29_970);
-        assert_eq!(whole.payout_minor(1_000_000, 1_000_000), 50_000);
+        assert_eq!(
+            crate::commission::payout(&whole, 1_000_000, 999_000),
+            29_970
+        );
+        assert_eq!(
+            crate::commission::payout(&whole, 1_000_000, 1_000_000),
+            50_000
+        );
         // Worked example A: 900,000 then 1,200,000 credited → 27,000 then 40,000.
-        assert_eq!(marginal.payout_minor(900_000, 1_000_000), 27_000);
-        assert_eq!(marginal.payout_minor(1_200_000, 1_000_000), 40_000);
+        assert_eq!(
+            crate::commission::payout(&marginal, 1_000_000, 900_000),
+            27_000
+        );
+        assert_eq!(
+            crate::commission::payout(&marginal, 1_000_000, 1_200_000),
+            40_000
+        );
         let capped = CommissionPlan {
             cap: Some(Money {
                 amount_minor: 30_000,
@@ -782,9 +734,10 @@ mod tests {
             }),
             ..plan("marginal")
         };
-        assert_eq!(capped.payout_minor(1_300_000, 1_000_000), 30_000);
-        assert_eq!(round_half_even(25, 10), 2);
-        assert_eq!(round_half_even(35, 10), 4);
+        assert_eq!(
+            crate::commission::payout(&capped, 1_000_000, 1_300_000),
+            30_000
+        );
     }
 
     #[test]

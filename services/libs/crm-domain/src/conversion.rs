@@ -9,10 +9,15 @@ use crate::common::Lifecycle;
 use crate::contact::{Contact, ContactCommand, ContactDetails, ContactEvent};
 use crate::error::DomainError;
 use crate::lead::{Lead, LeadConverted, LeadEvent, LeadStatus};
+use crate::opportunity::{
+    DealDetails, DealFacts, DealSource, Opportunity, OpportunityCommand, OpportunityEvent,
+};
 
 /// Where the conversion writes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConversionTargets<'a> {
+    /// The lead's own id (the deal records where it came from).
+    pub lead_id: Uuid,
     /// The account to create (when `existing_account` is `None`) or use.
     pub account_id: Uuid,
     /// The existing account's state, when the caller named one.
@@ -20,6 +25,9 @@ pub struct ConversionTargets<'a> {
     pub contact_id: Uuid,
     /// The tenant lets leads convert from `working` too (tenant settings).
     pub allow_working: bool,
+    /// A deal to open in the same conversion: its id, its details (account,
+    /// contact and source are filled in here) and its pipeline.
+    pub opportunity: Option<(Uuid, DealDetails, &'a DealFacts)>,
 }
 
 /// The events of each stream.
@@ -28,6 +36,7 @@ pub struct Conversion {
     pub lead: Vec<LeadEvent>,
     pub account: Vec<AccountEvent>,
     pub contact: Vec<ContactEvent>,
+    pub opportunity: Vec<OpportunityEvent>,
 }
 
 /// Converts a qualified lead into a contact linked to a new or existing
@@ -106,16 +115,62 @@ pub fn convert(
         },
         context,
     )?;
+    let opportunity_id = targets.opportunity.as_ref().map(|(id, _, _)| *id);
+    let opportunity = match targets.opportunity {
+        Some((_, details, facts)) => {
+            let details = DealDetails {
+                account_id: targets.account_id,
+                contact_id: Some(targets.contact_id),
+                source: DealSource {
+                    lead_id: Some(targets.lead_id),
+                    channel: lead.source.channel.clone(),
+                    campaign_id: lead.source.campaign_id,
+                },
+                ..details
+            };
+            // The account is created in this very append, or was checked.
+            let facts = DealFacts {
+                account_active: true,
+                ..facts.clone()
+            };
+            Opportunity::default()
+                .decide(OpportunityCommand::Open(details, facts), context)
+                .map_err(|error| prefixed("opportunity", error))?
+        }
+        None => Vec::new(),
+    };
     Ok(Conversion {
         lead: vec![LeadEvent::Converted(LeadConverted {
             account_id: targets.account_id,
             account_created: targets.existing_account.is_none(),
             contact_id: targets.contact_id,
+            opportunity_id,
             occurred_at,
         })],
         account,
         contact: created.into_iter().chain(linked).collect(),
+        opportunity,
     })
+}
+
+/// A part's invalid fields, named under the request field they came from.
+fn prefixed(prefix: &str, error: DomainError) -> DomainError {
+    match error {
+        DomainError::Invalid(violations) => DomainError::Invalid(
+            violations
+                .into_iter()
+                .map(|v| crate::Violation::new(format!("{prefix}.{}", v.field), v.rule))
+                .collect(),
+        ),
+        DomainError::InvalidReference { field } => DomainError::InvalidReference {
+            field: match field {
+                "pipeline_id" => "opportunity.pipeline_id",
+                "stage" => "opportunity.stage",
+                other => other,
+            },
+        },
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +219,8 @@ mod tests {
             existing_account: None,
             contact_id: Uuid::from_u128(2),
             allow_working: false,
+            lead_id: Uuid::from_u128(3),
+            opportunity: None,
         }
     }
 
@@ -184,6 +241,68 @@ mod tests {
         assert!(contact.accounts[0].primary);
         let lead = qualified("x").replay(conversion.lead.iter());
         assert_eq!(lead.status, LeadStatus::Converted);
+    }
+
+    #[test]
+    fn a_conversion_can_open_a_deal_in_the_same_decision() {
+        let facts = crate::opportunity::tests::facts();
+        let details = crate::opportunity::tests::details();
+        let lead = qualified("Wei Trading");
+        let conversion = convert(
+            &lead,
+            ConversionTargets {
+                opportunity: Some((Uuid::from_u128(4), details.clone(), &facts)),
+                ..targets()
+            },
+            Context::at(now()),
+        )
+        .unwrap();
+        let LeadEvent::Converted(converted) = &conversion.lead[0] else {
+            panic!("{:?}", conversion.lead)
+        };
+        assert_eq!(converted.opportunity_id, Some(Uuid::from_u128(4)));
+        let OpportunityEvent::Opened(opened) = &conversion.opportunity[0] else {
+            panic!("{:?}", conversion.opportunity)
+        };
+        // On the new account, with the new contact, and where it came from.
+        assert_eq!(opened.account_id, Uuid::from_u128(1));
+        assert_eq!(opened.contact_id, Some(Uuid::from_u128(2)));
+        assert_eq!(opened.source.lead_id, Some(Uuid::from_u128(3)));
+        assert_eq!(opened.source.channel, "web");
+        // A bad deal refuses the whole conversion, naming the deal's field.
+        let bad = DealDetails {
+            stage: "nowhere".into(),
+            ..details.clone()
+        };
+        let refused = convert(
+            &lead,
+            ConversionTargets {
+                opportunity: Some((Uuid::from_u128(4), bad, &facts)),
+                ..targets()
+            },
+            Context::at(now()),
+        );
+        assert_eq!(
+            refused,
+            Err(DomainError::InvalidReference {
+                field: "opportunity.stage"
+            })
+        );
+        let bad = DealDetails {
+            name: String::new(),
+            ..details
+        };
+        let refused = convert(
+            &lead,
+            ConversionTargets {
+                opportunity: Some((Uuid::from_u128(4), bad, &facts)),
+                ..targets()
+            },
+            Context::at(now()),
+        );
+        assert!(
+            matches!(refused, Err(DomainError::Invalid(v)) if v[0].field == "opportunity.name")
+        );
     }
 
     #[test]
@@ -210,6 +329,8 @@ mod tests {
                 existing_account: Some(&existing),
                 contact_id: Uuid::from_u128(2),
                 allow_working: false,
+                lead_id: Uuid::from_u128(3),
+                opportunity: None,
             },
             Context::at(now()),
         )
@@ -223,6 +344,8 @@ mod tests {
                 existing_account: Some(&missing),
                 contact_id: Uuid::from_u128(2),
                 allow_working: false,
+                lead_id: Uuid::from_u128(3),
+                opportunity: None,
             },
             Context::at(now()),
         );

@@ -181,6 +181,9 @@ pub struct LeadConverted {
     /// True when the conversion created the account, false for an existing one.
     pub account_created: bool,
     pub contact_id: uuid::Uuid,
+    /// The deal opened in the same conversion, if one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opportunity_id: Option<uuid::Uuid>,
     pub occurred_at: Timestamp,
 }
 
@@ -745,6 +748,7 @@ mod tests {
                     account_id: uuid::Uuid::nil(),
                     account_created: true,
                     contact_id: uuid::Uuid::nil(),
+                    opportunity_id: None,
                     occurred_at: now(),
                 }),
             ]
@@ -823,6 +827,7 @@ mod tests {
             account_id: uuid::Uuid::nil(),
             account_created: true,
             contact_id: uuid::Uuid::nil(),
+            opportunity_id: None,
             occurred_at: now(),
         });
         given::<Lead>([captured(), converted])

@@ -32,6 +32,7 @@ pub mod activity;
 mod aggregate;
 pub mod campaign;
 pub mod commerce;
+pub mod commission;
 pub mod common;
 pub mod configuration;
 pub mod contact;
@@ -40,6 +41,7 @@ mod error;
 pub mod lead;
 pub mod opportunity;
 pub mod pipeline;
+pub mod quality;
 pub mod records;
 #[cfg(feature = "schemas")]
 pub mod schemas;

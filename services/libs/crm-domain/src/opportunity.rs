@@ -45,6 +45,26 @@ pub struct DealFacts {
     pub may_reopen_won: bool,
 }
 
+/// Where a deal came from: the lead it was converted from, with the lead's
+/// source channel and campaign (for funnels and campaign attribution).
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DealSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lead_id: Option<Uuid>,
+    /// The lead's source channel, e.g. `web`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub channel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign_id: Option<Uuid>,
+}
+
+impl DealSource {
+    fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DealDetails {
     pub name: String,
@@ -55,6 +75,8 @@ pub struct DealDetails {
     pub amount: Money,
     pub close_date: Date,
     pub owner: String,
+    /// Empty for a deal opened directly.
+    pub source: DealSource,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -141,6 +163,9 @@ pub struct OpportunityOpened {
     pub category: ForecastCategory,
     pub close_date: Date,
     pub owner: String,
+    /// The lead it was converted from, if any.
+    #[serde(default, skip_serializing_if = "DealSource::is_empty")]
+    pub source: DealSource,
     pub occurred_at: Timestamp,
 }
 
@@ -440,6 +465,7 @@ impl Aggregate for Opportunity {
                     category: stage.category,
                     close_date: details.close_date,
                     owner: details.owner,
+                    source: details.source,
                     occurred_at,
                 })])
             }
@@ -766,12 +792,12 @@ impl Aggregate for Opportunity {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pipeline::tests::published;
     use crate::testing::{given, now};
 
-    fn facts() -> DealFacts {
+    pub(crate) fn facts() -> DealFacts {
         DealFacts {
             account_active: true,
             pipeline: PipelineConfig::default().replay([published()].iter()),
@@ -790,7 +816,7 @@ mod tests {
         Date::constant(2026, 12, 31)
     }
 
-    fn details() -> DealDetails {
+    pub(crate) fn details() -> DealDetails {
         DealDetails {
             name: "Acme renewal".into(),
             account_id: Uuid::from_u128(1),
@@ -800,6 +826,7 @@ mod tests {
             amount: eur(30_000_000),
             close_date: date(),
             owner: "user:rep".into(),
+            source: DealSource::default(),
         }
     }
 
@@ -816,6 +843,7 @@ mod tests {
             category: ForecastCategory::Pipeline,
             close_date: date(),
             owner: "user:rep".into(),
+            source: DealSource::default(),
             occurred_at: now(),
         })
     }
