@@ -7,7 +7,7 @@ use tonic::Code;
 
 use crate::support::{TestApp, bad_fields, error_info};
 
-fn with_roles<T>(app: &TestApp, message: T, roles: &str) -> tonic::Request<T> {
+pub(crate) fn with_roles<T>(app: &TestApp, message: T, roles: &str) -> tonic::Request<T> {
     let mut request = app.request(message);
     request
         .metadata_mut()

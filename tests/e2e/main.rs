@@ -3,6 +3,7 @@
 mod accounts;
 mod activities;
 mod all_role;
+mod analytics;
 mod campaigns;
 mod commerce;
 mod configuration;
@@ -14,6 +15,8 @@ mod opportunities;
 mod projections;
 mod records;
 mod relay;
+mod sales;
+mod service;
 mod sla;
 mod support;
 mod tickets;

@@ -155,7 +155,7 @@ pub async fn rebuild_projection(config: &Config, name: &str) -> Result<u64, RunE
     let store = start_store(config).await?;
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
     read_model_pool(config, &projections(&commands)).await?;
-    if name == crate::sla::NAME {
+    if crate::process::PROCESS_MANAGERS.contains(&name) {
         return Err(RunError::NotRebuildable(name.to_owned()));
     }
     let projection = crm_projections::all()
@@ -238,6 +238,12 @@ fn projections(
     all.push(std::sync::Arc::new(crate::sla::SlaProcess::new(
         commands.clone(),
     )));
+    all.push(std::sync::Arc::new(crate::router::Router::new(
+        commands.clone(),
+    )));
+    all.push(std::sync::Arc::new(
+        crate::lifecycle::CustomerLifecycle::new(commands.clone()),
+    ));
     all
 }
 
@@ -287,6 +293,10 @@ fn query_services(
         )),
         sales: Some(SalesService::new(read_models.clone(), wait)),
         service: Some(ServiceQueriesService::new(read_models.clone(), wait)),
+        analytics: Some(crate::query::AnalyticsService::new(
+            read_models.clone(),
+            wait,
+        )),
         admin: config
             .pg_config()
             .ok()
@@ -370,6 +380,7 @@ pub async fn run_command(
         event_log: None,
         sales: None,
         service: None,
+        analytics: None,
         admin: None,
     };
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;

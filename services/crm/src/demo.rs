@@ -29,6 +29,10 @@ pub struct Seeded {
     pub leads: usize,
     pub conversions: usize,
     pub opportunities: usize,
+    /// Service, commerce, campaign and NPS commands (calendar, SLA policy,
+    /// queue, agents, tickets and their moves, orders, payments, a refund,
+    /// a campaign with its cost and responses, NPS answers).
+    pub more: usize,
     /// Commands answered from an earlier run's outcome.
     pub unchanged: usize,
 }
@@ -127,7 +131,9 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
     let mut contacts = ContactsClient::new(channel.clone());
     let mut leads = LeadsClient::new(channel.clone());
     let mut pipelines = PipelinesClient::new(channel.clone());
-    let mut opportunities = OpportunitiesClient::new(channel);
+    let mut opportunities = OpportunitiesClient::new(channel.clone());
+    let mut contact_ids = Vec::with_capacity(ACCOUNTS * CONTACTS_PER_ACCOUNT);
+    let mut lead_ids = Vec::with_capacity(LEADS);
 
     let mut account_ids = Vec::with_capacity(ACCOUNTS);
     let mut seeded = Seeded::default();
@@ -237,6 +243,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
                 .into_inner();
             seeded.contacts += 1;
             seeded.unchanged += usize::from(reply.unchanged);
+            contact_ids.push((reply.stream_id.clone(), a));
             if n.is_multiple_of(3) {
                 let reply = contacts
                     .change_contact_consent(request(
@@ -297,6 +304,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
         seeded.leads += 1;
         seeded.unchanged += usize::from(reply.unchanged);
         let lead_id = reply.stream_id;
+        lead_ids.push((lead_id.clone(), days_ago));
         // A path through the lifecycle, a few days apart.
         let path: &[&str] = match l % CONVERT_EVERY {
             0 => &["working", "qualified"],
@@ -458,5 +466,432 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
             }
         }
     }
+    more(
+        &channel,
+        tenant,
+        &account_ids,
+        &contact_ids,
+        &lead_ids,
+        &mut seeded,
+    )
+    .await?;
     Ok(seeded)
+}
+
+/// Sends one seed command: `$call` on `$client` with `$message`, counted.
+macro_rules! send {
+    ($seeded:expr, $what:expr, $client:ident . $call:ident ($request:expr)) => {{
+        let reply = $client
+            .$call($request)
+            .await
+            .map_err(|status| SeedError::Refused {
+                what: $what,
+                status,
+            })?
+            .into_inner();
+        $seeded.more += 1;
+        $seeded.unchanged += usize::from(reply.unchanged);
+        reply
+    }};
+}
+
+fn as_admin<T>(tenant: &str, message: T) -> Request<T> {
+    let mut request = request(tenant, message);
+    request
+        .metadata_mut()
+        .insert("x-roles", "admin".parse().expect("ASCII"));
+    request
+}
+
+fn eur(amount_minor: i64) -> Option<Money> {
+    Some(Money {
+        amount_minor,
+        currency: "EUR".to_owned(),
+    })
+}
+
+/// Tickets (SLA policy on a business calendar, a queue of two agents),
+/// orders with payments and a refund, a campaign with cost and lead
+/// responses, NPS answers: so service queues, SLA clocks and the analytics
+/// have something to show.
+async fn more(
+    channel: &Channel,
+    tenant: &str,
+    account_ids: &[String],
+    contact_ids: &[(String, usize)],
+    lead_ids: &[(String, u64)],
+    seeded: &mut Seeded,
+) -> Result<(), SeedError> {
+    use crm_proto::v1::campaigns_client::CampaignsClient;
+    use crm_proto::v1::commerce_client::CommerceClient;
+    use crm_proto::v1::configuration_client::ConfigurationClient;
+    use crm_proto::v1::tickets_client::TicketsClient;
+    use crm_proto::v1::{
+        AddCampaignMemberRequest, AddTicketMessageRequest, AssignTicketRequest,
+        ChangeAgentAvailabilityRequest, ChangeTicketStatusRequest, ExternalRef, IssueRefundRequest,
+        OpenTicketRequest, OrderLine, PlanCampaignRequest, PublishBusinessCalendarRequest,
+        PublishQueueRequest, PublishSlaPolicyRequest, RecordCampaignCostRequest,
+        RecordCampaignResponseRequest, RecordCsatRequest, RecordNpsResponseRequest,
+        RecordOrderRequest, RecordPaymentRequest, SlaTargets, SolveTicketRequest, WorkingHours,
+    };
+    let mut configuration = ConfigurationClient::new(channel.clone());
+    let mut tickets = TicketsClient::new(channel.clone());
+    let mut commerce = CommerceClient::new(channel.clone());
+    let mut campaigns = CampaignsClient::new(channel.clone());
+    let mut contacts = ContactsClient::new(channel.clone());
+
+    let calendar = send!(
+        seeded,
+        "calendar".to_owned(),
+        configuration.publish_business_calendar(as_admin(
+            tenant,
+            PublishBusinessCalendarRequest {
+                options: options("demo-seed:calendar".to_owned(), 365),
+                calendar_id: String::new(),
+                name: "London office".to_owned(),
+                time_zone: "Europe/London".to_owned(),
+                weekly: (1..=5)
+                    .map(|weekday| WorkingHours {
+                        weekday,
+                        start: "09:00".to_owned(),
+                        end: "17:30".to_owned(),
+                    })
+                    .collect(),
+                overrides: Vec::new(),
+            },
+        ))
+    );
+    let targets = |priority: &str, first: u32, next: u32, resolution: u32| SlaTargets {
+        priority: priority.to_owned(),
+        first_response_minutes: first,
+        next_response_minutes: next,
+        resolution_minutes: resolution,
+    };
+    send!(
+        seeded,
+        "SLA policy".to_owned(),
+        configuration.publish_sla_policy(as_admin(
+            tenant,
+            PublishSlaPolicyRequest {
+                options: options("demo-seed:sla-policy".to_owned(), 365),
+                policy_id: String::new(),
+                name: "Standard support".to_owned(),
+                order: 10,
+                ticket_types: Vec::new(),
+                targets: vec![
+                    targets("urgent", 60, 120, 480),
+                    targets("high", 120, 240, 960),
+                    targets("normal", 240, 480, 1920),
+                    targets("low", 480, 960, 2880),
+                ],
+                calendar_id: calendar.stream_id,
+                pause_statuses: vec!["pending".to_owned(), "on_hold".to_owned()],
+                warning_percent: 75,
+            },
+        ))
+    );
+    let agents = ["agent:ana", "agent:ben"];
+    for (i, agent) in agents.iter().enumerate() {
+        send!(
+            seeded,
+            format!("agent {agent}"),
+            configuration.change_agent_availability(as_admin(
+                tenant,
+                ChangeAgentAvailabilityRequest {
+                    options: options(format!("demo-seed:agent:{i}"), 365),
+                    agent: (*agent).to_owned(),
+                    status: "online".to_owned(),
+                    capacity: 20,
+                    skills: vec!["billing".to_owned()],
+                },
+            ))
+        );
+    }
+    let queue = send!(
+        seeded,
+        "queue".to_owned(),
+        configuration.publish_queue(as_admin(
+            tenant,
+            PublishQueueRequest {
+                options: options("demo-seed:queue".to_owned(), 365),
+                queue_id: String::new(),
+                name: "Support".to_owned(),
+                members: agents.iter().map(|a| (*a).to_owned()).collect(),
+                skills: Vec::new(),
+                routing: "round_robin".to_owned(),
+                overflow_queue_id: String::new(),
+            },
+        ))
+    );
+
+    // 24 tickets over the last three months: questions, incidents and a few
+    // complaints; most answered, some waiting on the customer, half solved
+    // and rated.
+    for t in 0..24usize {
+        let days_ago = 90 - (t as u64 * 90 / 24);
+        let (requester, account) = &contact_ids[(t * 13) % contact_ids.len()];
+        let key = |step: &str| format!("demo-seed:ticket:{t}:{step}");
+        let ticket = send!(
+            seeded,
+            format!("ticket {t}"),
+            tickets.open_ticket(request(
+                tenant,
+                OpenTicketRequest {
+                    options: options(key("open"), days_ago),
+                    ticket_id: String::new(),
+                    requester_id: requester.clone(),
+                    account_id: account_ids[*account].clone(),
+                    channel: ["email", "phone", "chat", "web"][t % 4].to_owned(),
+                    r#type: ["question", "incident", "request", "question", "complaint"][t % 5]
+                        .to_owned(),
+                    category: ["billing", "delivery", "product"][t % 3].to_owned(),
+                    priority: String::new(),
+                    subject: format!("Support request {t}"),
+                },
+            ))
+        )
+        .stream_id;
+        send!(
+            seeded,
+            format!("ticket {t} queued"),
+            tickets.assign_ticket(request(
+                tenant,
+                AssignTicketRequest {
+                    options: options(key("queue"), days_ago),
+                    ticket_id: ticket.clone(),
+                    queue_id: queue.stream_id.clone(),
+                    assignee: String::new(),
+                    method: "rule".to_owned(),
+                    override_reason: String::new(),
+                },
+            ))
+        );
+        if t % 4 == 3 {
+            continue; // not answered yet
+        }
+        send!(
+            seeded,
+            format!("ticket {t} answered"),
+            tickets.add_ticket_message(request(
+                tenant,
+                AddTicketMessageRequest {
+                    options: options(key("answer"), days_ago.saturating_sub(1)),
+                    ticket_id: ticket.clone(),
+                    author_role: "agent".to_owned(),
+                    author: agents[t % 2].to_owned(),
+                    public: true,
+                    body: "Thanks for reaching out; we are on it.".to_owned(),
+                },
+            ))
+        );
+        if t % 4 == 2 {
+            send!(
+                seeded,
+                format!("ticket {t} pending"),
+                tickets.change_ticket_status(request(
+                    tenant,
+                    ChangeTicketStatusRequest {
+                        options: options(key("pending"), days_ago.saturating_sub(1)),
+                        ticket_id: ticket.clone(),
+                        status: "pending".to_owned(),
+                    },
+                ))
+            );
+            continue;
+        }
+        if t % 2 == 0 {
+            send!(
+                seeded,
+                format!("ticket {t} solved"),
+                tickets.solve_ticket(request(
+                    tenant,
+                    SolveTicketRequest {
+                        options: options(key("solve"), days_ago.saturating_sub(2)),
+                        ticket_id: ticket.clone(),
+                        resolution: "Fixed and confirmed with the customer.".to_owned(),
+                        root_cause: "process_gap".to_owned(),
+                    },
+                ))
+            );
+            send!(
+                seeded,
+                format!("ticket {t} rated"),
+                tickets.record_csat(request(
+                    tenant,
+                    RecordCsatRequest {
+                        options: options(key("csat"), days_ago.saturating_sub(2)),
+                        ticket_id: ticket.clone(),
+                        score: [5, 4, 3, 5, 2][t % 5],
+                        comment: String::new(),
+                    },
+                ))
+            );
+        }
+    }
+
+    // Two paid orders per account over the year; one payment refunded.
+    for (a, account) in account_ids.iter().enumerate() {
+        for o in 0..2usize {
+            let n = a * 2 + o;
+            let days_ago = 300 - (n as u64 * 300 / (2 * account_ids.len() as u64));
+            let net = 200_000 + (n as i64 * 37_000) % 800_000;
+            let ordered = options(format!("demo-seed:order:{n}"), days_ago);
+            let ordered_on = ordered
+                .as_ref()
+                .map(|o| o.occurred_at[..10].to_owned())
+                .unwrap_or_default();
+            let order = send!(
+                seeded,
+                format!("order {n}"),
+                commerce.record_order(request(
+                    tenant,
+                    RecordOrderRequest {
+                        options: ordered,
+                        external: Some(ExternalRef {
+                            source: "erp".to_owned(),
+                            external_id: format!("SO-{n:05}"),
+                            external_version: 1,
+                        }),
+                        account_id: account.clone(),
+                        customer_tax_id: String::new(),
+                        customer_ref: format!("C-{a:05}"),
+                        deal_id: String::new(),
+                        status: "paid".to_owned(),
+                        lines: vec![OrderLine {
+                            sku: ["WIDGET", "GADGET", "SERVICE"][n % 3].to_owned(),
+                            quantity: 1,
+                            unit_price: eur(net),
+                            line_total: eur(net),
+                            line_cost: eur(net * 6 / 10),
+                        }],
+                        net: eur(net),
+                        tax: eur(net / 5),
+                        gross: eur(net + net / 5),
+                        ordered_on: ordered_on.clone(),
+                        promised_delivery: String::new(),
+                    },
+                ))
+            );
+            if n == 7 {
+                let payment = ExternalRef {
+                    source: "erp".to_owned(),
+                    external_id: format!("PAY-{n:05}"),
+                    external_version: 1,
+                };
+                send!(
+                    seeded,
+                    format!("payment {n}"),
+                    commerce.record_payment(request(
+                        tenant,
+                        RecordPaymentRequest {
+                            options: options(format!("demo-seed:payment:{n}"), days_ago),
+                            external: Some(payment.clone()),
+                            account_id: account.clone(),
+                            amount: eur(net + net / 5),
+                            order_ids: vec![order.stream_id.clone()],
+                            paid_on: ordered_on.clone(),
+                        },
+                    ))
+                );
+                send!(
+                    seeded,
+                    format!("refund {n}"),
+                    commerce.issue_refund(request(
+                        tenant,
+                        IssueRefundRequest {
+                            options: options(format!("demo-seed:refund:{n}"), days_ago),
+                            payment: Some(payment),
+                            amount: eur(50_000),
+                            refund_id: "RF-1".to_owned(),
+                            refunded_on: ordered_on,
+                        },
+                    ))
+                );
+            }
+        }
+    }
+
+    // A campaign the leads respond to, with its cost.
+    let campaign = send!(
+        seeded,
+        "campaign".to_owned(),
+        campaigns.plan_campaign(request(
+            tenant,
+            PlanCampaignRequest {
+                options: options("demo-seed:campaign".to_owned(), 365),
+                campaign_id: String::new(),
+                name: "Spring webinar series".to_owned(),
+                r#type: "webinar".to_owned(),
+                channel: "email".to_owned(),
+                parent_id: String::new(),
+                starts_on: "2025-11-01".to_owned(),
+                ends_on: "2026-10-31".to_owned(),
+                budget: eur(5_000_000),
+                owner: "user:marketing".to_owned(),
+                utm_campaign: "spring-webinars".to_owned(),
+            },
+        ))
+    )
+    .stream_id;
+    send!(
+        seeded,
+        "campaign cost".to_owned(),
+        campaigns.record_campaign_cost(request(
+            tenant,
+            RecordCampaignCostRequest {
+                options: options("demo-seed:campaign-cost".to_owned(), 360),
+                campaign_id: campaign.clone(),
+                amount: eur(1_500_000),
+                spent_on: "2025-12-06".to_owned(),
+                source: "invoice".to_owned(),
+            },
+        ))
+    );
+    for (l, (lead, days_ago)) in lead_ids.iter().enumerate().filter(|(l, _)| l % 2 == 0) {
+        send!(
+            seeded,
+            format!("campaign member {l}"),
+            campaigns.add_campaign_member(request(
+                tenant,
+                AddCampaignMemberRequest {
+                    options: options(format!("demo-seed:member:{l}"), *days_ago),
+                    campaign_id: campaign.clone(),
+                    contact_id: String::new(),
+                    lead_id: lead.clone(),
+                },
+            ))
+        );
+        send!(
+            seeded,
+            format!("campaign response {l}"),
+            campaigns.record_campaign_response(request(
+                tenant,
+                RecordCampaignResponseRequest {
+                    options: options(format!("demo-seed:response:{l}"), *days_ago),
+                    campaign_id: campaign.clone(),
+                    contact_id: String::new(),
+                    response: "registered".to_owned(),
+                    lead_id: lead.clone(),
+                },
+            ))
+        );
+    }
+
+    // NPS from every tenth contact.
+    for (n, (contact, _)) in contact_ids.iter().enumerate().filter(|(n, _)| n % 10 == 0) {
+        send!(
+            seeded,
+            format!("NPS {n}"),
+            contacts.record_nps_response(request(
+                tenant,
+                RecordNpsResponseRequest {
+                    options: options(format!("demo-seed:nps:{n}"), 30 + (n as u64 % 60)),
+                    contact_id: contact.clone(),
+                    score: [10, 9, 8, 7, 6, 10, 3, 9, 10, 5][(n / 10) % 10],
+                    comment: String::new(),
+                },
+            ))
+        );
+    }
+    Ok(())
 }

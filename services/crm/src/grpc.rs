@@ -41,6 +41,7 @@ pub(crate) struct Services {
     pub event_log: Option<EventLogService>,
     pub sales: Option<SalesService>,
     pub service: Option<ServiceQueriesService>,
+    pub analytics: Option<crate::query::AnalyticsService>,
     pub admin: Option<ProjectionsAdminService>,
 }
 
@@ -81,6 +82,9 @@ pub(crate) async fn serve(
     let event_log = services.event_log.map(EventLogServer::new);
     let sales = services.sales.map(SalesQueriesServer::new);
     let service = services.service.map(ServiceQueriesServer::new);
+    let analytics = services
+        .analytics
+        .map(crm_proto::v1::analytics_queries_server::AnalyticsQueriesServer::new);
     let admin = services.admin.map(ProjectionsAdminServer::new);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
@@ -107,6 +111,7 @@ pub(crate) async fn serve(
         .add_optional_service(event_log)
         .add_optional_service(sales)
         .add_optional_service(service)
+        .add_optional_service(analytics)
         .add_optional_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;

@@ -22,19 +22,20 @@
 //! | SlaBreached | Escalate the ticket one level (`sla_breach`) |
 use std::collections::BTreeMap;
 
+use crm_domain::TenantId;
 use crm_domain::configuration::{BusinessCalendar, ConfigContent, Published, SlaPolicy};
 use crm_domain::sla::{SlaCommand, SlaEvent, SlaMetric, SlaRules, SlaTracker, tracker_id};
 use crm_domain::ticket::{
     AuthorRole, Ticket, TicketCommand, TicketEvent, TicketStatus, TicketType,
 };
-use crm_domain::{DomainError, DomainEvent, TenantId};
 use crm_event_store::RecordedEvent;
 use crm_projections::{ApplyError, Projection};
 use jiff::Timestamp;
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
-use crate::command::{Caller, CommandHandler, Options, ServiceError};
+use crate::command::CommandHandler;
+use crate::process::{Sender, decode, malformed};
 
 pub const NAME: &str = "sla_process";
 
@@ -67,11 +68,15 @@ CREATE TABLE IF NOT EXISTS sla_tickets (
 
 pub struct SlaProcess {
     handler: CommandHandler,
+    sender: Sender,
 }
 
 impl SlaProcess {
     pub fn new(handler: CommandHandler) -> Self {
-        Self { handler }
+        Self {
+            sender: Sender::new(handler.clone(), "sla", "system:sla"),
+            handler,
+        }
     }
 }
 
@@ -96,19 +101,6 @@ fn paused_by(status: &str, policy: &SlaPolicy) -> Vec<SlaMetric> {
         "on_hold" => vec![SlaMetric::Resolution],
         _ => vec![],
     }
-}
-
-fn malformed(event: &RecordedEvent, reason: impl std::fmt::Display) -> ApplyError {
-    ApplyError::Payload {
-        event_type: event.event_type.clone(),
-        reason: reason.to_string(),
-    }
-}
-
-fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
-    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-    E::decode(&event.event_type, event.schema_version, &mut payload)
-        .map_err(|e| malformed(event, e))
 }
 
 impl SlaProcess {
@@ -275,39 +267,6 @@ impl SlaProcess {
         })
     }
 
-    /// Sends one command; `n` numbers the commands one event triggers.
-    async fn send<A: crm_domain::Aggregate>(
-        &self,
-        event: &RecordedEvent,
-        n: usize,
-        stream_id: Uuid,
-        occurred_at: Timestamp,
-        command: A::Command,
-    ) -> Result<(), ApplyError>
-    where
-        A::Command: Clone,
-    {
-        let tenant = TenantId::parse(&event.tenant_id).map_err(|e| malformed(event, e))?;
-        let mut caller = Caller::system(tenant, "system:sla");
-        caller.causation_id = Some(event.event_id.to_string());
-        let options = Options::internal(format!("sla:{}:{n}", event.event_id), occurred_at);
-        match self
-            .handler
-            .execute::<A>(&caller, stream_id, &options, command)
-            .await
-        {
-            Ok(_) | Err(ServiceError::Domain(DomainError::NotApplicable { .. })) => Ok(()),
-            // Escalating a ticket solved or closed meanwhile: nothing to do.
-            Err(ServiceError::Domain(DomainError::InvalidTransition { .. })) => Ok(()),
-            Err(
-                error @ (ServiceError::Unavailable(_)
-                | ServiceError::Contention
-                | ServiceError::VersionConflict { .. }),
-            ) => Err(ApplyError::Transient(error.to_string())),
-            Err(error) => Err(malformed(event, format!("SLA command refused: {error}"))),
-        }
-    }
-
     async fn on_ticket(
         &self,
         tx: &Transaction<'_>,
@@ -338,7 +297,8 @@ impl SlaProcess {
                     paused: vec![],
                     cause: "opened".into(),
                 };
-                self.send::<SlaTracker>(event, 0, tracker, opened.occurred_at, command)
+                self.sender
+                    .send::<SlaTracker>(event, 0, tracker, opened.occurred_at, command)
                     .await?;
             }
             return Self::save_ticket(tx, event, &ticket).await;
@@ -377,7 +337,8 @@ impl SlaProcess {
                         paused: paused_by(&ticket.status, &policy),
                         cause: cause.into(),
                     };
-                    self.send::<SlaTracker>(event, 0, tracker, triaged.occurred_at, command)
+                    self.sender
+                        .send::<SlaTracker>(event, 0, tracker, triaged.occurred_at, command)
                         .await?;
                 }
             }
@@ -479,7 +440,8 @@ impl SlaProcess {
             _ => {}
         }
         for (n, (occurred_at, command)) in commands.into_iter().enumerate() {
-            self.send::<SlaTracker>(event, n, tracker, occurred_at, command)
+            self.sender
+                .send::<SlaTracker>(event, n, tracker, occurred_at, command)
                 .await?;
         }
         Self::save_ticket(tx, event, &ticket).await
@@ -524,7 +486,8 @@ impl SlaProcess {
             rule: "sla_breach".into(),
             target: target.into(),
         };
-        self.send::<Ticket>(event, 0, breach.ticket_id, breach.occurred_at, command)
+        self.sender
+            .send::<Ticket>(event, 0, breach.ticket_id, breach.occurred_at, command)
             .await
     }
 }

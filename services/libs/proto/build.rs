@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crm/v1/event_log.proto",
         "crm/v1/sales.proto",
         "crm/v1/service.proto",
+        "crm/v1/analytics.proto",
         "crm/v1/projections_admin.proto",
     ];
     let root = "../../../proto";

@@ -16,6 +16,7 @@ mod configuration;
 mod contacts;
 mod error;
 mod fields;
+pub(crate) use fields::tenant_scoped_id;
 mod leads;
 mod opportunities;
 pub(crate) mod personal;

@@ -77,7 +77,7 @@ impl ProjectionsAdmin for ProjectionsAdminService {
     ) -> Result<Response<Self::RebuildProjectionStream>, Status> {
         admin(request.metadata())?;
         let name = request.into_inner().name;
-        if name == crate::sla::NAME {
+        if crate::process::PROCESS_MANAGERS.contains(&name.as_str()) {
             return Err(Status::failed_precondition(format!(
                 "{name} is a process manager: its effect is the commands it sent, so it is never rebuilt"
             )));

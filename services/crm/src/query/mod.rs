@@ -2,11 +2,13 @@
 //! `ReadAll`, `ReadStream`) and the read-model queries (`SalesQueries`; more
 //! as the projections land).
 mod admin;
+mod analytics;
 mod event_log;
 mod sales;
 mod service;
 
 pub use admin::ProjectionsAdminService;
+pub use analytics::AnalyticsService;
 pub use event_log::EventLogService;
 pub use sales::SalesService;
 pub use service::ServiceQueriesService;
@@ -14,6 +16,12 @@ pub use service::ServiceQueriesService;
 use std::time::Duration;
 
 use crm_proto::v1::QueryOptions;
+
+use crate::command::ServiceError;
+
+/// Page size when a request names none, and the largest allowed.
+pub(crate) const DEFAULT_PAGE: u32 = 50;
+pub(crate) const MAX_PAGE: u32 = 200;
 use deadpool_postgres::Pool;
 use tonic::Status;
 
@@ -37,4 +45,64 @@ pub(crate) async fn ready(
             "read model {projection} has applied position {position}, not yet {min_position}; retry"
         ))),
     }
+}
+
+// ------------------------------------------------ helpers the queries share
+
+pub(crate) fn unavailable(error: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("read models: {error}"))
+}
+
+pub(crate) fn page_size(requested: u32) -> Result<u32, ServiceError> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE),
+        n if n <= MAX_PAGE => Ok(n),
+        _ => Err(ServiceError::invalid("page_size", "must be 0 to 200")),
+    }
+}
+
+/// The first `size` of `rows` (fetched with one extra) and the token of the
+/// next page (empty on the last), made from the page's last row.
+pub(crate) fn page(
+    rows: &[tokio_postgres::Row],
+    size: u32,
+    token: impl Fn(&tokio_postgres::Row) -> String,
+) -> (&[tokio_postgres::Row], String) {
+    let more = rows.len() > size as usize;
+    let rows = &rows[..rows.len().min(size as usize)];
+    let next = match (more, rows.last()) {
+        (true, Some(last)) => token(last),
+        _ => String::new(),
+    };
+    (rows, next)
+}
+
+pub(crate) fn bad_token() -> ServiceError {
+    ServiceError::invalid("page_token", "is not a token this server gave")
+}
+
+/// The three dot-separated parts of a page token this server gave.
+pub(crate) fn token_parts(token: &str) -> Result<Option<[&str; 3]>, ServiceError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let mut parts = token.splitn(3, '.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(a), Some(b), Some(c)) => Ok(Some([a, b, c])),
+        _ => Err(bad_token()),
+    }
+}
+
+pub(crate) fn bounded(field: &'static str, value: &str) -> Result<(), ServiceError> {
+    if value.len() > 200 {
+        return Err(ServiceError::invalid(
+            field,
+            "must be at most 200 characters",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn count(row: &tokio_postgres::Row, i: usize) -> u64 {
+    u64::try_from(row.get::<_, i64>(i)).unwrap_or(0)
 }

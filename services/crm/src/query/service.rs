@@ -2,23 +2,22 @@
 use std::time::Duration;
 
 use crm_domain::sla::SlaMetric;
-use crm_projections::{SERVICE_QUEUE, SLA_CLOCK};
+use crm_projections::{AGENT_WORKLOAD, SERVICE_METRICS, SERVICE_QUEUE, SLA_CLOCK};
 use crm_proto::v1::service_queries_server::ServiceQueries;
 use crm_proto::v1::{
-    AgingBucket, AtRiskClock, BacklogAging, GetBacklogAgingRequest, GetQueueStatsRequest,
-    GetSlaComplianceRequest, GetTicketSlaRequest, ListAtRiskReply, ListAtRiskRequest,
-    ListQueueReply, ListQueueRequest, MetricCompliance, QueueStats, QueueStatsRow, QueuedTicket,
-    SlaClock, SlaCompliance, TicketSla,
+    AgentLoad, AgentLoadRow, AgingBucket, AtRiskClock, BacklogAging, ChannelLoad, ComplaintGroup,
+    ComplaintStats, CsatGroup, CsatReport, DurationStats, GetAgentLoadRequest,
+    GetBacklogAgingRequest, GetComplaintStatsRequest, GetCsatRequest, GetQueueStatsRequest,
+    GetServiceMetricsRequest, GetSlaComplianceRequest, GetTicketSlaRequest, ListAtRiskReply,
+    ListAtRiskRequest, ListQueueReply, ListQueueRequest, MetricCompliance, QueueStats,
+    QueueStatsRow, QueuedTicket, ServiceMetrics, SlaClock, SlaCompliance, TicketSla,
 };
 use deadpool_postgres::Pool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::ready;
+use super::{bad_token, bounded, count, page, page_size, ready, token_parts, unavailable};
 use crate::command::{Caller, ServiceError};
-
-const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 200;
 
 #[derive(Clone)]
 pub struct ServiceQueriesService {
@@ -30,60 +29,6 @@ impl ServiceQueriesService {
     pub fn new(pool: Pool, wait: Duration) -> Self {
         Self { pool, wait }
     }
-}
-
-fn unavailable(error: impl std::fmt::Display) -> Status {
-    Status::unavailable(format!("read models: {error}"))
-}
-
-fn page_size(requested: u32) -> Result<u32, ServiceError> {
-    match requested {
-        0 => Ok(DEFAULT_PAGE),
-        n if n <= MAX_PAGE => Ok(n),
-        _ => Err(ServiceError::invalid("page_size", "must be 0 to 200")),
-    }
-}
-
-/// The first `size` of `rows` (fetched with one extra) and the token of the
-/// next page (empty on the last), made from the page's last row.
-fn page(
-    rows: &[tokio_postgres::Row],
-    size: u32,
-    token: impl Fn(&tokio_postgres::Row) -> String,
-) -> (&[tokio_postgres::Row], String) {
-    let more = rows.len() > size as usize;
-    let rows = &rows[..rows.len().min(size as usize)];
-    let next = match (more, rows.last()) {
-        (true, Some(last)) => token(last),
-        _ => String::new(),
-    };
-    (rows, next)
-}
-
-/// The three dot-separated parts of a page token this server gave.
-fn token_parts(token: &str) -> Result<Option<[&str; 3]>, ServiceError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let mut parts = token.splitn(3, '.');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(a), Some(b), Some(c)) => Ok(Some([a, b, c])),
-        _ => Err(bad_token()),
-    }
-}
-
-fn bad_token() -> ServiceError {
-    ServiceError::invalid("page_token", "is not a token this server gave")
-}
-
-fn bounded(field: &'static str, value: &str) -> Result<(), ServiceError> {
-    if value.len() > 200 {
-        return Err(ServiceError::invalid(
-            field,
-            "must be at most 200 characters",
-        ));
-    }
-    Ok(())
 }
 
 /// The keyset a page starts after: (priority rank, opened at in
@@ -151,6 +96,98 @@ fn parse_risk_token(token: &str) -> Result<Option<(i64, Uuid, String)>, ServiceE
     ) {
         (Ok(micros), Ok(id), Some(_)) => Ok(Some((micros, id, metric.to_owned()))),
         _ => Err(bad_token()),
+    }
+}
+
+/// `[from, to)` of a period: RFC 3339 instants, `from` < `to`, at most 10
+/// years apart.
+fn period(
+    from: &str,
+    to: &str,
+) -> Result<(std::time::SystemTime, std::time::SystemTime), ServiceError> {
+    let from = instant("from", from)?;
+    let to = instant("to", to)?;
+    if to <= from || to.duration_since(from) > jiff::SignedDuration::from_hours(24 * 3660) {
+        return Err(ServiceError::invalid(
+            "to",
+            "must be after from, at most 10 years",
+        ));
+    }
+    Ok((from.into(), to.into()))
+}
+
+/// An optional queue filter: empty, or a queue's UUID (as tickets name it).
+fn queue_filter(queue_id: &str) -> Result<String, ServiceError> {
+    if queue_id.is_empty() {
+        return Ok(String::new());
+    }
+    Uuid::parse_str(queue_id)
+        .map(|id| id.to_string())
+        .map_err(|_| ServiceError::invalid("queue_id", "must be a UUID"))
+}
+
+/// The agent a page of agents starts after, written as its hex bytes.
+fn agent_token(agent: &str) -> String {
+    agent.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_agent_token(token: &str) -> Result<String, ServiceError> {
+    if !token.len().is_multiple_of(2) || token.len() > 400 {
+        return Err(bad_token());
+    }
+    let bytes = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2).unwrap_or("-"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad_token())?;
+    String::from_utf8(bytes).map_err(|_| bad_token())
+}
+
+fn minutes(row: &tokio_postgres::Row, i: usize) -> Option<u64> {
+    row.get::<_, Option<i64>>(i)
+        .map(|m| u64::try_from(m).unwrap_or(0))
+}
+
+/// `part` × 10000 ÷ `whole`, rounded down; `None` when `whole` is 0.
+fn basis_points(part: u64, whole: u64) -> Option<u32> {
+    (whole > 0).then(|| u32::try_from(part * 10_000 / whole).unwrap_or(u32::MAX))
+}
+
+/// SQL of [`DurationStats`] over a column of seconds: count, then median,
+/// mean and p90 in whole minutes (rounded, halves up).
+fn duration_sql(column: &str) -> String {
+    format!(
+        "count({column}), \
+         round((percentile_cont(0.5) WITHIN GROUP (ORDER BY {column}))::numeric / 60)::bigint, \
+         round(avg({column}) / 60)::bigint, \
+         round((percentile_cont(0.9) WITHIN GROUP (ORDER BY {column}))::numeric / 60)::bigint"
+    )
+}
+
+fn duration_stats(row: &tokio_postgres::Row, first: usize) -> DurationStats {
+    DurationStats {
+        count: count(row, first),
+        median_minutes: minutes(row, first + 1),
+        mean_minutes: minutes(row, first + 2),
+        p90_minutes: minutes(row, first + 3),
+    }
+}
+
+fn csat_group(key: String, ratings: u64, satisfied: u64) -> CsatGroup {
+    CsatGroup {
+        key,
+        ratings,
+        satisfied,
+        csat_bp: basis_points(satisfied, ratings),
+    }
+}
+
+fn complaint_group(row: &tokio_postgres::Row) -> ComplaintGroup {
+    ComplaintGroup {
+        key: row.get(0),
+        complaints: count(row, 1),
+        solved: count(row, 2),
+        mean_resolution_minutes: minutes(row, 3),
     }
 }
 
@@ -426,5 +463,214 @@ impl ServiceQueries for ServiceQueriesService {
             })
             .collect();
         Ok(Response::new(BacklogAging { buckets, position }))
+    }
+
+    async fn get_agent_load(
+        &self,
+        request: Request<GetAgentLoadRequest>,
+    ) -> Result<Response<AgentLoad>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let queue = queue_filter(&request.queue_id)?;
+        let size = page_size(request.page_size)?;
+        let after = parse_agent_token(&request.page_token)?;
+        let (client, position) =
+            ready(&self.pool, AGENT_WORKLOAD, request.options, self.wait).await?;
+        let tenant = caller.tenant.as_str();
+        let rows = client
+            .query(
+                "SELECT a.agent, a.status, a.capacity, a.skills, a.last_assigned_at \
+                 FROM agent_workload a \
+                 WHERE a.tenant_id = $1 AND a.agent > $2 \
+                   AND ($3 = '' OR EXISTS (SELECT 1 FROM agent_workload_members m \
+                        WHERE m.tenant_id = a.tenant_id AND m.queue_id = $3 \
+                          AND m.agent = a.agent)) \
+                 ORDER BY a.agent LIMIT $4",
+                &[&tenant, &after, &queue, &i64::from(size + 1)],
+            )
+            .await
+            .map_err(unavailable)?;
+        let (rows, next_page_token) = page(&rows, size, |last| agent_token(last.get(0)));
+        let agents: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        let open = client
+            .query(
+                "SELECT assignee, channel, count(*) FROM agent_workload_tickets \
+                 WHERE tenant_id = $1 AND open AND assignee = ANY($2) \
+                 GROUP BY assignee, channel ORDER BY assignee, channel",
+                &[&tenant, &agents],
+            )
+            .await
+            .map_err(unavailable)?;
+        let agents = rows
+            .iter()
+            .map(|row| {
+                let agent: String = row.get(0);
+                let open_per_channel: Vec<ChannelLoad> = open
+                    .iter()
+                    .filter(|o| o.get::<_, &str>(0) == agent)
+                    .map(|o| ChannelLoad {
+                        channel: o.get(1),
+                        open_tickets: u32::try_from(count(o, 2)).unwrap_or(u32::MAX),
+                    })
+                    .collect();
+                let open_tickets: u32 = open_per_channel.iter().map(|c| c.open_tickets).sum();
+                let capacity = u32::try_from(row.get::<_, i32>(2)).unwrap_or(0);
+                AgentLoadRow {
+                    agent,
+                    status: row.get(1),
+                    capacity,
+                    skills: row.get(3),
+                    open_tickets,
+                    open_per_channel,
+                    load_bp: basis_points(u64::from(open_tickets), u64::from(capacity)),
+                    last_assigned_at: row
+                        .get::<_, Option<std::time::SystemTime>>(4)
+                        .map(rfc3339)
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(AgentLoad {
+            agents,
+            next_page_token,
+            position,
+        }))
+    }
+
+    async fn get_service_metrics(
+        &self,
+        request: Request<GetServiceMetricsRequest>,
+    ) -> Result<Response<ServiceMetrics>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let (from, to) = period(&request.from, &request.to)?;
+        let by_solved = match request.basis.as_str() {
+            "" | "opened" => false,
+            "solved" => true,
+            _ => return Err(ServiceError::invalid("basis", "must be opened or solved").into()),
+        };
+        let queue = queue_filter(&request.queue_id)?;
+        bounded("agent", &request.agent)?;
+        let (client, position) =
+            ready(&self.pool, SERVICE_METRICS, request.options, self.wait).await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), {}, {}, \
+                       count(*) FILTER (WHERE reopen_count > 0), \
+                       count(*) FILTER (WHERE solved_at IS NOT NULL OR reopen_count > 0) \
+                     FROM service_metrics \
+                     WHERE tenant_id = $1 \
+                       AND CASE WHEN $4 THEN solved_at >= $2 AND solved_at < $3 \
+                                ELSE opened_at >= $2 AND opened_at < $3 END \
+                       AND ($5 = '' OR queue = $5) AND ($6 = '' OR agent = $6)",
+                    duration_sql("first_response_seconds"),
+                    duration_sql("resolution_seconds"),
+                ),
+                &[
+                    &caller.tenant.as_str(),
+                    &from,
+                    &to,
+                    &by_solved,
+                    &queue,
+                    &request.agent,
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        let (reopened, ever_solved) = (count(&row, 9), count(&row, 10));
+        Ok(Response::new(ServiceMetrics {
+            tickets: count(&row, 0),
+            first_response: Some(duration_stats(&row, 1)),
+            resolution: Some(duration_stats(&row, 5)),
+            reopened,
+            ever_solved,
+            reopen_rate_bp: basis_points(reopened, ever_solved),
+            position,
+        }))
+    }
+
+    async fn get_csat(
+        &self,
+        request: Request<GetCsatRequest>,
+    ) -> Result<Response<CsatReport>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let (from, to) = period(&request.from, &request.to)?;
+        let (client, position) =
+            ready(&self.pool, SERVICE_METRICS, request.options, self.wait).await?;
+        let groups = |column: &'static str| {
+            let client = &client;
+            let tenant = caller.tenant.as_str();
+            async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {column}, count(*), count(*) FILTER (WHERE csat_score >= 4) \
+                             FROM service_metrics \
+                             WHERE tenant_id = $1 AND csat_at >= $2 AND csat_at < $3 \
+                             GROUP BY {column} ORDER BY {column}"
+                        ),
+                        &[&tenant, &from, &to],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                Ok::<_, Status>(
+                    rows.iter()
+                        .map(|row| csat_group(row.get(0), count(row, 1), count(row, 2)))
+                        .collect::<Vec<_>>(),
+                )
+            }
+        };
+        let per_agent = groups("csat_agent").await?;
+        let per_queue = groups("csat_queue").await?;
+        let ratings = per_agent.iter().map(|g| g.ratings).sum();
+        let satisfied = per_agent.iter().map(|g| g.satisfied).sum();
+        Ok(Response::new(CsatReport {
+            overall: Some(csat_group(String::new(), ratings, satisfied)),
+            per_agent,
+            per_queue,
+            position,
+        }))
+    }
+
+    async fn get_complaint_stats(
+        &self,
+        request: Request<GetComplaintStatsRequest>,
+    ) -> Result<Response<ComplaintStats>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let (from, to) = period(&request.from, &request.to)?;
+        let (client, position) =
+            ready(&self.pool, SERVICE_METRICS, request.options, self.wait).await?;
+        let groups = |column: &'static str| {
+            let client = &client;
+            let tenant = caller.tenant.as_str();
+            async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {column}, count(*), count(resolution_seconds), \
+                               round(avg(resolution_seconds) / 60)::bigint \
+                             FROM service_metrics \
+                             WHERE tenant_id = $1 AND complaint \
+                               AND opened_at >= $2 AND opened_at < $3 \
+                             GROUP BY {column} ORDER BY {column}"
+                        ),
+                        &[&tenant, &from, &to],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                Ok::<_, Status>(rows.iter().map(complaint_group).collect::<Vec<_>>())
+            }
+        };
+        let per_category = groups("category").await?;
+        let per_root_cause = groups("root_cause").await?;
+        Ok(Response::new(ComplaintStats {
+            complaints: per_category.iter().map(|g| g.complaints).sum(),
+            per_category,
+            per_root_cause,
+            position,
+        }))
     }
 }

@@ -217,6 +217,8 @@ pub struct RecordOrder {
 }
 
 pub const ORDER_STATUSES: &[&str] = &["placed", "confirmed", "paid", "shipped", "delivered"];
+/// Order statuses that mean the customer paid (revenue, customer lifecycle).
+pub const PAID_STATUSES: &[&str] = &["paid", "shipped", "delivered"];
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

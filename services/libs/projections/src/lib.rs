@@ -10,21 +10,31 @@
 //! on, the projection reads the store directly. A poison event (one the
 //! projection cannot apply) stops that projection loudly: the status row says
 //! `failed` with the error and position, and nothing is skipped.
+mod agent_workload;
+mod analytics;
 mod pipeline_board;
 mod rebuild;
 mod runtime;
+mod sales_funnel;
+mod sales_performance;
 mod scheduled_tasks;
+mod service_metrics;
 mod service_queue;
 mod sla_clock;
 mod state;
 
+pub use agent_workload::{AgentWorkload, NAME as AGENT_WORKLOAD};
+pub use analytics::{Analytics, NAME as ANALYTICS};
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
 pub use rebuild::{Progress, RebuildError, rebuild};
 pub use runtime::{
     ApplyError, ApplyFuture, Projection, ProjectionStatus, Projector, ProjectorOptions,
     STATUS_SCHEMA, applied_position, ensure_schema, statuses, wait_for_position,
 };
+pub use sales_funnel::{NAME as SALES_FUNNEL, SalesFunnel};
+pub use sales_performance::{NAME as SALES_PERFORMANCE, SalesPerformance};
 pub use scheduled_tasks::{NAME as SCHEDULED_TASKS, ScheduledTasks};
+pub use service_metrics::{NAME as SERVICE_METRICS, ServiceMetrics};
 pub use service_queue::{NAME as SERVICE_QUEUE, ServiceQueue, priority_rank};
 pub use sla_clock::{NAME as SLA_CLOCK, SlaClock};
 
@@ -35,5 +45,10 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
         std::sync::Arc::new(ServiceQueue),
         std::sync::Arc::new(ScheduledTasks),
         std::sync::Arc::new(SlaClock),
+        std::sync::Arc::new(SalesFunnel),
+        std::sync::Arc::new(SalesPerformance),
+        std::sync::Arc::new(AgentWorkload),
+        std::sync::Arc::new(ServiceMetrics),
+        std::sync::Arc::new(Analytics),
     ]
 }

@@ -1,0 +1,95 @@
+//! What every process manager shares: it runs on the projection runtime (a
+//! durable consumer, events in log order, its own tables written with its
+//! position) and sends commands as a system actor, each with the
+//! idempotency key `<prefix>:<triggering event id>:<n>` — so a redelivery, a
+//! restart or a batch retried after an error appends nothing twice.
+use crm_domain::{Aggregate, DomainError, DomainEvent, TenantId};
+use crm_event_store::RecordedEvent;
+use crm_projections::ApplyError;
+use jiff::Timestamp;
+use uuid::Uuid;
+
+use crate::command::{Caller, CommandHandler, Options, ServiceError};
+
+/// Every process manager's name: they are never rebuilt (their effect is
+/// the commands they sent).
+pub const PROCESS_MANAGERS: &[&str] = &[
+    crate::sla::NAME,
+    crate::lifecycle::NAME,
+    crate::router::NAME,
+];
+
+/// Sends a process manager's commands.
+#[derive(Clone)]
+pub struct Sender {
+    handler: CommandHandler,
+    prefix: &'static str,
+    actor: &'static str,
+}
+
+impl Sender {
+    pub fn new(handler: CommandHandler, prefix: &'static str, actor: &'static str) -> Self {
+        Self {
+            handler,
+            prefix,
+            actor,
+        }
+    }
+
+    /// Sends one command caused by `event`; `n` numbers the commands one
+    /// event triggers. A command that no longer applies (`NOT_APPLICABLE`,
+    /// or a record that moved on: `INVALID_TRANSITION`) is done; an
+    /// unavailable store or a busy record is retried by the runtime; any
+    /// other refusal stops the process manager loudly.
+    pub async fn send<A: Aggregate>(
+        &self,
+        event: &RecordedEvent,
+        n: usize,
+        stream_id: Uuid,
+        occurred_at: Timestamp,
+        command: A::Command,
+    ) -> Result<(), ApplyError>
+    where
+        A::Command: Clone,
+    {
+        let tenant = TenantId::parse(&event.tenant_id).map_err(|e| malformed(event, e))?;
+        let mut caller = Caller::system(tenant, self.actor);
+        caller.causation_id = Some(event.event_id.to_string());
+        let key = format!("{}:{}:{n}", self.prefix, event.event_id);
+        let options = Options::internal(key, occurred_at);
+        match self
+            .handler
+            .execute::<A>(&caller, stream_id, &options, command)
+            .await
+        {
+            Ok(_)
+            | Err(ServiceError::Domain(
+                DomainError::NotApplicable { .. } | DomainError::InvalidTransition { .. },
+            )) => Ok(()),
+            Err(
+                error @ (ServiceError::Unavailable(_)
+                | ServiceError::Contention
+                | ServiceError::VersionConflict { .. }),
+            ) => Err(ApplyError::Transient(error.to_string())),
+            Err(error) => Err(malformed(
+                event,
+                format!("{} command refused: {error}", self.prefix),
+            )),
+        }
+    }
+}
+
+/// A payload the process manager cannot use: it stops on it.
+pub fn malformed(event: &RecordedEvent, reason: impl std::fmt::Display) -> ApplyError {
+    ApplyError::Payload {
+        event_type: event.event_type.clone(),
+        reason: reason.to_string(),
+    }
+}
+
+/// `event` as one of `E`'s, or `None` when it is not.
+pub fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
+    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
+    E::decode(&event.event_type, event.schema_version, &mut payload)
+        .map_err(|e| malformed(event, e))
+}

@@ -1,0 +1,492 @@
+//! `analytics`: the facts the analytics formulas of DOMAIN.md §5.3 are
+//! computed from, one small table per kind of fact, each row keyed by what
+//! it is about and stamped with its business time (`occurred_at`):
+//!
+//! - `an_customer_spells`: each period an account was a customer (from
+//!   `AccountBecameCustomer` to `AccountChurned`), for churn, retention
+//!   cohorts and lead-to-customer conversion;
+//! - `an_orders`, `an_payments`, `an_refunds`: net revenue (net of tax,
+//!   cancellations and refunds), cost when known, for AOV, frequency, repeat
+//!   purchase, CLV and RFM;
+//! - `an_nps`: every NPS answer (the latest per contact counts);
+//! - `an_leads`, `an_deals`, `an_campaigns`, `an_campaign_costs`,
+//!   `an_touches`: lead capture and conversion, deals won, campaign cost and
+//!   responses, for campaign ROI with first- and last-touch attribution.
+//!
+//! No personal value is read: only ids, amounts, scores and times.
+use crm_domain::DomainEvent;
+use crm_domain::account::{AccountEvent, AccountKind};
+use crm_domain::campaign::{CampaignEvent, Member};
+use crm_domain::commerce::{OrderEvent, PaymentEvent};
+use crm_domain::contact::ContactEvent;
+use crm_domain::lead::LeadEvent;
+use crm_domain::opportunity::OpportunityEvent;
+use crm_event_store::RecordedEvent;
+use tokio_postgres::Transaction;
+
+use crate::runtime::{ApplyError, ApplyFuture, Projection};
+
+pub struct Analytics;
+
+pub const NAME: &str = "analytics";
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS an_tenant (
+    tenant_id text NOT NULL PRIMARY KEY,
+    time_zone text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS an_accounts (
+    tenant_id   text    NOT NULL,
+    account_id  uuid    NOT NULL,
+    kind        text    NOT NULL,
+    segment     text    NOT NULL,
+    PRIMARY KEY (tenant_id, account_id)
+);
+CREATE TABLE IF NOT EXISTS an_customer_spells (
+    tenant_id  text        NOT NULL,
+    account_id uuid        NOT NULL,
+    started_at timestamptz NOT NULL,
+    trigger    text        NOT NULL,
+    ended_at   timestamptz,
+    PRIMARY KEY (tenant_id, account_id, started_at)
+);
+CREATE TABLE IF NOT EXISTS an_orders (
+    tenant_id    text        NOT NULL,
+    order_id     uuid        NOT NULL,
+    account_id   uuid,
+    status       text        NOT NULL,
+    paid         boolean     NOT NULL,
+    cancelled    boolean     NOT NULL,
+    net_minor    bigint      NOT NULL,
+    cost_minor   bigint,
+    currency     text        NOT NULL,
+    ordered_at   timestamptz NOT NULL,
+    deal_id      uuid,
+    PRIMARY KEY (tenant_id, order_id)
+);
+CREATE INDEX IF NOT EXISTS an_orders_by_account ON an_orders (tenant_id, account_id, ordered_at);
+CREATE TABLE IF NOT EXISTS an_payments (
+    tenant_id  text NOT NULL,
+    payment_id uuid NOT NULL,
+    account_id uuid,
+    PRIMARY KEY (tenant_id, payment_id)
+);
+CREATE TABLE IF NOT EXISTS an_refunds (
+    tenant_id   text        NOT NULL,
+    payment_id  uuid        NOT NULL,
+    position    bigint      NOT NULL,
+    account_id  uuid,
+    amount_minor bigint     NOT NULL,
+    currency    text        NOT NULL,
+    refunded_at timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, payment_id, position)
+);
+CREATE TABLE IF NOT EXISTS an_nps (
+    tenant_id   text        NOT NULL,
+    contact_id  uuid        NOT NULL,
+    position    bigint      NOT NULL,
+    score       smallint    NOT NULL,
+    answered_at timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, contact_id, position)
+);
+CREATE TABLE IF NOT EXISTS an_leads (
+    tenant_id    text        NOT NULL,
+    lead_id      uuid        NOT NULL,
+    captured_at  timestamptz NOT NULL,
+    channel      text        NOT NULL,
+    campaign_id  uuid,
+    account_id   uuid,
+    deal_id      uuid,
+    converted_at timestamptz,
+    PRIMARY KEY (tenant_id, lead_id)
+);
+CREATE TABLE IF NOT EXISTS an_deals (
+    tenant_id    text        NOT NULL,
+    deal_id      uuid        NOT NULL,
+    account_id   uuid        NOT NULL,
+    contact_id   uuid,
+    lead_id      uuid,
+    opened_at    timestamptz NOT NULL,
+    won_at       timestamptz,
+    amount_minor bigint      NOT NULL,
+    currency     text        NOT NULL,
+    PRIMARY KEY (tenant_id, deal_id)
+);
+CREATE TABLE IF NOT EXISTS an_campaigns (
+    tenant_id   text NOT NULL,
+    campaign_id uuid NOT NULL,
+    parent_id   uuid,
+    name        text NOT NULL,
+    currency    text NOT NULL,
+    PRIMARY KEY (tenant_id, campaign_id)
+);
+CREATE TABLE IF NOT EXISTS an_campaign_costs (
+    tenant_id    text        NOT NULL,
+    campaign_id  uuid        NOT NULL,
+    position     bigint      NOT NULL,
+    amount_minor bigint      NOT NULL,
+    currency     text        NOT NULL,
+    PRIMARY KEY (tenant_id, campaign_id, position)
+);
+CREATE TABLE IF NOT EXISTS an_touches (
+    tenant_id    text        NOT NULL,
+    campaign_id  uuid        NOT NULL,
+    member_kind  text        NOT NULL,
+    member_id    uuid        NOT NULL,
+    position     bigint      NOT NULL,
+    touched_at   timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, campaign_id, member_id, position)
+);
+CREATE INDEX IF NOT EXISTS an_touches_by_member ON an_touches (tenant_id, member_id, touched_at)";
+
+type Time = std::time::SystemTime;
+
+fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
+    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
+    E::decode(&event.event_type, event.schema_version, &mut payload).map_err(|e| {
+        ApplyError::Payload {
+            event_type: event.event_type.clone(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+fn position(event: &RecordedEvent) -> i64 {
+    i64::try_from(event.global_position).unwrap_or(i64::MAX)
+}
+
+async fn account(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let Some(decoded) = decode::<AccountEvent>(event)? else {
+        return Ok(());
+    };
+    let (tenant, id) = (&event.tenant_id, &event.stream_id);
+    match decoded {
+        AccountEvent::Created(created) => {
+            let kind = match created.kind {
+                AccountKind::Person => "person",
+                AccountKind::Company => "company",
+            };
+            tx.execute(
+                "INSERT INTO an_accounts (tenant_id, account_id, kind, segment) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[tenant, id, &kind, &created.segment],
+            )
+            .await?;
+        }
+        AccountEvent::DetailsUpdated(updated) => {
+            if let Some(segment) = updated.changes.segment {
+                tx.execute(
+                    "UPDATE an_accounts SET segment = $3 WHERE tenant_id = $1 AND account_id = $2",
+                    &[tenant, id, &segment.new],
+                )
+                .await?;
+            }
+        }
+        AccountEvent::BecameCustomer(became) => {
+            let at: Time = became.occurred_at.into();
+            tx.execute(
+                "INSERT INTO an_customer_spells (tenant_id, account_id, started_at, trigger) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[tenant, id, &at, &became.trigger],
+            )
+            .await?;
+        }
+        AccountEvent::Churned(churned) => {
+            let at: Time = churned.occurred_at.into();
+            tx.execute(
+                "UPDATE an_customer_spells SET ended_at = $3 \
+                 WHERE tenant_id = $1 AND account_id = $2 AND ended_at IS NULL",
+                &[tenant, id, &at],
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let (tenant, id) = (&event.tenant_id, &event.stream_id);
+    match decode::<OrderEvent>(event)? {
+        Some(OrderEvent::Recorded(order)) => {
+            // Cost is known only when every line carries one.
+            let cost: Option<i64> = order
+                .lines
+                .iter()
+                .map(|line| line.line_cost.as_ref().map(|c| c.amount_minor))
+                .sum();
+            let ordered_at: Time = order.occurred_at.into();
+            tx.execute(
+                "INSERT INTO an_orders (tenant_id, order_id, account_id, status, paid, cancelled, \
+                   net_minor, cost_minor, currency, ordered_at, deal_id) \
+                 VALUES ($1, $2, $3, $4, $5, false, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (tenant_id, order_id) DO UPDATE SET account_id = EXCLUDED.account_id, \
+                   status = EXCLUDED.status, paid = an_orders.paid OR EXCLUDED.paid, \
+                   net_minor = EXCLUDED.net_minor, cost_minor = EXCLUDED.cost_minor, \
+                   currency = EXCLUDED.currency, deal_id = EXCLUDED.deal_id",
+                &[
+                    tenant,
+                    id,
+                    &order.account_id,
+                    &order.status,
+                    &crm_domain::commerce::PAID_STATUSES.contains(&order.status.as_str()),
+                    &order.totals.net.amount_minor,
+                    &cost,
+                    &order.totals.net.currency,
+                    &ordered_at,
+                    &order.deal_id,
+                ],
+            )
+            .await?;
+        }
+        Some(OrderEvent::Cancelled(_)) => {
+            tx.execute(
+                "UPDATE an_orders SET cancelled = true WHERE tenant_id = $1 AND order_id = $2",
+                &[tenant, id],
+            )
+            .await?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+async fn payment(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let (tenant, id) = (&event.tenant_id, &event.stream_id);
+    match decode::<PaymentEvent>(event)? {
+        Some(PaymentEvent::Received(received)) => {
+            tx.execute(
+                "INSERT INTO an_payments (tenant_id, payment_id, account_id) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tenant_id, payment_id) DO UPDATE SET account_id = EXCLUDED.account_id",
+                &[tenant, id, &received.account_id],
+            )
+            .await?;
+        }
+        Some(PaymentEvent::Refunded(refund)) => {
+            let at: Time = refund.occurred_at.into();
+            tx.execute(
+                "INSERT INTO an_refunds (tenant_id, payment_id, position, account_id, amount_minor, \
+                   currency, refunded_at) \
+                 SELECT $1, $2, $3, (SELECT account_id FROM an_payments \
+                                     WHERE tenant_id = $1 AND payment_id = $2), $4, $5, $6 \
+                 ON CONFLICT DO NOTHING",
+                &[
+                    tenant,
+                    id,
+                    &position(event),
+                    &refund.amount.amount_minor,
+                    &refund.amount.currency,
+                    &at,
+                ],
+            )
+            .await?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+async fn lead(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let (tenant, id) = (&event.tenant_id, &event.stream_id);
+    match decode::<LeadEvent>(event)? {
+        Some(LeadEvent::Captured(captured)) => {
+            let at: Time = captured.occurred_at.into();
+            tx.execute(
+                "INSERT INTO an_leads (tenant_id, lead_id, captured_at, channel, campaign_id) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[
+                    tenant,
+                    id,
+                    &at,
+                    &captured.source.channel,
+                    &captured.source.campaign_id,
+                ],
+            )
+            .await?;
+        }
+        Some(LeadEvent::Converted(converted)) => {
+            let at: Time = converted.occurred_at.into();
+            tx.execute(
+                "UPDATE an_leads SET account_id = $3, deal_id = $4, converted_at = $5 \
+                 WHERE tenant_id = $1 AND lead_id = $2",
+                &[
+                    tenant,
+                    id,
+                    &converted.account_id,
+                    &converted.opportunity_id,
+                    &at,
+                ],
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let (tenant, id) = (&event.tenant_id, &event.stream_id);
+    match decode::<OpportunityEvent>(event)? {
+        Some(OpportunityEvent::Opened(opened)) => {
+            let at: Time = opened.occurred_at.into();
+            tx.execute(
+                "INSERT INTO an_deals (tenant_id, deal_id, account_id, contact_id, lead_id, \
+                   opened_at, amount_minor, currency) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT DO NOTHING",
+                &[
+                    tenant,
+                    id,
+                    &opened.account_id,
+                    &opened.contact_id,
+                    &opened.source.lead_id,
+                    &at,
+                    &opened.amount.amount_minor,
+                    &opened.amount.currency,
+                ],
+            )
+            .await?;
+        }
+        Some(OpportunityEvent::Won(won)) => {
+            let at: Time = won.occurred_at.into();
+            tx.execute(
+                "UPDATE an_deals SET won_at = $3, amount_minor = $4, currency = $5 \
+                 WHERE tenant_id = $1 AND deal_id = $2",
+                &[
+                    tenant,
+                    id,
+                    &at,
+                    &won.amount.amount_minor,
+                    &won.amount.currency,
+                ],
+            )
+            .await?;
+        }
+        Some(OpportunityEvent::Reopened(_)) => {
+            tx.execute(
+                "UPDATE an_deals SET won_at = NULL WHERE tenant_id = $1 AND deal_id = $2",
+                &[tenant, id],
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn campaign(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let (tenant, id) = (&event.tenant_id, &event.stream_id);
+    match decode::<CampaignEvent>(event)? {
+        Some(CampaignEvent::Planned(planned)) => {
+            tx.execute(
+                "INSERT INTO an_campaigns (tenant_id, campaign_id, parent_id, name, currency) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[
+                    tenant,
+                    id,
+                    &planned.parent_id,
+                    &planned.name,
+                    &planned.budget.currency,
+                ],
+            )
+            .await?;
+        }
+        Some(CampaignEvent::CostRecorded(cost)) => {
+            tx.execute(
+                "INSERT INTO an_campaign_costs (tenant_id, campaign_id, position, amount_minor, \
+                   currency) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[
+                    tenant,
+                    id,
+                    &position(event),
+                    &cost.amount.amount_minor,
+                    &cost.amount.currency,
+                ],
+            )
+            .await?;
+        }
+        Some(CampaignEvent::MemberResponded(responded)) => {
+            let (kind, member) = match responded.member {
+                Member::Contact(member) => ("contact", member),
+                Member::Lead(member) => ("lead", member),
+            };
+            let at: Time = responded.occurred_at.into();
+            tx.execute(
+                "INSERT INTO an_touches (tenant_id, campaign_id, member_kind, member_id, position, \
+                   touched_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[tenant, id, &kind, &member, &position(event), &at],
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn contact(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    if let Some(ContactEvent::NpsRecorded(nps)) = decode::<ContactEvent>(event)? {
+        let at: Time = nps.occurred_at.into();
+        tx.execute(
+            "INSERT INTO an_nps (tenant_id, contact_id, position, score, answered_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[
+                &event.tenant_id,
+                &event.stream_id,
+                &position(event),
+                &i16::from(nps.score),
+                &at,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The tenant's zone: periods are `[start, end)` in it (DOMAIN.md §5.3).
+async fn settings(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    use crm_domain::configuration::{Published, TenantSettings};
+    if let Some(published) = decode::<Published<TenantSettings>>(event)? {
+        tx.execute(
+            "INSERT INTO an_tenant (tenant_id, time_zone) VALUES ($1, $2) \
+             ON CONFLICT (tenant_id) DO UPDATE SET time_zone = EXCLUDED.time_zone",
+            &[&event.tenant_id, &published.content.time_zone],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+impl Projection for Analytics {
+    crate::runtime::projection_names!(
+        NAME,
+        SCHEMA,
+        [
+            "an_tenant",
+            "an_accounts",
+            "an_customer_spells",
+            "an_orders",
+            "an_payments",
+            "an_refunds",
+            "an_nps",
+            "an_leads",
+            "an_deals",
+            "an_campaigns",
+            "an_campaign_costs",
+            "an_touches",
+        ]
+    );
+
+    fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
+        Box::pin(async move {
+            match event.stream_type.as_str() {
+                "account" => account(tx, event).await,
+                "order" => order(tx, event).await,
+                "payment" => payment(tx, event).await,
+                "lead" => lead(tx, event).await,
+                "opportunity" => deal(tx, event).await,
+                "campaign" => campaign(tx, event).await,
+                "contact" => contact(tx, event).await,
+                "tenant_settings" => settings(tx, event).await,
+                _ => Ok(()),
+            }
+        })
+    }
+}
