@@ -9,6 +9,7 @@ mod commerce;
 mod configuration;
 mod contacts;
 mod demo;
+mod engagement;
 mod event_log;
 mod leads;
 mod opportunities;

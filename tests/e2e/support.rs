@@ -264,3 +264,40 @@ pub async fn test_scheduler(
     );
     (scheduler, store)
 }
+
+/// Waits until every projection and process manager has applied the whole
+/// log (and the log stopped growing: process managers append too); returns
+/// the head.
+pub async fn settled(app: &TestApp) -> u64 {
+    let db = app.db.client().await;
+    eventually(
+        Duration::from_secs(30),
+        "every projection at the head",
+        || async {
+            let head: i64 = db
+                .query_one("SELECT COALESCE(max(global_position), 0) FROM events", &[])
+                .await
+                .ok()?
+                .get(0);
+            let behind: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM projections WHERE position < $1",
+                    &[&head],
+                )
+                .await
+                .ok()?
+                .get(0);
+            if behind > 0 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let again: i64 = db
+                .query_one("SELECT COALESCE(max(global_position), 0) FROM events", &[])
+                .await
+                .ok()?
+                .get(0);
+            (again == head).then_some(head as u64)
+        },
+    )
+    .await
+}

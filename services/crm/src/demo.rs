@@ -877,6 +877,56 @@ async fn more(
         );
     }
 
+    // A call logged with every account, and a follow-up task for every
+    // third (due around the anchor: some fall overdue).
+    let mut activities =
+        crm_proto::v1::activities_client::ActivitiesClient::new(channel.clone());
+    for (a, account) in account_ids.iter().enumerate() {
+        let target = || {
+            vec![crm_proto::v1::ActivityTarget {
+                kind: "account".to_owned(),
+                id: account.clone(),
+            }]
+        };
+        send!(
+            seeded,
+            format!("call {a}"),
+            activities.log_activity(request(
+                tenant,
+                crm_proto::v1::LogActivityRequest {
+                    options: options(format!("demo-seed:call:{a}"), 20 + (a as u64 * 7) % 150),
+                    activity_id: String::new(),
+                    kind: "call".to_owned(),
+                    direction: "outbound".to_owned(),
+                    targets: target(),
+                    outcome: "Discussed renewal and next steps".to_owned(),
+                    body: "Quarterly check-in call.".to_owned(),
+                    external_id: String::new(),
+                },
+            ))
+        );
+        if a % 3 == 0 {
+            let due: jiff::Timestamp = ANCHOR.parse().expect("valid anchor");
+            let due = due + jiff::SignedDuration::from_hours(24 * (a as i64 - 10));
+            send!(
+                seeded,
+                format!("task {a}"),
+                activities.schedule_activity(request(
+                    tenant,
+                    crm_proto::v1::ScheduleActivityRequest {
+                        options: options(format!("demo-seed:task:{a}"), 20),
+                        activity_id: String::new(),
+                        kind: "task".to_owned(),
+                        targets: target(),
+                        due: due.to_string(),
+                        assignee: format!("user:rep{}", a % 5),
+                        subject: "Send the renewal offer".to_owned(),
+                    },
+                ))
+            );
+        }
+    }
+
     // NPS from every tenth contact.
     for (n, (contact, _)) in contact_ids.iter().enumerate().filter(|(n, _)| n % 10 == 0) {
         send!(

@@ -9,14 +9,17 @@
 //! due (`TaskOverdue`), SLA warning and breach (`SlaWarningReached`,
 //! `SlaBreached`, from `sla_clock`), auto-solve of tickets pending on the
 //! customer for 7 days and auto-close of tickets solved for 4 days (from
-//! `service_queue`). Stalled deals and churn risk join as their read models
-//! land.
+//! `service_queue`), stalled deals (stage older than the stage's
+//! `max_days_in_stage`, or no touch for 14 days) and churn risk (a customer
+//! with no touch or paid order for 90 days), from `engagement`.
 use std::sync::Arc;
 use std::time::Duration;
 
 use std::time::SystemTime;
 
+use crm_domain::account::{Account, AccountCommand};
 use crm_domain::activity::{Activity, ActivityCommand};
+use crm_domain::opportunity::{Opportunity, OpportunityCommand};
 use crm_domain::sla::{SlaCommand, SlaMetric, SlaTracker, tracker_id};
 use crm_domain::ticket::{AUTO_CLOSE_DAYS, AUTO_SOLVE_DAYS, Ticket, TicketCommand};
 use crm_domain::{Aggregate, TenantId};
@@ -107,6 +110,8 @@ impl Scheduler {
         self.tasks_due(now, &mut tick).await?;
         self.sla_alarms(now, &mut tick).await?;
         self.waiting_tickets(now, &mut tick).await?;
+        self.stalled_deals(now, &mut tick).await?;
+        self.churn_risk(now, &mut tick).await?;
         Ok(tick)
     }
 
@@ -272,6 +277,89 @@ impl Scheduler {
         Ok(())
     }
 }
+
+impl Scheduler {
+    /// Stalled deal: longer in its stage than the stage's
+    /// `max_days_in_stage`, or no touch for 14 days.
+    async fn stalled_deals(&self, now: Timestamp, tick: &mut Tick) -> Result<(), ServiceError> {
+        let now_system: SystemTime = now.into();
+        let rows = self
+            .due_rows(
+                "SELECT d.tenant_id, d.deal_id, 'stage_age', l.max_days, \
+                   d.stage_entered_at + make_interval(days => l.max_days) AS due \
+                 FROM eng_deals d JOIN eng_stage_limits l ON l.tenant_id = d.tenant_id \
+                   AND l.pipeline_id = d.pipeline_id AND l.stage = d.stage \
+                 WHERE d.open AND NOT d.stalled \
+                   AND d.stage_entered_at + make_interval(days => l.max_days) <= $1 \
+                 UNION ALL \
+                 SELECT tenant_id, deal_id, 'no_touch', $2, \
+                   last_touch_at + make_interval(days => $2) \
+                 FROM eng_deals WHERE open AND NOT stalled \
+                   AND last_touch_at + make_interval(days => $2) <= $1 \
+                 ORDER BY 5, 3 DESC LIMIT $3",
+                &[&now_system, &STALLED_NO_TOUCH_DAYS, &BATCH],
+            )
+            .await?;
+        for row in &rows {
+            let deal: Uuid = row.get(1);
+            let rule: &str = row.get(2);
+            let days: i32 = row.get(3);
+            let due = timestamp(row.get(4))?;
+            self.send::<Opportunity>(
+                tick,
+                row.get(0),
+                deal,
+                format!("scheduler:stalled_deal:{deal}:{rule}:{due}"),
+                due,
+                OpportunityCommand::FlagStalled {
+                    rule: rule.to_owned(),
+                    days: u32::try_from(days).unwrap_or(0),
+                    stalled: true,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Churn risk: a customer with no touch and no paid order for 90 days.
+    async fn churn_risk(&self, now: Timestamp, tick: &mut Tick) -> Result<(), ServiceError> {
+        let now_system: SystemTime = now.into();
+        let rows = self
+            .due_rows(
+                "SELECT tenant_id, account_id, due FROM ( \
+                   SELECT tenant_id, account_id, \
+                     greatest(customer_since, last_touch_at, last_paid_order_at) \
+                       + make_interval(days => $2) AS due \
+                   FROM eng_accounts WHERE customer AND NOT at_risk) a \
+                 WHERE due <= $1 ORDER BY due LIMIT $3",
+                &[&now_system, &CHURN_RISK_DAYS, &BATCH],
+            )
+            .await?;
+        for row in &rows {
+            let account: Uuid = row.get(1);
+            let due = timestamp(row.get(2))?;
+            self.send::<Account>(
+                tick,
+                row.get(0),
+                account,
+                format!("scheduler:churn_risk:{account}:{due}"),
+                due,
+                AccountCommand::FlagChurnRisk {
+                    days_inactive: u32::try_from(CHURN_RISK_DAYS).unwrap_or(90),
+                    inactive: true,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Days without a touch after which an open deal is stalled (DOMAIN §4).
+const STALLED_NO_TOUCH_DAYS: i32 = 14;
+/// Days without a touch or paid order after which a customer is at risk.
+const CHURN_RISK_DAYS: i32 = 90;
 
 fn timestamp(time: SystemTime) -> Result<Timestamp, ServiceError> {
     Timestamp::try_from(time).map_err(|e| ServiceError::Internal(format!("stored time: {e}")))

@@ -12,6 +12,7 @@
 //! `failed` with the error and position, and nothing is skipped.
 mod agent_workload;
 mod analytics;
+mod engagement;
 mod pipeline_board;
 mod rebuild;
 mod runtime;
@@ -25,6 +26,7 @@ mod state;
 
 pub use agent_workload::{AgentWorkload, NAME as AGENT_WORKLOAD};
 pub use analytics::{Analytics, NAME as ANALYTICS};
+pub use engagement::{Engagement, NAME as ENGAGEMENT};
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
 pub use rebuild::{Progress, RebuildError, rebuild};
 pub use runtime::{
@@ -50,5 +52,6 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
         std::sync::Arc::new(AgentWorkload),
         std::sync::Arc::new(ServiceMetrics),
         std::sync::Arc::new(Analytics),
+        std::sync::Arc::new(Engagement),
     ]
 }

@@ -1,0 +1,336 @@
+//! `engagement`: when deals and customers were last touched, for the
+//! scheduler's stalled-deal and churn-risk rules (DOMAIN.md §4):
+//!
+//! - `eng_deals`: each open deal's stage, when it entered it, its last touch
+//!   (an activity logged or completed on it) and whether it is flagged
+//!   stalled — a stage change clears the flag, a touch restarts the clock;
+//! - `eng_stage_limits`: each pipeline stage's `max_days_in_stage` (its
+//!   newest version);
+//! - `eng_accounts`: each account's customer status, last touch (on the
+//!   account or one of its deals), last paid order, and whether it is
+//!   flagged at risk — a touch or a paid order clears the flag.
+use crm_domain::DomainEvent;
+use crm_domain::account::AccountEvent;
+use crm_domain::activity::{ActivityEvent, Target};
+use crm_domain::commerce::OrderEvent;
+use crm_domain::opportunity::OpportunityEvent;
+use crm_domain::pipeline::PipelineEvent;
+use crm_event_store::RecordedEvent;
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use crate::runtime::{ApplyError, ApplyFuture, Projection};
+
+pub struct Engagement;
+
+pub const NAME: &str = "engagement";
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS eng_stage_limits (
+    tenant_id   text    NOT NULL,
+    pipeline_id uuid    NOT NULL,
+    stage       text    NOT NULL,
+    max_days    integer NOT NULL,
+    PRIMARY KEY (tenant_id, pipeline_id, stage)
+);
+CREATE TABLE IF NOT EXISTS eng_deals (
+    tenant_id        text        NOT NULL,
+    deal_id          uuid        NOT NULL,
+    account_id       uuid        NOT NULL,
+    pipeline_id      uuid        NOT NULL,
+    stage            text        NOT NULL,
+    stage_entered_at timestamptz NOT NULL,
+    last_touch_at    timestamptz NOT NULL,
+    open             boolean     NOT NULL,
+    stalled          boolean     NOT NULL,
+    PRIMARY KEY (tenant_id, deal_id)
+);
+CREATE INDEX IF NOT EXISTS eng_deals_open ON eng_deals (last_touch_at) WHERE open AND NOT stalled;
+CREATE TABLE IF NOT EXISTS eng_accounts (
+    tenant_id          text        NOT NULL,
+    account_id         uuid        NOT NULL,
+    customer           boolean     NOT NULL,
+    customer_since     timestamptz,
+    last_touch_at      timestamptz,
+    last_paid_order_at timestamptz,
+    at_risk            boolean     NOT NULL,
+    PRIMARY KEY (tenant_id, account_id)
+);
+CREATE TABLE IF NOT EXISTS eng_activities (
+    tenant_id   text  NOT NULL,
+    activity_id uuid  NOT NULL,
+    targets     jsonb NOT NULL,
+    PRIMARY KEY (tenant_id, activity_id)
+)";
+
+type Time = std::time::SystemTime;
+
+fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
+    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
+    E::decode(&event.event_type, event.schema_version, &mut payload).map_err(|e| {
+        ApplyError::Payload {
+            event_type: event.event_type.clone(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+/// Makes sure an account row exists.
+async fn account_row(tx: &Transaction<'_>, tenant: &str, account: Uuid) -> Result<(), ApplyError> {
+    tx.execute(
+        "INSERT INTO eng_accounts (tenant_id, account_id, customer, at_risk) \
+         VALUES ($1, $2, false, false) ON CONFLICT DO NOTHING",
+        &[&tenant, &account],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A touch at `at` of every target (deals, and accounts directly or
+/// through their deals).
+async fn touch(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    targets: &[Target],
+    at: Time,
+) -> Result<(), ApplyError> {
+    for target in targets {
+        match target.kind.as_str() {
+            "opportunity" => {
+                let account = tx
+                    .query_opt(
+                        "UPDATE eng_deals SET last_touch_at = greatest(last_touch_at, $3) \
+                         WHERE tenant_id = $1 AND deal_id = $2 RETURNING account_id",
+                        &[&tenant, &target.id, &at],
+                    )
+                    .await?;
+                if let Some(row) = account {
+                    touch_account(tx, tenant, row.get(0), at).await?;
+                }
+            }
+            "account" => touch_account(tx, tenant, target.id, at).await?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn touch_account(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    account: Uuid,
+    at: Time,
+) -> Result<(), ApplyError> {
+    account_row(tx, tenant, account).await?;
+    tx.execute(
+        "UPDATE eng_accounts SET last_touch_at = greatest(last_touch_at, $3), at_risk = false \
+         WHERE tenant_id = $1 AND account_id = $2",
+        &[&tenant, &account, &at],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn pipeline(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    if let Some(PipelineEvent::Published(published)) = decode::<PipelineEvent>(event)? {
+        for stage in &published.stages {
+            let Some(days) = stage.max_days_in_stage else {
+                tx.execute(
+                    "DELETE FROM eng_stage_limits WHERE tenant_id = $1 AND pipeline_id = $2 \
+                     AND stage = $3",
+                    &[&event.tenant_id, &event.stream_id, &stage.key],
+                )
+                .await?;
+                continue;
+            };
+            tx.execute(
+                "INSERT INTO eng_stage_limits (tenant_id, pipeline_id, stage, max_days) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, pipeline_id, stage) \
+                 DO UPDATE SET max_days = EXCLUDED.max_days",
+                &[
+                    &event.tenant_id,
+                    &event.stream_id,
+                    &stage.key,
+                    &i32::try_from(days).unwrap_or(i32::MAX),
+                ],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let (tenant, id) = (event.tenant_id.as_str(), &event.stream_id);
+    match decode::<OpportunityEvent>(event)? {
+        Some(OpportunityEvent::Opened(opened)) => {
+            let at: Time = opened.occurred_at.into();
+            tx.execute(
+                "INSERT INTO eng_deals (tenant_id, deal_id, account_id, pipeline_id, stage, \
+                   stage_entered_at, last_touch_at, open, stalled) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $6, true, false) ON CONFLICT DO NOTHING",
+                &[
+                    &tenant,
+                    id,
+                    &opened.account_id,
+                    &opened.pipeline_id,
+                    &opened.stage,
+                    &at,
+                ],
+            )
+            .await?;
+        }
+        Some(OpportunityEvent::StageChanged(changed)) => {
+            let at: Time = changed.occurred_at.into();
+            tx.execute(
+                "UPDATE eng_deals SET stage = $3, stage_entered_at = $4, stalled = false \
+                 WHERE tenant_id = $1 AND deal_id = $2",
+                &[&tenant, id, &changed.to, &at],
+            )
+            .await?;
+        }
+        Some(OpportunityEvent::Stalled(_)) => {
+            tx.execute(
+                "UPDATE eng_deals SET stalled = true WHERE tenant_id = $1 AND deal_id = $2",
+                &[&tenant, id],
+            )
+            .await?;
+        }
+        Some(OpportunityEvent::Won(_) | OpportunityEvent::Lost(_)) => {
+            tx.execute(
+                "UPDATE eng_deals SET open = false WHERE tenant_id = $1 AND deal_id = $2",
+                &[&tenant, id],
+            )
+            .await?;
+        }
+        Some(OpportunityEvent::Reopened(reopened)) => {
+            let at: Time = reopened.occurred_at.into();
+            tx.execute(
+                "UPDATE eng_deals SET open = true, stalled = false, stage = $3, \
+                   stage_entered_at = $4, last_touch_at = greatest(last_touch_at, $4) \
+                 WHERE tenant_id = $1 AND deal_id = $2",
+                &[&tenant, id, &reopened.stage, &at],
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn activity(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let (tenant, id) = (event.tenant_id.as_str(), &event.stream_id);
+    match decode::<ActivityEvent>(event)? {
+        Some(ActivityEvent::Logged(logged)) => {
+            touch(tx, tenant, &logged.targets, logged.occurred_at.into()).await?;
+        }
+        Some(ActivityEvent::Scheduled(scheduled)) => {
+            let targets =
+                serde_json::to_value(&scheduled.targets).map_err(|e| ApplyError::Payload {
+                    event_type: event.event_type.clone(),
+                    reason: e.to_string(),
+                })?;
+            tx.execute(
+                "INSERT INTO eng_activities (tenant_id, activity_id, targets) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tenant_id, activity_id) DO UPDATE SET targets = EXCLUDED.targets",
+                &[&tenant, id, &targets],
+            )
+            .await?;
+        }
+        Some(ActivityEvent::Completed(completed)) => {
+            let row = tx
+                .query_opt(
+                    "SELECT targets FROM eng_activities WHERE tenant_id = $1 AND activity_id = $2",
+                    &[&tenant, id],
+                )
+                .await?;
+            if let Some(row) = row {
+                let targets: Vec<Target> =
+                    serde_json::from_value(row.get(0)).map_err(|e| ApplyError::Payload {
+                        event_type: event.event_type.clone(),
+                        reason: e.to_string(),
+                    })?;
+                touch(tx, tenant, &targets, completed.occurred_at.into()).await?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn account(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let (tenant, id) = (event.tenant_id.as_str(), event.stream_id);
+    match decode::<AccountEvent>(event)? {
+        Some(AccountEvent::BecameCustomer(became)) => {
+            account_row(tx, tenant, id).await?;
+            let at: Time = became.occurred_at.into();
+            tx.execute(
+                "UPDATE eng_accounts SET customer = true, customer_since = $3, at_risk = false \
+                 WHERE tenant_id = $1 AND account_id = $2",
+                &[&tenant, &id, &at],
+            )
+            .await?;
+        }
+        Some(AccountEvent::Churned(_)) => {
+            account_row(tx, tenant, id).await?;
+            tx.execute(
+                "UPDATE eng_accounts SET customer = false, at_risk = false \
+                 WHERE tenant_id = $1 AND account_id = $2",
+                &[&tenant, &id],
+            )
+            .await?;
+        }
+        Some(AccountEvent::ChurnRiskFlagged(_)) => {
+            account_row(tx, tenant, id).await?;
+            tx.execute(
+                "UPDATE eng_accounts SET at_risk = true WHERE tenant_id = $1 AND account_id = $2",
+                &[&tenant, &id],
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    if let Some(OrderEvent::Recorded(order)) = decode::<OrderEvent>(event)?
+        && crm_domain::commerce::PAID_STATUSES.contains(&order.status.as_str())
+        && let Some(account) = order.account_id
+    {
+        account_row(tx, &event.tenant_id, account).await?;
+        let at: Time = order.occurred_at.into();
+        tx.execute(
+            "UPDATE eng_accounts SET last_paid_order_at = greatest(last_paid_order_at, $3), \
+               at_risk = false WHERE tenant_id = $1 AND account_id = $2",
+            &[&event.tenant_id, &account, &at],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+impl Projection for Engagement {
+    crate::runtime::projection_names!(
+        NAME,
+        SCHEMA,
+        [
+            "eng_stage_limits",
+            "eng_deals",
+            "eng_accounts",
+            "eng_activities"
+        ]
+    );
+
+    fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
+        Box::pin(async move {
+            match event.stream_type.as_str() {
+                "pipeline_config" => pipeline(tx, event).await,
+                "opportunity" => deal(tx, event).await,
+                "activity" => activity(tx, event).await,
+                "account" => account(tx, event).await,
+                "order" => order(tx, event).await,
+                _ => Ok(()),
+            }
+        })
+    }
+}
