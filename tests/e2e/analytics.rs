@@ -6,31 +6,17 @@ use std::time::Duration;
 use crm_proto::v1::analytics_queries_client::AnalyticsQueriesClient;
 use crm_proto::v1::{
     AccountKind, AddCampaignMemberRequest, AnalyticsPeriod, CancelOrderRequest,
-    ChangeLeadStatusRequest, ChangeOpportunityStageRequest, CommandOptions, ConvertLeadRequest,
+    ChangeLeadStatusRequest, ChangeOpportunityStageRequest, ConvertLeadRequest,
     ConvertedOpportunity, CreateAccountRequest, CreateContactRequest, ExternalRef,
     GetCampaignRoiRequest, GetChurnRequest, GetCustomerValueRequest, GetLeadConversionRequest,
     GetNpsRequest, GetPredictiveClvRequest, GetRetentionCohortsRequest, GetRevenueRequest,
-    GetRfmRequest, IssueRefundRequest, MarkAccountChurnedRequest, Money, OrderLine, PersonName,
+    GetRfmRequest, IssueRefundRequest, MarkAccountChurnedRequest, OrderLine, PersonName,
     PlanCampaignRequest, QueryOptions, RecordCampaignCostRequest, RecordCampaignResponseRequest,
     RecordNpsResponseRequest, RecordOrderRequest, RecordPaymentRequest, WinOpportunityRequest,
 };
 use tonic::Code;
 
-use crate::support::{TestApp, bad_fields};
-
-fn at(text: &str) -> Option<CommandOptions> {
-    Some(CommandOptions {
-        occurred_at: text.into(),
-        ..Default::default()
-    })
-}
-
-fn cny(amount_minor: i64) -> Option<Money> {
-    Some(Money {
-        amount_minor,
-        currency: "CNY".into(),
-    })
-}
+use crate::support::{TestApp, at, bad_fields, cny};
 
 /// Waits until every stored event (including those the process managers
 /// append) is in the analytics read model; returns the options to query at.

@@ -6,14 +6,7 @@ use crm_proto::v1::{
 };
 use tonic::Code;
 
-use crate::support::{TestApp, bad_fields};
-
-fn cny(minor: i64) -> Option<Money> {
-    Some(Money {
-        amount_minor: minor,
-        currency: "CNY".into(),
-    })
-}
+use crate::support::{TestApp, bad_fields, cny};
 
 fn external(id: &str, version: u64) -> Option<ExternalRef> {
     Some(ExternalRef {

@@ -5,18 +5,11 @@
 use std::sync::{Arc, Mutex};
 
 use crm_proto::v1::{
-    ActivityTarget, ChangeOpportunityStageRequest, CommandOptions, ExternalRef, LogActivityRequest,
-    Money, OpenOpportunityRequest, OrderLine, RecordOrderRequest,
+    ActivityTarget, ChangeOpportunityStageRequest, ExternalRef, LogActivityRequest,
+    OpenOpportunityRequest, OrderLine, RecordOrderRequest,
 };
 
-use crate::support::{TestApp, TestClock, settled, test_scheduler};
-
-fn at(text: &str) -> Option<CommandOptions> {
-    Some(CommandOptions {
-        occurred_at: text.into(),
-        ..Default::default()
-    })
-}
+use crate::support::{TestApp, TestClock, at, eur, settled, test_scheduler};
 
 fn call(kind: &str, id: &str, when: &str) -> LogActivityRequest {
     LogActivityRequest {
@@ -42,13 +35,6 @@ fn payloads(
         .filter(|(t, _, _)| t == kind)
         .map(|(_, p, _)| p.clone())
         .collect()
-}
-
-fn eur(amount_minor: i64) -> Option<Money> {
-    Some(Money {
-        amount_minor,
-        currency: "EUR".into(),
-    })
 }
 
 fn paid_order(account: &str, id: &str, when: &str) -> RecordOrderRequest {

@@ -6,8 +6,8 @@
 //! worked out by hand in the comments.
 use crm_proto::v1::sales_queries_client::SalesQueriesClient;
 use crm_proto::v1::{
-    AllocateSalesTargetRequest, CaptureLeadRequest, ChangeLeadStatusRequest, CommandOptions,
-    CommissionTier, ConvertLeadRequest, ConvertedOpportunity, FunnelCohort, GetAttainmentRequest,
+    AllocateSalesTargetRequest, CaptureLeadRequest, ChangeLeadStatusRequest, CommissionTier,
+    ConvertLeadRequest, ConvertedOpportunity, FunnelCohort, GetAttainmentRequest,
     GetCommissionStatementRequest, GetFunnelRequest, GetLeadFunnelRequest, GetLeaderboardRequest,
     GetLossReasonsRequest, GetSalesCycleRequest, GetStageDurationsRequest, GetVelocityRequest,
     LeadSource, LoseOpportunityRequest, Money, PublishCommissionPlanRequest, PublishTeamRequest,
@@ -19,16 +19,9 @@ use tonic::transport::Channel;
 
 use crate::configuration::with_roles;
 use crate::opportunities::{deal, setup, to_stage};
-use crate::support::{TestApp, as_caller, bad_fields};
+use crate::support::{TestApp, as_caller, at, bad_fields};
 
 const DAY: i64 = 86_400;
-
-fn at(time: &str) -> Option<CommandOptions> {
-    Some(CommandOptions {
-        occurred_at: time.into(),
-        ..CommandOptions::default()
-    })
-}
 
 fn read(min_position: u64) -> Option<QueryOptions> {
     Some(QueryOptions { min_position })

@@ -8,21 +8,14 @@ use std::time::Duration;
 use crm_proto::v1::service_queries_client::ServiceQueriesClient;
 use crm_proto::v1::{
     AddTicketMessageRequest, AgentLoad, AgentLoadRow, AssignTicketRequest,
-    ChangeAgentAvailabilityRequest, CommandOptions, CommandReply, ComplaintGroup, CsatGroup,
-    DurationStats, GetAgentLoadRequest, GetComplaintStatsRequest, GetCsatRequest,
-    GetServiceMetricsRequest, OpenTicketRequest, PublishQueueRequest, QueryOptions,
-    RecordCsatRequest, ServiceMetrics, SolveTicketRequest,
+    ChangeAgentAvailabilityRequest, CommandReply, ComplaintGroup, CsatGroup, DurationStats,
+    GetAgentLoadRequest, GetComplaintStatsRequest, GetCsatRequest, GetServiceMetricsRequest,
+    OpenTicketRequest, PublishQueueRequest, QueryOptions, RecordCsatRequest, ServiceMetrics,
+    SolveTicketRequest,
 };
 use tonic::transport::Channel;
 
-use crate::support::{TestApp, as_caller, bad_fields};
-
-fn at(text: &str) -> Option<CommandOptions> {
-    Some(CommandOptions {
-        occurred_at: text.into(),
-        ..Default::default()
-    })
-}
+use crate::support::{TestApp, as_caller, at, bad_fields};
 
 fn as_manager<T>(app: &TestApp, message: T) -> tonic::Request<T> {
     let mut request = app.request(message);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crm::scheduler::Scheduler;
 use crm_proto::v1::service_queries_client::ServiceQueriesClient;
 use crm_proto::v1::{
-    AddTicketMessageRequest, ChangeTicketStatusRequest, CommandOptions, GetSlaComplianceRequest,
+    AddTicketMessageRequest, ChangeTicketStatusRequest, GetSlaComplianceRequest,
     GetTicketSlaRequest, ListAtRiskRequest, OpenTicketRequest, PublishBusinessCalendarRequest,
     PublishSlaPolicyRequest, RecordCsatRequest, SlaClock, SlaTargets, SolveTicketRequest,
     WorkingHours,
@@ -17,14 +17,7 @@ use crm_proto::v1::{
 use jiff::Timestamp;
 use tonic::Code;
 
-use crate::support::{TestApp, TestClock, bad_fields, test_scheduler};
-
-fn at(text: &str) -> Option<CommandOptions> {
-    Some(CommandOptions {
-        occurred_at: text.into(),
-        ..Default::default()
-    })
-}
+use crate::support::{TestApp, TestClock, at, bad_fields, test_scheduler};
 
 /// An app without its own scheduler, and a scheduler on a test clock.
 async fn app_and_scheduler() -> (

@@ -127,13 +127,16 @@ impl TestApp {
         as_caller(message, Some(&self.tenant), Some("user:ada"))
     }
 
-    /// Every event row of this test's database, as (type, payload, metadata).
+    /// Every event row of this test's database, as (type, payload, metadata),
+    /// but the data-quality process manager's `duplicate_pair` events: it
+    /// appends them on its own, whenever two fixtures look alike.
     pub async fn stored(&self) -> Vec<(String, serde_json::Value, serde_json::Value)> {
         self.db
             .client()
             .await
             .query(
-                "SELECT event_type, payload, metadata FROM events ORDER BY global_position",
+                "SELECT event_type, payload, metadata FROM events \
+                 WHERE stream_type <> 'duplicate_pair' ORDER BY global_position",
                 &[],
             )
             .await
@@ -300,4 +303,28 @@ pub async fn settled(app: &TestApp) -> u64 {
         },
     )
     .await
+}
+
+/// Command options placing the command at `text` (RFC 3339) in business time.
+pub fn at(text: &str) -> Option<crm_proto::v1::CommandOptions> {
+    Some(crm_proto::v1::CommandOptions {
+        occurred_at: text.into(),
+        ..Default::default()
+    })
+}
+
+/// An amount in CNY minor units.
+pub fn cny(amount_minor: i64) -> Option<crm_proto::v1::Money> {
+    Some(crm_proto::v1::Money {
+        amount_minor,
+        currency: "CNY".into(),
+    })
+}
+
+/// An amount in EUR minor units.
+pub fn eur(amount_minor: i64) -> Option<crm_proto::v1::Money> {
+    Some(crm_proto::v1::Money {
+        amount_minor,
+        currency: "EUR".into(),
+    })
 }

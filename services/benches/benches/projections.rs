@@ -245,7 +245,7 @@ async fn fill_mix(db: &TestDb, count: u64) -> u64 {
         .prepare(
             "INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
                stream_version, event_type, schema_version, payload, metadata) \
-             SELECT p, gen_random_uuid(), 'bench', st, s, v, et, 1, pl::jsonb, $6::jsonb \
+             SELECT p, gen_random_uuid(), 'bench', st, s, v, et, 1, pl::jsonb, $6::text::jsonb \
              FROM unnest($1::bigint[], $2::text[], $3::uuid[], $4::bigint[], $5::text[], \
                          $7::text[]) AS x(p, st, s, v, et, pl)",
         )
@@ -498,6 +498,11 @@ async fn freshness() -> (f64, f64) {
 
 #[tokio::main]
 async fn main() {
+    // `RUST_LOG=warn just bench projections` shows what the roles log.
+    let _telemetry = std::env::var("RUST_LOG").is_ok().then(|| {
+        crm_platform::telemetry::init("crm-bench", crm_platform::LogFormat::Text)
+            .expect("telemetry")
+    });
     let count = events_to_rebuild();
     let db = TestDb::create().await;
     progress(&format!("database {}, storing {count} events", db.name));

@@ -244,6 +244,9 @@ fn projections(
     all.push(std::sync::Arc::new(
         crate::lifecycle::CustomerLifecycle::new(commands.clone()),
     ));
+    all.push(std::sync::Arc::new(crate::quality::DataQuality::new(
+        commands.clone(),
+    )));
     all
 }
 
@@ -262,7 +265,9 @@ async fn read_model_pool(
     pg.connect_timeout(std::time::Duration::from_secs(5));
     let manager = deadpool_postgres::Manager::new(pg, NoTls);
     let pool = deadpool_postgres::Pool::builder(manager)
-        .max_size(config.pg_pool_size)
+        // Every projector holds a connection for its batch; queries and the
+        // scheduler need their own on top.
+        .max_size(config.pg_pool_size + projections.len())
         .wait_timeout(Some(std::time::Duration::from_secs(10)))
         .create_timeout(Some(std::time::Duration::from_secs(5)))
         .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -297,6 +302,18 @@ fn query_services(
             read_models.clone(),
             wait,
         )),
+        customer360: Some(crate::query::Customer360Service::new(
+            read_models.clone(),
+            store.clone(),
+            wait,
+        )),
+        quality: config.reservation_key().ok().map(|key| {
+            crate::query::DataQualityService::new(
+                read_models.clone(),
+                wait,
+                crate::command::CommandHandler::new(store.clone(), &key),
+            )
+        }),
         admin: config
             .pg_config()
             .ok()
@@ -381,6 +398,8 @@ pub async fn run_command(
         sales: None,
         service: None,
         analytics: None,
+        quality: None,
+        customer360: None,
         admin: None,
     };
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;

@@ -88,6 +88,9 @@ const TITLES: &[&str] = &[
     "Office Manager",
 ];
 
+/// The demo pipeline's id, fixed so the README's queries can name it.
+pub const PIPELINE_ID: &str = "0193a000-0000-7000-8000-00000000d3e0";
+
 /// Leads to capture; every `CONVERT_EVERY`-th is qualified and converted.
 pub const LEADS: usize = 60;
 pub const CONVERT_EVERY: usize = 6;
@@ -151,7 +154,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
             tenant,
             PublishPipelineRequest {
                 options: options("demo-seed:pipeline".to_owned(), 365),
-                pipeline_id: String::new(),
+                pipeline_id: PIPELINE_ID.to_owned(),
                 name: "New business".to_owned(),
                 stages: vec![
                     stage("qualification", StageKind::Open, 1000, "pipeline"),
@@ -879,8 +882,7 @@ async fn more(
 
     // A call logged with every account, and a follow-up task for every
     // third (due around the anchor: some fall overdue).
-    let mut activities =
-        crm_proto::v1::activities_client::ActivitiesClient::new(channel.clone());
+    let mut activities = crm_proto::v1::activities_client::ActivitiesClient::new(channel.clone());
     for (a, account) in account_ids.iter().enumerate() {
         let target = || {
             vec![crm_proto::v1::ActivityTarget {

@@ -42,6 +42,8 @@ pub(crate) struct Services {
     pub sales: Option<SalesService>,
     pub service: Option<ServiceQueriesService>,
     pub analytics: Option<crate::query::AnalyticsService>,
+    pub customer360: Option<crate::query::Customer360Service>,
+    pub quality: Option<crate::query::DataQualityService>,
     pub admin: Option<ProjectionsAdminService>,
 }
 
@@ -86,6 +88,12 @@ pub(crate) async fn serve(
         .analytics
         .map(crm_proto::v1::analytics_queries_server::AnalyticsQueriesServer::new);
     let admin = services.admin.map(ProjectionsAdminServer::new);
+    let quality = services
+        .quality
+        .map(crm_proto::v1::data_quality_server::DataQualityServer::new);
+    let customer360 = services
+        .customer360
+        .map(crm_proto::v1::customer360_server::Customer360Server::new);
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener)
@@ -113,6 +121,8 @@ pub(crate) async fn serve(
         .add_optional_service(service)
         .add_optional_service(analytics)
         .add_optional_service(admin)
+        .add_optional_service(quality)
+        .add_optional_service(customer360)
         .serve_with_incoming_shutdown(incoming, async move {
             intake.cancelled().await;
             reporter

@@ -15,6 +15,7 @@ pub mod demo;
 mod grpc;
 pub mod lifecycle;
 pub mod process;
+pub mod quality;
 pub mod query;
 pub mod relay;
 pub mod router;

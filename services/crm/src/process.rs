@@ -17,6 +17,7 @@ pub const PROCESS_MANAGERS: &[&str] = &[
     crate::sla::NAME,
     crate::lifecycle::NAME,
     crate::router::NAME,
+    crate::quality::NAME,
 ];
 
 /// Sends a process manager's commands.
@@ -37,10 +38,11 @@ impl Sender {
     }
 
     /// Sends one command caused by `event`; `n` numbers the commands one
-    /// event triggers. A command that no longer applies (`NOT_APPLICABLE`,
-    /// or a record that moved on: `INVALID_TRANSITION`) is done; an
-    /// unavailable store or a busy record is retried by the runtime; any
-    /// other refusal stops the process manager loudly.
+    /// event triggers. A merged record's command goes to its survivor. A
+    /// command that no longer applies (`NOT_APPLICABLE`, a record that moved
+    /// on, was archived, erased or is gone) is done; an unavailable store or
+    /// a busy record is retried by the runtime; any other refusal stops the
+    /// process manager loudly.
     pub async fn send<A: Aggregate>(
         &self,
         event: &RecordedEvent,
@@ -57,15 +59,43 @@ impl Sender {
         caller.causation_id = Some(event.event_id.to_string());
         let key = format!("{}:{}:{n}", self.prefix, event.event_id);
         let options = Options::internal(key, occurred_at);
-        match self
-            .handler
-            .execute::<A>(&caller, stream_id, &options, command)
-            .await
-        {
+        let mut stream_id = stream_id;
+        // A merged record answers for its survivor (one hop per merge).
+        for _ in 0..4 {
+            match self
+                .handler
+                .execute::<A>(&caller, stream_id, &options, command.clone())
+                .await
+            {
+                Err(ServiceError::Domain(DomainError::RecordMerged { survivor })) => {
+                    stream_id = survivor;
+                }
+                outcome => return self.settle(event, outcome),
+            }
+        }
+        Err(malformed(
+            event,
+            format!("{} command: merges chained too deep", self.prefix),
+        ))
+    }
+
+    fn settle<T>(
+        &self,
+        event: &RecordedEvent,
+        outcome: Result<T, ServiceError>,
+    ) -> Result<(), ApplyError> {
+        match outcome {
             Ok(_)
             | Err(ServiceError::Domain(
                 DomainError::NotApplicable { .. } | DomainError::InvalidTransition { .. },
             )) => Ok(()),
+            // The record went away meanwhile: nothing left to do.
+            Err(ServiceError::Domain(
+                DomainError::RecordArchived | DomainError::RecordErased | DomainError::NotFound,
+            )) => {
+                tracing::info!(prefix = self.prefix, event = %event.event_id, "record gone; command dropped");
+                Ok(())
+            }
             Err(
                 error @ (ServiceError::Unavailable(_)
                 | ServiceError::Contention

@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crm/v1/service.proto",
         "crm/v1/analytics.proto",
         "crm/v1/projections_admin.proto",
+        "crm/v1/customer360.proto",
+        "crm/v1/quality.proto",
     ];
     let root = "../../../proto";
     for file in files {

@@ -393,6 +393,12 @@ impl CommandHandler {
         Ok(modes)
     }
 
+    /// A keyed hash of a data-quality blocking key (`crate::quality`): the
+    /// read model compares values without holding them.
+    pub(crate) fn blocking_hash(&self, tenant: &TenantId, key: &str) -> Vec<u8> {
+        self.key_hash(tenant, "data_quality", key)
+    }
+
     fn key_hash(&self, tenant: &TenantId, kind: &str, value: &str) -> Vec<u8> {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.reservation_key)
             .expect("HMAC takes keys of any length");

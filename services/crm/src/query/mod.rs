@@ -3,13 +3,18 @@
 //! as the projections land).
 mod admin;
 mod analytics;
+mod customer360;
 mod event_log;
+mod personal_reader;
+mod quality;
 mod sales;
 mod service;
 
 pub use admin::ProjectionsAdminService;
 pub use analytics::AnalyticsService;
+pub use customer360::Customer360Service;
 pub use event_log::EventLogService;
+pub use quality::DataQualityService;
 pub use sales::SalesService;
 pub use service::ServiceQueriesService;
 
@@ -33,17 +38,52 @@ pub(crate) async fn ready(
     options: Option<QueryOptions>,
     wait: Duration,
 ) -> Result<(deadpool_postgres::Object, u64), Status> {
+    ready_all(pool, &[projection], options, wait).await
+}
+
+/// A client once every one of `projections` has applied the caller's
+/// `min_position` (one deadline for all), with the lowest position applied.
+/// While it waits it holds no connection: waiting queries must never starve
+/// the projectors they wait for of connections from the same pool.
+pub(crate) async fn ready_all(
+    pool: &Pool,
+    projections: &[&'static str],
+    options: Option<QueryOptions>,
+    wait: Duration,
+) -> Result<(deadpool_postgres::Object, u64), Status> {
     let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("read models: {e}"));
-    let client = pool.get().await.map_err(|e| unavailable(&e))?;
     let min_position = options.map_or(0, |o| o.min_position);
-    match crm_projections::wait_for_position(&client, projection, min_position, wait)
-        .await
-        .map_err(|e| unavailable(&e))?
-    {
-        Ok(position) => Ok((client, position)),
-        Err(position) => Err(Status::unavailable(format!(
-            "read model {projection} has applied position {position}, not yet {min_position}; retry"
-        ))),
+    let names: Vec<&str> = projections.to_vec();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let client = pool.get().await.map_err(|e| unavailable(&e))?;
+        let row = client
+            .query_one(
+                "SELECT name, position FROM projections WHERE name = ANY($1) \
+                 UNION ALL SELECT NULL, NULL ORDER BY 2 NULLS LAST LIMIT 1",
+                &[&names],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let lowest = row
+            .get::<_, Option<i64>>(1)
+            .map_or(0, |p| u64::try_from(p).unwrap_or(0));
+        let laggard: Option<String> = row.get(0);
+        if lowest >= min_position || min_position == 0 {
+            return Ok((client, lowest));
+        }
+        drop(client);
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(Status::unavailable(format!(
+                "read model {} has applied position {lowest}, not yet {min_position}; retry",
+                laggard
+                    .as_deref()
+                    .unwrap_or(projections.first().copied().unwrap_or("?"))
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(25));
     }
 }
 

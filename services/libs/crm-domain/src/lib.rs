@@ -37,6 +37,7 @@ pub mod common;
 pub mod configuration;
 pub mod contact;
 pub mod conversion;
+pub mod duplicates;
 mod error;
 pub mod lead;
 pub mod opportunity;

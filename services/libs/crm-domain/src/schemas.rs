@@ -26,6 +26,7 @@ use crate::contact::{
     ContactLinkedToAccount, ContactUnlinkedFromAccount, NpsResponseRecorded, PersonalDataErased,
     RecordMergedInto, RecordsMerged,
 };
+use crate::duplicates::{DuplicateDismissed, DuplicateSuspected};
 use crate::lead::{
     LeadCaptured, LeadConverted, LeadDetailsUpdated, LeadMergedInto, LeadStatusChanged, LeadsMerged,
 };
@@ -168,6 +169,8 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<SlaAlarm>("ticket_sla", "SlaWarningReached", 1),
         schema::<SlaAlarm>("ticket_sla", "SlaBreached", 1),
         schema::<SlaTargetMet>("ticket_sla", "SlaTargetMet", 1),
+        schema::<DuplicateSuspected>("duplicate_pair", "DuplicateSuspected", 1),
+        schema::<DuplicateDismissed>("duplicate_pair", "DuplicateDismissed", 1),
     ];
     // The shared record events, on every main record type.
     for stream_type in ["account", "contact", "lead", "opportunity", "ticket"] {

@@ -12,6 +12,7 @@
 //! `failed` with the error and position, and nothing is skipped.
 mod agent_workload;
 mod analytics;
+mod customer_360;
 mod engagement;
 mod pipeline_board;
 mod rebuild;
@@ -26,6 +27,7 @@ mod state;
 
 pub use agent_workload::{AgentWorkload, NAME as AGENT_WORKLOAD};
 pub use analytics::{Analytics, NAME as ANALYTICS};
+pub use customer_360::{Customer360, NAME as CUSTOMER_360, TIMELINE_KINDS};
 pub use engagement::{Engagement, NAME as ENGAGEMENT};
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
 pub use rebuild::{Progress, RebuildError, rebuild};
@@ -53,5 +55,6 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
         std::sync::Arc::new(ServiceMetrics),
         std::sync::Arc::new(Analytics),
         std::sync::Arc::new(Engagement),
+        std::sync::Arc::new(Customer360),
     ]
 }

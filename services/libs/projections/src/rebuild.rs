@@ -58,10 +58,12 @@ pub async fn rebuild(
         return Err(RebuildError::AlreadyRunning(name.to_owned()));
     }
     // The live status row first (in `public`, the default path), then the
-    // rebuild's own tables and status row in its schema.
+    // rebuild's own tables and status row in its schema. Its commits need not
+    // wait for the disk: a crash loses only the rebuild, which starts over.
     client
         .batch_execute(&format!(
-            "{STATUS_SCHEMA}; INSERT INTO projections (name) VALUES ('{name}') \
+            "SET synchronous_commit = off; \
+             {STATUS_SCHEMA}; INSERT INTO projections (name) VALUES ('{name}') \
              ON CONFLICT DO NOTHING; \
              DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; \
              SET search_path TO {schema}, public; {STATUS_SCHEMA}; {}; \

@@ -1,0 +1,1242 @@
+//! The data-quality process manager (DOMAIN.md §5.5, §2.11, worked example
+//! C): finds duplicate contacts, leads and accounts and keeps the
+//! data-quality read models.
+//!
+//! Personal fields are stored encrypted (ADR 0006), so matching needs the
+//! clear values: this runs in the crm crate, on the projection runtime like
+//! the other process managers ([`crate::process`]), and reads a record's
+//! clear state through the command handler (`CommandHandler::load`) when one
+//! of its events arrives. Its tables never hold a clear personal value: ids,
+//! kinds, owners, rule and field names, scores, flags, times, and keyed
+//! hashes (HMAC under the server's reservation key, per tenant) of the
+//! blocking keys of [`crm_domain::quality::blocking_keys`].
+//!
+//! | event | effect |
+//! |---|---|
+//! | contact, lead, account created / updated / linked / restored / merged (survivor) | the record's row; its blocking keys; every record sharing a key and comparable (same kind, or a lead and a contact) is scored, and a score ≥ the tenant's `duplicate_threshold` (80) sends `Suspect` to the pair's `duplicate_pair` stream |
+//! | any other event of such a record | the row again (owner, status, completeness, last modified) |
+//! | archived, merged into another, converted (lead) | drops out: no blocking keys, out of the lists |
+//! | RecordsMerged | the pair survivor–loser becomes `merged` |
+//! | PersonalDataErased | every row of the subject removed |
+//! | opportunity events | the deal's row (owner, open, last modified) |
+//! | OpportunityStalled, AccountChurnRiskFlagged | nothing: the scheduler's flags modify no record |
+//! | ActivityLogged, ActivityCompleted | the targets' last touch; the touch's outcome checked |
+//! | OrderRecorded | unmatched while it has no account |
+//! | TenantSettingsPublished | threshold and stale days |
+//! | DuplicateSuspected, DuplicateDismissed | `duplicate_candidates` |
+//!
+//! Every `Suspect` carries the idempotency key
+//! `quality:<triggering event id>:<n>` (`n`: the candidate's place among
+//! those sharing a key); the pair's aggregate makes a repeated suspicion a
+//! no-op and keeps a dismissed pair dismissed, so a redelivery or a replay
+//! appends nothing new. Not rebuildable: its effect is the commands it sent.
+use crm_domain::account::{Account, AccountEvent, AccountStatus};
+use crm_domain::activity::ActivityEvent;
+use crm_domain::commerce::{Order, OrderEvent};
+use crm_domain::common::Lifecycle;
+use crm_domain::configuration::{ConfigContent, Published, TenantSettings};
+use crm_domain::contact::{Contact, ContactEvent};
+use crm_domain::duplicates::{
+    DuplicateCommand, DuplicateEvent, DuplicateKind, DuplicatePair, pair_id, sorted_pair,
+};
+use crm_domain::lead::{Lead, LeadEvent, LeadStatus};
+use crm_domain::opportunity::{Opportunity, OpportunityEvent};
+use crm_domain::quality::{
+    ACCOUNT_FIELDS, CONTACT_FIELDS, DEFAULT_THRESHOLD, FieldWeight, LEAD_FIELDS, MatchRecord,
+    RecordKind, blocking_keys, comparable, completeness, country_code_ok, credit_code_ok, email_ok,
+    follow_up_quality_ok, phone_ok, score,
+};
+use crm_domain::records::CommonEvent;
+use crm_domain::{Aggregate, DomainError, TenantId};
+use crm_event_store::RecordedEvent;
+use crm_projections::{ApplyError, Projection};
+use jiff::Timestamp;
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use crate::command::{CommandHandler, ServiceError};
+use crate::process::{Sender, decode, malformed};
+
+pub const NAME: &str = "data_quality";
+
+/// An email address that is not one.
+pub const EMAIL_SYNTAX: &str = "email_syntax";
+/// A phone number not in E.164.
+pub const PHONE_E164: &str = "phone_e164";
+/// A region that is no ISO 3166-1 country (`en-UK`).
+pub const ISO_COUNTRY: &str = "iso_country";
+/// An 18-character tax id that is no valid China unified social credit code.
+pub const TAX_ID_CHECK_DIGIT: &str = "tax_id_check_digit";
+/// A touch whose outcome says too little (fewer than 20 characters).
+pub const OUTCOME_TOO_SHORT: &str = "outcome_too_short";
+/// A required field left empty.
+pub const MISSING_REQUIRED: &str = "missing_required";
+/// Every rule an issue may name.
+pub const ISSUE_RULES: &[&str] = &[
+    EMAIL_SYNTAX,
+    PHONE_E164,
+    ISO_COUNTRY,
+    TAX_ID_CHECK_DIGIT,
+    OUTCOME_TOO_SHORT,
+    MISSING_REQUIRED,
+];
+/// Record kinds of the read models.
+pub const RECORD_KINDS: &[&str] = &["contact", "lead", "account", "deal", "activity"];
+/// Default days without a touch before a record is stale (DOMAIN.md §5.5).
+pub const STALE_DAYS_LEAD: i32 = 30;
+pub const STALE_DAYS_DEAL: i32 = 14;
+pub const STALE_DAYS_CUSTOMER: i32 = 90;
+/// Days unmodified before any record is stale.
+pub const STALE_DAYS_UNMODIFIED: i32 = 365;
+/// Most records one record is compared with per event (those sharing a
+/// blocking key, by id): a block as large as a popular company stays bounded.
+const MAX_CANDIDATES: i64 = 200;
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS record_quality (
+    tenant_id           text        NOT NULL,
+    record_id           uuid        NOT NULL,
+    kind                text        NOT NULL,
+    owner               text        NOT NULL,
+    active              boolean     NOT NULL,
+    merged_into         uuid,
+    open                boolean     NOT NULL,
+    issues              jsonb       NOT NULL,
+    issue_rules         text[]      NOT NULL,
+    missing_required    text[]      NOT NULL,
+    missing_recommended text[]      NOT NULL,
+    completeness        smallint,
+    created_at          timestamptz NOT NULL,
+    last_touch          timestamptz,
+    last_modified       timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, record_id)
+);
+CREATE TABLE IF NOT EXISTS quality_summary (
+    tenant_id        text   NOT NULL,
+    owner            text   NOT NULL,
+    kind             text   NOT NULL,
+    records          bigint NOT NULL,
+    completeness_sum bigint NOT NULL,
+    PRIMARY KEY (tenant_id, owner, kind)
+);
+CREATE TABLE IF NOT EXISTS duplicate_candidates (
+    tenant_id      text        NOT NULL,
+    pair_id        uuid        NOT NULL,
+    record_a       uuid        NOT NULL,
+    record_b       uuid        NOT NULL,
+    kind           text        NOT NULL,
+    rules          text[]      NOT NULL,
+    score          smallint    NOT NULL,
+    status         text        NOT NULL,
+    suspected_at   timestamptz NOT NULL,
+    updated_at     timestamptz NOT NULL,
+    dismiss_reason text        NOT NULL DEFAULT '',
+    PRIMARY KEY (tenant_id, pair_id)
+);
+CREATE INDEX IF NOT EXISTS duplicate_candidates_a ON duplicate_candidates (tenant_id, record_a);
+CREATE INDEX IF NOT EXISTS duplicate_candidates_b ON duplicate_candidates (tenant_id, record_b);
+CREATE INDEX IF NOT EXISTS duplicate_candidates_page
+    ON duplicate_candidates (tenant_id, status, score DESC, pair_id);
+CREATE TABLE IF NOT EXISTS dq_blocking_keys (
+    tenant_id text  NOT NULL,
+    key_hash  bytea NOT NULL,
+    record_id uuid  NOT NULL,
+    kind      text  NOT NULL,
+    PRIMARY KEY (tenant_id, key_hash, record_id)
+);
+CREATE INDEX IF NOT EXISTS dq_blocking_keys_record ON dq_blocking_keys (tenant_id, record_id);
+CREATE TABLE IF NOT EXISTS dq_settings (
+    tenant_id           text     PRIMARY KEY,
+    duplicate_threshold smallint NOT NULL,
+    stale_days_lead     integer  NOT NULL,
+    stale_days_deal     integer  NOT NULL,
+    stale_days_customer integer  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dq_activity_targets (
+    tenant_id   text NOT NULL,
+    activity_id uuid NOT NULL,
+    record_id   uuid NOT NULL,
+    PRIMARY KEY (tenant_id, activity_id, record_id)
+);
+CREATE TABLE IF NOT EXISTS dq_unmatched_orders (
+    tenant_id   text        NOT NULL,
+    order_id    uuid        NOT NULL,
+    ordered_on  date        NOT NULL,
+    recorded_at timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, order_id)
+)";
+
+pub struct DataQuality {
+    handler: CommandHandler,
+    sender: Sender,
+}
+
+impl DataQuality {
+    pub fn new(handler: CommandHandler) -> Self {
+        Self {
+            sender: Sender::new(handler.clone(), "quality", "system:data_quality"),
+            handler,
+        }
+    }
+}
+
+/// What a record's row says, from its clear state.
+struct View {
+    kind: &'static str,
+    /// For matching (contacts, leads, accounts).
+    matching: Option<MatchRecord>,
+    owner: String,
+    /// Not archived, merged, erased or converted.
+    active: bool,
+    merged_into: Option<Uuid>,
+    /// Subject to the no-touch rule: an open lead or deal, a customer.
+    open: bool,
+    erased: bool,
+    issues: Vec<(String, &'static str)>,
+    /// Completeness fields and whether each is filled (contacts, leads,
+    /// accounts).
+    fields: Vec<(FieldWeight, bool)>,
+}
+
+impl View {
+    fn missing(&self, required: bool) -> Vec<&'static str> {
+        self.fields
+            .iter()
+            .filter(|(field, filled)| field.required == required && !filled)
+            .map(|(field, _)| field.name)
+            .collect()
+    }
+
+    fn completeness(&self) -> Option<i16> {
+        (!self.fields.is_empty()).then(|| i16::from(completeness(&self.fields)))
+    }
+}
+
+/// What an event of a contact, lead or account means beyond a new state.
+#[derive(Default)]
+struct Effect {
+    /// Match the record again (its identifying fields may have changed).
+    rematch: bool,
+    /// Merged into this record (it is the survivor).
+    losers: Vec<Uuid>,
+    /// This record was merged into another.
+    survivor: Option<Uuid>,
+    erased: bool,
+    /// Only its last modification moves (consent, NPS, tags, shares): the
+    /// record is not loaded.
+    time_only: bool,
+    /// Nothing changes: a flag the scheduler raised is no modification.
+    ignored: bool,
+}
+
+impl Effect {
+    fn rematch() -> Self {
+        Self {
+            rematch: true,
+            ..Self::default()
+        }
+    }
+
+    fn time_only() -> Self {
+        Self {
+            time_only: true,
+            ..Self::default()
+        }
+    }
+
+    fn ignored() -> Self {
+        Self {
+            ignored: true,
+            ..Self::default()
+        }
+    }
+}
+
+fn person_name(given: &str, family: &str) -> String {
+    format!("{} {}", given.trim(), family.trim())
+        .trim()
+        .to_owned()
+}
+
+fn fields(list: &'static [FieldWeight], filled: impl Fn(&str) -> bool) -> Vec<(FieldWeight, bool)> {
+    list.iter().map(|f| (*f, filled(f.name))).collect()
+}
+
+/// Issues of emails and phones, named as commands name them.
+fn contact_point_issues(
+    emails: &[crm_domain::contact::Email],
+    phones: &[crm_domain::contact::Phone],
+    issues: &mut Vec<(String, &'static str)>,
+) {
+    for (i, email) in emails.iter().enumerate() {
+        if !email_ok(email.address.trim()) {
+            issues.push((format!("emails[{i}].address"), EMAIL_SYNTAX));
+        }
+    }
+    for (i, phone) in phones.iter().enumerate() {
+        if !phone_ok(&phone.number) {
+            issues.push((format!("phones[{i}].number"), PHONE_E164));
+        }
+    }
+}
+
+/// Whether a BCP 47 tag's region, if it has one, is an ISO 3166-1 country
+/// (`en-GB` yes, `en-UK` no; numeric UN M.49 regions are not judged).
+fn language_region_ok(tag: &str) -> bool {
+    for subtag in tag.split('-').skip(1) {
+        if subtag.len() == 1 {
+            break; // an extension or private use follows
+        }
+        if subtag.len() == 2 && subtag.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return country_code_ok(&subtag.to_ascii_uppercase());
+        }
+    }
+    true
+}
+
+fn missing_issues(issues: &mut Vec<(String, &'static str)>, fields: &[(FieldWeight, bool)]) {
+    for (field, filled) in fields {
+        if field.required && !filled {
+            issues.push((field.name.to_owned(), MISSING_REQUIRED));
+        }
+    }
+}
+
+fn archived(lifecycle: Lifecycle, meta: &crm_domain::records::RecordMeta) -> bool {
+    lifecycle == Lifecycle::Archived || meta.lifecycle == Lifecycle::Archived
+}
+
+/// The business time of an event (every payload carries `occurred_at`).
+fn occurred_at(event: &RecordedEvent) -> Result<Timestamp, ApplyError> {
+    #[derive(serde::Deserialize)]
+    struct At {
+        occurred_at: Timestamp,
+    }
+    event
+        .payload
+        .parse::<At>()
+        .map(|at| at.occurred_at)
+        .map_err(|e| malformed(event, e))
+}
+
+fn tenant(event: &RecordedEvent) -> Result<TenantId, ApplyError> {
+    TenantId::parse(&event.tenant_id).map_err(|e| malformed(event, e))
+}
+
+fn duplicate_kind(a: RecordKind, b: RecordKind) -> DuplicateKind {
+    match (a, b) {
+        (RecordKind::Contact, RecordKind::Contact) => DuplicateKind::Contact,
+        (RecordKind::Lead, RecordKind::Lead) => DuplicateKind::Lead,
+        (RecordKind::Account, _) => DuplicateKind::Account,
+        _ => DuplicateKind::LeadContact,
+    }
+}
+
+impl DataQuality {
+    /// A record's clear state, or `None` when there is none.
+    async fn load<A: Aggregate>(
+        &self,
+        event: &RecordedEvent,
+        tenant: &TenantId,
+        id: Uuid,
+    ) -> Result<Option<A>, ApplyError> {
+        match self.handler.load::<A>(tenant, id).await {
+            Ok((state, _, _)) => Ok(state.exists().then_some(state)),
+            Err(ServiceError::Domain(DomainError::NotFound)) => Ok(None),
+            Err(error @ (ServiceError::Unavailable(_) | ServiceError::Contention)) => {
+                Err(ApplyError::Transient(error.to_string()))
+            }
+            Err(error) => Err(malformed(
+                event,
+                format!("{} {id} does not load: {error}", A::STREAM_TYPE),
+            )),
+        }
+    }
+
+    /// What the read models say of a record, from its current clear state.
+    async fn view(
+        &self,
+        event: &RecordedEvent,
+        tenant: &TenantId,
+        kind: RecordKind,
+        id: Uuid,
+    ) -> Result<Option<View>, ApplyError> {
+        let mut issues = Vec::new();
+        Ok(Some(match kind {
+            RecordKind::Contact => {
+                let Some(contact) = self.load::<Contact>(event, tenant, id).await? else {
+                    return Ok(None);
+                };
+                let link = contact
+                    .accounts
+                    .iter()
+                    .find(|link| link.primary)
+                    .or_else(|| contact.accounts.first());
+                let company = match link {
+                    Some(link) => self
+                        .load::<Account>(event, tenant, link.account_id)
+                        .await?
+                        .map(|account| account.name)
+                        .unwrap_or_default(),
+                    None => String::new(),
+                };
+                contact_point_issues(&contact.emails, &contact.phones, &mut issues);
+                if !language_region_ok(&contact.preferences.language) {
+                    issues.push(("preferences.language".to_owned(), ISO_COUNTRY));
+                }
+                let fields = fields(CONTACT_FIELDS, |name| match name {
+                    "name" => !contact.name.given.trim().is_empty(),
+                    "email" => contact.emails.iter().any(|e| !e.address.is_empty()),
+                    "phone" => contact.phones.iter().any(|p| !p.number.is_empty()),
+                    "title" => !contact.title.trim().is_empty(),
+                    "account" => !contact.accounts.is_empty(),
+                    "owner" => contact.meta.owner.is_some(),
+                    "language" => !contact.preferences.language.is_empty(),
+                    _ => false,
+                });
+                missing_issues(&mut issues, &fields);
+                View {
+                    kind: RecordKind::Contact.name(),
+                    matching: Some(MatchRecord {
+                        id,
+                        kind,
+                        name: person_name(&contact.name.given, &contact.name.family),
+                        company,
+                        emails: contact.emails.iter().map(|e| e.address.clone()).collect(),
+                        phones: contact.phones.iter().map(|p| p.number.clone()).collect(),
+                        tax_id: None,
+                        domains: Vec::new(),
+                    }),
+                    owner: contact.meta.owner.clone().unwrap_or_default(),
+                    active: !contact.erased
+                        && contact.merged_into.is_none()
+                        && !archived(contact.lifecycle, &contact.meta),
+                    merged_into: contact.merged_into,
+                    open: false,
+                    erased: contact.erased,
+                    issues,
+                    fields,
+                }
+            }
+            RecordKind::Lead => {
+                let Some(lead) = self.load::<Lead>(event, tenant, id).await? else {
+                    return Ok(None);
+                };
+                contact_point_issues(&lead.emails, &lead.phones, &mut issues);
+                let fields = fields(LEAD_FIELDS, |name| match name {
+                    "name" => !person_name(&lead.name.given, &lead.name.family).is_empty(),
+                    "company" => !lead.company.trim().is_empty(),
+                    "email" => lead.emails.iter().any(|e| !e.address.is_empty()),
+                    "phone" => lead.phones.iter().any(|p| !p.number.is_empty()),
+                    "source" => !lead.source.channel.is_empty(),
+                    "owner" => lead.meta.owner.is_some(),
+                    _ => false,
+                });
+                missing_issues(&mut issues, &fields);
+                let active = !lead.erased
+                    && lead.merged_into.is_none()
+                    && lead.status != LeadStatus::Converted
+                    && !archived(Lifecycle::Active, &lead.meta);
+                View {
+                    kind: RecordKind::Lead.name(),
+                    matching: Some(MatchRecord {
+                        id,
+                        kind,
+                        name: person_name(&lead.name.given, &lead.name.family),
+                        company: lead.company.clone(),
+                        emails: lead.emails.iter().map(|e| e.address.clone()).collect(),
+                        phones: lead.phones.iter().map(|p| p.number.clone()).collect(),
+                        tax_id: None,
+                        domains: Vec::new(),
+                    }),
+                    owner: lead.meta.owner.clone().unwrap_or_default(),
+                    active,
+                    merged_into: lead.merged_into,
+                    open: active && lead.status != LeadStatus::Disqualified,
+                    erased: lead.erased,
+                    issues,
+                    fields,
+                }
+            }
+            RecordKind::Account => {
+                let Some(account) = self.load::<Account>(event, tenant, id).await? else {
+                    return Ok(None);
+                };
+                // Eighteen characters: read as a China unified social credit
+                // code (other countries' tax ids are not judged).
+                if account.tax_id.chars().count() == 18 && !credit_code_ok(&account.tax_id) {
+                    issues.push(("tax_id".to_owned(), TAX_ID_CHECK_DIGIT));
+                }
+                let fields = fields(ACCOUNT_FIELDS, |name| match name {
+                    "name" => !account.name.trim().is_empty(),
+                    "owner" => account.meta.owner.is_some(),
+                    "domain" => !account.domains.is_empty(),
+                    "industry" => !account.industry.trim().is_empty(),
+                    "segment" => !account.segment.trim().is_empty(),
+                    "tax_id" => !account.tax_id.is_empty(),
+                    _ => false,
+                });
+                missing_issues(&mut issues, &fields);
+                let active = !account.erased
+                    && account.merged_into.is_none()
+                    && !archived(account.lifecycle, &account.meta);
+                View {
+                    kind: RecordKind::Account.name(),
+                    matching: Some(MatchRecord {
+                        id,
+                        kind,
+                        name: account.name.clone(),
+                        company: String::new(),
+                        emails: Vec::new(),
+                        phones: Vec::new(),
+                        tax_id: (!account.tax_id.is_empty()).then(|| account.tax_id.clone()),
+                        domains: account.domains.clone(),
+                    }),
+                    owner: account.meta.owner.clone().unwrap_or_default(),
+                    active,
+                    merged_into: account.merged_into,
+                    open: active && account.status == AccountStatus::Customer,
+                    erased: account.erased,
+                    issues,
+                    fields,
+                }
+            }
+        }))
+    }
+
+    async fn threshold(tx: &Transaction<'_>, tenant: &str) -> Result<u8, ApplyError> {
+        let row = tx
+            .query_opt(
+                "SELECT duplicate_threshold FROM dq_settings WHERE tenant_id = $1",
+                &[&tenant],
+            )
+            .await?;
+        Ok(row.map_or(DEFAULT_THRESHOLD, |row| {
+            u8::try_from(row.get::<_, i16>(0)).unwrap_or(DEFAULT_THRESHOLD)
+        }))
+    }
+
+    /// Adds (`sign` 1) or removes (-1) a record's share of its owner's mean.
+    async fn summary(
+        tx: &Transaction<'_>,
+        tenant: &str,
+        owner: &str,
+        kind: &str,
+        completeness: i16,
+        sign: i64,
+    ) -> Result<(), ApplyError> {
+        tx.execute(
+            "INSERT INTO quality_summary (tenant_id, owner, kind, records, completeness_sum) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, owner, kind) DO UPDATE \
+             SET records = quality_summary.records + EXCLUDED.records, \
+                 completeness_sum = quality_summary.completeness_sum + EXCLUDED.completeness_sum",
+            &[
+                &tenant,
+                &owner,
+                &kind,
+                &sign,
+                &(sign * i64::from(completeness)),
+            ],
+        )
+        .await?;
+        if sign < 0 {
+            tx.execute(
+                "DELETE FROM quality_summary \
+                 WHERE tenant_id = $1 AND owner = $2 AND kind = $3 AND records <= 0",
+                &[&tenant, &owner, &kind],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the record's current share of the summary (before its row
+    /// changes or goes).
+    async fn withdraw(tx: &Transaction<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
+        let old = tx
+            .query_opt(
+                "SELECT owner, kind, completeness FROM record_quality \
+                 WHERE tenant_id = $1 AND record_id = $2 AND active FOR UPDATE",
+                &[&tenant, &id],
+            )
+            .await?;
+        if let Some(old) = old
+            && let Some(completeness) = old.get::<_, Option<i16>>(2)
+        {
+            Self::summary(tx, tenant, old.get(0), old.get(1), completeness, -1).await?;
+        }
+        Ok(())
+    }
+
+    async fn save_record(
+        tx: &Transaction<'_>,
+        tenant: &str,
+        id: Uuid,
+        view: &View,
+        at: Timestamp,
+    ) -> Result<(), ApplyError> {
+        Self::withdraw(tx, tenant, id).await?;
+        let issues = serde_json::Value::Array(
+            view.issues
+                .iter()
+                .map(|(field, rule)| serde_json::json!({ "field": field, "rule": rule }))
+                .collect(),
+        );
+        let mut rules: Vec<&str> = view.issues.iter().map(|(_, rule)| *rule).collect();
+        rules.sort_unstable();
+        rules.dedup();
+        let completeness = view.completeness();
+        let at: std::time::SystemTime = at.into();
+        tx.execute(
+            "INSERT INTO record_quality (tenant_id, record_id, kind, owner, active, open, issues, \
+               issue_rules, missing_required, missing_recommended, completeness, created_at, \
+               last_modified, merged_into) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13) \
+             ON CONFLICT (tenant_id, record_id) DO UPDATE SET kind = EXCLUDED.kind, \
+               owner = EXCLUDED.owner, active = EXCLUDED.active, open = EXCLUDED.open, \
+               merged_into = EXCLUDED.merged_into, \
+               issues = EXCLUDED.issues, issue_rules = EXCLUDED.issue_rules, \
+               missing_required = EXCLUDED.missing_required, \
+               missing_recommended = EXCLUDED.missing_recommended, \
+               completeness = EXCLUDED.completeness, \
+               created_at = LEAST(record_quality.created_at, EXCLUDED.created_at), \
+               last_modified = GREATEST(record_quality.last_modified, EXCLUDED.last_modified)",
+            &[
+                &tenant,
+                &id,
+                &view.kind,
+                &view.owner,
+                &view.active,
+                &view.open,
+                &issues,
+                &rules,
+                &view.missing(true),
+                &view.missing(false),
+                &completeness,
+                &at,
+                &view.merged_into,
+            ],
+        )
+        .await?;
+        if view.active
+            && let Some(completeness) = completeness
+        {
+            Self::summary(tx, tenant, &view.owner, view.kind, completeness, 1).await?;
+        }
+        Ok(())
+    }
+
+    /// Every row of a record whose personal data is erased.
+    async fn forget(tx: &Transaction<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
+        Self::withdraw(tx, tenant, id).await?;
+        for statement in [
+            "DELETE FROM record_quality WHERE tenant_id = $1 AND record_id = $2",
+            "DELETE FROM dq_blocking_keys WHERE tenant_id = $1 AND record_id = $2",
+            "DELETE FROM duplicate_candidates WHERE tenant_id = $1 \
+               AND (record_a = $2 OR record_b = $2)",
+            "DELETE FROM dq_activity_targets WHERE tenant_id = $1 AND record_id = $2",
+        ] {
+            tx.execute(statement, &[&tenant, &id]).await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_merged(
+        tx: &Transaction<'_>,
+        tenant: &str,
+        survivor: Uuid,
+        loser: Uuid,
+        at: Timestamp,
+    ) -> Result<(), ApplyError> {
+        let at: std::time::SystemTime = at.into();
+        tx.execute(
+            "UPDATE duplicate_candidates SET status = 'merged', \
+               updated_at = GREATEST(updated_at, $3) \
+             WHERE tenant_id = $1 AND pair_id = $2",
+            &[&tenant, &pair_id(survivor, loser), &at],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The record's blocking keys, as keyed hashes, replacing its old ones.
+    async fn save_keys(
+        &self,
+        tx: &Transaction<'_>,
+        tenant: &TenantId,
+        id: Uuid,
+        view: &View,
+    ) -> Result<Vec<Vec<u8>>, ApplyError> {
+        tx.execute(
+            "DELETE FROM dq_blocking_keys WHERE tenant_id = $1 AND record_id = $2",
+            &[&tenant.as_str(), &id],
+        )
+        .await?;
+        let Some(record) = view.matching.as_ref().filter(|_| view.active) else {
+            return Ok(Vec::new());
+        };
+        let hashes: Vec<Vec<u8>> = blocking_keys(record)
+            .iter()
+            .map(|key| self.handler.blocking_hash(tenant, key))
+            .collect();
+        tx.execute(
+            "INSERT INTO dq_blocking_keys (tenant_id, key_hash, record_id, kind) \
+             SELECT $1, hash, $2, $3 FROM unnest($4::bytea[]) AS hash ON CONFLICT DO NOTHING",
+            &[&tenant.as_str(), &id, &view.kind, &hashes],
+        )
+        .await?;
+        Ok(hashes)
+    }
+
+    /// Scores the record against every comparable active record sharing a
+    /// blocking key, and suspects the pairs at or above the threshold.
+    async fn find_duplicates(
+        &self,
+        tx: &Transaction<'_>,
+        event: &RecordedEvent,
+        tenant: &TenantId,
+        record: &MatchRecord,
+        hashes: &[Vec<u8>],
+        at: Timestamp,
+    ) -> Result<(), ApplyError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let candidates = tx
+            .query(
+                "SELECT record_id, min(kind) FROM dq_blocking_keys \
+                 WHERE tenant_id = $1 AND key_hash = ANY($2) AND record_id <> $3 \
+                 GROUP BY record_id ORDER BY record_id LIMIT $4",
+                &[&tenant.as_str(), &hashes, &record.id, &MAX_CANDIDATES],
+            )
+            .await?;
+        let threshold = Self::threshold(tx, tenant.as_str()).await?;
+        for (n, row) in candidates.iter().enumerate() {
+            let other_id: Uuid = row.get(0);
+            let Some(other_kind) = RecordKind::parse(row.get(1)) else {
+                continue;
+            };
+            if !comparable(record.kind, other_kind) {
+                continue;
+            }
+            let Some(other) = self.view(event, tenant, other_kind, other_id).await? else {
+                continue;
+            };
+            let Some(other_record) = other.matching.as_ref().filter(|_| other.active) else {
+                continue;
+            };
+            let Some(found) = score(record, other_record) else {
+                continue;
+            };
+            if found.score < threshold {
+                continue;
+            }
+            let command = DuplicateCommand::Suspect {
+                record_ids: sorted_pair(record.id, other_id),
+                kind: duplicate_kind(record.kind, other_kind),
+                rules: found.rules.iter().map(|r| (*r).to_owned()).collect(),
+                score: found.score,
+            };
+            self.sender
+                .send::<DuplicatePair>(event, n, pair_id(record.id, other_id), at, command)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn on_record(
+        &self,
+        tx: &Transaction<'_>,
+        event: &RecordedEvent,
+        kind: RecordKind,
+        effect: Effect,
+    ) -> Result<(), ApplyError> {
+        let tenant = tenant(event)?;
+        let id = event.stream_id;
+        let at = occurred_at(event)?;
+        if effect.ignored {
+            return Ok(());
+        }
+        if effect.erased {
+            return Self::forget(tx, tenant.as_str(), id).await;
+        }
+        if effect.time_only {
+            return Self::modified(tx, tenant.as_str(), id, at).await;
+        }
+        for loser in &effect.losers {
+            Self::mark_merged(tx, tenant.as_str(), id, *loser, at).await?;
+        }
+        if let Some(survivor) = effect.survivor {
+            Self::mark_merged(tx, tenant.as_str(), survivor, id, at).await?;
+        }
+        let Some(view) = self.view(event, &tenant, kind, id).await? else {
+            return Ok(());
+        };
+        if view.erased {
+            return Self::forget(tx, tenant.as_str(), id).await;
+        }
+        Self::save_record(tx, tenant.as_str(), id, &view, at).await?;
+        let hashes = self.save_keys(tx, &tenant, id, &view).await?;
+        if effect.rematch
+            && let Some(record) = view.matching.as_ref().filter(|_| view.active)
+        {
+            self.find_duplicates(tx, event, &tenant, record, &hashes, at)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A record's last modification moves on; nothing else changes.
+    async fn modified(
+        tx: &Transaction<'_>,
+        tenant: &str,
+        id: Uuid,
+        at: Timestamp,
+    ) -> Result<(), ApplyError> {
+        let at: std::time::SystemTime = at.into();
+        tx.execute(
+            "UPDATE record_quality SET last_modified = GREATEST(last_modified, $3) \
+             WHERE tenant_id = $1 AND record_id = $2",
+            &[&tenant, &id, &at],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A deal's row, from its events alone (a deal holds no personal data
+    /// and is not matched): owner, archived, open.
+    async fn on_deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+        let tenant = event.tenant_id.as_str();
+        let id = event.stream_id;
+        let at = occurred_at(event)?;
+        let Some(decoded) = decode::<OpportunityEvent>(event)? else {
+            return Ok(());
+        };
+        if matches!(decoded, OpportunityEvent::Stalled(_)) {
+            return Ok(()); // the scheduler's flag is no modification
+        }
+        let row = tx
+            .query_opt(
+                "SELECT owner, active, open FROM record_quality \
+                 WHERE tenant_id = $1 AND record_id = $2",
+                &[&tenant, &id],
+            )
+            .await?;
+        let (mut owner, mut active, mut open): (String, bool, bool) = match (&decoded, row) {
+            (OpportunityEvent::Opened(opened), _) => (opened.owner.clone(), true, true),
+            (_, Some(row)) => (row.get(0), row.get(1), row.get(2)),
+            (_, None) => return Ok(()),
+        };
+        match &decoded {
+            OpportunityEvent::Common(CommonEvent::OwnerChanged(changed)) => {
+                owner = changed.new.clone();
+            }
+            OpportunityEvent::Common(CommonEvent::Archived(_)) => active = false,
+            OpportunityEvent::Common(CommonEvent::Restored(_)) => active = true,
+            OpportunityEvent::Won(_) | OpportunityEvent::Lost(_) => open = false,
+            OpportunityEvent::Reopened(_) => open = true,
+            OpportunityEvent::Opened(_) => {}
+            _ => return Self::modified(tx, tenant, id, at).await,
+        }
+        let view = View {
+            kind: "deal",
+            matching: None,
+            owner,
+            active,
+            merged_into: None,
+            open,
+            erased: false,
+            issues: Vec::new(),
+            fields: Vec::new(),
+        };
+        Self::save_record(tx, tenant, id, &view, at).await
+    }
+
+    /// A touch: its targets' last touch moves on, and its outcome is judged.
+    async fn touched(
+        tx: &Transaction<'_>,
+        event: &RecordedEvent,
+        targets: &[Uuid],
+        outcome: &str,
+        at: Timestamp,
+    ) -> Result<(), ApplyError> {
+        let tenant = event.tenant_id.as_str();
+        let when: std::time::SystemTime = at.into();
+        tx.execute(
+            "UPDATE record_quality SET last_touch = GREATEST(last_touch, $3) \
+             WHERE tenant_id = $1 AND record_id = ANY($2)",
+            &[&tenant, &targets, &when],
+        )
+        .await?;
+        let actor = event
+            .metadata
+            .parse::<serde_json::Value>()
+            .ok()
+            .and_then(|m| m.get("actor").and_then(|a| a.as_str()).map(str::to_owned))
+            .unwrap_or_default();
+        let issues = if follow_up_quality_ok(outcome) {
+            Vec::new()
+        } else {
+            vec![("outcome".to_owned(), OUTCOME_TOO_SHORT)]
+        };
+        let view = View {
+            kind: "activity",
+            matching: None,
+            owner: actor,
+            active: true,
+            merged_into: None,
+            open: false,
+            erased: false,
+            issues,
+            fields: Vec::new(),
+        };
+        Self::save_record(tx, tenant, event.stream_id, &view, at).await
+    }
+
+    async fn on_activity(
+        &self,
+        tx: &Transaction<'_>,
+        event: &RecordedEvent,
+    ) -> Result<(), ApplyError> {
+        let tenant = event.tenant_id.as_str();
+        match decode::<ActivityEvent>(event)? {
+            Some(ActivityEvent::Logged(logged)) => {
+                let targets: Vec<Uuid> = logged.targets.iter().map(|t| t.id).collect();
+                Self::touched(tx, event, &targets, &logged.outcome, logged.occurred_at).await?;
+            }
+            Some(ActivityEvent::Scheduled(scheduled)) => {
+                let targets: Vec<Uuid> = scheduled.targets.iter().map(|t| t.id).collect();
+                tx.execute(
+                    "INSERT INTO dq_activity_targets (tenant_id, activity_id, record_id) \
+                     SELECT $1, $2, target FROM unnest($3::uuid[]) AS target \
+                     WHERE EXISTS (SELECT 1 FROM record_quality r \
+                                   WHERE r.tenant_id = $1 AND r.record_id = target) \
+                     ON CONFLICT DO NOTHING",
+                    &[&tenant, &event.stream_id, &targets],
+                )
+                .await?;
+            }
+            Some(ActivityEvent::Completed(completed)) => {
+                let targets: Vec<Uuid> = tx
+                    .query(
+                        "SELECT record_id FROM dq_activity_targets \
+                         WHERE tenant_id = $1 AND activity_id = $2",
+                        &[&tenant, &event.stream_id],
+                    )
+                    .await?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                Self::touched(
+                    tx,
+                    event,
+                    &targets,
+                    &completed.outcome,
+                    completed.occurred_at,
+                )
+                .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn on_order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+        if let Some(OrderEvent::Recorded(order)) = decode::<OrderEvent>(event)? {
+            if order.account_id.is_some() {
+                tx.execute(
+                    "DELETE FROM dq_unmatched_orders WHERE tenant_id = $1 AND order_id = $2",
+                    &[&event.tenant_id, &event.stream_id],
+                )
+                .await?;
+            } else {
+                let recorded: std::time::SystemTime = order.occurred_at.into();
+                tx.execute(
+                    "INSERT INTO dq_unmatched_orders (tenant_id, order_id, ordered_on, recorded_at) \
+                     VALUES ($1, $2, $3::text::date, $4) ON CONFLICT (tenant_id, order_id) DO UPDATE \
+                     SET ordered_on = EXCLUDED.ordered_on, recorded_at = EXCLUDED.recorded_at",
+                    &[
+                        &event.tenant_id,
+                        &event.stream_id,
+                        &order.ordered_on.to_string(),
+                        &recorded,
+                    ],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_settings(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+        let Some(published) = decode::<Published<TenantSettings>>(event)? else {
+            return Ok(());
+        };
+        let settings = &published.content;
+        let days = |d: u32| i32::try_from(d).unwrap_or(i32::MAX);
+        tx.execute(
+            "INSERT INTO dq_settings (tenant_id, duplicate_threshold, stale_days_lead, \
+               stale_days_deal, stale_days_customer) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (tenant_id) DO UPDATE SET \
+               duplicate_threshold = EXCLUDED.duplicate_threshold, \
+               stale_days_lead = EXCLUDED.stale_days_lead, \
+               stale_days_deal = EXCLUDED.stale_days_deal, \
+               stale_days_customer = EXCLUDED.stale_days_customer",
+            &[
+                &event.tenant_id,
+                &i16::from(settings.duplicate_threshold),
+                &days(settings.stale_days_lead),
+                &days(settings.stale_days_deal),
+                &days(settings.stale_days_customer),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn on_pair(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+        let tenant = event.tenant_id.as_str();
+        match decode::<DuplicateEvent>(event)? {
+            Some(DuplicateEvent::Suspected(suspected)) => {
+                let at: std::time::SystemTime = suspected.occurred_at.into();
+                let [a, b] = suspected.record_ids;
+                // A record erased since (its rows are gone) stays gone when
+                // the log is applied again; a suspicion that raced the pair's
+                // merge (decided on states read before it) is the merged pair.
+                tx.execute(
+                    "INSERT INTO duplicate_candidates (tenant_id, pair_id, record_a, record_b, \
+                       kind, rules, score, status, suspected_at, updated_at) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, \
+                       CASE WHEN EXISTS (SELECT 1 FROM record_quality WHERE tenant_id = $1 \
+                              AND ((record_id = $3 AND merged_into = $4) \
+                                OR (record_id = $4 AND merged_into = $3))) \
+                            THEN 'merged' ELSE 'suspected' END, $8, $8 \
+                     WHERE (SELECT count(*) FROM record_quality \
+                            WHERE tenant_id = $1 AND record_id IN ($3, $4)) = 2 \
+                     ON CONFLICT (tenant_id, pair_id) DO UPDATE SET kind = EXCLUDED.kind, \
+                       rules = EXCLUDED.rules, score = EXCLUDED.score, \
+                       updated_at = GREATEST(duplicate_candidates.updated_at, EXCLUDED.updated_at)",
+                    &[
+                        &tenant,
+                        &event.stream_id,
+                        &a,
+                        &b,
+                        &suspected.kind.name(),
+                        &suspected.rules,
+                        &i16::from(suspected.score),
+                        &at,
+                    ],
+                )
+                .await?;
+            }
+            Some(DuplicateEvent::Dismissed(dismissed)) => {
+                let at: std::time::SystemTime = dismissed.occurred_at.into();
+                tx.execute(
+                    "UPDATE duplicate_candidates SET \
+                       status = CASE WHEN status = 'merged' THEN status ELSE 'dismissed' END, \
+                       dismiss_reason = $3, updated_at = GREATEST(updated_at, $4) \
+                     WHERE tenant_id = $1 AND pair_id = $2",
+                    &[&tenant, &event.stream_id, &dismissed.reason.code, &at],
+                )
+                .await?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// What a shared record event means: a restore matches again, owner and
+/// archive change the row, tags and shares only the time.
+fn common_effect(event: &CommonEvent) -> Effect {
+    match event {
+        CommonEvent::Restored(_) => Effect::rematch(),
+        CommonEvent::OwnerChanged(_) | CommonEvent::Archived(_) => Effect::default(),
+        CommonEvent::TagsChanged(_) | CommonEvent::Shared(_) | CommonEvent::ShareRevoked(_) => {
+            Effect::time_only()
+        }
+    }
+}
+
+fn contact_effect(event: ContactEvent) -> Effect {
+    match event {
+        ContactEvent::Created(_)
+        | ContactEvent::DetailsUpdated(_)
+        | ContactEvent::LinkedToAccount(_)
+        | ContactEvent::UnlinkedFromAccount(_)
+        | ContactEvent::Restored(_) => Effect::rematch(),
+        ContactEvent::Common(common) => common_effect(&common),
+        ContactEvent::ConsentChanged(_) | ContactEvent::NpsRecorded(_) => Effect::time_only(),
+        ContactEvent::Merged(merged) => Effect {
+            rematch: true,
+            losers: merged.losers,
+            ..Effect::default()
+        },
+        ContactEvent::MergedInto(into) => Effect {
+            survivor: Some(into.survivor),
+            ..Effect::default()
+        },
+        ContactEvent::PersonalDataErased(_) => Effect {
+            erased: true,
+            ..Effect::default()
+        },
+        _ => Effect::default(),
+    }
+}
+
+fn lead_effect(event: LeadEvent) -> Effect {
+    match event {
+        LeadEvent::Captured(_) | LeadEvent::DetailsUpdated(_) => Effect::rematch(),
+        LeadEvent::Common(common) => common_effect(&common),
+        LeadEvent::Merged(merged) => Effect {
+            rematch: true,
+            losers: merged.losers,
+            ..Effect::default()
+        },
+        LeadEvent::MergedInto(into) => Effect {
+            survivor: Some(into.survivor),
+            ..Effect::default()
+        },
+        LeadEvent::PersonalDataErased(_) => Effect {
+            erased: true,
+            ..Effect::default()
+        },
+        LeadEvent::StatusChanged(_) | LeadEvent::Converted(_) => Effect::default(),
+    }
+}
+
+fn account_effect(event: AccountEvent) -> Effect {
+    match event {
+        AccountEvent::Created(_) | AccountEvent::DetailsUpdated(_) | AccountEvent::Restored(_) => {
+            Effect::rematch()
+        }
+        AccountEvent::Common(common) => common_effect(&common),
+        AccountEvent::ChurnRiskFlagged(_) => Effect::ignored(),
+        AccountEvent::Merged(merged) => Effect {
+            rematch: true,
+            losers: merged.losers,
+            ..Effect::default()
+        },
+        AccountEvent::MergedInto(into) => Effect {
+            survivor: Some(into.survivor),
+            ..Effect::default()
+        },
+        AccountEvent::PersonalDataErased(_) => Effect {
+            erased: true,
+            ..Effect::default()
+        },
+        _ => Effect::default(),
+    }
+}
+
+impl Projection for DataQuality {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schema(&self) -> &'static str {
+        SCHEMA
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "record_quality",
+            "quality_summary",
+            "duplicate_candidates",
+            "dq_blocking_keys",
+            "dq_settings",
+            "dq_activity_targets",
+            "dq_unmatched_orders",
+        ]
+    }
+
+    fn rebuildable(&self) -> bool {
+        false
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a Transaction<'_>,
+        event: &'a RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            match event.stream_type.as_str() {
+                t if t == Contact::STREAM_TYPE => {
+                    if let Some(decoded) = decode::<ContactEvent>(event)? {
+                        self.on_record(tx, event, RecordKind::Contact, contact_effect(decoded))
+                            .await?;
+                    }
+                }
+                t if t == Lead::STREAM_TYPE => {
+                    if let Some(decoded) = decode::<LeadEvent>(event)? {
+                        self.on_record(tx, event, RecordKind::Lead, lead_effect(decoded))
+                            .await?;
+                    }
+                }
+                t if t == Account::STREAM_TYPE => {
+                    if let Some(decoded) = decode::<AccountEvent>(event)? {
+                        self.on_record(tx, event, RecordKind::Account, account_effect(decoded))
+                            .await?;
+                    }
+                }
+                t if t == Opportunity::STREAM_TYPE => Self::on_deal(tx, event).await?,
+                t if t == <crm_domain::activity::Activity as Aggregate>::STREAM_TYPE => {
+                    self.on_activity(tx, event).await?;
+                }
+                t if t == Order::STREAM_TYPE => Self::on_order(tx, event).await?,
+                t if t == TenantSettings::STREAM_TYPE => Self::on_settings(tx, event).await?,
+                t if t == DuplicatePair::STREAM_TYPE => Self::on_pair(tx, event).await?,
+                _ => {}
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn language_regions_must_be_iso_countries() {
+        for ok in ["", "en", "en-GB", "zh-Hans-CN", "es-419", "de-x-uk"] {
+            assert!(language_region_ok(ok), "{ok}");
+        }
+        for bad in ["en-UK", "zh-Hans-XX", "pt-eu"] {
+            assert!(!language_region_ok(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_emails_and_phones_are_named_as_commands_name_them() {
+        use crm_domain::contact::{Email, Phone};
+        let emails = [
+            Email {
+                address: "mei@example.cn".into(),
+                primary: true,
+            },
+            Email {
+                address: "mei at example".into(),
+                primary: false,
+            },
+        ];
+        let phones = [
+            Phone {
+                number: "+86-138-0013-8000".into(),
+                kind: "mobile".into(),
+            },
+            Phone {
+                number: "+8613800138000".into(),
+                kind: "work".into(),
+            },
+        ];
+        let mut issues = Vec::new();
+        contact_point_issues(&emails, &phones, &mut issues);
+        assert_eq!(
+            issues,
+            [
+                ("emails[1].address".to_owned(), EMAIL_SYNTAX),
+                ("phones[0].number".to_owned(), PHONE_E164)
+            ]
+        );
+    }
+}
