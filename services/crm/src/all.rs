@@ -50,7 +50,7 @@ pub async fn run_all(
         )
         .run(workers.clone()),
     );
-    spawn_projectors(
+    let positions = spawn_projectors(
         &tasks,
         config,
         &store,
@@ -65,7 +65,12 @@ pub async fn run_all(
     tasks.close();
     let services = Services {
         commands: Some(commands),
-        ..query_services(config, &store, read_models, &shutdown)
+        ..query_services(
+            config,
+            &store,
+            crate::query::ReadModels::with_positions(read_models, positions),
+            &shutdown,
+        )
     };
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     // Intake is closed and in-flight calls are done: stop the workers (the
@@ -285,7 +290,7 @@ async fn read_model_pool(
 fn query_services(
     config: &Config,
     store: &EventStore,
-    read_models: deadpool_postgres::Pool,
+    read_models: crate::query::ReadModels,
     shutdown: &CancellationToken,
 ) -> Services {
     let wait = std::time::Duration::from_millis(config.query_min_position_wait_ms);
@@ -317,7 +322,7 @@ fn query_services(
         admin: config
             .pg_config()
             .ok()
-            .map(|pg| ProjectionsAdminService::new(store.clone(), read_models, pg)),
+            .map(|pg| ProjectionsAdminService::new(store.clone(), read_models.pool().clone(), pg)),
     }
 }
 
@@ -330,17 +335,19 @@ fn spawn_projectors(
     known: Vec<std::sync::Arc<dyn crm_projections::Projection>>,
     names: &[String],
     stop: &CancellationToken,
-) -> Result<(), RunError> {
+) -> Result<Positions, RunError> {
     for name in names {
         if !known.iter().any(|p| p.name() == name) {
             let names: Vec<_> = known.iter().map(|p| p.name()).collect();
             return Err(RunError::UnknownProjection(name.clone(), names.join(", ")));
         }
     }
+    let mut positions = Positions::new();
     for projection in known {
         if !names.is_empty() && !names.iter().any(|n| n == projection.name()) {
             continue;
         }
+        let projector_name = projection.name();
         let options = crm_projections::ProjectorOptions {
             stream: config.relay_stream.clone(),
             subject_prefix: config.relay_subject_prefix.clone(),
@@ -353,10 +360,14 @@ fn spawn_projectors(
             config.nats_url.clone(),
             options,
         );
+        positions.insert(projector_name, projector.position());
         tasks.spawn(projector.run(stop.clone()));
     }
-    Ok(())
+    Ok(positions)
 }
+
+/// Each running projector's applied position, by projection name.
+type Positions = std::collections::HashMap<&'static str, tokio::sync::watch::Receiver<u64>>;
 
 /// Validates the configuration, migrates, and opens the event store.
 async fn start_store(config: &Config) -> Result<EventStore, RunError> {
@@ -417,7 +428,12 @@ pub async fn run_query(
     let store = start_store(config).await?;
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
     let read_models = read_model_pool(config, &projections(&commands)).await?;
-    let services = query_services(config, &store, read_models, &shutdown);
+    let services = query_services(
+        config,
+        &store,
+        crate::query::ReadModels::new(read_models),
+        &shutdown,
+    );
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;
     stop_store(config, &store).await;
     served

@@ -13,7 +13,6 @@ use crm_proto::v1::{
     GetRfmRequest, LeadConversion, LeadConversionMonth, Nps, PredictiveClv, RetentionCohort,
     RetentionCohorts, Revenue, Rfm, RfmScore, RfmSegmentCount, SegmentClv,
 };
-use deadpool_postgres::Pool;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
@@ -25,12 +24,12 @@ use crate::command::{Caller, ServiceError};
 
 #[derive(Clone)]
 pub struct AnalyticsService {
-    pool: Pool,
+    pool: super::ReadModels,
     wait: Duration,
 }
 
 impl AnalyticsService {
-    pub fn new(pool: Pool, wait: Duration) -> Self {
+    pub fn new(pool: super::ReadModels, wait: Duration) -> Self {
         Self { pool, wait }
     }
 }

@@ -35,7 +35,7 @@ use crm_proto::v1::{
     NpsSummary, OpenDeal, OpenTicket, PersonName, PhoneNumber, Purchases, RfmScore, SlaClock,
     TimelineEntry, Touch, WonDeals,
 };
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Object;
 use jiff::Timestamp;
 use tokio_postgres::Row;
 use tonic::{Request, Response, Status};
@@ -66,13 +66,13 @@ const QUALITY_NOTE: &str = "not computed yet: the data-quality read models (DOMA
 
 #[derive(Clone)]
 pub struct Customer360Service {
-    pool: Pool,
+    pool: super::ReadModels,
     wait: Duration,
     personal: PersonalReader,
 }
 
 impl Customer360Service {
-    pub fn new(pool: Pool, store: EventStore, wait: Duration) -> Self {
+    pub fn new(pool: super::ReadModels, store: EventStore, wait: Duration) -> Self {
         Self {
             pool,
             wait,

@@ -18,6 +18,8 @@ pub use quality::DataQualityService;
 pub use sales::SalesService;
 pub use service::ServiceQueriesService;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crm_proto::v1::QueryOptions;
@@ -28,17 +30,59 @@ use crate::command::ServiceError;
 pub(crate) const DEFAULT_PAGE: u32 = 50;
 pub(crate) const MAX_PAGE: u32 = 200;
 use deadpool_postgres::Pool;
+use tokio::sync::watch;
 use tonic::Status;
+
+/// Where the read models are: their database, and (when the projectors run
+/// in this process, as in `crm all`) each projection's applied position as
+/// it moves, so a query waiting for `min_position` wakes the moment it is
+/// applied instead of polling.
+#[derive(Clone)]
+pub struct ReadModels {
+    pool: Pool,
+    positions: Option<Arc<HashMap<&'static str, watch::Receiver<u64>>>>,
+}
+
+impl ReadModels {
+    /// Read models maintained elsewhere: waits poll their status rows.
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            positions: None,
+        }
+    }
+
+    /// Read models whose projectors run in this process.
+    pub fn with_positions(
+        pool: Pool,
+        positions: HashMap<&'static str, watch::Receiver<u64>>,
+    ) -> Self {
+        Self {
+            pool,
+            positions: Some(Arc::new(positions)),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+}
 
 /// A client on the read-model database, once `projection` has applied the
 /// caller's `min_position`; with the position applied.
 pub(crate) async fn ready(
-    pool: &Pool,
+    read_models: &ReadModels,
     projection: &'static str,
     options: Option<QueryOptions>,
     wait: Duration,
 ) -> Result<(deadpool_postgres::Object, u64), Status> {
-    ready_all(pool, &[projection], options, wait).await
+    ready_all(read_models, &[projection], options, wait).await
+}
+
+fn not_yet(projection: &str, position: u64, min_position: u64) -> Status {
+    Status::unavailable(format!(
+        "read model {projection} has applied position {position}, not yet {min_position}; retry"
+    ))
 }
 
 /// A client once every one of `projections` has applied the caller's
@@ -46,18 +90,42 @@ pub(crate) async fn ready(
 /// While it waits it holds no connection: waiting queries must never starve
 /// the projectors they wait for of connections from the same pool.
 pub(crate) async fn ready_all(
-    pool: &Pool,
+    read_models: &ReadModels,
     projections: &[&'static str],
     options: Option<QueryOptions>,
     wait: Duration,
 ) -> Result<(deadpool_postgres::Object, u64), Status> {
     let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("read models: {e}"));
     let min_position = options.map_or(0, |o| o.min_position);
-    let names: Vec<&str> = projections.to_vec();
     let deadline = tokio::time::Instant::now() + wait;
+    // In-process projectors: wait on their positions.
+    if let Some(positions) = &read_models.positions
+        && projections.iter().all(|p| positions.contains_key(p))
+    {
+        let mut lowest = u64::MAX;
+        for projection in projections {
+            let mut receiver = positions[projection].clone();
+            let reached = tokio::time::timeout_at(
+                deadline,
+                receiver.wait_for(|position| *position >= min_position),
+            )
+            .await
+            .map(|r| r.map(|position| *position));
+            match reached {
+                Ok(Ok(position)) => lowest = lowest.min(position),
+                _ => {
+                    let position = *receiver.borrow();
+                    return Err(not_yet(projection, position, min_position));
+                }
+            }
+        }
+        let client = read_models.pool.get().await.map_err(|e| unavailable(&e))?;
+        return Ok((client, if lowest == u64::MAX { 0 } else { lowest }));
+    }
+    let names: Vec<&str> = projections.to_vec();
     let mut pause = Duration::from_millis(2);
     loop {
-        let client = pool.get().await.map_err(|e| unavailable(&e))?;
+        let client = read_models.pool.get().await.map_err(|e| unavailable(&e))?;
         let row = client
             .query_one(
                 "SELECT name, position FROM projections WHERE name = ANY($1) \
@@ -75,12 +143,10 @@ pub(crate) async fn ready_all(
         }
         drop(client);
         if tokio::time::Instant::now() + pause > deadline {
-            return Err(Status::unavailable(format!(
-                "read model {} has applied position {lowest}, not yet {min_position}; retry",
-                laggard
-                    .as_deref()
-                    .unwrap_or(projections.first().copied().unwrap_or("?"))
-            )));
+            let name = laggard
+                .as_deref()
+                .unwrap_or(projections.first().copied().unwrap_or("?"));
+            return Err(not_yet(name, lowest, min_position));
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(25));

@@ -15,7 +15,6 @@ use crm_proto::v1::{
     ListInvalidRecordsRequest, ListStaleRecordsReply, ListStaleRecordsRequest, OwnerCompleteness,
     RecordCompleteness, RecordIssue, RuleCount, StaleRecord,
 };
-use deadpool_postgres::Pool;
 use jiff::Timestamp;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -35,13 +34,13 @@ const PAIR_STATUSES: &[&str] = &["suspected", "dismissed", "merged"];
 
 #[derive(Clone)]
 pub struct DataQualityService {
-    pool: Pool,
+    pool: super::ReadModels,
     wait: Duration,
     handler: CommandHandler,
 }
 
 impl DataQualityService {
-    pub fn new(pool: Pool, wait: Duration, handler: CommandHandler) -> Self {
+    pub fn new(pool: super::ReadModels, wait: Duration, handler: CommandHandler) -> Self {
         Self {
             pool,
             wait,

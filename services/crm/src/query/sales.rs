@@ -13,7 +13,6 @@ use crm_proto::v1::{
     SalesDurationStats, SalesFiscalPeriod, StageColumn, StageDuration, StageDurations, Velocity,
     VelocityByCurrency, WinRate, WinRateByValue,
 };
-use deadpool_postgres::Pool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -22,13 +21,13 @@ use crate::command::{Caller, ServiceError};
 
 #[derive(Clone)]
 pub struct SalesService {
-    pool: Pool,
+    pool: super::ReadModels,
     wait: Duration,
 }
 
 impl SalesService {
     /// `wait`: the longest a query waits for its `min_position`.
-    pub fn new(pool: Pool, wait: Duration) -> Self {
+    pub fn new(pool: super::ReadModels, wait: Duration) -> Self {
         Self { pool, wait }
     }
 }

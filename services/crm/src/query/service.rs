@@ -12,7 +12,6 @@ use crm_proto::v1::{
     ListAtRiskRequest, ListQueueReply, ListQueueRequest, MetricCompliance, QueueStats,
     QueueStatsRow, QueuedTicket, ServiceMetrics, SlaClock, SlaCompliance, TicketSla,
 };
-use deadpool_postgres::Pool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -21,12 +20,12 @@ use crate::command::{Caller, ServiceError};
 
 #[derive(Clone)]
 pub struct ServiceQueriesService {
-    pool: Pool,
+    pool: super::ReadModels,
     wait: Duration,
 }
 
 impl ServiceQueriesService {
-    pub fn new(pool: Pool, wait: Duration) -> Self {
+    pub fn new(pool: super::ReadModels, wait: Duration) -> Self {
         Self { pool, wait }
     }
 }

@@ -345,6 +345,8 @@ impl Aggregate for Opportunity {
     type Command = OpportunityCommand;
     type Event = OpportunityEvent;
     const STREAM_TYPE: &'static str = "opportunity";
+    /// 2: an owner change moves `owner` (the outcome's credit) too.
+    const SNAPSHOT_VERSION: u32 = 2;
 
     fn exists(&self) -> bool {
         self.exists
@@ -720,7 +722,13 @@ impl Aggregate for Opportunity {
     fn evolve(mut self, event: &OpportunityEvent) -> Self {
         match event {
             OpportunityEvent::Stalled(_) => self.stalled = true,
-            OpportunityEvent::Common(event) => self.meta.evolve(event),
+            OpportunityEvent::Common(event) => {
+                self.meta.evolve(event);
+                // A new owner owns the deal's outcome (win and loss credit).
+                if let crate::records::CommonEvent::OwnerChanged(changed) = event {
+                    self.owner = changed.new.clone();
+                }
+            }
             OpportunityEvent::Opened(opened) => {
                 self.exists = true;
                 self.outcome = Outcome::Open;
@@ -1136,5 +1144,23 @@ pub(crate) mod tests {
                 from: "open",
                 to: "open",
             });
+    }
+
+    #[test]
+    fn a_new_owner_is_credited_with_the_win() {
+        let changed = OpportunityEvent::Common(crate::records::CommonEvent::OwnerChanged(
+            crate::records::OwnerChanged {
+                old: Some("user:rep".into()),
+                new: "user:other".into(),
+                team: None,
+                method: "manual".into(),
+                occurred_at: now(),
+            },
+        ));
+        let events = given::<Opportunity>([opened(), changed])
+            .when(OpportunityCommand::Win { facts: facts() })
+            .result
+            .unwrap();
+        assert!(matches!(&events[0], OpportunityEvent::Won(won) if won.owner == "user:other"));
     }
 }
