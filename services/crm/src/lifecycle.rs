@@ -122,6 +122,10 @@ impl Projection for CustomerLifecycle {
         false
     }
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["account", "opportunity", "order"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a Transaction<'_>,

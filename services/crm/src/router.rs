@@ -595,6 +595,10 @@ impl Projection for Router {
         false
     }
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["queue", "agent", "ticket"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a Transaction<'_>,

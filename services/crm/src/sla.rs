@@ -509,6 +509,10 @@ impl Projection for SlaProcess {
         false
     }
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["sla_policy", "business_calendar", "ticket", "ticket_sla"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a Transaction<'_>,

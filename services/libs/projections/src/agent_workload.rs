@@ -211,6 +211,10 @@ impl Projection for AgentWorkload {
         ]
     );
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["agent", "queue", "ticket"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,

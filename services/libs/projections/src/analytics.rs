@@ -474,6 +474,20 @@ impl Projection for Analytics {
         ]
     );
 
+    fn handles(&self, stream_type: &str) -> bool {
+        [
+            "account",
+            "order",
+            "payment",
+            "lead",
+            "opportunity",
+            "campaign",
+            "contact",
+            "tenant_settings",
+        ]
+        .contains(&stream_type)
+    }
+
     fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {

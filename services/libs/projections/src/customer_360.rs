@@ -1010,6 +1010,21 @@ impl Projection for Customer360 {
         ]
     );
 
+    fn handles(&self, stream_type: &str) -> bool {
+        [
+            "account",
+            "activity",
+            "contact",
+            "invoice",
+            "opportunity",
+            "order",
+            "payment",
+            "ticket",
+            "ticket_sla",
+        ]
+        .contains(&stream_type)
+    }
+
     fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {

@@ -321,6 +321,17 @@ impl Projection for Engagement {
         ]
     );
 
+    fn handles(&self, stream_type: &str) -> bool {
+        [
+            "pipeline_config",
+            "opportunity",
+            "activity",
+            "account",
+            "order",
+        ]
+        .contains(&stream_type)
+    }
+
     fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {

@@ -52,6 +52,10 @@ fn text<T: serde::Serialize>(value: &T) -> Option<String> {
 impl Projection for PipelineBoard {
     crate::runtime::projection_names!(NAME, SCHEMA, ["pipeline_board"]);
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["opportunity"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,

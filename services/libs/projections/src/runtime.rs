@@ -73,6 +73,12 @@ pub trait Projection: Send + Sync + 'static {
     fn rebuildable(&self) -> bool {
         true
     }
+    /// Whether events of `stream_type` may change its tables. A batch of
+    /// events it does not handle moves its position without a transaction
+    /// (flushed to the status row now and then); the default handles all.
+    fn handles(&self, _stream_type: &str) -> bool {
+        true
+    }
     /// Applies one event inside the batch's transaction. Events it does not
     /// use are ignored (`Ok`).
     fn apply<'a>(
@@ -161,7 +167,16 @@ pub struct Projector {
     nats_url: String,
     options: ProjectorOptions,
     position: watch::Sender<u64>,
+    /// How far batches of events the projection does not handle have moved
+    /// it without a transaction; written to the status row by
+    /// [`Self::flush_skipped`].
+    skipped_to: std::sync::atomic::AtomicU64,
+    flushed_to: std::sync::atomic::AtomicU64,
+    flushed_at: std::sync::Mutex<tokio::time::Instant>,
 }
+
+/// How often positions moved past unhandled events reach the status row.
+const FLUSH_SKIPPED_EVERY: Duration = Duration::from_millis(250);
 
 impl Projector {
     pub fn new(
@@ -178,7 +193,66 @@ impl Projector {
             nats_url,
             options,
             position: watch::Sender::new(0),
+            skipped_to: std::sync::atomic::AtomicU64::new(0),
+            flushed_to: std::sync::atomic::AtomicU64::new(0),
+            flushed_at: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
+    }
+
+    /// Moves past `events` without a transaction when none of them is the
+    /// projection's and they follow on from what it has applied; `false`
+    /// when they must be applied.
+    fn skip(&self, events: &[RecordedEvent]) -> bool {
+        let current = *self.position.borrow();
+        let follows = events.first().map(|e| e.global_position) == Some(current + 1)
+            && events
+                .windows(2)
+                .all(|w| w[1].global_position == w[0].global_position + 1);
+        if !follows
+            || events
+                .iter()
+                .any(|e| self.projection.handles(&e.stream_type))
+        {
+            return false;
+        }
+        let last = events.last().map_or(current, |e| e.global_position);
+        self.skipped_to
+            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
+        self.position.send_replace(last);
+        true
+    }
+
+    /// Writes the position moved past unhandled events to the status row,
+    /// at most every [`FLUSH_SKIPPED_EVERY`] unless `now`.
+    async fn flush_skipped(&self, now: bool) -> Result<(), RunError> {
+        let skipped = self.skipped_to.load(std::sync::atomic::Ordering::SeqCst);
+        if skipped <= self.flushed_to.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        {
+            let mut flushed_at = self
+                .flushed_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !now && flushed_at.elapsed() < FLUSH_SKIPPED_EVERY {
+                return Ok(());
+            }
+            *flushed_at = tokio::time::Instant::now();
+        }
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE projections SET position = greatest(position, $2), updated_at = now() \
+                 WHERE name = $1",
+                &[
+                    &self.projection.name(),
+                    &i64::try_from(skipped).unwrap_or(i64::MAX),
+                ],
+            )
+            .await?;
+        self.flushed_to
+            .fetch_max(skipped, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// The position applied so far, as it moves.
@@ -224,7 +298,10 @@ impl Projector {
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), RunError> {
         let name = self.projection.name();
         let start = self.prepare().await?;
-        self.position.send_replace(start);
+        // Never back: batches skipped before a restart stay skipped (the
+        // events come again and are recognised as applied).
+        self.position
+            .send_replace(start.max(self.skipped_to.load(std::sync::atomic::Ordering::SeqCst)));
         let client = async_nats::ConnectOptions::new()
             .name(format!("crm-projector-{name}"))
             .connection_timeout(Duration::from_secs(5))
@@ -306,6 +383,7 @@ impl Projector {
                 last = Some(message);
             }
             if events.is_empty() {
+                self.flush_skipped(true).await?;
                 // Quiet: if the log has moved on for a while, read the store.
                 let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= self.options.tail_refill_after {
@@ -327,7 +405,11 @@ impl Projector {
             }
             idle_since = None;
             let up_to = events.last().map_or(0, |e| e.global_position);
-            self.apply_batch(events, up_to).await?;
+            if self.skip(&events) {
+                self.flush_skipped(false).await?;
+            } else {
+                self.apply_batch(events, up_to).await?;
+            }
             if let Some(message) = last {
                 // AckPolicy::All: acknowledging the last acknowledges the batch.
                 message.ack().await.map_err(nats)?;
@@ -385,7 +467,7 @@ impl Projector {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             // The row lock also keeps two instances of one projection apart.
-            let mut position: u64 = tx
+            let position: u64 = tx
                 .query_one(
                     "SELECT position FROM projections WHERE name = $1 FOR UPDATE",
                     &[&name],
@@ -394,6 +476,17 @@ impl Projector {
                 .get::<_, i64>(0)
                 .try_into()
                 .unwrap_or(0);
+            // Batches it did not handle may have moved it on already, unless
+            // the status row was moved back from outside (a reset to replay):
+            // then that is where it stands.
+            use std::sync::atomic::Ordering::SeqCst;
+            let mut position = if position < self.flushed_to.load(SeqCst) {
+                self.skipped_to.store(position, SeqCst);
+                self.flushed_to.store(position, SeqCst);
+                position
+            } else {
+                position.max(self.skipped_to.load(SeqCst))
+            };
             let mut refilled = 0u64;
             for event in &events {
                 if event.global_position <= position {

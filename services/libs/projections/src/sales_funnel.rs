@@ -116,6 +116,10 @@ impl Projection for SalesFunnel {
         ]
     );
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["opportunity", "lead", "pipeline_config", "tenant_settings"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,

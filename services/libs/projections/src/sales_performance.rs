@@ -98,6 +98,17 @@ impl Projection for SalesPerformance {
         ]
     );
 
+    fn handles(&self, stream_type: &str) -> bool {
+        [
+            "opportunity",
+            "sales_target",
+            "commission_plan",
+            "team",
+            "tenant_settings",
+        ]
+        .contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,

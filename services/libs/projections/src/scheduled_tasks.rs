@@ -27,6 +27,10 @@ CREATE INDEX IF NOT EXISTS scheduled_tasks_due
 impl Projection for ScheduledTasks {
     crate::runtime::projection_names!(NAME, SCHEMA, ["scheduled_tasks"]);
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["activity"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,

@@ -114,6 +114,10 @@ impl ServiceMetrics {
 impl Projection for ServiceMetrics {
     crate::runtime::projection_names!(NAME, SCHEMA, ["service_metrics"]);
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["ticket"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,

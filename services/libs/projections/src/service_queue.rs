@@ -48,6 +48,10 @@ pub fn priority_rank(priority: Priority) -> i16 {
 impl Projection for ServiceQueue {
     crate::runtime::projection_names!(NAME, SCHEMA, ["service_queue"]);
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["ticket"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,

@@ -48,6 +48,10 @@ CREATE INDEX IF NOT EXISTS sla_clock_at_risk
 impl Projection for SlaClock {
     crate::runtime::projection_names!(NAME, SCHEMA, ["sla_trackers", "sla_clock"]);
 
+    fn handles(&self, stream_type: &str) -> bool {
+        ["ticket_sla"].contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'_>,
