@@ -227,7 +227,13 @@ async fn reopening_a_won_deal_needs_a_sales_manager() {
             .stream_version,
         3
     );
-    let (_, _, metadata) = app.stored().await.pop().unwrap();
+    // (Process managers append on their own: find the reopening.)
+    let (_, _, metadata) = app
+        .stored()
+        .await
+        .into_iter()
+        .rfind(|(t, _, _)| t == "OpportunityReopened")
+        .unwrap();
     assert_eq!(
         metadata["roles"],
         serde_json::json!(["sales_rep", "sales_manager"])

@@ -122,7 +122,7 @@ impl Projection for CustomerLifecycle {
         false
     }
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["account", "opportunity", "order"].contains(&stream_type)
     }
 

@@ -1153,6 +1153,20 @@ impl Projection for DataQuality {
         false
     }
 
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
+        [
+            "contact",
+            "lead",
+            "account",
+            "opportunity",
+            "activity",
+            "order",
+            "tenant_settings",
+            "duplicate_pair",
+        ]
+        .contains(&stream_type)
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a Transaction<'_>,

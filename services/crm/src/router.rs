@@ -595,7 +595,7 @@ impl Projection for Router {
         false
     }
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["queue", "agent", "ticket"].contains(&stream_type)
     }
 

@@ -509,7 +509,7 @@ impl Projection for SlaProcess {
         false
     }
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["sla_policy", "business_calendar", "ticket", "ticket_sla"].contains(&stream_type)
     }
 

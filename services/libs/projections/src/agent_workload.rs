@@ -211,7 +211,7 @@ impl Projection for AgentWorkload {
         ]
     );
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["agent", "queue", "ticket"].contains(&stream_type)
     }
 

@@ -474,18 +474,21 @@ impl Projection for Analytics {
         ]
     );
 
-    fn handles(&self, stream_type: &str) -> bool {
-        [
-            "account",
-            "order",
-            "payment",
-            "lead",
-            "opportunity",
-            "campaign",
-            "contact",
-            "tenant_settings",
-        ]
-        .contains(&stream_type)
+    fn handles(&self, stream_type: &str, event_type: &str) -> bool {
+        // Of a contact's events only NPS answers count here.
+        match stream_type {
+            "contact" => event_type == "NpsResponseRecorded",
+            _ => [
+                "account",
+                "order",
+                "payment",
+                "lead",
+                "opportunity",
+                "campaign",
+                "tenant_settings",
+            ]
+            .contains(&stream_type),
+        }
     }
 
     fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

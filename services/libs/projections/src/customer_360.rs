@@ -1010,7 +1010,7 @@ impl Projection for Customer360 {
         ]
     );
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         [
             "account",
             "activity",

@@ -321,7 +321,7 @@ impl Projection for Engagement {
         ]
     );
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         [
             "pipeline_config",
             "opportunity",

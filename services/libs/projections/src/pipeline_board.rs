@@ -52,7 +52,7 @@ fn text<T: serde::Serialize>(value: &T) -> Option<String> {
 impl Projection for PipelineBoard {
     crate::runtime::projection_names!(NAME, SCHEMA, ["pipeline_board"]);
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["opportunity"].contains(&stream_type)
     }
 

@@ -73,10 +73,11 @@ pub trait Projection: Send + Sync + 'static {
     fn rebuildable(&self) -> bool {
         true
     }
-    /// Whether events of `stream_type` may change its tables. A batch of
+    /// Whether events of `stream_type` and `event_type` may change its
+    /// tables. A batch of
     /// events it does not handle moves its position without a transaction
     /// (flushed to the status row now and then); the default handles all.
-    fn handles(&self, _stream_type: &str) -> bool {
+    fn handles(&self, _stream_type: &str, _event_type: &str) -> bool {
         true
     }
     /// Applies one event inside the batch's transaction. Events it does not
@@ -211,7 +212,7 @@ impl Projector {
         if !follows
             || events
                 .iter()
-                .any(|e| self.projection.handles(&e.stream_type))
+                .any(|e| self.projection.handles(&e.stream_type, &e.event_type))
         {
             return false;
         }

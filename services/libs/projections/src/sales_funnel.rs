@@ -116,7 +116,7 @@ impl Projection for SalesFunnel {
         ]
     );
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["opportunity", "lead", "pipeline_config", "tenant_settings"].contains(&stream_type)
     }
 

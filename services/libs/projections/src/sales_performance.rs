@@ -98,7 +98,7 @@ impl Projection for SalesPerformance {
         ]
     );
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         [
             "opportunity",
             "sales_target",

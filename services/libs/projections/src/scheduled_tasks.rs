@@ -27,7 +27,7 @@ CREATE INDEX IF NOT EXISTS scheduled_tasks_due
 impl Projection for ScheduledTasks {
     crate::runtime::projection_names!(NAME, SCHEMA, ["scheduled_tasks"]);
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["activity"].contains(&stream_type)
     }
 

@@ -114,7 +114,7 @@ impl ServiceMetrics {
 impl Projection for ServiceMetrics {
     crate::runtime::projection_names!(NAME, SCHEMA, ["service_metrics"]);
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["ticket"].contains(&stream_type)
     }
 

@@ -48,7 +48,7 @@ pub fn priority_rank(priority: Priority) -> i16 {
 impl Projection for ServiceQueue {
     crate::runtime::projection_names!(NAME, SCHEMA, ["service_queue"]);
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["ticket"].contains(&stream_type)
     }
 

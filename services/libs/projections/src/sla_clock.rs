@@ -48,7 +48,7 @@ CREATE INDEX IF NOT EXISTS sla_clock_at_risk
 impl Projection for SlaClock {
     crate::runtime::projection_names!(NAME, SCHEMA, ["sla_trackers", "sla_clock"]);
 
-    fn handles(&self, stream_type: &str) -> bool {
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
         ["ticket_sla"].contains(&stream_type)
     }
 
