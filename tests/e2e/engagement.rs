@@ -178,6 +178,37 @@ async fn stalled_deals_and_churn_risk_fire_once_when_their_condition_became_true
         .collect();
     assert_eq!(times, ["2026-06-08T09:00:00Z", "2026-09-29T09:00:00Z"]);
     assert_eq!(risks[0]["days_inactive"], 90);
+
+    // Inactivity churn, opted in at 365 days: the last paid order was Jul 1,
+    // so the account is churned (`inactive`) on Jul 1 2027 09:00, once.
+    let settings = crm_proto::v1::PublishTenantSettingsRequest {
+        time_zone: "UTC".into(),
+        fiscal_year_start_month: 1,
+        reporting_currency: "EUR".into(),
+        duplicate_threshold: 80,
+        stale_days_lead: 30,
+        stale_days_deal: 14,
+        stale_days_customer: 90,
+        inactivity_churn_days: Some(365),
+        ..Default::default()
+    };
+    app.configuration()
+        .publish_tenant_settings(crate::configuration::with_roles(&app, settings, "admin"))
+        .await
+        .unwrap();
+    settled(&app).await;
+    clock.set("2027-07-01T08:00:00Z");
+    let before = scheduler.tick().await.unwrap().appended;
+    settled(&app).await;
+    clock.set("2027-07-02T00:00:00Z");
+    assert!(scheduler.tick().await.unwrap().appended >= 1);
+    settled(&app).await;
+    let stored = app.stored().await;
+    let churned = payloads(&stored, "AccountChurned");
+    assert_eq!(churned.len(), 1, "{before} before; once");
+    assert_eq!(churned[0]["reason"], "inactive");
+    assert_eq!(churned[0]["occurred_at"], "2027-07-01T09:00:00Z");
+    assert_eq!(scheduler.tick().await.unwrap().appended, 0, "once");
     store.shutdown().await;
     app.stop().await;
 }

@@ -387,6 +387,8 @@ async fn a_subscriber_with_only_nats_and_a_cloudevents_sdk_receives_the_demo_in_
         .args(["--url", &app.nats.url, "--stream", &app.nats.stream])
         .args(["--subject", &format!("{}.demo.>", app.nats.subject_prefix)])
         .args(["--expect", &stored.len().to_string()])
+        // The whole suite runs beside it on two cores: allow long pauses.
+        .args(["--idle-timeout", "90"])
         .output();
     let consumed = tokio::task::spawn_blocking(move || consume)
         .await

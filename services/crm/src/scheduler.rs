@@ -11,7 +11,8 @@
 //! customer for 7 days and auto-close of tickets solved for 4 days (from
 //! `service_queue`), stalled deals (stage older than the stage's
 //! `max_days_in_stage`, or no touch for 14 days) and churn risk (a customer
-//! with no touch or paid order for 90 days), from `engagement`.
+//! with no touch or paid order for 90 days) and, for tenants that opted in
+//! (`inactivity_churn_days`), inactivity churn, from `engagement`.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,6 +113,7 @@ impl Scheduler {
         self.waiting_tickets(now, &mut tick).await?;
         self.stalled_deals(now, &mut tick).await?;
         self.churn_risk(now, &mut tick).await?;
+        self.inactivity_churn(now, &mut tick).await?;
         Ok(tick)
     }
 
@@ -348,6 +350,42 @@ impl Scheduler {
                 AccountCommand::FlagChurnRisk {
                     days_inactive: u32::try_from(CHURN_RISK_DAYS).unwrap_or(90),
                     inactive: true,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Scheduler {
+    /// Inactivity churn (tenants that opted in): a customer with no paid
+    /// order for the tenant's `inactivity_churn_days` is churned.
+    async fn inactivity_churn(&self, now: Timestamp, tick: &mut Tick) -> Result<(), ServiceError> {
+        let now_system: SystemTime = now.into();
+        let rows = self
+            .due_rows(
+                "SELECT tenant_id, account_id, due FROM ( \
+                   SELECT a.tenant_id, a.account_id, \
+                     greatest(a.customer_since, a.last_paid_order_at) \
+                       + make_interval(days => t.inactivity_churn_days) AS due \
+                   FROM eng_accounts a JOIN eng_tenants t ON t.tenant_id = a.tenant_id \
+                   WHERE a.customer AND t.inactivity_churn_days IS NOT NULL) c \
+                 WHERE due <= $1 ORDER BY due LIMIT $2",
+                &[&now_system, &BATCH],
+            )
+            .await?;
+        for row in &rows {
+            let account: Uuid = row.get(1);
+            let due = timestamp(row.get(2))?;
+            self.send::<Account>(
+                tick,
+                row.get(0),
+                account,
+                format!("scheduler:inactivity_churn:{account}:{due}"),
+                due,
+                AccountCommand::MarkChurned {
+                    reason: "inactive".to_owned(),
                 },
             )
             .await?;

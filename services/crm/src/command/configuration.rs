@@ -215,6 +215,7 @@ impl Configuration for ConfigurationService {
             stale_days_lead: request.stale_days_lead,
             stale_days_deal: request.stale_days_deal,
             stale_days_customer: request.stale_days_customer,
+            inactivity_churn_days: request.inactivity_churn_days,
             uniqueness: request
                 .uniqueness
                 .into_iter()

@@ -556,6 +556,10 @@ pub struct TenantSettings {
     /// written from then on; earlier duplicates stay for data quality.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub uniqueness: BTreeMap<String, UniquenessMode>,
+    /// Opt-in: a customer with no paid order for this many days is churned
+    /// (`inactive`) by the scheduler (DOMAIN.md §4). `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inactivity_churn_days: Option<u32>,
 }
 
 impl TenantSettings {
@@ -604,6 +608,12 @@ impl ConfigContent for TenantSettings {
         ] {
             v.check((1..=3650).contains(&days), field, "must be 1 to 3650 days");
         }
+        v.check(
+            self.inactivity_churn_days
+                .is_none_or(|days| (30..=3650).contains(&days)),
+            "inactivity_churn_days",
+            "must be 30 to 3650 days",
+        );
         for kind in self.uniqueness.keys() {
             v.check(
                 UNIQUE_KINDS.contains(&kind.as_str()),
@@ -812,6 +822,7 @@ mod tests {
             stale_days_deal: 14,
             stale_days_customer: 90,
             uniqueness: BTreeMap::from([("phone".to_owned(), UniquenessMode::Hard)]),
+            inactivity_churn_days: Some(365),
         };
         assert_eq!(settings.uniqueness_mode("phone"), UniquenessMode::Hard);
         assert_eq!(settings.uniqueness_mode("email"), UniquenessMode::Hard);
@@ -825,6 +836,7 @@ mod tests {
             reporting_currency: "yuan".into(),
             stale_days_deal: 0,
             uniqueness: BTreeMap::from([("shoe_size".to_owned(), UniquenessMode::Soft)]),
+            inactivity_churn_days: Some(7),
             ..settings
         };
         given::<TenantSettingsConfig>([])
@@ -833,6 +845,7 @@ mod tests {
                 "fiscal_year_start_month",
                 "reporting_currency",
                 "stale_days_deal",
+                "inactivity_churn_days",
                 "uniqueness.shoe_size",
             ]);
         let team = Team {

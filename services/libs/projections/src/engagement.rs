@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS eng_accounts (
     at_risk            boolean     NOT NULL,
     PRIMARY KEY (tenant_id, account_id)
 );
+CREATE TABLE IF NOT EXISTS eng_tenants (
+    tenant_id             text    NOT NULL PRIMARY KEY,
+    inactivity_churn_days integer
+);
 CREATE TABLE IF NOT EXISTS eng_activities (
     tenant_id   text  NOT NULL,
     activity_id uuid  NOT NULL,
@@ -309,6 +313,25 @@ async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyE
     Ok(())
 }
 
+/// The tenant's opt-in inactivity churn.
+async fn settings(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    use crm_domain::configuration::{Published, TenantSettings};
+    if let Some(published) = decode::<Published<TenantSettings>>(event)? {
+        let days = published
+            .content
+            .inactivity_churn_days
+            .map(|d| i32::try_from(d).unwrap_or(i32::MAX));
+        tx.execute(
+            "INSERT INTO eng_tenants (tenant_id, inactivity_churn_days) VALUES ($1, $2) \
+             ON CONFLICT (tenant_id) DO UPDATE SET \
+               inactivity_churn_days = EXCLUDED.inactivity_churn_days",
+            &[&event.tenant_id, &days],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 impl Projection for Engagement {
     crate::runtime::projection_names!(
         NAME,
@@ -317,7 +340,8 @@ impl Projection for Engagement {
             "eng_stage_limits",
             "eng_deals",
             "eng_accounts",
-            "eng_activities"
+            "eng_activities",
+            "eng_tenants"
         ]
     );
 
@@ -328,6 +352,7 @@ impl Projection for Engagement {
             "activity",
             "account",
             "order",
+            "tenant_settings",
         ]
         .contains(&stream_type)
     }
@@ -340,6 +365,7 @@ impl Projection for Engagement {
                 "activity" => activity(tx, event).await,
                 "account" => account(tx, event).await,
                 "order" => order(tx, event).await,
+                "tenant_settings" => settings(tx, event).await,
                 _ => Ok(()),
             }
         })
