@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Follow CRM events with nothing but NATS and the CloudEvents SDK.
 
-Reads the relay's JetStream stream with an ordered consumer, filtered by
+Reads the relay's JetStream stream with a pull consumer of its own, filtered by
 subject, and decodes every message with the stock CloudEvents SDK (binary
 content mode: `ce-*` headers, JSON body). Prints one JSON line per event.
 
@@ -34,31 +34,43 @@ async def main() -> int:
 
     nc = await nats.connect(args.url)
     js = nc.jetstream()
-    # An ordered consumer: deliver everything from the start, in order,
-    # recreated by the client library if a message goes missing.
-    sub = await js.subscribe(args.subject, stream=args.stream, ordered_consumer=True)
-    received, last_position = 0, 0
+    # A pull consumer of our own (ephemeral): everything from the start, in
+    # stream order, fetched in batches and acknowledged, so a slow reader
+    # only waits (no push flow control to stall).
+    sub = await js.pull_subscribe(args.subject, durable=None, stream=args.stream)
+    received, last_position, idle = 0, 0, 0.0
     try:
         while args.expect == 0 or received < args.expect:
-            timeout = args.idle_timeout if args.expect else None
-            msg = await sub.next_msg(timeout=timeout)
-            event = from_http(dict(msg.headers or {}), msg.data)
-            position = int(event["globalposition"])
-            if position <= last_position:
-                print(f"out of order: {position} after {last_position}", file=sys.stderr)
-                return 1
-            last_position = position
-            received += 1
-            print(json.dumps({
-                "id": event["id"],
-                "type": event["type"],
-                "source": event["source"],
-                "subject": event["subject"],
-                "time": event["time"],
-                "position": position,
-                "tenant": event["tenantid"],
-                "data": event.data,
-            }), flush=True)
+            try:
+                # A partial batch comes back when the second is up.
+                batch = await sub.fetch(batch=256, timeout=1.0)
+            except nats.errors.TimeoutError:
+                idle += 1.0
+                if args.expect and idle >= args.idle_timeout:
+                    raise
+                continue
+            idle = 0.0
+            for msg in batch:
+                event = from_http(dict(msg.headers or {}), msg.data)
+                position = int(event["globalposition"])
+                if position <= last_position:
+                    print(f"out of order: {position} after {last_position}", file=sys.stderr)
+                    return 1
+                last_position = position
+                received += 1
+                print(json.dumps({
+                    "id": event["id"],
+                    "type": event["type"],
+                    "source": event["source"],
+                    "subject": event["subject"],
+                    "time": event["time"],
+                    "position": position,
+                    "tenant": event["tenantid"],
+                    "data": event.data,
+                }), flush=True)
+                await msg.ack()
+                if args.expect and received >= args.expect:
+                    break
     except nats.errors.TimeoutError:
         print(f"timed out after {received} events", file=sys.stderr)
         return 2
