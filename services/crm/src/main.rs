@@ -204,13 +204,14 @@ async fn main() -> anyhow::Result<()> {
             .map(|seeded| {
                 tracing::info!(?seeded, tenant, "demo data seeded");
                 println!(
-                    "demo tenant {tenant:?}: {} accounts, {} contacts, {} consents, {} leads, {} conversions, {} deals ({} commands already done)",
+                    "demo tenant {tenant:?}: {} accounts, {} contacts, {} consents, {} leads, {} conversions, {} deals, {} service, commerce, campaign and NPS commands ({} commands already done)",
                     seeded.accounts,
                     seeded.contacts,
                     seeded.consents,
                     seeded.leads,
                     seeded.conversions,
                     seeded.opportunities,
+                    seeded.more,
                     seeded.unchanged
                 );
             })
