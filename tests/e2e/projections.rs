@@ -520,6 +520,22 @@ async fn admins_list_and_rebuild_projections_over_grpc() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    // A process manager's effect is the commands it sent: never rebuilt.
+    for name in [
+        "sla_process",
+        "customer_lifecycle",
+        "router",
+        "data_quality",
+    ] {
+        let status = admin
+            .rebuild_projection(as_admin(
+                &app,
+                RebuildProjectionRequest { name: name.into() },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{name}");
+    }
     // The board still answers, from the rebuilt tables.
     let board = SalesQueriesClient::new(app.channel.clone())
         .get_pipeline_board(app.request(board_request(&pipeline, opened.global_position)))

@@ -55,7 +55,7 @@ pub async fn run_all(
         config,
         &store,
         &read_models,
-        projections,
+        projections.clone(),
         &[],
         &workers,
     )?;
@@ -69,6 +69,7 @@ pub async fn run_all(
             config,
             &store,
             crate::query::ReadModels::with_positions(read_models, positions),
+            projections,
             &shutdown,
         )
     };
@@ -159,17 +160,23 @@ pub async fn rebuild_projection(config: &Config, name: &str) -> Result<u64, RunE
     use std::io::{IsTerminal, Write};
     let store = start_store(config).await?;
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
-    read_model_pool(config, &projections(&commands)).await?;
-    if crate::process::PROCESS_MANAGERS.contains(&name) {
-        return Err(RunError::NotRebuildable(name.to_owned()));
-    }
-    let projection = crm_projections::all()
-        .into_iter()
+    let known = projections(&commands);
+    read_model_pool(config, &known).await?;
+    let projection = known
+        .iter()
         .find(|p| p.name() == name)
+        .cloned()
         .ok_or_else(|| {
-            let names: Vec<_> = crm_projections::all().iter().map(|p| p.name()).collect();
+            let names: Vec<_> = known
+                .iter()
+                .filter(|p| p.rebuildable())
+                .map(|p| p.name())
+                .collect();
             RunError::UnknownProjection(name.to_owned(), names.join(", "))
         })?;
+    if !projection.rebuildable() {
+        return Err(RunError::NotRebuildable(name.to_owned()));
+    }
     let terminal = std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
     let mut last_log = started;
@@ -291,6 +298,7 @@ fn query_services(
     config: &Config,
     store: &EventStore,
     read_models: crate::query::ReadModels,
+    projections: Vec<std::sync::Arc<dyn crm_projections::Projection>>,
     shutdown: &CancellationToken,
 ) -> Services {
     let wait = std::time::Duration::from_millis(config.query_min_position_wait_ms);
@@ -319,10 +327,9 @@ fn query_services(
                 crate::command::CommandHandler::new(store.clone(), &key),
             )
         }),
-        admin: config
-            .pg_config()
-            .ok()
-            .map(|pg| ProjectionsAdminService::new(store.clone(), read_models.pool().clone(), pg)),
+        admin: config.pg_config().ok().map(|pg| {
+            ProjectionsAdminService::new(store.clone(), read_models.pool().clone(), pg, projections)
+        }),
     }
 }
 
@@ -427,11 +434,13 @@ pub async fn run_query(
 ) -> Result<(), RunError> {
     let store = start_store(config).await?;
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
-    let read_models = read_model_pool(config, &projections(&commands)).await?;
+    let projections = projections(&commands);
+    let read_models = read_model_pool(config, &projections).await?;
     let services = query_services(
         config,
         &store,
         crate::query::ReadModels::new(read_models),
+        projections,
         &shutdown,
     );
     let served = crate::grpc::serve(listener, shutdown.clone(), services).await;

@@ -11,15 +11,6 @@ use uuid::Uuid;
 
 use crate::command::{Caller, CommandHandler, Options, ServiceError};
 
-/// Every process manager's name: they are never rebuilt (their effect is
-/// the commands they sent).
-pub const PROCESS_MANAGERS: &[&str] = &[
-    crate::sla::NAME,
-    crate::lifecycle::NAME,
-    crate::router::NAME,
-    crate::quality::NAME,
-];
-
 /// Sends a process manager's commands.
 #[derive(Clone)]
 pub struct Sender {

@@ -21,11 +21,23 @@ pub struct ProjectionsAdminService {
     store: EventStore,
     pool: Pool,
     pg: tokio_postgres::Config,
+    /// Every projection and process manager this server knows.
+    known: Vec<Arc<dyn Projection>>,
 }
 
 impl ProjectionsAdminService {
-    pub fn new(store: EventStore, pool: Pool, pg: tokio_postgres::Config) -> Self {
-        Self { store, pool, pg }
+    pub fn new(
+        store: EventStore,
+        pool: Pool,
+        pg: tokio_postgres::Config,
+        known: Vec<Arc<dyn Projection>>,
+    ) -> Self {
+        Self {
+            store,
+            pool,
+            pg,
+            known,
+        }
     }
 }
 
@@ -77,15 +89,17 @@ impl ProjectionsAdmin for ProjectionsAdminService {
     ) -> Result<Response<Self::RebuildProjectionStream>, Status> {
         admin(request.metadata())?;
         let name = request.into_inner().name;
-        if crate::process::PROCESS_MANAGERS.contains(&name.as_str()) {
+        let projection: Arc<dyn Projection> = self
+            .known
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no projection named {name:?}")))?;
+        if !projection.rebuildable() {
             return Err(Status::failed_precondition(format!(
                 "{name} is a process manager: its effect is the commands it sent, so it is never rebuilt"
             )));
         }
-        let projection: Arc<dyn Projection> = crm_projections::all()
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| Status::not_found(format!("no projection named {name:?}")))?;
         let (sender, receiver) = mpsc::channel(16);
         let (store, pg) = (self.store.clone(), self.pg.clone());
         // The rebuild runs to its end even if the caller goes away; progress
