@@ -311,23 +311,9 @@ async fn worked_example_c_suspects_phone_and_name_95_merges_and_a_dismissal_hold
             .get::<_, i64>(0)
     };
     let before = all_events().await;
-    db.execute(
-        "UPDATE projections SET position = 0 WHERE name = 'data_quality'",
-        &[],
-    )
-    .await
-    .unwrap();
+    crate::support::reset_position(&app, "data_quality").await;
     let (_, nudge) = create(&app, person("Nudge", "", &[], &[])).await;
-    crm_test_support::eventually(Duration::from_secs(20), "the replay", || async {
-        db.query_opt(
-            "SELECT 1 FROM projections WHERE name = 'data_quality' AND position >= $1",
-            &[&(nudge as i64)],
-        )
-        .await
-        .ok()
-        .flatten()
-    })
-    .await;
+    crate::support::reached(&app, "data_quality", nudge).await;
     assert_eq!(all_events().await, before + 1, "only the nudge");
     assert_eq!(candidates(&app, "merged", nudge).await.len(), 1);
     assert_eq!(candidates(&app, "dismissed", nudge).await.len(), 1);

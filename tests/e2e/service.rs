@@ -193,17 +193,7 @@ async fn routed_to(app: &TestApp, ticket: &str) -> (String, String, String) {
 
 /// Waits until the router has handled the log up to `position`.
 async fn router_reached(app: &TestApp, position: u64) {
-    let db = app.db.client().await;
-    crm_test_support::eventually(Duration::from_secs(20), "the router", || async {
-        db.query_opt(
-            "SELECT 1 FROM projections WHERE name = 'router' AND position >= $1",
-            &[&(position as i64)],
-        )
-        .await
-        .ok()
-        .flatten()
-    })
-    .await;
+    crate::support::reached(app, "router", position).await;
 }
 
 async fn head(app: &TestApp) -> u64 {
@@ -445,26 +435,8 @@ async fn round_robin_skips_offline_and_unskilled_agents_and_waiting_tickets_go_t
     // Redelivery: the router applies the whole log again (its position
     // reset to 0, as after losing its checkpoint); nothing new is appended.
     let before = app.stored().await.len();
-    let db = app.db.client().await;
-    db.execute(
-        "UPDATE projections SET position = 0 WHERE name = 'router'",
-        &[],
-    )
-    .await
-    .unwrap();
-    let nudge = app
-        .tickets()
-        .open_ticket(app.request(OpenTicketRequest {
-            requester_id: uuid::Uuid::now_v7().to_string(),
-            channel: "chat".into(),
-            r#type: "question".into(),
-            subject: "Unrelated".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .global_position;
+    crate::support::reset_position(&app, "router").await;
+    let nudge = crate::support::nudge(&app).await;
     router_reached(&app, nudge).await;
     assert_eq!(app.stored().await.len(), before + 1, "only the nudge");
     app.stop().await;

@@ -402,36 +402,9 @@ async fn the_worked_complaint_breaches_first_response_meets_resolution_and_auto_
     // position reset to 0, as after losing its checkpoint); every command it
     // sends again is one it sent before, so nothing new is appended.
     let before = app.stored().await.len();
-    let db = app.db.client().await;
-    db.execute(
-        "UPDATE projections SET position = 0 WHERE name = 'sla_process'",
-        &[],
-    )
-    .await
-    .unwrap();
-    let nudge = app
-        .tickets()
-        .open_ticket(app.request(OpenTicketRequest {
-            requester_id: uuid::Uuid::now_v7().to_string(),
-            channel: "chat".into(),
-            r#type: "question".into(),
-            subject: "Unrelated".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .global_position;
-    crm_test_support::eventually(Duration::from_secs(20), "the replay", || async {
-        db.query_opt(
-            "SELECT 1 FROM projections WHERE name = 'sla_process' AND position >= $1",
-            &[&(nudge as i64)],
-        )
-        .await
-        .ok()
-        .flatten()
-    })
-    .await;
+    crate::support::reset_position(&app, "sla_process").await;
+    let nudge = crate::support::nudge(&app).await;
+    crate::support::reached(&app, "sla_process", nudge).await;
     assert_eq!(app.stored().await.len(), before + 1, "only the nudge");
 
     // Nothing is running any more.

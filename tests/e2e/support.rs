@@ -328,3 +328,49 @@ pub fn eur(amount_minor: i64) -> Option<crm_proto::v1::Money> {
         currency: "EUR".into(),
     })
 }
+
+/// Moves `projection`'s status row back to position 0, as after losing its
+/// checkpoint: it applies the whole log again on its next batch.
+pub async fn reset_position(app: &TestApp, projection: &str) {
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE projections SET position = 0 WHERE name = $1",
+            &[&projection],
+        )
+        .await
+        .unwrap();
+}
+
+/// Waits until `projection` has applied `position`.
+pub async fn reached(app: &TestApp, projection: &str, position: u64) {
+    let db = app.db.client().await;
+    eventually(Duration::from_secs(20), projection, || async {
+        db.query_opt(
+            "SELECT 1 FROM projections WHERE name = $1 AND position >= $2",
+            &[&projection, &(position as i64)],
+        )
+        .await
+        .ok()
+        .flatten()
+    })
+    .await;
+}
+
+/// A question ticket nobody cares about, to make projectors take a batch;
+/// its position.
+pub async fn nudge(app: &TestApp) -> u64 {
+    app.tickets()
+        .open_ticket(app.request(crm_proto::v1::OpenTicketRequest {
+            requester_id: uuid::Uuid::now_v7().to_string(),
+            channel: "chat".into(),
+            r#type: "question".into(),
+            subject: "Unrelated".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .global_position
+}

@@ -185,6 +185,42 @@ async fn churn_by_segment(
         .collect())
 }
 
+/// RFM (DOMAIN.md §5.3) after an `orders` CTE the caller defines (the paid,
+/// not cancelled orders of the 365 days before `$3`: account_id, currency,
+/// ordered_at, net_minor): every buyer's recency, frequency and monetary
+/// value, scored in quintiles 1-5 (5 best; ties broken by account id) and
+/// segmented, as `segmented`.
+pub(super) const RFM_SEGMENTED: &str = "buyers AS ( \
+       SELECT account_id, min(currency) AS currency, \
+         floor(extract(epoch FROM ($3 - max(ordered_at))) / 86400)::bigint AS recency, \
+         count(*) AS frequency, sum(net_minor)::bigint AS monetary \
+       FROM orders GROUP BY account_id), \
+     scored AS (SELECT *, \
+       ntile(5) OVER (ORDER BY recency DESC, account_id) AS r, \
+       ntile(5) OVER (ORDER BY frequency, account_id) AS f, \
+       ntile(5) OVER (ORDER BY monetary, account_id) AS m FROM buyers), \
+     segmented AS (SELECT *, CASE WHEN r >= 4 AND f >= 4 THEN 'champions' \
+       WHEN r <= 2 AND f >= 3 THEN 'at_risk' ELSE 'other' END AS segment FROM scored)";
+
+/// The columns of `segmented` that [`rfm_score`] reads, in its order.
+pub(super) const RFM_COLUMNS: &str =
+    "account_id, recency, frequency, monetary, currency, r, f, m, segment";
+
+pub(super) fn rfm_score(row: &tokio_postgres::Row) -> RfmScore {
+    let score = |i| u32::try_from(row.get::<_, i32>(i)).unwrap_or(0);
+    RfmScore {
+        account_id: row.get::<_, Uuid>(0).to_string(),
+        recency_days: u32::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+        frequency: u32::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+        monetary_minor: row.get(3),
+        currency: row.get(4),
+        r: score(5),
+        f: score(6),
+        m: score(7),
+        segment: row.get(8),
+    }
+}
+
 #[tonic::async_trait]
 impl AnalyticsQueries for AnalyticsService {
     async fn get_nps(&self, request: Request<GetNpsRequest>) -> Result<Response<Nps>, Status> {
@@ -667,19 +703,11 @@ impl AnalyticsQueries for AnalyticsService {
         let (client, position) = ready(&self.pool, ANALYTICS, request.options, self.wait).await?;
         let from: SystemTime = (as_of - SignedDuration::from_hours(24 * 365)).into();
         let as_of: SystemTime = as_of.into();
-        let scored = "WITH buyers AS ( \
-               SELECT account_id, min(currency) AS currency, \
-                 floor(extract(epoch FROM ($3 - max(ordered_at))) / 86400)::bigint AS recency, \
-                 count(*) AS frequency, sum(net_minor)::bigint AS monetary \
-               FROM an_orders WHERE tenant_id = $1 AND paid AND NOT cancelled \
-                 AND account_id IS NOT NULL AND ordered_at >= $2 AND ordered_at < $3 \
-               GROUP BY account_id), \
-             scored AS (SELECT *, \
-               ntile(5) OVER (ORDER BY recency DESC, account_id) AS r, \
-               ntile(5) OVER (ORDER BY frequency, account_id) AS f, \
-               ntile(5) OVER (ORDER BY monetary, account_id) AS m FROM buyers), \
-             segmented AS (SELECT *, CASE WHEN r >= 4 AND f >= 4 THEN 'champions' \
-               WHEN r <= 2 AND f >= 3 THEN 'at_risk' ELSE 'other' END AS segment FROM scored)";
+        let scored = format!(
+            "WITH orders AS (SELECT account_id, currency, ordered_at, net_minor FROM an_orders \
+               WHERE tenant_id = $1 AND paid AND NOT cancelled AND account_id IS NOT NULL \
+                 AND ordered_at >= $2 AND ordered_at < $3), {RFM_SEGMENTED}"
+        );
         let tenant = caller.tenant.as_str();
         let counts = client
             .query(
@@ -693,8 +721,8 @@ impl AnalyticsQueries for AnalyticsService {
         let rows = client
             .query(
                 &format!(
-                    "{scored} SELECT account_id, recency, frequency, monetary, currency, r, f, m, \
-                       segment FROM segmented WHERE ($4 = '' OR segment = $4) AND account_id > $5 \
+                    "{scored} SELECT {RFM_COLUMNS} FROM segmented \
+                     WHERE ($4 = '' OR segment = $4) AND account_id > $5 \
                      ORDER BY account_id LIMIT $6"
                 ),
                 &[
@@ -709,7 +737,6 @@ impl AnalyticsQueries for AnalyticsService {
             .await
             .map_err(unavailable)?;
         let (rows, next_page_token) = page(&rows, size, |last| last.get::<_, Uuid>(0).to_string());
-        let score = |row: &tokio_postgres::Row, i| u32::try_from(row.get::<_, i32>(i)).unwrap_or(0);
         Ok(Response::new(Rfm {
             segments: counts
                 .iter()
@@ -718,20 +745,7 @@ impl AnalyticsQueries for AnalyticsService {
                     accounts: count(row, 1),
                 })
                 .collect(),
-            accounts: rows
-                .iter()
-                .map(|row| RfmScore {
-                    account_id: row.get::<_, Uuid>(0).to_string(),
-                    recency_days: u32::try_from(row.get::<_, i64>(1)).unwrap_or(0),
-                    frequency: u32::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-                    monetary_minor: row.get(3),
-                    currency: row.get(4),
-                    r: score(row, 5),
-                    f: score(row, 6),
-                    m: score(row, 7),
-                    segment: row.get(8),
-                })
-                .collect(),
+            accounts: rows.iter().map(rfm_score).collect(),
             next_page_token,
             position,
         }))

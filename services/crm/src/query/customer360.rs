@@ -370,25 +370,6 @@ fn sla_state(clocks: &[SlaClock]) -> &'static str {
     }
 }
 
-fn clock(row: &Row) -> SlaClock {
-    SlaClock {
-        metric: row.get(1),
-        state: row.get(2),
-        target_minutes: u32::try_from(row.get::<_, i32>(3)).unwrap_or(0),
-        start: time_at(row, 4),
-        due: time_at(row, 5),
-        warn_at: time_at(row, 6),
-        paused_since: time_at(row, 7),
-        elapsed_minutes: row.get::<_, i64>(8) / 60,
-        warned: row.get(9),
-        breached: row.get(10),
-        breached_at: time_at(row, 11),
-        met_at: time_at(row, 12),
-        policy_id: row.get::<_, Uuid>(13).to_string(),
-        policy_version: u32::try_from(row.get::<_, i32>(14)).unwrap_or(0),
-    }
-}
-
 /// The subquery of the children of `$2` (records) of one stream type.
 fn children(stream_type: &str) -> String {
     format!(
@@ -617,19 +598,22 @@ impl Customer360Service {
         let ids: Vec<Uuid> = rows.iter().map(|row| row.get(0)).collect();
         let clock_rows = client
             .query(
-                "SELECT ticket_id, metric, state, target_minutes, start_at, due, warn_at, \
-                   paused_since, elapsed_seconds, warned, breached, breached_at, met_at, \
-                   policy_id, policy_version \
-                 FROM sla_clock WHERE tenant_id = $1 AND ticket_id = ANY($2) \
+                &format!(
+                    "SELECT {CLOCK_COLUMNS} FROM sla_clock WHERE tenant_id = $1 AND ticket_id = ANY($2) \
                  ORDER BY ticket_id, CASE metric WHEN 'first_response' THEN 0 \
                    WHEN 'next_response' THEN 1 ELSE 2 END",
+                    CLOCK_COLUMNS = super::service::CLOCK_COLUMNS
+                ),
                 &[&tenant, &ids],
             )
             .await
             .map_err(unavailable)?;
         let mut clocks: HashMap<Uuid, Vec<SlaClock>> = HashMap::new();
         for row in &clock_rows {
-            clocks.entry(row.get(0)).or_default().push(clock(row));
+            clocks
+                .entry(row.get(0))
+                .or_default()
+                .push(super::service::clock(row));
         }
         let requesters = rows
             .iter()
@@ -824,41 +808,24 @@ impl Customer360Service {
         let as_of: SystemTime = as_of.into();
         let row = client
             .query_opt(
-                "WITH orders AS ( \
-                   SELECT COALESCE(al.survivor_id, o.account_id) AS account_id, o.currency, \
-                     o.ordered_at, o.net_minor \
-                   FROM an_orders o LEFT JOIN c360_aliases al \
-                     ON al.tenant_id = o.tenant_id AND al.loser_id = o.account_id \
-                   WHERE o.tenant_id = $1 AND o.paid AND NOT o.cancelled \
-                     AND o.account_id IS NOT NULL AND o.ordered_at >= $2 AND o.ordered_at < $3), \
-                 buyers AS (SELECT account_id, min(currency) AS currency, \
-                   floor(extract(epoch FROM ($3 - max(ordered_at))) / 86400)::bigint AS recency, \
-                   count(*) AS frequency, sum(net_minor)::bigint AS monetary \
-                   FROM orders GROUP BY account_id), \
-                 scored AS (SELECT *, \
-                   ntile(5) OVER (ORDER BY recency DESC, account_id) AS r, \
-                   ntile(5) OVER (ORDER BY frequency, account_id) AS f, \
-                   ntile(5) OVER (ORDER BY monetary, account_id) AS m FROM buyers) \
-                 SELECT account_id, recency, frequency, monetary, currency, r, f, m, \
-                   CASE WHEN r >= 4 AND f >= 4 THEN 'champions' \
-                        WHEN r <= 2 AND f >= 3 THEN 'at_risk' ELSE 'other' END \
-                 FROM scored WHERE account_id = $4",
+                &format!(
+                    "WITH orders AS ( \
+                       SELECT COALESCE(al.survivor_id, o.account_id) AS account_id, o.currency, \
+                         o.ordered_at, o.net_minor \
+                       FROM an_orders o LEFT JOIN c360_aliases al \
+                         ON al.tenant_id = o.tenant_id AND al.loser_id = o.account_id \
+                       WHERE o.tenant_id = $1 AND o.paid AND NOT o.cancelled \
+                         AND o.account_id IS NOT NULL AND o.ordered_at >= $2 \
+                         AND o.ordered_at < $3), {} \
+                     SELECT {} FROM segmented WHERE account_id = $4",
+                    super::analytics::RFM_SEGMENTED,
+                    super::analytics::RFM_COLUMNS
+                ),
                 &[&tenant, &from, &as_of, &account],
             )
             .await
             .map_err(unavailable)?;
-        let score = |row: &Row, i| u32::try_from(row.get::<_, i32>(i)).unwrap_or(0);
-        Ok(row.map(|row| RfmScore {
-            account_id: row.get::<_, Uuid>(0).to_string(),
-            recency_days: u32::try_from(row.get::<_, i64>(1)).unwrap_or(0),
-            frequency: u32::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-            monetary_minor: row.get(3),
-            currency: row.get(4),
-            r: score(&row, 5),
-            f: score(&row, 6),
-            m: score(&row, 7),
-            segment: row.get(8),
-        }))
+        Ok(row.as_ref().map(super::analytics::rfm_score))
     }
 
     /// Churn risk as the scheduler's rule sees it (`engagement`).

@@ -49,11 +49,11 @@ fn rfc3339(time: std::time::SystemTime) -> String {
 }
 
 /// Columns of `sla_clock` a [`SlaClock`] is made of, after the ticket id.
-const CLOCK_COLUMNS: &str = "ticket_id, metric, state, target_minutes, start_at, due, warn_at, \
+pub(super) const CLOCK_COLUMNS: &str = "ticket_id, metric, state, target_minutes, start_at, due, warn_at, \
     paused_since, elapsed_seconds, warned, breached, breached_at, met_at, policy_id, \
     policy_version";
 
-fn clock(row: &tokio_postgres::Row) -> SlaClock {
+pub(super) fn clock(row: &tokio_postgres::Row) -> SlaClock {
     let time = |i: usize| {
         row.get::<_, Option<std::time::SystemTime>>(i)
             .map(rfc3339)
