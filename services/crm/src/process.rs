@@ -3,7 +3,7 @@
 //! position) and sends commands as a system actor, each with the
 //! idempotency key `<prefix>:<triggering event id>:<n>` — so a redelivery, a
 //! restart or a batch retried after an error appends nothing twice.
-use crm_domain::{Aggregate, DomainError, DomainEvent, TenantId};
+use crm_domain::{Aggregate, DomainError, TenantId};
 use crm_event_store::RecordedEvent;
 use crm_projections::ApplyError;
 use jiff::Timestamp;
@@ -108,9 +108,4 @@ pub fn malformed(event: &RecordedEvent, reason: impl std::fmt::Display) -> Apply
     }
 }
 
-/// `event` as one of `E`'s, or `None` when it is not.
-pub fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
-    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-    E::decode(&event.event_type, event.schema_version, &mut payload)
-        .map_err(|e| malformed(event, e))
-}
+pub use crm_projections::decode;

@@ -12,12 +12,12 @@
 //! counts are summed per agent at query time from the tickets' rows (an
 //! index covers the open ones). `last_assigned_at` is the latest business
 //! time of a `TicketAssigned` naming the agent.
-use crm_domain::DomainEvent;
 use crm_domain::configuration::{AgentAvailability, ConfigContent, Published, Queue};
 use crm_domain::ticket::{Ticket, TicketEvent, TicketStatus};
 use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
+use crate::state::decode;
 
 pub struct AgentWorkload;
 
@@ -61,12 +61,6 @@ fn malformed(event: &RecordedEvent, reason: impl std::fmt::Display) -> ApplyErro
         event_type: event.event_type.clone(),
         reason: reason.to_string(),
     }
-}
-
-fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
-    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-    E::decode(&event.event_type, event.schema_version, &mut payload)
-        .map_err(|e| malformed(event, e))
 }
 
 fn position(event: &RecordedEvent) -> i64 {

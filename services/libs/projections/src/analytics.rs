@@ -14,7 +14,6 @@
 //!   responses, for campaign ROI with first- and last-touch attribution.
 //!
 //! No personal value is read: only ids, amounts, scores and times.
-use crm_domain::DomainEvent;
 use crm_domain::account::{AccountEvent, AccountKind};
 use crm_domain::campaign::{CampaignEvent, Member};
 use crm_domain::commerce::{OrderEvent, PaymentEvent};
@@ -25,6 +24,7 @@ use crm_event_store::RecordedEvent;
 use tokio_postgres::Transaction;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
+use crate::state::decode;
 
 pub struct Analytics;
 
@@ -139,16 +139,6 @@ CREATE TABLE IF NOT EXISTS an_touches (
 CREATE INDEX IF NOT EXISTS an_touches_by_member ON an_touches (tenant_id, member_id, touched_at)";
 
 type Time = std::time::SystemTime;
-
-fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
-    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-    E::decode(&event.event_type, event.schema_version, &mut payload).map_err(|e| {
-        ApplyError::Payload {
-            event_type: event.event_type.clone(),
-            reason: e.to_string(),
-        }
-    })
-}
 
 fn position(event: &RecordedEvent) -> i64 {
     i64::try_from(event.global_position).unwrap_or(i64::MAX)

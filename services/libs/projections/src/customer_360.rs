@@ -25,7 +25,6 @@
 //! key. The query decrypts them with that key, so an erasure (key destroyed)
 //! makes them read as empty here too. Summaries hold no personal value: only
 //! codes, ids, amounts, dates and the names of changed fields.
-use crm_domain::DomainEvent;
 use crm_domain::account::{Account, AccountChanges, AccountEvent, AccountKind};
 use crm_domain::activity::{ActivityEvent, Target};
 use crm_domain::commerce::{InvoiceEvent, OrderEvent, PaymentEvent};
@@ -40,6 +39,7 @@ use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
+use crate::state::decode;
 
 pub struct Customer360;
 
@@ -199,12 +199,6 @@ fn malformed(event: &RecordedEvent, reason: impl std::fmt::Display) -> ApplyErro
         event_type: event.event_type.clone(),
         reason: reason.to_string(),
     }
-}
-
-fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
-    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-    E::decode(&event.event_type, event.schema_version, &mut payload)
-        .map_err(|e| malformed(event, e))
 }
 
 fn position(event: &RecordedEvent) -> i64 {

@@ -9,7 +9,6 @@
 //! - `eng_accounts`: each account's customer status, last touch (on the
 //!   account or one of its deals), last paid order, and whether it is
 //!   flagged at risk — a touch or a paid order clears the flag.
-use crm_domain::DomainEvent;
 use crm_domain::account::AccountEvent;
 use crm_domain::activity::{ActivityEvent, Target};
 use crm_domain::commerce::OrderEvent;
@@ -20,6 +19,7 @@ use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
+use crate::state::decode;
 
 pub struct Engagement;
 
@@ -67,16 +67,6 @@ CREATE TABLE IF NOT EXISTS eng_activities (
 )";
 
 type Time = std::time::SystemTime;
-
-fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
-    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-    E::decode(&event.event_type, event.schema_version, &mut payload).map_err(|e| {
-        ApplyError::Payload {
-            event_type: event.event_type.clone(),
-            reason: e.to_string(),
-        }
-    })
-}
 
 /// Makes sure an account row exists.
 async fn account_row(tx: &Transaction<'_>, tenant: &str, account: Uuid) -> Result<(), ApplyError> {

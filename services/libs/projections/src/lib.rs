@@ -41,6 +41,7 @@ pub use scheduled_tasks::{NAME as SCHEDULED_TASKS, ScheduledTasks};
 pub use service_metrics::{NAME as SERVICE_METRICS, ServiceMetrics};
 pub use service_queue::{NAME as SERVICE_QUEUE, ServiceQueue, priority_rank};
 pub use sla_clock::{NAME as SLA_CLOCK, SlaClock};
+pub use state::decode;
 
 /// Every read model (`crm projector NAME` picks by [`Projection::name`]).
 pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {

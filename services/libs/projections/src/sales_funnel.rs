@@ -11,11 +11,11 @@
 //! can rank the stages a deal reached. Everything is grouped by `occurred_at`
 //! (business time); the tenant's zone, kept from its settings, places
 //! instants in calendar months.
+use crm_domain::Aggregate;
 use crm_domain::configuration::TenantSettingsConfig;
 use crm_domain::lead::{Lead, LeadEvent, LeadStatus};
 use crm_domain::opportunity::{Direction, Opportunity, OpportunityEvent};
 use crm_domain::pipeline::{PipelineConfig, PipelineEvent, StageKind};
-use crm_domain::{Aggregate, DomainEvent};
 use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
@@ -92,13 +92,7 @@ pub(crate) fn decode<A: Aggregate>(event: &RecordedEvent) -> Result<Option<A::Ev
     if event.stream_type != A::STREAM_TYPE {
         return Ok(None);
     }
-    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-    A::Event::decode(&event.event_type, event.schema_version, &mut payload).map_err(|e| {
-        ApplyError::Payload {
-            event_type: event.event_type.clone(),
-            reason: e.to_string(),
-        }
-    })
+    crate::state::decode::<A::Event>(event)
 }
 
 type Time = std::time::SystemTime;

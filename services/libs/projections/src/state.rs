@@ -20,10 +20,7 @@ pub(crate) async fn evolve_row<A: Aggregate>(
         event_type: event.event_type.clone(),
         reason,
     };
-    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
-    let Some(decoded) = A::Event::decode(&event.event_type, event.schema_version, &mut payload)
-        .map_err(|e| malformed(e.to_string()))?
-    else {
+    let Some(decoded) = decode::<A::Event>(event)? else {
         return Ok(None);
     };
     let stored = tx
@@ -36,4 +33,16 @@ pub(crate) async fn evolve_row<A: Aggregate>(
     };
     let evolved = state.evolve(&decoded);
     Ok(Some((evolved, decoded)))
+}
+
+/// `event` as one of `E`'s, or `None` when it is not; a payload that does
+/// not decode is a poison event.
+pub fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyError> {
+    let mut payload = serde_json::Deserializer::from_str(event.payload.as_str());
+    E::decode(&event.event_type, event.schema_version, &mut payload).map_err(|e| {
+        ApplyError::Payload {
+            event_type: event.event_type.clone(),
+            reason: e.to_string(),
+        }
+    })
 }
