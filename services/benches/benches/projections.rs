@@ -343,24 +343,18 @@ async fn rebuild_all(db: &TestDb, count: u64) -> f64 {
         }
     }
     let started = Instant::now();
-    let mut rebuilds = Vec::new();
-    for projection in crm_projections::all() {
-        let (store, config) = (store.clone(), db.config().clone());
-        rebuilds.push(tokio::spawn(async move {
-            let name = projection.name();
-            let began = Instant::now();
-            let at = crm_projections::rebuild(projection, &store, &config, 5_000, |_| {})
-                .await
-                .expect("rebuild");
-            progress(&format!(
-                "{name} rebuilt to {at} in {:.1} s",
-                began.elapsed().as_secs_f64()
-            ));
-            at
-        }));
-    }
-    for rebuild in rebuilds {
-        assert_eq!(rebuild.await.expect("task"), count, "rebuilt to the head");
+    let mut last_report = Instant::now();
+    let swapped =
+        crm_projections::rebuild_many(crm_projections::all(), &store, db.config(), 5_000, |p| {
+            if last_report.elapsed() > Duration::from_secs(5) {
+                progress(&format!("rebuilt to {} of {}", p.position, p.head));
+                last_report = Instant::now();
+            }
+        })
+        .await
+        .expect("rebuild");
+    for (name, at) in swapped {
+        assert_eq!(at, count, "{name} rebuilt to the head");
     }
     let rate = count as f64 / started.elapsed().as_secs_f64();
     store.shutdown().await;

@@ -152,40 +152,49 @@ fn scheduler(
     )
 }
 
-/// `crm projections rebuild NAME`: rebuilds one projection from the event
-/// store into fresh tables and swaps them in (blue/green), showing progress
-/// (a bar on a terminal, log lines otherwise). Live projectors may keep
-/// running; returns the position swapped in at.
-pub async fn rebuild_projection(config: &Config, name: &str) -> Result<u64, RunError> {
+/// `crm projections rebuild NAME...` (or `all`): rebuilds projections from
+/// the event store into fresh tables over one shared read of the log and
+/// swaps each in (blue/green), showing progress (a bar on a terminal, log
+/// lines otherwise). Live projectors may keep running; returns the position
+/// each swapped in at.
+pub async fn rebuild_projections(
+    config: &Config,
+    names: &[String],
+) -> Result<Vec<(&'static str, u64)>, RunError> {
     use std::io::{IsTerminal, Write};
     let store = start_store(config).await?;
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
     let known = projections(&commands);
     read_model_pool(config, &known).await?;
-    let projection = known
-        .iter()
-        .find(|p| p.name() == name)
-        .cloned()
-        .ok_or_else(|| {
-            let names: Vec<_> = known
-                .iter()
-                .filter(|p| p.rebuildable())
-                .map(|p| p.name())
-                .collect();
+    let rebuildable = || known.iter().filter(|p| p.rebuildable());
+    let mut chosen: Vec<std::sync::Arc<dyn crm_projections::Projection>> = Vec::new();
+    for name in names {
+        if name == "all" {
+            chosen.extend(rebuildable().cloned());
+            continue;
+        }
+        let projection = known.iter().find(|p| p.name() == name).ok_or_else(|| {
+            let names: Vec<_> = rebuildable().map(|p| p.name()).collect();
             RunError::UnknownProjection(name.to_owned(), names.join(", "))
         })?;
-    if !projection.rebuildable() {
-        return Err(RunError::NotRebuildable(name.to_owned()));
+        if !projection.rebuildable() {
+            return Err(RunError::NotRebuildable(name.to_owned()));
+        }
+        chosen.push(projection.clone());
     }
+    let mut seen = std::collections::HashSet::new();
+    chosen.retain(|p| seen.insert(p.name()));
+    let name = chosen
+        .iter()
+        .map(|p| p.name())
+        .collect::<Vec<_>>()
+        .join(",");
+    let name = name.as_str();
     let terminal = std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
     let mut last_log = started;
-    let result = crm_projections::rebuild(
-        projection,
-        &store,
-        &config.pg_config()?,
-        5_000,
-        |progress| {
+    let result =
+        crm_projections::rebuild_many(chosen, &store, &config.pg_config()?, 5_000, |progress| {
             let percent = if progress.head == 0 {
                 100.0
             } else {
@@ -217,9 +226,8 @@ pub async fn rebuild_projection(config: &Config, name: &str) -> Result<u64, RunE
                     "rebuild progress"
                 );
             }
-        },
-    )
-    .await;
+        })
+        .await;
     if terminal {
         eprintln!();
     }

@@ -24,7 +24,7 @@ pub mod schemas;
 pub mod sla;
 
 pub use all::{
-    projections_status, rebuild_projection, run_all, run_command, run_migrate, run_projectors,
+    projections_status, rebuild_projections, run_all, run_command, run_migrate, run_projectors,
     run_query, run_relay, run_scheduler,
 };
 pub use grpc::health_check;

@@ -12,9 +12,9 @@ use crm_domain::account::{Account, AccountCommand, AccountEvent};
 use crm_domain::commerce::OrderEvent;
 use crm_domain::opportunity::OpportunityEvent;
 use crm_event_store::RecordedEvent;
+use crm_projections::Tx;
 use crm_projections::{ApplyError, Projection};
 use jiff::Timestamp;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::command::CommandHandler;
@@ -47,7 +47,7 @@ impl CustomerLifecycle {
     }
 
     async fn status(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         account_id: Uuid,
     ) -> Result<String, ApplyError> {
@@ -61,7 +61,7 @@ impl CustomerLifecycle {
     }
 
     async fn set_status(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         account_id: Uuid,
         status: &str,
@@ -78,7 +78,7 @@ impl CustomerLifecycle {
     /// A won deal or a paid order of `account_id` at `occurred_at`.
     async fn bought(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         account_id: Uuid,
         occurred_at: Timestamp,
@@ -128,7 +128,7 @@ impl Projection for CustomerLifecycle {
 
     fn apply<'a>(
         &'a self,
-        tx: &'a Transaction<'_>,
+        tx: &'a Tx<'_>,
         event: &'a RecordedEvent,
     ) -> crm_projections::ApplyFuture<'a> {
         Box::pin(async move {

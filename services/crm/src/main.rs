@@ -73,11 +73,13 @@ enum SchemasAction {
 enum ProjectionsAction {
     /// Every projection's position, state, lag and last error.
     Status,
-    /// Rebuild one projection from the event store into fresh tables, then
-    /// swap them in atomically (live projectors may keep running).
+    /// Rebuild projections from the event store into fresh tables, then
+    /// swap each in atomically (live projectors may keep running). Several
+    /// named together share one read of the log.
     Rebuild {
-        /// e.g. `pipeline_board`.
-        name: String,
+        /// e.g. `pipeline_board`, several, or `all` for every read model.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -181,10 +183,14 @@ async fn main() -> anyhow::Result<()> {
             })
             .map_err(anyhow::Error::from),
         Role::Projections {
-            action: ProjectionsAction::Rebuild { name },
-        } => crm::rebuild_projection(&config, &name)
+            action: ProjectionsAction::Rebuild { names },
+        } => crm::rebuild_projections(&config, &names)
             .await
-            .map(|position| println!("{name} rebuilt and swapped in at position {position}"))
+            .map(|swapped| {
+                for (name, position) in swapped {
+                    println!("{name} rebuilt and swapped in at position {position}");
+                }
+            })
             .map_err(anyhow::Error::from),
         Role::Scheduler => {
             let shutdown = CancellationToken::new();

@@ -49,9 +49,9 @@ use crm_domain::quality::{
 use crm_domain::records::CommonEvent;
 use crm_domain::{Aggregate, DomainError, TenantId};
 use crm_event_store::RecordedEvent;
+use crm_projections::Tx;
 use crm_projections::{ApplyError, Projection};
 use jiff::Timestamp;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::command::{CommandHandler, ServiceError};
@@ -503,7 +503,7 @@ impl DataQuality {
         }))
     }
 
-    async fn threshold(tx: &Transaction<'_>, tenant: &str) -> Result<u8, ApplyError> {
+    async fn threshold(tx: &Tx<'_>, tenant: &str) -> Result<u8, ApplyError> {
         let row = tx
             .query_opt(
                 "SELECT duplicate_threshold FROM dq_settings WHERE tenant_id = $1",
@@ -517,7 +517,7 @@ impl DataQuality {
 
     /// Adds (`sign` 1) or removes (-1) a record's share of its owner's mean.
     async fn summary(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         tenant: &str,
         owner: &str,
         kind: &str,
@@ -551,7 +551,7 @@ impl DataQuality {
 
     /// Removes the record's current share of the summary (before its row
     /// changes or goes).
-    async fn withdraw(tx: &Transaction<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
+    async fn withdraw(tx: &Tx<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
         let old = tx
             .query_opt(
                 "SELECT owner, kind, completeness FROM record_quality \
@@ -568,7 +568,7 @@ impl DataQuality {
     }
 
     async fn save_record(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         tenant: &str,
         id: Uuid,
         view: &View,
@@ -626,7 +626,7 @@ impl DataQuality {
     }
 
     /// Every row of a record whose personal data is erased.
-    async fn forget(tx: &Transaction<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
+    async fn forget(tx: &Tx<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
         Self::withdraw(tx, tenant, id).await?;
         for statement in [
             "DELETE FROM record_quality WHERE tenant_id = $1 AND record_id = $2",
@@ -641,7 +641,7 @@ impl DataQuality {
     }
 
     async fn mark_merged(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         tenant: &str,
         survivor: Uuid,
         loser: Uuid,
@@ -661,7 +661,7 @@ impl DataQuality {
     /// The record's blocking keys, as keyed hashes, replacing its old ones.
     async fn save_keys(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         tenant: &TenantId,
         id: Uuid,
         view: &View,
@@ -691,7 +691,7 @@ impl DataQuality {
     /// blocking key, and suspects the pairs at or above the threshold.
     async fn find_duplicates(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         tenant: &TenantId,
         record: &MatchRecord,
@@ -745,7 +745,7 @@ impl DataQuality {
 
     async fn on_record(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         kind: RecordKind,
         effect: Effect,
@@ -787,7 +787,7 @@ impl DataQuality {
 
     /// A record's last modification moves on; nothing else changes.
     async fn modified(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         tenant: &str,
         id: Uuid,
         at: Timestamp,
@@ -804,7 +804,7 @@ impl DataQuality {
 
     /// A deal's row, from its events alone (a deal holds no personal data
     /// and is not matched): owner, archived, open.
-    async fn on_deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    async fn on_deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let tenant = event.tenant_id.as_str();
         let id = event.stream_id;
         let at = occurred_at(event)?;
@@ -853,7 +853,7 @@ impl DataQuality {
 
     /// A touch: its targets' last touch moves on, and its outcome is judged.
     async fn touched(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         targets: &[Uuid],
         outcome: &str,
@@ -892,11 +892,7 @@ impl DataQuality {
         Self::save_record(tx, tenant, event.stream_id, &view, at).await
     }
 
-    async fn on_activity(
-        &self,
-        tx: &Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<(), ApplyError> {
+    async fn on_activity(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let tenant = event.tenant_id.as_str();
         match decode::<ActivityEvent>(event)? {
             Some(ActivityEvent::Logged(logged)) => {
@@ -940,7 +936,7 @@ impl DataQuality {
         Ok(())
     }
 
-    async fn on_order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    async fn on_order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         if let Some(OrderEvent::Recorded(order)) = decode::<OrderEvent>(event)? {
             if order.account_id.is_some() {
                 tx.execute(
@@ -967,7 +963,7 @@ impl DataQuality {
         Ok(())
     }
 
-    async fn on_settings(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    async fn on_settings(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let Some(published) = decode::<Published<TenantSettings>>(event)? else {
             return Ok(());
         };
@@ -993,7 +989,7 @@ impl DataQuality {
         Ok(())
     }
 
-    async fn on_pair(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    async fn on_pair(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let tenant = event.tenant_id.as_str();
         match decode::<DuplicateEvent>(event)? {
             Some(DuplicateEvent::Suspected(suspected)) => {
@@ -1169,7 +1165,7 @@ impl Projection for DataQuality {
 
     fn apply<'a>(
         &'a self,
-        tx: &'a Transaction<'_>,
+        tx: &'a Tx<'_>,
         event: &'a RecordedEvent,
     ) -> crm_projections::ApplyFuture<'a> {
         Box::pin(async move {

@@ -45,9 +45,9 @@ use crm_domain::configuration::{AgentAvailability, ConfigContent, Published, Que
 use crm_domain::ticket::{Priority, Ticket, TicketCommand, TicketEvent, TicketStatus};
 use crm_domain::{Aggregate, DomainError, TenantId};
 use crm_event_store::RecordedEvent;
+use crm_projections::Tx;
 use crm_projections::{ApplyError, Projection, priority_rank};
 use jiff::Timestamp;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::command::{Caller, CommandHandler, Options, ServiceError};
@@ -198,10 +198,7 @@ fn timestamp(time: Option<std::time::SystemTime>) -> Option<Timestamp> {
 }
 
 impl Router {
-    async fn ticket(
-        tx: &Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<Option<TicketRow>, ApplyError> {
+    async fn ticket(tx: &Tx<'_>, event: &RecordedEvent) -> Result<Option<TicketRow>, ApplyError> {
         let row = tx
             .query_opt(
                 "SELECT version, queue, assignee, open, waiting_since, state FROM router_tickets \
@@ -225,7 +222,7 @@ impl Router {
 
     async fn on_ticket(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         decoded: TicketEvent,
     ) -> Result<(), ApplyError> {
@@ -307,7 +304,7 @@ impl Router {
 
     /// Records an assignment to `agent` at `at` (the latest wins).
     async fn assigned_at(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         agent: &str,
         at: Timestamp,
@@ -324,11 +321,7 @@ impl Router {
         Ok(())
     }
 
-    async fn on_agent(
-        &self,
-        tx: &Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<(), ApplyError> {
+    async fn on_agent(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let Some(published) = decode::<Published<AgentAvailability>>(event)? else {
             return Ok(());
         };
@@ -370,11 +363,7 @@ impl Router {
         Ok(())
     }
 
-    async fn on_queue(
-        &self,
-        tx: &Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<(), ApplyError> {
+    async fn on_queue(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let Some(published) = decode::<Published<Queue>>(event)? else {
             return Ok(());
         };
@@ -415,7 +404,7 @@ impl Router {
 
     /// The queues `agent` is a member of.
     async fn queues_of(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         agent: &str,
     ) -> Result<Vec<String>, ApplyError> {
@@ -433,7 +422,7 @@ impl Router {
     /// longest waiting; a queue nobody is eligible for is passed over.
     async fn drain(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         trigger: &mut Trigger<'_>,
         queues: &[String],
     ) -> Result<(), ApplyError> {
@@ -473,7 +462,7 @@ impl Router {
     /// nobody is eligible for the queue.
     async fn route(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         trigger: &mut Trigger<'_>,
         waiting: &Waiting,
     ) -> Result<bool, ApplyError> {
@@ -601,7 +590,7 @@ impl Projection for Router {
 
     fn apply<'a>(
         &'a self,
-        tx: &'a Transaction<'_>,
+        tx: &'a Tx<'_>,
         event: &'a RecordedEvent,
     ) -> crm_projections::ApplyFuture<'a> {
         Box::pin(async move {

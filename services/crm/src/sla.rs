@@ -29,9 +29,9 @@ use crm_domain::ticket::{
     AuthorRole, Ticket, TicketCommand, TicketEvent, TicketStatus, TicketType,
 };
 use crm_event_store::RecordedEvent;
+use crm_projections::Tx;
 use crm_projections::{ApplyError, Projection};
 use jiff::Timestamp;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::command::CommandHandler;
@@ -104,10 +104,7 @@ fn paused_by(status: &str, policy: &SlaPolicy) -> Vec<SlaMetric> {
 }
 
 impl SlaProcess {
-    async fn ticket(
-        tx: &Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<Option<TicketRow>, ApplyError> {
+    async fn ticket(tx: &Tx<'_>, event: &RecordedEvent) -> Result<Option<TicketRow>, ApplyError> {
         let row = tx
             .query_opt(
                 "SELECT ticket_type, priority, status, policy_id, calendar_id, calendar_version \
@@ -127,7 +124,7 @@ impl SlaProcess {
     }
 
     async fn save_ticket(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         ticket: &TicketRow,
     ) -> Result<(), ApplyError> {
@@ -155,7 +152,7 @@ impl SlaProcess {
 
     /// The policy for a ticket type: lowest `order` whose types match.
     async fn policy_for(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         ticket_type: &str,
     ) -> Result<Option<(Uuid, u32, SlaPolicy)>, ApplyError> {
@@ -179,7 +176,7 @@ impl SlaProcess {
     }
 
     async fn policy(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         id: Uuid,
     ) -> Result<Option<SlaPolicy>, ApplyError> {
@@ -195,7 +192,7 @@ impl SlaProcess {
 
     /// A calendar version, or the newest when `version` is `None`.
     async fn calendar(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         id: Uuid,
         version: Option<u32>,
@@ -217,7 +214,7 @@ impl SlaProcess {
 
     /// The rules of `policy` for a ticket of `priority`, with its calendar.
     async fn rules(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         (policy_id, version, policy): (Uuid, u32, &SlaPolicy),
         priority: &str,
@@ -255,7 +252,7 @@ impl SlaProcess {
 
     /// The calendar content a ticket's clocks run on.
     async fn ticket_calendar(
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         ticket: &TicketRow,
     ) -> Result<Option<BusinessCalendar>, ApplyError> {
@@ -269,7 +266,7 @@ impl SlaProcess {
 
     async fn on_ticket(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         decoded: TicketEvent,
     ) -> Result<(), ApplyError> {
@@ -449,7 +446,7 @@ impl SlaProcess {
 
     async fn policy_version(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         id: Uuid,
     ) -> Result<u32, ApplyError> {
@@ -515,7 +512,7 @@ impl Projection for SlaProcess {
 
     fn apply<'a>(
         &'a self,
-        tx: &'a Transaction<'_>,
+        tx: &'a Tx<'_>,
         event: &'a RecordedEvent,
     ) -> crm_projections::ApplyFuture<'a> {
         Box::pin(async move {

@@ -68,11 +68,7 @@ fn position(event: &RecordedEvent) -> i64 {
 }
 
 /// Adds `agent` with an unknown status when first seen.
-async fn known(
-    tx: &tokio_postgres::Transaction<'_>,
-    event: &RecordedEvent,
-    agent: &str,
-) -> Result<(), ApplyError> {
+async fn known(tx: &crate::Tx<'_>, event: &RecordedEvent, agent: &str) -> Result<(), ApplyError> {
     tx.execute(
         "INSERT INTO agent_workload (tenant_id, agent, status, capacity, skills, position) \
          VALUES ($1, $2, $3, 0, '{}', $4) ON CONFLICT DO NOTHING",
@@ -83,10 +79,7 @@ async fn known(
 }
 
 impl AgentWorkload {
-    async fn on_availability(
-        tx: &tokio_postgres::Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<(), ApplyError> {
+    async fn on_availability(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let Some(published) = decode::<Published<AgentAvailability>>(event)? else {
             return Ok(());
         };
@@ -109,10 +102,7 @@ impl AgentWorkload {
         Ok(())
     }
 
-    async fn on_queue(
-        tx: &tokio_postgres::Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<(), ApplyError> {
+    async fn on_queue(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let Some(published) = decode::<Published<Queue>>(event)? else {
             return Ok(());
         };
@@ -134,10 +124,7 @@ impl AgentWorkload {
         Ok(())
     }
 
-    async fn on_ticket(
-        tx: &tokio_postgres::Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<(), ApplyError> {
+    async fn on_ticket(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let Some((ticket, decoded)) = crate::state::evolve_row::<Ticket>(
             tx,
             "SELECT state FROM agent_workload_tickets WHERE tenant_id = $1 AND ticket_id = $2",
@@ -209,11 +196,7 @@ impl Projection for AgentWorkload {
         ["agent", "queue", "ticket"].contains(&stream_type)
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
-        event: &'a RecordedEvent,
-    ) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {
                 t if t == AgentAvailability::STREAM_TYPE => Self::on_availability(tx, event).await,

@@ -14,6 +14,7 @@
 //!   responses, for campaign ROI with first- and last-touch attribution.
 //!
 //! No personal value is read: only ids, amounts, scores and times.
+use crate::Tx;
 use crm_domain::account::{AccountEvent, AccountKind};
 use crm_domain::campaign::{CampaignEvent, Member};
 use crm_domain::commerce::{OrderEvent, PaymentEvent};
@@ -21,7 +22,6 @@ use crm_domain::contact::ContactEvent;
 use crm_domain::lead::LeadEvent;
 use crm_domain::opportunity::OpportunityEvent;
 use crm_event_store::RecordedEvent;
-use tokio_postgres::Transaction;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
 use crate::state::decode;
@@ -144,7 +144,7 @@ fn position(event: &RecordedEvent) -> i64 {
     i64::try_from(event.global_position).unwrap_or(i64::MAX)
 }
 
-async fn account(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some(decoded) = decode::<AccountEvent>(event)? else {
         return Ok(());
     };
@@ -194,7 +194,7 @@ async fn account(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), Appl
     Ok(())
 }
 
-async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match decode::<OrderEvent>(event)? {
         Some(OrderEvent::Recorded(order)) => {
@@ -240,7 +240,7 @@ async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyE
     Ok(())
 }
 
-async fn payment(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match decode::<PaymentEvent>(event)? {
         Some(PaymentEvent::Received(received)) => {
@@ -275,7 +275,7 @@ async fn payment(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), Appl
     Ok(())
 }
 
-async fn lead(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn lead(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match decode::<LeadEvent>(event)? {
         Some(LeadEvent::Captured(captured)) => {
@@ -313,7 +313,7 @@ async fn lead(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyEr
     Ok(())
 }
 
-async fn deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match decode::<OpportunityEvent>(event)? {
         Some(OpportunityEvent::Opened(opened)) => {
@@ -362,7 +362,7 @@ async fn deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyEr
     Ok(())
 }
 
-async fn campaign(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn campaign(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match decode::<CampaignEvent>(event)? {
         Some(CampaignEvent::Planned(planned)) => {
@@ -411,7 +411,7 @@ async fn campaign(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), App
     Ok(())
 }
 
-async fn contact(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     if let Some(ContactEvent::NpsRecorded(nps)) = decode::<ContactEvent>(event)? {
         let at: Time = nps.occurred_at.into();
         tx.execute(
@@ -431,7 +431,7 @@ async fn contact(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), Appl
 }
 
 /// The tenant's zone: periods are `[start, end)` in it (DOMAIN.md §5.3).
-async fn settings(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn settings(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     use crm_domain::configuration::{Published, TenantSettings};
     if let Some(published) = decode::<Published<TenantSettings>>(event)? {
         tx.execute(
@@ -481,7 +481,7 @@ impl Projection for Analytics {
         }
     }
 
-    fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {
                 "account" => account(tx, event).await,

@@ -25,6 +25,7 @@
 //! key. The query decrypts them with that key, so an erasure (key destroyed)
 //! makes them read as empty here too. Summaries hold no personal value: only
 //! codes, ids, amounts, dates and the names of changed fields.
+use crate::Tx;
 use crm_domain::account::{Account, AccountChanges, AccountEvent, AccountKind};
 use crm_domain::activity::{ActivityEvent, Target};
 use crm_domain::commerce::{InvoiceEvent, OrderEvent, PaymentEvent};
@@ -35,7 +36,6 @@ use crm_domain::records::CommonEvent;
 use crm_domain::sla::SlaEvent;
 use crm_domain::ticket::TicketEvent;
 use crm_event_store::RecordedEvent;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
@@ -289,7 +289,7 @@ struct Occurred {
 
 /// One timeline row for `event`.
 async fn timeline(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     event: &RecordedEvent,
     kind: &str,
     summary: &str,
@@ -317,7 +317,7 @@ async fn timeline(
 
 /// Replaces what the event's stream concerns: `(about_kind, about_id)`.
 async fn set_about(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     event: &RecordedEvent,
     about: &[(&str, Uuid)],
 ) -> Result<(), ApplyError> {
@@ -344,11 +344,7 @@ async fn set_about(
 }
 
 /// Adds to the event's stream what stream `from` concerns.
-async fn copy_about(
-    tx: &Transaction<'_>,
-    event: &RecordedEvent,
-    from: Uuid,
-) -> Result<(), ApplyError> {
+async fn copy_about(tx: &Tx<'_>, event: &RecordedEvent, from: Uuid) -> Result<(), ApplyError> {
     tx.execute(
         "INSERT INTO c360_about (tenant_id, stream_id, stream_type, about_kind, about_id) \
          SELECT tenant_id, $2, $3, about_kind, about_id FROM c360_about \
@@ -366,11 +362,7 @@ async fn copy_about(
 
 /// The event's stream was merged into `survivor`: it and every record
 /// merged into it before now resolve to `survivor`.
-async fn alias(
-    tx: &Transaction<'_>,
-    event: &RecordedEvent,
-    survivor: Uuid,
-) -> Result<(), ApplyError> {
+async fn alias(tx: &Tx<'_>, event: &RecordedEvent, survivor: Uuid) -> Result<(), ApplyError> {
     tx.execute(
         "INSERT INTO c360_aliases (tenant_id, loser_id, survivor_id, stream_type) \
          VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, loser_id) \
@@ -391,7 +383,7 @@ async fn alias(
     Ok(())
 }
 
-async fn account(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some((state, decoded)) = crate::state::evolve_row::<Account>(
         tx,
         "SELECT state FROM c360_accounts WHERE tenant_id = $1 AND account_id = $2",
@@ -482,7 +474,7 @@ async fn account(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), Appl
     Ok(())
 }
 
-async fn contact(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some((state, decoded)) = crate::state::evolve_row::<Contact>(
         tx,
         "SELECT state FROM c360_contacts WHERE tenant_id = $1 AND contact_id = $2",
@@ -586,7 +578,7 @@ async fn contact(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), Appl
     Ok(())
 }
 
-async fn deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some(decoded) = decode::<OpportunityEvent>(event)? else {
         return Ok(());
     };
@@ -623,7 +615,7 @@ async fn deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyEr
     Ok(())
 }
 
-async fn ticket(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn ticket(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some(decoded) = decode::<TicketEvent>(event)? else {
         return Ok(());
     };
@@ -685,7 +677,7 @@ async fn ticket(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), Apply
     Ok(())
 }
 
-async fn sla(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn sla(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     match decode::<SlaEvent>(event)? {
         Some(SlaEvent::PolicyApplied(applied)) => {
             set_about(tx, event, &[]).await?;
@@ -703,7 +695,7 @@ async fn sla(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyErr
 /// What an activity's targets concern: accounts and contacts directly, and
 /// what the deals and tickets it targets concern.
 async fn activity_about(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     event: &RecordedEvent,
     targets: &[Target],
 ) -> Result<(), ApplyError> {
@@ -724,7 +716,7 @@ async fn activity_about(
     Ok(())
 }
 
-async fn activity(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some(decoded) = decode::<ActivityEvent>(event)? else {
         return Ok(());
     };
@@ -821,7 +813,7 @@ async fn activity(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), App
     Ok(())
 }
 
-async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match decode::<OrderEvent>(event)? {
         Some(OrderEvent::Recorded(order)) => {
@@ -888,7 +880,7 @@ async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyE
     Ok(())
 }
 
-async fn invoice(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn invoice(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some(InvoiceEvent::Issued(invoice)) = decode::<InvoiceEvent>(event)? else {
         return Ok(());
     };
@@ -935,7 +927,7 @@ async fn invoice(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), Appl
     timeline(tx, event, "invoice", &summary).await
 }
 
-async fn payment(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match decode::<PaymentEvent>(event)? {
         Some(PaymentEvent::Received(received)) => {
@@ -1019,7 +1011,7 @@ impl Projection for Customer360 {
         .contains(&stream_type)
     }
 
-    fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {
                 "account" => account(tx, event).await,

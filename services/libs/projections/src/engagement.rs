@@ -9,13 +9,13 @@
 //! - `eng_accounts`: each account's customer status, last touch (on the
 //!   account or one of its deals), last paid order, and whether it is
 //!   flagged at risk — a touch or a paid order clears the flag.
+use crate::Tx;
 use crm_domain::account::AccountEvent;
 use crm_domain::activity::{ActivityEvent, Target};
 use crm_domain::commerce::OrderEvent;
 use crm_domain::opportunity::OpportunityEvent;
 use crm_domain::pipeline::PipelineEvent;
 use crm_event_store::RecordedEvent;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS eng_activities (
 type Time = std::time::SystemTime;
 
 /// Makes sure an account row exists.
-async fn account_row(tx: &Transaction<'_>, tenant: &str, account: Uuid) -> Result<(), ApplyError> {
+async fn account_row(tx: &Tx<'_>, tenant: &str, account: Uuid) -> Result<(), ApplyError> {
     tx.execute(
         "INSERT INTO eng_accounts (tenant_id, account_id, customer, at_risk) \
          VALUES ($1, $2, false, false) ON CONFLICT DO NOTHING",
@@ -81,12 +81,7 @@ async fn account_row(tx: &Transaction<'_>, tenant: &str, account: Uuid) -> Resul
 
 /// A touch at `at` of every target (deals, and accounts directly or
 /// through their deals).
-async fn touch(
-    tx: &Transaction<'_>,
-    tenant: &str,
-    targets: &[Target],
-    at: Time,
-) -> Result<(), ApplyError> {
+async fn touch(tx: &Tx<'_>, tenant: &str, targets: &[Target], at: Time) -> Result<(), ApplyError> {
     for target in targets {
         match target.kind.as_str() {
             "opportunity" => {
@@ -109,7 +104,7 @@ async fn touch(
 }
 
 async fn touch_account(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     tenant: &str,
     account: Uuid,
     at: Time,
@@ -124,7 +119,7 @@ async fn touch_account(
     Ok(())
 }
 
-async fn pipeline(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn pipeline(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     if let Some(PipelineEvent::Published(published)) = decode::<PipelineEvent>(event)? {
         for stage in &published.stages {
             let Some(days) = stage.max_days_in_stage else {
@@ -153,7 +148,7 @@ async fn pipeline(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), App
     Ok(())
 }
 
-async fn deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (event.tenant_id.as_str(), &event.stream_id);
     match decode::<OpportunityEvent>(event)? {
         Some(OpportunityEvent::Opened(opened)) => {
@@ -211,7 +206,7 @@ async fn deal(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyEr
     Ok(())
 }
 
-async fn activity(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (event.tenant_id.as_str(), &event.stream_id);
     match decode::<ActivityEvent>(event)? {
         Some(ActivityEvent::Logged(logged)) => {
@@ -251,7 +246,7 @@ async fn activity(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), App
     Ok(())
 }
 
-async fn account(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (event.tenant_id.as_str(), event.stream_id);
     match decode::<AccountEvent>(event)? {
         Some(AccountEvent::BecameCustomer(became)) => {
@@ -286,7 +281,7 @@ async fn account(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), Appl
     Ok(())
 }
 
-async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     if let Some(OrderEvent::Recorded(order)) = decode::<OrderEvent>(event)?
         && crm_domain::commerce::PAID_STATUSES.contains(&order.status.as_str())
         && let Some(account) = order.account_id
@@ -304,7 +299,7 @@ async fn order(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyE
 }
 
 /// The tenant's opt-in inactivity churn.
-async fn settings(tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+async fn settings(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     use crm_domain::configuration::{Published, TenantSettings};
     if let Some(published) = decode::<Published<TenantSettings>>(event)? {
         let days = published
@@ -347,7 +342,7 @@ impl Projection for Engagement {
         .contains(&stream_type)
     }
 
-    fn apply<'a>(&'a self, tx: &'a Transaction<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {
                 "pipeline_config" => pipeline(tx, event).await,

@@ -30,10 +30,10 @@ pub use analytics::{Analytics, NAME as ANALYTICS};
 pub use customer_360::{Customer360, NAME as CUSTOMER_360, TIMELINE_KINDS};
 pub use engagement::{Engagement, NAME as ENGAGEMENT};
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
-pub use rebuild::{Progress, RebuildError, rebuild};
+pub use rebuild::{Progress, RebuildError, rebuild, rebuild_many};
 pub use runtime::{
     ApplyError, ApplyFuture, Projection, ProjectionStatus, Projector, ProjectorOptions,
-    STATUS_SCHEMA, applied_position, ensure_schema, statuses, wait_for_position,
+    STATUS_SCHEMA, Tx, applied_position, ensure_schema, statuses, wait_for_position,
 };
 pub use sales_funnel::{NAME as SALES_FUNNEL, SalesFunnel};
 pub use sales_performance::{NAME as SALES_PERFORMANCE, SalesPerformance};

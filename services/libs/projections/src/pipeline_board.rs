@@ -56,11 +56,7 @@ impl Projection for PipelineBoard {
         ["opportunity"].contains(&stream_type)
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
-        event: &'a RecordedEvent,
-    ) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             if event.stream_type != Opportunity::STREAM_TYPE {
                 return Ok(());

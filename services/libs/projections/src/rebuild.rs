@@ -1,29 +1,39 @@
-//! Blue/green rebuild of one projection from the event store.
+//! Blue/green rebuild of projections from the event store.
 //!
-//! The new tables are built in a schema of their own (`rebuild_<name>`, found
-//! first on the rebuild connection's search path, so the projection's own
-//! SQL writes there unchanged), from position 0 to the log's head, in
-//! transactions of `chunk` events. Then, in one transaction that holds the
-//! live projection's status row (so its projector waits), the rebuild catches
-//! up to the live position, the live tables are dropped, the new ones moved
-//! in, and the live position set: readers see the old tables or the new ones,
-//! never a mix.
+//! Each projection's new tables are built in a schema of their own
+//! (`rebuild_<name>`, found first on its rebuild connection's search path,
+//! so the projection's own SQL writes there unchanged), from position 0 to
+//! the log's head, in transactions of `chunk` events. Several projections
+//! rebuilt together share one read of the log: each event goes to those
+//! whose `handles` takes it, each projection applies on its own connection.
+//! Then, per projection, in one transaction that holds the live status row
+//! (so its projector waits), the rebuild catches up to the live position,
+//! the live tables are dropped, the new ones moved in, and the live
+//! position set: readers see the old tables or the new ones, never a mix.
 use std::sync::Arc;
 
-use crm_event_store::{EventStore, Filter};
+use crm_event_store::{EventStore, Filter, RecordedEvent};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
-use crate::runtime::{Projection, STATUS_SCHEMA};
+use crate::runtime::{Projection, STATUS_SCHEMA, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(String),
     #[error("event store: {0}")]
     Read(#[from] crm_event_store::ReadError),
-    #[error("event at position {position} cannot be applied: {error}")]
-    Poison { position: u64, error: String },
+    #[error("{projection}: event at position {position} cannot be applied: {error}")]
+    Poison {
+        projection: &'static str,
+        position: u64,
+        error: String,
+    },
     #[error("a rebuild of {0} is already running")]
     AlreadyRunning(String),
 }
@@ -42,12 +52,123 @@ pub async fn rebuild(
     store: &EventStore,
     pg: &tokio_postgres::Config,
     chunk: u64,
-    mut progress: impl FnMut(Progress),
+    progress: impl FnMut(Progress),
 ) -> Result<u64, RebuildError> {
+    let swapped = rebuild_many(vec![projection], store, pg, chunk, progress).await?;
+    Ok(swapped.first().map_or(0, |(_, position)| *position))
+}
+
+/// One message to a projection's rebuild worker.
+enum Work {
+    Event(Arc<RecordedEvent>),
+    /// Every event up to here has been sent: commit.
+    Through(u64),
+}
+
+/// Rebuilds `projections` over one shared read of the log and swaps each in;
+/// returns the position each swapped in at, in order. `progress` is called
+/// after every chunk has been handed to every projection. The first failure
+/// stops them all; nothing is swapped unless every one reached the head.
+pub async fn rebuild_many(
+    projections: Vec<Arc<dyn Projection>>,
+    store: &EventStore,
+    pg: &tokio_postgres::Config,
+    chunk: u64,
+    mut progress: impl FnMut(Progress),
+) -> Result<Vec<(&'static str, u64)>, RebuildError> {
+    let mut clients = Vec::with_capacity(projections.len());
+    for projection in &projections {
+        clients.push(prepare(projection.as_ref(), pg).await?);
+    }
+    let mut senders = Vec::with_capacity(projections.len());
+    let mut workers = Vec::with_capacity(projections.len());
+    for (projection, client) in projections.iter().zip(clients) {
+        let (sender, receiver) = mpsc::channel(4_096);
+        senders.push(sender);
+        workers.push(tokio::spawn(work(projection.clone(), client, receiver)));
+    }
+    let read = async {
+        let mut position = 0u64;
+        loop {
+            let head = store.head().await?;
+            if head <= position {
+                return Ok::<_, RebuildError>(position);
+            }
+            while position < head {
+                let until = head.min(position + chunk.max(1));
+                let mut events = store.replay(position, until, Filter::default());
+                while let Some(event) = events.next().await {
+                    let event = Arc::new(event?);
+                    for (projection, sender) in projections.iter().zip(&senders) {
+                        if projection.handles(&event.stream_type, &event.event_type)
+                            && sender.send(Work::Event(event.clone())).await.is_err()
+                        {
+                            return Ok(position); // that worker failed: see below
+                        }
+                    }
+                }
+                for sender in &senders {
+                    if sender.send(Work::Through(until)).await.is_err() {
+                        return Ok(position);
+                    }
+                }
+                position = until;
+                progress(Progress { position, head });
+            }
+        }
+    };
+    let read = read.await;
+    drop(senders);
+    // A worker's failure is the cause when the reader stopped early.
+    let mut built = Vec::with_capacity(workers.len());
+    let mut failed = None;
+    for worker in workers {
+        match worker.await {
+            Ok(Ok(done)) => built.push(done),
+            Ok(Err(error)) => {
+                failed.get_or_insert(error);
+            }
+            Err(join) => {
+                failed.get_or_insert(RebuildError::Pool(format!("rebuild worker: {join}")));
+            }
+        }
+    }
+    if let Some(error) = failed {
+        return Err(error);
+    }
+    let read = read?;
+    let mut swapped = Vec::with_capacity(built.len());
+    for (projection, (client, position)) in projections.iter().zip(built) {
+        debug_assert_eq!(position, read);
+        let position = swap(projection.as_ref(), store, client, position).await?;
+        swapped.push((projection.name(), position));
+    }
+    Ok(swapped)
+}
+
+/// A connection of its own for `projection`'s rebuild: holds the rebuild
+/// lock, creates the rebuild schema and its tables.
+async fn prepare(
+    projection: &dyn Projection,
+    pg: &tokio_postgres::Config,
+) -> Result<Object, RebuildError> {
     let name = projection.name();
     let schema = format!("rebuild_{name}");
-    let (mut client, connection) = pg.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
+    let manager = Manager::from_config(
+        pg.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(1)
+        .build()
+        .map_err(|e| RebuildError::Pool(e.to_string()))?;
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| RebuildError::Pool(e.to_string()))?;
     // One rebuild per projection at a time (held until this connection ends).
     let lock_key = crm_event_store::advisory_lock_key(&format!("crm-rebuild:{name}"));
     let locked: bool = client
@@ -71,22 +192,82 @@ pub async fn rebuild(
             projection.schema()
         ))
         .await?;
+    Ok(client)
+}
+
+/// Applies what the reader sends, one transaction per chunk; returns the
+/// connection and the position reached.
+async fn work(
+    projection: Arc<dyn Projection>,
+    mut client: Object,
+    mut receiver: mpsc::Receiver<Work>,
+) -> Result<(Object, u64), RebuildError> {
     let mut position = 0u64;
-    loop {
-        let head = store.head().await?;
-        if head <= position {
-            break;
+    let (mut applied, mut busy) = (0u64, std::time::Duration::ZERO);
+    'chunks: while let Some(mut work) = receiver.recv().await {
+        let tx = Tx::new(client.transaction().await?);
+        loop {
+            match work {
+                Work::Event(event) => {
+                    let began = std::time::Instant::now();
+                    apply(projection.as_ref(), &tx, &event).await?;
+                    busy += began.elapsed();
+                    applied += 1;
+                }
+                Work::Through(until) => {
+                    position = until;
+                    break;
+                }
+            }
+            match receiver.recv().await {
+                Some(next) => work = next,
+                None => break 'chunks, // rolled back: the reader stopped
+            }
         }
-        while position < head {
-            let until = head.min(position + chunk.max(1));
-            let tx = client.transaction().await?;
-            position = apply_range(projection.as_ref(), store, &tx, position, until).await?;
-            tx.commit().await?;
-            progress(Progress { position, head });
-        }
+        tx.execute(
+            "UPDATE projections SET position = $1, updated_at = now()",
+            &[&i64::try_from(position).unwrap_or(i64::MAX)],
+        )
+        .await?;
+        let began = std::time::Instant::now();
+        tx.commit().await?;
+        busy += began.elapsed();
     }
-    // The swap: hold the live row, catch up to it, exchange the tables.
-    let tx = client.transaction().await?;
+    tracing::info!(
+        projection = projection.name(),
+        applied,
+        busy_seconds = busy.as_secs_f64(),
+        position,
+        "rebuild applied"
+    );
+    Ok((client, position))
+}
+
+async fn apply(
+    projection: &dyn Projection,
+    tx: &Tx<'_>,
+    event: &RecordedEvent,
+) -> Result<(), RebuildError> {
+    projection
+        .apply(tx, event)
+        .await
+        .map_err(|error| RebuildError::Poison {
+            projection: projection.name(),
+            position: event.global_position,
+            error: error.to_string(),
+        })
+}
+
+/// The swap: hold the live row, catch up to it, exchange the tables.
+async fn swap(
+    projection: &dyn Projection,
+    store: &EventStore,
+    mut client: Object,
+    mut position: u64,
+) -> Result<u64, RebuildError> {
+    let name = projection.name();
+    let schema = format!("rebuild_{name}");
+    let tx = Tx::new(client.transaction().await?);
     let live: i64 = tx
         .query_one(
             "SELECT position FROM public.projections WHERE name = $1 FOR UPDATE",
@@ -96,7 +277,7 @@ pub async fn rebuild(
         .get(0);
     let live = u64::try_from(live).unwrap_or(0);
     if live > position {
-        position = apply_range(projection.as_ref(), store, &tx, position, live).await?;
+        position = apply_range(projection, store, &tx, position, live).await?;
     }
     let mut swap = String::new();
     for table in projection.tables() {
@@ -116,8 +297,12 @@ pub async fn rebuild(
     client
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await?;
+    // Free the lock now, not when the connection has gone: a rebuild that
+    // follows at once must not find it held.
+    client
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await?;
     drop(client);
-    let _ = driver.await;
     tracing::info!(projection = name, position, "rebuild swapped in");
     Ok(position)
 }
@@ -127,7 +312,7 @@ pub async fn rebuild(
 async fn apply_range(
     projection: &dyn Projection,
     store: &EventStore,
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Tx<'_>,
     after: u64,
     until: u64,
 ) -> Result<u64, RebuildError> {
@@ -135,13 +320,7 @@ async fn apply_range(
     let mut events = store.replay(after, until, Filter::default());
     while let Some(event) = events.next().await {
         let event = event?;
-        projection
-            .apply(tx, &event)
-            .await
-            .map_err(|error| RebuildError::Poison {
-                position: event.global_position,
-                error: error.to_string(),
-            })?;
+        apply(projection, tx, &event).await?;
         position = event.global_position;
     }
     tx.execute(

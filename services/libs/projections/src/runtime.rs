@@ -38,6 +38,69 @@ pub enum ApplyError {
     Transient(String),
 }
 
+/// The transaction a projection applies its events in: every statement
+/// given as SQL text is prepared once per connection and cached, so a batch
+/// (or a rebuild's chunk) pays for parsing and planning once per statement,
+/// not once per event. Everything else of the transaction is reached
+/// through `Deref`.
+pub struct Tx<'a>(deadpool_postgres::Transaction<'a>);
+
+type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
+
+impl<'a> Tx<'a> {
+    pub fn new(tx: deadpool_postgres::Transaction<'a>) -> Self {
+        Self(tx)
+    }
+
+    pub async fn commit(self) -> Result<(), tokio_postgres::Error> {
+        self.0.commit().await
+    }
+
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.execute(&statement, params).await
+    }
+
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query(&statement, params).await
+    }
+
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_opt(&statement, params).await
+    }
+
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_one(&statement, params).await
+    }
+}
+
+impl<'a> std::ops::Deref for Tx<'a> {
+    type Target = tokio_postgres::Transaction<'a>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
 pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
 
 /// The three naming methods of a [`Projection`]: `projection_names!(NAME,
@@ -82,11 +145,7 @@ pub trait Projection: Send + Sync + 'static {
     }
     /// Applies one event inside the batch's transaction. Events it does not
     /// use are ignored (`Ok`).
-    fn apply<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
-        event: &'a RecordedEvent,
-    ) -> ApplyFuture<'a>;
+    fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a>;
 }
 
 /// How a projector reads. Defaults suit `crm all`.
@@ -466,7 +525,7 @@ impl Projector {
         );
         async {
             let mut client = self.pool.get().await?;
-            let tx = client.transaction().await?;
+            let tx = Tx::new(client.transaction().await?);
             // The row lock also keeps two instances of one projection apart.
             let position: u64 = tx
                 .query_one(
@@ -524,12 +583,7 @@ impl Projector {
 
     /// Applies every stored event after `position` up to `up_to`, moving
     /// `position` there; returns how many.
-    async fn refill(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        position: &mut u64,
-        up_to: u64,
-    ) -> Result<u64, RunError> {
+    async fn refill(&self, tx: &Tx<'_>, position: &mut u64, up_to: u64) -> Result<u64, RunError> {
         let mut count = 0;
         while *position < up_to {
             let before = *position;
@@ -552,11 +606,7 @@ impl Projector {
         Ok(count)
     }
 
-    async fn apply_one(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<(), RunError> {
+    async fn apply_one(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), RunError> {
         self.projection
             .apply(tx, event)
             .await

@@ -114,11 +114,7 @@ impl Projection for SalesFunnel {
         ["opportunity", "lead", "pipeline_config", "tenant_settings"].contains(&stream_type)
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
-        event: &'a RecordedEvent,
-    ) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {
                 Opportunity::STREAM_TYPE => apply_deal(tx, event).await,
@@ -179,7 +175,7 @@ impl Projection for SalesFunnel {
 
 /// Closes the deal's open visit, if any.
 async fn exit_visit(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &crate::Tx<'_>,
     event: &RecordedEvent,
     at: Time,
     kind: &str,
@@ -195,7 +191,7 @@ async fn exit_visit(
 
 /// Starts the deal's next visit.
 async fn enter_visit(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &crate::Tx<'_>,
     event: &RecordedEvent,
     stage: &str,
     at: Time,
@@ -210,10 +206,7 @@ async fn enter_visit(
     Ok(())
 }
 
-async fn apply_deal(
-    tx: &tokio_postgres::Transaction<'_>,
-    event: &RecordedEvent,
-) -> Result<(), ApplyError> {
+async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some((deal, decoded)) = crate::state::evolve_row::<Opportunity>(
         tx,
         "SELECT state FROM sales_funnel_deals WHERE tenant_id = $1 AND deal_id = $2",
@@ -325,10 +318,7 @@ async fn apply_deal(
     Ok(())
 }
 
-async fn apply_lead(
-    tx: &tokio_postgres::Transaction<'_>,
-    event: &RecordedEvent,
-) -> Result<(), ApplyError> {
+async fn apply_lead(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let Some(decoded) = decode::<Lead>(event)? else {
         return Ok(());
     };

@@ -109,11 +109,7 @@ impl Projection for SalesPerformance {
         .contains(&stream_type)
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
-        event: &'a RecordedEvent,
-    ) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             let malformed = |reason: String| ApplyError::Payload {
                 event_type: event.event_type.clone(),

@@ -31,11 +31,7 @@ impl Projection for ScheduledTasks {
         ["activity"].contains(&stream_type)
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
-        event: &'a RecordedEvent,
-    ) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             let Some((activity, _)) = crate::state::evolve_row::<Activity>(
                 tx,

@@ -83,10 +83,7 @@ fn seconds(from: Option<SystemTime>, to: Option<SystemTime>) -> Option<i64> {
 }
 
 impl ServiceMetrics {
-    async fn figures(
-        tx: &tokio_postgres::Transaction<'_>,
-        event: &RecordedEvent,
-    ) -> Result<Figures, ApplyError> {
+    async fn figures(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<Figures, ApplyError> {
         let row = tx
             .query_opt(
                 "SELECT channel, queue, agent, opened_at, first_response_at, solved_at, \
@@ -118,11 +115,7 @@ impl Projection for ServiceMetrics {
         ["ticket"].contains(&stream_type)
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
-        event: &'a RecordedEvent,
-    ) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             let Some((ticket, decoded)) = crate::state::evolve_row::<Ticket>(
                 tx,

@@ -52,11 +52,7 @@ impl Projection for ServiceQueue {
         ["ticket"].contains(&stream_type)
     }
 
-    fn apply<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'_>,
-        event: &'a RecordedEvent,
-    ) -> ApplyFuture<'a> {
+    fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             let Some((ticket, decoded)) = crate::state::evolve_row::<Ticket>(
                 tx,

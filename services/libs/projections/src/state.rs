@@ -9,7 +9,7 @@ use crate::runtime::ApplyError;
 /// `select` (`$1` tenant, `$2` stream id, one `state` column) and evolves
 /// it. `None` when the event is not `A`'s.
 pub(crate) async fn evolve_row<A: Aggregate>(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &crate::Tx<'_>,
     select: &str,
     event: &RecordedEvent,
 ) -> Result<Option<(A, A::Event)>, ApplyError> {
