@@ -19,6 +19,11 @@ use crm_event_store::RecordedEvent;
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
 use crate::state::decode;
 
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE: &str =
+    "SELECT state FROM agent_workload_tickets WHERE tenant_id = $1 AND ticket_id = $2";
+
 pub struct AgentWorkload;
 
 pub const NAME: &str = "agent_workload";
@@ -125,12 +130,7 @@ impl AgentWorkload {
     }
 
     async fn on_ticket(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-        let Some((ticket, decoded)) = crate::state::evolve_row::<Ticket>(
-            tx,
-            "SELECT state FROM agent_workload_tickets WHERE tenant_id = $1 AND ticket_id = $2",
-            event,
-        )
-        .await?
+        let Some((ticket, decoded)) = crate::state::evolve_row::<Ticket>(tx, STATE, event).await?
         else {
             return Ok(());
         };
@@ -145,6 +145,7 @@ impl AgentWorkload {
                 Some(TicketStatus::Solved | TicketStatus::Closed)
             );
         let state = serde_json::to_value(&ticket).map_err(|e| malformed(event, e))?;
+        crate::state::written(tx, STATE, event, &ticket);
         tx.execute(
             "INSERT INTO agent_workload_tickets (tenant_id, ticket_id, channel, assignee, open, \
                state, position) VALUES ($1, $2, COALESCE($3, ''), $4, $5, $6, $7) \

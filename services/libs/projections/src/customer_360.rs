@@ -41,6 +41,16 @@ use uuid::Uuid;
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
 use crate::state::decode;
 
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE_ACCOUNT: &str =
+    "SELECT state FROM c360_accounts WHERE tenant_id = $1 AND account_id = $2";
+
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE_CONTACT: &str =
+    "SELECT state FROM c360_contacts WHERE tenant_id = $1 AND contact_id = $2";
+
 pub struct Customer360;
 
 pub const NAME: &str = "customer_360";
@@ -384,16 +394,13 @@ async fn alias(tx: &Tx<'_>, event: &RecordedEvent, survivor: Uuid) -> Result<(),
 }
 
 async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    let Some((state, decoded)) = crate::state::evolve_row::<Account>(
-        tx,
-        "SELECT state FROM c360_accounts WHERE tenant_id = $1 AND account_id = $2",
-        event,
-    )
-    .await?
+    let Some((state, decoded)) =
+        crate::state::evolve_row::<Account>(tx, STATE_ACCOUNT, event).await?
     else {
         return Ok(());
     };
     let json = serde_json::to_value(&state).map_err(|e| malformed(event, e))?;
+    crate::state::written(tx, STATE_ACCOUNT, event, &state);
     let mut created_at: Option<Time> = None;
     let mut customer_since: Option<Time> = None;
     // (whether churned_at changes, its new value)
@@ -475,16 +482,13 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 }
 
 async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    let Some((state, decoded)) = crate::state::evolve_row::<Contact>(
-        tx,
-        "SELECT state FROM c360_contacts WHERE tenant_id = $1 AND contact_id = $2",
-        event,
-    )
-    .await?
+    let Some((state, decoded)) =
+        crate::state::evolve_row::<Contact>(tx, STATE_CONTACT, event).await?
     else {
         return Ok(());
     };
     let json = serde_json::to_value(&state).map_err(|e| malformed(event, e))?;
+    crate::state::written(tx, STATE_CONTACT, event, &state);
     let created_at: Option<Time> = match &decoded {
         ContactEvent::Created(created) => Some(created.occurred_at.into()),
         _ => None,

@@ -33,7 +33,7 @@ pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
 pub use rebuild::{Progress, RebuildError, rebuild, rebuild_many};
 pub use runtime::{
     ApplyError, ApplyFuture, Projection, ProjectionStatus, Projector, ProjectorOptions,
-    STATUS_SCHEMA, Tx, applied_position, ensure_schema, statuses, wait_for_position,
+    STATUS_SCHEMA, StateCache, Tx, applied_position, ensure_schema, statuses, wait_for_position,
 };
 pub use sales_funnel::{NAME as SALES_FUNNEL, SalesFunnel};
 pub use sales_performance::{NAME as SALES_PERFORMANCE, SalesPerformance};

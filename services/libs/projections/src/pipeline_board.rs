@@ -10,6 +10,10 @@ use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
 
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE: &str = "SELECT state FROM pipeline_board WHERE tenant_id = $1 AND deal_id = $2";
+
 pub struct PipelineBoard;
 
 pub const NAME: &str = "pipeline_board";
@@ -61,12 +65,8 @@ impl Projection for PipelineBoard {
             if event.stream_type != Opportunity::STREAM_TYPE {
                 return Ok(());
             }
-            let Some((deal, decoded)) = crate::state::evolve_row::<Opportunity>(
-                tx,
-                "SELECT state FROM pipeline_board WHERE tenant_id = $1 AND deal_id = $2",
-                event,
-            )
-            .await?
+            let Some((deal, decoded)) =
+                crate::state::evolve_row::<Opportunity>(tx, STATE, event).await?
             else {
                 return Ok(());
             };
@@ -82,6 +82,7 @@ impl Projection for PipelineBoard {
             });
             let state_json =
                 serde_json::to_value(&deal).map_err(|e| malformed(format!("state: {e}")))?;
+            crate::state::written(tx, STATE, event, &deal);
             let outcome = text(&deal.outcome).unwrap_or_default();
             let category = deal.category.as_ref().and_then(text);
             let archived = deal.meta.lifecycle == crm_domain::common::Lifecycle::Archived;

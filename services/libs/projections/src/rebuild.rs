@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
-use crate::runtime::{Projection, STATUS_SCHEMA, Tx};
+use crate::runtime::{Projection, STATUS_SCHEMA, StateCache, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
@@ -192,6 +192,14 @@ async fn prepare(
             projection.schema()
         ))
         .await?;
+    // Unlogged while they are built (a crash loses only the rebuild anyway):
+    // no WAL for every intermediate row version; logged again, written to
+    // the WAL once, before the swap.
+    for table in projection.tables() {
+        client
+            .batch_execute(&format!("ALTER TABLE {schema}.{table} SET UNLOGGED"))
+            .await?;
+    }
     Ok(client)
 }
 
@@ -204,8 +212,9 @@ async fn work(
 ) -> Result<(Object, u64), RebuildError> {
     let mut position = 0u64;
     let (mut applied, mut busy) = (0u64, std::time::Duration::ZERO);
+    let cache = StateCache::default();
     'chunks: while let Some(mut work) = receiver.recv().await {
-        let tx = Tx::new(client.transaction().await?);
+        let tx = Tx::with_cache(client.transaction().await?, &cache);
         loop {
             match work {
                 Work::Event(event) => {
@@ -267,6 +276,11 @@ async fn swap(
 ) -> Result<u64, RebuildError> {
     let name = projection.name();
     let schema = format!("rebuild_{name}");
+    for table in projection.tables() {
+        client
+            .batch_execute(&format!("ALTER TABLE {schema}.{table} SET LOGGED"))
+            .await?;
+    }
     let tx = Tx::new(client.transaction().await?);
     let live: i64 = tx
         .query_one(

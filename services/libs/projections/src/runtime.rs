@@ -43,13 +43,69 @@ pub enum ApplyError {
 /// (or a rebuild's chunk) pays for parsing and planning once per statement,
 /// not once per event. Everything else of the transaction is reached
 /// through `Deref`.
-pub struct Tx<'a>(deadpool_postgres::Transaction<'a>);
+pub struct Tx<'a>(deadpool_postgres::Transaction<'a>, Option<&'a StateCache>);
+
+/// Aggregate states a rebuild has written, by row, so the next event of the
+/// same stream evolves them without reading them back. Only a rebuild uses
+/// one: it is its tables' only writer and any failure discards them, so the
+/// cache cannot disagree with what was committed. Bounded: when full it is
+/// emptied and rows are read again.
+#[derive(Default)]
+pub struct StateCache {
+    states: std::sync::Mutex<
+        std::collections::HashMap<(usize, String, uuid::Uuid), Box<dyn std::any::Any + Send>>,
+    >,
+}
+
+/// Most states a [`StateCache`] holds.
+const STATE_CACHE_ROWS: usize = 200_000;
+
+impl StateCache {
+    pub(crate) fn get<A: Clone + 'static>(
+        &self,
+        select: &'static str,
+        tenant: &str,
+        id: uuid::Uuid,
+    ) -> Option<A> {
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states
+            .get(&(select.as_ptr() as usize, tenant.to_owned(), id))
+            .and_then(|state| state.downcast_ref::<A>())
+            .cloned()
+    }
+
+    pub(crate) fn put<A: Send + 'static>(
+        &self,
+        select: &'static str,
+        tenant: &str,
+        id: uuid::Uuid,
+        state: A,
+    ) {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        if states.len() >= STATE_CACHE_ROWS {
+            states.clear();
+        }
+        states.insert(
+            (select.as_ptr() as usize, tenant.to_owned(), id),
+            Box::new(state),
+        );
+    }
+}
 
 type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
 
 impl<'a> Tx<'a> {
     pub fn new(tx: deadpool_postgres::Transaction<'a>) -> Self {
-        Self(tx)
+        Self(tx, None)
+    }
+
+    /// A rebuild's transaction, remembering the states it writes.
+    pub fn with_cache(tx: deadpool_postgres::Transaction<'a>, cache: &'a StateCache) -> Self {
+        Self(tx, Some(cache))
+    }
+
+    pub(crate) fn cache(&self) -> Option<&StateCache> {
+        self.1
     }
 
     pub async fn commit(self) -> Result<(), tokio_postgres::Error> {

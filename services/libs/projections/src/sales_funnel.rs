@@ -20,6 +20,10 @@ use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
 
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE: &str = "SELECT state FROM sales_funnel_deals WHERE tenant_id = $1 AND deal_id = $2";
+
 pub struct SalesFunnel;
 
 pub const NAME: &str = "sales_funnel";
@@ -207,12 +211,7 @@ async fn enter_visit(
 }
 
 async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    let Some((deal, decoded)) = crate::state::evolve_row::<Opportunity>(
-        tx,
-        "SELECT state FROM sales_funnel_deals WHERE tenant_id = $1 AND deal_id = $2",
-        event,
-    )
-    .await?
+    let Some((deal, decoded)) = crate::state::evolve_row::<Opportunity>(tx, STATE, event).await?
     else {
         return Ok(());
     };
@@ -220,6 +219,7 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
         event_type: event.event_type.clone(),
         reason: format!("state: {e}"),
     })?;
+    crate::state::written(tx, STATE, event, &deal);
     let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
     let outcome = match deal.outcome {
         crm_domain::opportunity::Outcome::Open => "open",

@@ -6,6 +6,10 @@ use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyFuture, Projection};
 
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE: &str = "SELECT state FROM scheduled_tasks WHERE tenant_id = $1 AND activity_id = $2";
+
 pub struct ScheduledTasks;
 
 pub const NAME: &str = "scheduled_tasks";
@@ -33,12 +37,8 @@ impl Projection for ScheduledTasks {
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
-            let Some((activity, _)) = crate::state::evolve_row::<Activity>(
-                tx,
-                "SELECT state FROM scheduled_tasks WHERE tenant_id = $1 AND activity_id = $2",
-                event,
-            )
-            .await?
+            let Some((activity, _)) =
+                crate::state::evolve_row::<Activity>(tx, STATE, event).await?
             else {
                 return Ok(());
             };
@@ -52,6 +52,7 @@ impl Projection for ScheduledTasks {
                     reason: e.to_string(),
                 }
             })?;
+            crate::state::written(tx, STATE, event, &activity);
             tx.execute(
                 "INSERT INTO scheduled_tasks (tenant_id, activity_id, due, assignee, open, \
                    overdue, state, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \

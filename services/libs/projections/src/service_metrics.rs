@@ -22,6 +22,10 @@ use std::time::SystemTime;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
 
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE: &str = "SELECT state FROM service_metrics WHERE tenant_id = $1 AND ticket_id = $2";
+
 pub struct ServiceMetrics;
 
 pub const NAME: &str = "service_metrics";
@@ -117,12 +121,8 @@ impl Projection for ServiceMetrics {
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
-            let Some((ticket, decoded)) = crate::state::evolve_row::<Ticket>(
-                tx,
-                "SELECT state FROM service_metrics WHERE tenant_id = $1 AND ticket_id = $2",
-                event,
-            )
-            .await?
+            let Some((ticket, decoded)) =
+                crate::state::evolve_row::<Ticket>(tx, STATE, event).await?
             else {
                 return Ok(());
             };
@@ -168,6 +168,7 @@ impl Projection for ServiceMetrics {
                 event_type: event.event_type.clone(),
                 reason: format!("state: {e}"),
             })?;
+            crate::state::written(tx, STATE, event, &ticket);
             tx.execute(
                 "INSERT INTO service_metrics (tenant_id, ticket_id, ticket_type, complaint, \
                    category, channel, queue, agent, opened_at, first_response_at, \

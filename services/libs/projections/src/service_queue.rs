@@ -6,6 +6,10 @@ use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
 
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE: &str = "SELECT state FROM service_queue WHERE tenant_id = $1 AND ticket_id = $2";
+
 pub struct ServiceQueue;
 
 pub const NAME: &str = "service_queue";
@@ -54,12 +58,8 @@ impl Projection for ServiceQueue {
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
-            let Some((ticket, decoded)) = crate::state::evolve_row::<Ticket>(
-                tx,
-                "SELECT state FROM service_queue WHERE tenant_id = $1 AND ticket_id = $2",
-                event,
-            )
-            .await?
+            let Some((ticket, decoded)) =
+                crate::state::evolve_row::<Ticket>(tx, STATE, event).await?
             else {
                 return Ok(());
             };
@@ -76,6 +76,7 @@ impl Projection for ServiceQueue {
             let priority = ticket.priority.unwrap_or(Priority::Normal);
             let state =
                 serde_json::to_value(&ticket).map_err(|e| malformed(format!("state: {e}")))?;
+            crate::state::written(tx, STATE, event, &ticket);
             tx.execute(
                 "INSERT INTO service_queue (tenant_id, ticket_id, queue, status, priority, \
                    priority_rank, ticket_type, complaint, assignee, opened_at, escalation_level, \

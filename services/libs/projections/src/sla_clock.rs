@@ -7,6 +7,10 @@ use crm_event_store::RecordedEvent;
 
 use crate::runtime::{ApplyError, ApplyFuture, Projection};
 
+/// The row state [`crate::state::evolve_row`] reads (a `static`: the
+/// rebuild cache knows the row by its address).
+static STATE: &str = "SELECT state FROM sla_trackers WHERE tenant_id = $1 AND tracker_id = $2";
+
 pub struct SlaClock;
 
 pub const NAME: &str = "sla_clock";
@@ -54,12 +58,8 @@ impl Projection for SlaClock {
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
-            let Some((tracker, _)) = crate::state::evolve_row::<SlaTracker>(
-                tx,
-                "SELECT state FROM sla_trackers WHERE tenant_id = $1 AND tracker_id = $2",
-                event,
-            )
-            .await?
+            let Some((tracker, _)) =
+                crate::state::evolve_row::<SlaTracker>(tx, STATE, event).await?
             else {
                 return Ok(());
             };
@@ -71,6 +71,7 @@ impl Projection for SlaClock {
                 event_type: event.event_type.clone(),
                 reason: e.to_string(),
             })?;
+            crate::state::written(tx, STATE, event, &tracker);
             tx.execute(
                 "INSERT INTO sla_trackers (tenant_id, tracker_id, state, position) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, tracker_id) \

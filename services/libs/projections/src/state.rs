@@ -8,9 +8,9 @@ use crate::runtime::ApplyError;
 /// Decodes `event` as one of `A`'s, loads the row's stored state with
 /// `select` (`$1` tenant, `$2` stream id, one `state` column) and evolves
 /// it. `None` when the event is not `A`'s.
-pub(crate) async fn evolve_row<A: Aggregate>(
+pub(crate) async fn evolve_row<A: Aggregate + Clone + Send + 'static>(
     tx: &crate::Tx<'_>,
-    select: &str,
+    select: &'static str,
     event: &RecordedEvent,
 ) -> Result<Option<(A, A::Event)>, ApplyError> {
     if event.stream_type != A::STREAM_TYPE {
@@ -23,6 +23,12 @@ pub(crate) async fn evolve_row<A: Aggregate>(
     let Some(decoded) = decode::<A::Event>(event)? else {
         return Ok(None);
     };
+    if let Some(state) = tx
+        .cache()
+        .and_then(|cache| cache.get::<A>(select, &event.tenant_id, event.stream_id))
+    {
+        return Ok(Some((state.evolve(&decoded), decoded)));
+    }
     let stored = tx
         .query_opt(select, &[&event.tenant_id, &event.stream_id])
         .await?;
@@ -33,6 +39,19 @@ pub(crate) async fn evolve_row<A: Aggregate>(
     };
     let evolved = state.evolve(&decoded);
     Ok(Some((evolved, decoded)))
+}
+
+/// After `state` has been written to the row `select` (given to
+/// [`evolve_row`]) reads for `event`'s stream: a rebuild remembers it.
+pub(crate) fn written<A: Clone + Send + 'static>(
+    tx: &crate::Tx<'_>,
+    select: &'static str,
+    event: &RecordedEvent,
+    state: &A,
+) {
+    if let Some(cache) = tx.cache() {
+        cache.put(select, &event.tenant_id, event.stream_id, state.clone());
+    }
 }
 
 /// `event` as one of `E`'s, or `None` when it is not; a payload that does
