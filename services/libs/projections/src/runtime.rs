@@ -52,10 +52,12 @@ pub struct Tx<'a>(deadpool_postgres::Transaction<'a>, Option<&'a StateCache>);
 /// emptied and rows are read again.
 #[derive(Default)]
 pub struct StateCache {
-    states: std::sync::Mutex<
-        std::collections::HashMap<(usize, String, uuid::Uuid), Box<dyn std::any::Any + Send>>,
-    >,
+    states: std::sync::Mutex<CachedStates>,
 }
+
+/// A cached state by (its projection's select statement, tenant, row id).
+type CachedStates =
+    std::collections::HashMap<(usize, String, uuid::Uuid), Box<dyn std::any::Any + Send>>;
 
 /// Most states a [`StateCache`] holds.
 const STATE_CACHE_ROWS: usize = 200_000;
@@ -489,12 +491,7 @@ impl Projector {
             let mut events = Vec::with_capacity(messages.len());
             let mut last = None;
             for message in messages {
-                let event =
-                    crm_wire::cloudevents::decode(message.headers.as_ref(), &message.payload)
-                        .map_err(|e| RunError::Poison {
-                            position: e.position,
-                            error: e.to_string(),
-                        })?;
+                let event = self.receive(&message)?;
                 events.push(event);
                 last = Some(message);
             }
@@ -531,6 +528,38 @@ impl Projector {
                 message.ack().await.map_err(nats)?;
             }
         }
+    }
+
+    /// The event a message carries. One the projection does not handle (by
+    /// its subject) is not decoded: only its position, stream type and event
+    /// type are filled in, enough to move past it ([`Self::skip`],
+    /// [`Self::apply_once`] never apply it). With many projections on one
+    /// stream, most messages are passed over this way.
+    fn receive(&self, message: &jetstream::Message) -> Result<RecordedEvent, RunError> {
+        if let Some((stream_type, event_type)) = crm_wire::cloudevents::kind(&message.subject)
+            && !self.projection.handles(stream_type, event_type)
+            && let Some(position) = crm_wire::cloudevents::position(message.headers.as_ref())
+        {
+            return Ok(RecordedEvent {
+                global_position: position,
+                event_id: uuid::Uuid::nil(),
+                tenant_id: String::new(),
+                stream_type: stream_type.to_owned(),
+                stream_id: uuid::Uuid::nil(),
+                stream_version: 0,
+                event_type: event_type.to_owned(),
+                schema_version: 0,
+                payload: crm_event_store::JsonText(String::new()),
+                metadata: crm_event_store::JsonText(String::new()),
+                recorded_at: std::time::SystemTime::UNIX_EPOCH,
+            });
+        }
+        crm_wire::cloudevents::decode(message.headers.as_ref(), &message.payload).map_err(|e| {
+            RunError::Poison {
+                position: e.position,
+                error: e.to_string(),
+            }
+        })
     }
 
     /// Creates the tables and the status row, marks the projection running;
@@ -611,7 +640,12 @@ impl Projector {
                 refilled += self
                     .refill(&tx, &mut position, event.global_position - 1)
                     .await?;
-                self.apply_one(&tx, event).await?;
+                if self
+                    .projection
+                    .handles(&event.stream_type, &event.event_type)
+                {
+                    self.apply_one(&tx, event).await?;
+                }
                 position = event.global_position;
             }
             refilled += self.refill(&tx, &mut position, up_to).await?;

@@ -67,6 +67,20 @@ pub fn subject(prefix: &str, event: &RecordedEvent) -> Result<String, WireError>
     ))
 }
 
+/// The stream type and event type a subject built by [`subject`] names,
+/// read from its last tokens (the prefix may hold dots); `None` for a
+/// subject of another shape. Lets a consumer pass over events it does not
+/// handle without decoding them.
+pub fn kind(subject: &str) -> Option<(&str, &str)> {
+    let mut tokens = subject.rsplitn(5, '.');
+    let event_type = tokens.next()?;
+    let _stream_id = tokens.next()?;
+    let stream_type = tokens.next()?;
+    let _tenant = tokens.next()?;
+    let _prefix = tokens.next()?;
+    Some((stream_type, event_type))
+}
+
 fn is_subject_token(token: &str) -> bool {
     !token.is_empty()
         && token
@@ -247,6 +261,16 @@ pub fn position(headers: Option<&HeaderMap>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subject_names_its_stream_type_and_event_type() {
+        let id = uuid::Uuid::now_v7();
+        assert_eq!(
+            kind(&format!("crm.test.events.acme.contact.{id}.ContactCreated")),
+            Some(("contact", "ContactCreated"))
+        );
+        assert_eq!(kind("events.acme.contact.ContactCreated"), None);
+    }
 
     #[test]
     fn header_values_are_percent_encoded_where_the_binding_requires() {
