@@ -41,7 +41,7 @@ log "postgres: starting on 127.0.0.1:$CRM_PG_PORT (data $DATA)"
 as_owner "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -t 60 start -o "\
  -c listen_addresses=127.0.0.1 -c port=$CRM_PG_PORT -c unix_socket_directories='$DATA'\
  -c max_connections=400 -c shared_buffers=512MB -c max_wal_size=4GB\
- -c log_min_messages=warning" >/dev/null || { tail -n 20 "$DATA/server.log" >&2; die "postgres did not start"; }
+ -c log_min_messages=warning -c shared_preload_libraries=pg_stat_statements" >/dev/null || { tail -n 20 "$DATA/server.log" >&2; die "postgres did not start"; }
 
 if ! "$BIN/psql" -h 127.0.0.1 -p "$CRM_PG_PORT" -U crm -d postgres -tAc \
     "SELECT 1 FROM pg_database WHERE datname = 'crm'" | grep -q 1; then
