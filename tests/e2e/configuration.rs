@@ -132,6 +132,7 @@ async fn commission_plans_check_their_tiers() {
             },
         ],
         clawback_days: 90,
+        payout_grace_days: None,
         reps: vec!["user:rep".into()],
         ..Default::default()
     };

@@ -354,6 +354,7 @@ async fn worked_example_a_attainment_and_commission_with_a_clawback() {
         ],
         cap: None,
         clawback_days: 30,
+        payout_grace_days: None,
         reps: vec!["user:r".into()],
     };
     let plan_id = app
@@ -1528,4 +1529,166 @@ async fn sales_queries_refuse_bad_input_naming_the_field() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     app.stop().await;
+}
+
+/// A plan with `payout_grace_days` freezes a period that many days after it
+/// ends (DOMAIN.md §5.1). Events are recorded now, whatever their business
+/// time, so with 60 days of grace (UTC, fiscal year = calendar year):
+/// - a win in June 2025 (frozen since 30 August 2025) recorded now posts to
+///   the current month, at the time it was recorded, and June pays nothing;
+/// - a win in the previous month (ended at most 31 days ago: not frozen)
+///   stays there;
+/// - a win early this month is this month's.
+///
+/// With a flat 10 % of the amount: the current month pays 10 % of both.
+#[tokio::test]
+async fn a_frozen_period_keeps_its_statement_and_late_credits_post_to_the_current_one() {
+    let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
+    let mut s = scenario(&app).await;
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let month_start = now.date().first_of_month();
+    let previous = month_start
+        .checked_sub(jiff::Span::new().months(1))
+        .unwrap();
+    let plan = |grace: Option<u32>| PublishCommissionPlanRequest {
+        options: None,
+        plan_id: String::new(),
+        name: "Flat".into(),
+        effective_from: "2025-01-01".into(),
+        metric: "bookings".into(),
+        tier_basis: "amount".into(),
+        tier_mode: "marginal".into(),
+        tiers: vec![CommissionTier {
+            from: 0,
+            rate_bp: 1_000,
+        }],
+        cap: None,
+        clawback_days: 30,
+        payout_grace_days: grace,
+        reps: vec!["user:r".into()],
+    };
+    let status = app
+        .configuration()
+        .publish_commission_plan(with_roles(&app, plan(Some(366)), "admin"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["payout_grace_days"]);
+    app.configuration()
+        .publish_commission_plan(with_roles(&app, plan(Some(60)), "admin"))
+        .await
+        .unwrap();
+
+    let june = s
+        .open(
+            "qualification",
+            "user:r",
+            1_000_000,
+            "CNY",
+            "2025-06-01T00:00:00Z",
+        )
+        .await;
+    s.win(&june, "2025-06-15T00:00:00Z").await;
+    let recorded_from = jiff::Timestamp::now();
+    let late_position = s.last;
+    let before = s
+        .open(
+            "qualification",
+            "user:r",
+            2_000_000,
+            "CNY",
+            &format!("{previous}T00:00:00Z"),
+        )
+        .await;
+    s.win(&before, &format!("{previous}T12:00:00Z")).await;
+    let this = s
+        .open(
+            "qualification",
+            "user:r",
+            3_000_000,
+            "CNY",
+            &format!("{month_start}T00:00:00Z"),
+        )
+        .await;
+    s.win(&this, &format!("{month_start}T00:01:00Z")).await;
+
+    let mut queries = sales(&app);
+    let statement = |year: i16, month: i8, last: u64| GetCommissionStatementRequest {
+        options: read(last),
+        rep: "user:r".into(),
+        period: fiscal(year as u32, 0, month as u32),
+    };
+    let lines = |statement: &crm_proto::v1::CommissionStatement| -> Vec<(String, i64, i64, bool)> {
+        statement
+            .lines
+            .iter()
+            .map(|l| {
+                (
+                    l.deal_id.clone(),
+                    l.credit_delta_minor,
+                    l.payout_total_minor,
+                    !l.posted_at.is_empty(),
+                )
+            })
+            .collect()
+    };
+    let june_statement = queries
+        .get_commission_statement(app.request(statement(2025, 6, s.last)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(june_statement.lines.is_empty(), "{june_statement:?}");
+    assert_eq!(june_statement.payout_minor, 0);
+
+    let previous_statement = queries
+        .get_commission_statement(app.request(statement(previous.year(), previous.month(), s.last)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        lines(&previous_statement),
+        [(before.clone(), 2_000_000, 200_000, false)]
+    );
+
+    let current = queries
+        .get_commission_statement(app.request(statement(
+            month_start.year(),
+            month_start.month(),
+            s.last,
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    if jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date()
+        .first_of_month()
+        != month_start
+    {
+        return; // the month turned during the test: the late line went on.
+    }
+    // This month's own win first (00:01 on the 1st), then June's, posted
+    // when it was recorded.
+    assert_eq!(
+        lines(&current),
+        [
+            (this.clone(), 3_000_000, 300_000, false),
+            (june.clone(), 1_000_000, 400_000, true),
+        ]
+    );
+    let late = &current.lines[1];
+    assert_eq!(late.occurred_at, "2025-06-15T00:00:00Z");
+    assert!(late.event_position <= late_position);
+    let posted: jiff::Timestamp = late.posted_at.parse().unwrap();
+    assert!(posted <= recorded_from, "{posted} after {recorded_from}");
+    assert!(
+        posted
+            >= month_start
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .unwrap()
+                .timestamp()
+    );
+    assert_eq!(
+        (current.credited_minor, current.payout_minor),
+        (4_000_000, 400_000)
+    );
 }

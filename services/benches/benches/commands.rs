@@ -32,7 +32,12 @@ fn create_contact(phase: usize, caller: usize, n: u64) -> Request<CreateContactR
             // A phone of its own: contacts sharing one are duplicate
             // suspects of each other (DOMAIN.md §5.5), and every create would
             // set off a duplicate-pair command per earlier contact.
-            number: format!("+861{:02}{:02}{:06}", phase % 100, caller % 100, n % 1_000_000),
+            number: format!(
+                "+861{:02}{:02}{:06}",
+                phase % 100,
+                caller % 100,
+                n % 1_000_000
+            ),
             kind: "mobile".into(),
         }],
         title: "Analyst".into(),

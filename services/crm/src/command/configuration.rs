@@ -188,6 +188,7 @@ impl Configuration for ConfigurationService {
                 currency: m.currency,
             }),
             clawback_days: request.clawback_days,
+            payout_grace_days: request.payout_grace_days,
             reps: request.reps,
         };
         let reply = self

@@ -219,6 +219,17 @@ impl Fiscal {
             month: small(period.month),
         })
     }
+
+    /// How many months the period spans.
+    fn months(&self) -> i64 {
+        if self.month > 0 {
+            1
+        } else if self.quarter > 0 {
+            3
+        } else {
+            12
+        }
+    }
 }
 
 /// The stream of a fiscal year's bookings targets: the id the command side
@@ -287,6 +298,34 @@ impl PerformanceSettings {
                 .map_err(internal)
         };
         Ok((instant(start)?, instant(end)?))
+    }
+
+    /// The end of the period as long as `fiscal`'s (a month, a quarter or a
+    /// year of the fiscal calendar) that holds `at`.
+    fn end_of_period_holding(
+        &self,
+        fiscal: &Fiscal,
+        at: jiff::Timestamp,
+    ) -> Result<jiff::Timestamp, Status> {
+        let internal = |e: jiff::Error| Status::internal(format!("calendar: {e}"));
+        let date = at.to_zoned(self.zone.clone()).date();
+        // Months since the fiscal calendar's origin (year 0's start month).
+        let months = i64::from(date.year()) * 12 + i64::from(date.month())
+            - i64::from(self.fiscal_year_start_month);
+        let length = fiscal.months();
+        let first =
+            months.div_euclid(length) * length + length + i64::from(self.fiscal_year_start_month)
+                - 1;
+        let end = jiff::civil::Date::new(
+            i16::try_from(first.div_euclid(12))
+                .map_err(|_| Status::internal("calendar: year out of range"))?,
+            i8::try_from(first.rem_euclid(12) + 1).unwrap_or(1),
+            1,
+        )
+        .map_err(internal)?;
+        end.to_zoned(self.zone.clone())
+            .map(|zoned| zoned.timestamp())
+            .map_err(internal)
     }
 }
 
@@ -998,16 +1037,34 @@ impl SalesQueries for SalesService {
             .await
             .map_err(unavailable)?;
         let (start_time, end_time): (SystemTime, SystemTime) = (start.into(), end.into());
+        // The period's own credits, and those of earlier periods recorded in
+        // it (posted late when their period was frozen by then).
         let rows = client
             .query(
-                "SELECT position, deal_id, kind, occurred_at, won_at, amount_minor, currency \
+                "SELECT position, deal_id, kind, occurred_at, won_at, amount_minor, currency, \
+                   recorded_at \
                  FROM sales_credits \
                  WHERE tenant_id = $1 AND owner = $2 AND occurred_at >= $3 AND occurred_at < $4 \
-                 ORDER BY occurred_at, position",
-                &[&tenant, &request.rep, &start_time, &end_time],
+                 UNION ALL \
+                 SELECT position, deal_id, kind, occurred_at, won_at, amount_minor, currency, \
+                   recorded_at \
+                 FROM sales_credits \
+                 WHERE tenant_id = $1 AND owner = $2 AND $5 \
+                   AND recorded_at >= $3 AND recorded_at < $4 AND occurred_at < $3 \
+                 ORDER BY 4, 1",
+                &[
+                    &tenant,
+                    &request.rep,
+                    &start_time,
+                    &end_time,
+                    &plan.payout_grace_days.is_some(),
+                ],
             )
             .await
             .map_err(unavailable)?;
+        let grace = plan
+            .payout_grace_days
+            .map(|days| jiff::SignedDuration::from_hours(i64::from(days) * 24));
         let (target_minor, currency) = match &target {
             Some(row) => (row.get::<_, i64>(0), row.get::<_, String>(1)),
             None if !settings.reporting_currency.is_empty() => {
@@ -1031,6 +1088,31 @@ impl SalesQueries for SalesService {
             if row.get::<_, String>(6) != currency {
                 continue;
             }
+            let recorded_at: Option<SystemTime> = row.get(7);
+            // Where the credit counts: its own period, unless that was
+            // frozen (end + grace) when it was recorded; then the period it
+            // was recorded in, at that time.
+            let mut posted_at = None;
+            if let (Some(grace), Some(recorded_at)) = (grace, recorded_at) {
+                let occurred = jiff::Timestamp::try_from(occurred_at)
+                    .map_err(|e| Status::internal(format!("stored time: {e}")))?;
+                let recorded = jiff::Timestamp::try_from(recorded_at)
+                    .map_err(|e| Status::internal(format!("stored time: {e}")))?;
+                let frozen_at = settings
+                    .end_of_period_holding(&fiscal, occurred)?
+                    .checked_add(grace)
+                    .map_err(|e| Status::internal(format!("calendar: {e}")))?;
+                let late = recorded > frozen_at;
+                let own = occurred >= start && occurred < end;
+                match (own, late) {
+                    (true, false) => {}
+                    (false, true) => posted_at = Some(recorded),
+                    // Recorded after this period froze: it counts where it
+                    // was recorded. Or an earlier period's credit recorded
+                    // here before that period froze: it counts there.
+                    _ => continue,
+                }
+            }
             if kind == "reopened"
                 && occurred_at.duration_since(won_at).unwrap_or_default() > clawback
             {
@@ -1041,23 +1123,35 @@ impl SalesQueries for SalesService {
                 .map_err(|e| Status::internal(format!("stored time: {e}")))?;
             credits.push(Credit {
                 position: event_position,
-                occurred_at,
+                // A late line takes its place by when it was posted.
+                occurred_at: posted_at.unwrap_or(occurred_at),
                 delta_minor: row.get(5),
             });
-            cited.insert(event_position, (row.get::<_, Uuid>(1), kind));
+            cited.insert(
+                event_position,
+                (row.get::<_, Uuid>(1), kind, occurred_at, posted_at),
+            );
         }
         let computed = statement(&plan, target_minor, &credits);
         let lines = computed
             .lines
             .iter()
             .map(|line| {
-                let (deal, kind) = cited
+                let (deal, kind, occurred_at, posted_at) = cited
                     .get(&line.position)
-                    .map(|(deal, kind)| (deal.to_string(), kind.clone()))
+                    .map(|(deal, kind, occurred_at, posted_at)| {
+                        (
+                            deal.to_string(),
+                            kind.clone(),
+                            occurred_at.to_string(),
+                            posted_at.map(|t| t.to_string()).unwrap_or_default(),
+                        )
+                    })
                     .unwrap_or_default();
                 CommissionLine {
                     event_position: line.position,
-                    occurred_at: line.occurred_at.to_string(),
+                    occurred_at,
+                    posted_at,
                     deal_id: deal,
                     kind,
                     credit_delta_minor: line.credit_delta,

@@ -225,6 +225,7 @@ mod tests {
                 .collect(),
             cap: None,
             clawback_days: 90,
+            payout_grace_days: None,
             reps: vec!["user:rep".into()],
         }
     }

@@ -337,6 +337,12 @@ pub struct CommissionPlan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cap: Option<Money>,
     pub clawback_days: u32,
+    /// Days after a period ends until it is paid and frozen (DOMAIN.md
+    /// §5.1): a credit recorded later than that no longer changes the
+    /// period's statement but posts to the period in which it is recorded.
+    /// `None`: periods never freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payout_grace_days: Option<u32>,
     /// Reps on the plan (user ids).
     pub reps: Vec<String>,
 }
@@ -394,6 +400,11 @@ impl ConfigContent for CommissionPlan {
             self.clawback_days <= 730,
             "clawback_days",
             "must be at most 730",
+        );
+        v.check(
+            self.payout_grace_days.is_none_or(|days| days <= 365),
+            "payout_grace_days",
+            "must be at most 365",
         );
         v.check(
             self.reps.iter().all(|r| text_ok(r, 200, false)),
@@ -702,6 +713,7 @@ mod tests {
             ],
             cap: None,
             clawback_days: 90,
+            payout_grace_days: None,
             reps: vec!["user:rep".into()],
         }
     }

@@ -71,6 +71,11 @@ CREATE INDEX IF NOT EXISTS sales_credits_by_owner
     ON sales_credits (tenant_id, owner, occurred_at, position);
 CREATE INDEX IF NOT EXISTS sales_credits_by_deal
     ON sales_credits (tenant_id, deal_id, position);
+-- When the credit's event was recorded: a commission plan's frozen periods
+-- (payout_grace_days) go by it. NULL in rows written before it was kept.
+ALTER TABLE sales_credits ADD COLUMN IF NOT EXISTS recorded_at timestamptz;
+CREATE INDEX IF NOT EXISTS sales_credits_by_recorded
+    ON sales_credits (tenant_id, owner, recorded_at);
 CREATE TABLE IF NOT EXISTS commission_plans (
     tenant_id      text    NOT NULL,
     plan_id        uuid    NOT NULL,
@@ -129,11 +134,11 @@ impl Projection for SalesPerformance {
                                SELECT t.parent_id FROM sales_teams t JOIN teams USING (team_id) \
                                WHERE t.tenant_id = $1 AND t.parent_id IS NOT NULL) \
                              INSERT INTO sales_credits (tenant_id, position, deal_id, kind, owner, \
-                               teams, occurred_at, won_at, amount_minor, currency) \
+                               teams, occurred_at, won_at, amount_minor, currency, recorded_at) \
                              SELECT $1, $2, $3, 'won', $4, \
                                COALESCE((SELECT array_agg('team:' || team_id::text \
                                          ORDER BY team_id) FROM teams), '{}'), \
-                               $5, $5, $6, $7 \
+                               $5, $5, $6, $7, $8 \
                              ON CONFLICT (tenant_id, position) DO NOTHING",
                             &[
                                 &event.tenant_id,
@@ -143,6 +148,7 @@ impl Projection for SalesPerformance {
                                 &at,
                                 &won.amount.amount_minor,
                                 &won.amount.currency,
+                                &event.recorded_at,
                             ],
                         )
                         .await?;
@@ -155,14 +161,21 @@ impl Projection for SalesPerformance {
                         let at: Time = reopened.occurred_at.into();
                         tx.execute(
                             "INSERT INTO sales_credits (tenant_id, position, deal_id, kind, \
-                               owner, teams, occurred_at, won_at, amount_minor, currency) \
+                               owner, teams, occurred_at, won_at, amount_minor, currency, \
+                               recorded_at) \
                              SELECT tenant_id, $2, deal_id, 'reopened', owner, teams, $4, \
-                               occurred_at, -amount_minor, currency \
+                               occurred_at, -amount_minor, currency, $5 \
                              FROM sales_credits \
                              WHERE tenant_id = $1 AND deal_id = $3 AND kind = 'won' \
                              ORDER BY position DESC LIMIT 1 \
                              ON CONFLICT (tenant_id, position) DO NOTHING",
-                            &[&event.tenant_id, &position, &event.stream_id, &at],
+                            &[
+                                &event.tenant_id,
+                                &position,
+                                &event.stream_id,
+                                &at,
+                                &event.recorded_at,
+                            ],
                         )
                         .await?;
                     }
