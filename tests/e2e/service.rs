@@ -273,7 +273,10 @@ fn expect(
 #[tokio::test]
 async fn round_robin_skips_offline_and_unskilled_agents_and_waiting_tickets_go_to_agents_who_free_up()
  {
-    let app = TestApp::spawn().await;
+    // No scheduler: on the system clock it would auto-close the ticket
+    // solved in March at any moment, racing the count of stored events at
+    // the end.
+    let app = TestApp::spawn_with(|config| config.scheduler_interval_ms = 0).await;
     // Members a, b, c (billing), d (no skills); e has the skill but is no
     // member. Capacities a 2, b 3, c 2.
     let q = queue(
@@ -961,4 +964,168 @@ async fn bad_metrics_csat_and_complaint_queries_name_their_field() {
         assert_eq!(bad_fields(&status), [field]);
     }
     app.stop().await;
+}
+
+/// Queue overflow (DOMAIN.md §5.2, "none eligible: wait, then overflow"):
+/// Tier 1's only member is offline, so a ticket queued there at 09:00
+/// waits; its queue overflows to Tier 2 after 15 minutes. At 09:14 the
+/// scheduler does nothing; at 09:15 it moves the ticket, unassigned, to Tier
+/// 2 (method `overflow`), where the router gives it to Tier 2's online
+/// agent. A ticket of Tier 1 assigned by hand meanwhile stays put, and a
+/// second tick changes nothing.
+#[tokio::test]
+async fn a_ticket_nobody_is_eligible_for_overflows_to_the_next_queue_after_its_wait() {
+    use std::sync::{Arc, Mutex};
+    let app = TestApp::spawn_with(|config| config.scheduler_interval_ms = 0).await;
+    let clock = Arc::new(crate::support::TestClock(Mutex::new(
+        "2026-03-02T08:00:00Z".parse().unwrap(),
+    )));
+    let (scheduler, store) = crate::support::test_scheduler(&app, clock.clone()).await;
+    let publish = |request: PublishQueueRequest| {
+        let app = &app;
+        async move {
+            app.configuration()
+                .publish_queue(as_manager(app, request))
+                .await
+        }
+    };
+    let tier2 = publish(PublishQueueRequest {
+        options: at("2026-03-01T00:00:00Z"),
+        name: "Tier 2".into(),
+        members: vec!["agent:z".into()],
+        routing: "round_robin".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .stream_id;
+    let tier1_request = PublishQueueRequest {
+        options: at("2026-03-01T00:00:00Z"),
+        name: "Tier 1".into(),
+        members: vec!["agent:y".into()],
+        routing: "round_robin".into(),
+        overflow_queue_id: tier2.clone(),
+        overflow_after_minutes: Some(15),
+        ..Default::default()
+    };
+    // Bad overflow settings are refused, naming the field.
+    for (bad, field) in [
+        (
+            PublishQueueRequest {
+                overflow_after_minutes: Some(0),
+                ..tier1_request.clone()
+            },
+            "overflow_after_minutes",
+        ),
+        (
+            PublishQueueRequest {
+                overflow_queue_id: String::new(),
+                ..tier1_request.clone()
+            },
+            "overflow_after_minutes",
+        ),
+        (
+            PublishQueueRequest {
+                queue_id: tier2.clone(),
+                ..tier1_request.clone()
+            },
+            "overflow_queue_id",
+        ),
+        (
+            PublishQueueRequest {
+                overflow_queue_id: "tier-2".into(),
+                ..tier1_request.clone()
+            },
+            "overflow_queue_id",
+        ),
+    ] {
+        let status = publish(bad).await.unwrap_err();
+        assert_eq!(bad_fields(&status), [field], "{status:?}");
+    }
+    let tier1 = publish(tier1_request).await.unwrap().into_inner().stream_id;
+    let morning = "2026-03-02T08:00:00Z";
+    availability(&app, "agent:y", "offline", 5, &[], morning).await;
+    availability(&app, "agent:z", "online", 5, &[], morning).await;
+
+    let waiting = open(&app, "2026-03-02T09:00:00Z", "email", "question", "").await;
+    assign(&app, &waiting, &tier1, "", "2026-03-02T09:00:00Z").await;
+    let handled = open(&app, "2026-03-02T09:00:00Z", "email", "question", "").await;
+    assign(&app, &handled, &tier1, "", "2026-03-02T09:00:00Z").await;
+    app.tickets()
+        .assign_ticket(app.request(AssignTicketRequest {
+            options: at("2026-03-02T09:05:00Z"),
+            ticket_id: handled.clone(),
+            queue_id: tier1.clone(),
+            assignee: "agent:y".into(),
+            override_reason: "the customer asked for Y".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    router_reached(&app, head(&app).await).await;
+
+    clock.set("2026-03-02T09:14:00Z");
+    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    clock.set("2026-03-02T09:15:00Z");
+    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
+    assert_eq!(
+        routed_to(&app, &waiting).await,
+        (
+            "agent:z".into(),
+            "round_robin".into(),
+            ts("2026-03-02T09:15:00Z")
+        )
+    );
+    let moves: Vec<(String, String, Option<String>, String)> = app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT payload FROM events WHERE stream_id = $1 AND event_type = 'TicketAssigned' \
+             ORDER BY stream_version",
+            &[&uuid::Uuid::parse_str(&waiting).unwrap()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let payload: serde_json::Value = row.get(0);
+            let text = |key: &str| payload[key].as_str().unwrap_or_default().to_owned();
+            (
+                text("queue"),
+                text("method"),
+                payload["assignee"].as_str().map(str::to_owned),
+                text("occurred_at"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        moves[1],
+        (
+            tier2.clone(),
+            "overflow".into(),
+            None,
+            ts("2026-03-02T09:15:00Z")
+        )
+    );
+    assert_eq!(moves.len(), 3, "{moves:?}");
+    router_reached(&app, head(&app).await).await;
+    clock.set("2026-03-02T12:00:00Z");
+    assert_eq!(scheduler.tick().await.unwrap().appended, 0, "once");
+    // The ticket given to Y by hand never moved.
+    let handled_moves: i64 = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE stream_id = $1 \
+             AND payload->>'method' = 'overflow'",
+            &[&uuid::Uuid::parse_str(&handled).unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(handled_moves, 0);
+    store.shutdown().await;
 }

@@ -623,6 +623,7 @@ async fn more(
                 skills: Vec::new(),
                 routing: "round_robin".to_owned(),
                 overflow_queue_id: String::new(),
+                overflow_after_minutes: None,
             },
         ))
     );

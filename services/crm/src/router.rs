@@ -17,8 +17,10 @@
 //! | QueuePublished (members, skills or routing changed) | the queue's waiting tickets |
 //!
 //! Waiting tickets go most urgent first, then longest waiting. With no
-//! eligible agent a ticket waits until one of these events; overflow to
-//! another queue is not done (a waiting ticket stays in its queue).
+//! eligible agent a ticket waits until one of these events; when its queue
+//! names an overflow queue, the scheduler moves a ticket that has waited
+//! `overflow_after_minutes` there (unassigned, method `overflow`), where it
+//! is routed afresh.
 //!
 //! It runs on the projection runtime like the SLA process manager
 //! (`sla.rs`, ADR 0007): events in log order, its own tables (queues,
@@ -93,7 +95,10 @@ CREATE INDEX IF NOT EXISTS router_tickets_waiting
     ON router_tickets (tenant_id, queue, priority_rank, waiting_since, ticket_id)
     WHERE waiting_since IS NOT NULL;
 CREATE INDEX IF NOT EXISTS router_tickets_open
-    ON router_tickets (tenant_id, assignee) WHERE open";
+    ON router_tickets (tenant_id, assignee) WHERE open;
+-- Where and when a queue's waiting tickets overflow (the scheduler reads it).
+ALTER TABLE router_queues ADD COLUMN IF NOT EXISTS overflow_queue text;
+ALTER TABLE router_queues ADD COLUMN IF NOT EXISTS overflow_after_minutes integer";
 
 /// An agent the router may give a ticket of some queue to: online, a
 /// member, skilled (checked by the caller), with their load.
@@ -379,11 +384,15 @@ impl Router {
             return Ok(());
         }
         let queue = published.content;
+        let overflow = queue.overflow();
         tx.execute(
-            "INSERT INTO router_queues (tenant_id, queue_id, version, members, skills, routing) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, queue_id) DO UPDATE SET \
+            "INSERT INTO router_queues (tenant_id, queue_id, version, members, skills, routing, \
+               overflow_queue, overflow_after_minutes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant_id, queue_id) DO UPDATE SET \
                version = EXCLUDED.version, members = EXCLUDED.members, \
-               skills = EXCLUDED.skills, routing = EXCLUDED.routing",
+               skills = EXCLUDED.skills, routing = EXCLUDED.routing, \
+               overflow_queue = EXCLUDED.overflow_queue, \
+               overflow_after_minutes = EXCLUDED.overflow_after_minutes",
             &[
                 &event.tenant_id,
                 &queue_id,
@@ -391,6 +400,8 @@ impl Router {
                 &queue.members,
                 &queue.skills,
                 &queue.routing,
+                &overflow.map(|(queue, _)| queue.to_string()),
+                &overflow.map(|(_, minutes)| i32::try_from(minutes).unwrap_or(i32::MAX)),
             ],
         )
         .await?;

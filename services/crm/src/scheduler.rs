@@ -12,7 +12,10 @@
 //! `service_queue`), stalled deals (stage older than the stage's
 //! `max_days_in_stage`, or no touch for 14 days) and churn risk (a customer
 //! with no touch or paid order for 90 days) and, for tenants that opted in
-//! (`inactivity_churn_days`), inactivity churn, from `engagement`.
+//! (`inactivity_churn_days`), inactivity churn, from `engagement`; and
+//! queue overflow (a ticket nobody was eligible for during its queue's
+//! `overflow_after_minutes` moves to the overflow queue), from the router's
+//! tables.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,6 +114,7 @@ impl Scheduler {
         self.tasks_due(now, &mut tick).await?;
         self.sla_alarms(now, &mut tick).await?;
         self.waiting_tickets(now, &mut tick).await?;
+        self.queue_overflow(now, &mut tick).await?;
         self.stalled_deals(now, &mut tick).await?;
         self.churn_risk(now, &mut tick).await?;
         self.inactivity_churn(now, &mut tick).await?;
@@ -146,11 +150,33 @@ impl Scheduler {
     where
         A::Command: Clone,
     {
+        self.send_at::<A>(tick, tenant, stream_id, None, key, occurred_at, command)
+            .await
+    }
+
+    /// [`Self::send`], expecting the stream at `expected_version` when
+    /// given: a stream that moved on since the read model saw it is
+    /// skipped (its later events decide again).
+    #[allow(clippy::too_many_arguments)]
+    async fn send_at<A: Aggregate>(
+        &self,
+        tick: &mut Tick,
+        tenant: &str,
+        stream_id: Uuid,
+        expected_version: Option<u64>,
+        key: String,
+        occurred_at: Timestamp,
+        command: A::Command,
+    ) -> Result<(), ServiceError>
+    where
+        A::Command: Clone,
+    {
         let Ok(tenant) = TenantId::parse(tenant) else {
             return Ok(());
         };
         let caller = Caller::system(tenant, "system:scheduler");
-        let options = Options::internal(key, occurred_at);
+        let mut options = Options::internal(key, occurred_at);
+        options.expected_version = expected_version;
         match self
             .handler
             .execute::<A>(&caller, stream_id, &options, command)
@@ -158,7 +184,10 @@ impl Scheduler {
         {
             Ok(reply) if !reply.unchanged => tick.appended += 1,
             Ok(_) => tick.skipped += 1,
-            Err(ServiceError::Domain(crm_domain::DomainError::NotApplicable { .. })) => {
+            Err(
+                ServiceError::Domain(crm_domain::DomainError::NotApplicable { .. })
+                | ServiceError::VersionConflict { .. },
+            ) => {
                 tick.skipped += 1;
             }
             Err(error @ ServiceError::Unavailable(_)) => return Err(error),
@@ -281,6 +310,50 @@ impl Scheduler {
 }
 
 impl Scheduler {
+    /// Queue overflow: a ticket waiting in a queue with an overflow queue,
+    /// with no eligible agent for the queue's `overflow_after_minutes`, moves
+    /// there unassigned (the router then routes it in its new queue). Sent
+    /// at the ticket version the router saw, so a ticket assigned meanwhile
+    /// stays where it is.
+    async fn queue_overflow(&self, now: Timestamp, tick: &mut Tick) -> Result<(), ServiceError> {
+        let now_system: SystemTime = now.into();
+        let rows = self
+            .due_rows(
+                "SELECT t.tenant_id, t.ticket_id, t.version, t.queue, q.overflow_queue, \
+                   t.waiting_since, t.waiting_since + make_interval(mins => q.overflow_after_minutes) \
+                 FROM router_tickets t JOIN router_queues q \
+                   ON q.tenant_id = t.tenant_id AND q.queue_id = t.queue \
+                 WHERE t.waiting_since IS NOT NULL AND q.overflow_queue IS NOT NULL \
+                   AND t.waiting_since + make_interval(mins => q.overflow_after_minutes) <= $1 \
+                 ORDER BY t.waiting_since, t.ticket_id LIMIT $2",
+                &[&now_system, &BATCH],
+            )
+            .await?;
+        for row in &rows {
+            let ticket_id: Uuid = row.get(1);
+            let queue: String = row.get(3);
+            let since = timestamp(row.get(5))?;
+            let due = timestamp(row.get(6))?;
+            self.send_at::<Ticket>(
+                tick,
+                row.get(0),
+                ticket_id,
+                u64::try_from(row.get::<_, i64>(2)).ok(),
+                format!("scheduler:queue_overflow:{ticket_id}:{queue}:{since}"),
+                due,
+                TicketCommand::Assign {
+                    queue: row.get(4),
+                    assignee: None,
+                    method: "overflow".into(),
+                    eligible: true,
+                    override_reason: String::new(),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Stalled deal: longer in its stage than the stage's
     /// `max_days_in_stage`, or no touch for 14 days.
     async fn stalled_deals(&self, now: Timestamp, tick: &mut Tick) -> Result<(), ServiceError> {

@@ -365,7 +365,11 @@ impl Configuration for ConfigurationService {
             skills: request.skills,
             routing: request.routing,
             overflow_queue_id: optional_id("overflow_queue_id", &request.overflow_queue_id)?,
+            overflow_after_minutes: request.overflow_after_minutes,
         };
+        if content.overflow_queue_id == Some(id) {
+            return Err(ServiceError::invalid("overflow_queue_id", "must be another queue").into());
+        }
         let reply = self
             .handler
             .execute::<QueueConfig>(&caller, id, &options, Publish(content))

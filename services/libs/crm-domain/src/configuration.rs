@@ -431,6 +431,27 @@ pub struct Queue {
     /// Where tickets go when no agent is eligible for too long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overflow_queue_id: Option<uuid::Uuid>,
+    /// How long a ticket waits with no eligible agent before it overflows
+    /// ([`DEFAULT_OVERFLOW_AFTER_MINUTES`] when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overflow_after_minutes: Option<u32>,
+}
+
+/// How long a ticket waits for an eligible agent before it moves to its
+/// queue's overflow queue, unless the queue says otherwise.
+pub const DEFAULT_OVERFLOW_AFTER_MINUTES: u32 = 30;
+
+impl Queue {
+    /// Where and after how many minutes of waiting a ticket overflows.
+    pub fn overflow(&self) -> Option<(uuid::Uuid, u32)> {
+        self.overflow_queue_id.map(|queue| {
+            (
+                queue,
+                self.overflow_after_minutes
+                    .unwrap_or(DEFAULT_OVERFLOW_AFTER_MINUTES),
+            )
+        })
+    }
 }
 
 impl ConfigContent for Queue {
@@ -468,6 +489,17 @@ impl ConfigContent for Queue {
                 "must be a code of [a-z0-9_]",
             );
         }
+        v.check(
+            self.overflow_after_minutes
+                .is_none_or(|minutes| (1..=10_080).contains(&minutes)),
+            "overflow_after_minutes",
+            "must be 1 to 10080 (a week)",
+        );
+        v.check(
+            self.overflow_after_minutes.is_none() || self.overflow_queue_id.is_some(),
+            "overflow_after_minutes",
+            "needs an overflow_queue_id",
+        );
         v.check(
             ["round_robin", "least_loaded"].contains(&self.routing.as_str()),
             "routing",

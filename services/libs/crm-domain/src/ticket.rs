@@ -449,9 +449,10 @@ impl Aggregate for Ticket {
                 self.not_closed()?;
                 let mut v = Violations::default();
                 v.check(
-                    ["manual", "round_robin", "least_loaded", "rule"].contains(&method.as_str()),
+                    ["manual", "round_robin", "least_loaded", "rule", "overflow"]
+                        .contains(&method.as_str()),
                     "method",
-                    "must be manual, round_robin, least_loaded or rule",
+                    "must be manual, round_robin, least_loaded, rule or overflow",
                 );
                 v.check(
                     text_ok(&override_reason, 500, true),
