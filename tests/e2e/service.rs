@@ -157,16 +157,16 @@ async fn rate(app: &TestApp, ticket: &str, score: u32, when: &str) -> CommandRep
         .into_inner()
 }
 
-/// The routed assignments of a ticket, as stored: (assignee, method,
+/// Every assignment of a ticket, as stored: (queue, assignee, method,
 /// occurred_at).
-async fn routed(app: &TestApp, ticket: &str) -> Vec<(String, String, String)> {
+async fn assignments(app: &TestApp, ticket: &str) -> Vec<(String, Option<String>, String, String)> {
     let id = uuid::Uuid::parse_str(ticket).unwrap();
     app.db
         .client()
         .await
         .query(
             "SELECT payload FROM events WHERE stream_id = $1 AND event_type = 'TicketAssigned' \
-             AND payload ? 'assignee' AND payload->>'method' <> 'manual' ORDER BY stream_version",
+             ORDER BY stream_version",
             &[&id],
         )
         .await
@@ -175,7 +175,26 @@ async fn routed(app: &TestApp, ticket: &str) -> Vec<(String, String, String)> {
         .map(|row| {
             let payload: serde_json::Value = row.get(0);
             let text = |key: &str| payload[key].as_str().unwrap_or_default().to_owned();
-            (text("assignee"), text("method"), text("occurred_at"))
+            (
+                text("queue"),
+                payload["assignee"].as_str().map(str::to_owned),
+                text("method"),
+                text("occurred_at"),
+            )
+        })
+        .collect()
+}
+
+/// The routed assignments of a ticket, as stored: (assignee, method,
+/// occurred_at).
+async fn routed(app: &TestApp, ticket: &str) -> Vec<(String, String, String)> {
+    assignments(app, ticket)
+        .await
+        .into_iter()
+        .filter_map(|(_, assignee, method, at)| {
+            assignee
+                .filter(|_| method != "manual")
+                .map(|a| (a, method, at))
         })
         .collect()
 }
@@ -1077,35 +1096,13 @@ async fn a_ticket_nobody_is_eligible_for_overflows_to_the_next_queue_after_its_w
             ts("2026-03-02T09:15:00Z")
         )
     );
-    let moves: Vec<(String, String, Option<String>, String)> = app
-        .db
-        .client()
-        .await
-        .query(
-            "SELECT payload FROM events WHERE stream_id = $1 AND event_type = 'TicketAssigned' \
-             ORDER BY stream_version",
-            &[&uuid::Uuid::parse_str(&waiting).unwrap()],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| {
-            let payload: serde_json::Value = row.get(0);
-            let text = |key: &str| payload[key].as_str().unwrap_or_default().to_owned();
-            (
-                text("queue"),
-                text("method"),
-                payload["assignee"].as_str().map(str::to_owned),
-                text("occurred_at"),
-            )
-        })
-        .collect();
+    let moves = assignments(&app, &waiting).await;
     assert_eq!(
         moves[1],
         (
             tier2.clone(),
-            "overflow".into(),
             None,
+            "overflow".into(),
             ts("2026-03-02T09:15:00Z")
         )
     );
