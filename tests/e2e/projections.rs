@@ -275,8 +275,96 @@ async fn status(setup: &Setup) -> crm_projections::ProjectionStatus {
         .unwrap()
 }
 
+/// A metric exporter that keeps the latest value of every `u64` counter and
+/// gauge by (name, `projection` attribute).
+#[derive(Clone, Default)]
+struct CapturedMetrics(Arc<std::sync::Mutex<std::collections::HashMap<(String, String), u64>>>);
+
+impl CapturedMetrics {
+    fn get(&self, name: &str, projection: &str) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&(name.to_owned(), projection.to_owned()))
+            .copied()
+    }
+}
+
+impl opentelemetry_sdk::metrics::exporter::PushMetricExporter for CapturedMetrics {
+    async fn export(
+        &self,
+        metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+        let mut values = self.0.lock().unwrap();
+        for scope in metrics.scope_metrics() {
+            for metric in scope.metrics() {
+                let points: Vec<(Vec<&opentelemetry::KeyValue>, u64)> = match metric.data() {
+                    AggregatedMetrics::U64(MetricData::Sum(sum)) => sum
+                        .data_points()
+                        .map(|p| (p.attributes().collect(), p.value()))
+                        .collect(),
+                    AggregatedMetrics::U64(MetricData::Gauge(gauge)) => gauge
+                        .data_points()
+                        .map(|p| (p.attributes().collect(), p.value()))
+                        .collect(),
+                    _ => continue,
+                };
+                for (attributes, value) in points {
+                    let projection = attributes
+                        .iter()
+                        .find(|kv| kv.key.as_str() == "projection")
+                        .map(|kv| kv.value.to_string())
+                        .unwrap_or_default();
+                    values.insert((metric.name().to_owned(), projection), value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+
+    fn temporality(&self) -> opentelemetry_sdk::metrics::Temporality {
+        opentelemetry_sdk::metrics::Temporality::Cumulative
+    }
+}
+
+/// Captures the OpenTelemetry metrics of whatever runs in this process from
+/// now on. One provider per process: nextest runs each test in a process of
+/// its own, `cargo test` runs them side by side (so figures are compared
+/// with `>=` where another test's projector could add to them).
+fn capture_metrics() -> (
+    CapturedMetrics,
+    opentelemetry_sdk::metrics::SdkMeterProvider,
+) {
+    static CAPTURE: std::sync::OnceLock<(
+        CapturedMetrics,
+        opentelemetry_sdk::metrics::SdkMeterProvider,
+    )> = std::sync::OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let captured = CapturedMetrics::default();
+            let meters = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+                .with_reader(
+                    opentelemetry_sdk::metrics::PeriodicReader::builder(captured.clone()).build(),
+                )
+                .build();
+            opentelemetry::global::set_meter_provider(meters.clone());
+            (captured, meters)
+        })
+        .clone()
+}
+
 #[tokio::test]
 async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the_store() {
+    let (captured, meters) = capture_metrics();
     let setup = setup_runtime().await;
     let pipeline = Uuid::now_v7();
     let positions = open_deals(&setup.store, pipeline, 10, 100_000).await;
@@ -302,6 +390,14 @@ async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the
         ),
         (10, 3, "running", 0)
     );
+    meters.force_flush().unwrap();
+    assert!(
+        captured.get("crm.projection.holes_refilled", PIPELINE_BOARD) >= Some(3),
+        "the refill is counted in a metric"
+    );
+    assert!(captured.get("crm.projection.position", PIPELINE_BOARD) > Some(0));
+    assert!(captured.get("crm.projection.events", PIPELINE_BOARD) >= Some(10));
+    assert!(captured.get("crm.projection.batches", PIPELINE_BOARD) >= Some(1));
     let sums: (i64, i64) = {
         let row = setup
             .db
@@ -350,6 +446,7 @@ async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the
 
 #[tokio::test]
 async fn a_poison_event_stops_the_projection_loudly_and_skips_nothing() {
+    let (captured, meters) = capture_metrics();
     let setup = setup_runtime().await;
     let pipeline = Uuid::now_v7();
     let mut positions = open_deals(&setup.store, pipeline, 2, 500).await;
@@ -386,6 +483,11 @@ async fn a_poison_event_stops_the_projection_loudly_and_skips_nothing() {
         board_rows(&setup).await.len(),
         2,
         "nothing after it applied"
+    );
+    meters.force_flush().unwrap();
+    assert!(
+        captured.get("crm.projection.poison", PIPELINE_BOARD) >= Some(1),
+        "the stop is counted in a metric"
     );
     setup.store.shutdown().await;
 }

@@ -1,7 +1,9 @@
-//! One place that sets up tracing: log lines to stderr, and spans exported over
-//! OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard `OTEL_*`
-//! variables configure the exporter).
+//! One place that sets up tracing: log lines to stderr, and spans and metrics
+//! (the `crm.projection.*` counters, ...) exported over OTLP when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard `OTEL_*` variables
+//! configure the exporters).
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -12,6 +14,7 @@ use crate::LogFormat;
 /// Keeps the exporter alive; call [`Telemetry::shutdown`] last, to flush spans.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,24 @@ pub fn init(service_name: &'static str, format: LogFormat) -> Result<Telemetry, 
     } else {
         None
     };
+    let meters = if provider.is_some() {
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let meters = SdkMeterProvider::builder()
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service_name)
+                    .build(),
+            )
+            .with_periodic_exporter(exporter)
+            .build();
+        opentelemetry::global::set_meter_provider(meters.clone());
+        Some(meters)
+    } else {
+        None
+    };
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service_name)));
@@ -62,16 +83,21 @@ pub fn init(service_name: &'static str, format: LogFormat) -> Result<Telemetry, 
         .with(otel)
         .try_init()
         .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;
-    Ok(Telemetry { provider })
+    Ok(Telemetry { provider, meters })
 }
 
 impl Telemetry {
-    /// Flushes and stops span export.
+    /// Flushes and stops span and metric export.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
             && let Err(error) = provider.shutdown()
         {
             eprintln!("telemetry shutdown: {error}");
+        }
+        if let Some(meters) = self.meters
+            && let Err(error) = meters.shutdown()
+        {
+            eprintln!("metrics shutdown: {error}");
         }
     }
 }

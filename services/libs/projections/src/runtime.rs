@@ -277,6 +277,55 @@ fn nats(error: impl std::fmt::Display) -> RunError {
     RunError::Nats(error.to_string())
 }
 
+/// A projector's OpenTelemetry instruments (meter `crm.projections`), each
+/// with the attribute `projection`. Without a meter provider (no
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`) they cost nothing.
+struct Metrics {
+    attributes: [opentelemetry::KeyValue; 1],
+    /// `crm.projection.events`: events applied (redeliveries not counted).
+    events: opentelemetry::metrics::Counter<u64>,
+    /// `crm.projection.batches`: transactions committed.
+    batches: opentelemetry::metrics::Counter<u64>,
+    /// `crm.projection.holes_refilled`: events read from the store because
+    /// the delivery skipped them.
+    holes: opentelemetry::metrics::Counter<u64>,
+    /// `crm.projection.poison`: stops on an event it cannot apply.
+    poison: opentelemetry::metrics::Counter<u64>,
+    /// `crm.projection.position`: the global position applied.
+    position: opentelemetry::metrics::Gauge<u64>,
+}
+
+impl Metrics {
+    fn new(projection: &'static str) -> Self {
+        let meter = opentelemetry::global::meter("crm.projections");
+        Self {
+            attributes: [opentelemetry::KeyValue::new("projection", projection)],
+            events: meter
+                .u64_counter("crm.projection.events")
+                .with_description("Events applied to the read model")
+                .build(),
+            batches: meter
+                .u64_counter("crm.projection.batches")
+                .with_description("Projection transactions committed")
+                .build(),
+            holes: meter
+                .u64_counter("crm.projection.holes_refilled")
+                .with_description(
+                    "Events refilled from the event store after a hole in the delivery",
+                )
+                .build(),
+            poison: meter
+                .u64_counter("crm.projection.poison")
+                .with_description("Stops on an event the projection cannot apply")
+                .build(),
+            position: meter
+                .u64_gauge("crm.projection.position")
+                .with_description("Global position applied")
+                .build(),
+        }
+    }
+}
+
 /// Runs one projection until shutdown, or until a poison event stops it.
 pub struct Projector {
     projection: Arc<dyn Projection>,
@@ -291,6 +340,7 @@ pub struct Projector {
     skipped_to: std::sync::atomic::AtomicU64,
     flushed_to: std::sync::atomic::AtomicU64,
     flushed_at: std::sync::Mutex<tokio::time::Instant>,
+    metrics: Metrics,
 }
 
 /// How often positions moved past unhandled events reach the status row.
@@ -305,6 +355,7 @@ impl Projector {
         options: ProjectorOptions,
     ) -> Self {
         Self {
+            metrics: Metrics::new(projection.name()),
             projection,
             store,
             pool,
@@ -392,6 +443,7 @@ impl Projector {
                     Err(error) => error,
                 };
                 if let RunError::Poison { position, error } = &error {
+                    self.metrics.poison.add(1, &self.metrics.attributes);
                     tracing::error!(position, %error, "projection stopped on an event it cannot apply; fix and restart");
                     if let Err(status_error) = self.record_failure(*position, error).await {
                         tracing::error!(%status_error, "could not record the failure");
@@ -633,6 +685,7 @@ impl Projector {
                 position.max(self.skipped_to.load(SeqCst))
             };
             let mut refilled = 0u64;
+            let mut applied = 0u64;
             for event in &events {
                 if event.global_position <= position {
                     continue; // applied before: redelivery
@@ -645,6 +698,7 @@ impl Projector {
                     .handles(&event.stream_type, &event.event_type)
                 {
                     self.apply_one(&tx, event).await?;
+                    applied += 1;
                 }
                 position = event.global_position;
             }
@@ -657,7 +711,12 @@ impl Projector {
             )
             .await?;
             tx.commit().await?;
+            let attributes = &self.metrics.attributes;
+            self.metrics.events.add(applied + refilled, attributes);
+            self.metrics.batches.add(1, attributes);
+            self.metrics.position.record(position, attributes);
             if refilled > 0 {
+                self.metrics.holes.add(refilled, attributes);
                 tracing::warn!(
                     refilled,
                     position,
