@@ -1062,6 +1062,15 @@ async fn a_ticket_nobody_is_eligible_for_overflows_to_the_next_queue_after_its_w
         let status = publish(bad).await.unwrap_err();
         assert_eq!(bad_fields(&status), [field], "{status:?}");
     }
+    // An overflow queue that was never published.
+    let status = publish(PublishQueueRequest {
+        overflow_queue_id: uuid::Uuid::now_v7().to_string(),
+        ..tier1_request.clone()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("overflow_queue_id"), "{status:?}");
     let tier1 = publish(tier1_request).await.unwrap().into_inner().stream_id;
     let morning = "2026-03-02T08:00:00Z";
     availability(&app, "agent:y", "offline", 5, &[], morning).await;

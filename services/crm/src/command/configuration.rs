@@ -367,8 +367,28 @@ impl Configuration for ConfigurationService {
             overflow_queue_id: optional_id("overflow_queue_id", &request.overflow_queue_id)?,
             overflow_after_minutes: request.overflow_after_minutes,
         };
-        if content.overflow_queue_id == Some(id) {
-            return Err(ServiceError::invalid("overflow_queue_id", "must be another queue").into());
+        if let Some(overflow) = content.overflow_queue_id {
+            if overflow == id {
+                return Err(
+                    ServiceError::invalid("overflow_queue_id", "must be another queue").into(),
+                );
+            }
+            // Tickets will be moved there without a person looking: it must
+            // be a published queue of the tenant.
+            let published = self
+                .handler
+                .state_or_default::<QueueConfig>(&caller.tenant, overflow)
+                .await?
+                .current()
+                .is_some();
+            if !published {
+                return Err(
+                    ServiceError::Domain(crm_domain::DomainError::InvalidReference {
+                        field: "overflow_queue_id",
+                    })
+                    .into(),
+                );
+            }
         }
         let reply = self
             .handler
