@@ -282,7 +282,9 @@ fn nats(error: impl std::fmt::Display) -> RunError {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`) they cost nothing.
 struct Metrics {
     attributes: [opentelemetry::KeyValue; 1],
-    /// `crm.projection.events`: events applied (redeliveries not counted).
+    /// `crm.projection.events`: events of the projection applied (from NATS
+    /// or refilled from the store; redeliveries and events it does not
+    /// handle not counted).
     events: opentelemetry::metrics::Counter<u64>,
     /// `crm.projection.batches`: transactions committed.
     batches: opentelemetry::metrics::Counter<u64>,
@@ -691,7 +693,7 @@ impl Projector {
                     continue; // applied before: redelivery
                 }
                 refilled += self
-                    .refill(&tx, &mut position, event.global_position - 1)
+                    .refill(&tx, &mut position, event.global_position - 1, &mut applied)
                     .await?;
                 if self
                     .projection
@@ -702,7 +704,7 @@ impl Projector {
                 }
                 position = event.global_position;
             }
-            refilled += self.refill(&tx, &mut position, up_to).await?;
+            refilled += self.refill(&tx, &mut position, up_to, &mut applied).await?;
             let stored = i64::try_from(position).unwrap_or(i64::MAX);
             tx.execute(
                 "UPDATE projections SET position = $2, holes_refilled = holes_refilled + $3, \
@@ -712,7 +714,7 @@ impl Projector {
             .await?;
             tx.commit().await?;
             let attributes = &self.metrics.attributes;
-            self.metrics.events.add(applied + refilled, attributes);
+            self.metrics.events.add(applied, attributes);
             self.metrics.batches.add(1, attributes);
             self.metrics.position.record(position, attributes);
             if refilled > 0 {
@@ -731,15 +733,28 @@ impl Projector {
     }
 
     /// Applies every stored event after `position` up to `up_to`, moving
-    /// `position` there; returns how many.
-    async fn refill(&self, tx: &Tx<'_>, position: &mut u64, up_to: u64) -> Result<u64, RunError> {
+    /// `position` there; returns how many positions it filled, and counts
+    /// the events the projection handles in `applied`.
+    async fn refill(
+        &self,
+        tx: &Tx<'_>,
+        position: &mut u64,
+        up_to: u64,
+        applied: &mut u64,
+    ) -> Result<u64, RunError> {
         let mut count = 0;
         while *position < up_to {
             let before = *position;
             let mut events = self.store.replay(before, up_to, Filter::default());
             while let Some(event) = events.next().await {
                 let event = event?;
-                self.apply_one(tx, &event).await?;
+                if self
+                    .projection
+                    .handles(&event.stream_type, &event.event_type)
+                {
+                    self.apply_one(tx, &event).await?;
+                    *applied += 1;
+                }
                 *position = event.global_position;
                 count += 1;
             }
