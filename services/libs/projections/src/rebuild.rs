@@ -205,6 +205,10 @@ async fn prepare(
 
 /// Applies what the reader sends, one transaction per chunk; returns the
 /// connection and the position reached.
+/// Events applied by a rebuild worker before it first analyses its tables
+/// (then again each time the count doubles).
+const FIRST_ANALYZE: u64 = 500;
+
 async fn work(
     projection: Arc<dyn Projection>,
     mut client: Object,
@@ -213,6 +217,12 @@ async fn work(
     let mut position = 0u64;
     let (mut applied, mut busy) = (0u64, std::time::Duration::ZERO);
     let cache = StateCache::default();
+    // The tables start empty, so plans prepared early (statements are
+    // prepared once per connection) would scan them whole as they grow:
+    // analysing them as they double makes PostgreSQL plan again with what
+    // is there (index lookups).
+    let mut analyze_at = FIRST_ANALYZE;
+    let analyze = format!("ANALYZE {}", projection.tables().join(", "));
     'chunks: while let Some(mut work) = receiver.recv().await {
         let tx = Tx::with_cache(client.transaction().await?, &cache);
         loop {
@@ -240,6 +250,10 @@ async fn work(
         .await?;
         let began = std::time::Instant::now();
         tx.commit().await?;
+        if applied >= analyze_at {
+            client.batch_execute(&analyze).await?;
+            analyze_at = applied.saturating_mul(2);
+        }
         busy += began.elapsed();
     }
     tracing::info!(
