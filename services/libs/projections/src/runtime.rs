@@ -345,6 +345,12 @@ pub struct Projector {
     metrics: Metrics,
 }
 
+/// Longest a projector holds back the acknowledgement of messages it has
+/// applied, and most messages it holds it back for: one acknowledgement per
+/// message would cost every consumer a publish per event.
+const ACK_EVERY: Duration = Duration::from_millis(100);
+const ACK_AFTER: usize = 1_000;
+
 /// How often positions moved past unhandled events reach the status row.
 const FLUSH_SKIPPED_EVERY: Duration = Duration::from_millis(250);
 
@@ -515,16 +521,38 @@ impl Projector {
             .await
             .map_err(nats)?;
         let mut idle_since: Option<tokio::time::Instant> = None;
+        // Acknowledgements are batched ([`ACK_EVERY`], [`ACK_AFTER`]): with
+        // AckPolicy::All the last applied message acknowledges all before
+        // it, and a message applied but not yet acknowledged when the
+        // projector stops is delivered again and recognised as applied.
+        let mut unacked: Option<(jetstream::Message, usize)> = None;
+        let mut acked_at = tokio::time::Instant::now();
         loop {
+            let wait = if unacked.is_some() {
+                self.options.fetch_wait.min(ACK_EVERY)
+            } else {
+                self.options.fetch_wait
+            };
             let first = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                next = tokio::time::timeout(self.options.fetch_wait, stream.next()) => next,
+                () = shutdown.cancelled() => {
+                    if let Some((message, _)) = unacked.take() {
+                        message.ack().await.map_err(nats)?;
+                    }
+                    return Ok(());
+                }
+                next = tokio::time::timeout(wait, stream.next()) => next,
             };
             let mut messages = Vec::new();
             match first {
                 Ok(Some(message)) => messages.push(message.map_err(nats)?),
                 Ok(None) => return Err(RunError::Nats("the consumer's stream ended".into())),
-                Err(_) => {} // quiet
+                Err(_) => {
+                    // quiet: acknowledge what was applied
+                    if let Some((message, _)) = unacked.take() {
+                        message.ack().await.map_err(nats)?;
+                        acked_at = tokio::time::Instant::now();
+                    }
+                }
             }
             // Let a burst gather (`linger`), so busy logs apply in batches
             // rather than a transaction per event.
@@ -542,7 +570,8 @@ impl Projector {
                     None => break,
                 }
             }
-            let mut events = Vec::with_capacity(messages.len());
+            let received = messages.len();
+            let mut events = Vec::with_capacity(received);
             let mut last = None;
             for message in messages {
                 let event = self.receive(&message)?;
@@ -578,8 +607,14 @@ impl Projector {
                 self.apply_batch(events, up_to).await?;
             }
             if let Some(message) = last {
-                // AckPolicy::All: acknowledging the last acknowledges the batch.
-                message.ack().await.map_err(nats)?;
+                let pending = unacked.take().map_or(0, |(_, n)| n) + received;
+                if pending >= ACK_AFTER || acked_at.elapsed() >= ACK_EVERY {
+                    // AckPolicy::All: the last acknowledges everything before.
+                    message.ack().await.map_err(nats)?;
+                    acked_at = tokio::time::Instant::now();
+                } else {
+                    unacked = Some((message, pending));
+                }
             }
         }
     }
