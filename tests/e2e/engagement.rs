@@ -109,19 +109,19 @@ async fn stalled_deals_and_churn_risk_fire_once_when_their_condition_became_true
     settled(&app).await;
 
     clock.set("2026-03-15T08:59:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0, "not yet");
+    assert_eq!(scheduler.tick().await.appended, 0, "not yet");
     // Mar 15 09:00 the quiet deal has spent 14 days in its stage (and gone
     // 14 days untouched: one flag, by the stage-age rule).
     clock.set("2026-03-16T00:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
+    assert_eq!(scheduler.tick().await.appended, 1);
     settled(&app).await;
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0, "once");
+    assert_eq!(scheduler.tick().await.appended, 0, "once");
     // The busy deal: last touched Mar 10 → untouched for 14 days on Mar 24
     // 09:00 (its stage, entered Mar 12, would only age out on Mar 26).
     clock.set("2026-03-25T00:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
+    assert_eq!(scheduler.tick().await.appended, 1);
     settled(&app).await;
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    assert_eq!(scheduler.tick().await.appended, 0);
     let stored = app.stored().await;
     let stalled = payloads(&stored, "OpportunityStalled");
     assert_eq!(stalled.len(), 2);
@@ -155,11 +155,11 @@ async fn stalled_deals_and_churn_risk_fire_once_when_their_condition_became_true
         .unwrap();
     settled(&app).await;
     clock.set("2026-06-08T08:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    assert_eq!(scheduler.tick().await.appended, 0);
     clock.set("2026-06-09T00:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
+    assert_eq!(scheduler.tick().await.appended, 1);
     settled(&app).await;
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0, "once");
+    assert_eq!(scheduler.tick().await.appended, 0, "once");
     // A paid order on Jul 1 clears the flag: the next risk is Sep 29 09:00.
     app.commerce()
         .record_order(app.request(paid_order(&account, "SO-2", "2026-07-01T09:00:00Z")))
@@ -167,9 +167,9 @@ async fn stalled_deals_and_churn_risk_fire_once_when_their_condition_became_true
         .unwrap();
     settled(&app).await;
     clock.set("2026-09-29T08:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    assert_eq!(scheduler.tick().await.appended, 0);
     clock.set("2026-09-30T00:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
+    assert_eq!(scheduler.tick().await.appended, 1);
     let stored = app.stored().await;
     let risks = payloads(&stored, "AccountChurnRiskFlagged");
     let times: Vec<&str> = risks
@@ -198,17 +198,52 @@ async fn stalled_deals_and_churn_risk_fire_once_when_their_condition_became_true
         .unwrap();
     settled(&app).await;
     clock.set("2027-07-01T08:00:00Z");
-    let before = scheduler.tick().await.unwrap().appended;
+    let before = scheduler.tick().await.appended;
     settled(&app).await;
     clock.set("2027-07-02T00:00:00Z");
-    assert!(scheduler.tick().await.unwrap().appended >= 1);
+    assert!(scheduler.tick().await.appended >= 1);
     settled(&app).await;
     let stored = app.stored().await;
     let churned = payloads(&stored, "AccountChurned");
     assert_eq!(churned.len(), 1, "{before} before; once");
     assert_eq!(churned[0]["reason"], "inactive");
     assert_eq!(churned[0]["occurred_at"], "2027-07-01T09:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0, "once");
+    assert_eq!(scheduler.tick().await.appended, 0, "once");
     store.shutdown().await;
     app.stop().await;
+}
+
+/// A rule that cannot run does not hold up the others: with the router's
+/// tables gone (the queue-overflow rule reads them), the stalled-deal rule,
+/// which runs after it, still flags the deal, and the tick counts one
+/// failed rule.
+#[tokio::test]
+async fn a_failing_rule_does_not_stop_the_rules_after_it() {
+    let app = TestApp::spawn_with(|config| config.scheduler_interval_ms = 0).await;
+    let clock = Arc::new(TestClock(Mutex::new(
+        "2026-01-01T00:00:00Z".parse().unwrap(),
+    )));
+    let (scheduler, store) = test_scheduler(&app, clock.clone()).await;
+    let (account, pipeline) = crate::opportunities::setup(&app).await;
+    app.opportunities()
+        .open_opportunity(app.request(OpenOpportunityRequest {
+            options: at("2026-03-01T09:00:00Z"),
+            stage: "qualification".into(),
+            name: "Quiet".into(),
+            ..crate::opportunities::deal(&account, &pipeline)
+        }))
+        .await
+        .unwrap();
+    settled(&app).await;
+    app.db
+        .client()
+        .await
+        .batch_execute("ALTER TABLE router_tickets RENAME TO router_tickets_away")
+        .await
+        .unwrap();
+    clock.set("2026-03-16T00:00:00Z");
+    let tick = scheduler.tick().await;
+    assert_eq!((tick.appended, tick.failed), (1, 1), "{tick:?}");
+    assert_eq!(payloads(&app.stored().await, "OpportunityStalled").len(), 1);
+    store.shutdown().await;
 }

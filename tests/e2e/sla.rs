@@ -170,17 +170,17 @@ async fn the_worked_complaint_breaches_first_response_meets_resolution_and_auto_
 
     // Nothing is due on Monday 09:00.
     set_clock("2026-11-16T01:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    assert_eq!(scheduler.tick().await.appended, 0);
     // Mon 09:30 the warning, 10:00 the breach (then the escalation).
     set_clock("2026-11-16T01:30:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
+    assert_eq!(scheduler.tick().await.appended, 1);
     until(&app, &ticket, "first response warned", |c| {
         c.metric == "first_response" && c.warned
     })
     .await;
     set_clock("2026-11-16T02:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0, "once");
+    assert_eq!(scheduler.tick().await.appended, 1);
+    assert_eq!(scheduler.tick().await.appended, 0, "once");
     until(&app, &ticket, "first response breached", |c| {
         c.metric == "first_response" && c.breached
     })
@@ -230,7 +230,7 @@ async fn the_worked_complaint_breaches_first_response_meets_resolution_and_auto_
     assert_eq!(resolution.paused_since, ts("2026-11-16T03:00:00Z"));
     // Its old due passes while paused: no breach.
     set_clock("2026-11-17T07:30:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    assert_eq!(scheduler.tick().await.appended, 0);
 
     // Tue 10:00 the customer replies: open again, resolution due Wed 14:00
     // (warning Wed 10:00).
@@ -259,7 +259,7 @@ async fn the_worked_complaint_breaches_first_response_meets_resolution_and_auto_
 
     // Wed 10:00 the resolution warning.
     set_clock("2026-11-18T02:00:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
+    assert_eq!(scheduler.tick().await.appended, 1);
     until(&app, &ticket, "resolution warned", |c| {
         c.metric == "resolution" && c.warned
     })
@@ -310,10 +310,10 @@ async fn the_worked_complaint_breaches_first_response_meets_resolution_and_auto_
     )
     .await;
     set_clock("2026-11-22T03:29:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    assert_eq!(scheduler.tick().await.appended, 0);
     set_clock("2026-11-22T03:30:00Z");
-    assert_eq!(scheduler.tick().await.unwrap().appended, 1);
-    assert_eq!(scheduler.tick().await.unwrap().appended, 0);
+    assert_eq!(scheduler.tick().await.appended, 1);
+    assert_eq!(scheduler.tick().await.appended, 0);
 
     // The whole story, as stored.
     let stored = app.stored().await;

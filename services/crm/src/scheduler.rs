@@ -65,6 +65,8 @@ pub struct Tick {
     pub appended: usize,
     /// Already done before (idempotent replay) or no longer applicable.
     pub skipped: usize,
+    /// Rules that could not run this tick (logged; the others still ran).
+    pub failed: usize,
 }
 
 impl Scheduler {
@@ -85,20 +87,17 @@ impl Scheduler {
     /// Ticks every `interval` until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            match self
+            let tick = self
                 .tick()
                 .instrument(tracing::info_span!("scheduler_tick"))
-                .await
-            {
-                Ok(tick) if tick.appended > 0 => {
-                    tracing::info!(
-                        appended = tick.appended,
-                        skipped = tick.skipped,
-                        "scheduler tick"
-                    );
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "scheduler tick failed; retrying next tick"),
+                .await;
+            if tick.appended > 0 || tick.failed > 0 {
+                tracing::info!(
+                    appended = tick.appended,
+                    skipped = tick.skipped,
+                    failed = tick.failed,
+                    "scheduler tick"
+                );
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -107,18 +106,34 @@ impl Scheduler {
         }
     }
 
-    /// One pass over every rule.
-    pub async fn tick(&self) -> Result<Tick, ServiceError> {
+    /// One pass over every rule. A rule that fails (its read model not
+    /// there yet, the store unavailable) is logged and counted in
+    /// [`Tick::failed`]; the rules after it still run.
+    pub async fn tick(&self) -> Tick {
         let now = self.clock.now();
         let mut tick = Tick::default();
-        self.tasks_due(now, &mut tick).await?;
-        self.sla_alarms(now, &mut tick).await?;
-        self.waiting_tickets(now, &mut tick).await?;
-        self.queue_overflow(now, &mut tick).await?;
-        self.stalled_deals(now, &mut tick).await?;
-        self.churn_risk(now, &mut tick).await?;
-        self.inactivity_churn(now, &mut tick).await?;
-        Ok(tick)
+        let outcomes = [
+            ("tasks_due", self.tasks_due(now, &mut tick).await),
+            ("sla_alarms", self.sla_alarms(now, &mut tick).await),
+            (
+                "waiting_tickets",
+                self.waiting_tickets(now, &mut tick).await,
+            ),
+            ("queue_overflow", self.queue_overflow(now, &mut tick).await),
+            ("stalled_deals", self.stalled_deals(now, &mut tick).await),
+            ("churn_risk", self.churn_risk(now, &mut tick).await),
+            (
+                "inactivity_churn",
+                self.inactivity_churn(now, &mut tick).await,
+            ),
+        ];
+        for (rule, outcome) in outcomes {
+            if let Err(error) = outcome {
+                tracing::warn!(rule, %error, "scheduler rule failed; retrying next tick");
+                tick.failed += 1;
+            }
+        }
+        tick
     }
 
     async fn due_rows(
