@@ -266,18 +266,10 @@ impl Configuration for ConfigurationService {
                     ServiceError::invalid("parent_id", "would make a cycle of teams").into(),
                 );
             }
-            let team = self
+            let team: Team = self
                 .handler
-                .state_or_default::<TeamConfig>(&caller.tenant, ancestor)
-                .await?
-                .current()
-                .cloned();
-            let Some(team) = team else {
-                return Err(ServiceError::Domain(DomainError::InvalidReference {
-                    field: "parent_id",
-                })
-                .into());
-            };
+                .published(&caller.tenant, ancestor, "parent_id")
+                .await?;
             next = team.parent_id;
             depth += 1;
         }
@@ -375,20 +367,9 @@ impl Configuration for ConfigurationService {
             }
             // Tickets will be moved there without a person looking: it must
             // be a published queue of the tenant.
-            let published = self
-                .handler
-                .state_or_default::<QueueConfig>(&caller.tenant, overflow)
-                .await?
-                .current()
-                .is_some();
-            if !published {
-                return Err(
-                    ServiceError::Domain(crm_domain::DomainError::InvalidReference {
-                        field: "overflow_queue_id",
-                    })
-                    .into(),
-                );
-            }
+            self.handler
+                .published::<Queue>(&caller.tenant, overflow, "overflow_queue_id")
+                .await?;
         }
         let reply = self
             .handler

@@ -424,6 +424,23 @@ impl CommandHandler {
         }
     }
 
+    /// The current version of the configuration record `id` a command names
+    /// in `field`; `InvalidReference { field }` when none is published.
+    pub(crate) async fn published<C: crm_domain::configuration::ConfigContent>(
+        &self,
+        tenant: &TenantId,
+        id: Uuid,
+        field: &'static str,
+    ) -> Result<C, ServiceError> {
+        self.state_or_default::<crm_domain::configuration::Config<C>>(tenant, id)
+            .await?
+            .current()
+            .cloned()
+            .ok_or(ServiceError::Domain(
+                crm_domain::DomainError::InvalidReference { field },
+            ))
+    }
+
     /// Folds a stream into state: the latest usable snapshot, then the events
     /// after it. Another stream type under this id reads as missing.
     pub(crate) async fn load<A: Aggregate>(

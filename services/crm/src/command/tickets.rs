@@ -51,21 +51,16 @@ impl Tickets for TicketsService {
         &self,
         request: Request<pb::AssignTicketRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
-        use crm_domain::configuration::{AgentConfig, QueueConfig};
+        use crm_domain::configuration::{AgentConfig, Queue};
         let caller = Caller::from_metadata(request.metadata())?;
         let request = request.into_inner();
         let options = Options::parse("AssignTicket", request.options.as_ref(), &request)?;
         let id = parse_id("ticket_id", &request.ticket_id, false)?;
         let queue_id = parse_id("queue_id", &request.queue_id, false)?;
-        let queue = self
+        let queue: Queue = self
             .handler
-            .state_or_default::<QueueConfig>(&caller.tenant, queue_id)
-            .await?
-            .current()
-            .cloned()
-            .ok_or(ServiceError::Domain(
-                crm_domain::DomainError::InvalidReference { field: "queue_id" },
-            ))?;
+            .published(&caller.tenant, queue_id, "queue_id")
+            .await?;
         let assignee = (!request.assignee.is_empty()).then_some(request.assignee);
         let eligible = match &assignee {
             None => true,
