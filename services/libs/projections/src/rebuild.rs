@@ -203,12 +203,12 @@ async fn prepare(
     Ok(client)
 }
 
-/// Applies what the reader sends, one transaction per chunk; returns the
-/// connection and the position reached.
 /// Events applied by a rebuild worker before it first analyses its tables
 /// (then again each time the count doubles).
 const FIRST_ANALYZE: u64 = 500;
 
+/// Applies what the reader sends, one transaction per chunk; returns the
+/// connection and the position reached.
 async fn work(
     projection: Arc<dyn Projection>,
     mut client: Object,
