@@ -382,21 +382,27 @@ async fn a_subscriber_with_only_nats_and_a_cloudevents_sdk_receives_the_demo_in_
         .unwrap();
     assert!(stored.len() > 500, "a demo run is hundreds of events");
 
-    let consume = std::process::Command::new(python)
+    // Bounded whatever the consumer does (coreutils `timeout`: exit 124).
+    let mut consume = std::process::Command::new("timeout");
+    consume
+        .arg("300")
+        .arg(python)
         .arg(root.join("examples/python-consumer/consume.py"))
         .args(["--url", &app.nats.url, "--stream", &app.nats.stream])
         .args(["--subject", &format!("{}.demo.>", app.nats.subject_prefix)])
         .args(["--expect", &stored.len().to_string()])
         // The whole suite runs beside it on two cores: allow long pauses.
-        .args(["--idle-timeout", "90"])
-        .output();
-    let consumed = tokio::task::spawn_blocking(move || consume)
+        .args(["--idle-timeout", "90"]);
+    // Off the test's runtime, which runs `crm all` (the relay must go on
+    // publishing while the consumer reads).
+    let consumed = tokio::task::spawn_blocking(move || consume.output())
         .await
         .unwrap()
         .expect("run the consumer");
     assert!(
         consumed.status.success(),
-        "consumer failed: {}",
+        "consumer failed ({}): {}",
+        consumed.status,
         String::from_utf8_lossy(&consumed.stderr)
     );
     let lines: Vec<serde_json::Value> = String::from_utf8(consumed.stdout)

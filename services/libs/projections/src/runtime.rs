@@ -328,6 +328,23 @@ impl Metrics {
     }
 }
 
+/// What one message from the stream brings: an event to apply, or only the
+/// position of one the projection does not handle (passed over undecoded).
+#[derive(Clone)]
+enum Delivered {
+    Event(RecordedEvent),
+    PassedOver(u64),
+}
+
+impl Delivered {
+    fn position(&self) -> u64 {
+        match self {
+            Self::Event(event) => event.global_position,
+            Self::PassedOver(position) => *position,
+        }
+    }
+}
+
 /// Runs one projection until shutdown, or until a poison event stops it.
 pub struct Projector {
     projection: Arc<dyn Projection>,
@@ -379,20 +396,16 @@ impl Projector {
     /// Moves past `events` without a transaction when none of them is the
     /// projection's and they follow on from what it has applied; `false`
     /// when they must be applied.
-    fn skip(&self, events: &[RecordedEvent]) -> bool {
+    fn skip(&self, events: &[Delivered]) -> bool {
         let current = *self.position.borrow();
-        let follows = events.first().map(|e| e.global_position) == Some(current + 1)
+        let follows = events.first().map(Delivered::position) == Some(current + 1)
             && events
                 .windows(2)
-                .all(|w| w[1].global_position == w[0].global_position + 1);
-        if !follows
-            || events
-                .iter()
-                .any(|e| self.projection.handles(&e.stream_type, &e.event_type))
-        {
+                .all(|w| w[1].position() == w[0].position() + 1);
+        if !follows || events.iter().any(|e| self.handled(e).is_some()) {
             return false;
         }
-        let last = events.last().map_or(current, |e| e.global_position);
+        let last = events.last().map_or(current, Delivered::position);
         self.skipped_to
             .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
         self.position.send_replace(last);
@@ -600,7 +613,7 @@ impl Projector {
                 continue;
             }
             idle_since = None;
-            let up_to = events.last().map_or(0, |e| e.global_position);
+            let up_to = events.last().map_or(0, Delivered::position);
             if self.skip(&events) {
                 self.flush_skipped(false).await?;
             } else {
@@ -619,36 +632,35 @@ impl Projector {
         }
     }
 
-    /// The event a message carries. One the projection does not handle (by
-    /// its subject) is not decoded: only its position, stream type and event
-    /// type are filled in, enough to move past it ([`Self::skip`],
-    /// [`Self::apply_once`] never apply it). With many projections on one
-    /// stream, most messages are passed over this way.
-    fn receive(&self, message: &jetstream::Message) -> Result<RecordedEvent, RunError> {
+    /// What a message brings. One the projection does not handle (by its
+    /// subject) is not decoded, only its position kept: with many
+    /// projections on one stream, most messages are passed over this way.
+    fn receive(&self, message: &jetstream::Message) -> Result<Delivered, RunError> {
         if let Some((stream_type, event_type)) = crm_wire::cloudevents::kind(&message.subject)
             && !self.projection.handles(stream_type, event_type)
             && let Some(position) = crm_wire::cloudevents::position(message.headers.as_ref())
         {
-            return Ok(RecordedEvent {
-                global_position: position,
-                event_id: uuid::Uuid::nil(),
-                tenant_id: String::new(),
-                stream_type: stream_type.to_owned(),
-                stream_id: uuid::Uuid::nil(),
-                stream_version: 0,
-                event_type: event_type.to_owned(),
-                schema_version: 0,
-                payload: crm_event_store::JsonText(String::new()),
-                metadata: crm_event_store::JsonText(String::new()),
-                recorded_at: std::time::SystemTime::UNIX_EPOCH,
-            });
+            return Ok(Delivered::PassedOver(position));
         }
-        crm_wire::cloudevents::decode(message.headers.as_ref(), &message.payload).map_err(|e| {
-            RunError::Poison {
+        crm_wire::cloudevents::decode(message.headers.as_ref(), &message.payload)
+            .map(Delivered::Event)
+            .map_err(|e| RunError::Poison {
                 position: e.position,
                 error: e.to_string(),
-            }
-        })
+            })
+    }
+
+    /// The event `delivered` brings, when the projection handles it.
+    fn handled<'e>(&self, delivered: &'e Delivered) -> Option<&'e RecordedEvent> {
+        match delivered {
+            Delivered::Event(event) if self.handles(event) => Some(event),
+            _ => None,
+        }
+    }
+
+    fn handles(&self, event: &RecordedEvent) -> bool {
+        self.projection
+            .handles(&event.stream_type, &event.event_type)
     }
 
     /// Creates the tables and the status row, marks the projection running;
@@ -670,12 +682,12 @@ impl Projector {
     /// [`Self::apply_once`], and when an event cannot be applied, commits
     /// everything before it first, so the status shows exactly where it
     /// stopped.
-    async fn apply_batch(&self, events: Vec<RecordedEvent>, up_to: u64) -> Result<(), RunError> {
+    async fn apply_batch(&self, events: Vec<Delivered>, up_to: u64) -> Result<(), RunError> {
         match self.apply_once(events.clone(), up_to).await {
             Err(RunError::Poison { position, error }) => {
                 let before: Vec<_> = events
                     .into_iter()
-                    .filter(|e| e.global_position < position)
+                    .filter(|e| e.position() < position)
                     .collect();
                 if position > 1 {
                     self.apply_once(before, position - 1).await?;
@@ -689,7 +701,7 @@ impl Projector {
     /// Applies `events` (a batch from NATS, in order) in one transaction,
     /// first refilling from the store whatever lies between the applied
     /// position and each event, then up to `up_to`.
-    async fn apply_once(&self, events: Vec<RecordedEvent>, up_to: u64) -> Result<(), RunError> {
+    async fn apply_once(&self, events: Vec<Delivered>, up_to: u64) -> Result<(), RunError> {
         let name = self.projection.name();
         let span = tracing::info_span!(
             "projection_batch",
@@ -723,21 +735,18 @@ impl Projector {
             };
             let mut refilled = 0u64;
             let mut applied = 0u64;
-            for event in &events {
-                if event.global_position <= position {
+            for delivered in &events {
+                if delivered.position() <= position {
                     continue; // applied before: redelivery
                 }
                 refilled += self
-                    .refill(&tx, &mut position, event.global_position - 1, &mut applied)
+                    .refill(&tx, &mut position, delivered.position() - 1, &mut applied)
                     .await?;
-                if self
-                    .projection
-                    .handles(&event.stream_type, &event.event_type)
-                {
+                if let Some(event) = self.handled(delivered) {
                     self.apply_one(&tx, event).await?;
                     applied += 1;
                 }
-                position = event.global_position;
+                position = delivered.position();
             }
             refilled += self.refill(&tx, &mut position, up_to, &mut applied).await?;
             let stored = i64::try_from(position).unwrap_or(i64::MAX);
@@ -783,10 +792,7 @@ impl Projector {
             let mut events = self.store.replay(before, up_to, Filter::default());
             while let Some(event) = events.next().await {
                 let event = event?;
-                if self
-                    .projection
-                    .handles(&event.stream_type, &event.event_type)
-                {
+                if self.handles(&event) {
                     self.apply_one(tx, &event).await?;
                     *applied += 1;
                 }
