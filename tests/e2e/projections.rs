@@ -553,6 +553,111 @@ async fn a_rebuild_equals_the_live_tables_and_swaps_in_while_the_projector_runs(
     setup.store.shutdown().await;
 }
 
+/// A read model whose table refuses position 3: its write fails only in
+/// PostgreSQL, after the event was applied in Rust.
+struct RefusesThree;
+
+impl crm_projections::Projection for RefusesThree {
+    fn name(&self) -> &'static str {
+        "refuses_three"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS refuses_three (
+            position bigint PRIMARY KEY CHECK (position <> 3),
+            seen     bigint NOT NULL
+        )"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["refuses_three"]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let position = i64::try_from(event.global_position).unwrap();
+            // A read between writes sees the writes queued before it.
+            let seen: i64 = tx
+                .query_one("SELECT count(*) FROM refuses_three", &[])
+                .await?
+                .get(0);
+            tx.execute(
+                "INSERT INTO refuses_three (position, seen) VALUES ($1, $2)",
+                &[&position, &seen],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE refuses_three SET seen = seen + 100 WHERE position = $1",
+                &[&position],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_fails() {
+    let setup = setup_runtime().await;
+    let pipeline = Uuid::now_v7();
+    open_deals(&setup.store, pipeline, 2, 1_000).await;
+    let rebuild = || {
+        crm_projections::rebuild(
+            Arc::new(RefusesThree),
+            &setup.store,
+            setup.db.config(),
+            100,
+            |_| {},
+        )
+    };
+    // Two events: every write is queued and lands, in order.
+    let swapped_at = rebuild().await.unwrap();
+    assert_eq!(swapped_at, 2);
+    let rows: Vec<(i64, i64)> = setup
+        .db
+        .client()
+        .await
+        .query("SELECT position, seen FROM refuses_three ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(rows, vec![(1, 100), (2, 101)]);
+
+    // Event 3's insert fails in PostgreSQL when the queue is sent (at the
+    // end of the 100-event chunk, after events 4 and 5 were applied): the
+    // error names event 3, and the live table keeps what it had.
+    open_deals(&setup.store, pipeline, 3, 1_000).await;
+    let error = rebuild().await.unwrap_err();
+    match &error {
+        crm_projections::RebuildError::Poison {
+            projection,
+            position,
+            error,
+        } => {
+            assert_eq!(*projection, "refuses_three");
+            assert_eq!(*position, 3, "{error}");
+            assert!(error.contains("check constraint"), "{error}");
+        }
+        other => panic!("expected a poison event, got {other}"),
+    }
+    let kept: i64 = setup
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM refuses_three", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 2, "nothing swapped in");
+    setup.store.shutdown().await;
+}
+
 #[tokio::test]
 async fn admins_list_and_rebuild_projections_over_grpc() {
     use crm_proto::v1::projections_admin_client::ProjectionsAdminClient;

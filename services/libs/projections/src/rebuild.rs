@@ -22,7 +22,7 @@ use crate::runtime::{Projection, STATUS_SCHEMA, StateCache, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", crate::runtime::described(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("no PostgreSQL connection: {0}")]
     Pool(String),
@@ -204,8 +204,13 @@ async fn prepare(
 }
 
 /// Events applied by a rebuild worker before it first analyses its tables
-/// (then again each time the count doubles).
+/// (then again each time the count doubles, up to [`LAST_ANALYZE`]).
 const FIRST_ANALYZE: u64 = 500;
+
+/// Past this many events the plans are index lookups that more rows do not
+/// change, and each `ANALYZE` (a 30,000-row sample per table) only costs:
+/// autovacuum keeps the statistics of the swapped-in tables from there.
+const LAST_ANALYZE: u64 = 64_000;
 
 /// Applies what the reader sends, one transaction per chunk; returns the
 /// connection and the position reached.
@@ -229,6 +234,7 @@ async fn work(
             match work {
                 Work::Event(event) => {
                     let began = std::time::Instant::now();
+                    tx.applying(event.global_position);
                     apply(projection.as_ref(), &tx, &event).await?;
                     busy += began.elapsed();
                     applied += 1;
@@ -249,8 +255,13 @@ async fn work(
         )
         .await?;
         let began = std::time::Instant::now();
+        // The chunk's last writes: one that fails is the poison event's.
+        tx.flush().await.map_err(|error| {
+            let error = crate::runtime::described(&error);
+            poison(projection.as_ref(), &tx, position, error)
+        })?;
         tx.commit().await?;
-        if applied >= analyze_at {
+        if applied >= analyze_at && analyze_at <= LAST_ANALYZE {
             client.batch_execute(&analyze).await?;
             analyze_at = applied.saturating_mul(2);
         }
@@ -274,11 +285,22 @@ async fn apply(
     projection
         .apply(tx, event)
         .await
-        .map_err(|error| RebuildError::Poison {
-            projection: projection.name(),
-            position: event.global_position,
-            error: error.to_string(),
-        })
+        .map_err(|error| poison(projection, tx, event.global_position, error))
+}
+
+/// `error` met while applying the event at `position`, unless it came from
+/// an earlier event's deferred write.
+fn poison(
+    projection: &dyn Projection,
+    tx: &Tx<'_>,
+    position: u64,
+    error: impl std::fmt::Display,
+) -> RebuildError {
+    RebuildError::Poison {
+        projection: projection.name(),
+        position: tx.failed_at().unwrap_or(position),
+        error: error.to_string(),
+    }
 }
 
 /// The swap: hold the live row, catch up to it, exchange the tables.

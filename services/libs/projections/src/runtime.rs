@@ -29,7 +29,7 @@ pub const STATUS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS projections (
 pub enum ApplyError {
     #[error("malformed payload of {event_type}: {reason}")]
     Payload { event_type: String, reason: String },
-    #[error("database: {0}")]
+    #[error("database: {}", described(.0))]
     Database(#[from] tokio_postgres::Error),
     /// Worth retrying (a process manager's command met an unavailable store
     /// or a busy record): the batch is rolled back and retried with backoff,
@@ -38,12 +38,91 @@ pub enum ApplyError {
     Transient(String),
 }
 
+/// `error` with what PostgreSQL said (tokio-postgres shows only "db error"):
+/// severity, message, and the detail when there is one.
+pub(crate) fn described(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{}: {} ({detail})", db.severity(), db.message()),
+            None => format!("{}: {}", db.severity(), db.message()),
+        },
+        None => error.to_string(),
+    }
+}
+
 /// The transaction a projection applies its events in: every statement
 /// given as SQL text is prepared once per connection and cached, so a batch
 /// (or a rebuild's chunk) pays for parsing and planning once per statement,
 /// not once per event. Everything else of the transaction is reached
 /// through `Deref`.
-pub struct Tx<'a>(deadpool_postgres::Transaction<'a>, Option<&'a StateCache>);
+///
+/// A rebuild's transaction also defers its writes: [`Tx::execute`] encodes
+/// the parameters and queues the statement; the queue goes to PostgreSQL as
+/// one pipeline (every statement sent before the first answer is awaited)
+/// before any read, when it is long, and at commit. Statements still run in
+/// the order they were given, so a read sees every write before it; what is
+/// saved is a round trip, and a wake-up of the backend and of the client,
+/// per statement.
+pub struct Tx<'a> {
+    tx: deadpool_postgres::Transaction<'a>,
+    cache: Option<&'a StateCache>,
+    deferred: Option<std::sync::Mutex<Deferred>>,
+}
+
+/// A rebuild transaction's queued writes.
+#[derive(Default)]
+struct Deferred {
+    writes: Vec<Write>,
+    /// The position of the event being applied, recorded with each write.
+    applying: u64,
+    /// The position of the event whose write failed in a pipeline.
+    failed_at: Option<u64>,
+}
+
+/// One queued write: its statement and its parameters, already encoded.
+struct Write {
+    statement: tokio_postgres::Statement,
+    params: Vec<Encoded>,
+    position: u64,
+}
+
+/// A parameter encoded when its statement was queued (its value is borrowed
+/// only for the call), sent as those bytes later.
+#[derive(Debug)]
+struct Encoded {
+    bytes: Option<bytes::Bytes>,
+    format: tokio_postgres::types::Format,
+}
+
+impl tokio_postgres::types::ToSql for Encoded {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(match &self.bytes {
+            Some(bytes) => {
+                out.extend_from_slice(bytes);
+                tokio_postgres::types::IsNull::No
+            }
+            None => tokio_postgres::types::IsNull::Yes,
+        })
+    }
+
+    /// Checked when it was encoded, for the statement's own type.
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _: &tokio_postgres::types::Type) -> tokio_postgres::types::Format {
+        self.format
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// Queued writes sent as one pipeline when the queue reaches this length.
+const PIPELINE: usize = 1_000;
 
 /// Aggregate states a rebuild has written, by row, so the next event of the
 /// same stream evolves them without reading them back. Only a rebuild uses
@@ -98,29 +177,129 @@ type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
 
 impl<'a> Tx<'a> {
     pub fn new(tx: deadpool_postgres::Transaction<'a>) -> Self {
-        Self(tx, None)
+        Self {
+            tx,
+            cache: None,
+            deferred: None,
+        }
     }
 
-    /// A rebuild's transaction, remembering the states it writes.
+    /// A rebuild's transaction: it remembers the states it writes and
+    /// defers its writes (see [`Tx`]).
     pub fn with_cache(tx: deadpool_postgres::Transaction<'a>, cache: &'a StateCache) -> Self {
-        Self(tx, Some(cache))
+        Self {
+            tx,
+            cache: Some(cache),
+            deferred: Some(std::sync::Mutex::default()),
+        }
     }
 
     pub(crate) fn cache(&self) -> Option<&StateCache> {
-        self.1
+        self.cache
+    }
+
+    fn deferred(&self) -> Option<std::sync::MutexGuard<'_, Deferred>> {
+        self.deferred
+            .as_ref()
+            .map(|deferred| deferred.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The event about to be applied: a deferred write that fails is
+    /// reported at its position ([`Tx::failed_at`]).
+    pub fn applying(&self, position: u64) {
+        if let Some(mut deferred) = self.deferred() {
+            deferred.applying = position;
+        }
+    }
+
+    /// The position of the event whose deferred write failed, if one did.
+    pub fn failed_at(&self) -> Option<u64> {
+        self.deferred().and_then(|deferred| deferred.failed_at)
+    }
+
+    /// Sends the queued writes as one pipeline and waits for them all.
+    pub async fn flush(&self) -> Result<(), tokio_postgres::Error> {
+        let writes = match self.deferred() {
+            Some(mut deferred) if !deferred.writes.is_empty() => {
+                std::mem::take(&mut deferred.writes)
+            }
+            _ => return Ok(()),
+        };
+        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = writes
+            .iter()
+            .map(|write| {
+                write
+                    .params
+                    .iter()
+                    .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect()
+            })
+            .collect();
+        let mut sent: Vec<_> = writes
+            .iter()
+            .zip(&params)
+            .map(|(write, params)| {
+                Box::pin(futures_util::future::maybe_done(
+                    self.tx.execute(&write.statement, params),
+                ))
+            })
+            .collect();
+        // Each request goes out on its first poll: poll them once in order
+        // (PostgreSQL runs them in the order received), then wait for all.
+        {
+            let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+            for write in &mut sent {
+                let _ = write.as_mut().poll(&mut cx);
+            }
+        }
+        futures_util::future::join_all(sent.iter_mut()).await;
+        for (write, done) in writes.iter().zip(&mut sent) {
+            if let Some(Err(error)) = done.as_mut().take_output() {
+                if let Some(mut deferred) = self.deferred() {
+                    deferred.failed_at = Some(write.position);
+                }
+                return Err(error);
+            }
+        }
+        Ok(())
     }
 
     pub async fn commit(self) -> Result<(), tokio_postgres::Error> {
-        self.0.commit().await
+        self.flush().await?;
+        self.tx.commit().await
     }
 
+    /// Runs a write (at once, or queued in a rebuild: see [`Tx`]).
     pub async fn execute(
         &self,
         sql: &str,
         params: Params<'_>,
-    ) -> Result<u64, tokio_postgres::Error> {
-        let statement = self.0.prepare_cached(sql).await?;
-        self.0.execute(&statement, params).await
+    ) -> Result<(), tokio_postgres::Error> {
+        let statement = self.tx.prepare_cached(sql).await?;
+        if self.deferred.is_some() {
+            if let Some(encoded) = encode(&statement, params) {
+                let full = {
+                    let Some(mut deferred) = self.deferred() else {
+                        unreachable!("checked above")
+                    };
+                    let position = deferred.applying;
+                    deferred.writes.push(Write {
+                        statement,
+                        params: encoded,
+                        position,
+                    });
+                    deferred.writes.len() >= PIPELINE
+                };
+                if full {
+                    self.flush().await?;
+                }
+                return Ok(());
+            }
+            // Not encodable as given: run it now, and let tokio-postgres
+            // report why.
+            self.flush().await?;
+        }
+        self.tx.execute(&statement, params).await.map(|_| ())
     }
 
     pub async fn query(
@@ -128,8 +307,9 @@ impl<'a> Tx<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        let statement = self.0.prepare_cached(sql).await?;
-        self.0.query(&statement, params).await
+        self.flush().await?;
+        let statement = self.tx.prepare_cached(sql).await?;
+        self.tx.query(&statement, params).await
     }
 
     pub async fn query_opt(
@@ -137,8 +317,9 @@ impl<'a> Tx<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
-        let statement = self.0.prepare_cached(sql).await?;
-        self.0.query_opt(&statement, params).await
+        self.flush().await?;
+        let statement = self.tx.prepare_cached(sql).await?;
+        self.tx.query_opt(&statement, params).await
     }
 
     pub async fn query_one(
@@ -146,16 +327,38 @@ impl<'a> Tx<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-        let statement = self.0.prepare_cached(sql).await?;
-        self.0.query_one(&statement, params).await
+        self.flush().await?;
+        let statement = self.tx.prepare_cached(sql).await?;
+        self.tx.query_one(&statement, params).await
     }
+}
+
+/// `params` encoded for `statement`'s parameter types, or `None` when they
+/// do not fit (wrong count or type).
+fn encode(statement: &tokio_postgres::Statement, params: Params<'_>) -> Option<Vec<Encoded>> {
+    if params.len() != statement.params().len() {
+        return None;
+    }
+    let mut encoded = Vec::with_capacity(params.len());
+    for (param, ty) in params.iter().zip(statement.params()) {
+        let mut bytes = bytes::BytesMut::new();
+        let is_null = param.to_sql_checked(ty, &mut bytes).ok()?;
+        encoded.push(Encoded {
+            bytes: match is_null {
+                tokio_postgres::types::IsNull::Yes => None,
+                tokio_postgres::types::IsNull::No => Some(bytes.freeze()),
+            },
+            format: param.encode_format(ty),
+        });
+    }
+    Some(encoded)
 }
 
 impl<'a> std::ops::Deref for Tx<'a> {
     type Target = tokio_postgres::Transaction<'a>;
 
     fn deref(&self) -> &Self::Target {
-        &self.0
+        &self.tx
     }
 }
 
@@ -261,7 +464,7 @@ pub struct ProjectionStatus {
 enum RunError {
     #[error("NATS: {0}")]
     Nats(String),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", described(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("no PostgreSQL connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
