@@ -12,6 +12,7 @@
 //! `failed` with the error and position, and nothing is skipped.
 mod agent_workload;
 mod analytics;
+mod bulk;
 mod customer_360;
 mod engagement;
 mod pipeline_board;

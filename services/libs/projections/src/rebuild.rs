@@ -296,10 +296,17 @@ fn poison(
     position: u64,
     error: impl std::fmt::Display,
 ) -> RebuildError {
-    RebuildError::Poison {
-        projection: projection.name(),
-        position: tx.failed_at().unwrap_or(position),
-        error: error.to_string(),
+    match tx.failed_at() {
+        Some((first, last)) if first != last => RebuildError::Poison {
+            projection: projection.name(),
+            position: first,
+            error: format!("in one statement with the writes of events {first} to {last}: {error}"),
+        },
+        failed => RebuildError::Poison {
+            projection: projection.name(),
+            position: failed.map_or(position, |(first, _)| first),
+            error: error.to_string(),
+        },
     }
 }
 

@@ -75,15 +75,97 @@ struct Deferred {
     writes: Vec<Write>,
     /// The position of the event being applied, recorded with each write.
     applying: u64,
-    /// The position of the event whose write failed in a pipeline.
-    failed_at: Option<u64>,
+    /// The positions of the events whose writes were in the statement that
+    /// failed in a pipeline (first and last; the same for a single write).
+    failed_at: Option<(u64, u64)>,
 }
 
 /// One queued write: its statement and its parameters, already encoded.
 struct Write {
     statement: tokio_postgres::Statement,
+    shape: Arc<crate::bulk::Shape>,
     params: Vec<Encoded>,
     position: u64,
+}
+
+/// Queued writes as they go out: one by one, or gathered into one INSERT.
+enum Gathered<'w> {
+    One(&'w Write),
+    Many(&'w crate::bulk::Bulk, Vec<&'w Write>),
+}
+
+/// One statement of a pipeline.
+enum Outgoing<'w> {
+    One(&'w Write),
+    /// A gathered INSERT: its statement, its arrays, the first and last
+    /// position of its writes.
+    Many(
+        tokio_postgres::Statement,
+        Vec<crate::bulk::Column>,
+        (u64, u64),
+    ),
+}
+
+/// `writes` in the order they go out: each write of a gatherable INSERT
+/// joins the first earlier write of the same statement unless a write in
+/// between mentions its table (see [`crate::bulk`]).
+fn gathered(writes: &[Write]) -> Vec<Gathered<'_>> {
+    let mut items: Vec<Gathered<'_>> = Vec::new();
+    // Gatherings still open: the statement's shape (one per SQL text),
+    // index in `items`.
+    let mut open: Vec<(&Arc<crate::bulk::Shape>, usize)> = Vec::new();
+    for write in writes {
+        let binary = write
+            .params
+            .iter()
+            .all(|p| matches!(p.format, tokio_postgres::types::Format::Binary));
+        let bulk = write.shape.bulk.as_ref().filter(|_| binary);
+        if bulk.is_some()
+            && let Some(&(_, at)) = open
+                .iter()
+                .find(|(shape, _)| Arc::ptr_eq(shape, &write.shape))
+            && let Gathered::Many(_, rows) = &mut items[at]
+        {
+            rows.push(write);
+            continue;
+        }
+        open.retain(|(_, at)| match &items[*at] {
+            Gathered::Many(bulk, _) => !write.shape.mentions(bulk.table()),
+            Gathered::One(_) => false,
+        });
+        match bulk {
+            Some(bulk) => {
+                open.push((&write.shape, items.len()));
+                items.push(Gathered::Many(bulk, vec![write]));
+            }
+            None => items.push(Gathered::One(write)),
+        }
+    }
+    items
+}
+
+/// `rows` of one gathered INSERT as statements: under `ON CONFLICT ... DO
+/// UPDATE` the n-th write of a key goes into the n-th statement.
+fn one_update_per_row<'w>(bulk: &crate::bulk::Bulk, rows: Vec<&'w Write>) -> Vec<Vec<&'w Write>> {
+    let Some(key) = &bulk.key else {
+        return vec![rows];
+    };
+    let mut seen: std::collections::HashMap<Vec<Option<&[u8]>>, usize> =
+        std::collections::HashMap::new();
+    let mut statements: Vec<Vec<&Write>> = Vec::new();
+    for write in rows {
+        let id = key
+            .iter()
+            .map(|&k| write.params[k].bytes.as_deref())
+            .collect();
+        let nth = seen.entry(id).or_default();
+        if statements.len() <= *nth {
+            statements.push(Vec::new());
+        }
+        statements[*nth].push(write);
+        *nth += 1;
+    }
+    statements
 }
 
 /// A parameter encoded when its statement was queued (its value is borrowed
@@ -212,12 +294,15 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// The position of the event whose deferred write failed, if one did.
-    pub fn failed_at(&self) -> Option<u64> {
+    /// The positions of the first and last event whose deferred writes were
+    /// in the statement that failed, if one did (one event: the same twice).
+    pub fn failed_at(&self) -> Option<(u64, u64)> {
         self.deferred().and_then(|deferred| deferred.failed_at)
     }
 
-    /// Sends the queued writes as one pipeline and waits for them all.
+    /// Sends the queued writes as one pipeline and waits for them all. The
+    /// writes of one plain INSERT go as one statement where that changes
+    /// nothing ([`crate::bulk`]).
     pub async fn flush(&self) -> Result<(), tokio_postgres::Error> {
         let writes = match self.deferred() {
             Some(mut deferred) if !deferred.writes.is_empty() => {
@@ -225,22 +310,54 @@ impl<'a> Tx<'a> {
             }
             _ => return Ok(()),
         };
-        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = writes
+        let mut sends = Vec::new();
+        for item in gathered(&writes) {
+            match item {
+                Gathered::One(write) => sends.push(Outgoing::One(write)),
+                Gathered::Many(bulk, rows) => {
+                    for rows in one_update_per_row(bulk, rows) {
+                        if let [write] = rows[..] {
+                            sends.push(Outgoing::One(write));
+                            continue;
+                        }
+                        let statement = self.tx.prepare_cached(&bulk.sql).await?;
+                        let columns = bulk
+                            .types
+                            .iter()
+                            .enumerate()
+                            .map(|(k, element)| crate::bulk::Column {
+                                element: element.clone(),
+                                items: rows.iter().map(|w| w.params[k].bytes.clone()).collect(),
+                            })
+                            .collect();
+                        let positions = rows.iter().map(|w| w.position);
+                        let span = (
+                            positions.clone().min().unwrap_or_default(),
+                            positions.max().unwrap_or_default(),
+                        );
+                        sends.push(Outgoing::Many(statement, columns, span));
+                    }
+                }
+            }
+        }
+        type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+        let params: Vec<Vec<Param<'_>>> = sends
             .iter()
-            .map(|write| {
-                write
-                    .params
-                    .iter()
-                    .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect()
+            .map(|send| match send {
+                Outgoing::One(write) => write.params.iter().map(|p| p as Param<'_>).collect(),
+                Outgoing::Many(_, columns, _) => columns.iter().map(|c| c as Param<'_>).collect(),
             })
             .collect();
-        let mut sent: Vec<_> = writes
+        let mut sent: Vec<_> = sends
             .iter()
             .zip(&params)
-            .map(|(write, params)| {
+            .map(|(send, params)| {
+                let statement = match send {
+                    Outgoing::One(write) => &write.statement,
+                    Outgoing::Many(statement, _, _) => statement,
+                };
                 Box::pin(futures_util::future::maybe_done(
-                    self.tx.execute(&write.statement, params),
+                    self.tx.execute(statement, params),
                 ))
             })
             .collect();
@@ -253,10 +370,13 @@ impl<'a> Tx<'a> {
             }
         }
         futures_util::future::join_all(sent.iter_mut()).await;
-        for (write, done) in writes.iter().zip(&mut sent) {
+        for (send, done) in sends.iter().zip(&mut sent) {
             if let Some(Err(error)) = done.as_mut().take_output() {
                 if let Some(mut deferred) = self.deferred() {
-                    deferred.failed_at = Some(write.position);
+                    deferred.failed_at = Some(match send {
+                        Outgoing::One(write) => (write.position, write.position),
+                        Outgoing::Many(_, _, span) => *span,
+                    });
                 }
                 return Err(error);
             }
@@ -284,6 +404,7 @@ impl<'a> Tx<'a> {
                     };
                     let position = deferred.applying;
                     deferred.writes.push(Write {
+                        shape: crate::bulk::shape(sql, statement.params()),
                         statement,
                         params: encoded,
                         position,

@@ -1,0 +1,362 @@
+//! Many queued single-row INSERTs sent as one statement.
+//!
+//! A rebuild queues its writes ([`crate::Tx`]). When the queue goes out, the
+//! writes of one plain `INSERT INTO t (...) VALUES (...) [ON CONFLICT ...]`
+//! statement are gathered into one `INSERT ... SELECT ... FROM unnest(...)`
+//! with one array per parameter, as long as no write between them mentions
+//! `t`: such a statement reads and writes only `t`, so moving it before
+//! writes that never name `t` changes nothing. Under `ON CONFLICT ... DO
+//! UPDATE` a row may not be updated twice by one statement, so the n-th
+//! write of one key goes into the n-th statement, in order.
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use tokio_postgres::types::{IsNull, Kind, ToSql, Type};
+
+/// What the queue needs to know about one SQL text.
+pub(crate) struct Shape {
+    /// The text in lower case, to tell which tables it mentions.
+    lower: String,
+    /// How its writes are sent together, when they can be.
+    pub(crate) bulk: Option<Bulk>,
+}
+
+/// One INSERT statement's writes sent as one statement.
+pub(crate) struct Bulk {
+    /// The table it writes (lower case).
+    table: String,
+    /// The `unnest` statement: parameter `$k` is the array of every write's
+    /// `$k`.
+    pub(crate) sql: String,
+    /// The parameters naming the row of an `ON CONFLICT (...) DO UPDATE`
+    /// target (0-based), if it has one.
+    pub(crate) key: Option<Vec<usize>>,
+    /// The element type of each array.
+    pub(crate) types: Vec<Type>,
+}
+
+impl Shape {
+    /// Whether the text names `table` as a whole word.
+    pub(crate) fn mentions(&self, table: &str) -> bool {
+        let bytes = self.lower.as_bytes();
+        let word = |i: usize| {
+            bytes
+                .get(i)
+                .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        };
+        self.lower
+            .match_indices(table)
+            .any(|(at, _)| (at == 0 || !word(at - 1)) && !word(at + table.len()))
+    }
+}
+
+impl Bulk {
+    pub(crate) fn table(&self) -> &str {
+        &self.table
+    }
+}
+
+/// The shape of `sql`, whose parameters have `types`; worked out once per
+/// text.
+pub(crate) fn shape(sql: &str, types: &[Type]) -> Arc<Shape> {
+    static SHAPES: LazyLock<Mutex<HashMap<String, Arc<Shape>>>> = LazyLock::new(Mutex::default);
+    let mut shapes = SHAPES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(shape) = shapes.get(sql) {
+        return shape.clone();
+    }
+    let shape = Arc::new(Shape {
+        lower: sql.to_ascii_lowercase(),
+        bulk: plan(sql, types),
+    });
+    shapes.insert(sql.to_owned(), shape.clone());
+    shape
+}
+
+/// The bulk form of `sql`, or `None` when it is not a plain single-row
+/// INSERT whose parameters all sit in its VALUES and are scalars of the
+/// built-in types.
+fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
+    let sql = sql.trim();
+    let upper = sql.to_ascii_uppercase();
+    if !upper.starts_with("INSERT INTO ")
+        || upper.contains("SELECT")
+        || upper.contains("RETURNING")
+        || types.is_empty()
+    {
+        return None;
+    }
+    let rest = sql["INSERT INTO ".len()..].trim_start();
+    let table_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+    let table = rest[..table_end].to_ascii_lowercase();
+    let rest = rest[table_end..].trim_start();
+    let (columns, rest) = parenthesized(rest)?;
+    let rest = rest.trim_start();
+    if !rest.to_ascii_uppercase().starts_with("VALUES") {
+        return None;
+    }
+    let (values, tail) = parenthesized(rest["VALUES".len()..].trim_start())?;
+    if tail.contains('$') || tail.trim_start().starts_with(',') {
+        return None;
+    }
+    let columns: Vec<&str> = split_top(columns).into_iter().map(str::trim).collect();
+    let values: Vec<&str> = split_top(values).into_iter().map(str::trim).collect();
+    if columns.len() != values.len() {
+        return None;
+    }
+    for ty in types {
+        if !matches!(ty.kind(), Kind::Simple) || ty.schema() != "pg_catalog" {
+            return None;
+        }
+    }
+    // A literal alone is typed by its column in VALUES but not in a
+    // SELECT (a bare NULL or '...' would be text there): only values that
+    // take a parameter, or need no type from the column, are moved.
+    if !values
+        .iter()
+        .all(|v| v.contains('$') || ["now()", "true", "false"].contains(v))
+    {
+        return None;
+    }
+    let key = if tail.to_ascii_uppercase().contains("DO UPDATE") {
+        let target = tail.trim_start();
+        if !target.to_ascii_uppercase().starts_with("ON CONFLICT") {
+            return None;
+        }
+        let (target, _) = parenthesized(target["ON CONFLICT".len()..].trim_start())?;
+        let mut key = Vec::new();
+        for column in split_top(target) {
+            let at = columns
+                .iter()
+                .position(|c| c.eq_ignore_ascii_case(column.trim()))?;
+            key.push(lone_parameter(values[at])?.checked_sub(1)?);
+        }
+        Some(key)
+    } else {
+        None
+    };
+    let mut selected = Vec::with_capacity(values.len());
+    for value in &values {
+        selected.push(renumbered(value, types.len())?);
+    }
+    let arrays: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(k, ty)| format!("${}::{}[]", k + 1, ty.name()))
+        .collect();
+    let names: Vec<String> = (1..=types.len()).map(|k| format!("p{k}")).collect();
+    Some(Bulk {
+        sql: format!(
+            "INSERT INTO {table} ({}) SELECT {} FROM unnest({}) AS u({}){tail}",
+            columns.join(", "),
+            selected.join(", "),
+            arrays.join(", "),
+            names.join(", "),
+        ),
+        table,
+        key,
+        types: types.to_vec(),
+    })
+}
+
+/// The text inside the parentheses `text` starts with, and what follows.
+fn parenthesized(text: &str) -> Option<(&str, &str)> {
+    if !text.starts_with('(') {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut quoted = false;
+    for (at, c) in text.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((&text[1..at], &text[at + 1..]));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `text` split at its commas outside parentheses and quotes.
+fn split_top(text: &str) -> Vec<&str> {
+    let (mut parts, mut depth, mut quoted, mut from) = (Vec::new(), 0usize, false, 0);
+    for (at, c) in text.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth = depth.saturating_sub(1),
+            ',' if !quoted && depth == 0 => {
+                parts.push(&text[from..at]);
+                from = at + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[from..]);
+    parts
+}
+
+/// `k` when `value` is `$k`, possibly cast (`$k::text`).
+fn lone_parameter(value: &str) -> Option<usize> {
+    let digits = value.strip_prefix('$')?;
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    let after = &digits[end..];
+    if !after.is_empty() && !after.starts_with("::") {
+        return None;
+    }
+    digits[..end].parse().ok()
+}
+
+/// `value` with each `$k` read from the unnested column `u.pk`; `None` when
+/// it names a parameter the statement does not have.
+fn renumbered(value: &str, parameters: usize) -> Option<String> {
+    let mut out = String::with_capacity(value.len() + 8);
+    let mut chars = value.char_indices().peekable();
+    let mut quoted = false;
+    while let Some((at, c)) = chars.next() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if c != '$' || quoted {
+            out.push(c);
+            continue;
+        }
+        let digits: String = value[at + 1..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let k: usize = digits.parse().ok()?;
+        if k == 0 || k > parameters {
+            return None;
+        }
+        for _ in 0..digits.len() {
+            chars.next();
+        }
+        out.push_str(&format!("u.p{k}"));
+    }
+    Some(out)
+}
+
+/// One bulk parameter: the `$k` of every write, as a one-dimensional array
+/// in PostgreSQL's binary format (the elements are already encoded).
+#[derive(Debug)]
+pub(crate) struct Column {
+    pub(crate) element: Type,
+    pub(crate) items: Vec<Option<bytes::Bytes>>,
+}
+
+impl ToSql for Column {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let length = |n: usize| i32::try_from(n).map_err(|_| "array too long");
+        out.extend_from_slice(&1i32.to_be_bytes()); // dimensions
+        let nulls = i32::from(self.items.iter().any(Option::is_none));
+        out.extend_from_slice(&nulls.to_be_bytes());
+        out.extend_from_slice(&self.element.oid().to_be_bytes());
+        out.extend_from_slice(&length(self.items.len())?.to_be_bytes());
+        out.extend_from_slice(&1i32.to_be_bytes()); // lower bound
+        for item in &self.items {
+            match item {
+                Some(bytes) => {
+                    out.extend_from_slice(&length(bytes.len())?.to_be_bytes());
+                    out.extend_from_slice(bytes);
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        Ok(IsNull::No)
+    }
+
+    /// The statement casts each parameter to its array type.
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_insert_becomes_an_unnest_insert() {
+        let bulk = plan(
+            "INSERT INTO c360_timeline (tenant_id, position, occurred_at) \
+             VALUES ($1, $2, $3::text::timestamptz) ON CONFLICT (tenant_id, position) DO NOTHING",
+            &[Type::TEXT, Type::INT8, Type::TEXT],
+        )
+        .unwrap();
+        assert_eq!(
+            bulk.sql,
+            "INSERT INTO c360_timeline (tenant_id, position, occurred_at) \
+             SELECT u.p1, u.p2, u.p3::text::timestamptz \
+             FROM unnest($1::text[], $2::int8[], $3::text[]) AS u(p1, p2, p3) \
+             ON CONFLICT (tenant_id, position) DO NOTHING"
+        );
+        assert_eq!(bulk.key, None);
+        assert_eq!(bulk.table(), "c360_timeline");
+    }
+
+    #[test]
+    fn an_upsert_knows_the_parameters_of_its_key() {
+        let bulk = plan(
+            "INSERT INTO t (a, b, c) VALUES ($2, COALESCE($3, $1), $1) \
+             ON CONFLICT (c, a) DO UPDATE SET b = EXCLUDED.b",
+            &[Type::UUID, Type::TEXT, Type::TEXT],
+        )
+        .unwrap();
+        assert_eq!(bulk.key, Some(vec![0, 1]));
+        assert!(
+            bulk.sql
+                .contains("SELECT u.p2, COALESCE(u.p3, u.p1), u.p1 FROM")
+        );
+        assert!(
+            bulk.sql
+                .ends_with("ON CONFLICT (c, a) DO UPDATE SET b = EXCLUDED.b")
+        );
+    }
+
+    #[test]
+    fn statements_that_read_or_take_parameters_elsewhere_stay_single() {
+        let text = [Type::TEXT, Type::TEXT];
+        for sql in [
+            // a parameter outside VALUES
+            "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT (a) DO UPDATE SET b = $2",
+            // reads another table
+            "INSERT INTO t (a, b) SELECT $1, max(b) FROM u WHERE a = $2",
+            "INSERT INTO t (a, b) VALUES ($1, (SELECT b FROM u WHERE a = $2))",
+            // the key is computed
+            "INSERT INTO t (a, b) VALUES (lower($1), $2) ON CONFLICT (a) DO UPDATE SET b = 1",
+            "UPDATE t SET b = $2 WHERE a = $1",
+            "INSERT INTO t (a, b) VALUES ($1, $2) RETURNING a",
+            // a bare literal takes its type from the column
+            "INSERT INTO t (a, b, c) VALUES ($1, $2, NULL)",
+        ] {
+            assert!(plan(sql, &text).is_none(), "{sql}");
+        }
+        assert!(plan("INSERT INTO t (a) VALUES ($1)", &[Type::TEXT_ARRAY]).is_none());
+    }
+
+    #[test]
+    fn a_table_is_mentioned_only_as_a_whole_word() {
+        let shape = shape("DELETE FROM c360_about_x WHERE a = $1", &[Type::TEXT]);
+        assert!(!shape.mentions("c360_about"));
+        assert!(shape.mentions("c360_about_x"));
+        let shape = shape_of("UPDATE c360_about SET a = 1");
+        assert!(shape.mentions("c360_about"));
+    }
+
+    fn shape_of(sql: &str) -> Arc<Shape> {
+        shape(sql, &[])
+    }
+}
