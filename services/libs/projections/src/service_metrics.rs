@@ -61,7 +61,7 @@ CREATE INDEX IF NOT EXISTS service_metrics_csat
     ON service_metrics (tenant_id, csat_at) WHERE csat_at IS NOT NULL";
 
 /// The row's figures besides the ticket's state.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Figures {
     channel: String,
     queue: String,
@@ -86,15 +86,41 @@ fn seconds(from: Option<SystemTime>, to: Option<SystemTime>) -> Option<i64> {
     )
 }
 
+/// Reads a row's [`Figures`] (a `static`: the rebuild cache knows them by
+/// its address).
+static FIGURES: &str = "SELECT channel, queue, agent, opened_at, first_response_at, solved_at, \
+       root_cause, csat_score, csat_at, csat_agent, csat_queue \
+     FROM service_metrics WHERE tenant_id = $1 AND ticket_id = $2";
+
+impl Figures {
+    /// As PostgreSQL stores them (times to the microsecond), for the
+    /// rebuild cache: the figures a rebuild goes on from must be the ones a
+    /// read would return.
+    fn as_stored(&self) -> Self {
+        let micros = |t: Option<SystemTime>| t.map(crate::state::to_microseconds);
+        Self {
+            opened_at: micros(self.opened_at),
+            first_response_at: micros(self.first_response_at),
+            solved_at: micros(self.solved_at),
+            csat_at: micros(self.csat_at),
+            ..self.clone()
+        }
+    }
+}
+
 impl ServiceMetrics {
     async fn figures(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<Figures, ApplyError> {
+        if let Some(figures) = tx
+            .cache()
+            .and_then(|cache| cache.get::<Figures>(FIGURES, &event.tenant_id, event.stream_id))
+        {
+            return Ok(figures);
+        }
+        if crate::state::first_of_rebuilt_stream(tx, event) {
+            return Ok(Figures::default());
+        }
         let row = tx
-            .query_opt(
-                "SELECT channel, queue, agent, opened_at, first_response_at, solved_at, \
-                   root_cause, csat_score, csat_at, csat_agent, csat_queue \
-                 FROM service_metrics WHERE tenant_id = $1 AND ticket_id = $2",
-                &[&event.tenant_id, &event.stream_id],
-            )
+            .query_opt(FIGURES, &[&event.tenant_id, &event.stream_id])
             .await?;
         Ok(row.map_or_else(Figures::default, |row| Figures {
             channel: row.get(0),
@@ -169,6 +195,7 @@ impl Projection for ServiceMetrics {
                 reason: format!("state: {e}"),
             })?;
             crate::state::written(tx, STATE, event, &ticket);
+            crate::state::written(tx, FIGURES, event, &figures.as_stored());
             tx.execute(
                 "INSERT INTO service_metrics (tenant_id, ticket_id, ticket_type, complaint, \
                    category, channel, queue, agent, opened_at, first_response_at, \

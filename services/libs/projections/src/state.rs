@@ -29,6 +29,9 @@ pub(crate) async fn evolve_row<A: Aggregate + Clone + Send + 'static>(
     {
         return Ok(Some((state.evolve(&decoded), decoded)));
     }
+    if first_of_rebuilt_stream(tx, event) {
+        return Ok(Some((A::default().evolve(&decoded), decoded)));
+    }
     let stored = tx
         .query_opt(select, &[&event.tenant_id, &event.stream_id])
         .await?;
@@ -39,6 +42,13 @@ pub(crate) async fn evolve_row<A: Aggregate + Clone + Send + 'static>(
     };
     let evolved = state.evolve(&decoded);
     Ok(Some((evolved, decoded)))
+}
+
+/// Whether `event` is its stream's first in a rebuild: a row kept for the
+/// stream cannot exist yet (the rebuild's tables start empty, and only the
+/// stream's own events write its row), so there is nothing to read.
+pub(crate) fn first_of_rebuilt_stream(tx: &crate::Tx<'_>, event: &RecordedEvent) -> bool {
+    tx.cache().is_some() && event.stream_version == 1
 }
 
 /// After `state` has been written to the row `select` (given to
@@ -64,4 +74,37 @@ pub fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyE
             reason: e.to_string(),
         }
     })
+}
+
+/// `time` as a `timestamptz` holds it: whole microseconds, cut toward
+/// 2000-01-01 (PostgreSQL's epoch), as tokio-postgres sends it.
+pub(crate) fn to_microseconds(time: std::time::SystemTime) -> std::time::SystemTime {
+    use std::time::{Duration, UNIX_EPOCH};
+    let epoch = UNIX_EPOCH + Duration::from_secs(946_684_800);
+    let cut = |d: Duration| Duration::new(d.as_secs(), d.subsec_micros() * 1_000);
+    match time.duration_since(epoch) {
+        Ok(after) => epoch + cut(after),
+        Err(before) => epoch - cut(before.duration()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn times_are_cut_to_the_microsecond_toward_2000() {
+        let after = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        assert_eq!(
+            super::to_microseconds(after),
+            UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_000)
+        );
+        // 1999-12-31T23:59:59.000000500 is 0.9999995 s before 2000: it
+        // keeps 0.999999 s of that, so goes up.
+        let before = UNIX_EPOCH + Duration::new(946_684_799, 500);
+        assert_eq!(
+            super::to_microseconds(before),
+            UNIX_EPOCH + Duration::new(946_684_799, 1_000)
+        );
+    }
 }
