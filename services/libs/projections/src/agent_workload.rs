@@ -61,13 +61,6 @@ CREATE TABLE IF NOT EXISTS agent_workload_tickets (
 CREATE INDEX IF NOT EXISTS agent_workload_open
     ON agent_workload_tickets (tenant_id, assignee, channel) WHERE open";
 
-fn malformed(event: &RecordedEvent, reason: impl std::fmt::Display) -> ApplyError {
-    ApplyError::Payload {
-        event_type: event.event_type.clone(),
-        reason: reason.to_string(),
-    }
-}
-
 fn position(event: &RecordedEvent) -> i64 {
     i64::try_from(event.global_position).unwrap_or(i64::MAX)
 }
@@ -144,7 +137,7 @@ impl AgentWorkload {
                 ticket.status,
                 Some(TicketStatus::Solved | TicketStatus::Closed)
             );
-        let state = serde_json::to_value(&ticket).map_err(|e| malformed(event, e))?;
+        let state = crate::state::stored(&ticket);
         crate::state::written(tx, STATE, event, &ticket);
         tx.execute(
             "INSERT INTO agent_workload_tickets (tenant_id, ticket_id, channel, assignee, open, \

@@ -399,7 +399,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     else {
         return Ok(());
     };
-    let json = serde_json::to_value(&state).map_err(|e| malformed(event, e))?;
+    let json = crate::state::stored(&state);
     crate::state::written(tx, STATE_ACCOUNT, event, &state);
     let mut created_at: Option<Time> = None;
     let mut customer_since: Option<Time> = None;
@@ -487,7 +487,7 @@ async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     else {
         return Ok(());
     };
-    let json = serde_json::to_value(&state).map_err(|e| malformed(event, e))?;
+    let json = crate::state::stored(&state);
     crate::state::written(tx, STATE_CONTACT, event, &state);
     let created_at: Option<Time> = match &decoded {
         ContactEvent::Created(created) => Some(created.occurred_at.into()),

@@ -8,7 +8,7 @@ use crm_domain::Aggregate;
 use crm_domain::opportunity::{Opportunity, OpportunityEvent};
 use crm_event_store::RecordedEvent;
 
-use crate::runtime::{ApplyError, ApplyFuture, Projection};
+use crate::runtime::{ApplyFuture, Projection};
 
 /// The row state [`crate::state::evolve_row`] reads (a `static`: the
 /// rebuild cache knows the row by its address).
@@ -70,18 +70,13 @@ impl Projection for PipelineBoard {
             else {
                 return Ok(());
             };
-            let malformed = |reason: String| ApplyError::Payload {
-                event_type: event.event_type.clone(),
-                reason,
-            };
             let amount = deal.amount.as_ref().map(|m| m.amount_minor);
             let currency = deal.amount.as_ref().map(|m| m.currency.clone());
             let weighted = amount.map(|a| {
                 i64::try_from(i128::from(a) * i128::from(deal.probability_bp) / 10_000)
                     .unwrap_or(i64::MAX)
             });
-            let state_json =
-                serde_json::to_value(&deal).map_err(|e| malformed(format!("state: {e}")))?;
+            let state_json = crate::state::stored(&deal);
             crate::state::written(tx, STATE, event, &deal);
             let outcome = text(&deal.outcome).unwrap_or_default();
             let category = deal.category.as_ref().and_then(text);

@@ -460,16 +460,27 @@ fn encode(statement: &tokio_postgres::Statement, params: Params<'_>) -> Option<V
     if params.len() != statement.params().len() {
         return None;
     }
-    let mut encoded = Vec::with_capacity(params.len());
+    // One buffer for all of them (one allocation, not one per parameter),
+    // cut into a shared slice each.
+    let mut buffer = bytes::BytesMut::with_capacity(256);
+    let mut lengths = Vec::with_capacity(params.len());
     for (param, ty) in params.iter().zip(statement.params()) {
-        let mut bytes = bytes::BytesMut::new();
-        let is_null = param.to_sql_checked(ty, &mut bytes).ok()?;
+        let before = buffer.len();
+        let length = match param.to_sql_checked(ty, &mut buffer).ok()? {
+            tokio_postgres::types::IsNull::No => Some(buffer.len() - before),
+            tokio_postgres::types::IsNull::Yes => {
+                buffer.truncate(before);
+                None
+            }
+        };
+        lengths.push((length, param.encode_format(ty)));
+    }
+    let mut buffer = buffer.freeze();
+    let mut encoded = Vec::with_capacity(params.len());
+    for (length, format) in lengths {
         encoded.push(Encoded {
-            bytes: match is_null {
-                tokio_postgres::types::IsNull::Yes => None,
-                tokio_postgres::types::IsNull::No => Some(bytes.freeze()),
-            },
-            format: param.encode_format(ty),
+            bytes: length.map(|length| buffer.split_to(length)),
+            format,
         });
     }
     Some(encoded)

@@ -215,10 +215,7 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
     else {
         return Ok(());
     };
-    let state = serde_json::to_value(&deal).map_err(|e| ApplyError::Payload {
-        event_type: event.event_type.clone(),
-        reason: format!("state: {e}"),
-    })?;
+    let state = crate::state::stored(&deal);
     crate::state::written(tx, STATE, event, &deal);
     let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
     let outcome = match deal.outcome {

@@ -46,12 +46,7 @@ impl Projection for ScheduledTasks {
                 return Ok(()); // a logged item: nothing falls due
             }
             let due: Option<std::time::SystemTime> = activity.due.map(Into::into);
-            let state = serde_json::to_value(&activity).map_err(|e| {
-                crate::runtime::ApplyError::Payload {
-                    event_type: event.event_type.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+            let state = crate::state::stored(&activity);
             crate::state::written(tx, STATE, event, &activity);
             tx.execute(
                 "INSERT INTO scheduled_tasks (tenant_id, activity_id, due, assignee, open, \

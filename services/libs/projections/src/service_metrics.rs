@@ -190,10 +190,7 @@ impl Projection for ServiceMetrics {
             let Some(opened_at) = figures.opened_at else {
                 return Ok(()); // a ticket opened before the log's start
             };
-            let state = serde_json::to_value(&ticket).map_err(|e| ApplyError::Payload {
-                event_type: event.event_type.clone(),
-                reason: format!("state: {e}"),
-            })?;
+            let state = crate::state::stored(&ticket);
             crate::state::written(tx, STATE, event, &ticket);
             crate::state::written(tx, FIGURES, event, &figures.as_stored());
             tx.execute(

@@ -4,7 +4,7 @@
 use crm_domain::ticket::{Priority, Ticket, TicketEvent, TicketType};
 use crm_event_store::RecordedEvent;
 
-use crate::runtime::{ApplyError, ApplyFuture, Projection};
+use crate::runtime::{ApplyFuture, Projection};
 
 /// The row state [`crate::state::evolve_row`] reads (a `static`: the
 /// rebuild cache knows the row by its address).
@@ -63,10 +63,6 @@ impl Projection for ServiceQueue {
             else {
                 return Ok(());
             };
-            let malformed = |reason: String| ApplyError::Payload {
-                event_type: event.event_type.clone(),
-                reason,
-            };
             // The opening instant is the business time of TicketOpened; later
             // events keep the stored one.
             let opened_at: Option<std::time::SystemTime> = match &decoded {
@@ -74,8 +70,7 @@ impl Projection for ServiceQueue {
                 _ => None,
             };
             let priority = ticket.priority.unwrap_or(Priority::Normal);
-            let state =
-                serde_json::to_value(&ticket).map_err(|e| malformed(format!("state: {e}")))?;
+            let state = crate::state::stored(&ticket);
             crate::state::written(tx, STATE, event, &ticket);
             tx.execute(
                 "INSERT INTO service_queue (tenant_id, ticket_id, queue, status, priority, \

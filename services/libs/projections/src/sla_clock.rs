@@ -5,7 +5,7 @@
 use crm_domain::sla::{ClockState, SlaTracker};
 use crm_event_store::RecordedEvent;
 
-use crate::runtime::{ApplyError, ApplyFuture, Projection};
+use crate::runtime::{ApplyFuture, Projection};
 
 /// The row state [`crate::state::evolve_row`] reads (a `static`: the
 /// rebuild cache knows the row by its address).
@@ -67,10 +67,7 @@ impl Projection for SlaClock {
                 return Ok(());
             };
             let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
-            let state = serde_json::to_value(&tracker).map_err(|e| ApplyError::Payload {
-                event_type: event.event_type.clone(),
-                reason: e.to_string(),
-            })?;
+            let state = crate::state::stored(&tracker);
             crate::state::written(tx, STATE, event, &tracker);
             tx.execute(
                 "INSERT INTO sla_trackers (tenant_id, tracker_id, state, position) \

@@ -76,6 +76,14 @@ pub fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyE
     })
 }
 
+/// `state` as a `jsonb` parameter, serialized straight into the message
+/// (no `serde_json::Value` tree on the way; PostgreSQL orders the keys).
+pub(crate) fn stored<T: serde::Serialize + std::fmt::Debug>(
+    state: &T,
+) -> tokio_postgres::types::Json<&T> {
+    tokio_postgres::types::Json(state)
+}
+
 /// `time` as a `timestamptz` holds it: whole microseconds, cut toward
 /// 2000-01-01 (PostgreSQL's epoch), as tokio-postgres sends it.
 pub(crate) fn to_microseconds(time: std::time::SystemTime) -> std::time::SystemTime {
