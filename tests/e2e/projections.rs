@@ -885,7 +885,7 @@ async fn the_service_queue_lists_pages_counts_and_ages_open_tickets() {
 async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
     use crm_proto::v1::{
         CommandOptions, GetWinRateRequest, LoseOpportunityRequest, Money, Reason,
-        WinOpportunityRequest,
+        ReopenOpportunityRequest, WinOpportunityRequest,
     };
     let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
     let (account, pipeline) = setup(&app).await;
@@ -904,7 +904,7 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
         request.options = at("2026-10-01T09:00:00Z");
         app.request(request)
     };
-    let mut last = 0;
+    let (mut last, mut last_id) = (0, String::new());
     // (amount, how it closes, when)
     for (minor, close, when) in [
         (30_000_000, Some("won"), "2026-11-10T12:00:00Z"),
@@ -912,6 +912,8 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
         (20_000_000, Some("lost"), "2026-11-25T12:00:00Z"),
         (50_000_000, Some("won"), "2026-10-15T12:00:00Z"), // before the period
         (70_000_000, None, ""),                            // still open
+        // won before the period, reopened, lost in it (below)
+        (40_000_000, Some("won"), "2026-10-20T12:00:00Z"),
     ] {
         let id = app
             .opportunities()
@@ -920,6 +922,7 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
             .unwrap()
             .into_inner()
             .stream_id;
+        last_id.clone_from(&id);
         let reply = match close {
             Some("won") => app
                 .opportunities()
@@ -946,6 +949,38 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
         };
         last = reply.into_inner().global_position;
     }
+    // The last deal: reopened in October, lost in November. It closed in
+    // the period, as a loss: the October win no longer counts.
+    let reopened = app
+        .opportunities()
+        .reopen_opportunity(crate::configuration::with_roles(
+            &app,
+            ReopenOpportunityRequest {
+                options: at("2026-10-25T12:00:00Z"),
+                opportunity_id: last_id.clone(),
+                stage: "proposal".into(),
+            },
+            "sales_manager",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reopened.global_position > last);
+    last = app
+        .opportunities()
+        .lose_opportunity(app.request(LoseOpportunityRequest {
+            options: at("2026-11-26T12:00:00Z"),
+            opportunity_id: last_id,
+            reason: Some(Reason {
+                code: "timing".into(),
+                text: String::new(),
+            }),
+            competitor: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .global_position;
     let mut sales = SalesQueriesClient::new(app.channel.clone());
     let november = |owner: &str| GetWinRateRequest {
         options: Some(QueryOptions { min_position: last }),
@@ -958,9 +993,9 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
         .await
         .unwrap()
         .into_inner();
-    // 2 won, 1 lost: 2 ÷ 3 = 6666 bp. By value: 400,000.00 won and 200,000.00
-    // lost: 40,000,000 ÷ 60,000,000 = 6666 bp.
-    assert_eq!((rate.won, rate.lost, rate.win_rate_bp), (2, 1, 6666));
+    // 2 won, 2 lost: 2 ÷ 4 = 5000 bp. By value: 400,000.00 won and
+    // 200,000.00 + 400,000.00 lost: 40,000,000 ÷ 100,000,000 = 4000 bp.
+    assert_eq!((rate.won, rate.lost, rate.win_rate_bp), (2, 2, 5000));
     assert_eq!(rate.by_value.len(), 1);
     let eur = &rate.by_value[0];
     assert_eq!(
@@ -970,7 +1005,7 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
             eur.lost_minor,
             eur.win_rate_bp
         ),
-        ("EUR", 40_000_000, 20_000_000, 6666)
+        ("EUR", 40_000_000, 60_000_000, 4000)
     );
     let nobody = sales
         .get_win_rate(app.request(november("user:nobody")))

@@ -69,7 +69,7 @@ fn position(event: &RecordedEvent) -> i64 {
 async fn known(tx: &crate::Tx<'_>, event: &RecordedEvent, agent: &str) -> Result<(), ApplyError> {
     tx.execute(
         "INSERT INTO agent_workload (tenant_id, agent, status, capacity, skills, position) \
-         VALUES ($1, $2, $3, 0, '{}', $4) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, 0, '{}'::text[], $4) ON CONFLICT DO NOTHING",
         &[&event.tenant_id, &agent, &UNKNOWN_STATUS, &position(event)],
     )
     .await?;
@@ -143,7 +143,8 @@ impl AgentWorkload {
             "INSERT INTO agent_workload_tickets (tenant_id, ticket_id, channel, assignee, open, \
                state, position) VALUES ($1, $2, COALESCE($3, ''), $4, $5, $6, $7) \
              ON CONFLICT (tenant_id, ticket_id) DO UPDATE SET \
-               channel = COALESCE($3, agent_workload_tickets.channel), \
+               channel = CASE EXCLUDED.channel WHEN '' THEN agent_workload_tickets.channel \
+                 ELSE EXCLUDED.channel END, \
                assignee = EXCLUDED.assignee, open = EXCLUDED.open, state = EXCLUDED.state, \
                position = EXCLUDED.position",
             &[

@@ -110,11 +110,15 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     }
     // A literal alone is typed by its column in VALUES but not in a
     // SELECT (a bare NULL or '...' would be text there): only values that
-    // take a parameter, or need no type from the column, are moved.
-    if !values
-        .iter()
-        .all(|v| v.contains('$') || ["now()", "true", "false"].contains(v))
-    {
+    // take a parameter or have a type of their own (a cast, an integer,
+    // a boolean, now()) are moved.
+    let typed = |v: &&str| {
+        v.contains('$')
+            || v.contains("::")
+            || v.bytes().all(|b| b.is_ascii_digit())
+            || ["now()", "true", "false"].contains(v)
+    };
+    if !values.iter().all(typed) {
         return None;
     }
     let key = if tail.to_ascii_uppercase().contains("DO UPDATE") {
@@ -305,6 +309,20 @@ mod tests {
         );
         assert_eq!(bulk.key, None);
         assert_eq!(bulk.table(), "c360_timeline");
+    }
+
+    #[test]
+    fn typed_literals_move_with_the_parameters() {
+        let bulk = plan(
+            "INSERT INTO w (a, b, c, d) VALUES ($1, 0, '{}'::text[], $2) ON CONFLICT DO NOTHING",
+            &[Type::TEXT, Type::INT8],
+        )
+        .unwrap();
+        assert!(
+            bulk.sql.contains("SELECT u.p1, 0, '{}'::text[], u.p2 FROM"),
+            "{}",
+            bulk.sql
+        );
     }
 
     #[test]

@@ -84,18 +84,19 @@ impl Projection for PipelineBoard {
             let close_date = deal.close_date.map(|d| d.to_string());
             let probability = i32::try_from(deal.probability_bp).unwrap_or(i32::MAX);
             let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
-            // When the deal was won or lost (business time); a reopen clears it.
-            let (closes, closed_at): (bool, Option<std::time::SystemTime>) = match &decoded {
-                OpportunityEvent::Won(won) => (true, Some(won.occurred_at.into())),
-                OpportunityEvent::Lost(lost) => (true, Some(lost.occurred_at.into())),
-                OpportunityEvent::Reopened(_) => (true, None),
-                _ => (false, None),
+            // When the deal was won or lost (business time): set by the
+            // event that closes it (a closed deal is reopened before it can
+            // close again), kept while it stays closed, cleared while open.
+            let closed_at: Option<std::time::SystemTime> = match &decoded {
+                OpportunityEvent::Won(won) => Some(won.occurred_at.into()),
+                OpportunityEvent::Lost(lost) => Some(lost.occurred_at.into()),
+                _ => None,
             };
             tx.execute(
                 "INSERT INTO pipeline_board (tenant_id, deal_id, name, pipeline_id, stage, outcome, \
                    archived, amount_minor, currency, probability_bp, weighted_minor, category, \
                    close_date, owner, state, position, closed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16, $18) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16, $17) \
                  ON CONFLICT (tenant_id, deal_id) DO UPDATE SET name = EXCLUDED.name, \
                    pipeline_id = EXCLUDED.pipeline_id, stage = EXCLUDED.stage, \
                    outcome = EXCLUDED.outcome, archived = EXCLUDED.archived, \
@@ -104,7 +105,8 @@ impl Projection for PipelineBoard {
                    weighted_minor = EXCLUDED.weighted_minor, category = EXCLUDED.category, \
                    close_date = EXCLUDED.close_date, owner = EXCLUDED.owner, \
                    state = EXCLUDED.state, position = EXCLUDED.position, \
-                   closed_at = CASE WHEN $17 THEN $18 ELSE pipeline_board.closed_at END",
+                   closed_at = CASE WHEN EXCLUDED.outcome = 'open' THEN NULL \
+                     ELSE COALESCE(pipeline_board.closed_at, EXCLUDED.closed_at) END",
                 &[
                     &event.tenant_id,
                     &event.stream_id,
@@ -122,7 +124,6 @@ impl Projection for PipelineBoard {
                     &deal.owner,
                     &state_json,
                     &position,
-                    &closes,
                     &closed_at,
                 ],
             )

@@ -63,8 +63,10 @@ impl Projection for ServiceQueue {
             else {
                 return Ok(());
             };
-            // The opening instant is the business time of TicketOpened; later
-            // events keep the stored one.
+            // The opening instant is the business time of TicketOpened (else
+            // when the first event seen was recorded); TicketOpened is a
+            // ticket's first event, so later events keep the stored one (the
+            // upsert leaves it alone).
             let opened_at: Option<std::time::SystemTime> = match &decoded {
                 TicketEvent::Opened(opened) => Some(opened.occurred_at.into()),
                 _ => None,
@@ -82,7 +84,6 @@ impl Projection for ServiceQueue {
                    status = EXCLUDED.status, priority = EXCLUDED.priority, \
                    priority_rank = EXCLUDED.priority_rank, ticket_type = EXCLUDED.ticket_type, \
                    complaint = EXCLUDED.complaint, assignee = EXCLUDED.assignee, \
-                   opened_at = COALESCE($10, service_queue.opened_at), \
                    escalation_level = EXCLUDED.escalation_level, \
                    reopen_count = EXCLUDED.reopen_count, state = EXCLUDED.state, \
                    position = EXCLUDED.position, status_since = EXCLUDED.status_since",
