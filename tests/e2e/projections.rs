@@ -218,8 +218,12 @@ async fn publish(setup: &Setup, positions: &[u64]) {
 }
 
 fn projector(setup: &Setup) -> Projector {
+    projector_of(setup, Arc::new(PipelineBoard))
+}
+
+fn projector_of(setup: &Setup, projection: Arc<dyn crm_projections::Projection>) -> Projector {
     Projector::new(
-        Arc::new(PipelineBoard),
+        projection,
         setup.store.clone(),
         setup.pool.clone(),
         setup.nats.url.clone(),
@@ -655,6 +659,49 @@ async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_f
         .unwrap()
         .get(0);
     assert_eq!(kept, 2, "nothing swapped in");
+    setup.store.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_projector_whose_deferred_write_fails_stops_on_that_event() {
+    let setup = setup_runtime().await;
+    let positions = open_deals(&setup.store, Uuid::now_v7(), 3, 1_000).await;
+    publish(&setup, &positions).await;
+    let projector = projector_of(&setup, Arc::new(RefusesThree));
+    // Event 3's insert is queued and fails when the batch's writes go out
+    // before its commit: the projector stops on event 3, with 1 and 2
+    // applied.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        projector.run(CancellationToken::new()),
+    )
+    .await
+    .expect("the projector stops on the failing write");
+    let client = setup.db.client().await;
+    let status = crm_projections::statuses(&client)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "refuses_three")
+        .unwrap();
+    assert_eq!(
+        (
+            status.state.as_str(),
+            status.position,
+            status.error_position
+        ),
+        ("failed", 2, Some(3))
+    );
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("check constraint"), "{error}");
+    let rows: Vec<i64> = client
+        .query("SELECT position FROM refuses_three ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(rows, vec![1, 2]);
     setup.store.shutdown().await;
 }
 

@@ -53,23 +53,26 @@ pub(crate) fn described(error: &tokio_postgres::Error) -> String {
 /// The transaction a projection applies its events in: every statement
 /// given as SQL text is prepared once per connection and cached, so a batch
 /// (or a rebuild's chunk) pays for parsing and planning once per statement,
-/// not once per event. Everything else of the transaction is reached
-/// through `Deref`.
+/// not once per event. Only its own methods reach the transaction, so none
+/// can pass the queue below.
 ///
-/// A rebuild's transaction also defers its writes: [`Tx::execute`] encodes
-/// the parameters and queues the statement; the queue goes to PostgreSQL as
-/// one pipeline (every statement sent before the first answer is awaited)
+/// A projector's batch ([`Tx::deferring`]) and a rebuild's chunk
+/// ([`Tx::with_cache`]) defer their writes: [`Tx::execute`] encodes the
+/// parameters and queues the statement; the queue goes to PostgreSQL as one
+/// pipeline (every statement sent before the first answer is awaited)
 /// before any read, when it is long, and at commit. Statements still run in
 /// the order they were given, so a read sees every write before it; what is
 /// saved is a round trip, and a wake-up of the backend and of the client,
-/// per statement.
+/// per statement, and plain INSERTs go many rows at a time
+/// ([`crate::bulk`]). A write that fails is reported at the next read, the
+/// next flush or commit; [`Tx::failed_at`] names its event.
 pub struct Tx<'a> {
     tx: deadpool_postgres::Transaction<'a>,
     cache: Option<&'a StateCache>,
     deferred: Option<std::sync::Mutex<Deferred>>,
 }
 
-/// A rebuild transaction's queued writes.
+/// A deferring transaction's queued writes.
 #[derive(Default)]
 struct Deferred {
     writes: Vec<Write>,
@@ -266,6 +269,15 @@ impl<'a> Tx<'a> {
         }
     }
 
+    /// A projector's batch: its writes are deferred (see [`Tx`]).
+    pub fn deferring(tx: deadpool_postgres::Transaction<'a>) -> Self {
+        Self {
+            tx,
+            cache: None,
+            deferred: Some(std::sync::Mutex::default()),
+        }
+    }
+
     /// A rebuild's transaction: it remembers the states it writes and
     /// defers its writes (see [`Tx`]).
     pub fn with_cache(tx: deadpool_postgres::Transaction<'a>, cache: &'a StateCache) -> Self {
@@ -423,6 +435,12 @@ impl<'a> Tx<'a> {
         self.tx.execute(&statement, params).await.map(|_| ())
     }
 
+    /// Runs SQL text without parameters (after the queued writes).
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.flush().await?;
+        self.tx.batch_execute(sql).await
+    }
+
     pub async fn query(
         &self,
         sql: &str,
@@ -484,14 +502,6 @@ fn encode(statement: &tokio_postgres::Statement, params: Params<'_>) -> Option<V
         });
     }
     Some(encoded)
-}
-
-impl<'a> std::ops::Deref for Tx<'a> {
-    type Target = tokio_postgres::Transaction<'a>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.tx
-    }
 }
 
 pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
@@ -1046,7 +1056,7 @@ impl Projector {
         );
         async {
             let mut client = self.pool.get().await?;
-            let tx = Tx::new(client.transaction().await?);
+            let tx = Tx::deferring(client.transaction().await?);
             // The row lock also keeps two instances of one projection apart.
             let position: u64 = tx
                 .query_one(
@@ -1084,6 +1094,12 @@ impl Projector {
                 position = delivered.position();
             }
             refilled += self.refill(&tx, &mut position, up_to, &mut applied).await?;
+            // The batch's last deferred writes: one that fails is its
+            // event's poison, like a write that fails at once.
+            tx.flush().await.map_err(|error| RunError::Poison {
+                position: tx.failed_at().map_or(position, |(first, _)| first),
+                error: ApplyError::Database(error).to_string(),
+            })?;
             let stored = i64::try_from(position).unwrap_or(i64::MAX);
             tx.execute(
                 "UPDATE projections SET position = $2, holes_refilled = holes_refilled + $3, \
@@ -1146,20 +1162,22 @@ impl Projector {
         Ok(count)
     }
 
+    /// Applies `event`; a failure is its own (or, when a deferred write of
+    /// an earlier event failed on the way, that event's).
     async fn apply_one(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), RunError> {
-        self.projection
-            .apply(tx, event)
-            .await
-            .map_err(|error| match error {
-                ApplyError::Transient(error) => RunError::Transient {
-                    position: event.global_position,
-                    error,
-                },
+        tx.applying(event.global_position);
+        self.projection.apply(tx, event).await.map_err(|error| {
+            let position = tx
+                .failed_at()
+                .map_or(event.global_position, |(first, _)| first);
+            match error {
+                ApplyError::Transient(error) => RunError::Transient { position, error },
                 error => RunError::Poison {
-                    position: event.global_position,
+                    position,
                     error: error.to_string(),
                 },
-            })
+            }
+        })
     }
 
     async fn record_failure(&self, position: u64, error: &str) -> Result<(), RunError> {
