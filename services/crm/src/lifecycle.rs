@@ -91,6 +91,7 @@ impl CustomerLifecycle {
         };
         self.sender
             .send::<Account>(
+                tx,
                 event,
                 0,
                 account_id,

@@ -33,9 +33,12 @@ impl Sender {
     /// command that no longer applies (`NOT_APPLICABLE`, a record that moved
     /// on, was archived, erased or is gone) is done; an unavailable store or
     /// a busy record is retried by the runtime; any other refusal stops the
-    /// process manager loudly.
+    /// process manager loudly. The writes `tx` has queued go to PostgreSQL
+    /// first, so a command never goes out ahead of a write before it that
+    /// fails.
     pub async fn send<A: Aggregate>(
         &self,
+        tx: &crm_projections::Tx<'_>,
         event: &RecordedEvent,
         n: usize,
         stream_id: Uuid,
@@ -45,6 +48,7 @@ impl Sender {
     where
         A::Command: Clone,
     {
+        tx.flush().await?;
         let tenant = TenantId::parse(&event.tenant_id).map_err(|e| malformed(event, e))?;
         let mut caller = Caller::system(tenant, self.actor);
         caller.causation_id = Some(event.event_id.to_string());

@@ -737,7 +737,7 @@ impl DataQuality {
                 score: found.score,
             };
             self.sender
-                .send::<DuplicatePair>(event, n, pair_id(record.id, other_id), at, command)
+                .send::<DuplicatePair>(tx, event, n, pair_id(record.id, other_id), at, command)
                 .await?;
         }
         Ok(())

@@ -525,7 +525,7 @@ impl Router {
             eligible: true,
             override_reason: String::new(),
         };
-        if self.send(event, n, waiting, at, command).await? {
+        if self.send(tx, event, n, waiting, at, command).await? {
             tx.execute(
                 "UPDATE router_tickets SET assignee = $3, waiting_since = NULL \
                  WHERE tenant_id = $1 AND ticket_id = $2",
@@ -541,12 +541,15 @@ impl Router {
     /// its key), `false` when the ticket moved on meanwhile.
     async fn send(
         &self,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         n: usize,
         waiting: &Waiting,
         occurred_at: Timestamp,
         command: TicketCommand,
     ) -> Result<bool, ApplyError> {
+        // The writes queued before go first (see `process::Sender::send`).
+        tx.flush().await?;
         let tenant = TenantId::parse(&event.tenant_id).map_err(|e| malformed(event, e))?;
         let mut caller = Caller::system(tenant, "system:router");
         caller.causation_id = Some(event.event_id.to_string());

@@ -295,7 +295,7 @@ impl SlaProcess {
                     cause: "opened".into(),
                 };
                 self.sender
-                    .send::<SlaTracker>(event, 0, tracker, opened.occurred_at, command)
+                    .send::<SlaTracker>(tx, event, 0, tracker, opened.occurred_at, command)
                     .await?;
             }
             return Self::save_ticket(tx, event, &ticket).await;
@@ -335,7 +335,7 @@ impl SlaProcess {
                         cause: cause.into(),
                     };
                     self.sender
-                        .send::<SlaTracker>(event, 0, tracker, triaged.occurred_at, command)
+                        .send::<SlaTracker>(tx, event, 0, tracker, triaged.occurred_at, command)
                         .await?;
                 }
             }
@@ -438,7 +438,7 @@ impl SlaProcess {
         }
         for (n, (occurred_at, command)) in commands.into_iter().enumerate() {
             self.sender
-                .send::<SlaTracker>(event, n, tracker, occurred_at, command)
+                .send::<SlaTracker>(tx, event, n, tracker, occurred_at, command)
                 .await?;
         }
         Self::save_ticket(tx, event, &ticket).await
@@ -462,6 +462,7 @@ impl SlaProcess {
     /// A breached clock escalates its ticket one level.
     async fn on_breach(
         &self,
+        tx: &Tx<'_>,
         event: &RecordedEvent,
         breach: &crm_domain::sla::SlaAlarm,
     ) -> Result<(), ApplyError> {
@@ -484,7 +485,7 @@ impl SlaProcess {
             target: target.into(),
         };
         self.sender
-            .send::<Ticket>(event, 0, breach.ticket_id, breach.occurred_at, command)
+            .send::<Ticket>(tx, event, 0, breach.ticket_id, breach.occurred_at, command)
             .await
     }
 }
@@ -563,7 +564,7 @@ impl Projection for SlaProcess {
                 }
                 t if t == <SlaTracker as crm_domain::Aggregate>::STREAM_TYPE => {
                     if let Some(SlaEvent::Breached(breach)) = decode::<SlaEvent>(event)? {
-                        self.on_breach(event, &breach).await?;
+                        self.on_breach(tx, event, &breach).await?;
                     }
                 }
                 _ => {}

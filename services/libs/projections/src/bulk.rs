@@ -4,8 +4,11 @@
 //! writes of one plain `INSERT INTO t (...) VALUES (...) [ON CONFLICT ...]`
 //! statement are gathered into one `INSERT ... SELECT ... FROM unnest(...)`
 //! with one array per parameter, as long as no write between them mentions
-//! `t`: such a statement reads and writes only `t`, so moving it before
-//! writes that never name `t` changes nothing. Under `ON CONFLICT ... DO
+//! `t`: such a statement reads and writes only `t` (its values and its
+//! conflict clause may hold parameters, literals, casts, operators and a
+//! few plain functions, nothing that reads a table; read models have no
+//! triggers, foreign keys, rules or views, which would break this), so
+//! moving it before writes that never name `t` changes nothing. Under `ON CONFLICT ... DO
 //! UPDATE` a row may not be updated twice by one statement, so the n-th
 //! write of one key goes into the n-th statement, in order.
 use std::collections::HashMap;
@@ -112,6 +115,9 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     // SELECT (a bare NULL or '...' would be text there): only values that
     // take a parameter or have a type of their own (a cast, an integer,
     // a boolean, now()) are moved.
+    if !only_plain_expressions(&values, tail) {
+        return None;
+    }
     let typed = |v: &&str| {
         v.contains('$')
             || v.contains("::")
@@ -132,7 +138,15 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
             let at = columns
                 .iter()
                 .position(|c| c.eq_ignore_ascii_case(column.trim()))?;
-            key.push(lone_parameter(values[at])?.checked_sub(1)?);
+            let (k, cast) = lone_parameter(values[at])?;
+            let k = k.checked_sub(1)?;
+            // Two writes are one row exactly when their key bytes are equal:
+            // a cast to another type could make different bytes one value.
+            let own = types.get(k)?.name();
+            if cast.is_some_and(|cast| !cast.eq_ignore_ascii_case(own)) {
+                return None;
+            }
+            key.push(k);
         }
         Some(key)
     } else {
@@ -145,7 +159,7 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     let arrays: Vec<String> = types
         .iter()
         .enumerate()
-        .map(|(k, ty)| format!("${}::{}[]", k + 1, ty.name()))
+        .map(|(k, ty)| format!("${}::\"{}\"[]", k + 1, ty.name()))
         .collect();
     let names: Vec<String> = (1..=types.len()).map(|k| format!("p{k}")).collect();
     Some(Bulk {
@@ -204,17 +218,83 @@ fn split_top(text: &str) -> Vec<&str> {
     parts
 }
 
-/// `k` when `value` is `$k`, possibly cast (`$k::text`).
-fn lone_parameter(value: &str) -> Option<usize> {
+/// `k` when `value` is `$k`, with the type of a single cast if it has one
+/// (`$k::text`).
+fn lone_parameter(value: &str) -> Option<(usize, Option<&str>)> {
     let digits = value.strip_prefix('$')?;
     let end = digits
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(digits.len());
-    let after = &digits[end..];
-    if !after.is_empty() && !after.starts_with("::") {
-        return None;
+    let k = digits[..end].parse().ok()?;
+    match &digits[end..] {
+        "" => Some((k, None)),
+        after => {
+            let cast = after.strip_prefix("::")?;
+            cast.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                .then_some((k, Some(cast)))
+        }
     }
-    digits[..end].parse().ok()
+}
+
+/// Functions a gathered statement may call: they read no table.
+const PLAIN_FUNCTIONS: &[&str] = &[
+    "coalesce", "nullif", "greatest", "least", "now", "lower", "upper",
+];
+
+/// Whether the values and the conflict clause read nothing but their own
+/// row: besides parameters, literals, casts and operators, the values name
+/// only the plain functions, `true`, `false` and `NULL`, and the conflict
+/// clause has no subquery keyword (`TABLE`, `VALUES`, `FROM`, ...) and
+/// calls no other function.
+fn only_plain_expressions(values: &[&str], tail: &str) -> bool {
+    let values_ok = values.iter().all(|value| {
+        words(value).all(|(word, cast, called)| {
+            cast || (called && PLAIN_FUNCTIONS.contains(&word.as_str()))
+                || (!called && ["true", "false", "null"].contains(&word.as_str()))
+        })
+    });
+    let tail_ok = words(tail).all(|(word, cast, called)| {
+        ![
+            "table", "values", "from", "join", "lateral", "with", "using",
+        ]
+        .contains(&word.as_str())
+            && (cast || !called || word == "conflict" || PLAIN_FUNCTIONS.contains(&word.as_str()))
+    });
+    values_ok && tail_ok
+}
+
+/// The words of `text` outside quotes, lower case, each with whether it
+/// follows `::` (a type) and whether `(` follows it (a call).
+fn words(text: &str) -> impl Iterator<Item = (String, bool, bool)> + '_ {
+    let bytes = text.as_bytes();
+    let part_of_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let (mut at, mut quoted) = (0, false);
+    std::iter::from_fn(move || {
+        while at < bytes.len() {
+            let b = bytes[at];
+            if b == b'\'' {
+                quoted = !quoted;
+            }
+            let starts = !quoted
+                && (b.is_ascii_alphabetic() || b == b'_')
+                && (at == 0 || !(part_of_word(bytes[at - 1]) || bytes[at - 1] == b'$'));
+            if !starts {
+                at += 1;
+                continue;
+            }
+            let from = at;
+            while at < bytes.len() && part_of_word(bytes[at]) {
+                at += 1;
+            }
+            return Some((
+                text[from..at].to_ascii_lowercase(),
+                text[..from].trim_end().ends_with("::"),
+                text[at..].trim_start().starts_with('('),
+            ));
+        }
+        None
+    })
 }
 
 /// `value` with each `$k` read from the unnested column `u.pk`; `None` when
@@ -304,7 +384,7 @@ mod tests {
             bulk.sql,
             "INSERT INTO c360_timeline (tenant_id, position, occurred_at) \
              SELECT u.p1, u.p2, u.p3::text::timestamptz \
-             FROM unnest($1::text[], $2::int8[], $3::text[]) AS u(p1, p2, p3) \
+             FROM unnest($1::\"text\"[], $2::\"int8\"[], $3::\"text\"[]) AS u(p1, p2, p3) \
              ON CONFLICT (tenant_id, position) DO NOTHING"
         );
         assert_eq!(bulk.key, None);
@@ -323,6 +403,18 @@ mod tests {
             "{}",
             bulk.sql
         );
+    }
+
+    #[test]
+    fn plain_functions_casts_and_conditions_are_allowed() {
+        let bulk = plan(
+            "INSERT INTO t (a, b, c) VALUES ($1::text, COALESCE($2, now()), $3::text::date) \
+             ON CONFLICT (a) DO UPDATE SET b = CASE WHEN EXCLUDED.b IS NULL THEN t.b \
+             ELSE greatest(t.b, EXCLUDED.b) END, c = EXCLUDED.c",
+            &[Type::TEXT, Type::TIMESTAMPTZ, Type::TEXT],
+        )
+        .unwrap();
+        assert_eq!(bulk.key, Some(vec![0]));
     }
 
     #[test]
@@ -357,6 +449,15 @@ mod tests {
             "INSERT INTO t (a, b) VALUES (lower($1), $2) ON CONFLICT (a) DO UPDATE SET b = 1",
             "UPDATE t SET b = $2 WHERE a = $1",
             "INSERT INTO t (a, b) VALUES ($1, $2) RETURNING a",
+            // reads another table without the word SELECT
+            "INSERT INTO t (a, b) VALUES ($1, (TABLE u LIMIT 1))",
+            "INSERT INTO t (a, b) VALUES ($1, (VALUES ($2)))",
+            "INSERT INTO t (a, b) VALUES ($1, lookup($2))",
+            "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT (a) DO UPDATE SET b = lookup(t.b)",
+            "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT (a) DO UPDATE SET b = (TABLE u)",
+            // a key cast to another type
+            "INSERT INTO t (a, b) VALUES ($1::text::uuid, $2) ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b",
+            "INSERT INTO t (a, b) VALUES ($1::uuid, $2) ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b",
             // a bare literal takes its type from the column
             "INSERT INTO t (a, b, c) VALUES ($1, $2, NULL)",
         ] {

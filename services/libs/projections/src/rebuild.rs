@@ -296,17 +296,11 @@ fn poison(
     position: u64,
     error: impl std::fmt::Display,
 ) -> RebuildError {
-    match tx.failed_at() {
-        Some((first, last)) if first != last => RebuildError::Poison {
-            projection: projection.name(),
-            position: first,
-            error: format!("in one statement with the writes of events {first} to {last}: {error}"),
-        },
-        failed => RebuildError::Poison {
-            projection: projection.name(),
-            position: failed.map_or(position, |(first, _)| first),
-            error: error.to_string(),
-        },
+    let (position, error) = tx.blame(position, error);
+    RebuildError::Poison {
+        projection: projection.name(),
+        position,
+        error,
     }
 }
 

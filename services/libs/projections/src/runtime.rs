@@ -312,6 +312,21 @@ impl<'a> Tx<'a> {
         self.deferred().and_then(|deferred| deferred.failed_at)
     }
 
+    /// The event to stop on for `error`, met while applying the event at
+    /// `position` (or committing up to it), and what to say: the event whose
+    /// deferred write failed when one did, naming every event whose writes
+    /// were in that one statement.
+    pub fn blame(&self, position: u64, error: impl std::fmt::Display) -> (u64, String) {
+        match self.failed_at() {
+            Some((first, last)) if first != last => (
+                first,
+                format!("in one statement with the writes of events {first} to {last}: {error}"),
+            ),
+            Some((first, _)) => (first, error.to_string()),
+            None => (position, error.to_string()),
+        }
+    }
+
     /// Sends the queued writes as one pipeline and waits for them all. The
     /// writes of one plain INSERT go as one statement where that changes
     /// nothing ([`crate::bulk`]).
@@ -332,7 +347,20 @@ impl<'a> Tx<'a> {
                             sends.push(Outgoing::One(write));
                             continue;
                         }
-                        let statement = self.tx.prepare_cached(&bulk.sql).await?;
+                        let positions = rows.iter().map(|w| w.position);
+                        let span = (
+                            positions.clone().min().unwrap_or_default(),
+                            positions.max().unwrap_or_default(),
+                        );
+                        let statement = match self.tx.prepare_cached(&bulk.sql).await {
+                            Ok(statement) => statement,
+                            Err(error) => {
+                                if let Some(mut deferred) = self.deferred() {
+                                    deferred.failed_at = Some(span);
+                                }
+                                return Err(error);
+                            }
+                        };
                         let columns = bulk
                             .types
                             .iter()
@@ -342,11 +370,6 @@ impl<'a> Tx<'a> {
                                 items: rows.iter().map(|w| w.params[k].bytes.clone()).collect(),
                             })
                             .collect();
-                        let positions = rows.iter().map(|w| w.position);
-                        let span = (
-                            positions.clone().min().unwrap_or_default(),
-                            positions.max().unwrap_or_default(),
-                        );
                         sends.push(Outgoing::Many(statement, columns, span));
                     }
                 }
@@ -1094,12 +1117,16 @@ impl Projector {
                 position = delivered.position();
             }
             refilled += self.refill(&tx, &mut position, up_to, &mut applied).await?;
-            // The batch's last deferred writes: one that fails is its
-            // event's poison, like a write that fails at once.
-            tx.flush().await.map_err(|error| RunError::Poison {
-                position: tx.failed_at().map_or(position, |(first, _)| first),
-                error: ApplyError::Database(error).to_string(),
-            })?;
+            // The batch's last deferred writes: one PostgreSQL refuses is its
+            // event's poison, like a write refused at once; a lost connection
+            // is retried.
+            if let Err(error) = tx.flush().await {
+                if error.as_db_error().is_none() {
+                    return Err(RunError::Postgres(error));
+                }
+                let (position, error) = tx.blame(position, ApplyError::Database(error));
+                return Err(RunError::Poison { position, error });
+            }
             let stored = i64::try_from(position).unwrap_or(i64::MAX);
             tx.execute(
                 "UPDATE projections SET position = $2, holes_refilled = holes_refilled + $3, \
@@ -1166,18 +1193,19 @@ impl Projector {
     /// an earlier event failed on the way, that event's).
     async fn apply_one(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), RunError> {
         tx.applying(event.global_position);
-        self.projection.apply(tx, event).await.map_err(|error| {
-            let position = tx
-                .failed_at()
-                .map_or(event.global_position, |(first, _)| first);
-            match error {
-                ApplyError::Transient(error) => RunError::Transient { position, error },
-                error => RunError::Poison {
-                    position,
-                    error: error.to_string(),
-                },
-            }
-        })
+        self.projection
+            .apply(tx, event)
+            .await
+            .map_err(|error| match error {
+                ApplyError::Transient(error) => {
+                    let (position, error) = tx.blame(event.global_position, error);
+                    RunError::Transient { position, error }
+                }
+                error => {
+                    let (position, error) = tx.blame(event.global_position, error);
+                    RunError::Poison { position, error }
+                }
+            })
     }
 
     async fn record_failure(&self, position: u64, error: &str) -> Result<(), RunError> {
