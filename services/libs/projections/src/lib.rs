@@ -10,6 +10,17 @@
 //! on, the projection reads the store directly. A poison event (one the
 //! projection cannot apply) stops that projection loudly: the status row says
 //! `failed` with the error and position, and nothing is skipped.
+//!
+//! Writing a projection: apply each event through the [`Tx`] it is given.
+//! Writes (`Tx::execute`) are queued and go to PostgreSQL as one pipeline
+//! before the next read, at commit, or when `Tx::flush` is called, in the
+//! order given, so reads always see the writes before them; call
+//! `Tx::flush` before any effect outside the transaction (a command sent,
+//! a message published), as `Sender::send` in the process managers does.
+//! A plain `INSERT ... VALUES (...)` whose values hold only parameters,
+//! casts and plain functions is gathered with its neighbours into one
+//! multi-row statement (see `bulk.rs`); read models must not have
+//! triggers, foreign keys, rules or views, which that relies on.
 mod agent_workload;
 mod analytics;
 mod bulk;
