@@ -64,7 +64,7 @@ pub(crate) fn described(error: &tokio_postgres::Error) -> String {
 /// the order they were given, so a read sees every write before it; what is
 /// saved is a round trip, and a wake-up of the backend and of the client,
 /// per statement, and plain INSERTs go many rows at a time
-/// ([`crate::bulk`]). A write that fails is reported at the next read, the
+/// (`bulk.rs`). A write that fails is reported at the next read, the
 /// next flush or commit; [`Tx::failed_at`] names its event.
 pub struct Tx<'a> {
     tx: deadpool_postgres::Transaction<'a>,
