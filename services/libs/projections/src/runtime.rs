@@ -329,7 +329,7 @@ impl<'a> Tx<'a> {
 
     /// Sends the queued writes as one pipeline and waits for them all. The
     /// writes of one plain INSERT go as one statement where that changes
-    /// nothing ([`crate::bulk`]).
+    /// nothing (`bulk.rs`).
     pub async fn flush(&self) -> Result<(), tokio_postgres::Error> {
         let writes = match self.deferred() {
             Some(mut deferred) if !deferred.writes.is_empty() => {
