@@ -85,6 +85,23 @@ pub(crate) fn to_stage(id: &str, stage: &str) -> ChangeOpportunityStageRequest {
     }
 }
 
+/// Loses `id` for `reason` (a loss reason code), with `options`.
+pub(crate) fn lost(
+    id: &str,
+    reason: &str,
+    options: Option<crm_proto::v1::CommandOptions>,
+) -> crm_proto::v1::LoseOpportunityRequest {
+    crm_proto::v1::LoseOpportunityRequest {
+        options,
+        opportunity_id: id.into(),
+        reason: Some(crm_proto::v1::Reason {
+            code: reason.into(),
+            text: String::new(),
+        }),
+        competitor: String::new(),
+    }
+}
+
 #[tokio::test]
 async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
     let app = TestApp::spawn().await;

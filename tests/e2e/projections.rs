@@ -931,8 +931,7 @@ async fn the_service_queue_lists_pages_counts_and_ages_open_tickets() {
 #[tokio::test]
 async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
     use crm_proto::v1::{
-        CommandOptions, GetWinRateRequest, LoseOpportunityRequest, Money, Reason,
-        ReopenOpportunityRequest, WinOpportunityRequest,
+        CommandOptions, GetWinRateRequest, Money, ReopenOpportunityRequest, WinOpportunityRequest,
     };
     let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
     let (account, pipeline) = setup(&app).await;
@@ -981,15 +980,7 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
                 .unwrap(),
             Some(_) => app
                 .opportunities()
-                .lose_opportunity(app.request(LoseOpportunityRequest {
-                    options: at(when),
-                    opportunity_id: id,
-                    reason: Some(Reason {
-                        code: "price".into(),
-                        text: String::new(),
-                    }),
-                    competitor: String::new(),
-                }))
+                .lose_opportunity(app.request(crate::opportunities::lost(&id, "price", at(when))))
                 .await
                 .unwrap(),
             None => continue,
@@ -1015,15 +1006,11 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
     assert!(reopened.global_position > last);
     last = app
         .opportunities()
-        .lose_opportunity(app.request(LoseOpportunityRequest {
-            options: at("2026-11-26T12:00:00Z"),
-            opportunity_id: last_id,
-            reason: Some(Reason {
-                code: "timing".into(),
-                text: String::new(),
-            }),
-            competitor: String::new(),
-        }))
+        .lose_opportunity(app.request(crate::opportunities::lost(
+            &last_id,
+            "timing",
+            at("2026-11-26T12:00:00Z"),
+        )))
         .await
         .unwrap()
         .into_inner()
@@ -1074,10 +1061,7 @@ async fn win_rate_counts_the_deals_closed_in_the_period_by_count_and_value() {
 /// pipeline, a deal in its close-date period), figures worked out by hand.
 #[tokio::test]
 async fn the_forecast_climbs_the_category_ladder_for_the_period() {
-    use crm_proto::v1::{
-        ForecastAmounts, GetForecastRequest, LoseOpportunityRequest, Money, Reason,
-        WinOpportunityRequest,
-    };
+    use crm_proto::v1::{ForecastAmounts, GetForecastRequest, Money, WinOpportunityRequest};
     let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
     let (account, pipeline) = setup(&app).await;
     let mut last = 0;
@@ -1115,15 +1099,7 @@ async fn the_forecast_climbs_the_category_ladder_for_the_period() {
                 .unwrap(),
             "lost" => app
                 .opportunities()
-                .lose_opportunity(app.request(LoseOpportunityRequest {
-                    options: None,
-                    opportunity_id: id,
-                    reason: Some(Reason {
-                        code: "price".into(),
-                        text: String::new(),
-                    }),
-                    competitor: String::new(),
-                }))
+                .lose_opportunity(app.request(crate::opportunities::lost(&id, "price", None)))
                 .await
                 .unwrap(),
             stage => app

@@ -1138,7 +1138,6 @@ async fn bad_inputs_name_their_fields_and_tenants_are_isolated() {
 
 #[tokio::test]
 async fn an_open_deal_is_stale_after_14_days_without_a_touch() {
-    use crm_proto::v1::LoseOpportunityRequest;
     let app = app().await;
     let (account, pipeline) = crate::opportunities::setup(&app).await;
     let open = |name: &str| {
@@ -1177,15 +1176,11 @@ async fn an_open_deal_is_stale_after_14_days_without_a_touch() {
         .unwrap();
     let lost = app
         .opportunities()
-        .lose_opportunity(app.request(LoseOpportunityRequest {
-            options: at("2026-03-02T09:00:00Z"),
-            opportunity_id: d2,
-            reason: Some(Reason {
-                code: "price".into(),
-                text: String::new(),
-            }),
-            competitor: String::new(),
-        }))
+        .lose_opportunity(app.request(crate::opportunities::lost(
+            &d2,
+            "price",
+            at("2026-03-02T09:00:00Z"),
+        )))
         .await
         .unwrap()
         .into_inner()

@@ -10,7 +10,7 @@ use crm_proto::v1::{
     ConvertLeadRequest, ConvertedOpportunity, FunnelCohort, GetAttainmentRequest,
     GetCommissionStatementRequest, GetFunnelRequest, GetLeadFunnelRequest, GetLeaderboardRequest,
     GetLossReasonsRequest, GetSalesCycleRequest, GetStageDurationsRequest, GetVelocityRequest,
-    LeadSource, LoseOpportunityRequest, Money, PublishCommissionPlanRequest, PublishTeamRequest,
+    LeadSource, Money, PublishCommissionPlanRequest, PublishTeamRequest,
     PublishTenantSettingsRequest, QueryOptions, Reason, ReopenOpportunityRequest,
     SalesDurationStats, SalesFiscalPeriod, WinOpportunityRequest,
 };
@@ -120,15 +120,10 @@ impl Deals<'_> {
         let reply = self
             .app
             .opportunities()
-            .lose_opportunity(self.app.request(LoseOpportunityRequest {
-                options: at(when),
-                opportunity_id: id.into(),
-                reason: Some(Reason {
-                    code: reason.into(),
-                    text: String::new(),
-                }),
-                competitor: String::new(),
-            }))
+            .lose_opportunity(
+                self.app
+                    .request(crate::opportunities::lost(id, reason, at(when))),
+            )
             .await
             .unwrap()
             .into_inner();
