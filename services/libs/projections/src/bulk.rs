@@ -1,6 +1,6 @@
 //! Many queued single-row INSERTs sent as one statement.
 //!
-//! A deferring transaction queues its writes ([`crate::Tx`]). When the queue goes out, the
+//! A projection's transaction queues its writes ([`crate::Tx`]). When the queue goes out, the
 //! writes of one plain `INSERT INTO t (...) VALUES (...) [ON CONFLICT ...]`
 //! statement are gathered into one `INSERT ... SELECT ... FROM unnest(...)`
 //! with one array per parameter, as long as no write between them mentions

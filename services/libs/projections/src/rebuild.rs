@@ -234,7 +234,6 @@ async fn work(
             match work {
                 Work::Event(event) => {
                     let began = std::time::Instant::now();
-                    tx.applying(event.global_position);
                     apply(projection.as_ref(), &tx, &event).await?;
                     busy += began.elapsed();
                     applied += 1;
@@ -255,11 +254,7 @@ async fn work(
         )
         .await?;
         let began = std::time::Instant::now();
-        // The chunk's last writes: one that fails is the poison event's.
-        tx.flush().await.map_err(|error| {
-            let error = crate::runtime::described(&error);
-            poison(projection.as_ref(), &tx, position, error)
-        })?;
+        flush(projection.as_ref(), &tx, position).await?;
         tx.commit().await?;
         if applied >= analyze_at && analyze_at <= LAST_ANALYZE {
             client.batch_execute(&analyze).await?;
@@ -282,10 +277,24 @@ async fn apply(
     tx: &Tx<'_>,
     event: &RecordedEvent,
 ) -> Result<(), RebuildError> {
+    tx.applying(event.global_position);
     projection
         .apply(tx, event)
         .await
         .map_err(|error| poison(projection, tx, event.global_position, error))
+}
+
+/// Sends `tx`'s last queued writes (applied up to `position`): one that
+/// fails is its event's poison.
+async fn flush(
+    projection: &dyn Projection,
+    tx: &Tx<'_>,
+    position: u64,
+) -> Result<(), RebuildError> {
+    tx.flush().await.map_err(|error| {
+        let error = crate::runtime::described(&error);
+        poison(projection, tx, position, error)
+    })
 }
 
 /// `error` met while applying the event at `position`, unless it came from
@@ -318,7 +327,7 @@ async fn swap(
             .batch_execute(&format!("ALTER TABLE {schema}.{table} SET LOGGED"))
             .await?;
     }
-    let tx = Tx::new(client.transaction().await?);
+    let tx = Tx::deferring(client.transaction().await?);
     let live: i64 = tx
         .query_one(
             "SELECT position FROM public.projections WHERE name = $1 FOR UPDATE",
@@ -379,5 +388,6 @@ async fn apply_range(
         &[&i64::try_from(position).unwrap_or(i64::MAX)],
     )
     .await?;
+    flush(projection, tx, position).await?;
     Ok(position.max(until))
 }

@@ -56,9 +56,8 @@ pub(crate) fn described(error: &tokio_postgres::Error) -> String {
 /// not once per event. Only its own methods reach the transaction, so none
 /// can pass the queue below.
 ///
-/// A projector's batch ([`Tx::deferring`]) and a rebuild's chunk
-/// ([`Tx::with_cache`]) defer their writes: [`Tx::execute`] encodes the
-/// parameters and queues the statement; the queue goes to PostgreSQL as one
+/// It defers its writes: [`Tx::execute`] encodes the parameters and queues
+/// the statement; the queue goes to PostgreSQL as one
 /// pipeline (every statement sent before the first answer is awaited)
 /// before any read, when it is long, and at commit. Statements still run in
 /// the order they were given, so a read sees every write before it; what is
@@ -69,10 +68,10 @@ pub(crate) fn described(error: &tokio_postgres::Error) -> String {
 pub struct Tx<'a> {
     tx: deadpool_postgres::Transaction<'a>,
     cache: Option<&'a StateCache>,
-    deferred: Option<std::sync::Mutex<Deferred>>,
+    deferred: std::sync::Mutex<Deferred>,
 }
 
-/// A deferring transaction's queued writes.
+/// A transaction's queued writes.
 #[derive(Default)]
 struct Deferred {
     writes: Vec<Write>,
@@ -261,30 +260,21 @@ impl StateCache {
 type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
 
 impl<'a> Tx<'a> {
-    pub fn new(tx: deadpool_postgres::Transaction<'a>) -> Self {
-        Self {
-            tx,
-            cache: None,
-            deferred: None,
-        }
-    }
-
-    /// A projector's batch: its writes are deferred (see [`Tx`]).
+    /// A projector's batch (or a rebuild's catch-up at its swap).
     pub fn deferring(tx: deadpool_postgres::Transaction<'a>) -> Self {
         Self {
             tx,
             cache: None,
-            deferred: Some(std::sync::Mutex::default()),
+            deferred: std::sync::Mutex::default(),
         }
     }
 
-    /// A rebuild's transaction: it remembers the states it writes and
-    /// defers its writes (see [`Tx`]).
+    /// A rebuild's chunk: it also remembers the states it writes.
     pub fn with_cache(tx: deadpool_postgres::Transaction<'a>, cache: &'a StateCache) -> Self {
         Self {
             tx,
             cache: Some(cache),
-            deferred: Some(std::sync::Mutex::default()),
+            deferred: std::sync::Mutex::default(),
         }
     }
 
@@ -292,24 +282,20 @@ impl<'a> Tx<'a> {
         self.cache
     }
 
-    fn deferred(&self) -> Option<std::sync::MutexGuard<'_, Deferred>> {
-        self.deferred
-            .as_ref()
-            .map(|deferred| deferred.lock().unwrap_or_else(|e| e.into_inner()))
+    fn deferred(&self) -> std::sync::MutexGuard<'_, Deferred> {
+        self.deferred.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The event about to be applied: a deferred write that fails is
     /// reported at its position ([`Tx::failed_at`]).
     pub fn applying(&self, position: u64) {
-        if let Some(mut deferred) = self.deferred() {
-            deferred.applying = position;
-        }
+        self.deferred().applying = position;
     }
 
     /// The positions of the first and last event whose deferred writes were
     /// in the statement that failed, if one did (one event: the same twice).
     pub fn failed_at(&self) -> Option<(u64, u64)> {
-        self.deferred().and_then(|deferred| deferred.failed_at)
+        self.deferred().failed_at
     }
 
     /// The event to stop on for `error`, met while applying the event at
@@ -331,12 +317,10 @@ impl<'a> Tx<'a> {
     /// writes of one plain INSERT go as one statement where that changes
     /// nothing (`bulk.rs`).
     pub async fn flush(&self) -> Result<(), tokio_postgres::Error> {
-        let writes = match self.deferred() {
-            Some(mut deferred) if !deferred.writes.is_empty() => {
-                std::mem::take(&mut deferred.writes)
-            }
-            _ => return Ok(()),
-        };
+        let writes = std::mem::take(&mut self.deferred().writes);
+        if writes.is_empty() {
+            return Ok(());
+        }
         let mut sends = Vec::new();
         for item in gathered(&writes) {
             match item {
@@ -355,9 +339,7 @@ impl<'a> Tx<'a> {
                         let statement = match self.tx.prepare_cached(&bulk.sql).await {
                             Ok(statement) => statement,
                             Err(error) => {
-                                if let Some(mut deferred) = self.deferred() {
-                                    deferred.failed_at = Some(span);
-                                }
+                                self.deferred().failed_at = Some(span);
                                 return Err(error);
                             }
                         };
@@ -407,12 +389,10 @@ impl<'a> Tx<'a> {
         futures_util::future::join_all(sent.iter_mut()).await;
         for (send, done) in sends.iter().zip(&mut sent) {
             if let Some(Err(error)) = done.as_mut().take_output() {
-                if let Some(mut deferred) = self.deferred() {
-                    deferred.failed_at = Some(match send {
-                        Outgoing::One(write) => (write.position, write.position),
-                        Outgoing::Many(_, _, span) => *span,
-                    });
-                }
+                self.deferred().failed_at = Some(match send {
+                    Outgoing::One(write) => (write.position, write.position),
+                    Outgoing::Many(_, _, span) => *span,
+                });
                 return Err(error);
             }
         }
@@ -424,38 +404,34 @@ impl<'a> Tx<'a> {
         self.tx.commit().await
     }
 
-    /// Runs a write (at once, or queued in a rebuild: see [`Tx`]).
+    /// Queues a write (see [`Tx`]).
     pub async fn execute(
         &self,
         sql: &str,
         params: Params<'_>,
     ) -> Result<(), tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
-        if self.deferred.is_some() {
-            if let Some(encoded) = encode(&statement, params) {
-                let full = {
-                    let Some(mut deferred) = self.deferred() else {
-                        unreachable!("checked above")
-                    };
-                    let position = deferred.applying;
-                    deferred.writes.push(Write {
-                        shape: crate::bulk::shape(sql, statement.params()),
-                        statement,
-                        params: encoded,
-                        position,
-                    });
-                    deferred.writes.len() >= PIPELINE
-                };
-                if full {
-                    self.flush().await?;
-                }
-                return Ok(());
-            }
+        let Some(encoded) = encode(&statement, params) else {
             // Not encodable as given: run it now, and let tokio-postgres
             // report why.
             self.flush().await?;
+            return self.tx.execute(&statement, params).await.map(|_| ());
+        };
+        let full = {
+            let mut deferred = self.deferred();
+            let position = deferred.applying;
+            deferred.writes.push(Write {
+                shape: crate::bulk::shape(sql, statement.params()),
+                statement,
+                params: encoded,
+                position,
+            });
+            deferred.writes.len() >= PIPELINE
+        };
+        if full {
+            self.flush().await?;
         }
-        self.tx.execute(&statement, params).await.map(|_| ())
+        Ok(())
     }
 
     /// Runs SQL text without parameters (after the queued writes).
