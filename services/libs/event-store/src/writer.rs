@@ -17,8 +17,8 @@
 //! had to wait for the lock (another process was appending), its guard read
 //! an older snapshot; it can then only pass wrongly for a stream or key that
 //! the other process just wrote, and the unique constraints on
-//! (tenant, stream, version) and on keys reject the write, so the batch is
-//! retried on the careful path. Versions are dense, so no stale guard can let
+//! (tenant, stream, version) and on keys reject the write, so the batch
+//! takes the careful path. Versions are dense, so no stale guard can let
 //! a wrong write through.
 //!
 //! **Careful path, two round trips.** BEGIN, the lock and reads of every
@@ -26,14 +26,27 @@
 //! in queue order (conflict, replay, key reused, accepted), and sends the same
 //! write statement (whose guard then holds) with COMMIT.
 //!
+//! **Writing ahead of the lock, for large batches.** A batch of 100 events
+//! or more spends most of its time inserting, and the lock made every other
+//! batch wait for that. Such batches form a chain instead (at most three in
+//! flight, see [`run_speculative`]): each predicts where it starts (where the
+//! batch before ends), inserts its rows there in its own transaction without
+//! the lock, so several batches insert at once, then, once the batch before
+//! has ended, takes the lock, moves the head from exactly the predicted
+//! position, and commits. A wrong prediction (the batch before was refused,
+//! or another process wrote) fails that check and rolls the batch back; it is
+//! then decided as above, with the lock first. Ordering and density rest on
+//! the same rule as everywhere: the head moves only under the lock and only
+//! from where the committing batch's rows start.
+//!
 //! If the database rejects a batch, it rolled back as a whole, so every append
 //! in it is retried alone, which attributes the failure to the one that caused
 //! it. If the connection fails during commit, the outcome is unknown and is
 //! reported as such (a retry with the same idempotency key is safe).
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
@@ -67,6 +80,8 @@ pub(crate) struct Counters {
     pub batches: AtomicU64,
     pub appends: AtomicU64,
     pub events: AtomicU64,
+    pub written_ahead: AtomicU64,
+    pub fell_back: AtomicU64,
 }
 
 /// A snapshot of the writer's totals since the store started.
@@ -78,6 +93,10 @@ pub struct WriterStats {
     pub appends: u64,
     /// Events it committed.
     pub events: u64,
+    /// Batches committed by writing before taking the log lock.
+    pub written_ahead: u64,
+    /// Batches that tried to and rolled back (then took the lock first).
+    pub fell_back: u64,
 }
 
 impl Counters {
@@ -86,6 +105,8 @@ impl Counters {
             batches: self.batches.load(Ordering::Relaxed),
             appends: self.appends.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
+            written_ahead: self.written_ahead.load(Ordering::Relaxed),
+            fell_back: self.fell_back.load(Ordering::Relaxed),
         }
     }
 }
@@ -132,7 +153,7 @@ const SELECT_RESERVATIONS: &str = "SELECT c.tenant_id, c.kind, c.key_hash, r.str
 /// take the same 34 parameters. Transfers ($30-$34: tenant, kind, hash, from,
 /// to) are written unconditionally: only the careful path writes them, after
 /// checking under the lock that the holder is `from`, `to` or nobody.
-fn write_sql(keys: bool, reservations: bool, subject_keys: bool) -> String {
+fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bool) -> String {
     let mut ok = String::from(
         "SELECT NOT EXISTS ( \
            SELECT 1 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[]) \
@@ -164,8 +185,13 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool) -> String {
                WHERE r.stream_id <> c.stream_id)",
         );
     }
+    let head = if speculative {
+        "SELECT $21::bigint AS position"
+    } else {
+        "SELECT position FROM log_head WHERE id = 1 FOR UPDATE"
+    };
     let mut sql = format!(
-        "WITH head AS (SELECT position FROM log_head WHERE id = 1 FOR UPDATE), \
+        "WITH head AS ({head}), \
          ok AS ({ok} AS ok), \
          new_events AS ( \
            INSERT INTO events (global_position, event_id, tenant_id, stream_type, stream_id, \
@@ -174,14 +200,18 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool) -> String {
            FROM unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[], $11::uuid[], $12::bigint[], \
                        $13::text[], $14::int[], $15::text[], $16::text[]) \
                 AS x(o, e, t, st, s, v, et, sv, pl, md), head, ok \
-           WHERE ok.ok), \
-         new_head AS ( \
-           UPDATE log_head SET position = head.position + $21::bigint FROM head, ok \
-           WHERE log_head.id = 1 AND ok.ok AND $21::bigint > 0), \
-         notified AS ( \
-           SELECT pg_notify('crm_events', (head.position + $21::bigint)::text) \
-           FROM head, ok WHERE ok.ok AND $21::bigint > 0)"
+           WHERE ok.ok)"
     );
+    if !speculative {
+        sql.push_str(
+            ", new_head AS ( \
+               UPDATE log_head SET position = head.position + $21::bigint FROM head, ok \
+               WHERE log_head.id = 1 AND ok.ok AND $21::bigint > 0), \
+             notified AS ( \
+               SELECT pg_notify('crm_events', (head.position + $21::bigint)::text) \
+               FROM head, ok WHERE ok.ok AND $21::bigint > 0)",
+        );
+    }
     if keys {
         sql.push_str(
             ", outcomes AS ( \
@@ -232,7 +262,14 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool) -> String {
                RETURNING 1)",
         );
     }
-    sql.push_str(" SELECT ok.ok, head.position, (SELECT count(*) FROM notified)");
+    if speculative {
+        sql.push_str(
+            " SELECT crm_require(ok.ok, 'a stream or key moved since the batch was planned'), \
+               head.position, 0::bigint",
+        );
+    } else {
+        sql.push_str(" SELECT ok.ok, head.position, (SELECT count(*) FROM notified)");
+    }
     if subject_keys {
         sql.push_str(
             ", crm_require(NOT ok.ok \
@@ -291,22 +328,28 @@ const WRITE_TYPES: [Type; 37] = [
     Type::BYTEA_ARRAY,
 ];
 
-fn write_variant(keys: bool, reservations: bool, subject_keys: bool) -> &'static str {
+fn write_variant(
+    keys: bool,
+    reservations: bool,
+    subject_keys: bool,
+    speculative: bool,
+) -> &'static str {
     static VARIANTS: OnceLock<Vec<String>> = OnceLock::new();
     let variants = VARIANTS.get_or_init(|| {
-        (0..8)
-            .map(|i| write_sql(i & 1 != 0, i & 2 != 0, i & 4 != 0))
+        (0..16)
+            .map(|i| write_sql(i & 1 != 0, i & 2 != 0, i & 4 != 0, i & 8 != 0))
             .collect()
     });
-    &variants[usize::from(keys) + 2 * usize::from(reservations) + 4 * usize::from(subject_keys)]
+    &variants[usize::from(keys)
+        + 2 * usize::from(reservations)
+        + 4 * usize::from(subject_keys)
+        + 8 * usize::from(speculative)]
 }
 
-/// Batches in flight at once when appends are large. The second one's
-/// statement is already at the server, waiting for the log lock, while the
-/// first commits, so the lock never waits for a round trip between batches
-/// (order is still the lock's). Small appends gain more from fewer, larger
-/// batches (group commit), so they keep one batch in flight.
-const MAX_IN_FLIGHT: usize = 2;
+/// Batches in flight at once when appends are large: they write ahead of the
+/// lock, in parallel, and commit in turn. Small appends gain more from fewer,
+/// larger batches (group commit), so they keep one batch in flight.
+const MAX_IN_FLIGHT: usize = 3;
 /// Events in the last batch from which a second batch may be in flight.
 const PIPELINE_FROM_EVENTS: usize = 100;
 
@@ -324,6 +367,7 @@ pub(crate) async fn run(
     let mut drained = false;
     let mut busy = false;
     let mut last_events = 0;
+    let mut chain = Chain::new();
     loop {
         if drained && in_flight.is_empty() && deferred.is_empty() {
             break;
@@ -333,8 +377,9 @@ pub(crate) async fn run(
         } else {
             1
         };
+        let room = in_flight.len() < limit && (in_flight.is_empty() || !chain.draining());
         // Start a batch when there is room and work that needs no waiting.
-        if in_flight.len() < limit {
+        if room {
             let ready = match deferred.pop_front() {
                 Some(job) => Some(job),
                 None => queue.try_recv().ok(),
@@ -343,11 +388,11 @@ pub(crate) async fn run(
                 let batch = gather(first, &mut deferred, &mut queue, &config, busy).await;
                 busy = batch.len() > 1;
                 last_events = batch.iter().map(|job| job.append.n_events).sum();
-                in_flight.push_back(start(&pool, batch, &head, &config));
+                let link = chain.link(in_flight.is_empty(), &head, last_events, &config);
+                in_flight.push_back(start(&pool, batch, &head, &config, link));
                 continue;
             }
         }
-        let room = in_flight.len() < limit;
         tokio::select! {
             biased;
             done = in_flight.next(), if !in_flight.is_empty() => {
@@ -360,7 +405,8 @@ pub(crate) async fn run(
                     let batch = gather(first, &mut deferred, &mut queue, &config, busy).await;
                     busy = batch.len() > 1;
                     last_events = batch.iter().map(|job| job.append.n_events).sum();
-                    in_flight.push_back(start(&pool, batch, &head, &config));
+                    let link = chain.link(in_flight.is_empty(), &head, last_events, &config);
+                    in_flight.push_back(start(&pool, batch, &head, &config, link));
                 }
                 // Closed (shutdown) and empty: finish what is in flight.
                 None => drained = true,
@@ -405,11 +451,136 @@ async fn gather(
     batch
 }
 
+/// The batches of a pipeline that write before they lock (see
+/// [`run_speculative`]): where the next one starts and which batch it comes
+/// after.
+struct Chain {
+    /// Where the last batch started ends: the next one's first position - 1.
+    end: u64,
+    /// This writer's namespace for the advisory locks that order the chain.
+    namespace: i32,
+    sequence: i32,
+    /// The last batch started, while it is in flight: its lock and the
+    /// signal it gives once it holds that lock.
+    last: Option<Predecessor>,
+    /// Set by a batch of the chain that could not go ahead: the positions
+    /// predicted for later batches are wrong, so none starts until the
+    /// pipeline has drained.
+    broken: Arc<AtomicBool>,
+    /// Set by a batch that found the head moved by someone else (a writer in
+    /// another process): writing ahead then wastes work, so batches take the
+    /// lock first for a while.
+    foreign: Arc<AtomicBool>,
+    quiet_until: Option<Instant>,
+    ahead: bool,
+}
+
+/// How long a writer takes the lock first after it saw another process
+/// write the log between its own batches.
+const QUIET_AFTER_FOREIGN_WRITE: Duration = Duration::from_secs(1);
+
+impl Chain {
+    fn new() -> Self {
+        Self {
+            end: 0,
+            // The random tail of a UUIDv7: distinct per writer, so two
+            // processes' chains do not wait for each other's locks.
+            namespace: {
+                let id = Uuid::now_v7();
+                let b = id.as_bytes();
+                i32::from_le_bytes([b[12], b[13], b[14], b[15]])
+            },
+            sequence: 0,
+            last: None,
+            broken: Arc::default(),
+            foreign: Arc::default(),
+            quiet_until: None,
+            ahead: false,
+        }
+    }
+
+    /// The link for a new batch of `n_events`, or `None` when it takes the
+    /// lock first. Once a batch in flight writes before locking, every batch
+    /// started while it is in flight must too: one that locked first would
+    /// write at the positions the other holds and wait for it, while the
+    /// other waits for the lock.
+    fn link(
+        &mut self,
+        idle: bool,
+        head: &watch::Sender<u64>,
+        n_events: usize,
+        config: &WriterConfig,
+    ) -> Option<Link> {
+        if idle {
+            self.end = *head.borrow();
+            self.last = None;
+            self.broken.store(false, Ordering::Relaxed);
+            let now = Instant::now();
+            if self.foreign.swap(false, Ordering::Relaxed) {
+                self.quiet_until = Some(now + QUIET_AFTER_FOREIGN_WRITE);
+            }
+            self.ahead = config.pause_before_commit.is_none()
+                && self.quiet_until.is_none_or(|until| now >= until);
+        }
+        // Only a pipeline that starts idle may write ahead: every batch in
+        // flight is then part of it.
+        let chained = self.ahead && (self.last.is_some() || n_events >= PIPELINE_FROM_EVENTS);
+        if !chained {
+            self.last = None;
+            return None;
+        }
+        self.sequence = self.sequence.wrapping_add(1);
+        let (held, held_signal) = oneshot::channel();
+        let (committed, committed_signal) = oneshot::channel();
+        let link = Link {
+            base: self.end,
+            lock: (self.namespace, self.sequence),
+            held,
+            committed,
+            after: self
+                .last
+                .replace((self.sequence, held_signal, committed_signal)),
+            broken: self.broken.clone(),
+            foreign: self.foreign.clone(),
+        };
+        self.end += n_events as u64;
+        Some(link)
+    }
+
+    /// Whether a new batch must wait for the batches in flight to finish.
+    fn draining(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+}
+
+/// Where a speculative batch starts and which batch it waits for.
+struct Link {
+    /// The head this batch assumes: where the batch before it ends.
+    base: u64,
+    /// The advisory lock this batch holds for its whole transaction, so the
+    /// batch after it can wait for it inside PostgreSQL (where a deadlock is
+    /// seen and broken) rather than in this process.
+    lock: (i32, i32),
+    /// Sent once this batch holds its lock.
+    held: oneshot::Sender<()>,
+    /// Sent once this batch has ended: whether it committed ahead.
+    committed: oneshot::Sender<bool>,
+    /// The batch before; `None` for the first batch of a pipeline.
+    after: Option<Predecessor>,
+    broken: Arc<AtomicBool>,
+    foreign: Arc<AtomicBool>,
+}
+
+/// The batch before in a chain: its lock's sequence (same namespace) and its
+/// `held` and `committed` signals.
+type Predecessor = (i32, oneshot::Receiver<()>, oneshot::Receiver<bool>);
+
 fn start<'a>(
     pool: &'a Pool,
     batch: Vec<Job>,
     head: &'a watch::Sender<u64>,
     config: &'a WriterConfig,
+    link: Option<Link>,
 ) -> impl std::future::Future<Output = Vec<Job>> + 'a {
     let n_events: usize = batch.iter().map(|job| job.append.n_events).sum();
     config.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -418,7 +589,7 @@ fn start<'a>(
         .appends
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
     let span = info_span!("append_batch", n_appends = batch.len(), n_events);
-    commit_batch(pool, batch, head, config).instrument(span)
+    commit_batch(pool, batch, head, config, link).instrument(span)
 }
 
 /// What the writer decided for one append of a batch.
@@ -435,9 +606,10 @@ async fn commit_batch(
     batch: Vec<Job>,
     head: &watch::Sender<u64>,
     config: &WriterConfig,
+    link: Option<Link>,
 ) -> Vec<Job> {
     let appends: Vec<&PreparedAppend> = batch.iter().map(|job| &job.append).collect();
-    match try_commit(pool, &appends, config).await {
+    match try_commit(pool, &appends, config, link).await {
         Ok((decisions, new_head)) => {
             let committed: u64 = decisions
                 .iter()
@@ -472,7 +644,7 @@ async fn commit_batch(
             tracing::warn!(%error, n_appends = batch.len(), "batch rolled back; retrying its appends one by one");
             let mut deferred = Vec::new();
             for job in batch {
-                deferred.extend(Box::pin(commit_batch(pool, vec![job], head, config)).await);
+                deferred.extend(Box::pin(commit_batch(pool, vec![job], head, config, None)).await);
             }
             deferred
         }
@@ -787,16 +959,62 @@ async fn try_commit(
     pool: &Pool,
     appends: &[&PreparedAppend],
     config: &WriterConfig,
+    mut link: Option<Link>,
+) -> Result<(Vec<Decision>, u64), BatchError> {
+    // A lock-first batch can be chosen as a deadlock victim when a writer in
+    // another process writes ahead of the lock at the same positions (the
+    // other side gives up after AHEAD_LOCK_TIMEOUT, but PostgreSQL may pick
+    // this one first): nothing was written, so it is tried again.
+    let mut attempt = 1;
+    loop {
+        match try_commit_once(pool, appends, config, link.take()).await {
+            Err(BatchError::RolledBack(error)) if attempt < 3 && is_transient(&error) => {
+                tracing::warn!(error = %describe(&error), attempt, "batch rolled back; trying again");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+fn is_transient(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    error.code().is_some_and(|code| {
+        *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::LOCK_NOT_AVAILABLE
+    })
+}
+
+async fn try_commit_once(
+    pool: &Pool,
+    appends: &[&PreparedAppend],
+    config: &WriterConfig,
+    link: Option<Link>,
 ) -> Result<(Vec<Decision>, u64), BatchError> {
     let client = pool.get().await.map_err(|e| BatchError::Connection {
         message: e.to_string(),
         during_commit: false,
     })?;
     let outcome = async {
-        if let Some(plan) = optimistic_plan(appends)
-            && let Some(done) = run_fast(&client, plan, config).await?
-        {
-            return Ok(done);
+        if let Some(link) = link {
+            if let Some(done) = run_speculative(&client, optimistic_plan(appends), link).await? {
+                config.stats.written_ahead.fetch_add(1, Ordering::Relaxed);
+                return Ok(done);
+            }
+            config.stats.fell_back.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(plan) = optimistic_plan(appends) {
+            match run_fast(&client, plan, config).await {
+                Ok(Some(done)) => return Ok(done),
+                Ok(None) => {}
+                // The guard read a snapshot from before the lock was free
+                // (the statement waited for another batch), so it passed for
+                // a stream or key that batch had just written: the unique
+                // constraints refused the write. Decide under the lock.
+                Err(BatchError::RolledBack(error))
+                    if error.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                }
+                Err(error) => return Err(error),
+            }
         }
         run_careful(&client, appends, config).await
     }
@@ -835,7 +1053,7 @@ async fn write_and_commit(
     let pg = |e| BatchError::from_pg(e, false);
     let n_events = plan.n_events as i64;
     let params = write_params(plan, &n_events);
-    let write = write_statement(client, plan).await?;
+    let write = write_statement(client, plan, false).await?;
     let written = client.query_one(&write, &params);
     let row = if let Some(pause) = config.pause_before_commit {
         let row = written.await.map_err(pg)?;
@@ -863,6 +1081,7 @@ async fn write_and_commit(
 async fn write_statement(
     client: &deadpool_postgres::Client,
     plan: &WritePlan<'_>,
+    speculative: bool,
 ) -> Result<tokio_postgres::Statement, BatchError> {
     let keys = !plan.keys.is_empty();
     let reservations = !plan.claim_tenants.is_empty()
@@ -871,7 +1090,7 @@ async fn write_statement(
     let subject_keys = !plan.subject_ids.is_empty();
     client
         .prepare_typed_cached(
-            write_variant(keys, reservations, subject_keys),
+            write_variant(keys, reservations, subject_keys, speculative),
             &WRITE_TYPES,
         )
         .await
@@ -939,7 +1158,7 @@ async fn run_fast(
         written?
     } else {
         let n_events = plan.n_events as i64;
-        let write = write_statement(client, &plan).await?;
+        let write = write_statement(client, &plan, false).await?;
         let row = client
             .query_one(&write, &write_params(&plan, &n_events))
             .await
@@ -952,6 +1171,211 @@ async fn run_fast(
     }
     let new_head = head + plan.n_events;
     Ok(Some((plan.into_decisions(head), new_head)))
+}
+
+/// How long a batch that writes before locking waits for a row or for the
+/// log lock before it gives up and takes the lock first instead. Its write
+/// waits for a row only when another transaction writes the same stream
+/// version or key, and the log lock is normally free by the time the batch
+/// before has ended; a longer wait means a writer in another process holds
+/// the lock and may be waiting for this batch's rows, a deadlock that this
+/// ends sooner than PostgreSQL's detector would (`deadlock_timeout`, 1 s).
+const AHEAD_LOCK_TIMEOUT: &str = "100ms";
+
+/// The message of MOVE_HEAD's refusal.
+const HEAD_MOVED: &str = "the log head moved";
+
+/// Takes a speculative batch's own advisory lock (never contended: the
+/// batch after waits for it only once it is held).
+const HOLD_LOCK: &str = "SELECT pg_advisory_xact_lock($1::int, $2::int)";
+/// Moves the head past a speculative batch if it is at `base`; waits for the
+/// log lock first. No condition on the position in the WHERE clause: a READ
+/// COMMITTED UPDATE skips, without waiting, a row whose version in its
+/// snapshot fails the condition. A wrong start aborts the transaction, which
+/// undoes the move.
+const MOVE_HEAD: &str = "WITH moved AS ( \
+       UPDATE log_head SET position = position + $2::bigint \
+       WHERE id = 1 RETURNING position - $2::bigint AS before) \
+     SELECT crm_require((SELECT before FROM moved) = $1::bigint, 'the log head moved'), \
+            pg_notify('crm_events', ($1::bigint + $2::bigint)::text)";
+
+/// A batch that writes before it locks, so that its inserts run while the
+/// batches before it still write and commit. One transaction, one round
+/// trip plus a signal between batches:
+///
+/// 1. BEGIN, this batch's advisory lock, and the guarded write at positions
+///    from `link.base` are sent at once; once the lock is held the batch
+///    after this one is told.
+/// 2. Once the batch before holds its own advisory lock: wait for that lock
+///    (the batch before has ended), move the head from exactly `link.base`
+///    under the log lock, and COMMIT.
+///
+/// Positions stay dense and commit-ordered: the head moves, under the log
+/// lock, only from where this batch's rows start. Every wait that can close a
+/// cycle (a row another batch wrote, an advisory lock, the log lock) is a
+/// wait inside PostgreSQL, whose deadlock detector breaks it; the one wait in
+/// this process (for the batch before to hold its advisory lock) ends without
+/// any lock, as that lock is the first thing the batch before takes.
+///
+/// `None` when the batch could not go this way (no optimistic plan, a guard
+/// or unique constraint refused it, or the head was not at `base`): it rolled
+/// back and nothing was written. The chain is then marked broken so no later
+/// batch starts from a position predicted past it.
+async fn run_speculative(
+    client: &deadpool_postgres::Client,
+    plan: Option<WritePlan<'_>>,
+    link: Link,
+) -> Result<Option<(Vec<Decision>, u64)>, BatchError> {
+    let Link {
+        base,
+        lock,
+        held,
+        committed,
+        after,
+        broken,
+        foreign,
+    } = link;
+    let (after_held, after_committed) = match after {
+        Some((sequence, held, committed)) => (Some((sequence, held)), Some(committed)),
+        None => (None, None),
+    };
+    let outcome = match plan {
+        Some(plan) => speculate(client, plan, base, lock, held, after_held).await,
+        None => Ok(Ahead::RolledBack),
+    };
+    let _ = committed.send(matches!(outcome, Ok(Ahead::Committed(_))));
+    match outcome {
+        Ok(Ahead::Committed(done)) => return Ok(Some(done)),
+        Ok(Ahead::HeadMoved) => {
+            // The batch before ended (this one waited for it). If it
+            // committed where this one expected, someone else moved the head.
+            let before_committed = match after_committed {
+                Some(signal) => signal.await.unwrap_or(false),
+                None => true,
+            };
+            if before_committed {
+                foreign.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(Ahead::RolledBack) | Err(_) => {}
+    }
+    broken.store(true, Ordering::Relaxed);
+    outcome.map(|_| None)
+}
+
+/// How a batch that wrote ahead of the lock ended.
+enum Ahead {
+    Committed((Vec<Decision>, u64)),
+    /// Refused before the head: a guard, a constraint, a lock timeout.
+    RolledBack,
+    /// The head was not where the batch started.
+    HeadMoved,
+}
+
+async fn speculate(
+    client: &deadpool_postgres::Client,
+    plan: WritePlan<'_>,
+    base: u64,
+    lock: (i32, i32),
+    held: oneshot::Sender<()>,
+    after: Option<(i32, oneshot::Receiver<()>)>,
+) -> Result<Ahead, BatchError> {
+    use futures_util::future::{join, join3, maybe_done};
+    use std::pin::pin;
+    use std::task::Poll;
+    let pg = |e| BatchError::from_pg(e, false);
+    let statements = statements(client).await?;
+    let write = write_statement(client, &plan, true).await?;
+    let hold_lock = client.prepare_cached(HOLD_LOCK).await.map_err(pg)?;
+    let move_head = client
+        .prepare_typed_cached(MOVE_HEAD, &[Type::INT8, Type::INT8])
+        .await
+        .map_err(pg)?;
+    let base_position = base as i64;
+    let n_events = plan.n_events as i64;
+    {
+        let params = write_params(&plan, &base_position);
+
+        // Step 1: each request goes out when its future is first polled, in
+        // this order; the write runs while this task waits for the batch before.
+        let begin = format!("BEGIN; SET LOCAL lock_timeout = '{AHEAD_LOCK_TIMEOUT}'");
+        let mut begun = pin!(maybe_done(client.batch_execute(&begin)));
+        let mut holding = pin!(maybe_done(async {
+            let holding = client.query_one(&hold_lock, &[&lock.0, &lock.1]).await;
+            if holding.is_ok() {
+                let _ = held.send(());
+            }
+            holding
+        }));
+        let mut written = pin!(maybe_done(client.query_one(&write, &params)));
+        futures_util::future::poll_fn(|cx| {
+            let _ = begun.as_mut().poll(cx);
+            let _ = holding.as_mut().poll(cx);
+            let _ = written.as_mut().poll(cx);
+            Poll::Ready(())
+        })
+        .await;
+        let before = async {
+            let (sequence, signal) = after?;
+            // Dropped unsent: the batch before never took its lock, so it is
+            // not writing ahead of this one.
+            signal.await.ok().map(|()| (lock.0, sequence))
+        };
+        let ((), before) = join(holding.as_mut(), before).await;
+
+        // Step 2: pipelined behind the write.
+        let waited = async {
+            match before {
+                Some((namespace, sequence)) => {
+                    client
+                        .batch_execute(&format!(
+                            "SET LOCAL lock_timeout = 0; \
+                             SELECT pg_advisory_xact_lock_shared({namespace}, {sequence}); \
+                             SET LOCAL lock_timeout = '{AHEAD_LOCK_TIMEOUT}'"
+                        ))
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
+        let ((), (), (waited, moved, committed)) = join3(
+            begun.as_mut(),
+            written.as_mut(),
+            join3(
+                waited,
+                client.query_one(&move_head, &[&base_position, &n_events]),
+                client.execute(&statements.commit, &[]),
+            ),
+        )
+        .await;
+        committed.map_err(|e| BatchError::from_pg(e, true))?;
+        // Every step was awaited to its end, so each has its output.
+        let steps = [
+            begun.as_mut().take_output().map_or(Ok(()), |r| r),
+            holding
+                .as_mut()
+                .take_output()
+                .map_or(Ok(()), |r| r.map(drop)),
+            written
+                .as_mut()
+                .take_output()
+                .map_or(Ok(()), |r| r.map(drop)),
+            waited,
+            moved.map(drop),
+        ];
+        for step in steps {
+            if let Err(error) = step {
+                return match error.as_db_error() {
+                    None => Err(pg(error)),
+                    Some(db) if db.message() == HEAD_MOVED => Ok(Ahead::HeadMoved),
+                    // Refused: the transaction rolled back (the COMMIT said so).
+                    Some(_) => Ok(Ahead::RolledBack),
+                };
+            }
+        }
+    }
+    let new_head = base + plan.n_events;
+    Ok(Ahead::Committed((plan.into_decisions(base), new_head)))
 }
 
 /// Two round trips: read the state under the lock, decide each append, write.

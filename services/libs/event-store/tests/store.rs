@@ -858,16 +858,7 @@ async fn a_subscription_switches_from_history_to_live_without_loss_or_repeat() {
         }));
     }
     let total = 500 + 8 * 250;
-    let mut expected = 1;
-    while expected <= total {
-        let event = tokio::time::timeout(Duration::from_secs(30), subscription.next())
-            .await
-            .expect("subscription stalled")
-            .expect("subscription ended")
-            .unwrap();
-        assert_eq!(event.global_position, expected, "gap or repeat");
-        expected += 1;
-    }
+    expect_positions(&mut subscription, total).await;
     for writer in writers {
         writer.await.unwrap();
     }
@@ -918,54 +909,9 @@ async fn reader_sees_no_gap_under_concurrent_writers() {
     for _ in 0..STORES {
         stores.push(store(&db).await);
     }
-    let slow = EventStore::connect(
-        db.config(),
-        StoreOptions {
-            pause_before_commit: Some(Duration::from_millis(40)),
-            ..StoreOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let slow = slow_store(&db).await;
 
-    // Reader 1: the store's subscription.
-    let mut subscription = stores[0].subscribe(0, Filter::default());
-    let subscriber = tokio::spawn(async move {
-        let mut expected = 1;
-        while expected <= total {
-            let event = tokio::time::timeout(Duration::from_secs(60), subscription.next())
-                .await
-                .expect("subscription stalled")
-                .expect("subscription ended")
-                .expect("read failed");
-            assert_eq!(
-                event.global_position, expected,
-                "subscription saw a gap or a repeat"
-            );
-            expected += 1;
-        }
-    });
-    // Reader 2: a naive poller that reads whatever is visible past its last
-    // position, as any catch-up reader would, with no knowledge of the head.
-    let poll_client = db.client().await;
-    let poller = tokio::spawn(async move {
-        let mut last: i64 = 0;
-        while (last as u64) < total {
-            let rows = poll_client
-                .query("SELECT global_position FROM events WHERE global_position > $1 ORDER BY global_position LIMIT 5000", &[&last])
-                .await
-                .unwrap();
-            for row in rows {
-                let position: i64 = row.get(0);
-                assert_eq!(
-                    position,
-                    last + 1,
-                    "poller saw position {position} right after {last}"
-                );
-                last = position;
-            }
-        }
-    });
+    let readers = spawn_readers(&stores[0], &db, total).await;
 
     let mut writers = Vec::new();
     for store in &stores {
@@ -1020,9 +966,85 @@ async fn reader_sees_no_gap_under_concurrent_writers() {
         writer.await.unwrap();
     }
     slow_writer.await.unwrap();
-    subscriber.await.unwrap();
-    poller.await.unwrap();
+    readers.await;
+    assert_log_is_dense(&db, total).await;
+    for store in stores {
+        store.shutdown().await;
+    }
+    slow.shutdown().await;
+}
 
+/// Reads positions 1 to `last` from a subscription that starts at 0: each
+/// exactly once, in order, none more than 60 s after the one before.
+async fn expect_positions(subscription: &mut crm_event_store::Subscription, last: u64) {
+    for expected in 1..=last {
+        let event = tokio::time::timeout(Duration::from_secs(60), subscription.next())
+            .await
+            .expect("subscription stalled")
+            .expect("subscription ended")
+            .expect("read failed");
+        assert_eq!(
+            event.global_position, expected,
+            "subscription saw a gap or a repeat"
+        );
+    }
+}
+
+/// A store that holds each transaction open for 40 ms before it commits.
+async fn slow_store(db: &TestDb) -> EventStore {
+    EventStore::connect(
+        db.config(),
+        StoreOptions {
+            pause_before_commit: Some(Duration::from_millis(40)),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Two catch-up readers running until they have seen `total` events: the
+/// store's subscription and a naive poller that reads whatever is visible
+/// past its last position, with no knowledge of the head. Neither may see a
+/// later position before an earlier one, nor a position twice. The returned
+/// future ends when both have seen every position.
+async fn spawn_readers(
+    store: &EventStore,
+    db: &TestDb,
+    total: u64,
+) -> impl std::future::Future<Output = ()> {
+    // The store's subscription.
+    let mut subscription = store.subscribe(0, Filter::default());
+    let subscriber = tokio::spawn(async move { expect_positions(&mut subscription, total).await });
+    // The poller.
+    let poll_client = db.client().await;
+    let poller = tokio::spawn(async move {
+        let mut last: i64 = 0;
+        while (last as u64) < total {
+            let rows = poll_client
+                .query("SELECT global_position FROM events WHERE global_position > $1 ORDER BY global_position LIMIT 5000", &[&last])
+                .await
+                .unwrap();
+            for row in rows {
+                let position: i64 = row.get(0);
+                assert_eq!(
+                    position,
+                    last + 1,
+                    "poller saw position {position} right after {last}"
+                );
+                last = position;
+            }
+        }
+    });
+    async move {
+        subscriber.await.unwrap();
+        poller.await.unwrap();
+    }
+}
+
+/// Every position from 1 to `total` once, every event once, and every
+/// stream's versions dense.
+async fn assert_log_is_dense(db: &TestDb, total: u64) {
     let client = db.client().await;
     let row = client.query_one("SELECT count(*), min(global_position), max(global_position), count(DISTINCT event_id) FROM events", &[]).await.unwrap();
     let (count, min, max, distinct): (i64, i64, i64, i64) =
@@ -1035,10 +1057,6 @@ async fn reader_sees_no_gap_under_concurrent_writers() {
         .query_one("SELECT bool_and(v = n) FROM (SELECT max(stream_version) v, count(*) n FROM events GROUP BY stream_id) s", &[])
         .await.unwrap().get(0);
     assert!(streams_ok, "stream versions are not dense");
-    for store in stores {
-        store.shutdown().await;
-    }
-    slow.shutdown().await;
 }
 
 /// Large appends let the writer keep two batches in flight; positions and
@@ -1088,16 +1106,168 @@ async fn large_appends_in_pipelined_batches_keep_positions_dense() {
     for pair in ranges.windows(2) {
         assert_eq!(pair[0].1 + 1, pair[1].0, "outcomes overlap or leave a hole");
     }
-    for expected in 1..=12_000u64 {
-        let event = tokio::time::timeout(Duration::from_secs(30), subscription.next())
-            .await
-            .expect("subscription stalled")
-            .unwrap()
-            .unwrap();
-        assert_eq!(event.global_position, expected);
-    }
-    assert_eq!(store.writer_stats().events, 12_000);
+    expect_positions(&mut subscription, 12_000).await;
+    let stats = store.writer_stats();
+    assert_eq!(stats.events, 12_000);
+    assert!(
+        stats.written_ahead > 0,
+        "no batch wrote before taking the lock: {stats:?}"
+    );
     store.shutdown().await;
+}
+
+/// Batches of large appends write before they take the log lock (see the
+/// writer's docs). Here that path meets everything that can break it: stale
+/// expected versions (the batch rolls back, the pipeline drains, the append
+/// is decided under the lock), two callers racing for one stream in one
+/// process and across two, a second store writing the same log at the same
+/// time (whose positions the first one's predictions do not know), and a
+/// third that holds each transaction open before commit. Both readers must
+/// see every position once, in order; every caller must get its own outcome;
+/// and nothing may hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writing_ahead_of_the_lock_keeps_the_log_dense_under_conflicts_and_other_writers() {
+    const EVENTS: u64 = 120;
+    const WRITERS_PER_STORE: u64 = 4;
+    const APPENDS_PER_WRITER: u64 = 12;
+    const RACE_ROUNDS: u64 = 4;
+    const SLOW_APPENDS: u64 = 10;
+    let db = TestDb::create().await;
+    let stores = [store(&db).await, store(&db).await];
+    let slow = slow_store(&db).await;
+    // Two races (one within a store, one across the stores), each round won
+    // by exactly one caller.
+    let total = 2 * WRITERS_PER_STORE * APPENDS_PER_WRITER * EVENTS
+        + 2 * RACE_ROUNDS * EVENTS
+        + SLOW_APPENDS * 2;
+    let readers = spawn_readers(&stores[0], &db, total).await;
+    let batch = |from: u64| -> Vec<NewEvent> { (from..from + EVENTS).map(created).collect() };
+    let expected_at = |version: u64| {
+        if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        }
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (s, store) in stores.iter().enumerate() {
+        for w in 0..WRITERS_PER_STORE {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let id = Uuid::now_v7();
+                let mut version = 0;
+                for n in 0..APPENDS_PER_WRITER {
+                    let from = (s as u64 * 100 + w) * 1_000_000 + n * EVENTS;
+                    if n % 4 == 3 {
+                        // One version behind: refused, with the current version.
+                        let stale = store
+                            .append(request(
+                                "t",
+                                vec![one("contact", id, expected_at(version - EVENTS), batch(from))],
+                                None,
+                            ))
+                            .await;
+                        assert!(
+                            matches!(stale, Err(AppendError::VersionConflict { current, .. }) if current == version),
+                            "a stale append got {stale:?}"
+                        );
+                    }
+                    let appended = store
+                        .append(request(
+                            "t",
+                            vec![one("contact", id, expected_at(version), batch(from))],
+                            None,
+                        ))
+                        .await
+                        .unwrap();
+                    assert_eq!(appended.last_position - appended.first_position, EVENTS - 1);
+                    version += EVENTS;
+                }
+            });
+        }
+    }
+    // Races: in each round both callers append to the same stream at the
+    // same version, at the same moment; one wins, the other is told the
+    // version it lost to.
+    for racers in [[&stores[0], &stores[0]], [&stores[0], &stores[1]]] {
+        let id = Uuid::now_v7();
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let wins = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        for (r, store) in racers.into_iter().enumerate() {
+            let (store, barrier, wins) = (store.clone(), barrier.clone(), wins.clone());
+            tasks.spawn(async move {
+                for round in 0..RACE_ROUNDS {
+                    let version = round * EVENTS;
+                    barrier.wait().await;
+                    let outcome = store
+                        .append(request(
+                            "t",
+                            vec![one(
+                                "contact",
+                                id,
+                                expected_at(version),
+                                batch(9_000_000 + r as u64 * 1_000 + round),
+                            )],
+                            None,
+                        ))
+                        .await;
+                    match outcome {
+                        Ok(_) => {
+                            wins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(AppendError::VersionConflict { current, .. }) => {
+                            assert_eq!(current, version + EVENTS);
+                        }
+                        Err(error) => panic!("a racer got {error:?}"),
+                    }
+                    // Both have an outcome before the next round starts.
+                    barrier.wait().await;
+                    assert_eq!(wins.load(std::sync::atomic::Ordering::SeqCst), round + 1);
+                }
+            });
+        }
+    }
+    {
+        let slow = slow.clone();
+        tasks.spawn(async move {
+            for n in 0..SLOW_APPENDS {
+                slow.append(request(
+                    "t",
+                    vec![one(
+                        "contact",
+                        Uuid::now_v7(),
+                        ExpectedVersion::NoStream,
+                        vec![created(n), created(n + 1)],
+                    )],
+                    None,
+                ))
+                .await
+                .unwrap();
+            }
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(task) = tasks.join_next().await {
+            task.unwrap();
+        }
+        readers.await;
+    })
+    .await
+    .expect("writers or readers hung");
+    assert_log_is_dense(&db, total).await;
+    // Both paths ran: batches written ahead, and batches that rolled back
+    // and took the lock first (stale versions at least; a store whose
+    // predictions the other store keeps spoiling may never write ahead).
+    let stats: Vec<_> = stores.iter().map(EventStore::writer_stats).collect();
+    assert!(
+        stats.iter().any(|s| s.written_ahead > 0) && stats.iter().all(|s| s.fell_back > 0),
+        "{stats:?}"
+    );
+    for store in stores {
+        store.shutdown().await;
+    }
+    slow.shutdown().await;
 }
 
 /// A new data subject's key lands with its first events or not at all, and
