@@ -963,7 +963,7 @@ async fn try_commit(
 ) -> Result<(Vec<Decision>, u64), BatchError> {
     // A lock-first batch can be chosen as a deadlock victim when a writer in
     // another process writes ahead of the lock at the same positions (the
-    // other side gives up after AHEAD_LOCK_TIMEOUT, but PostgreSQL may pick
+    // other side gives up after `ahead_lock_timeout!()`, but PostgreSQL may pick
     // this one first): nothing was written, so it is tried again.
     let mut attempt = 1;
     loop {
@@ -1180,10 +1180,19 @@ async fn run_fast(
 /// before has ended; a longer wait means a writer in another process holds
 /// the lock and may be waiting for this batch's rows, a deadlock that this
 /// ends sooner than PostgreSQL's detector would (`deadlock_timeout`, 1 s).
-const AHEAD_LOCK_TIMEOUT: &str = "100ms";
+macro_rules! ahead_lock_timeout {
+    () => {
+        "100ms"
+    };
+}
 
-/// The message of MOVE_HEAD's refusal.
-const HEAD_MOVED: &str = "the log head moved";
+/// The message of MOVE_HEAD's refusal, which the writer tells apart from
+/// other refusals.
+macro_rules! head_moved {
+    () => {
+        "the log head moved"
+    };
+}
 
 /// Takes a speculative batch's own advisory lock (never contended: the
 /// batch after waits for it only once it is held).
@@ -1193,11 +1202,20 @@ const HOLD_LOCK: &str = "SELECT pg_advisory_xact_lock($1::int, $2::int)";
 /// COMMITTED UPDATE skips, without waiting, a row whose version in its
 /// snapshot fails the condition. A wrong start aborts the transaction, which
 /// undoes the move.
-const MOVE_HEAD: &str = "WITH moved AS ( \
+const MOVE_HEAD: &str = concat!(
+    "WITH moved AS ( \
        UPDATE log_head SET position = position + $2::bigint \
        WHERE id = 1 RETURNING position - $2::bigint AS before) \
-     SELECT crm_require((SELECT before FROM moved) = $1::bigint, 'the log head moved'), \
-            pg_notify('crm_events', ($1::bigint + $2::bigint)::text)";
+     SELECT crm_require((SELECT before FROM moved) = $1::bigint, '",
+    head_moved!(),
+    "'), pg_notify('crm_events', ($1::bigint + $2::bigint)::text)"
+);
+/// Opens a batch that writes ahead, with its lock timeout.
+const BEGIN_AHEAD: &str = concat!(
+    "BEGIN; SET LOCAL lock_timeout = '",
+    ahead_lock_timeout!(),
+    "'"
+);
 
 /// A batch that writes before it locks, so that its inserts run while the
 /// batches before it still write and commit. One transaction, one round
@@ -1298,8 +1316,7 @@ async fn speculate(
 
         // Step 1: each request goes out when its future is first polled, in
         // this order; the write runs while this task waits for the batch before.
-        let begin = format!("BEGIN; SET LOCAL lock_timeout = '{AHEAD_LOCK_TIMEOUT}'");
-        let mut begun = pin!(maybe_done(client.batch_execute(&begin)));
+        let mut begun = pin!(maybe_done(client.batch_execute(BEGIN_AHEAD)));
         let mut holding = pin!(maybe_done(async {
             let holding = client.query_one(&hold_lock, &[&lock.0, &lock.1]).await;
             if holding.is_ok() {
@@ -1331,7 +1348,8 @@ async fn speculate(
                         .batch_execute(&format!(
                             "SET LOCAL lock_timeout = 0; \
                              SELECT pg_advisory_xact_lock_shared({namespace}, {sequence}); \
-                             SET LOCAL lock_timeout = '{AHEAD_LOCK_TIMEOUT}'"
+                             SET LOCAL lock_timeout = '{}'",
+                            ahead_lock_timeout!()
                         ))
                         .await
                 }
@@ -1367,7 +1385,7 @@ async fn speculate(
             if let Err(error) = step {
                 return match error.as_db_error() {
                     None => Err(pg(error)),
-                    Some(db) if db.message() == HEAD_MOVED => Ok(Ahead::HeadMoved),
+                    Some(db) if db.message() == head_moved!() => Ok(Ahead::HeadMoved),
                     // Refused: the transaction rolled back (the COMMIT said so).
                     Some(_) => Ok(Ahead::RolledBack),
                 };
