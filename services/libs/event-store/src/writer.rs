@@ -420,8 +420,11 @@ pub(crate) async fn run(
 }
 
 /// Fills a batch from what is queued now. When batches are busy (the last
-/// one had several appends), one yield lets callers that were just answered
-/// send their next append into this batch instead of the next.
+/// one had several appends), up to two yields let callers that were just
+/// answered send their next append into this batch instead of the next: a
+/// caller needs to be woken, prepare its append and send it, and on two
+/// worker threads one turn is not enough for most of them (one yield gave
+/// ~27 appends per transaction at 32 callers, two give 32).
 async fn gather(
     first: Job,
     deferred: &mut VecDeque<Job>,
@@ -431,14 +434,14 @@ async fn gather(
 ) -> Vec<Job> {
     let mut n_events = first.append.n_events;
     let mut batch = vec![first];
-    let mut yielded = !busy;
+    let mut yields = if busy { 2 } else { 0 };
     while batch.len() < config.max_batch_appends && n_events < config.max_batch_events {
         let next = match deferred.pop_front() {
             Some(job) => job,
             None => match queue.try_recv() {
                 Ok(job) => job,
-                Err(_) if !yielded => {
-                    yielded = true;
+                Err(_) if yields > 0 => {
+                    yields -= 1;
                     tokio::task::yield_now().await;
                     continue;
                 }
