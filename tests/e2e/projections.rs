@@ -662,6 +662,93 @@ async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_f
     setup.store.shutdown().await;
 }
 
+/// A read model that updates a few rows again and again: the queued
+/// UPDATEs of one statement go out gathered, several per key.
+struct Tallies;
+
+impl crm_projections::Projection for Tallies {
+    fn name(&self) -> &'static str {
+        "tallies"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS tallies (
+            k    bigint PRIMARY KEY,
+            n    bigint NOT NULL,
+            last bigint NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS tally_log (
+            position bigint PRIMARY KEY,
+            k        bigint NOT NULL
+        )"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["tallies", "tally_log"]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let position = i64::try_from(event.global_position).unwrap();
+            let k = position % 3;
+            if position <= 3 {
+                tx.execute("INSERT INTO tallies (k, n, last) VALUES ($1, 0, 0)", &[&k])
+                    .await?;
+            }
+            tx.execute(
+                "UPDATE tallies SET n = n + 1, last = $2 WHERE k = $1 AND n >= 0",
+                &[&k, &position],
+            )
+            .await?;
+            // Another table between them: the UPDATEs still gather.
+            tx.execute(
+                "INSERT INTO tally_log (position, k) VALUES ($1, $2)",
+                &[&position, &k],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn gathered_updates_of_one_row_apply_in_order_each_once() {
+    let setup = setup_runtime().await;
+    open_deals(&setup.store, Uuid::now_v7(), 10, 1_000).await;
+    // One chunk: events 4 to 10 update the three rows in one queue.
+    let swapped_at = crm_projections::rebuild(
+        Arc::new(Tallies),
+        &setup.store,
+        setup.db.config(),
+        100,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(swapped_at, 10);
+    let client = setup.db.client().await;
+    let rows: Vec<(i64, i64, i64)> = client
+        .query("SELECT k, n, last FROM tallies ORDER BY k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    // k = position % 3: 0 <- 3, 6, 9; 1 <- 1, 4, 7, 10; 2 <- 2, 5, 8.
+    assert_eq!(rows, vec![(0, 3, 9), (1, 4, 10), (2, 3, 8)]);
+    let logged: i64 = client
+        .query_one("SELECT count(*) FROM tally_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 10);
+    setup.store.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_projector_whose_deferred_write_fails_stops_on_that_event() {
     let setup = setup_runtime().await;

@@ -11,6 +11,13 @@
 //! moving it before writes that never name `t` changes nothing. Under `ON CONFLICT ... DO
 //! UPDATE` a row may not be updated twice by one statement, so the n-th
 //! write of one key goes into the n-th statement, in order.
+//!
+//! Plain `UPDATE t SET ... WHERE k1 = $a AND k2 = $b [AND ...]` statements
+//! are gathered the same way, into one `UPDATE t SET ... FROM unnest(...)
+//! WHERE ...`: writes with different key values touch disjoint rows (none
+//! may set a key column), and the n-th write of one key goes into the n-th
+//! statement (an `UPDATE ... FROM` would apply only one of several writes
+//! that match one row).
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
@@ -81,6 +88,9 @@ pub(crate) fn shape(sql: &str, types: &[Type]) -> Arc<Shape> {
 fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     let sql = sql.trim();
     let upper = sql.to_ascii_uppercase();
+    if upper.starts_with("UPDATE ") {
+        return plan_update(sql, types);
+    }
     if !upper.starts_with("INSERT INTO ")
         || upper.contains("SELECT")
         || upper.contains("RETURNING")
@@ -154,7 +164,7 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     };
     let mut selected = Vec::with_capacity(values.len());
     for value in &values {
-        selected.push(renumbered(value, types.len())?);
+        selected.push(renumbered(value, types.len(), "u")?);
     }
     let arrays: Vec<String> = types
         .iter()
@@ -174,6 +184,166 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         key,
         types: types.to_vec(),
     })
+}
+
+/// What the unnested parameters are called in a gathered UPDATE: a name no
+/// read-model table or column uses (statements naming it stay single).
+const UPDATE_ALIAS: &str = "gathered_writes";
+
+/// The bulk form of `UPDATE t SET ... WHERE c = $k AND ...`, or `None` when
+/// the statement reads anything but its own row, or its WHERE is not a
+/// conjunction with at least one `column = $k` (the key).
+fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
+    if types.is_empty() {
+        return None;
+    }
+    for ty in types {
+        if !matches!(ty.kind(), Kind::Simple) || ty.schema() != "pg_catalog" {
+            return None;
+        }
+    }
+    let rest = sql["UPDATE ".len()..].trim_start();
+    let table_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+    let table = rest[..table_end].to_ascii_lowercase();
+    let rest = rest[table_end..].trim_start();
+    if !rest.get(..4)?.eq_ignore_ascii_case("SET ") {
+        return None;
+    }
+    let rest = &rest[4..];
+    // Only plain expressions of the row and the parameters: no subquery,
+    // no other table, no function but the plain ones, no RETURNING, and
+    // nothing that could mean the unnested columns.
+    const REFUSED: &[&str] = &[
+        "select",
+        "table",
+        "values",
+        "from",
+        "join",
+        "lateral",
+        "with",
+        "using",
+        "returning",
+        "or",
+        UPDATE_ALIAS,
+    ];
+    let unnested = |word: &str| {
+        word.len() > 1 && word.starts_with('p') && word[1..].bytes().all(|b| b.is_ascii_digit())
+    };
+    let plain = words(rest).all(|(word, cast, called)| {
+        !REFUSED.contains(&word.as_str())
+            && !unnested(&word)
+            && (cast || !called || PLAIN_FUNCTIONS.contains(&word.as_str()))
+    });
+    if !plain {
+        return None;
+    }
+    let (assignments, conditions) = split_at_word(rest, "where")?;
+    if split_at_word(conditions, "where").is_some() {
+        return None;
+    }
+    let (mut key, mut key_columns) = (Vec::new(), Vec::new());
+    for condition in split_at_words(conditions, "and") {
+        let Some((column, value)) = condition.split_once('=') else {
+            continue;
+        };
+        let column = column.trim();
+        if column.is_empty()
+            || !column
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            || value.contains(['<', '>', '!'])
+            || column.ends_with(['<', '>', '!'])
+        {
+            continue;
+        }
+        let Some((k, cast)) = lone_parameter(value.trim()) else {
+            continue;
+        };
+        let k = k.checked_sub(1)?;
+        let own = types.get(k)?.name();
+        if cast.is_some_and(|cast| !cast.eq_ignore_ascii_case(own)) {
+            continue;
+        }
+        key.push(k);
+        key_columns.push(column.to_ascii_lowercase());
+    }
+    if key.is_empty() {
+        return None;
+    }
+    // A write that moved a row to another key could be matched by a later
+    // write of that key, which one statement (one snapshot) would miss.
+    for assignment in split_top(assignments) {
+        let (target, _) = assignment.split_once('=')?;
+        if key_columns.contains(&target.trim().to_ascii_lowercase()) {
+            return None;
+        }
+    }
+    let renumber = |text: &str| renumbered(text, types.len(), UPDATE_ALIAS);
+    let arrays: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(k, ty)| format!("${}::\"{}\"[]", k + 1, ty.name()))
+        .collect();
+    let names: Vec<String> = (1..=types.len()).map(|k| format!("p{k}")).collect();
+    Some(Bulk {
+        sql: format!(
+            "UPDATE {table} SET {} FROM unnest({}) AS {UPDATE_ALIAS}({}) WHERE {}",
+            renumber(assignments.trim())?,
+            arrays.join(", "),
+            names.join(", "),
+            renumber(conditions.trim())?,
+        ),
+        table,
+        key: Some(key),
+        types: types.to_vec(),
+    })
+}
+
+/// `text` split at the first `word` outside parentheses and quotes: what
+/// comes before it and after it.
+fn split_at_word<'t>(text: &'t str, word: &str) -> Option<(&'t str, &'t str)> {
+    let at = *word_positions(text, word).first()?;
+    Some((&text[..at], &text[at + word.len()..]))
+}
+
+/// `text` split at each whole `word` outside parentheses and quotes.
+fn split_at_words<'t>(text: &'t str, word: &str) -> Vec<&'t str> {
+    let mut parts = Vec::new();
+    let mut from = 0;
+    for at in word_positions(text, word) {
+        parts.push(&text[from..at]);
+        from = at + word.len();
+    }
+    parts.push(&text[from..]);
+    parts
+}
+
+/// Where `word` (any case, ASCII) stands as a whole word in `text`, outside
+/// parentheses and quotes.
+fn word_positions(text: &str, word: &str) -> Vec<usize> {
+    let bytes = text.as_bytes();
+    let part_of_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
+    let (mut found, mut depth, mut quoted) = (Vec::new(), 0usize, false);
+    for (at, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\'' => quoted = !quoted,
+            b'(' if !quoted => depth += 1,
+            b')' if !quoted => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if quoted || depth > 0 || (at > 0 && part_of_word(bytes[at - 1])) {
+            continue;
+        }
+        let end = at + word.len();
+        if bytes
+            .get(at..end)
+            .is_some_and(|w| w.eq_ignore_ascii_case(word.as_bytes()))
+            && bytes.get(end).is_none_or(|b| !part_of_word(*b))
+        {
+            found.push(at);
+        }
+    }
+    found
 }
 
 /// The text inside the parentheses `text` starts with, and what follows.
@@ -297,9 +467,9 @@ fn words(text: &str) -> impl Iterator<Item = (String, bool, bool)> + '_ {
     })
 }
 
-/// `value` with each `$k` read from the unnested column `u.pk`; `None` when
-/// it names a parameter the statement does not have.
-fn renumbered(value: &str, parameters: usize) -> Option<String> {
+/// `value` with each `$k` read from the unnested column `<alias>.pk`;
+/// `None` when it names a parameter the statement does not have.
+fn renumbered(value: &str, parameters: usize, alias: &str) -> Option<String> {
     let mut out = String::with_capacity(value.len() + 8);
     let mut chars = value.char_indices().peekable();
     let mut quoted = false;
@@ -322,7 +492,7 @@ fn renumbered(value: &str, parameters: usize) -> Option<String> {
         for _ in 0..digits.len() {
             chars.next();
         }
-        out.push_str(&format!("u.p{k}"));
+        out.push_str(&format!("{alias}.p{k}"));
     }
     Some(out)
 }
@@ -447,7 +617,6 @@ mod tests {
             "INSERT INTO t (a, b) VALUES ($1, (SELECT b FROM u WHERE a = $2))",
             // the key is computed
             "INSERT INTO t (a, b) VALUES (lower($1), $2) ON CONFLICT (a) DO UPDATE SET b = 1",
-            "UPDATE t SET b = $2 WHERE a = $1",
             "INSERT INTO t (a, b) VALUES ($1, $2) RETURNING a",
             // reads another table without the word SELECT
             "INSERT INTO t (a, b) VALUES ($1, (TABLE u LIMIT 1))",
@@ -464,6 +633,75 @@ mod tests {
             assert!(plan(sql, &text).is_none(), "{sql}");
         }
         assert!(plan("INSERT INTO t (a) VALUES ($1)", &[Type::TEXT_ARRAY]).is_none());
+    }
+
+    #[test]
+    fn a_keyed_update_becomes_an_update_from_unnest() {
+        let bulk = plan(
+            "UPDATE sales_funnel_deals SET owner = $3, \
+               closed_at = CASE WHEN $4 THEN $5 ELSE closed_at END \
+             WHERE tenant_id = $1 AND deal_id = $2 AND exited_at IS NULL",
+            &[
+                Type::TEXT,
+                Type::UUID,
+                Type::TEXT,
+                Type::BOOL,
+                Type::TIMESTAMPTZ,
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            bulk.sql,
+            "UPDATE sales_funnel_deals SET owner = gathered_writes.p3, \
+               closed_at = CASE WHEN gathered_writes.p4 THEN gathered_writes.p5 ELSE closed_at END \
+             FROM unnest($1::\"text\"[], $2::\"uuid\"[], $3::\"text\"[], $4::\"bool\"[], \
+             $5::\"timestamptz\"[]) AS gathered_writes(p1, p2, p3, p4, p5) \
+             WHERE tenant_id = gathered_writes.p1 AND deal_id = gathered_writes.p2 \
+             AND exited_at IS NULL"
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .replace("( ", "(")
+        );
+        assert_eq!(bulk.key, Some(vec![0, 1]));
+        assert_eq!(bulk.table(), "sales_funnel_deals");
+    }
+
+    #[test]
+    fn updates_that_read_or_have_no_key_stay_single() {
+        let text = [Type::TEXT, Type::TEXT];
+        for sql in [
+            // no key: every write could touch the same rows
+            "UPDATE t SET b = $2 WHERE a > $1",
+            "UPDATE t SET b = $2 WHERE a <> $1",
+            "UPDATE t SET b = $2",
+            // OR: the conjuncts are not all conditions
+            "UPDATE t SET b = $2 WHERE a = $1 OR b IS NULL",
+            // reads another table
+            "UPDATE t SET b = (SELECT max(b) FROM u) WHERE a = $1 AND c = $2",
+            "UPDATE t SET b = $2 FROM u WHERE t.a = u.a AND u.b = $1",
+            "UPDATE t SET b = lookup($2) WHERE a = $1",
+            "UPDATE t SET b = $2 WHERE a = $1 RETURNING b",
+            // a key cast to another type
+            "UPDATE t SET b = $2 WHERE a = $1::uuid",
+            // a row moved to another key
+            "UPDATE t SET b = $2, A = $2 WHERE a = $1",
+            // names that could be taken for the unnested columns
+            "UPDATE t SET p1 = $2 WHERE a = $1",
+            "UPDATE t SET b = $2 WHERE a = $1 AND gathered_writes IS NULL",
+        ] {
+            assert!(plan(sql, &text).is_none(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn words_split_only_outside_parentheses_and_quotes() {
+        assert_eq!(
+            split_at_words("a = 1 AND (b AND c) AND d = 'x and y'", "and"),
+            vec!["a = 1 ", " (b AND c) ", " d = 'x and y'"]
+        );
+        assert_eq!(split_at_word("brand = 1", "and"), None);
+        assert_eq!(split_at_word("x WHERE y", "where"), Some(("x ", " y")));
     }
 
     #[test]
