@@ -715,29 +715,38 @@ impl crm_projections::Projection for Tallies {
     }
 }
 
-#[tokio::test]
-async fn gathered_updates_of_one_row_apply_in_order_each_once() {
+/// Ten stored events rebuilt into `projection` in one chunk (every write
+/// in one queue); the setup and a client of its database.
+async fn rebuilt_over_ten_events(
+    projection: Arc<dyn crm_projections::Projection>,
+) -> (Setup, tokio_postgres::Client) {
     let setup = setup_runtime().await;
     open_deals(&setup.store, Uuid::now_v7(), 10, 1_000).await;
-    // One chunk: events 4 to 10 update the three rows in one queue.
-    let swapped_at = crm_projections::rebuild(
-        Arc::new(Tallies),
-        &setup.store,
-        setup.db.config(),
-        100,
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let swapped_at =
+        crm_projections::rebuild(projection, &setup.store, setup.db.config(), 100, |_| {})
+            .await
+            .unwrap();
     assert_eq!(swapped_at, 10);
     let client = setup.db.client().await;
-    let rows: Vec<(i64, i64, i64)> = client
-        .query("SELECT k, n, last FROM tallies ORDER BY k", &[])
+    (setup, client)
+}
+
+/// The rows (k, n, last) of a tally table, by k.
+async fn tallies(client: &tokio_postgres::Client, table: &str) -> Vec<(i64, i64, i64)> {
+    client
+        .query(&format!("SELECT k, n, last FROM {table} ORDER BY k"), &[])
         .await
         .unwrap()
         .iter()
         .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .collect();
+        .collect()
+}
+
+#[tokio::test]
+async fn gathered_updates_of_one_row_apply_in_order_each_once() {
+    // One chunk: events 4 to 10 update the three rows in one queue.
+    let (setup, client) = rebuilt_over_ten_events(Arc::new(Tallies)).await;
+    let rows = tallies(&client, "tallies").await;
     // k = position % 3: 0 <- 3, 6, 9; 1 <- 1, 4, 7, 10; 2 <- 2, 5, 8.
     assert_eq!(rows, vec![(0, 3, 9), (1, 4, 10), (2, 3, 8)]);
     let logged: i64 = client
@@ -746,6 +755,89 @@ async fn gathered_updates_of_one_row_apply_in_order_each_once() {
         .unwrap()
         .get(0);
     assert_eq!(logged, 10);
+    setup.store.shutdown().await;
+}
+
+/// Two read models written in an order that only some tables allow to
+/// change: `scoped_tallies` (its only unique index is its key) gets each
+/// key's INSERT between the UPDATEs of other keys; `ledger` also has a
+/// unique `code`, which one key frees before another takes it.
+struct Ledger;
+
+impl crm_projections::Projection for Ledger {
+    fn name(&self) -> &'static str {
+        "ledger"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS scoped_tallies (
+            k    bigint PRIMARY KEY,
+            n    bigint NOT NULL,
+            last bigint NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS ledger (
+            k    bigint PRIMARY KEY,
+            code text NOT NULL UNIQUE
+        )"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["scoped_tallies", "ledger"]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let position = i64::try_from(event.global_position).unwrap();
+            let k = (position + 1) / 2;
+            let update = "UPDATE scoped_tallies SET n = n + 1, last = $2 WHERE k = $1";
+            if position == 1 {
+                // Before the row exists: changes nothing, but opens the
+                // UPDATEs' first gathering ahead of the INSERTs' one, which
+                // later keys' UPDATEs must not join.
+                tx.execute(update, &[&k, &position]).await?;
+            }
+            if position % 2 == 1 {
+                tx.execute(
+                    "INSERT INTO scoped_tallies (k, n, last) VALUES ($1, 0, 0) \
+                     ON CONFLICT (k) DO NOTHING",
+                    &[&k],
+                )
+                .await?;
+            }
+            tx.execute(update, &[&k, &position]).await?;
+            let insert = "INSERT INTO ledger (k, code) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING";
+            match position {
+                1 => tx.execute(insert, &[&1i64, &"x"]).await?,
+                2 => {
+                    tx.execute("UPDATE ledger SET code = $2 WHERE k = $1", &[&1i64, &"y"])
+                        .await?
+                }
+                3 => tx.execute(insert, &[&2i64, &"x"]).await?,
+                _ => {}
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn scoped_writes_of_other_keys_pass_each_other_only_where_no_other_unique_index_forbids() {
+    let (setup, client) = rebuilt_over_ten_events(Arc::new(Ledger)).await;
+    let tallies = tallies(&client, "scoped_tallies").await;
+    // Every key inserted before its own two updates, whatever else moved.
+    assert_eq!(tallies, (1..=5).map(|k| (k, 2, 2 * k)).collect::<Vec<_>>());
+    let ledger: Vec<(i64, String)> = client
+        .query("SELECT k, code FROM ledger ORDER BY k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(ledger, vec![(1, "y".to_owned()), (2, "x".to_owned())]);
     setup.store.shutdown().await;
 }
 

@@ -18,6 +18,13 @@
 //! may set a key column), and the n-th write of one key goes into the n-th
 //! statement (an `UPDATE ... FROM` would apply only one of several writes
 //! that match one row).
+//!
+//! An `INSERT ... ON CONFLICT (k...)` and a keyed `UPDATE` are *scoped*:
+//! each touches only rows holding its own values of `k...`. Where every
+//! unique index of the table covers those columns (read from the catalog),
+//! scoped writes of different values commute, so one need not close the
+//! gathering of another statement of the same table; only the writes of
+//! one value keep their order (`runtime::gathered`).
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
@@ -41,8 +48,32 @@ pub(crate) struct Bulk {
     /// The parameters naming the row of an `ON CONFLICT (...) DO UPDATE`
     /// target (0-based), if it has one.
     pub(crate) key: Option<Vec<usize>>,
+    /// The columns (lower case, sorted) and parameters that confine every
+    /// write to the rows holding its own values of those columns: an
+    /// `ON CONFLICT (...)` target, or an UPDATE's key. Writes of different
+    /// values commute where the table's unique indexes all cover the
+    /// columns (see `runtime::gathered`).
+    pub(crate) scope: Option<Scope>,
     /// The element type of each array.
     pub(crate) types: Vec<Type>,
+}
+
+/// See [`Bulk::scope`].
+#[derive(Debug, PartialEq)]
+pub(crate) struct Scope {
+    pub(crate) columns: Vec<String>,
+    pub(crate) params: Vec<usize>,
+}
+
+impl Scope {
+    fn new(mut pairs: Vec<(String, usize)>) -> Option<Self> {
+        if pairs.is_empty() {
+            return None;
+        }
+        pairs.sort();
+        let (columns, params) = pairs.into_iter().unzip();
+        Some(Self { columns, params })
+    }
 }
 
 impl Shape {
@@ -138,30 +169,12 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         return None;
     }
     let key = if tail.to_ascii_uppercase().contains("DO UPDATE") {
-        let target = tail.trim_start();
-        if !target.to_ascii_uppercase().starts_with("ON CONFLICT") {
-            return None;
-        }
-        let (target, _) = parenthesized(target["ON CONFLICT".len()..].trim_start())?;
-        let mut key = Vec::new();
-        for column in split_top(target) {
-            let at = columns
-                .iter()
-                .position(|c| c.eq_ignore_ascii_case(column.trim()))?;
-            let (k, cast) = lone_parameter(values[at])?;
-            let k = k.checked_sub(1)?;
-            // Two writes are one row exactly when their key bytes are equal:
-            // a cast to another type could make different bytes one value.
-            let own = types.get(k)?.name();
-            if cast.is_some_and(|cast| !cast.eq_ignore_ascii_case(own)) {
-                return None;
-            }
-            key.push(k);
-        }
-        Some(key)
+        let (target, _) = conflict_target(tail, &columns, &values, types)?;
+        Some(target.into_iter().map(|(_, k)| k).collect())
     } else {
         None
     };
+    let scope = insert_scope(tail, &columns, &values, types);
     let mut selected = Vec::with_capacity(values.len());
     for value in &values {
         selected.push(renumbered(value, types.len(), "u")?);
@@ -182,8 +195,67 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         ),
         table,
         key,
+        scope,
         types: types.to_vec(),
     })
+}
+
+/// The columns of an `ON CONFLICT (target)` (lower case, in order) with
+/// the parameter each takes alone, and what follows the target; `None`
+/// when a target column takes anything else (a cast to another type could
+/// make different bytes one value).
+fn conflict_target<'t>(
+    tail: &'t str,
+    columns: &[&str],
+    values: &[&str],
+    types: &[Type],
+) -> Option<(Vec<(String, usize)>, &'t str)> {
+    let target = tail.trim_start();
+    if !target.to_ascii_uppercase().starts_with("ON CONFLICT") {
+        return None;
+    }
+    let (target, action) = parenthesized(target["ON CONFLICT".len()..].trim_start())?;
+    let mut pairs = Vec::new();
+    for column in split_top(target) {
+        let column = column.trim().to_ascii_lowercase();
+        let at = columns
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(&column))?;
+        let (k, cast) = lone_parameter(values[at])?;
+        let k = k.checked_sub(1)?;
+        let own = types.get(k)?.name();
+        if cast.is_some_and(|cast| !cast.eq_ignore_ascii_case(own)) {
+            return None;
+        }
+        pairs.push((column, k));
+    }
+    Some((pairs, action))
+}
+
+/// The scope of an `INSERT ... ON CONFLICT (target) DO ...`, unless its
+/// `DO UPDATE` assigns a target column or has a condition.
+fn insert_scope(tail: &str, columns: &[&str], values: &[&str], types: &[Type]) -> Option<Scope> {
+    let (pairs, action) = conflict_target(tail, columns, values, types)?;
+    let action = action.trim_start();
+    if let Some(sets) = action
+        .get(..13)
+        .filter(|a| a.eq_ignore_ascii_case("DO UPDATE SET"))
+        .map(|_| &action[13..])
+    {
+        if split_at_word(sets, "where").is_some() {
+            return None;
+        }
+        for assignment in split_top(sets) {
+            let (assigned, _) = assignment.split_once('=')?;
+            let assigned = assigned.trim().to_ascii_lowercase();
+            if pairs.iter().any(|(column, _)| *column == assigned) {
+                return None;
+            }
+        }
+    } else if !action.eq_ignore_ascii_case("DO NOTHING") {
+        return None;
+    }
+    Scope::new(pairs)
 }
 
 /// What the unnested parameters are called in a gathered UPDATE: a name no
@@ -241,7 +313,7 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
     if split_at_word(conditions, "where").is_some() {
         return None;
     }
-    let (mut key, mut key_columns) = (Vec::new(), Vec::new());
+    let (mut key, mut key_columns, mut scope) = (Vec::new(), Vec::new(), Vec::new());
     for condition in split_at_words(conditions, "and") {
         let Some((column, value)) = condition.split_once('=') else {
             continue;
@@ -266,6 +338,7 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         }
         key.push(k);
         key_columns.push(column.to_ascii_lowercase());
+        scope.push((column.to_ascii_lowercase(), k));
     }
     if key.is_empty() {
         return None;
@@ -295,6 +368,7 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         ),
         table,
         key: Some(key),
+        scope: Scope::new(scope),
         types: types.to_vec(),
     })
 }
@@ -691,6 +765,42 @@ mod tests {
             "UPDATE t SET b = $2 WHERE a = $1 AND gathered_writes IS NULL",
         ] {
             assert!(plan(sql, &text).is_none(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn scoped_writes_name_their_columns_and_parameters() {
+        let text3 = [Type::UUID, Type::TEXT, Type::TEXT];
+        let scope = |sql: &str| plan(sql, &text3).and_then(|bulk| bulk.scope);
+        let expected = Some(Scope {
+            columns: vec!["a".into(), "c".into()],
+            params: vec![1, 0],
+        });
+        assert_eq!(
+            scope("INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT (c, a) DO NOTHING"),
+            expected
+        );
+        assert_eq!(
+            scope(
+                "INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT (c, a) \
+                 DO UPDATE SET b = EXCLUDED.b"
+            ),
+            expected
+        );
+        assert_eq!(
+            scope("UPDATE t SET b = $3 WHERE c = $1 AND a = $2 AND b IS NULL"),
+            expected
+        );
+        for sql in [
+            // no conflict target: which rows it may meet is unknown
+            "INSERT INTO t (a, b, c) VALUES ($2, $3, $1)",
+            "INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT DO NOTHING",
+            // moves a row to another key, or updates only some
+            "INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT (a) DO UPDATE SET a = EXCLUDED.b",
+            "INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b \
+             WHERE t.b IS NULL",
+        ] {
+            assert_eq!(scope(sql), None, "{sql}");
         }
     }
 

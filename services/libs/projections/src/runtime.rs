@@ -108,20 +108,90 @@ enum Outgoing<'w> {
     ),
 }
 
-/// `writes` in the order they go out: each write of a gatherable INSERT
+/// `writes` in the order they go out: each write of a gatherable statement
 /// joins the first earlier write of the same statement unless a write in
 /// between mentions its table (see [`crate::bulk`]).
-fn gathered(writes: &[Write]) -> Vec<Gathered<'_>> {
+///
+/// Scoped writes ([`crate::bulk::Bulk::scope`]) of one table go further
+/// when `commutes(table, columns)` says every unique index of the table
+/// covers the scope's columns: each touches only the rows holding its own
+/// values of those columns, so writes of different values commute, and
+/// only the order of the writes of one value matters. Such a write joins
+/// the first open gathering of its statement placed after the one holding
+/// the previous write of its value, and other scoped statements of the
+/// table do not close gatherings (an INSERT of one deal between the
+/// UPDATEs of others, say).
+fn gathered<'w>(
+    writes: &'w [Write],
+    commutes: &dyn Fn(&str, &[String]) -> bool,
+) -> Vec<Gathered<'w>> {
     let mut items: Vec<Gathered<'_>> = Vec::new();
     // Gatherings still open: the statement's shape (one per SQL text),
     // index in `items`.
     let mut open: Vec<(&Arc<crate::bulk::Shape>, usize)> = Vec::new();
+    // Per table written by scoped writes: their columns, the open
+    // gatherings holding them, and per value the gathering of its last write.
+    let mut scoped: std::collections::HashMap<&str, Scoped<'w>> = std::collections::HashMap::new();
     for write in writes {
         let binary = write
             .params
             .iter()
             .all(|p| matches!(p.format, tokio_postgres::types::Format::Binary));
         let bulk = write.shape.bulk.as_ref().filter(|_| binary);
+        let scope = bulk.and_then(|bulk| {
+            let scope = bulk.scope.as_ref()?;
+            commutes(bulk.table(), &scope.columns).then_some((bulk, scope))
+        });
+        if let Some((bulk, scope)) = scope {
+            let table = bulk.table();
+            let fresh = !scoped.contains_key(table);
+            let state = scoped.entry(table).or_insert_with(|| Scoped {
+                columns: &scope.columns,
+                groups: Vec::new(),
+                last: std::collections::HashMap::new(),
+            });
+            if state.columns == scope.columns.as_slice() {
+                let value: Vec<Option<&[u8]>> = scope
+                    .params
+                    .iter()
+                    .map(|&k| write.params[k].bytes.as_deref())
+                    .collect();
+                let after = state.last.get(&value).copied();
+                let join = state.groups.iter().copied().find(|&at| {
+                    after.is_none_or(|after| at > after)
+                        && matches!(&items[at], Gathered::Many(_, rows)
+                            if Arc::ptr_eq(&rows[0].shape, &write.shape))
+                });
+                if let Some(at) = join
+                    && let Gathered::Many(_, rows) = &mut items[at]
+                {
+                    rows.push(write);
+                    state.last.insert(value, at);
+                    continue;
+                }
+                // Close what this write must follow: gatherings of other
+                // tables it names, and of this table unless scoped alike
+                // (when the state is fresh, every gathering of the table).
+                let groups = &state.groups;
+                open.retain(|(_, at)| match &items[*at] {
+                    Gathered::Many(other, _) => {
+                        if other.table() == table {
+                            !fresh && groups.contains(at)
+                        } else {
+                            !write.shape.mentions(other.table())
+                        }
+                    }
+                    Gathered::One(_) => false,
+                });
+                let at = items.len();
+                open.push((&write.shape, at));
+                state.groups.push(at);
+                state.last.insert(value, at);
+                items.push(Gathered::Many(bulk, vec![write]));
+                prune(&mut scoped, &open);
+                continue;
+            }
+        }
         if bulk.is_some()
             && let Some(&(_, at)) = open
                 .iter()
@@ -142,8 +212,33 @@ fn gathered(writes: &[Write]) -> Vec<Gathered<'_>> {
             }
             None => items.push(Gathered::One(write)),
         }
+        prune(&mut scoped, &open);
     }
     items
+}
+
+/// A table's unique indexes: each one's columns, `None` for one that is
+/// not a plain unique index of columns.
+type UniqueIndexes = std::sync::Arc<Vec<Option<Vec<String>>>>;
+
+/// The scoped writes of one table in [`gathered`].
+struct Scoped<'w> {
+    columns: &'w [String],
+    groups: Vec<usize>,
+    last: std::collections::HashMap<Vec<Option<&'w [u8]>>, usize>,
+}
+
+/// Forgets the scoped state of tables whose gatherings were all closed.
+fn prune(
+    scoped: &mut std::collections::HashMap<&str, Scoped<'_>>,
+    open: &[(&Arc<crate::bulk::Shape>, usize)],
+) {
+    scoped.retain(|_, state| {
+        state
+            .groups
+            .retain(|at| open.iter().any(|(_, open)| open == at));
+        !state.groups.is_empty()
+    });
 }
 
 /// `rows` of one gathered INSERT as statements: under `ON CONFLICT ... DO
@@ -321,8 +416,19 @@ impl<'a> Tx<'a> {
         if writes.is_empty() {
             return Ok(());
         }
+        let unique = self.unique_indexes(&writes).await?;
+        let commutes = |table: &str, columns: &[String]| {
+            unique.get(table).is_some_and(|indexes| {
+                !indexes.is_empty()
+                    && indexes.iter().all(|index| {
+                        index
+                            .as_ref()
+                            .is_some_and(|index| columns.iter().all(|c| index.contains(c)))
+                    })
+            })
+        };
         let mut sends = Vec::new();
-        for item in gathered(&writes) {
+        for item in gathered(&writes, &commutes) {
             match item {
                 Gathered::One(write) => sends.push(Outgoing::One(write)),
                 Gathered::Many(bulk, rows) => {
@@ -397,6 +503,66 @@ impl<'a> Tx<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The unique indexes of each table the scoped writes in `writes` name:
+    /// per index its columns, `None` for one on an expression or an
+    /// exclusion constraint. Read from the catalog once per table name and
+    /// process (a read model's tables have the same indexes in every schema
+    /// they are built in).
+    async fn unique_indexes(
+        &self,
+        writes: &[Write],
+    ) -> Result<std::collections::HashMap<String, UniqueIndexes>, tokio_postgres::Error> {
+        static KNOWN: std::sync::LazyLock<
+            std::sync::Mutex<std::collections::HashMap<String, UniqueIndexes>>,
+        > = std::sync::LazyLock::new(Default::default);
+        let mut tables: Vec<&str> = writes
+            .iter()
+            .filter_map(|w| w.shape.bulk.as_ref())
+            .filter(|bulk| bulk.scope.is_some())
+            .map(|bulk| bulk.table())
+            .collect();
+        tables.sort_unstable();
+        tables.dedup();
+        let known = |table: &str| {
+            KNOWN
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(table)
+                .cloned()
+        };
+        let mut found = std::collections::HashMap::new();
+        for table in tables {
+            let indexes = match known(table) {
+                Some(indexes) => indexes,
+                None => {
+                    let rows = self
+                        .tx
+                        .query(
+                            "SELECT ARRAY(SELECT a.attname::text FROM pg_attribute a \
+                               WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[])), \
+                               i.indexprs IS NULL AND NOT i.indisexclusion \
+                             FROM pg_index i \
+                             WHERE i.indrelid = to_regclass($1) AND (i.indisunique OR i.indisexclusion)",
+                            &[&table],
+                        )
+                        .await?;
+                    let indexes: UniqueIndexes = std::sync::Arc::new(
+                        rows.iter()
+                            .map(|row| row.get::<_, bool>(1).then(|| row.get(0)))
+                            .collect(),
+                    );
+                    KNOWN
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(table.to_owned(), indexes.clone());
+                    indexes
+                }
+            };
+            found.insert(table.to_owned(), indexes);
+        }
+        Ok(found)
     }
 
     pub async fn commit(self) -> Result<(), tokio_postgres::Error> {
