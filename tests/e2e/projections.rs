@@ -761,7 +761,8 @@ async fn gathered_updates_of_one_row_apply_in_order_each_once() {
 /// Two read models written in an order that only some tables allow to
 /// change: `scoped_tallies` (its only unique index is its key) gets each
 /// key's INSERT between the UPDATEs of other keys; `ledger` also has a
-/// unique `code`, which one key frees before another takes it.
+/// unique `code`, which one key frees before another takes it (by an
+/// INSERT, then by an UPDATE).
 struct Ledger;
 
 impl crm_projections::Projection for Ledger {
@@ -817,6 +818,15 @@ impl crm_projections::Projection for Ledger {
                         .await?
                 }
                 3 => tx.execute(insert, &[&2i64, &"x"]).await?,
+                // One after the other these pass: k = 2 frees "x" for k = 1.
+                4 => {
+                    tx.execute("UPDATE ledger SET code = $2 WHERE k = $1", &[&2i64, &"w"])
+                        .await?
+                }
+                5 => {
+                    tx.execute("UPDATE ledger SET code = $2 WHERE k = $1", &[&1i64, &"x"])
+                        .await?
+                }
                 _ => {}
             }
             Ok(())
@@ -837,7 +847,7 @@ async fn scoped_writes_of_other_keys_pass_each_other_only_where_no_other_unique_
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect();
-    assert_eq!(ledger, vec![(1, "y".to_owned()), (2, "x".to_owned())]);
+    assert_eq!(ledger, vec![(1, "x".to_owned()), (2, "w".to_owned())]);
     setup.store.shutdown().await;
 }
 

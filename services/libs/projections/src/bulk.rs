@@ -54,6 +54,10 @@ pub(crate) struct Bulk {
     /// values commute where the table's unique indexes all cover the
     /// columns (see `runtime::gathered`).
     pub(crate) scope: Option<Scope>,
+    /// An UPDATE: gathered only where its scope commutes (one statement
+    /// checks unique indexes row by row, so writes of different keys that
+    /// swap a unique value could collide where one after the other do not).
+    pub(crate) needs_scope: bool,
     /// The element type of each array.
     pub(crate) types: Vec<Type>,
 }
@@ -119,6 +123,9 @@ pub(crate) fn shape(sql: &str, types: &[Type]) -> Arc<Shape> {
 fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     let sql = sql.trim();
     let upper = sql.to_ascii_uppercase();
+    if unparsable(sql) {
+        return None;
+    }
     if upper.starts_with("UPDATE ") {
         return plan_update(sql, types);
     }
@@ -196,6 +203,7 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         table,
         key,
         scope,
+        needs_scope: false,
         types: types.to_vec(),
     })
 }
@@ -221,15 +229,73 @@ fn conflict_target<'t>(
         let at = columns
             .iter()
             .position(|c| c.eq_ignore_ascii_case(&column))?;
-        let (k, cast) = lone_parameter(values[at])?;
-        let k = k.checked_sub(1)?;
-        let own = types.get(k)?.name();
-        if cast.is_some_and(|cast| !cast.eq_ignore_ascii_case(own)) {
-            return None;
-        }
-        pairs.push((column, k));
+        pairs.push((column, key_parameter(values[at], types)?));
     }
     Some((pairs, action))
+}
+
+/// The 0-based parameter `value` is when it is a lone `$k` (or cast only to
+/// its own type) of a type whose equal values have equal bytes, so writes
+/// can be told apart by their key bytes.
+fn key_parameter(value: &str, types: &[Type]) -> Option<usize> {
+    let (k, cast) = lone_parameter(value.trim())?;
+    let k = k.checked_sub(1)?;
+    let ty = types.get(k)?;
+    if cast.is_some_and(|cast| !cast.eq_ignore_ascii_case(ty.name())) {
+        return None;
+    }
+    // Not numeric, floats, intervals, jsonb or bpchar: equal values there
+    // may differ in bytes (1.0 and 1, -0 and 0, trailing blanks).
+    [
+        Type::INT2,
+        Type::INT4,
+        Type::INT8,
+        Type::UUID,
+        Type::BOOL,
+        Type::DATE,
+        Type::TIMESTAMP,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::VARCHAR,
+    ]
+    .contains(ty)
+    .then_some(k)
+}
+
+/// Whether any assignment of `sets` (`a = ..., b = ...`) targets one of
+/// `columns`; `None` when a target is not a bare column name (a quoted name
+/// or a `(a, b) = ...` list could hide one).
+fn assigns_any(sets: &str, columns: &[String]) -> Option<bool> {
+    let mut any = false;
+    for assignment in split_top(sets) {
+        let (target, _) = assignment.split_once('=')?;
+        let target = target.trim().to_ascii_lowercase();
+        if target.is_empty()
+            || !target
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return None;
+        }
+        any |= columns.contains(&target);
+    }
+    Some(any)
+}
+
+/// Text the word-level checks here cannot read safely: quoted names,
+/// escapes and dollar quoting (which hide where a string ends), comments,
+/// and `BETWEEN ... AND` (whose AND is not a conjunction).
+fn unparsable(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    let bytes = lower.as_bytes();
+    let escape_string = lower.match_indices("e'").any(|(at, _)| {
+        at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_')
+    });
+    ["\"", "\\", "$$", "--", "/*"]
+        .iter()
+        .any(|bad| lower.contains(bad))
+        || escape_string
+        || !word_positions(&lower, "between").is_empty()
 }
 
 /// The scope of an `INSERT ... ON CONFLICT (target) DO ...`, unless its
@@ -245,12 +311,9 @@ fn insert_scope(tail: &str, columns: &[&str], values: &[&str], types: &[Type]) -
         if split_at_word(sets, "where").is_some() {
             return None;
         }
-        for assignment in split_top(sets) {
-            let (assigned, _) = assignment.split_once('=')?;
-            let assigned = assigned.trim().to_ascii_lowercase();
-            if pairs.iter().any(|(column, _)| *column == assigned) {
-                return None;
-            }
+        let targets: Vec<String> = pairs.iter().map(|(column, _)| column.clone()).collect();
+        if assigns_any(sets, &targets)? {
+            return None;
         }
     } else if !action.eq_ignore_ascii_case("DO NOTHING") {
         return None;
@@ -266,7 +329,8 @@ const UPDATE_ALIAS: &str = "gathered_writes";
 /// the statement reads anything but its own row, or its WHERE is not a
 /// conjunction with at least one `column = $k` (the key).
 fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
-    if types.is_empty() {
+    let upper = sql.to_ascii_uppercase();
+    if types.is_empty() || upper.contains("SELECT") || upper.contains("RETURNING") {
         return None;
     }
     for ty in types {
@@ -328,14 +392,9 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         {
             continue;
         }
-        let Some((k, cast)) = lone_parameter(value.trim()) else {
+        let Some(k) = key_parameter(value, types) else {
             continue;
         };
-        let k = k.checked_sub(1)?;
-        let own = types.get(k)?.name();
-        if cast.is_some_and(|cast| !cast.eq_ignore_ascii_case(own)) {
-            continue;
-        }
         key.push(k);
         key_columns.push(column.to_ascii_lowercase());
         scope.push((column.to_ascii_lowercase(), k));
@@ -345,11 +404,8 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
     }
     // A write that moved a row to another key could be matched by a later
     // write of that key, which one statement (one snapshot) would miss.
-    for assignment in split_top(assignments) {
-        let (target, _) = assignment.split_once('=')?;
-        if key_columns.contains(&target.trim().to_ascii_lowercase()) {
-            return None;
-        }
+    if assigns_any(assignments, &key_columns)? {
+        return None;
     }
     let renumber = |text: &str| renumbered(text, types.len(), UPDATE_ALIAS);
     let arrays: Vec<String> = types
@@ -369,6 +425,7 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         table,
         key: Some(key),
         scope: Scope::new(scope),
+        needs_scope: true,
         types: types.to_vec(),
     })
 }
@@ -707,6 +764,14 @@ mod tests {
             assert!(plan(sql, &text).is_none(), "{sql}");
         }
         assert!(plan("INSERT INTO t (a) VALUES ($1)", &[Type::TEXT_ARRAY]).is_none());
+        // a key whose equal values may differ in bytes (1.0 and 1)
+        let numeric = [Type::NUMERIC, Type::TEXT];
+        for sql in [
+            "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b",
+            "UPDATE t SET b = $2 WHERE a = $1",
+        ] {
+            assert!(plan(sql, &numeric).is_none(), "{sql}");
+        }
     }
 
     #[test]
@@ -758,8 +823,15 @@ mod tests {
             "UPDATE t SET b = $2 WHERE a = $1 RETURNING b",
             // a key cast to another type
             "UPDATE t SET b = $2 WHERE a = $1::uuid",
-            // a row moved to another key
+            // a row moved to another key, also where the text hides it
             "UPDATE t SET b = $2, A = $2 WHERE a = $1",
+            "UPDATE t SET (b, a) = ($2, $2) WHERE a = $1",
+            "UPDATE t SET \"a\" = $2 WHERE a = $1",
+            // text the word checks cannot read: escapes, comments, BETWEEN
+            "UPDATE t SET b = E'\\'' WHERE a = $1 AND b = (SELECT 1) AND c = $2",
+            "UPDATE t SET b = $2 WHERE a = $1 -- AND (TABLE u)",
+            "UPDATE t SET b = $2 /* FROM u */ WHERE a = $1",
+            "UPDATE t SET b = $2 WHERE b BETWEEN $2 AND a = $1",
             // names that could be taken for the unnested columns
             "UPDATE t SET p1 = $2 WHERE a = $1",
             "UPDATE t SET b = $2 WHERE a = $1 AND gathered_writes IS NULL",
@@ -799,6 +871,7 @@ mod tests {
             "INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT (a) DO UPDATE SET a = EXCLUDED.b",
             "INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b \
              WHERE t.b IS NULL",
+            "INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT (a) DO UPDATE SET (b, a) = (1, 2)",
         ] {
             assert_eq!(scope(sql), None, "{sql}");
         }

@@ -142,6 +142,8 @@ fn gathered<'w>(
             let scope = bulk.scope.as_ref()?;
             commutes(bulk.table(), &scope.columns).then_some((bulk, scope))
         });
+        // An UPDATE goes gathered only under a scope that commutes.
+        let bulk = bulk.filter(|bulk| !bulk.needs_scope || scope.is_some());
         if let Some((bulk, scope)) = scope {
             let table = bulk.table();
             let fresh = !scoped.contains_key(table);
@@ -170,25 +172,25 @@ fn gathered<'w>(
                     continue;
                 }
                 // Close what this write must follow: gatherings of other
-                // tables it names, and of this table unless scoped alike
-                // (when the state is fresh, every gathering of the table).
-                let groups = &state.groups;
+                // tables it names, and, when the state is fresh, those of
+                // this table (otherwise every open gathering of the table is
+                // one of the state's: any other write naming the table
+                // closed them all and dropped the state).
+                let before = open.len();
                 open.retain(|(_, at)| match &items[*at] {
-                    Gathered::Many(other, _) => {
-                        if other.table() == table {
-                            !fresh && groups.contains(at)
-                        } else {
-                            !write.shape.mentions(other.table())
-                        }
-                    }
+                    Gathered::Many(other, _) if other.table() == table => !fresh,
+                    Gathered::Many(other, _) => !write.shape.mentions(other.table()),
                     Gathered::One(_) => false,
                 });
+                let closed = open.len() < before;
                 let at = items.len();
                 open.push((&write.shape, at));
                 state.groups.push(at);
                 state.last.insert(value, at);
                 items.push(Gathered::Many(bulk, vec![write]));
-                prune(&mut scoped, &open);
+                if closed {
+                    prune(&mut scoped, &open);
+                }
                 continue;
             }
         }
@@ -201,10 +203,12 @@ fn gathered<'w>(
             rows.push(write);
             continue;
         }
+        let before = open.len();
         open.retain(|(_, at)| match &items[*at] {
             Gathered::Many(bulk, _) => !write.shape.mentions(bulk.table()),
             Gathered::One(_) => false,
         });
+        let closed = open.len() < before;
         match bulk {
             Some(bulk) => {
                 open.push((&write.shape, items.len()));
@@ -212,7 +216,9 @@ fn gathered<'w>(
             }
             None => items.push(Gathered::One(write)),
         }
-        prune(&mut scoped, &open);
+        if closed {
+            prune(&mut scoped, &open);
+        }
     }
     items
 }
@@ -228,7 +234,8 @@ struct Scoped<'w> {
     last: std::collections::HashMap<Vec<Option<&'w [u8]>>, usize>,
 }
 
-/// Forgets the scoped state of tables whose gatherings were all closed.
+/// Forgets the scoped state of tables whose gatherings were closed (a
+/// table's gatherings close together, so its last one tells).
 fn prune(
     scoped: &mut std::collections::HashMap<&str, Scoped<'_>>,
     open: &[(&Arc<crate::bulk::Shape>, usize)],
@@ -236,8 +243,8 @@ fn prune(
     scoped.retain(|_, state| {
         state
             .groups
-            .retain(|at| open.iter().any(|(_, open)| open == at));
-        !state.groups.is_empty()
+            .last()
+            .is_some_and(|last| open.iter().any(|(_, at)| at == last))
     });
 }
 
@@ -543,20 +550,29 @@ impl<'a> Tx<'a> {
                             "SELECT ARRAY(SELECT a.attname::text FROM pg_attribute a \
                                WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[])), \
                                i.indexprs IS NULL AND NOT i.indisexclusion \
-                             FROM pg_index i \
-                             WHERE i.indrelid = to_regclass($1) AND (i.indisunique OR i.indisexclusion)",
+                             FROM (SELECT to_regclass($1) AS oid) t \
+                             LEFT JOIN pg_index i ON i.indrelid = t.oid \
+                               AND (i.indisunique OR i.indisexclusion) \
+                             WHERE t.oid IS NOT NULL",
                             &[&table],
                         )
                         .await?;
+                    // One row per index (one with NULLs when there is none);
+                    // no row: no such table here (yet), so ask again later.
                     let indexes: UniqueIndexes = std::sync::Arc::new(
                         rows.iter()
-                            .map(|row| row.get::<_, bool>(1).then(|| row.get(0)))
+                            .filter_map(|row| {
+                                let plain: Option<bool> = row.get(1);
+                                plain.map(|plain| plain.then(|| row.get(0)))
+                            })
                             .collect(),
                     );
-                    KNOWN
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(table.to_owned(), indexes.clone());
+                    if !rows.is_empty() {
+                        KNOWN
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(table.to_owned(), indexes.clone());
+                    }
                     indexes
                 }
             };
