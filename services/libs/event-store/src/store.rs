@@ -138,9 +138,9 @@ impl EventStore {
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
         let pool = build_pool(config, options.pool_size, false)?;
-        // The writer has up to two batches in flight; a third connection
+        // A connection per batch the writer has in flight, and one that
         // stands by for when one is being replaced.
-        let writer_pool = build_pool(config, 3, true)?;
+        let writer_pool = build_pool(config, crate::writer::MAX_IN_FLIGHT + 1, true)?;
         let head_now = {
             let client = pool.get().await?;
             committed_head(&client).await?

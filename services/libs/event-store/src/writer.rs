@@ -148,9 +148,11 @@ const SELECT_RESERVATIONS: &str = "SELECT c.tenant_id, c.kind, c.key_hash, r.str
 /// A claim that lost a race after the guard (stale snapshot) aborts the
 /// statement through `crm_require`, so a claim is never silently dropped.
 ///
-/// Four variants (with or without idempotency keys, with or without
-/// reservations) keep the common batch free of work it does not need; all
-/// take the same 34 parameters. Transfers ($30-$34: tenant, kind, hash, from,
+/// Sixteen variants (with or without idempotency keys, reservations and
+/// data-subject keys; lock first or written ahead of the lock) keep the
+/// common batch free of work it does not need; all take the same 37
+/// parameters ($21 is the event count, or the predicted head when written
+/// ahead). Transfers ($30-$34: tenant, kind, hash, from,
 /// to) are written unconditionally: only the careful path writes them, after
 /// checking under the lock that the holder is `from`, `to` or nobody.
 fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bool) -> String {
@@ -349,7 +351,7 @@ fn write_variant(
 /// Batches in flight at once when appends are large: they write ahead of the
 /// lock, in parallel, and commit in turn. Small appends gain more from fewer,
 /// larger batches (group commit), so they keep one batch in flight.
-const MAX_IN_FLIGHT: usize = 3;
+pub(crate) const MAX_IN_FLIGHT: usize = 3;
 /// Events in the last batch from which a second batch may be in flight.
 const PIPELINE_FROM_EVENTS: usize = 100;
 
@@ -1209,7 +1211,7 @@ const MOVE_HEAD: &str = concat!(
     "WITH moved AS ( \
        UPDATE log_head SET position = position + $2::bigint \
        WHERE id = 1 RETURNING position - $2::bigint AS before) \
-     SELECT crm_require((SELECT before FROM moved) = $1::bigint, '",
+     SELECT crm_require(coalesce((SELECT before FROM moved) = $1::bigint, false), '",
     head_moved!(),
     "'), pg_notify('crm_events', ($1::bigint + $2::bigint)::text)"
 );
@@ -1278,7 +1280,14 @@ async fn run_speculative(
                 foreign.store(true, Ordering::Relaxed);
             }
         }
-        Ok(Ahead::RolledBack) | Err(_) => {}
+        Ok(Ahead::RolledBack) | Err(_) => {
+            // Fall back only once the batch before has ended: locking first
+            // while it is in flight would write at its positions, wait for
+            // its rows, and make it time out and roll back.
+            if let Some(signal) = after_committed {
+                let _ = signal.await;
+            }
+        }
     }
     broken.store(true, Ordering::Relaxed);
     outcome.map(|_| None)
@@ -1335,6 +1344,16 @@ async fn speculate(
             Poll::Ready(())
         })
         .await;
+        // A write refused before it was sent (its parameters did not
+        // encode) leaves the transaction healthy: a COMMIT would move the
+        // head past rows that were never written. End it instead.
+        let unsent =
+            matches!(written.as_mut().output_mut(), Some(Err(e)) if e.as_db_error().is_none());
+        if unsent && let Some(Err(error)) = written.as_mut().take_output() {
+            let _ = join(holding.as_mut(), begun.as_mut()).await;
+            client.batch_execute("ROLLBACK").await.map_err(pg)?;
+            return Err(pg(error));
+        }
         let before = async {
             let (sequence, signal) = after?;
             // Dropped unsent: the batch before never took its lock, so it is

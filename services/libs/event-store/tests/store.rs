@@ -1059,7 +1059,7 @@ async fn assert_log_is_dense(db: &TestDb, total: u64) {
     assert!(streams_ok, "stream versions are not dense");
 }
 
-/// Large appends let the writer keep two batches in flight; positions and
+/// Large appends let the writer keep several batches in flight; positions and
 /// versions must stay dense and every caller must get its own outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_appends_in_pipelined_batches_keep_positions_dense() {
