@@ -422,14 +422,14 @@ async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the
     // and a restart change nothing.
     let js = setup.nats.jetstream().await;
     let stream = js.get_stream(&setup.nats.stream).await.unwrap();
-    stream
-        .delete_consumer(&format!("projection_{PIPELINE_BOARD}"))
-        .await
-        .unwrap();
+    // The board reads one stream type: its one consumer is filtered by it.
+    let durable = format!("projection_{PIPELINE_BOARD}__opportunity");
+    stream.delete_consumer(&durable).await.unwrap();
     stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            durable_name: Some(format!("projection_{PIPELINE_BOARD}")),
+            durable_name: Some(durable),
             ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
+            filter_subject: format!("{}.*.opportunity.*.*", setup.nats.subject_prefix),
             ..Default::default()
         })
         .await
@@ -445,6 +445,184 @@ async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the
         first.iter().all(|row| second.contains(row)),
         "redelivered events changed no row"
     );
+    setup.store.shutdown().await;
+}
+
+/// Records the events it is given, in order: reads leads and deals only.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<u64>>);
+
+impl crm_projections::Projection for Recorder {
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS recorded (position bigint PRIMARY KEY, stream_type text NOT NULL)"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["recorded"]
+    }
+
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["lead", "opportunity"]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            self.0.lock().unwrap().push(event.global_position);
+            tx.execute(
+                "INSERT INTO recorded (position, stream_type) VALUES ($1, $2)",
+                &[&(event.global_position as i64), &event.stream_type],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+/// Appends one event of `stream_type` as a new stream of tenant acme.
+async fn append_of(store: &EventStore, stream_type: &str) -> u64 {
+    store
+        .append(AppendEvents {
+            tenant_id: TenantId::parse("acme").unwrap(),
+            streams: vec![StreamAppend {
+                stream_type: stream_type.into(),
+                stream_id: Uuid::now_v7(),
+                expected: ExpectedVersion::NoStream,
+                events: vec![NewEvent::new("Recorded", json!({ "n": 1 }))],
+            }],
+            idempotency_key: None,
+            metadata: Metadata::default(),
+            reservations: Vec::new(),
+            subject_keys: Vec::new(),
+            request_fingerprint: None,
+        })
+        .await
+        .unwrap()
+        .last_position
+}
+
+#[tokio::test]
+async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_refills_each_hole() {
+    let setup = setup_runtime().await;
+    let mut log = Vec::new();
+    for stream_type in [
+        "lead",
+        "opportunity",
+        "contact",
+        "lead",
+        "opportunity",
+        "contact",
+        "opportunity",
+        "lead",
+        "contact",
+    ] {
+        log.push((append_of(&setup.store, stream_type).await, stream_type));
+    }
+    let at = |i: usize| log[i].0;
+    // A lead and a deal lost: their consumers deliver later ones, so they
+    // are holes, refilled at once (the wait for a message still on its way
+    // is a minute here, longer than the test).
+    let (lost_lead, lost_deal) = (at(3), at(4));
+    let published: Vec<u64> = log
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| *p != lost_deal && *p != lost_lead)
+        .collect();
+    publish(&setup, &published).await;
+
+    let recorder = Arc::new(Recorder::default());
+    let patient = Projector::new(
+        recorder.clone(),
+        setup.store.clone(),
+        setup.pool.clone(),
+        setup.nats.url.clone(),
+        ProjectorOptions {
+            stream: setup.nats.stream.clone(),
+            subject_prefix: setup.nats.subject_prefix.clone(),
+            tail_refill_after: Duration::from_secs(60),
+            ..ProjectorOptions::default()
+        },
+    );
+    let mut applied = patient.applied();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(patient.run(stop.clone()));
+    let head = at(8);
+    tokio::time::timeout(Duration::from_secs(20), applied.reached(head))
+        .await
+        .expect("the projector moves past the contacts it is never sent");
+    let mut theirs: Vec<u64> = log
+        .iter()
+        .filter(|(_, t)| *t != "contact")
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(
+        *recorder.0.lock().unwrap(),
+        theirs,
+        "leads and deals, each once, in log order, the lost ones refilled"
+    );
+    let holes = || async {
+        crm_projections::statuses(&setup.db.client().await)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "recorder")
+            .unwrap()
+            .holes_refilled
+    };
+    assert_eq!(holes().await, 2);
+
+    // One consumer per stream type, each filtered by it.
+    let js = setup.nats.jetstream().await;
+    let stream = js.get_stream(&setup.nats.stream).await.unwrap();
+    for stream_type in ["lead", "opportunity"] {
+        let info = stream
+            .consumer_info(format!("projection_recorder__{stream_type}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            info.config.filter_subject,
+            format!("{}.*.{stream_type}.*.*", setup.nats.subject_prefix)
+        );
+    }
+    assert!(stream.consumer_info("projection_recorder").await.is_err());
+    stop.cancel();
+    task.await.unwrap();
+
+    // After a restart: the lost messages arriving late change nothing; a
+    // lead lost at the tail (nothing later from its consumer) is read from
+    // the store once the wait for it runs out.
+    publish(&setup, &[lost_lead, lost_deal]).await;
+    let tail_lead = append_of(&setup.store, "lead").await;
+    let later = append_of(&setup.store, "contact").await;
+    publish(&setup, &[later]).await;
+    let projector = projector_of(&setup, recorder.clone());
+    let mut applied = projector.applied();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(projector.run(stop.clone()));
+    tokio::time::timeout(Duration::from_secs(20), applied.reached(later))
+        .await
+        .expect("a wait for a contact's position ends");
+    theirs.push(tail_lead);
+    assert_eq!(*recorder.0.lock().unwrap(), theirs, "nothing applied twice");
+    assert_eq!(holes().await, 3);
+    let rows: i64 = setup
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM recorded", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, theirs.len() as i64);
+    stop.cancel();
+    task.await.unwrap();
     setup.store.shutdown().await;
 }
 

@@ -375,14 +375,14 @@ fn spawn_projectors(
             config.nats_url.clone(),
             options,
         );
-        positions.insert(projector_name, projector.position());
+        positions.insert(projector_name, projector.applied());
         tasks.spawn(projector.run(stop.clone()));
     }
     Ok(positions)
 }
 
 /// Each running projector's applied position, by projection name.
-type Positions = std::collections::HashMap<&'static str, tokio::sync::watch::Receiver<u64>>;
+type Positions = std::collections::HashMap<&'static str, crm_projections::Applied>;
 
 /// Validates the configuration, migrates, and opens the event store.
 async fn start_store(config: &Config) -> Result<EventStore, RunError> {

@@ -123,8 +123,8 @@ impl Projection for CustomerLifecycle {
         false
     }
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["account", "opportunity", "order"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["account", "opportunity", "order"]
     }
 
     fn apply<'a>(

@@ -1149,8 +1149,8 @@ impl Projection for DataQuality {
         false
     }
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        [
+    fn stream_types(&self) -> &'static [&'static str] {
+        &[
             "contact",
             "lead",
             "account",
@@ -1160,7 +1160,6 @@ impl Projection for DataQuality {
             "tenant_settings",
             "duplicate_pair",
         ]
-        .contains(&stream_type)
     }
 
     fn apply<'a>(

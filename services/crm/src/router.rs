@@ -598,8 +598,8 @@ impl Projection for Router {
         false
     }
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["queue", "agent", "ticket"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["queue", "agent", "ticket"]
     }
 
     fn apply<'a>(

@@ -507,8 +507,8 @@ impl Projection for SlaProcess {
         false
     }
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["sla_policy", "business_calendar", "ticket", "ticket_sla"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["sla_policy", "business_calendar", "ticket", "ticket_sla"]
     }
 
     fn apply<'a>(

@@ -30,7 +30,6 @@ use crate::command::ServiceError;
 pub(crate) const DEFAULT_PAGE: u32 = 50;
 pub(crate) const MAX_PAGE: u32 = 200;
 use deadpool_postgres::Pool;
-use tokio::sync::watch;
 use tonic::Status;
 
 /// Where the read models are: their database, and (when the projectors run
@@ -40,7 +39,7 @@ use tonic::Status;
 #[derive(Clone)]
 pub struct ReadModels {
     pool: Pool,
-    positions: Option<Arc<HashMap<&'static str, watch::Receiver<u64>>>>,
+    positions: Option<Arc<HashMap<&'static str, crm_projections::Applied>>>,
 }
 
 impl ReadModels {
@@ -55,7 +54,7 @@ impl ReadModels {
     /// Read models whose projectors run in this process.
     pub fn with_positions(
         pool: Pool,
-        positions: HashMap<&'static str, watch::Receiver<u64>>,
+        positions: HashMap<&'static str, crm_projections::Applied>,
     ) -> Self {
         Self {
             pool,
@@ -104,19 +103,10 @@ pub(crate) async fn ready_all(
     {
         let mut lowest = u64::MAX;
         for projection in projections {
-            let mut receiver = positions[projection].clone();
-            let reached = tokio::time::timeout_at(
-                deadline,
-                receiver.wait_for(|position| *position >= min_position),
-            )
-            .await
-            .map(|r| r.map(|position| *position));
-            match reached {
-                Ok(Ok(position)) => lowest = lowest.min(position),
-                _ => {
-                    let position = *receiver.borrow();
-                    return Err(not_yet(projection, position, min_position));
-                }
+            let mut applied = positions[projection].clone();
+            match tokio::time::timeout_at(deadline, applied.reached(min_position)).await {
+                Ok(position) => lowest = lowest.min(position),
+                Err(_) => return Err(not_yet(projection, applied.now(), min_position)),
             }
         }
         let client = read_models.pool.get().await.map_err(|e| unavailable(&e))?;

@@ -406,6 +406,46 @@ impl EventStore {
         committed_head(&client).await
     }
 
+    /// The positions and stream types of the committed events after `after`
+    /// up to `until` whose stream type is one of `stream_types`, in order, at
+    /// most `limit`: what a consumer filtered by stream type must have been
+    /// delivered in that range.
+    pub async fn positions(
+        &self,
+        after: u64,
+        until: u64,
+        stream_types: &[&str],
+        limit: u64,
+    ) -> Result<Vec<(u64, String)>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT global_position, stream_type FROM events \
+                 WHERE global_position > $1 AND global_position <= $2 \
+                 AND stream_type = ANY($3) ORDER BY global_position LIMIT $4",
+            )
+            .await?;
+        let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &signed(after),
+                    &signed(until),
+                    &stream_types,
+                    &signed(limit),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let position: i64 = row.get(0);
+                (u64::try_from(position).unwrap_or(0), row.get(1))
+            })
+            .collect())
+    }
+
     /// A data subject's key: `Some` when it exists; `None` when it was never
     /// made or was destroyed by [`Self::erase_subject`].
     pub async fn subject_key(

@@ -187,8 +187,8 @@ impl Projection for AgentWorkload {
         ]
     );
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["agent", "queue", "ticket"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["agent", "queue", "ticket"]
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

@@ -464,20 +464,24 @@ impl Projection for Analytics {
         ]
     );
 
+    fn stream_types(&self) -> &'static [&'static str] {
+        &[
+            "account",
+            "contact",
+            "order",
+            "payment",
+            "lead",
+            "opportunity",
+            "campaign",
+            "tenant_settings",
+        ]
+    }
+
     fn handles(&self, stream_type: &str, event_type: &str) -> bool {
         // Of a contact's events only NPS answers count here.
         match stream_type {
             "contact" => event_type == "NpsResponseRecorded",
-            _ => [
-                "account",
-                "order",
-                "payment",
-                "lead",
-                "opportunity",
-                "campaign",
-                "tenant_settings",
-            ]
-            .contains(&stream_type),
+            _ => self.stream_types().contains(&stream_type),
         }
     }
 

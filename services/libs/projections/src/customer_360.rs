@@ -1000,8 +1000,8 @@ impl Projection for Customer360 {
         ]
     );
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        [
+    fn stream_types(&self) -> &'static [&'static str] {
+        &[
             "account",
             "activity",
             "contact",
@@ -1012,7 +1012,6 @@ impl Projection for Customer360 {
             "ticket",
             "ticket_sla",
         ]
-        .contains(&stream_type)
     }
 
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

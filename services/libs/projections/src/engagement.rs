@@ -330,8 +330,8 @@ impl Projection for Engagement {
         ]
     );
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        [
+    fn stream_types(&self) -> &'static [&'static str] {
+        &[
             "pipeline_config",
             "opportunity",
             "activity",
@@ -339,7 +339,6 @@ impl Projection for Engagement {
             "order",
             "tenant_settings",
         ]
-        .contains(&stream_type)
     }
 
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

@@ -2,14 +2,23 @@
 //! effect.
 //!
 //! Each projection consumes the relay's JetStream stream through its own
-//! durable consumer, applies a batch of events to its tables and writes its
-//! position in the same PostgreSQL transaction, skips positions it has already
-//! applied, then acks. Positions are dense, so a jump in what JetStream
-//! delivers (it can lose acknowledged messages on a crash) is refilled from
-//! the event store before going on; when NATS is quiet but the log has moved
-//! on, the projection reads the store directly. A poison event (one the
-//! projection cannot apply) stops that projection loudly: the status row says
-//! `failed` with the error and position, and nothing is skipped.
+//! durable consumers, one per stream type it reads
+//! (`projection_<name>__<stream type>`, filtered by subject; one unfiltered
+//! `projection_<name>` when it reads every type), so nats-server never sends
+//! it the events of other types. It applies a batch of events to its tables
+//! and writes its position in the same PostgreSQL transaction, skips
+//! positions it has already applied, then acks. Positions are dense, and the
+//! store says which positions of its stream types lie in a range, so the
+//! events it receives are applied in log order across its consumers, and a
+//! position missing from what a consumer delivers (JetStream can lose
+//! acknowledged messages on a crash) is refilled from the event store before
+//! going on: at once when that consumer has delivered a later one, after a
+//! wait when it may still be on its way. Events of other types move its
+//! position without a transaction, learnt from the store now and then, and
+//! at once when a query waits for a position ([`Applied`]). A poison event
+//! (one the projection cannot apply) stops that projection loudly: the
+//! status row says `failed` with the error and position, and nothing is
+//! skipped.
 //!
 //! Writing a projection: apply each event through the [`Tx`] it is given.
 //! Writes (`Tx::execute`) are queued and go to PostgreSQL as one pipeline
@@ -44,7 +53,7 @@ pub use engagement::{Engagement, NAME as ENGAGEMENT};
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
 pub use rebuild::{Progress, RebuildError, rebuild, rebuild_many};
 pub use runtime::{
-    ApplyError, ApplyFuture, Projection, ProjectionStatus, Projector, ProjectorOptions,
+    Applied, ApplyError, ApplyFuture, Projection, ProjectionStatus, Projector, ProjectorOptions,
     STATUS_SCHEMA, StateCache, Tx, applied_position, ensure_schema, statuses, wait_for_position,
 };
 pub use sales_funnel::{NAME as SALES_FUNNEL, SalesFunnel};

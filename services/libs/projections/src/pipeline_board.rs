@@ -56,8 +56,8 @@ fn text<T: serde::Serialize>(value: &T) -> Option<String> {
 impl Projection for PipelineBoard {
     crate::runtime::projection_names!(NAME, SCHEMA, ["pipeline_board"]);
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["opportunity"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["opportunity"]
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

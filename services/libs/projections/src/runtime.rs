@@ -720,12 +720,21 @@ pub trait Projection: Send + Sync + 'static {
     fn rebuildable(&self) -> bool {
         true
     }
+    /// The stream types whose events may change its tables (empty: every
+    /// type). Its projector has a JetStream consumer per type, filtered by
+    /// subject, so the others' events never reach it; it learns from the
+    /// store how far they move its position.
+    fn stream_types(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Whether events of `stream_type` and `event_type` may change its
-    /// tables. A batch of
-    /// events it does not handle moves its position without a transaction
-    /// (flushed to the status row now and then); the default handles all.
-    fn handles(&self, _stream_type: &str, _event_type: &str) -> bool {
-        true
+    /// tables: by default, whether the stream type is one of
+    /// [`Self::stream_types`]; an override may only narrow that. Events it
+    /// does not handle move its position without a transaction (flushed to
+    /// the status row now and then).
+    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
+        let types = self.stream_types();
+        types.is_empty() || types.contains(&stream_type)
     }
     /// Applies one event inside the batch's transaction. Events it does not
     /// use are ignored (`Ok`).
@@ -871,6 +880,152 @@ impl Delivered {
     }
 }
 
+/// What a projector's session has received and not yet acknowledged.
+struct Inbox {
+    /// Received, not applied yet, by position.
+    buffer: std::collections::BTreeMap<u64, Received>,
+    /// Per consumer, the highest position it has delivered.
+    seen: Vec<u64>,
+    /// Per consumer, its latest applied message (with its position): with
+    /// AckPolicy::All, acknowledging it acknowledges all before it.
+    ackable: Vec<Option<(u64, jetstream::Message)>>,
+    /// Messages applied since the last acknowledgement.
+    unacked: usize,
+    acked_at: tokio::time::Instant,
+    /// The first position expected and not received, and since when.
+    waiting: Option<(u64, tokio::time::Instant)>,
+}
+
+/// One message received and not applied yet.
+struct Received {
+    delivered: Delivered,
+    consumer: usize,
+    message: jetstream::Message,
+}
+
+impl Inbox {
+    fn new(consumers: usize) -> Self {
+        Self {
+            buffer: std::collections::BTreeMap::new(),
+            seen: vec![0; consumers],
+            ackable: (0..consumers).map(|_| None).collect(),
+            unacked: 0,
+            acked_at: tokio::time::Instant::now(),
+            waiting: None,
+        }
+    }
+
+    fn receive(
+        &mut self,
+        consumer: usize,
+        delivered: Delivered,
+        message: jetstream::Message,
+        applied: u64,
+    ) {
+        let position = delivered.position();
+        self.seen[consumer] = self.seen[consumer].max(position);
+        if position <= applied {
+            self.applied(consumer, position, message); // a redelivery
+        } else {
+            self.buffer.insert(
+                position,
+                Received {
+                    delivered,
+                    consumer,
+                    message,
+                },
+            );
+        }
+    }
+
+    fn applied(&mut self, consumer: usize, position: u64, message: jetstream::Message) {
+        self.unacked += 1;
+        if self.ackable[consumer]
+            .as_ref()
+            .is_none_or(|(last, _)| *last < position)
+        {
+            self.ackable[consumer] = Some((position, message));
+        }
+    }
+
+    /// Drops what was received at or before `position` (applied already).
+    fn drop_applied(&mut self, position: u64) {
+        if self
+            .buffer
+            .first_key_value()
+            .is_some_and(|(first, _)| *first <= position)
+        {
+            drop(self.take(position));
+        }
+    }
+
+    /// Takes what was received up to `up_to`, in order, to be applied.
+    fn take(&mut self, up_to: u64) -> Vec<Delivered> {
+        let rest = self.buffer.split_off(&(up_to + 1));
+        let taken = std::mem::replace(&mut self.buffer, rest);
+        taken
+            .into_iter()
+            .map(|(position, received)| {
+                self.applied(received.consumer, position, received.message);
+                received.delivered
+            })
+            .collect()
+    }
+
+    /// Acknowledges every applied message.
+    async fn ack_all(&mut self) -> Result<(), RunError> {
+        for slot in &mut self.ackable {
+            if let Some((_, message)) = slot.take() {
+                message.ack().await.map_err(nats)?;
+            }
+        }
+        self.unacked = 0;
+        self.acked_at = tokio::time::Instant::now();
+        Ok(())
+    }
+}
+
+/// A running projector's applied position, for a query that waits until
+/// it reaches the caller's `min_position`.
+#[derive(Clone)]
+pub struct Applied {
+    position: watch::Receiver<u64>,
+    wanted: Arc<watch::Sender<u64>>,
+}
+
+impl Applied {
+    /// The position applied now.
+    pub fn now(&self) -> u64 {
+        *self.position.borrow()
+    }
+
+    /// Waits until `min_position` is applied; returns the position then.
+    /// The projector hears of the wait, so that one whose consumers deliver
+    /// nothing up to there (events of other stream types) looks at the log
+    /// at once.
+    pub async fn reached(&mut self, min_position: u64) -> u64 {
+        if *self.position.borrow() < min_position {
+            self.wanted.send_if_modified(|wanted| {
+                let raise = *wanted < min_position;
+                if raise {
+                    *wanted = min_position;
+                }
+                raise
+            });
+        }
+        let reached = self
+            .position
+            .wait_for(|p| *p >= min_position)
+            .await
+            .map(|position| *position);
+        match reached {
+            Ok(position) => position,
+            // The projector is gone: the position stays where it is.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
 /// Runs one projection until shutdown, or until a poison event stops it.
 pub struct Projector {
     projection: Arc<dyn Projection>,
@@ -885,6 +1040,9 @@ pub struct Projector {
     skipped_to: std::sync::atomic::AtomicU64,
     flushed_to: std::sync::atomic::AtomicU64,
     flushed_at: std::sync::Mutex<tokio::time::Instant>,
+    /// The highest position a query waits for: the projector looks at the
+    /// log's head at once rather than at its next [`ADVANCE_EVERY`].
+    wanted: Arc<watch::Sender<u64>>,
     metrics: Metrics,
 }
 
@@ -896,6 +1054,10 @@ const ACK_AFTER: usize = 1_000;
 
 /// How often positions moved past unhandled events reach the status row.
 const FLUSH_SKIPPED_EVERY: Duration = Duration::from_millis(250);
+
+/// How often an idle projector reads the log's head, to move past the
+/// events its consumers do not deliver (and to find holes at the tail).
+const ADVANCE_EVERY: Duration = FLUSH_SKIPPED_EVERY;
 
 impl Projector {
     pub fn new(
@@ -916,26 +1078,16 @@ impl Projector {
             skipped_to: std::sync::atomic::AtomicU64::new(0),
             flushed_to: std::sync::atomic::AtomicU64::new(0),
             flushed_at: std::sync::Mutex::new(tokio::time::Instant::now()),
+            wanted: Arc::new(watch::Sender::new(0)),
         }
     }
 
-    /// Moves past `events` without a transaction when none of them is the
-    /// projection's and they follow on from what it has applied; `false`
-    /// when they must be applied.
-    fn skip(&self, events: &[Delivered]) -> bool {
-        let current = *self.position.borrow();
-        let follows = events.first().map(Delivered::position) == Some(current + 1)
-            && events
-                .windows(2)
-                .all(|w| w[1].position() == w[0].position() + 1);
-        if !follows || events.iter().any(|e| self.handled(e).is_some()) {
-            return false;
-        }
-        let last = events.last().map_or(current, Delivered::position);
+    /// Moves to `position` without a transaction: nothing up to it is the
+    /// projection's.
+    fn skip_to(&self, position: u64) {
         self.skipped_to
-            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
-        self.position.send_replace(last);
-        true
+            .fetch_max(position, std::sync::atomic::Ordering::SeqCst);
+        self.position.send_replace(position);
     }
 
     /// Writes the position moved past unhandled events to the status row,
@@ -974,6 +1126,14 @@ impl Projector {
     /// The position applied so far, as it moves.
     pub fn position(&self) -> watch::Receiver<u64> {
         self.position.subscribe()
+    }
+
+    /// The position applied so far, for queries that wait for one.
+    pub fn applied(&self) -> Applied {
+        Applied {
+            position: self.position.subscribe(),
+            wanted: self.wanted.clone(),
+        }
     }
 
     /// Runs until `shutdown`. Transient failures (NATS, PostgreSQL) are
@@ -1027,133 +1187,219 @@ impl Projector {
             .map_err(nats)?;
         let js = jetstream::new(client);
         let stream = js.get_stream(&self.options.stream).await.map_err(nats)?;
-        let durable = format!("projection_{name}");
-        let consumer = stream
-            .get_or_create_consumer(
-                &durable,
-                consumer::pull::Config {
-                    durable_name: Some(durable.clone()),
-                    description: Some(format!("read model {name}")),
-                    ack_policy: consumer::AckPolicy::All,
-                    // Stream sequence n holds position n (ADR 0005); a
-                    // mismatch only means duplicates (skipped) or holes
-                    // (refilled).
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: start + 1,
+        let consumers = self.consumers();
+        if consumers.len() > 1 || !self.projection.stream_types().is_empty() {
+            // The unfiltered consumer of an earlier version, if any: it would
+            // only hold messages back on the server.
+            let _ = stream.delete_consumer(&format!("projection_{name}")).await;
+        }
+        let mut merged = futures_util::stream::SelectAll::new();
+        for (index, (durable, filter)) in consumers.iter().enumerate() {
+            let consumer = stream
+                .get_or_create_consumer(
+                    durable,
+                    consumer::pull::Config {
+                        durable_name: Some(durable.clone()),
+                        description: Some(format!("read model {name}: {filter}")),
+                        ack_policy: consumer::AckPolicy::All,
+                        // Stream sequence n holds position n (ADR 0005); a
+                        // mismatch only means duplicates (skipped) or holes
+                        // (refilled).
+                        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                            start_sequence: start + 1,
+                        },
+                        filter_subject: filter.clone(),
+                        ack_wait: Duration::from_secs(30),
+                        max_ack_pending: 20_000,
+                        ..Default::default()
                     },
-                    filter_subject: format!("{}.>", self.options.subject_prefix),
-                    ack_wait: Duration::from_secs(30),
-                    max_ack_pending: 20_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(nats)?;
-        // One continuous pull (the client re-pulls and heartbeats): a message
-        // arrives as soon as it is published, and whatever else is already
-        // there joins its batch. (`fetch` would answer at once when nothing
-        // is there, turning an idle projector into a busy loop.)
-        let mut stream = consumer
-            .stream()
-            .max_messages_per_batch(self.options.batch)
-            .messages()
-            .await
-            .map_err(nats)?;
-        let mut idle_since: Option<tokio::time::Instant> = None;
-        // Acknowledgements are batched ([`ACK_EVERY`], [`ACK_AFTER`]): with
-        // AckPolicy::All the last applied message acknowledges all before
-        // it, and a message applied but not yet acknowledged when the
-        // projector stops is delivered again and recognised as applied.
-        let mut unacked: Option<(jetstream::Message, usize)> = None;
-        let mut acked_at = tokio::time::Instant::now();
+                )
+                .await
+                .map_err(nats)?;
+            // One continuous pull each (the client re-pulls and heartbeats): a
+            // message arrives as soon as it is published, and whatever else is
+            // already there joins its batch. (`fetch` would answer at once
+            // when nothing is there, turning an idle projector into a busy
+            // loop.)
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(self.options.batch)
+                .messages()
+                .await
+                .map_err(nats)?;
+            merged.push(messages.map(move |message| (index, message)).boxed());
+        }
+        let mut inbox = Inbox::new(consumers.len());
+        let mut wanted = self.wanted.subscribe();
+        let mut checked_at = tokio::time::Instant::now();
         loop {
-            let wait = if unacked.is_some() {
+            let busy = inbox.unacked > 0 || inbox.waiting.is_some() || !inbox.buffer.is_empty();
+            let wait = if busy {
                 self.options.fetch_wait.min(ACK_EVERY)
             } else {
                 self.options.fetch_wait
-            };
-            let first = tokio::select! {
+            }
+            .min(ADVANCE_EVERY);
+            let mut messages = Vec::new();
+            let mut demanded = false;
+            tokio::select! {
                 () = shutdown.cancelled() => {
-                    if let Some((message, _)) = unacked.take() {
-                        message.ack().await.map_err(nats)?;
-                    }
+                    inbox.ack_all().await?;
+                    self.flush_skipped(true).await?;
                     return Ok(());
                 }
-                next = tokio::time::timeout(wait, stream.next()) => next,
-            };
-            let mut messages = Vec::new();
-            match first {
-                Ok(Some(message)) => messages.push(message.map_err(nats)?),
-                Ok(None) => return Err(RunError::Nats("the consumer's stream ended".into())),
-                Err(_) => {
+                Ok(()) = wanted.changed() => demanded = true,
+                next = tokio::time::timeout(wait, merged.next()) => match next {
+                    Ok(Some((index, message))) => messages.push((index, message.map_err(nats)?)),
+                    Ok(None) => return Err(RunError::Nats("the consumer's stream ended".into())),
                     // quiet: acknowledge what was applied
-                    if let Some((message, _)) = unacked.take() {
-                        message.ack().await.map_err(nats)?;
-                        acked_at = tokio::time::Instant::now();
-                    }
-                }
+                    Err(_) => inbox.ack_all().await?,
+                },
             }
             // Let a burst gather (`linger`), so busy logs apply in batches
             // rather than a transaction per event.
             let gather_until = tokio::time::Instant::now() + self.options.linger;
             while !messages.is_empty() && messages.len() < self.options.batch {
-                let next = match stream.next().now_or_never() {
+                let next = match merged.next().now_or_never() {
                     Some(next) => next,
-                    None => match tokio::time::timeout_at(gather_until, stream.next()).await {
+                    None => match tokio::time::timeout_at(gather_until, merged.next()).await {
                         Ok(next) => next,
                         Err(_) => break,
                     },
                 };
                 match next {
-                    Some(message) => messages.push(message.map_err(nats)?),
+                    Some((index, message)) => messages.push((index, message.map_err(nats)?)),
                     None => break,
                 }
             }
-            let received = messages.len();
-            let mut events = Vec::with_capacity(received);
-            let mut last = None;
-            for message in messages {
-                let event = self.receive(&message)?;
-                events.push(event);
-                last = Some(message);
+            for (index, message) in messages {
+                let delivered = self.receive(&message)?;
+                inbox.receive(index, delivered, message, *self.position.borrow());
             }
-            if events.is_empty() {
-                self.flush_skipped(true).await?;
-                // Quiet: if the log has moved on for a while, read the store.
-                let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= self.options.tail_refill_after {
+            // How far to look: up to the last event received; when none
+            // waits, up to the log's head now and then, and at once when a
+            // query waits for a position not applied yet.
+            let position = *self.position.borrow();
+            let bound = match inbox.buffer.last_key_value() {
+                Some((&last, _)) => Some(last),
+                None if (demanded && *wanted.borrow() > position)
+                    || checked_at.elapsed() >= ADVANCE_EVERY =>
+                {
+                    checked_at = tokio::time::Instant::now();
                     let head = self.store.head().await?;
-                    if head > *self.position.borrow() {
-                        tracing::warn!(
-                            head,
-                            position = *self.position.borrow(),
-                            "no messages while the log moved on; reading the store"
-                        );
-                    }
-                    while head > *self.position.borrow() && !shutdown.is_cancelled() {
-                        let next = head.min(*self.position.borrow() + self.options.refill_chunk);
-                        self.apply_batch(Vec::new(), next).await?;
-                    }
-                    idle_since = None;
+                    (head > position).then_some(head)
                 }
-                continue;
+                None => None,
+            };
+            if let Some(bound) = bound {
+                self.settle(bound, &mut inbox).await?;
             }
-            idle_since = None;
-            let up_to = events.last().map_or(0, Delivered::position);
-            if self.skip(&events) {
-                self.flush_skipped(false).await?;
+            if inbox.unacked >= ACK_AFTER
+                || (inbox.unacked > 0 && inbox.acked_at.elapsed() >= ACK_EVERY)
+            {
+                inbox.ack_all().await?;
+            }
+            self.flush_skipped(false).await?;
+        }
+    }
+
+    /// The projector's consumers: durable name and subject filter. One per
+    /// stream type it reads, or one for the whole stream.
+    fn consumers(&self) -> Vec<(String, String)> {
+        let name = self.projection.name();
+        let prefix = &self.options.subject_prefix;
+        match self.projection.stream_types() {
+            [] => vec![(format!("projection_{name}"), format!("{prefix}.>"))],
+            // <prefix>.<tenant>.<stream type>.<stream id>.<event type>
+            types => types
+                .iter()
+                .map(|t| {
+                    (
+                        format!("projection_{name}__{t}"),
+                        format!("{prefix}.*.{t}.*.*"),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Which of the projector's consumers delivers events of `stream_type`.
+    fn consumer_of(&self, stream_type: &str) -> usize {
+        self.projection
+            .stream_types()
+            .iter()
+            .position(|t| *t == stream_type)
+            .unwrap_or(0)
+    }
+
+    /// Applies what has been received up to `bound`, in log order, as far
+    /// as it is complete. What the projection must see in that range comes
+    /// from the store: every position when it reads the whole stream, the
+    /// positions of its stream types otherwise. One not received is a hole,
+    /// refilled from the store, when its consumer has delivered a later
+    /// message (each consumer delivers in log order); otherwise it may
+    /// still be on its way (consumers run at their own pace), and
+    /// everything from it on waits, for [`ProjectorOptions::tail_refill_after`]
+    /// at most, before it too is refilled.
+    async fn settle(&self, bound: u64, inbox: &mut Inbox) -> Result<(), RunError> {
+        loop {
+            let position = *self.position.borrow();
+            inbox.drop_applied(position);
+            if bound <= position {
+                return Ok(());
+            }
+            let until = bound.min(position + self.options.refill_chunk.max(1));
+            let types = self.projection.stream_types();
+            let expected: Vec<(u64, usize)> = if types.is_empty() {
+                (position + 1..=until).map(|p| (p, 0)).collect()
             } else {
-                self.apply_batch(events, up_to).await?;
-            }
-            if let Some(message) = last {
-                let pending = unacked.take().map_or(0, |(_, n)| n) + received;
-                if pending >= ACK_AFTER || acked_at.elapsed() >= ACK_EVERY {
-                    // AckPolicy::All: the last acknowledges everything before.
-                    message.ack().await.map_err(nats)?;
-                    acked_at = tokio::time::Instant::now();
-                } else {
-                    unacked = Some((message, pending));
+                self.store
+                    .positions(position, until, types, until - position)
+                    .await?
+                    .into_iter()
+                    .map(|(p, stream_type)| (p, self.consumer_of(&stream_type)))
+                    .collect()
+            };
+            let mut holes = Vec::new();
+            let mut up_to = until;
+            for (at, consumer) in expected {
+                if inbox.buffer.contains_key(&at) {
+                    continue;
                 }
+                let overtaken = inbox.seen[consumer] > at;
+                let given_up = matches!(inbox.waiting, Some((waited, since))
+                    if waited == at && since.elapsed() >= self.options.tail_refill_after);
+                if overtaken || given_up {
+                    holes.push(at);
+                    continue;
+                }
+                if !matches!(inbox.waiting, Some((waited, _)) if waited == at) {
+                    inbox.waiting = Some((at, tokio::time::Instant::now()));
+                }
+                up_to = at - 1;
+                break;
+            }
+            if up_to <= position {
+                return Ok(()); // the next event is on its way
+            }
+            if inbox.waiting.is_some_and(|(at, _)| at <= up_to) {
+                inbox.waiting = None;
+            }
+            let events = inbox.take(up_to);
+            if holes.is_empty() && !events.iter().any(|e| self.handled(e).is_some()) {
+                self.skip_to(up_to);
+            } else {
+                if !holes.is_empty() {
+                    tracing::warn!(
+                        holes = holes.len(),
+                        first = holes[0],
+                        "positions missing from the delivery; reading them from the store"
+                    );
+                }
+                self.apply_batch(events, holes, up_to).await?;
+            }
+            if up_to >= bound {
+                return Ok(());
             }
         }
     }
@@ -1163,7 +1409,7 @@ impl Projector {
     /// projections on one stream, most messages are passed over this way.
     fn receive(&self, message: &jetstream::Message) -> Result<Delivered, RunError> {
         if let Some((stream_type, event_type)) = crm_wire::cloudevents::kind(&message.subject)
-            && !self.projection.handles(stream_type, event_type)
+            && !self.takes(stream_type, event_type)
             && let Some(position) = crm_wire::cloudevents::position(message.headers.as_ref())
         {
             return Ok(Delivered::PassedOver(position));
@@ -1185,8 +1431,14 @@ impl Projector {
     }
 
     fn handles(&self, event: &RecordedEvent) -> bool {
-        self.projection
-            .handles(&event.stream_type, &event.event_type)
+        self.takes(&event.stream_type, &event.event_type)
+    }
+
+    /// [`Projection::handles`], within [`Projection::stream_types`].
+    fn takes(&self, stream_type: &str, event_type: &str) -> bool {
+        let types = self.projection.stream_types();
+        (types.is_empty() || types.contains(&stream_type))
+            && self.projection.handles(stream_type, event_type)
     }
 
     /// Creates the tables and the status row, marks the projection running;
@@ -1208,15 +1460,21 @@ impl Projector {
     /// [`Self::apply_once`], and when an event cannot be applied, commits
     /// everything before it first, so the status shows exactly where it
     /// stopped.
-    async fn apply_batch(&self, events: Vec<Delivered>, up_to: u64) -> Result<(), RunError> {
-        match self.apply_once(events.clone(), up_to).await {
+    async fn apply_batch(
+        &self,
+        events: Vec<Delivered>,
+        holes: Vec<u64>,
+        up_to: u64,
+    ) -> Result<(), RunError> {
+        match self.apply_once(events.clone(), holes.clone(), up_to).await {
             Err(RunError::Poison { position, error }) => {
                 let before: Vec<_> = events
                     .into_iter()
                     .filter(|e| e.position() < position)
                     .collect();
+                let holes = holes.into_iter().filter(|h| *h < position).collect();
                 if position > 1 {
-                    self.apply_once(before, position - 1).await?;
+                    self.apply_once(before, holes, position - 1).await?;
                 }
                 Err(RunError::Poison { position, error })
             }
@@ -1224,22 +1482,29 @@ impl Projector {
         }
     }
 
-    /// Applies `events` (a batch from NATS, in order) in one transaction,
-    /// first refilling from the store whatever lies between the applied
-    /// position and each event, then up to `up_to`.
-    async fn apply_once(&self, events: Vec<Delivered>, up_to: u64) -> Result<(), RunError> {
+    /// Applies `events` (received, in order) and the events at `holes`
+    /// (read from the store) in one transaction, in log order, and moves
+    /// the position to `up_to`: nothing else up to there is the
+    /// projection's.
+    async fn apply_once(
+        &self,
+        events: Vec<Delivered>,
+        holes: Vec<u64>,
+        up_to: u64,
+    ) -> Result<(), RunError> {
         let name = self.projection.name();
         let span = tracing::info_span!(
             "projection_batch",
             projection = name,
             events = events.len(),
+            holes = holes.len(),
             up_to
         );
         async {
             let mut client = self.pool.get().await?;
             let tx = Tx::deferring(client.transaction().await?);
             // The row lock also keeps two instances of one projection apart.
-            let position: u64 = tx
+            let stored: u64 = tx
                 .query_one(
                     "SELECT position FROM projections WHERE name = $1 FOR UPDATE",
                     &[&name],
@@ -1250,31 +1515,35 @@ impl Projector {
                 .unwrap_or(0);
             // Batches it did not handle may have moved it on already, unless
             // the status row was moved back from outside (a reset to replay):
-            // then that is where it stands.
+            // then that is where it stands, and everything from there to
+            // where the batch starts is read from the store.
             use std::sync::atomic::Ordering::SeqCst;
-            let mut position = if position < self.flushed_to.load(SeqCst) {
-                self.skipped_to.store(position, SeqCst);
-                self.flushed_to.store(position, SeqCst);
-                position
+            let mut position = if stored < self.flushed_to.load(SeqCst) {
+                self.skipped_to.store(stored, SeqCst);
+                self.flushed_to.store(stored, SeqCst);
+                stored
             } else {
-                position.max(self.skipped_to.load(SeqCst))
+                stored.max(self.skipped_to.load(SeqCst))
             };
-            let mut refilled = 0u64;
             let mut applied = 0u64;
-            for delivered in &events {
+            let base = (*self.position.borrow()).min(up_to);
+            let mut refilled = self.refill(&tx, &mut position, base, &mut applied).await?;
+            let holes: Vec<u64> = holes.into_iter().filter(|h| *h > position).collect();
+            refilled += holes.len() as u64;
+            let mut all = events;
+            all.extend(self.fetch(&holes).await?.into_iter().map(Delivered::Event));
+            all.sort_by_key(Delivered::position);
+            for delivered in &all {
                 if delivered.position() <= position {
                     continue; // applied before: redelivery
                 }
-                refilled += self
-                    .refill(&tx, &mut position, delivered.position() - 1, &mut applied)
-                    .await?;
                 if let Some(event) = self.handled(delivered) {
                     self.apply_one(&tx, event).await?;
                     applied += 1;
                 }
                 position = delivered.position();
             }
-            refilled += self.refill(&tx, &mut position, up_to, &mut applied).await?;
+            position = position.max(up_to);
             // The batch's last deferred writes: one PostgreSQL refuses is its
             // event's poison, like a write refused at once; a lost connection
             // is retried.
@@ -1312,9 +1581,51 @@ impl Projector {
         .await
     }
 
-    /// Applies every stored event after `position` up to `up_to`, moving
-    /// `position` there; returns how many positions it filled, and counts
-    /// the events the projection handles in `applied`.
+    /// What the projector reads from the store: its stream types.
+    fn filter(&self) -> Filter {
+        Filter {
+            stream_types: self
+                .projection
+                .stream_types()
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect(),
+            ..Filter::default()
+        }
+    }
+
+    /// The stored events at `positions` (ascending), each of them; an error
+    /// names the first missing.
+    async fn fetch(&self, positions: &[u64]) -> Result<Vec<RecordedEvent>, RunError> {
+        let (Some(&first), Some(&last)) = (positions.first(), positions.last()) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::with_capacity(positions.len());
+        let mut events = self.store.replay(first - 1, last, self.filter());
+        let mut wanted = positions.iter().peekable();
+        while let Some(event) = events.next().await {
+            let event = event?;
+            while wanted.next_if(|p| **p < event.global_position).is_some() {}
+            if wanted.next_if(|p| **p == event.global_position).is_some() {
+                found.push(event);
+            }
+        }
+        if found.len() < positions.len() {
+            let missing = positions
+                .iter()
+                .find(|p| !found.iter().any(|e| e.global_position == **p))
+                .copied()
+                .unwrap_or(first);
+            return Err(RunError::Read(crm_event_store::ReadError::Corrupt(
+                format!("position {missing} is missing from the store"),
+            )));
+        }
+        Ok(found)
+    }
+
+    /// Applies every stored event of the projection after `position` up to
+    /// `up_to`, moving `position` there; returns how many it read, and
+    /// counts the events the projection handles in `applied`.
     async fn refill(
         &self,
         tx: &Tx<'_>,
@@ -1323,9 +1634,10 @@ impl Projector {
         applied: &mut u64,
     ) -> Result<u64, RunError> {
         let mut count = 0;
+        let whole = self.projection.stream_types().is_empty();
         while *position < up_to {
             let before = *position;
-            let mut events = self.store.replay(before, up_to, Filter::default());
+            let mut events = self.store.replay(before, up_to, self.filter());
             while let Some(event) = events.next().await {
                 let event = event?;
                 if self.handles(&event) {
@@ -1335,7 +1647,11 @@ impl Projector {
                 *position = event.global_position;
                 count += 1;
             }
-            if *position == before {
+            if !whole {
+                // Only the projection's stream types are read: the rest of
+                // the range holds none.
+                *position = up_to;
+            } else if *position == before {
                 return Err(RunError::Read(crm_event_store::ReadError::Corrupt(
                     format!(
                         "positions {} to {up_to} are missing from the store",

@@ -114,8 +114,8 @@ impl Projection for SalesFunnel {
         ]
     );
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["opportunity", "lead", "pipeline_config", "tenant_settings"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["opportunity", "lead", "pipeline_config", "tenant_settings"]
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

@@ -103,15 +103,14 @@ impl Projection for SalesPerformance {
         ]
     );
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        [
+    fn stream_types(&self) -> &'static [&'static str] {
+        &[
             "opportunity",
             "sales_target",
             "commission_plan",
             "team",
             "tenant_settings",
         ]
-        .contains(&stream_type)
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

@@ -31,8 +31,8 @@ CREATE INDEX IF NOT EXISTS scheduled_tasks_due
 impl Projection for ScheduledTasks {
     crate::runtime::projection_names!(NAME, SCHEMA, ["scheduled_tasks"]);
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["activity"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["activity"]
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

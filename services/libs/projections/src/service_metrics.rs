@@ -141,8 +141,8 @@ impl ServiceMetrics {
 impl Projection for ServiceMetrics {
     crate::runtime::projection_names!(NAME, SCHEMA, ["service_metrics"]);
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["ticket"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["ticket"]
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

@@ -52,8 +52,8 @@ pub fn priority_rank(priority: Priority) -> i16 {
 impl Projection for ServiceQueue {
     crate::runtime::projection_names!(NAME, SCHEMA, ["service_queue"]);
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["ticket"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["ticket"]
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {

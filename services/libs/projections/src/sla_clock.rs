@@ -52,8 +52,8 @@ CREATE INDEX IF NOT EXISTS sla_clock_at_risk
 impl Projection for SlaClock {
     crate::runtime::projection_names!(NAME, SCHEMA, ["sla_trackers", "sla_clock"]);
 
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
-        ["ticket_sla"].contains(&stream_type)
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["ticket_sla"]
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
