@@ -703,9 +703,15 @@ impl DataQuality {
         }
         let candidates = tx
             .query(
-                "SELECT record_id, min(kind) FROM dq_blocking_keys \
-                 WHERE tenant_id = $1 AND key_hash = ANY($2) AND record_id <> $3 \
-                 GROUP BY record_id ORDER BY record_id LIMIT $4",
+                // One probe of the primary key per blocking key: a plan
+                // cached while the table was small must not scan the
+                // tenant's rows instead (it did, through the record index:
+                // a lookup per record then grew with the table).
+                "SELECT k.record_id, min(k.kind) FROM unnest($2::bytea[]) AS h(key_hash) \
+                 CROSS JOIN LATERAL (SELECT record_id, kind FROM dq_blocking_keys \
+                   WHERE tenant_id = $1 AND key_hash = h.key_hash AND record_id <> $3 \
+                   ORDER BY record_id LIMIT $4) k \
+                 GROUP BY k.record_id ORDER BY k.record_id LIMIT $4",
                 &[&tenant.as_str(), &hashes, &record.id, &MAX_CANDIDATES],
             )
             .await?;
