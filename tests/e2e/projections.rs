@@ -222,6 +222,16 @@ fn projector(setup: &Setup) -> Projector {
 }
 
 fn projector_of(setup: &Setup, projection: Arc<dyn crm_projections::Projection>) -> Projector {
+    projector_waiting(setup, projection, Duration::from_millis(300))
+}
+
+/// A projector that waits `tail_refill_after` for a message not delivered
+/// yet before reading its event from the store.
+fn projector_waiting(
+    setup: &Setup,
+    projection: Arc<dyn crm_projections::Projection>,
+    tail_refill_after: Duration,
+) -> Projector {
     Projector::new(
         projection,
         setup.store.clone(),
@@ -231,7 +241,7 @@ fn projector_of(setup: &Setup, projection: Arc<dyn crm_projections::Projection>)
             stream: setup.nats.stream.clone(),
             subject_prefix: setup.nats.subject_prefix.clone(),
             fetch_wait: Duration::from_millis(100),
-            tail_refill_after: Duration::from_millis(300),
+            tail_refill_after,
             ..ProjectorOptions::default()
         },
     )
@@ -538,18 +548,7 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
     publish(&setup, &published).await;
 
     let recorder = Arc::new(Recorder::default());
-    let patient = Projector::new(
-        recorder.clone(),
-        setup.store.clone(),
-        setup.pool.clone(),
-        setup.nats.url.clone(),
-        ProjectorOptions {
-            stream: setup.nats.stream.clone(),
-            subject_prefix: setup.nats.subject_prefix.clone(),
-            tail_refill_after: Duration::from_secs(60),
-            ..ProjectorOptions::default()
-        },
-    );
+    let patient = projector_waiting(&setup, recorder.clone(), Duration::from_secs(60));
     let mut applied = patient.applied();
     let stop = CancellationToken::new();
     let task = tokio::spawn(patient.run(stop.clone()));
@@ -596,22 +595,26 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
     task.await.unwrap();
 
     // After a restart: the lost messages arriving late change nothing; a
-    // lead lost at the tail (nothing later from its consumer) is read from
-    // the store once the wait for it runs out.
+    // lead, a deal and a lead lost at the tail (nothing later from their
+    // consumers) are read from the store once the wait runs out, all three
+    // after one wait, not one wait each.
     publish(&setup, &[lost_lead, lost_deal]).await;
-    let tail_lead = append_of(&setup.store, "lead").await;
+    let mut tail = Vec::new();
+    for stream_type in ["lead", "opportunity", "lead"] {
+        tail.push(append_of(&setup.store, stream_type).await);
+    }
     let later = append_of(&setup.store, "contact").await;
     publish(&setup, &[later]).await;
-    let projector = projector_of(&setup, recorder.clone());
+    let projector = projector_waiting(&setup, recorder.clone(), Duration::from_secs(3));
     let mut applied = projector.applied();
     let stop = CancellationToken::new();
     let task = tokio::spawn(projector.run(stop.clone()));
-    tokio::time::timeout(Duration::from_secs(20), applied.reached(later))
+    tokio::time::timeout(Duration::from_secs(8), applied.reached(later))
         .await
-        .expect("a wait for a contact's position ends");
-    theirs.push(tail_lead);
+        .expect("one wait for the three lost at the tail");
+    theirs.extend(&tail);
     assert_eq!(*recorder.0.lock().unwrap(), theirs, "nothing applied twice");
-    assert_eq!(holes().await, 3);
+    assert_eq!(holes().await, 5);
     let rows: i64 = setup
         .db
         .client()
@@ -621,6 +624,58 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
         .unwrap()
         .get(0);
     assert_eq!(rows, theirs.len() as i64);
+    stop.cancel();
+    task.await.unwrap();
+    setup.store.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_message_that_does_not_decode_is_read_from_the_store_instead() {
+    let setup = setup_runtime().await;
+    let first = append_of(&setup.store, "lead").await;
+    let second = append_of(&setup.store, "lead").await;
+    publish(&setup, &[first]).await;
+    // The second as a message whose `ce-time` is garbled.
+    let js = setup.nats.jetstream().await;
+    let event = {
+        use futures_util::StreamExt;
+        let mut events = setup
+            .store
+            .read_all(second - 1, &crm_event_store::Filter::default())
+            .await
+            .unwrap();
+        events.next().await.unwrap().unwrap()
+    };
+    let mut headers = crm_wire::cloudevents::headers(&event);
+    headers.insert(crm_wire::cloudevents::header::TIME, "not a time");
+    js.publish_with_headers(
+        crm_wire::cloudevents::subject(&setup.nats.subject_prefix, &event).unwrap(),
+        headers,
+        event.payload.as_str().to_owned().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let projector = projector_of(&setup, recorder.clone());
+    let mut applied = projector.applied();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(projector.run(stop.clone()));
+    tokio::time::timeout(Duration::from_secs(20), applied.reached(second))
+        .await
+        .expect("the event behind the garbled message is read from the store");
+    assert_eq!(*recorder.0.lock().unwrap(), vec![first, second]);
+    let status = crm_projections::statuses(&setup.db.client().await)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "recorder")
+        .unwrap();
+    assert_eq!(
+        (status.state.as_str(), status.holes_refilled),
+        ("running", 1)
+    );
     stop.cancel();
     task.await.unwrap();
     setup.store.shutdown().await;

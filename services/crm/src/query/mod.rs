@@ -103,6 +103,9 @@ pub(crate) async fn ready_all(
     {
         let mut lowest = u64::MAX;
         for projection in projections {
+            positions[projection].want(min_position);
+        }
+        for projection in projections {
             let mut applied = positions[projection].clone();
             match tokio::time::timeout_at(deadline, applied.reached(min_position)).await {
                 Ok(position) => lowest = lowest.min(position),

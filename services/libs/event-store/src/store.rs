@@ -406,26 +406,30 @@ impl EventStore {
         committed_head(&client).await
     }
 
-    /// The positions and stream types of the committed events after `after`
-    /// up to `until` whose stream type is one of `stream_types`, in order, at
-    /// most `limit`: what a consumer filtered by stream type must have been
-    /// delivered in that range.
+    /// The committed head, and the positions and stream types of the
+    /// committed events after `after` up to `until` (and the head) whose
+    /// stream type is one of `stream_types`, in order, at most `limit`: what
+    /// a consumer filtered by stream type must have been delivered there.
     pub async fn positions(
         &self,
         after: u64,
         until: u64,
         stream_types: &[&str],
         limit: u64,
-    ) -> Result<Vec<(u64, String)>, ReadError> {
+    ) -> Result<(u64, Vec<(u64, String)>), ReadError> {
         let client = self.inner.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "SELECT global_position, stream_type FROM events \
-                 WHERE global_position > $1 AND global_position <= $2 \
-                 AND stream_type = ANY($3) ORDER BY global_position LIMIT $4",
+                "SELECT h.position, e.global_position, e.stream_type \
+                 FROM log_head h LEFT JOIN LATERAL ( \
+                   SELECT global_position, stream_type FROM events \
+                   WHERE global_position > $1 AND global_position <= least($2, h.position) \
+                   AND stream_type = ANY($3) ORDER BY global_position LIMIT $4) e ON true \
+                 WHERE h.id = 1 ORDER BY e.global_position",
             )
             .await?;
         let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
         let rows = client
             .query(
                 &statement,
@@ -437,13 +441,15 @@ impl EventStore {
                 ],
             )
             .await?;
-        Ok(rows
+        let head = rows.first().map_or(0, |row| unsigned(row.get(0)));
+        let found = rows
             .iter()
-            .map(|row| {
-                let position: i64 = row.get(0);
-                (u64::try_from(position).unwrap_or(0), row.get(1))
+            .filter_map(|row| {
+                let position: Option<i64> = row.get(1);
+                Some((unsigned(position?), row.get::<_, Option<String>>(2)?))
             })
-            .collect())
+            .collect();
+        Ok((head, found))
     }
 
     /// A data subject's key: `Some` when it exists; `None` when it was never

@@ -751,8 +751,10 @@ pub struct ProjectorOptions {
     pub batch: usize,
     /// How long one fetch waits for messages.
     pub fetch_wait: Duration,
-    /// After this long without messages while the log has moved on, read the
-    /// store directly.
+    /// How long a position of the projection's stream types that its
+    /// consumer has not delivered yet (nor passed) is waited for before it,
+    /// and everything else missing up to the log's head, is read from the
+    /// store.
     pub tail_refill_after: Duration,
     /// Most events read from the store per transaction when refilling.
     pub refill_chunk: u64,
@@ -894,13 +896,28 @@ struct Inbox {
     acked_at: tokio::time::Instant,
     /// The first position expected and not received, and since when.
     waiting: Option<(u64, tokio::time::Instant)>,
+    /// Once a wait runs out, every position expected and not received up to
+    /// here is read from the store without another wait.
+    refill_through: u64,
+    /// Positions whose message did not decode: read from the store (where
+    /// a poison event stops the projection once everything before it is
+    /// committed).
+    undecodable: std::collections::BTreeSet<u64>,
 }
 
 /// One message received and not applied yet.
 struct Received {
     delivered: Delivered,
     consumer: usize,
+    /// Its stream sequence: what an acknowledgement covers.
+    sequence: u64,
     message: jetstream::Message,
+}
+
+/// A message's stream sequence (its position when the reply subject does
+/// not say).
+fn sequence(message: &jetstream::Message, position: u64) -> u64 {
+    message.info().map_or(position, |info| info.stream_sequence)
 }
 
 impl Inbox {
@@ -912,6 +929,8 @@ impl Inbox {
             unacked: 0,
             acked_at: tokio::time::Instant::now(),
             waiting: None,
+            refill_through: 0,
+            undecodable: std::collections::BTreeSet::new(),
         }
     }
 
@@ -923,33 +942,54 @@ impl Inbox {
         applied: u64,
     ) {
         let position = delivered.position();
+        let sequence = sequence(&message, position);
         self.seen[consumer] = self.seen[consumer].max(position);
-        if position <= applied {
-            self.applied(consumer, position, message); // a redelivery
+        if position <= applied || self.buffer.contains_key(&position) {
+            // A redelivery, or a duplicate: the first copy stays.
+            self.applied(consumer, sequence, message);
         } else {
             self.buffer.insert(
                 position,
                 Received {
                     delivered,
                     consumer,
+                    sequence,
                     message,
                 },
             );
         }
     }
 
-    fn applied(&mut self, consumer: usize, position: u64, message: jetstream::Message) {
+    /// A message of `consumer` at `position` that does not decode: passed,
+    /// so its event is read from the store.
+    fn undecodable(&mut self, consumer: usize, position: u64) {
+        self.seen[consumer] = self.seen[consumer].max(position);
+        self.undecodable.insert(position);
+    }
+
+    /// The highest position received, decoded or not.
+    fn last(&self) -> Option<u64> {
+        let buffered = self.buffer.last_key_value().map(|(p, _)| *p);
+        let undecodable = self.undecodable.last().copied();
+        buffered.max(undecodable)
+    }
+
+    fn applied(&mut self, consumer: usize, sequence: u64, message: jetstream::Message) {
         self.unacked += 1;
         if self.ackable[consumer]
             .as_ref()
-            .is_none_or(|(last, _)| *last < position)
+            .is_none_or(|(last, _)| *last < sequence)
         {
-            self.ackable[consumer] = Some((position, message));
+            self.ackable[consumer] = Some((sequence, message));
         }
     }
 
     /// Drops what was received at or before `position` (applied already).
     fn drop_applied(&mut self, position: u64) {
+        self.undecodable = self.undecodable.split_off(&(position + 1));
+        if self.waiting.is_some_and(|(at, _)| at <= position) {
+            self.waiting = None;
+        }
         if self
             .buffer
             .first_key_value()
@@ -964,18 +1004,29 @@ impl Inbox {
         let rest = self.buffer.split_off(&(up_to + 1));
         let taken = std::mem::replace(&mut self.buffer, rest);
         taken
-            .into_iter()
-            .map(|(position, received)| {
-                self.applied(received.consumer, position, received.message);
+            .into_values()
+            .map(|received| {
+                self.applied(received.consumer, received.sequence, received.message);
                 received.delivered
             })
             .collect()
     }
 
-    /// Acknowledges every applied message.
+    /// Acknowledges every applied message, but (AckPolicy::All covering
+    /// every lower stream sequence) none above a message still waiting:
+    /// that one waits with it.
     async fn ack_all(&mut self) -> Result<(), RunError> {
-        for slot in &mut self.ackable {
-            if let Some((_, message)) = slot.take() {
+        let mut lowest = vec![u64::MAX; self.ackable.len()];
+        for received in self.buffer.values() {
+            let low = &mut lowest[received.consumer];
+            *low = (*low).min(received.sequence);
+        }
+        for (slot, lowest) in self.ackable.iter_mut().zip(lowest) {
+            if slot
+                .as_ref()
+                .is_some_and(|(sequence, _)| *sequence < lowest)
+                && let Some((_, message)) = slot.take()
+            {
                 message.ack().await.map_err(nats)?;
             }
         }
@@ -999,11 +1050,8 @@ impl Applied {
         *self.position.borrow()
     }
 
-    /// Waits until `min_position` is applied; returns the position then.
-    /// The projector hears of the wait, so that one whose consumers deliver
-    /// nothing up to there (events of other stream types) looks at the log
-    /// at once.
-    pub async fn reached(&mut self, min_position: u64) -> u64 {
+    /// Tells the projector a query waits for `min_position`.
+    pub fn want(&self, min_position: u64) {
         if *self.position.borrow() < min_position {
             self.wanted.send_if_modified(|wanted| {
                 let raise = *wanted < min_position;
@@ -1013,6 +1061,14 @@ impl Applied {
                 raise
             });
         }
+    }
+
+    /// Waits until `min_position` is applied; returns the position then.
+    /// The projector hears of the wait, so that one whose consumers deliver
+    /// nothing up to there (events of other stream types) looks at the log
+    /// at once.
+    pub async fn reached(&mut self, min_position: u64) -> u64 {
+        self.want(min_position);
         let reached = self
             .position
             .wait_for(|p| *p >= min_position)
@@ -1188,7 +1244,7 @@ impl Projector {
         let js = jetstream::new(client);
         let stream = js.get_stream(&self.options.stream).await.map_err(nats)?;
         let consumers = self.consumers();
-        if consumers.len() > 1 || !self.projection.stream_types().is_empty() {
+        if !self.projection.stream_types().is_empty() {
             // The unfiltered consumer of an earlier version, if any: it would
             // only hold messages back on the server.
             let _ = stream.delete_consumer(&format!("projection_{name}")).await;
@@ -1227,11 +1283,23 @@ impl Projector {
                 .messages()
                 .await
                 .map_err(nats)?;
-            merged.push(messages.map(move |message| (index, message)).boxed());
+            // A stream that ends would leave the merge quietly: end the
+            // session instead.
+            let ended = futures_util::stream::once(async move {
+                (index, Err("a consumer's message stream ended".to_owned()))
+            });
+            merged.push(
+                messages
+                    .map(move |message| (index, message.map_err(|e| e.to_string())))
+                    .chain(ended)
+                    .boxed(),
+            );
         }
         let mut inbox = Inbox::new(consumers.len());
         let mut wanted = self.wanted.subscribe();
         let mut checked_at = tokio::time::Instant::now();
+        // A query may have waited before this session began.
+        let mut demanded = *wanted.borrow_and_update() > *self.position.borrow();
         loop {
             let busy = inbox.unacked > 0 || inbox.waiting.is_some() || !inbox.buffer.is_empty();
             let wait = if busy {
@@ -1241,7 +1309,6 @@ impl Projector {
             }
             .min(ADVANCE_EVERY);
             let mut messages = Vec::new();
-            let mut demanded = false;
             tokio::select! {
                 () = shutdown.cancelled() => {
                     inbox.ack_all().await?;
@@ -1250,7 +1317,7 @@ impl Projector {
                 }
                 Ok(()) = wanted.changed() => demanded = true,
                 next = tokio::time::timeout(wait, merged.next()) => match next {
-                    Ok(Some((index, message))) => messages.push((index, message.map_err(nats)?)),
+                    Ok(Some((index, message))) => messages.push((index, message.map_err(RunError::Nats)?)),
                     Ok(None) => return Err(RunError::Nats("the consumer's stream ended".into())),
                     // quiet: acknowledge what was applied
                     Err(_) => inbox.ack_all().await?,
@@ -1268,21 +1335,32 @@ impl Projector {
                     },
                 };
                 match next {
-                    Some((index, message)) => messages.push((index, message.map_err(nats)?)),
+                    Some((index, message)) => {
+                        messages.push((index, message.map_err(RunError::Nats)?))
+                    }
                     None => break,
                 }
             }
             for (index, message) in messages {
-                let delivered = self.receive(&message)?;
-                inbox.receive(index, delivered, message, *self.position.borrow());
+                let applied = *self.position.borrow();
+                match self.receive(&message) {
+                    Ok(delivered) => inbox.receive(index, delivered, message, applied),
+                    Err(RunError::Poison { position, error }) if position > 0 => {
+                        tracing::warn!(position, %error, "a message does not decode; reading its event from the store");
+                        if position > applied {
+                            inbox.undecodable(index, position);
+                        }
+                    }
+                    Err(error) => return Err(error),
+                }
             }
             // How far to look: up to the last event received; when none
             // waits, up to the log's head now and then, and at once when a
             // query waits for a position not applied yet.
             let position = *self.position.borrow();
-            let bound = match inbox.buffer.last_key_value() {
-                Some((&last, _)) => Some(last),
-                None if (demanded && *wanted.borrow() > position)
+            let bound = match inbox.last() {
+                Some(last) => Some(last),
+                None if (std::mem::take(&mut demanded) && *wanted.borrow() > position)
                     || checked_at.elapsed() >= ADVANCE_EVERY =>
                 {
                     checked_at = tokio::time::Instant::now();
@@ -1294,6 +1372,7 @@ impl Projector {
             if let Some(bound) = bound {
                 self.settle(bound, &mut inbox).await?;
             }
+            demanded = false;
             if inbox.unacked >= ACK_AFTER
                 || (inbox.unacked > 0 && inbox.acked_at.elapsed() >= ACK_EVERY)
             {
@@ -1348,14 +1427,22 @@ impl Projector {
             if bound <= position {
                 return Ok(());
             }
-            let until = bound.min(position + self.options.refill_chunk.max(1));
+            let mut until = bound.min(position + self.options.refill_chunk.max(1));
             let types = self.projection.stream_types();
             let expected: Vec<(u64, usize)> = if types.is_empty() {
                 (position + 1..=until).map(|p| (p, 0)).collect()
             } else {
-                self.store
+                let (head, found) = self
+                    .store
                     .positions(position, until, types, until - position)
-                    .await?
+                    .await?;
+                // Nothing is passed beyond what the store has committed
+                // (messages ahead of it: a store restored from a backup).
+                until = until.min(head);
+                if until <= position {
+                    return Ok(());
+                }
+                found
                     .into_iter()
                     .map(|(p, stream_type)| (p, self.consumer_of(&stream_type)))
                     .collect()
@@ -1366,10 +1453,15 @@ impl Projector {
                 if inbox.buffer.contains_key(&at) {
                     continue;
                 }
-                let overtaken = inbox.seen[consumer] > at;
-                let given_up = matches!(inbox.waiting, Some((waited, since))
+                let overtaken = inbox.seen[consumer] > at || inbox.undecodable.contains(&at);
+                let waited_out = matches!(inbox.waiting, Some((waited, since))
                     if waited == at && since.elapsed() >= self.options.tail_refill_after);
-                if overtaken || given_up {
+                if waited_out {
+                    // Everything missing up to here goes at once, not one
+                    // wait per position.
+                    inbox.refill_through = inbox.refill_through.max(bound);
+                }
+                if overtaken || at <= inbox.refill_through {
                     holes.push(at);
                     continue;
                 }
