@@ -498,6 +498,12 @@ impl crm_projections::Projection for Recorder {
 
 /// Appends one event of `stream_type` as a new stream of tenant acme.
 async fn append_of(store: &EventStore, stream_type: &str) -> u64 {
+    append_typed(store, stream_type, "Recorded").await
+}
+
+/// Appends one `event_type` event of `stream_type` as a new stream of
+/// tenant acme.
+async fn append_typed(store: &EventStore, stream_type: &str, event_type: &str) -> u64 {
     store
         .append(AppendEvents {
             tenant_id: TenantId::parse("acme").unwrap(),
@@ -505,7 +511,7 @@ async fn append_of(store: &EventStore, stream_type: &str) -> u64 {
                 stream_type: stream_type.into(),
                 stream_id: Uuid::now_v7(),
                 expected: ExpectedVersion::NoStream,
-                events: vec![NewEvent::new("Recorded", json!({ "n": 1 }))],
+                events: vec![NewEvent::new(event_type, json!({ "n": 1 }))],
             }],
             idempotency_key: None,
             metadata: Metadata::default(),
@@ -624,6 +630,98 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
         .unwrap()
         .get(0);
     assert_eq!(rows, theirs.len() as i64);
+    stop.cancel();
+    task.await.unwrap();
+    setup.store.shutdown().await;
+}
+
+/// Records the `Answered` events of contacts it is given, in order.
+#[derive(Default)]
+struct Answers(std::sync::Mutex<Vec<u64>>);
+
+impl crm_projections::Projection for Answers {
+    fn name(&self) -> &'static str {
+        "answers"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS answers (position bigint PRIMARY KEY)"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["answers"]
+    }
+
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["contact"]
+    }
+
+    fn only_event_type(&self, _stream_type: &str) -> Option<&'static str> {
+        Some("Answered")
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            self.0.lock().unwrap().push(event.global_position);
+            tx.execute(
+                "INSERT INTO answers (position) VALUES ($1)",
+                &[&(event.global_position as i64)],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_projector_of_one_event_type_gets_only_that_type_and_waits_for_no_other() {
+    let setup = setup_runtime().await;
+    let mut log = Vec::new();
+    for event_type in ["Recorded", "Answered", "Recorded", "Answered", "Recorded"] {
+        log.push((
+            append_typed(&setup.store, "contact", event_type).await,
+            event_type,
+        ));
+    }
+    let positions: Vec<u64> = log.iter().map(|(p, _)| *p).collect();
+    publish(&setup, &positions).await;
+    let answers = Arc::new(Answers::default());
+    // A wait of a minute for messages on their way: expecting one of the
+    // other event types would show as a timeout here.
+    let projector = projector_waiting(&setup, answers.clone(), Duration::from_secs(60));
+    let mut applied = projector.applied();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(projector.run(stop.clone()));
+    tokio::time::timeout(Duration::from_secs(20), applied.reached(positions[4]))
+        .await
+        .expect("the projector passes the events it is never sent");
+    let theirs: Vec<u64> = log
+        .iter()
+        .filter(|(_, t)| *t == "Answered")
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(*answers.0.lock().unwrap(), theirs);
+    let js = setup.nats.jetstream().await;
+    let stream = js.get_stream(&setup.nats.stream).await.unwrap();
+    let info = stream
+        .consumer_info("projection_answers__contact__Answered")
+        .await
+        .unwrap();
+    assert_eq!(
+        info.config.filter_subject,
+        format!("{}.*.contact.*.Answered", setup.nats.subject_prefix)
+    );
+    let status = crm_projections::statuses(&setup.db.client().await)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "answers")
+        .unwrap();
+    assert_eq!(status.holes_refilled, 0, "{status:?}");
     stop.cancel();
     task.await.unwrap();
     setup.store.shutdown().await;

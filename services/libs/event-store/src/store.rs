@@ -408,13 +408,16 @@ impl EventStore {
 
     /// The committed head, and the positions and stream types of the
     /// committed events after `after` up to `until` (and the head) whose
-    /// stream type is one of `stream_types`, in order, at most `limit`: what
-    /// a consumer filtered by stream type must have been delivered there.
+    /// stream type is one of `stream_types` (and whose event type is the
+    /// one at the same index of `event_types`, unless that is empty), in
+    /// order, at most `limit`: what consumers filtered by stream type (and
+    /// event type) must have delivered there.
     pub async fn positions(
         &self,
         after: u64,
         until: u64,
         stream_types: &[&str],
+        event_types: &[&str],
         limit: u64,
     ) -> Result<(u64, Vec<(u64, String)>), ReadError> {
         let client = self.inner.pool.get().await?;
@@ -424,7 +427,10 @@ impl EventStore {
                  FROM log_head h LEFT JOIN LATERAL ( \
                    SELECT global_position, stream_type FROM events \
                    WHERE global_position > $1 AND global_position <= least($2, h.position) \
-                   AND stream_type = ANY($3) ORDER BY global_position LIMIT $4) e ON true \
+                   AND stream_type = ANY($3) \
+                   AND EXISTS (SELECT 1 FROM unnest($3::text[], $5::text[]) AS f(st, et) \
+                     WHERE f.st = stream_type AND (f.et = '' OR f.et = event_type)) \
+                   ORDER BY global_position LIMIT $4) e ON true \
                  WHERE h.id = 1 ORDER BY e.global_position",
             )
             .await?;
@@ -438,6 +444,7 @@ impl EventStore {
                     &signed(until),
                     &stream_types,
                     &signed(limit),
+                    &event_types,
                 ],
             )
             .await?;

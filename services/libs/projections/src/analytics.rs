@@ -477,6 +477,12 @@ impl Projection for Analytics {
         ]
     }
 
+    fn only_event_type(&self, stream_type: &str) -> Option<&'static str> {
+        // Of a contact's events only NPS answers count here: its consumer
+        // of contact events is filtered by that type.
+        (stream_type == "contact").then_some("NpsResponseRecorded")
+    }
+
     fn handles(&self, stream_type: &str, event_type: &str) -> bool {
         // Of a contact's events only NPS answers count here.
         match stream_type {

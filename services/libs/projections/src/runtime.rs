@@ -727,6 +727,12 @@ pub trait Projection: Send + Sync + 'static {
     fn stream_types(&self) -> &'static [&'static str] {
         &[]
     }
+    /// When it reads only one event type of `stream_type` (one of
+    /// [`Self::stream_types`]), that type: its consumer of that stream type
+    /// is filtered by it too.
+    fn only_event_type(&self, _stream_type: &str) -> Option<&'static str> {
+        None
+    }
     /// Whether events of `stream_type` and `event_type` may change its
     /// tables: by default, whether the stream type is one of
     /// [`Self::stream_types`]; an override may only narrow that. Events it
@@ -1392,11 +1398,15 @@ impl Projector {
             // <prefix>.<tenant>.<stream type>.<stream id>.<event type>
             types => types
                 .iter()
-                .map(|t| {
-                    (
+                .map(|t| match self.projection.only_event_type(t) {
+                    Some(e) => (
+                        format!("projection_{name}__{t}__{e}"),
+                        format!("{prefix}.*.{t}.*.{e}"),
+                    ),
+                    None => (
                         format!("projection_{name}__{t}"),
                         format!("{prefix}.*.{t}.*.*"),
-                    )
+                    ),
                 })
                 .collect(),
         }
@@ -1432,9 +1442,13 @@ impl Projector {
             let expected: Vec<(u64, usize)> = if types.is_empty() {
                 (position + 1..=until).map(|p| (p, 0)).collect()
             } else {
+                let only: Vec<&str> = types
+                    .iter()
+                    .map(|t| self.projection.only_event_type(t).unwrap_or(""))
+                    .collect();
                 let (head, found) = self
                     .store
-                    .positions(position, until, types, until - position)
+                    .positions(position, until, types, &only, until - position)
                     .await?;
                 // Nothing is passed beyond what the store has committed
                 // (messages ahead of it: a store restored from a backup).
@@ -1526,10 +1540,15 @@ impl Projector {
         self.takes(&event.stream_type, &event.event_type)
     }
 
-    /// [`Projection::handles`], within [`Projection::stream_types`].
+    /// [`Projection::handles`], within [`Projection::stream_types`] and
+    /// [`Projection::only_event_type`].
     fn takes(&self, stream_type: &str, event_type: &str) -> bool {
         let types = self.projection.stream_types();
         (types.is_empty() || types.contains(&stream_type))
+            && self
+                .projection
+                .only_event_type(stream_type)
+                .is_none_or(|only| only == event_type)
             && self.projection.handles(stream_type, event_type)
     }
 
@@ -1732,12 +1751,15 @@ impl Projector {
             let mut events = self.store.replay(before, up_to, self.filter());
             while let Some(event) = events.next().await {
                 let event = event?;
-                if self.handles(&event) {
+                let taken = self.handles(&event);
+                if taken {
                     self.apply_one(tx, &event).await?;
                     *applied += 1;
                 }
                 *position = event.global_position;
-                count += 1;
+                // Positions filled: all of them when it reads everything,
+                // else those of its events.
+                count += u64::from(whole || taken);
             }
             if !whole {
                 // Only the projection's stream types are read: the rest of
