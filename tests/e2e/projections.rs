@@ -458,13 +458,29 @@ async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the
     setup.store.shutdown().await;
 }
 
-/// Records the events it is given, in order: reads leads and deals only.
-#[derive(Default)]
-struct Recorder(std::sync::Mutex<Vec<u64>>);
+/// Records the events it is given, in order: `recorder` reads leads and
+/// deals, `answers` only the `Answered` events of contacts.
+struct Recorder {
+    name: &'static str,
+    seen: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Recorder {
+    fn new(name: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            seen: std::sync::Mutex::default(),
+        })
+    }
+
+    fn seen(&self) -> Vec<u64> {
+        self.seen.lock().unwrap().clone()
+    }
+}
 
 impl crm_projections::Projection for Recorder {
     fn name(&self) -> &'static str {
-        "recorder"
+        self.name
     }
 
     fn schema(&self) -> &'static str {
@@ -476,7 +492,14 @@ impl crm_projections::Projection for Recorder {
     }
 
     fn stream_types(&self) -> &'static [&'static str] {
-        &["lead", "opportunity"]
+        match self.name {
+            "answers" => &["contact"],
+            _ => &["lead", "opportunity"],
+        }
+    }
+
+    fn only_event_type(&self, _stream_type: &str) -> Option<&'static str> {
+        (self.name == "answers").then_some("Answered")
     }
 
     fn apply<'a>(
@@ -485,7 +508,7 @@ impl crm_projections::Projection for Recorder {
         event: &'a crm_event_store::RecordedEvent,
     ) -> crm_projections::ApplyFuture<'a> {
         Box::pin(async move {
-            self.0.lock().unwrap().push(event.global_position);
+            self.seen.lock().unwrap().push(event.global_position);
             tx.execute(
                 "INSERT INTO recorded (position, stream_type) VALUES ($1, $2)",
                 &[&(event.global_position as i64), &event.stream_type],
@@ -553,7 +576,7 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
         .collect();
     publish(&setup, &published).await;
 
-    let recorder = Arc::new(Recorder::default());
+    let recorder = Recorder::new("recorder");
     let patient = projector_waiting(&setup, recorder.clone(), Duration::from_secs(60));
     let mut applied = patient.applied();
     let stop = CancellationToken::new();
@@ -568,7 +591,7 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
         .map(|(p, _)| *p)
         .collect();
     assert_eq!(
-        *recorder.0.lock().unwrap(),
+        recorder.seen(),
         theirs,
         "leads and deals, each once, in log order, the lost ones refilled"
     );
@@ -619,7 +642,7 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
         .await
         .expect("one wait for the three lost at the tail");
     theirs.extend(&tail);
-    assert_eq!(*recorder.0.lock().unwrap(), theirs, "nothing applied twice");
+    assert_eq!(recorder.seen(), theirs, "nothing applied twice");
     assert_eq!(holes().await, 5);
     let rows: i64 = setup
         .db
@@ -635,48 +658,6 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
     setup.store.shutdown().await;
 }
 
-/// Records the `Answered` events of contacts it is given, in order.
-#[derive(Default)]
-struct Answers(std::sync::Mutex<Vec<u64>>);
-
-impl crm_projections::Projection for Answers {
-    fn name(&self) -> &'static str {
-        "answers"
-    }
-
-    fn schema(&self) -> &'static str {
-        "CREATE TABLE IF NOT EXISTS answers (position bigint PRIMARY KEY)"
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["answers"]
-    }
-
-    fn stream_types(&self) -> &'static [&'static str] {
-        &["contact"]
-    }
-
-    fn only_event_type(&self, _stream_type: &str) -> Option<&'static str> {
-        Some("Answered")
-    }
-
-    fn apply<'a>(
-        &'a self,
-        tx: &'a crm_projections::Tx<'_>,
-        event: &'a crm_event_store::RecordedEvent,
-    ) -> crm_projections::ApplyFuture<'a> {
-        Box::pin(async move {
-            self.0.lock().unwrap().push(event.global_position);
-            tx.execute(
-                "INSERT INTO answers (position) VALUES ($1)",
-                &[&(event.global_position as i64)],
-            )
-            .await?;
-            Ok(())
-        })
-    }
-}
-
 #[tokio::test]
 async fn a_projector_of_one_event_type_gets_only_that_type_and_waits_for_no_other() {
     let setup = setup_runtime().await;
@@ -689,7 +670,7 @@ async fn a_projector_of_one_event_type_gets_only_that_type_and_waits_for_no_othe
     }
     let positions: Vec<u64> = log.iter().map(|(p, _)| *p).collect();
     publish(&setup, &positions).await;
-    let answers = Arc::new(Answers::default());
+    let answers = Recorder::new("answers");
     // A wait of a minute for messages on their way: expecting one of the
     // other event types would show as a timeout here.
     let projector = projector_waiting(&setup, answers.clone(), Duration::from_secs(60));
@@ -704,7 +685,7 @@ async fn a_projector_of_one_event_type_gets_only_that_type_and_waits_for_no_othe
         .filter(|(_, t)| *t == "Answered")
         .map(|(p, _)| *p)
         .collect();
-    assert_eq!(*answers.0.lock().unwrap(), theirs);
+    assert_eq!(answers.seen(), theirs);
     let js = setup.nats.jetstream().await;
     let stream = js.get_stream(&setup.nats.stream).await.unwrap();
     let info = stream
@@ -755,7 +736,7 @@ async fn a_message_that_does_not_decode_is_read_from_the_store_instead() {
     .unwrap()
     .await
     .unwrap();
-    let recorder = Arc::new(Recorder::default());
+    let recorder = Recorder::new("recorder");
     let projector = projector_of(&setup, recorder.clone());
     let mut applied = projector.applied();
     let stop = CancellationToken::new();
@@ -763,7 +744,7 @@ async fn a_message_that_does_not_decode_is_read_from_the_store_instead() {
     tokio::time::timeout(Duration::from_secs(20), applied.reached(second))
         .await
         .expect("the event behind the garbled message is read from the store");
-    assert_eq!(*recorder.0.lock().unwrap(), vec![first, second]);
+    assert_eq!(recorder.seen(), vec![first, second]);
     let status = crm_projections::statuses(&setup.db.client().await)
         .await
         .unwrap()
