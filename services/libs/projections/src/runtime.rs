@@ -1360,25 +1360,22 @@ impl Projector {
                     Err(error) => return Err(error),
                 }
             }
-            // How far to look: up to the last event received; when none
-            // waits, up to the log's head now and then, and at once when a
-            // query waits for a position not applied yet.
+            // How far to look: up to the last event received; up to the
+            // log's head now and then when nothing was received, and at once
+            // when a query waits for a position not applied yet.
             let position = *self.position.borrow();
-            let bound = match inbox.last() {
-                Some(last) => Some(last),
-                None if (std::mem::take(&mut demanded) && *wanted.borrow() > position)
-                    || checked_at.elapsed() >= ADVANCE_EVERY =>
-                {
-                    checked_at = tokio::time::Instant::now();
-                    let head = self.store.head().await?;
-                    (head > position).then_some(head)
-                }
-                None => None,
+            let wants = std::mem::take(&mut demanded) && *wanted.borrow() > position;
+            let last = inbox.last();
+            let bound = if wants || (last.is_none() && checked_at.elapsed() >= ADVANCE_EVERY) {
+                checked_at = tokio::time::Instant::now();
+                let head = self.store.head().await?;
+                last.max((head > position).then_some(head))
+            } else {
+                last
             };
             if let Some(bound) = bound {
                 self.settle(bound, &mut inbox).await?;
             }
-            demanded = false;
             if inbox.unacked >= ACK_AFTER
                 || (inbox.unacked > 0 && inbox.acked_at.elapsed() >= ACK_EVERY)
             {
