@@ -715,6 +715,9 @@ impl DataQuality {
                 &[&tenant.as_str(), &hashes, &record.id, &MAX_CANDIDATES],
             )
             .await?;
+        if candidates.is_empty() {
+            return Ok(()); // the usual case: no read of the threshold
+        }
         let threshold = Self::threshold(tx, tenant.as_str()).await?;
         for (n, row) in candidates.iter().enumerate() {
             let other_id: Uuid = row.get(0);
