@@ -483,14 +483,6 @@ impl Projection for Analytics {
         (stream_type == "contact").then_some("NpsResponseRecorded")
     }
 
-    fn handles(&self, stream_type: &str, event_type: &str) -> bool {
-        // Of a contact's events only NPS answers count here.
-        match stream_type {
-            "contact" => event_type == "NpsResponseRecorded",
-            _ => self.stream_types().contains(&stream_type),
-        }
-    }
-
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {

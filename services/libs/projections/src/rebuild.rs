@@ -5,7 +5,8 @@
 //! so the projection's own SQL writes there unchanged), from position 0 to
 //! the log's head, in transactions of `chunk` events. Several projections
 //! rebuilt together share one read of the log: each event goes to those
-//! whose `handles` takes it, each projection applies on its own connection.
+//! that read it (`reads`, as their live consumers) and `handles` it, each
+//! projection applying on its own connection.
 //! Then, per projection, in one transaction that holds the live status row
 //! (so its projector waits), the rebuild catches up to the live position,
 //! the live tables are dropped, the new ones moved in, and the live
@@ -100,7 +101,9 @@ pub async fn rebuild_many(
                 while let Some(event) = events.next().await {
                     let event = Arc::new(event?);
                     for (projection, sender) in projections.iter().zip(&senders) {
-                        if projection.handles(&event.stream_type, &event.event_type)
+                        // What its live consumers deliver and it handles.
+                        if projection.reads(&event.stream_type, &event.event_type)
+                            && projection.handles(&event.stream_type, &event.event_type)
                             && sender.send(Work::Event(event.clone())).await.is_err()
                         {
                             return Ok(position); // that worker failed: see below

@@ -735,12 +735,22 @@ pub trait Projection: Send + Sync + 'static {
     }
     /// Whether events of `stream_type` and `event_type` may change its
     /// tables: by default, whether the stream type is one of
-    /// [`Self::stream_types`]; an override may only narrow that. Events it
-    /// does not handle move its position without a transaction (flushed to
-    /// the status row now and then).
-    fn handles(&self, stream_type: &str, _event_type: &str) -> bool {
+    /// [`Self::stream_types`] and the event type the one
+    /// [`Self::only_event_type`] names, if any; an override may only narrow
+    /// that. Events it does not handle move its position without a
+    /// transaction (flushed to the status row now and then).
+    fn handles(&self, stream_type: &str, event_type: &str) -> bool {
+        self.reads(stream_type, event_type)
+    }
+    /// Whether its consumers deliver events of `stream_type` and
+    /// `event_type` ([`Self::stream_types`], [`Self::only_event_type`]); not
+    /// to be overridden.
+    fn reads(&self, stream_type: &str, event_type: &str) -> bool {
         let types = self.stream_types();
-        types.is_empty() || types.contains(&stream_type)
+        (types.is_empty() || types.contains(&stream_type))
+            && self
+                .only_event_type(stream_type)
+                .is_none_or(|only| only == event_type)
     }
     /// Applies one event inside the batch's transaction. Events it does not
     /// use are ignored (`Ok`).
@@ -1540,12 +1550,7 @@ impl Projector {
     /// [`Projection::handles`], within [`Projection::stream_types`] and
     /// [`Projection::only_event_type`].
     fn takes(&self, stream_type: &str, event_type: &str) -> bool {
-        let types = self.projection.stream_types();
-        (types.is_empty() || types.contains(&stream_type))
-            && self
-                .projection
-                .only_event_type(stream_type)
-                .is_none_or(|only| only == event_type)
+        self.projection.reads(stream_type, event_type)
             && self.projection.handles(stream_type, event_type)
     }
 
