@@ -463,6 +463,10 @@ async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the
 struct Recorder {
     name: &'static str,
     seen: std::sync::Mutex<Vec<u64>>,
+    /// The events of each `read_ahead`, in calls.
+    ahead: std::sync::Mutex<Vec<Vec<u64>>>,
+    /// Events applied that the last `read_ahead` did not announce.
+    unannounced: std::sync::Mutex<Vec<u64>>,
 }
 
 impl Recorder {
@@ -470,6 +474,8 @@ impl Recorder {
         Arc::new(Self {
             name,
             seen: std::sync::Mutex::default(),
+            ahead: std::sync::Mutex::default(),
+            unannounced: std::sync::Mutex::default(),
         })
     }
 
@@ -502,12 +508,31 @@ impl crm_projections::Projection for Recorder {
         (self.name == "answers").then_some("Answered")
     }
 
+    fn read_ahead<'a>(
+        &'a self,
+        _tx: &'a crm_projections::Tx<'_>,
+        events: &'a [&'a crm_event_store::RecordedEvent],
+    ) -> crm_projections::ApplyFuture<'a> {
+        let positions = events.iter().map(|e| e.global_position).collect();
+        self.ahead.lock().unwrap().push(positions);
+        Box::pin(async { Ok(()) })
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a crm_projections::Tx<'_>,
         event: &'a crm_event_store::RecordedEvent,
     ) -> crm_projections::ApplyFuture<'a> {
         Box::pin(async move {
+            let announced = self
+                .ahead
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|batch| batch.contains(&event.global_position));
+            if !announced {
+                self.unannounced.lock().unwrap().push(event.global_position);
+            }
             self.seen.lock().unwrap().push(event.global_position);
             tx.execute(
                 "INSERT INTO recorded (position, stream_type) VALUES ($1, $2)",
@@ -605,6 +630,14 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
             .holes_refilled
     };
     assert_eq!(holes().await, 2);
+    // Each batch was announced before it was applied (holes included),
+    // with nothing of other types.
+    let announced: Vec<u64> = recorder.ahead.lock().unwrap().concat();
+    assert_eq!(
+        announced, theirs,
+        "read ahead: the batches' events, in order"
+    );
+    assert!(recorder.unannounced.lock().unwrap().is_empty());
 
     // One consumer per stream type, each filtered by it.
     let js = setup.nats.jetstream().await;

@@ -50,15 +50,7 @@ pub async fn run_all(
         )
         .run(workers.clone()),
     );
-    let positions = spawn_projectors(
-        &tasks,
-        config,
-        &store,
-        &read_models,
-        projections.clone(),
-        &[],
-        &workers,
-    )?;
+    let positions = spawn_projectors(&tasks, config, &store, projections.clone(), &[], &workers)?;
     if config.scheduler_interval_ms > 0 {
         tasks.spawn(scheduler(config, commands.clone(), read_models.clone()).run(workers.clone()));
     }
@@ -112,17 +104,10 @@ pub async fn run_projectors(
     let store = start_store(config).await?;
     let commands = crate::command::CommandHandler::new(store.clone(), &config.reservation_key()?);
     let projections = projections(&commands);
-    let read_models = read_model_pool(config, &projections).await?;
+    // Creates the tables; the projectors have a pool of their own.
+    read_model_pool(config, &projections).await?;
     let tasks = TaskTracker::new();
-    spawn_projectors(
-        &tasks,
-        config,
-        &store,
-        &read_models,
-        projections,
-        names,
-        &shutdown,
-    )?;
+    spawn_projectors(&tasks, config, &store, projections, names, &shutdown)?;
     tasks.close();
     tasks.wait().await;
     stop_store(config, &store).await;
@@ -302,6 +287,31 @@ async fn read_model_pool(
     Ok(pool)
 }
 
+/// The projectors' pool on the read models' database: a connection per
+/// projector, commits that do not wait for the disk (as
+/// [`read_model_pool`]'s), and every statement planned once per connection.
+/// A projector's statements find and write rows by key, whose best plan does
+/// not depend on the values; left to choose, PostgreSQL planned some of them
+/// anew at every call (the data-quality candidate lookup: 0.08 ms of
+/// planning for 0.02 ms of execution).
+fn projector_pool(config: &Config, projectors: usize) -> Result<deadpool_postgres::Pool, RunError> {
+    let mut pg = config.pg_config()?;
+    pg.application_name("crm-projectors");
+    let options = pg.get_options().unwrap_or_default().to_owned();
+    pg.options(format!(
+        "{options} -c synchronous_commit=off -c plan_cache_mode=force_generic_plan"
+    ));
+    pg.connect_timeout(std::time::Duration::from_secs(5));
+    let manager = deadpool_postgres::Manager::new(pg, NoTls);
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(projectors.max(1))
+        .wait_timeout(Some(std::time::Duration::from_secs(10)))
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| RunError::Pool(e.to_string()))
+}
+
 fn query_services(
     config: &Config,
     store: &EventStore,
@@ -346,7 +356,6 @@ fn spawn_projectors(
     tasks: &TaskTracker,
     config: &Config,
     store: &EventStore,
-    read_models: &deadpool_postgres::Pool,
     known: Vec<std::sync::Arc<dyn crm_projections::Projection>>,
     names: &[String],
     stop: &CancellationToken,
@@ -357,11 +366,14 @@ fn spawn_projectors(
             return Err(RunError::UnknownProjection(name.clone(), names.join(", ")));
         }
     }
+    let chosen: Vec<_> = known
+        .into_iter()
+        .filter(|p| names.is_empty() || names.iter().any(|n| n == p.name()))
+        .collect();
+    // The schemas are in place: `read_model_pool` made them.
+    let read_models = projector_pool(config, chosen.len())?;
     let mut positions = Positions::new();
-    for projection in known {
-        if !names.is_empty() && !names.iter().any(|n| n == projection.name()) {
-            continue;
-        }
+    for projection in chosen {
         let projector_name = projection.name();
         let options = crm_projections::ProjectorOptions {
             stream: config.relay_stream.clone(),

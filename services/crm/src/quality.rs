@@ -168,6 +168,11 @@ CREATE TABLE IF NOT EXISTS dq_unmatched_orders (
 pub struct DataQuality {
     handler: CommandHandler,
     sender: Sender,
+    /// Of the records whose first event is in the batch being applied:
+    /// those with no later event stored yet (read ahead once per batch).
+    /// Such a record's clear state is its first event's, with no read of
+    /// the store.
+    new_records: std::sync::Mutex<std::collections::HashSet<(String, Uuid)>>,
 }
 
 impl DataQuality {
@@ -175,7 +180,60 @@ impl DataQuality {
         Self {
             sender: Sender::new(handler.clone(), "quality", "system:data_quality"),
             handler,
+            new_records: Default::default(),
         }
+    }
+
+    /// Whether `event` is the first of a record in this batch and the store
+    /// holds no later one: its row, blocking keys and summary share cannot
+    /// exist yet, and its state is what that event makes.
+    fn is_new_record(&self, event: &RecordedEvent) -> bool {
+        event.stream_version == 1
+            && self
+                .new_records
+                .lock()
+                .is_ok_and(|new| new.contains(&(event.tenant_id.clone(), event.stream_id)))
+    }
+
+    /// Finds, with one query per tenant, which records created in the batch
+    /// have no later event stored.
+    async fn find_new_records(&self, events: &[&RecordedEvent]) -> Result<(), ApplyError> {
+        let mut firsts: std::collections::BTreeMap<&str, Vec<Uuid>> = Default::default();
+        for event in events {
+            if event.stream_version == 1
+                && [
+                    Contact::STREAM_TYPE,
+                    Lead::STREAM_TYPE,
+                    Account::STREAM_TYPE,
+                ]
+                .contains(&event.stream_type.as_str())
+            {
+                firsts
+                    .entry(event.tenant_id.as_str())
+                    .or_default()
+                    .push(event.stream_id);
+            }
+        }
+        let mut new = std::collections::HashSet::new();
+        for (tenant, ids) in firsts {
+            let Ok(tenant_id) = TenantId::parse(tenant) else {
+                continue; // applying its events reports the bad tenant
+            };
+            let versions = self
+                .handler
+                .stream_versions(&tenant_id, &ids)
+                .await
+                .map_err(|error| ApplyError::Transient(error.to_string()))?;
+            for (id, version) in ids.into_iter().zip(versions) {
+                if version == 1 {
+                    new.insert((tenant.to_owned(), id));
+                }
+            }
+        }
+        if let Ok(mut records) = self.new_records.lock() {
+            *records = new;
+        }
+        Ok(())
     }
 }
 
@@ -339,7 +397,14 @@ impl DataQuality {
         tenant: &TenantId,
         id: Uuid,
     ) -> Result<Option<A>, ApplyError> {
-        match self.handler.load::<A>(tenant, id).await {
+        let loaded = if id == event.stream_id && self.is_new_record(event) {
+            let from = (A::default(), 0, 0);
+            let first = std::slice::from_ref(event);
+            self.handler.fold::<A>(tenant, id, from, first).await
+        } else {
+            self.handler.load::<A>(tenant, id).await
+        };
+        match loaded {
             Ok((state, _, _)) => Ok(state.exists().then_some(state)),
             Err(ServiceError::Domain(DomainError::NotFound)) => Ok(None),
             Err(error @ (ServiceError::Unavailable(_) | ServiceError::Contention)) => {
@@ -573,8 +638,11 @@ impl DataQuality {
         id: Uuid,
         view: &View,
         at: Timestamp,
+        new: bool,
     ) -> Result<(), ApplyError> {
-        Self::withdraw(tx, tenant, id).await?;
+        if !new {
+            Self::withdraw(tx, tenant, id).await?;
+        }
         let issues = serde_json::Value::Array(
             view.issues
                 .iter()
@@ -665,12 +733,15 @@ impl DataQuality {
         tenant: &TenantId,
         id: Uuid,
         view: &View,
+        new: bool,
     ) -> Result<Vec<Vec<u8>>, ApplyError> {
-        tx.execute(
-            "DELETE FROM dq_blocking_keys WHERE tenant_id = $1 AND record_id = $2",
-            &[&tenant.as_str(), &id],
-        )
-        .await?;
+        if !new {
+            tx.execute(
+                "DELETE FROM dq_blocking_keys WHERE tenant_id = $1 AND record_id = $2",
+                &[&tenant.as_str(), &id],
+            )
+            .await?;
+        }
         let Some(record) = view.matching.as_ref().filter(|_| view.active) else {
             return Ok(Vec::new());
         };
@@ -783,8 +854,9 @@ impl DataQuality {
         if view.erased {
             return Self::forget(tx, tenant.as_str(), id).await;
         }
-        Self::save_record(tx, tenant.as_str(), id, &view, at).await?;
-        let hashes = self.save_keys(tx, &tenant, id, &view).await?;
+        let new = self.is_new_record(event);
+        Self::save_record(tx, tenant.as_str(), id, &view, at, new).await?;
+        let hashes = self.save_keys(tx, &tenant, id, &view, new).await?;
         if effect.rematch
             && let Some(record) = view.matching.as_ref().filter(|_| view.active)
         {
@@ -857,7 +929,7 @@ impl DataQuality {
             issues: Vec::new(),
             fields: Vec::new(),
         };
-        Self::save_record(tx, tenant, id, &view, at).await
+        Self::save_record(tx, tenant, id, &view, at, false).await
     }
 
     /// A touch: its targets' last touch moves on, and its outcome is judged.
@@ -898,7 +970,7 @@ impl DataQuality {
             issues,
             fields: Vec::new(),
         };
-        Self::save_record(tx, tenant, event.stream_id, &view, at).await
+        Self::save_record(tx, tenant, event.stream_id, &view, at, false).await
     }
 
     async fn on_activity(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
@@ -1169,6 +1241,14 @@ impl Projection for DataQuality {
             "tenant_settings",
             "duplicate_pair",
         ]
+    }
+
+    fn read_ahead<'a>(
+        &'a self,
+        _tx: &'a Tx<'_>,
+        events: &'a [&'a RecordedEvent],
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(self.find_new_records(events))
     }
 
     fn apply<'a>(

@@ -31,8 +31,8 @@ use crm_domain::conversion::ConversionTargets;
 use crm_domain::lead::Lead;
 use crm_domain::{Aggregate, Context, DomainEvent, Mergeable, TenantId};
 use crm_event_store::{
-    AppendError, AppendEvents, Appended, EventStore, ExpectedVersion, NewEvent, Reservation,
-    ReservationAction, StreamAppend,
+    AppendError, AppendEvents, Appended, EventStore, ExpectedVersion, NewEvent, RecordedEvent,
+    Reservation, ReservationAction, StreamAppend,
 };
 use crm_proto::v1::{CommandOptions, CommandReply, ConvertLeadReply};
 use hmac::{Hmac, KeyInit, Mac};
@@ -184,6 +184,12 @@ type SubjectKeys = std::collections::HashMap<
     (std::time::Instant, std::sync::Arc<personal::SubjectKey>),
 >;
 
+/// The keys [`CommandHandler::seal`] made for new subjects of one tenant.
+struct NewKeys {
+    tenant: TenantId,
+    keys: Vec<(Uuid, std::sync::Arc<personal::SubjectKey>)>,
+}
+
 /// How long a data subject's key is kept in memory: after an erasure in
 /// another process, this one stops reading the subject's personal data
 /// within this time (the erasing process at once).
@@ -284,11 +290,15 @@ impl CommandHandler {
     /// Encrypts the personal fields of the events of `subjects` (the streams
     /// of `request` whose state holds a person's data, as the caller's states
     /// say) under each subject's key.
+    ///
+    /// Returns the keys made for new subjects, which [`Self::remember`]
+    /// caches once the append has stored them.
     async fn seal(
         &self,
         request: &mut AppendEvents,
         subjects: &[Uuid],
-    ) -> Result<(), ServiceError> {
+    ) -> Result<NewKeys, ServiceError> {
+        let mut made = Vec::new();
         let mut new_keys = Vec::new();
         for stream in &mut request.streams {
             if !subjects.contains(&stream.stream_id)
@@ -307,9 +317,12 @@ impl CommandHandler {
                     subject_id: stream.stream_id,
                     key: bytes.to_vec(),
                 });
-                personal::SubjectKey::new(&bytes, request.tenant_id.as_str(), stream.stream_id)
-                    .map(std::sync::Arc::new)
-                    .ok_or_else(|| ServiceError::Internal("bad key length".into()))?
+                let key =
+                    personal::SubjectKey::new(&bytes, request.tenant_id.as_str(), stream.stream_id)
+                        .map(std::sync::Arc::new)
+                        .ok_or_else(|| ServiceError::Internal("bad key length".into()))?;
+                made.push((stream.stream_id, key.clone()));
+                key
             } else {
                 self.subject_key(&request.tenant_id, stream.stream_id, true)
                     .await?
@@ -326,7 +339,40 @@ impl CommandHandler {
             }
         }
         request.subject_keys.extend(new_keys);
-        Ok(())
+        Ok(NewKeys {
+            tenant: request.tenant_id.clone(),
+            keys: made,
+        })
+    }
+
+    /// The version of each of `stream_ids` in the store (0: none).
+    pub(crate) async fn stream_versions(
+        &self,
+        tenant: &TenantId,
+        stream_ids: &[Uuid],
+    ) -> Result<Vec<u64>, ServiceError> {
+        self.store
+            .stream_versions(tenant, stream_ids)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))
+    }
+
+    /// Caches the keys an append stored for new subjects (not when it was
+    /// an idempotent replay: the stored keys are then those of the first
+    /// append), so that reading the new records back needs no query.
+    fn remember(&self, new_keys: NewKeys, appended: &Appended) {
+        if appended.replayed || new_keys.keys.is_empty() {
+            return;
+        }
+        if let Ok(mut cache) = self.subject_keys.lock() {
+            if cache.len() > 100_000 {
+                cache.clear();
+            }
+            let now = std::time::Instant::now();
+            for (subject, key) in new_keys.keys {
+                cache.insert((new_keys.tenant.clone(), subject), (now, key));
+            }
+        }
     }
 
     /// An erasure command (admins only): stores its event, then destroys the
@@ -462,12 +508,26 @@ impl CommandHandler {
                     None
                 }
             });
-        let (mut state, mut version, mut position) = snapshot.unwrap_or_default();
+        let from = snapshot.unwrap_or_default();
         let events = self
             .store
-            .read_stream(tenant, stream_id, version + 1, MAX_STREAM_EVENTS)
+            .read_stream(tenant, stream_id, from.1 + 1, MAX_STREAM_EVENTS)
             .await
             .map_err(unavailable)?;
+        self.fold(tenant, stream_id, from, &events).await
+    }
+
+    /// Folds `events` (the stream's own, in order, following the version
+    /// `from` holds) into `from`'s state: `(state, version, position)`.
+    /// Another stream type reads as missing.
+    pub(crate) async fn fold<A: Aggregate>(
+        &self,
+        tenant: &TenantId,
+        stream_id: Uuid,
+        from: (A, u64, u64),
+        events: &[RecordedEvent],
+    ) -> Result<(A, u64, u64), ServiceError> {
+        let (mut state, mut version, mut position) = from;
         let key = if personal::is_subject(A::STREAM_TYPE)
             && events
                 .iter()
@@ -477,7 +537,7 @@ impl CommandHandler {
         } else {
             None
         };
-        for stored in &events {
+        for stored in events {
             if stored.stream_type != A::STREAM_TYPE {
                 return Err(crm_domain::DomainError::NotFound.into());
             }
@@ -580,9 +640,10 @@ impl CommandHandler {
             } else {
                 &[]
             };
-            self.seal(&mut request, subjects).await?;
+            let new_keys = self.seal(&mut request, subjects).await?;
             match self.store.append(request).await {
                 Ok(appended) => {
+                    self.remember(new_keys, &appended);
                     if A::STREAM_TYPE == <crm_domain::configuration::TenantSettings as crm_domain::configuration::ConfigContent>::STREAM_TYPE
                         && let Ok(mut cache) = self.uniqueness.lock()
                     {
@@ -842,9 +903,10 @@ impl CommandHandler {
             } else {
                 Vec::new()
             };
-            self.seal(&mut request, &subjects).await?;
+            let new_keys = self.seal(&mut request, &subjects).await?;
             match self.store.append(request).await {
                 Ok(appended) => {
+                    self.remember(new_keys, &appended);
                     return Ok(Merged {
                         survivor: Some(reply(survivor_id, &appended)),
                         merged,
@@ -1006,9 +1068,12 @@ impl CommandHandler {
                 subject_keys: Vec::new(),
                 request_fingerprint: Some(options.fingerprint),
             };
-            self.seal(&mut request, &subjects).await?;
+            let new_keys = self.seal(&mut request, &subjects).await?;
             match self.store.append(request).await {
-                Ok(appended) => return Ok(answer(&appended)),
+                Ok(appended) => {
+                    self.remember(new_keys, &appended);
+                    return Ok(answer(&appended));
+                }
                 Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {
                     tracing::debug!("concurrent change; deciding the conversion again");
                 }

@@ -459,6 +459,31 @@ impl EventStore {
         Ok((head, found))
     }
 
+    /// The version of each of `stream_ids` (the number of its events; 0
+    /// for a stream with none), in the order given.
+    pub async fn stream_versions(
+        &self,
+        tenant_id: &TenantId,
+        stream_ids: &[Uuid],
+    ) -> Result<Vec<u64>, ReadError> {
+        let client = self.inner.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT coalesce((SELECT e.stream_version FROM events e \
+                   WHERE e.tenant_id = $1 AND e.stream_id = s.id \
+                   ORDER BY e.stream_version DESC LIMIT 1), 0) \
+                 FROM unnest($2::uuid[]) WITH ORDINALITY AS s(id, n) ORDER BY s.n",
+            )
+            .await?;
+        let rows = client
+            .query(&statement, &[&tenant_id.as_str(), &stream_ids])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+            .collect())
+    }
+
     /// A data subject's key: `Some` when it exists; `None` when it was never
     /// made or was destroyed by [`Self::erase_subject`].
     pub async fn subject_key(

@@ -755,6 +755,19 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies one event inside the batch's transaction. Events it does not
     /// use are ignored (`Ok`).
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a>;
+    /// Called by the live projector once per batch, in its transaction,
+    /// with the events it is about to apply (those it handles, in log
+    /// order), so that a projection can read what they need in one query
+    /// instead of one per event. Not called for events read from the store
+    /// to catch up, nor by a rebuild: `apply` must not depend on it. An
+    /// error fails the batch, which is tried again.
+    fn read_ahead<'a>(
+        &'a self,
+        _tx: &'a Tx<'_>,
+        _events: &'a [&'a RecordedEvent],
+    ) -> ApplyFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// How a projector reads. Defaults suit `crm all`.
@@ -1180,10 +1193,15 @@ impl Projector {
             *flushed_at = tokio::time::Instant::now();
         }
         let client = self.pool.get().await?;
-        client
-            .execute(
+        let statement = client
+            .prepare_cached(
                 "UPDATE projections SET position = greatest(position, $2), updated_at = now() \
                  WHERE name = $1",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
                 &[
                     &self.projection.name(),
                     &i64::try_from(skipped).unwrap_or(i64::MAX),
@@ -1646,6 +1664,22 @@ impl Projector {
             let mut all = events;
             all.extend(self.fetch(&holes).await?.into_iter().map(Delivered::Event));
             all.sort_by_key(Delivered::position);
+            let ahead: Vec<&RecordedEvent> = all
+                .iter()
+                .filter(|delivered| delivered.position() > position)
+                .filter_map(|delivered| self.handled(delivered))
+                .collect();
+            if let Some(first) = ahead.first() {
+                let first = first.global_position;
+                self.projection
+                    .read_ahead(&tx, &ahead)
+                    .await
+                    .map_err(|error| RunError::Transient {
+                        position: first,
+                        error: error.to_string(),
+                    })?;
+            }
+            drop(ahead);
             for delivered in &all {
                 if delivered.position() <= position {
                     continue; // applied before: redelivery

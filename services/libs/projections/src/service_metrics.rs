@@ -116,7 +116,7 @@ impl ServiceMetrics {
         {
             return Ok(figures);
         }
-        if crate::state::first_of_rebuilt_stream(tx, event) {
+        if crate::state::first_of_stream(event) {
             return Ok(Figures::default());
         }
         let row = tx

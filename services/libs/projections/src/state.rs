@@ -29,7 +29,7 @@ pub(crate) async fn evolve_row<A: Aggregate + Clone + Send + 'static>(
     {
         return Ok(Some((state.evolve(&decoded), decoded)));
     }
-    if first_of_rebuilt_stream(tx, event) {
+    if first_of_stream(event) {
         return Ok(Some((A::default().evolve(&decoded), decoded)));
     }
     let stored = tx
@@ -44,11 +44,12 @@ pub(crate) async fn evolve_row<A: Aggregate + Clone + Send + 'static>(
     Ok(Some((evolved, decoded)))
 }
 
-/// Whether `event` is its stream's first in a rebuild: a row kept for the
-/// stream cannot exist yet (the rebuild's tables start empty, and only the
-/// stream's own events write its row), so there is nothing to read.
-pub(crate) fn first_of_rebuilt_stream(tx: &crate::Tx<'_>, event: &RecordedEvent) -> bool {
-    tx.cache().is_some() && event.stream_version == 1
+/// Whether `event` is its stream's first: a row kept for the stream cannot
+/// exist yet (only the stream's own events write its row, each event is
+/// applied once, and a rebuild's tables start empty), so there is nothing to
+/// read.
+pub(crate) fn first_of_stream(event: &RecordedEvent) -> bool {
+    event.stream_version == 1
 }
 
 /// After `state` has been written to the row `select` (given to
