@@ -1,7 +1,8 @@
 //! Catch-up subscriptions: history first, then live, without a gap or a
 //! duplicate at the switch.
 //!
-//! The task reads the committed head, reads the events up to it, and repeats;
+//! The task reads the committed head (asked of the database, or as the last
+//! notification announced it), reads the events up to it, and repeats;
 //! when nothing is new it waits for a wake-up (an append in this process, a
 //! NOTIFY from another, or the poll interval). Because positions commit in
 //! order, "every event up to the head I read" is a complete prefix of the log,
@@ -85,13 +86,21 @@ impl SubscriptionTask {
     }
 
     async fn run(mut self, mut after: u64, filter: Filter, sender: mpsc::Sender<Chunk>) {
+        // Where the head is, when known without asking the database: after
+        // a notification, the position it announced (committed, like every
+        // position below it). Asked at the start and after each quiet poll
+        // interval (a notification may have been missed).
+        let mut announced = false;
         loop {
-            self.head.borrow_and_update();
-            let result = self.read_once(after, &filter, &sender).await;
+            let notified = *self.head.borrow_and_update();
+            let known = std::mem::take(&mut announced).then_some(notified);
+            let result = self.read_once(after, known, &filter, &sender).await;
             match result {
                 Ok(Some(next)) if self.until.is_some_and(|until| next >= until) => return,
                 Ok(Some(next)) if next > after => {
                     after = next;
+                    // Commits announced meanwhile are read next; none: wait.
+                    announced = true;
                     continue;
                 }
                 Ok(Some(_)) => {}
@@ -107,6 +116,7 @@ impl SubscriptionTask {
                     if !self.linger.is_zero() {
                         tokio::time::sleep(self.linger).await;
                     }
+                    announced = true;
                 }
                 () = tokio::time::sleep(self.poll_interval) => {}
                 () = sender.closed() => return,
@@ -121,12 +131,16 @@ impl SubscriptionTask {
     async fn read_once(
         &self,
         mut after: u64,
+        known: Option<u64>,
         filter: &Filter,
         sender: &mpsc::Sender<Chunk>,
     ) -> Result<Option<u64>, ReadError> {
-        let head = {
-            let client = self.pool.get().await?;
-            crate::store::committed_head(&client).await?
+        let head = match known {
+            Some(head) => head,
+            None => {
+                let client = self.pool.get().await?;
+                crate::store::committed_head(&client).await?
+            }
         };
         let head = self.until.map_or(head, |until| head.min(until));
         while head > after {

@@ -419,9 +419,20 @@ impl<'a> Tx<'a> {
     /// writes of one plain INSERT go as one statement where that changes
     /// nothing (`bulk.rs`).
     pub async fn flush(&self) -> Result<(), tokio_postgres::Error> {
+        self.flush_then(std::future::ready(Ok(()))).await
+    }
+
+    /// Sends the queued writes, then `read` behind them in the same
+    /// pipeline (one round trip for both; it sees what they wrote), and
+    /// returns what `read` returns once every write has succeeded. `read`
+    /// must send its request on its first poll (tokio-postgres queries do).
+    async fn flush_then<T>(
+        &self,
+        read: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, tokio_postgres::Error> {
         let writes = std::mem::take(&mut self.deferred().writes);
         if writes.is_empty() {
-            return Ok(());
+            return read.await;
         }
         let unique = self.unique_indexes(&writes).await?;
         let commutes = |table: &str, columns: &[String]| {
@@ -491,13 +502,16 @@ impl<'a> Tx<'a> {
                 ))
             })
             .collect();
+        let mut read = std::pin::pin!(futures_util::future::maybe_done(read));
         // Each request goes out on its first poll: poll them once in order
-        // (PostgreSQL runs them in the order received), then wait for all.
+        // (PostgreSQL runs them in the order received), the read last, then
+        // wait for all.
         {
             let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
             for write in &mut sent {
                 let _ = write.as_mut().poll(&mut cx);
             }
+            let _ = read.as_mut().poll(&mut cx);
         }
         futures_util::future::join_all(sent.iter_mut()).await;
         for (send, done) in sends.iter().zip(&mut sent) {
@@ -506,10 +520,14 @@ impl<'a> Tx<'a> {
                     Outgoing::One(write) => (write.position, write.position),
                     Outgoing::Many(_, _, span) => *span,
                 });
+                // The read, sent behind it, fails too: its answer is dropped.
                 return Err(error);
             }
         }
-        Ok(())
+        read.as_mut().await;
+        read.as_mut()
+            .take_output()
+            .expect("a finished read has its output")
     }
 
     /// The unique indexes of each table the scoped writes in `writes` name:
@@ -622,34 +640,34 @@ impl<'a> Tx<'a> {
         self.tx.batch_execute(sql).await
     }
 
+    /// Reads, behind the queued writes (sent with them, in one round trip).
     pub async fn query(
         &self,
         sql: &str,
         params: Params<'_>,
     ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        self.flush().await?;
         let statement = self.tx.prepare_cached(sql).await?;
-        self.tx.query(&statement, params).await
+        self.flush_then(self.tx.query(&statement, params)).await
     }
 
+    /// Reads, behind the queued writes (sent with them, in one round trip).
     pub async fn query_opt(
         &self,
         sql: &str,
         params: Params<'_>,
     ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
-        self.flush().await?;
         let statement = self.tx.prepare_cached(sql).await?;
-        self.tx.query_opt(&statement, params).await
+        self.flush_then(self.tx.query_opt(&statement, params)).await
     }
 
+    /// Reads, behind the queued writes (sent with them, in one round trip).
     pub async fn query_one(
         &self,
         sql: &str,
         params: Params<'_>,
     ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-        self.flush().await?;
         let statement = self.tx.prepare_cached(sql).await?;
-        self.tx.query_one(&statement, params).await
+        self.flush_then(self.tx.query_one(&statement, params)).await
     }
 }
 
