@@ -750,6 +750,66 @@ async fn read_all_filters_by_tenant_stream_type_event_type_and_stream() {
 }
 
 #[tokio::test]
+async fn stream_versions_count_each_streams_events_per_tenant_in_the_order_asked() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let (three, one_event, none) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    store
+        .append(request(
+            "acme",
+            vec![
+                one(
+                    "contact",
+                    three,
+                    ExpectedVersion::NoStream,
+                    vec![created(1), created(2)],
+                ),
+                one(
+                    "contact",
+                    one_event,
+                    ExpectedVersion::NoStream,
+                    vec![created(3)],
+                ),
+            ],
+            None,
+        ))
+        .await
+        .unwrap();
+    store
+        .append(request(
+            "acme",
+            vec![one(
+                "contact",
+                three,
+                ExpectedVersion::Exact(2),
+                vec![created(4)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    let versions = store
+        .stream_versions(&tenant("acme"), &[none, three, one_event, three])
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![0, 3, 1, 3]);
+    // Another tenant's streams are not this tenant's.
+    let versions = store
+        .stream_versions(&tenant("other"), &[three, one_event])
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![0, 0]);
+    assert!(
+        store
+            .stream_versions(&tenant("acme"), &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.shutdown().await;
+}
+
+#[tokio::test]
 async fn snapshots_keep_the_newest_version() {
     let db = TestDb::create().await;
     let store = store(&db).await;
