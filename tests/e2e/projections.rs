@@ -600,6 +600,25 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
         .filter(|p| *p != lost_deal && *p != lost_lead)
         .collect();
     publish(&setup, &published).await;
+    // Consumers of an earlier version (unfiltered; of a type no longer
+    // read) are deleted at start; another projection's are left alone.
+    let js = setup.nats.jetstream().await;
+    let stream = js.get_stream(&setup.nats.stream).await.unwrap();
+    for (durable, filter) in [
+        ("projection_recorder", ">".to_owned()),
+        ("projection_recorder__contact", "*.*.contact.*.*".to_owned()),
+        ("projection_recorder_b__lead", "*.*.lead.*.*".to_owned()),
+        ("projection_answers__contact", "*.*.contact.*.*".to_owned()),
+    ] {
+        stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some(durable.to_owned()),
+                filter_subject: format!("{}.{filter}", setup.nats.subject_prefix),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
 
     let recorder = Recorder::new("recorder");
     let patient = projector_waiting(&setup, recorder.clone(), Duration::from_secs(60));
@@ -640,8 +659,6 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
     assert!(recorder.unannounced.lock().unwrap().is_empty());
 
     // One consumer per stream type, each filtered by it.
-    let js = setup.nats.jetstream().await;
-    let stream = js.get_stream(&setup.nats.stream).await.unwrap();
     for stream_type in ["lead", "opportunity"] {
         let info = stream
             .consumer_info(format!("projection_recorder__{stream_type}"))
@@ -653,6 +670,15 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
         );
     }
     assert!(stream.consumer_info("projection_recorder").await.is_err());
+    assert!(
+        stream
+            .consumer_info("projection_recorder__contact")
+            .await
+            .is_err()
+    );
+    for others in ["projection_recorder_b__lead", "projection_answers__contact"] {
+        assert!(stream.consumer_info(others).await.is_ok(), "{others} kept");
+    }
     stop.cancel();
     task.await.unwrap();
 

@@ -270,9 +270,8 @@ async fn read_model_pool(
     pg.connect_timeout(std::time::Duration::from_secs(5));
     let manager = deadpool_postgres::Manager::new(pg, NoTls);
     let pool = deadpool_postgres::Pool::builder(manager)
-        // Every projector holds a connection for its batch; queries and the
-        // scheduler need their own on top.
-        .max_size(config.pg_pool_size + projections.len())
+        // For queries and the scheduler: the projectors have their own.
+        .max_size(config.pg_pool_size)
         .wait_timeout(Some(std::time::Duration::from_secs(10)))
         .create_timeout(Some(std::time::Duration::from_secs(5)))
         .runtime(deadpool_postgres::Runtime::Tokio1)

@@ -54,7 +54,7 @@ pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
 pub use rebuild::{Progress, RebuildError, rebuild, rebuild_many};
 pub use runtime::{
     Applied, ApplyError, ApplyFuture, Projection, ProjectionStatus, Projector, ProjectorOptions,
-    STATUS_SCHEMA, StateCache, Tx, applied_position, ensure_schema, statuses, wait_for_position,
+    STATUS_SCHEMA, StateCache, Tx, applied_position, ensure_schema, statuses,
 };
 pub use sales_funnel::{NAME as SALES_FUNNEL, SalesFunnel};
 pub use sales_performance::{NAME as SALES_PERFORMANCE, SalesPerformance};

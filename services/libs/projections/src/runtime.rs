@@ -1097,16 +1097,13 @@ impl Applied {
         *self.position.borrow()
     }
 
-    /// Tells the projector a query waits for `min_position`.
+    /// Tells the projector a query waits for `min_position`: each wait
+    /// for a position not applied yet is heard, even one below an earlier
+    /// wait's (which may lie beyond the log's head and never be reached).
     pub fn want(&self, min_position: u64) {
         if *self.position.borrow() < min_position {
-            self.wanted.send_if_modified(|wanted| {
-                let raise = *wanted < min_position;
-                if raise {
-                    *wanted = min_position;
-                }
-                raise
-            });
+            self.wanted
+                .send_modify(|wanted| *wanted = (*wanted).max(min_position));
         }
     }
 
@@ -1296,11 +1293,7 @@ impl Projector {
         let js = jetstream::new(client);
         let stream = js.get_stream(&self.options.stream).await.map_err(nats)?;
         let consumers = self.consumers();
-        if !self.projection.stream_types().is_empty() {
-            // The unfiltered consumer of an earlier version, if any: it would
-            // only hold messages back on the server.
-            let _ = stream.delete_consumer(&format!("projection_{name}")).await;
-        }
+        self.drop_stale_consumers(&stream, &consumers).await;
         let mut merged = futures_util::stream::SelectAll::new();
         for (index, (durable, filter)) in consumers.iter().enumerate() {
             let consumer = stream
@@ -1428,6 +1421,36 @@ impl Projector {
                 inbox.ack_all().await?;
             }
             self.flush_skipped(false).await?;
+        }
+    }
+
+    /// Deletes this projection's durable consumers that `consumers` no
+    /// longer names (an earlier version's: unfiltered, or of a stream type
+    /// or event type it no longer reads), which would only hold messages
+    /// back on the server. Best effort: one left is deleted next time.
+    async fn drop_stale_consumers(
+        &self,
+        stream: &jetstream::stream::Stream,
+        consumers: &[(String, String)],
+    ) {
+        let name = self.projection.name();
+        let (whole, typed) = (format!("projection_{name}"), format!("projection_{name}__"));
+        let mut names = stream.consumer_names();
+        let mut stale = Vec::new();
+        while let Some(Ok(durable)) = names.next().await {
+            if (durable == whole || durable.starts_with(&typed))
+                && !consumers.iter().any(|(current, _)| *current == durable)
+            {
+                stale.push(durable);
+            }
+        }
+        for durable in stale {
+            match stream.delete_consumer(&durable).await {
+                Ok(_) => tracing::info!(consumer = %durable, "deleted a consumer no longer read"),
+                Err(error) => {
+                    tracing::warn!(consumer = %durable, %error, "a stale consumer was not deleted");
+                }
+            }
         }
     }
 
@@ -1896,30 +1919,6 @@ pub async fn applied_position(
     Ok(row.map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)))
 }
 
-/// Waits until `name` has applied `min_position`, polling, at most `wait`.
-/// `Ok(position)` once reached, `Err(position)` with the applied position
-/// when the wait ran out.
-pub async fn wait_for_position(
-    client: &tokio_postgres::Client,
-    name: &str,
-    min_position: u64,
-    wait: Duration,
-) -> Result<Result<u64, u64>, tokio_postgres::Error> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let position = applied_position(client, name).await?;
-        if position >= min_position {
-            return Ok(Ok(position));
-        }
-        if tokio::time::Instant::now() + pause > deadline {
-            return Ok(Err(position));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
 /// Every projection's status with its lag against the log's head.
 pub async fn statuses(
     client: &tokio_postgres::Client,
@@ -1950,4 +1949,29 @@ pub async fn statuses(
             lag_seconds: row.get(7),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use tokio::sync::watch;
+
+    #[test]
+    fn every_wait_beyond_the_applied_position_is_heard() {
+        let (_applied_to, position) = watch::channel(10u64);
+        let wanted = Arc::new(watch::Sender::new(0u64));
+        let applied = super::Applied {
+            position,
+            wanted: wanted.clone(),
+        };
+        let mut heard = wanted.subscribe();
+        applied.want(5); // applied already: nothing to hear
+        assert!(!heard.has_changed().unwrap());
+        applied.want(1_000_000); // beyond the log, say: never reached
+        assert!(heard.has_changed().unwrap());
+        heard.borrow_and_update();
+        applied.want(20); // lower than that, still not applied: heard too
+        assert!(heard.has_changed().unwrap());
+        assert_eq!(*heard.borrow_and_update(), 1_000_000);
+    }
 }
