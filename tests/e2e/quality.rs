@@ -311,10 +311,64 @@ async fn worked_example_c_suspects_phone_and_name_95_merges_and_a_dismissal_hold
             .get::<_, i64>(0)
     };
     let before = all_events().await;
+    // Every row but the nudge's, and the summary: the same after the replay.
+    let rows = |except: String| {
+        let db = &db;
+        async move {
+            let mut text = String::new();
+            for row in db
+                .query(
+                    "SELECT row_to_json(r)::text FROM record_quality r \
+                     WHERE record_id::text <> $1 ORDER BY record_id",
+                    &[&except],
+                )
+                .await
+                .unwrap()
+            {
+                text.push_str(row.get::<_, &str>(0));
+                text.push('\n');
+            }
+            text
+        }
+    };
+    let summary = || async {
+        db.query(
+            "SELECT owner, kind, records, completeness_sum FROM quality_summary ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let (owner, kind): (String, String) = (row.get(0), row.get(1));
+            ((owner, kind), (row.get::<_, i64>(2), row.get::<_, i64>(3)))
+        })
+        .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (rows_before, mut summary_before) = (rows(String::new()).await, summary().await);
     crate::support::reset_position(&app, "data_quality").await;
-    let (_, nudge) = create(&app, person("Nudge", "", &[], &[])).await;
+    let (nudge_id, nudge) = create(&app, person("Nudge", "", &[], &[])).await;
     crate::support::reached(&app, "data_quality", nudge).await;
     assert_eq!(all_events().await, before + 1, "only the nudge");
+    assert_eq!(
+        rows(nudge_id.clone()).await,
+        rows_before,
+        "records replayed"
+    );
+    let share = db
+        .query_one(
+            "SELECT owner, kind, completeness::bigint FROM record_quality \
+             WHERE record_id::text = $1",
+            &[&nudge_id],
+        )
+        .await
+        .unwrap();
+    let entry = summary_before
+        .entry((share.get(0), share.get(1)))
+        .or_insert((0, 0));
+    entry.0 += 1;
+    entry.1 += share.get::<_, i64>(2);
+    assert_eq!(summary().await, summary_before, "each record counted once");
     assert_eq!(candidates(&app, "merged", nudge).await.len(), 1);
     assert_eq!(candidates(&app, "dismissed", nudge).await.len(), 1);
     assert!(candidates(&app, "", nudge).await.is_empty());

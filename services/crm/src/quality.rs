@@ -168,11 +168,11 @@ CREATE TABLE IF NOT EXISTS dq_unmatched_orders (
 pub struct DataQuality {
     handler: CommandHandler,
     sender: Sender,
-    /// Of the records whose first event is in the batch being applied:
-    /// those with no later event stored yet (read ahead once per batch).
-    /// Such a record's clear state is its first event's, with no read of
-    /// the store.
-    new_records: std::sync::Mutex<std::collections::HashSet<(String, Uuid)>>,
+    /// The positions of the first events, in the batch being applied, of
+    /// records with no later event stored yet (read ahead once per batch).
+    /// Such a record's clear state is that event's, with no read of the
+    /// store.
+    new_records: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl DataQuality {
@@ -184,21 +184,25 @@ impl DataQuality {
         }
     }
 
-    /// Whether `event` is the first of a record in this batch and the store
-    /// holds no later one: its row, blocking keys and summary share cannot
-    /// exist yet, and its state is what that event makes.
+    /// Whether `event` is the first of a record, announced for this batch,
+    /// and the store holds no later one: its state is what that event makes,
+    /// and it has no blocking keys but (when the event is replayed) those
+    /// that event gave it.
     fn is_new_record(&self, event: &RecordedEvent) -> bool {
         event.stream_version == 1
             && self
                 .new_records
                 .lock()
-                .is_ok_and(|new| new.contains(&(event.tenant_id.clone(), event.stream_id)))
+                .is_ok_and(|new| new.contains(&event.global_position))
     }
 
     /// Finds, with one query per tenant, which records created in the batch
     /// have no later event stored.
     async fn find_new_records(&self, events: &[&RecordedEvent]) -> Result<(), ApplyError> {
-        let mut firsts: std::collections::BTreeMap<&str, Vec<Uuid>> = Default::default();
+        if let Ok(mut records) = self.new_records.lock() {
+            records.clear();
+        }
+        let mut firsts: std::collections::BTreeMap<&str, Vec<(Uuid, u64)>> = Default::default();
         for event in events {
             if event.stream_version == 1
                 && [
@@ -211,22 +215,23 @@ impl DataQuality {
                 firsts
                     .entry(event.tenant_id.as_str())
                     .or_default()
-                    .push(event.stream_id);
+                    .push((event.stream_id, event.global_position));
             }
         }
         let mut new = std::collections::HashSet::new();
-        for (tenant, ids) in firsts {
+        for (tenant, firsts) in firsts {
             let Ok(tenant_id) = TenantId::parse(tenant) else {
                 continue; // applying its events reports the bad tenant
             };
+            let ids: Vec<Uuid> = firsts.iter().map(|(id, _)| *id).collect();
             let versions = self
                 .handler
                 .stream_versions(&tenant_id, &ids)
                 .await
                 .map_err(|error| ApplyError::Transient(error.to_string()))?;
-            for (id, version) in ids.into_iter().zip(versions) {
+            for ((_, position), version) in firsts.into_iter().zip(versions) {
                 if version == 1 {
-                    new.insert((tenant.to_owned(), id));
+                    new.insert(position);
                 }
             }
         }
@@ -580,55 +585,49 @@ impl DataQuality {
         }))
     }
 
-    /// Adds (`sign` 1) or removes (-1) a record's share of its owner's mean.
+    /// Adds a record's share of its owner's mean ([`Self::withdraw`] takes
+    /// it away).
     async fn summary(
         tx: &Tx<'_>,
         tenant: &str,
         owner: &str,
         kind: &str,
         completeness: i16,
-        sign: i64,
     ) -> Result<(), ApplyError> {
         tx.execute(
             "INSERT INTO quality_summary (tenant_id, owner, kind, records, completeness_sum) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, owner, kind) DO UPDATE \
+             VALUES ($1, $2, $3, 1, $4) ON CONFLICT (tenant_id, owner, kind) DO UPDATE \
              SET records = quality_summary.records + EXCLUDED.records, \
                  completeness_sum = quality_summary.completeness_sum + EXCLUDED.completeness_sum",
-            &[
-                &tenant,
-                &owner,
-                &kind,
-                &sign,
-                &(sign * i64::from(completeness)),
-            ],
+            &[&tenant, &owner, &kind, &i64::from(completeness)],
         )
         .await?;
-        if sign < 0 {
-            tx.execute(
-                "DELETE FROM quality_summary \
-                 WHERE tenant_id = $1 AND owner = $2 AND kind = $3 AND records <= 0",
-                &[&tenant, &owner, &kind],
-            )
-            .await?;
-        }
         Ok(())
     }
 
     /// Removes the record's current share of the summary (before its row
-    /// changes or goes).
+    /// changes or goes): two queued writes that read the row themselves, so
+    /// nothing is read here and a record's writes go out with its candidate
+    /// lookup.
     async fn withdraw(tx: &Tx<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
-        let old = tx
-            .query_opt(
-                "SELECT owner, kind, completeness FROM record_quality \
-                 WHERE tenant_id = $1 AND record_id = $2 AND active FOR UPDATE",
-                &[&tenant, &id],
-            )
-            .await?;
-        if let Some(old) = old
-            && let Some(completeness) = old.get::<_, Option<i16>>(2)
-        {
-            Self::summary(tx, tenant, old.get(0), old.get(1), completeness, -1).await?;
-        }
+        tx.execute(
+            "INSERT INTO quality_summary (tenant_id, owner, kind, records, completeness_sum) \
+             SELECT tenant_id, owner, kind, -1, -completeness FROM record_quality \
+             WHERE tenant_id = $1 AND record_id = $2 AND active AND completeness IS NOT NULL \
+             ON CONFLICT (tenant_id, owner, kind) DO UPDATE \
+             SET records = quality_summary.records + EXCLUDED.records, \
+                 completeness_sum = quality_summary.completeness_sum + EXCLUDED.completeness_sum",
+            &[&tenant, &id],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM quality_summary s USING record_quality r \
+             WHERE r.tenant_id = $1 AND r.record_id = $2 AND r.active \
+               AND s.tenant_id = r.tenant_id AND s.owner = r.owner AND s.kind = r.kind \
+               AND s.records <= 0",
+            &[&tenant, &id],
+        )
+        .await?;
         Ok(())
     }
 
@@ -638,11 +637,8 @@ impl DataQuality {
         id: Uuid,
         view: &View,
         at: Timestamp,
-        new: bool,
     ) -> Result<(), ApplyError> {
-        if !new {
-            Self::withdraw(tx, tenant, id).await?;
-        }
+        Self::withdraw(tx, tenant, id).await?;
         let issues = serde_json::Value::Array(
             view.issues
                 .iter()
@@ -688,7 +684,7 @@ impl DataQuality {
         if view.active
             && let Some(completeness) = completeness
         {
-            Self::summary(tx, tenant, &view.owner, view.kind, completeness, 1).await?;
+            Self::summary(tx, tenant, &view.owner, view.kind, completeness).await?;
         }
         Ok(())
     }
@@ -855,7 +851,7 @@ impl DataQuality {
             return Self::forget(tx, tenant.as_str(), id).await;
         }
         let new = self.is_new_record(event);
-        Self::save_record(tx, tenant.as_str(), id, &view, at, new).await?;
+        Self::save_record(tx, tenant.as_str(), id, &view, at).await?;
         let hashes = self.save_keys(tx, &tenant, id, &view, new).await?;
         if effect.rematch
             && let Some(record) = view.matching.as_ref().filter(|_| view.active)
@@ -929,7 +925,7 @@ impl DataQuality {
             issues: Vec::new(),
             fields: Vec::new(),
         };
-        Self::save_record(tx, tenant, id, &view, at, false).await
+        Self::save_record(tx, tenant, id, &view, at).await
     }
 
     /// A touch: its targets' last touch moves on, and its outcome is judged.
@@ -970,7 +966,7 @@ impl DataQuality {
             issues,
             fields: Vec::new(),
         };
-        Self::save_record(tx, tenant, event.stream_id, &view, at, false).await
+        Self::save_record(tx, tenant, event.stream_id, &view, at).await
     }
 
     async fn on_activity(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {

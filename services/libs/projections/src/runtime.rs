@@ -1699,28 +1699,29 @@ impl Projector {
             };
             let mut applied = 0u64;
             let base = (*self.position.borrow()).min(up_to);
-            let mut refilled = self.refill(&tx, &mut position, base, &mut applied).await?;
-            let holes: Vec<u64> = holes.into_iter().filter(|h| *h > position).collect();
-            refilled += holes.len() as u64;
+            // Caught up to `base` first (from the store), then the batch.
+            let floor = position.max(base);
+            let holes: Vec<u64> = holes.into_iter().filter(|h| *h > floor).collect();
             let mut all = events;
             all.extend(self.fetch(&holes).await?.into_iter().map(Delivered::Event));
             all.sort_by_key(Delivered::position);
+            // Announced before anything is applied, even when empty (so
+            // nothing read ahead for an earlier batch lingers).
             let ahead: Vec<&RecordedEvent> = all
                 .iter()
-                .filter(|delivered| delivered.position() > position)
+                .filter(|delivered| delivered.position() > floor)
                 .filter_map(|delivered| self.handled(delivered))
                 .collect();
-            if let Some(first) = ahead.first() {
-                let first = first.global_position;
-                self.projection
-                    .read_ahead(&tx, &ahead)
-                    .await
-                    .map_err(|error| RunError::Transient {
-                        position: first,
-                        error: error.to_string(),
-                    })?;
-            }
+            self.projection
+                .read_ahead(&tx, &ahead)
+                .await
+                .map_err(|error| RunError::Transient {
+                    position: floor + 1,
+                    error: error.to_string(),
+                })?;
             drop(ahead);
+            let mut refilled = self.refill(&tx, &mut position, base, &mut applied).await?;
+            refilled += holes.len() as u64;
             for delivered in &all {
                 if delivered.position() <= position {
                     continue; // applied before: redelivery
