@@ -774,11 +774,12 @@ pub trait Projection: Send + Sync + 'static {
     /// use are ignored (`Ok`).
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a>;
     /// Called by the live projector once per batch, in its transaction,
-    /// with the events it is about to apply (those it handles, in log
-    /// order), so that a projection can read what they need in one query
-    /// instead of one per event. Not called for events read from the store
-    /// to catch up, nor by a rebuild: `apply` must not depend on it. An
-    /// error fails the batch, which is tried again.
+    /// before it applies anything, with the batch's events that it handles
+    /// (in log order; possibly none), so that a projection can read what
+    /// they need in one query instead of one per event. Events read from the
+    /// store to catch up first are not among them, and a rebuild never calls
+    /// it: `apply` must be right without it. An error fails the batch, which
+    /// is tried again.
     fn read_ahead<'a>(
         &'a self,
         _tx: &'a Tx<'_>,
