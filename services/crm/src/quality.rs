@@ -606,9 +606,10 @@ impl DataQuality {
     }
 
     /// Removes the record's current share of the summary (before its row
-    /// changes or goes): two queued writes that read the row themselves, so
+    /// changes or goes): a queued write that reads the row itself, so
     /// nothing is read here and a record's writes go out with its candidate
-    /// lookup.
+    /// lookup. An owner's row left at no records counts for nothing (the
+    /// queries skip it) and is used again by the owner's next record.
     async fn withdraw(tx: &Tx<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
         tx.execute(
             "INSERT INTO quality_summary (tenant_id, owner, kind, records, completeness_sum) \
@@ -617,14 +618,6 @@ impl DataQuality {
              ON CONFLICT (tenant_id, owner, kind) DO UPDATE \
              SET records = quality_summary.records + EXCLUDED.records, \
                  completeness_sum = quality_summary.completeness_sum + EXCLUDED.completeness_sum",
-            &[&tenant, &id],
-        )
-        .await?;
-        tx.execute(
-            "DELETE FROM quality_summary s USING record_quality r \
-             WHERE r.tenant_id = $1 AND r.record_id = $2 AND r.active \
-               AND s.tenant_id = r.tenant_id AND s.owner = r.owner AND s.kind = r.kind \
-               AND s.records <= 0",
             &[&tenant, &id],
         )
         .await?;
