@@ -1253,3 +1253,26 @@ async fn an_open_deal_is_stale_after_14_days_without_a_touch() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn duplicates_created_together_are_suspected_once_whatever_batch_they_land_in() {
+    let app = app().await;
+    // Created at once, so the process manager most likely takes them in one
+    // batch: each finds the others from the keys stored before the batch
+    // and those the batch wrote before it.
+    let (a, b, c) = tokio::join!(
+        create(&app, person("Li", "Wei", &[], &["+8613800138111"])),
+        create(&app, person("Ｌｉ", "Ｗｅｉ", &[], &["+8613800138111"])),
+        create(&app, person("Zhang", "San", &[], &["+8613900139222"])),
+    );
+    let found = suspected(&app, 1).await;
+    assert_eq!(found[0].record_ids, sorted(&a.0, &b.0));
+    assert_eq!((found[0].score, found[0].kind.as_str()), (95, "contact"));
+    // A later duplicate of the first two meets both (keys stored earlier).
+    let (d, _) = create(&app, person("Li", "Wei", &[], &["+8613800138111"])).await;
+    let found = suspected(&app, 3).await;
+    let with_d = found.iter().filter(|p| p.record_ids.contains(&d)).count();
+    assert_eq!(with_d, 2);
+    assert!(!found.iter().any(|p| p.record_ids.contains(&c.0)));
+    app.stop().await;
+}

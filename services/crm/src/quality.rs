@@ -168,11 +168,71 @@ CREATE TABLE IF NOT EXISTS dq_unmatched_orders (
 pub struct DataQuality {
     handler: CommandHandler,
     sender: Sender,
-    /// The positions of the first events, in the batch being applied, of
-    /// records with no later event stored yet (read ahead once per batch).
-    /// Such a record's clear state is that event's, with no read of the
-    /// store.
-    new_records: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// What was read ahead for the batch being applied, and the blocking
+    /// keys it has written so far.
+    batch: std::sync::Mutex<Batch>,
+}
+
+/// A batch's new records: the first events of records with no later event
+/// stored yet. Such a record's clear state is that event's (no read of the
+/// store), and its duplicate candidates are found from the blocking keys
+/// stored before the batch (read for all of them at once) and those the
+/// batch wrote before it (kept here): no read per record, so the batch's
+/// writes go out together.
+#[derive(Default)]
+struct Batch {
+    /// By the position of its first event: its view, until applied.
+    new_records: std::collections::HashMap<u64, Option<View>>,
+    /// The records (of `tenant` and kind) stored before the batch under
+    /// each key hash of the new records, by record id, at most
+    /// [`MAX_CANDIDATES`] plus the batch's length: enough once the records
+    /// the batch rewrites are left out.
+    stored: std::collections::HashMap<(String, Vec<u8>), Vec<Candidate>>,
+    /// The keys the batch wrote, by record: its kind and hashes (none:
+    /// deleted).
+    written: std::collections::HashMap<(String, Uuid), Option<Keys>>,
+}
+
+/// A record sharing a key hash, and its kind.
+type Candidate = (Uuid, String);
+
+/// A record's kind and key hashes.
+type Keys = (String, Vec<Vec<u8>>);
+
+impl Batch {
+    /// The records sharing a key hash with `id`'s `hashes`, as the table
+    /// holds them now: at most [`MAX_CANDIDATES`] per key and in all, by
+    /// record id, each with its kind (what the candidate lookup reads).
+    fn candidates(&self, tenant: &str, id: Uuid, hashes: &[Vec<u8>]) -> Vec<Candidate> {
+        let max = usize::try_from(MAX_CANDIDATES).unwrap_or(usize::MAX);
+        let mut found: std::collections::BTreeMap<Uuid, String> = Default::default();
+        for hash in hashes {
+            let mut sharing: Vec<(Uuid, &str)> = self
+                .stored
+                .get(&(tenant.to_owned(), hash.clone()))
+                .into_iter()
+                .flatten()
+                .filter(|(other, _)| {
+                    *other != id && !self.written.contains_key(&(tenant.to_owned(), *other))
+                })
+                .map(|(other, kind)| (*other, kind.as_str()))
+                .collect();
+            sharing.extend(self.written.iter().filter_map(|((t, other), keys)| {
+                let (kind, hashes) = keys.as_ref()?;
+                (t == tenant && *other != id && hashes.contains(hash))
+                    .then_some((*other, kind.as_str()))
+            }));
+            sharing.sort_unstable();
+            sharing.truncate(max);
+            for (other, kind) in sharing {
+                let entry = found.entry(other).or_insert_with(|| kind.to_owned());
+                if kind < entry.as_str() {
+                    *entry = kind.to_owned();
+                }
+            }
+        }
+        found.into_iter().take(max).collect()
+    }
 }
 
 impl DataQuality {
@@ -180,8 +240,12 @@ impl DataQuality {
         Self {
             sender: Sender::new(handler.clone(), "quality", "system:data_quality"),
             handler,
-            new_records: Default::default(),
+            batch: Default::default(),
         }
+    }
+
+    fn batch(&self) -> std::sync::MutexGuard<'_, Batch> {
+        self.batch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `event` is the first of a record, announced for this batch,
@@ -191,18 +255,17 @@ impl DataQuality {
     fn is_new_record(&self, event: &RecordedEvent) -> bool {
         event.stream_version == 1
             && self
+                .batch()
                 .new_records
-                .lock()
-                .is_ok_and(|new| new.contains(&event.global_position))
+                .contains_key(&event.global_position)
     }
 
     /// Finds, with one query per tenant, which records created in the batch
-    /// have no later event stored.
-    async fn find_new_records(&self, events: &[&RecordedEvent]) -> Result<(), ApplyError> {
-        if let Ok(mut records) = self.new_records.lock() {
-            records.clear();
-        }
-        let mut firsts: std::collections::BTreeMap<&str, Vec<(Uuid, u64)>> = Default::default();
+    /// have no later event stored; makes their views and reads, with one
+    /// query per tenant, the records stored under their key hashes.
+    async fn read_batch(&self, tx: &Tx<'_>, events: &[&RecordedEvent]) -> Result<(), ApplyError> {
+        *self.batch() = Batch::default();
+        let mut firsts: std::collections::BTreeMap<&str, Vec<&RecordedEvent>> = Default::default();
         for event in events {
             if event.stream_version == 1
                 && [
@@ -215,28 +278,67 @@ impl DataQuality {
                 firsts
                     .entry(event.tenant_id.as_str())
                     .or_default()
-                    .push((event.stream_id, event.global_position));
+                    .push(event);
             }
         }
-        let mut new = std::collections::HashSet::new();
+        let per_key = MAX_CANDIDATES.saturating_add(i64::try_from(events.len()).unwrap_or(0));
         for (tenant, firsts) in firsts {
             let Ok(tenant_id) = TenantId::parse(tenant) else {
                 continue; // applying its events reports the bad tenant
             };
-            let ids: Vec<Uuid> = firsts.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<Uuid> = firsts.iter().map(|event| event.stream_id).collect();
             let versions = self
                 .handler
                 .stream_versions(&tenant_id, &ids)
                 .await
                 .map_err(|error| ApplyError::Transient(error.to_string()))?;
-            for ((_, position), version) in firsts.into_iter().zip(versions) {
-                if version == 1 {
-                    new.insert(position);
+            let mut hashes = Vec::new();
+            for (event, version) in firsts.into_iter().zip(versions) {
+                if version != 1 {
+                    continue;
                 }
+                let kind = match event.stream_type.as_str() {
+                    t if t == Contact::STREAM_TYPE => RecordKind::Contact,
+                    t if t == Lead::STREAM_TYPE => RecordKind::Lead,
+                    _ => RecordKind::Account,
+                };
+                self.batch().new_records.insert(event.global_position, None);
+                let view = self.view(event, &tenant_id, kind, event.stream_id).await?;
+                if let Some(record) = view
+                    .as_ref()
+                    .filter(|view| view.active)
+                    .and_then(|view| view.matching.as_ref())
+                {
+                    hashes.extend(
+                        blocking_keys(record)
+                            .iter()
+                            .map(|key| self.handler.blocking_hash(&tenant_id, key)),
+                    );
+                }
+                self.batch().new_records.insert(event.global_position, view);
             }
-        }
-        if let Ok(mut records) = self.new_records.lock() {
-            *records = new;
+            if hashes.is_empty() {
+                continue;
+            }
+            hashes.sort_unstable();
+            hashes.dedup();
+            let rows = tx
+                .query(
+                    "SELECT h.key_hash, k.record_id, k.kind FROM unnest($2::bytea[]) AS h(key_hash) \
+                     CROSS JOIN LATERAL (SELECT record_id, kind FROM dq_blocking_keys \
+                       WHERE tenant_id = $1 AND key_hash = h.key_hash \
+                       ORDER BY record_id LIMIT $3) k",
+                    &[&tenant, &hashes, &per_key],
+                )
+                .await?;
+            let mut batch = self.batch();
+            for row in rows {
+                batch
+                    .stored
+                    .entry((tenant.to_owned(), row.get(0)))
+                    .or_default()
+                    .push((row.get(1), row.get(2)));
+            }
         }
         Ok(())
     }
@@ -683,7 +785,8 @@ impl DataQuality {
     }
 
     /// Every row of a record whose personal data is erased.
-    async fn forget(tx: &Tx<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
+    async fn forget(&self, tx: &Tx<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
+        self.batch().written.insert((tenant.to_owned(), id), None);
         Self::withdraw(tx, tenant, id).await?;
         for statement in [
             "DELETE FROM record_quality WHERE tenant_id = $1 AND record_id = $2",
@@ -732,12 +835,19 @@ impl DataQuality {
             .await?;
         }
         let Some(record) = view.matching.as_ref().filter(|_| view.active) else {
+            self.batch()
+                .written
+                .insert((tenant.as_str().to_owned(), id), None);
             return Ok(Vec::new());
         };
         let hashes: Vec<Vec<u8>> = blocking_keys(record)
             .iter()
             .map(|key| self.handler.blocking_hash(tenant, key))
             .collect();
+        self.batch().written.insert(
+            (tenant.as_str().to_owned(), id),
+            Some((view.kind.to_owned(), hashes.clone())),
+        );
         tx.execute(
             "INSERT INTO dq_blocking_keys (tenant_id, key_hash, record_id, kind) \
              SELECT $1, hash, $2, $3 FROM unnest($4::bytea[]) AS hash ON CONFLICT DO NOTHING",
@@ -748,7 +858,9 @@ impl DataQuality {
     }
 
     /// Scores the record against every comparable active record sharing a
-    /// blocking key, and suspects the pairs at or above the threshold.
+    /// blocking key, and suspects the pairs at or above the threshold. The
+    /// candidates of a `new` record come from what was read ahead.
+    #[allow(clippy::too_many_arguments)]
     async fn find_duplicates(
         &self,
         tx: &Tx<'_>,
@@ -757,12 +869,16 @@ impl DataQuality {
         record: &MatchRecord,
         hashes: &[Vec<u8>],
         at: Timestamp,
+        new: bool,
     ) -> Result<(), ApplyError> {
         if hashes.is_empty() {
             return Ok(());
         }
-        let candidates = tx
-            .query(
+        let candidates: Vec<Candidate> = if new {
+            // Read ahead with the batch's other new records.
+            self.batch().candidates(tenant.as_str(), record.id, hashes)
+        } else {
+            tx.query(
                 // One probe of the primary key per blocking key: a plan
                 // cached while the table was small must not scan the
                 // tenant's rows instead (it did, through the record index:
@@ -774,14 +890,17 @@ impl DataQuality {
                  GROUP BY k.record_id ORDER BY k.record_id LIMIT $4",
                 &[&tenant.as_str(), &hashes, &record.id, &MAX_CANDIDATES],
             )
-            .await?;
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+        };
         if candidates.is_empty() {
             return Ok(()); // the usual case: no read of the threshold
         }
         let threshold = Self::threshold(tx, tenant.as_str()).await?;
-        for (n, row) in candidates.iter().enumerate() {
-            let other_id: Uuid = row.get(0);
-            let Some(other_kind) = RecordKind::parse(row.get(1)) else {
+        for (n, (other_id, other_kind)) in candidates.into_iter().enumerate() {
+            let Some(other_kind) = RecordKind::parse(&other_kind) else {
                 continue;
             };
             if !comparable(record.kind, other_kind) {
@@ -826,7 +945,7 @@ impl DataQuality {
             return Ok(());
         }
         if effect.erased {
-            return Self::forget(tx, tenant.as_str(), id).await;
+            return self.forget(tx, tenant.as_str(), id).await;
         }
         if effect.time_only {
             return Self::modified(tx, tenant.as_str(), id, at).await;
@@ -837,11 +956,21 @@ impl DataQuality {
         if let Some(survivor) = effect.survivor {
             Self::mark_merged(tx, tenant.as_str(), survivor, id, at).await?;
         }
-        let Some(view) = self.view(event, &tenant, kind, id).await? else {
-            return Ok(());
+        let prepared = self
+            .batch()
+            .new_records
+            .get_mut(&event.global_position)
+            .filter(|_| id == event.stream_id)
+            .and_then(Option::take);
+        let view = match prepared {
+            Some(view) => view,
+            None => match self.view(event, &tenant, kind, id).await? {
+                Some(view) => view,
+                None => return Ok(()),
+            },
         };
         if view.erased {
-            return Self::forget(tx, tenant.as_str(), id).await;
+            return self.forget(tx, tenant.as_str(), id).await;
         }
         let new = self.is_new_record(event);
         Self::save_record(tx, tenant.as_str(), id, &view, at).await?;
@@ -849,7 +978,7 @@ impl DataQuality {
         if effect.rematch
             && let Some(record) = view.matching.as_ref().filter(|_| view.active)
         {
-            self.find_duplicates(tx, event, &tenant, record, &hashes, at)
+            self.find_duplicates(tx, event, &tenant, record, &hashes, at, new)
                 .await?;
         }
         Ok(())
@@ -1234,10 +1363,10 @@ impl Projection for DataQuality {
 
     fn read_ahead<'a>(
         &'a self,
-        _tx: &'a Tx<'_>,
+        tx: &'a Tx<'_>,
         events: &'a [&'a RecordedEvent],
     ) -> crm_projections::ApplyFuture<'a> {
-        Box::pin(self.find_new_records(events))
+        Box::pin(self.read_batch(tx, events))
     }
 
     fn apply<'a>(
