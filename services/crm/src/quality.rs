@@ -191,6 +191,10 @@ struct Batch {
     /// The keys the batch wrote, by record: its kind and hashes (none:
     /// deleted).
     written: std::collections::HashMap<(String, Uuid), Option<Keys>>,
+    /// The new records that have a row already (their first event is
+    /// applied again, after a reset): their summary share is withdrawn
+    /// before it is added again. The others have none to withdraw.
+    recorded: std::collections::HashSet<(String, Uuid)>,
 }
 
 /// A record sharing a key hash, and its kind.
@@ -292,11 +296,12 @@ impl DataQuality {
                 .stream_versions(&tenant_id, &ids)
                 .await
                 .map_err(|error| ApplyError::Transient(error.to_string()))?;
-            let mut hashes = Vec::new();
+            let (mut hashes, mut new_ids) = (Vec::new(), Vec::new());
             for (event, version) in firsts.into_iter().zip(versions) {
                 if version != 1 {
                     continue;
                 }
+                new_ids.push(event.stream_id);
                 let kind = match event.stream_type.as_str() {
                     t if t == Contact::STREAM_TYPE => RecordKind::Contact,
                     t if t == Lead::STREAM_TYPE => RecordKind::Lead,
@@ -316,6 +321,19 @@ impl DataQuality {
                     );
                 }
                 self.batch().new_records.insert(event.global_position, view);
+            }
+            if !new_ids.is_empty() {
+                let rows = tx
+                    .query(
+                        "SELECT record_id FROM record_quality \
+                         WHERE tenant_id = $1 AND record_id = ANY($2)",
+                        &[&tenant, &new_ids],
+                    )
+                    .await?;
+                let mut batch = self.batch();
+                for row in rows {
+                    batch.recorded.insert((tenant.to_owned(), row.get(0)));
+                }
             }
             if hashes.is_empty() {
                 continue;
@@ -732,8 +750,11 @@ impl DataQuality {
         id: Uuid,
         view: &View,
         at: Timestamp,
+        withdraw: bool,
     ) -> Result<(), ApplyError> {
-        Self::withdraw(tx, tenant, id).await?;
+        if withdraw {
+            Self::withdraw(tx, tenant, id).await?;
+        }
         let issues = serde_json::Value::Array(
             view.issues
                 .iter()
@@ -848,12 +869,15 @@ impl DataQuality {
             (tenant.as_str().to_owned(), id),
             Some((view.kind.to_owned(), hashes.clone())),
         );
-        tx.execute(
-            "INSERT INTO dq_blocking_keys (tenant_id, key_hash, record_id, kind) \
-             SELECT $1, hash, $2, $3 FROM unnest($4::bytea[]) AS hash ON CONFLICT DO NOTHING",
-            &[&tenant.as_str(), &id, &view.kind, &hashes],
-        )
-        .await?;
+        // One write per key: the batch's are sent as one statement.
+        for hash in &hashes {
+            tx.execute(
+                "INSERT INTO dq_blocking_keys (tenant_id, key_hash, record_id, kind) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&tenant.as_str(), hash, &id, &view.kind],
+            )
+            .await?;
+        }
         Ok(hashes)
     }
 
@@ -973,7 +997,13 @@ impl DataQuality {
             return self.forget(tx, tenant.as_str(), id).await;
         }
         let new = self.is_new_record(event);
-        Self::save_record(tx, tenant.as_str(), id, &view, at).await?;
+        // A new record has no share to withdraw unless its row is there.
+        let withdraw = !new
+            || self
+                .batch()
+                .recorded
+                .contains(&(tenant.as_str().to_owned(), id));
+        Self::save_record(tx, tenant.as_str(), id, &view, at, withdraw).await?;
         let hashes = self.save_keys(tx, &tenant, id, &view, new).await?;
         if effect.rematch
             && let Some(record) = view.matching.as_ref().filter(|_| view.active)
@@ -1047,7 +1077,7 @@ impl DataQuality {
             issues: Vec::new(),
             fields: Vec::new(),
         };
-        Self::save_record(tx, tenant, id, &view, at).await
+        Self::save_record(tx, tenant, id, &view, at, true).await
     }
 
     /// A touch: its targets' last touch moves on, and its outcome is judged.
@@ -1088,7 +1118,7 @@ impl DataQuality {
             issues,
             fields: Vec::new(),
         };
-        Self::save_record(tx, tenant, event.stream_id, &view, at).await
+        Self::save_record(tx, tenant, event.stream_id, &view, at, true).await
     }
 
     async fn on_activity(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
