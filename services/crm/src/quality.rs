@@ -808,7 +808,8 @@ impl DataQuality {
             "INSERT INTO record_quality (tenant_id, record_id, kind, owner, active, open, issues, \
                issue_rules, missing_required, missing_recommended, completeness, created_at, \
                last_modified, merged_into) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::text[], $9::text::text[], \
+               $10::text::text[], $11, $12, $13, $14) \
              ON CONFLICT (tenant_id, record_id) DO UPDATE SET kind = EXCLUDED.kind, \
                owner = EXCLUDED.owner, active = EXCLUDED.active, open = EXCLUDED.open, \
                merged_into = EXCLUDED.merged_into, \
@@ -826,10 +827,13 @@ impl DataQuality {
                 &view.active,
                 &view.open,
                 &issues,
-                &rules,
-                &view.missing(true),
-                &view.missing(false),
+                // Arrays as text: scalar parameters let a batch's rows go
+                // out as one statement.
+                &text_array(&rules),
+                &text_array(&view.missing(true)),
+                &text_array(&view.missing(false)),
                 &completeness,
+                &at,
                 &at,
                 &view.merged_into,
             ],
@@ -1324,6 +1328,15 @@ fn common_effect(event: &CommonEvent) -> Effect {
     }
 }
 
+/// `items` as a PostgreSQL array literal of text.
+fn text_array(items: &[&str]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|item| format!("\"{}\"", item.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
 /// What a contact's, lead's or account's event means (as `apply` reads it);
 /// `None` for another event or one that does not decode.
 fn record_effect(event: &RecordedEvent) -> Option<Effect> {
@@ -1500,6 +1513,15 @@ impl Projection for DataQuality {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_arrays_are_quoted_postgresql_literals() {
+        assert_eq!(text_array(&[]), "{}");
+        assert_eq!(
+            text_array(&["email", "a \"b\"", "c\\d", "e,f"]),
+            r#"{"email","a \"b\"","c\\d","e,f"}"#
+        );
+    }
 
     #[test]
     fn language_regions_must_be_iso_countries() {
