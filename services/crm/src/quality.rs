@@ -184,12 +184,16 @@ struct Batch {
     /// By the position of its first event: its view, until applied.
     new_records: std::collections::HashMap<u64, Option<View>>,
     /// The records (of `tenant` and kind) stored before the batch under
-    /// each key hash of the new records, by record id, at most
-    /// [`MAX_CANDIDATES`] plus the batch's length: enough once the records
-    /// the batch rewrites are left out.
+    /// each key hash of the new records, by record id, at most `per_key`.
     stored: std::collections::HashMap<(String, Vec<u8>), Vec<Candidate>>,
+    per_key: usize,
+    /// The records in `stored`.
+    stored_ids: std::collections::HashSet<(String, Uuid)>,
+    /// The key hashes of the new records.
+    hashes: std::collections::HashSet<(String, Vec<u8>)>,
     /// The keys the batch wrote, by record: its kind and hashes (none:
-    /// deleted).
+    /// deleted). Only of records a new record's lookup may meet: those in
+    /// `stored`, and those given one of `hashes`.
     written: std::collections::HashMap<(String, Uuid), Option<Keys>>,
     /// The new records that have a row already (their first event is
     /// applied again, after a reset): their summary share is withdrawn
@@ -208,23 +212,45 @@ type Candidate = (Uuid, String);
 type Keys = (String, Vec<Vec<u8>>);
 
 impl Batch {
+    /// Remembers the keys the batch gave `id` (`None`: none), where a new
+    /// record's lookup may meet them.
+    fn wrote(&mut self, tenant: &str, id: Uuid, keys: Option<Keys>) {
+        let record = (tenant.to_owned(), id);
+        let meets = self.stored_ids.contains(&record)
+            || self.written.contains_key(&record)
+            || keys.as_ref().is_some_and(|(_, hashes)| {
+                hashes
+                    .iter()
+                    .any(|hash| self.hashes.contains(&(tenant.to_owned(), hash.clone())))
+            });
+        if meets {
+            self.written.insert(record, keys);
+        }
+    }
+
     /// The records sharing a key hash with `id`'s `hashes`, as the table
     /// holds them now: at most [`MAX_CANDIDATES`] per key and in all, by
     /// record id, each with its kind (what the candidate lookup reads).
-    fn candidates(&self, tenant: &str, id: Uuid, hashes: &[Vec<u8>]) -> Vec<Candidate> {
+    /// `None` when what was read ahead cannot tell: a key's rows were cut at
+    /// `per_key` and too many of them were rewritten since.
+    fn candidates(&self, tenant: &str, id: Uuid, hashes: &[Vec<u8>]) -> Option<Vec<Candidate>> {
         let max = usize::try_from(MAX_CANDIDATES).unwrap_or(usize::MAX);
         let mut found: std::collections::BTreeMap<Uuid, String> = Default::default();
         for hash in hashes {
-            let mut sharing: Vec<(Uuid, &str)> = self
+            let stored = self
                 .stored
                 .get(&(tenant.to_owned(), hash.clone()))
-                .into_iter()
-                .flatten()
+                .map_or(&[][..], Vec::as_slice);
+            let mut sharing: Vec<(Uuid, &str)> = stored
+                .iter()
                 .filter(|(other, _)| {
                     *other != id && !self.written.contains_key(&(tenant.to_owned(), *other))
                 })
                 .map(|(other, kind)| (*other, kind.as_str()))
                 .collect();
+            if stored.len() >= self.per_key && sharing.len() < max {
+                return None; // rows past the cut may belong in
+            }
             sharing.extend(self.written.iter().filter_map(|((t, other), keys)| {
                 let (kind, hashes) = keys.as_ref()?;
                 (t == tenant && *other != id && hashes.contains(hash))
@@ -239,7 +265,7 @@ impl Batch {
                 }
             }
         }
-        found.into_iter().take(max).collect()
+        Some(found.into_iter().take(max).collect())
     }
 }
 
@@ -290,6 +316,7 @@ impl DataQuality {
             }
         }
         let per_key = MAX_CANDIDATES.saturating_add(i64::try_from(events.len()).unwrap_or(0));
+        self.batch().per_key = usize::try_from(per_key).unwrap_or(usize::MAX);
         for (tenant, firsts) in firsts {
             let Ok(tenant_id) = TenantId::parse(tenant) else {
                 continue; // applying its events reports the bad tenant
@@ -312,7 +339,16 @@ impl DataQuality {
                     _ => RecordKind::Account,
                 };
                 self.batch().new_records.insert(event.global_position, None);
-                let view = self.view(event, &tenant_id, kind, event.stream_id).await?;
+                let view = match self.view(event, &tenant_id, kind, event.stream_id).await {
+                    Ok(view) => view,
+                    Err(error @ ApplyError::Transient(_)) => return Err(error),
+                    Err(_) => {
+                        // Not read ahead: applying it meets the error at
+                        // its own position (poison).
+                        self.batch().new_records.remove(&event.global_position);
+                        continue;
+                    }
+                };
                 if let Some(record) = view
                     .as_ref()
                     .filter(|view| view.active)
@@ -356,7 +392,7 @@ impl DataQuality {
                 }
             }
             // The shares of the records with no row yet, summed.
-            let mut sums: std::collections::BTreeMap<(String, &str), (i64, i64)> =
+            let mut sums: std::collections::BTreeMap<(String, &str), (i64, i64, u64)> =
                 Default::default();
             for (id, position, (owner, kind, completeness)) in shares {
                 let mut batch = self.batch();
@@ -364,11 +400,13 @@ impl DataQuality {
                     continue; // withdrawn and added again by its event
                 }
                 batch.summed.insert(position);
-                let sum = sums.entry((owner, kind)).or_default();
+                let sum = sums.entry((owner, kind)).or_insert((0, 0, position));
                 sum.0 += 1;
                 sum.1 += i64::from(completeness);
             }
-            for ((owner, kind), (records, completeness)) in sums {
+            for ((owner, kind), (records, completeness, first)) in sums {
+                // A refusal is blamed on the first record it sums.
+                tx.applying(first);
                 Self::summary(tx, tenant, &owner, kind, records, completeness).await?;
             }
             if hashes.is_empty() {
@@ -376,6 +414,9 @@ impl DataQuality {
             }
             hashes.sort_unstable();
             hashes.dedup();
+            self.batch()
+                .hashes
+                .extend(hashes.iter().map(|hash| (tenant.to_owned(), hash.clone())));
             let rows = tx
                 .query(
                     "SELECT h.key_hash, k.record_id, k.kind FROM unnest($2::bytea[]) AS h(key_hash) \
@@ -387,11 +428,13 @@ impl DataQuality {
                 .await?;
             let mut batch = self.batch();
             for row in rows {
+                let id: Uuid = row.get(1);
+                batch.stored_ids.insert((tenant.to_owned(), id));
                 batch
                     .stored
                     .entry((tenant.to_owned(), row.get(0)))
                     .or_default()
-                    .push((row.get(1), row.get(2)));
+                    .push((id, row.get(2)));
             }
         }
         Ok(())
@@ -851,7 +894,7 @@ impl DataQuality {
 
     /// Every row of a record whose personal data is erased.
     async fn forget(&self, tx: &Tx<'_>, tenant: &str, id: Uuid) -> Result<(), ApplyError> {
-        self.batch().written.insert((tenant.to_owned(), id), None);
+        self.batch().wrote(tenant, id, None);
         Self::withdraw(tx, tenant, id).await?;
         for statement in [
             "DELETE FROM record_quality WHERE tenant_id = $1 AND record_id = $2",
@@ -890,9 +933,9 @@ impl DataQuality {
         tenant: &TenantId,
         id: Uuid,
         view: &View,
-        new: bool,
+        keyless: bool,
     ) -> Result<Vec<Vec<u8>>, ApplyError> {
-        if !new {
+        if !keyless {
             tx.execute(
                 "DELETE FROM dq_blocking_keys WHERE tenant_id = $1 AND record_id = $2",
                 &[&tenant.as_str(), &id],
@@ -900,19 +943,15 @@ impl DataQuality {
             .await?;
         }
         let Some(record) = view.matching.as_ref().filter(|_| view.active) else {
-            self.batch()
-                .written
-                .insert((tenant.as_str().to_owned(), id), None);
+            self.batch().wrote(tenant.as_str(), id, None);
             return Ok(Vec::new());
         };
         let hashes: Vec<Vec<u8>> = blocking_keys(record)
             .iter()
             .map(|key| self.handler.blocking_hash(tenant, key))
             .collect();
-        self.batch().written.insert(
-            (tenant.as_str().to_owned(), id),
-            Some((view.kind.to_owned(), hashes.clone())),
-        );
+        let keys = Some((view.kind.to_owned(), hashes.clone()));
+        self.batch().wrote(tenant.as_str(), id, keys);
         // One write per key: the batch's are sent as one statement.
         for hash in &hashes {
             tx.execute(
@@ -942,9 +981,14 @@ impl DataQuality {
         if hashes.is_empty() {
             return Ok(());
         }
-        let candidates: Vec<Candidate> = if new {
-            // Read ahead with the batch's other new records.
+        // Read ahead with the batch's other new records, where that tells.
+        let known = if new {
             self.batch().candidates(tenant.as_str(), record.id, hashes)
+        } else {
+            None
+        };
+        let candidates: Vec<Candidate> = if let Some(known) = known {
+            known
         } else {
             tx.query(
                 // One probe of the primary key per blocking key: a plan
@@ -1041,16 +1085,17 @@ impl DataQuality {
             return self.forget(tx, tenant.as_str(), id).await;
         }
         let new = self.is_new_record(event);
-        // A new record has no share to withdraw unless its row is there.
-        let withdraw = !new
-            || self
-                .batch()
-                .recorded
-                .contains(&(tenant.as_str().to_owned(), id));
+        // A new record has no share to withdraw nor keys to delete unless
+        // its row is there (its first event applied again).
+        let recorded = self
+            .batch()
+            .recorded
+            .contains(&(tenant.as_str().to_owned(), id));
+        let withdraw = !new || recorded;
         // Unless added for the batch at once (read ahead).
         let add_share = !self.batch().summed.contains(&event.global_position);
         Self::save_record(tx, tenant.as_str(), id, &view, at, withdraw, add_share).await?;
-        let hashes = self.save_keys(tx, &tenant, id, &view, new).await?;
+        let hashes = self.save_keys(tx, &tenant, id, &view, !withdraw).await?;
         if effect.rematch
             && let Some(record) = view.matching.as_ref().filter(|_| view.active)
         {
