@@ -183,6 +183,8 @@ pub struct DataQuality {
 struct Batch {
     /// By the position of its first event: its view, until applied.
     new_records: std::collections::HashMap<u64, Option<View>>,
+    /// By the same position: what that event means, decoded once.
+    effects: std::collections::HashMap<u64, (RecordKind, Effect)>,
     /// The records (of `tenant` and kind) stored before the batch under
     /// each key hash of the new records, by record id, at most `per_key`.
     stored: std::collections::HashMap<(String, Vec<u8>), Vec<Candidate>>,
@@ -332,12 +334,11 @@ impl DataQuality {
                 if version != 1 {
                     continue;
                 }
-                new_ids.push(event.stream_id);
-                let kind = match event.stream_type.as_str() {
-                    t if t == Contact::STREAM_TYPE => RecordKind::Contact,
-                    t if t == Lead::STREAM_TYPE => RecordKind::Lead,
-                    _ => RecordKind::Account,
+                // One that does not decode is left to its own event (poison).
+                let Ok(Some((kind, effect))) = record_event(event) else {
+                    continue;
                 };
+                new_ids.push(event.stream_id);
                 self.batch().new_records.insert(event.global_position, None);
                 let view = match self.view(event, &tenant_id, kind, event.stream_id).await {
                     Ok(view) => view,
@@ -362,9 +363,13 @@ impl DataQuality {
                 }
                 // Its share of the summary, when applying the event will add
                 // it (as `on_record` goes).
-                let share = record_effect(event)
-                    .filter(|effect| !(effect.ignored || effect.erased || effect.time_only))
-                    .and(view.as_ref())
+                let counts = !(effect.ignored || effect.erased || effect.time_only);
+                self.batch()
+                    .effects
+                    .insert(event.global_position, (kind, effect));
+                let share = view
+                    .as_ref()
+                    .filter(|_| counts)
                     .filter(|view| view.active && !view.erased)
                     .and_then(|view| {
                         let completeness = view.completeness()?;
@@ -1382,21 +1387,19 @@ fn text_array(items: &[&str]) -> String {
     format!("{{{}}}", quoted.join(","))
 }
 
-/// What a contact's, lead's or account's event means (as `apply` reads it);
-/// `None` for another event or one that does not decode.
-fn record_effect(event: &RecordedEvent) -> Option<Effect> {
-    match event.stream_type.as_str() {
-        t if t == Contact::STREAM_TYPE => decode::<ContactEvent>(event)
-            .ok()
-            .flatten()
-            .map(contact_effect),
-        t if t == Lead::STREAM_TYPE => decode::<LeadEvent>(event).ok().flatten().map(lead_effect),
-        t if t == Account::STREAM_TYPE => decode::<AccountEvent>(event)
-            .ok()
-            .flatten()
-            .map(account_effect),
+/// What a contact's, lead's or account's event means: its record's kind
+/// and the event's effect; `None` for another event.
+fn record_event(event: &RecordedEvent) -> Result<Option<(RecordKind, Effect)>, ApplyError> {
+    Ok(match event.stream_type.as_str() {
+        t if t == Contact::STREAM_TYPE => decode::<ContactEvent>(event)?
+            .map(|decoded| (RecordKind::Contact, contact_effect(decoded))),
+        t if t == Lead::STREAM_TYPE => {
+            decode::<LeadEvent>(event)?.map(|decoded| (RecordKind::Lead, lead_effect(decoded)))
+        }
+        t if t == Account::STREAM_TYPE => decode::<AccountEvent>(event)?
+            .map(|decoded| (RecordKind::Account, account_effect(decoded))),
         _ => None,
-    }
+    })
 }
 
 fn contact_effect(event: ContactEvent) -> Effect {
@@ -1523,22 +1526,21 @@ impl Projection for DataQuality {
     ) -> crm_projections::ApplyFuture<'a> {
         Box::pin(async move {
             match event.stream_type.as_str() {
-                t if t == Contact::STREAM_TYPE => {
-                    if let Some(decoded) = decode::<ContactEvent>(event)? {
-                        self.on_record(tx, event, RecordKind::Contact, contact_effect(decoded))
-                            .await?;
-                    }
-                }
-                t if t == Lead::STREAM_TYPE => {
-                    if let Some(decoded) = decode::<LeadEvent>(event)? {
-                        self.on_record(tx, event, RecordKind::Lead, lead_effect(decoded))
-                            .await?;
-                    }
-                }
-                t if t == Account::STREAM_TYPE => {
-                    if let Some(decoded) = decode::<AccountEvent>(event)? {
-                        self.on_record(tx, event, RecordKind::Account, account_effect(decoded))
-                            .await?;
+                t if [
+                    Contact::STREAM_TYPE,
+                    Lead::STREAM_TYPE,
+                    Account::STREAM_TYPE,
+                ]
+                .contains(&t) =>
+                {
+                    // Decoded once: when read ahead, not again.
+                    let read = self.batch().effects.remove(&event.global_position);
+                    let meaning = match read {
+                        Some(meaning) => Some(meaning),
+                        None => record_event(event)?,
+                    };
+                    if let Some((kind, effect)) = meaning {
+                        self.on_record(tx, event, kind, effect).await?;
                     }
                 }
                 t if t == Opportunity::STREAM_TYPE => Self::on_deal(tx, event).await?,
