@@ -279,6 +279,18 @@ async fn board_rows(setup: &Setup) -> Vec<String> {
         .collect()
 }
 
+/// How many rows `table` holds (live tables, in `public`).
+async fn rows_in(setup: &Setup, table: &str) -> i64 {
+    setup
+        .db
+        .client()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn status(setup: &Setup) -> crm_projections::ProjectionStatus {
     let client = setup.db.client().await;
     crm_projections::statuses(&client)
@@ -703,15 +715,7 @@ async fn a_projector_of_several_stream_types_gets_only_theirs_in_log_order_and_r
     theirs.extend(&tail);
     assert_eq!(recorder.seen(), theirs, "nothing applied twice");
     assert_eq!(holes().await, 5);
-    let rows: i64 = setup
-        .db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM recorded", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, theirs.len() as i64);
+    assert_eq!(rows_in(&setup, "recorded").await, theirs.len() as i64);
     stop.cancel();
     task.await.unwrap();
     setup.store.shutdown().await;
@@ -1021,15 +1025,11 @@ async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_f
         }
         other => panic!("expected a poison event, got {other}"),
     }
-    let kept: i64 = setup
-        .db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM refuses_three", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(kept, 2, "nothing swapped in");
+    assert_eq!(
+        rows_in(&setup, "refuses_three").await,
+        2,
+        "nothing swapped in"
+    );
     setup.store.shutdown().await;
 }
 
