@@ -11,15 +11,20 @@
 //! of its streams (or "no stream") and no key repeats within the batch, the
 //! writer already knows every stream version it will write. It sends one
 //! guarded write in autocommit: the statement locks `log_head`, checks that
-//! each stream is at the version the batch assumes and that no idempotency key
-//! exists yet, writes at head + offset, and commits. If the guard fails,
-//! nothing is written and the batch takes the careful path. If the statement
+//! each existing stream is at the version the batch assumes, writes at
+//! head + offset, and commits. If the guard fails, nothing is written and the
+//! batch takes the careful path. What the guard leaves out the constraints
+//! refuse, also sending the batch the careful way: a stream expected not to
+//! exist that does already has a first event, which the unique
+//! (tenant, stream, version) index refuses; an idempotency key that exists,
+//! its primary key; a value claimed by another stream, the claim's
+//! `crm_require`. All three are unique violations, so the common batch (new
+//! streams, a claim) reads nothing but the head. If the statement
 //! had to wait for the lock (another process was appending), its guard read
-//! an older snapshot; it can then only pass wrongly for a stream or key that
-//! the other process just wrote, and the unique constraints on
-//! (tenant, stream, version) and on keys reject the write, so the batch
-//! takes the careful path. Versions are dense, so no stale guard can let
-//! a wrong write through.
+//! an older snapshot; it can then only pass wrongly for a stream that the
+//! other process just wrote, and the same unique constraint rejects the
+//! write. Versions are dense, so no stale guard can let a wrong write
+//! through.
 //!
 //! **Careful path, two round trips.** BEGIN, the lock and reads of every
 //! touched stream's version and every key; then the writer decides each append
@@ -45,7 +50,7 @@
 //! reported as such (a retry with the same idempotency key is safe).
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -143,41 +148,46 @@ const SELECT_RESERVATIONS: &str = "SELECT c.tenant_id, c.kind, c.key_hash, r.str
 
 /// The guarded write. Positions are offsets from the head read under the lock.
 /// `ok` is false, and nothing is written, when a stream is not at the version
-/// the batch assumes ($1-$4), an idempotency key already exists ($5-$6), or a
-/// claimed value ($22-$25) is held by another stream. Releases are $26-$29.
-/// A claim that lost a race after the guard (stale snapshot) aborts the
-/// statement through `crm_require`, so a claim is never silently dropped.
+/// the batch assumes ($1-$4), or, where the variant checks them, an
+/// idempotency key already exists ($5-$6) or a claimed value ($22-$25) is
+/// held by another stream. Releases are $26-$29. A claim that lost a race
+/// after the guard (stale snapshot), or that the guard did not check, aborts
+/// the statement through `crm_require` with a unique violation, so a claim is
+/// never silently dropped.
 ///
-/// Sixteen variants (with or without idempotency keys, reservations and
-/// data-subject keys; lock first or written ahead of the lock) keep the
-/// common batch free of work it does not need; all take the same 37
-/// parameters ($21 is the event count, or the predicted head when written
-/// ahead). Transfers ($30-$34: tenant, kind, hash, from,
-/// to) are written unconditionally: only the careful path writes them, after
-/// checking under the lock that the holder is `from`, `to` or nobody.
-fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bool) -> String {
-    let mut ok = String::from(
-        "SELECT NOT EXISTS ( \
-           SELECT 1 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[]) \
-                AS g(tenant_id, stream_id, stream_type, version) \
-           LEFT JOIN LATERAL ( \
-             SELECT e.stream_type, e.stream_version FROM events e \
-             WHERE e.tenant_id = g.tenant_id AND e.stream_id = g.stream_id \
-             ORDER BY e.stream_version DESC LIMIT 1) cur ON true \
-           WHERE coalesce(cur.stream_version, 0) <> g.version OR cur.stream_type <> g.stream_type)",
-    );
-    if keys {
-        ok.push_str(
-            " AND NOT EXISTS ( \
+/// The variants keep each batch free of work it does not need: a part whose
+/// arrays are empty is left out (an empty `unnest` still costs the executor
+/// its set-up). All take the same 37 parameters ($21 is the event count, or
+/// the predicted head when written ahead). Transfers ($30-$34: tenant, kind,
+/// hash, from, to) are written unconditionally: only the careful path writes
+/// them, after checking under the lock that the holder is `from`, `to` or
+/// nobody.
+fn write_sql(v: Variant) -> String {
+    let mut checks: Vec<&str> = Vec::new();
+    if v.guard {
+        checks.push(
+            "NOT EXISTS ( \
+               SELECT 1 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bigint[]) \
+                    AS g(tenant_id, stream_id, stream_type, version) \
+               LEFT JOIN LATERAL ( \
+                 SELECT e.stream_type, e.stream_version FROM events e \
+                 WHERE e.tenant_id = g.tenant_id AND e.stream_id = g.stream_id \
+                 ORDER BY e.stream_version DESC LIMIT 1) cur ON true \
+               WHERE coalesce(cur.stream_version, 0) <> g.version OR cur.stream_type <> g.stream_type)",
+        );
+    }
+    if v.keys && v.checked {
+        checks.push(
+            "NOT EXISTS ( \
                SELECT 1 FROM unnest($5::text[], $6::text[]) AS k(tenant_id, key) \
                CROSS JOIN LATERAL ( \
                  SELECT 1 FROM idempotency_keys i \
                  WHERE i.tenant_id = k.tenant_id AND i.key = k.key LIMIT 1) i)",
         );
     }
-    if reservations {
-        ok.push_str(
-            " AND NOT EXISTS ( \
+    if v.claims && v.checked {
+        checks.push(
+            "NOT EXISTS ( \
                SELECT 1 FROM unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) \
                     AS c(tenant_id, kind, key_hash, stream_id) \
                CROSS JOIN LATERAL ( \
@@ -187,7 +197,12 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
                WHERE r.stream_id <> c.stream_id)",
         );
     }
-    let head = if speculative {
+    let ok = if checks.is_empty() {
+        "SELECT true".to_owned()
+    } else {
+        format!("SELECT {}", checks.join(" AND "))
+    };
+    let head = if v.speculative {
         "SELECT $21::bigint AS position"
     } else {
         "SELECT position FROM log_head WHERE id = 1 FOR UPDATE"
@@ -204,7 +219,7 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
                 AS x(o, e, t, st, s, v, et, sv, pl, md), head, ok \
            WHERE ok.ok)"
     );
-    if !speculative {
+    if !v.speculative {
         sql.push_str(
             ", new_head AS ( \
                UPDATE log_head SET position = head.position + $21::bigint FROM head, ok \
@@ -214,7 +229,7 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
                FROM head, ok WHERE ok.ok AND $21::bigint > 0)",
         );
     }
-    if keys {
+    if v.keys {
         sql.push_str(
             ", outcomes AS ( \
                INSERT INTO idempotency_keys \
@@ -225,7 +240,7 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
                WHERE ok.ok)",
         );
     }
-    if reservations {
+    if v.releases {
         sql.push_str(
             ", released AS ( \
                DELETE FROM reservations WHERE ctid = ANY (ARRAY( \
@@ -235,17 +250,24 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
                    SELECT ctid FROM reservations r \
                    WHERE r.tenant_id = x.t AND r.kind = x.k AND r.key_hash = x.h AND r.stream_id = x.s \
                    LIMIT 1) r, ok \
-                 WHERE ok.ok)) \
-               AND cardinality($26::text[]) > 0), \
-             claimed AS ( \
+                 WHERE ok.ok)))",
+        );
+    }
+    if v.claims {
+        sql.push_str(
+            ", claimed AS ( \
                INSERT INTO reservations (tenant_id, kind, key_hash, stream_id) \
                SELECT x.t, x.k, x.h, x.s \
                FROM unnest($22::text[], $23::text[], $24::bytea[], $25::uuid[]) AS x(t, k, h, s), ok \
                WHERE ok.ok \
                ON CONFLICT (tenant_id, kind, key_hash) DO UPDATE SET stream_id = EXCLUDED.stream_id \
                WHERE reservations.stream_id = EXCLUDED.stream_id \
-               RETURNING 1), \
-             transferred AS ( \
+               RETURNING 1)",
+        );
+    }
+    if v.transfers {
+        sql.push_str(
+            ", transferred AS ( \
                INSERT INTO reservations (tenant_id, kind, key_hash, stream_id) \
                SELECT x.t, x.k, x.h, x.s \
                FROM unnest($30::text[], $31::text[], $32::bytea[], $34::uuid[]) AS x(t, k, h, s), ok \
@@ -253,7 +275,7 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
                ON CONFLICT (tenant_id, kind, key_hash) DO UPDATE SET stream_id = EXCLUDED.stream_id)",
         );
     }
-    if subject_keys {
+    if v.subject_keys {
         sql.push_str(
             ", subject_keys_written AS ( \
                INSERT INTO subject_keys (tenant_id, subject_id, key) \
@@ -264,7 +286,7 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
                RETURNING 1)",
         );
     }
-    if speculative {
+    if v.speculative {
         sql.push_str(
             " SELECT crm_require(ok.ok, 'a stream or key moved since the batch was planned'), \
                head.position, 0::bigint",
@@ -272,14 +294,14 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
     } else {
         sql.push_str(" SELECT ok.ok, head.position, (SELECT count(*) FROM notified)");
     }
-    if subject_keys {
+    if v.subject_keys {
         sql.push_str(
             ", crm_require(NOT ok.ok \
                  OR (SELECT count(*) FROM subject_keys_written) = cardinality($35::text[]), \
                  'a data subject already has a key')",
         );
     }
-    if reservations {
+    if v.claims {
         sql.push_str(
             ", crm_require(NOT ok.ok OR (SELECT count(*) FROM claimed) = cardinality($22::text[]), \
                  'a reserved value was claimed by another stream meanwhile')",
@@ -287,6 +309,25 @@ fn write_sql(keys: bool, reservations: bool, subject_keys: bool, speculative: bo
     }
     sql.push_str(" FROM ok, head");
     sql
+}
+
+/// Which parts a write statement holds (see [`write_sql`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Variant {
+    /// Streams to check against their expected versions ($1-$4).
+    guard: bool,
+    /// The guard also checks idempotency keys and claims. Without it the
+    /// constraints refuse them: a key's primary key, a claim's `crm_require`
+    /// (both a unique violation, on which the writer decides again under
+    /// the lock).
+    checked: bool,
+    keys: bool,
+    claims: bool,
+    releases: bool,
+    transfers: bool,
+    subject_keys: bool,
+    /// Written ahead of the lock at a predicted head.
+    speculative: bool,
 }
 
 /// Parameter types of every write variant, so a variant may leave some unused.
@@ -330,22 +371,14 @@ const WRITE_TYPES: [Type; 37] = [
     Type::BYTEA_ARRAY,
 ];
 
-fn write_variant(
-    keys: bool,
-    reservations: bool,
-    subject_keys: bool,
-    speculative: bool,
-) -> &'static str {
-    static VARIANTS: OnceLock<Vec<String>> = OnceLock::new();
-    let variants = VARIANTS.get_or_init(|| {
-        (0..16)
-            .map(|i| write_sql(i & 1 != 0, i & 2 != 0, i & 4 != 0, i & 8 != 0))
-            .collect()
-    });
-    &variants[usize::from(keys)
-        + 2 * usize::from(reservations)
-        + 4 * usize::from(subject_keys)
-        + 8 * usize::from(speculative)]
+fn write_variant(variant: Variant) -> &'static str {
+    static VARIANTS: LazyLock<Mutex<HashMap<Variant, &'static str>>> =
+        LazyLock::new(Mutex::default);
+    let mut variants = VARIANTS.lock().unwrap_or_else(|e| e.into_inner());
+    // At most 2^8 texts, each made once and kept for the process's life.
+    variants
+        .entry(variant)
+        .or_insert_with(|| Box::leak(write_sql(variant).into_boxed_str()))
 }
 
 /// Batches in flight at once when appends are large: they write ahead of the
@@ -869,9 +902,14 @@ impl<'a> WritePlan<'a> {
         })));
     }
 
-    /// Records each touched stream's version before the batch as a guard.
-    fn guard(&mut self, streams: &StreamVersions<'a>) {
+    /// Records each touched stream's version before the batch as a guard;
+    /// with `skip_new`, not for streams expected not to exist: the unique
+    /// (tenant, stream, version) index refuses their first event if they do.
+    fn guard(&mut self, streams: &StreamVersions<'a>, skip_new: bool) {
         for ((tenant, id), state) in streams {
+            if skip_new && state.before == 0 {
+                continue;
+            }
             self.guard_tenants.push(tenant);
             self.guard_ids.push(*id);
             self.guard_types.push(state.stream_type);
@@ -956,7 +994,7 @@ fn optimistic_plan<'a>(appends: &[&'a PreparedAppend]) -> Option<WritePlan<'a>> 
         }
         plan.accept(append, &mut streams);
     }
-    plan.guard(&streams);
+    plan.guard(&streams, true);
     Some(plan)
 }
 
@@ -1011,10 +1049,12 @@ async fn try_commit_once(
             match run_fast(&client, plan, config).await {
                 Ok(Some(done)) => return Ok(done),
                 Ok(None) => {}
-                // The guard read a snapshot from before the lock was free
-                // (the statement waited for another batch), so it passed for
-                // a stream or key that batch had just written: the unique
-                // constraints refused the write. Decide under the lock.
+                // A constraint refused what the guard does not check (a
+                // stream expected new that exists, a key that exists, a
+                // value held by another stream), or the guard read a
+                // snapshot from before the lock was free (the statement
+                // waited for another batch) and passed for a stream that
+                // batch had just written. Decide under the lock.
                 Err(BatchError::RolledBack(error))
                     if error.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
                 }
@@ -1049,16 +1089,18 @@ async fn statements(client: &deadpool_postgres::Client) -> Result<Statements, Ba
 
 /// Sends the guarded write and COMMIT (pipelined unless a test pause sits
 /// between them); returns whether the guard held and the head before the write.
+/// `checked` as for [`write_statement`].
 async fn write_and_commit(
     client: &deadpool_postgres::Client,
     statements: &Statements,
     plan: &WritePlan<'_>,
+    checked: bool,
     config: &WriterConfig,
 ) -> Result<(bool, u64), BatchError> {
     let pg = |e| BatchError::from_pg(e, false);
     let n_events = plan.n_events as i64;
     let params = write_params(plan, &n_events);
-    let write = write_statement(client, plan, false).await?;
+    let write = write_statement(client, plan, checked, false).await?;
     let written = client.query_one(&write, &params);
     let row = if let Some(pause) = config.pause_before_commit {
         let row = written.await.map_err(pg)?;
@@ -1083,21 +1125,26 @@ async fn write_and_commit(
 }
 
 /// The write variant this plan needs, prepared once per connection.
+/// `checked`: the guard checks idempotency keys and claims as well (the
+/// careful path, which read them under the lock and must not fail on them).
 async fn write_statement(
     client: &deadpool_postgres::Client,
     plan: &WritePlan<'_>,
+    checked: bool,
     speculative: bool,
 ) -> Result<tokio_postgres::Statement, BatchError> {
-    let keys = !plan.keys.is_empty();
-    let reservations = !plan.claim_tenants.is_empty()
-        || !plan.release_tenants.is_empty()
-        || !plan.transfer_tenants.is_empty();
-    let subject_keys = !plan.subject_ids.is_empty();
+    let variant = Variant {
+        guard: !plan.guard_ids.is_empty(),
+        checked,
+        keys: !plan.keys.is_empty(),
+        claims: !plan.claim_tenants.is_empty(),
+        releases: !plan.release_tenants.is_empty(),
+        transfers: !plan.transfer_tenants.is_empty(),
+        subject_keys: !plan.subject_ids.is_empty(),
+        speculative,
+    };
     client
-        .prepare_typed_cached(
-            write_variant(keys, reservations, subject_keys, speculative),
-            &WRITE_TYPES,
-        )
+        .prepare_typed_cached(write_variant(variant), &WRITE_TYPES)
         .await
         .map_err(|e| BatchError::from_pg(e, false))
 }
@@ -1157,13 +1204,13 @@ async fn run_fast(
     let (ok, head) = if config.pause_before_commit.is_some() {
         // Fault injection needs a transaction to hold open.
         let begin = client.execute(&statements.begin, &[]);
-        let write = write_and_commit(client, &statements, &plan, config);
+        let write = write_and_commit(client, &statements, &plan, false, config);
         let (begun, written) = futures_util::future::join(begin, write).await;
         begun.map_err(pg)?;
         written?
     } else {
         let n_events = plan.n_events as i64;
-        let write = write_statement(client, &plan, false).await?;
+        let write = write_statement(client, &plan, false, false).await?;
         let row = client
             .query_one(&write, &write_params(&plan, &n_events))
             .await
@@ -1315,7 +1362,7 @@ async fn speculate(
     use std::task::Poll;
     let pg = |e| BatchError::from_pg(e, false);
     let statements = statements(client).await?;
-    let write = write_statement(client, &plan, true).await?;
+    let write = write_statement(client, &plan, false, true).await?;
     let hold_lock = client.prepare_cached(HOLD_LOCK).await.map_err(pg)?;
     let move_head = client
         .prepare_typed_cached(MOVE_HEAD, &[Type::INT8, Type::INT8])
@@ -1568,8 +1615,8 @@ async fn run_careful(
     }
     // Streams only looked at by refused appends need no guard, but guarding
     // them is harmless: their versions are what we just read.
-    plan.guard(&streams);
-    let (ok, written_head) = write_and_commit(client, &statements, &plan, config).await?;
+    plan.guard(&streams, false);
+    let (ok, written_head) = write_and_commit(client, &statements, &plan, true, config).await?;
     if !ok || written_head != head {
         // We hold the lock, so the state cannot have moved: the database is
         // not what this writer expects. Report rather than guess.
