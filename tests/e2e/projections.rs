@@ -1129,6 +1129,105 @@ async fn gathered_updates_of_one_row_apply_in_order_each_once() {
     setup.store.shutdown().await;
 }
 
+/// A read model whose rows are rewritten at every event: an upsert of the
+/// row but for a column it sets only when it inserts (`since`), and an
+/// insert of a key's first event (both collapse), with
+/// one write of another statement between two upserts of one key. A
+/// trigger counts the row versions written (read models have none; this
+/// one only counts).
+struct Latest;
+
+impl crm_projections::Projection for Latest {
+    fn name(&self) -> &'static str {
+        "latest"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS latest (
+            k     bigint PRIMARY KEY,
+            v     bigint NOT NULL,
+            at    bigint NOT NULL,
+            since bigint NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS latest_first (
+            k     bigint PRIMARY KEY,
+            first bigint NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS latest_writes (n bigint NOT NULL);
+        INSERT INTO latest_writes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM latest_writes);
+        CREATE OR REPLACE FUNCTION latest_counted() RETURNS trigger LANGUAGE plpgsql AS
+            'BEGIN UPDATE latest_writes SET n = n + 1; RETURN NULL; END';
+        CREATE OR REPLACE TRIGGER latest_counted AFTER INSERT OR UPDATE ON latest
+            FOR EACH ROW EXECUTE FUNCTION latest_counted()"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["latest", "latest_first", "latest_writes"]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let position = i64::try_from(event.global_position).unwrap();
+            let k = position % 3;
+            tx.execute(
+                "INSERT INTO latest (k, v, at, since) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v, at = EXCLUDED.at",
+                &[&k, &(position * 10), &position, &position],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO latest_first (k, first) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING",
+                &[&k, &position],
+            )
+            .await?;
+            if position == 5 {
+                // k = 2: between its upserts at 2 and 5 and the one at 8.
+                tx.execute("UPDATE latest SET v = v + 1 WHERE k = $1", &[&k])
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn rows_rewritten_at_every_event_go_out_once_as_they_end_up() {
+    // One chunk: all ten events' writes in one queue.
+    let (setup, client) = rebuilt_over_ten_events(Arc::new(Latest)).await;
+    let rows: Vec<(i64, i64, i64, i64)> = client
+        .query("SELECT k, v, at, since FROM latest ORDER BY k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    // k = position % 3: 0 <- 3, 6, 9; 1 <- 1, 4, 7, 10; 2 <- 2, 5, +1, 8
+    // (the upsert at 8 comes after the +1, so it decides); `since` is the
+    // first upsert's.
+    assert_eq!(rows, vec![(0, 90, 9, 3), (1, 100, 10, 1), (2, 80, 8, 2)]);
+    let first: Vec<(i64, i64)> = client
+        .query("SELECT k, first FROM latest_first ORDER BY k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(first, vec![(0, 3), (1, 1), (2, 2)]);
+    // Row versions written: one per key for 0 and 1; for 2 the upserts at
+    // 2 and 5 as one, the +1, the upsert at 8. One per write would be 11.
+    let written: i64 = client
+        .query_one("SELECT n FROM latest_writes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 5);
+    setup.store.shutdown().await;
+}
+
 /// Two read models written in an order that only some tables allow to
 /// change: `scoped_tallies` (its only unique index is its key) gets each
 /// key's INSERT between the UPDATEs of other keys; `ledger` also has a

@@ -127,6 +127,8 @@ impl AgentWorkload {
         else {
             return Ok(());
         };
+        // Set by the ticket's first event (it is opened), which inserts the
+        // row; later events keep it.
         let channel = match &decoded {
             TicketEvent::Opened(opened) => Some(opened.channel.name()),
             _ => None,
@@ -143,8 +145,6 @@ impl AgentWorkload {
             "INSERT INTO agent_workload_tickets (tenant_id, ticket_id, channel, assignee, open, \
                state, position) VALUES ($1, $2, COALESCE($3, ''), $4, $5, $6, $7) \
              ON CONFLICT (tenant_id, ticket_id) DO UPDATE SET \
-               channel = CASE EXCLUDED.channel WHEN '' THEN agent_workload_tickets.channel \
-                 ELSE EXCLUDED.channel END, \
                assignee = EXCLUDED.assignee, open = EXCLUDED.open, state = EXCLUDED.state, \
                position = EXCLUDED.position",
             &[

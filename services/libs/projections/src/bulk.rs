@@ -58,8 +58,28 @@ pub(crate) struct Bulk {
     /// checks unique indexes row by row, so writes of different keys that
     /// swap a unique value could collide where one after the other do not).
     pub(crate) needs_scope: bool,
+    /// Whether, of several writes of one scope value in a row, one alone
+    /// has the effect of them all (see [`Collapse`]).
+    pub(crate) collapse: Option<Collapse>,
     /// The element type of each array.
     pub(crate) types: Vec<Type>,
+}
+
+/// How consecutive writes of one scope value (no other write of that value
+/// between them) can go out as one, so the others need not be sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Collapse {
+    /// `INSERT ... ON CONFLICT (k) DO NOTHING`: once the first has run the
+    /// row exists, and the others do nothing.
+    First,
+    /// An upsert whose `DO UPDATE` sets columns to their new values
+    /// (`c = EXCLUDED.c`), or a keyed UPDATE whose WHERE is its key alone
+    /// and whose values are parameters: one write with the last write's
+    /// parameters, except those listed (0-based), which only feed columns
+    /// an upsert sets when it inserts and keeps when it updates, and so
+    /// come from the first write. Both ways (the row there before or not)
+    /// that one write leaves the row as the writes one by one would.
+    Last { keep: Vec<usize> },
 }
 
 /// See [`Bulk::scope`].
@@ -182,6 +202,9 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         None
     };
     let scope = insert_scope(tail, &columns, &values, types);
+    let collapse = scope
+        .as_ref()
+        .and_then(|_| insert_collapse(tail, &columns, &values, types));
     let mut selected = Vec::with_capacity(values.len());
     for value in &values {
         selected.push(renumbered(value, types.len(), "u")?);
@@ -204,6 +227,7 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         key,
         scope,
         needs_scope: false,
+        collapse,
         types: types.to_vec(),
     })
 }
@@ -321,6 +345,85 @@ fn insert_scope(tail: &str, columns: &[&str], values: &[&str], types: &[Type]) -
     Scope::new(pairs)
 }
 
+/// How writes of one key by a scoped INSERT collapse (see [`Collapse`]).
+fn insert_collapse(
+    tail: &str,
+    columns: &[&str],
+    values: &[&str],
+    types: &[Type],
+) -> Option<Collapse> {
+    let (target, action) = conflict_target(tail, columns, values, types)?;
+    let action = action.trim();
+    if action.eq_ignore_ascii_case("DO NOTHING") {
+        return Some(Collapse::First);
+    }
+    let sets = action
+        .get(..13)
+        .filter(|a| a.eq_ignore_ascii_case("DO UPDATE SET"))
+        .map(|_| &action[13..])?;
+    let mut assigned = Vec::new();
+    for assignment in split_top(sets) {
+        let (column, value) = assignment.split_once('=')?;
+        let column = column.trim().to_ascii_lowercase();
+        let value = value.trim().to_ascii_lowercase();
+        if value.strip_prefix("excluded.") != Some(column.as_str()) {
+            return None;
+        }
+        assigned.push(column);
+    }
+    let keys: Vec<usize> = target.iter().map(|(_, k)| *k).collect();
+    let (mut last, mut first) = (Vec::new(), Vec::new());
+    for (column, value) in columns.iter().zip(values) {
+        let column = column.trim().to_ascii_lowercase();
+        if target.iter().any(|(c, _)| *c == column) {
+            continue;
+        }
+        let side = if assigned.contains(&column) {
+            &mut last
+        } else {
+            &mut first
+        };
+        side.extend(parameters(value)?.into_iter().filter(|k| !keys.contains(k)));
+    }
+    // A parameter that feeds both kinds of column cannot come from one write.
+    if first.iter().any(|k| last.contains(k)) {
+        return None;
+    }
+    first.sort_unstable();
+    first.dedup();
+    Some(Collapse::Last { keep: first })
+}
+
+/// The 0-based parameters `value` takes; `None` for a `$` that is not
+/// one (`$` inside a quoted literal is not looked at).
+fn parameters(value: &str) -> Option<Vec<usize>> {
+    parameter_sites(value)?
+        .into_iter()
+        .map(|(_, _, k)| k.checked_sub(1))
+        .collect()
+}
+
+/// Where `value` takes a parameter, outside quoted literals: the offset of
+/// each `$k`, its length, and `k`; `None` for a `$` without digits.
+fn parameter_sites(value: &str) -> Option<Vec<(usize, usize, usize)>> {
+    let mut sites = Vec::new();
+    let mut quoted = false;
+    for (at, c) in value.char_indices() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if c != '$' || quoted {
+            continue;
+        }
+        let digits = value[at + 1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(value.len() - at - 1);
+        let k: usize = value[at + 1..at + 1 + digits].parse().ok()?;
+        sites.push((at, digits + 1, k));
+    }
+    Some(sites)
+}
+
 /// What the unnested parameters are called in a gathered UPDATE: a name no
 /// read-model table or column uses (statements naming it stay single).
 const UPDATE_ALIAS: &str = "gathered_writes";
@@ -378,7 +481,9 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         return None;
     }
     let (mut key, mut key_columns, mut scope) = (Vec::new(), Vec::new(), Vec::new());
-    for condition in split_at_words(conditions, "and") {
+    let conjuncts = split_at_words(conditions, "and");
+    let n_conjuncts = conjuncts.len();
+    for condition in conjuncts {
         let Some((column, value)) = condition.split_once('=') else {
             continue;
         };
@@ -407,6 +512,15 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
     if assigns_any(assignments, &key_columns)? {
         return None;
     }
+    // Its key alone picks the row, and every value is a parameter's: the
+    // last write of a key sets the row as all of them would.
+    let collapse = (n_conjuncts == key.len()
+        && split_top(assignments).iter().all(|assignment| {
+            assignment
+                .split_once('=')
+                .is_some_and(|(_, value)| lone_parameter(value.trim()).is_some())
+        }))
+    .then_some(Collapse::Last { keep: Vec::new() });
     let renumber = |text: &str| renumbered(text, types.len(), UPDATE_ALIAS);
     let arrays: Vec<String> = types
         .iter()
@@ -426,6 +540,7 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         key: Some(key),
         scope: Scope::new(scope),
         needs_scope: true,
+        collapse,
         types: types.to_vec(),
     })
 }
@@ -602,29 +717,16 @@ fn words(text: &str) -> impl Iterator<Item = (String, bool, bool)> + '_ {
 /// `None` when it names a parameter the statement does not have.
 fn renumbered(value: &str, parameters: usize, alias: &str) -> Option<String> {
     let mut out = String::with_capacity(value.len() + 8);
-    let mut chars = value.char_indices().peekable();
-    let mut quoted = false;
-    while let Some((at, c)) = chars.next() {
-        if c == '\'' {
-            quoted = !quoted;
-        }
-        if c != '$' || quoted {
-            out.push(c);
-            continue;
-        }
-        let digits: String = value[at + 1..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        let k: usize = digits.parse().ok()?;
+    let mut from = 0;
+    for (at, len, k) in parameter_sites(value)? {
         if k == 0 || k > parameters {
             return None;
         }
-        for _ in 0..digits.len() {
-            chars.next();
-        }
+        out.push_str(&value[from..at]);
         out.push_str(&format!("{alias}.p{k}"));
+        from = at + len;
     }
+    out.push_str(&value[from..]);
     Some(out)
 }
 
@@ -874,6 +976,67 @@ mod tests {
             "INSERT INTO t (a, b, c) VALUES ($2, $3, $1) ON CONFLICT (a) DO UPDATE SET (b, a) = (1, 2)",
         ] {
             assert_eq!(scope(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn writes_of_one_key_collapse_only_where_one_stands_for_all() {
+        let text4 = [Type::UUID, Type::TEXT, Type::TEXT, Type::TEXT];
+        let collapse = |sql: &str| plan(sql, &text4).and_then(|bulk| bulk.collapse);
+        let last = |keep: &[usize]| {
+            Some(Collapse::Last {
+                keep: keep.to_vec(),
+            })
+        };
+        for (sql, expected) in [
+            (
+                "INSERT INTO t (a, b, c) VALUES ($1, $2, $3) ON CONFLICT (a) DO NOTHING",
+                Some(Collapse::First),
+            ),
+            (
+                "INSERT INTO t (a, b, c) VALUES ($1, $2, $3) ON CONFLICT (a) \
+                 DO UPDATE SET c = excluded.c, B = EXCLUDED.b",
+                last(&[]),
+            ),
+            // c is set when the row is inserted and kept after: its
+            // parameters come from the first write
+            (
+                "INSERT INTO t (a, b, c) VALUES ($1, $2, COALESCE($3, $4::text)) \
+                 ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b",
+                last(&[2, 3]),
+            ),
+            ("UPDATE t SET b = $2, c = $3::text WHERE a = $1", last(&[])),
+            // one parameter feeds a kept column and a set one
+            (
+                "INSERT INTO t (a, b, c) VALUES ($1, $2, COALESCE($3, $2)) \
+                 ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b",
+                None,
+            ),
+            // a value that depends on the row
+            (
+                "INSERT INTO t (a, b, c) VALUES ($1, $2, $3) ON CONFLICT (a) \
+                 DO UPDATE SET b = EXCLUDED.b, c = coalesce(t.c, EXCLUDED.c)",
+                None,
+            ),
+            (
+                "INSERT INTO t (a, b, c) VALUES ($1, $2, $3) ON CONFLICT (a) \
+                 DO UPDATE SET b = EXCLUDED.c, c = EXCLUDED.b",
+                None,
+            ),
+            ("UPDATE t SET b = b || $2, c = $3 WHERE a = $1", None),
+            ("UPDATE t SET b = coalesce($2, 'x') WHERE a = $1", None),
+            // a condition besides the key: an earlier write may change
+            // whether a later one applies
+            ("UPDATE t SET b = $2 WHERE a = $1 AND c IS NULL", None),
+            ("UPDATE t SET b = $2 WHERE a = $1 AND c = $3", last(&[])),
+            // no scope: not gathered by key at all
+            (
+                "INSERT INTO t (a, b, c) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                None,
+            ),
+            ("INSERT INTO t (a, b, c) VALUES ($1, $2, $3)", None),
+        ] {
+            assert_eq!(collapse(sql), expected, "{sql}");
         }
     }
 

@@ -93,7 +93,41 @@ struct Write {
 /// Queued writes as they go out: one by one, or gathered into one INSERT.
 enum Gathered<'w> {
     One(&'w Write),
-    Many(&'w crate::bulk::Bulk, Vec<&'w Write>),
+    Many(&'w crate::bulk::Bulk, Vec<Row<'w>>),
+}
+
+/// One row of a gathering: a write, or consecutive writes of one key
+/// collapsed into one ([`crate::bulk::Collapse::Last`]), which takes the
+/// parameters `keep` from the first and the others from the last.
+#[derive(Clone, Copy)]
+struct Row<'w> {
+    first: &'w Write,
+    last: &'w Write,
+    keep: &'w [usize],
+}
+
+impl<'w> Row<'w> {
+    fn new(write: &'w Write) -> Self {
+        Self {
+            first: write,
+            last: write,
+            keep: &[],
+        }
+    }
+
+    fn param(&self, k: usize) -> &'w Encoded {
+        let from = if self.keep.contains(&k) {
+            self.first
+        } else {
+            self.last
+        };
+        &from.params[k]
+    }
+
+    /// The write itself, when it stands alone.
+    fn alone(&self) -> Option<&'w Write> {
+        std::ptr::eq(self.first, self.last).then_some(self.last)
+    }
 }
 
 /// One statement of a pipeline.
@@ -121,6 +155,12 @@ enum Outgoing<'w> {
 /// the previous write of its value, and other scoped statements of the
 /// table do not close gatherings (an INSERT of one deal between the
 /// UPDATEs of others, say).
+///
+/// Where a value's last write so far is one of the same statement and that
+/// statement collapses ([`crate::bulk::Collapse`]), the new write takes its
+/// place (`Last`: an upsert of a whole row, a keyed UPDATE of parameters)
+/// or is dropped (`First`: `DO NOTHING`): a row written at every event of
+/// a batch goes out once, as it ends up.
 fn gathered<'w>(
     writes: &'w [Write],
     commutes: &dyn Fn(&str, &[String]) -> bool,
@@ -159,16 +199,29 @@ fn gathered<'w>(
                     .map(|&k| write.params[k].bytes.as_deref())
                     .collect();
                 let after = state.last.get(&value).copied();
+                // The value's last write is this statement's: one of the
+                // two stands for both.
+                if let (Some((at, row)), Some(collapse)) = (after, &bulk.collapse)
+                    && let Gathered::Many(_, rows) = &mut items[at]
+                    && Arc::ptr_eq(&rows[row].last.shape, &write.shape)
+                {
+                    if let crate::bulk::Collapse::Last { keep } = collapse {
+                        rows[row].last = write;
+                        rows[row].keep = keep;
+                    }
+                    continue;
+                }
+                let after = after.map(|(at, _)| at);
                 let join = state.groups.iter().copied().find(|&at| {
                     after.is_none_or(|after| at > after)
                         && matches!(&items[at], Gathered::Many(_, rows)
-                            if Arc::ptr_eq(&rows[0].shape, &write.shape))
+                            if Arc::ptr_eq(&rows[0].last.shape, &write.shape))
                 });
                 if let Some(at) = join
                     && let Gathered::Many(_, rows) = &mut items[at]
                 {
-                    rows.push(write);
-                    state.last.insert(value, at);
+                    state.last.insert(value, (at, rows.len()));
+                    rows.push(Row::new(write));
                     continue;
                 }
                 // Close what this write must follow: gatherings of other
@@ -186,8 +239,8 @@ fn gathered<'w>(
                 let at = items.len();
                 open.push((&write.shape, at));
                 state.groups.push(at);
-                state.last.insert(value, at);
-                items.push(Gathered::Many(bulk, vec![write]));
+                state.last.insert(value, (at, 0));
+                items.push(Gathered::Many(bulk, vec![Row::new(write)]));
                 if closed {
                     prune(&mut scoped, &open);
                 }
@@ -200,7 +253,7 @@ fn gathered<'w>(
                 .find(|(shape, _)| Arc::ptr_eq(shape, &write.shape))
             && let Gathered::Many(_, rows) = &mut items[at]
         {
-            rows.push(write);
+            rows.push(Row::new(write));
             continue;
         }
         let before = open.len();
@@ -212,7 +265,7 @@ fn gathered<'w>(
         match bulk {
             Some(bulk) => {
                 open.push((&write.shape, items.len()));
-                items.push(Gathered::Many(bulk, vec![write]));
+                items.push(Gathered::Many(bulk, vec![Row::new(write)]));
             }
             None => items.push(Gathered::One(write)),
         }
@@ -231,7 +284,8 @@ type UniqueIndexes = std::sync::Arc<Vec<Option<Vec<String>>>>;
 struct Scoped<'w> {
     columns: &'w [String],
     groups: Vec<usize>,
-    last: std::collections::HashMap<Vec<Option<&'w [u8]>>, usize>,
+    /// Per value, where its last write is: its gathering and its row there.
+    last: std::collections::HashMap<Vec<Option<&'w [u8]>>, (usize, usize)>,
 }
 
 /// Forgets the scoped state of tables whose gatherings were closed (a
@@ -250,17 +304,17 @@ fn prune(
 
 /// `rows` of one gathered INSERT as statements: under `ON CONFLICT ... DO
 /// UPDATE` the n-th write of a key goes into the n-th statement.
-fn one_update_per_row<'w>(bulk: &crate::bulk::Bulk, rows: Vec<&'w Write>) -> Vec<Vec<&'w Write>> {
+fn one_update_per_row<'w>(bulk: &crate::bulk::Bulk, rows: Vec<Row<'w>>) -> Vec<Vec<Row<'w>>> {
     let Some(key) = &bulk.key else {
         return vec![rows];
     };
     let mut seen: std::collections::HashMap<Vec<Option<&[u8]>>, usize> =
         std::collections::HashMap::new();
-    let mut statements: Vec<Vec<&Write>> = Vec::new();
+    let mut statements: Vec<Vec<Row<'w>>> = Vec::new();
     for write in rows {
         let id = key
             .iter()
-            .map(|&k| write.params[k].bytes.as_deref())
+            .map(|&k| write.param(k).bytes.as_deref())
             .collect();
         let nth = seen.entry(id).or_default();
         if statements.len() <= *nth {
@@ -451,11 +505,15 @@ impl<'a> Tx<'a> {
                 Gathered::One(write) => sends.push(Outgoing::One(write)),
                 Gathered::Many(bulk, rows) => {
                     for rows in one_update_per_row(bulk, rows) {
-                        if let [write] = rows[..] {
+                        if let [row] = rows[..]
+                            && let Some(write) = row.alone()
+                        {
                             sends.push(Outgoing::One(write));
                             continue;
                         }
-                        let positions = rows.iter().map(|w| w.position);
+                        let positions = rows
+                            .iter()
+                            .flat_map(|row| [row.first.position, row.last.position]);
                         let span = (
                             positions.clone().min().unwrap_or_default(),
                             positions.max().unwrap_or_default(),
@@ -473,7 +531,7 @@ impl<'a> Tx<'a> {
                             .enumerate()
                             .map(|(k, element)| crate::bulk::Column {
                                 element: element.clone(),
-                                items: rows.iter().map(|w| w.params[k].bytes.clone()).collect(),
+                                items: rows.iter().map(|row| row.param(k).bytes.clone()).collect(),
                             })
                             .collect();
                         sends.push(Outgoing::Many(statement, columns, span));
