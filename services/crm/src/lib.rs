@@ -44,6 +44,8 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("read-model connection pool: {0}")]
     Pool(String),
+    #[error("cannot start the background roles' threads: {0}")]
+    Background(String),
     #[error("no read-model connection: {0}")]
     ReadModels(#[source] deadpool_postgres::PoolError),
     #[error("rebuild failed: {0}")]
