@@ -69,7 +69,7 @@ fn position(event: &RecordedEvent) -> i64 {
 async fn known(tx: &crate::Tx<'_>, event: &RecordedEvent, agent: &str) -> Result<(), ApplyError> {
     tx.execute(
         "INSERT INTO agent_workload (tenant_id, agent, status, capacity, skills, position) \
-         VALUES ($1, $2, $3, 0, '{}'::text[], $4) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, 0, '{}'::text[], $4) ON CONFLICT (tenant_id, agent) DO NOTHING",
         &[&event.tenant_id, &agent, &UNKNOWN_STATUS, &position(event)],
     )
     .await?;
@@ -113,7 +113,7 @@ impl AgentWorkload {
         for member in &published.content.members {
             tx.execute(
                 "INSERT INTO agent_workload_members (tenant_id, queue_id, agent) \
-                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3) ON CONFLICT (tenant_id, queue_id, agent) DO NOTHING",
                 &[&event.tenant_id, &queue_id, member],
             )
             .await?;

@@ -157,7 +157,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             };
             tx.execute(
                 "INSERT INTO an_accounts (tenant_id, account_id, kind, segment) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, account_id) DO NOTHING",
                 &[tenant, id, &kind, &created.segment],
             )
             .await?;
@@ -175,7 +175,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             let at: Time = became.occurred_at.into();
             tx.execute(
                 "INSERT INTO an_customer_spells (tenant_id, account_id, started_at, trigger) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, account_id, started_at) DO NOTHING",
                 &[tenant, id, &at, &became.trigger],
             )
             .await?;
@@ -258,7 +258,7 @@ async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                    currency, refunded_at) \
                  SELECT $1, $2, $3, (SELECT account_id FROM an_payments \
                                      WHERE tenant_id = $1 AND payment_id = $2), $4, $5, $6 \
-                 ON CONFLICT DO NOTHING",
+                 ON CONFLICT (tenant_id, payment_id, position) DO NOTHING",
                 &[
                     tenant,
                     id,
@@ -282,7 +282,7 @@ async fn lead(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             let at: Time = captured.occurred_at.into();
             tx.execute(
                 "INSERT INTO an_leads (tenant_id, lead_id, captured_at, channel, campaign_id) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, lead_id) DO NOTHING",
                 &[
                     tenant,
                     id,
@@ -321,7 +321,7 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             tx.execute(
                 "INSERT INTO an_deals (tenant_id, deal_id, account_id, contact_id, lead_id, \
                    opened_at, amount_minor, currency) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT DO NOTHING",
+                 ON CONFLICT (tenant_id, deal_id) DO NOTHING",
                 &[
                     tenant,
                     id,
@@ -368,7 +368,7 @@ async fn campaign(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
         Some(CampaignEvent::Planned(planned)) => {
             tx.execute(
                 "INSERT INTO an_campaigns (tenant_id, campaign_id, parent_id, name, currency) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, campaign_id) DO NOTHING",
                 &[
                     tenant,
                     id,
@@ -382,7 +382,7 @@ async fn campaign(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
         Some(CampaignEvent::CostRecorded(cost)) => {
             tx.execute(
                 "INSERT INTO an_campaign_costs (tenant_id, campaign_id, position, amount_minor, \
-                   currency) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                   currency) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, campaign_id, position) DO NOTHING",
                 &[
                     tenant,
                     id,
@@ -401,7 +401,7 @@ async fn campaign(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
             let at: Time = responded.occurred_at.into();
             tx.execute(
                 "INSERT INTO an_touches (tenant_id, campaign_id, member_kind, member_id, position, \
-                   touched_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                   touched_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, campaign_id, member_id, position) DO NOTHING",
                 &[tenant, id, &kind, &member, &position(event), &at],
             )
             .await?;
@@ -416,7 +416,7 @@ async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         let at: Time = nps.occurred_at.into();
         tx.execute(
             "INSERT INTO an_nps (tenant_id, contact_id, position, score, answered_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, contact_id, position) DO NOTHING",
             &[
                 &event.tenant_id,
                 &event.stream_id,

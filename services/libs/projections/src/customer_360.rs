@@ -339,7 +339,7 @@ async fn set_about(
     for (kind, id) in about {
         tx.execute(
             "INSERT INTO c360_about (tenant_id, stream_id, stream_type, about_kind, about_id) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, stream_id, about_id) DO NOTHING",
             &[
                 &event.tenant_id,
                 &event.stream_id,
@@ -358,7 +358,7 @@ async fn copy_about(tx: &Tx<'_>, event: &RecordedEvent, from: Uuid) -> Result<()
     tx.execute(
         "INSERT INTO c360_about (tenant_id, stream_id, stream_type, about_kind, about_id) \
          SELECT tenant_id, $2, $3, about_kind, about_id FROM c360_about \
-         WHERE tenant_id = $1 AND stream_id = $4 ON CONFLICT DO NOTHING",
+         WHERE tenant_id = $1 AND stream_id = $4 ON CONFLICT (tenant_id, stream_id, about_id) DO NOTHING",
         &[
             &event.tenant_id,
             &event.stream_id,
@@ -630,7 +630,7 @@ async fn ticket(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             // event is); the query opens it with the requester's key.
             tx.execute(
                 "INSERT INTO c360_tickets (tenant_id, ticket_id, requester_id, account_id, subject, \
-                   opened_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                   opened_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, ticket_id) DO NOTHING",
                 &[
                     &event.tenant_id,
                     &event.stream_id,
@@ -734,7 +734,7 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
                 "INSERT INTO c360_touches (tenant_id, activity_id, kind, direction, outcome, state, \
                    subject, assignee, overdue, occurred_at, touched_at) \
                  VALUES ($1, $2, $3, $4, $5, 'logged', '', '', false, $6, $7) \
-                 ON CONFLICT DO NOTHING",
+                 ON CONFLICT (tenant_id, activity_id) DO NOTHING",
                 &[
                     tenant,
                     id,
@@ -765,7 +765,7 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
                 "INSERT INTO c360_touches (tenant_id, activity_id, kind, direction, outcome, state, \
                    subject, assignee, due, overdue, occurred_at) \
                  VALUES ($1, $2, $3, '', '', 'scheduled', $4, $5, $6, false, $7) \
-                 ON CONFLICT DO NOTHING",
+                 ON CONFLICT (tenant_id, activity_id) DO NOTHING",
                 &[
                     tenant,
                     id,

@@ -72,7 +72,7 @@ type Time = std::time::SystemTime;
 async fn account_row(tx: &Tx<'_>, tenant: &str, account: Uuid) -> Result<(), ApplyError> {
     tx.execute(
         "INSERT INTO eng_accounts (tenant_id, account_id, customer, at_risk) \
-         VALUES ($1, $2, false, false) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, false, false) ON CONFLICT (tenant_id, account_id) DO NOTHING",
         &[&tenant, &account],
     )
     .await?;
@@ -156,7 +156,7 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             tx.execute(
                 "INSERT INTO eng_deals (tenant_id, deal_id, account_id, pipeline_id, stage, \
                    stage_entered_at, last_touch_at, open, stalled) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $6, true, false) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6, $6, true, false) ON CONFLICT (tenant_id, deal_id) DO NOTHING",
                 &[
                     &tenant,
                     id,

@@ -84,19 +84,11 @@ impl Projection for PipelineBoard {
             let close_date = deal.close_date.map(|d| d.to_string());
             let probability = i32::try_from(deal.probability_bp).unwrap_or(i32::MAX);
             let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
-            // When the deal was won or lost (business time): set by the
-            // event that closes it (a closed deal is reopened before it can
-            // close again), kept while it stays closed, cleared while open.
-            let closed_at: Option<std::time::SystemTime> = match &decoded {
-                OpportunityEvent::Won(won) => Some(won.occurred_at.into()),
-                OpportunityEvent::Lost(lost) => Some(lost.occurred_at.into()),
-                _ => None,
-            };
             tx.execute(
                 "INSERT INTO pipeline_board (tenant_id, deal_id, name, pipeline_id, stage, outcome, \
                    archived, amount_minor, currency, probability_bp, weighted_minor, category, \
-                   close_date, owner, state, position, closed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16, $17) \
+                   close_date, owner, state, position) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16) \
                  ON CONFLICT (tenant_id, deal_id) DO UPDATE SET name = EXCLUDED.name, \
                    pipeline_id = EXCLUDED.pipeline_id, stage = EXCLUDED.stage, \
                    outcome = EXCLUDED.outcome, archived = EXCLUDED.archived, \
@@ -104,9 +96,7 @@ impl Projection for PipelineBoard {
                    probability_bp = EXCLUDED.probability_bp, \
                    weighted_minor = EXCLUDED.weighted_minor, category = EXCLUDED.category, \
                    close_date = EXCLUDED.close_date, owner = EXCLUDED.owner, \
-                   state = EXCLUDED.state, position = EXCLUDED.position, \
-                   closed_at = CASE WHEN EXCLUDED.outcome = 'open' THEN NULL \
-                     ELSE COALESCE(pipeline_board.closed_at, EXCLUDED.closed_at) END",
+                   state = EXCLUDED.state, position = EXCLUDED.position",
                 &[
                     &event.tenant_id,
                     &event.stream_id,
@@ -124,10 +114,27 @@ impl Projection for PipelineBoard {
                     &deal.owner,
                     &state_json,
                     &position,
-                    &closed_at,
                 ],
             )
             .await?;
+            // When the deal was won or lost (business time): set by the
+            // event that closes it, cleared by the one that reopens it (a
+            // closed deal is reopened before it can close again), kept in
+            // between. A statement of its own, so that the row's repeats
+            // in a batch collapse into one write.
+            let closed_at: Option<Option<std::time::SystemTime>> = match &decoded {
+                OpportunityEvent::Won(won) => Some(Some(won.occurred_at.into())),
+                OpportunityEvent::Lost(lost) => Some(Some(lost.occurred_at.into())),
+                OpportunityEvent::Reopened(_) => Some(None),
+                _ => None,
+            };
+            if let Some(closed_at) = closed_at {
+                tx.execute(
+                    "UPDATE pipeline_board SET closed_at = $3 WHERE tenant_id = $1 AND deal_id = $2",
+                    &[&event.tenant_id, &event.stream_id, &closed_at],
+                )
+                .await?;
+            }
             Ok(())
         })
     }

@@ -286,15 +286,11 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
         }
         _ => None,
     };
-    let (closes, closed_at, loss_reason) = match closing {
-        Some((at, reason)) => (true, at, reason),
-        None => (false, None, None),
-    };
+    // Two statements, each of which collapses with its own repeats in a
+    // batch (the state at every event, the closing only when it closes).
     tx.execute(
         "UPDATE sales_funnel_deals SET owner = $3, outcome = $4, amount_minor = $5, \
-           currency = $6, archived = $7, state = $8, position = $9, \
-           closed_at = CASE WHEN $10 THEN $11 ELSE closed_at END, \
-           loss_reason = CASE WHEN $10 THEN $12 ELSE loss_reason END \
+           currency = $6, archived = $7, state = $8, position = $9 \
          WHERE tenant_id = $1 AND deal_id = $2",
         &[
             &event.tenant_id,
@@ -306,12 +302,17 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
             &archived,
             &state,
             &position,
-            &closes,
-            &closed_at,
-            &loss_reason,
         ],
     )
     .await?;
+    if let Some((closed_at, loss_reason)) = closing {
+        tx.execute(
+            "UPDATE sales_funnel_deals SET closed_at = $3, loss_reason = $4 \
+             WHERE tenant_id = $1 AND deal_id = $2",
+            &[&event.tenant_id, &event.stream_id, &closed_at, &loss_reason],
+        )
+        .await?;
+    }
     Ok(())
 }
 
