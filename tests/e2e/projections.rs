@@ -1228,6 +1228,101 @@ async fn rows_rewritten_at_every_event_go_out_once_as_they_end_up() {
     setup.store.shutdown().await;
 }
 
+/// Visits of two keys, as `stage_visit` keeps them: each event closes its
+/// key's open visit (an UPDATE by the key alone) and opens one (an INSERT
+/// by key and visit). A statement-level trigger counts the statements.
+struct Visits;
+
+impl crm_projections::Projection for Visits {
+    fn name(&self) -> &'static str {
+        "visits"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS visits (
+            k      bigint NOT NULL,
+            v      bigint NOT NULL,
+            closed bigint,
+            PRIMARY KEY (k, v)
+        );
+        CREATE TABLE IF NOT EXISTS visit_statements (n bigint NOT NULL);
+        INSERT INTO visit_statements SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM visit_statements);
+        CREATE OR REPLACE FUNCTION visit_counted() RETURNS trigger LANGUAGE plpgsql AS
+            'BEGIN UPDATE visit_statements SET n = n + 1; RETURN NULL; END';
+        CREATE OR REPLACE TRIGGER visit_counted AFTER INSERT OR UPDATE ON visits
+            FOR EACH STATEMENT EXECUTE FUNCTION visit_counted()"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["visits", "visit_statements"]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let position = i64::try_from(event.global_position).unwrap();
+            let k = position % 2;
+            // The first write names key and visit; the next, the key alone.
+            if position > 1 {
+                tx.execute(
+                    "UPDATE visits SET closed = $2 WHERE k = $1 AND closed IS NULL",
+                    &[&k, &position],
+                )
+                .await?;
+            }
+            let open = "INSERT INTO visits (k, v) VALUES ($1, $2) ON CONFLICT (k, v) DO NOTHING";
+            tx.execute(open, &[&k, &position]).await?;
+            if position == 10 {
+                // Right after a visit of the same key by the same
+                // statement: another row, which it does not stand for.
+                tx.execute(open, &[&k, &100i64]).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn writes_that_name_more_columns_gather_with_those_of_fewer_in_order() {
+    let (setup, client) = rebuilt_over_ten_events(Arc::new(Visits)).await;
+    let visits: Vec<(i64, i64, Option<i64>)> = client
+        .query("SELECT k, v, closed FROM visits ORDER BY k, v", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    // Each visit closed by its key's next event, the last one open.
+    let expected = [
+        (0, 2, Some(4)),
+        (0, 4, Some(6)),
+        (0, 6, Some(8)),
+        (0, 8, Some(10)),
+        (0, 10, None),
+        (0, 100, None),
+        (1, 1, Some(3)),
+        (1, 3, Some(5)),
+        (1, 5, Some(7)),
+        (1, 7, Some(9)),
+        (1, 9, None),
+    ];
+    assert_eq!(visits, expected);
+    // Told apart by the key alone, the two keys' writes pair up: the first
+    // insert, then per two events one UPDATE and one INSERT (one each for
+    // the last event, and one for the extra visit). One statement per
+    // write would be 20.
+    let statements: i64 = client
+        .query_one("SELECT n FROM visit_statements", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(statements, 12);
+    setup.store.shutdown().await;
+}
+
 /// Two read models written in an order that only some tables allow to
 /// change: `scoped_tallies` (its only unique index is its key) gets each
 /// key's INSERT between the UPDATEs of other keys; `ledger` also has a

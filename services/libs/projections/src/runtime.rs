@@ -154,7 +154,10 @@ enum Outgoing<'w> {
 /// the first open gathering of its statement placed after the one holding
 /// the previous write of its value, and other scoped statements of the
 /// table do not close gatherings (an INSERT of one deal between the
-/// UPDATEs of others, say).
+/// UPDATEs of others, say). Scoped writes of one table that name different
+/// columns are told apart by the columns they all name (a visit's INSERT by
+/// deal and visit, its closing UPDATE by deal: both by deal), as long as
+/// one's columns are among the other's.
 ///
 /// Where a value's last write so far is one of the same statement and that
 /// statement collapses ([`crate::bulk::Collapse`]), the new write takes its
@@ -192,18 +195,31 @@ fn gathered<'w>(
                 groups: Vec::new(),
                 last: std::collections::HashMap::new(),
             });
-            if state.columns == scope.columns.as_slice() {
-                let value: Vec<Option<&[u8]>> = scope
-                    .params
-                    .iter()
-                    .map(|&k| write.params[k].bytes.as_deref())
-                    .collect();
+            // A write confined to the rows of its own values of some columns
+            // is confined to those of its values of fewer of them: the
+            // table's writes are told apart by the columns they all name.
+            if !fresh && scope.columns.len() < state.columns.len() {
+                state.coarsen(&scope.columns);
+            }
+            let value: Option<Vec<Option<&[u8]>>> = state
+                .columns
+                .iter()
+                .map(|column| {
+                    let at = scope.columns.iter().position(|c| c == column)?;
+                    Some(write.params[scope.params[at]].bytes.as_deref())
+                })
+                .collect();
+            if let Some(value) = value {
                 let after = state.last.get(&value).copied();
-                // The value's last write is this statement's: one of the
-                // two stands for both.
+                // The value's last write is this statement's, for the same
+                // row: one of the two stands for both.
                 if let (Some((at, row)), Some(collapse)) = (after, &bulk.collapse)
                     && let Gathered::Many(_, rows) = &mut items[at]
                     && Arc::ptr_eq(&rows[row].last.shape, &write.shape)
+                    && scope
+                        .params
+                        .iter()
+                        .all(|&k| rows[row].last.params[k].bytes == write.params[k].bytes)
                 {
                     if let crate::bulk::Collapse::Last { keep } = collapse {
                         rows[row].last = write;
@@ -286,6 +302,30 @@ struct Scoped<'w> {
     groups: Vec<usize>,
     /// Per value, where its last write is: its gathering and its row there.
     last: std::collections::HashMap<Vec<Option<&'w [u8]>>, (usize, usize)>,
+}
+
+impl<'w> Scoped<'w> {
+    /// Tells the writes apart by `columns` from now on, when they are some
+    /// of the present ones: each value's last write is then the latest of
+    /// those of the values it gathers.
+    fn coarsen(&mut self, columns: &'w [String]) {
+        let Some(kept): Option<Vec<usize>> = columns
+            .iter()
+            .map(|c| self.columns.iter().position(|own| own == c))
+            .collect()
+        else {
+            return;
+        };
+        let mut last: std::collections::HashMap<_, (usize, usize)> =
+            std::collections::HashMap::new();
+        for (value, at) in self.last.drain() {
+            let value = kept.iter().map(|&i| value[i]).collect();
+            let latest = last.entry(value).or_insert(at);
+            *latest = (*latest).max(at);
+        }
+        self.columns = columns;
+        self.last = last;
+    }
 }
 
 /// Forgets the scoped state of tables whose gatherings were closed (a

@@ -7,7 +7,7 @@
 //! the state forgets: when it was opened (its creation cohort), where it came
 //! from, when it closed and why it was lost. Each stay in a stage is one
 //! visit row: entered, exited and how it ended (`forward`, `backward`, `won`,
-//! `lost`). Pipelines keep their open stages' order per version, so queries
+//! `lost`), numbered by the version of the deal's event that entered it. Pipelines keep their open stages' order per version, so queries
 //! can rank the stages a deal reached. Everything is grouped by `occurred_at`
 //! (business time); the tenant's zone, kept from its settings, places
 //! instants in calendar months.
@@ -193,7 +193,10 @@ async fn exit_visit(
     Ok(())
 }
 
-/// Starts the deal's next visit.
+/// Starts the deal's next visit, numbered by the version of the event that
+/// enters it: increasing per deal, known without a read (so a batch's
+/// visits go out as one statement), and above the numbers of visits that
+/// earlier versions counted one by one.
 async fn enter_visit(
     tx: &crate::Tx<'_>,
     event: &RecordedEvent,
@@ -202,9 +205,14 @@ async fn enter_visit(
 ) -> Result<(), ApplyError> {
     tx.execute(
         "INSERT INTO stage_visit (tenant_id, deal_id, visit, stage, entered_at) \
-         SELECT $1, $2, COALESCE(max(visit), 0) + 1, $3, $4 FROM stage_visit \
-         WHERE tenant_id = $1 AND deal_id = $2",
-        &[&event.tenant_id, &event.stream_id, &stage, &at],
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, deal_id, visit) DO NOTHING",
+        &[
+            &event.tenant_id,
+            &event.stream_id,
+            &i32::try_from(event.stream_version).unwrap_or(i32::MAX),
+            &stage,
+            &at,
+        ],
     )
     .await?;
     Ok(())
