@@ -1323,6 +1323,82 @@ async fn writes_that_name_more_columns_gather_with_those_of_fewer_in_order() {
     setup.store.shutdown().await;
 }
 
+/// Rows about three streams, replaced at every event of a stream (as
+/// `c360_about` keeps them): a DELETE of the stream's rows, then two
+/// INSERTs. A statement-level trigger counts the statements.
+struct Abouts;
+
+impl crm_projections::Projection for Abouts {
+    fn name(&self) -> &'static str {
+        "abouts"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS abouts (
+            s bigint NOT NULL,
+            a bigint NOT NULL,
+            PRIMARY KEY (s, a)
+        );
+        CREATE TABLE IF NOT EXISTS about_statements (n bigint NOT NULL);
+        INSERT INTO about_statements SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM about_statements);
+        CREATE OR REPLACE FUNCTION about_counted() RETURNS trigger LANGUAGE plpgsql AS
+            'BEGIN UPDATE about_statements SET n = n + 1; RETURN NULL; END';
+        CREATE OR REPLACE TRIGGER about_counted AFTER INSERT OR DELETE ON abouts
+            FOR EACH STATEMENT EXECUTE FUNCTION about_counted()"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["abouts", "about_statements"]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let position = i64::try_from(event.global_position).unwrap();
+            let stream = position % 3;
+            tx.execute("DELETE FROM abouts WHERE s = $1", &[&stream])
+                .await?;
+            for about in [position, position + 100] {
+                tx.execute(
+                    "INSERT INTO abouts (s, a) VALUES ($1, $2) ON CONFLICT (s, a) DO NOTHING",
+                    &[&stream, &about],
+                )
+                .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn rows_deleted_and_written_again_per_key_gather_in_order() {
+    let (setup, client) = rebuilt_over_ten_events(Arc::new(Abouts)).await;
+    let rows: Vec<(i64, i64)> = client
+        .query("SELECT s, a FROM abouts ORDER BY s, a", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    // What each stream's last event wrote: 9, 10 and 8.
+    assert_eq!(
+        rows,
+        vec![(0, 9), (0, 109), (1, 10), (1, 110), (2, 8), (2, 108)]
+    );
+    // Per three events (one of each stream): one DELETE, then the first
+    // INSERTs, then the second ones. One statement per write would be 30.
+    let statements: i64 = client
+        .query_one("SELECT n FROM about_statements", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(statements, 12);
+    setup.store.shutdown().await;
+}
+
 /// Two read models written in an order that only some tables allow to
 /// change: `scoped_tallies` (its only unique index is its key) gets each
 /// key's INSERT between the UPDATEs of other keys; `ledger` also has a

@@ -149,6 +149,9 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     if upper.starts_with("UPDATE ") {
         return plan_update(sql, types);
     }
+    if upper.starts_with("DELETE FROM ") {
+        return plan_delete(sql, types);
+    }
     if !upper.starts_with("INSERT INTO ")
         || upper.contains("SELECT")
         || upper.contains("RETURNING")
@@ -427,6 +430,68 @@ fn parameter_sites(value: &str) -> Option<Vec<(usize, usize, usize)>> {
 /// What the unnested parameters are called in a gathered UPDATE: a name no
 /// read-model table or column uses (statements naming it stay single).
 const UPDATE_ALIAS: &str = "gathered_writes";
+
+/// The bulk form of `DELETE FROM t WHERE k1 = $a AND k2 = $b ...` (every
+/// condition a key column equal to a parameter), one `DELETE ... USING
+/// unnest(...)`: scoped by its key like a keyed UPDATE, and a second delete
+/// of one key right after the first finds nothing left ([`Collapse::First`]).
+fn plan_delete(sql: &str, types: &[Type]) -> Option<Bulk> {
+    if types.is_empty() {
+        return None;
+    }
+    for ty in types {
+        if !matches!(ty.kind(), Kind::Simple) || ty.schema() != "pg_catalog" {
+            return None;
+        }
+    }
+    let rest = sql["DELETE FROM ".len()..].trim_start();
+    let table_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+    let table = rest[..table_end].to_ascii_lowercase();
+    let rest = rest[table_end..].trim_start();
+    if !rest.get(..6)?.eq_ignore_ascii_case("WHERE ") {
+        return None;
+    }
+    let conditions = &rest[6..];
+    let (mut key, mut scope) = (Vec::new(), Vec::new());
+    for condition in split_at_words(conditions, "and") {
+        let (column, value) = condition.split_once('=')?;
+        let column = column.trim();
+        if column.is_empty()
+            || !column
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return None;
+        }
+        let k = key_parameter(value, types)?;
+        key.push(k);
+        scope.push((column.to_ascii_lowercase(), k));
+    }
+    // Every parameter is a key's: nothing else to send.
+    if (0..types.len()).any(|k| !key.contains(&k)) {
+        return None;
+    }
+    let arrays: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(k, ty)| format!("${}::\"{}\"[]", k + 1, ty.name()))
+        .collect();
+    let names: Vec<String> = (1..=types.len()).map(|k| format!("p{k}")).collect();
+    Some(Bulk {
+        sql: format!(
+            "DELETE FROM {table} USING unnest({}) AS {UPDATE_ALIAS}({}) WHERE {}",
+            arrays.join(", "),
+            names.join(", "),
+            renumbered(conditions.trim(), types.len(), UPDATE_ALIAS)?,
+        ),
+        table,
+        key: Some(key),
+        scope: Scope::new(scope),
+        needs_scope: true,
+        collapse: Some(Collapse::First),
+        types: types.to_vec(),
+    })
+}
 
 /// The bulk form of `UPDATE t SET ... WHERE c = $k AND ...`, or `None` when
 /// the statement reads anything but its own row, or its WHERE is not a
@@ -1037,6 +1102,42 @@ mod tests {
             ("INSERT INTO t (a, b, c) VALUES ($1, $2, $3)", None),
         ] {
             assert_eq!(collapse(sql), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_keyed_delete_becomes_a_delete_using_unnest() {
+        let bulk = plan(
+            "DELETE FROM c360_about WHERE tenant_id = $1 AND stream_id = $2",
+            &[Type::TEXT, Type::UUID],
+        )
+        .expect("gathered");
+        assert_eq!(
+            bulk.sql,
+            "DELETE FROM c360_about USING unnest($1::\"text\"[], $2::\"uuid\"[]) \
+             AS gathered_writes(p1, p2) \
+             WHERE tenant_id = gathered_writes.p1 AND stream_id = gathered_writes.p2"
+        );
+        assert_eq!(
+            bulk.scope,
+            Some(Scope {
+                columns: vec!["stream_id".into(), "tenant_id".into()],
+                params: vec![1, 0],
+            })
+        );
+        assert_eq!(bulk.collapse, Some(Collapse::First));
+        assert!(bulk.needs_scope);
+        for sql in [
+            // a condition that is not a key's
+            "DELETE FROM t WHERE a = $1 AND b IS NULL",
+            "DELETE FROM t WHERE a = $1 AND b > $2",
+            "DELETE FROM t WHERE a = $1 OR b = $2",
+            "DELETE FROM t WHERE a = $1 AND b IN (SELECT b FROM u)",
+            "DELETE FROM t",
+            "DELETE FROM t WHERE a = $1 RETURNING a",
+            "DELETE FROM t USING u WHERE a = $1",
+        ] {
+            assert!(plan(sql, &[Type::TEXT, Type::TEXT]).is_none(), "{sql}");
         }
     }
 

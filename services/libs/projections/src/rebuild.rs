@@ -84,7 +84,7 @@ pub async fn rebuild_many(
     let mut senders = Vec::with_capacity(projections.len());
     let mut workers = Vec::with_capacity(projections.len());
     for (projection, client) in projections.iter().zip(clients) {
-        let (sender, receiver) = mpsc::channel(4_096);
+        let (sender, receiver) = mpsc::channel(65_536);
         senders.push(sender);
         workers.push(tokio::spawn(work(projection.clone(), client, receiver)));
     }
