@@ -84,6 +84,8 @@ pub async fn rebuild_many(
     let mut senders = Vec::with_capacity(projections.len());
     let mut workers = Vec::with_capacity(projections.len());
     for (projection, client) in projections.iter().zip(clients) {
+        // Room for the reader to run well ahead (events are shared, so a
+        // slot is a pointer): one worker's commit must not stall the others.
         let (sender, receiver) = mpsc::channel(65_536);
         senders.push(sender);
         workers.push(tokio::spawn(work(projection.clone(), client, receiver)));
