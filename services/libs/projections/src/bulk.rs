@@ -25,7 +25,6 @@
 //! scoped writes of different values commute, so one need not close the
 //! gathering of another statement of the same table; only the writes of
 //! one value keep their order (`runtime::gathered`).
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use tokio_postgres::types::{IsNull, Kind, ToSql, Type};
@@ -124,7 +123,8 @@ impl Bulk {
 /// The shape of `sql`, whose parameters have `types`; worked out once per
 /// text.
 pub(crate) fn shape(sql: &str, types: &[Type]) -> Arc<Shape> {
-    static SHAPES: LazyLock<Mutex<HashMap<String, Arc<Shape>>>> = LazyLock::new(Mutex::default);
+    static SHAPES: LazyLock<Mutex<crate::runtime::FastMap<String, Arc<Shape>>>> =
+        LazyLock::new(Mutex::default);
     let mut shapes = SHAPES.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(shape) = shapes.get(sql) {
         return shape.clone();
