@@ -1153,6 +1153,10 @@ impl crm_projections::Projection for Latest {
             k     bigint PRIMARY KEY,
             first bigint NOT NULL
         );
+        CREATE TABLE IF NOT EXISTS latest_nulls (
+            k  bigint UNIQUE,
+            at bigint NOT NULL
+        );
         CREATE TABLE IF NOT EXISTS latest_writes (n bigint NOT NULL);
         INSERT INTO latest_writes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM latest_writes);
         CREATE OR REPLACE FUNCTION latest_counted() RETURNS trigger LANGUAGE plpgsql AS
@@ -1162,7 +1166,7 @@ impl crm_projections::Projection for Latest {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["latest", "latest_first", "latest_writes"]
+        &["latest", "latest_first", "latest_nulls", "latest_writes"]
     }
 
     fn apply<'a>(
@@ -1184,6 +1188,14 @@ impl crm_projections::Projection for Latest {
                 &[&k, &position],
             )
             .await?;
+            if position <= 2 {
+                // A NULL key conflicts with nothing: two rows.
+                tx.execute(
+                    "INSERT INTO latest_nulls (k, at) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING",
+                    &[&None::<i64>, &position],
+                )
+                .await?;
+            }
             if position == 5 {
                 // k = 2: between its upserts at 2 and 5 and the one at 8.
                 tx.execute("UPDATE latest SET v = v + 1 WHERE k = $1", &[&k])
@@ -1217,6 +1229,12 @@ async fn rows_rewritten_at_every_event_go_out_once_as_they_end_up() {
         .map(|row| (row.get(0), row.get(1)))
         .collect();
     assert_eq!(first, vec![(0, 3), (1, 1), (2, 2)]);
+    let nulls: i64 = client
+        .query_one("SELECT count(*) FROM latest_nulls", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nulls, 2, "writes of a NULL key are not one row");
     // Row versions written: one per key for 0 and 1; for 2 the upserts at
     // 2 and 5 as one, the +1, the upsert at 8. One per write would be 11.
     let written: i64 = client

@@ -427,6 +427,12 @@ fn parameter_sites(value: &str) -> Option<Vec<(usize, usize, usize)>> {
     Some(sites)
 }
 
+/// Whether `word` (lower case) is the name of an unnested parameter
+/// (`p1`, `p2`, ...) in a gathered UPDATE or DELETE.
+fn unnested(word: &str) -> bool {
+    word.len() > 1 && word.starts_with('p') && word[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
 /// What the unnested parameters are called in a gathered UPDATE: a name no
 /// read-model table or column uses (statements naming it stay single).
 const UPDATE_ALIAS: &str = "gathered_writes";
@@ -456,7 +462,10 @@ fn plan_delete(sql: &str, types: &[Type]) -> Option<Bulk> {
     for condition in split_at_words(conditions, "and") {
         let (column, value) = condition.split_once('=')?;
         let column = column.trim();
-        if column.is_empty()
+        // A column named like an unnested one would be ambiguous.
+        if unnested(&column.to_ascii_lowercase())
+            || column.eq_ignore_ascii_case(UPDATE_ALIAS)
+            || column.is_empty()
             || !column
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -530,9 +539,6 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         "or",
         UPDATE_ALIAS,
     ];
-    let unnested = |word: &str| {
-        word.len() > 1 && word.starts_with('p') && word[1..].bytes().all(|b| b.is_ascii_digit())
-    };
     let plain = words(rest).all(|(word, cast, called)| {
         !REFUSED.contains(&word.as_str())
             && !unnested(&word)
@@ -1136,6 +1142,8 @@ mod tests {
             "DELETE FROM t",
             "DELETE FROM t WHERE a = $1 RETURNING a",
             "DELETE FROM t USING u WHERE a = $1",
+            // a column named like an unnested parameter
+            "DELETE FROM t WHERE p1 = $1",
         ] {
             assert!(plan(sql, &[Type::TEXT, Type::TEXT]).is_none(), "{sql}");
         }

@@ -187,8 +187,10 @@ async fn prepare(
     // rebuild's own tables and status row in its schema. Its commits need not
     // wait for the disk: a crash loses only the rebuild, which starts over.
     // Its `ANALYZE`s only need to show the planner that the tables grew
-    // (index lookups, not scans): a sample of 3,000 rows, not 30,000.
-    // Autovacuum analyses the swapped-in tables with the usual target.
+    // (index lookups, not scans): a sample of 3,000 rows, not 30,000. The
+    // swapped-in tables keep those statistics until autovacuum analyses
+    // them with the usual target, once a tenth of their rows are newer than
+    // the last `ANALYZE` (at once for rebuilds past `LAST_ANALYZE` events).
     client
         .batch_execute(&format!(
             "SET synchronous_commit = off; SET default_statistics_target = 10; \

@@ -212,14 +212,17 @@ fn gathered<'w>(
             if let Some(value) = value {
                 let after = state.last.get(&value).copied();
                 // The value's last write is this statement's, for the same
-                // row: one of the two stands for both.
+                // row: one of the two stands for both. (Not for a NULL in the
+                // key, which never conflicts: two such writes are two rows.
+                // The write that does not go out is not checked either: one
+                // that would have failed on its own passes unseen.)
                 if let (Some((at, row)), Some(collapse)) = (after, &bulk.collapse)
                     && let Gathered::Many(_, rows) = &mut items[at]
                     && Arc::ptr_eq(&rows[row].last.shape, &write.shape)
-                    && scope
-                        .params
-                        .iter()
-                        .all(|&k| rows[row].last.params[k].bytes == write.params[k].bytes)
+                    && scope.params.iter().all(|&k| {
+                        let key = &write.params[k].bytes;
+                        key.is_some() && rows[row].last.params[k].bytes == *key
+                    })
                 {
                     if let crate::bulk::Collapse::Last { keep } = collapse {
                         rows[row].last = write;
