@@ -445,6 +445,11 @@ impl tokio_postgres::types::ToSql for Encoded {
 /// Queued writes sent as one pipeline when the queue reaches this length.
 const PIPELINE: usize = 1_000;
 
+/// The same in a rebuild's chunk: its writes all go at commit (a chunk of
+/// 5,000 events queues fewer), so rows written at many events collapse
+/// across the whole chunk and the worker waits once per chunk.
+const REBUILD_PIPELINE: usize = 20_000;
+
 /// Aggregate states a rebuild has written, by row, so the next event of the
 /// same stream evolves them without reading them back. Only a rebuild uses
 /// one: it is its tables' only writer and any failure discards them, so the
@@ -764,7 +769,12 @@ impl<'a> Tx<'a> {
                 params: encoded,
                 position,
             });
-            deferred.writes.len() >= PIPELINE
+            let limit = if self.cache.is_some() {
+                REBUILD_PIPELINE
+            } else {
+                PIPELINE
+            };
+            deferred.writes.len() >= limit
         };
         if full {
             self.flush().await?;
