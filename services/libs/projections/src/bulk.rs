@@ -160,9 +160,7 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         return None;
     }
     let rest = sql["INSERT INTO ".len()..].trim_start();
-    let table_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
-    let table = rest[..table_end].to_ascii_lowercase();
-    let rest = rest[table_end..].trim_start();
+    let (table, rest) = leading_table(rest)?;
     let (columns, rest) = parenthesized(rest)?;
     let rest = rest.trim_start();
     if !rest.to_ascii_uppercase().starts_with("VALUES") {
@@ -177,10 +175,8 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     if columns.len() != values.len() {
         return None;
     }
-    for ty in types {
-        if !matches!(ty.kind(), Kind::Simple) || ty.schema() != "pg_catalog" {
-            return None;
-        }
+    if !builtin_scalars(types) {
+        return None;
     }
     // A literal alone is typed by its column in VALUES but not in a
     // SELECT (a bare NULL or '...' would be text there): only values that
@@ -212,19 +208,14 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
     for value in &values {
         selected.push(renumbered(value, types.len(), "u")?);
     }
-    let arrays: Vec<String> = types
-        .iter()
-        .enumerate()
-        .map(|(k, ty)| format!("${}::\"{}\"[]", k + 1, ty.name()))
-        .collect();
-    let names: Vec<String> = (1..=types.len()).map(|k| format!("p{k}")).collect();
+    let (arrays, names) = unnested_arrays(types);
     Some(Bulk {
         sql: format!(
             "INSERT INTO {table} ({}) SELECT {} FROM unnest({}) AS u({}){tail}",
             columns.join(", "),
             selected.join(", "),
-            arrays.join(", "),
-            names.join(", "),
+            arrays,
+            names,
         ),
         table,
         key,
@@ -233,6 +224,31 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         collapse,
         types: types.to_vec(),
     })
+}
+
+/// Whether every parameter is a scalar of a built-in type (one array each).
+fn builtin_scalars(types: &[Type]) -> bool {
+    types
+        .iter()
+        .all(|ty| matches!(ty.kind(), Kind::Simple) && ty.schema() == "pg_catalog")
+}
+
+/// The table name `rest` starts with (lower case), and what follows it.
+fn leading_table(rest: &str) -> Option<(String, &str)> {
+    let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+    Some((rest[..end].to_ascii_lowercase(), rest[end..].trim_start()))
+}
+
+/// The `unnest` arguments of a gathered statement (`$k::"type"[]`, one per
+/// parameter) and the names of its columns (`p1`, `p2`, ...).
+fn unnested_arrays(types: &[Type]) -> (String, String) {
+    let arrays: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(k, ty)| format!("${}::\"{}\"[]", k + 1, ty.name()))
+        .collect();
+    let names: Vec<String> = (1..=types.len()).map(|k| format!("p{k}")).collect();
+    (arrays.join(", "), names.join(", "))
 }
 
 /// The columns of an `ON CONFLICT (target)` (lower case, in order) with
@@ -445,15 +461,11 @@ fn plan_delete(sql: &str, types: &[Type]) -> Option<Bulk> {
     if types.is_empty() {
         return None;
     }
-    for ty in types {
-        if !matches!(ty.kind(), Kind::Simple) || ty.schema() != "pg_catalog" {
-            return None;
-        }
+    if !builtin_scalars(types) {
+        return None;
     }
     let rest = sql["DELETE FROM ".len()..].trim_start();
-    let table_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
-    let table = rest[..table_end].to_ascii_lowercase();
-    let rest = rest[table_end..].trim_start();
+    let (table, rest) = leading_table(rest)?;
     if !rest.get(..6)?.eq_ignore_ascii_case("WHERE ") {
         return None;
     }
@@ -480,17 +492,12 @@ fn plan_delete(sql: &str, types: &[Type]) -> Option<Bulk> {
     if (0..types.len()).any(|k| !key.contains(&k)) {
         return None;
     }
-    let arrays: Vec<String> = types
-        .iter()
-        .enumerate()
-        .map(|(k, ty)| format!("${}::\"{}\"[]", k + 1, ty.name()))
-        .collect();
-    let names: Vec<String> = (1..=types.len()).map(|k| format!("p{k}")).collect();
+    let (arrays, names) = unnested_arrays(types);
     Some(Bulk {
         sql: format!(
             "DELETE FROM {table} USING unnest({}) AS {UPDATE_ALIAS}({}) WHERE {}",
-            arrays.join(", "),
-            names.join(", "),
+            arrays,
+            names,
             renumbered(conditions.trim(), types.len(), UPDATE_ALIAS)?,
         ),
         table,
@@ -510,15 +517,11 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
     if types.is_empty() || upper.contains("SELECT") || upper.contains("RETURNING") {
         return None;
     }
-    for ty in types {
-        if !matches!(ty.kind(), Kind::Simple) || ty.schema() != "pg_catalog" {
-            return None;
-        }
+    if !builtin_scalars(types) {
+        return None;
     }
     let rest = sql["UPDATE ".len()..].trim_start();
-    let table_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
-    let table = rest[..table_end].to_ascii_lowercase();
-    let rest = rest[table_end..].trim_start();
+    let (table, rest) = leading_table(rest)?;
     if !rest.get(..4)?.eq_ignore_ascii_case("SET ") {
         return None;
     }
@@ -593,18 +596,13 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         }))
     .then_some(Collapse::Last { keep: Vec::new() });
     let renumber = |text: &str| renumbered(text, types.len(), UPDATE_ALIAS);
-    let arrays: Vec<String> = types
-        .iter()
-        .enumerate()
-        .map(|(k, ty)| format!("${}::\"{}\"[]", k + 1, ty.name()))
-        .collect();
-    let names: Vec<String> = (1..=types.len()).map(|k| format!("p{k}")).collect();
+    let (arrays, names) = unnested_arrays(types);
     Some(Bulk {
         sql: format!(
             "UPDATE {table} SET {} FROM unnest({}) AS {UPDATE_ALIAS}({}) WHERE {}",
             renumber(assignments.trim())?,
-            arrays.join(", "),
-            names.join(", "),
+            arrays,
+            names,
             renumber(conditions.trim())?,
         ),
         table,
