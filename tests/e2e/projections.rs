@@ -1129,6 +1129,51 @@ async fn gathered_updates_of_one_row_apply_in_order_each_once() {
     setup.store.shutdown().await;
 }
 
+/// SQL for a test read model: a one-row table `$counter` (column `n`) that
+/// a trigger on `$table` adds one to per `$each` (`ROW` or `STATEMENT`) of
+/// the `$events` written. Read models have no triggers; these only count.
+macro_rules! counted_by_trigger {
+    ($counter:literal, $events:literal, $table:literal, $each:literal) => {
+        concat!(
+            "CREATE TABLE IF NOT EXISTS ",
+            $counter,
+            " (n bigint NOT NULL);
+            INSERT INTO ",
+            $counter,
+            " SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM ",
+            $counter,
+            ");
+            CREATE OR REPLACE FUNCTION ",
+            $counter,
+            "_counted() RETURNS trigger LANGUAGE plpgsql AS
+                'BEGIN UPDATE ",
+            $counter,
+            " SET n = n + 1; RETURN NULL; END';
+            CREATE OR REPLACE TRIGGER ",
+            $counter,
+            "_counted AFTER ",
+            $events,
+            " ON ",
+            $table,
+            "
+                FOR EACH ",
+            $each,
+            " EXECUTE FUNCTION ",
+            $counter,
+            "_counted()"
+        )
+    };
+}
+
+/// What the trigger of [`counted_by_trigger`] counted in `counter`.
+async fn counted(client: &tokio_postgres::Client, counter: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT n FROM {counter}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A read model whose rows are rewritten at every event: an upsert of the
 /// row but for a column it sets only when it inserts (`since`), and an
 /// insert of a key's first event (both collapse), with
@@ -1143,7 +1188,8 @@ impl crm_projections::Projection for Latest {
     }
 
     fn schema(&self) -> &'static str {
-        "CREATE TABLE IF NOT EXISTS latest (
+        concat!(
+            "CREATE TABLE IF NOT EXISTS latest (
             k     bigint PRIMARY KEY,
             v     bigint NOT NULL,
             at    bigint NOT NULL,
@@ -1156,13 +1202,9 @@ impl crm_projections::Projection for Latest {
         CREATE TABLE IF NOT EXISTS latest_nulls (
             k  bigint UNIQUE,
             at bigint NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS latest_writes (n bigint NOT NULL);
-        INSERT INTO latest_writes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM latest_writes);
-        CREATE OR REPLACE FUNCTION latest_counted() RETURNS trigger LANGUAGE plpgsql AS
-            'BEGIN UPDATE latest_writes SET n = n + 1; RETURN NULL; END';
-        CREATE OR REPLACE TRIGGER latest_counted AFTER INSERT OR UPDATE ON latest
-            FOR EACH ROW EXECUTE FUNCTION latest_counted()"
+        );",
+            counted_by_trigger!("latest_writes", "INSERT OR UPDATE", "latest", "ROW")
+        )
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -1237,11 +1279,7 @@ async fn rows_rewritten_at_every_event_go_out_once_as_they_end_up() {
     assert_eq!(nulls, 2, "writes of a NULL key are not one row");
     // Row versions written: one per key for 0 and 1; for 2 the upserts at
     // 2 and 5 as one, the +1, the upsert at 8. One per write would be 11.
-    let written: i64 = client
-        .query_one("SELECT n FROM latest_writes", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let written = counted(&client, "latest_writes").await;
     assert_eq!(written, 5);
     setup.store.shutdown().await;
 }
@@ -1257,18 +1295,20 @@ impl crm_projections::Projection for Visits {
     }
 
     fn schema(&self) -> &'static str {
-        "CREATE TABLE IF NOT EXISTS visits (
+        concat!(
+            "CREATE TABLE IF NOT EXISTS visits (
             k      bigint NOT NULL,
             v      bigint NOT NULL,
             closed bigint,
             PRIMARY KEY (k, v)
-        );
-        CREATE TABLE IF NOT EXISTS visit_statements (n bigint NOT NULL);
-        INSERT INTO visit_statements SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM visit_statements);
-        CREATE OR REPLACE FUNCTION visit_counted() RETURNS trigger LANGUAGE plpgsql AS
-            'BEGIN UPDATE visit_statements SET n = n + 1; RETURN NULL; END';
-        CREATE OR REPLACE TRIGGER visit_counted AFTER INSERT OR UPDATE ON visits
-            FOR EACH STATEMENT EXECUTE FUNCTION visit_counted()"
+        );",
+            counted_by_trigger!(
+                "visit_statements",
+                "INSERT OR UPDATE",
+                "visits",
+                "STATEMENT"
+            )
+        )
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -1332,11 +1372,7 @@ async fn writes_that_name_more_columns_gather_with_those_of_fewer_in_order() {
     // insert, then per two events one UPDATE and one INSERT (one each for
     // the last event, and one for the extra visit). One statement per
     // write would be 20.
-    let statements: i64 = client
-        .query_one("SELECT n FROM visit_statements", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let statements = counted(&client, "visit_statements").await;
     assert_eq!(statements, 12);
     setup.store.shutdown().await;
 }
@@ -1352,17 +1388,19 @@ impl crm_projections::Projection for Abouts {
     }
 
     fn schema(&self) -> &'static str {
-        "CREATE TABLE IF NOT EXISTS abouts (
+        concat!(
+            "CREATE TABLE IF NOT EXISTS abouts (
             s bigint NOT NULL,
             a bigint NOT NULL,
             PRIMARY KEY (s, a)
-        );
-        CREATE TABLE IF NOT EXISTS about_statements (n bigint NOT NULL);
-        INSERT INTO about_statements SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM about_statements);
-        CREATE OR REPLACE FUNCTION about_counted() RETURNS trigger LANGUAGE plpgsql AS
-            'BEGIN UPDATE about_statements SET n = n + 1; RETURN NULL; END';
-        CREATE OR REPLACE TRIGGER about_counted AFTER INSERT OR DELETE ON abouts
-            FOR EACH STATEMENT EXECUTE FUNCTION about_counted()"
+        );",
+            counted_by_trigger!(
+                "about_statements",
+                "INSERT OR DELETE",
+                "abouts",
+                "STATEMENT"
+            )
+        )
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -1408,11 +1446,7 @@ async fn rows_deleted_and_written_again_per_key_gather_in_order() {
     );
     // Per three events (one of each stream): one DELETE, then the first
     // INSERTs, then the second ones. One statement per write would be 30.
-    let statements: i64 = client
-        .query_one("SELECT n FROM about_statements", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let statements = counted(&client, "about_statements").await;
     assert_eq!(statements, 12);
     setup.store.shutdown().await;
 }
