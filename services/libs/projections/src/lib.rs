@@ -27,9 +27,11 @@
 //! `Tx::flush` before any effect outside the transaction (a command sent,
 //! a message published), as `Sender::send` in the process managers does.
 //! A plain `INSERT ... VALUES (...)` whose values hold only parameters,
-//! casts and plain functions is gathered with its neighbours into one
-//! multi-row statement (see `bulk.rs`); read models must not have
-//! triggers, foreign keys, rules or views, which that relies on.
+//! casts and plain functions, and an UPDATE or DELETE by key, is gathered
+//! with its neighbours into one multi-row statement, and repeated writes of
+//! one row that one write stands for go out once (see `bulk.rs`); read
+//! models must not have triggers, foreign keys, rules or views, which that
+//! relies on.
 mod agent_workload;
 mod analytics;
 mod bulk;
