@@ -2057,8 +2057,37 @@ async fn every_read_model_rebuilds_to_its_live_tables_after_the_demo_seed() {
     let store = EventStore::connect(app.db.config(), StoreOptions::default())
         .await
         .unwrap();
+    // Indexes (those a rebuild creates once its tables are full among them),
+    // persistence and storage options: as the schema made them.
+    let shape = |tables: &'static [&'static str]| {
+        let db = &db;
+        async move {
+            let tables: Vec<&str> = tables.to_vec();
+            db.query(
+                "SELECT c.relname::text, c.relpersistence::text, \
+                        COALESCE(array_to_string(c.reloptions, ','), ''), \
+                        COALESCE(i.indexdef, '') \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 LEFT JOIN pg_indexes i ON i.schemaname = n.nspname AND i.tablename = c.relname \
+                 WHERE n.nspname = 'public' AND c.relname = ANY($1) \
+                 ORDER BY 1, 4",
+                &[&tables],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| {
+                (1..4).fold(row.get::<_, String>(0), |line, i| {
+                    line + " | " + &row.get::<_, String>(i)
+                })
+            })
+            .collect::<Vec<_>>()
+        }
+    };
     let mut live = Vec::new();
+    let mut live_shapes = Vec::new();
     for projection in crm_projections::all() {
+        live_shapes.push(shape(projection.tables()).await);
         let dumped = dump(projection.tables()).await;
         assert!(
             dumped.iter().any(|(_, rows)| !rows.is_empty()),
@@ -2074,9 +2103,23 @@ async fn every_read_model_rebuilds_to_its_live_tables_after_the_demo_seed() {
             .await
             .unwrap();
     assert_eq!(swapped.len(), live.len());
-    for ((projection, (name, at)), live) in crm_projections::all().iter().zip(swapped).zip(live) {
+    for (((projection, (name, at)), live), live_shape) in crm_projections::all()
+        .iter()
+        .zip(swapped)
+        .zip(live)
+        .zip(live_shapes)
+    {
         assert_eq!(name, projection.name());
         assert_eq!(at, head, "{name} rebuilt to the head");
+        assert!(
+            live_shape.iter().any(|line| line.contains("CREATE INDEX")),
+            "{name} has secondary indexes to compare"
+        );
+        assert_eq!(
+            shape(projection.tables()).await,
+            live_shape,
+            "{name}: indexes, persistence or options differ after the rebuild"
+        );
         let rebuilt = dump(projection.tables()).await;
         for ((table, live), (_, rebuilt)) in live.iter().zip(&rebuilt) {
             assert!(live == rebuilt, "{name}: {table} differs after the rebuild");

@@ -187,6 +187,10 @@ impl Projection for AgentWorkload {
         ]
     );
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &["agent_workload_open"]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &["agent", "queue", "ticket"]
     }

@@ -464,6 +464,10 @@ impl Projection for Analytics {
         ]
     );
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &["an_orders_by_account", "an_touches_by_member"]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &[
             "account",

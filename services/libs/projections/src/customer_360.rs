@@ -1000,6 +1000,18 @@ impl Projection for Customer360 {
         ]
     );
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        // Not c360_aliases_by_survivor: a merge re-points aliases by survivor.
+        &[
+            "c360_contact_links_by_account",
+            "c360_about_by_record",
+            "c360_orders_by_account",
+            "c360_invoices_by_account",
+            "c360_payments_by_account",
+            "c360_timeline_by_stream",
+        ]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &[
             "account",

@@ -330,6 +330,10 @@ impl Projection for Engagement {
         ]
     );
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &["eng_deals_open"]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &[
             "pipeline_config",

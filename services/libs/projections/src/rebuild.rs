@@ -6,7 +6,8 @@
 //! the log's head, in transactions of `chunk` events. Several projections
 //! rebuilt together share one read of the log: each event goes to those
 //! that read it (`reads`, as their live consumers) and `handles` it, each
-//! projection applying on its own connection.
+//! projection applying on its own connection. The indexes only queries use
+//! ([`Projection::query_indexes`]) are created once the tables are full.
 //! Then, per projection, in one transaction that holds the live status row
 //! (so its projector waits), the rebuild catches up to the live position,
 //! the live tables are dropped, the new ones moved in, and the live
@@ -37,6 +38,11 @@ pub enum RebuildError {
     },
     #[error("a rebuild of {0} is already running")]
     AlreadyRunning(String),
+    #[error("{projection}: query index {index} is not created by its schema")]
+    UnknownIndex {
+        projection: &'static str,
+        index: &'static str,
+    },
 }
 
 /// How far a rebuild has got.
@@ -77,18 +83,18 @@ pub async fn rebuild_many(
     chunk: u64,
     mut progress: impl FnMut(Progress),
 ) -> Result<Vec<(&'static str, u64)>, RebuildError> {
-    let mut clients = Vec::with_capacity(projections.len());
+    let mut prepared = Vec::with_capacity(projections.len());
     for projection in &projections {
-        clients.push(prepare(projection.as_ref(), pg).await?);
+        prepared.push(prepare(projection.as_ref(), pg).await?);
     }
     let mut senders = Vec::with_capacity(projections.len());
     let mut workers = Vec::with_capacity(projections.len());
-    for (projection, client) in projections.iter().zip(clients) {
+    for (projection, prepared) in projections.iter().zip(prepared) {
         // Room for the reader to run well ahead (events are shared, so a
         // slot is a pointer): one worker's commit must not stall the others.
         let (sender, receiver) = mpsc::channel(65_536);
         senders.push(sender);
-        workers.push(tokio::spawn(work(projection.clone(), client, receiver)));
+        workers.push(tokio::spawn(work(projection.clone(), prepared, receiver)));
     }
     let read = async {
         let mut position = 0u64;
@@ -151,12 +157,20 @@ pub async fn rebuild_many(
     Ok(swapped)
 }
 
+/// A rebuild's connection, and the definitions of the indexes it creates
+/// once its tables are full ([`Projection::query_indexes`]).
+struct Prepared {
+    client: Object,
+    deferred_indexes: Vec<String>,
+}
+
 /// A connection of its own for `projection`'s rebuild: holds the rebuild
-/// lock, creates the rebuild schema and its tables.
+/// lock, creates the rebuild schema and its tables, without the indexes
+/// only queries use.
 async fn prepare(
     projection: &dyn Projection,
     pg: &tokio_postgres::Config,
-) -> Result<Object, RebuildError> {
+) -> Result<Prepared, RebuildError> {
     let name = projection.name();
     let schema = format!("rebuild_{name}");
     let manager = Manager::from_config(
@@ -202,15 +216,60 @@ async fn prepare(
             projection.schema()
         ))
         .await?;
-    // Unlogged while they are built (a crash loses only the rebuild anyway):
-    // no WAL for every intermediate row version; logged again, written to
-    // the WAL once, before the swap.
+    // No autovacuum while they fill: it would compete for the CPU, and one
+    // still running at the swap holds it up until PostgreSQL cancels it
+    // (after `deadlock_timeout`, a second per table). `swap` turns it back on.
     for table in projection.tables() {
         client
-            .batch_execute(&format!("ALTER TABLE {schema}.{table} SET UNLOGGED"))
+            .batch_execute(&format!(
+                "ALTER TABLE {schema}.{table} SET (autovacuum_enabled = false)"
+            ))
             .await?;
     }
-    Ok(client)
+    // The indexes only queries use: their definitions kept as the schema
+    // made them (names, columns, predicates), then dropped until `finish`.
+    let mut deferred_indexes = Vec::new();
+    for &index in projection.query_indexes() {
+        let definition: Option<String> = client
+            .query_one(
+                "SELECT pg_get_indexdef(to_regclass($1))",
+                &[&format!("{schema}.{index}")],
+            )
+            .await?
+            .get(0);
+        let Some(definition) = definition else {
+            return Err(RebuildError::UnknownIndex {
+                projection: name,
+                index,
+            });
+        };
+        client
+            .batch_execute(&format!("DROP INDEX {schema}.{index}"))
+            .await?;
+        deferred_indexes.push(definition);
+    }
+    Ok(Prepared {
+        client,
+        deferred_indexes,
+    })
+}
+
+/// Creates the indexes only queries use on full rebuild tables, each in one
+/// sorted pass. Run by each worker as soon as it has applied everything, so
+/// that the projections finish in parallel.
+///
+/// The tables are logged from the start: with the rebuild's commits not
+/// waiting for the disk, writing their WAL as they fill costs less than
+/// filling them unlogged and rewriting each into the WAL at the end
+/// (`SET LOGGED`), measured in `docs/benchmarks.md`.
+async fn finish(client: &Object, deferred_indexes: &[String]) -> Result<(), RebuildError> {
+    client
+        .batch_execute("SET maintenance_work_mem = '256MB'")
+        .await?;
+    for definition in deferred_indexes {
+        client.batch_execute(definition).await?;
+    }
+    Ok(())
 }
 
 /// Events applied by a rebuild worker before it first analyses its tables
@@ -226,9 +285,13 @@ const LAST_ANALYZE: u64 = 64_000;
 /// connection and the position reached.
 async fn work(
     projection: Arc<dyn Projection>,
-    mut client: Object,
+    prepared: Prepared,
     mut receiver: mpsc::Receiver<Work>,
 ) -> Result<(Object, u64), RebuildError> {
+    let Prepared {
+        mut client,
+        deferred_indexes,
+    } = prepared;
     let mut position = 0u64;
     let (mut applied, mut busy) = (0u64, std::time::Duration::ZERO);
     let cache = StateCache::default();
@@ -238,7 +301,7 @@ async fn work(
     // is there (index lookups).
     let mut analyze_at = FIRST_ANALYZE;
     let analyze = format!("ANALYZE {}", projection.tables().join(", "));
-    'chunks: while let Some(mut work) = receiver.recv().await {
+    while let Some(mut work) = receiver.recv().await {
         let tx = Tx::with_cache(client.transaction().await?, &cache);
         loop {
             match work {
@@ -255,7 +318,11 @@ async fn work(
             }
             match receiver.recv().await {
                 Some(next) => work = next,
-                None => break 'chunks, // rolled back: the reader stopped
+                // Rolled back: the reader stopped (see `rebuild_many`).
+                None => {
+                    drop(tx);
+                    return Ok((client, position));
+                }
             }
         }
         tx.execute(
@@ -278,6 +345,14 @@ async fn work(
         busy_seconds = busy.as_secs_f64(),
         position,
         "rebuild applied"
+    );
+    let began = std::time::Instant::now();
+    finish(&client, &deferred_indexes).await?;
+    tracing::info!(
+        projection = projection.name(),
+        indexes = deferred_indexes.len(),
+        seconds = began.elapsed().as_secs_f64(),
+        "rebuild tables indexed"
     );
     Ok((client, position))
 }
@@ -332,11 +407,6 @@ async fn swap(
 ) -> Result<u64, RebuildError> {
     let name = projection.name();
     let schema = format!("rebuild_{name}");
-    for table in projection.tables() {
-        client
-            .batch_execute(&format!("ALTER TABLE {schema}.{table} SET LOGGED"))
-            .await?;
-    }
     let tx = Tx::deferring(client.transaction().await?);
     let live: i64 = tx
         .query_one(
@@ -353,6 +423,7 @@ async fn swap(
     for table in projection.tables() {
         swap.push_str(&format!(
             "DROP TABLE IF EXISTS public.{table} CASCADE; \
+             ALTER TABLE {schema}.{table} RESET (autovacuum_enabled); \
              ALTER TABLE {schema}.{table} SET SCHEMA public; "
         ));
     }

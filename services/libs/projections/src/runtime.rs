@@ -886,6 +886,15 @@ pub trait Projection: Send + Sync + 'static {
     fn rebuildable(&self) -> bool {
         true
     }
+    /// Its secondary indexes that no statement of `apply` can use (only
+    /// queries and the scheduler read by them). A rebuild creates these
+    /// once its tables are full, in one sorted pass each, instead of
+    /// keeping them up to date row by row; an index `apply` relies on must
+    /// not be named here, or each statement using it scans its table while
+    /// the rebuild runs.
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// The stream types whose events may change its tables (empty: every
     /// type). Its projector has a JetStream consumer per type, filtered by
     /// subject, so the others' events never reach it; it learns from the

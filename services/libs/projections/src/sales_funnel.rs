@@ -114,6 +114,15 @@ impl Projection for SalesFunnel {
         ]
     );
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &[
+            "sales_funnel_deals_cohort",
+            "sales_funnel_deals_closed",
+            "stage_visit_exited",
+            "lead_funnel_captured",
+        ]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &["opportunity", "lead", "pipeline_config", "tenant_settings"]
     }

@@ -103,6 +103,16 @@ impl Projection for SalesPerformance {
         ]
     );
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        // Not sales_credits_by_deal: a reopened deal reads its last credit.
+        &[
+            "sales_targets_children",
+            "sales_credits_by_time",
+            "sales_credits_by_owner",
+            "sales_credits_by_recorded",
+        ]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &[
             "opportunity",

@@ -31,6 +31,10 @@ CREATE INDEX IF NOT EXISTS scheduled_tasks_due
 impl Projection for ScheduledTasks {
     crate::runtime::projection_names!(NAME, SCHEMA, ["scheduled_tasks"]);
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &["scheduled_tasks_due"]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &["activity"]
     }

@@ -141,6 +141,14 @@ impl ServiceMetrics {
 impl Projection for ServiceMetrics {
     crate::runtime::projection_names!(NAME, SCHEMA, ["service_metrics"]);
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &[
+            "service_metrics_opened",
+            "service_metrics_solved",
+            "service_metrics_csat",
+        ]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &["ticket"]
     }

@@ -52,6 +52,10 @@ pub fn priority_rank(priority: Priority) -> i16 {
 impl Projection for ServiceQueue {
     crate::runtime::projection_names!(NAME, SCHEMA, ["service_queue"]);
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &["service_queue_open", "service_queue_waiting"]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &["ticket"]
     }

@@ -52,6 +52,10 @@ CREATE INDEX IF NOT EXISTS sla_clock_at_risk
 impl Projection for SlaClock {
     crate::runtime::projection_names!(NAME, SCHEMA, ["sla_trackers", "sla_clock"]);
 
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &["sla_clock_due", "sla_clock_warn", "sla_clock_at_risk"]
+    }
+
     fn stream_types(&self) -> &'static [&'static str] {
         &["ticket_sla"]
     }
