@@ -41,7 +41,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS agent_workload (
     last_assigned_at timestamptz,
     position         bigint      NOT NULL,
     PRIMARY KEY (tenant_id, agent)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS agent_workload_members (
     tenant_id text NOT NULL,
     queue_id  text NOT NULL,
@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS agent_workload_tickets (
     state     jsonb   NOT NULL,
     position  bigint  NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS agent_workload_open
     ON agent_workload_tickets (tenant_id, assignee, channel) WHERE open";
 

@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS an_accounts (
     kind        text    NOT NULL,
     segment     text    NOT NULL,
     PRIMARY KEY (tenant_id, account_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS an_customer_spells (
     tenant_id  text        NOT NULL,
     account_id uuid        NOT NULL,
@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS an_customer_spells (
     trigger    text        NOT NULL,
     ended_at   timestamptz,
     PRIMARY KEY (tenant_id, account_id, started_at)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS an_orders (
     tenant_id    text        NOT NULL,
     order_id     uuid        NOT NULL,
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS an_orders (
     ordered_at   timestamptz NOT NULL,
     deal_id      uuid,
     PRIMARY KEY (tenant_id, order_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS an_orders_by_account ON an_orders (tenant_id, account_id, ordered_at);
 CREATE TABLE IF NOT EXISTS an_payments (
     tenant_id  text NOT NULL,
@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS an_leads (
     deal_id      uuid,
     converted_at timestamptz,
     PRIMARY KEY (tenant_id, lead_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS an_deals (
     tenant_id    text        NOT NULL,
     deal_id      uuid        NOT NULL,
@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS an_deals (
     amount_minor bigint      NOT NULL,
     currency     text        NOT NULL,
     PRIMARY KEY (tenant_id, deal_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS an_campaigns (
     tenant_id   text NOT NULL,
     campaign_id uuid NOT NULL,

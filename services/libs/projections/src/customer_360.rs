@@ -73,7 +73,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS c360_accounts (
     churn_risk_days integer,
     position        bigint      NOT NULL,
     PRIMARY KEY (tenant_id, account_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS c360_contacts (
     tenant_id   text        NOT NULL,
     contact_id  uuid        NOT NULL,
@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS c360_contacts (
     created_at  timestamptz,
     position    bigint      NOT NULL,
     PRIMARY KEY (tenant_id, contact_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS c360_contact_links (
     tenant_id  text    NOT NULL,
     contact_id uuid    NOT NULL,
@@ -135,7 +135,7 @@ CREATE TABLE IF NOT EXISTS c360_touches (
     completed_at timestamptz,
     touched_at   timestamptz,
     PRIMARY KEY (tenant_id, activity_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS c360_orders (
     tenant_id         text        NOT NULL,
     order_id          uuid        NOT NULL,
@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS c360_orders (
     ordered_at        timestamptz NOT NULL,
     updated_at        timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, order_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS c360_orders_by_account ON c360_orders (tenant_id, account_id);
 CREATE TABLE IF NOT EXISTS c360_invoices (
     tenant_id     text        NOT NULL,
@@ -172,7 +172,7 @@ CREATE TABLE IF NOT EXISTS c360_invoices (
     order_ids     uuid[]      NOT NULL,
     occurred_at   timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, invoice_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS c360_invoices_by_account ON c360_invoices (tenant_id, account_id);
 CREATE TABLE IF NOT EXISTS c360_payments (
     tenant_id      text        NOT NULL,
@@ -186,7 +186,7 @@ CREATE TABLE IF NOT EXISTS c360_payments (
     order_ids      uuid[]      NOT NULL,
     occurred_at    timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, payment_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS c360_payments_by_account ON c360_payments (tenant_id, account_id);
 CREATE TABLE IF NOT EXISTS c360_timeline (
     tenant_id   text        NOT NULL,

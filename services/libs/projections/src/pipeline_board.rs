@@ -37,7 +37,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pipeline_board (
     position       bigint  NOT NULL,
     closed_at      timestamptz,
     PRIMARY KEY (tenant_id, deal_id)
-);
+) WITH (fillfactor = 70);
 -- Added after the first release: run `crm projections rebuild pipeline_board`
 -- to fill it for deals closed before.
 ALTER TABLE pipeline_board ADD COLUMN IF NOT EXISTS closed_at timestamptz;

@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS sales_funnel_deals (
     state            jsonb       NOT NULL,
     position         bigint      NOT NULL,
     PRIMARY KEY (tenant_id, deal_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS sales_funnel_deals_cohort
     ON sales_funnel_deals (tenant_id, pipeline_id, opened_at);
 CREATE INDEX IF NOT EXISTS sales_funnel_deals_closed
@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS stage_visit (
     exited_at  timestamptz,
     exit_kind  text,
     PRIMARY KEY (tenant_id, deal_id, visit)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS stage_visit_exited
     ON stage_visit (tenant_id, exited_at) WHERE exited_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS lead_funnel (
@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS lead_funnel (
     opportunity_id uuid,
     merged         boolean     NOT NULL DEFAULT false,
     PRIMARY KEY (tenant_id, lead_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS lead_funnel_captured ON lead_funnel (tenant_id, captured_at)";
 
 /// Decodes `event` as one of `A`'s; `None` when it is not.

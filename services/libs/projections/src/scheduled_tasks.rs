@@ -24,7 +24,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS scheduled_tasks (
     state        jsonb       NOT NULL,
     position     bigint      NOT NULL,
     PRIMARY KEY (tenant_id, activity_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS scheduled_tasks_due
     ON scheduled_tasks (due) WHERE open AND NOT overdue";
 

@@ -53,7 +53,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS service_metrics (
     state                  jsonb       NOT NULL,
     position               bigint      NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS service_metrics_opened ON service_metrics (tenant_id, opened_at);
 CREATE INDEX IF NOT EXISTS service_metrics_solved
     ON service_metrics (tenant_id, solved_at) WHERE solved_at IS NOT NULL;

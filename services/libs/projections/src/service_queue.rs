@@ -31,7 +31,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS service_queue (
     state            jsonb       NOT NULL,
     position         bigint      NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS service_queue_open
     ON service_queue (tenant_id, queue, priority_rank, opened_at, ticket_id)
     WHERE status NOT IN ('solved', 'closed');

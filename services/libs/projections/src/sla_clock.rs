@@ -21,7 +21,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sla_trackers (
     state      jsonb  NOT NULL,
     position   bigint NOT NULL,
     PRIMARY KEY (tenant_id, tracker_id)
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS sla_clock (
     tenant_id       text        NOT NULL,
     ticket_id       uuid        NOT NULL,
@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS sla_clock (
     met_at          timestamptz,
     position        bigint      NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id, metric)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS sla_clock_due
     ON sla_clock (due) WHERE state = 'running' AND NOT breached;
 CREATE INDEX IF NOT EXISTS sla_clock_warn
