@@ -388,6 +388,49 @@ fn capture_metrics() -> (
         .clone()
 }
 
+/// A row's state column that an earlier version made `jsonb` becomes
+/// `json` when the projector starts, its rows unchanged, and the projector
+/// goes on with them.
+#[tokio::test]
+async fn a_state_column_left_as_jsonb_by_an_earlier_version_becomes_json_with_its_rows() {
+    let setup = setup_runtime().await;
+    let pipeline = Uuid::now_v7();
+    let first = open_deals(&setup.store, pipeline, 3, 1_000).await;
+    publish(&setup, &first).await;
+    let (stop, task) = run_until(&setup, *first.last().unwrap()).await;
+    stop.cancel();
+    task.await.unwrap();
+    let client = setup.db.client().await;
+    client
+        .batch_execute("ALTER TABLE pipeline_board ALTER COLUMN state TYPE jsonb")
+        .await
+        .unwrap();
+    let state_type = || async {
+        client
+            .query_one(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+                 WHERE attrelid = 'pipeline_board'::regclass AND attname = 'state'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    assert_eq!(state_type().await, "jsonb");
+    let before = board_rows(&setup).await;
+    let more = open_deals(&setup.store, pipeline, 2, 1_000).await;
+    publish(&setup, &more).await;
+    let (stop, task) = run_until(&setup, *more.last().unwrap()).await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(state_type().await, "json");
+    let after = board_rows(&setup).await;
+    assert_eq!(after.len(), 5, "{after:?}");
+    for row in &before {
+        assert!(after.contains(row), "{row} kept as it was");
+    }
+}
+
 #[tokio::test]
 async fn redelivery_and_restart_change_no_figure_and_holes_are_refilled_from_the_store() {
     let (captured, meters) = capture_metrics();

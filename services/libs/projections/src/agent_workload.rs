@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS agent_workload_tickets (
     channel   text    NOT NULL,
     assignee  text    NOT NULL,
     open      boolean NOT NULL,
-    state     jsonb   NOT NULL,
+    state     json    NOT NULL,
     position  bigint  NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
 ) WITH (fillfactor = 70);

@@ -63,7 +63,7 @@ pub const TIMELINE_KINDS: &[&str] = &[
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS c360_accounts (
     tenant_id       text        NOT NULL,
     account_id      uuid        NOT NULL,
-    state           jsonb       NOT NULL,
+    state           json        NOT NULL,
     merged_into     uuid,
     erased          boolean     NOT NULL,
     created_at      timestamptz,
@@ -77,7 +77,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS c360_accounts (
 CREATE TABLE IF NOT EXISTS c360_contacts (
     tenant_id   text        NOT NULL,
     contact_id  uuid        NOT NULL,
-    state       jsonb       NOT NULL,
+    state       json        NOT NULL,
     merged_into uuid,
     erased      boolean     NOT NULL,
     created_at  timestamptz,

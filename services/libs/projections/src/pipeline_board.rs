@@ -33,7 +33,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pipeline_board (
     category       text,
     close_date     date,
     owner          text    NOT NULL,
-    state          jsonb   NOT NULL,
+    state          json    NOT NULL,
     position       bigint  NOT NULL,
     closed_at      timestamptz,
     PRIMARY KEY (tenant_id, deal_id)

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS sales_funnel_deals (
     closed_at        timestamptz,
     loss_reason      text,
     archived         boolean     NOT NULL,
-    state            jsonb       NOT NULL,
+    state            json        NOT NULL,
     position         bigint      NOT NULL,
     PRIMARY KEY (tenant_id, deal_id)
 ) WITH (fillfactor = 70);

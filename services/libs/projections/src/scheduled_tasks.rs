@@ -21,7 +21,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS scheduled_tasks (
     assignee     text        NOT NULL,
     open         boolean     NOT NULL,
     overdue      boolean     NOT NULL,
-    state        jsonb       NOT NULL,
+    state        json        NOT NULL,
     position     bigint      NOT NULL,
     PRIMARY KEY (tenant_id, activity_id)
 ) WITH (fillfactor = 70);

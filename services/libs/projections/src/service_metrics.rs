@@ -50,7 +50,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS service_metrics (
     csat_at                timestamptz,
     csat_agent             text,
     csat_queue             text,
-    state                  jsonb       NOT NULL,
+    state                  json        NOT NULL,
     position               bigint      NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
 ) WITH (fillfactor = 70);

@@ -28,7 +28,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS service_queue (
     escalation_level smallint    NOT NULL,
     reopen_count     integer     NOT NULL,
     status_since     timestamptz,
-    state            jsonb       NOT NULL,
+    state            json        NOT NULL,
     position         bigint      NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
 ) WITH (fillfactor = 70);

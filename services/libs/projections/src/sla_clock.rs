@@ -18,7 +18,7 @@ pub const NAME: &str = "sla_clock";
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sla_trackers (
     tenant_id  text   NOT NULL,
     tracker_id uuid   NOT NULL,
-    state      jsonb  NOT NULL,
+    state      json   NOT NULL,
     position   bigint NOT NULL,
     PRIMARY KEY (tenant_id, tracker_id)
 ) WITH (fillfactor = 70);

@@ -77,8 +77,10 @@ pub fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyE
     })
 }
 
-/// `state` as a `jsonb` parameter, serialized straight into the message
-/// (no `serde_json::Value` tree on the way; PostgreSQL orders the keys).
+/// `state` as a `json` parameter, serialized straight into the message
+/// (no `serde_json::Value` tree on the way) and stored as written: `json`,
+/// not `jsonb`, whose parse and rebuild at every write cost twice as much
+/// (1.29 s against 0.75 s for 154,000 rows of 724 bytes).
 pub(crate) fn stored<T: serde::Serialize + std::fmt::Debug>(
     state: &T,
 ) -> tokio_postgres::types::Json<&T> {
