@@ -1076,6 +1076,88 @@ async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_f
     setup.store.shutdown().await;
 }
 
+/// A read model that names, among the indexes only its queries use, one
+/// its schema does not create.
+struct NamesAMissingIndex;
+
+impl crm_projections::Projection for NamesAMissingIndex {
+    fn name(&self) -> &'static str {
+        "names_a_missing_index"
+    }
+
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS names_a_missing_index (
+            position bigint PRIMARY KEY,
+            stream   uuid   NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS names_a_missing_index_by_stream
+            ON names_a_missing_index (stream)"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["names_a_missing_index"]
+    }
+
+    fn query_indexes(&self) -> &'static [&'static str] {
+        &[
+            "names_a_missing_index_by_stream",
+            "names_a_missing_index_by_nothing",
+        ]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            tx.execute(
+                "INSERT INTO names_a_missing_index (position, stream) VALUES ($1, $2)",
+                &[
+                    &i64::try_from(event.global_position).unwrap(),
+                    &event.stream_id,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+/// A rebuild refuses, before it reads anything, a projection that names an
+/// index its schema does not create; the live table stays as it was.
+#[tokio::test]
+async fn a_rebuild_refuses_a_query_index_the_schema_does_not_create() {
+    let setup = setup_runtime().await;
+    open_deals(&setup.store, Uuid::now_v7(), 2, 1_000).await;
+    crm_projections::ensure_schema(&setup.db.client().await, &NamesAMissingIndex)
+        .await
+        .unwrap();
+    let error = crm_projections::rebuild(
+        Arc::new(NamesAMissingIndex),
+        &setup.store,
+        setup.db.config(),
+        100,
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    match &error {
+        crm_projections::RebuildError::UnknownIndex { projection, index } => {
+            assert_eq!(*projection, "names_a_missing_index");
+            assert_eq!(*index, "names_a_missing_index_by_nothing");
+        }
+        other => panic!("expected an unknown index, got {other}"),
+    }
+    assert!(
+        error
+            .to_string()
+            .contains("names_a_missing_index_by_nothing")
+    );
+    assert_eq!(rows_in(&setup, "names_a_missing_index").await, 0);
+    setup.store.shutdown().await;
+}
+
 /// A read model that updates a few rows again and again: the queued
 /// UPDATEs of one statement go out gathered, several per key.
 struct Tallies;
