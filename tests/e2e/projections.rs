@@ -153,13 +153,24 @@ fn opened(pipeline: Uuid, amount: i64) -> serde_json::Value {
 
 /// Appends `event` as a new opportunity stream of tenant acme; its position.
 async fn append_deal(store: &EventStore, event: NewEvent) -> u64 {
+    append_to_deal(store, Uuid::now_v7(), ExpectedVersion::NoStream, event).await
+}
+
+/// Appends `event` to the opportunity stream `deal` of tenant acme; its
+/// position.
+async fn append_to_deal(
+    store: &EventStore,
+    deal: Uuid,
+    expected: ExpectedVersion,
+    event: NewEvent,
+) -> u64 {
     store
         .append(AppendEvents {
             tenant_id: TenantId::parse("acme").unwrap(),
             streams: vec![StreamAppend {
                 stream_type: "opportunity".into(),
-                stream_id: Uuid::now_v7(),
-                expected: ExpectedVersion::NoStream,
+                stream_id: deal,
+                expected,
                 events: vec![event],
             }],
             idempotency_key: None,
@@ -388,11 +399,11 @@ fn capture_metrics() -> (
         .clone()
 }
 
-/// A row's state column that an earlier version made `jsonb` becomes
-/// `json` when the projector starts, its rows unchanged, and the projector
-/// goes on with them.
+/// A row's state column that an earlier version made `jsonb` goes on
+/// working: its rows are read back and written again as events come; a
+/// rebuild makes it `json`, with the same figures.
 #[tokio::test]
-async fn a_state_column_left_as_jsonb_by_an_earlier_version_becomes_json_with_its_rows() {
+async fn a_state_column_left_as_jsonb_by_an_earlier_version_works_until_a_rebuild_makes_it_json() {
     let setup = setup_runtime().await;
     let pipeline = Uuid::now_v7();
     let first = open_deals(&setup.store, pipeline, 3, 1_000).await;
@@ -416,19 +427,68 @@ async fn a_state_column_left_as_jsonb_by_an_earlier_version_becomes_json_with_it
             .unwrap()
             .get::<_, String>(0)
     };
-    assert_eq!(state_type().await, "jsonb");
-    let before = board_rows(&setup).await;
-    let more = open_deals(&setup.store, pipeline, 2, 1_000).await;
-    publish(&setup, &more).await;
-    let (stop, task) = run_until(&setup, *more.last().unwrap()).await;
+    let figures = || async {
+        client
+            .query(
+                "SELECT deal_id::text || ' ' || stage || ' ' || probability_bp || ' ' || \
+                   (state->>'stage') FROM pipeline_board ORDER BY deal_id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    // The first deal moves on: its stored state is read and evolved.
+    let deal: Uuid = client
+        .query_one(
+            "SELECT deal_id FROM pipeline_board ORDER BY deal_id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let moved = append_to_deal(
+        &setup.store,
+        deal,
+        ExpectedVersion::Exact(1),
+        NewEvent::new(
+            "OpportunityStageChanged",
+            json!({
+                "from": "qualification", "to": "proposal", "probability_bp": 6000,
+                "category": "pipeline", "direction": "forward",
+                "occurred_at": "2026-11-30T10:00:00Z"
+            }),
+        ),
+    )
+    .await;
+    let more = open_deals(&setup.store, pipeline, 1, 1_000).await;
+    publish(&setup, &[moved, more[0]]).await;
+    let (stop, task) = run_until(&setup, more[0]).await;
     stop.cancel();
     task.await.unwrap();
+    assert_eq!(state_type().await, "jsonb", "left as it was");
+    let live = figures().await;
+    assert_eq!(live.len(), 4, "{live:?}");
+    assert_eq!(
+        live[0],
+        format!("{deal} proposal 6000 proposal"),
+        "the moved deal, from its stored state"
+    );
+
+    crm_projections::rebuild(
+        Arc::new(PipelineBoard),
+        &setup.store,
+        setup.db.config(),
+        100,
+        |_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(state_type().await, "json");
-    let after = board_rows(&setup).await;
-    assert_eq!(after.len(), 5, "{after:?}");
-    for row in &before {
-        assert!(after.contains(row), "{row} kept as it was");
-    }
+    assert_eq!(figures().await, live, "the same figures after the rebuild");
+    setup.store.shutdown().await;
 }
 
 #[tokio::test]
@@ -1076,33 +1136,30 @@ async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_f
     setup.store.shutdown().await;
 }
 
-/// A read model that names, among the indexes only its queries use, one
-/// its schema does not create.
-struct NamesAMissingIndex;
+/// A read model that names, among the indexes only its queries use, the
+/// ones given.
+struct NamesQueryIndexes(&'static [&'static str]);
 
-impl crm_projections::Projection for NamesAMissingIndex {
+impl crm_projections::Projection for NamesQueryIndexes {
     fn name(&self) -> &'static str {
-        "names_a_missing_index"
+        "names_query_indexes"
     }
 
     fn schema(&self) -> &'static str {
-        "CREATE TABLE IF NOT EXISTS names_a_missing_index (
+        "CREATE TABLE IF NOT EXISTS names_query_indexes (
             position bigint PRIMARY KEY,
             stream   uuid   NOT NULL
         );
-        CREATE INDEX IF NOT EXISTS names_a_missing_index_by_stream
-            ON names_a_missing_index (stream)"
+        CREATE INDEX IF NOT EXISTS names_query_indexes_by_stream
+            ON names_query_indexes (stream)"
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["names_a_missing_index"]
+        &["names_query_indexes"]
     }
 
     fn query_indexes(&self) -> &'static [&'static str] {
-        &[
-            "names_a_missing_index_by_stream",
-            "names_a_missing_index_by_nothing",
-        ]
+        self.0
     }
 
     fn apply<'a>(
@@ -1112,7 +1169,7 @@ impl crm_projections::Projection for NamesAMissingIndex {
     ) -> crm_projections::ApplyFuture<'a> {
         Box::pin(async move {
             tx.execute(
-                "INSERT INTO names_a_missing_index (position, stream) VALUES ($1, $2)",
+                "INSERT INTO names_query_indexes (position, stream) VALUES ($1, $2)",
                 &[
                     &i64::try_from(event.global_position).unwrap(),
                     &event.stream_id,
@@ -1124,37 +1181,90 @@ impl crm_projections::Projection for NamesAMissingIndex {
     }
 }
 
-/// A rebuild refuses, before it reads anything, a projection that names an
-/// index its schema does not create; the live table stays as it was.
+/// A rebuild refuses, before it reads anything, a projection that names
+/// among its query indexes one its schema does not create, or its primary
+/// key (which must hold while rows go in); the live table stays as it was,
+/// and the next attempt is not locked out.
 #[tokio::test]
-async fn a_rebuild_refuses_a_query_index_the_schema_does_not_create() {
+async fn a_rebuild_refuses_a_query_index_that_is_missing_or_unique() {
     let setup = setup_runtime().await;
-    open_deals(&setup.store, Uuid::now_v7(), 2, 1_000).await;
-    crm_projections::ensure_schema(&setup.db.client().await, &NamesAMissingIndex)
+    let pipeline = Uuid::now_v7();
+    open_deals(&setup.store, pipeline, 2, 1_000).await;
+    let client = setup.db.client().await;
+    crm_projections::ensure_schema(&client, &NamesQueryIndexes(&[]))
         .await
         .unwrap();
-    let error = crm_projections::rebuild(
-        Arc::new(NamesAMissingIndex),
+    client
+        .batch_execute(
+            "INSERT INTO names_query_indexes (position, stream) \
+             VALUES (42, '0190d1a0-0000-7000-8000-000000000000')",
+        )
+        .await
+        .unwrap();
+    for (names, refused) in [
+        (
+            &[
+                "names_query_indexes_by_stream",
+                "names_query_indexes_by_nothing",
+            ][..],
+            "names_query_indexes_by_nothing",
+        ),
+        (
+            &["names_query_indexes_pkey"][..],
+            "names_query_indexes_pkey",
+        ),
+    ] {
+        let names: &'static [&'static str] = Box::leak(names.to_vec().into_boxed_slice());
+        for attempt in 1..=2 {
+            let error = crm_projections::rebuild(
+                Arc::new(NamesQueryIndexes(names)),
+                &setup.store,
+                setup.db.config(),
+                100,
+                |_| {},
+            )
+            .await
+            .unwrap_err();
+            match &error {
+                crm_projections::RebuildError::NotAQueryIndex { projection, index } => {
+                    assert_eq!(*projection, "names_query_indexes");
+                    assert_eq!(*index, refused, "attempt {attempt}");
+                }
+                other => panic!("expected a refused query index, got {other}"),
+            }
+            assert!(error.to_string().contains(refused), "{error}");
+        }
+        let rows: Vec<i64> = client
+            .query("SELECT position FROM names_query_indexes", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(rows, vec![42], "the live table as it was");
+    }
+    // Named right, it rebuilds, with its query index created at the end.
+    let swapped = crm_projections::rebuild(
+        Arc::new(NamesQueryIndexes(&["names_query_indexes_by_stream"])),
         &setup.store,
         setup.db.config(),
         100,
         |_| {},
     )
     .await
-    .unwrap_err();
-    match &error {
-        crm_projections::RebuildError::UnknownIndex { projection, index } => {
-            assert_eq!(*projection, "names_a_missing_index");
-            assert_eq!(*index, "names_a_missing_index_by_nothing");
-        }
-        other => panic!("expected an unknown index, got {other}"),
-    }
-    assert!(
-        error
-            .to_string()
-            .contains("names_a_missing_index_by_nothing")
-    );
-    assert_eq!(rows_in(&setup, "names_a_missing_index").await, 0);
+    .unwrap();
+    assert_eq!(swapped, 2);
+    assert_eq!(rows_in(&setup, "names_query_indexes").await, 2);
+    let indexes: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' \
+             AND indexname = 'names_query_indexes_by_stream'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 1);
     setup.store.shutdown().await;
 }
 

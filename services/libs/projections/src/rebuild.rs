@@ -38,8 +38,10 @@ pub enum RebuildError {
     },
     #[error("a rebuild of {0} is already running")]
     AlreadyRunning(String),
-    #[error("{projection}: query index {index} is not created by its schema")]
-    UnknownIndex {
+    #[error(
+        "{projection}: {index}, named among its query indexes, is not a non-unique index its schema creates"
+    )]
+    NotAQueryIndex {
         projection: &'static str,
         index: &'static str,
     },
@@ -70,6 +72,10 @@ enum Work {
     Event(Arc<RecordedEvent>),
     /// Every event up to here has been sent: commit.
     Through(u64),
+    /// The log has been read to its head: the tables are full. (Not sent
+    /// when the reading stops early: then nothing is swapped in, and
+    /// nothing more is built.)
+    End,
 }
 
 /// Rebuilds `projections` over one shared read of the log and swaps each in;
@@ -101,6 +107,10 @@ pub async fn rebuild_many(
         loop {
             let head = store.head().await?;
             if head <= position {
+                for sender in &senders {
+                    // A worker gone has failed: its error is reported below.
+                    let _ = sender.send(Work::End).await;
+                }
                 return Ok::<_, RebuildError>(position);
             }
             while position < head {
@@ -230,15 +240,19 @@ async fn prepare(
     // made them (names, columns, predicates), then dropped until `finish`.
     let mut deferred_indexes = Vec::new();
     for &index in projection.query_indexes() {
+        // Only an index that enforces nothing: a unique one (a primary key,
+        // a constraint's, an `ON CONFLICT` target) must hold while rows go in.
         let definition: Option<String> = client
-            .query_one(
-                "SELECT pg_get_indexdef(to_regclass($1))",
+            .query_opt(
+                "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i \
+                 WHERE i.indexrelid = to_regclass($1) AND NOT i.indisunique \
+                   AND NOT i.indisexclusion",
                 &[&format!("{schema}.{index}")],
             )
             .await?
-            .get(0);
+            .map(|row| row.get(0));
         let Some(definition) = definition else {
-            return Err(RebuildError::UnknownIndex {
+            return Err(RebuildError::NotAQueryIndex {
                 projection: name,
                 index,
             });
@@ -263,9 +277,6 @@ async fn prepare(
 /// filling them unlogged and rewriting each into the WAL at the end
 /// (`SET LOGGED`), measured in `docs/benchmarks.md`.
 async fn finish(client: &Object, deferred_indexes: &[String]) -> Result<(), RebuildError> {
-    client
-        .batch_execute("SET maintenance_work_mem = '256MB'")
-        .await?;
     for definition in deferred_indexes {
         client.batch_execute(definition).await?;
     }
@@ -301,10 +312,19 @@ async fn work(
     // is there (index lookups).
     let mut analyze_at = FIRST_ANALYZE;
     let analyze = format!("ANALYZE {}", projection.tables().join(", "));
+    let mut ended = false;
     while let Some(mut work) = receiver.recv().await {
+        if matches!(work, Work::End) {
+            ended = true;
+            break;
+        }
         let tx = Tx::with_cache(client.transaction().await?, &cache);
         loop {
             match work {
+                Work::End => {
+                    ended = true;
+                    break;
+                }
                 Work::Event(event) => {
                     let began = std::time::Instant::now();
                     apply(projection.as_ref(), &tx, &event).await?;
@@ -338,6 +358,13 @@ async fn work(
             analyze_at = applied.saturating_mul(2);
         }
         busy += began.elapsed();
+        if ended {
+            break;
+        }
+    }
+    if !ended {
+        // The reader stopped early: the rebuild fails (see `rebuild_many`).
+        return Ok((client, position));
     }
     tracing::info!(
         projection = projection.name(),

@@ -2056,26 +2056,9 @@ pub async fn ensure_schema(
     projection: &dyn Projection,
 ) -> Result<(), tokio_postgres::Error> {
     const DDL_LOCK: i64 = 0x0063_726d_5f70_726a; // "crm_prj"
-    let tables: Vec<String> = projection
-        .tables()
-        .iter()
-        .map(|table| format!("'{table}'"))
-        .collect();
-    // Rows' `state` columns are `json` (kept as written) since 2026-12: a
-    // `jsonb` one (parsed and rebuilt at every write, twice the cost) left
-    // by an earlier version is converted once.
-    let state_as_json = format!(
-        "DO $$ DECLARE t regclass; BEGIN \
-           FOR t IN SELECT a.attrelid::regclass FROM pg_attribute a \
-             WHERE a.attrelid = ANY (ARRAY[{}]::regclass[]) AND a.attname = 'state' \
-               AND a.atttypid = 'jsonb'::regtype AND NOT a.attisdropped LOOP \
-             EXECUTE format('ALTER TABLE %s ALTER COLUMN state TYPE json', t); \
-           END LOOP; END $$",
-        tables.join(", ")
-    );
     client
         .batch_execute(&format!(
-            "SELECT pg_advisory_lock({DDL_LOCK}); {STATUS_SCHEMA}; {}; {state_as_json}; \
+            "SELECT pg_advisory_lock({DDL_LOCK}); {STATUS_SCHEMA}; {}; \
              INSERT INTO projections (name) VALUES ('{}') ON CONFLICT DO NOTHING; \
              SELECT pg_advisory_unlock({DDL_LOCK});",
             projection.schema(),
