@@ -290,6 +290,14 @@ async fn board_rows(setup: &Setup) -> Vec<String> {
         .collect()
 }
 
+/// Rebuilds `projection` in chunks of 100 events and swaps it in.
+async fn rebuild_in(
+    setup: &Setup,
+    projection: Arc<dyn crm_projections::Projection>,
+) -> Result<u64, crm_projections::RebuildError> {
+    crm_projections::rebuild(projection, &setup.store, setup.db.config(), 100, |_| {}).await
+}
+
 /// How many rows `table` holds (live tables, in `public`).
 async fn rows_in(setup: &Setup, table: &str) -> i64 {
     setup
@@ -477,15 +485,7 @@ async fn a_state_column_left_as_jsonb_by_an_earlier_version_works_until_a_rebuil
         "the moved deal, from its stored state"
     );
 
-    crm_projections::rebuild(
-        Arc::new(PipelineBoard),
-        &setup.store,
-        setup.db.config(),
-        100,
-        |_| {},
-    )
-    .await
-    .unwrap();
+    rebuild_in(&setup, Arc::new(PipelineBoard)).await.unwrap();
     assert_eq!(state_type().await, "json");
     assert_eq!(figures().await, live, "the same figures after the rebuild");
     setup.store.shutdown().await;
@@ -1087,15 +1087,7 @@ async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_f
     let setup = setup_runtime().await;
     let pipeline = Uuid::now_v7();
     open_deals(&setup.store, pipeline, 2, 1_000).await;
-    let rebuild = || {
-        crm_projections::rebuild(
-            Arc::new(RefusesThree),
-            &setup.store,
-            setup.db.config(),
-            100,
-            |_| {},
-        )
-    };
+    let rebuild = || rebuild_in(&setup, Arc::new(RefusesThree));
     // Two events: every write is queued and lands, in order.
     let swapped_at = rebuild().await.unwrap();
     assert_eq!(swapped_at, 2);
@@ -1216,15 +1208,9 @@ async fn a_rebuild_refuses_a_query_index_that_is_missing_or_unique() {
     ] {
         let names: &'static [&'static str] = Box::leak(names.to_vec().into_boxed_slice());
         for attempt in 1..=2 {
-            let error = crm_projections::rebuild(
-                Arc::new(NamesQueryIndexes(names)),
-                &setup.store,
-                setup.db.config(),
-                100,
-                |_| {},
-            )
-            .await
-            .unwrap_err();
+            let error = rebuild_in(&setup, Arc::new(NamesQueryIndexes(names)))
+                .await
+                .unwrap_err();
             match &error {
                 crm_projections::RebuildError::NotAQueryIndex { projection, index } => {
                     assert_eq!(*projection, "names_query_indexes");
@@ -1244,12 +1230,9 @@ async fn a_rebuild_refuses_a_query_index_that_is_missing_or_unique() {
         assert_eq!(rows, vec![42], "the live table as it was");
     }
     // Named right, it rebuilds, with its query index created at the end.
-    let swapped = crm_projections::rebuild(
+    let swapped = rebuild_in(
+        &setup,
         Arc::new(NamesQueryIndexes(&["names_query_indexes_by_stream"])),
-        &setup.store,
-        setup.db.config(),
-        100,
-        |_| {},
     )
     .await
     .unwrap();
@@ -1328,10 +1311,7 @@ async fn rebuilt_over_ten_events(
 ) -> (Setup, tokio_postgres::Client) {
     let setup = setup_runtime().await;
     open_deals(&setup.store, Uuid::now_v7(), 10, 1_000).await;
-    let swapped_at =
-        crm_projections::rebuild(projection, &setup.store, setup.db.config(), 100, |_| {})
-            .await
-            .unwrap();
+    let swapped_at = rebuild_in(&setup, projection).await.unwrap();
     assert_eq!(swapped_at, 10);
     let client = setup.db.client().await;
     (setup, client)
