@@ -733,7 +733,7 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
             tx.execute(
                 "INSERT INTO c360_touches (tenant_id, activity_id, kind, direction, outcome, state, \
                    subject, assignee, overdue, occurred_at, touched_at) \
-                 VALUES ($1, $2, $3, $4, $5, 'logged', '', '', false, $6, $7) \
+                 VALUES ($1, $2, $3, $4, $5, 'logged'::text, ''::text, ''::text, false, $6, $7) \
                  ON CONFLICT (tenant_id, activity_id) DO NOTHING",
                 &[
                     tenant,
@@ -764,7 +764,7 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
             tx.execute(
                 "INSERT INTO c360_touches (tenant_id, activity_id, kind, direction, outcome, state, \
                    subject, assignee, due, overdue, occurred_at) \
-                 VALUES ($1, $2, $3, '', '', 'scheduled', $4, $5, $6, false, $7) \
+                 VALUES ($1, $2, $3, ''::text, ''::text, 'scheduled'::text, $4, $5, $6, false, $7) \
                  ON CONFLICT (tenant_id, activity_id) DO NOTHING",
                 &[
                     tenant,
@@ -826,7 +826,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 "INSERT INTO c360_orders (tenant_id, order_id, account_id, source, external_id, \
                    status, cancelled, cancel_reason, net_minor, tax_minor, gross_minor, currency, \
                    ordered_on, promised_delivery, deal_id, ordered_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, false, '', $7, $8, $9, $10, $11::text::date, \
+                 VALUES ($1, $2, $3, $4, $5, $6, false, ''::text, $7, $8, $9, $10, $11::text::date, \
                    $12::text::date, $13, $14, $14) \
                  ON CONFLICT (tenant_id, order_id) DO UPDATE SET account_id = EXCLUDED.account_id, \
                    status = EXCLUDED.status, net_minor = EXCLUDED.net_minor, \
