@@ -133,6 +133,11 @@ pub(crate) fn shape(sql: &str, types: &[Type]) -> Arc<Shape> {
         lower: sql.to_ascii_lowercase(),
         bulk: plan(sql, types),
     });
+    if shape.bulk.is_none() {
+        // Once per statement text: a write that goes out one by one is
+        // easy to miss (a bare literal in VALUES is enough, see `plan`).
+        tracing::debug!(sql = sql.trim(), "a write statement that does not gather");
+    }
     shapes.insert(sql.to_owned(), shape.clone());
     shape
 }

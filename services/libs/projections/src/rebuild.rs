@@ -229,13 +229,12 @@ async fn prepare(
     // No autovacuum while they fill: it would compete for the CPU, and one
     // still running at the swap holds it up until PostgreSQL cancels it
     // (after `deadlock_timeout`, a second per table). `swap` turns it back on.
-    for table in projection.tables() {
-        client
-            .batch_execute(&format!(
-                "ALTER TABLE {schema}.{table} SET (autovacuum_enabled = false)"
-            ))
-            .await?;
-    }
+    let no_autovacuum: String = projection
+        .tables()
+        .iter()
+        .map(|table| format!("ALTER TABLE {schema}.{table} SET (autovacuum_enabled = false); "))
+        .collect();
+    client.batch_execute(&no_autovacuum).await?;
     // The indexes only queries use: their definitions kept as the schema
     // made them (names, columns, predicates), then dropped until `finish`.
     let mut deferred_indexes = Vec::new();
