@@ -1040,20 +1040,14 @@ async fn a_rebuild_equals_the_live_tables_and_swaps_in_while_the_projector_runs(
 struct RefusesThree;
 
 impl crm_projections::Projection for RefusesThree {
-    fn name(&self) -> &'static str {
-        "refuses_three"
-    }
-
-    fn schema(&self) -> &'static str {
+    crm_projections::projection_names!(
+        "refuses_three",
         "CREATE TABLE IF NOT EXISTS refuses_three (
             position bigint PRIMARY KEY CHECK (position <> 3),
             seen     bigint NOT NULL
-        )"
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["refuses_three"]
-    }
+        )",
+        ["refuses_three"]
+    );
 
     fn apply<'a>(
         &'a self,
@@ -1133,22 +1127,16 @@ async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_f
 struct NamesQueryIndexes(&'static [&'static str]);
 
 impl crm_projections::Projection for NamesQueryIndexes {
-    fn name(&self) -> &'static str {
-        "names_query_indexes"
-    }
-
-    fn schema(&self) -> &'static str {
+    crm_projections::projection_names!(
+        "names_query_indexes",
         "CREATE TABLE IF NOT EXISTS names_query_indexes (
             position bigint PRIMARY KEY,
             stream   uuid   NOT NULL
         );
         CREATE INDEX IF NOT EXISTS names_query_indexes_by_stream
-            ON names_query_indexes (stream)"
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["names_query_indexes"]
-    }
+            ON names_query_indexes (stream)",
+        ["names_query_indexes"]
+    );
 
     fn query_indexes(&self) -> &'static [&'static str] {
         self.0
@@ -1256,11 +1244,8 @@ async fn a_rebuild_refuses_a_query_index_that_is_missing_or_unique() {
 struct Tallies;
 
 impl crm_projections::Projection for Tallies {
-    fn name(&self) -> &'static str {
-        "tallies"
-    }
-
-    fn schema(&self) -> &'static str {
+    crm_projections::projection_names!(
+        "tallies",
         "CREATE TABLE IF NOT EXISTS tallies (
             k    bigint PRIMARY KEY,
             n    bigint NOT NULL,
@@ -1269,12 +1254,9 @@ impl crm_projections::Projection for Tallies {
         CREATE TABLE IF NOT EXISTS tally_log (
             position bigint PRIMARY KEY,
             k        bigint NOT NULL
-        )"
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["tallies", "tally_log"]
-    }
+        )",
+        ["tallies", "tally_log"]
+    );
 
     fn apply<'a>(
         &'a self,
@@ -1398,11 +1380,8 @@ async fn counted(client: &tokio_postgres::Client, counter: &str) -> i64 {
 struct Latest;
 
 impl crm_projections::Projection for Latest {
-    fn name(&self) -> &'static str {
-        "latest"
-    }
-
-    fn schema(&self) -> &'static str {
+    crm_projections::projection_names!(
+        "latest",
         concat!(
             "CREATE TABLE IF NOT EXISTS latest (
             k     bigint PRIMARY KEY,
@@ -1419,12 +1398,9 @@ impl crm_projections::Projection for Latest {
             at bigint NOT NULL
         );",
             counted_by_trigger!("latest_writes", "INSERT OR UPDATE", "latest", "ROW")
-        )
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["latest", "latest_first", "latest_nulls", "latest_writes"]
-    }
+        ),
+        ["latest", "latest_first", "latest_nulls", "latest_writes"]
+    );
 
     fn apply<'a>(
         &'a self,
@@ -1505,11 +1481,8 @@ async fn rows_rewritten_at_every_event_go_out_once_as_they_end_up() {
 struct Visits;
 
 impl crm_projections::Projection for Visits {
-    fn name(&self) -> &'static str {
-        "visits"
-    }
-
-    fn schema(&self) -> &'static str {
+    crm_projections::projection_names!(
+        "visits",
         concat!(
             "CREATE TABLE IF NOT EXISTS visits (
             k      bigint NOT NULL,
@@ -1523,12 +1496,9 @@ impl crm_projections::Projection for Visits {
                 "visits",
                 "STATEMENT"
             )
-        )
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["visits", "visit_statements"]
-    }
+        ),
+        ["visits", "visit_statements"]
+    );
 
     fn apply<'a>(
         &'a self,
@@ -1598,11 +1568,8 @@ async fn writes_that_name_more_columns_gather_with_those_of_fewer_in_order() {
 struct Abouts;
 
 impl crm_projections::Projection for Abouts {
-    fn name(&self) -> &'static str {
-        "abouts"
-    }
-
-    fn schema(&self) -> &'static str {
+    crm_projections::projection_names!(
+        "abouts",
         concat!(
             "CREATE TABLE IF NOT EXISTS abouts (
             s bigint NOT NULL,
@@ -1615,12 +1582,9 @@ impl crm_projections::Projection for Abouts {
                 "abouts",
                 "STATEMENT"
             )
-        )
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["abouts", "about_statements"]
-    }
+        ),
+        ["abouts", "about_statements"]
+    );
 
     fn apply<'a>(
         &'a self,
@@ -1674,11 +1638,8 @@ async fn rows_deleted_and_written_again_per_key_gather_in_order() {
 struct Ledger;
 
 impl crm_projections::Projection for Ledger {
-    fn name(&self) -> &'static str {
-        "ledger"
-    }
-
-    fn schema(&self) -> &'static str {
+    crm_projections::projection_names!(
+        "ledger",
         "CREATE TABLE IF NOT EXISTS scoped_tallies (
             k    bigint PRIMARY KEY,
             n    bigint NOT NULL,
@@ -1687,12 +1648,9 @@ impl crm_projections::Projection for Ledger {
         CREATE TABLE IF NOT EXISTS ledger (
             k    bigint PRIMARY KEY,
             code text NOT NULL UNIQUE
-        )"
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["scoped_tallies", "ledger"]
-    }
+        )",
+        ["scoped_tallies", "ledger"]
+    );
 
     fn apply<'a>(
         &'a self,

@@ -107,17 +107,7 @@ impl CustomerLifecycle {
 }
 
 impl Projection for CustomerLifecycle {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn schema(&self) -> &'static str {
-        SCHEMA
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["lifecycle_deals", "lifecycle_accounts"]
-    }
+    crm_projections::projection_names!(NAME, SCHEMA, ["lifecycle_deals", "lifecycle_accounts"]);
 
     fn rebuildable(&self) -> bool {
         false

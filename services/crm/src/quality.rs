@@ -1474,16 +1474,10 @@ fn account_effect(event: AccountEvent) -> Effect {
 }
 
 impl Projection for DataQuality {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn schema(&self) -> &'static str {
-        SCHEMA
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &[
+    crm_projections::projection_names!(
+        NAME,
+        SCHEMA,
+        [
             "record_quality",
             "quality_summary",
             "duplicate_candidates",
@@ -1492,7 +1486,7 @@ impl Projection for DataQuality {
             "dq_activity_targets",
             "dq_unmatched_orders",
         ]
-    }
+    );
 
     fn rebuildable(&self) -> bool {
         false

@@ -582,17 +582,11 @@ impl Router {
 }
 
 impl Projection for Router {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn schema(&self) -> &'static str {
-        SCHEMA
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["router_queues", "router_agents", "router_tickets"]
-    }
+    crm_projections::projection_names!(
+        NAME,
+        SCHEMA,
+        ["router_queues", "router_agents", "router_tickets"]
+    );
 
     fn rebuildable(&self) -> bool {
         false

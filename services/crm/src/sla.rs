@@ -491,17 +491,11 @@ impl SlaProcess {
 }
 
 impl Projection for SlaProcess {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn schema(&self) -> &'static str {
-        SCHEMA
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["sla_policies", "sla_calendars", "sla_tickets"]
-    }
+    crm_projections::projection_names!(
+        NAME,
+        SCHEMA,
+        ["sla_policies", "sla_calendars", "sla_tickets"]
+    );
 
     fn rebuildable(&self) -> bool {
         false

@@ -177,7 +177,7 @@ impl AgentWorkload {
 }
 
 impl Projection for AgentWorkload {
-    crate::runtime::projection_names!(
+    crate::projection_names!(
         NAME,
         SCHEMA,
         [

@@ -445,7 +445,7 @@ async fn settings(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
 }
 
 impl Projection for Analytics {
-    crate::runtime::projection_names!(
+    crate::projection_names!(
         NAME,
         SCHEMA,
         [

@@ -982,7 +982,7 @@ async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 }
 
 impl Projection for Customer360 {
-    crate::runtime::projection_names!(
+    crate::projection_names!(
         NAME,
         SCHEMA,
         [

@@ -318,7 +318,7 @@ async fn settings(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
 }
 
 impl Projection for Engagement {
-    crate::runtime::projection_names!(
+    crate::projection_names!(
         NAME,
         SCHEMA,
         [

@@ -54,7 +54,7 @@ fn text<T: serde::Serialize>(value: &T) -> Option<String> {
 }
 
 impl Projection for PipelineBoard {
-    crate::runtime::projection_names!(NAME, SCHEMA, ["pipeline_board"]);
+    crate::projection_names!(NAME, SCHEMA, ["pipeline_board"]);
 
     fn query_indexes(&self) -> &'static [&'static str] {
         &["pipeline_board_closed", "pipeline_board_by_stage"]

@@ -855,6 +855,7 @@ pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> +
 
 /// The three naming methods of a [`Projection`]: `projection_names!(NAME,
 /// SCHEMA, ["table", ...])` inside its `impl`.
+#[macro_export]
 macro_rules! projection_names {
     ($name:expr, $schema:expr, [$($table:expr),+ $(,)?]) => {
         fn name(&self) -> &'static str {
@@ -870,7 +871,6 @@ macro_rules! projection_names {
         }
     };
 }
-pub(crate) use projection_names;
 
 /// One read model.
 pub trait Projection: Send + Sync + 'static {

@@ -102,7 +102,7 @@ pub(crate) fn decode<A: Aggregate>(event: &RecordedEvent) -> Result<Option<A::Ev
 type Time = std::time::SystemTime;
 
 impl Projection for SalesFunnel {
-    crate::runtime::projection_names!(
+    crate::projection_names!(
         NAME,
         SCHEMA,
         [

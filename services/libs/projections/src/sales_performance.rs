@@ -91,7 +91,7 @@ CREATE TABLE IF NOT EXISTS commission_plans (
 type Time = std::time::SystemTime;
 
 impl Projection for SalesPerformance {
-    crate::runtime::projection_names!(
+    crate::projection_names!(
         NAME,
         SCHEMA,
         [

@@ -29,7 +29,7 @@ CREATE INDEX IF NOT EXISTS scheduled_tasks_due
     ON scheduled_tasks (due) WHERE open AND NOT overdue";
 
 impl Projection for ScheduledTasks {
-    crate::runtime::projection_names!(NAME, SCHEMA, ["scheduled_tasks"]);
+    crate::projection_names!(NAME, SCHEMA, ["scheduled_tasks"]);
 
     fn query_indexes(&self) -> &'static [&'static str] {
         &["scheduled_tasks_due"]

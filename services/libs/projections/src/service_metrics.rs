@@ -139,7 +139,7 @@ impl ServiceMetrics {
 }
 
 impl Projection for ServiceMetrics {
-    crate::runtime::projection_names!(NAME, SCHEMA, ["service_metrics"]);
+    crate::projection_names!(NAME, SCHEMA, ["service_metrics"]);
 
     fn query_indexes(&self) -> &'static [&'static str] {
         &[

@@ -50,7 +50,7 @@ pub fn priority_rank(priority: Priority) -> i16 {
 }
 
 impl Projection for ServiceQueue {
-    crate::runtime::projection_names!(NAME, SCHEMA, ["service_queue"]);
+    crate::projection_names!(NAME, SCHEMA, ["service_queue"]);
 
     fn query_indexes(&self) -> &'static [&'static str] {
         &["service_queue_open", "service_queue_waiting"]

@@ -50,7 +50,7 @@ CREATE INDEX IF NOT EXISTS sla_clock_at_risk
     ON sla_clock (tenant_id, due, ticket_id, metric) WHERE state = 'running'";
 
 impl Projection for SlaClock {
-    crate::runtime::projection_names!(NAME, SCHEMA, ["sla_trackers", "sla_clock"]);
+    crate::projection_names!(NAME, SCHEMA, ["sla_trackers", "sla_clock"]);
 
     fn query_indexes(&self) -> &'static [&'static str] {
         &["sla_clock_due", "sla_clock_warn", "sla_clock_at_risk"]
