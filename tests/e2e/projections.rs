@@ -1326,6 +1326,117 @@ async fn gathered_updates_of_one_row_apply_in_order_each_once() {
     setup.store.shutdown().await;
 }
 
+/// A read model whose inserts meet keys already there in every way a
+/// rebuild's record of keys must follow: `DO NOTHING` and `DO UPDATE` of
+/// keys written before (in the same chunk and in earlier ones), a keyed
+/// DELETE after which the key is inserted again, and, late, an
+/// `INSERT ... SELECT` (sent alone) that adds keys the next inserts meet.
+struct Rekeyed;
+
+/// Events of [`Rekeyed`]'s test; the `INSERT ... SELECT` comes at
+/// [`REKEYED_COPY_AT`].
+const REKEYED_EVENTS: i64 = 300;
+const REKEYED_COPY_AT: i64 = 250;
+
+impl crm_projections::Projection for Rekeyed {
+    crm_projections::projection_names!(
+        "rekeyed",
+        "CREATE TABLE IF NOT EXISTS rekeyed_firsts (k bigint PRIMARY KEY, v bigint NOT NULL);
+        CREATE TABLE IF NOT EXISTS rekeyed_lasts (k bigint PRIMARY KEY, v bigint NOT NULL)",
+        ["rekeyed_firsts", "rekeyed_lasts"]
+    );
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let p = i64::try_from(event.global_position).unwrap();
+            let first = "INSERT INTO rekeyed_firsts (k, v) VALUES ($1, $2) \
+                         ON CONFLICT (k) DO NOTHING";
+            tx.execute(first, &[&(p % 5), &p]).await?;
+            tx.execute(
+                "INSERT INTO rekeyed_lasts (k, v) VALUES ($1, $2) \
+                 ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                &[&(p % 7), &p],
+            )
+            .await?;
+            if p % 11 == 0 {
+                tx.execute("DELETE FROM rekeyed_firsts WHERE k = $1", &[&((p + 1) % 5)])
+                    .await?;
+            }
+            if p == REKEYED_COPY_AT {
+                tx.execute(
+                    "INSERT INTO rekeyed_firsts (k, v) SELECT k + 100, v FROM rekeyed_firsts",
+                    &[],
+                )
+                .await?;
+            }
+            if p > REKEYED_COPY_AT {
+                tx.execute(first, &[&(100 + p % 5), &p]).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A table's (k, v) rows, by k.
+type KeyValues = Vec<(i64, i64)>;
+
+/// [`Rekeyed`]'s tables as its statements leave them, worked out here.
+fn rekeyed_expected() -> (KeyValues, KeyValues) {
+    use std::collections::BTreeMap;
+    let (mut firsts, mut lasts) = (BTreeMap::new(), BTreeMap::new());
+    for p in 1..=REKEYED_EVENTS {
+        firsts.entry(p % 5).or_insert(p);
+        lasts.insert(p % 7, p);
+        if p % 11 == 0 {
+            firsts.remove(&((p + 1) % 5));
+        }
+        if p == REKEYED_COPY_AT {
+            let copies: Vec<(i64, i64)> = firsts.iter().map(|(k, v)| (k + 100, *v)).collect();
+            firsts.extend(copies);
+        }
+        if p > REKEYED_COPY_AT {
+            firsts.entry(100 + p % 5).or_insert(p);
+        }
+    }
+    (firsts.into_iter().collect(), lasts.into_iter().collect())
+}
+
+/// A rebuild sends the inserts of keys its fresh tables do not hold yet
+/// without a conflict check; keys already there, deleted, or added by a
+/// statement it cannot follow still end as the statements say, over
+/// three chunks of 100 events.
+#[tokio::test]
+async fn a_rebuild_that_skips_conflict_checks_for_new_keys_leaves_every_row_as_its_statements_say()
+{
+    let setup = setup_runtime().await;
+    open_deals(&setup.store, Uuid::now_v7(), REKEYED_EVENTS as usize, 1_000).await;
+    let swapped_at = rebuild_in(&setup, Arc::new(Rekeyed)).await.unwrap();
+    assert_eq!(swapped_at, REKEYED_EVENTS as u64);
+    let client = setup.db.client().await;
+    let rows = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(&format!("SELECT k, v FROM {table} ORDER BY k"), &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect::<KeyValues>()
+        }
+    };
+    let (firsts, lasts) = rekeyed_expected();
+    // Deleted keys came back: none is missing for good.
+    assert_eq!(firsts.len(), 10);
+    assert_eq!(rows("rekeyed_firsts").await, firsts);
+    assert_eq!(rows("rekeyed_lasts").await, lasts);
+    setup.store.shutdown().await;
+}
+
 /// SQL for a test read model: a one-row table `$counter` (column `n`) that
 /// a trigger on `$table` adds one to per `$each` (`ROW` or `STATEMENT`) of
 /// the `$events` written. Read models have no triggers; these only count.

@@ -35,6 +35,41 @@ pub(crate) struct Shape {
     lower: String,
     /// How its writes are sent together, when they can be.
     pub(crate) bulk: Option<Bulk>,
+    /// What it may change when it goes out alone (see [`Changes`]).
+    pub(crate) changes: Changes,
+}
+
+/// What a statement sent alone may change in the tables it names, for a
+/// rebuild's record of the keys its tables hold ([`crate::fresh`]).
+/// Statements change only the tables they name: read models have no
+/// triggers, rules or functions that write.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Changes {
+    /// A plain read.
+    Nothing,
+    /// `UPDATE table SET ...`: rows stay, and only the columns assigned
+    /// change (`None` when the assignments cannot be read).
+    Update {
+        table: String,
+        assigned: Option<Vec<String>>,
+    },
+    /// Anything else: any table it names may gain, lose or re-key rows.
+    Unknown,
+}
+
+/// What a gathered statement's writes do to its table's rows.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Effect {
+    /// `INSERT ... ON CONFLICT (scope) DO NOTHING` or `DO UPDATE`: `plain`
+    /// is the gathered statement without its conflict clause, for rows
+    /// whose key is known not to be there yet.
+    Upsert { plain: String },
+    /// Another INSERT: rows whose keys are not known.
+    Insert,
+    /// A keyed UPDATE: the columns it assigns.
+    Update { assigned: Vec<String> },
+    /// A keyed DELETE: the rows of its scope's values go.
+    Delete,
 }
 
 /// One INSERT statement's writes sent as one statement.
@@ -62,6 +97,8 @@ pub(crate) struct Bulk {
     pub(crate) collapse: Option<Collapse>,
     /// The element type of each array.
     pub(crate) types: Vec<Type>,
+    /// What its writes do to the rows.
+    pub(crate) effect: Effect,
 }
 
 /// How consecutive writes of one scope value (no other write of that value
@@ -129,11 +166,13 @@ pub(crate) fn shape(sql: &str, types: &[Type]) -> Arc<Shape> {
     if let Some(shape) = shapes.get(sql) {
         return shape.clone();
     }
+    let lower = sql.to_ascii_lowercase();
     let shape = Arc::new(Shape {
-        lower: sql.to_ascii_lowercase(),
+        changes: changes(&lower),
+        lower,
         bulk: plan(sql, types),
     });
-    if shape.bulk.is_none() {
+    if shape.bulk.is_none() && shape.changes != Changes::Nothing {
         // Once per statement text: a write that goes out one by one is
         // easy to miss (a bare literal in VALUES is enough, see `plan`).
         tracing::debug!(sql = sql.trim(), "a write statement that does not gather");
@@ -214,20 +253,28 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         selected.push(renumbered(value, types.len(), "u")?);
     }
     let (arrays, names) = unnested_arrays(types);
+    let plain = format!(
+        "INSERT INTO {table} ({}) SELECT {} FROM unnest({}) AS u({})",
+        columns.join(", "),
+        selected.join(", "),
+        arrays,
+        names,
+    );
+    let effect = match scope {
+        Some(_) => Effect::Upsert {
+            plain: plain.clone(),
+        },
+        None => Effect::Insert,
+    };
     Some(Bulk {
-        sql: format!(
-            "INSERT INTO {table} ({}) SELECT {} FROM unnest({}) AS u({}){tail}",
-            columns.join(", "),
-            selected.join(", "),
-            arrays,
-            names,
-        ),
+        sql: format!("{plain}{tail}"),
         table,
         key,
         scope,
         needs_scope: false,
         collapse,
         types: types.to_vec(),
+        effect,
     })
 }
 
@@ -511,6 +558,7 @@ fn plan_delete(sql: &str, types: &[Type]) -> Option<Bulk> {
         needs_scope: true,
         collapse: Some(Collapse::First),
         types: types.to_vec(),
+        effect: Effect::Delete,
     })
 }
 
@@ -591,6 +639,7 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
     if assigns_any(assignments, &key_columns)? {
         return None;
     }
+    let assigned = assigned_columns(assignments)?;
     // Its key alone picks the row, and every value is a parameter's: the
     // last write of a key sets the row as all of them would.
     let collapse = (n_conjuncts == key.len()
@@ -616,7 +665,57 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         needs_scope: true,
         collapse,
         types: types.to_vec(),
+        effect: Effect::Update { assigned },
     })
+}
+
+/// The columns `sets` (`a = ..., b = ...`) assigns (lower case); `None`
+/// when a target is not a bare column name.
+fn assigned_columns(sets: &str) -> Option<Vec<String>> {
+    split_top(sets)
+        .into_iter()
+        .map(|assignment| {
+            let (target, _) = assignment.split_once('=')?;
+            let target = target.trim().to_ascii_lowercase();
+            (!target.is_empty()
+                && target
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            .then_some(target)
+        })
+        .collect()
+}
+
+/// What `lower` (a statement in lower case) may change when sent alone.
+fn changes(lower: &str) -> Changes {
+    let text = lower.trim_start();
+    const WRITES: &[&str] = &[
+        "insert", "update", "delete", "merge", "truncate", "copy", "alter", "drop", "create",
+        "call", "do", "lock", "grant", "revoke", "comment", "cluster", "reindex", "vacuum",
+    ];
+    let writes = || words(text).any(|(word, _, _)| WRITES.contains(&word.as_str()));
+    if text.starts_with("select ") && !unparsable(text) && !writes() {
+        return Changes::Nothing;
+    }
+    if let Some(rest) = text.strip_prefix("update ")
+        && !unparsable(text)
+        && let Some((table, rest)) = leading_table(rest.trim_start())
+        && let Some(rest) = rest.strip_prefix("set ")
+    {
+        // The assignments end where the FROM or WHERE begins; a subquery
+        // among them (parentheses) is skipped whole.
+        let sets = [split_at_word(rest, "from"), split_at_word(rest, "where")]
+            .into_iter()
+            .flatten()
+            .map(|(sets, _)| sets)
+            .min_by_key(|sets| sets.len())
+            .unwrap_or(rest);
+        return Changes::Update {
+            table,
+            assigned: assigned_columns(sets),
+        };
+    }
+    Changes::Unknown
 }
 
 /// `text` split at the first `word` outside parentheses and quotes: what

@@ -48,6 +48,7 @@ mod analytics;
 mod bulk;
 mod customer_360;
 mod engagement;
+mod fresh;
 mod pipeline_board;
 mod rebuild;
 mod runtime;

@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
+use crate::fresh::Fresh;
 use crate::runtime::{Projection, STATUS_SCHEMA, StateCache, Tx};
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +173,9 @@ pub async fn rebuild_many(
 struct Prepared {
     client: Object,
     deferred_indexes: Vec<String>,
+    /// The rebuild tables its schema left empty (all of them, so far): a
+    /// worker knows which keys they hold ([`Fresh`]).
+    empty: Vec<&'static str>,
 }
 
 /// A connection of its own for `projection`'s rebuild: holds the rebuild
@@ -261,9 +265,32 @@ async fn prepare(
             .await?;
         deferred_indexes.push(definition);
     }
+    // Which tables the schema left empty, in one round trip.
+    let empty: Vec<bool> = client
+        .query_one(
+            &format!(
+                "SELECT ARRAY[{}]::bool[]",
+                projection
+                    .tables()
+                    .iter()
+                    .map(|table| format!("NOT EXISTS (SELECT FROM {schema}.{table})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    let empty = projection
+        .tables()
+        .iter()
+        .zip(empty)
+        .filter_map(|(table, empty)| empty.then_some(*table))
+        .collect();
     Ok(Prepared {
         client,
         deferred_indexes,
+        empty,
     })
 }
 
@@ -301,7 +328,9 @@ async fn work(
     let Prepared {
         mut client,
         deferred_indexes,
+        empty,
     } = prepared;
+    let fresh = Fresh::new(empty);
     let mut position = 0u64;
     let (mut applied, mut busy) = (0u64, std::time::Duration::ZERO);
     let cache = StateCache::default();
@@ -317,7 +346,7 @@ async fn work(
             ended = true;
             break;
         }
-        let tx = Tx::with_cache(client.transaction().await?, &cache);
+        let tx = Tx::rebuilding(client.transaction().await?, &cache, &fresh);
         loop {
             match work {
                 Work::End => {
@@ -365,11 +394,15 @@ async fn work(
         // The reader stopped early: the rebuild fails (see `rebuild_many`).
         return Ok((client, position));
     }
+    let (plain_inserts, skipped_inserts) = fresh.counts();
     tracing::info!(
         projection = projection.name(),
         applied,
         busy_seconds = busy.as_secs_f64(),
         position,
+        plain_inserts,
+        skipped_inserts,
+        followed = fresh.followed().join(","),
         "rebuild applied"
     );
     let began = std::time::Instant::now();

@@ -68,6 +68,8 @@ pub(crate) fn described(error: &tokio_postgres::Error) -> String {
 pub struct Tx<'a> {
     tx: deadpool_postgres::Transaction<'a>,
     cache: Option<&'a StateCache>,
+    /// A rebuild's record of the keys its tables hold.
+    fresh: Option<&'a crate::fresh::Fresh>,
     deferred: std::sync::Mutex<Deferred>,
 }
 
@@ -506,16 +508,31 @@ impl<'a> Tx<'a> {
         Self {
             tx,
             cache: None,
+            fresh: None,
             deferred: std::sync::Mutex::default(),
         }
     }
 
-    /// A rebuild's chunk: it also remembers the states it writes.
-    pub fn with_cache(tx: deadpool_postgres::Transaction<'a>, cache: &'a StateCache) -> Self {
+    /// A rebuild's chunk: it also remembers the states it writes, and
+    /// (`fresh`) the keys its tables hold.
+    pub(crate) fn rebuilding(
+        tx: deadpool_postgres::Transaction<'a>,
+        cache: &'a StateCache,
+        fresh: &'a crate::fresh::Fresh,
+    ) -> Self {
         Self {
             tx,
             cache: Some(cache),
+            fresh: Some(fresh),
             deferred: std::sync::Mutex::default(),
+        }
+    }
+
+    /// A statement about to go out as it is, not queued: the rebuild's
+    /// record of keys hears of it.
+    fn observe(&self, sql: &str, types: &[tokio_postgres::types::Type]) {
+        if let Some(fresh) = self.fresh {
+            fresh.observe(&crate::bulk::shape(sql, types));
         }
     }
 
@@ -587,10 +604,40 @@ impl<'a> Tx<'a> {
         let mut sends = Vec::new();
         for item in gathered(&writes, &commutes) {
             match item {
-                Gathered::One(write) => sends.push(Outgoing::One(write)),
+                Gathered::One(write) => {
+                    if let Some(fresh) = self.fresh {
+                        fresh.observe(&write.shape);
+                    }
+                    sends.push(Outgoing::One(write));
+                }
                 Gathered::Many(bulk, rows) => {
+                    let mut statements = Vec::new();
                     for rows in one_update_per_row(bulk, rows) {
-                        if let [row] = rows[..]
+                        match self.fresh {
+                            Some(fresh) => {
+                                let commutes = bulk
+                                    .scope
+                                    .as_ref()
+                                    .is_some_and(|scope| commutes(bulk.table(), &scope.columns));
+                                let split =
+                                    fresh.split(bulk, commutes, rows, |row: &Row<'_>, k| {
+                                        row.param(k).bytes.as_deref()
+                                    });
+                                if let crate::bulk::Effect::Upsert { plain } = &bulk.effect
+                                    && !split.plain.is_empty()
+                                {
+                                    statements.push((plain.as_str(), split.plain, false));
+                                }
+                                if !split.kept.is_empty() {
+                                    statements.push((bulk.sql.as_str(), split.kept, true));
+                                }
+                            }
+                            None => statements.push((bulk.sql.as_str(), rows, true)),
+                        }
+                    }
+                    for (sql, rows, as_is) in statements {
+                        if as_is
+                            && let [row] = rows[..]
                             && let Some(write) = row.alone()
                         {
                             sends.push(Outgoing::One(write));
@@ -603,7 +650,7 @@ impl<'a> Tx<'a> {
                             positions.clone().min().unwrap_or_default(),
                             positions.max().unwrap_or_default(),
                         );
-                        let statement = match self.tx.prepare_cached(&bulk.sql).await {
+                        let statement = match self.tx.prepare_cached(sql).await {
                             Ok(statement) => statement,
                             Err(error) => {
                                 self.deferred().failed_at = Some(span);
@@ -758,6 +805,7 @@ impl<'a> Tx<'a> {
             // Not encodable as given: run it now, and let tokio-postgres
             // report why.
             self.flush().await?;
+            self.observe(sql, statement.params());
             return self.tx.execute(&statement, params).await.map(|_| ());
         };
         let full = {
@@ -785,6 +833,7 @@ impl<'a> Tx<'a> {
     /// Runs SQL text without parameters (after the queued writes).
     pub async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
         self.flush().await?;
+        self.observe(sql, &[]);
         self.tx.batch_execute(sql).await
     }
 
@@ -795,6 +844,7 @@ impl<'a> Tx<'a> {
         params: Params<'_>,
     ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
+        self.observe(sql, statement.params());
         self.flush_then(self.tx.query(&statement, params)).await
     }
 
@@ -805,6 +855,7 @@ impl<'a> Tx<'a> {
         params: Params<'_>,
     ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
+        self.observe(sql, statement.params());
         self.flush_then(self.tx.query_opt(&statement, params)).await
     }
 
@@ -815,6 +866,7 @@ impl<'a> Tx<'a> {
         params: Params<'_>,
     ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
+        self.observe(sql, statement.params());
         self.flush_then(self.tx.query_one(&statement, params)).await
     }
 }
