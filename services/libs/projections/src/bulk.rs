@@ -72,6 +72,10 @@ pub(crate) enum Effect {
     Delete,
 }
 
+/// The most columns a gathered write's key or scope may have (the queue
+/// tells keys apart without allocating: `runtime::KeyValue`).
+pub(crate) const KEY_PARTS: usize = 6;
+
 /// One INSERT statement's writes sent as one statement.
 pub(crate) struct Bulk {
     /// The table it writes (lower case).
@@ -326,7 +330,7 @@ fn conflict_target<'t>(
             .position(|c| c.eq_ignore_ascii_case(&column))?;
         pairs.push((column, key_parameter(values[at], types)?));
     }
-    Some((pairs, action))
+    (pairs.len() <= KEY_PARTS).then_some((pairs, action))
 }
 
 /// The 0-based parameter `value` is when it is a lone `$k` (or cast only to
@@ -541,7 +545,7 @@ fn plan_delete(sql: &str, types: &[Type]) -> Option<Bulk> {
         scope.push((column.to_ascii_lowercase(), k));
     }
     // Every parameter is a key's: nothing else to send.
-    if (0..types.len()).any(|k| !key.contains(&k)) {
+    if (0..types.len()).any(|k| !key.contains(&k)) || key.len() > KEY_PARTS {
         return None;
     }
     let (arrays, names) = unnested_arrays(types);
@@ -631,7 +635,7 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         key_columns.push(column.to_ascii_lowercase());
         scope.push((column.to_ascii_lowercase(), k));
     }
-    if key.is_empty() {
+    if key.is_empty() || key.len() > KEY_PARTS {
         return None;
     }
     // A write that moved a row to another key could be matched by a later
@@ -906,12 +910,13 @@ fn renumbered(value: &str, parameters: usize, alias: &str) -> Option<String> {
 /// One bulk parameter: the `$k` of every write, as a one-dimensional array
 /// in PostgreSQL's binary format (the elements are already encoded).
 #[derive(Debug)]
-pub(crate) struct Column {
+pub(crate) struct Column<'w> {
     pub(crate) element: Type,
-    pub(crate) items: Vec<Option<bytes::Bytes>>,
+    /// Borrowed from the queued writes, which outlive the statement.
+    pub(crate) items: Vec<Option<&'w [u8]>>,
 }
 
-impl ToSql for Column {
+impl ToSql for Column<'_> {
     fn to_sql(
         &self,
         _: &Type,

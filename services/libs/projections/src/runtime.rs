@@ -82,7 +82,14 @@ struct Deferred {
     /// The positions of the events whose writes were in the statement that
     /// failed in a pipeline (first and last; the same for a single write).
     failed_at: Option<(u64, u64)>,
+    /// Where the writes' parameters are encoded: blocks of [`ARENA`] bytes,
+    /// each parameter a shared slice of one (no allocation per write).
+    arena: bytes::BytesMut,
 }
+
+/// The size of a block of [`Deferred::arena`]. A block is freed once the
+/// writes it holds have gone out.
+const ARENA: usize = 64 * 1024;
 
 /// One queued write: its statement and its parameters, already encoded.
 struct Write {
@@ -139,7 +146,7 @@ enum Outgoing<'w> {
     /// position of its writes.
     Many(
         tokio_postgres::Statement,
-        Vec<crate::bulk::Column>,
+        Vec<crate::bulk::Column<'w>>,
         (u64, u64),
     ),
 }
@@ -203,14 +210,16 @@ fn gathered<'w>(
             if !fresh && scope.columns.len() < state.columns.len() {
                 state.coarsen(&scope.columns);
             }
-            let value: Option<Vec<Option<&[u8]>>> = state
-                .columns
-                .iter()
-                .map(|column| {
-                    let at = scope.columns.iter().position(|c| c == column)?;
-                    Some(write.params[scope.params[at]].bytes.as_deref())
-                })
-                .collect();
+            let mut value = Some(KeyValue::default());
+            for (n, column) in state.columns.iter().enumerate() {
+                let at = scope.columns.iter().position(|c| c == column);
+                match (at, value.as_mut().and_then(|v| v.0.get_mut(n))) {
+                    (Some(at), Some(part)) => {
+                        *part = write.params[scope.params[at]].bytes.as_deref();
+                    }
+                    _ => value = None,
+                }
+            }
             if let Some(value) = value {
                 let after = state.last.get(&value).copied();
                 // The value's last write is this statement's, for the same
@@ -344,12 +353,29 @@ impl FastHasher {
     }
 }
 
+/// The values of a write's key columns (at most [`crate::bulk::KEY_PARTS`],
+/// the rest `None`), told apart without an allocation per write. The keys
+/// of one map all have the same columns.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct KeyValue<'w>([Option<&'w [u8]>; crate::bulk::KEY_PARTS]);
+
+impl<'w> KeyValue<'w> {
+    /// `None` when there are more parts than it holds.
+    fn new(parts: impl IntoIterator<Item = Option<&'w [u8]>>) -> Option<Self> {
+        let mut value = Self::default();
+        for (n, part) in parts.into_iter().enumerate() {
+            *value.0.get_mut(n)? = part;
+        }
+        Some(value)
+    }
+}
+
 /// The scoped writes of one table in [`gathered`].
 struct Scoped<'w> {
     columns: &'w [String],
     groups: Vec<usize>,
     /// Per value, where its last write is: its gathering and its row there.
-    last: FastMap<Vec<Option<&'w [u8]>>, (usize, usize)>,
+    last: FastMap<KeyValue<'w>, (usize, usize)>,
 }
 
 impl<'w> Scoped<'w> {
@@ -366,7 +392,9 @@ impl<'w> Scoped<'w> {
         };
         let mut last: FastMap<_, (usize, usize)> = FastMap::default();
         for (value, at) in self.last.drain() {
-            let value = kept.iter().map(|&i| value[i]).collect();
+            let Some(value) = KeyValue::new(kept.iter().map(|&i| value.0[i])) else {
+                return;
+            };
             let latest = last.entry(value).or_insert(at);
             *latest = (*latest).max(at);
         }
@@ -392,13 +420,15 @@ fn one_update_per_row<'w>(bulk: &crate::bulk::Bulk, rows: Vec<Row<'w>>) -> Vec<V
     let Some(key) = &bulk.key else {
         return vec![rows];
     };
-    let mut seen: FastMap<Vec<Option<&[u8]>>, usize> = FastMap::default();
+    if key.len() > crate::bulk::KEY_PARTS {
+        // Not planned so (`bulk::conflict_target`); one by one would do.
+        return rows.into_iter().map(|row| vec![row]).collect();
+    }
+    let mut seen: FastMap<KeyValue<'w>, usize> = FastMap::default();
     let mut statements: Vec<Vec<Row<'w>>> = Vec::new();
     for write in rows {
-        let id = key
-            .iter()
-            .map(|&k| write.param(k).bytes.as_deref())
-            .collect();
+        let id =
+            KeyValue::new(key.iter().map(|&k| write.param(k).bytes.as_deref())).unwrap_or_default();
         let nth = seen.entry(id).or_default();
         if statements.len() <= *nth {
             statements.push(Vec::new());
@@ -663,7 +693,10 @@ impl<'a> Tx<'a> {
                             .enumerate()
                             .map(|(k, element)| crate::bulk::Column {
                                 element: element.clone(),
-                                items: rows.iter().map(|row| row.param(k).bytes.clone()).collect(),
+                                items: rows
+                                    .iter()
+                                    .map(|row| row.param(k).bytes.as_deref())
+                                    .collect(),
                             })
                             .collect();
                         sends.push(Outgoing::Many(statement, columns, span));
@@ -728,7 +761,7 @@ impl<'a> Tx<'a> {
     async fn unique_indexes(
         &self,
         writes: &[Write],
-    ) -> Result<std::collections::HashMap<String, UniqueIndexes>, tokio_postgres::Error> {
+    ) -> Result<FastMap<String, UniqueIndexes>, tokio_postgres::Error> {
         static KNOWN: std::sync::LazyLock<
             std::sync::Mutex<std::collections::HashMap<String, UniqueIndexes>>,
         > = std::sync::LazyLock::new(Default::default);
@@ -747,7 +780,7 @@ impl<'a> Tx<'a> {
                 .get(table)
                 .cloned()
         };
-        let mut found = std::collections::HashMap::new();
+        let mut found = FastMap::default();
         for table in tables {
             let indexes = match known(table) {
                 Some(indexes) => indexes,
@@ -801,7 +834,8 @@ impl<'a> Tx<'a> {
         params: Params<'_>,
     ) -> Result<(), tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
-        let Some(encoded) = encode(&statement, params) else {
+        let encoded = encode(&statement, params, &mut self.deferred().arena);
+        let Some(encoded) = encoded else {
             // Not encodable as given: run it now, and let tokio-postgres
             // report why.
             self.flush().await?;
@@ -871,33 +905,36 @@ impl<'a> Tx<'a> {
     }
 }
 
-/// `params` encoded for `statement`'s parameter types, or `None` when they
-/// do not fit (wrong count or type).
-fn encode(statement: &tokio_postgres::Statement, params: Params<'_>) -> Option<Vec<Encoded>> {
+/// `params` encoded for `statement`'s parameter types into `arena`, or
+/// `None` when they do not fit (wrong count or type).
+fn encode(
+    statement: &tokio_postgres::Statement,
+    params: Params<'_>,
+    arena: &mut bytes::BytesMut,
+) -> Option<Vec<Encoded>> {
     if params.len() != statement.params().len() {
         return None;
     }
-    // One buffer for all of them (one allocation, not one per parameter),
-    // cut into a shared slice each.
-    let mut buffer = bytes::BytesMut::with_capacity(256);
-    let mut lengths = Vec::with_capacity(params.len());
+    if arena.capacity() < ARENA / 16 {
+        arena.reserve(ARENA);
+    }
+    let mut encoded = Vec::with_capacity(params.len());
     for (param, ty) in params.iter().zip(statement.params()) {
-        let before = buffer.len();
-        let length = match param.to_sql_checked(ty, &mut buffer).ok()? {
-            tokio_postgres::types::IsNull::No => Some(buffer.len() - before),
-            tokio_postgres::types::IsNull::Yes => {
-                buffer.truncate(before);
+        // The arena is empty here: each parameter is split off whole.
+        let bytes = match param.to_sql_checked(ty, arena) {
+            Ok(tokio_postgres::types::IsNull::No) => Some(arena.split().freeze()),
+            Ok(tokio_postgres::types::IsNull::Yes) => {
+                arena.clear();
                 None
             }
+            Err(_) => {
+                arena.clear();
+                return None;
+            }
         };
-        lengths.push((length, param.encode_format(ty)));
-    }
-    let mut buffer = buffer.freeze();
-    let mut encoded = Vec::with_capacity(params.len());
-    for (length, format) in lengths {
         encoded.push(Encoded {
-            bytes: length.map(|length| buffer.split_to(length)),
-            format,
+            bytes,
+            format: param.encode_format(ty),
         });
     }
     Some(encoded)
@@ -1581,12 +1618,19 @@ impl Projector {
             // Let a burst gather (`linger`), so busy logs apply in batches
             // rather than a transaction per event.
             let gather_until = tokio::time::Instant::now() + self.options.linger;
-            while !messages.is_empty() && messages.len() < self.options.batch {
+            while !messages.is_empty() && messages.len() < self.options.batch && !demanded {
                 let next = match merged.next().now_or_never() {
                     Some(next) => next,
-                    None => match tokio::time::timeout_at(gather_until, merged.next()).await {
-                        Ok(next) => next,
-                        Err(_) => break,
+                    None => tokio::select! {
+                        next = tokio::time::timeout_at(gather_until, merged.next()) => match next {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        },
+                        // A query waits: apply what is here now.
+                        Ok(()) = wanted.changed() => {
+                            demanded = true;
+                            break;
+                        }
                     },
                 };
                 match next {
