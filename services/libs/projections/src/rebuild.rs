@@ -70,7 +70,9 @@ pub async fn rebuild(
 
 /// One message to a projection's rebuild worker.
 enum Work {
-    Event(Arc<RecordedEvent>),
+    /// The next events it handles, in log order (up to [`BATCH`]: one
+    /// message, and one wake-up of the worker, per batch, not per event).
+    Events(Vec<Arc<RecordedEvent>>),
     /// Every event up to here has been sent: commit.
     Through(u64),
     /// The log has been read to its head: the tables are full. (Not sent
@@ -98,13 +100,15 @@ pub async fn rebuild_many(
     let mut workers = Vec::with_capacity(projections.len());
     for (projection, prepared) in projections.iter().zip(prepared) {
         // Room for the reader to run well ahead (events are shared, so a
-        // slot is a pointer): one worker's commit must not stall the others.
-        let (sender, receiver) = mpsc::channel(65_536);
+        // slot is a few pointers): one worker's commit must not stall the
+        // others.
+        let (sender, receiver) = mpsc::channel(AHEAD / BATCH);
         senders.push(sender);
         workers.push(tokio::spawn(work(projection.clone(), prepared, receiver)));
     }
     let read = async {
         let mut position = 0u64;
+        let mut batches: Vec<Vec<Arc<RecordedEvent>>> = vec![Vec::new(); senders.len()];
         loop {
             let head = store.head().await?;
             if head <= position {
@@ -119,17 +123,34 @@ pub async fn rebuild_many(
                 let mut events = store.replay(position, until, Filter::default());
                 while let Some(event) = events.next().await {
                     let event = Arc::new(event?);
-                    for (projection, sender) in projections.iter().zip(&senders) {
+                    for ((projection, sender), batch) in
+                        projections.iter().zip(&senders).zip(&mut batches)
+                    {
                         // What its live consumers deliver and it handles.
                         if projection.reads(&event.stream_type, &event.event_type)
                             && projection.handles(&event.stream_type, &event.event_type)
-                            && sender.send(Work::Event(event.clone())).await.is_err()
                         {
-                            return Ok(position); // that worker failed: see below
+                            batch.push(event.clone());
+                            if batch.len() >= BATCH
+                                && sender
+                                    .send(Work::Events(std::mem::take(batch)))
+                                    .await
+                                    .is_err()
+                            {
+                                return Ok(position); // that worker failed: see below
+                            }
                         }
                     }
                 }
-                for sender in &senders {
+                for (sender, batch) in senders.iter().zip(&mut batches) {
+                    if !batch.is_empty()
+                        && sender
+                            .send(Work::Events(std::mem::take(batch)))
+                            .await
+                            .is_err()
+                    {
+                        return Ok(position);
+                    }
                     if sender.send(Work::Through(until)).await.is_err() {
                         return Ok(position);
                     }
@@ -309,6 +330,12 @@ async fn finish(client: &Object, deferred_indexes: &[String]) -> Result<(), Rebu
     Ok(())
 }
 
+/// Events per message from the reader to a rebuild worker.
+const BATCH: usize = 256;
+
+/// How far (in events) the reader may run ahead of a rebuild worker.
+const AHEAD: usize = 65_536;
+
 /// Events applied by a rebuild worker before it first analyses its tables
 /// (then again each time the count doubles, up to [`LAST_ANALYZE`]).
 const FIRST_ANALYZE: u64 = 500;
@@ -353,11 +380,13 @@ async fn work(
                     ended = true;
                     break;
                 }
-                Work::Event(event) => {
+                Work::Events(events) => {
                     let began = std::time::Instant::now();
-                    apply(projection.as_ref(), &tx, &event).await?;
+                    for event in &events {
+                        apply(projection.as_ref(), &tx, event).await?;
+                    }
                     busy += began.elapsed();
-                    applied += 1;
+                    applied += events.len() as u64;
                 }
                 Work::Through(until) => {
                     position = until;
