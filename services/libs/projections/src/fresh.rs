@@ -192,9 +192,9 @@ impl Fresh {
                     // No key recorded yet: the table has no row to delete.
                     (None, _) => true,
                     (Some(columns), Some(scope)) if *columns == scope.columns => {
+                        let mut key = Vec::new();
                         for row in &rows {
-                            if let Some(key) = key_of(row, &scope.params, &param)
-                                && keys.remove(&key[..])
+                            if key_of(row, &scope.params, &param, &mut key) && keys.remove(&key[..])
                             {
                                 *bytes -= key.len() + PER_KEY;
                             }
@@ -231,23 +231,23 @@ impl Fresh {
                     plain: Vec::new(),
                     kept: Vec::new(),
                 };
+                // One buffer for the lookups; a key is copied out only when
+                // it is recorded.
+                let mut key = Vec::new();
                 for row in rows {
-                    match key_of(&row, &scope.params, &param) {
+                    if !key_of(&row, &scope.params, &param, &mut key) {
                         // A NULL in the key never conflicts.
-                        None => split.plain.push(row),
-                        Some(key) => {
-                            if keys.contains(&key[..]) {
-                                if nothing {
-                                    *skipped += 1;
-                                } else {
-                                    split.kept.push(row);
-                                }
-                            } else {
-                                *bytes += key.len() + PER_KEY;
-                                keys.insert(key);
-                                split.plain.push(row);
-                            }
+                        split.plain.push(row);
+                    } else if keys.contains(&key[..]) {
+                        if nothing {
+                            *skipped += 1;
+                        } else {
+                            split.kept.push(row);
                         }
+                    } else {
+                        *bytes += key.len() + PER_KEY;
+                        keys.insert(key.as_slice().into());
+                        split.plain.push(row);
                     }
                 }
                 *sent_plain += split.plain.len() as u64;
@@ -289,20 +289,23 @@ impl State {
     }
 }
 
-/// The bytes of a row's key (each part's length, then its bytes); `None`
-/// when a part is NULL.
+/// Writes a row's key into `key` (each part's length, then its bytes);
+/// `false` when a part is NULL.
 fn key_of<'r, R>(
     row: &R,
     params: &[usize],
     param: &impl Fn(&R, usize) -> Option<&'r [u8]>,
-) -> Option<Box<[u8]>> {
-    let mut key = Vec::with_capacity(48);
+    key: &mut Vec<u8>,
+) -> bool {
+    key.clear();
     for &k in params {
-        let part = param(row, k)?;
+        let Some(part) = param(row, k) else {
+            return false;
+        };
         key.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes());
         key.extend_from_slice(part);
     }
-    Some(key.into_boxed_slice())
+    true
 }
 
 #[cfg(test)]

@@ -83,7 +83,7 @@ struct Deferred {
     /// failed in a pipeline (first and last; the same for a single write).
     failed_at: Option<(u64, u64)>,
     /// Where the writes' parameters are encoded: blocks of [`ARENA`] bytes,
-    /// each parameter a shared slice of one (no allocation per write).
+    /// each write's a shared slice of one (no allocation per write).
     arena: bytes::BytesMut,
 }
 
@@ -95,8 +95,19 @@ const ARENA: usize = 64 * 1024;
 struct Write {
     statement: tokio_postgres::Statement,
     shape: Arc<crate::bulk::Shape>,
+    /// Its parameters' bytes, one after the other.
+    data: bytes::Bytes,
     params: Vec<Encoded>,
     position: u64,
+}
+
+impl Write {
+    /// Parameter `k`'s bytes (`None` for NULL).
+    fn bytes(&self, k: usize) -> Option<&[u8]> {
+        let Encoded { at, len, .. } = self.params[k];
+        let len = usize::try_from(len).ok()?;
+        self.data.get(at as usize..at as usize + len)
+    }
 }
 
 /// Queued writes as they go out: one by one, or gathered into one INSERT.
@@ -124,13 +135,14 @@ impl<'w> Row<'w> {
         }
     }
 
-    fn param(&self, k: usize) -> &'w Encoded {
+    /// Parameter `k`'s bytes (`None` for NULL).
+    fn param(&self, k: usize) -> Option<&'w [u8]> {
         let from = if self.keep.contains(&k) {
             self.first
         } else {
             self.last
         };
-        &from.params[k]
+        from.bytes(k)
     }
 
     /// The write itself, when it stands alone.
@@ -215,7 +227,7 @@ fn gathered<'w>(
                 let at = scope.columns.iter().position(|c| c == column);
                 match (at, value.as_mut().and_then(|v| v.0.get_mut(n))) {
                     (Some(at), Some(part)) => {
-                        *part = write.params[scope.params[at]].bytes.as_deref();
+                        *part = write.bytes(scope.params[at]);
                     }
                     _ => value = None,
                 }
@@ -231,8 +243,8 @@ fn gathered<'w>(
                     && let Gathered::Many(_, rows) = &mut items[at]
                     && Arc::ptr_eq(&rows[row].last.shape, &write.shape)
                     && scope.params.iter().all(|&k| {
-                        let key = &write.params[k].bytes;
-                        key.is_some() && rows[row].last.params[k].bytes == *key
+                        let key = write.bytes(k);
+                        key.is_some() && rows[row].last.bytes(k) == key
                     })
                 {
                     if let crate::bulk::Collapse::Last { keep } = collapse {
@@ -427,8 +439,7 @@ fn one_update_per_row<'w>(bulk: &crate::bulk::Bulk, rows: Vec<Row<'w>>) -> Vec<V
     let mut seen: FastMap<KeyValue<'w>, usize> = FastMap::default();
     let mut statements: Vec<Vec<Row<'w>>> = Vec::new();
     for write in rows {
-        let id =
-            KeyValue::new(key.iter().map(|&k| write.param(k).bytes.as_deref())).unwrap_or_default();
+        let id = KeyValue::new(key.iter().map(|&k| write.param(k))).unwrap_or_default();
         let nth = seen.entry(id).or_default();
         if statements.len() <= *nth {
             statements.push(Vec::new());
@@ -440,14 +451,24 @@ fn one_update_per_row<'w>(bulk: &crate::bulk::Bulk, rows: Vec<Row<'w>>) -> Vec<V
 }
 
 /// A parameter encoded when its statement was queued (its value is borrowed
-/// only for the call), sent as those bytes later.
-#[derive(Debug)]
+/// only for the call), sent as those bytes later: where they lie in its
+/// write's `data`.
+#[derive(Clone, Copy, Debug)]
 struct Encoded {
-    bytes: Option<bytes::Bytes>,
+    at: u32,
+    /// -1 for NULL.
+    len: i32,
     format: tokio_postgres::types::Format,
 }
 
-impl tokio_postgres::types::ToSql for Encoded {
+/// A queued parameter as it goes out in a write sent alone.
+#[derive(Debug)]
+struct Sent<'w> {
+    bytes: Option<&'w [u8]>,
+    format: tokio_postgres::types::Format,
+}
+
+impl tokio_postgres::types::ToSql for Sent<'_> {
     fn to_sql(
         &self,
         _: &tokio_postgres::types::Type,
@@ -651,7 +672,7 @@ impl<'a> Tx<'a> {
                                     .is_some_and(|scope| commutes(bulk.table(), &scope.columns));
                                 let split =
                                     fresh.split(bulk, commutes, rows, |row: &Row<'_>, k| {
-                                        row.param(k).bytes.as_deref()
+                                        row.param(k)
                                     });
                                 if let crate::bulk::Effect::Upsert { plain } = &bulk.effect
                                     && !split.plain.is_empty()
@@ -693,10 +714,7 @@ impl<'a> Tx<'a> {
                             .enumerate()
                             .map(|(k, element)| crate::bulk::Column {
                                 element: element.clone(),
-                                items: rows
-                                    .iter()
-                                    .map(|row| row.param(k).bytes.as_deref())
-                                    .collect(),
+                                items: rows.iter().map(|row| row.param(k)).collect(),
                             })
                             .collect();
                         sends.push(Outgoing::Many(statement, columns, span));
@@ -705,10 +723,23 @@ impl<'a> Tx<'a> {
             }
         }
         type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
-        let params: Vec<Vec<Param<'_>>> = sends
+        let alone: Vec<Vec<Sent<'_>>> = sends
             .iter()
             .map(|send| match send {
-                Outgoing::One(write) => write.params.iter().map(|p| p as Param<'_>).collect(),
+                Outgoing::One(write) => (0..write.params.len())
+                    .map(|k| Sent {
+                        bytes: write.bytes(k),
+                        format: write.params[k].format,
+                    })
+                    .collect(),
+                Outgoing::Many(..) => Vec::new(),
+            })
+            .collect();
+        let params: Vec<Vec<Param<'_>>> = sends
+            .iter()
+            .zip(&alone)
+            .map(|(send, alone)| match send {
+                Outgoing::One(_) => alone.iter().map(|p| p as Param<'_>).collect(),
                 Outgoing::Many(_, columns, _) => columns.iter().map(|c| c as Param<'_>).collect(),
             })
             .collect();
@@ -835,7 +866,7 @@ impl<'a> Tx<'a> {
     ) -> Result<(), tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
         let encoded = encode(&statement, params, &mut self.deferred().arena);
-        let Some(encoded) = encoded else {
+        let Some((data, encoded)) = encoded else {
             // Not encodable as given: run it now, and let tokio-postgres
             // report why.
             self.flush().await?;
@@ -848,6 +879,7 @@ impl<'a> Tx<'a> {
             deferred.writes.push(Write {
                 shape: crate::bulk::shape(sql, statement.params()),
                 statement,
+                data,
                 params: encoded,
                 position,
             });
@@ -905,39 +937,43 @@ impl<'a> Tx<'a> {
     }
 }
 
-/// `params` encoded for `statement`'s parameter types into `arena`, or
-/// `None` when they do not fit (wrong count or type).
+/// `params` encoded for `statement`'s parameter types into `arena`: their
+/// bytes and where each lies; `None` when they do not fit (wrong count or
+/// type).
 fn encode(
     statement: &tokio_postgres::Statement,
     params: Params<'_>,
     arena: &mut bytes::BytesMut,
-) -> Option<Vec<Encoded>> {
+) -> Option<(bytes::Bytes, Vec<Encoded>)> {
     if params.len() != statement.params().len() {
         return None;
     }
     if arena.capacity() < ARENA / 16 {
         arena.reserve(ARENA);
     }
+    // The arena is empty here: the write's bytes are split off whole.
     let mut encoded = Vec::with_capacity(params.len());
     for (param, ty) in params.iter().zip(statement.params()) {
-        // The arena is empty here: each parameter is split off whole.
-        let bytes = match param.to_sql_checked(ty, arena) {
-            Ok(tokio_postgres::types::IsNull::No) => Some(arena.split().freeze()),
+        let before = arena.len();
+        let len = match param.to_sql_checked(ty, arena) {
+            Ok(tokio_postgres::types::IsNull::No) => i32::try_from(arena.len() - before).ok(),
             Ok(tokio_postgres::types::IsNull::Yes) => {
-                arena.clear();
-                None
+                arena.truncate(before);
+                Some(-1)
             }
-            Err(_) => {
-                arena.clear();
-                return None;
-            }
+            Err(_) => None,
+        };
+        let (Some(len), Ok(at)) = (len, u32::try_from(before)) else {
+            arena.clear();
+            return None;
         };
         encoded.push(Encoded {
-            bytes,
+            at,
+            len,
             format: param.encode_format(ty),
         });
     }
-    Some(encoded)
+    Some((arena.split().freeze(), encoded))
 }
 
 pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
