@@ -82,10 +82,17 @@ struct Deferred {
     /// The positions of the events whose writes were in the statement that
     /// failed in a pipeline (first and last; the same for a single write).
     failed_at: Option<(u64, u64)>,
+    /// Statements queued so far, by where their text lies (address and
+    /// length), with that text: no hashing of the text per write.
+    prepared: FastMap<(usize, usize), PreparedWrite>,
     /// Where the writes' parameters are encoded: blocks of [`ARENA`] bytes,
     /// each write's a shared slice of one (no allocation per write).
     arena: bytes::BytesMut,
 }
+
+/// A statement's text, prepared statement and shape (see
+/// [`Deferred::prepared`]).
+type PreparedWrite = (Box<str>, tokio_postgres::Statement, Arc<crate::bulk::Shape>);
 
 /// The size of a block of [`Deferred::arena`]. A block is freed once the
 /// writes it holds have gone out.
@@ -98,6 +105,9 @@ struct Write {
     /// Its parameters' bytes, one after the other.
     data: bytes::Bytes,
     params: Vec<Encoded>,
+    /// Whether every parameter is in binary format (only such writes are
+    /// gathered into arrays).
+    binary: bool,
     position: u64,
 }
 
@@ -197,11 +207,7 @@ fn gathered<'w>(
     // gatherings holding them, and per value the gathering of its last write.
     let mut scoped: FastMap<&str, Scoped<'w>> = FastMap::default();
     for write in writes {
-        let binary = write
-            .params
-            .iter()
-            .all(|p| matches!(p.format, tokio_postgres::types::Format::Binary));
-        let bulk = write.shape.bulk.as_ref().filter(|_| binary);
+        let bulk = write.shape.bulk.as_ref().filter(|_| write.binary);
         let scope = bulk.and_then(|bulk| {
             let scope = bulk.scope.as_ref()?;
             commutes(bulk.table(), &scope.columns).then_some((bulk, scope))
@@ -513,24 +519,32 @@ pub struct StateCache {
     states: std::sync::Mutex<CachedStates>,
 }
 
-/// A cached state by (its projection's select statement, tenant, row id).
-type CachedStates = FastMap<(usize, String, uuid::Uuid), Box<dyn std::any::Any + Send>>;
+/// A cached state by (its projection's select statement, row id), with its
+/// tenant (checked when taken: ids are unique within a tenant only).
+type CachedStates = FastMap<(usize, uuid::Uuid), (String, Box<dyn std::any::Any + Send>)>;
 
 /// Most states a [`StateCache`] holds.
 const STATE_CACHE_ROWS: usize = 200_000;
 
 impl StateCache {
-    pub(crate) fn get<A: Clone + 'static>(
+    /// The state last put for the row, taken out (the caller evolves it
+    /// and puts the new one back; a row taken and not put back is read
+    /// from its table next time).
+    pub(crate) fn take<A: 'static>(
         &self,
         select: &'static str,
         tenant: &str,
         id: uuid::Uuid,
     ) -> Option<A> {
-        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        states
-            .get(&(select.as_ptr() as usize, tenant.to_owned(), id))
-            .and_then(|state| state.downcast_ref::<A>())
-            .cloned()
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let (owner, cached) = states.get_mut(&(select.as_ptr() as usize, id))?;
+        if owner != tenant {
+            return None;
+        }
+        // The entry stays, holding nothing (a `Box<()>` allocates nothing),
+        // so that putting the row's next state back needs no new key.
+        let state = std::mem::replace(cached, Box::new(()));
+        state.downcast::<A>().ok().map(|state| *state)
     }
 
     pub(crate) fn put<A: Send + 'static>(
@@ -544,10 +558,13 @@ impl StateCache {
         if states.len() >= STATE_CACHE_ROWS {
             states.clear();
         }
-        states.insert(
-            (select.as_ptr() as usize, tenant.to_owned(), id),
-            Box::new(state),
-        );
+        let key = (select.as_ptr() as usize, id);
+        match states.get_mut(&key) {
+            Some((owner, cached)) if owner == tenant => *cached = Box::new(state),
+            _ => {
+                states.insert(key, (tenant.to_owned(), Box::new(state)));
+            }
+        }
     }
 }
 
@@ -708,15 +725,21 @@ impl<'a> Tx<'a> {
                                 return Err(error);
                             }
                         };
-                        let columns = bulk
+                        let mut columns: Vec<_> = bulk
                             .types
                             .iter()
-                            .enumerate()
-                            .map(|(k, element)| crate::bulk::Column {
+                            .map(|element| crate::bulk::Column {
                                 element: element.clone(),
-                                items: rows.iter().map(|row| row.param(k)).collect(),
+                                items: Vec::with_capacity(rows.len()),
                             })
                             .collect();
+                        // Row by row: each write's parameters are read
+                        // together.
+                        for row in &rows {
+                            for (k, column) in columns.iter_mut().enumerate() {
+                                column.items.push(row.param(k));
+                            }
+                        }
                         sends.push(Outgoing::Many(statement, columns, span));
                     }
                 }
@@ -864,7 +887,18 @@ impl<'a> Tx<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<(), tokio_postgres::Error> {
-        let statement = self.tx.prepare_cached(sql).await?;
+        let (statement, shape) = match self.prepared(sql) {
+            Some(prepared) => prepared,
+            None => {
+                let statement = self.tx.prepare_cached(sql).await?;
+                let shape = crate::bulk::shape(sql, statement.params());
+                self.deferred().prepared.insert(
+                    (sql.as_ptr() as usize, sql.len()),
+                    (sql.into(), statement.clone(), shape.clone()),
+                );
+                (statement, shape)
+            }
+        };
         let encoded = encode(&statement, params, &mut self.deferred().arena);
         let Some((data, encoded)) = encoded else {
             // Not encodable as given: run it now, and let tokio-postgres
@@ -877,9 +911,12 @@ impl<'a> Tx<'a> {
             let mut deferred = self.deferred();
             let position = deferred.applying;
             deferred.writes.push(Write {
-                shape: crate::bulk::shape(sql, statement.params()),
+                shape,
                 statement,
                 data,
+                binary: encoded
+                    .iter()
+                    .all(|p| matches!(p.format, tokio_postgres::types::Format::Binary)),
                 params: encoded,
                 position,
             });
@@ -894,6 +931,16 @@ impl<'a> Tx<'a> {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// The statement and shape of `sql` when this transaction has queued it
+    /// before: found by where the text lies (a statement's text is most
+    /// often a literal), then compared whole.
+    fn prepared(&self, sql: &str) -> Option<(tokio_postgres::Statement, Arc<crate::bulk::Shape>)> {
+        let deferred = self.deferred();
+        let (text, statement, shape) =
+            deferred.prepared.get(&(sql.as_ptr() as usize, sql.len()))?;
+        (**text == *sql).then(|| (statement.clone(), shape.clone()))
     }
 
     /// Runs SQL text without parameters (after the queued writes).

@@ -112,7 +112,7 @@ impl ServiceMetrics {
     async fn figures(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<Figures, ApplyError> {
         if let Some(figures) = tx
             .cache()
-            .and_then(|cache| cache.get::<Figures>(FIGURES, &event.tenant_id, event.stream_id))
+            .and_then(|cache| cache.take::<Figures>(FIGURES, &event.tenant_id, event.stream_id))
         {
             return Ok(figures);
         }

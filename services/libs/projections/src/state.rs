@@ -25,7 +25,7 @@ pub(crate) async fn evolve_row<A: Aggregate + Clone + Send + 'static>(
     };
     if let Some(state) = tx
         .cache()
-        .and_then(|cache| cache.get::<A>(select, &event.tenant_id, event.stream_id))
+        .and_then(|cache| cache.take::<A>(select, &event.tenant_id, event.stream_id))
     {
         return Ok(Some((state.evolve(&decoded), decoded)));
     }
