@@ -331,11 +331,15 @@ async fn set_about(
     event: &RecordedEvent,
     about: &[(&str, Uuid)],
 ) -> Result<(), ApplyError> {
-    tx.execute(
-        "DELETE FROM c360_about WHERE tenant_id = $1 AND stream_id = $2",
-        &[&event.tenant_id, &event.stream_id],
-    )
-    .await?;
+    // Only the stream's own events write its rows: at its first there are
+    // none to delete.
+    if !crate::state::first_of_stream(event) {
+        tx.execute(
+            "DELETE FROM c360_about WHERE tenant_id = $1 AND stream_id = $2",
+            &[&event.tenant_id, &event.stream_id],
+        )
+        .await?;
+    }
     for (kind, id) in about {
         tx.execute(
             "INSERT INTO c360_about (tenant_id, stream_id, stream_type, about_kind, about_id) \
