@@ -648,9 +648,9 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
     // last write of a key sets the row as all of them would.
     let collapse = (n_conjuncts == key.len()
         && split_top(assignments).iter().all(|assignment| {
-            assignment
-                .split_once('=')
-                .is_some_and(|(_, value)| lone_parameter(value.trim()).is_some())
+            assignment.split_once('=').is_some_and(|(_, value)| {
+                lone_parameter(value.trim()).is_some() || constant(value.trim())
+            })
         }))
     .then_some(Collapse::Last { keep: Vec::new() });
     let renumber = |text: &str| renumbered(text, types.len(), UPDATE_ALIAS);
@@ -828,6 +828,30 @@ fn lone_parameter(value: &str) -> Option<(usize, Option<&str>)> {
                 .then_some((k, Some(cast)))
         }
     }
+}
+
+/// Whether `value` is a literal: `true`, `false`, `null`, an integer, or a
+/// quoted string without quotes inside, each maybe cast to a plain type
+/// name. (Its value is the same at every write.)
+fn constant(value: &str) -> bool {
+    let (literal, cast) = match value.split_once("::") {
+        Some((literal, cast)) => (literal.trim(), Some(cast.trim())),
+        None => (value, None),
+    };
+    let plain_cast = cast.is_none_or(|cast| {
+        !cast.is_empty() && cast.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    });
+    let digits = literal.strip_prefix('-').unwrap_or(literal);
+    let quoted = literal.len() >= 2
+        && literal.starts_with('\'')
+        && literal.ends_with('\'')
+        && !literal[1..literal.len() - 1].contains('\'');
+    plain_cast
+        && (["true", "false", "null"]
+            .iter()
+            .any(|word| literal.eq_ignore_ascii_case(word))
+            || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            || quoted)
 }
 
 /// Functions a gathered statement may call: they read no table.
@@ -1184,6 +1208,16 @@ mod tests {
                 last(&[2, 3]),
             ),
             ("UPDATE t SET b = $2, c = $3::text WHERE a = $1", last(&[])),
+            // Literals are the same at every write.
+            ("UPDATE t SET b = $2, c = false WHERE a = $1", last(&[])),
+            (
+                "UPDATE t SET b = 'x'::text, c = NULL, d = -3 WHERE a = $1",
+                last(&[]),
+            ),
+            // A column, a call, or a quote inside a string: not a literal.
+            ("UPDATE t SET b = c WHERE a = $1", None),
+            ("UPDATE t SET b = now() WHERE a = $1", None),
+            ("UPDATE t SET b = 'it''s' WHERE a = $1", None),
             // one parameter feeds a kept column and a set one
             (
                 "INSERT INTO t (a, b, c) VALUES ($1, $2, COALESCE($3, $2)) \
