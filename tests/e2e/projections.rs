@@ -1330,7 +1330,9 @@ async fn gathered_updates_of_one_row_apply_in_order_each_once() {
 /// rebuild's record of keys must follow: `DO NOTHING` and `DO UPDATE` of
 /// keys written before (in the same chunk and in earlier ones), a keyed
 /// DELETE after which the key is inserted again, and, late, an
-/// `INSERT ... SELECT` (sent alone) that adds keys the next inserts meet.
+/// `INSERT ... SELECT` (sent alone) that adds keys the next inserts meet;
+/// and a read that moves a key (`UPDATE ... RETURNING`) right behind the
+/// first queued insert of its table.
 struct Rekeyed;
 
 /// Events of [`Rekeyed`]'s test; the `INSERT ... SELECT` comes at
@@ -1342,8 +1344,9 @@ impl crm_projections::Projection for Rekeyed {
     crm_projections::projection_names!(
         "rekeyed",
         "CREATE TABLE IF NOT EXISTS rekeyed_firsts (k bigint PRIMARY KEY, v bigint NOT NULL);
-        CREATE TABLE IF NOT EXISTS rekeyed_lasts (k bigint PRIMARY KEY, v bigint NOT NULL)",
-        ["rekeyed_firsts", "rekeyed_lasts"]
+        CREATE TABLE IF NOT EXISTS rekeyed_lasts (k bigint PRIMARY KEY, v bigint NOT NULL);
+        CREATE TABLE IF NOT EXISTS rekeyed_moved (k bigint PRIMARY KEY, v bigint NOT NULL)",
+        ["rekeyed_firsts", "rekeyed_lasts", "rekeyed_moved"]
     );
 
     fn apply<'a>(
@@ -1375,6 +1378,19 @@ impl crm_projections::Projection for Rekeyed {
             }
             if p > REKEYED_COPY_AT {
                 tx.execute(first, &[&(100 + p % 5), &p]).await?;
+            }
+            let moved = "INSERT INTO rekeyed_moved (k, v) VALUES ($1, $2) \
+                         ON CONFLICT (k) DO NOTHING";
+            if p == 1 {
+                tx.execute(moved, &[&1i64, &p]).await?;
+                tx.query_opt(
+                    "UPDATE rekeyed_moved SET k = 100 WHERE k = $1 RETURNING v",
+                    &[&1i64],
+                )
+                .await?;
+            }
+            if p == 2 {
+                tx.execute(moved, &[&100i64, &p]).await?;
             }
             Ok(())
         })
@@ -1434,6 +1450,8 @@ async fn a_rebuild_that_skips_conflict_checks_for_new_keys_leaves_every_row_as_i
     assert_eq!(firsts.len(), 10);
     assert_eq!(rows("rekeyed_firsts").await, firsts);
     assert_eq!(rows("rekeyed_lasts").await, lasts);
+    // Key 1 moved to 100 at event 1; event 2's insert of 100 does nothing.
+    assert_eq!(rows("rekeyed_moved").await, vec![(100, 1)]);
     setup.store.shutdown().await;
 }
 

@@ -692,7 +692,18 @@ fn assigned_columns(sets: &str) -> Option<Vec<String>> {
 
 /// What `lower` (a statement in lower case) may change when sent alone.
 fn changes(lower: &str) -> Changes {
-    let text = lower.trim_start();
+    let text = lower.trim().trim_end_matches(';');
+    // Several statements: anything may come after the first.
+    let mut quoted = false;
+    let several = text.bytes().any(|b| {
+        if b == b'\'' {
+            quoted = !quoted;
+        }
+        b == b';' && !quoted
+    });
+    if several {
+        return Changes::Unknown;
+    }
     const WRITES: &[&str] = &[
         "insert", "update", "delete", "merge", "truncate", "copy", "alter", "drop", "create",
         "call", "do", "lock", "grant", "revoke", "comment", "cluster", "reindex", "vacuum",
@@ -714,9 +725,11 @@ fn changes(lower: &str) -> Changes {
             .map(|(sets, _)| sets)
             .min_by_key(|sets| sets.len())
             .unwrap_or(rest);
+        // `IS [NOT] DISTINCT FROM` in a value would end them too early.
+        let distinct = words(rest).any(|(word, _, _)| word == "distinct");
         return Changes::Update {
             table,
-            assigned: assigned_columns(sets),
+            assigned: assigned_columns(sets).filter(|_| !distinct),
         };
     }
     Changes::Unknown

@@ -22,9 +22,12 @@
 //! - a DELETE is by other columns than the key (a keyed DELETE by the key
 //!   forgets the keys it names);
 //! - a statement sent alone names it and may change it ([`Changes`]);
-//! - the keys of all tables would take more than [`BUDGET`] bytes.
+//! - the keys of all tables would take more than [`BUDGET`] bytes;
+//! - a key parameter's type is not its column's (equal bytes must mean
+//!   equal values in the column).
 //!
-//! Only tables that were empty when the rebuild made them are followed, and
+//! Only tables that were empty when the rebuild made them, and that have no
+//! trigger (which could write rows unseen), are followed, and
 //! only scopes whose every unique index covers the key columns (so a plain
 //! insert of a new key can meet no other row), with keys of types whose
 //! equal values have equal bytes (`bulk::key_parameter`).
@@ -33,8 +36,8 @@ use std::collections::{HashMap, HashSet};
 use crate::bulk::{Bulk, Changes, Effect, Shape};
 
 /// The most bytes of keys (and their bookkeeping) one rebuild worker keeps:
-/// past it the largest tables stop being followed. 847,000 timeline keys of
-/// a 1M-event rebuild take about 70 MB.
+/// past it each table stops being followed at its next scoped insert.
+/// 847,000 timeline keys of a 1M-event rebuild take about 70 MB.
 pub(crate) const BUDGET: usize = 256 << 20;
 
 /// Bookkeeping per key beyond its bytes (the box and the set's slot),
@@ -47,9 +50,15 @@ pub struct Fresh {
     state: std::sync::Mutex<State>,
 }
 
+/// A table's columns and the type (oid) of each.
+pub(crate) type Columns = HashMap<String, u32>;
+
 #[derive(Default)]
 struct State {
     tables: HashMap<String, Table>,
+    /// Each followed table's column types: a key parameter must have its
+    /// column's type, so that equal bytes mean equal values there.
+    types: HashMap<String, Columns>,
     bytes: usize,
     /// Rows that went out in a plain INSERT, and rows of a `DO NOTHING`
     /// not sent because their key was there.
@@ -77,25 +86,23 @@ pub(crate) struct Split<R> {
 }
 
 impl Fresh {
-    /// A record for `tables`, each of which is empty.
-    pub fn new<'t>(tables: impl IntoIterator<Item = &'t str>) -> Self {
-        let tables = tables
-            .into_iter()
-            .map(|table| {
-                (
-                    table.to_ascii_lowercase(),
-                    Table::Keys {
-                        columns: None,
-                        keys: HashSet::new(),
-                    },
-                )
-            })
-            .collect();
+    /// A record for `tables`, each of which is empty, with its columns'
+    /// types.
+    pub(crate) fn new(tables: impl IntoIterator<Item = (String, Columns)>) -> Self {
+        let mut state = State::default();
+        for (table, columns) in tables {
+            let table = table.to_ascii_lowercase();
+            state.tables.insert(
+                table.clone(),
+                Table::Keys {
+                    columns: None,
+                    keys: HashSet::new(),
+                },
+            );
+            state.types.insert(table, columns);
+        }
         Self {
-            state: std::sync::Mutex::new(State {
-                tables,
-                ..State::default()
-            }),
+            state: std::sync::Mutex::new(state),
         }
     }
 
@@ -184,6 +191,10 @@ impl Fresh {
                 kept(rows)
             }
             Effect::Delete => {
+                if scope.is_none_or(|scope| !state.typed(table, scope, &bulk.types)) {
+                    state.off(table);
+                    return kept(rows);
+                }
                 let State { tables, bytes, .. } = &mut *state;
                 let Some(Table::Keys { columns, keys }) = tables.get_mut(table) else {
                     return kept(rows);
@@ -209,7 +220,9 @@ impl Fresh {
                 kept(rows)
             }
             Effect::Upsert { .. } => {
-                let Some(scope) = scope.filter(|_| commutes) else {
+                let Some(scope) =
+                    scope.filter(|scope| commutes && state.typed(table, scope, &bulk.types))
+                else {
                     state.off(table);
                     return kept(rows);
                 };
@@ -218,6 +231,7 @@ impl Fresh {
                     bytes,
                     plain: sent_plain,
                     skipped,
+                    ..
                 } = &mut *state;
                 let Some(Table::Keys { columns, keys }) = tables.get_mut(table) else {
                     return kept(rows);
@@ -264,6 +278,24 @@ impl Fresh {
 }
 
 impl State {
+    /// Whether each of `scope`'s parameters has its column's type in
+    /// `table` (`types` are the statement's parameter types).
+    fn typed(
+        &self,
+        table: &str,
+        scope: &crate::bulk::Scope,
+        types: &[tokio_postgres::types::Type],
+    ) -> bool {
+        let Some(columns) = self.types.get(table) else {
+            return false;
+        };
+        scope.columns.iter().zip(&scope.params).all(|(column, &k)| {
+            types
+                .get(k)
+                .is_some_and(|ty| columns.get(column) == Some(&ty.oid()))
+        })
+    }
+
     fn off(&mut self, table: &str) {
         if let Some(entry) = self.tables.get_mut(table)
             && let Table::Keys { keys, .. } = std::mem::replace(entry, Table::Off)
@@ -332,6 +364,17 @@ mod tests {
         (indexes(split.plain), indexes(split.kept))
     }
 
+    /// A record of empty tables `tables`, each with `k bigint, v text`.
+    fn following(tables: &[&str]) -> Fresh {
+        let columns: Columns = [
+            ("k".to_owned(), Type::INT8.oid()),
+            ("v".to_owned(), Type::TEXT.oid()),
+        ]
+        .into_iter()
+        .collect();
+        Fresh::new(tables.iter().map(|t| ((*t).to_owned(), columns.clone())))
+    }
+
     const A: &[u8] = b"a";
     const B: &[u8] = b"b";
     const C: &[u8] = b"c";
@@ -342,7 +385,7 @@ mod tests {
 
     #[test]
     fn new_keys_go_plain_and_known_ones_keep_their_conflict_clause() {
-        let fresh = Fresh::new(["t"]);
+        let fresh = following(&["t"]);
         let nothing = bulk(NOTHING, TYPES);
         let upsert = bulk(UPSERT, TYPES);
         assert!(matches!(
@@ -367,7 +410,7 @@ mod tests {
 
     #[test]
     fn a_keyed_delete_forgets_its_keys_and_a_write_sent_alone_may_stop_the_record() {
-        let fresh = Fresh::new(["t", "u"]);
+        let fresh = following(&["t", "u"]);
         let nothing = bulk(NOTHING, TYPES);
         split(&fresh, &nothing, &[&[Some(A), None]]);
         let delete = bulk("DELETE FROM t WHERE k = $1", &[Type::INT8]);
@@ -406,8 +449,11 @@ mod tests {
             ("UPDATE t SET k = $1 WHERE v = $2", TYPES),
             // A DELETE by another column.
             ("DELETE FROM t WHERE v = $1", &[Type::TEXT][..]),
+            // A DELETE by the key, of another type than the column's (4
+            // bytes against 8: the same value, other bytes).
+            ("DELETE FROM t WHERE k = $1", &[Type::INT4][..]),
         ] {
-            let fresh = Fresh::new(["t"]);
+            let fresh = following(&["t"]);
             split(&fresh, &bulk(NOTHING, TYPES), &[&[Some(A), None]]);
             let row: Vec<Option<&[u8]>> = vec![Some(C); types.len()];
             split(&fresh, &bulk(sql, types), &[&row[..]]);
@@ -430,8 +476,17 @@ mod tests {
             ),
             ("SELECT count(*) FROM tt", false),
             ("SELECT count(*) FROM t", false),
+            // A second statement after an UPDATE of other columns.
+            ("UPDATE t SET v = 'x'; DELETE FROM t", true),
+            ("UPDATE t SET v = 'a;b' WHERE v = 'c'", false),
+            ("UPDATE t SET v = 'x';", false),
+            // A FROM inside a value does not end the assignments.
+            (
+                "UPDATE t SET v = v IS DISTINCT FROM 'x', k = 5 WHERE v = 'y'",
+                true,
+            ),
         ] {
-            let fresh = Fresh::new(["t"]);
+            let fresh = following(&["t"]);
             split(&fresh, &bulk(NOTHING, TYPES), &[&[Some(A), None]]);
             fresh.observe(&bulk(sql, &[]));
             assert_eq!(fresh.followed().is_empty(), stops, "{sql}");
@@ -440,7 +495,7 @@ mod tests {
 
     #[test]
     fn past_the_budget_a_table_is_no_longer_followed() {
-        let fresh = Fresh::new(["t"]);
+        let fresh = following(&["t"]);
         let nothing = bulk(NOTHING, TYPES);
         let (long, other) = (vec![7u8; BUDGET / 2], vec![8u8; BUDGET / 2]);
         let first = [Some(&long[..]), None];

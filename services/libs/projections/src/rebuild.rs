@@ -194,9 +194,9 @@ pub async fn rebuild_many(
 struct Prepared {
     client: Object,
     deferred_indexes: Vec<String>,
-    /// The rebuild tables its schema left empty (all of them, so far): a
-    /// worker knows which keys they hold ([`Fresh`]).
-    empty: Vec<&'static str>,
+    /// The rebuild tables its schema left empty, with their columns' types:
+    /// a worker knows which keys they hold ([`Fresh`]).
+    empty: Vec<(String, crate::fresh::Columns)>,
 }
 
 /// A connection of its own for `projection`'s rebuild: holds the rebuild
@@ -286,28 +286,40 @@ async fn prepare(
             .await?;
         deferred_indexes.push(definition);
     }
-    // Which tables the schema left empty, in one round trip.
-    let empty: Vec<bool> = client
-        .query_one(
-            &format!(
-                "SELECT ARRAY[{}]::bool[]",
-                projection
-                    .tables()
-                    .iter()
-                    .map(|table| format!("NOT EXISTS (SELECT FROM {schema}.{table})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            &[],
+    // Which tables the schema left empty and gave no trigger (which could
+    // write rows unseen), and their columns' types, in one round trip.
+    let rows = client
+        .query(
+            "SELECT c.relname::text, \
+               NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal), \
+               ARRAY(SELECT a.attname::text FROM pg_attribute a \
+                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                     ORDER BY a.attnum), \
+               ARRAY(SELECT a.atttypid FROM pg_attribute a \
+                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                     ORDER BY a.attnum) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = ANY($2)",
+            &[&schema, &projection.tables()],
         )
-        .await?
-        .get(0);
-    let empty = projection
-        .tables()
-        .iter()
-        .zip(empty)
-        .filter_map(|(table, empty)| empty.then_some(*table))
-        .collect();
+        .await?;
+    let mut empty = Vec::new();
+    for row in rows {
+        let table: String = row.get(0);
+        let untriggered: bool = row.get(1);
+        let has_rows: bool = client
+            .query_one(
+                &format!("SELECT EXISTS (SELECT FROM {schema}.{table})"),
+                &[],
+            )
+            .await?
+            .get(0);
+        if untriggered && !has_rows {
+            let names: Vec<String> = row.get(2);
+            let types: Vec<u32> = row.get(3);
+            empty.push((table, names.into_iter().zip(types).collect()));
+        }
+    }
     Ok(Prepared {
         client,
         deferred_indexes,

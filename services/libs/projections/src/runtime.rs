@@ -643,19 +643,30 @@ impl<'a> Tx<'a> {
     /// writes of one plain INSERT go as one statement where that changes
     /// nothing (`bulk.rs`).
     pub async fn flush(&self) -> Result<(), tokio_postgres::Error> {
-        self.flush_then(std::future::ready(Ok(()))).await
+        self.flush_then(std::future::ready(Ok(())), None).await
     }
 
     /// Sends the queued writes, then `read` behind them in the same
     /// pipeline (one round trip for both; it sees what they wrote), and
     /// returns what `read` returns once every write has succeeded. `read`
     /// must send its request on its first poll (tokio-postgres queries do).
+    ///
+    /// `read_shape` is the read's statement, for a rebuild's record of keys
+    /// (a read may write: `UPDATE ... RETURNING`): heard after the queued
+    /// writes, which run before it.
     async fn flush_then<T>(
         &self,
         read: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+        read_shape: Option<&crate::bulk::Shape>,
     ) -> Result<T, tokio_postgres::Error> {
         let writes = std::mem::take(&mut self.deferred().writes);
+        let observe_read = || {
+            if let (Some(fresh), Some(shape)) = (self.fresh, read_shape) {
+                fresh.observe(shape);
+            }
+        };
         if writes.is_empty() {
+            observe_read();
             return read.await;
         }
         let unique = self.unique_indexes(&writes).await?;
@@ -779,6 +790,7 @@ impl<'a> Tx<'a> {
                 ))
             })
             .collect();
+        observe_read();
         let mut read = std::pin::pin!(futures_util::future::maybe_done(read));
         // Each request goes out on its first poll: poll them once in order
         // (PostgreSQL runs them in the order received), the read last, then
@@ -957,8 +969,11 @@ impl<'a> Tx<'a> {
         params: Params<'_>,
     ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
-        self.observe(sql, statement.params());
-        self.flush_then(self.tx.query(&statement, params)).await
+        let shape = self
+            .fresh
+            .map(|_| crate::bulk::shape(sql, statement.params()));
+        self.flush_then(self.tx.query(&statement, params), shape.as_deref())
+            .await
     }
 
     /// Reads, behind the queued writes (sent with them, in one round trip).
@@ -968,8 +983,11 @@ impl<'a> Tx<'a> {
         params: Params<'_>,
     ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
-        self.observe(sql, statement.params());
-        self.flush_then(self.tx.query_opt(&statement, params)).await
+        let shape = self
+            .fresh
+            .map(|_| crate::bulk::shape(sql, statement.params()));
+        self.flush_then(self.tx.query_opt(&statement, params), shape.as_deref())
+            .await
     }
 
     /// Reads, behind the queued writes (sent with them, in one round trip).
@@ -979,8 +997,11 @@ impl<'a> Tx<'a> {
         params: Params<'_>,
     ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
         let statement = self.tx.prepare_cached(sql).await?;
-        self.observe(sql, statement.params());
-        self.flush_then(self.tx.query_one(&statement, params)).await
+        let shape = self
+            .fresh
+            .map(|_| crate::bulk::shape(sql, statement.params()));
+        self.flush_then(self.tx.query_one(&statement, params), shape.as_deref())
+            .await
     }
 }
 
