@@ -286,8 +286,8 @@ async fn prepare(
             .await?;
         deferred_indexes.push(definition);
     }
-    // Which tables the schema left empty and gave no trigger (which could
-    // write rows unseen), and their columns' types, in one round trip.
+    // Which tables have no trigger (which could write rows unseen), with
+    // their columns' types; then which of those the schema left empty.
     let rows = client
         .query(
             "SELECT c.relname::text, \
