@@ -408,8 +408,10 @@ impl<'w> Scoped<'w> {
         else {
             return;
         };
+        // Built beside the present map, which is replaced only once the new
+        // one is whole (it always is: fewer columns than now fit).
         let mut last: FastMap<_, (usize, usize)> = FastMap::default();
-        for (value, at) in self.last.drain() {
+        for (value, &at) in &self.last {
             let Some(value) = KeyValue::new(kept.iter().map(|&i| value.0[i])) else {
                 return;
             };
