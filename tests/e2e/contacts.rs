@@ -6,7 +6,7 @@ use crm_proto::v1::{
 };
 use tonic::Code;
 
-use crate::support::{TestApp, as_caller, bad_fields, error_info};
+use crate::support::{TestApp, as_caller, bad_fields, error_info, first_column};
 
 fn ada(email: &str) -> CreateContactRequest {
     CreateContactRequest {
@@ -895,18 +895,12 @@ async fn erasing_personal_data_shreds_it_everywhere_and_frees_the_email() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
     let payloads = || async {
-        app.db
-            .client()
-            .await
-            .query(
-                "SELECT payload::text FROM events ORDER BY global_position",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get::<_, String>(0))
-            .collect::<Vec<_>>()
+        let client = app.db.client().await;
+        first_column::<String>(
+            &client,
+            "SELECT payload::text FROM events ORDER BY global_position",
+        )
+        .await
     };
     let stored_before = payloads().await;
     let erased = app

@@ -22,7 +22,9 @@ use crm_proto::v1::{
 };
 use tonic::Code;
 
-use crate::support::{TestApp, TestClock, as_caller, at, bad_fields, cny, settled, test_scheduler};
+use crate::support::{
+    TestApp, TestClock, as_caller, at, bad_fields, cny, first_column, settled, test_scheduler,
+};
 
 fn with_role<T>(app: &TestApp, role: &str, message: T) -> tonic::Request<T> {
     let mut request = app.request(message);
@@ -1071,13 +1073,7 @@ async fn the_360_shows_every_section_the_timeline_merges_them_and_erasure_blanks
 
     // The read model keeps personal fields as the events carry them.
     let db = app.db.client().await;
-    let stored: Vec<String> = db
-        .query("SELECT state::text FROM c360_contacts", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let stored: Vec<String> = first_column(&db, "SELECT state::text FROM c360_contacts").await;
     assert_eq!(stored.len(), 3);
     for state in &stored {
         assert!(state.contains("enc:v1:"), "{state}");

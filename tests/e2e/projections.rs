@@ -18,7 +18,7 @@ use tonic::Code;
 use uuid::Uuid;
 
 use crate::opportunities::{deal, setup, to_stage};
-use crate::support::{TestApp, bad_fields};
+use crate::support::{TestApp, bad_fields, first_column};
 
 fn board_request(pipeline_id: &str, min_position: u64) -> GetPipelineBoardRequest {
     GetPipelineBoardRequest {
@@ -435,18 +435,12 @@ async fn a_state_column_left_as_jsonb_by_an_earlier_version_works_until_a_rebuil
             .unwrap()
             .get::<_, String>(0)
     };
-    let figures = || async {
-        client
-            .query(
-                "SELECT deal_id::text || ' ' || stage || ' ' || probability_bp || ' ' || \
-                   (state->>'stage') FROM pipeline_board ORDER BY deal_id",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get::<_, String>(0))
-            .collect::<Vec<_>>()
+    let figures = || {
+        first_column::<String>(
+            &client,
+            "SELECT deal_id::text || ' ' || stage || ' ' || probability_bp || ' ' || \
+               (state->>'stage') FROM pipeline_board ORDER BY deal_id",
+        )
     };
     // The first deal moves on: its stored state is read and evolved.
     let deal: Uuid = client
@@ -1208,13 +1202,8 @@ async fn a_rebuild_refuses_a_query_index_that_is_missing_or_unique() {
             }
             assert!(error.to_string().contains(refused), "{error}");
         }
-        let rows: Vec<i64> = client
-            .query("SELECT position FROM names_query_indexes", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let rows: Vec<i64> =
+            first_column(&client, "SELECT position FROM names_query_indexes").await;
         assert_eq!(rows, vec![42], "the live table as it was");
     }
     // Named right, it rebuilds, with its query index created at the end.

@@ -374,3 +374,17 @@ pub async fn nudge(app: &TestApp) -> u64 {
         .into_inner()
         .global_position
 }
+
+/// The first column of every row `sql` (no parameters) returns, in order.
+pub async fn first_column<T>(client: &tokio_postgres::Client, sql: &str) -> Vec<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
