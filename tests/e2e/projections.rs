@@ -1444,6 +1444,173 @@ async fn a_rebuild_that_skips_conflict_checks_for_new_keys_leaves_every_row_as_i
     setup.store.shutdown().await;
 }
 
+/// A read model whose rows are inserted, then updated by key in the same
+/// chunk, in every way a rebuild's folding of UPDATEs into the plain
+/// INSERT of a new row must get right: UPDATEs of some columns and of
+/// others, to NULL, an UPDATE that reads the row (`c = c + $2`, which
+/// does not fold and ends what may fold behind it), a delete and a new
+/// insert of the key with an UPDATE after it, an UPDATE of a row that a
+/// `DO NOTHING` insert met already there (which must still apply), and an
+/// UPDATE by a NULL key (which finds no row). `folded_whole`'s rows are
+/// each inserted and updated within one chunk, nothing else.
+struct Folded;
+
+/// Events of [`Folded`]'s test (three chunks of 100; a key's four events
+/// fall in one chunk, but for the repeat inserts of earlier keys).
+const FOLDED_EVENTS: i64 = 300;
+
+/// A row of [`Folded`]'s table: (k, a, b, c).
+type FoldedRow = (i64, Option<i64>, Option<String>, i64);
+
+impl crm_projections::Projection for Folded {
+    crm_projections::projection_names!(
+        "folded",
+        "CREATE TABLE IF NOT EXISTS folded (
+            k bigint PRIMARY KEY,
+            a bigint,
+            b text,
+            c bigint NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS folded_whole (
+            k bigint PRIMARY KEY,
+            a bigint,
+            b text
+        )",
+        ["folded", "folded_whole"]
+    );
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let p = i64::try_from(event.global_position).unwrap();
+            let (k, step) = ((p - 1) / 4, (p - 1) % 4);
+            let insert = "INSERT INTO folded (k, a, b, c) VALUES ($1, $2, $3, $4) \
+                          ON CONFLICT (k) DO NOTHING";
+            let set_ab = "UPDATE folded SET a = $2, b = $3 WHERE k = $1";
+            let set_c = "UPDATE folded SET c = $2 WHERE k = $1";
+            match step {
+                0 => {
+                    tx.execute(insert, &[&k, &p, &None::<String>, &0i64])
+                        .await?;
+                }
+                1 => tx.execute(set_ab, &[&k, &p, &format!("b{p}")]).await?,
+                2 if k % 3 == 0 => {
+                    tx.execute("UPDATE folded SET c = c + $2 WHERE k = $1", &[&k, &p])
+                        .await?
+                }
+                2 => tx.execute(set_c, &[&k, &p]).await?,
+                _ => {
+                    tx.execute(set_ab, &[&k, &-p, &None::<String>]).await?;
+                    if k % 5 == 0 {
+                        tx.execute("DELETE FROM folded WHERE k = $1", &[&k]).await?;
+                        tx.execute(insert, &[&k, &p, &"again", &1i64]).await?;
+                        tx.execute(set_c, &[&k, &(p * 10)]).await?;
+                    }
+                }
+            };
+            if p % 10 == 7 && k >= 1 {
+                tx.execute(insert, &[&(k - 1), &0i64, &"dup", &0i64])
+                    .await?;
+                tx.execute(set_c, &[&(k - 1), &(p + 1000)]).await?;
+            }
+            if p % 25 == 0 {
+                tx.execute(set_ab, &[&None::<i64>, &p, &"nobody"]).await?;
+            }
+            let whole = match step {
+                0 => {
+                    "INSERT INTO folded_whole (k, a, b) VALUES ($1, $2, $3) \
+                      ON CONFLICT (k) DO NOTHING"
+                }
+                _ => "UPDATE folded_whole SET a = $2, b = $3 WHERE k = $1",
+            };
+            let b = (step > 0).then(|| format!("w{p}"));
+            tx.execute(whole, &[&k, &p, &b]).await?;
+            Ok(())
+        })
+    }
+}
+
+/// [`Folded`]'s two tables as its statements leave them, worked out here.
+fn folded_expected() -> (Vec<FoldedRow>, Vec<(i64, i64, String)>) {
+    use std::collections::BTreeMap;
+    let mut rows: BTreeMap<i64, (Option<i64>, Option<String>, i64)> = BTreeMap::new();
+    let mut whole = BTreeMap::new();
+    for p in 1..=FOLDED_EVENTS {
+        let (k, step) = ((p - 1) / 4, (p - 1) % 4);
+        match step {
+            0 => {
+                rows.entry(k).or_insert((Some(p), None, 0));
+            }
+            1 => {
+                let row = rows.get_mut(&k).unwrap();
+                (row.0, row.1) = (Some(p), Some(format!("b{p}")));
+            }
+            2 if k % 3 == 0 => rows.get_mut(&k).unwrap().2 += p,
+            2 => rows.get_mut(&k).unwrap().2 = p,
+            _ => {
+                let row = rows.get_mut(&k).unwrap();
+                (row.0, row.1) = (Some(-p), None);
+                if k % 5 == 0 {
+                    rows.insert(k, (Some(p), Some("again".into()), p * 10));
+                }
+            }
+        }
+        if p % 10 == 7 && k >= 1 {
+            rows.get_mut(&(k - 1)).unwrap().2 = p + 1000;
+        }
+        whole.insert(k, (p, format!("w{p}")));
+    }
+    (
+        rows.into_iter()
+            .map(|(k, (a, b, c))| (k, a, b, c))
+            .collect(),
+        whole.into_iter().map(|(k, (a, b))| (k, a, b)).collect(),
+    )
+}
+
+/// A rebuild folds a keyed UPDATE of a row inserted earlier in its chunk
+/// into that row's insert, and every row still ends as its statements say.
+#[tokio::test]
+async fn a_rebuild_that_folds_updates_into_the_insert_of_a_new_row_leaves_every_row_as_its_statements_say()
+ {
+    let setup = setup_runtime().await;
+    open_deals(&setup.store, Uuid::now_v7(), FOLDED_EVENTS as usize, 1_000).await;
+    let swapped_at = rebuild_in(&setup, Arc::new(Folded)).await.unwrap();
+    assert_eq!(swapped_at, FOLDED_EVENTS as u64);
+    let client = setup.db.client().await;
+    let (rows, whole) = folded_expected();
+    assert_eq!(rows.len(), 75);
+    let stored: Vec<FoldedRow> = client
+        .query("SELECT k, a, b, c FROM folded ORDER BY k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    assert_eq!(stored, rows);
+    let stored: Vec<(i64, i64, String)> = client
+        .query("SELECT k, a, b FROM folded_whole ORDER BY k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(stored, whole);
+    // Each of its 75 rows written once: inserted into the first 75 slots
+    // of its first page, never updated (an UPDATE leaves a new version in
+    // another slot).
+    let last: String = client
+        .query_one("SELECT max(ctid)::text FROM folded_whole", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, "(0,75)");
+    setup.store.shutdown().await;
+}
+
 /// SQL for a test read model: a one-row table `$counter` (column `n`) that
 /// a trigger on `$table` adds one to per `$each` (`ROW` or `STATEMENT`) of
 /// the `$events` written. Read models have no triggers; these only count.

@@ -320,7 +320,7 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             let at: Time = opened.occurred_at.into();
             tx.execute(
                 "INSERT INTO an_deals (tenant_id, deal_id, account_id, contact_id, lead_id, \
-                   opened_at, amount_minor, currency) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                   opened_at, amount_minor, currency, won_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (tenant_id, deal_id) DO NOTHING",
                 &[
                     tenant,
@@ -331,6 +331,9 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                     &at,
                     &opened.amount.amount_minor,
                     &opened.amount.currency,
+                    // Not won yet (a parameter, so that a win in the same
+                    // rebuild chunk can fold into this insert).
+                    &None::<Time>,
                 ],
             )
             .await?;

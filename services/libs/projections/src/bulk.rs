@@ -25,6 +25,11 @@
 //! scoped writes of different values commute, so one need not close the
 //! gathering of another statement of the same table; only the writes of
 //! one value keep their order (`runtime::gathered`).
+//!
+//! In a rebuild, whose record of keys ([`crate::fresh`]) knows which rows
+//! are new, a keyed UPDATE of a row inserted earlier in the same flush is
+//! folded into that insert ([`fold`]): the new row goes out once, with the
+//! UPDATE's values, and the UPDATE is not sent.
 use std::sync::{Arc, LazyLock, Mutex};
 
 use tokio_postgres::types::{IsNull, Kind, ToSql, Type};
@@ -103,6 +108,12 @@ pub(crate) struct Bulk {
     pub(crate) types: Vec<Type>,
     /// What its writes do to the rows.
     pub(crate) effect: Effect,
+    /// The columns (lower case) that take a parameter alone, each with it
+    /// (0-based): of an INSERT, those whose value is a parameter used
+    /// nowhere else in the statement; of a keyed UPDATE that collapses,
+    /// every assignment when each assigns a parameter (else none). See
+    /// [`fold`].
+    pub(crate) fed: Vec<(String, usize)>,
 }
 
 /// How consecutive writes of one scope value (no other write of that value
@@ -270,6 +281,7 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         },
         None => Effect::Insert,
     };
+    let fed = fed_columns(&columns, &values, types);
     Some(Bulk {
         sql: format!("{plain}{tail}"),
         table,
@@ -279,6 +291,7 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         collapse,
         types: types.to_vec(),
         effect,
+        fed,
     })
 }
 
@@ -563,6 +576,7 @@ fn plan_delete(sql: &str, types: &[Type]) -> Option<Bulk> {
         collapse: Some(Collapse::First),
         types: types.to_vec(),
         effect: Effect::Delete,
+        fed: Vec::new(),
     })
 }
 
@@ -653,6 +667,22 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
             })
         }))
     .then_some(Collapse::Last { keep: Vec::new() });
+    let fed = match collapse {
+        Some(_) => {
+            let (columns, values): (Vec<&str>, Vec<&str>) = split_top(assignments)
+                .into_iter()
+                .filter_map(|assignment| assignment.split_once('='))
+                .map(|(column, value)| (column.trim(), value.trim()))
+                .unzip();
+            let fed = fed_columns(&columns, &values, types);
+            if fed.len() == columns.len() {
+                fed
+            } else {
+                Vec::new()
+            }
+        }
+        None => Vec::new(),
+    };
     let renumber = |text: &str| renumbered(text, types.len(), UPDATE_ALIAS);
     let (arrays, names) = unnested_arrays(types);
     Some(Bulk {
@@ -670,7 +700,61 @@ fn plan_update(sql: &str, types: &[Type]) -> Option<Bulk> {
         collapse,
         types: types.to_vec(),
         effect: Effect::Update { assigned },
+        fed,
     })
+}
+
+/// The columns of `columns` whose value in `values` is a parameter alone
+/// (cast, if at all, to its own type) that no other value takes, with it
+/// (0-based).
+fn fed_columns(columns: &[&str], values: &[&str], types: &[Type]) -> Vec<(String, usize)> {
+    let mut uses = vec![0usize; types.len()];
+    for value in values {
+        for k in parameters(value).unwrap_or_default() {
+            if let Some(n) = uses.get_mut(k) {
+                *n += 1;
+            }
+        }
+    }
+    columns
+        .iter()
+        .zip(values)
+        .filter_map(|(column, value)| {
+            let (k, cast) = lone_parameter(value.trim())?;
+            let k = k.checked_sub(1)?;
+            let ty = types.get(k)?;
+            let own = cast.is_none_or(|cast| cast.eq_ignore_ascii_case(ty.name()));
+            (own && uses[k] == 1).then(|| (column.trim().to_ascii_lowercase(), k))
+        })
+        .collect()
+}
+
+/// How a keyed UPDATE's write can be folded into an earlier plain INSERT
+/// of the same row in one flush of a rebuild (the row known to be new, and
+/// no write of it between the two): the insert's parameter `k` takes the
+/// update's parameter `j`, for each pair `(k, j)`. `None` unless `update`
+/// picks its row by exactly the columns of `insert`'s conflict target (a
+/// unique index), by its key alone, and assigns only parameters to
+/// columns the insert feeds each from a parameter of the same type (so
+/// the bytes mean the same).
+pub(crate) fn fold(insert: &Bulk, update: &Bulk) -> Option<Vec<(usize, usize)>> {
+    if !matches!(insert.effect, Effect::Upsert { .. })
+        || !matches!(update.effect, Effect::Update { .. })
+        || !matches!(update.collapse, Some(Collapse::Last { .. }))
+        || insert.table != update.table
+        || update.fed.is_empty()
+        || insert.scope.as_ref()?.columns != update.scope.as_ref()?.columns
+    {
+        return None;
+    }
+    update
+        .fed
+        .iter()
+        .map(|(column, j)| {
+            let &(_, k) = insert.fed.iter().find(|(fed, _)| fed == column)?;
+            (insert.types.get(k)? == update.types.get(*j)?).then_some((k, *j))
+        })
+        .collect()
 }
 
 /// The columns `sets` (`a = ..., b = ...`) assigns (lower case); `None`
@@ -1324,5 +1408,62 @@ mod tests {
 
     fn shape_of(sql: &str) -> Arc<Shape> {
         shape(sql, &[])
+    }
+
+    #[test]
+    fn a_keyed_update_of_parameters_folds_into_an_insert_of_its_row() {
+        use Type as T;
+        let insert = plan(
+            "INSERT INTO deals (tenant_id, deal_id, stage, since, seen, note) \
+             VALUES ($1, $2, $3, $4, $4, $5::text) ON CONFLICT (tenant_id, deal_id) DO NOTHING",
+            &[T::TEXT, T::UUID, T::TEXT, T::TIMESTAMPTZ, T::TEXT],
+        )
+        .unwrap();
+        // `since` and `seen` share $4: neither can take an UPDATE's value.
+        assert_eq!(
+            insert.fed,
+            [("tenant_id", 0), ("deal_id", 1), ("stage", 2), ("note", 4)]
+                .map(|(c, k)| (c.to_owned(), k))
+        );
+        let update = |sql: &str, types: &[Type]| plan(sql, types).unwrap();
+        let stage = update(
+            "UPDATE deals SET note = $4, stage = $3 WHERE deal_id = $2 AND tenant_id = $1",
+            &[T::TEXT, T::UUID, T::TEXT, T::TEXT],
+        );
+        assert_eq!(fold(&insert, &stage), Some(vec![(4, 3), (2, 2)]));
+        // Not: a column the insert does not feed alone, a value that is
+        // not a parameter, a parameter of another type, a condition beyond
+        // the key, a key that is not the conflict target's.
+        for (sql, types) in [
+            (
+                "UPDATE deals SET since = $3 WHERE tenant_id = $1 AND deal_id = $2",
+                &[T::TEXT, T::UUID, T::TIMESTAMPTZ][..],
+            ),
+            (
+                "UPDATE deals SET stage = 'won' WHERE tenant_id = $1 AND deal_id = $2",
+                &[T::TEXT, T::UUID][..],
+            ),
+            (
+                "UPDATE deals SET stage = $3 WHERE tenant_id = $1 AND deal_id = $2",
+                &[T::TEXT, T::UUID, T::VARCHAR][..],
+            ),
+            (
+                "UPDATE deals SET stage = $3 WHERE tenant_id = $1 AND deal_id = $2 AND note IS NULL",
+                &[T::TEXT, T::UUID, T::TEXT][..],
+            ),
+            (
+                "UPDATE deals SET stage = $2 WHERE deal_id = $1",
+                &[T::UUID, T::TEXT][..],
+            ),
+        ] {
+            assert_eq!(fold(&insert, &update(sql, types)), None, "{sql}");
+        }
+        // Nor into an insert without a conflict target (its keys unknown).
+        let blind = plan(
+            "INSERT INTO deals (tenant_id, deal_id, stage) VALUES ($1, $2, $3)",
+            &[T::TEXT, T::UUID, T::TEXT],
+        )
+        .unwrap();
+        assert_eq!(fold(&blind, &stage), None);
     }
 }

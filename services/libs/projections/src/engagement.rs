@@ -156,7 +156,7 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             tx.execute(
                 "INSERT INTO eng_deals (tenant_id, deal_id, account_id, pipeline_id, stage, \
                    stage_entered_at, last_touch_at, open, stalled) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $6, true, false) ON CONFLICT (tenant_id, deal_id) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (tenant_id, deal_id) DO NOTHING",
                 &[
                     &tenant,
                     id,
@@ -164,6 +164,9 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                     &opened.pipeline_id,
                     &opened.stage,
                     &at,
+                    &at,
+                    &true,
+                    &false,
                 ],
             )
             .await?;
@@ -171,23 +174,23 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         Some(OpportunityEvent::StageChanged(changed)) => {
             let at: Time = changed.occurred_at.into();
             tx.execute(
-                "UPDATE eng_deals SET stage = $3, stage_entered_at = $4, stalled = false \
+                "UPDATE eng_deals SET stage = $3, stage_entered_at = $4, stalled = $5 \
                  WHERE tenant_id = $1 AND deal_id = $2",
-                &[&tenant, id, &changed.to, &at],
+                &[&tenant, id, &changed.to, &at, &false],
             )
             .await?;
         }
         Some(OpportunityEvent::Stalled(_)) => {
             tx.execute(
-                "UPDATE eng_deals SET stalled = true WHERE tenant_id = $1 AND deal_id = $2",
-                &[&tenant, id],
+                "UPDATE eng_deals SET stalled = $3 WHERE tenant_id = $1 AND deal_id = $2",
+                &[&tenant, id, &true],
             )
             .await?;
         }
         Some(OpportunityEvent::Won(_) | OpportunityEvent::Lost(_)) => {
             tx.execute(
-                "UPDATE eng_deals SET open = false WHERE tenant_id = $1 AND deal_id = $2",
-                &[&tenant, id],
+                "UPDATE eng_deals SET open = $3 WHERE tenant_id = $1 AND deal_id = $2",
+                &[&tenant, id, &false],
             )
             .await?;
         }

@@ -71,7 +71,7 @@ enum Table {
     /// insert names them, while the table has no row), and the keys there.
     Keys {
         columns: Option<Vec<String>>,
-        keys: HashSet<Box<[u8]>>,
+        keys: HashSet<Box<[u8]>, crate::runtime::Seeded>,
     },
     /// No longer followed.
     Off,
@@ -96,7 +96,7 @@ impl Fresh {
                 table.clone(),
                 Table::Keys {
                     columns: None,
-                    keys: HashSet::new(),
+                    keys: HashSet::default(),
                 },
             );
             state.types.insert(table, columns);

@@ -41,6 +41,11 @@
 //! follow, so a projection needs nothing for it; it gains most when a
 //! table's rows are added only by upserts on one conflict target with bare
 //! parameters as key values, and removed only by DELETEs by that key.
+//! A keyed UPDATE (`WHERE` the conflict target's columns and nothing
+//! else, every value a parameter) of a row whose plain INSERT is queued
+//! in the same flush is folded into that insert: the row is written once.
+//! To let an UPDATE fold, give the insert every column the UPDATE sets,
+//! each from a parameter of its own (a NULL where the row starts empty).
 //!
 //! Tables whose rows are rewritten over their life (a deal through its
 //! stages, a ticket through its states) leave 30% of each page free

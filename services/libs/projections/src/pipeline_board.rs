@@ -91,8 +91,8 @@ impl Projection for PipelineBoard {
             tx.execute(
                 "INSERT INTO pipeline_board (tenant_id, deal_id, name, pipeline_id, stage, outcome, \
                    archived, amount_minor, currency, probability_bp, weighted_minor, category, \
-                   close_date, owner, state, position) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16) \
+                   close_date, owner, state, position, closed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16, $17) \
                  ON CONFLICT (tenant_id, deal_id) DO UPDATE SET name = EXCLUDED.name, \
                    pipeline_id = EXCLUDED.pipeline_id, stage = EXCLUDED.stage, \
                    outcome = EXCLUDED.outcome, archived = EXCLUDED.archived, \
@@ -118,6 +118,11 @@ impl Projection for PipelineBoard {
                     &deal.owner,
                     &state_json,
                     &position,
+                    // Set only by the statement below (a new row is not
+                    // closed; an update keeps it). A parameter, so that a
+                    // close in the same rebuild chunk can fold into a new
+                    // row's insert.
+                    &None::<std::time::SystemTime>,
                 ],
             )
             .await?;

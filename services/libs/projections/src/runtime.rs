@@ -112,6 +112,11 @@ struct Write {
 }
 
 impl Write {
+    /// Tells queued writes apart (while the queue is borrowed).
+    fn id(&self) -> usize {
+        self as *const Self as usize
+    }
+
     /// Parameter `k`'s bytes (`None` for NULL).
     fn bytes(&self, k: usize) -> Option<&[u8]> {
         let Encoded { at, len, .. } = self.params[k];
@@ -195,11 +200,26 @@ enum Outgoing<'w> {
 /// place (`Last`: an upsert of a whole row, a keyed UPDATE of parameters)
 /// or is dropped (`First`: `DO NOTHING`): a row written at every event of
 /// a batch goes out once, as it ends up.
+///
+/// With `fold` (a rebuild's flush), a keyed UPDATE of a row whose writes in
+/// this flush so far are an `INSERT ... ON CONFLICT` of that row and keyed
+/// UPDATEs that fold into it is also listed in [`Folds`] under the insert:
+/// should that insert go out as a plain INSERT of a new row, its values
+/// take the UPDATEs' and they are not sent ([`crate::bulk::fold`]).
+/// Moving an UPDATE's effect back to the insert passes no write of its row
+/// (the row's writes in between all fold) and no write naming its table
+/// unscoped (which closes the table's gatherings and ends the chain).
 fn gathered<'w>(
     writes: &'w [Write],
     commutes: &dyn Fn(&str, &[String]) -> bool,
-) -> Vec<Gathered<'w>> {
+    fold: bool,
+) -> (Vec<Gathered<'w>>, Folds) {
     let mut items: Vec<Gathered<'_>> = Vec::new();
+    let mut folds = Folds::default();
+    // Rows (gathering, row) of UPDATEs listed in `folds`, with the insert
+    // row they fold into.
+    let mut pending: FastMap<(usize, usize), (usize, usize)> = FastMap::default();
+    let mut pairs = PairsCache::default();
     // Gatherings still open: the statement's shape (one per SQL text),
     // index in `items`.
     let mut open: Vec<(&Arc<crate::bulk::Shape>, usize)> = Vec::new();
@@ -240,6 +260,12 @@ fn gathered<'w>(
             }
             if let Some(value) = value {
                 let after = state.last.get(&value).copied();
+                let target = match after {
+                    Some(last) if fold => {
+                        fold_target(&items, &pending, &mut pairs, last, write, bulk)
+                    }
+                    _ => None,
+                };
                 // The value's last write is this statement's, for the same
                 // row: one of the two stands for both. (Not for a NULL in the
                 // key, which never conflicts: two such writes are two rows.
@@ -268,8 +294,10 @@ fn gathered<'w>(
                 if let Some(at) = join
                     && let Gathered::Many(_, rows) = &mut items[at]
                 {
-                    state.last.insert(value, (at, rows.len()));
+                    let placed = (at, rows.len());
+                    state.last.insert(value, placed);
                     rows.push(Row::new(write));
+                    folds.add(&mut pending, placed, target);
                     continue;
                 }
                 // Close what this write must follow: gatherings of other
@@ -289,6 +317,7 @@ fn gathered<'w>(
                 state.groups.push(at);
                 state.last.insert(value, (at, 0));
                 items.push(Gathered::Many(bulk, vec![Row::new(write)]));
+                folds.add(&mut pending, (at, 0), target);
                 if closed {
                     prune(&mut scoped, &open);
                 }
@@ -321,7 +350,89 @@ fn gathered<'w>(
             prune(&mut scoped, &open);
         }
     }
-    items
+    (items, folds)
+}
+
+/// See [`gathered`]: per insert row (by its first write), the UPDATE rows
+/// (gathering, row) that fold into it, in order, each with the parameter
+/// pairs of [`crate::bulk::fold`].
+#[derive(Default)]
+struct Folds {
+    into: FastMap<usize, Vec<(usize, usize, Pairs)>>,
+}
+
+/// Parameter pairs `(insert's k, update's j)`.
+type Pairs = Arc<[(usize, usize)]>;
+
+/// [`crate::bulk::fold`] by (insert, update) statement, worked out once per
+/// flush.
+type PairsCache = Vec<(
+    *const crate::bulk::Bulk,
+    *const crate::bulk::Bulk,
+    Option<Pairs>,
+)>;
+
+impl Folds {
+    /// Lists the UPDATE row placed at `placed` under its insert row, if it
+    /// folds into one (`target`: the insert row, its first write, pairs).
+    fn add(
+        &mut self,
+        pending: &mut FastMap<(usize, usize), (usize, usize)>,
+        placed: (usize, usize),
+        target: Option<((usize, usize), usize, Pairs)>,
+    ) {
+        if let Some((insert, first, pairs)) = target {
+            pending.insert(placed, insert);
+            self.into
+                .entry(first)
+                .or_default()
+                .push((placed.0, placed.1, pairs));
+        }
+    }
+}
+
+/// The insert row a keyed UPDATE `write` of `update` folds into, when the
+/// last write of its row so far (`last`) is that insert row or an UPDATE
+/// row folding into it: the insert row, its first write and the parameter
+/// pairs.
+fn fold_target(
+    items: &[Gathered<'_>],
+    pending: &FastMap<(usize, usize), (usize, usize)>,
+    cache: &mut PairsCache,
+    last: (usize, usize),
+    write: &Write,
+    update: &crate::bulk::Bulk,
+) -> Option<((usize, usize), usize, Pairs)> {
+    if update.fed.is_empty() {
+        return None;
+    }
+    let target = pending.get(&last).copied().unwrap_or(last);
+    let Gathered::Many(insert, rows) = items.get(target.0)? else {
+        return None;
+    };
+    let pairs = match cache
+        .iter()
+        .find(|(i, u, _)| std::ptr::eq(*i, *insert) && std::ptr::eq(*u, update))
+    {
+        Some((_, _, pairs)) => pairs.clone(),
+        None => {
+            let pairs: Option<Pairs> = crate::bulk::fold(insert, update).map(Into::into);
+            cache.push((*insert, update, pairs.clone()));
+            pairs
+        }
+    }?;
+    let row = rows.get(target.1)?;
+    // The same row: every column of the conflict target equal (scopes
+    // list their columns sorted, and `fold` checked they are the same),
+    // none NULL (an UPDATE by a NULL key finds no row).
+    let (by_insert, by_update) = (insert.scope.as_ref()?, update.scope.as_ref()?);
+    for (&i, &u) in by_insert.params.iter().zip(&by_update.params) {
+        let key = write.bytes(u);
+        if key.is_none() || row.param(i) != key {
+            return None;
+        }
+    }
+    Some((target, row.first.id(), pairs))
 }
 
 /// A table's unique indexes: each one's columns, `None` for one that is
@@ -360,7 +471,34 @@ impl std::hash::Hasher for FastHasher {
     }
 
     fn finish(&self) -> u64 {
-        self.0
+        // A last mix (MurmurHash3's), so that words that differ only in
+        // their high bits (a big-endian integer's low bytes, say) still
+        // land in different buckets: the table picks them by the low bits.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
+    }
+}
+
+/// [`FastHasher`]s that start from a random seed, for a map that lives long
+/// and holds keys from the events (a rebuild's record of keys): keys that
+/// collide from a known start do not from an unknown one.
+#[derive(Clone)]
+pub(crate) struct Seeded(u64);
+
+impl Default for Seeded {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        Self(std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64))
+    }
+}
+
+impl std::hash::BuildHasher for Seeded {
+    type Hasher = FastHasher;
+
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(self.0)
     }
 }
 
@@ -683,7 +821,18 @@ impl<'a> Tx<'a> {
             })
         };
         let mut sends = Vec::new();
-        for item in gathered(&writes, &commutes) {
+        let (items, folds) = gathered(&writes, &commutes, self.fresh.is_some());
+        let mut items: Vec<Option<Gathered<'_>>> = items.into_iter().map(Some).collect();
+        // UPDATE rows folded into the plain INSERT of their row (by first
+        // write), and per such insert row (by first write) the parameters
+        // its folds set, in order, and the last position they bring.
+        let mut dropped: FastMap<usize, ()> = FastMap::default();
+        type Override<'o> = (Vec<(usize, Option<&'o [u8]>)>, u64);
+        let mut overrides: FastMap<usize, Override<'_>> = FastMap::default();
+        for i in 0..items.len() {
+            let Some(item) = items[i].take() else {
+                continue;
+            };
             match item {
                 Gathered::One(write) => {
                     if let Some(fresh) = self.fresh {
@@ -691,7 +840,13 @@ impl<'a> Tx<'a> {
                     }
                     sends.push(Outgoing::One(write));
                 }
-                Gathered::Many(bulk, rows) => {
+                Gathered::Many(bulk, mut rows) => {
+                    if !dropped.is_empty() {
+                        rows.retain(|row| !dropped.contains_key(&row.first.id()));
+                        if rows.is_empty() {
+                            continue;
+                        }
+                    }
                     let mut statements = Vec::new();
                     for rows in one_update_per_row(bulk, rows) {
                         match self.fresh {
@@ -707,6 +862,29 @@ impl<'a> Tx<'a> {
                                 if let crate::bulk::Effect::Upsert { plain } = &bulk.effect
                                     && !split.plain.is_empty()
                                 {
+                                    // New rows take the UPDATEs that fold
+                                    // into them, which are not sent.
+                                    for row in &split.plain {
+                                        let Some(list) = folds.into.get(&row.first.id()) else {
+                                            continue;
+                                        };
+                                        let (set, last) = overrides
+                                            .entry(row.first.id())
+                                            .or_insert_with(|| (Vec::new(), 0));
+                                        for (at, r, pairs) in list {
+                                            let Some(Some(Gathered::Many(_, updates))) =
+                                                items.get(*at)
+                                            else {
+                                                continue;
+                                            };
+                                            let update = updates[*r];
+                                            set.extend(
+                                                pairs.iter().map(|&(k, j)| (k, update.param(j))),
+                                            );
+                                            *last = (*last).max(update.last.position);
+                                            dropped.insert(update.first.id(), ());
+                                        }
+                                    }
                                     statements.push((plain.as_str(), split.plain, false));
                                 }
                                 if !split.kept.is_empty() {
@@ -724,9 +902,12 @@ impl<'a> Tx<'a> {
                             sends.push(Outgoing::One(write));
                             continue;
                         }
-                        let positions = rows
-                            .iter()
-                            .flat_map(|row| [row.first.position, row.last.position]);
+                        let positions = rows.iter().flat_map(|row| {
+                            let folded = overrides
+                                .get(&row.first.id())
+                                .map_or(row.last.position, |(_, last)| *last);
+                            [row.first.position, row.last.position, folded]
+                        });
                         let span = (
                             positions.clone().min().unwrap_or_default(),
                             positions.max().unwrap_or_default(),
@@ -749,8 +930,16 @@ impl<'a> Tx<'a> {
                         // Row by row: each write's parameters are read
                         // together.
                         for row in &rows {
+                            let set = match overrides.is_empty() {
+                                true => None,
+                                false => overrides.get(&row.first.id()),
+                            };
                             for (k, column) in columns.iter_mut().enumerate() {
-                                column.items.push(row.param(k));
+                                // The last UPDATE folded in that sets `k`.
+                                let folded = set.and_then(|(set, _)| {
+                                    set.iter().rev().find(|(p, _)| *p == k).map(|(_, v)| *v)
+                                });
+                                column.items.push(folded.unwrap_or_else(|| row.param(k)));
                             }
                         }
                         sends.push(Outgoing::Many(statement, columns, span));

@@ -186,19 +186,41 @@ impl Projection for SalesFunnel {
     }
 }
 
-/// Closes the deal's open visit, if any.
+/// Where a rebuild keeps each deal's open visit (the number it was
+/// entered with) in its state cache ([`crate::runtime::StateCache`]).
+const OPEN_VISIT: &str = "sales_funnel: the deal's open visit";
+
+/// Closes the deal's open visit, if any. A deal has at most one (each
+/// visit is closed before the next is entered). In a rebuild that
+/// remembers which it is, by its row's key: an UPDATE of a visit entered
+/// earlier in the chunk then folds into the visit's insert.
 async fn exit_visit(
     tx: &crate::Tx<'_>,
     event: &RecordedEvent,
     at: Time,
     kind: &str,
 ) -> Result<(), ApplyError> {
-    tx.execute(
-        "UPDATE stage_visit SET exited_at = $3, exit_kind = $4 \
-         WHERE tenant_id = $1 AND deal_id = $2 AND exited_at IS NULL",
-        &[&event.tenant_id, &event.stream_id, &at, &kind],
-    )
-    .await?;
+    let open = tx
+        .cache()
+        .and_then(|cache| cache.take::<i32>(OPEN_VISIT, &event.tenant_id, event.stream_id));
+    match open {
+        Some(visit) => {
+            tx.execute(
+                "UPDATE stage_visit SET exited_at = $4, exit_kind = $5 \
+                 WHERE tenant_id = $1 AND deal_id = $2 AND visit = $3",
+                &[&event.tenant_id, &event.stream_id, &visit, &at, &kind],
+            )
+            .await?
+        }
+        None => {
+            tx.execute(
+                "UPDATE stage_visit SET exited_at = $3, exit_kind = $4 \
+                 WHERE tenant_id = $1 AND deal_id = $2 AND exited_at IS NULL",
+                &[&event.tenant_id, &event.stream_id, &at, &kind],
+            )
+            .await?
+        }
+    };
     Ok(())
 }
 
@@ -212,18 +234,27 @@ async fn enter_visit(
     stage: &str,
     at: Time,
 ) -> Result<(), ApplyError> {
+    let visit = i32::try_from(event.stream_version).unwrap_or(i32::MAX);
     tx.execute(
-        "INSERT INTO stage_visit (tenant_id, deal_id, visit, stage, entered_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, deal_id, visit) DO NOTHING",
+        "INSERT INTO stage_visit (tenant_id, deal_id, visit, stage, entered_at, exited_at, \
+           exit_kind) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (tenant_id, deal_id, visit) DO NOTHING",
         &[
             &event.tenant_id,
             &event.stream_id,
-            &i32::try_from(event.stream_version).unwrap_or(i32::MAX),
+            &visit,
             &stage,
             &at,
+            // Open (parameters, so that closing it in the same rebuild
+            // chunk can fold into this insert).
+            &None::<Time>,
+            &None::<&str>,
         ],
     )
     .await?;
+    if let Some(cache) = tx.cache() {
+        cache.put(OPEN_VISIT, &event.tenant_id, event.stream_id, visit);
+    }
     Ok(())
 }
 
@@ -250,8 +281,8 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
         tx.execute(
             "INSERT INTO sales_funnel_deals (tenant_id, deal_id, pipeline_id, pipeline_version, \
                owner, source_channel, lead_id, campaign_id, opened_at, outcome, amount_minor, \
-               currency, archived, state, position) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+               currency, archived, state, position, closed_at, loss_reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (tenant_id, deal_id) DO NOTHING",
             &[
                 &event.tenant_id,
@@ -269,6 +300,10 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
                 &archived,
                 &state,
                 &position,
+                // Not closed (parameters, so that a close in the same
+                // rebuild chunk can fold into this insert).
+                &None::<Time>,
+                &None::<String>,
             ],
         )
         .await?;
