@@ -148,11 +148,17 @@ impl Deals<'_> {
     }
 
     async fn team(&mut self, id: &str, members: &[&str], when: &str) -> String {
+        self.team_under(id, "", members, when).await
+    }
+
+    /// A team (a new one when `id` is empty) under `parent` (none when
+    /// empty); returns its id.
+    async fn team_under(&mut self, id: &str, parent: &str, members: &[&str], when: &str) -> String {
         let request = PublishTeamRequest {
             options: at(when),
             team_id: id.into(),
             name: "East".into(),
-            parent_id: String::new(),
+            parent_id: parent.into(),
             manager: "user:m".into(),
             members: members.iter().map(|m| (*m).to_owned()).collect(),
         };
@@ -657,6 +663,86 @@ async fn worked_example_a_attainment_and_commission_with_a_clawback() {
         ["currency"],
         "no reporting currency there"
     );
+    app.stop().await;
+}
+
+/// Each win credits the teams its owner is in and every team above them,
+/// as they are when it is applied; a rebuild (which works them out from a
+/// memo of the tenant's teams instead of a recursive query per win, read
+/// again after each team change) credits the same, chunk after chunk.
+#[tokio::test]
+async fn a_rebuild_credits_each_win_to_the_same_nested_teams_as_the_live_projection() {
+    let app = TestApp::spawn().await;
+    let mut s = scenario(&app).await;
+    let when = "2026-04-01T00:00:00Z";
+    let top = s.team("", &["user:a"], when).await;
+    let middle = s.team_under("", &top, &["user:b", "user:c"], when).await;
+    let bottom = s.team_under("", &middle, &["user:c"], when).await;
+    let mut wins = Vec::new();
+    for owner in ["user:a", "user:b", "user:c", "user:d"] {
+        wins.push(s.open("qualification", owner, 1_000, "EUR", when).await);
+    }
+    for deal in &wins {
+        s.win(deal, "2026-04-02T00:00:00Z").await;
+    }
+    // D joins the bottom team (C leaves it); the next wins see that.
+    s.team_under(&bottom, &middle, &["user:d"], "2026-04-03T00:00:00Z")
+        .await;
+    for owner in ["user:c", "user:d"] {
+        let deal = s.open("qualification", owner, 1_000, "EUR", when).await;
+        s.win(&deal, "2026-04-04T00:00:00Z").await;
+    }
+    crate::support::settled(&app).await;
+    let db = app.db.client().await;
+    let credits = || async {
+        db.query(
+            "SELECT owner, array_to_string(teams, ' ') FROM sales_credits ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+        .collect::<Vec<_>>()
+    };
+    let live = credits().await;
+    let teams = |ids: &[&str]| {
+        let mut ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.parse().unwrap()).collect();
+        ids.sort();
+        ids.iter()
+            .map(|id| format!("team:{id}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let owners = |owner: &str, ids: &[&str]| (owner.to_owned(), teams(ids));
+    assert_eq!(
+        live,
+        [
+            owners("user:a", &[&top]),
+            owners("user:b", &[&middle, &top]),
+            owners("user:c", &[&bottom, &middle, &top]),
+            owners("user:d", &[]),
+            owners("user:c", &[&middle, &top]),
+            owners("user:d", &[&bottom, &middle, &top]),
+        ]
+    );
+    let store = crm_event_store::EventStore::connect(
+        app.db.config(),
+        crm_event_store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    // Chunks of 3 events: team changes and wins meet in one chunk and
+    // across chunks.
+    let performance = crm_projections::all()
+        .into_iter()
+        .find(|p| p.name() == crm_projections::SALES_PERFORMANCE)
+        .unwrap();
+    crm_projections::rebuild(performance, &store, app.db.config(), 3, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(credits().await, live);
+    store.shutdown().await;
     app.stop().await;
 }
 

@@ -734,9 +734,9 @@ fn fed_columns(columns: &[&str], values: &[&str], types: &[Type]) -> Vec<(String
 /// no write of it between the two): the insert's parameter `k` takes the
 /// update's parameter `j`, for each pair `(k, j)`. `None` unless `update`
 /// picks its row by exactly the columns of `insert`'s conflict target (a
-/// unique index), by its key alone, and assigns only parameters to
-/// columns the insert feeds each from a parameter of the same type (so
-/// the bytes mean the same).
+/// unique index) with parameters of the same types, by its key alone, and
+/// assigns only parameters to columns the insert feeds each from a
+/// parameter of the same type (so equal bytes mean equal values).
 pub(crate) fn fold(insert: &Bulk, update: &Bulk) -> Option<Vec<(usize, usize)>> {
     if !matches!(insert.effect, Effect::Upsert { .. })
         || !matches!(update.effect, Effect::Update { .. })
@@ -746,6 +746,13 @@ pub(crate) fn fold(insert: &Bulk, update: &Bulk) -> Option<Vec<(usize, usize)>> 
         || insert.scope.as_ref()?.columns != update.scope.as_ref()?.columns
     {
         return None;
+    }
+    // Equal key bytes mean the same row only for the same key types.
+    let (by_insert, by_update) = (insert.scope.as_ref()?, update.scope.as_ref()?);
+    for (&i, &u) in by_insert.params.iter().zip(&by_update.params) {
+        if insert.types.get(i)? != update.types.get(u)? {
+            return None;
+        }
     }
     update
         .fed
@@ -1454,6 +1461,10 @@ mod tests {
             (
                 "UPDATE deals SET stage = $2 WHERE deal_id = $1",
                 &[T::UUID, T::TEXT][..],
+            ),
+            (
+                "UPDATE deals SET stage = $3 WHERE tenant_id = $1 AND deal_id = $2",
+                &[T::VARCHAR, T::UUID, T::TEXT][..],
             ),
         ] {
             assert_eq!(fold(&insert, &update(sql, types)), None, "{sql}");

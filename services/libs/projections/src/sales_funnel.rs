@@ -187,8 +187,9 @@ impl Projection for SalesFunnel {
 }
 
 /// Where a rebuild keeps each deal's open visit (the number it was
-/// entered with) in its state cache ([`crate::runtime::StateCache`]).
-const OPEN_VISIT: &str = "sales_funnel: the deal's open visit";
+/// entered with) in its state cache ([`crate::runtime::StateCache`]). A
+/// `static`: the cache tells its entries apart by this text's address.
+static OPEN_VISIT: &str = "sales_funnel: the deal's open visit";
 
 /// Closes the deal's open visit, if any. A deal has at most one (each
 /// visit is closed before the next is entered). In a rebuild that
@@ -202,7 +203,9 @@ async fn exit_visit(
 ) -> Result<(), ApplyError> {
     let open = tx
         .cache()
-        .and_then(|cache| cache.take::<i32>(OPEN_VISIT, &event.tenant_id, event.stream_id));
+        .and_then(|cache| cache.take::<i32>(OPEN_VISIT, &event.tenant_id, event.stream_id))
+        // A number saturated at the largest may name an earlier visit too.
+        .filter(|visit| *visit < i32::MAX);
     match open {
         Some(visit) => {
             tx.execute(

@@ -134,7 +134,43 @@ impl Projection for SalesPerformance {
                 Opportunity::STREAM_TYPE => match decode::<Opportunity>(event)? {
                     Some(OpportunityEvent::Won(won)) => {
                         let at: Time = won.occurred_at.into();
-                        // The owner's teams now, and every team above them.
+                        if let Some(cache) = tx.cache() {
+                            // A rebuild: the teams from its memo of the
+                            // tenant's teams, in an insert that gathers.
+                            let teams = match cache.take::<Teams>(
+                                TEAMS,
+                                &event.tenant_id,
+                                tenant_key(&event.tenant_id),
+                            ) {
+                                Some(teams) => teams,
+                                None => Teams::read(tx, &event.tenant_id).await?,
+                            };
+                            let credited = teams.of(&won.owner);
+                            cache.put(TEAMS, &event.tenant_id, tenant_key(&event.tenant_id), teams);
+                            tx.execute(
+                                "INSERT INTO sales_credits (tenant_id, position, deal_id, kind, \
+                                   owner, teams, occurred_at, won_at, amount_minor, currency, \
+                                   recorded_at) \
+                                 VALUES ($1, $2, $3, 'won'::text, $4, $5::text::text[], $6, $6, \
+                                   $7, $8, $9) \
+                                 ON CONFLICT (tenant_id, position) DO NOTHING",
+                                &[
+                                    &event.tenant_id,
+                                    &position,
+                                    &event.stream_id,
+                                    &won.owner,
+                                    &credited,
+                                    &at,
+                                    &won.amount.amount_minor,
+                                    &won.amount.currency,
+                                    &event.recorded_at,
+                                ],
+                            )
+                            .await?;
+                            return Ok(());
+                        }
+                        // The owner's teams now, and every team above them
+                        // (the same as `Teams::of`).
                         tx.execute(
                             "WITH RECURSIVE teams(team_id) AS ( \
                                SELECT team_id FROM sales_teams \
@@ -253,6 +289,11 @@ impl Projection for SalesPerformance {
                         return Ok(());
                     };
                     let team = &published.content;
+                    if let Some(cache) = tx.cache() {
+                        // The rebuild's memo of the tenant's teams is read
+                        // again at the next win.
+                        cache.take::<Teams>(TEAMS, &event.tenant_id, tenant_key(&event.tenant_id));
+                    }
                     tx.execute(
                         "INSERT INTO sales_teams (tenant_id, team_id, parent_id, members) \
                          VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, team_id) DO UPDATE \
@@ -291,5 +332,66 @@ impl Projection for SalesPerformance {
             }
             Ok(())
         })
+    }
+}
+
+/// Where a rebuild keeps each tenant's [`Teams`] in its state cache
+/// ([`crate::runtime::StateCache`]), under [`tenant_key`]. A `static`:
+/// the cache tells its entries apart by this text's address.
+static TEAMS: &str = "sales_performance: the tenant's teams";
+
+/// The cache's row id for a tenant's memo (a hash: the cache checks the
+/// tenant of what it gives back, so two tenants with one id only read
+/// their teams again).
+fn tenant_key(tenant: &str) -> uuid::Uuid {
+    use std::hash::BuildHasher;
+    let hashed =
+        std::hash::BuildHasherDefault::<crate::runtime::FastHasher>::default().hash_one(tenant);
+    uuid::Uuid::from_u64_pair(hashed, 0x7ea4_5000)
+}
+
+/// A tenant's teams as `sales_teams` holds them: (team, parent, members).
+/// A rebuild reads them once and again after each team event, instead of
+/// a recursive query per win.
+struct Teams(Vec<(uuid::Uuid, Option<uuid::Uuid>, Vec<String>)>);
+
+impl Teams {
+    async fn read(tx: &crate::Tx<'_>, tenant: &str) -> Result<Self, ApplyError> {
+        let rows = tx
+            .query(
+                "SELECT team_id, parent_id, members FROM sales_teams WHERE tenant_id = $1",
+                &[&tenant],
+            )
+            .await?;
+        Ok(Self(
+            rows.iter()
+                .map(|row| (row.get(0), row.get(1), row.get(2)))
+                .collect(),
+        ))
+    }
+
+    /// What the live statement's recursive query gives for `owner`: as a
+    /// `text[]` literal, sorted by team id, `team:<id>` for every team
+    /// whose members include the owner and every parent above them (a
+    /// parent named without a row of its own included, cycles stopped).
+    fn of(&self, owner: &str) -> String {
+        let mut found: std::collections::BTreeSet<uuid::Uuid> = self
+            .0
+            .iter()
+            .filter(|(_, _, members)| members.iter().any(|m| m == owner))
+            .map(|(team, _, _)| *team)
+            .collect();
+        let mut next: Vec<uuid::Uuid> = found.iter().copied().collect();
+        while let Some(team) = next.pop() {
+            for (_, parent, _) in self.0.iter().filter(|(id, _, _)| *id == team) {
+                if let Some(parent) = parent
+                    && found.insert(*parent)
+                {
+                    next.push(*parent);
+                }
+            }
+        }
+        let names: Vec<String> = found.iter().map(|team| format!("team:{team}")).collect();
+        format!("{{{}}}", names.join(","))
     }
 }
