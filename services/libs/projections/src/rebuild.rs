@@ -104,7 +104,12 @@ pub async fn rebuild_many(
         // others.
         let (sender, receiver) = mpsc::channel(AHEAD / BATCH);
         senders.push(sender);
-        workers.push(tokio::spawn(work(projection.clone(), prepared, receiver)));
+        workers.push(tokio::spawn(work(
+            projection.clone(),
+            prepared,
+            receiver,
+            pg.clone(),
+        )));
     }
     let read = async {
         let mut position = 0u64;
@@ -329,17 +334,39 @@ async fn prepare(
 
 /// Creates the indexes only queries use on full rebuild tables, each in one
 /// sorted pass. Run by each worker as soon as it has applied everything, so
-/// that the projections finish in parallel.
+/// that the projections finish in parallel; a projection's indexes are
+/// built at once, each but the first on a connection of its own (`pg`), so
+/// that the last projection's do not queue on one core.
 ///
 /// The tables are logged from the start: with the rebuild's commits not
 /// waiting for the disk, writing their WAL as they fill costs less than
 /// filling them unlogged and rewriting each into the WAL at the end
 /// (`SET LOGGED`), measured in `docs/benchmarks.md`.
-async fn finish(client: &Object, deferred_indexes: &[String]) -> Result<(), RebuildError> {
-    for definition in deferred_indexes {
-        client.batch_execute(definition).await?;
-    }
-    Ok(())
+async fn finish(
+    client: &Object,
+    pg: &tokio_postgres::Config,
+    deferred_indexes: &[String],
+) -> Result<(), RebuildError> {
+    let Some((first, others)) = deferred_indexes.split_first() else {
+        return Ok(());
+    };
+    let other = |definition: &String| {
+        let definition = definition.clone();
+        async move {
+            let (extra, connection) = pg.connect(NoTls).await?;
+            let connection = tokio::spawn(connection);
+            let built = extra.batch_execute(&definition).await;
+            drop(extra);
+            let _ = connection.await;
+            built.map_err(RebuildError::from)
+        }
+    };
+    let (own, others) = tokio::join!(
+        client.batch_execute(first),
+        futures_util::future::join_all(others.iter().map(other))
+    );
+    own?;
+    others.into_iter().collect()
 }
 
 /// Events per message from the reader to a rebuild worker.
@@ -363,6 +390,7 @@ async fn work(
     projection: Arc<dyn Projection>,
     prepared: Prepared,
     mut receiver: mpsc::Receiver<Work>,
+    pg: tokio_postgres::Config,
 ) -> Result<(Object, u64), RebuildError> {
     let Prepared {
         mut client,
@@ -447,7 +475,7 @@ async fn work(
         "rebuild applied"
     );
     let began = std::time::Instant::now();
-    finish(&client, &deferred_indexes).await?;
+    finish(&client, &pg, &deferred_indexes).await?;
     tracing::info!(
         projection = projection.name(),
         indexes = deferred_indexes.len(),
