@@ -139,8 +139,8 @@ impl AgentWorkload {
                 ticket.status,
                 Some(TicketStatus::Solved | TicketStatus::Closed)
             );
-        let state = crate::state::stored(&ticket);
-        crate::state::written(tx, STATE, event, &ticket);
+        let ticket = crate::state::kept(tx, STATE, event, ticket);
+        let state = crate::state::stored(&*ticket);
         tx.execute(
             "INSERT INTO agent_workload_tickets (tenant_id, ticket_id, channel, assignee, open, \
                state, position) VALUES ($1, $2, COALESCE($3, ''), $4, $5, $6, $7) \

@@ -403,8 +403,8 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     else {
         return Ok(());
     };
-    let json = crate::state::stored(&state);
-    crate::state::written(tx, STATE_ACCOUNT, event, &state);
+    let state = crate::state::kept(tx, STATE_ACCOUNT, event, state);
+    let json = crate::state::stored(&*state);
     let mut created_at: Option<Time> = None;
     let mut customer_since: Option<Time> = None;
     // (whether churned_at changes, its new value)
@@ -491,8 +491,8 @@ async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     else {
         return Ok(());
     };
-    let json = crate::state::stored(&state);
-    crate::state::written(tx, STATE_CONTACT, event, &state);
+    let state = crate::state::kept(tx, STATE_CONTACT, event, state);
+    let json = crate::state::stored(&*state);
     let created_at: Option<Time> = match &decoded {
         ContactEvent::Created(created) => Some(created.occurred_at.into()),
         _ => None,

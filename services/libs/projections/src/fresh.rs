@@ -31,7 +31,7 @@
 //! only scopes whose every unique index covers the key columns (so a plain
 //! insert of a new key can meet no other row), with keys of types whose
 //! equal values have equal bytes (`bulk::key_parameter`).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::bulk::{Bulk, Changes, Effect, Shape};
 
@@ -40,9 +40,9 @@ use crate::bulk::{Bulk, Changes, Effect, Shape};
 /// 847,000 timeline keys of a 1M-event rebuild take about 70 MB.
 pub(crate) const BUDGET: usize = 256 << 20;
 
-/// Bookkeeping per key beyond its bytes (the box and the set's slot),
+/// Bookkeeping per key beyond its bytes (its entry and the set's slot),
 /// counted against [`BUDGET`].
-const PER_KEY: usize = 48;
+const PER_KEY: usize = 32;
 
 /// See the module's documentation.
 #[derive(Default)]
@@ -71,7 +71,7 @@ enum Table {
     /// insert names them, while the table has no row), and the keys there.
     Keys {
         columns: Option<Vec<String>>,
-        keys: HashSet<Box<[u8]>, crate::runtime::Seeded>,
+        keys: KeySet,
     },
     /// No longer followed.
     Off,
@@ -96,7 +96,7 @@ impl Fresh {
                 table.clone(),
                 Table::Keys {
                     columns: None,
-                    keys: HashSet::default(),
+                    keys: KeySet::default(),
                 },
             );
             state.types.insert(table, columns);
@@ -195,7 +195,7 @@ impl Fresh {
                     state.off(table);
                     return kept(rows);
                 }
-                let State { tables, bytes, .. } = &mut *state;
+                let State { tables, .. } = &mut *state;
                 let Some(Table::Keys { columns, keys }) = tables.get_mut(table) else {
                     return kept(rows);
                 };
@@ -205,9 +205,9 @@ impl Fresh {
                     (Some(columns), Some(scope)) if *columns == scope.columns => {
                         let mut key = Vec::new();
                         for row in &rows {
-                            if key_of(row, &scope.params, &param, &mut key) && keys.remove(&key[..])
-                            {
-                                *bytes -= key.len() + PER_KEY;
+                            // Its bytes stay in the set's buffer, counted.
+                            if key_of(row, &scope.params, &param, &mut key) {
+                                keys.remove(&key);
                             }
                         }
                         true
@@ -252,16 +252,13 @@ impl Fresh {
                     if !key_of(&row, &scope.params, &param, &mut key) {
                         // A NULL in the key never conflicts.
                         split.plain.push(row);
-                    } else if keys.contains(&key[..]) {
-                        if nothing {
-                            *skipped += 1;
-                        } else {
-                            split.kept.push(row);
-                        }
-                    } else {
+                    } else if keys.insert(&key) {
                         *bytes += key.len() + PER_KEY;
-                        keys.insert(key.as_slice().into());
                         split.plain.push(row);
+                    } else if nothing {
+                        *skipped += 1;
+                    } else {
+                        split.kept.push(row);
                     }
                 }
                 *sent_plain += split.plain.len() as u64;
@@ -300,7 +297,7 @@ impl State {
         if let Some(entry) = self.tables.get_mut(table)
             && let Table::Keys { keys, .. } = std::mem::replace(entry, Table::Off)
         {
-            self.bytes -= keys.iter().map(|key| key.len() + PER_KEY).sum::<usize>();
+            self.bytes -= keys.accounted();
         }
     }
 
@@ -318,6 +315,112 @@ impl State {
         if rekeys {
             self.off(table);
         }
+    }
+}
+
+/// A set of keys (byte strings) held in one buffer: no allocation per key,
+/// each hashed once per lookup ([`crate::runtime::Seeded`]: the keys come
+/// from the events).
+#[derive(Default)]
+struct KeySet<S = crate::runtime::Seeded> {
+    hasher: S,
+    /// By hash, the last key entered with it (an index into `entries`).
+    heads: HashMap<u64, u32, std::hash::BuildHasherDefault<Hashed>>,
+    /// Each key: where its bytes lie in `bytes`, their length, and the key
+    /// entered before it with the same hash (`NONE` for none).
+    entries: Vec<(u32, u32, u32)>,
+    bytes: Vec<u8>,
+    /// What the keys there count against [`BUDGET`].
+    accounted: usize,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl<S: std::hash::BuildHasher> KeySet<S> {
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn key(&self, entry: u32) -> &[u8] {
+        let (at, len, _) = self.entries[entry as usize];
+        &self.bytes[at as usize..at as usize + len as usize]
+    }
+
+    /// Enters `key`; `false` when it was there already.
+    fn insert(&mut self, key: &[u8]) -> bool {
+        let hash = self.hash(key);
+        let head = self.heads.get(&hash).copied().unwrap_or(NONE);
+        let mut at = head;
+        while at != NONE {
+            if self.key(at) == key {
+                return false;
+            }
+            at = self.entries[at as usize].2;
+        }
+        let (Ok(start), Ok(len), Ok(entry)) = (
+            u32::try_from(self.bytes.len()),
+            u32::try_from(key.len()),
+            u32::try_from(self.entries.len()),
+        ) else {
+            // Past 4 GiB (far beyond the budget): refuse to grow.
+            return false;
+        };
+        self.bytes.extend_from_slice(key);
+        self.entries.push((start, len, head));
+        self.heads.insert(hash, entry);
+        self.accounted += key.len() + PER_KEY;
+        true
+    }
+
+    /// Forgets `key`; `false` when it was not there. (Its bytes stay in the
+    /// buffer, still counted: keyed deletes are rare.)
+    fn remove(&mut self, key: &[u8]) -> bool {
+        let hash = self.hash(key);
+        let Some(&head) = self.heads.get(&hash) else {
+            return false;
+        };
+        let (mut previous, mut at) = (NONE, head);
+        while at != NONE {
+            let next = self.entries[at as usize].2;
+            if self.key(at) == key {
+                match previous {
+                    NONE if next == NONE => {
+                        self.heads.remove(&hash);
+                    }
+                    NONE => {
+                        self.heads.insert(hash, next);
+                    }
+                    previous => self.entries[previous as usize].2 = next,
+                }
+                return true;
+            }
+            (previous, at) = (at, next);
+        }
+        false
+    }
+
+    fn accounted(&self) -> usize {
+        self.accounted
+    }
+}
+
+/// A hasher for keys that are hashes already (a [`KeySet`]'s).
+#[derive(Default)]
+struct Hashed(u64);
+
+impl std::hash::Hasher for Hashed {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -382,6 +485,48 @@ mod tests {
     const NOTHING: &str = "INSERT INTO t (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING";
     const UPSERT: &str =
         "INSERT INTO t (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v";
+
+    #[test]
+    fn a_key_set_enters_finds_and_forgets_keys_that_share_a_hash() {
+        /// Every key one hash: each lookup walks one chain.
+        #[derive(Default)]
+        struct Same;
+        struct Seven;
+        impl std::hash::Hasher for Seven {
+            fn write(&mut self, _: &[u8]) {}
+            fn finish(&self) -> u64 {
+                7
+            }
+        }
+        impl std::hash::BuildHasher for Same {
+            type Hasher = Seven;
+            fn build_hasher(&self) -> Seven {
+                Seven
+            }
+        }
+        let mut keys: KeySet<Same> = KeySet::default();
+        for key in [&b"a"[..], b"bb", b"", b"ccc"] {
+            assert!(keys.insert(key), "{key:?} is new");
+            assert!(!keys.insert(key), "{key:?} is there");
+        }
+        // The last entered (the chain's head), one inside, the first.
+        for gone in [&b"ccc"[..], b"bb", b"a"] {
+            assert!(keys.remove(gone));
+            assert!(!keys.remove(gone));
+        }
+        assert!(!keys.insert(b""), "the one left is still there");
+        assert!(keys.insert(b"bb"), "a forgotten key is new again");
+        assert!(!keys.insert(b"bb"));
+        assert!(keys.remove(b"") && keys.remove(b"bb"));
+        assert_eq!(keys.heads.len(), 0);
+        assert_eq!(
+            keys.accounted(),
+            8 + 5 * PER_KEY,
+            "every key entered counted"
+        );
+        let mut seeded = KeySet::<crate::runtime::Seeded>::default();
+        assert!(seeded.insert(b"k") && !seeded.insert(b"k") && seeded.remove(b"k"));
+    }
 
     #[test]
     fn new_keys_go_plain_and_known_ones_keep_their_conflict_clause() {

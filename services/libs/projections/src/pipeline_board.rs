@@ -80,8 +80,8 @@ impl Projection for PipelineBoard {
                 i64::try_from(i128::from(a) * i128::from(deal.probability_bp) / 10_000)
                     .unwrap_or(i64::MAX)
             });
-            let state_json = crate::state::stored(&deal);
-            crate::state::written(tx, STATE, event, &deal);
+            let deal = crate::state::kept(tx, STATE, event, deal);
+            let state_json = crate::state::stored(&*deal);
             let outcome = text(&deal.outcome).unwrap_or_default();
             let category = deal.category.as_ref().and_then(text);
             let archived = deal.meta.lifecycle == crm_domain::common::Lifecycle::Archived;

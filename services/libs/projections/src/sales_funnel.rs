@@ -266,8 +266,8 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
     else {
         return Ok(());
     };
-    let state = crate::state::stored(&deal);
-    crate::state::written(tx, STATE, event, &deal);
+    let deal = crate::state::kept(tx, STATE, event, deal);
+    let state = crate::state::stored(&*deal);
     let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
     let outcome = match deal.outcome {
         crm_domain::opportunity::Outcome::Open => "open",

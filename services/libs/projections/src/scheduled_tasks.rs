@@ -50,8 +50,8 @@ impl Projection for ScheduledTasks {
                 return Ok(()); // a logged item: nothing falls due
             }
             let due: Option<std::time::SystemTime> = activity.due.map(Into::into);
-            let state = crate::state::stored(&activity);
-            crate::state::written(tx, STATE, event, &activity);
+            let activity = crate::state::kept(tx, STATE, event, activity);
+            let state = crate::state::stored(&*activity);
             tx.execute(
                 "INSERT INTO scheduled_tasks (tenant_id, activity_id, due, assignee, open, \
                    overdue, state, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \

@@ -198,9 +198,9 @@ impl Projection for ServiceMetrics {
             let Some(opened_at) = figures.opened_at else {
                 return Ok(()); // a ticket opened before the log's start
             };
-            let state = crate::state::stored(&ticket);
-            crate::state::written(tx, STATE, event, &ticket);
-            crate::state::written(tx, FIGURES, event, &figures.as_stored());
+            let ticket = crate::state::kept(tx, STATE, event, ticket);
+            let state = crate::state::stored(&*ticket);
+            crate::state::written(tx, FIGURES, event, figures.as_stored());
             tx.execute(
                 "INSERT INTO service_metrics (tenant_id, ticket_id, ticket_type, complaint, \
                    category, channel, queue, agent, opened_at, first_response_at, \

@@ -76,8 +76,8 @@ impl Projection for ServiceQueue {
                 _ => None,
             };
             let priority = ticket.priority.unwrap_or(Priority::Normal);
-            let state = crate::state::stored(&ticket);
-            crate::state::written(tx, STATE, event, &ticket);
+            let ticket = crate::state::kept(tx, STATE, event, ticket);
+            let state = crate::state::stored(&*ticket);
             tx.execute(
                 "INSERT INTO service_queue (tenant_id, ticket_id, queue, status, priority, \
                    priority_rank, ticket_type, complaint, assignee, opened_at, escalation_level, \

@@ -71,8 +71,8 @@ impl Projection for SlaClock {
                 return Ok(());
             };
             let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
-            let state = crate::state::stored(&tracker);
-            crate::state::written(tx, STATE, event, &tracker);
+            let tracker = crate::state::kept(tx, STATE, event, tracker);
+            let state = crate::state::stored(&*tracker);
             tx.execute(
                 "INSERT INTO sla_trackers (tenant_id, tracker_id, state, position) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, tracker_id) \

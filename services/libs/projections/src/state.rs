@@ -52,16 +52,67 @@ pub(crate) fn first_of_stream(event: &RecordedEvent) -> bool {
     event.stream_version == 1
 }
 
+/// A state [`evolve_row`] gave, which a rebuild puts back into its cache
+/// (moved, not cloned) when the projection is done with it: once the guard
+/// goes out of scope, whichever way the projection's code leaves.
+pub(crate) struct Kept<'c, A: Send + 'static> {
+    state: Option<A>,
+    cache: Option<&'c crate::runtime::StateCache>,
+    select: &'static str,
+    event: &'c RecordedEvent,
+}
+
+impl<A: Send + 'static> std::ops::Deref for Kept<'_, A> {
+    type Target = A;
+
+    fn deref(&self) -> &A {
+        self.state
+            .as_ref()
+            .expect("a kept state is there until dropped")
+    }
+}
+
+impl<A: Send + 'static> Drop for Kept<'_, A> {
+    fn drop(&mut self) {
+        if let (Some(cache), Some(state)) = (self.cache, self.state.take()) {
+            cache.put(
+                self.select,
+                &self.event.tenant_id,
+                self.event.stream_id,
+                state,
+            );
+        }
+    }
+}
+
+/// `state`, to be written to the row `select` (given to [`evolve_row`])
+/// reads for `event`'s stream: a rebuild remembers it once the returned
+/// guard is dropped (write the row before a later event of the stream is
+/// applied, as every projection does within its `apply`).
+pub(crate) fn kept<'c, A: Send + 'static>(
+    tx: &'c crate::Tx<'_>,
+    select: &'static str,
+    event: &'c RecordedEvent,
+    state: A,
+) -> Kept<'c, A> {
+    Kept {
+        state: Some(state),
+        cache: tx.cache(),
+        select,
+        event,
+    }
+}
+
 /// After `state` has been written to the row `select` (given to
 /// [`evolve_row`]) reads for `event`'s stream: a rebuild remembers it.
-pub(crate) fn written<A: Clone + Send + 'static>(
+pub(crate) fn written<A: Send + 'static>(
     tx: &crate::Tx<'_>,
     select: &'static str,
     event: &RecordedEvent,
-    state: &A,
+    state: A,
 ) {
     if let Some(cache) = tx.cache() {
-        cache.put(select, &event.tenant_id, event.stream_id, state.clone());
+        cache.put(select, &event.tenant_id, event.stream_id, state);
     }
 }
 
