@@ -40,9 +40,10 @@ use crate::bulk::{Bulk, Changes, Effect, Shape};
 /// 847,000 timeline keys of a 1M-event rebuild take about 70 MB.
 pub(crate) const BUDGET: usize = 256 << 20;
 
-/// Bookkeeping per key beyond its bytes (its entry and the set's slot),
-/// counted against [`BUDGET`].
-const PER_KEY: usize = 32;
+/// Bookkeeping per key beyond its bytes, counted against [`BUDGET`]: its
+/// entry (12 bytes) and the set's slot (12), with room for the spare
+/// slots and the buffers' growth.
+const PER_KEY: usize = 48;
 
 /// See the module's documentation.
 #[derive(Default)]
@@ -248,21 +249,32 @@ impl Fresh {
                 // One buffer for the lookups; a key is copied out only when
                 // it is recorded.
                 let mut key = Vec::new();
+                let mut full = false;
                 for row in rows {
                     if !key_of(&row, &scope.params, &param, &mut key) {
                         // A NULL in the key never conflicts.
                         split.plain.push(row);
-                    } else if keys.insert(&key) {
-                        *bytes += key.len() + PER_KEY;
-                        split.plain.push(row);
-                    } else if nothing {
-                        *skipped += 1;
-                    } else {
+                    } else if full {
                         split.kept.push(row);
+                    } else {
+                        match keys.insert(&key) {
+                            Some(true) => {
+                                *bytes += key.len() + PER_KEY;
+                                split.plain.push(row);
+                            }
+                            Some(false) if nothing => *skipped += 1,
+                            Some(false) => split.kept.push(row),
+                            // Not recorded: the table stops being followed
+                            // (below), and this row keeps its conflict clause.
+                            None => {
+                                full = true;
+                                split.kept.push(row);
+                            }
+                        }
                     }
                 }
                 *sent_plain += split.plain.len() as u64;
-                if *bytes > BUDGET {
+                if *bytes > BUDGET || full {
                     // Past the budget: this table's keys go, and its inserts
                     // keep their conflict clause from the next statement on.
                     tracing::debug!(table, "a rebuild table's keys are no longer followed");
@@ -346,14 +358,15 @@ impl<S: std::hash::BuildHasher> KeySet<S> {
         &self.bytes[at as usize..at as usize + len as usize]
     }
 
-    /// Enters `key`; `false` when it was there already.
-    fn insert(&mut self, key: &[u8]) -> bool {
+    /// Enters `key`: `Some(false)` when it was there already, `None` when
+    /// it cannot be entered (the buffer past 4 GiB, far beyond [`BUDGET`]).
+    fn insert(&mut self, key: &[u8]) -> Option<bool> {
         let hash = self.hash(key);
         let head = self.heads.get(&hash).copied().unwrap_or(NONE);
         let mut at = head;
         while at != NONE {
             if self.key(at) == key {
-                return false;
+                return Some(false);
             }
             at = self.entries[at as usize].2;
         }
@@ -362,14 +375,13 @@ impl<S: std::hash::BuildHasher> KeySet<S> {
             u32::try_from(key.len()),
             u32::try_from(self.entries.len()),
         ) else {
-            // Past 4 GiB (far beyond the budget): refuse to grow.
-            return false;
+            return None;
         };
         self.bytes.extend_from_slice(key);
         self.entries.push((start, len, head));
         self.heads.insert(hash, entry);
         self.accounted += key.len() + PER_KEY;
-        true
+        Some(true)
     }
 
     /// Forgets `key`; `false` when it was not there. (Its bytes stay in the
@@ -506,17 +518,21 @@ mod tests {
         }
         let mut keys: KeySet<Same> = KeySet::default();
         for key in [&b"a"[..], b"bb", b"", b"ccc"] {
-            assert!(keys.insert(key), "{key:?} is new");
-            assert!(!keys.insert(key), "{key:?} is there");
+            assert_eq!(keys.insert(key), Some(true), "{key:?} is new");
+            assert_eq!(keys.insert(key), Some(false), "{key:?} is there");
         }
         // The last entered (the chain's head), one inside, the first.
         for gone in [&b"ccc"[..], b"bb", b"a"] {
             assert!(keys.remove(gone));
             assert!(!keys.remove(gone));
         }
-        assert!(!keys.insert(b""), "the one left is still there");
-        assert!(keys.insert(b"bb"), "a forgotten key is new again");
-        assert!(!keys.insert(b"bb"));
+        assert_eq!(keys.insert(b""), Some(false), "the one left is still there");
+        assert_eq!(
+            keys.insert(b"bb"),
+            Some(true),
+            "a forgotten key is new again"
+        );
+        assert_eq!(keys.insert(b"bb"), Some(false));
         assert!(keys.remove(b"") && keys.remove(b"bb"));
         assert_eq!(keys.heads.len(), 0);
         assert_eq!(
@@ -525,7 +541,9 @@ mod tests {
             "every key entered counted"
         );
         let mut seeded = KeySet::<crate::runtime::Seeded>::default();
-        assert!(seeded.insert(b"k") && !seeded.insert(b"k") && seeded.remove(b"k"));
+        assert_eq!(seeded.insert(b"k"), Some(true));
+        assert_eq!(seeded.insert(b"k"), Some(false));
+        assert!(seeded.remove(b"k"));
     }
 
     #[test]

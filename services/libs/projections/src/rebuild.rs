@@ -336,7 +336,8 @@ async fn prepare(
 /// sorted pass. Run by each worker as soon as it has applied everything, so
 /// that the projections finish in parallel; a projection's indexes are
 /// built at once, each but the first on a connection of its own (`pg`), so
-/// that the last projection's do not queue on one core.
+/// that the last projection's do not queue on one core (one that gets no
+/// connection, the server being full, is built on the worker's own after).
 ///
 /// The tables are logged from the start: with the rebuild's commits not
 /// waiting for the disk, writing their WAL as they fill costs less than
@@ -350,23 +351,32 @@ async fn finish(
     let Some((first, others)) = deferred_indexes.split_first() else {
         return Ok(());
     };
+    // `Ok(false)`: no connection to be had; built on the worker's own
+    // connection afterwards instead.
     let other = |definition: &String| {
-        let definition = definition.clone();
+        let definition = format!("SET synchronous_commit = off; {definition}");
         async move {
-            let (extra, connection) = pg.connect(NoTls).await?;
+            let Ok((extra, connection)) = pg.connect(NoTls).await else {
+                return Ok(false);
+            };
             let connection = tokio::spawn(connection);
             let built = extra.batch_execute(&definition).await;
             drop(extra);
             let _ = connection.await;
-            built.map_err(RebuildError::from)
+            built.map(|()| true).map_err(RebuildError::from)
         }
     };
-    let (own, others) = tokio::join!(
+    let (own, built) = tokio::join!(
         client.batch_execute(first),
         futures_util::future::join_all(others.iter().map(other))
     );
     own?;
-    others.into_iter().collect()
+    for (definition, built) in others.iter().zip(built) {
+        if !built? {
+            client.batch_execute(definition).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Events per message from the reader to a rebuild worker.
