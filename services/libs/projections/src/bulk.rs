@@ -1440,7 +1440,8 @@ mod tests {
         assert_eq!(fold(&insert, &stage), Some(vec![(4, 3), (2, 2)]));
         // Not: a column the insert does not feed alone, a value that is
         // not a parameter, a parameter of another type, a condition beyond
-        // the key, a key that is not the conflict target's.
+        // the key, a key that is not the conflict target's, a key
+        // parameter of another type.
         for (sql, types) in [
             (
                 "UPDATE deals SET since = $3 WHERE tenant_id = $1 AND deal_id = $2",

@@ -60,7 +60,6 @@ struct State {
     /// Each followed table's column types: a key parameter must have its
     /// column's type, so that equal bytes mean equal values there.
     types: HashMap<String, Columns>,
-    bytes: usize,
     /// Rows that went out in a plain INSERT, and rows of a `DO NOTHING`
     /// not sent because their key was there.
     plain: u64,
@@ -229,7 +228,6 @@ impl Fresh {
                 };
                 let State {
                     tables,
-                    bytes,
                     plain: sent_plain,
                     skipped,
                     ..
@@ -258,10 +256,7 @@ impl Fresh {
                         split.kept.push(row);
                     } else {
                         match keys.insert(&key) {
-                            Some(true) => {
-                                *bytes += key.len() + PER_KEY;
-                                split.plain.push(row);
-                            }
+                            Some(true) => split.plain.push(row),
                             Some(false) if nothing => *skipped += 1,
                             Some(false) => split.kept.push(row),
                             // Not recorded: the table stops being followed
@@ -274,7 +269,7 @@ impl Fresh {
                     }
                 }
                 *sent_plain += split.plain.len() as u64;
-                if *bytes > BUDGET || full {
+                if full || state.bytes() > BUDGET {
                     // Past the budget: this table's keys go, and its inserts
                     // keep their conflict clause from the next statement on.
                     tracing::debug!(table, "a rebuild table's keys are no longer followed");
@@ -306,11 +301,20 @@ impl State {
     }
 
     fn off(&mut self, table: &str) {
-        if let Some(entry) = self.tables.get_mut(table)
-            && let Table::Keys { keys, .. } = std::mem::replace(entry, Table::Off)
-        {
-            self.bytes -= keys.accounted();
+        if let Some(entry) = self.tables.get_mut(table) {
+            *entry = Table::Off;
         }
+    }
+
+    /// What the keys of every followed table count against [`BUDGET`].
+    fn bytes(&self) -> usize {
+        self.tables
+            .values()
+            .map(|table| match table {
+                Table::Keys { keys, .. } => keys.accounted(),
+                Table::Off => 0,
+            })
+            .sum()
     }
 
     /// An UPDATE of `table` assigning `assigned` (`None`: unknown columns).
@@ -667,6 +671,6 @@ mod tests {
         let second = [Some(&other[..]), None];
         split(&fresh, &nothing, &[&second]);
         assert!(fresh.followed().is_empty());
-        assert_eq!(fresh.state().bytes, 0, "its keys are freed");
+        assert_eq!(fresh.state().bytes(), 0, "its keys are freed");
     }
 }

@@ -137,16 +137,13 @@ impl Projection for SalesPerformance {
                         if let Some(cache) = tx.cache() {
                             // A rebuild: the teams from its memo of the
                             // tenant's teams, in an insert that gathers.
-                            let teams = match cache.take::<Teams>(
-                                TEAMS,
-                                &event.tenant_id,
-                                tenant_key(&event.tenant_id),
-                            ) {
+                            let key = tenant_key(&event.tenant_id);
+                            let teams = match cache.take::<Teams>(TEAMS, &event.tenant_id, key) {
                                 Some(teams) => teams,
                                 None => Teams::read(tx, &event.tenant_id).await?,
                             };
                             let credited = teams.of(&won.owner);
-                            cache.put(TEAMS, &event.tenant_id, tenant_key(&event.tenant_id), teams);
+                            cache.put(TEAMS, &event.tenant_id, key, teams);
                             tx.execute(
                                 "INSERT INTO sales_credits (tenant_id, position, deal_id, kind, \
                                    owner, teams, occurred_at, won_at, amount_minor, currency, \

@@ -8,7 +8,7 @@ use crate::runtime::ApplyError;
 /// Decodes `event` as one of `A`'s, loads the row's stored state with
 /// `select` (`$1` tenant, `$2` stream id, one `state` column) and evolves
 /// it. `None` when the event is not `A`'s.
-pub(crate) async fn evolve_row<A: Aggregate + Clone + Send + 'static>(
+pub(crate) async fn evolve_row<A: Aggregate + Send + 'static>(
     tx: &crate::Tx<'_>,
     select: &'static str,
     event: &RecordedEvent,
