@@ -903,10 +903,13 @@ impl<'a> Tx<'a> {
                             continue;
                         }
                         let positions = rows.iter().flat_map(|row| {
-                            let folded = overrides
-                                .get(&row.first.id())
-                                .map_or(row.last.position, |(_, last)| *last);
-                            [row.first.position, row.last.position, folded]
+                            // With the positions of the UPDATEs folded in.
+                            let folded = match overrides.is_empty() {
+                                true => None,
+                                false => overrides.get(&row.first.id()),
+                            };
+                            let last = folded.map_or(row.last.position, |(_, last)| *last);
+                            [row.first.position, row.last.position, last]
                         });
                         let span = (
                             positions.clone().min().unwrap_or_default(),

@@ -360,11 +360,13 @@ impl Teams {
                 &[&tenant],
             )
             .await?;
-        Ok(Self(
-            rows.iter()
-                .map(|row| (row.get(0), row.get(1), row.get(2)))
-                .collect(),
-        ))
+        // `try_get`: a NULL among a team's members stops the rebuild with
+        // an error, not a panic.
+        let teams = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()?;
+        Ok(Self(teams))
     }
 
     /// What the live statement's recursive query gives for `owner`: as a
