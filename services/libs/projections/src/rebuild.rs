@@ -610,3 +610,61 @@ async fn apply_range(
     flush(projection, tx, position).await?;
     Ok(position.max(until))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A projection's deferred indexes are built on connections of their
+    /// own; one that gets none is built on the worker's connection.
+    #[tokio::test]
+    async fn an_index_that_gets_no_connection_of_its_own_is_built_on_the_workers() {
+        let db = crm_test_support::TestDb::create().await;
+        let manager = Manager::from_config(
+            db.config().clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager).max_size(1).build().unwrap();
+        let client = pool.get().await.unwrap();
+        client
+            .batch_execute("CREATE TABLE t (a int, b int, c int)")
+            .await
+            .unwrap();
+        let definitions: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|column| format!("CREATE INDEX t_{column} ON public.t ({column})"))
+            .collect();
+        let indexes = || async {
+            let rows = client
+                .query(
+                    "SELECT indexname::text FROM pg_indexes WHERE tablename = 't' ORDER BY 1",
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter().map(|row| row.get(0)).collect::<Vec<String>>()
+        };
+        // No server where the other connections would go.
+        let mut nowhere = db.config().clone();
+        nowhere.port(1);
+        finish(&client, &nowhere, &definitions).await.unwrap();
+        assert_eq!(indexes().await, ["t_a", "t_b", "t_c"]);
+        // With connections: the same, built at once.
+        client
+            .batch_execute("DROP INDEX t_a, t_b, t_c")
+            .await
+            .unwrap();
+        finish(&client, db.config(), &definitions).await.unwrap();
+        assert_eq!(indexes().await, ["t_a", "t_b", "t_c"]);
+        // A definition that fails fails the build.
+        let bad = vec![
+            "CREATE INDEX t_a ON public.t (a)".to_owned(),
+            "CREATE INDEX t_z ON public.t (z)".to_owned(),
+        ];
+        client.batch_execute("DROP INDEX t_a").await.unwrap();
+        assert!(finish(&client, db.config(), &bad).await.is_err());
+    }
+}
