@@ -3,6 +3,11 @@
 //! the same run:
 //!
 //! `BENCH name=<name> value=<n> unit=<unit> ceiling=<n> ratio=<n>`
+/// The benchmarks run the product's code in their own process, so they use
+/// the allocator the `crm` binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

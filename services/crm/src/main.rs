@@ -1,6 +1,13 @@
 //! The `crm` binary: parses flags, loads configuration, starts telemetry and
 //! calls the chosen role's library `run`.
 use anyhow::Context;
+
+/// mimalloc rather than glibc's malloc: a rebuild allocates and frees in many
+/// threads at once, and glibc's arenas were a quarter of its CPU
+/// (`docs/benchmarks.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use crm_platform::Config;
 use tokio_util::sync::CancellationToken;
