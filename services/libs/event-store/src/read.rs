@@ -27,6 +27,61 @@ pub struct RecordedEvent {
     pub payload: JsonText,
     pub metadata: JsonText,
     pub recorded_at: SystemTime,
+    /// The payload as a reader decoded it, for the others that share this
+    /// event (see [`Decoded`]); empty as read.
+    pub decoded: Decoded,
+}
+
+/// What an event's payload was decoded to, kept with the event so that the
+/// readers sharing one event (a rebuild hands each event to every read
+/// model) decode it once: the first type asked for is kept, others are
+/// decoded each time. Not part of the event's value: a clone starts empty
+/// and any two are equal.
+#[derive(Default)]
+pub struct Decoded(std::sync::OnceLock<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Decoded {
+    /// The payload as a `T`, by `decode` (`Ok(None)`: not a `T`'s) unless
+    /// a `T` is kept already; the first `T` decoded is kept.
+    pub fn get_or_decode<T: std::any::Any + Send + Sync, E>(
+        &self,
+        decode: impl FnOnce() -> Result<Option<T>, E>,
+    ) -> Result<Option<std::sync::Arc<T>>, E> {
+        if let Some(kept) = self.0.get() {
+            if let Ok(kept) = std::sync::Arc::clone(kept).downcast::<T>() {
+                return Ok(Some(kept));
+            }
+            return Ok(decode()?.map(std::sync::Arc::new));
+        }
+        let Some(decoded) = decode()? else {
+            return Ok(None);
+        };
+        let decoded = std::sync::Arc::new(decoded);
+        // Another reader may have kept one meanwhile: either serves.
+        let _ = self.0.set(decoded.clone());
+        Ok(Some(decoded))
+    }
+}
+
+impl Clone for Decoded {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Decoded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Decoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0.get() {
+            Some(_) => "Decoded(kept)",
+            None => "Decoded(empty)",
+        })
+    }
 }
 
 /// Which events a log read returns. Empty lists mean "all".
@@ -148,6 +203,7 @@ pub(crate) fn decode(row: &Row) -> Result<RecordedEvent, ReadError> {
         payload: row.try_get(8)?,
         metadata: row.try_get(9)?,
         recorded_at: row.try_get(10)?,
+        decoded: Decoded::default(),
     })
 }
 

@@ -129,7 +129,7 @@ impl AgentWorkload {
         };
         // Set by the ticket's first event (it is opened), which inserts the
         // row; later events keep it.
-        let channel = match &decoded {
+        let channel = match &*decoded {
             TicketEvent::Opened(opened) => Some(opened.channel.name()),
             _ => None,
         };
@@ -161,7 +161,7 @@ impl AgentWorkload {
         if !assignee.is_empty() {
             known(tx, event, &assignee).await?;
         }
-        if let TicketEvent::Assigned(assigned) = &decoded
+        if let TicketEvent::Assigned(assigned) = &*decoded
             && let Some(agent) = &assigned.assignee
         {
             let at: std::time::SystemTime = assigned.occurred_at.into();

@@ -145,11 +145,11 @@ fn position(event: &RecordedEvent) -> i64 {
 }
 
 async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    let Some(decoded) = decode::<AccountEvent>(event)? else {
+    let Some(decoded) = crate::state::decoded::<AccountEvent>(event)? else {
         return Ok(());
     };
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    match decoded {
+    match &*decoded {
         AccountEvent::Created(created) => {
             let kind = match created.kind {
                 AccountKind::Person => "person",
@@ -163,7 +163,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             .await?;
         }
         AccountEvent::DetailsUpdated(updated) => {
-            if let Some(segment) = updated.changes.segment {
+            if let Some(segment) = &updated.changes.segment {
                 tx.execute(
                     "UPDATE an_accounts SET segment = $3 WHERE tenant_id = $1 AND account_id = $2",
                     &[tenant, id, &segment.new],
@@ -196,7 +196,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 
 async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    match decode::<OrderEvent>(event)? {
+    match crate::state::decoded::<OrderEvent>(event)?.as_deref() {
         Some(OrderEvent::Recorded(order)) => {
             // Cost is known only when every line carries one.
             let cost: Option<i64> = order
@@ -242,7 +242,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 
 async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    match decode::<PaymentEvent>(event)? {
+    match crate::state::decoded::<PaymentEvent>(event)?.as_deref() {
         Some(PaymentEvent::Received(received)) => {
             tx.execute(
                 "INSERT INTO an_payments (tenant_id, payment_id, account_id) VALUES ($1, $2, $3) \
@@ -277,7 +277,7 @@ async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 
 async fn lead(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    match decode::<LeadEvent>(event)? {
+    match crate::state::decoded::<LeadEvent>(event)?.as_deref() {
         Some(LeadEvent::Captured(captured)) => {
             let at: Time = captured.occurred_at.into();
             tx.execute(
@@ -315,7 +315,7 @@ async fn lead(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 
 async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    match decode::<OpportunityEvent>(event)? {
+    match crate::state::decoded::<OpportunityEvent>(event)?.as_deref() {
         Some(OpportunityEvent::Opened(opened)) => {
             let at: Time = opened.occurred_at.into();
             tx.execute(
@@ -367,7 +367,7 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 
 async fn campaign(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    match decode::<CampaignEvent>(event)? {
+    match crate::state::decoded::<CampaignEvent>(event)?.as_deref() {
         Some(CampaignEvent::Planned(planned)) => {
             tx.execute(
                 "INSERT INTO an_campaigns (tenant_id, campaign_id, parent_id, name, currency) \
@@ -415,7 +415,9 @@ async fn campaign(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
 }
 
 async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    if let Some(ContactEvent::NpsRecorded(nps)) = decode::<ContactEvent>(event)? {
+    if let Some(ContactEvent::NpsRecorded(nps)) =
+        crate::state::decoded::<ContactEvent>(event)?.as_deref()
+    {
         let at: Time = nps.occurred_at.into();
         tx.execute(
             "INSERT INTO an_nps (tenant_id, contact_id, position, score, answered_at) \

@@ -294,7 +294,7 @@ fn common(event: &CommonEvent) -> Option<String> {
 /// Business time as the payload carries it (every event has one).
 #[derive(serde::Deserialize)]
 struct Occurred {
-    occurred_at: String,
+    occurred_at: jiff::Timestamp,
 }
 
 /// One timeline row for `event`.
@@ -308,12 +308,12 @@ async fn timeline(
         serde_json::from_str(event.payload.as_str()).map_err(|e| malformed(event, e))?;
     tx.execute(
         "INSERT INTO c360_timeline (tenant_id, position, occurred_at, kind, event_type, summary, \
-           stream_type, stream_id) VALUES ($1, $2, $3::text::timestamptz, $4, $5, $6, $7, $8) \
+           stream_type, stream_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
          ON CONFLICT (tenant_id, position) DO NOTHING",
         &[
             &event.tenant_id,
             &position(event),
-            &occurred.occurred_at,
+            &std::time::SystemTime::from(occurred.occurred_at),
             &kind,
             &event.event_type,
             &summary,
@@ -410,7 +410,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     // (whether churned_at changes, its new value)
     let mut churned: (bool, Option<Time>) = (false, None);
     let mut risk: (Option<Time>, Option<i32>) = (None, None);
-    let summary = match &decoded {
+    let summary = match &*decoded {
         AccountEvent::Created(created) => {
             created_at = Some(created.occurred_at.into());
             Some(match created.kind {
@@ -493,7 +493,7 @@ async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     };
     let state = crate::state::kept(tx, STATE_CONTACT, event, state);
     let json = crate::state::stored(&*state);
-    let created_at: Option<Time> = match &decoded {
+    let created_at: Option<Time> = match &*decoded {
         ContactEvent::Created(created) => Some(created.occurred_at.into()),
         _ => None,
     };
@@ -516,7 +516,7 @@ async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     )
     .await?;
     if matches!(
-        decoded,
+        *decoded,
         ContactEvent::LinkedToAccount(_) | ContactEvent::UnlinkedFromAccount(_)
     ) {
         tx.execute(
@@ -539,7 +539,7 @@ async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             .await?;
         }
     }
-    let summary = match &decoded {
+    let summary = match &*decoded {
         ContactEvent::Created(_) => Some("contact created".to_owned()),
         ContactEvent::DetailsUpdated(updated) => Some(contact_changes(&updated.changes)),
         ContactEvent::ConsentChanged(consent) => Some(format!(
@@ -587,10 +587,10 @@ async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 }
 
 async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    let Some(decoded) = decode::<OpportunityEvent>(event)? else {
+    let Some(decoded) = crate::state::decoded::<OpportunityEvent>(event)? else {
         return Ok(());
     };
-    let summary = match &decoded {
+    let summary = match &*decoded {
         OpportunityEvent::Opened(opened) => {
             // A deal concerns its account only: its contact's other
             // accounts do not see it.
@@ -624,10 +624,10 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 }
 
 async fn ticket(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    let Some(decoded) = decode::<TicketEvent>(event)? else {
+    let Some(decoded) = crate::state::decoded::<TicketEvent>(event)? else {
         return Ok(());
     };
-    let summary = match &decoded {
+    let summary = match &*decoded {
         TicketEvent::Opened(opened) => {
             let at: Time = opened.occurred_at.into();
             // The subject stays as the event carries it (encrypted when the
@@ -686,7 +686,7 @@ async fn ticket(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 }
 
 async fn sla(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    match decode::<SlaEvent>(event)? {
+    match crate::state::decoded::<SlaEvent>(event)?.as_deref() {
         Some(SlaEvent::PolicyApplied(applied)) => {
             set_about(tx, event, &[]).await?;
             copy_about(tx, event, applied.ticket_id).await?;
@@ -725,11 +725,11 @@ async fn activity_about(
 }
 
 async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    let Some(decoded) = decode::<ActivityEvent>(event)? else {
+    let Some(decoded) = crate::state::decoded::<ActivityEvent>(event)? else {
         return Ok(());
     };
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    let summary = match &decoded {
+    let summary = match &*decoded {
         ActivityEvent::Logged(logged) => {
             let at: Time = logged.occurred_at.into();
             // Logged items are touches, except notes (DOMAIN.md §2.5).
@@ -823,7 +823,7 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
 
 async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    match decode::<OrderEvent>(event)? {
+    match crate::state::decoded::<OrderEvent>(event)?.as_deref() {
         Some(OrderEvent::Recorded(order)) => {
             let at: Time = order.occurred_at.into();
             tx.execute(
@@ -937,7 +937,7 @@ async fn invoice(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 
 async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
-    match decode::<PaymentEvent>(event)? {
+    match crate::state::decoded::<PaymentEvent>(event)?.as_deref() {
         Some(PaymentEvent::Received(received)) => {
             let at: Time = received.occurred_at.into();
             tx.execute(

@@ -120,7 +120,9 @@ async fn touch_account(
 }
 
 async fn pipeline(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    if let Some(PipelineEvent::Published(published)) = decode::<PipelineEvent>(event)? {
+    if let Some(PipelineEvent::Published(published)) =
+        crate::state::decoded::<PipelineEvent>(event)?.as_deref()
+    {
         for stage in &published.stages {
             let Some(days) = stage.max_days_in_stage else {
                 tx.execute(
@@ -150,7 +152,7 @@ async fn pipeline(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
 
 async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (event.tenant_id.as_str(), &event.stream_id);
-    match decode::<OpportunityEvent>(event)? {
+    match crate::state::decoded::<OpportunityEvent>(event)?.as_deref() {
         Some(OpportunityEvent::Opened(opened)) => {
             let at: Time = opened.occurred_at.into();
             tx.execute(
@@ -211,7 +213,7 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 
 async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (event.tenant_id.as_str(), &event.stream_id);
-    match decode::<ActivityEvent>(event)? {
+    match crate::state::decoded::<ActivityEvent>(event)?.as_deref() {
         Some(ActivityEvent::Logged(logged)) => {
             touch(tx, tenant, &logged.targets, logged.occurred_at.into()).await?;
         }
@@ -251,7 +253,7 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
 
 async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (event.tenant_id.as_str(), event.stream_id);
-    match decode::<AccountEvent>(event)? {
+    match crate::state::decoded::<AccountEvent>(event)?.as_deref() {
         Some(AccountEvent::BecameCustomer(became)) => {
             account_row(tx, tenant, id).await?;
             let at: Time = became.occurred_at.into();
@@ -285,7 +287,8 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
 }
 
 async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    if let Some(OrderEvent::Recorded(order)) = decode::<OrderEvent>(event)?
+    if let Some(OrderEvent::Recorded(order)) =
+        crate::state::decoded::<OrderEvent>(event)?.as_deref()
         && crm_domain::commerce::PAID_STATUSES.contains(&order.status.as_str())
         && let Some(account) = order.account_id
     {

@@ -131,7 +131,7 @@ impl Projection for PipelineBoard {
             // closed deal is reopened before it can close again), kept in
             // between. A statement of its own, so that the row's repeats
             // in a batch collapse into one write.
-            let closed_at: Option<Option<std::time::SystemTime>> = match &decoded {
+            let closed_at: Option<Option<std::time::SystemTime>> = match &*decoded {
                 OpportunityEvent::Won(won) => Some(Some(won.occurred_at.into())),
                 OpportunityEvent::Lost(lost) => Some(Some(lost.occurred_at.into())),
                 OpportunityEvent::Reopened(_) => Some(None),

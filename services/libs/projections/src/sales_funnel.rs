@@ -279,7 +279,7 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
         .as_ref()
         .map_or((0, String::new()), |m| (m.amount_minor, m.currency.clone()));
     let archived = deal.meta.lifecycle == crm_domain::common::Lifecycle::Archived;
-    if let OpportunityEvent::Opened(opened) = &decoded {
+    if let OpportunityEvent::Opened(opened) = &*decoded {
         let opened_at: Time = opened.occurred_at.into();
         tx.execute(
             "INSERT INTO sales_funnel_deals (tenant_id, deal_id, pipeline_id, pipeline_version, \
@@ -314,7 +314,7 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
     }
     // What the event changes besides the state: visits, closing and reason.
     // (closes, closed_at, loss reason)
-    let closing: Option<(Option<Time>, Option<String>)> = match &decoded {
+    let closing: Option<(Option<Time>, Option<String>)> = match &*decoded {
         OpportunityEvent::StageChanged(changed) => {
             let at: Time = changed.occurred_at.into();
             let kind = match changed.direction {
@@ -372,10 +372,10 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
 }
 
 async fn apply_lead(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
-    let Some(decoded) = decode::<Lead>(event)? else {
+    let Some(decoded) = crate::state::decoded::<LeadEvent>(event)? else {
         return Ok(());
     };
-    match &decoded {
+    match &*decoded {
         LeadEvent::Captured(captured) => {
             let at: Time = captured.occurred_at.into();
             tx.execute(

@@ -131,7 +131,9 @@ impl Projection for SalesPerformance {
             };
             let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
             match event.stream_type.as_str() {
-                Opportunity::STREAM_TYPE => match decode::<Opportunity>(event)? {
+                Opportunity::STREAM_TYPE => match crate::state::decoded::<OpportunityEvent>(event)?
+                    .as_deref()
+                {
                     Some(OpportunityEvent::Won(won)) => {
                         let at: Time = won.occurred_at.into();
                         if let Some(cache) = tx.cache() {

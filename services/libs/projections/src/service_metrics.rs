@@ -161,7 +161,7 @@ impl Projection for ServiceMetrics {
                 return Ok(());
             };
             let mut figures = Self::figures(tx, event).await?;
-            match &decoded {
+            match &*decoded {
                 TicketEvent::Opened(opened) => {
                     figures.channel = opened.channel.name().to_owned();
                     figures.opened_at = Some(opened.occurred_at.into());

@@ -71,7 +71,7 @@ impl Projection for ServiceQueue {
             // when the first event seen was recorded); TicketOpened is a
             // ticket's first event, so later events keep the stored one (the
             // upsert leaves it alone).
-            let opened_at: Option<std::time::SystemTime> = match &decoded {
+            let opened_at: Option<std::time::SystemTime> = match &*decoded {
                 TicketEvent::Opened(opened) => Some(opened.occurred_at.into()),
                 _ => None,
             };

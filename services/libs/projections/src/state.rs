@@ -12,7 +12,10 @@ pub(crate) async fn evolve_row<A: Aggregate + Send + 'static>(
     tx: &crate::Tx<'_>,
     select: &'static str,
     event: &RecordedEvent,
-) -> Result<Option<(A, A::Event)>, ApplyError> {
+) -> Result<Option<(A, std::sync::Arc<A::Event>)>, ApplyError>
+where
+    A::Event: Send + Sync + 'static,
+{
     if event.stream_type != A::STREAM_TYPE {
         return Ok(None);
     }
@@ -20,7 +23,7 @@ pub(crate) async fn evolve_row<A: Aggregate + Send + 'static>(
         event_type: event.event_type.clone(),
         reason,
     };
-    let Some(decoded) = decode::<A::Event>(event)? else {
+    let Some(decoded) = decoded::<A::Event>(event)? else {
         return Ok(None);
     };
     if let Some(state) = tx
@@ -114,6 +117,14 @@ pub(crate) fn written<A: Send + 'static>(
     if let Some(cache) = tx.cache() {
         cache.put(select, &event.tenant_id, event.stream_id, state);
     }
+}
+
+/// [`decode`], decoded once for all the read models given this event (a
+/// rebuild's: see [`crm_event_store::Decoded`]).
+pub(crate) fn decoded<E: DomainEvent + Send + Sync + 'static>(
+    event: &RecordedEvent,
+) -> Result<Option<std::sync::Arc<E>>, ApplyError> {
+    event.decoded.get_or_decode(|| decode::<E>(event))
 }
 
 /// `event` as one of `E`'s, or `None` when it is not; a payload that does

@@ -250,6 +250,7 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<RecordedEve
         payload: JsonText(payload.to_owned()),
         metadata: JsonText(serde_json::to_string(&metadata).map_err(|_| missing("metadata"))?),
         recorded_at: recorded_at.into(),
+        decoded: Default::default(),
     })
 }
 
@@ -301,6 +302,7 @@ mod tests {
             ),
             recorded_at: std::time::SystemTime::UNIX_EPOCH
                 + std::time::Duration::from_micros(1_700_000_000_123_456),
+            decoded: Default::default(),
         };
         let headers = headers(&event);
         let decoded = decode(Some(&headers), event.payload.as_str().as_bytes()).expect("decodes");
