@@ -130,8 +130,8 @@ impl AgentWorkload {
         // Set by the ticket's first event (it is opened), which inserts the
         // row; later events keep it.
         let channel = match &*decoded {
-            TicketEvent::Opened(opened) => Some(opened.channel.name()),
-            _ => None,
+            TicketEvent::Opened(opened) => opened.channel.name(),
+            _ => "",
         };
         let assignee = ticket.assignee.clone().unwrap_or_default();
         let open = ticket.exists
@@ -143,7 +143,7 @@ impl AgentWorkload {
         let state = crate::state::stored(&*ticket);
         tx.execute(
             "INSERT INTO agent_workload_tickets (tenant_id, ticket_id, channel, assignee, open, \
-               state, position) VALUES ($1, $2, COALESCE($3, ''), $4, $5, $6, $7) \
+               state, position) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (tenant_id, ticket_id) DO UPDATE SET \
                assignee = EXCLUDED.assignee, open = EXCLUDED.open, state = EXCLUDED.state, \
                position = EXCLUDED.position",

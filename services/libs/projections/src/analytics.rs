@@ -208,7 +208,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             tx.execute(
                 "INSERT INTO an_orders (tenant_id, order_id, account_id, status, paid, cancelled, \
                    net_minor, cost_minor, currency, ordered_at, deal_id) \
-                 VALUES ($1, $2, $3, $4, $5, false, $6, $7, $8, $9, $10) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
                  ON CONFLICT (tenant_id, order_id) DO UPDATE SET account_id = EXCLUDED.account_id, \
                    status = EXCLUDED.status, paid = an_orders.paid OR EXCLUDED.paid, \
                    net_minor = EXCLUDED.net_minor, cost_minor = EXCLUDED.cost_minor, \
@@ -219,6 +219,8 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                     &order.account_id,
                     &order.status,
                     &crm_domain::commerce::PAID_STATUSES.contains(&order.status.as_str()),
+                    // Not cancelled (a parameter: see `bulk::CopyIn`).
+                    &false,
                     &order.totals.net.amount_minor,
                     &cost,
                     &order.totals.net.currency,

@@ -830,8 +830,8 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 "INSERT INTO c360_orders (tenant_id, order_id, account_id, source, external_id, \
                    status, cancelled, cancel_reason, net_minor, tax_minor, gross_minor, currency, \
                    ordered_on, promised_delivery, deal_id, ordered_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, false, ''::text, $7, $8, $9, $10, $11::text::date, \
-                   $12::text::date, $13, $14, $14) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                   $17) \
                  ON CONFLICT (tenant_id, order_id) DO UPDATE SET account_id = EXCLUDED.account_id, \
                    status = EXCLUDED.status, net_minor = EXCLUDED.net_minor, \
                    tax_minor = EXCLUDED.tax_minor, gross_minor = EXCLUDED.gross_minor, \
@@ -845,13 +845,18 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                     &order.external.source,
                     &order.external.external_id,
                     &order.status,
+                    // Not cancelled, no reason: parameters, so that a new
+                    // row goes by COPY in a rebuild (`bulk::CopyIn`).
+                    &false,
+                    &"",
                     &order.totals.net.amount_minor,
                     &order.totals.tax.amount_minor,
                     &order.totals.gross.amount_minor,
                     &order.totals.gross.currency,
-                    &order.ordered_on.to_string(),
-                    &order.promised_delivery.map(|d| d.to_string()),
+                    &order.ordered_on,
+                    &order.promised_delivery,
                     &order.deal_id,
+                    &at,
                     &at,
                 ],
             )

@@ -85,14 +85,14 @@ impl Projection for PipelineBoard {
             let outcome = text(&deal.outcome).unwrap_or_default();
             let category = deal.category.as_ref().and_then(text);
             let archived = deal.meta.lifecycle == crm_domain::common::Lifecycle::Archived;
-            let close_date = deal.close_date.map(|d| d.to_string());
+            let close_date = deal.close_date;
             let probability = i32::try_from(deal.probability_bp).unwrap_or(i32::MAX);
             let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
             tx.execute(
                 "INSERT INTO pipeline_board (tenant_id, deal_id, name, pipeline_id, stage, outcome, \
                    archived, amount_minor, currency, probability_bp, weighted_minor, category, \
                    close_date, owner, state, position, closed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::text::date, $14, $15, $16, $17) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
                  ON CONFLICT (tenant_id, deal_id) DO UPDATE SET name = EXCLUDED.name, \
                    pipeline_id = EXCLUDED.pipeline_id, stage = EXCLUDED.stage, \
                    outcome = EXCLUDED.outcome, archived = EXCLUDED.archived, \

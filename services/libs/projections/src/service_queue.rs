@@ -71,9 +71,9 @@ impl Projection for ServiceQueue {
             // when the first event seen was recorded); TicketOpened is a
             // ticket's first event, so later events keep the stored one (the
             // upsert leaves it alone).
-            let opened_at: Option<std::time::SystemTime> = match &*decoded {
-                TicketEvent::Opened(opened) => Some(opened.occurred_at.into()),
-                _ => None,
+            let opened_at: std::time::SystemTime = match &*decoded {
+                TicketEvent::Opened(opened) => opened.occurred_at.into(),
+                _ => event.recorded_at,
             };
             let priority = ticket.priority.unwrap_or(Priority::Normal);
             let ticket = crate::state::kept(tx, STATE, event, ticket);
@@ -82,8 +82,7 @@ impl Projection for ServiceQueue {
                 "INSERT INTO service_queue (tenant_id, ticket_id, queue, status, priority, \
                    priority_rank, ticket_type, complaint, assignee, opened_at, escalation_level, \
                    reopen_count, state, position, status_since) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, $15::timestamptz), \
-                         $11, $12, $13, $14, $16) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                  ON CONFLICT (tenant_id, ticket_id) DO UPDATE SET queue = EXCLUDED.queue, \
                    status = EXCLUDED.status, priority = EXCLUDED.priority, \
                    priority_rank = EXCLUDED.priority_rank, ticket_type = EXCLUDED.ticket_type, \
@@ -106,7 +105,6 @@ impl Projection for ServiceQueue {
                     &i32::try_from(ticket.reopen_count).unwrap_or(i32::MAX),
                     &state,
                     &i64::try_from(event.global_position).unwrap_or(i64::MAX),
-                    &event.recorded_at,
                     &ticket.status_since.map(std::time::SystemTime::from),
                 ],
             )
