@@ -23,7 +23,7 @@ pub use append::{
 pub use error::{AppendError, ReadError, StoreError};
 pub use json::JsonText;
 pub use migrate::{MIGRATIONS, Migration, migrate, migrations_fingerprint};
-pub use read::{Decoded, EventStream, Filter, RecordedEvent};
+pub use read::{Decoded, DecodedAs, EventStream, Filter, RecordedEvent};
 pub use snapshot::Snapshot;
 pub use store::{EventStore, StoreOptions};
 pub use subscribe::Subscription;

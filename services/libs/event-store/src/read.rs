@@ -35,31 +35,66 @@ pub struct RecordedEvent {
 /// What an event's payload was decoded to, kept with the event so that the
 /// readers sharing one event (a rebuild hands each event to every read
 /// model) decode it once: the first type asked for is kept, others are
-/// decoded each time. Not part of the event's value: a clone starts empty
-/// and any two are equal.
+/// decoded each time. An event as read keeps nothing ([`Decoded::shared`]
+/// makes one that does). Not part of the event's value: a clone starts
+/// empty and any two are equal.
 #[derive(Default)]
-pub struct Decoded(std::sync::OnceLock<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+pub struct Decoded {
+    keep: bool,
+    kept: std::sync::OnceLock<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+/// A payload decoded by [`Decoded::get_or_decode`]: shared with the event's
+/// other readers, or this reader's own.
+pub enum DecodedAs<T> {
+    Shared(std::sync::Arc<T>),
+    Own(T),
+}
+
+impl<T> std::ops::Deref for DecodedAs<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        match self {
+            Self::Shared(shared) => shared,
+            Self::Own(own) => own,
+        }
+    }
+}
 
 impl Decoded {
+    /// A memo that keeps the first payload decoded, for an event that
+    /// several readers share.
+    pub fn shared() -> Self {
+        Self {
+            keep: true,
+            kept: std::sync::OnceLock::new(),
+        }
+    }
+
     /// The payload as a `T`, by `decode` (`Ok(None)`: not a `T`'s) unless
-    /// a `T` is kept already; the first `T` decoded is kept.
+    /// a `T` is kept already; where this memo keeps, the first `T` decoded
+    /// is kept.
     pub fn get_or_decode<T: std::any::Any + Send + Sync, E>(
         &self,
         decode: impl FnOnce() -> Result<Option<T>, E>,
-    ) -> Result<Option<std::sync::Arc<T>>, E> {
-        if let Some(kept) = self.0.get() {
+    ) -> Result<Option<DecodedAs<T>>, E> {
+        if !self.keep {
+            return Ok(decode()?.map(DecodedAs::Own));
+        }
+        if let Some(kept) = self.kept.get() {
             if let Ok(kept) = std::sync::Arc::clone(kept).downcast::<T>() {
-                return Ok(Some(kept));
+                return Ok(Some(DecodedAs::Shared(kept)));
             }
-            return Ok(decode()?.map(std::sync::Arc::new));
+            return Ok(decode()?.map(DecodedAs::Own));
         }
         let Some(decoded) = decode()? else {
             return Ok(None);
         };
         let decoded = std::sync::Arc::new(decoded);
         // Another reader may have kept one meanwhile: either serves.
-        let _ = self.0.set(decoded.clone());
-        Ok(Some(decoded))
+        let _ = self.kept.set(decoded.clone());
+        Ok(Some(DecodedAs::Shared(decoded)))
     }
 }
 
@@ -77,7 +112,7 @@ impl PartialEq for Decoded {
 
 impl std::fmt::Debug for Decoded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self.0.get() {
+        f.write_str(match self.kept.get() {
             Some(_) => "Decoded(kept)",
             None => "Decoded(empty)",
         })
@@ -270,5 +305,60 @@ impl Stream for EventStream {
             Some(Err(error)) => Poll::Ready(Some(Err(error.into()))),
             None => Poll::Ready(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod decoded_tests {
+    use super::{Decoded, DecodedAs};
+
+    #[test]
+    fn a_shared_memo_decodes_once_per_event_and_an_unshared_one_every_time() {
+        let mut calls = 0;
+        let mut decode = |n: u32| {
+            calls += 1;
+            Ok::<_, ()>(Some(n))
+        };
+        let shared = Decoded::shared();
+        let first = shared.get_or_decode(|| decode(7)).unwrap().unwrap();
+        assert!(matches!(first, DecodedAs::Shared(_)));
+        // The kept value is given again, not decoded.
+        let again = shared.get_or_decode(|| decode(8)).unwrap().unwrap();
+        assert!(matches!(again, DecodedAs::Shared(_)));
+        assert_eq!((*first, *again), (7, 7));
+        // Another type is decoded, and not kept.
+        let other = shared
+            .get_or_decode(|| Ok::<_, ()>(Some("x")))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(other, DecodedAs::Own("x")));
+        // Not a T's: nothing kept.
+        let none = Decoded::shared();
+        assert!(
+            none.get_or_decode(|| Ok::<Option<u32>, ()>(None))
+                .unwrap()
+                .is_none()
+        );
+        assert!(matches!(
+            none.get_or_decode(|| decode(9)).unwrap(),
+            Some(DecodedAs::Shared(_))
+        ));
+        // An event as read keeps nothing.
+        let own = Decoded::default();
+        assert!(matches!(
+            own.get_or_decode(|| decode(1)).unwrap(),
+            Some(DecodedAs::Own(1))
+        ));
+        assert!(matches!(
+            own.get_or_decode(|| decode(2)).unwrap(),
+            Some(DecodedAs::Own(2))
+        ));
+        assert_eq!(calls, 4);
+        // A clone starts empty.
+        let clone = shared.clone();
+        assert!(matches!(
+            clone.get_or_decode(|| Ok::<_, ()>(Some(3u32))).unwrap(),
+            Some(DecodedAs::Own(3))
+        ));
     }
 }

@@ -127,7 +127,10 @@ pub async fn rebuild_many(
                 let until = head.min(position + chunk.max(1));
                 let mut events = store.replay(position, until, Filter::default());
                 while let Some(event) = events.next().await {
-                    let event = Arc::new(event?);
+                    let mut event = event?;
+                    // Handed to every read model: decoded once for all.
+                    event.decoded = crm_event_store::Decoded::shared();
+                    let event = Arc::new(event);
                     for ((projection, sender), batch) in
                         projections.iter().zip(&senders).zip(&mut batches)
                     {

@@ -12,7 +12,7 @@ pub(crate) async fn evolve_row<A: Aggregate + Send + 'static>(
     tx: &crate::Tx<'_>,
     select: &'static str,
     event: &RecordedEvent,
-) -> Result<Option<(A, std::sync::Arc<A::Event>)>, ApplyError>
+) -> Result<Option<(A, crm_event_store::DecodedAs<A::Event>)>, ApplyError>
 where
     A::Event: Send + Sync + 'static,
 {
@@ -119,11 +119,11 @@ pub(crate) fn written<A: Send + 'static>(
     }
 }
 
-/// [`decode`], decoded once for all the read models given this event (a
-/// rebuild's: see [`crm_event_store::Decoded`]).
+/// [`decode`], decoded once for all the read models given this event when
+/// they share it (a rebuild's: see [`crm_event_store::Decoded`]).
 pub(crate) fn decoded<E: DomainEvent + Send + Sync + 'static>(
     event: &RecordedEvent,
-) -> Result<Option<std::sync::Arc<E>>, ApplyError> {
+) -> Result<Option<crm_event_store::DecodedAs<E>>, ApplyError> {
     event.decoded.get_or_decode(|| decode::<E>(event))
 }
 
