@@ -297,6 +297,13 @@ struct Occurred {
     occurred_at: jiff::Timestamp,
 }
 
+/// A timeline row's time: to the microsecond as PostgreSQL reads the
+/// payload's text (rounded, where tokio-postgres would cut), as the rows
+/// written when the text was sent are.
+fn timeline_time(at: jiff::Timestamp) -> std::time::SystemTime {
+    at.round(jiff::Unit::Microsecond).unwrap_or(at).into()
+}
+
 /// One timeline row for `event`.
 async fn timeline(
     tx: &Tx<'_>,
@@ -313,7 +320,7 @@ async fn timeline(
         &[
             &event.tenant_id,
             &position(event),
-            &std::time::SystemTime::from(occurred.occurred_at),
+            &timeline_time(occurred.occurred_at),
             &kind,
             &event.event_type,
             &summary,
@@ -1056,6 +1063,24 @@ impl Projection for Customer360 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeline_time_is_rounded_to_the_microsecond_as_postgresql_reads_it() {
+        let time = |text: &str| timeline_time(text.parse().unwrap());
+        let exact = |text: &str| -> std::time::SystemTime {
+            let at: jiff::Timestamp = text.parse().unwrap();
+            at.into()
+        };
+        assert_eq!(
+            time("2026-11-16T01:00:00.123456789Z"),
+            exact("2026-11-16T01:00:00.123457Z")
+        );
+        assert_eq!(
+            time("2026-11-16T01:00:00.123456499Z"),
+            exact("2026-11-16T01:00:00.123456Z")
+        );
+        assert_eq!(time("2026-11-16T01:00:00Z"), exact("2026-11-16T01:00:00Z"));
+    }
 
     fn amount(amount_minor: i64, currency: &str) -> Money {
         Money {
