@@ -46,6 +46,12 @@
 //! in the same flush is folded into that insert: the row is written once.
 //! To let an UPDATE fold, give the insert every column the UPDATE sets,
 //! each from a parameter of its own (a NULL where the row starts empty).
+//! New rows go by binary `COPY` at the head of the flush (no statement
+//! before them naming the table) when the INSERT's every value is a
+//! parameter alone, without a cast, each taken once: pass literals, dates
+//! and fallbacks as parameters rather than writing them in the SQL.
+//! In a rebuild each event is decoded once for all read models
+//! (`state::decoded`, `crm_event_store::Decoded`).
 //!
 //! Tables whose rows are rewritten over their life (a deal through its
 //! stages, a ticket through its states) leave 30% of each page free
