@@ -182,14 +182,30 @@ impl<'w> Row<'w> {
     }
 }
 
+/// Per new row of a flush (by its first write): the parameters the
+/// UPDATEs folded into it set, in order, and the last position they bring.
+type Overrides<'w> = FastMap<usize, (Vec<(usize, Option<&'w [u8]>)>, u64)>;
+
+/// A row's parameters as it goes out: each the last value an UPDATE
+/// folded into it sets (looked up once per row), else its own.
+fn row_values<'a, 'w>(
+    overrides: &'a Overrides<'w>,
+    row: &'a Row<'w>,
+) -> impl Fn(usize) -> Option<&'w [u8]> + 'a {
+    let set = match overrides.is_empty() {
+        true => None,
+        false => overrides.get(&row.first.id()).map(|(set, _)| set),
+    };
+    move |k| {
+        set.and_then(|set| set.iter().rev().find(|(p, _)| *p == k).map(|(_, v)| *v))
+            .unwrap_or_else(|| row.param(k))
+    }
+}
+
 /// `rows` as [`crate::bulk::CopyIn`]'s data: PostgreSQL's binary COPY
-/// format, each field the bytes its parameter was encoded to (`value(row,
-/// k)`), which are its column's binary form.
-fn copied<'w>(
-    copy: &crate::bulk::CopyIn,
-    rows: &[Row<'w>],
-    value: impl Fn(&Row<'w>, usize) -> Option<&'w [u8]>,
-) -> bytes::Bytes {
+/// format, each field the bytes its parameter was encoded to (with the
+/// folds of `overrides`), which are its column's binary form.
+fn copied(copy: &crate::bulk::CopyIn, rows: &[Row<'_>], overrides: &Overrides<'_>) -> bytes::Bytes {
     use bytes::BufMut;
     let fields = i16::try_from(copy.params.len()).unwrap_or(i16::MAX);
     let mut data = bytes::BytesMut::with_capacity(64 + rows.len() * 64);
@@ -197,9 +213,10 @@ fn copied<'w>(
     data.put_i32(0); // flags
     data.put_i32(0); // header extension
     for row in rows {
+        let value = row_values(overrides, row);
         data.put_i16(fields);
         for &k in &copy.params {
-            match value(row, k) {
+            match value(k) {
                 Some(bytes) => {
                     data.put_i32(i32::try_from(bytes.len()).unwrap_or(i32::MAX));
                     data.put_slice(bytes);
@@ -911,8 +928,7 @@ impl<'a> Tx<'a> {
         // write), and per such insert row (by first write) the parameters
         // its folds set, in order, and the last position they bring.
         let mut dropped: FastMap<usize, ()> = FastMap::default();
-        type Override<'o> = (Vec<(usize, Option<&'o [u8]>)>, u64);
-        let mut overrides: FastMap<usize, Override<'_>> = FastMap::default();
+        let mut overrides: Overrides<'_> = FastMap::default();
         for i in 0..items.len() {
             let Some(item) = items[i].take() else {
                 continue;
@@ -999,22 +1015,6 @@ impl<'a> Tx<'a> {
                             positions.clone().min().unwrap_or_default(),
                             positions.max().unwrap_or_default(),
                         );
-                        // A row's parameter `k`: the last UPDATE folded in
-                        // that sets it, else its own.
-                        fn folded<'w>(
-                            overrides: &FastMap<usize, Override<'w>>,
-                            row: &Row<'w>,
-                            k: usize,
-                        ) -> Option<&'w [u8]> {
-                            let set = match overrides.is_empty() {
-                                true => None,
-                                false => overrides.get(&row.first.id()),
-                            };
-                            let folded = set.and_then(|(set, _)| {
-                                set.iter().rev().find(|(p, _)| *p == k).map(|(_, v)| *v)
-                            });
-                            folded.unwrap_or_else(|| row.param(k))
-                        }
                         // New rows (`!as_is`) by COPY, at the head of the
                         // flush: ahead of the statements before them, which
                         // is the same as long as none of those names the
@@ -1027,24 +1027,12 @@ impl<'a> Tx<'a> {
                                     if write.shape.mentions(bulk.table()))
                             })
                         {
-                            let statement = match self.tx.prepare_cached(&copy.sql).await {
-                                Ok(statement) => statement,
-                                Err(error) => {
-                                    self.deferred().failed_at = Some(span);
-                                    return Err(error);
-                                }
-                            };
-                            let data = copied(copy, &rows, |row, k| folded(&overrides, row, k));
+                            let statement = self.prepared_for(&copy.sql, span).await?;
+                            let data = copied(copy, &rows, &overrides);
                             copies.push((statement, data, span));
                             continue;
                         }
-                        let statement = match self.tx.prepare_cached(sql).await {
-                            Ok(statement) => statement,
-                            Err(error) => {
-                                self.deferred().failed_at = Some(span);
-                                return Err(error);
-                            }
-                        };
+                        let statement = self.prepared_for(sql, span).await?;
                         let mut columns: Vec<_> = bulk
                             .types
                             .iter()
@@ -1056,8 +1044,9 @@ impl<'a> Tx<'a> {
                         // Row by row: each write's parameters are read
                         // together.
                         for row in &rows {
+                            let value = row_values(&overrides, row);
                             for (k, column) in columns.iter_mut().enumerate() {
-                                column.items.push(folded(&overrides, row, k));
+                                column.items.push(value(k));
                             }
                         }
                         named.push(bulk.table());
@@ -1153,6 +1142,20 @@ impl<'a> Tx<'a> {
         read.as_mut()
             .take_output()
             .expect("a finished read has its output")
+    }
+
+    /// `sql` prepared for gathered writes whose events span `span`, which
+    /// are blamed when it cannot be.
+    async fn prepared_for(
+        &self,
+        sql: &str,
+        span: (u64, u64),
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let prepared = self.tx.prepare_cached(sql).await;
+        if prepared.is_err() {
+            self.deferred().failed_at = Some(span);
+        }
+        prepared
     }
 
     /// The unique indexes of each table the scoped writes in `writes` name:
