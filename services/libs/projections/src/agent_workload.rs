@@ -196,12 +196,10 @@ impl Projection for AgentWorkload {
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
-        Box::pin(async move {
-            match event.stream_type.as_str() {
-                t if t == AgentAvailability::STREAM_TYPE => Self::on_availability(tx, event).await,
-                t if t == Queue::STREAM_TYPE => Self::on_queue(tx, event).await,
-                _ => Self::on_ticket(tx, event).await,
-            }
-        })
+        match event.stream_type.as_str() {
+            t if t == AgentAvailability::STREAM_TYPE => Box::pin(Self::on_availability(tx, event)),
+            t if t == Queue::STREAM_TYPE => Box::pin(Self::on_queue(tx, event)),
+            _ => Box::pin(Self::on_ticket(tx, event)),
+        }
     }
 }

@@ -495,18 +495,16 @@ impl Projection for Analytics {
     }
 
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
-        Box::pin(async move {
-            match event.stream_type.as_str() {
-                "account" => account(tx, event).await,
-                "order" => order(tx, event).await,
-                "payment" => payment(tx, event).await,
-                "lead" => lead(tx, event).await,
-                "opportunity" => deal(tx, event).await,
-                "campaign" => campaign(tx, event).await,
-                "contact" => contact(tx, event).await,
-                "tenant_settings" => settings(tx, event).await,
-                _ => Ok(()),
-            }
-        })
+        match event.stream_type.as_str() {
+            "account" => Box::pin(account(tx, event)),
+            "order" => Box::pin(order(tx, event)),
+            "payment" => Box::pin(payment(tx, event)),
+            "lead" => Box::pin(lead(tx, event)),
+            "opportunity" => Box::pin(deal(tx, event)),
+            "campaign" => Box::pin(campaign(tx, event)),
+            "contact" => Box::pin(contact(tx, event)),
+            "tenant_settings" => Box::pin(settings(tx, event)),
+            _ => Box::pin(std::future::ready(Ok(()))),
+        }
     }
 }

@@ -1043,20 +1043,18 @@ impl Projection for Customer360 {
     }
 
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
-        Box::pin(async move {
-            match event.stream_type.as_str() {
-                "account" => account(tx, event).await,
-                "contact" => contact(tx, event).await,
-                "opportunity" => deal(tx, event).await,
-                "ticket" => ticket(tx, event).await,
-                "ticket_sla" => sla(tx, event).await,
-                "activity" => activity(tx, event).await,
-                "order" => order(tx, event).await,
-                "invoice" => invoice(tx, event).await,
-                "payment" => payment(tx, event).await,
-                _ => Ok(()),
-            }
-        })
+        match event.stream_type.as_str() {
+            "account" => Box::pin(account(tx, event)),
+            "contact" => Box::pin(contact(tx, event)),
+            "opportunity" => Box::pin(deal(tx, event)),
+            "ticket" => Box::pin(ticket(tx, event)),
+            "ticket_sla" => Box::pin(sla(tx, event)),
+            "activity" => Box::pin(activity(tx, event)),
+            "order" => Box::pin(order(tx, event)),
+            "invoice" => Box::pin(invoice(tx, event)),
+            "payment" => Box::pin(payment(tx, event)),
+            _ => Box::pin(std::future::ready(Ok(()))),
+        }
     }
 }
 

@@ -352,16 +352,14 @@ impl Projection for Engagement {
     }
 
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
-        Box::pin(async move {
-            match event.stream_type.as_str() {
-                "pipeline_config" => pipeline(tx, event).await,
-                "opportunity" => deal(tx, event).await,
-                "activity" => activity(tx, event).await,
-                "account" => account(tx, event).await,
-                "order" => order(tx, event).await,
-                "tenant_settings" => settings(tx, event).await,
-                _ => Ok(()),
-            }
-        })
+        match event.stream_type.as_str() {
+            "pipeline_config" => Box::pin(pipeline(tx, event)),
+            "opportunity" => Box::pin(deal(tx, event)),
+            "activity" => Box::pin(activity(tx, event)),
+            "account" => Box::pin(account(tx, event)),
+            "order" => Box::pin(order(tx, event)),
+            "tenant_settings" => Box::pin(settings(tx, event)),
+            _ => Box::pin(std::future::ready(Ok(()))),
+        }
     }
 }

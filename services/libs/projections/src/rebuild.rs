@@ -476,14 +476,13 @@ async fn work(
         // The reader stopped early: the rebuild fails (see `rebuild_many`).
         return Ok((client, position));
     }
-    let (plain_inserts, skipped_inserts) = fresh.counts();
+    let plain_inserts = fresh.plain();
     tracing::info!(
         projection = projection.name(),
         applied,
         busy_seconds = busy.as_secs_f64(),
         position,
         plain_inserts,
-        skipped_inserts,
         followed = fresh.followed().join(","),
         "rebuild applied"
     );

@@ -675,7 +675,8 @@ fn one_update_per_row<'w>(bulk: &crate::bulk::Bulk, rows: Vec<Row<'w>>) -> Vec<V
         // Not planned so (`bulk::conflict_target`); one by one would do.
         return rows.into_iter().map(|row| vec![row]).collect();
     }
-    let mut seen: FastMap<KeyValue<'w>, usize> = FastMap::default();
+    let mut seen: FastMap<KeyValue<'w>, usize> =
+        FastMap::with_capacity_and_hasher(rows.len(), Default::default());
     let mut statements: Vec<Vec<Row<'w>>> = Vec::new();
     for write in rows {
         let id = KeyValue::new(key.iter().map(|&k| write.param(k))).unwrap_or_default();
@@ -794,6 +795,12 @@ impl StateCache {
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         if states.len() >= STATE_CACHE_ROWS {
             states.clear();
+        } else if states.capacity() == 0 {
+            // Room for all at once: growing step by step rehashes every
+            // state each time and faults in fresh pages for each new table.
+            // (Only the control bytes are written now; the slots' pages are
+            // faulted in as they fill.)
+            states.reserve(STATE_CACHE_ROWS);
         }
         let key = (select.as_ptr() as usize, id);
         match states.get_mut(&key) {
@@ -1460,7 +1467,10 @@ pub trait Projection: Send + Sync + 'static {
                 .is_none_or(|only| only == event_type)
     }
     /// Applies one event inside the batch's transaction. Events it does not
-    /// use are ignored (`Ok`).
+    /// use are ignored (`Ok`). A projection that hands each kind of stream
+    /// to its own async fn boxes that fn's future in each arm of its
+    /// `match`: one async block around the whole `match` is as large as
+    /// its largest arm, and is copied whole into its box at every event.
     fn apply<'a>(&'a self, tx: &'a Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a>;
     /// Called by the live projector once per batch, in its transaction,
     /// before it applies anything, with the batch's events that it handles
