@@ -550,8 +550,17 @@ impl std::hash::Hasher for FastHasher {
             word.copy_from_slice(chunk);
             self.add(u64::from_le_bytes(word));
         }
-        for &byte in chunks.remainder() {
-            self.add(u64::from(byte));
+        // The last 1 to 7 bytes in one word (one multiply, not one per
+        // byte). Zero padding cannot make two writes of different lengths
+        // equal where it matters: slices and strings hash their length or
+        // an end marker too.
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = 0u64;
+            for (i, &byte) in rest.iter().enumerate() {
+                word |= u64::from(byte) << (8 * i);
+            }
+            self.add(word);
         }
     }
 
@@ -2666,6 +2675,38 @@ pub async fn statuses(
 mod tests {
     use std::sync::Arc;
     use tokio::sync::watch;
+
+    #[test]
+    fn short_keys_that_differ_in_any_byte_or_length_hash_apart() {
+        use std::hash::BuildHasher;
+        let hasher = std::hash::BuildHasherDefault::<super::FastHasher>::default();
+        let mut seen = std::collections::HashMap::new();
+        // Every key of up to 9 bytes from a few byte values: tails of 1 to
+        // 7 bytes, zero bytes among them, and keys that are prefixes of
+        // others.
+        let mut keys: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..9 {
+            let longer: Vec<Vec<u8>> = keys
+                .iter()
+                .filter(|key| key.len() == keys.last().map_or(0, Vec::len))
+                .flat_map(|key| {
+                    [0u8, 1, 255].map(|byte| {
+                        let mut key = key.clone();
+                        key.push(byte);
+                        key
+                    })
+                })
+                .collect();
+            keys.extend(longer);
+        }
+        assert_eq!(keys.len(), (0..=9).map(|n| 3usize.pow(n)).sum::<usize>());
+        for key in &keys {
+            let hash = hasher.hash_one(key.as_slice());
+            if let Some(other) = seen.insert(hash, key.clone()) {
+                panic!("{key:?} and {other:?} hash alike");
+            }
+        }
+    }
 
     #[test]
     fn every_wait_beyond_the_applied_position_is_heard() {
