@@ -19,7 +19,8 @@
 //!   target, which adds rows whose keys are not known;
 //! - an UPDATE assigns a key column, or cannot be read;
 //! - a DELETE is by other columns than the key (a keyed DELETE by the key
-//!   forgets the keys it names);
+//!   leaves its keys recorded: written again, they keep their conflict
+//!   clause);
 //! - a statement sent alone names it and may change it ([`Changes`]);
 //! - the keys of all tables would take more than [`BUDGET`] bytes;
 //! - a key parameter's type is not its column's (equal bytes must mean
@@ -35,15 +36,15 @@ use std::collections::HashMap;
 use crate::bulk::{Bulk, Changes, Effect, Shape};
 
 /// The most bytes of keys one rebuild worker keeps: past it each table
-/// stops being followed at its next scoped insert. About 11 million keys;
+/// stops being followed at its next scoped insert. About 8 million keys;
 /// the 1,386,000 rows of `customer_360`'s tables in a 1M-event rebuild take
 /// about 30 MB.
 pub(crate) const BUDGET: usize = 256 << 20;
 
 /// What a key counts against [`BUDGET`]: its hash's slot in the set (8
-/// bytes and a control byte), with room for the spare slots and the
-/// table's growth.
-const PER_KEY: usize = 24;
+/// bytes and a control byte), with room for the spare slots (about 21
+/// bytes a key in all) and for the old table while the set grows.
+const PER_KEY: usize = 32;
 
 /// See the module's documentation.
 #[derive(Default)]

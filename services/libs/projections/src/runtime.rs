@@ -551,12 +551,11 @@ impl std::hash::Hasher for FastHasher {
             self.add(u64::from_le_bytes(word));
         }
         // The last 1 to 7 bytes in one word (one multiply, not one per
-        // byte). Zero padding cannot make two writes of different lengths
-        // equal where it matters: slices and strings hash their length or
-        // an end marker too.
+        // byte), with their count in the top byte: a tail of zero bytes
+        // still tells writes of different lengths apart.
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            let mut word = 0u64;
+            let mut word = (rest.len() as u64) << 56;
             for (i, &byte) in rest.iter().enumerate() {
                 word |= u64::from(byte) << (8 * i);
             }
@@ -2706,6 +2705,10 @@ mod tests {
                 panic!("{key:?} and {other:?} hash alike");
             }
         }
+        // Strings hash their bytes and an end marker, not their length:
+        // the tail's length tells trailing zero bytes apart.
+        assert_ne!(hasher.hash_one("a"), hasher.hash_one("a\0"));
+        assert_ne!(hasher.hash_one(""), hasher.hash_one("\0"));
     }
 
     #[test]
