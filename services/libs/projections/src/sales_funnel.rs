@@ -128,62 +128,64 @@ impl Projection for SalesFunnel {
     }
 
     fn apply<'a>(&'a self, tx: &'a crate::Tx<'_>, event: &'a RecordedEvent) -> ApplyFuture<'a> {
-        Box::pin(async move {
-            match event.stream_type.as_str() {
-                Opportunity::STREAM_TYPE => apply_deal(tx, event).await,
-                Lead::STREAM_TYPE => apply_lead(tx, event).await,
-                PipelineConfig::STREAM_TYPE => {
-                    let Some(PipelineEvent::Published(published)) =
-                        decode::<PipelineConfig>(event)?
-                    else {
-                        return Ok(());
-                    };
-                    let version = i32::try_from(published.version).unwrap_or(i32::MAX);
-                    let mut open_order = 0i32;
-                    for stage in &published.stages {
-                        let (kind, order) = match stage.kind {
-                            StageKind::Open => {
-                                open_order += 1;
-                                ("open", Some(open_order - 1))
-                            }
-                            StageKind::Won => ("won", None),
-                            StageKind::Lost => ("lost", None),
-                        };
-                        tx.execute(
-                            "INSERT INTO sales_funnel_stages \
-                               (tenant_id, pipeline_id, version, stage, kind, open_order) \
-                             VALUES ($1, $2, $3, $4, $5, $6) \
-                             ON CONFLICT (tenant_id, pipeline_id, version, stage) DO UPDATE \
-                             SET kind = EXCLUDED.kind, open_order = EXCLUDED.open_order",
-                            &[
-                                &event.tenant_id,
-                                &event.stream_id,
-                                &version,
-                                &stage.key,
-                                &kind,
-                                &order,
-                            ],
-                        )
-                        .await?;
-                    }
-                    Ok(())
-                }
-                TenantSettingsConfig::STREAM_TYPE => {
-                    let Some(published) = decode::<TenantSettingsConfig>(event)? else {
-                        return Ok(());
-                    };
-                    tx.execute(
-                        "INSERT INTO sales_funnel_settings (tenant_id, time_zone) VALUES ($1, $2) \
-                         ON CONFLICT (tenant_id) DO UPDATE SET time_zone = EXCLUDED.time_zone",
-                        &[&event.tenant_id, &published.content.time_zone],
-                    )
-                    .await?;
-                    Ok(())
-                }
-                _ => Ok(()),
-            }
-        })
+        match event.stream_type.as_str() {
+            Opportunity::STREAM_TYPE => Box::pin(apply_deal(tx, event)),
+            Lead::STREAM_TYPE => Box::pin(apply_lead(tx, event)),
+            PipelineConfig::STREAM_TYPE => Box::pin(apply_pipeline(tx, event)),
+            TenantSettingsConfig::STREAM_TYPE => Box::pin(apply_settings(tx, event)),
+            _ => Box::pin(std::future::ready(Ok(()))),
+        }
     }
+}
+
+/// A published pipeline's stages, in order.
+async fn apply_pipeline(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let Some(PipelineEvent::Published(published)) = decode::<PipelineConfig>(event)? else {
+        return Ok(());
+    };
+    let version = i32::try_from(published.version).unwrap_or(i32::MAX);
+    let mut open_order = 0i32;
+    for stage in &published.stages {
+        let (kind, order) = match stage.kind {
+            StageKind::Open => {
+                open_order += 1;
+                ("open", Some(open_order - 1))
+            }
+            StageKind::Won => ("won", None),
+            StageKind::Lost => ("lost", None),
+        };
+        tx.execute(
+            "INSERT INTO sales_funnel_stages \
+                   (tenant_id, pipeline_id, version, stage, kind, open_order) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (tenant_id, pipeline_id, version, stage) DO UPDATE \
+                 SET kind = EXCLUDED.kind, open_order = EXCLUDED.open_order",
+            &[
+                &event.tenant_id,
+                &event.stream_id,
+                &version,
+                &stage.key,
+                &kind,
+                &order,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The tenant's time zone.
+async fn apply_settings(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let Some(published) = decode::<TenantSettingsConfig>(event)? else {
+        return Ok(());
+    };
+    tx.execute(
+        "INSERT INTO sales_funnel_settings (tenant_id, time_zone) VALUES ($1, $2) \
+             ON CONFLICT (tenant_id) DO UPDATE SET time_zone = EXCLUDED.time_zone",
+        &[&event.tenant_id, &published.content.time_zone],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Where a rebuild keeps each deal's open visit (the number it was
