@@ -516,7 +516,7 @@ impl Customer360Service {
                 &format!(
                     "SELECT deal_id, name, stage, amount_minor, currency, probability_bp, \
                        weighted_minor, category, close_date::text, owner, \
-                       COALESCE((state->>'stalled')::boolean, false), count(*) OVER () \
+                       COALESCE(stalled, (state->>'stalled')::boolean, false), count(*) OVER () \
                      FROM pipeline_board WHERE tenant_id = $1 AND outcome = 'open' \
                        AND NOT archived AND deal_id IN ({deals}) \
                      ORDER BY close_date NULLS LAST, deal_id LIMIT $3"

@@ -23,9 +23,9 @@ pub use append::{
 pub use error::{AppendError, ReadError, StoreError};
 pub use json::JsonText;
 pub use migrate::{MIGRATIONS, Migration, migrate, migrations_fingerprint};
-pub use read::{Decoded, DecodedAs, EventStream, Filter, RecordedEvent};
+pub use read::{Decoded, DecodedAs, EventStream, Filter, RecordedEvent, decode as decode_row};
 pub use snapshot::Snapshot;
-pub use store::{EventStore, StoreOptions};
+pub use store::{EventStore, READ_STREAM, StoreOptions};
 pub use subscribe::Subscription;
 pub use writer::WriterStats;
 

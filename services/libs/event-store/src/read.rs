@@ -221,7 +221,9 @@ pub(crate) async fn read_chunk(
     rows.iter().map(decode).collect()
 }
 
-pub(crate) fn decode(row: &Row) -> Result<RecordedEvent, ReadError> {
+/// A row of the envelope columns in their order (as [`crate::READ_STREAM`]
+/// selects them), as the event it stores.
+pub fn decode(row: &Row) -> Result<RecordedEvent, ReadError> {
     let position: i64 = row.try_get(0)?;
     let version: i64 = row.try_get(5)?;
     let schema_version: i32 = row.try_get(7)?;

@@ -78,7 +78,10 @@ struct Inner {
     cancel: CancellationToken,
 }
 
-const READ_STREAM: &str = select_events!(
+/// The events of one stream (`$1` tenant, `$2` stream id) from version `$3`
+/// on, at most `$4`, oldest first: for a reader on a connection of its own
+/// (a projection's transaction), each row decoded by [`crate::decode_row`].
+pub const READ_STREAM: &str = select_events!(
     "WHERE tenant_id = $1 AND stream_id = $2 AND stream_version >= $3 \
      ORDER BY stream_version LIMIT $4"
 );

@@ -54,10 +54,11 @@ CREATE TABLE IF NOT EXISTS agent_workload_tickets (
     channel   text    NOT NULL,
     assignee  text    NOT NULL,
     open      boolean NOT NULL,
-    state     json    NOT NULL,
+    state     json,           -- NULL after a rebuild (crate::state)
     position  bigint  NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
 ) WITH (fillfactor = 70);
+ALTER TABLE agent_workload_tickets ALTER COLUMN state DROP NOT NULL;
 CREATE INDEX IF NOT EXISTS agent_workload_open
     ON agent_workload_tickets (tenant_id, assignee, channel) WHERE open";
 
@@ -140,7 +141,7 @@ impl AgentWorkload {
                 Some(TicketStatus::Solved | TicketStatus::Closed)
             );
         let ticket = crate::state::kept(tx, STATE, event, ticket);
-        let state = crate::state::stored(&*ticket);
+        let state = crate::state::cached(tx, &*ticket);
         tx.execute(
             "INSERT INTO agent_workload_tickets (tenant_id, ticket_id, channel, assignee, open, \
                state, position) VALUES ($1, $2, $3, $4, $5, $6, $7) \

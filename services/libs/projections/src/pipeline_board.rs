@@ -33,14 +33,19 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pipeline_board (
     category       text,
     close_date     date,
     owner          text    NOT NULL,
-    state          json    NOT NULL,
+    state          json,           -- NULL after a rebuild (crate::state)
     position       bigint  NOT NULL,
     closed_at      timestamptz,
+    stalled        boolean,
     PRIMARY KEY (tenant_id, deal_id)
 ) WITH (fillfactor = 70);
+ALTER TABLE pipeline_board ALTER COLUMN state DROP NOT NULL;
 -- Added after the first release: run `crm projections rebuild pipeline_board`
 -- to fill it for deals closed before.
 ALTER TABLE pipeline_board ADD COLUMN IF NOT EXISTS closed_at timestamptz;
+-- Added when rebuilds began to leave `state` out: NULL in a row written
+-- before, whose `state` holds the flag instead.
+ALTER TABLE pipeline_board ADD COLUMN IF NOT EXISTS stalled boolean;
 CREATE INDEX IF NOT EXISTS pipeline_board_closed
     ON pipeline_board (tenant_id, closed_at) WHERE outcome <> 'open';
 CREATE INDEX IF NOT EXISTS pipeline_board_by_stage
@@ -81,7 +86,7 @@ impl Projection for PipelineBoard {
                     .unwrap_or(i64::MAX)
             });
             let deal = crate::state::kept(tx, STATE, event, deal);
-            let state_json = crate::state::stored(&*deal);
+            let state_json = crate::state::cached(tx, &*deal);
             let outcome = text(&deal.outcome).unwrap_or_default();
             let category = deal.category.as_ref().and_then(text);
             let archived = deal.meta.lifecycle == crm_domain::common::Lifecycle::Archived;
@@ -91,8 +96,9 @@ impl Projection for PipelineBoard {
             tx.execute(
                 "INSERT INTO pipeline_board (tenant_id, deal_id, name, pipeline_id, stage, outcome, \
                    archived, amount_minor, currency, probability_bp, weighted_minor, category, \
-                   close_date, owner, state, position, closed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                   close_date, owner, state, position, closed_at, stalled) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                   $18) \
                  ON CONFLICT (tenant_id, deal_id) DO UPDATE SET name = EXCLUDED.name, \
                    pipeline_id = EXCLUDED.pipeline_id, stage = EXCLUDED.stage, \
                    outcome = EXCLUDED.outcome, archived = EXCLUDED.archived, \
@@ -100,7 +106,8 @@ impl Projection for PipelineBoard {
                    probability_bp = EXCLUDED.probability_bp, \
                    weighted_minor = EXCLUDED.weighted_minor, category = EXCLUDED.category, \
                    close_date = EXCLUDED.close_date, owner = EXCLUDED.owner, \
-                   state = EXCLUDED.state, position = EXCLUDED.position",
+                   state = EXCLUDED.state, position = EXCLUDED.position, \
+                   stalled = EXCLUDED.stalled",
                 &[
                     &event.tenant_id,
                     &event.stream_id,
@@ -123,6 +130,7 @@ impl Projection for PipelineBoard {
                     // close in the same rebuild chunk can fold into a new
                     // row's insert.
                     &None::<std::time::SystemTime>,
+                    &deal.stalled,
                 ],
             )
             .await?;

@@ -57,10 +57,11 @@ CREATE TABLE IF NOT EXISTS sales_funnel_deals (
     closed_at        timestamptz,
     loss_reason      text,
     archived         boolean     NOT NULL,
-    state            json        NOT NULL,
+    state            json,               -- NULL after a rebuild (crate::state)
     position         bigint      NOT NULL,
     PRIMARY KEY (tenant_id, deal_id)
 ) WITH (fillfactor = 70);
+ALTER TABLE sales_funnel_deals ALTER COLUMN state DROP NOT NULL;
 CREATE INDEX IF NOT EXISTS sales_funnel_deals_cohort
     ON sales_funnel_deals (tenant_id, pipeline_id, opened_at);
 CREATE INDEX IF NOT EXISTS sales_funnel_deals_closed
@@ -269,7 +270,7 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
         return Ok(());
     };
     let deal = crate::state::kept(tx, STATE, event, deal);
-    let state = crate::state::stored(&*deal);
+    let state = crate::state::cached(tx, &*deal);
     let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
     let outcome = match deal.outcome {
         crm_domain::opportunity::Outcome::Open => "open",

@@ -21,10 +21,11 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS scheduled_tasks (
     assignee     text        NOT NULL,
     open         boolean     NOT NULL,
     overdue      boolean     NOT NULL,
-    state        json        NOT NULL,
+    state        json,               -- NULL after a rebuild (crate::state)
     position     bigint      NOT NULL,
     PRIMARY KEY (tenant_id, activity_id)
 ) WITH (fillfactor = 70);
+ALTER TABLE scheduled_tasks ALTER COLUMN state DROP NOT NULL;
 CREATE INDEX IF NOT EXISTS scheduled_tasks_due
     ON scheduled_tasks (due) WHERE open AND NOT overdue";
 
@@ -51,7 +52,7 @@ impl Projection for ScheduledTasks {
             }
             let due: Option<std::time::SystemTime> = activity.due.map(Into::into);
             let activity = crate::state::kept(tx, STATE, event, activity);
-            let state = crate::state::stored(&*activity);
+            let state = crate::state::cached(tx, &*activity);
             tx.execute(
                 "INSERT INTO scheduled_tasks (tenant_id, activity_id, due, assignee, open, \
                    overdue, state, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \

@@ -50,10 +50,11 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS service_metrics (
     csat_at                timestamptz,
     csat_agent             text,
     csat_queue             text,
-    state                  json        NOT NULL,
+    state                  json,               -- NULL after a rebuild (crate::state)
     position               bigint      NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
 ) WITH (fillfactor = 70);
+ALTER TABLE service_metrics ALTER COLUMN state DROP NOT NULL;
 CREATE INDEX IF NOT EXISTS service_metrics_opened ON service_metrics (tenant_id, opened_at);
 CREATE INDEX IF NOT EXISTS service_metrics_solved
     ON service_metrics (tenant_id, solved_at) WHERE solved_at IS NOT NULL;
@@ -199,7 +200,7 @@ impl Projection for ServiceMetrics {
                 return Ok(()); // a ticket opened before the log's start
             };
             let ticket = crate::state::kept(tx, STATE, event, ticket);
-            let state = crate::state::stored(&*ticket);
+            let state = crate::state::cached(tx, &*ticket);
             crate::state::written(tx, FIGURES, event, figures.as_stored());
             tx.execute(
                 "INSERT INTO service_metrics (tenant_id, ticket_id, ticket_type, complaint, \

@@ -28,10 +28,11 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS service_queue (
     escalation_level smallint    NOT NULL,
     reopen_count     integer     NOT NULL,
     status_since     timestamptz,
-    state            json        NOT NULL,
+    state            json,               -- NULL after a rebuild (crate::state)
     position         bigint      NOT NULL,
     PRIMARY KEY (tenant_id, ticket_id)
 ) WITH (fillfactor = 70);
+ALTER TABLE service_queue ALTER COLUMN state DROP NOT NULL;
 CREATE INDEX IF NOT EXISTS service_queue_open
     ON service_queue (tenant_id, queue, priority_rank, opened_at, ticket_id)
     WHERE status NOT IN ('solved', 'closed');
@@ -77,7 +78,7 @@ impl Projection for ServiceQueue {
             };
             let priority = ticket.priority.unwrap_or(Priority::Normal);
             let ticket = crate::state::kept(tx, STATE, event, ticket);
-            let state = crate::state::stored(&*ticket);
+            let state = crate::state::cached(tx, &*ticket);
             tx.execute(
                 "INSERT INTO service_queue (tenant_id, ticket_id, queue, status, priority, \
                    priority_rank, ticket_type, complaint, assignee, opened_at, escalation_level, \

@@ -18,10 +18,11 @@ pub const NAME: &str = "sla_clock";
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sla_trackers (
     tenant_id  text   NOT NULL,
     tracker_id uuid   NOT NULL,
-    state      json   NOT NULL,
+    state      json,          -- NULL after a rebuild (crate::state)
     position   bigint NOT NULL,
     PRIMARY KEY (tenant_id, tracker_id)
 ) WITH (fillfactor = 70);
+ALTER TABLE sla_trackers ALTER COLUMN state DROP NOT NULL;
 CREATE TABLE IF NOT EXISTS sla_clock (
     tenant_id       text        NOT NULL,
     ticket_id       uuid        NOT NULL,
@@ -72,7 +73,7 @@ impl Projection for SlaClock {
             };
             let position = i64::try_from(event.global_position).unwrap_or(i64::MAX);
             let tracker = crate::state::kept(tx, STATE, event, tracker);
-            let state = crate::state::stored(&*tracker);
+            let state = crate::state::cached(tx, &*tracker);
             tx.execute(
                 "INSERT INTO sla_trackers (tenant_id, tracker_id, state, position) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, tracker_id) \

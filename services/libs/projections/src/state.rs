@@ -1,13 +1,23 @@
 //! Read models that keep an aggregate's state per row: the domain's own
 //! `evolve` decides what an event means, the projection only derives columns.
+//!
+//! A row's `state` is the fold of its stream's events up to the row's
+//! `position`. Where only the projection itself reads it back (to evolve it
+//! at the stream's next event), a rebuild leaves it out ([`cached`]: NULL),
+//! and the next event derives it from the stream's earlier events in the
+//! store instead ([`evolve_row`]). Serializing every row's state into a
+//! rebuild's tables cost about a sixth of the rebuild's time
+//! (`docs/benchmarks.md`); after a rebuild each stream pays one read of
+//! its own events, once, at its next event.
 use crm_domain::{Aggregate, DomainEvent};
 use crm_event_store::RecordedEvent;
 
 use crate::runtime::ApplyError;
 
 /// Decodes `event` as one of `A`'s, loads the row's stored state with
-/// `select` (`$1` tenant, `$2` stream id, one `state` column) and evolves
-/// it. `None` when the event is not `A`'s.
+/// `select` (`$1` tenant, `$2` stream id, one `state` column; a NULL state,
+/// left out by a rebuild, is folded from the stream's earlier events in the
+/// store) and evolves it. `None` when the event is not `A`'s.
 pub(crate) async fn evolve_row<A: Aggregate + Send + 'static>(
     tx: &crate::Tx<'_>,
     select: &'static str,
@@ -39,12 +49,43 @@ where
         .query_opt(select, &[&event.tenant_id, &event.stream_id])
         .await?;
     let state: A = match stored {
-        Some(row) => serde_json::from_value(row.get(0))
-            .map_err(|e| malformed(format!("stored state: {e}")))?,
+        Some(row) => match row.try_get::<_, Option<serde_json::Value>>(0)? {
+            Some(state) => serde_json::from_value(state)
+                .map_err(|e| malformed(format!("stored state: {e}")))?,
+            None => replayed::<A>(tx, event).await?,
+        },
         None => A::default(),
     };
     let evolved = state.evolve(&decoded);
     Ok(Some((evolved, decoded)))
+}
+
+/// The state of `event`'s stream just before it: its earlier events, read
+/// from the store in the projection's transaction, folded from the start.
+/// An earlier event that does not decode is a poison event, as it would
+/// have been when it was applied.
+async fn replayed<A: Aggregate>(
+    tx: &crate::Tx<'_>,
+    event: &RecordedEvent,
+) -> Result<A, ApplyError> {
+    let earlier = i64::try_from(event.stream_version.saturating_sub(1)).unwrap_or(i64::MAX);
+    let rows = tx
+        .query(
+            crm_event_store::READ_STREAM,
+            &[&event.tenant_id, &event.stream_id, &1_i64, &earlier],
+        )
+        .await?;
+    let mut state = A::default();
+    for row in &rows {
+        let earlier = crm_event_store::decode_row(row).map_err(|e| ApplyError::Payload {
+            event_type: event.event_type.clone(),
+            reason: format!("the stream's earlier events: {e}"),
+        })?;
+        if let Some(decoded) = decode::<A::Event>(&earlier)? {
+            state = state.evolve(&decoded);
+        }
+    }
+    Ok(state)
 }
 
 /// Whether `event` is its stream's first: a row kept for the stream cannot
@@ -147,6 +188,17 @@ pub fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ApplyE
 /// same; it becomes `json` at the projection's next rebuild (not converted
 /// in place: that would lock the table, and break the cached statements of
 /// a running older projector).
+/// `state` as the `json` parameter of a row's `state` that only the
+/// projection reads back ([`evolve_row`]): [`stored`] when applied live,
+/// NULL in a rebuild (see the module's docs). A column queries read takes
+/// [`stored`].
+pub(crate) fn cached<'s, T: serde::Serialize + std::fmt::Debug>(
+    tx: &crate::Tx<'_>,
+    state: &'s T,
+) -> Option<tokio_postgres::types::Json<&'s T>> {
+    tx.cache().is_none().then(|| stored(state))
+}
+
 pub(crate) fn stored<T: serde::Serialize + std::fmt::Debug>(
     state: &T,
 ) -> tokio_postgres::types::Json<&T> {
