@@ -485,9 +485,18 @@ async fn a_state_column_left_as_jsonb_by_an_earlier_version_works_until_a_rebuil
     let left_out: Vec<String> = live
         .iter()
         .map(|line| line.replace(" proposal 6000 proposal", " proposal 6000 left-out"))
-        .map(|line| line.replace(" qualification 2500 qualification", " qualification 2500 left-out"))
+        .map(|line| {
+            line.replace(
+                " qualification 2500 qualification",
+                " qualification 2500 left-out",
+            )
+        })
         .collect();
-    assert_eq!(figures().await, left_out, "the same figures after the rebuild");
+    assert_eq!(
+        figures().await,
+        left_out,
+        "the same figures after the rebuild"
+    );
     setup.store.shutdown().await;
 }
 

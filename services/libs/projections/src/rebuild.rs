@@ -92,10 +92,16 @@ pub async fn rebuild_many(
     chunk: u64,
     mut progress: impl FnMut(Progress),
 ) -> Result<Vec<(&'static str, u64)>, RebuildError> {
+    let began = std::time::Instant::now();
     let mut prepared = Vec::with_capacity(projections.len());
     for projection in &projections {
         prepared.push(prepare(projection.as_ref(), pg).await?);
     }
+    tracing::info!(
+        projections = projections.len(),
+        seconds = began.elapsed().as_secs_f64(),
+        "rebuild tables created"
+    );
     let mut senders = Vec::with_capacity(projections.len());
     let mut workers = Vec::with_capacity(projections.len());
     for (projection, prepared) in projections.iter().zip(prepared) {
