@@ -68,14 +68,22 @@ CREATE TABLE IF NOT EXISTS eng_activities (
 
 type Time = std::time::SystemTime;
 
-/// Makes sure an account row exists.
-async fn account_row(tx: &Tx<'_>, tenant: &str, account: Uuid) -> Result<(), ApplyError> {
-    tx.execute(
-        "INSERT INTO eng_accounts (tenant_id, account_id, customer, at_risk) \
-         VALUES ($1, $2, false, false) ON CONFLICT (tenant_id, account_id) DO NOTHING",
-        &[&tenant, &account],
-    )
-    .await?;
+/// Writes an account's row in one statement: a new row is an empty one
+/// (not a customer, not at risk) with the change made; an existing one
+/// takes the change. `sql` inserts `$1` tenant, `$2` account, then the
+/// columns `values` are for, and says in its `DO UPDATE` what changes.
+/// (One upsert, not an insert then an update: a rebuild sends the new
+/// rows of a chunk by COPY, with no update after.)
+async fn account_row(
+    tx: &Tx<'_>,
+    sql: &'static str,
+    tenant: &str,
+    account: Uuid,
+    values: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<(), ApplyError> {
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&tenant, &account];
+    params.extend_from_slice(values);
+    tx.execute(sql, &params).await?;
     Ok(())
 }
 
@@ -109,14 +117,17 @@ async fn touch_account(
     account: Uuid,
     at: Time,
 ) -> Result<(), ApplyError> {
-    account_row(tx, tenant, account).await?;
-    tx.execute(
-        "UPDATE eng_accounts SET last_touch_at = greatest(last_touch_at, $3), at_risk = false \
-         WHERE tenant_id = $1 AND account_id = $2",
-        &[&tenant, &account, &at],
+    account_row(
+        tx,
+        "INSERT INTO eng_accounts (tenant_id, account_id, customer, last_touch_at, at_risk) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, account_id) DO UPDATE SET \
+           last_touch_at = greatest(eng_accounts.last_touch_at, EXCLUDED.last_touch_at), \
+           at_risk = EXCLUDED.at_risk",
+        tenant,
+        account,
+        &[&false, &at, &false],
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 async fn pipeline(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
@@ -255,29 +266,41 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (event.tenant_id.as_str(), event.stream_id);
     match crate::state::decoded::<AccountEvent>(event)?.as_deref() {
         Some(AccountEvent::BecameCustomer(became)) => {
-            account_row(tx, tenant, id).await?;
             let at: Time = became.occurred_at.into();
-            tx.execute(
-                "UPDATE eng_accounts SET customer = true, customer_since = $3, at_risk = false \
-                 WHERE tenant_id = $1 AND account_id = $2",
-                &[&tenant, &id, &at],
+            account_row(
+                tx,
+                "INSERT INTO eng_accounts (tenant_id, account_id, customer, customer_since, \
+                   at_risk) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, account_id) DO UPDATE SET \
+                   customer = EXCLUDED.customer, customer_since = EXCLUDED.customer_since, \
+                   at_risk = EXCLUDED.at_risk",
+                tenant,
+                id,
+                &[&true, &at, &false],
             )
             .await?;
         }
         Some(AccountEvent::Churned(_)) => {
-            account_row(tx, tenant, id).await?;
-            tx.execute(
-                "UPDATE eng_accounts SET customer = false, at_risk = false \
-                 WHERE tenant_id = $1 AND account_id = $2",
-                &[&tenant, &id],
+            account_row(
+                tx,
+                "INSERT INTO eng_accounts (tenant_id, account_id, customer, at_risk) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, account_id) DO UPDATE SET \
+                   customer = EXCLUDED.customer, at_risk = EXCLUDED.at_risk",
+                tenant,
+                id,
+                &[&false, &false],
             )
             .await?;
         }
         Some(AccountEvent::ChurnRiskFlagged(_)) => {
-            account_row(tx, tenant, id).await?;
-            tx.execute(
-                "UPDATE eng_accounts SET at_risk = true WHERE tenant_id = $1 AND account_id = $2",
-                &[&tenant, &id],
+            account_row(
+                tx,
+                "INSERT INTO eng_accounts (tenant_id, account_id, customer, at_risk) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, account_id) DO UPDATE SET \
+                   at_risk = EXCLUDED.at_risk",
+                tenant,
+                id,
+                &[&false, &true],
             )
             .await?;
         }
@@ -292,12 +315,18 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         && crm_domain::commerce::PAID_STATUSES.contains(&order.status.as_str())
         && let Some(account) = order.account_id
     {
-        account_row(tx, &event.tenant_id, account).await?;
         let at: Time = order.occurred_at.into();
-        tx.execute(
-            "UPDATE eng_accounts SET last_paid_order_at = greatest(last_paid_order_at, $3), \
-               at_risk = false WHERE tenant_id = $1 AND account_id = $2",
-            &[&event.tenant_id, &account, &at],
+        account_row(
+            tx,
+            "INSERT INTO eng_accounts (tenant_id, account_id, customer, last_paid_order_at, \
+               at_risk) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, account_id) DO UPDATE SET \
+               last_paid_order_at = greatest(eng_accounts.last_paid_order_at, \
+                 EXCLUDED.last_paid_order_at), \
+               at_risk = EXCLUDED.at_risk",
+            &event.tenant_id,
+            account,
+            &[&false, &at, &false],
         )
         .await?;
     }
