@@ -93,9 +93,20 @@ pub async fn rebuild_many(
     mut progress: impl FnMut(Progress),
 ) -> Result<Vec<(&'static str, u64)>, RebuildError> {
     let began = std::time::Instant::now();
+    // The first alone (it may create the live status table, which two
+    // sessions cannot both create at once), then the others together: each
+    // creates only its own schema's tables, on its own connection.
     let mut prepared = Vec::with_capacity(projections.len());
-    for projection in &projections {
-        prepared.push(prepare(projection.as_ref(), pg).await?);
+    if let Some((first, others)) = projections.split_first() {
+        prepared.push(prepare(first.as_ref(), pg).await?);
+        prepared.extend(
+            futures_util::future::try_join_all(
+                others
+                    .iter()
+                    .map(|projection| prepare(projection.as_ref(), pg)),
+            )
+            .await?,
+        );
     }
     tracing::info!(
         projections = projections.len(),
