@@ -1529,6 +1529,87 @@ async fn a_rebuild_that_skips_conflict_checks_for_new_keys_leaves_every_row_as_i
     setup.store.shutdown().await;
 }
 
+/// A read model whose new rows' keys are updated before the rows are
+/// inserted, in the same chunk: an UPDATE that finds no row must stay
+/// ahead of the insert of its key, however the rebuild moves new rows
+/// ahead of the updates of other keys. `visits`: each event closes the
+/// row of the event before (a row of an earlier chunk at a chunk's start),
+/// "closes" the row of the event after (not there yet: no effect), and
+/// inserts its own. `lone`: once per chunk, one such early UPDATE alone.
+struct EarlyUpdates;
+
+/// Events of [`EarlyUpdates`]'s test (three chunks of 100).
+const EARLY_EVENTS: i64 = 300;
+
+impl crm_projections::Projection for EarlyUpdates {
+    crm_projections::projection_names!(
+        "early_updates",
+        "CREATE TABLE IF NOT EXISTS early_visits (k bigint PRIMARY KEY, closed bigint);
+        CREATE TABLE IF NOT EXISTS early_lone (k bigint PRIMARY KEY, closed bigint)",
+        ["early_visits", "early_lone"]
+    );
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let p = i64::try_from(event.global_position).unwrap();
+            let close = "UPDATE early_visits SET closed = $2 WHERE k = $1";
+            tx.execute(close, &[&(p - 1), &p]).await?;
+            tx.execute(close, &[&(p + 1), &p]).await?;
+            tx.execute(
+                "INSERT INTO early_visits (k, closed) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING",
+                &[&p, &None::<i64>],
+            )
+            .await?;
+            if p % 100 == 50 {
+                tx.execute(
+                    "UPDATE early_lone SET closed = $2 WHERE k = $1",
+                    &[&(p + 1), &p],
+                )
+                .await?;
+            }
+            tx.execute(
+                "INSERT INTO early_lone (k, closed) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING",
+                &[&p, &None::<i64>],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_keeps_an_update_that_found_no_row_ahead_of_the_insert_of_its_key() {
+    let setup = setup_runtime().await;
+    open_deals(&setup.store, Uuid::now_v7(), EARLY_EVENTS as usize, 1_000).await;
+    let swapped_at = rebuild_in(&setup, Arc::new(EarlyUpdates)).await.unwrap();
+    assert_eq!(swapped_at, EARLY_EVENTS as u64);
+    let client = setup.db.client().await;
+    let rows = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(&format!("SELECT k, closed FROM {table} ORDER BY k"), &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect::<Vec<(i64, Option<i64>)>>()
+        }
+    };
+    // Each visit closed by the event after it; the last one open.
+    let visits: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS)
+        .map(|k| (k, (k < EARLY_EVENTS).then_some(k + 1)))
+        .collect();
+    assert_eq!(rows("early_visits").await, visits);
+    let lone: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS).map(|k| (k, None)).collect();
+    assert_eq!(rows("early_lone").await, lone);
+    setup.store.shutdown().await;
+}
+
 /// A read model whose rows are inserted, then updated by key in the same
 /// chunk, in every way a rebuild's folding of UPDATEs into the plain
 /// INSERT of a new row must get right: UPDATEs of some columns and of

@@ -431,6 +431,58 @@ fn gathered<'w>(
     (items, folds)
 }
 
+/// The values of a scope (`columns`) that gathered writes of a table wrote
+/// in a flush.
+struct Written<'w> {
+    columns: &'w [String],
+    values: FastMap<KeyValue<'w>, ()>,
+}
+
+/// Adds to `named` that gathered writes of `table` wrote `written` (`None`:
+/// not known which rows).
+fn name<'w>(
+    named: &mut Vec<(&'w str, Option<Written<'w>>)>,
+    table: &'w str,
+    written: Option<Written<'w>>,
+) {
+    match named.iter_mut().find(|(named, _)| *named == table) {
+        None => named.push((table, written)),
+        Some((_, before)) => {
+            *before = match (before.take(), written) {
+                (Some(mut before), Some(written)) if before.columns == written.columns => {
+                    before.values.extend(written.values);
+                    Some(before)
+                }
+                _ => None,
+            };
+        }
+    }
+}
+
+/// The values of `bulk`'s scope that `rows` write, if its scope commutes
+/// (writes of other values cannot touch their rows) and each is known.
+fn written<'w>(
+    bulk: &'w crate::bulk::Bulk,
+    rows: &[Row<'w>],
+    commutes: &dyn Fn(&str, &[String]) -> bool,
+) -> Option<Written<'w>> {
+    let scope = bulk.scope.as_ref()?;
+    if !commutes(bulk.table(), &scope.columns) {
+        return None;
+    }
+    let mut values = FastMap::default();
+    for row in rows {
+        values.insert(
+            KeyValue::new(scope.params.iter().map(|&k| row.param(k)))?,
+            (),
+        );
+    }
+    Some(Written {
+        columns: &scope.columns,
+        values,
+    })
+}
+
 /// Records where a value's last write now is.
 fn placed_at(
     slot: std::collections::hash_map::Entry<'_, KeyValue<'_>, (usize, usize)>,
@@ -938,8 +990,14 @@ impl<'a> Tx<'a> {
             })
         };
         let mut sends = Vec::new();
-        // Tables written by the gathered statements in `sends`.
-        let mut named: Vec<&str> = Vec::new();
+        // Tables written by the gathered statements in `sends` (a gathered
+        // statement writes its own table alone and reads no other), each
+        // with the values of its scope they wrote, where they are known and
+        // the scope commutes: `None` where not.
+        let mut named: Vec<(&str, Option<Written<'_>>)> = Vec::new();
+        // The statements in `sends` that were not gathered (they may read
+        // or write any table).
+        let mut alone: Vec<&Write> = Vec::new();
         // New rows that go first, by COPY: the statement, data, positions.
         let mut copies: Vec<(tokio_postgres::Statement, bytes::Bytes, (u64, u64))> = Vec::new();
         let (items, folds) = gathered(&writes, &commutes, self.fresh.is_some());
@@ -958,6 +1016,7 @@ impl<'a> Tx<'a> {
                     if let Some(fresh) = self.fresh {
                         fresh.observe(&write.shape);
                     }
+                    alone.push(write);
                     sends.push(Outgoing::One(write));
                 }
                 Gathered::Many(bulk, mut rows) => {
@@ -1019,6 +1078,9 @@ impl<'a> Tx<'a> {
                             && let [row] = rows[..]
                             && let Some(write) = row.alone()
                         {
+                            // Sent alone, but still a gathered statement's
+                            // write: of its own table only.
+                            name(&mut named, bulk.table(), written(bulk, &rows, &commutes));
                             sends.push(Outgoing::One(write));
                             continue;
                         }
@@ -1039,13 +1101,29 @@ impl<'a> Tx<'a> {
                         // flush: ahead of the statements before them, which
                         // is the same as long as none of those names the
                         // table (a statement sent alone may read it; a
-                        // gathered one writes only its own table).
+                        // gathered one writes only its own table), or the
+                        // gathered ones that do wrote other values of the
+                        // same commuting scope: their rows are not these
+                        // rows, and no unique index can tell the order of
+                        // the two apart. (A new row's value written before
+                        // it, by an UPDATE that then found no row, keeps
+                        // its row in place.)
                         if let (Some(copy), false) = (&bulk.copy, as_is)
-                            && !named.contains(&bulk.table())
-                            && !sends.iter().any(|send| {
-                                matches!(send, Outgoing::One(write)
-                                    if write.shape.mentions(bulk.table()))
-                            })
+                            && named
+                                .iter()
+                                .filter(|(table, _)| *table == bulk.table())
+                                .all(|(_, before)| {
+                                    before.as_ref().is_some_and(|before| {
+                                        written(bulk, &rows, &commutes).is_some_and(|new| {
+                                            new.columns == before.columns
+                                                && new
+                                                    .values
+                                                    .keys()
+                                                    .all(|v| !before.values.contains_key(v))
+                                        })
+                                    })
+                                })
+                            && !alone.iter().any(|write| write.shape.mentions(bulk.table()))
                         {
                             let statement = self.prepared_for(&copy.sql, span).await?;
                             let data = copied(copy, &rows, &overrides);
@@ -1069,7 +1147,7 @@ impl<'a> Tx<'a> {
                                 column.items.push(value(k));
                             }
                         }
-                        named.push(bulk.table());
+                        name(&mut named, bulk.table(), written(bulk, &rows, &commutes));
                         sends.push(Outgoing::Many(statement, columns, span));
                     }
                 }
