@@ -1536,6 +1536,9 @@ async fn a_rebuild_that_skips_conflict_checks_for_new_keys_leaves_every_row_as_i
 /// row of the event before (a row of an earlier chunk at a chunk's start),
 /// "closes" the row of the event after (not there yet: no effect), and
 /// inserts its own. `lone`: once per chunk, one such early UPDATE alone.
+/// `spans`: only the row of the event before is closed, so the new rows
+/// of a chunk go ahead of the UPDATE of the last row of the chunk before,
+/// with the closing UPDATEs of the chunk folded into them.
 struct EarlyUpdates;
 
 /// Events of [`EarlyUpdates`]'s test (three chunks of 100).
@@ -1545,8 +1548,9 @@ impl crm_projections::Projection for EarlyUpdates {
     crm_projections::projection_names!(
         "early_updates",
         "CREATE TABLE IF NOT EXISTS early_visits (k bigint PRIMARY KEY, closed bigint);
-        CREATE TABLE IF NOT EXISTS early_lone (k bigint PRIMARY KEY, closed bigint)",
-        ["early_visits", "early_lone"]
+        CREATE TABLE IF NOT EXISTS early_lone (k bigint PRIMARY KEY, closed bigint);
+        CREATE TABLE IF NOT EXISTS early_spans (k bigint PRIMARY KEY, closed bigint)",
+        ["early_visits", "early_lone", "early_spans"]
     );
 
     fn apply<'a>(
@@ -1573,6 +1577,16 @@ impl crm_projections::Projection for EarlyUpdates {
             }
             tx.execute(
                 "INSERT INTO early_lone (k, closed) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING",
+                &[&p, &None::<i64>],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE early_spans SET closed = $2 WHERE k = $1",
+                &[&(p - 1), &p],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO early_spans (k, closed) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING",
                 &[&p, &None::<i64>],
             )
             .await?;
@@ -1605,6 +1619,7 @@ async fn a_rebuild_keeps_an_update_that_found_no_row_ahead_of_the_insert_of_its_
         .map(|k| (k, (k < EARLY_EVENTS).then_some(k + 1)))
         .collect();
     assert_eq!(rows("early_visits").await, visits);
+    assert_eq!(rows("early_spans").await, visits);
     let lone: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS).map(|k| (k, None)).collect();
     assert_eq!(rows("early_lone").await, lone);
     setup.store.shutdown().await;

@@ -435,21 +435,32 @@ fn gathered<'w>(
 /// in a flush.
 struct Written<'w> {
     columns: &'w [String],
+    /// The types of the parameters that carry them: equal bytes are equal
+    /// values only between parameters of one type.
+    types: Vec<&'w tokio_postgres::types::Type>,
     values: FastMap<KeyValue<'w>, ()>,
 }
 
+impl Written<'_> {
+    /// Whether `self` and `other` are values of the same columns, in
+    /// parameters of the same types.
+    fn comparable(&self, other: &Self) -> bool {
+        self.columns == other.columns && self.types == other.types
+    }
+}
+
 /// Adds to `named` that gathered writes of `table` wrote `written` (`None`:
-/// not known which rows).
+/// not known which rows, or not comparable with those before).
 fn name<'w>(
     named: &mut Vec<(&'w str, Option<Written<'w>>)>,
     table: &'w str,
     written: Option<Written<'w>>,
 ) {
-    match named.iter_mut().find(|(named, _)| *named == table) {
+    match named.iter_mut().find(|(other, _)| *other == table) {
         None => named.push((table, written)),
         Some((_, before)) => {
             *before = match (before.take(), written) {
-                (Some(mut before), Some(written)) if before.columns == written.columns => {
+                (Some(mut before), Some(written)) if before.comparable(&written) => {
                     before.values.extend(written.values);
                     Some(before)
                 }
@@ -470,6 +481,11 @@ fn written<'w>(
     if !commutes(bulk.table(), &scope.columns) {
         return None;
     }
+    let types = scope
+        .params
+        .iter()
+        .map(|&k| bulk.types.get(k))
+        .collect::<Option<Vec<_>>>()?;
     let mut values = FastMap::default();
     for row in rows {
         values.insert(
@@ -479,6 +495,7 @@ fn written<'w>(
     }
     Some(Written {
         columns: &scope.columns,
+        types,
         values,
     })
 }
@@ -992,12 +1009,13 @@ impl<'a> Tx<'a> {
         let mut sends = Vec::new();
         // Tables written by the gathered statements in `sends` (a gathered
         // statement writes its own table alone and reads no other), each
-        // with the values of its scope they wrote, where they are known and
-        // the scope commutes: `None` where not.
+        // with the values of its scope they wrote, where they are known, the
+        // scope commutes and every such statement of the table had the same
+        // scope columns and parameter types: `None` where not.
         let mut named: Vec<(&str, Option<Written<'_>>)> = Vec::new();
         // The statements in `sends` that were not gathered (they may read
         // or write any table).
-        let mut alone: Vec<&Write> = Vec::new();
+        let mut ungathered: Vec<&Write> = Vec::new();
         // New rows that go first, by COPY: the statement, data, positions.
         let mut copies: Vec<(tokio_postgres::Statement, bytes::Bytes, (u64, u64))> = Vec::new();
         let (items, folds) = gathered(&writes, &commutes, self.fresh.is_some());
@@ -1016,7 +1034,7 @@ impl<'a> Tx<'a> {
                     if let Some(fresh) = self.fresh {
                         fresh.observe(&write.shape);
                     }
-                    alone.push(write);
+                    ungathered.push(write);
                     sends.push(Outgoing::One(write));
                 }
                 Gathered::Many(bulk, mut rows) => {
@@ -1106,24 +1124,26 @@ impl<'a> Tx<'a> {
                         // same commuting scope: their rows are not these
                         // rows, and no unique index can tell the order of
                         // the two apart. (A new row's value written before
-                        // it, by an UPDATE that then found no row, keeps
-                        // its row in place.)
+                        // it, by an UPDATE or DELETE that then found no row
+                        // or by an upsert, keeps its row in place.)
+                        let written = written(bulk, &rows, &commutes);
                         if let (Some(copy), false) = (&bulk.copy, as_is)
                             && named
                                 .iter()
                                 .filter(|(table, _)| *table == bulk.table())
-                                .all(|(_, before)| {
-                                    before.as_ref().is_some_and(|before| {
-                                        written(bulk, &rows, &commutes).is_some_and(|new| {
-                                            new.columns == before.columns
-                                                && new
-                                                    .values
-                                                    .keys()
-                                                    .all(|v| !before.values.contains_key(v))
-                                        })
-                                    })
+                                .all(|(_, before)| match (before, &written) {
+                                    (Some(before), Some(new)) => {
+                                        new.comparable(before)
+                                            && new
+                                                .values
+                                                .keys()
+                                                .all(|v| !before.values.contains_key(v))
+                                    }
+                                    _ => false,
                                 })
-                            && !alone.iter().any(|write| write.shape.mentions(bulk.table()))
+                            && !ungathered
+                                .iter()
+                                .any(|write| write.shape.mentions(bulk.table()))
                         {
                             let statement = self.prepared_for(&copy.sql, span).await?;
                             let data = copied(copy, &rows, &overrides);
@@ -1147,7 +1167,7 @@ impl<'a> Tx<'a> {
                                 column.items.push(value(k));
                             }
                         }
-                        name(&mut named, bulk.table(), written(bulk, &rows, &commutes));
+                        name(&mut named, bulk.table(), written);
                         sends.push(Outgoing::Many(statement, columns, span));
                     }
                 }
