@@ -1625,6 +1625,57 @@ async fn a_rebuild_keeps_an_update_that_found_no_row_ahead_of_the_insert_of_its_
     setup.store.shutdown().await;
 }
 
+/// A read model whose UPDATE names its key in a parameter of another type
+/// (`int4`) than its inserts (`int8`): the same key, other bytes. The
+/// UPDATE finds no row (its key's insert comes after it) and must stay
+/// ahead of that insert.
+struct MixedKeyTypes;
+
+impl crm_projections::Projection for MixedKeyTypes {
+    crm_projections::projection_names!(
+        "mixed_key_types",
+        "CREATE TABLE IF NOT EXISTS mixed_keys (k bigint PRIMARY KEY, v bigint NOT NULL)",
+        ["mixed_keys"]
+    );
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let p = i64::try_from(event.global_position).unwrap();
+            let insert = "INSERT INTO mixed_keys (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING";
+            tx.execute(insert, &[&(p + 1_000), &p]).await?;
+            tx.execute(
+                "UPDATE mixed_keys SET v = $2 WHERE k = $1::int4",
+                &[&i32::try_from(p).unwrap(), &-1_i64],
+            )
+            .await?;
+            tx.execute(insert, &[&p, &p]).await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn writes_of_one_key_in_parameters_of_other_types_keep_their_order() {
+    let setup = setup_runtime().await;
+    open_deals(&setup.store, Uuid::now_v7(), 150, 1_000).await;
+    let swapped_at = rebuild_in(&setup, Arc::new(MixedKeyTypes)).await.unwrap();
+    assert_eq!(swapped_at, 150);
+    let updated: i64 = setup
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM mixed_keys WHERE v = -1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(updated, 0, "every UPDATE came before its key's row");
+    setup.store.shutdown().await;
+}
+
 /// A read model whose rows are inserted, then updated by key in the same
 /// chunk, in every way a rebuild's folding of UPDATEs into the plain
 /// INSERT of a new row must get right: UPDATEs of some columns and of

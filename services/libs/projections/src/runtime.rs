@@ -295,6 +295,22 @@ fn gathered<'w>(
             let scope = bulk.scope.as_ref()?;
             commutes(bulk.table(), &scope.columns).then_some((bulk, scope))
         });
+        // Values are told apart by their bytes, which are the same for the
+        // same value only in parameters of one type (5 as `int4` and as
+        // `int8` are not). A write whose key columns' parameters have other
+        // types than the table's scoped writes so far goes alone, after
+        // them (before, it could join a gathering ahead of a write of its
+        // own key).
+        let (bulk, scope) = match scope {
+            Some((bulk, scope))
+                if scoped
+                    .get(bulk.table())
+                    .is_some_and(|state| !state.typed_alike(bulk, scope)) =>
+            {
+                (None, None)
+            }
+            _ => (bulk, scope),
+        };
         // An UPDATE goes gathered only under a scope that commutes.
         let bulk = bulk.filter(|bulk| !bulk.needs_scope || scope.is_some());
         if let Some((bulk, scope)) = scope {
@@ -304,7 +320,9 @@ fn gathered<'w>(
                 columns: &scope.columns,
                 groups: Vec::new(),
                 last: FastMap::default(),
+                types: Vec::new(),
             });
+            state.note_types(bulk, scope);
             // A write confined to the rows of its own values of some columns
             // is confined to those of its values of fewer of them: the
             // table's writes are told apart by the columns they all name.
@@ -702,12 +720,36 @@ struct Scoped<'w> {
     groups: Vec<usize>,
     /// Per value, where its last write is: its gathering and its row there.
     last: FastMap<KeyValue<'w>, (usize, usize)>,
+    /// The type of the parameters that gave each column's values.
+    types: Vec<(&'w str, &'w tokio_postgres::types::Type)>,
 }
 
 impl<'w> Scoped<'w> {
     /// Tells the writes apart by `columns` from now on, when they are some
     /// of the present ones: each value's last write is then the latest of
     /// those of the values it gathers.
+    /// Whether `bulk`'s parameters for `scope`'s columns have the types
+    /// those columns' values had so far.
+    fn typed_alike(&self, bulk: &crate::bulk::Bulk, scope: &crate::bulk::Scope) -> bool {
+        scope.columns.iter().zip(&scope.params).all(|(column, &k)| {
+            self.types
+                .iter()
+                .find(|(own, _)| *own == column)
+                .is_none_or(|(_, own)| bulk.types.get(k) == Some(*own))
+        })
+    }
+
+    /// Notes the types of `bulk`'s parameters for `scope`'s columns.
+    fn note_types(&mut self, bulk: &'w crate::bulk::Bulk, scope: &'w crate::bulk::Scope) {
+        for (column, &k) in scope.columns.iter().zip(&scope.params) {
+            if let Some(own) = bulk.types.get(k)
+                && !self.types.iter().any(|(noted, _)| noted == column)
+            {
+                self.types.push((column, own));
+            }
+        }
+    }
+
     fn coarsen(&mut self, columns: &'w [String]) {
         let Some(kept): Option<Vec<usize>> = columns
             .iter()
