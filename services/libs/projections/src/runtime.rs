@@ -1168,21 +1168,22 @@ impl<'a> Tx<'a> {
                         // the two apart. (A new row's value written before
                         // it, by an UPDATE or DELETE that then found no row
                         // or by an upsert, keeps its row in place.)
-                        let written = written(bulk, &rows, &commutes);
-                        if let (Some(copy), false) = (&bulk.copy, as_is)
-                            && named
-                                .iter()
-                                .filter(|(table, _)| *table == bulk.table())
-                                .all(|(_, before)| match (before, &written) {
-                                    (Some(before), Some(new)) => {
-                                        new.comparable(before)
-                                            && new
-                                                .values
-                                                .keys()
-                                                .all(|v| !before.values.contains_key(v))
-                                    }
-                                    _ => false,
+                        // The values these rows write: worked out only
+                        // where the table was named before (most new rows
+                        // go first without), or for `named` below.
+                        let mut known = None;
+                        let ahead = match named.iter().find(|(table, _)| *table == bulk.table()) {
+                            None => true,
+                            Some((_, None)) => false,
+                            Some((_, Some(before))) => {
+                                let new = known.insert(written(bulk, &rows, &commutes));
+                                new.as_ref().is_some_and(|new| {
+                                    new.comparable(before)
+                                        && new.values.keys().all(|v| !before.values.contains_key(v))
                                 })
+                            }
+                        };
+                        if let (Some(copy), false, true) = (&bulk.copy, as_is, ahead)
                             && !ungathered
                                 .iter()
                                 .any(|write| write.shape.mentions(bulk.table()))
@@ -1209,6 +1210,7 @@ impl<'a> Tx<'a> {
                                 column.items.push(value(k));
                             }
                         }
+                        let written = known.unwrap_or_else(|| written(bulk, &rows, &commutes));
                         name(&mut named, bulk.table(), written);
                         sends.push(Outgoing::Many(statement, columns, span));
                     }
