@@ -1360,17 +1360,33 @@ impl crm_projections::Projection for Tallies {
     }
 }
 
-/// Ten stored events rebuilt into `projection` in one chunk (every write
-/// in one queue); the setup and a client of its database.
-async fn rebuilt_over_ten_events(
+/// `events` stored events rebuilt into `projection` in chunks of 100 (ten:
+/// every write in one queue); the setup and a client of its database.
+async fn rebuilt_over(
     projection: Arc<dyn crm_projections::Projection>,
+    events: i64,
 ) -> (Setup, tokio_postgres::Client) {
     let setup = setup_runtime().await;
-    open_deals(&setup.store, Uuid::now_v7(), 10, 1_000).await;
+    open_deals(&setup.store, Uuid::now_v7(), events as usize, 1_000).await;
     let swapped_at = rebuild_in(&setup, projection).await.unwrap();
-    assert_eq!(swapped_at, 10);
+    assert_eq!(swapped_at, events as u64);
     let client = setup.db.client().await;
     (setup, client)
+}
+
+/// `table`'s rows as pairs of the columns `k` and `column`, by `k`.
+async fn pairs<B: for<'a> tokio_postgres::types::FromSql<'a>>(
+    client: &tokio_postgres::Client,
+    table: &str,
+    column: &str,
+) -> Vec<(i64, B)> {
+    client
+        .query(&format!("SELECT k, {column} FROM {table} ORDER BY k"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
 }
 
 /// The rows (k, n, last) of a tally table, by k.
@@ -1387,7 +1403,7 @@ async fn tallies(client: &tokio_postgres::Client, table: &str) -> Vec<(i64, i64,
 #[tokio::test]
 async fn gathered_updates_of_one_row_apply_in_order_each_once() {
     // One chunk: events 4 to 10 update the three rows in one queue.
-    let (setup, client) = rebuilt_over_ten_events(Arc::new(Tallies)).await;
+    let (setup, client) = rebuilt_over(Arc::new(Tallies), 10).await;
     let rows = tallies(&client, "tallies").await;
     // k = position % 3: 0 <- 3, 6, 9; 1 <- 1, 4, 7, 10; 2 <- 2, 5, 8.
     assert_eq!(rows, vec![(0, 3, 9), (1, 4, 10), (2, 3, 8)]);
@@ -1502,23 +1518,8 @@ fn rekeyed_expected() -> (KeyValues, KeyValues) {
 #[tokio::test]
 async fn a_rebuild_that_skips_conflict_checks_for_new_keys_leaves_every_row_as_its_statements_say()
 {
-    let setup = setup_runtime().await;
-    open_deals(&setup.store, Uuid::now_v7(), REKEYED_EVENTS as usize, 1_000).await;
-    let swapped_at = rebuild_in(&setup, Arc::new(Rekeyed)).await.unwrap();
-    assert_eq!(swapped_at, REKEYED_EVENTS as u64);
-    let client = setup.db.client().await;
-    let rows = |table: &'static str| {
-        let client = &client;
-        async move {
-            client
-                .query(&format!("SELECT k, v FROM {table} ORDER BY k"), &[])
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect::<KeyValues>()
-        }
-    };
+    let (setup, client) = rebuilt_over(Arc::new(Rekeyed), REKEYED_EVENTS).await;
+    let rows = |table| pairs::<i64>(&client, table, "v");
     let (firsts, lasts) = rekeyed_expected();
     // Deleted keys came back: none is missing for good.
     assert_eq!(firsts.len(), 10);
@@ -1597,23 +1598,8 @@ impl crm_projections::Projection for EarlyUpdates {
 
 #[tokio::test]
 async fn a_rebuild_keeps_an_update_that_found_no_row_ahead_of_the_insert_of_its_key() {
-    let setup = setup_runtime().await;
-    open_deals(&setup.store, Uuid::now_v7(), EARLY_EVENTS as usize, 1_000).await;
-    let swapped_at = rebuild_in(&setup, Arc::new(EarlyUpdates)).await.unwrap();
-    assert_eq!(swapped_at, EARLY_EVENTS as u64);
-    let client = setup.db.client().await;
-    let rows = |table: &'static str| {
-        let client = &client;
-        async move {
-            client
-                .query(&format!("SELECT k, closed FROM {table} ORDER BY k"), &[])
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect::<Vec<(i64, Option<i64>)>>()
-        }
-    };
+    let (setup, client) = rebuilt_over(Arc::new(EarlyUpdates), EARLY_EVENTS).await;
+    let rows = |table| pairs::<Option<i64>>(&client, table, "closed");
     // Each visit closed by the event after it; the last one open.
     let visits: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS)
         .map(|k| (k, (k < EARLY_EVENTS).then_some(k + 1)))
@@ -1660,14 +1646,8 @@ impl crm_projections::Projection for MixedKeyTypes {
 
 #[tokio::test]
 async fn writes_of_one_key_in_parameters_of_other_types_keep_their_order() {
-    let setup = setup_runtime().await;
-    open_deals(&setup.store, Uuid::now_v7(), 150, 1_000).await;
-    let swapped_at = rebuild_in(&setup, Arc::new(MixedKeyTypes)).await.unwrap();
-    assert_eq!(swapped_at, 150);
-    let updated: i64 = setup
-        .db
-        .client()
-        .await
+    let (setup, client) = rebuilt_over(Arc::new(MixedKeyTypes), 150).await;
+    let updated: i64 = client
         .query_one("SELECT count(*) FROM mixed_keys WHERE v = -1", &[])
         .await
         .unwrap()
@@ -1808,11 +1788,7 @@ fn folded_expected() -> (Vec<FoldedRow>, Vec<(i64, i64, String)>) {
 #[tokio::test]
 async fn a_rebuild_that_folds_updates_into_the_insert_of_a_new_row_leaves_every_row_as_its_statements_say()
  {
-    let setup = setup_runtime().await;
-    open_deals(&setup.store, Uuid::now_v7(), FOLDED_EVENTS as usize, 1_000).await;
-    let swapped_at = rebuild_in(&setup, Arc::new(Folded)).await.unwrap();
-    assert_eq!(swapped_at, FOLDED_EVENTS as u64);
-    let client = setup.db.client().await;
+    let (setup, client) = rebuilt_over(Arc::new(Folded), FOLDED_EVENTS).await;
     let (rows, whole) = folded_expected();
     assert_eq!(rows.len(), 75);
     let stored: Vec<FoldedRow> = client
@@ -1959,7 +1935,7 @@ impl crm_projections::Projection for Latest {
 #[tokio::test]
 async fn rows_rewritten_at_every_event_go_out_once_as_they_end_up() {
     // One chunk: all ten events' writes in one queue.
-    let (setup, client) = rebuilt_over_ten_events(Arc::new(Latest)).await;
+    let (setup, client) = rebuilt_over(Arc::new(Latest), 10).await;
     let rows: Vec<(i64, i64, i64, i64)> = client
         .query("SELECT k, v, at, since FROM latest ORDER BY k", &[])
         .await
@@ -2047,7 +2023,7 @@ impl crm_projections::Projection for Visits {
 
 #[tokio::test]
 async fn writes_that_name_more_columns_gather_with_those_of_fewer_in_order() {
-    let (setup, client) = rebuilt_over_ten_events(Arc::new(Visits)).await;
+    let (setup, client) = rebuilt_over(Arc::new(Visits), 10).await;
     let visits: Vec<(i64, i64, Option<i64>)> = client
         .query("SELECT k, v, closed FROM visits ORDER BY k, v", &[])
         .await
@@ -2127,7 +2103,7 @@ impl crm_projections::Projection for Abouts {
 
 #[tokio::test]
 async fn rows_deleted_and_written_again_per_key_gather_in_order() {
-    let (setup, client) = rebuilt_over_ten_events(Arc::new(Abouts)).await;
+    let (setup, client) = rebuilt_over(Arc::new(Abouts), 10).await;
     let rows: Vec<(i64, i64)> = client
         .query("SELECT s, a FROM abouts ORDER BY s, a", &[])
         .await
@@ -2219,7 +2195,7 @@ impl crm_projections::Projection for Ledger {
 
 #[tokio::test]
 async fn scoped_writes_of_other_keys_pass_each_other_only_where_no_other_unique_index_forbids() {
-    let (setup, client) = rebuilt_over_ten_events(Arc::new(Ledger)).await;
+    let (setup, client) = rebuilt_over(Arc::new(Ledger), 10).await;
     let tallies = tallies(&client, "scoped_tallies").await;
     // Every key inserted before its own two updates, whatever else moved.
     assert_eq!(tallies, (1..=5).map(|k| (k, 2, 2 * k)).collect::<Vec<_>>());
