@@ -1656,6 +1656,77 @@ async fn writes_of_one_key_in_parameters_of_other_types_keep_their_order() {
     setup.store.shutdown().await;
 }
 
+/// A read model of tables without a key, whose rows a rebuild sends by
+/// COPY unless the flush wrote their table before them: `plain_log` only
+/// gets rows; in `plain_visits` each event first marks the row of the
+/// event after as seen early (not there yet: no effect), then closes the
+/// row of the event before, then adds its own.
+struct PlainRows;
+
+impl crm_projections::Projection for PlainRows {
+    crm_projections::projection_names!(
+        "plain_rows",
+        "CREATE TABLE IF NOT EXISTS plain_log (k bigint NOT NULL, v text NOT NULL);
+        CREATE TABLE IF NOT EXISTS plain_visits (k bigint NOT NULL, closed bigint, early bigint)",
+        ["plain_log", "plain_visits"]
+    );
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let p = i64::try_from(event.global_position).unwrap();
+            tx.execute(
+                "INSERT INTO plain_log (k, v) VALUES ($1, $2)",
+                &[&p, &format!("event {p}")],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE plain_visits SET early = $2 WHERE k = $1",
+                &[&(p + 1), &p],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE plain_visits SET closed = $2 WHERE k = $1",
+                &[&(p - 1), &p],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO plain_visits (k, closed) VALUES ($1, $2)",
+                &[&p, &None::<i64>],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_sends_the_rows_of_a_table_without_a_key_in_order_with_its_updates() {
+    let (setup, client) = rebuilt_over(Arc::new(PlainRows), EARLY_EVENTS).await;
+    let log: Vec<(i64, String)> = (1..=EARLY_EVENTS)
+        .map(|k| (k, format!("event {k}")))
+        .collect();
+    assert_eq!(pairs::<String>(&client, "plain_log", "v").await, log);
+    // Each visit closed by the event after it; the last one open; none
+    // marked by the event before it.
+    let visits: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS)
+        .map(|k| (k, (k < EARLY_EVENTS).then_some(k + 1)))
+        .collect();
+    assert_eq!(
+        pairs::<Option<i64>>(&client, "plain_visits", "closed").await,
+        visits
+    );
+    let early: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS).map(|k| (k, None)).collect();
+    assert_eq!(
+        pairs::<Option<i64>>(&client, "plain_visits", "early").await,
+        early
+    );
+    setup.store.shutdown().await;
+}
+
 /// A read model whose rows are inserted, then updated by key in the same
 /// chunk, in every way a rebuild's folding of UPDATEs into the plain
 /// INSERT of a new row must get right: UPDATEs of some columns and of

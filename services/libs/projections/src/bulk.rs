@@ -122,6 +122,7 @@ pub(crate) struct Bulk {
 /// (FORMAT binary)` rather than as arrays to unnest: PostgreSQL's bulk
 /// insert path, without the arrays to parse and the function's rows to
 /// materialize (in a rebuild its inserts' CPU is most of the server's).
+/// Also every row of a plain INSERT (no conflict clause) in a rebuild.
 /// Only for an INSERT whose every value is a parameter alone, without a
 /// cast (so its type is its column's, and its bytes are the column's
 /// binary form), each taken once.
@@ -320,8 +321,11 @@ fn plan(sql: &str, types: &[Type]) -> Option<Bulk> {
         },
         None => Effect::Insert,
     };
+    // An upsert's rows known new, or every row of a plain INSERT (COPY
+    // inserts them as it does: a duplicate fails either way).
     let copy = match effect {
         Effect::Upsert { .. } => copy_in(&table, &columns, &values),
+        Effect::Insert if tail.trim().is_empty() => copy_in(&table, &columns, &values),
         _ => None,
     };
     let fed = fed_columns(&columns, &values, types);
@@ -1172,10 +1176,22 @@ mod tests {
         ] {
             assert_eq!(copy(sql, &[Type::TEXT, Type::TEXT]), None, "{sql}");
         }
-        // Only an upsert's rows can be known new.
+        // A plain INSERT's rows all may go by COPY; not those of one that
+        // handles a conflict without naming its key (nothing tells its
+        // rows new).
         assert_eq!(
             copy(
                 "INSERT INTO t (a, b) VALUES ($1, $2)",
+                &[Type::TEXT, Type::TEXT]
+            ),
+            Some(CopyIn {
+                sql: "COPY t (a, b) FROM STDIN (FORMAT binary)".to_owned(),
+                params: vec![0, 1],
+            })
+        );
+        assert_eq!(
+            copy(
+                "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 &[Type::TEXT, Type::TEXT]
             ),
             None

@@ -439,9 +439,19 @@ async fn work(
     let analyze = format!("ANALYZE {}", projection.tables().join(", "));
     let mut ended = false;
     while let Some(mut work) = receiver.recv().await {
-        if matches!(work, Work::End) {
-            ended = true;
-            break;
+        match work {
+            Work::End => {
+                ended = true;
+                break;
+            }
+            // A chunk without events of the projection's: no transaction
+            // (the rebuild's own position is read by nothing but the swap,
+            // which takes it from here).
+            Work::Through(until) => {
+                position = until;
+                continue;
+            }
+            Work::Events(_) => {}
         }
         let tx = Tx::rebuilding(client.transaction().await?, &cache, &fresh);
         loop {

@@ -1183,7 +1183,11 @@ impl<'a> Tx<'a> {
                                 })
                             }
                         };
-                        if let (Some(copy), false, true) = (&bulk.copy, as_is, ahead)
+                        // A rebuild's plain INSERT: all its rows new.
+                        let new = !as_is
+                            || (self.fresh.is_some()
+                                && matches!(bulk.effect, crate::bulk::Effect::Insert));
+                        if let (Some(copy), true, true) = (&bulk.copy, new, ahead)
                             && !ungathered
                                 .iter()
                                 .any(|write| write.shape.mentions(bulk.table()))
