@@ -226,7 +226,7 @@ pub async fn rebuild_projections(
     let started = std::time::Instant::now();
     let mut last_log = started;
     let result =
-        crm_projections::rebuild_many(chosen, &store, &config.pg_config()?, 5_000, |progress| {
+        crm_projections::rebuild_many(chosen, &store, &config.pg_config()?, crm_projections::REBUILD_CHUNK, |progress| {
             let percent = if progress.head == 0 {
                 100.0
             } else {

@@ -85,7 +85,7 @@ pub use analytics::{Analytics, NAME as ANALYTICS};
 pub use customer_360::{Customer360, NAME as CUSTOMER_360, TIMELINE_KINDS};
 pub use engagement::{Engagement, NAME as ENGAGEMENT};
 pub use pipeline_board::{NAME as PIPELINE_BOARD, PipelineBoard};
-pub use rebuild::{Progress, RebuildError, rebuild, rebuild_many};
+pub use rebuild::{CHUNK as REBUILD_CHUNK, Progress, RebuildError, rebuild, rebuild_many};
 pub use runtime::{
     Applied, ApplyError, ApplyFuture, Projection, ProjectionStatus, Projector, ProjectorOptions,
     STATUS_SCHEMA, StateCache, Tx, applied_position, ensure_schema, statuses,

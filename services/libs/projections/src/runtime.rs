@@ -861,9 +861,9 @@ impl tokio_postgres::types::ToSql for Sent<'_> {
 /// Queued writes sent as one pipeline when the queue reaches this length.
 const PIPELINE: usize = 1_000;
 
-/// The same in a rebuild's chunk: its writes all go at commit (a chunk of
-/// 5,000 events queues fewer), so rows written at many events collapse
-/// across the whole chunk and the worker waits once per chunk.
+/// The same in a rebuild's chunk: its writes go at commit or in pipelines
+/// this long, so rows written at many events collapse across thousands of
+/// events and the worker seldom waits.
 const REBUILD_PIPELINE: usize = 20_000;
 
 /// Aggregate states a rebuild has written, by row, so the next event of the
