@@ -344,15 +344,20 @@ async fn rebuild_all(db: &TestDb, count: u64) -> f64 {
     }
     let started = Instant::now();
     let mut last_report = Instant::now();
-    let swapped =
-        crm_projections::rebuild_many(crm_projections::all(), &store, db.config(), crm_projections::REBUILD_CHUNK, |p| {
+    let swapped = crm_projections::rebuild_many(
+        crm_projections::all(),
+        &store,
+        db.config(),
+        crm_projections::REBUILD_CHUNK,
+        |p| {
             if last_report.elapsed() > Duration::from_secs(5) {
                 progress(&format!("rebuilt to {} of {}", p.position, p.head));
                 last_report = Instant::now();
             }
-        })
-        .await
-        .expect("rebuild");
+        },
+    )
+    .await
+    .expect("rebuild");
     for (name, at) in swapped {
         assert_eq!(at, count, "{name} rebuilt to the head");
     }

@@ -225,8 +225,12 @@ pub async fn rebuild_projections(
     let terminal = std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
     let mut last_log = started;
-    let result =
-        crm_projections::rebuild_many(chosen, &store, &config.pg_config()?, crm_projections::REBUILD_CHUNK, |progress| {
+    let result = crm_projections::rebuild_many(
+        chosen,
+        &store,
+        &config.pg_config()?,
+        crm_projections::REBUILD_CHUNK,
+        |progress| {
             let percent = if progress.head == 0 {
                 100.0
             } else {
@@ -258,8 +262,9 @@ pub async fn rebuild_projections(
                     "rebuild progress"
                 );
             }
-        })
-        .await;
+        },
+    )
+    .await;
     if terminal {
         eprintln!();
     }

@@ -106,13 +106,19 @@ impl ProjectionsAdmin for ProjectionsAdminService {
         // that the caller does not read in time is dropped, the end is not.
         tokio::spawn(async move {
             let progress = sender.clone();
-            let result = crm_projections::rebuild(projection, &store, &pg, crm_projections::REBUILD_CHUNK, |p| {
-                let _ = progress.try_send(Ok(RebuildProgress {
-                    position: p.position,
-                    head: p.head,
-                    done: false,
-                }));
-            })
+            let result = crm_projections::rebuild(
+                projection,
+                &store,
+                &pg,
+                crm_projections::REBUILD_CHUNK,
+                |p| {
+                    let _ = progress.try_send(Ok(RebuildProgress {
+                        position: p.position,
+                        head: p.head,
+                        done: false,
+                    }));
+                },
+            )
             .await;
             let last = match result {
                 Ok(position) => Ok(RebuildProgress {

@@ -272,6 +272,22 @@ impl DomainEvent for AccountEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Common(event) => event.occurred_at(),
+            Self::ChurnRiskFlagged(e) => e.occurred_at,
+            Self::PersonalDataErased(e) => e.occurred_at,
+            Self::Created(e) => e.occurred_at,
+            Self::DetailsUpdated(e) => e.occurred_at,
+            Self::BecameCustomer(e) => e.occurred_at,
+            Self::Churned(e) => e.occurred_at,
+            Self::Merged(e) => e.occurred_at,
+            Self::MergedInto(e) => e.occurred_at,
+            Self::Archived(e) => e.occurred_at,
+            Self::Restored(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _schema_version: u32,

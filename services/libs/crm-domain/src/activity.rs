@@ -124,6 +124,15 @@ impl DomainEvent for ActivityEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Logged(e) => e.occurred_at,
+            Self::Scheduled(e) => e.occurred_at,
+            Self::Completed(e) => e.occurred_at,
+            Self::Overdue(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _schema_version: u32,

@@ -93,6 +93,9 @@ pub trait DomainEvent: Serialize + Sized + Clone + std::fmt::Debug + PartialEq {
     /// Past-tense PascalCase, e.g. `ContactCreated`; stable forever.
     fn event_type(&self) -> &'static str;
 
+    /// When it happened, in business time: every event carries one.
+    fn occurred_at(&self) -> Timestamp;
+
     /// The payload's current schema version.
     fn schema_version(&self) -> u32 {
         1

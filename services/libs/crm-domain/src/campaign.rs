@@ -242,6 +242,16 @@ impl DomainEvent for CampaignEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Planned(e) => e.occurred_at,
+            Self::DetailsUpdated(e) => e.occurred_at,
+            Self::CostRecorded(e) => e.occurred_at,
+            Self::MemberAdded(e) => e.occurred_at,
+            Self::MemberResponded(e) => e.occurred_at,
+        }
+    }
+
     fn schema_version(&self) -> u32 {
         match self {
             Self::MemberAdded(_) | Self::MemberResponded(_) => 2,

@@ -87,6 +87,12 @@ impl DomainEvent for ProductEvent {
         "ProductRecorded"
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Recorded(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _: u32,
@@ -261,6 +267,13 @@ impl DomainEvent for OrderEvent {
         match self {
             Self::Recorded(_) => "OrderRecorded",
             Self::Cancelled(_) => "OrderCancelled",
+        }
+    }
+
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Recorded(e) => e.occurred_at,
+            Self::Cancelled(e) => e.occurred_at,
         }
     }
 
@@ -466,6 +479,12 @@ impl DomainEvent for InvoiceEvent {
         "InvoiceIssued"
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Issued(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _: u32,
@@ -609,6 +628,13 @@ impl DomainEvent for PaymentEvent {
         match self {
             Self::Received(_) => "PaymentReceived",
             Self::Refunded(_) => "RefundIssued",
+        }
+    }
+
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Received(e) => e.occurred_at,
+            Self::Refunded(e) => e.occurred_at,
         }
     }
 

@@ -40,6 +40,10 @@ impl<C: ConfigContent> DomainEvent for Published<C> {
         C::EVENT_TYPE
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        self.occurred_at
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _: u32,

@@ -336,6 +336,23 @@ impl DomainEvent for ContactEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Common(event) => event.occurred_at(),
+            Self::Created(e) => e.occurred_at,
+            Self::DetailsUpdated(e) => e.occurred_at,
+            Self::ConsentChanged(e) => e.occurred_at,
+            Self::Archived(e) => e.occurred_at,
+            Self::Restored(e) => e.occurred_at,
+            Self::LinkedToAccount(e) => e.occurred_at,
+            Self::UnlinkedFromAccount(e) => e.occurred_at,
+            Self::NpsRecorded(e) => e.occurred_at,
+            Self::Merged(e) => e.occurred_at,
+            Self::MergedInto(e) => e.occurred_at,
+            Self::PersonalDataErased(e) => e.occurred_at,
+        }
+    }
+
     fn schema_version(&self) -> u32 {
         match self {
             Self::Created(_) => 2,

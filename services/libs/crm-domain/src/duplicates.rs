@@ -88,6 +88,13 @@ impl DomainEvent for DuplicateEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Suspected(e) => e.occurred_at,
+            Self::Dismissed(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _schema_version: u32,

@@ -238,6 +238,19 @@ impl DomainEvent for LeadEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Common(event) => event.occurred_at(),
+            Self::Captured(e) => e.occurred_at,
+            Self::DetailsUpdated(e) => e.occurred_at,
+            Self::StatusChanged(e) => e.occurred_at,
+            Self::Converted(e) => e.occurred_at,
+            Self::Merged(e) => e.occurred_at,
+            Self::MergedInto(e) => e.occurred_at,
+            Self::PersonalDataErased(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _schema_version: u32,

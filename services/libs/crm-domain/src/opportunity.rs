@@ -280,6 +280,20 @@ impl DomainEvent for OpportunityEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Common(event) => event.occurred_at(),
+            Self::Stalled(e) => e.occurred_at,
+            Self::Opened(e) => e.occurred_at,
+            Self::StageChanged(e) => e.occurred_at,
+            Self::ForecastFieldsChanged(e) => e.occurred_at,
+            Self::Won(e) => e.occurred_at,
+            Self::Lost(e) => e.occurred_at,
+            Self::Reopened(e) => e.occurred_at,
+            Self::LineItemsChanged(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _schema_version: u32,

@@ -84,6 +84,12 @@ impl DomainEvent for PipelineEvent {
         "PipelinePublished"
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Published(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _schema_version: u32,

@@ -99,6 +99,18 @@ impl CommonEvent {
         }
     }
 
+    /// When it happened in business time.
+    pub fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::OwnerChanged(e) => e.occurred_at,
+            Self::TagsChanged(e) => e.occurred_at,
+            Self::Shared(e) => e.occurred_at,
+            Self::ShareRevoked(e) => e.occurred_at,
+            Self::Archived(e) => e.occurred_at,
+            Self::Restored(e) => e.occurred_at,
+        }
+    }
+
     /// Reads one of the shared event types; `None` for any other type.
     pub fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,

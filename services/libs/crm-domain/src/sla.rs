@@ -305,6 +305,17 @@ impl DomainEvent for SlaEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::PolicyApplied(e) => e.occurred_at,
+            Self::Paused(e) => e.occurred_at,
+            Self::Resumed(e) => e.occurred_at,
+            Self::WarningReached(e) => e.occurred_at,
+            Self::Breached(e) => e.occurred_at,
+            Self::TargetMet(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _schema_version: u32,

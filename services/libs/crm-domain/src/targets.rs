@@ -83,6 +83,12 @@ impl DomainEvent for TargetEvent {
         "SalesTargetAllocated"
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Allocated(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _: u32,

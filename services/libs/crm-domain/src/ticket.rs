@@ -277,6 +277,22 @@ impl DomainEvent for TicketEvent {
         }
     }
 
+    fn occurred_at(&self) -> jiff::Timestamp {
+        match self {
+            Self::Common(event) => event.occurred_at(),
+            Self::Opened(e) => e.occurred_at,
+            Self::Triaged(e) => e.occurred_at,
+            Self::Assigned(e) => e.occurred_at,
+            Self::MessageAdded(e) => e.occurred_at,
+            Self::StatusChanged(e) => e.occurred_at,
+            Self::Escalated(e) => e.occurred_at,
+            Self::Solved(e) => e.occurred_at,
+            Self::Reopened(e) => e.occurred_at,
+            Self::Closed(e) => e.occurred_at,
+            Self::CsatReceived(e) => e.occurred_at,
+        }
+    }
+
     fn decode<'de, D: serde::Deserializer<'de>>(
         event_type: &str,
         _schema_version: u32,

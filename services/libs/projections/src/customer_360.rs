@@ -26,6 +26,7 @@
 //! makes them read as empty here too. Summaries hold no personal value: only
 //! codes, ids, amounts, dates and the names of changed fields.
 use crate::Tx;
+use crm_domain::DomainEvent;
 use crm_domain::account::{Account, AccountChanges, AccountEvent, AccountKind};
 use crm_domain::activity::{ActivityEvent, Target};
 use crm_domain::commerce::{InvoiceEvent, OrderEvent, PaymentEvent};
@@ -207,13 +208,6 @@ CREATE INDEX IF NOT EXISTS c360_timeline_by_stream
 
 type Time = std::time::SystemTime;
 
-fn malformed(event: &RecordedEvent, reason: impl std::fmt::Display) -> ApplyError {
-    ApplyError::Payload {
-        event_type: event.event_type.clone(),
-        reason: reason.to_string(),
-    }
-}
-
 fn position(event: &RecordedEvent) -> i64 {
     i64::try_from(event.global_position).unwrap_or(i64::MAX)
 }
@@ -294,12 +288,6 @@ fn common(event: &CommonEvent) -> Option<String> {
     })
 }
 
-/// Business time as the payload carries it (every event has one).
-#[derive(serde::Deserialize)]
-struct Occurred {
-    occurred_at: jiff::Timestamp,
-}
-
 /// A timeline row's time: to the microsecond as PostgreSQL reads the
 /// payload's text (rounded, where tokio-postgres would cut), as the rows
 /// written when the text was sent are.
@@ -307,22 +295,22 @@ fn timeline_time(at: jiff::Timestamp) -> std::time::SystemTime {
     at.round(jiff::Unit::Microsecond).unwrap_or(at).into()
 }
 
-/// One timeline row for `event`.
+/// One timeline row for `event`, which happened at `at` (its decoded
+/// payload's `occurred_at`).
 async fn timeline(
     tx: &Tx<'_>,
     event: &RecordedEvent,
+    at: jiff::Timestamp,
     kind: &str,
     summary: &str,
 ) -> Result<(), ApplyError> {
-    let occurred: Occurred =
-        serde_json::from_str(event.payload.as_str()).map_err(|e| malformed(event, e))?;
     tx.execute(
         "INSERT INTO c360_timeline (tenant_id, position, occurred_at, kind, event_type, summary, \
            stream_type, stream_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         &[
             &event.tenant_id,
             &position(event),
-            &timeline_time(occurred.occurred_at),
+            &timeline_time(at),
             &kind,
             &event.event_type,
             &summary,
@@ -489,7 +477,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     )
     .await?;
     if let Some(summary) = summary {
-        timeline(tx, event, "account", &summary).await?;
+        timeline(tx, event, decoded.occurred_at(), "account", &summary).await?;
     }
     Ok(())
 }
@@ -590,7 +578,7 @@ async fn contact(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         ContactEvent::Common(common_event) => common(common_event),
     };
     if let Some(summary) = summary {
-        timeline(tx, event, "contact", &summary).await?;
+        timeline(tx, event, decoded.occurred_at(), "contact", &summary).await?;
     }
     Ok(())
 }
@@ -627,7 +615,7 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         | OpportunityEvent::Common(_) => None,
     };
     if let Some(summary) = summary {
-        timeline(tx, event, "deal", &summary).await?;
+        timeline(tx, event, decoded.occurred_at(), "deal", &summary).await?;
     }
     Ok(())
 }
@@ -689,7 +677,7 @@ async fn ticket(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         | TicketEvent::Common(_) => None,
     };
     if let Some(summary) = summary {
-        timeline(tx, event, "ticket", &summary).await?;
+        timeline(tx, event, decoded.occurred_at(), "ticket", &summary).await?;
     }
     Ok(())
 }
@@ -702,7 +690,7 @@ async fn sla(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         }
         Some(SlaEvent::Breached(alarm)) => {
             let summary = format!("SLA {} breached", alarm.metric.name());
-            timeline(tx, event, "sla", &summary).await?;
+            timeline(tx, event, alarm.occurred_at, "sla", &summary).await?;
         }
         _ => {}
     }
@@ -825,7 +813,7 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
         }
     };
     if let Some(summary) = summary {
-        timeline(tx, event, "activity", &summary).await?;
+        timeline(tx, event, decoded.occurred_at(), "activity", &summary).await?;
     }
     Ok(())
 }
@@ -882,7 +870,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 order.status,
                 money(&order.totals.gross)
             );
-            timeline(tx, event, "order", &summary).await?;
+            timeline(tx, event, order.occurred_at, "order", &summary).await?;
         }
         Some(OrderEvent::Cancelled(cancelled)) => {
             let at: Time = cancelled.occurred_at.into();
@@ -895,7 +883,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 .await?
                 .map(|row| row.get(0));
             let summary = format!("order {} {}", number.unwrap_or_default(), cancelled.reason);
-            timeline(tx, event, "order", &summary).await?;
+            timeline(tx, event, cancelled.occurred_at, "order", &summary).await?;
         }
         None => {}
     }
@@ -946,7 +934,7 @@ async fn invoice(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         money(&invoice.totals.gross),
         invoice.due_on
     );
-    timeline(tx, event, "invoice", &summary).await
+    timeline(tx, event, invoice.occurred_at, "invoice", &summary).await
 }
 
 async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
@@ -982,7 +970,7 @@ async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 .collect();
             set_about(tx, event, &about).await?;
             let summary = format!("payment received: {}", money(&received.amount));
-            timeline(tx, event, "payment", &summary).await?;
+            timeline(tx, event, received.occurred_at, "payment", &summary).await?;
         }
         Some(PaymentEvent::Refunded(refund)) => {
             tx.execute(
@@ -992,7 +980,7 @@ async fn payment(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             )
             .await?;
             let summary = format!("refund issued: {}", money(&refund.amount));
-            timeline(tx, event, "payment", &summary).await?;
+            timeline(tx, event, refund.occurred_at, "payment", &summary).await?;
         }
         None => {}
     }
