@@ -1201,6 +1201,98 @@ async fn a_rebuild_reads_its_own_queued_writes_and_names_the_event_whose_write_f
     setup.store.shutdown().await;
 }
 
+/// A read model whose primary key only guards its live writes: a rebuild
+/// (`rebuild_keys`: the key named) writes `k = position % modulo` by plain
+/// INSERTs and adds the key at the end.
+struct KeyedLog {
+    keys: &'static [&'static str],
+    modulo: i64,
+}
+
+impl crm_projections::Projection for KeyedLog {
+    crm_projections::projection_names!(
+        "keyed_log",
+        "CREATE TABLE IF NOT EXISTS keyed_log (k bigint PRIMARY KEY, v bigint NOT NULL)",
+        ["keyed_log"]
+    );
+
+    fn rebuild_keys(&self) -> &'static [&'static str] {
+        self.keys
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a crm_projections::Tx<'_>,
+        event: &'a crm_event_store::RecordedEvent,
+    ) -> crm_projections::ApplyFuture<'a> {
+        Box::pin(async move {
+            let p = i64::try_from(event.global_position).unwrap();
+            let sql = match tx.in_rebuild() {
+                true => "INSERT INTO keyed_log (k, v) VALUES ($1, $2)",
+                false => "INSERT INTO keyed_log (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING",
+            };
+            tx.execute(sql, &[&(p % self.modulo), &p]).await?;
+            Ok(())
+        })
+    }
+}
+
+/// A rebuild drops the keys a projection names as only its live writes'
+/// and adds them once its tables are full; it refuses a name that is not
+/// a primary key of its schema, and fails (the live table as it was) when
+/// a row was written twice under one.
+#[tokio::test]
+async fn a_rebuild_adds_its_deferred_keys_at_the_end_and_fails_on_a_row_written_twice() {
+    let setup = setup_runtime().await;
+    open_deals(&setup.store, Uuid::now_v7(), 300, 1_000).await;
+    let client = setup.db.client().await;
+    let keyed = |keys, modulo| Arc::new(KeyedLog { keys, modulo });
+    crm_projections::ensure_schema(&client, keyed(&["keyed_log_pkey"], 1_000).as_ref())
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO keyed_log (k, v) VALUES (-1, -1)")
+        .await
+        .unwrap();
+    let live = || first_column::<i64>(&client, "SELECT k FROM keyed_log ORDER BY k");
+    let error = rebuild_in(&setup, keyed(&["keyed_log_by_nothing"], 1_000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            crm_projections::RebuildError::NotARebuildKey {
+                projection: "keyed_log",
+                key: "keyed_log_by_nothing"
+            }
+        ),
+        "{error}"
+    );
+    // Events 251 to 300 write the keys of events 1 to 50 again.
+    let error = rebuild_in(&setup, keyed(&["keyed_log_pkey"], 250))
+        .await
+        .unwrap_err();
+    assert!(format!("{error:?}").contains("keyed_log_pkey"), "{error:?}");
+    assert_eq!(live().await, vec![-1], "the live table as it was");
+    let swapped = rebuild_in(&setup, keyed(&["keyed_log_pkey"], 1_000))
+        .await
+        .unwrap();
+    assert_eq!(swapped, 300);
+    assert_eq!(live().await, (1..=300).collect::<Vec<i64>>());
+    let key: String = client
+        .query_one(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = 'public.keyed_log'::regclass AND contype = 'p' \
+               AND conname = 'keyed_log_pkey'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key, "PRIMARY KEY (k)");
+    setup.store.shutdown().await;
+}
+
 /// A read model that names, among the indexes only its queries use, the
 /// ones given.
 struct NamesQueryIndexes(&'static [&'static str]);

@@ -197,12 +197,9 @@ CREATE TABLE IF NOT EXISTS c360_timeline (
     event_type  text        NOT NULL,
     summary     text        NOT NULL,
     stream_type text        NOT NULL,
-    stream_id   uuid        NOT NULL
+    stream_id   uuid        NOT NULL,
+    PRIMARY KEY (tenant_id, position)
 );
--- No key: rows are only ever added, one per event at most, and the
--- projection's checkpoint applies each position once (a key kept up to date
--- row by row cost a rebuild about 0.8 µs a row, for no query).
-ALTER TABLE c360_timeline DROP CONSTRAINT IF EXISTS c360_timeline_pkey;
 CREATE INDEX IF NOT EXISTS c360_timeline_by_stream
     ON c360_timeline (tenant_id, stream_id, occurred_at DESC, position DESC)";
 
@@ -304,9 +301,21 @@ async fn timeline(
     kind: &str,
     summary: &str,
 ) -> Result<(), ApplyError> {
+    // A rebuild adds the key once the table is full (`rebuild_keys`): its
+    // rows go by COPY, without a conflict clause.
+    let sql = match tx.in_rebuild() {
+        true => {
+            "INSERT INTO c360_timeline (tenant_id, position, occurred_at, kind, event_type, \
+               summary, stream_type, stream_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        }
+        false => {
+            "INSERT INTO c360_timeline (tenant_id, position, occurred_at, kind, event_type, \
+               summary, stream_type, stream_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (tenant_id, position) DO NOTHING"
+        }
+    };
     tx.execute(
-        "INSERT INTO c360_timeline (tenant_id, position, occurred_at, kind, event_type, summary, \
-           stream_type, stream_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        sql,
         &[
             &event.tenant_id,
             &position(event),
@@ -1016,6 +1025,12 @@ impl Projection for Customer360 {
             "c360_payments_by_account",
             "c360_timeline_by_stream",
         ]
+    }
+
+    fn rebuild_keys(&self) -> &'static [&'static str] {
+        // One row per event at most: kept row by row it cost a rebuild
+        // about 0.8 µs a row (847,000 rows per 1M events).
+        &["c360_timeline_pkey"]
     }
 
     fn stream_types(&self) -> &'static [&'static str] {

@@ -46,6 +46,13 @@ pub enum RebuildError {
         projection: &'static str,
         index: &'static str,
     },
+    #[error(
+        "{projection}: {key}, named among its rebuild keys, is not a primary key its schema creates"
+    )]
+    NotARebuildKey {
+        projection: &'static str,
+        key: &'static str,
+    },
 }
 
 /// How far a rebuild has got.
@@ -224,8 +231,9 @@ pub async fn rebuild_many(
     Ok(swapped)
 }
 
-/// A rebuild's connection, and the definitions of the indexes it creates
-/// once its tables are full ([`Projection::query_indexes`]).
+/// A rebuild's connection, and the statements that create the indexes and
+/// keys it adds once its tables are full ([`Projection::query_indexes`],
+/// [`Projection::rebuild_keys`]).
 struct Prepared {
     client: Object,
     deferred_indexes: Vec<String>,
@@ -320,6 +328,37 @@ async fn prepare(
             .batch_execute(&format!("DROP INDEX {schema}.{index}"))
             .await?;
         deferred_indexes.push(definition);
+    }
+    // The primary keys only live writes rely on: dropped until `finish`
+    // adds them again, as the schema made them: the index first (a build
+    // that can run beside the table's other index builds), then the key
+    // made of it.
+    for &key in projection.rebuild_keys() {
+        let found = client
+            .query_opt(
+                "SELECT t.relname::text, pg_get_indexdef(c.conindid) FROM pg_constraint c \
+                 JOIN pg_class t ON t.oid = c.conrelid \
+                 WHERE c.conname = $1 AND c.contype = 'p' \
+                   AND c.connamespace = to_regnamespace($2)",
+                &[&key, &schema],
+            )
+            .await?;
+        let Some(row) = found else {
+            return Err(RebuildError::NotARebuildKey {
+                projection: name,
+                key,
+            });
+        };
+        let (table, definition): (String, String) = (row.get(0), row.get(1));
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {schema}.{table} DROP CONSTRAINT {key}"
+            ))
+            .await?;
+        deferred_indexes.push(format!(
+            "{definition}; ALTER TABLE {schema}.{table} ADD CONSTRAINT {key} \
+             PRIMARY KEY USING INDEX {key}"
+        ));
     }
     // Which tables have no trigger (which could write rows unseen), with
     // their columns' types; then which of those the schema left empty.

@@ -971,6 +971,12 @@ impl<'a> Tx<'a> {
         self.cache
     }
 
+    /// Whether this is a rebuild's transaction, into fresh tables (see
+    /// [`Projection::rebuild_keys`]).
+    pub fn in_rebuild(&self) -> bool {
+        self.cache.is_some()
+    }
+
     fn deferred(&self) -> std::sync::MutexGuard<'_, Deferred> {
         self.deferred.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1590,6 +1596,16 @@ pub trait Projection: Send + Sync + 'static {
     /// not be named here, or each statement using it scans its table while
     /// the rebuild runs.
     fn query_indexes(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Its primary keys (constraint names) that only live writes use: an
+    /// `ON CONFLICT ... DO NOTHING` against an event applied twice. In a
+    /// rebuild ([`Tx::in_rebuild`]) `apply` writes those tables
+    /// with plain INSERTs, which a rebuild sends by COPY; it adds these keys
+    /// once its tables are full, in one sorted pass each (which also fails
+    /// the rebuild if a row was written twice), instead of keeping them up
+    /// to date row by row.
+    fn rebuild_keys(&self) -> &'static [&'static str] {
         &[]
     }
     /// The stream types whose events may change its tables (empty: every
