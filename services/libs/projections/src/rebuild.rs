@@ -69,7 +69,8 @@ pub struct Progress {
 /// table's tuple descriptor in the statement's resource owner, whose hash
 /// of one repeated pointer probes linearly), up to its buffer of 1,000 rows
 /// or 64 kB. 25,000 rather than 5,000 took a 1M-event rebuild's PostgreSQL
-/// time from 13.9–14.3 to 12.8–13.0 cpu-s (`docs/benchmarks.md`).
+/// time from 13.9–14.3 to 12.8–13.0 cpu-s (`docs/benchmarks.md`). The
+/// first chunks are smaller (see `chunk_after`).
 pub const CHUNK: u64 = 25_000;
 
 /// Rebuilds `projection` and swaps it in; returns the position it swapped
@@ -158,7 +159,7 @@ pub async fn rebuild_many(
                 return Ok::<_, RebuildError>(position);
             }
             while position < head {
-                let until = head.min(position + chunk.max(1));
+                let until = head.min(position + chunk_after(position, chunk));
                 let mut events = store.replay(position, until, Filter::default());
                 while let Some(event) = events.next().await {
                     let mut event = event?;
@@ -448,6 +449,18 @@ async fn finish(
     Ok(())
 }
 
+/// The most events of a rebuild's first chunk; the chunks after it double
+/// up to the rebuild's chunk (see [`FIRST_ANALYZE`]).
+const FIRST_CHUNK: u64 = 5_000;
+
+/// The events of the chunk that starts after `position`: the first ones
+/// smaller (doubling up to `chunk`), since a worker analyses its tables
+/// only between transactions, and its plans must stop scanning the growing
+/// tables early.
+fn chunk_after(position: u64, chunk: u64) -> u64 {
+    chunk.min(position.max(FIRST_CHUNK)).max(1)
+}
+
 /// Events per message from the reader to a rebuild worker.
 const BATCH: usize = 256;
 
@@ -692,6 +705,25 @@ async fn apply_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_chunks_are_smaller_and_double_up_to_the_chunk() {
+        let mut position = 0;
+        let mut chunks = Vec::new();
+        while position < 100_000 {
+            let chunk = chunk_after(position, 25_000);
+            chunks.push(chunk);
+            position += chunk;
+        }
+        assert_eq!(
+            chunks,
+            [5_000, 5_000, 10_000, 20_000, 25_000, 25_000, 25_000]
+        );
+        // A chunk below the first one's size stays as it is; never empty.
+        assert_eq!(chunk_after(0, 100), 100);
+        assert_eq!(chunk_after(7_000, 100), 100);
+        assert_eq!(chunk_after(0, 0), 1);
+    }
 
     /// A projection's deferred indexes are built on connections of their
     /// own; one that gets none is built on the worker's connection.
