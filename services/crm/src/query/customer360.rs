@@ -1046,14 +1046,17 @@ impl Customer360 for Customer360Service {
             ready_all(&self.pool, &[CUSTOMER_360], request.options, self.wait).await?;
         let tenant = caller.tenant.as_str();
         let scope = scope(&client, tenant, requested).await?;
+        // The records' own streams and those the about table names, each
+        // read by the stream index (an OR of the two would read every row
+        // of the tenant).
         let rows = client
             .query(
                 "SELECT position, occurred_at, kind, event_type, summary, stream_type, stream_id, \
                    (EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint \
                  FROM c360_timeline \
                  WHERE tenant_id = $1 \
-                   AND (stream_id = ANY($2) OR stream_id IN (SELECT stream_id FROM c360_about \
-                        WHERE tenant_id = $1 AND about_id = ANY($2))) \
+                   AND stream_id IN (SELECT unnest($2::uuid[]) UNION SELECT stream_id \
+                        FROM c360_about WHERE tenant_id = $1 AND about_id = ANY($2)) \
                    AND (cardinality($3::text[]) = 0 OR kind = ANY($3)) \
                    AND ((EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint, position) < ($4, $5) \
                  ORDER BY occurred_at DESC, position DESC LIMIT $6",
