@@ -1688,18 +1688,26 @@ impl crm_projections::Projection for EarlyUpdates {
     }
 }
 
+/// Rows 1 to `events`, each closed by the event after it; the last open.
+fn closed_by_the_next(events: i64) -> Vec<(i64, Option<i64>)> {
+    (1..=events)
+        .map(|k| (k, (k < events).then_some(k + 1)))
+        .collect()
+}
+
+/// Rows 1 to `events`, each with its column still NULL.
+fn untouched(events: i64) -> Vec<(i64, Option<i64>)> {
+    (1..=events).map(|k| (k, None)).collect()
+}
+
 #[tokio::test]
 async fn a_rebuild_keeps_an_update_that_found_no_row_ahead_of_the_insert_of_its_key() {
     let (setup, client) = rebuilt_over(Arc::new(EarlyUpdates), EARLY_EVENTS).await;
     let rows = |table| pairs::<Option<i64>>(&client, table, "closed");
-    // Each visit closed by the event after it; the last one open.
-    let visits: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS)
-        .map(|k| (k, (k < EARLY_EVENTS).then_some(k + 1)))
-        .collect();
+    let visits = closed_by_the_next(EARLY_EVENTS);
     assert_eq!(rows("early_visits").await, visits);
     assert_eq!(rows("early_spans").await, visits);
-    let lone: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS).map(|k| (k, None)).collect();
-    assert_eq!(rows("early_lone").await, lone);
+    assert_eq!(rows("early_lone").await, untouched(EARLY_EVENTS));
     setup.store.shutdown().await;
 }
 
@@ -1748,11 +1756,11 @@ async fn writes_of_one_key_in_parameters_of_other_types_keep_their_order() {
     setup.store.shutdown().await;
 }
 
-/// A read model of tables without a key, whose rows a rebuild sends by
-/// COPY unless the flush wrote their table before them: `plain_log` only
-/// gets rows; in `plain_visits` each event first marks the row of the
-/// event after as seen early (not there yet: no effect), then closes the
-/// row of the event before, then adds its own.
+/// A read model of tables without a key: `plain_log` only gets rows,
+/// which a rebuild sends by COPY; in `plain_visits` each event first marks
+/// the row of the event after as seen early (not there yet: no effect),
+/// then closes the row of the event before, then adds its own, and no row
+/// may go ahead of an UPDATE queued before it.
 struct PlainRows;
 
 impl crm_projections::Projection for PlainRows {
@@ -1804,18 +1812,9 @@ async fn a_rebuild_sends_the_rows_of_a_table_without_a_key_in_order_with_its_upd
     assert_eq!(pairs::<String>(&client, "plain_log", "v").await, log);
     // Each visit closed by the event after it; the last one open; none
     // marked by the event before it.
-    let visits: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS)
-        .map(|k| (k, (k < EARLY_EVENTS).then_some(k + 1)))
-        .collect();
-    assert_eq!(
-        pairs::<Option<i64>>(&client, "plain_visits", "closed").await,
-        visits
-    );
-    let early: Vec<(i64, Option<i64>)> = (1..=EARLY_EVENTS).map(|k| (k, None)).collect();
-    assert_eq!(
-        pairs::<Option<i64>>(&client, "plain_visits", "early").await,
-        early
-    );
+    let visits = |column| pairs::<Option<i64>>(&client, "plain_visits", column);
+    assert_eq!(visits("closed").await, closed_by_the_next(EARLY_EVENTS));
+    assert_eq!(visits("early").await, untouched(EARLY_EVENTS));
     setup.store.shutdown().await;
 }
 

@@ -50,6 +50,13 @@
 //! before them naming the table) when the INSERT's every value is a
 //! parameter alone, without a cast, each taken once: pass literals, dates
 //! and fallbacks as parameters rather than writing them in the SQL.
+//! A plain INSERT (no conflict clause) in a rebuild goes by COPY too, under
+//! the same rule. A primary key that only guards live writes against an
+//! event applied twice (an `ON CONFLICT ... DO NOTHING` of rows only ever
+//! added) can be named in [`Projection::rebuild_keys`]: a rebuild drops it
+//! while its tables fill and adds it at the end (a row written twice then
+//! fails the rebuild), and `apply` writes that table without the conflict
+//! clause when [`Tx::in_rebuild`] (see `customer_360::timeline`).
 //! In a rebuild each event is decoded once for all read models
 //! (`state::decoded`, `crm_event_store::Decoded`).
 //!
