@@ -687,6 +687,16 @@ async fn bad_analytics_queries_name_their_field() {
         .await
         .unwrap_err();
     assert_eq!(invalid(status), ["period.from"]);
+    // Before 1900: INVALID_ARGUMENT by name, not a database error
+    // (PostgreSQL refuses years before 4713 BC) reported as UNAVAILABLE.
+    let status = analytics
+        .get_nps(app.request(GetNpsRequest {
+            period: period("-009999-01-03T00:00:00Z", "-009999-02-01T00:00:00Z"),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid(status), ["period.from"]);
     let status = analytics
         .get_revenue(app.request(GetRevenueRequest {
             period: period("2026-02-01T00:00:00Z", "2026-01-01T00:00:00Z"),
@@ -758,6 +768,15 @@ async fn bad_analytics_queries_name_their_field() {
         (
             GetRfmRequest {
                 as_of: "now".into(),
+                ..Default::default()
+            },
+            "as_of",
+        ),
+        // Far in the past: refused by name (it used to panic the handler
+        // computing a year before it).
+        (
+            GetRfmRequest {
+                as_of: "-009999-06-01T00:00:00Z".into(),
                 ..Default::default()
             },
             "as_of",

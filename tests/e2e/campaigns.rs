@@ -207,6 +207,40 @@ async fn bad_campaign_inputs_are_refused() {
         ),
         ["amount.currency"]
     );
+    // Costs whose total would leave i64 are refused (not wrapped), and a
+    // date outside the years 1900 to 2200 is refused by name.
+    let huge = |minor: i64, spent_on: &str| RecordCampaignCostRequest {
+        options: None,
+        campaign_id: campaign.clone(),
+        amount: Some(Money {
+            amount_minor: minor,
+            currency: "EUR".into(),
+        }),
+        spent_on: spent_on.into(),
+        source: "invoice".into(),
+    };
+    app.campaigns()
+        .record_campaign_cost(app.request(huge(i64::MAX, "2026-03-02")))
+        .await
+        .unwrap();
+    assert_eq!(
+        bad_fields(
+            &app.campaigns()
+                .record_campaign_cost(app.request(huge(i64::MAX, "2026-03-02")))
+                .await
+                .unwrap_err()
+        ),
+        ["amount.amount_minor"]
+    );
+    assert_eq!(
+        bad_fields(
+            &app.campaigns()
+                .record_campaign_cost(app.request(huge(-1, "0001-03-02")))
+                .await
+                .unwrap_err()
+        ),
+        ["spent_on"]
+    );
     let complete = ChangeCampaignStatusRequest {
         options: None,
         campaign_id: campaign,
@@ -222,7 +256,8 @@ async fn bad_campaign_inputs_are_refused() {
         .0,
         "INVALID_TRANSITION"
     );
-    assert_eq!(app.stored().await.len(), 1);
+    // The plan and the one cost that fit: every refusal stored nothing.
+    assert_eq!(app.stored().await.len(), 2);
     app.stop().await;
 }
 

@@ -200,6 +200,82 @@ async fn a_client_chosen_id_and_an_idempotency_key_make_retries_safe() {
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
     assert_eq!(app.stored().await.len(), 2);
+
+    // An id that names a record of another type is taken too.
+    let account = app
+        .accounts()
+        .create_account(app.request(crm_proto::v1::CreateAccountRequest {
+            kind: crm_proto::v1::AccountKind::Company.into(),
+            name: "Acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let mut taken = ada("taken@example.com");
+    taken.contact_id = account;
+    let status = app
+        .contacts()
+        .create_contact(app.request(taken))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (Code::AlreadyExists, "ALREADY_EXISTS")
+    );
+    assert_eq!(app.stored().await.len(), 3);
+    app.stop().await;
+}
+
+/// Personal text that reads like an encrypted value is encrypted like any
+/// other: never stored in the clear, and read back as sent.
+#[tokio::test]
+async fn personal_text_that_looks_encrypted_is_encrypted() {
+    let app = TestApp::spawn().await;
+    let mut request = ada("enc:v1:ada@example.com");
+    request.name = Some(PersonName {
+        given: "enc:v1:Ada".into(),
+        family: "Lovelace".into(),
+    });
+    let id = app
+        .contacts()
+        .create_contact(app.request(request))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let stored = app.stored().await;
+    let text = stored[0].1.to_string();
+    for secret in ["Ada", "ada@example.com", "Lovelace"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    // Read back (the update decides on the decrypted state): the email is
+    // the one sent, so it is unchanged and only the title moves.
+    let reply = app
+        .contacts()
+        .update_contact_details(app.request(UpdateContactDetailsRequest {
+            contact_id: id,
+            title: Some("Countess".into()),
+            emails: Some(EmailAddresses {
+                items: vec![EmailAddress {
+                    address: "enc:v1:ada@example.com".into(),
+                    primary: true,
+                }],
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.stream_version, 2);
+    let stored = app.stored().await;
+    let updated = stored[1].1.to_string();
+    assert!(!updated.contains("ada@example.com"), "{updated}");
+    assert!(
+        !updated.contains("\"emails\""),
+        "emails unchanged: {updated}"
+    );
     app.stop().await;
 }
 
@@ -351,6 +427,25 @@ async fn bad_inputs_get_invalid_argument_naming_each_field() {
         ),
         ["options.occurred_at"]
     );
+    // Backdating is allowed, but not before 1900: read models store the
+    // time, and one they cannot store would stop them for every tenant.
+    for ancient in ["1899-12-31T23:59:59Z", "-009999-06-01T00:00:00Z"] {
+        let mut old = ada("a@example.com");
+        old.options = Some(CommandOptions {
+            occurred_at: ancient.into(),
+            ..CommandOptions::default()
+        });
+        assert_eq!(
+            bad_fields(
+                &app.contacts()
+                    .create_contact(app.request(old))
+                    .await
+                    .unwrap_err()
+            ),
+            ["options.occurred_at"],
+            "{ancient}"
+        );
+    }
     let mut garbled = ada("a@example.com");
     garbled.options = Some(CommandOptions {
         occurred_at: "yesterday".into(),

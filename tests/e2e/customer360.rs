@@ -1378,6 +1378,16 @@ async fn bad_customer_360_inputs_name_their_fields() {
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["account_id", "as_of", "limit"]);
+    let status = customers
+        .get_customer360(app.request(GetCustomer360Request {
+            options: None,
+            account_id: uuid::Uuid::now_v7().to_string(),
+            as_of: "-009999-06-01T00:00:00Z".into(),
+            limit: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["as_of"]);
     let unknown = customers
         .get_customer360(app.request(GetCustomer360Request {
             account_id: uuid::Uuid::now_v7().to_string(),

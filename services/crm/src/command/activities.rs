@@ -4,7 +4,6 @@ use crm_domain::TenantId;
 use crm_domain::activity::{Activity, ActivityCommand, Target};
 use crm_proto::v1 as pb;
 use crm_proto::v1::activities_server::Activities;
-use jiff::Timestamp;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -121,10 +120,7 @@ impl Activities for ActivitiesService {
         let request = request.into_inner();
         let options = Options::parse("ScheduleActivity", request.options.as_ref(), &request)?;
         let id = parse_id("activity_id", &request.activity_id, true)?;
-        let due = request
-            .due
-            .parse::<Timestamp>()
-            .map_err(|_| ServiceError::invalid("due", "must be an RFC 3339 timestamp"))?;
+        let due = super::fields::timestamp("due", &request.due)?;
         let targets = targets(request.targets)?;
         let targets_exist = self.targets_exist(&caller.tenant, &targets).await?;
         let command = ActivityCommand::Schedule {

@@ -3,6 +3,7 @@
 use crm_domain::TenantId;
 use crm_domain::common::Money;
 use crm_proto::v1 as pb;
+use jiff::Timestamp;
 use jiff::civil::{Date, Time};
 use uuid::Uuid;
 
@@ -36,9 +37,29 @@ pub fn money(field: impl Into<String>, value: Option<pb::Money>) -> Result<Money
 
 /// A `YYYY-MM-DD` date.
 pub fn date(field: impl Into<String>, value: &str) -> Result<Date, ServiceError> {
-    value
-        .parse::<Date>()
-        .map_err(|_| ServiceError::invalid(field, "must be a date YYYY-MM-DD"))
+    match value.parse::<Date>() {
+        Ok(date) if crm_domain::common::is_business_date(date) => Ok(date),
+        Ok(_) => Err(ServiceError::invalid(
+            field,
+            "must be in the years 1900 to 2200",
+        )),
+        Err(_) => Err(ServiceError::invalid(field, "must be a date YYYY-MM-DD")),
+    }
+}
+
+/// An RFC 3339 instant in the years 1900 to 2200.
+pub fn timestamp(field: impl Into<String>, value: &str) -> Result<Timestamp, ServiceError> {
+    let field = field.into();
+    let at = value
+        .parse::<Timestamp>()
+        .map_err(|_| ServiceError::invalid(field.clone(), "must be an RFC 3339 timestamp"))?;
+    if !crm_domain::common::is_business_time(at) {
+        return Err(ServiceError::invalid(
+            field,
+            "must be in the years 1900 to 2200",
+        ));
+    }
+    Ok(at)
 }
 
 /// An `HH:MM` time.

@@ -665,6 +665,16 @@ impl CommandHandler {
                 {
                     tracing::debug!("concurrent change; deciding again on fresh state");
                 }
+                // A create whose id names a record of another type: the id
+                // is taken (DOMAIN.md §1.1), not unknown.
+                Err(AppendError::WrongStreamType { .. }) if A::creates(&command) => {
+                    return Err(ServiceError::Domain(
+                        crm_domain::DomainError::AlreadyExists {
+                            key: id_field(A::STREAM_TYPE),
+                            holder: None,
+                        },
+                    ));
+                }
                 Err(error) => return Err(error.into()),
             }
         }
@@ -1172,5 +1182,23 @@ fn reply(stream_id: Uuid, appended: &Appended) -> CommandReply {
         stream_version: stream.map_or(0, |s| s.last_version),
         global_position: appended.last_position,
         unchanged: appended.replayed,
+    }
+}
+
+/// The request field that carries the id of a record of `stream_type`.
+fn id_field(stream_type: &str) -> &'static str {
+    match stream_type {
+        "account" => "account_id",
+        "activity" => "activity_id",
+        "campaign" => "campaign_id",
+        "contact" => "contact_id",
+        "lead" => "lead_id",
+        "opportunity" => "opportunity_id",
+        "ticket" => "ticket_id",
+        "product" => "product_id",
+        "order" => "order_id",
+        "invoice" => "invoice_id",
+        "payment" => "payment_id",
+        _ => "id",
     }
 }

@@ -211,9 +211,13 @@ fn seal_under(
     Ok(())
 }
 
+/// Every string is sealed, even one that already reads like a sealed one:
+/// payloads carry what the caller sent or what was opened on load, never
+/// stored ciphertext, so text that starts with the prefix is the caller's
+/// own and must not be stored in clear.
 fn seal_strings(value: &mut Value, key: &mut Sealer<'_>) -> Result<(), String> {
     match value {
-        Value::String(text) if !text.starts_with(PREFIX) => *text = key.seal(text)?,
+        Value::String(text) => *text = key.seal(text)?,
         Value::Object(map) => {
             for value in map.values_mut() {
                 seal_strings(value, key)?;
@@ -296,6 +300,30 @@ mod tests {
         open(&mut erased, None);
         assert_eq!(erased["emails"][0]["address"], ERASED);
         assert_eq!(erased["preferences"], original["preferences"]);
+    }
+
+    #[test]
+    fn text_that_reads_like_a_sealed_string_is_sealed_too() {
+        let mut payload = serde_json::json!({
+            "name": { "given": "enc:v1:Ada", "family": "Lovelace" },
+            "emails": [{ "address": "enc:v1:ada@example.com", "primary": true }],
+            "phones": [],
+            "occurred_at": "2026-11-29T10:00:00Z"
+        });
+        let original = payload.clone();
+        let ada = key(1);
+        seal(&mut payload, "ContactCreated", 2, &ada).unwrap();
+        let text = payload.to_string();
+        for secret in ["Ada", "ada@example.com"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        let mut opened = payload.clone();
+        open(&mut opened, Some(&ada));
+        assert_eq!(opened, original);
+        // Erasing the key makes them unreadable like any other.
+        let mut erased = payload;
+        open(&mut erased, None);
+        assert_eq!(erased["name"]["given"], ERASED);
     }
 
     #[test]

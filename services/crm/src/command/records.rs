@@ -8,7 +8,6 @@ use crm_domain::records::CommonCommand;
 use crm_domain::ticket::{Ticket, TicketCommand};
 use crm_proto::v1 as pb;
 use crm_proto::v1::records_server::Records;
-use jiff::Timestamp;
 use tonic::{Request, Response, Status};
 
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
@@ -117,9 +116,7 @@ impl Records for RecordsService {
         let expires_at = if request.expires_at.is_empty() {
             None
         } else {
-            Some(request.expires_at.parse::<Timestamp>().map_err(|_| {
-                ServiceError::invalid("expires_at", "must be an RFC 3339 timestamp")
-            })?)
+            Some(super::fields::timestamp("expires_at", &request.expires_at)?)
         };
         let command = CommonCommand::Share {
             grantee: request.grantee,

@@ -13,9 +13,9 @@ use crm_proto::v1::{
     GetRfmRequest, LeadConversion, LeadConversionMonth, Nps, PredictiveClv, RetentionCohort,
     RetentionCohorts, Revenue, Rfm, RfmScore, RfmSegmentCount, SegmentClv,
 };
+use jiff::SignedDuration;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
-use jiff::{SignedDuration, Timestamp};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -34,10 +34,7 @@ impl AnalyticsService {
     }
 }
 
-fn instant(field: &'static str, text: &str) -> Result<Timestamp, ServiceError> {
-    text.parse::<Timestamp>()
-        .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 instant"))
-}
+use super::instant;
 
 /// A period's bounds, checked.
 fn period(period: Option<AnalyticsPeriod>) -> Result<(SystemTime, SystemTime), ServiceError> {

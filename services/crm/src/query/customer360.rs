@@ -893,9 +893,17 @@ impl Customer360 for Customer360Service {
         let as_of = if request.as_of.is_empty() {
             Some(Timestamp::now())
         } else {
-            request.as_of.parse::<Timestamp>().ok()
+            request
+                .as_of
+                .parse::<Timestamp>()
+                .ok()
+                .filter(|at| crm_domain::common::is_business_time(*at))
         };
-        v.check(as_of.is_some(), "as_of", "must be an RFC 3339 instant");
+        v.check(
+            as_of.is_some(),
+            "as_of",
+            "must be an RFC 3339 instant in the years 1900 to 2200",
+        );
         v.check(request.limit <= MAX_LIMIT, "limit", "must be 0 to 100");
         v.into_result().map_err(ServiceError::from)?;
         let (Some(requested), Some(as_of)) = (requested, as_of) else {

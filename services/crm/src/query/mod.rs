@@ -148,6 +148,36 @@ pub(crate) async fn ready_all(
 
 // ------------------------------------------------ helpers the queries share
 
+/// An RFC 3339 instant in the years 1900 to 2200: what read models hold,
+/// and what their SQL and date arithmetic can take (PostgreSQL refuses
+/// years before 4713 BC; jiff panics subtracting past its year -9999).
+pub(crate) fn instant(field: &'static str, text: &str) -> Result<jiff::Timestamp, ServiceError> {
+    let at = text
+        .parse::<jiff::Timestamp>()
+        .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 instant"))?;
+    if !crm_domain::common::is_business_time(at) {
+        return Err(ServiceError::invalid(
+            field,
+            "must be in the years 1900 to 2200",
+        ));
+    }
+    Ok(at)
+}
+
+/// A `YYYY-MM-DD` date in the years 1900 to 2200 (see [`instant`]).
+pub(crate) fn date(field: &'static str, text: &str) -> Result<jiff::civil::Date, ServiceError> {
+    let date = text
+        .parse::<jiff::civil::Date>()
+        .map_err(|_| ServiceError::invalid(field, "must be a date, YYYY-MM-DD"))?;
+    if !crm_domain::common::is_business_date(date) {
+        return Err(ServiceError::invalid(
+            field,
+            "must be in the years 1900 to 2200",
+        ));
+    }
+    Ok(date)
+}
+
 pub(crate) fn unavailable(error: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("read models: {error}"))
 }

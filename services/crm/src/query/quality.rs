@@ -89,9 +89,7 @@ fn as_of(value: &str) -> Result<Timestamp, ServiceError> {
     if value.is_empty() {
         return Ok(Timestamp::now());
     }
-    value
-        .parse()
-        .map_err(|_| ServiceError::invalid("as_of", "must be an RFC 3339 instant"))
+    super::instant("as_of", value)
 }
 
 /// A page token that is a record id (pages ordered by record id).

@@ -68,11 +68,7 @@ fn optional_pipeline(text: &str) -> Result<Option<Uuid>, ServiceError> {
 
 /// `[from, to)` of RFC 3339 instants, at most 10 years long.
 fn period(from: &str, to: &str) -> Result<(SystemTime, SystemTime), ServiceError> {
-    let instant = |field: &'static str, text: &str| {
-        text.parse::<jiff::Timestamp>()
-            .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 instant"))
-    };
-    let (from, to) = (instant("from", from)?, instant("to", to)?);
+    let (from, to) = (super::instant("from", from)?, super::instant("to", to)?);
     if to <= from || to.duration_since(from) > jiff::SignedDuration::from_hours(24 * 3660) {
         return Err(ServiceError::invalid(
             "to",
@@ -375,12 +371,8 @@ impl SalesQueries for SalesService {
     ) -> Result<Response<WinRate>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
         let request = request.into_inner();
-        let instant = |field: &'static str, text: &str| {
-            text.parse::<jiff::Timestamp>()
-                .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 instant"))
-        };
-        let from = instant("from", &request.from)?;
-        let to = instant("to", &request.to)?;
+        let from = super::instant("from", &request.from)?;
+        let to = super::instant("to", &request.to)?;
         if to <= from || to.duration_since(from) > jiff::SignedDuration::from_hours(24 * 3660) {
             return Err(ServiceError::invalid("to", "must be after from, at most 10 years").into());
         }
@@ -441,12 +433,8 @@ impl SalesQueries for SalesService {
     ) -> Result<Response<Forecast>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
         let request = request.into_inner();
-        let date = |field: &'static str, text: &str| {
-            text.parse::<jiff::civil::Date>()
-                .map_err(|_| ServiceError::invalid(field, "must be a date, YYYY-MM-DD"))
-        };
-        let from = date("from_date", &request.from_date)?;
-        let to = date("to_date", &request.to_date)?;
+        let from = super::date("from_date", &request.from_date)?;
+        let to = super::date("to_date", &request.to_date)?;
         if to <= from {
             return Err(ServiceError::invalid("to_date", "must be after from_date").into());
         }

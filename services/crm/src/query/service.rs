@@ -77,10 +77,7 @@ pub(super) fn clock(row: &tokio_postgres::Row) -> SlaClock {
     }
 }
 
-fn instant(field: &'static str, text: &str) -> Result<jiff::Timestamp, ServiceError> {
-    text.parse::<jiff::Timestamp>()
-        .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 instant"))
-}
+use super::instant;
 
 /// The keyset a page of at-risk clocks starts after: (due in microseconds,
 /// ticket id, metric), written as `micros.uuid.metric`.

@@ -445,6 +445,11 @@ impl Aggregate for Campaign {
                     "must not be zero",
                 );
                 v.check(
+                    self.cost_minor.checked_add(amount.amount_minor).is_some(),
+                    "amount.amount_minor",
+                    "would take the campaign's total cost out of range",
+                );
+                v.check(
                     is_code(&source, 64),
                     "source",
                     "must be a code of [a-z0-9_]",
@@ -515,7 +520,10 @@ impl Aggregate for Campaign {
                     self.status = change.new;
                 }
             }
-            CampaignEvent::CostRecorded(cost) => self.cost_minor += cost.amount.amount_minor,
+            // `decide` keeps the total in range; evolve never panics.
+            CampaignEvent::CostRecorded(cost) => {
+                self.cost_minor = self.cost_minor.saturating_add(cost.amount.amount_minor);
+            }
             CampaignEvent::MemberAdded(added) => {
                 let (members, id) = self.responses_mut(added.member);
                 members.insert(id, None);
@@ -703,6 +711,17 @@ mod tests {
         given::<Campaign>(planned("email"))
             .when(cost(1, "USD"))
             .then_invalid(&["amount.currency"]);
+        // A total beyond i64 is refused, not wrapped (nor a panic).
+        let mut history = planned("email");
+        history.extend(
+            Campaign::default()
+                .replay(history.iter())
+                .decide(cost(i64::MAX, "EUR"), crate::Context::at(now()))
+                .unwrap(),
+        );
+        given::<Campaign>(history)
+            .when(cost(1, "EUR"))
+            .then_invalid(&["amount.amount_minor"]);
     }
 
     #[test]

@@ -8,6 +8,22 @@ use crate::error::{DomainError, Violations};
 /// How far ahead of the clock `occurred_at` may be.
 pub const MAX_FUTURE_SECONDS: i64 = 5 * 60;
 
+/// The years a business time or date may fall in (1900 to 2200): enough for
+/// any backdated record, and every read model can store it (PostgreSQL's
+/// `timestamptz` and `date` stop at 4713 BC; a value they refuse would stop
+/// a projection for every tenant).
+pub const BUSINESS_YEARS: std::ops::RangeInclusive<i16> = 1900..=2200;
+
+/// Whether a date falls in [`BUSINESS_YEARS`].
+pub fn is_business_date(date: jiff::civil::Date) -> bool {
+    BUSINESS_YEARS.contains(&date.year())
+}
+
+/// Whether an instant falls in [`BUSINESS_YEARS`] (in UTC).
+pub fn is_business_time(at: Timestamp) -> bool {
+    is_business_date(at.to_zoned(jiff::tz::TimeZone::UTC).date())
+}
+
 /// What the handler passes in besides the command: facts valid at command
 /// time only, never fetched by the domain.
 #[derive(Clone, Copy, Debug)]
@@ -23,6 +39,12 @@ pub fn occurred_at(given: Option<Timestamp>, clock: Clock) -> Result<Timestamp, 
         return Err(DomainError::invalid(
             "options.occurred_at",
             "must not be more than 5 minutes in the future",
+        ));
+    }
+    if !is_business_time(at) {
+        return Err(DomainError::invalid(
+            "options.occurred_at",
+            "must be in the years 1900 to 2200",
         ));
     }
     Ok(at)
@@ -217,6 +239,32 @@ pub fn normalize_email(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn business_time_is_bounded_to_years_1900_to_2200() {
+        let clock = Clock {
+            now: "2026-03-02T10:00:00Z".parse().expect("time"),
+        };
+        for good in ["1900-01-01T00:00:00Z", "1999-12-31T23:59:59Z"] {
+            let at: Timestamp = good.parse().expect("time");
+            assert_eq!(occurred_at(Some(at), clock), Ok(at), "{good}");
+        }
+        for bad in [
+            "1899-12-31T23:59:59Z",
+            "0001-01-01T00:00:00Z",
+            "-009999-06-01T00:00:00Z",
+        ] {
+            let at: Timestamp = bad.parse().expect("time");
+            let refused = occurred_at(Some(at), clock).unwrap_err();
+            assert!(
+                matches!(&refused, DomainError::Invalid(v) if v[0].field == "options.occurred_at"),
+                "{bad}: {refused:?}"
+            );
+        }
+        assert!(is_business_date(jiff::civil::date(2200, 12, 31)));
+        assert!(!is_business_date(jiff::civil::date(2201, 1, 1)));
+        assert!(!is_business_date(jiff::civil::date(0, 1, 1)));
+    }
 
     #[test]
     fn formats_accept_good_and_refuse_bad_values() {

@@ -50,6 +50,15 @@ pub fn convert(
     if !lead.exists {
         return Err(DomainError::NotFound);
     }
+    // As every other command of the lead (`Lead::decide`): an erased, merged
+    // or archived lead takes no conversion.
+    if lead.erased {
+        return Err(DomainError::RecordErased);
+    }
+    if let Some(survivor) = lead.merged_into {
+        return Err(DomainError::RecordMerged { survivor });
+    }
+    lead.meta.refuse_if_archived(false)?;
     let convertible = lead.status == LeadStatus::Qualified
         || (targets.allow_working && lead.status == LeadStatus::Working);
     if !convertible {
@@ -61,7 +70,11 @@ pub fn convert(
     let occurred_at = context.occurred_at()?;
     let account = match targets.existing_account {
         Some(existing) => {
-            if !existing.exists || existing.lifecycle == Lifecycle::Archived {
+            if !existing.exists
+                || existing.lifecycle == Lifecycle::Archived
+                || existing.merged_into.is_some()
+                || existing.erased
+            {
                 return Err(DomainError::InvalidReference {
                     field: "account_id",
                 });
@@ -213,6 +226,25 @@ mod tests {
         Lead::default().replay([captured].iter().chain(steps.iter()))
     }
 
+    /// An active company account, id 9.
+    fn acme() -> Account {
+        Account::default().replay(
+            Account::default()
+                .decide(
+                    AccountCommand::Create {
+                        self_id: Uuid::from_u128(9),
+                        details: AccountDetails {
+                            name: "Acme".into(),
+                            ..Default::default()
+                        },
+                    },
+                    Context::at(now()),
+                )
+                .unwrap()
+                .iter(),
+        )
+    }
+
     fn targets() -> ConversionTargets<'static> {
         ConversionTargets {
             account_id: Uuid::from_u128(1),
@@ -307,21 +339,7 @@ mod tests {
 
     #[test]
     fn an_existing_active_account_is_linked_not_created() {
-        let existing = Account::default().replay(
-            Account::default()
-                .decide(
-                    AccountCommand::Create {
-                        self_id: Uuid::from_u128(9),
-                        details: AccountDetails {
-                            name: "Acme".into(),
-                            ..Default::default()
-                        },
-                    },
-                    Context::at(now()),
-                )
-                .unwrap()
-                .iter(),
-        );
+        let existing = acme();
         let conversion = convert(
             &qualified(""),
             ConversionTargets {
@@ -355,6 +373,56 @@ mod tests {
                 field: "account_id"
             }
         );
+    }
+
+    #[test]
+    fn an_erased_merged_or_archived_lead_does_not_convert() {
+        let mut erased = qualified("Acme");
+        erased.erased = true;
+        assert_eq!(
+            convert(&erased, targets(), Context::at(now())).unwrap_err(),
+            DomainError::RecordErased
+        );
+        let mut merged = qualified("Acme");
+        merged.merged_into = Some(Uuid::from_u128(7));
+        assert_eq!(
+            convert(&merged, targets(), Context::at(now())).unwrap_err(),
+            DomainError::RecordMerged {
+                survivor: Uuid::from_u128(7)
+            }
+        );
+        let mut archived = qualified("Acme");
+        archived.meta.lifecycle = Lifecycle::Archived;
+        assert_eq!(
+            convert(&archived, targets(), Context::at(now())).unwrap_err(),
+            DomainError::RecordArchived
+        );
+    }
+
+    #[test]
+    fn a_merged_or_erased_account_takes_no_converted_lead() {
+        let active = acme();
+        let mut merged = active.clone();
+        merged.merged_into = Some(Uuid::from_u128(8));
+        let mut erased = active;
+        erased.erased = true;
+        for account in [&merged, &erased] {
+            let refused = convert(
+                &qualified(""),
+                ConversionTargets {
+                    account_id: Uuid::from_u128(9),
+                    existing_account: Some(account),
+                    ..targets()
+                },
+                Context::at(now()),
+            );
+            assert_eq!(
+                refused.unwrap_err(),
+                DomainError::InvalidReference {
+                    field: "account_id"
+                }
+            );
+        }
     }
 
     #[test]

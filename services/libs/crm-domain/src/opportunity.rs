@@ -578,7 +578,8 @@ impl Aggregate for Opportunity {
                 let mut v = Violations::default();
                 v.check(lines.len() <= 200, "lines", "must have at most 200 lines");
                 let mut products = std::collections::BTreeSet::new();
-                let mut total: i64 = 0;
+                // In i128: each line fits an i64, their sum need not.
+                let mut total: i128 = 0;
                 for (i, line) in lines.iter().enumerate() {
                     v.check(
                         line.quantity > 0,
@@ -600,12 +601,21 @@ impl Aggregate for Opportunity {
                         format!("lines[{i}].product_id"),
                         "appears twice",
                     );
-                    total = total.saturating_add(
-                        line.unit_price
-                            .amount_minor
-                            .saturating_mul(i64::from(line.quantity)),
+                    let line_total = line
+                        .unit_price
+                        .amount_minor
+                        .checked_mul(i64::from(line.quantity));
+                    v.check(
+                        line_total.is_some(),
+                        format!("lines[{i}].quantity"),
+                        "times the unit price is out of range",
                     );
+                    total += i128::from(line_total.unwrap_or(0));
                 }
+                // The deal's amount is their sum: refused, not capped.
+                let total = i64::try_from(total);
+                v.check(total.is_ok(), "lines", "their total amount is out of range");
+                let total = total.unwrap_or(0);
                 v.into_result()?;
                 if !lines.is_empty() && !products_exist {
                     return Err(DomainError::InvalidReference { field: "lines" });
@@ -1087,6 +1097,19 @@ pub(crate) mod tests {
                 products_exist: true,
             })
             .then_invalid(&["lines[0].quantity", "lines[1].product_id"]);
+        // Amounts beyond i64 are refused, not capped.
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeLineItems {
+                lines: vec![line(7, u32::MAX, 10_000_000_000)],
+                products_exist: true,
+            })
+            .then_invalid(&["lines[0].quantity"]);
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeLineItems {
+                lines: vec![line(7, 1, i64::MAX), line(8, 1, 1)],
+                products_exist: true,
+            })
+            .then_invalid(&["lines"]);
     }
 
     #[test]

@@ -124,14 +124,16 @@ impl SalesTargets {
             .find(|a| a.node == node && a.period == period)
     }
 
-    fn children_total(&self, parent: &str, parent_period: Period) -> i64 {
+    /// In i128: the children's amounts are each an i64, their sum need
+    /// not be.
+    fn children_total(&self, parent: &str, parent_period: Period) -> i128 {
         self.allocations
             .iter()
             .filter(|a| {
                 a.parent.as_deref() == Some(parent)
                     && (a.period == parent_period || a.period.within(parent_period))
             })
-            .map(|a| a.amount_minor)
+            .map(|a| i128::from(a.amount_minor))
             .sum()
     }
 }
@@ -204,8 +206,8 @@ impl Aggregate for SalesTargets {
                 let others = self.children_total(parent, period)
                     - current
                         .filter(|a| a.parent.as_deref() == Some(parent.as_str()))
-                        .map_or(0, |a| a.amount_minor);
-                others + command.amount.amount_minor > parent_amount
+                        .map_or(0, |a| i128::from(a.amount_minor));
+                others + i128::from(command.amount.amount_minor) > i128::from(parent_amount)
             }
             _ => false,
         };
@@ -297,6 +299,21 @@ mod tests {
             )
             .unwrap();
         assert!(matches!(&rep[0], TargetEvent::Allocated(a) if !a.over_allocated));
+    }
+
+    #[test]
+    fn children_beyond_i64_are_over_allocated_not_wrapped() {
+        let base = state(vec![
+            allocate("company", None, Period::YEAR, 100),
+            allocate("team:a", Some("company"), Period::YEAR, i64::MAX),
+        ]);
+        let over = base
+            .decide(
+                allocate("team:b", Some("company"), Period::YEAR, 1),
+                crate::Context::at(now()),
+            )
+            .unwrap();
+        assert!(matches!(&over[0], TargetEvent::Allocated(a) if a.over_allocated));
     }
 
     #[test]
