@@ -253,6 +253,45 @@ async fn duplicate_accounts_merge_and_the_tax_id_moves() {
         .await
         .unwrap_err();
     assert_eq!(error_info(&status).1["survivor"], survivor);
+    // Nothing may point at the merged-away account: not a child account,
+    // not a contact's link.
+    let mut child = acme("");
+    child.parent_id = loser.clone();
+    let status = app
+        .accounts()
+        .create_account(app.request(child))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (tonic::Code::FailedPrecondition, "INVALID_REFERENCE")
+    );
+    let contact = app
+        .contacts()
+        .create_contact(app.request(crm_proto::v1::CreateContactRequest {
+            name: Some(crm_proto::v1::PersonName {
+                given: "Li".into(),
+                family: "Wei".into(),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let status = app
+        .contacts()
+        .link_contact_to_account(app.request(crm_proto::v1::LinkContactToAccountRequest {
+            contact_id: contact,
+            account_id: loser,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (tonic::Code::FailedPrecondition, "INVALID_REFERENCE")
+    );
     app.stop().await;
 }
 

@@ -150,6 +150,32 @@ async fn activities_need_existing_targets_of_the_named_kind() {
         .0,
         "INVALID_REFERENCE"
     );
+    // More than 20 targets: refused by count before any is looked up.
+    let mut crowded = email(&ada, "");
+    crowded.targets = vec![target("contact", &ada); 21];
+    assert_eq!(
+        bad_fields(
+            &app.activities()
+                .log_activity(app.request(crowded))
+                .await
+                .unwrap_err()
+        ),
+        ["targets"]
+    );
+    // A target of an unknown kind is an input error, named, even when it
+    // names no record.
+    let mut unknown_kind = email(&ada, "");
+    unknown_kind.kind = "fax".into();
+    unknown_kind.targets = vec![target("widget", &uuid::Uuid::now_v7().to_string())];
+    assert_eq!(
+        bad_fields(
+            &app.activities()
+                .log_activity(app.request(unknown_kind))
+                .await
+                .unwrap_err()
+        ),
+        ["kind", "targets[0].kind"]
+    );
     let mut bad = email(&ada, "");
     bad.kind = "fax".into();
     bad.direction = "sideways".into();

@@ -292,17 +292,21 @@ async fn pipeline(app: &TestApp) -> String {
         max_days_in_stage: 14,
     };
     app.pipelines()
-        .publish_pipeline(app.request(PublishPipelineRequest {
-            options: at("2026-11-01T00:00:00Z"),
-            name: "Sales".into(),
-            stages: vec![
-                stage("qualification", StageKind::Open, 1000, "pipeline"),
-                stage("proposal", StageKind::Open, 5000, "best_case"),
-                stage("won", StageKind::Won, 10_000, "closed"),
-                stage("lost", StageKind::Lost, 0, "omitted"),
-            ],
-            ..Default::default()
-        }))
+        .publish_pipeline(crate::configuration::with_roles(
+            app,
+            PublishPipelineRequest {
+                options: at("2026-11-01T00:00:00Z"),
+                name: "Sales".into(),
+                stages: vec![
+                    stage("qualification", StageKind::Open, 1000, "pipeline"),
+                    stage("proposal", StageKind::Open, 5000, "best_case"),
+                    stage("won", StageKind::Won, 10_000, "closed"),
+                    stage("lost", StageKind::Lost, 0, "omitted"),
+                ],
+                ..Default::default()
+            },
+            "sales_manager",
+        ))
         .await
         .unwrap()
         .into_inner()

@@ -6,6 +6,7 @@ use crm_proto::v1::{
 };
 use tonic::Code;
 
+use crate::configuration::with_roles;
 use crate::support::{TestApp, bad_fields, error_info};
 
 fn stage(key: &str, kind: StageKind, probability_bp: u32, category: &str) -> PipelineStage {
@@ -54,7 +55,7 @@ pub(crate) async fn setup(app: &TestApp) -> (String, String) {
     };
     let pipeline_id = app
         .pipelines()
-        .publish_pipeline(app.request(publish))
+        .publish_pipeline(with_roles(app, publish, "sales_manager"))
         .await
         .unwrap()
         .into_inner()
@@ -123,7 +124,7 @@ async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
     };
     assert_eq!(
         app.pipelines()
-            .publish_pipeline(app.request(republish))
+            .publish_pipeline(with_roles(&app, republish, "admin"))
             .await
             .unwrap()
             .into_inner()
@@ -373,7 +374,7 @@ async fn bad_deals_and_pipelines_are_refused() {
     assert_eq!(
         bad_fields(
             &app.pipelines()
-                .publish_pipeline(app.request(publish))
+                .publish_pipeline(with_roles(&app, publish, "sales_manager"))
                 .await
                 .unwrap_err()
         ),
@@ -389,12 +390,35 @@ async fn bad_deals_and_pipelines_are_refused() {
     assert_eq!(
         bad_fields(
             &app.pipelines()
-                .publish_pipeline(app.request(publish))
+                .publish_pipeline(with_roles(&app, publish, "sales_manager"))
                 .await
                 .unwrap_err()
         ),
         ["stages"]
     );
+    // Publishing is configuration: a caller without the role is refused
+    // before anything is read or stored.
+    for roles in ["", "sales_rep"] {
+        let publish = PublishPipelineRequest {
+            name: "Mine".into(),
+            stages: pipeline(1000),
+            ..Default::default()
+        };
+        let status = app
+            .pipelines()
+            .publish_pipeline(if roles.is_empty() {
+                app.request(publish)
+            } else {
+                with_roles(&app, publish, roles)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (status.code(), error_info(&status).0.as_str()),
+            (Code::PermissionDenied, "PERMISSION_DENIED"),
+            "{roles}"
+        );
+    }
 
     let id = app
         .opportunities()
@@ -511,6 +535,33 @@ async fn line_items_need_recorded_products_and_set_the_amount() {
         bad_fields(
             &app.opportunities()
                 .change_opportunity_line_items(app.request(lines(&product_id, 0)))
+                .await
+                .unwrap_err()
+        ),
+        ["lines[0].quantity"]
+    );
+    // Over 200 lines: refused by count, before any product is looked up;
+    // and a quantity whose total leaves i64 is refused, not capped.
+    let mut too_many = lines(&product_id, 1);
+    too_many.lines = vec![too_many.lines[0].clone(); 201];
+    assert_eq!(
+        bad_fields(
+            &app.opportunities()
+                .change_opportunity_line_items(app.request(too_many))
+                .await
+                .unwrap_err()
+        ),
+        ["lines"]
+    );
+    let mut huge = lines(&product_id, u32::MAX);
+    huge.lines[0].unit_price = Some(Money {
+        amount_minor: 10_000_000_000,
+        currency: "EUR".into(),
+    });
+    assert_eq!(
+        bad_fields(
+            &app.opportunities()
+                .change_opportunity_line_items(app.request(huge))
                 .await
                 .unwrap_err()
         ),

@@ -150,7 +150,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
         max_days_in_stage: 14,
     };
     let pipeline = pipelines
-        .publish_pipeline(request(
+        .publish_pipeline(as_admin(
             tenant,
             PublishPipelineRequest {
                 options: options("demo-seed:pipeline".to_owned(), 365),

@@ -3,7 +3,6 @@ use crm_domain::account::{
     Account, AccountCommand, AccountDetails, AccountDetailsPatch, AccountKind, AccountMergeChoices,
     MAX_PARENT_DEPTH, ParentFacts,
 };
-use crm_domain::common::Lifecycle;
 use crm_proto::v1 as pb;
 use crm_proto::v1::accounts_server::Accounts;
 use tonic::{Request, Response, Status};
@@ -38,7 +37,7 @@ impl AccountsService {
             .state_or_default::<Account>(&caller.tenant, parent_id)
             .await?;
         let mut facts = ParentFacts {
-            usable: parent.exists && parent.lifecycle == Lifecycle::Active,
+            usable: parent.usable(),
             ancestors: Vec::new(),
         };
         let mut next = parent.parent_id;

@@ -40,7 +40,14 @@ impl ActivitiesService {
     }
 }
 
+/// The request's targets, counted before any is parsed or looked up.
 fn targets(targets: Vec<pb::ActivityTarget>) -> Result<Vec<Target>, ServiceError> {
+    if targets.len() > crm_domain::activity::MAX_TARGETS {
+        return Err(ServiceError::invalid(
+            "targets",
+            "must have at most 20 targets",
+        ));
+    }
     targets
         .into_iter()
         .enumerate()

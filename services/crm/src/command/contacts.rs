@@ -203,7 +203,6 @@ impl Contacts for ContactsService {
         request: Request<pb::LinkContactToAccountRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         use crm_domain::account::Account;
-        use crm_domain::common::Lifecycle;
         let caller = Caller::from_metadata(request.metadata())?;
         let request = request.into_inner();
         let options = Options::parse("LinkContactToAccount", request.options.as_ref(), &request)?;
@@ -213,7 +212,7 @@ impl Contacts for ContactsService {
             .handler
             .state_or_default::<Account>(&caller.tenant, account_id)
             .await?;
-        let account_active = account.exists && account.lifecycle == Lifecycle::Active;
+        let account_active = account.usable();
         let command = ContactCommand::LinkToAccount {
             account_id,
             role: request.role,

@@ -3,7 +3,7 @@
 //! the caller's roles) loaded first.
 use crm_domain::DomainError;
 use crm_domain::account::Account;
-use crm_domain::common::{Lifecycle, Money};
+use crm_domain::common::Money;
 use crm_domain::opportunity::{
     DealDetails, DealFacts, ForecastPatch, Opportunity, OpportunityCommand,
 };
@@ -54,7 +54,7 @@ impl OpportunitiesService {
                     .handler
                     .state_or_default::<Account>(&caller.tenant, id)
                     .await?;
-                account.exists && account.lifecycle == Lifecycle::Active
+                account.usable()
             }
             None => false,
         };
@@ -136,6 +136,13 @@ impl Pipelines for PipelinesService {
         request: Request<pb::PublishPipelineRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
+        // Configuration, as the other publishes: a new version changes the
+        // stages and probabilities of every deal opened after it.
+        super::configuration::require_role(
+            &caller,
+            &["admin", "sales_manager"],
+            "publish pipelines",
+        )?;
         let request = request.into_inner();
         let options = Options::parse("PublishPipeline", request.options.as_ref(), &request)?;
         let id = if request.pipeline_id.is_empty() {
@@ -267,6 +274,11 @@ impl Opportunities for OpportunitiesService {
             &request,
         )?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        // Counted before any product is looked up: an oversized list costs
+        // no reads.
+        if request.lines.len() > crm_domain::opportunity::MAX_LINES {
+            return Err(ServiceError::invalid("lines", "must have at most 200 lines").into());
+        }
         let mut lines = Vec::with_capacity(request.lines.len());
         for (i, line) in request.lines.into_iter().enumerate() {
             let product_id = Uuid::parse_str(&line.product_id).map_err(|_| {
@@ -291,14 +303,19 @@ impl Opportunities for OpportunitiesService {
             });
         }
         let mut products_exist = true;
-        for line in &lines {
+        let distinct: std::collections::BTreeSet<Uuid> =
+            lines.iter().map(|line| line.product_id).collect();
+        for product_id in distinct {
             let found = self
                 .handler
                 .store
-                .stream_type(&caller.tenant, line.product_id)
+                .stream_type(&caller.tenant, product_id)
                 .await
                 .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-            products_exist &= found.as_deref() == Some("product");
+            if found.as_deref() != Some("product") {
+                products_exist = false;
+                break;
+            }
         }
         let command = OpportunityCommand::ChangeLineItems {
             lines,

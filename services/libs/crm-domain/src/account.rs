@@ -387,6 +387,18 @@ impl Account {
     }
 }
 
+impl Account {
+    /// Whether other records may point at it (a contact's link, a deal, a
+    /// child account, a converted lead): it exists, is active, and was
+    /// neither merged away nor erased.
+    pub fn usable(&self) -> bool {
+        self.exists
+            && self.lifecycle == Lifecycle::Active
+            && self.merged_into.is_none()
+            && !self.erased
+    }
+}
+
 impl Aggregate for Account {
     type Command = AccountCommand;
     type Event = AccountEvent;

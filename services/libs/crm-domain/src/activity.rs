@@ -173,11 +173,9 @@ pub struct Activity {
     pub overdue: bool,
 }
 
-fn validate_targets(
-    targets: &[Target],
-    exist: bool,
-    v: &mut Violations,
-) -> Result<(), DomainError> {
+/// Checks the targets' count and kinds into `v`. Whether they exist is
+/// decided after every input error is known ([`refs_exist`]).
+fn validate_targets(targets: &[Target], v: &mut Violations) {
     v.check(!targets.is_empty(), "targets", "needs at least one target");
     v.check(
         targets.len() <= MAX_TARGETS,
@@ -191,10 +189,15 @@ fn validate_targets(
             "must be lead, contact, account, opportunity or ticket",
         );
     }
-    if !targets.is_empty() && !exist {
-        return Err(DomainError::InvalidReference { field: "targets" });
+}
+
+/// After the input checks: every target names a record of its kind.
+fn refs_exist(exist: bool) -> Result<(), DomainError> {
+    if exist {
+        Ok(())
+    } else {
+        Err(DomainError::InvalidReference { field: "targets" })
     }
-    Ok(())
 }
 
 impl Aggregate for Activity {
@@ -261,8 +264,9 @@ impl Aggregate for Activity {
                     "external_id",
                     "must be at most 500 characters",
                 );
-                validate_targets(&targets, targets_exist, &mut v)?;
+                validate_targets(&targets, &mut v);
                 v.into_result()?;
+                refs_exist(targets_exist)?;
                 targets.sort();
                 targets.dedup();
                 Ok(vec![ActivityEvent::Logged(ActivityLogged {
@@ -305,8 +309,9 @@ impl Aggregate for Activity {
                     "subject",
                     "must be 1 to 300 characters",
                 );
-                validate_targets(&targets, targets_exist, &mut v)?;
+                validate_targets(&targets, &mut v);
                 v.into_result()?;
+                refs_exist(targets_exist)?;
                 targets.sort();
                 targets.dedup();
                 Ok(vec![ActivityEvent::Scheduled(ActivityScheduled {
@@ -494,6 +499,14 @@ mod tests {
         given::<Activity>([])
             .when(log("call", vec![contact()], false))
             .then_error(DomainError::InvalidReference { field: "targets" });
+        // Input errors come first, even when the targets do not exist.
+        let widget = Target {
+            kind: "widget".into(),
+            id: Uuid::from_u128(9),
+        };
+        given::<Activity>([])
+            .when(log("fax", vec![widget], false))
+            .then_invalid(&["kind", "targets[0].kind"]);
         given::<Activity>([])
             .at("2026-11-28T11:00:00Z")
             .when(log("call", vec![contact()], true))

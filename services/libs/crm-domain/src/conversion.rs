@@ -5,7 +5,6 @@ use uuid::Uuid;
 
 use crate::account::{Account, AccountCommand, AccountDetails, AccountEvent, AccountKind};
 use crate::aggregate::{Aggregate, Context};
-use crate::common::Lifecycle;
 use crate::contact::{Contact, ContactCommand, ContactDetails, ContactEvent};
 use crate::error::DomainError;
 use crate::lead::{Lead, LeadConverted, LeadEvent, LeadStatus};
@@ -70,11 +69,7 @@ pub fn convert(
     let occurred_at = context.occurred_at()?;
     let account = match targets.existing_account {
         Some(existing) => {
-            if !existing.exists
-                || existing.lifecycle == Lifecycle::Archived
-                || existing.merged_into.is_some()
-                || existing.erased
-            {
+            if !existing.usable() {
                 return Err(DomainError::InvalidReference {
                     field: "account_id",
                 });
@@ -189,6 +184,7 @@ fn prefixed(prefix: &str, error: DomainError) -> DomainError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::Lifecycle;
     use crate::contact::{Email, PersonName};
     use crate::lead::{LeadCaptured, LeadSource, LeadStatusChanged};
     use crate::testing::now;

@@ -125,6 +125,9 @@ pub enum OpportunityCommand {
     },
 }
 
+/// Product lines a deal may hold.
+pub const MAX_LINES: usize = 200;
+
 /// One product line of a deal; its total is quantity × unit price.
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -576,7 +579,11 @@ impl Aggregate for Opportunity {
                     .map(|m| m.currency.clone())
                     .unwrap_or_default();
                 let mut v = Violations::default();
-                v.check(lines.len() <= 200, "lines", "must have at most 200 lines");
+                v.check(
+                    lines.len() <= MAX_LINES,
+                    "lines",
+                    "must have at most 200 lines",
+                );
                 let mut products = std::collections::BTreeSet::new();
                 // In i128: each line fits an i64, their sum need not.
                 let mut total: i128 = 0;
