@@ -35,13 +35,12 @@ impl CommerceService {
     {
         let id = derived_id(&caller.tenant, A::STREAM_TYPE, external);
         if options.idempotency_key.is_none() {
-            options.idempotency_key = Some(format!(
-                "{}:{}:{}:{}",
+            let version = external.external_version.to_string();
+            server_key(
+                &mut options,
                 A::STREAM_TYPE,
-                external.source,
-                external.external_id,
-                external.external_version
-            ));
+                &[&external.source, &external.external_id, &version],
+            );
         }
         let reply = self
             .handler
@@ -49,6 +48,28 @@ impl CommerceService {
             .await?;
         Ok(Response::new(reply))
     }
+}
+
+/// The idempotency key the server gives an ERP resend that came without
+/// one: `kind:` and the SHA-256 of the parts (each length-prefixed), 64 hex
+/// digits, so it stays within the 200-byte key limit however long the
+/// external ids are. The key also stands for the request (as a process
+/// manager's does): resending the same ERP version with other details
+/// returns the first outcome and changes nothing.
+fn server_key(options: &mut Options, kind: &str, parts: &[&str]) {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let mut key = format!("{kind}:");
+    for byte in hasher.finalize() {
+        let _ = write!(key, "{byte:02x}");
+    }
+    options.fingerprint = Sha256::digest(key.as_bytes()).into();
+    options.idempotency_key = Some(key);
 }
 
 /// The CRM id of an ERP record: UUIDv5 of (stream type, source, external id)
@@ -177,10 +198,11 @@ impl Commerce for CommerceService {
         let mut options = Options::parse("CancelOrder", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
         if options.idempotency_key.is_none() {
-            options.idempotency_key = Some(format!(
-                "order:{}:{}:cancel",
-                external.source, external.external_id
-            ));
+            server_key(
+                &mut options,
+                "order-cancel",
+                &[&external.source, &external.external_id],
+            );
         }
         self.run::<Order>(
             caller,
@@ -257,8 +279,11 @@ impl Commerce for CommerceService {
         let mut options = Options::parse("IssueRefund", request.options.as_ref(), &request)?;
         let payment = external("payment", request.payment)?;
         if options.idempotency_key.is_none() && !request.refund_id.is_empty() {
-            options.idempotency_key =
-                Some(format!("refund:{}:{}", payment.source, request.refund_id));
+            server_key(
+                &mut options,
+                "refund",
+                &[&payment.source, &request.refund_id],
+            );
         }
         let command = PaymentCommand::Refund {
             amount: money("amount", request.amount)?,

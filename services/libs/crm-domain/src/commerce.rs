@@ -22,20 +22,21 @@ pub struct ExternalRef {
 }
 
 impl ExternalRef {
+    /// Named as the requests carry it: their `external` field.
     fn validate(&self, v: &mut Violations) {
         v.check(
             is_code(&self.source, 64),
-            "source",
+            "external.source",
             "must be a code of [a-z0-9_]",
         );
         v.check(
             text_ok(&self.external_id, 200, false),
-            "external_id",
+            "external.external_id",
             "must be 1 to 200 characters",
         );
         v.check(
             self.external_version >= 1,
-            "external_version",
+            "external.external_version",
             "must be at least 1",
         );
     }
@@ -346,12 +347,12 @@ fn validate_order(order: &RecordOrder) -> Result<(), DomainError> {
         }
         sum = sum.saturating_add(line.line_total.amount_minor);
     }
-    order.totals.gross.validate("totals.gross", &mut v);
-    same_currency(&order.totals.net, currency, "totals.net", &mut v);
-    same_currency(&order.totals.tax, currency, "totals.tax", &mut v);
+    order.totals.gross.validate("gross", &mut v);
+    same_currency(&order.totals.net, currency, "net", &mut v);
+    same_currency(&order.totals.tax, currency, "tax", &mut v);
     v.check(
         sum == order.totals.net.amount_minor,
-        "totals.net",
+        "net",
         "must equal the sum of the line totals",
     );
     v.check(
@@ -361,7 +362,7 @@ fn validate_order(order: &RecordOrder) -> Result<(), DomainError> {
             .amount_minor
             .saturating_add(order.totals.tax.amount_minor)
             == order.totals.gross.amount_minor,
-        "totals.gross",
+        "gross",
         "must equal net + tax",
     );
     v.into_result()
@@ -536,16 +537,16 @@ impl Aggregate for Invoice {
             "must not be before issued_on",
         );
         let totals = &command.totals;
-        totals.gross.validate("totals.gross", &mut v);
-        same_currency(&totals.net, &totals.gross.currency, "totals.net", &mut v);
-        same_currency(&totals.tax, &totals.gross.currency, "totals.tax", &mut v);
+        totals.gross.validate("gross", &mut v);
+        same_currency(&totals.net, &totals.gross.currency, "net", &mut v);
+        same_currency(&totals.tax, &totals.gross.currency, "tax", &mut v);
         v.check(
             totals
                 .net
                 .amount_minor
                 .saturating_add(totals.tax.amount_minor)
                 == totals.gross.amount_minor,
-            "totals.gross",
+            "gross",
             "must equal net + tax",
         );
         v.into_result()?;
@@ -737,7 +738,7 @@ impl Aggregate for Payment {
                 );
                 v.check(
                     text_ok(&external_id, 200, true),
-                    "external_id",
+                    "refund_id",
                     "must be at most 200 characters",
                 );
                 v.into_result()?;
@@ -830,7 +831,7 @@ mod tests {
         bad.lines[1].line_total.currency = "EUR".into();
         given::<Order>([])
             .when(OrderCommand::Record(bad))
-            .then_invalid(&["lines[1].line_total.currency", "totals.net", "totals.gross"]);
+            .then_invalid(&["lines[1].line_total.currency", "net", "gross"]);
     }
 
     #[test]
@@ -948,7 +949,7 @@ mod tests {
         given::<Invoice>([]).when(late).then_invalid(&["due_on"]);
         given::<Invoice>([])
             .when(invoice(1, 300_00))
-            .then_invalid(&["totals.gross"]);
+            .then_invalid(&["gross"]);
     }
 
     #[test]
