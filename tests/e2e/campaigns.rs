@@ -188,6 +188,40 @@ async fn bad_campaign_inputs_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(error_info(&status).0, "INVALID_REFERENCE");
+    // An archived contact is no member either.
+    let archived = app
+        .contacts()
+        .create_contact(app.request(CreateContactRequest {
+            name: Some(PersonName {
+                given: "Ada".into(),
+                family: "Lovelace".into(),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    app.contacts()
+        .archive_contact(app.request(crm_proto::v1::ArchiveContactRequest {
+            options: None,
+            contact_id: archived.clone(),
+            reason: Some(crm_proto::v1::Reason {
+                code: "left_company".into(),
+                text: String::new(),
+            }),
+        }))
+        .await
+        .unwrap();
+    let status = app
+        .campaigns()
+        .add_campaign_member(app.request(member(&campaign, &archived)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (Code::FailedPrecondition, "INVALID_REFERENCE")
+    );
     let other_currency = RecordCampaignCostRequest {
         options: None,
         campaign_id: campaign.clone(),
@@ -256,8 +290,9 @@ async fn bad_campaign_inputs_are_refused() {
         .0,
         "INVALID_TRANSITION"
     );
-    // The plan and the one cost that fit: every refusal stored nothing.
-    assert_eq!(app.stored().await.len(), 2);
+    // The plan, the one cost that fit and the archived contact (created,
+    // archived): every refusal stored nothing.
+    assert_eq!(app.stored().await.len(), 4);
     app.stop().await;
 }
 

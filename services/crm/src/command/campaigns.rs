@@ -120,7 +120,9 @@ impl Campaigns for CampaignsService {
                     .handler
                     .state_or_default::<Contact>(&caller.tenant, contact_id)
                     .await?;
-                if !contact.exists {
+                // An erased person keeps no consent to act on, a merged one
+                // lives on as the survivor, an archived one is out of use.
+                if !contact.usable() {
                     return Err(ServiceError::Domain(DomainError::InvalidReference {
                         field: "contact_id",
                     })
@@ -140,7 +142,7 @@ impl Campaigns for CampaignsService {
                     .handler
                     .state_or_default::<Lead>(&caller.tenant, lead_id)
                     .await?;
-                if !lead.exists || lead.merged_into.is_some() {
+                if !lead.usable() {
                     return Err(ServiceError::Domain(DomainError::InvalidReference {
                         field: "lead_id",
                     })

@@ -21,6 +21,9 @@ pub struct ExternalRef {
     pub external_version: u64,
 }
 
+/// Orders one invoice or payment may name.
+pub const MAX_ORDER_IDS: usize = 100;
+
 impl ExternalRef {
     /// Named as the requests carry it: their `external` field.
     fn validate(&self, v: &mut Violations) {
@@ -536,6 +539,11 @@ impl Aggregate for Invoice {
             "due_on",
             "must not be before issued_on",
         );
+        v.check(
+            command.order_ids.len() <= MAX_ORDER_IDS,
+            "order_ids",
+            "must have at most 100 orders",
+        );
         let totals = &command.totals;
         totals.gross.validate("gross", &mut v);
         same_currency(&totals.net, &totals.gross.currency, "net", &mut v);
@@ -690,6 +698,11 @@ impl Aggregate for Payment {
                     amount.amount_minor > 0,
                     "amount.amount_minor",
                     "must be positive",
+                );
+                v.check(
+                    order_ids.len() <= MAX_ORDER_IDS,
+                    "order_ids",
+                    "must have at most 100 orders",
                 );
                 v.into_result()?;
                 if external.external_version <= self.external_version {
@@ -946,7 +959,10 @@ mod tests {
             .then(vec![]);
         let mut late = invoice(1, 282_50);
         late.due_on = Date::constant(2026, 11, 1);
-        given::<Invoice>([]).when(late).then_invalid(&["due_on"]);
+        late.order_ids = vec![Uuid::from_u128(1); MAX_ORDER_IDS + 1];
+        given::<Invoice>([])
+            .when(late)
+            .then_invalid(&["due_on", "order_ids"]);
         given::<Invoice>([])
             .when(invoice(1, 300_00))
             .then_invalid(&["gross"]);

@@ -550,6 +550,17 @@ impl Contact {
     }
 }
 
+impl Contact {
+    /// Whether other records may take it in (a campaign's member): it
+    /// exists, is active, and was neither merged away nor erased.
+    pub fn usable(&self) -> bool {
+        self.exists
+            && self.lifecycle == Lifecycle::Active
+            && self.merged_into.is_none()
+            && !self.erased
+    }
+}
+
 impl Aggregate for Contact {
     type Command = ContactCommand;
     type Event = ContactEvent;

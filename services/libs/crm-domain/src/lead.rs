@@ -288,6 +288,17 @@ pub struct Lead {
     pub erased: bool,
 }
 
+impl Lead {
+    /// Whether other records may take it in (a campaign's member): it
+    /// exists, is active, and was neither merged away nor erased.
+    pub fn usable(&self) -> bool {
+        self.exists
+            && self.meta.lifecycle == crate::common::Lifecycle::Active
+            && self.merged_into.is_none()
+            && !self.erased
+    }
+}
+
 impl Aggregate for Lead {
     type Command = LeadCommand;
     type Event = LeadEvent;
@@ -394,6 +405,19 @@ impl Aggregate for Lead {
                     "source.channel",
                     "must be a code of [a-z0-9_]",
                 );
+                // As a campaign's own `utm_campaign`: at most 200 characters,
+                // no control characters.
+                for (text, field) in [
+                    (&details.source.utm_source, "source.utm_source"),
+                    (&details.source.utm_medium, "source.utm_medium"),
+                    (&details.source.utm_campaign, "source.utm_campaign"),
+                ] {
+                    v.check(
+                        crate::common::text_ok(text, 200, true),
+                        field,
+                        "must be at most 200 characters",
+                    );
+                }
                 v.into_result()?;
                 Ok(vec![LeadEvent::Captured(LeadCaptured {
                     name: details.name,
@@ -553,6 +577,10 @@ impl crate::aggregate::Mergeable for Lead {
             if !lead.exists {
                 return Err(DomainError::NotFound);
             }
+            // DOMAIN.md §2.11: erased parties take no part in a merge.
+            if lead.erased {
+                return Err(DomainError::RecordErased);
+            }
             if let Some(survivor) = lead.merged_into {
                 return Err(DomainError::RecordMerged { survivor });
             }
@@ -588,6 +616,14 @@ impl crate::aggregate::Mergeable for Lead {
                     phones.push(phone.clone());
                 }
             }
+        }
+        // As a contact's merge: the lead must still be able to become a
+        // contact, which holds at most 10 of each.
+        if emails.len() > crate::contact::MAX_EMAILS || phones.len() > crate::contact::MAX_PHONES {
+            return Err(DomainError::invalid(
+                "loser_ids",
+                "the merged lead would have more than 10 emails or phones",
+            ));
         }
         let changes = LeadChanges {
             name: crate::common::diff(&survivor.name, Some(&name)),
@@ -702,9 +738,16 @@ mod tests {
             primary: true,
         }];
         bad.source.channel = "Web Site".into();
+        bad.source.utm_campaign = "x".repeat(201);
+        bad.source.utm_medium = "line\nbreak".into();
         given::<Lead>([])
             .when(LeadCommand::Capture(bad))
-            .then_invalid(&["emails[0].address", "source.channel"]);
+            .then_invalid(&[
+                "emails[0].address",
+                "source.channel",
+                "source.utm_medium",
+                "source.utm_campaign",
+            ]);
     }
 
     #[test]
@@ -741,7 +784,7 @@ mod tests {
         let merged = survivor.clone().replay(events.iter());
         assert_eq!(merged.emails.len(), 1);
         assert_eq!(merged.company, "Wei Trading");
-        let gone = loser.replay(losers[0].1.iter());
+        let gone = loser.clone().replay(losers[0].1.iter());
         assert_eq!(
             gone.decide(
                 LeadCommand::ChangeStatus {
@@ -777,6 +820,42 @@ mod tests {
             ),
             Err(DomainError::InvalidTransition { .. })
         ));
+        // An erased loser takes no part; nor does a merge past 10 emails.
+        let mut erased = loser.clone();
+        erased.erased = true;
+        assert_eq!(
+            Lead::merge(
+                uuid::Uuid::from_u128(1),
+                &survivor,
+                &[(uuid::Uuid::from_u128(4), erased)],
+                &choices,
+                crate::Context::at(now())
+            )
+            .unwrap_err(),
+            DomainError::RecordErased
+        );
+        let many = |from: usize| {
+            let mut lead = loser.clone();
+            lead.emails = (from..from + 6)
+                .map(|i| Email {
+                    address: format!("li{i}@example.cn"),
+                    primary: i == from,
+                })
+                .collect();
+            lead
+        };
+        let refused = Lead::merge(
+            uuid::Uuid::from_u128(1),
+            &many(0),
+            &[(uuid::Uuid::from_u128(5), many(6))],
+            &choices,
+            crate::Context::at(now()),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&refused, DomainError::Invalid(v) if v[0].field == "loser_ids"),
+            "{refused:?}"
+        );
     }
 
     #[test]
