@@ -28,6 +28,11 @@ use crate::command::{Caller, ServiceError};
 
 /// Most events in one `EventBatch`.
 const BATCH: usize = 256;
+/// Most encoded bytes of one `EventBatch` or `ReadStreamReply`, but always
+/// at least one event: well under the 4 MiB a gRPC client takes by default,
+/// so a run of large events cannot make a batch that the client refuses
+/// (and that its resume would build again).
+const BATCH_BYTES: usize = 1 << 20;
 const MAX_STREAM_TYPES: usize = 20;
 const MAX_EVENT_TYPES: usize = 50;
 const MAX_NAME_LEN: usize = 128;
@@ -78,13 +83,15 @@ impl EventLogService {
         events: impl Stream<Item = Result<RecordedEvent, crm_event_store::ReadError>> + Send + 'static,
         permit: OwnedSemaphorePermit,
     ) -> Batches {
-        let batches = events.ready_chunks(BATCH).map(move |chunk| {
+        let batches = SizedBatches {
+            inner: Box::pin(events),
+            held: None,
+            failed: None,
+            done: false,
+        }
+        .map(move |batch| {
             let _open = &permit;
-            let mut events = Vec::with_capacity(chunk.len());
-            for event in chunk {
-                events.push(to_proto(event.map_err(ServiceError::from)?));
-            }
-            Ok(EventBatch { events })
+            batch
         });
         Box::pin(UntilShutdown {
             inner: Box::pin(batches),
@@ -201,8 +208,17 @@ impl EventLog for EventLogService {
             };
             (events, next)
         };
+        let mut events: Vec<Event> = events.into_iter().map(to_proto).collect();
+        let kept = within_bytes(&events);
+        let next_version = if kept < events.len() {
+            // Cut by size: the next page starts at the first event left out.
+            events[kept].stream_version
+        } else {
+            next_version
+        };
+        events.truncate(kept);
         Ok(Response::new(ReadStreamReply {
-            events: events.into_iter().map(to_proto).collect(),
+            events,
             stream_version: current,
             next_version,
         }))
@@ -264,6 +280,85 @@ fn to_proto(event: RecordedEvent) -> Event {
     }
 }
 
+/// How many of `events`, from the first, fit in [`BATCH_BYTES`] (at least
+/// one).
+fn within_bytes(events: &[Event]) -> usize {
+    use prost::Message;
+    let mut bytes = 0;
+    for (i, event) in events.iter().enumerate() {
+        bytes += event.encoded_len();
+        if i > 0 && bytes > BATCH_BYTES {
+            return i;
+        }
+    }
+    events.len()
+}
+
+/// Events into `EventBatch`es of what is ready now, at most [`BATCH`]
+/// events and [`BATCH_BYTES`] bytes each (but always one event). An error
+/// ends the stream after the events before it.
+struct SizedBatches<S> {
+    inner: Pin<Box<S>>,
+    /// The event that did not fit the last batch: the next one starts with it.
+    held: Option<Event>,
+    failed: Option<Status>,
+    done: bool,
+}
+
+impl<S> Stream for SizedBatches<S>
+where
+    S: Stream<Item = Result<RecordedEvent, crm_event_store::ReadError>>,
+{
+    type Item = Result<EventBatch, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use prost::Message;
+        let this = self.get_mut();
+        if let Some(status) = this.failed.take() {
+            this.done = true;
+            return Poll::Ready(Some(Err(status)));
+        }
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        if let Some(event) = this.held.take() {
+            bytes += event.encoded_len();
+            events.push(event);
+        }
+        while !this.done && events.len() < BATCH {
+            match this.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(event))) => {
+                    let event = to_proto(event);
+                    let len = event.encoded_len();
+                    if !events.is_empty() && bytes + len > BATCH_BYTES {
+                        this.held = Some(event);
+                        break;
+                    }
+                    bytes += len;
+                    events.push(event);
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    let status = Status::from(ServiceError::from(error));
+                    if events.is_empty() {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(status)));
+                    }
+                    this.failed = Some(status);
+                    break;
+                }
+                Poll::Ready(None) => this.done = true,
+                Poll::Pending => break,
+            }
+        }
+        if !events.is_empty() {
+            Poll::Ready(Some(Ok(EventBatch { events })))
+        } else if this.done {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 /// Ends the inner stream with UNAVAILABLE when the server shuts down, so
 /// graceful shutdown does not wait on streams that never end.
 struct UntilShutdown {
@@ -286,5 +381,105 @@ impl Stream for UntilShutdown {
             ))));
         }
         self.inner.as_mut().poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crm_event_store::{JsonText, ReadError};
+
+    fn event(position: u64, payload_bytes: usize) -> Result<RecordedEvent, ReadError> {
+        Ok(RecordedEvent {
+            global_position: position,
+            event_id: Uuid::from_u128(u128::from(position)),
+            tenant_id: "acme".into(),
+            stream_type: "activity".into(),
+            stream_id: Uuid::from_u128(7),
+            stream_version: position,
+            event_type: "ActivityLogged".into(),
+            schema_version: 1,
+            payload: JsonText(format!("\"{}\"", "x".repeat(payload_bytes))),
+            metadata: JsonText("{}".into()),
+            recorded_at: std::time::SystemTime::UNIX_EPOCH,
+            decoded: Default::default(),
+        })
+    }
+
+    async fn batches(
+        events: Vec<Result<RecordedEvent, ReadError>>,
+    ) -> Vec<Result<EventBatch, Status>> {
+        SizedBatches {
+            inner: Box::pin(futures_util::stream::iter(events)),
+            held: None,
+            failed: None,
+            done: false,
+        }
+        .collect()
+        .await
+    }
+
+    #[tokio::test]
+    async fn batches_hold_at_most_a_mebibyte_and_always_one_event() {
+        use prost::Message;
+        // 100 events of 45 KB: 256 of them in one batch would be 11 MB.
+        let events = (1..=100).map(|p| event(p, 45_000)).collect();
+        let got = batches(events).await;
+        let mut positions = Vec::new();
+        for batch in &got {
+            let batch = batch.as_ref().expect("batch");
+            assert!(!batch.events.is_empty());
+            assert!(
+                batch.encoded_len() <= BATCH_BYTES + 64,
+                "{}",
+                batch.encoded_len()
+            );
+            positions.extend(batch.events.iter().map(|e| e.global_position));
+        }
+        assert_eq!(
+            positions,
+            (1..=100).collect::<Vec<_>>(),
+            "in order, none lost"
+        );
+        assert!(got.len() >= 5, "{} batches", got.len());
+        // One event larger than the budget still goes, alone.
+        let got = batches(vec![event(1, 10), event(2, 2 << 20), event(3, 10)]).await;
+        let sizes: Vec<usize> = got
+            .iter()
+            .map(|b| b.as_ref().unwrap().events.len())
+            .collect();
+        assert_eq!(sizes, [1, 1, 1]);
+        // Small events: at most BATCH per batch.
+        let got = batches((1..=300).map(|p| event(p, 10)).collect()).await;
+        let sizes: Vec<usize> = got
+            .iter()
+            .map(|b| b.as_ref().unwrap().events.len())
+            .collect();
+        assert_eq!(sizes, [BATCH, 300 - BATCH]);
+    }
+
+    #[tokio::test]
+    async fn an_error_ends_the_batches_after_the_events_before_it() {
+        let got = batches(vec![
+            event(1, 10),
+            event(2, 10),
+            Err(ReadError::Corrupt("bad row".into())),
+            event(4, 10),
+        ])
+        .await;
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].as_ref().unwrap().events.len(), 2);
+        assert!(got[1].is_err());
+    }
+
+    #[test]
+    fn a_stream_page_is_cut_by_size_too() {
+        let events: Vec<Event> = (1..=40)
+            .map(|p| to_proto(event(p, 45_000).unwrap()))
+            .collect();
+        let kept = within_bytes(&events);
+        assert!((20..40).contains(&kept), "{kept}");
+        assert_eq!(within_bytes(&events[..1]), 1);
+        assert_eq!(within_bytes(&[]), 0);
     }
 }
