@@ -95,6 +95,36 @@ async fn board_queries_refuse_bad_input_and_say_when_the_model_lags() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("pipeline_board"), "{status:?}");
+    // A projection stopped by a poison event will not get there by waiting:
+    // FAILED_PRECONDITION, without its error (which may name other tenants'
+    // data).
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE projections SET state = 'failed', last_error = 'secret detail', \
+             error_position = 7 WHERE name = 'pipeline_board'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let status = sales
+        .get_pipeline_board(app.request(board_request(&pipeline, 1_000_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("position 7"), "{status:?}");
+    assert!(!status.message().contains("secret"), "{status:?}");
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE projections SET state = 'running', last_error = NULL, \
+             error_position = NULL WHERE name = 'pipeline_board'",
+            &[],
+        )
+        .await
+        .unwrap();
     let status = sales
         .get_pipeline_board(crate::support::as_caller(
             board_request(&pipeline, 0),

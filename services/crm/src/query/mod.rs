@@ -78,10 +78,38 @@ pub(crate) async fn ready(
     ready_all(read_models, &[projection], options, wait).await
 }
 
-fn not_yet(projection: &str, position: u64, min_position: u64) -> Status {
-    Status::unavailable(format!(
-        "read model {projection} has applied position {position}, not yet {min_position}; retry"
-    ))
+/// Why `projection` has not reached `min_position` in time. A projection
+/// stopped by a poison event will not reach it by waiting: that is
+/// FAILED_PRECONDITION (its error stays with the operators: it may name
+/// another tenant's data); otherwise UNAVAILABLE, retry.
+async fn not_yet(
+    read_models: &ReadModels,
+    projection: &str,
+    position: u64,
+    min_position: u64,
+) -> Status {
+    let stopped = match read_models.pool.get().await {
+        Ok(client) => client
+            .query_opt(
+                "SELECT error_position FROM projections WHERE name = $1 AND state = 'failed'",
+                &[&projection],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|row| row.get::<_, Option<i64>>(0)),
+        Err(_) => None,
+    };
+    match stopped {
+        Some(at) => Status::failed_precondition(format!(
+            "read model {projection} is stopped at an event it cannot apply (position {}) and \
+             will not reach {min_position} until an operator fixes it",
+            at.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+        )),
+        None => Status::unavailable(format!(
+            "read model {projection} has applied position {position}, not yet {min_position}; retry"
+        )),
+    }
 }
 
 /// A client once every one of `projections` has applied the caller's
@@ -109,7 +137,11 @@ pub(crate) async fn ready_all(
             let mut applied = positions[projection].clone();
             match tokio::time::timeout_at(deadline, applied.reached(min_position)).await {
                 Ok(position) => lowest = lowest.min(position),
-                Err(_) => return Err(not_yet(projection, applied.now(), min_position)),
+                Err(_) => {
+                    return Err(
+                        not_yet(read_models, projection, applied.now(), min_position).await,
+                    );
+                }
             }
         }
         let client = read_models.pool.get().await.map_err(|e| unavailable(&e))?;
@@ -139,7 +171,7 @@ pub(crate) async fn ready_all(
             let name = laggard
                 .as_deref()
                 .unwrap_or(projections.first().copied().unwrap_or("?"));
-            return Err(not_yet(name, lowest, min_position));
+            return Err(not_yet(read_models, name, lowest, min_position).await);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(25));
