@@ -710,6 +710,10 @@ async fn bad_analytics_queries_name_their_field() {
         ("2026-1", "2026-12", "from_month"),
         ("2026-03", "2026-01", "to_month"),
         ("2000-01", "2026-01", "to_month"),
+        // The month after December 9999 does not exist: refused by name,
+        // not answered as an empty month.
+        ("2026-01", "9999-12", "to_month"),
+        ("0000-01", "2026-01", "from_month"),
     ] {
         let status = analytics
             .get_churn(app.request(GetChurnRequest {

@@ -59,6 +59,14 @@ fn month(field: &'static str, text: &str) -> Result<Date, ServiceError> {
     }
     let year: i16 = year.parse().map_err(|_| bad())?;
     let month: i8 = month.parse().map_err(|_| bad())?;
+    // In the years every read model can hold (so the month after it, and
+    // its start in any zone, always exist).
+    if !crm_domain::common::BUSINESS_YEARS.contains(&year) {
+        return Err(ServiceError::invalid(
+            field,
+            "must be in the years 1900 to 2200",
+        ));
+    }
     Date::new(year, month, 1).map_err(|_| bad())
 }
 
@@ -151,17 +159,27 @@ const CHURN_SQL: &str = "SELECT COALESCE(a.segment, ''), count(*), \
     GROUP BY 1";
 
 impl AnalyticsService {
-    async fn zone(&self, client: &deadpool_postgres::Object, tenant: &str) -> TimeZone {
-        match client
+    /// The tenant's time zone (UTC until it sets one). A failed read is
+    /// UNAVAILABLE and a stored zone this build does not know INTERNAL:
+    /// monthly figures cut at the wrong midnight would be wrong, not late.
+    async fn zone(
+        &self,
+        client: &deadpool_postgres::Object,
+        tenant: &str,
+    ) -> Result<TimeZone, Status> {
+        let row = client
             .query_opt(
                 "SELECT time_zone FROM an_tenant WHERE tenant_id = $1",
                 &[&tenant],
             )
             .await
-        {
-            Ok(Some(row)) => TimeZone::get(row.get::<_, &str>(0)).unwrap_or(TimeZone::UTC),
-            _ => TimeZone::UTC,
-        }
+            .map_err(super::unavailable)?;
+        let Some(row) = row else {
+            return Ok(TimeZone::UTC);
+        };
+        let name: &str = row.get(0);
+        TimeZone::get(name)
+            .map_err(|_| Status::internal(format!("the tenant's time zone {name} is unknown")))
     }
 }
 
@@ -264,7 +282,7 @@ impl AnalyticsQueries for AnalyticsService {
         let months = months(&request.from_month, &request.to_month, 120, "to_month")?;
         let (client, position) = ready(&self.pool, ANALYTICS, request.options, self.wait).await?;
         let tenant = caller.tenant.as_str();
-        let zone = self.zone(&client, tenant).await;
+        let zone = self.zone(&client, tenant).await?;
         let mut out = Vec::with_capacity(months.len());
         for month in months {
             let segments = churn_by_segment(
@@ -411,7 +429,7 @@ impl AnalyticsQueries for AnalyticsService {
         let as_of = instant("as_of", &request.as_of)?;
         let (client, position) = ready(&self.pool, ANALYTICS, request.options, self.wait).await?;
         let tenant = caller.tenant.as_str();
-        let zone = self.zone(&client, tenant).await;
+        let zone = self.zone(&client, tenant).await?;
         // The 12 whole months before the month holding `as_of`.
         let this_month = as_of.to_zoned(zone.clone()).date().first_of_month();
         let mut months = Vec::with_capacity(12);
@@ -508,7 +526,7 @@ impl AnalyticsQueries for AnalyticsService {
         };
         let (client, position) = ready(&self.pool, ANALYTICS, request.options, self.wait).await?;
         let tenant = caller.tenant.as_str();
-        let zone = self.zone(&client, tenant).await;
+        let zone = self.zone(&client, tenant).await?;
         let mut out = Vec::with_capacity(cohorts.len());
         for cohort in cohorts {
             let mut bounds = vec![cohort];
@@ -563,7 +581,7 @@ impl AnalyticsQueries for AnalyticsService {
         let months = months(&request.from_month, &request.to_month, 60, "to_month")?;
         let (client, position) = ready(&self.pool, ANALYTICS, request.options, self.wait).await?;
         let tenant = caller.tenant.as_str();
-        let zone = self.zone(&client, tenant).await;
+        let zone = self.zone(&client, tenant).await?;
         let mut out = Vec::with_capacity(months.len());
         for month in months {
             let row = client
