@@ -179,6 +179,19 @@ impl ConfigContent for BusinessCalendar {
             "weekly",
             "needs at least one working interval",
         );
+        v.check(
+            self.weekly.len() <= MAX_WEEKLY_INTERVALS,
+            "weekly",
+            "must have at most 70 intervals",
+        );
+        v.check(
+            self.overrides.len() <= MAX_OVERRIDES,
+            "overrides",
+            "must have at most 1000 dates",
+        );
+        if self.weekly.len() > MAX_WEEKLY_INTERVALS || self.overrides.len() > MAX_OVERRIDES {
+            return; // no per-item checks of an oversized list
+        }
         for (i, hours) in self.weekly.iter().enumerate() {
             v.check(
                 (1..=7).contains(&hours.weekday),
@@ -211,9 +224,26 @@ impl ConfigContent for BusinessCalendar {
                 format!("overrides[{i}].hours"),
                 "each interval must end after it starts",
             );
+            v.check(
+                day.hours.len() <= 10,
+                format!("overrides[{i}].hours"),
+                "must have at most 10 intervals",
+            );
+            v.check(
+                text_ok(&day.name, 100, true),
+                format!("overrides[{i}].name"),
+                "must be at most 100 characters",
+            );
         }
     }
 }
+
+/// Working intervals a calendar's week may hold (ten a day).
+pub const MAX_WEEKLY_INTERVALS: usize = 70;
+/// Dated exceptions one calendar may hold (years of holidays).
+pub const MAX_OVERRIDES: usize = 1000;
+/// Skills a queue needs or an agent has.
+pub const MAX_SKILLS: usize = 50;
 
 // --------------------------------------------------------------- SLA policy
 
@@ -260,11 +290,22 @@ impl ConfigContent for SlaPolicy {
             "name",
             "must be 1 to 100 characters",
         );
-        for (i, t) in self.ticket_types.iter().enumerate() {
+        let mut types = BTreeSet::new();
+        for (i, t) in self
+            .ticket_types
+            .iter()
+            .enumerate()
+            .take(TICKET_TYPES.len() + 1)
+        {
             v.check(
                 TICKET_TYPES.contains(&t.as_str()),
                 format!("ticket_types[{i}]"),
                 "must be a ticket type",
+            );
+            v.check(
+                types.insert(t.as_str()),
+                format!("ticket_types[{i}]"),
+                "appears twice",
             );
         }
         let mut seen = BTreeSet::new();
@@ -297,11 +338,17 @@ impl ConfigContent for SlaPolicy {
             "targets",
             "needs targets for low, normal, high and urgent",
         );
-        for (i, status) in self.pause_statuses.iter().enumerate() {
+        let mut statuses = BTreeSet::new();
+        for (i, status) in self.pause_statuses.iter().enumerate().take(3) {
             v.check(
                 ["pending", "on_hold"].contains(&status.as_str()),
                 format!("pause_statuses[{i}]"),
                 "must be pending or on_hold",
+            );
+            v.check(
+                statuses.insert(status.as_str()),
+                format!("pause_statuses[{i}]"),
+                "appears twice",
             );
         }
         v.check(
@@ -377,6 +424,16 @@ impl ConfigContent for CommissionPlan {
             "must be marginal or whole_amount",
         );
         v.check(!self.tiers.is_empty(), "tiers", "needs at least one tier");
+        v.check(
+            self.tiers.len() <= 50,
+            "tiers",
+            "must have at most 50 tiers",
+        );
+        v.check(
+            self.reps.len() <= 1000,
+            "reps",
+            "must have at most 1000 reps",
+        );
         v.check(
             self.tiers.first().is_none_or(|t| t.from == 0),
             "tiers[0].from",
@@ -486,7 +543,12 @@ impl ConfigContent for Queue {
                 "appears twice",
             );
         }
-        for (i, skill) in self.skills.iter().enumerate() {
+        v.check(
+            self.skills.len() <= MAX_SKILLS,
+            "skills",
+            "must have at most 50 skills",
+        );
+        for (i, skill) in self.skills.iter().enumerate().take(MAX_SKILLS + 1) {
             v.check(
                 crate::common::is_code(skill, 64),
                 format!("skills[{i}]"),
@@ -541,7 +603,12 @@ impl ConfigContent for AgentAvailability {
             "must be online, away or offline",
         );
         v.check(self.capacity <= 1000, "capacity", "must be at most 1000");
-        for (i, skill) in self.skills.iter().enumerate() {
+        v.check(
+            self.skills.len() <= MAX_SKILLS,
+            "skills",
+            "must have at most 50 skills",
+        );
+        for (i, skill) in self.skills.iter().enumerate().take(MAX_SKILLS + 1) {
             v.check(
                 crate::common::is_code(skill, 64),
                 format!("skills[{i}]"),
@@ -704,7 +771,12 @@ impl ConfigContent for Team {
             "must have at most 1000 members",
         );
         let mut seen = BTreeSet::new();
-        for (i, member) in self.members.iter().enumerate() {
+        for (i, member) in self.members.iter().enumerate().take(1001) {
+            v.check(
+                text_ok(member, 200, false),
+                format!("members[{i}]"),
+                "must be 1 to 200 characters",
+            );
             v.check(
                 seen.insert(member.as_str()),
                 format!("members[{i}]"),
@@ -900,11 +972,11 @@ mod tests {
             name: "EMEA".into(),
             parent_id: None,
             manager: "user:mgr".into(),
-            members: vec!["user:a".into(), "user:a".into()],
+            members: vec!["user:a".into(), "user:a".into(), String::new()],
         };
         given::<TeamConfig>([])
             .when(Publish(team))
-            .then_invalid(&["members[1]"]);
+            .then_invalid(&["members[1]", "members[2]"]);
     }
 
     #[test]
@@ -933,6 +1005,20 @@ mod tests {
                 "weekly[6].weekday",
                 "weekly[6].end",
             ]);
+        // Lists are bounded (the overlap check compares every pair), and an
+        // override's name and hours too.
+        let mut big = calendar();
+        big.weekly = vec![big.weekly[0].clone(); MAX_WEEKLY_INTERVALS + 1];
+        given::<BusinessCalendarConfig>([])
+            .when(Publish(big))
+            .then_invalid(&["weekly"]);
+        let mut named = calendar();
+        named.overrides[0].name = "x".repeat(101);
+        named.overrides[0].hours =
+            vec![(Time::constant(9, 0, 0, 0), Time::constant(10, 0, 0, 0)); 11];
+        given::<BusinessCalendarConfig>([])
+            .when(Publish(named))
+            .then_invalid(&["overrides[0].hours", "overrides[0].name"]);
 
         let targets = |priority: &str, first: u32| SlaTargets {
             priority: priority.into(),
@@ -958,6 +1044,12 @@ mod tests {
             .when(Publish(policy.clone()))
             .result
             .unwrap();
+        let mut twice = policy.clone();
+        twice.ticket_types.push("complaint".into());
+        twice.pause_statuses.push("pending".into());
+        given::<SlaPolicyConfig>([])
+            .when(Publish(twice))
+            .then_invalid(&["ticket_types[1]", "pause_statuses[1]"]);
         let mut bad = policy;
         bad.targets.pop();
         bad.targets[0].resolution_minutes = 10;
