@@ -475,6 +475,13 @@ impl Aggregate for Ticket {
                     "override_reason",
                     "must be at most 500 characters",
                 );
+                // Checked here too: an override skips the queue's member
+                // list, which is where an assignee is otherwise vetted.
+                v.check(
+                    assignee.as_deref().is_none_or(|a| text_ok(a, 200, false)),
+                    "assignee",
+                    "must be 1 to 200 characters",
+                );
                 v.into_result()?;
                 if assignee.is_some() && !eligible && override_reason.trim().is_empty() {
                     return Err(DomainError::InvalidReference { field: "assignee" });
@@ -993,6 +1000,14 @@ mod tests {
         assert!(
             matches!(&overridden[0], TicketEvent::Assigned(a) if a.override_reason == "customer asked for G")
         );
+        // An override skips the queue's member list: the name is checked.
+        let mut unnamed = assign(false, "customer asked");
+        if let TicketCommand::Assign { assignee, .. } = &mut unnamed {
+            *assignee = Some("x".repeat(201));
+        }
+        given::<Ticket>([opened()])
+            .when(unnamed)
+            .then_invalid(&["assignee"]);
         let events = Ticket::default()
             .replay([opened()].iter())
             .decide(assign(true, "ignored"), crate::Context::at(now()))
