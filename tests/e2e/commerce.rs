@@ -270,12 +270,33 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    // The same refund id on another payment of the same source is another
+    // refund: recorded, not answered with the first one's outcome.
+    app.commerce()
+        .record_payment(app.request(RecordPaymentRequest {
+            external: external("PAY-2", 1),
+            amount: cny(28_250),
+            paid_on: "2026-11-02".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let other = app
+        .commerce()
+        .issue_refund(app.request(IssueRefundRequest {
+            payment: external("PAY-2", 1),
+            ..refund(20_000, "R-1")
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!other.unchanged, "{other:?}");
     let refunds = app
         .stored()
         .await
         .iter()
         .filter(|(t, _, _)| t == "RefundIssued")
         .count();
-    assert_eq!(refunds, 1);
+    assert_eq!(refunds, 2);
     app.stop().await;
 }

@@ -407,10 +407,10 @@ async fn the_worked_complaint_breaches_first_response_meets_resolution_and_auto_
     crate::support::reached(&app, "sla_process", nudge).await;
     assert_eq!(app.stored().await.len(), before + 1, "only the nudge");
 
-    // Nothing is running any more.
+    // Nothing is running any more (a far-future bound means "no limit").
     let at_risk = queries
         .list_at_risk(app.request(ListAtRiskRequest {
-            due_before: "2030-01-01T00:00:00Z".into(),
+            due_before: "9000-01-01T00:00:00Z".into(),
             ..Default::default()
         }))
         .await
@@ -552,6 +552,13 @@ async fn clocks_at_risk_page_soonest_first_and_bad_queries_are_refused() {
         (
             ListAtRiskRequest {
                 due_before: "tomorrow".into(),
+                ..Default::default()
+            },
+            "due_before",
+        ),
+        (
+            ListAtRiskRequest {
+                due_before: "0001-01-01T00:00:00Z".into(),
                 ..Default::default()
             },
             "due_before",

@@ -279,10 +279,11 @@ impl Commerce for CommerceService {
         let mut options = Options::parse("IssueRefund", request.options.as_ref(), &request)?;
         let payment = external("payment", request.payment)?;
         if options.idempotency_key.is_none() && !request.refund_id.is_empty() {
+            // A refund id is unique within its payment, not its source.
             server_key(
                 &mut options,
                 "refund",
-                &[&payment.source, &request.refund_id],
+                &[&payment.source, &payment.external_id, &request.refund_id],
             );
         }
         let command = PaymentCommand::Refund {

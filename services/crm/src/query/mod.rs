@@ -180,32 +180,31 @@ pub(crate) async fn ready_all(
 
 // ------------------------------------------------ helpers the queries share
 
-/// An RFC 3339 instant in the years 1900 to 2200: what read models hold,
-/// and what their SQL and date arithmetic can take (PostgreSQL refuses
-/// years before 4713 BC; jiff panics subtracting past its year -9999).
+/// The first year a query time or date may name: no record is older
+/// (commands refuse business times before 1900), and the queries' SQL and
+/// date arithmetic need room below it (PostgreSQL refuses years before
+/// 4713 BC; jiff panics subtracting past its year -9999). Later bounds are
+/// free: a far-future `to` or `due_before` is a common "no limit".
+const FIRST_QUERY_YEAR: i16 = 1900;
+
+/// An RFC 3339 instant from the year 1900 on.
 pub(crate) fn instant(field: &'static str, text: &str) -> Result<jiff::Timestamp, ServiceError> {
     let at = text
         .parse::<jiff::Timestamp>()
         .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 instant"))?;
-    if !crm_domain::common::is_business_time(at) {
-        return Err(ServiceError::invalid(
-            field,
-            "must be in the years 1900 to 2200",
-        ));
+    if at.to_zoned(jiff::tz::TimeZone::UTC).year() < FIRST_QUERY_YEAR {
+        return Err(ServiceError::invalid(field, "must not be before 1900"));
     }
     Ok(at)
 }
 
-/// A `YYYY-MM-DD` date in the years 1900 to 2200 (see [`instant`]).
+/// A `YYYY-MM-DD` date from the year 1900 on (see [`instant`]).
 pub(crate) fn date(field: &'static str, text: &str) -> Result<jiff::civil::Date, ServiceError> {
     let date = text
         .parse::<jiff::civil::Date>()
         .map_err(|_| ServiceError::invalid(field, "must be a date, YYYY-MM-DD"))?;
-    if !crm_domain::common::is_business_date(date) {
-        return Err(ServiceError::invalid(
-            field,
-            "must be in the years 1900 to 2200",
-        ));
+    if date.year() < FIRST_QUERY_YEAR {
+        return Err(ServiceError::invalid(field, "must not be before 1900"));
     }
     Ok(date)
 }
