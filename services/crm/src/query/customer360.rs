@@ -897,7 +897,7 @@ impl Customer360 for Customer360Service {
                 .as_of
                 .parse::<Timestamp>()
                 .ok()
-                .filter(|at| at.to_zoned(jiff::tz::TimeZone::UTC).year() >= 1900)
+                .filter(|at| super::queryable(*at))
         };
         v.check(
             as_of.is_some(),

@@ -192,10 +192,15 @@ pub(crate) fn instant(field: &'static str, text: &str) -> Result<jiff::Timestamp
     let at = text
         .parse::<jiff::Timestamp>()
         .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 instant"))?;
-    if at.to_zoned(jiff::tz::TimeZone::UTC).year() < FIRST_QUERY_YEAR {
+    if !queryable(at) {
         return Err(ServiceError::invalid(field, "must not be before 1900"));
     }
     Ok(at)
+}
+
+/// Whether a query may name `at` (from the year 1900 on, in UTC).
+pub(crate) fn queryable(at: jiff::Timestamp) -> bool {
+    at.to_zoned(jiff::tz::TimeZone::UTC).year() >= FIRST_QUERY_YEAR
 }
 
 /// A `YYYY-MM-DD` date from the year 1900 on (see [`instant`]).
