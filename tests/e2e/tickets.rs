@@ -1,7 +1,8 @@
 //! `crm.v1.Tickets` through a real client: the worked complaint flow and bad inputs.
 use crm_proto::v1::{
-    AddTicketMessageRequest, ChangeTicketStatusRequest, CloseTicketRequest, EscalateTicketRequest,
-    OpenTicketRequest, RecordCsatRequest, SolveTicketRequest, TriageTicketRequest,
+    AddTicketMessageRequest, ChangeTicketStatusRequest, CloseTicketRequest, CommandOptions,
+    EscalateTicketRequest, OpenTicketRequest, RecordCsatRequest, SolveTicketRequest,
+    TriageTicketRequest,
 };
 use tonic::Code;
 
@@ -129,16 +130,172 @@ async fn a_complaint_is_answered_waits_on_the_customer_is_solved_rated_and_close
     );
     assert_eq!(stored[8].1["score"], 4);
 
-    // Closed: no more messages.
+    // Closed: no more agent messages.
     let status = app
         .tickets()
-        .add_ticket_message(app.request(say(&id, "customer", "hello?")))
+        .add_ticket_message(app.request(say(&id, "agent", "hello?")))
         .await
         .unwrap_err();
     assert_eq!(
         (status.code(), error_info(&status).0.as_str()),
         (Code::FailedPrecondition, "INVALID_TRANSITION")
     );
+    assert_eq!(app.stored().await.len(), 10);
+    app.stop().await;
+}
+
+fn with_options(
+    mut request: AddTicketMessageRequest,
+    key: &str,
+    expected_version: Option<u64>,
+) -> AddTicketMessageRequest {
+    request.options = Some(CommandOptions {
+        idempotency_key: key.into(),
+        expected_version,
+        ..Default::default()
+    });
+    request
+}
+
+/// Opens a complaint, solves and closes it; returns its id.
+async fn closed_complaint(app: &TestApp) -> String {
+    let id = app
+        .tickets()
+        .open_ticket(app.request(complaint()))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    close(app, &id).await;
+    id
+}
+
+async fn close(app: &TestApp, id: &str) {
+    app.tickets()
+        .solve_ticket(app.request(SolveTicketRequest {
+            ticket_id: id.into(),
+            resolution: "Refunded".into(),
+            root_cause: "double_charge".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    app.tickets()
+        .close_ticket(app.request(CloseTicketRequest {
+            options: None,
+            ticket_id: id.into(),
+        }))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_customer_reply_to_a_closed_ticket_opens_a_linked_follow_up() {
+    let app = TestApp::spawn().await;
+    let id = closed_complaint(&app).await;
+    let before = app.stored().await.len();
+
+    // Bad replies change nothing.
+    let stale = with_options(say(&id, "customer", "It happened again"), "", Some(2));
+    let status = app
+        .tickets()
+        .add_ticket_message(app.request(stale))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    let internal = AddTicketMessageRequest {
+        public: false,
+        ..say(&id, "customer", "psst")
+    };
+    let status = app
+        .tickets()
+        .add_ticket_message(app.request(internal))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["public"]);
+    let status = app
+        .tickets()
+        .add_ticket_message(app.request(say(&id, "customer", "  ")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["body"]);
+    assert_eq!(app.stored().await.len(), before);
+
+    // The reply opens the follow-up, at the closed ticket's version.
+    let reply = with_options(
+        say(&id, "customer", "It happened again"),
+        "reply-1",
+        Some(3),
+    );
+    let first = app
+        .tickets()
+        .add_ticket_message(app.request(reply.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(first.stream_id, id);
+    assert_eq!(first.stream_version, 2);
+    let stored = app.stored().await;
+    let opened = &stored[before];
+    assert_eq!(
+        (opened.0.as_str(), stored[before + 1].0.as_str()),
+        ("TicketOpened", "TicketMessageAdded")
+    );
+    let original = &stored[0].1;
+    assert_eq!(opened.1["follow_up_of"], id.as_str());
+    for field in [
+        "requester_id",
+        "channel",
+        "ticket_type",
+        "category",
+        "priority",
+        "subject",
+    ] {
+        assert_eq!(opened.1[field], original[field], "{field}");
+    }
+    assert_eq!(stored[before + 1].1["author_role"], "customer");
+    assert_eq!(stored[before + 1].1["body"], "It happened again");
+
+    // A retry answers the first outcome; a second reply joins the follow-up.
+    let again = app
+        .tickets()
+        .add_ticket_message(app.request(reply))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.stream_id.as_str(), again.stream_version),
+        (first.stream_id.as_str(), 2)
+    );
+    assert!(again.unchanged);
+    let second = app
+        .tickets()
+        .add_ticket_message(app.request(say(&id, "customer", "Still waiting")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (second.stream_id.as_str(), second.stream_version),
+        (first.stream_id.as_str(), 3)
+    );
+    assert_eq!(app.stored().await.len(), before + 3);
+
+    // Once the follow-up is closed too, the next reply opens its follow-up.
+    close(&app, &first.stream_id).await;
+    let third = app
+        .tickets()
+        .add_ticket_message(app.request(say(&id, "customer", "Once more")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(third.stream_id != id && third.stream_id != first.stream_id);
+    let stored = app.stored().await;
+    let opened = stored
+        .iter()
+        .rev()
+        .find(|(t, _, _)| t == "TicketOpened")
+        .unwrap();
+    assert_eq!(opened.1["follow_up_of"], first.stream_id.as_str());
     app.stop().await;
 }
 

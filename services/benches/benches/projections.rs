@@ -144,6 +144,7 @@ fn unit(n: u64, pipeline: Uuid, at: Timestamp) -> Vec<Row> {
             category: "billing".into(),
             priority: Priority::Normal,
             subject: "Invoice question".into(),
+            follow_up_of: None,
             occurred_at: at,
         })),
     );

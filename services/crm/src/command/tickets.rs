@@ -7,6 +7,10 @@ use crm_proto::v1 as pb;
 use crm_proto::v1::tickets_server::Tickets;
 use tonic::{Request, Response, Status};
 
+use crm_domain::DomainError;
+use uuid::Uuid;
+
+use super::fields::tenant_scoped_id;
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 pub struct TicketsService {
@@ -30,6 +34,95 @@ impl TicketsService {
             .execute::<Ticket>(&caller, id, &options, command)
             .await?;
         Ok(Response::new(reply))
+    }
+}
+
+/// How many closed follow-ups a customer reply passes before it gives up.
+const MAX_FOLLOW_UP_HOPS: usize = 20;
+
+/// The id of the follow-up of closed ticket `of`: derived, so that concurrent
+/// replies and retries converge on one follow-up.
+pub fn follow_up_id(tenant: &crm_domain::TenantId, of: Uuid) -> Uuid {
+    tenant_scoped_id(tenant, &format!("ticket_follow_up:{of}"))
+}
+
+impl TicketsService {
+    /// A customer's reply to closed ticket `closed` (DOMAIN.md §2.6): it
+    /// goes to the ticket's follow-up, opened with this reply when there is
+    /// none yet; a closed follow-up passes it to its own follow-up. The
+    /// caller's expected version is the closed ticket's.
+    async fn follow_up(
+        &self,
+        caller: &Caller,
+        options: &Options,
+        closed: Uuid,
+        author: String,
+        body: String,
+    ) -> Result<pb::CommandReply, ServiceError> {
+        let (state, version, _) = self.handler.load::<Ticket>(&caller.tenant, closed).await?;
+        if let Some(expected) = options.expected_version
+            && expected != version
+        {
+            return Err(ServiceError::VersionConflict { current: version });
+        }
+        let options = Options {
+            expected_version: None,
+            ..options.clone()
+        };
+        let (mut of, mut of_state) = (closed, state);
+        for _ in 0..MAX_FOLLOW_UP_HOPS {
+            let id = follow_up_id(&caller.tenant, of);
+            let next = self
+                .handler
+                .state_or_default::<Ticket>(&caller.tenant, id)
+                .await?;
+            if next.is_closed() {
+                (of, of_state) = (id, next);
+                continue;
+            }
+            let command = if next.exists {
+                TicketCommand::AddMessage {
+                    author_role: AuthorRole::Customer,
+                    author: author.clone(),
+                    public: true,
+                    body: body.clone(),
+                }
+            } else {
+                let details = of_state.follow_up_details().ok_or_else(|| {
+                    ServiceError::Internal(format!("closed ticket {of} has no details"))
+                })?;
+                TicketCommand::OpenFollowUp {
+                    of,
+                    details,
+                    author: author.clone(),
+                    body: body.clone(),
+                }
+            };
+            match self
+                .handler
+                .execute::<Ticket>(caller, id, &options, command)
+                .await
+            {
+                // Another reply opened it first: add to it.
+                Err(ServiceError::Domain(DomainError::AlreadyExists { .. })) => {
+                    let command = TicketCommand::AddMessage {
+                        author_role: AuthorRole::Customer,
+                        author: author.clone(),
+                        public: true,
+                        body: body.clone(),
+                    };
+                    return self
+                        .handler
+                        .execute::<Ticket>(caller, id, &options, command)
+                        .await;
+                }
+                other => return other,
+            }
+        }
+        Err(ServiceError::Domain(DomainError::InvalidTransition {
+            from: "closed",
+            to: "changed",
+        }))
     }
 }
 
@@ -167,22 +260,42 @@ impl Tickets for TicketsService {
         let request = request.into_inner();
         let options = Options::parse("AddTicketMessage", request.options.as_ref(), &request)?;
         let id = parse_id("ticket_id", &request.ticket_id, false)?;
-        let command = TicketCommand::AddMessage {
-            author_role: one_of(
-                "author_role",
-                &request.author_role,
-                AuthorRole::parse,
-                "must be customer, agent or system",
-            )?,
-            author: if request.author.is_empty() {
-                caller.actor.clone()
-            } else {
-                request.author
-            },
-            public: request.public,
-            body: request.body,
+        let author_role = one_of(
+            "author_role",
+            &request.author_role,
+            AuthorRole::parse,
+            "must be customer, agent or system",
+        )?;
+        let author = if request.author.is_empty() {
+            caller.actor.clone()
+        } else {
+            request.author
         };
-        self.run(caller, options, id, command).await
+        let command = TicketCommand::AddMessage {
+            author_role,
+            author: author.clone(),
+            public: request.public,
+            body: request.body.clone(),
+        };
+        match self
+            .handler
+            .execute::<Ticket>(&caller, id, &options, command)
+            .await
+        {
+            Err(ServiceError::Domain(DomainError::InvalidTransition {
+                from: "closed", ..
+            })) if author_role == AuthorRole::Customer => {
+                if !request.public {
+                    let rule = "customer messages are always public";
+                    return Err(ServiceError::invalid("public", rule).into());
+                }
+                let reply = self
+                    .follow_up(&caller, &options, id, author, request.body)
+                    .await?;
+                Ok(Response::new(reply))
+            }
+            other => Ok(Response::new(other?)),
+        }
     }
 
     async fn change_ticket_status(

@@ -1,7 +1,8 @@
 //! Ticket: a service request, including complaints (DOMAIN.md §2.6).
 //!
 //! `New → Open ⇄ Pending (waiting on the customer) | OnHold (third party) →
-//! Solved → Closed`. A customer reply reopens a solved ticket. Complaints
+//! Solved → Closed`. A customer reply reopens a solved ticket; after Closed
+//! it opens a linked follow-up ticket ([`TicketCommand::OpenFollowUp`]). Complaints
 //! default to high priority and need a root cause to be solved. Solved and
 //! rated tickets keep a snapshot of the assignee and queue they had, for
 //! per-agent metrics.
@@ -107,6 +108,15 @@ pub enum TicketCommand {
     AutoClose {
         since: Timestamp,
     },
+    /// A customer's reply to the closed ticket `of` opens this ticket as its
+    /// follow-up: the closed ticket's requester, account, channel, type,
+    /// category, priority and subject, and the reply as its first message.
+    OpenFollowUp {
+        of: Uuid,
+        details: TicketDetails,
+        author: String,
+        body: String,
+    },
     /// Owner, tags and shares (see [`crate::records`]).
     Common(CommonCommand),
 }
@@ -129,6 +139,10 @@ pub struct TicketOpened {
     pub priority: Priority,
     #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     pub subject: String,
+    /// The closed ticket a customer replied to, when this ticket is its
+    /// follow-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_up_of: Option<Uuid>,
     pub occurred_at: Timestamp,
 }
 
@@ -329,6 +343,15 @@ pub struct Ticket {
     /// When the ticket entered its current status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_since: Option<Timestamp>,
+    /// What a follow-up copies (see [`Ticket::follow_up_details`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<Channel>,
+    #[serde(default)]
+    pub subject: String,
     #[serde(default)]
     pub meta: RecordMeta,
 }
@@ -351,6 +374,24 @@ fn event_time(event: &TicketEvent) -> Timestamp {
 }
 
 impl Ticket {
+    /// Whether the ticket is closed: a customer reply then opens a follow-up.
+    pub fn is_closed(&self) -> bool {
+        self.exists && self.status == Some(TicketStatus::Closed)
+    }
+
+    /// The details a follow-up of this ticket opens with.
+    pub fn follow_up_details(&self) -> Option<TicketDetails> {
+        Some(TicketDetails {
+            requester_id: self.requester_id?,
+            account_id: self.account_id,
+            channel: self.channel?,
+            ticket_type: self.ticket_type?,
+            category: self.category.clone(),
+            priority: self.priority,
+            subject: self.subject.clone(),
+        })
+    }
+
     fn status(&self) -> Result<TicketStatus, DomainError> {
         self.status
             .filter(|_| self.exists)
@@ -382,19 +423,104 @@ fn category_ok(category: &str) -> bool {
     category.is_empty() || is_code(category, 64)
 }
 
+impl Ticket {
+    fn open(
+        &self,
+        details: TicketDetails,
+        follow_up_of: Option<Uuid>,
+        occurred_at: Timestamp,
+    ) -> Result<TicketOpened, DomainError> {
+        if self.exists {
+            return Err(DomainError::AlreadyExists {
+                key: "ticket_id",
+                holder: None,
+            });
+        }
+        let mut v = Violations::default();
+        v.check(
+            text_ok(&details.subject, 300, false),
+            "subject",
+            "must be 1 to 300 characters",
+        );
+        v.check(
+            category_ok(&details.category),
+            "category",
+            "must be a code of [a-z0-9_]",
+        );
+        v.into_result()?;
+        let priority =
+            details
+                .priority
+                .unwrap_or(if details.ticket_type == TicketType::Complaint {
+                    Priority::High
+                } else {
+                    Priority::Normal
+                });
+        Ok(TicketOpened {
+            requester_id: details.requester_id,
+            account_id: details.account_id,
+            channel: details.channel,
+            ticket_type: details.ticket_type,
+            category: details.category,
+            priority,
+            subject: details.subject.trim().to_owned(),
+            follow_up_of,
+            occurred_at,
+        })
+    }
+}
+
+/// A checked message.
+fn message_added(
+    author_role: AuthorRole,
+    author: String,
+    public: bool,
+    body: String,
+    occurred_at: Timestamp,
+) -> Result<TicketMessageAdded, DomainError> {
+    let mut v = Violations::default();
+    v.check(
+        text_ok(&body, 20_000, false),
+        "body",
+        "must be 1 to 20000 characters",
+    );
+    v.check(
+        text_ok(&author, 200, false),
+        "author",
+        "must be 1 to 200 characters",
+    );
+    v.check(
+        public || author_role != AuthorRole::Customer,
+        "public",
+        "customer messages are always public",
+    );
+    v.into_result()?;
+    Ok(TicketMessageAdded {
+        author_role,
+        author,
+        public,
+        body,
+        occurred_at,
+    })
+}
+
 impl Aggregate for Ticket {
     type Command = TicketCommand;
     type Event = TicketEvent;
     const STREAM_TYPE: &'static str = "ticket";
-    /// 2: the state records when the status last changed.
-    const SNAPSHOT_VERSION: u32 = 2;
+    /// 2: the state records when the status last changed; 3: and what a
+    /// follow-up copies.
+    const SNAPSHOT_VERSION: u32 = 3;
 
     fn exists(&self) -> bool {
         self.exists
     }
 
     fn creates(command: &TicketCommand) -> bool {
-        matches!(command, TicketCommand::Open(_))
+        matches!(
+            command,
+            TicketCommand::Open(_) | TicketCommand::OpenFollowUp { .. }
+        )
     }
 
     fn decide(
@@ -417,43 +543,21 @@ impl Aggregate for Ticket {
                     .map(TicketEvent::Common)
                     .collect())
             }
-            TicketCommand::Open(details) => {
-                if self.exists {
-                    return Err(DomainError::AlreadyExists {
-                        key: "ticket_id",
-                        holder: None,
-                    });
-                }
-                let mut v = Violations::default();
-                v.check(
-                    text_ok(&details.subject, 300, false),
-                    "subject",
-                    "must be 1 to 300 characters",
-                );
-                v.check(
-                    category_ok(&details.category),
-                    "category",
-                    "must be a code of [a-z0-9_]",
-                );
-                v.into_result()?;
-                let priority =
-                    details
-                        .priority
-                        .unwrap_or(if details.ticket_type == TicketType::Complaint {
-                            Priority::High
-                        } else {
-                            Priority::Normal
-                        });
-                Ok(vec![TicketEvent::Opened(TicketOpened {
-                    requester_id: details.requester_id,
-                    account_id: details.account_id,
-                    channel: details.channel,
-                    ticket_type: details.ticket_type,
-                    category: details.category,
-                    priority,
-                    subject: details.subject.trim().to_owned(),
-                    occurred_at,
-                })])
+            TicketCommand::Open(details) => self
+                .open(details, None, occurred_at)
+                .map(|opened| vec![TicketEvent::Opened(opened)]),
+            TicketCommand::OpenFollowUp {
+                of,
+                details,
+                author,
+                body,
+            } => {
+                let opened = self.open(details, Some(of), occurred_at)?;
+                let message = message_added(AuthorRole::Customer, author, true, body, occurred_at)?;
+                Ok(vec![
+                    TicketEvent::Opened(opened),
+                    TicketEvent::MessageAdded(message),
+                ])
             }
             TicketCommand::Assign {
                 queue,
@@ -536,30 +640,13 @@ impl Aggregate for Ticket {
                 body,
             } => {
                 let status = self.not_closed()?;
-                let mut v = Violations::default();
-                v.check(
-                    text_ok(&body, 20_000, false),
-                    "body",
-                    "must be 1 to 20000 characters",
-                );
-                v.check(
-                    text_ok(&author, 200, false),
-                    "author",
-                    "must be 1 to 200 characters",
-                );
-                v.check(
-                    public || author_role != AuthorRole::Customer,
-                    "public",
-                    "customer messages are always public",
-                );
-                v.into_result()?;
-                let mut events = vec![TicketEvent::MessageAdded(TicketMessageAdded {
+                let mut events = vec![TicketEvent::MessageAdded(message_added(
                     author_role,
                     author,
                     public,
                     body,
                     occurred_at,
-                })];
+                )?)];
                 match (author_role, status) {
                     // A customer reply reopens a solved ticket, or moves a
                     // ticket that waited on the customer back to open.
@@ -772,6 +859,10 @@ impl Aggregate for Ticket {
                 self.ticket_type = Some(opened.ticket_type);
                 self.priority = Some(opened.priority);
                 self.category = opened.category.clone();
+                self.requester_id = Some(opened.requester_id);
+                self.account_id = opened.account_id;
+                self.channel = Some(opened.channel);
+                self.subject = opened.subject.clone();
             }
             TicketEvent::Triaged(triaged) => {
                 let c = &triaged.changes;
@@ -837,6 +928,7 @@ mod tests {
             category: "billing".into(),
             priority: Priority::High,
             subject: "Charged twice".into(),
+            follow_up_of: None,
             occurred_at: now(),
         })
     }
@@ -1157,5 +1249,96 @@ mod tests {
         given::<Ticket>([opened()])
             .when(TicketCommand::AutoClose { since: now() })
             .then_error(DomainError::NotApplicable { rule: "auto_close" });
+    }
+
+    fn closed_events() -> Vec<TicketEvent> {
+        vec![
+            opened(),
+            TicketEvent::Solved(TicketSolved {
+                resolution: "Refunded".into(),
+                root_cause: "double_charge".into(),
+                snapshot: ServiceSnapshot {
+                    assignee: None,
+                    queue: None,
+                    priority: Some(Priority::High),
+                    ticket_type: Some(TicketType::Complaint),
+                },
+                occurred_at: now(),
+            }),
+            TicketEvent::Closed(TicketClosed {
+                how: "manual".into(),
+                occurred_at: now(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn a_closed_ticket_knows_what_its_follow_up_copies() {
+        let closed = given::<Ticket>(closed_events())
+            .when(TicketCommand::Close)
+            .then(vec![]);
+        assert!(closed.is_closed());
+        let details = closed.follow_up_details().expect("an opened ticket");
+        assert_eq!(
+            details,
+            TicketDetails {
+                priority: Some(Priority::High),
+                ..complaint()
+            }
+        );
+        assert!(!Ticket::default().is_closed());
+        assert_eq!(Ticket::default().follow_up_details(), None);
+    }
+
+    #[test]
+    fn a_follow_up_opens_with_the_customer_reply() {
+        let of = Uuid::from_u128(9);
+        let command = TicketCommand::OpenFollowUp {
+            of,
+            details: complaint(),
+            author: "ana@example.com".into(),
+            body: "It happened again".into(),
+        };
+        let state = given::<Ticket>([]).when(command.clone()).then(vec![
+            TicketEvent::Opened(TicketOpened {
+                follow_up_of: Some(of),
+                ..match opened() {
+                    TicketEvent::Opened(o) => o,
+                    _ => unreachable!(),
+                }
+            }),
+            TicketEvent::MessageAdded(TicketMessageAdded {
+                author_role: AuthorRole::Customer,
+                author: "ana@example.com".into(),
+                public: true,
+                body: "It happened again".into(),
+                occurred_at: now(),
+            }),
+        ]);
+        assert_eq!(state.status, Some(TicketStatus::New));
+        given::<Ticket>([opened()])
+            .when(command)
+            .then_error(DomainError::AlreadyExists {
+                key: "ticket_id",
+                holder: None,
+            });
+        given::<Ticket>([])
+            .when(TicketCommand::OpenFollowUp {
+                of,
+                details: complaint(),
+                author: String::new(),
+                body: " ".into(),
+            })
+            .then_invalid(&["body", "author"]);
+    }
+
+    #[test]
+    fn a_closed_ticket_still_refuses_messages_itself() {
+        given::<Ticket>(closed_events())
+            .when(say(AuthorRole::Customer, "ana"))
+            .then_error(DomainError::InvalidTransition {
+                from: "closed",
+                to: "changed",
+            });
     }
 }
