@@ -290,6 +290,7 @@ async fn pipeline(app: &TestApp) -> String {
         probability_bp,
         category: category.into(),
         max_days_in_stage: 14,
+        required_fields: vec![],
     };
     app.pipelines()
         .publish_pipeline(crate::configuration::with_roles(

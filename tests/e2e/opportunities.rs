@@ -17,6 +17,7 @@ fn stage(key: &str, kind: StageKind, probability_bp: u32, category: &str) -> Pip
         probability_bp,
         category: category.into(),
         max_days_in_stage: 14,
+        required_fields: vec![],
     }
 }
 
@@ -567,5 +568,216 @@ async fn line_items_need_recorded_products_and_set_the_amount() {
         ),
         ["lines[0].quantity"]
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn stages_refuse_deals_without_their_required_fields() {
+    use crm_proto::v1::{
+        ChangeOpportunityLineItemsRequest, CreateContactRequest, ExternalRef, LineItem, PersonName,
+        RecordProductRequest,
+    };
+    let app = TestApp::spawn().await;
+    let (account_id, _) = setup(&app).await;
+    let mut stages = pipeline(1000);
+    stages[1].required_fields = vec!["line_items".into(), "contact_id".into()];
+    stages[3].required_fields = vec!["contact_id".into()];
+
+    // Unknown names and lost stages with requirements are refused.
+    let mut bad = stages.clone();
+    bad[2].required_fields = vec!["budget".into()];
+    bad[4].required_fields = vec!["amount".into()];
+    let publish = |stages| PublishPipelineRequest {
+        name: "Demanding".into(),
+        stages,
+        ..Default::default()
+    };
+    let status = app
+        .pipelines()
+        .publish_pipeline(with_roles(&app, publish(bad), "admin"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        ["stages[2].required_fields[0]", "stages[4].required_fields"]
+    );
+    let pipeline_id = app
+        .pipelines()
+        .publish_pipeline(with_roles(&app, publish(stages), "admin"))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let id = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let before = app.stored().await.len();
+
+    let missing = |status: tonic::Status| {
+        let (reason, metadata) = error_info(&status);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(reason, "REQUIRED_FIELDS_MISSING");
+        (metadata["stage"].clone(), metadata["fields"].clone())
+    };
+    let to_proposal = |id: &str| ChangeOpportunityStageRequest {
+        opportunity_id: id.into(),
+        stage: "proposal".into(),
+        ..Default::default()
+    };
+    let status = app
+        .opportunities()
+        .change_opportunity_stage(app.request(to_proposal(&id)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing(status),
+        ("proposal".into(), "contact_id,line_items".into())
+    );
+    let win = |id: &str| WinOpportunityRequest {
+        opportunity_id: id.into(),
+        ..Default::default()
+    };
+    let status = app
+        .opportunities()
+        .win_opportunity(app.request(win(&id)))
+        .await
+        .unwrap_err();
+    assert_eq!(missing(status), ("won".into(), "contact_id".into()));
+    let mut in_proposal = deal(&account_id, &pipeline_id);
+    in_proposal.stage = "proposal".into();
+    let status = app
+        .opportunities()
+        .open_opportunity(app.request(in_proposal))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing(status),
+        ("proposal".into(), "contact_id,line_items".into())
+    );
+    // A contact that does not exist is no contact.
+    let mut ghost = deal(&account_id, &pipeline_id);
+    ghost.contact_id = uuid::Uuid::now_v7().to_string();
+    let status = app
+        .opportunities()
+        .open_opportunity(app.request(ghost))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["field"], "contact_id");
+    assert_eq!(app.stored().await.len(), before);
+
+    // A deal with a contact and a line moves on and is won.
+    let contact_id = app
+        .contacts()
+        .create_contact(app.request(CreateContactRequest {
+            name: Some(PersonName {
+                given: "Ana".into(),
+                family: "Lima".into(),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let mut with_contact = deal(&account_id, &pipeline_id);
+    with_contact.contact_id = contact_id;
+    let id = app
+        .opportunities()
+        .open_opportunity(app.request(with_contact))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let product_id = app
+        .commerce()
+        .record_product(app.request(RecordProductRequest {
+            external: Some(ExternalRef {
+                source: "erp".into(),
+                external_id: "P-1".into(),
+                external_version: 1,
+            }),
+            sku: "WIDGET".into(),
+            name: "Widget".into(),
+            price: Some(Money {
+                amount_minor: 1_000_000,
+                currency: "EUR".into(),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let status = app
+        .opportunities()
+        .change_opportunity_stage(app.request(to_proposal(&id)))
+        .await
+        .unwrap_err();
+    assert_eq!(missing(status), ("proposal".into(), "line_items".into()));
+    app.opportunities()
+        .change_opportunity_line_items(app.request(ChangeOpportunityLineItemsRequest {
+            options: None,
+            opportunity_id: id.clone(),
+            lines: vec![LineItem {
+                product_id,
+                quantity: 2,
+                unit_price: Some(Money {
+                    amount_minor: 1_000_000,
+                    currency: "EUR".into(),
+                }),
+            }],
+        }))
+        .await
+        .unwrap();
+    app.opportunities()
+        .change_opportunity_stage(app.request(to_proposal(&id)))
+        .await
+        .unwrap();
+    app.opportunities()
+        .win_opportunity(app.request(win(&id)))
+        .await
+        .unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_deal_without_an_amount_is_not_won() {
+    let app = TestApp::spawn().await;
+    let (account_id, pipeline_id) = setup(&app).await;
+    let mut free = deal(&account_id, &pipeline_id);
+    free.amount = Some(Money {
+        amount_minor: 0,
+        currency: "EUR".into(),
+    });
+    let id = app
+        .opportunities()
+        .open_opportunity(app.request(free))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let before = app.stored().await.len();
+    let status = app
+        .opportunities()
+        .win_opportunity(app.request(WinOpportunityRequest {
+            opportunity_id: id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(
+        (status.code(), reason.as_str(), metadata["fields"].as_str()),
+        (
+            Code::FailedPrecondition,
+            "REQUIRED_FIELDS_MISSING",
+            "amount"
+        )
+    );
+    assert_eq!(app.stored().await.len(), before);
     app.stop().await;
 }

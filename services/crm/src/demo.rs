@@ -148,6 +148,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
         probability_bp,
         category: category.to_owned(),
         max_days_in_stage: 14,
+        required_fields: vec![],
     };
     let pipeline = pipelines
         .publish_pipeline(as_admin(

@@ -133,6 +133,15 @@ impl From<ServiceError> for Status {
                     DomainError::RecordMerged { survivor } => {
                         vec![("survivor".to_owned(), survivor.to_string())]
                     }
+                    DomainError::RequiredFieldsMissing { stage, fields } => {
+                        vec![
+                            ("stage".to_owned(), stage.clone()),
+                            ("fields".to_owned(), fields.join(",")),
+                        ]
+                    }
+                    DomainError::FieldOwnedExternally { field } => {
+                        vec![("field".to_owned(), (*field).to_owned())]
+                    }
                     _ => vec![],
                 };
                 Status::with_error_details(

@@ -4,6 +4,7 @@
 use crm_domain::DomainError;
 use crm_domain::account::Account;
 use crm_domain::common::Money;
+use crm_domain::contact::Contact;
 use crm_domain::opportunity::{
     DealDetails, DealFacts, ForecastPatch, Opportunity, OpportunityCommand,
 };
@@ -124,6 +125,7 @@ fn stages(stages: Vec<pb::PipelineStage>) -> Result<Vec<Stage>, ServiceError> {
                 probability_bp: stage.probability_bp,
                 category,
                 max_days_in_stage: (stage.max_days_in_stage > 0).then_some(stage.max_days_in_stage),
+                required_fields: stage.required_fields,
             })
         })
         .collect()
@@ -197,6 +199,18 @@ impl Opportunities for OpportunitiesService {
         let facts = self
             .facts(&caller, Some(account_id), Some(pipeline_id))
             .await?;
+        if let Some(contact_id) = contact_id {
+            let contact = self
+                .handler
+                .state_or_default::<Contact>(&caller.tenant, contact_id)
+                .await?;
+            if !contact.usable() {
+                return Err(ServiceError::Domain(DomainError::InvalidReference {
+                    field: "contact_id",
+                })
+                .into());
+            }
+        }
         let command = OpportunityCommand::Open(details, facts);
         let reply = self
             .handler
@@ -358,8 +372,13 @@ impl Opportunities for OpportunitiesService {
         let request = request.into_inner();
         let options = Options::parse("WinOpportunity", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        // Only the pipeline: the won stage's required fields.
+        let deal = self
+            .handler
+            .state_or_default::<Opportunity>(&caller.tenant, id)
+            .await?;
         let command = OpportunityCommand::Win {
-            facts: DealFacts::default(),
+            facts: self.facts(&caller, None, deal.pipeline_id).await?,
         };
         let reply = self
             .handler

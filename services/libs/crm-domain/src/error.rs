@@ -63,6 +63,17 @@ pub enum DomainError {
     /// A time-driven condition no longer holds (e.g. the deal moved).
     #[error("{rule} does not apply any more")]
     NotApplicable { rule: &'static str },
+    /// The record lacks what the stage it would enter requires (the
+    /// pipeline's `required_fields`); the fields are set by other commands.
+    #[error("stage {stage} requires {}", .fields.join(", "))]
+    RequiredFieldsMissing {
+        stage: String,
+        fields: Vec<&'static str>,
+    },
+    /// The field belongs to an external system of record (the ERP) once the
+    /// record is linked to it (DOMAIN.md §7).
+    #[error("{field} is owned by the external system")]
+    FieldOwnedExternally { field: &'static str },
 }
 
 impl DomainError {
@@ -84,6 +95,8 @@ impl DomainError {
             Self::RecordMerged { .. } => "RECORD_MERGED",
             Self::PermissionDenied { .. } => "PERMISSION_DENIED",
             Self::ConsentMissing { .. } => "CONSENT_MISSING",
+            Self::RequiredFieldsMissing { .. } => "REQUIRED_FIELDS_MISSING",
+            Self::FieldOwnedExternally { .. } => "FIELD_OWNED_EXTERNALLY",
         }
     }
 }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::aggregate::{Aggregate, Context, DomainEvent};
 use crate::common::{Change, Money, Reason, diff, text_ok};
 use crate::error::{DomainError, Violations};
-use crate::pipeline::{ForecastCategory, PipelineConfig, StageKind};
+use crate::pipeline::{ForecastCategory, PipelineConfig, Stage, StageKind};
 use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -341,9 +341,46 @@ pub struct Opportunity {
     /// Flagged stalled in its current stage (cleared by a stage change).
     #[serde(default)]
     pub stalled: bool,
+    /// The primary contact given when the deal was opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_id: Option<Uuid>,
+}
+
+/// `RequiredFieldsMissing` when a deal with this amount, contact and line
+/// count may not enter `stage`.
+fn may_enter(
+    stage: &Stage,
+    amount: Option<&Money>,
+    contact_id: Option<Uuid>,
+    lines: usize,
+) -> Result<(), DomainError> {
+    let missing = stage.missing(|field| match field {
+        "amount" => amount.is_some_and(|a| a.amount_minor > 0),
+        "contact_id" => contact_id.is_some(),
+        "line_items" => lines > 0,
+        _ => true,
+    });
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DomainError::RequiredFieldsMissing {
+            stage: stage.key.clone(),
+            fields: missing,
+        })
+    }
 }
 
 impl Opportunity {
+    /// Whether this deal may enter `stage` (its required fields).
+    fn may_enter(&self, stage: &Stage) -> Result<(), DomainError> {
+        may_enter(
+            stage,
+            self.amount.as_ref(),
+            self.contact_id,
+            self.lines.len(),
+        )
+    }
+
     fn open(&self) -> Result<(), DomainError> {
         if !self.exists {
             return Err(DomainError::NotFound);
@@ -362,8 +399,9 @@ impl Aggregate for Opportunity {
     type Command = OpportunityCommand;
     type Event = OpportunityEvent;
     const STREAM_TYPE: &'static str = "opportunity";
-    /// 2: an owner change moves `owner` (the outcome's credit) too.
-    const SNAPSHOT_VERSION: u32 = 2;
+    /// 2: an owner change moves `owner` (the outcome's credit) too; 3: the
+    /// state keeps the primary contact (stages may require one).
+    const SNAPSHOT_VERSION: u32 = 3;
 
     fn exists(&self) -> bool {
         self.exists
@@ -472,6 +510,7 @@ impl Aggregate for Opportunity {
                     .stage(version, &details.stage)
                     .filter(|s| s.kind == StageKind::Open)
                     .ok_or(DomainError::InvalidReference { field: "stage" })?;
+                may_enter(stage, Some(&details.amount), details.contact_id, 0)?;
                 Ok(vec![OpportunityEvent::Opened(OpportunityOpened {
                     name: details.name,
                     account_id: details.account_id,
@@ -499,6 +538,7 @@ impl Aggregate for Opportunity {
                     .stage(version, &to)
                     .filter(|s| s.kind == StageKind::Open)
                     .ok_or(DomainError::InvalidReference { field: "stage" })?;
+                self.may_enter(stage)?;
                 let from_order = facts.pipeline.open_order(version, &self.stage).unwrap_or(0);
                 let to_order = facts.pipeline.open_order(version, &to).unwrap_or(0);
                 Ok(vec![OpportunityEvent::StageChanged(
@@ -681,15 +721,27 @@ impl Aggregate for Opportunity {
                 }
                 Ok(events)
             }
-            OpportunityCommand::Win { facts: _ } => {
+            OpportunityCommand::Win { facts } => {
                 self.open()?;
-                let amount = self.amount.clone().unwrap_or(Money {
-                    amount_minor: 0,
-                    currency: String::new(),
-                });
-                if amount.amount_minor <= 0 {
-                    return Err(DomainError::invalid("amount", "must be positive to win"));
+                let won = facts
+                    .pipeline
+                    .versions
+                    .get(&self.pipeline_version)
+                    .and_then(|stages| stages.iter().find(|s| s.kind == StageKind::Won));
+                if let Some(won) = won {
+                    self.may_enter(won)?;
                 }
+                // Every won deal needs a positive amount, whatever its
+                // pipeline requires.
+                let amount = match &self.amount {
+                    Some(amount) if amount.amount_minor > 0 => amount.clone(),
+                    _ => {
+                        return Err(DomainError::RequiredFieldsMissing {
+                            stage: won.map_or_else(|| "won".to_owned(), |s| s.key.clone()),
+                            fields: vec!["amount"],
+                        });
+                    }
+                };
                 Ok(vec![OpportunityEvent::Won(OpportunityWon {
                     amount,
                     stage: self.stage.clone(),
@@ -739,6 +791,7 @@ impl Aggregate for Opportunity {
                     .stage(self.pipeline_version, &stage)
                     .filter(|s| s.kind == StageKind::Open)
                     .ok_or(DomainError::InvalidReference { field: "stage" })?;
+                self.may_enter(definition)?;
                 Ok(vec![OpportunityEvent::Reopened(OpportunityReopened {
                     previous_outcome: self.outcome,
                     stage,
@@ -773,6 +826,7 @@ impl Aggregate for Opportunity {
                 self.category = Some(opened.category);
                 self.close_date = Some(opened.close_date);
                 self.owner = opened.owner.clone();
+                self.contact_id = opened.contact_id;
             }
             OpportunityEvent::StageChanged(changed) => {
                 self.stalled = false;
@@ -1136,7 +1190,10 @@ pub(crate) mod tests {
         });
         given::<Opportunity>([opened(), free])
             .when(OpportunityCommand::Win { facts: facts() })
-            .then_invalid(&["amount"]);
+            .then_error(DomainError::RequiredFieldsMissing {
+                stage: "won".into(),
+                fields: vec!["amount"],
+            });
         let reason = Reason {
             code: "price".into(),
             text: String::new(),
@@ -1206,5 +1263,96 @@ pub(crate) mod tests {
             .result
             .unwrap();
         assert!(matches!(&events[0], OpportunityEvent::Won(won) if won.owner == "user:other"));
+    }
+
+    /// The standard pipeline where `proposal` needs a contact and line items
+    /// and `won` a contact.
+    fn demanding() -> DealFacts {
+        let mut stages = crate::pipeline::tests::standard();
+        for stage in &mut stages {
+            stage.required_fields = match stage.key.as_str() {
+                "proposal" => vec!["line_items".into(), "contact_id".into()],
+                "won" => vec!["contact_id".into()],
+                _ => vec![],
+            };
+        }
+        DealFacts {
+            pipeline: PipelineConfig::default().replay(
+                [crate::pipeline::PipelineEvent::Published(
+                    crate::pipeline::PipelinePublished {
+                        version: 1,
+                        name: "Sales".into(),
+                        stages,
+                        occurred_at: now(),
+                    },
+                )]
+                .iter(),
+            ),
+            ..facts()
+        }
+    }
+
+    #[test]
+    fn stages_refuse_deals_without_their_required_fields() {
+        let missing = |fields: Vec<&'static str>, stage: &str| DomainError::RequiredFieldsMissing {
+            stage: stage.into(),
+            fields,
+        };
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeStage {
+                to: "proposal".into(),
+                facts: demanding(),
+            })
+            .then_error(missing(vec!["contact_id", "line_items"], "proposal"));
+        given::<Opportunity>([])
+            .when(OpportunityCommand::Open(
+                DealDetails {
+                    stage: "proposal".into(),
+                    contact_id: Some(Uuid::from_u128(5)),
+                    ..details()
+                },
+                demanding(),
+            ))
+            .then_error(missing(vec!["line_items"], "proposal"));
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::Win { facts: demanding() })
+            .then_error(missing(vec!["contact_id"], "won"));
+
+        // With a contact and a line, the deal moves and wins.
+        let with_contact = match opened() {
+            OpportunityEvent::Opened(o) => OpportunityEvent::Opened(OpportunityOpened {
+                contact_id: Some(Uuid::from_u128(5)),
+                ..o
+            }),
+            _ => unreachable!(),
+        };
+        let state = given::<Opportunity>([with_contact])
+            .when(OpportunityCommand::ChangeLineItems {
+                lines: vec![LineItem {
+                    product_id: Uuid::from_u128(7),
+                    quantity: 2,
+                    unit_price: eur(1_000),
+                }],
+                products_exist: true,
+            })
+            .then_ok();
+        let events = state
+            .decide(
+                OpportunityCommand::ChangeStage {
+                    to: "proposal".into(),
+                    facts: demanding(),
+                },
+                crate::aggregate::Context::at(now()),
+            )
+            .expect("all required fields present");
+        let state = state.replay(events.iter());
+        assert_eq!(state.stage, "proposal");
+        let won = state
+            .decide(
+                OpportunityCommand::Win { facts: demanding() },
+                crate::aggregate::Context::at(now()),
+            )
+            .expect("the won stage's contact is there");
+        assert!(matches!(won[0], OpportunityEvent::Won(_)));
     }
 }

@@ -56,6 +56,25 @@ pub struct Stage {
     pub category: ForecastCategory,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_days_in_stage: Option<u32>,
+    /// What a deal must have before it enters this stage (opened in it,
+    /// moved or reopened into it, or won for the won stage): some of
+    /// [`REQUIRABLE_FIELDS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_fields: Vec<String>,
+}
+
+/// What a stage may require of a deal: a positive amount, a primary
+/// contact, at least one product line.
+pub const REQUIRABLE_FIELDS: [&str; 3] = ["amount", "contact_id", "line_items"];
+
+impl Stage {
+    /// The required fields `has` says a deal lacks, in the stage's order.
+    pub fn missing(&self, has: impl Fn(&str) -> bool) -> Vec<&'static str> {
+        REQUIRABLE_FIELDS
+            .into_iter()
+            .filter(|field| self.required_fields.iter().any(|r| r == field) && !has(field))
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +172,24 @@ fn validate(name: &str, stages: &[Stage]) -> Result<(), DomainError> {
             text_ok(&stage.name, 100, false),
             format!("stages[{i}].name"),
             "must be 1 to 100 characters",
+        );
+        let mut required = BTreeSet::new();
+        for (j, field) in stage.required_fields.iter().enumerate() {
+            v.check(
+                REQUIRABLE_FIELDS.contains(&field.as_str()),
+                format!("stages[{i}].required_fields[{j}]"),
+                "must be amount, contact_id or line_items",
+            );
+            v.check(
+                required.insert(field.as_str()),
+                format!("stages[{i}].required_fields[{j}]"),
+                "appears twice",
+            );
+        }
+        v.check(
+            stage.kind != StageKind::Lost || stage.required_fields.is_empty(),
+            format!("stages[{i}].required_fields"),
+            "must be empty for a lost stage",
         );
         match stage.kind {
             StageKind::Won => {
@@ -270,6 +307,7 @@ pub(crate) mod tests {
             probability_bp,
             category,
             max_days_in_stage: Some(14),
+            required_fields: vec![],
         }
     }
 
@@ -372,5 +410,30 @@ pub(crate) mod tests {
                 stages: only_open,
             })
             .then_invalid(&["name", "stages[0].category", "stages", "stages"]);
+    }
+
+    #[test]
+    fn required_fields_are_known_unique_and_not_on_lost_stages() {
+        let mut stages = standard();
+        stages[1].required_fields = vec!["line_items".into(), "contact_id".into()];
+        stages[3].required_fields = vec!["amount".into()];
+        given::<PipelineConfig>([])
+            .when(PipelineCommand::Publish {
+                name: "Sales".into(),
+                stages: stages.clone(),
+            })
+            .then_ok();
+        stages[1].required_fields = vec!["budget".into(), "contact_id".into(), "contact_id".into()];
+        stages[4].required_fields = vec!["amount".into()];
+        given::<PipelineConfig>([])
+            .when(PipelineCommand::Publish {
+                name: "Sales".into(),
+                stages,
+            })
+            .then_invalid(&[
+                "stages[1].required_fields[0]",
+                "stages[1].required_fields[2]",
+                "stages[4].required_fields",
+            ]);
     }
 }
