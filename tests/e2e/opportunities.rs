@@ -64,6 +64,31 @@ pub(crate) async fn setup(app: &TestApp) -> (String, String) {
     (account_id, pipeline_id)
 }
 
+/// Records the product `WIDGET` (EUR 10,000.00) from the ERP; its id.
+async fn widget(app: &TestApp) -> String {
+    use crm_proto::v1::{ExternalRef, RecordProductRequest};
+    let product = RecordProductRequest {
+        external: Some(ExternalRef {
+            source: "erp".into(),
+            external_id: "P-1".into(),
+            external_version: 1,
+        }),
+        sku: "WIDGET".into(),
+        name: "Widget".into(),
+        price: Some(Money {
+            amount_minor: 1_000_000,
+            currency: "EUR".into(),
+        }),
+        ..Default::default()
+    };
+    app.commerce()
+        .record_product(app.request(product))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id
+}
+
 pub(crate) fn deal(account_id: &str, pipeline_id: &str) -> OpenOpportunityRequest {
     OpenOpportunityRequest {
         name: "Acme renewal".into(),
@@ -461,9 +486,7 @@ async fn bad_deals_and_pipelines_are_refused() {
 
 #[tokio::test]
 async fn line_items_need_recorded_products_and_set_the_amount() {
-    use crm_proto::v1::{
-        ChangeOpportunityLineItemsRequest, ExternalRef, LineItem, RecordProductRequest,
-    };
+    use crm_proto::v1::{ChangeOpportunityLineItemsRequest, LineItem};
     let app = TestApp::spawn().await;
     let (account_id, pipeline_id) = setup(&app).await;
     let id = app
@@ -473,27 +496,7 @@ async fn line_items_need_recorded_products_and_set_the_amount() {
         .unwrap()
         .into_inner()
         .stream_id;
-    let product = RecordProductRequest {
-        external: Some(ExternalRef {
-            source: "erp".into(),
-            external_id: "P-1".into(),
-            external_version: 1,
-        }),
-        sku: "WIDGET".into(),
-        name: "Widget".into(),
-        price: Some(Money {
-            amount_minor: 1_000_000,
-            currency: "EUR".into(),
-        }),
-        ..Default::default()
-    };
-    let product_id = app
-        .commerce()
-        .record_product(app.request(product))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let product_id = widget(&app).await;
     let lines = |product: &str, quantity: u32| ChangeOpportunityLineItemsRequest {
         options: None,
         opportunity_id: id.clone(),
@@ -574,8 +577,7 @@ async fn line_items_need_recorded_products_and_set_the_amount() {
 #[tokio::test]
 async fn stages_refuse_deals_without_their_required_fields() {
     use crm_proto::v1::{
-        ChangeOpportunityLineItemsRequest, CreateContactRequest, ExternalRef, LineItem, PersonName,
-        RecordProductRequest,
+        ChangeOpportunityLineItemsRequest, CreateContactRequest, LineItem, PersonName,
     };
     let app = TestApp::spawn().await;
     let (account_id, _) = setup(&app).await;
@@ -692,26 +694,7 @@ async fn stages_refuse_deals_without_their_required_fields() {
         .unwrap()
         .into_inner()
         .stream_id;
-    let product_id = app
-        .commerce()
-        .record_product(app.request(RecordProductRequest {
-            external: Some(ExternalRef {
-                source: "erp".into(),
-                external_id: "P-1".into(),
-                external_version: 1,
-            }),
-            sku: "WIDGET".into(),
-            name: "Widget".into(),
-            price: Some(Money {
-                amount_minor: 1_000_000,
-                currency: "EUR".into(),
-            }),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let product_id = widget(&app).await;
     let status = app
         .opportunities()
         .change_opportunity_stage(app.request(to_proposal(&id)))
