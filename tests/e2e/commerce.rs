@@ -1,12 +1,13 @@
 //! `crm.v1.Commerce`: ERP upserts converge, versions only move forward,
 //! orders map to accounts by tax id, refunds are bounded.
 use crm_proto::v1::{
-    AccountKind, CancelOrderRequest, CreateAccountRequest, ExternalRef, IssueRefundRequest, Money,
-    OrderLine, RecordOrderRequest, RecordPaymentRequest,
+    AccountKind, CancelOrderRequest, CreateAccountRequest, CreditTerms, ExternalRef,
+    IssueRefundRequest, Money, OrderLine, RecordCustomerRequest, RecordOrderRequest,
+    RecordPaymentRequest, UpdateAccountDetailsRequest,
 };
 use tonic::Code;
 
-use crate::support::{TestApp, bad_fields, cny};
+use crate::support::{TestApp, bad_fields, cny, error_info};
 
 fn external(id: &str, version: u64) -> Option<ExternalRef> {
     Some(ExternalRef {
@@ -298,5 +299,188 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         .filter(|(t, _, _)| t == "RefundIssued")
         .count();
     assert_eq!(refunds, 2);
+    app.stop().await;
+}
+
+fn customer(account_id: &str, version: u64, tax_id: &str) -> RecordCustomerRequest {
+    RecordCustomerRequest {
+        external: external("C-42", version),
+        account_id: account_id.into(),
+        tax_id: tax_id.into(),
+        credit_terms: Some(CreditTerms {
+            limit: cny(5_000_000),
+            payment_days: 30,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orders() {
+    let app = TestApp::spawn().await;
+    let create = |name: &str, tax_id: &str| CreateAccountRequest {
+        kind: AccountKind::Company.into(),
+        name: name.into(),
+        tax_id: tax_id.into(),
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    for (name, tax_id) in [("Acme", "TAX-A"), ("Globex", "TAX-B")] {
+        let reply = app
+            .accounts()
+            .create_account(app.request(create(name, tax_id)))
+            .await
+            .unwrap();
+        ids.push(reply.into_inner().stream_id);
+    }
+    let (acme, globex) = (ids[0].clone(), ids[1].clone());
+
+    // Credit terms come from the ERP only.
+    let owned = |status: tonic::Status, field: &str| {
+        let (reason, metadata) = error_info(&status);
+        assert_eq!(
+            (status.code(), reason.as_str(), metadata["field"].as_str()),
+            (Code::FailedPrecondition, "FIELD_OWNED_EXTERNALLY", field)
+        );
+    };
+    let terms = Some(CreditTerms {
+        limit: cny(1),
+        payment_days: 1,
+    });
+    let with_terms = CreateAccountRequest {
+        credit_terms: terms.clone(),
+        ..create("Initech", "")
+    };
+    owned(
+        app.accounts()
+            .create_account(app.request(with_terms))
+            .await
+            .unwrap_err(),
+        "credit_terms",
+    );
+    let update = |id: &str| UpdateAccountDetailsRequest {
+        account_id: id.into(),
+        ..Default::default()
+    };
+    owned(
+        app.accounts()
+            .update_account_details(app.request(UpdateAccountDetailsRequest {
+                credit_terms: terms,
+                ..update(&acme)
+            }))
+            .await
+            .unwrap_err(),
+        "credit_terms",
+    );
+
+    // Bad syncs and unknown customers store nothing.
+    let before = app.stored().await.len();
+    let mut bad = customer(&acme, 1, "tax id with spaces");
+    bad.external.as_mut().unwrap().source = "S A P".into();
+    bad.credit_terms.as_mut().unwrap().limit = cny(-1);
+    let status = app
+        .commerce()
+        .record_customer(app.request(bad))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["external.source"]);
+    let status = app
+        .commerce()
+        .record_customer(app.request(customer(&acme, 1, "tax id with spaces")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["tax_id"]);
+    let status = app
+        .commerce()
+        .record_customer(app.request(customer("", 1, "TAX-UNKNOWN")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).1["field"].as_str()),
+        (Code::FailedPrecondition, "account_id")
+    );
+    assert_eq!(app.stored().await.len(), before);
+
+    // Linked by tax id; the ERP's tax id and terms replace the CRM's.
+    let linked = app
+        .commerce()
+        .record_customer(app.request(customer("", 1, "TAX-A2")))
+        .await;
+    assert_eq!(
+        linked.unwrap_err().code(),
+        Code::FailedPrecondition,
+        "TAX-A2 is nobody's yet"
+    );
+    let linked = app
+        .commerce()
+        .record_customer(app.request(customer("", 1, "tax-a")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(linked.stream_id, acme);
+    let stored = app.stored().await;
+    let changes = &stored.last().unwrap().1["changes"];
+    assert_eq!(changes["credit_terms"]["new"]["payment_days"], 30);
+    assert_eq!(changes["external_refs"]["new"][0]["external_id"], "C-42");
+    let renamed = app
+        .commerce()
+        .record_customer(app.request(customer("", 2, "TAX-A2")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (renamed.stream_id.as_str(), renamed.stream_version),
+        (acme.as_str(), 3)
+    );
+    let resent = app
+        .commerce()
+        .record_customer(app.request(customer("", 2, "TAX-A2")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resent.unchanged);
+
+    // Now the ERP owns Acme's tax id; Globex's is still the CRM's.
+    owned(
+        app.accounts()
+            .update_account_details(app.request(UpdateAccountDetailsRequest {
+                tax_id: Some("TAX-NEW".into()),
+                ..update(&acme)
+            }))
+            .await
+            .unwrap_err(),
+        "tax_id",
+    );
+    app.accounts()
+        .update_account_details(app.request(UpdateAccountDetailsRequest {
+            tax_id: Some("TAX-B2".into()),
+            ..update(&globex)
+        }))
+        .await
+        .unwrap();
+
+    // One account per ERP customer.
+    let status = app
+        .commerce()
+        .record_customer(app.request(customer(&globex, 3, "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    // Orders naming the customer map to its account, whatever their tax id.
+    let order = RecordOrderRequest {
+        customer_tax_id: "TAX-B2".into(),
+        ..order(1, "placed")
+    };
+    app.commerce()
+        .record_order(app.request(order))
+        .await
+        .unwrap();
+    let stored = app.stored().await;
+    let recorded = stored
+        .iter()
+        .find(|(t, _, _)| t == "OrderRecorded")
+        .unwrap();
+    assert_eq!(recorded.1["account_id"], acme.as_str());
     app.stop().await;
 }

@@ -199,6 +199,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
                     tax_id: format!("DEMO{a:06}"),
                     parent_id: String::new(),
                     segment: ["enterprise", "mid_market", "smb"][a % 3].to_owned(),
+                    credit_terms: None,
                 },
             ))
             .await

@@ -1,4 +1,5 @@
 //! `crm.v1.Accounts`: proto requests → account commands.
+use crm_domain::DomainError;
 use crm_domain::account::{
     Account, AccountCommand, AccountDetails, AccountDetailsPatch, AccountKind, AccountMergeChoices,
     MAX_PARENT_DEPTH, ParentFacts,
@@ -72,6 +73,7 @@ impl Accounts for AccountsService {
             _ => return Err(ServiceError::invalid("kind", "must be COMPANY or PERSON").into()),
         };
         let parent_id = optional_id("parent_id", &request.parent_id)?;
+        refuse_erp_fields(request.credit_terms.is_some())?;
         let command = AccountCommand::Create {
             self_id: id,
             details: AccountDetails {
@@ -152,10 +154,12 @@ impl Accounts for AccountsService {
             .as_deref()
             .map(|id| optional_id("parent_id", id))
             .transpose()?;
+        refuse_erp_fields(request.credit_terms.is_some())?;
         let command = AccountCommand::UpdateDetails {
             self_id: id,
             patch: AccountDetailsPatch {
                 name: request.name,
+                tax_id: request.tax_id,
                 domains: request.domains.map(|d| d.items),
                 industry: request.industry,
                 parent_id,
@@ -251,4 +255,15 @@ impl Accounts for AccountsService {
             dry_run: merged.dry_run,
         }))
     }
+}
+
+/// Credit terms belong to the ERP (DOMAIN.md §7): a value in a CRM request
+/// is refused rather than ignored.
+fn refuse_erp_fields(credit_terms: bool) -> Result<(), ServiceError> {
+    if credit_terms {
+        return Err(ServiceError::Domain(DomainError::FieldOwnedExternally {
+            field: "credit_terms",
+        }));
+    }
+    Ok(())
 }

@@ -1,5 +1,7 @@
 //! `crm.v1.Commerce`: ERP upserts keyed by (source, external id).
-use crm_domain::account::normalize_tax_id;
+use crm_domain::account::{
+    Account, AccountCommand, CreditTerms, EXTERNAL_REF, external_ref_key, normalize_tax_id,
+};
 use crm_domain::commerce::{
     ExternalRef, Invoice, Order, OrderCommand, OrderLine, OrderTotals, Payment, PaymentCommand,
     Product, RecordInvoice, RecordOrder, RecordProduct,
@@ -47,6 +49,23 @@ impl CommerceService {
             .execute::<A>(&caller, id, &options, command)
             .await?;
         Ok(Response::new(reply))
+    }
+}
+
+impl CommerceService {
+    /// The account holding unique value `value` of `kind`, if any.
+    async fn holder(
+        &self,
+        tenant: &TenantId,
+        kind: &str,
+        value: &str,
+    ) -> Result<Option<Uuid>, ServiceError> {
+        let hash = self.handler.key_hash(tenant, kind, value);
+        self.handler
+            .store
+            .reservation_holder(tenant, kind, &hash)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))
     }
 }
 
@@ -124,18 +143,13 @@ impl Commerce for CommerceService {
         let options = Options::parse("RecordOrder", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
         let mut account_id = optional_id("account_id", &request.account_id)?;
+        if account_id.is_none() && !request.customer_ref.is_empty() {
+            let key = external_ref_key(&external.source, &request.customer_ref);
+            account_id = self.holder(&caller.tenant, EXTERNAL_REF, &key).await?;
+        }
         if account_id.is_none() && !request.customer_tax_id.is_empty() {
-            let hash = self.handler.key_hash(
-                &caller.tenant,
-                "tax_id",
-                &normalize_tax_id(&request.customer_tax_id),
-            );
-            account_id = self
-                .handler
-                .store
-                .reservation_holder(&caller.tenant, "tax_id", &hash)
-                .await
-                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            let tax_id = normalize_tax_id(&request.customer_tax_id);
+            account_id = self.holder(&caller.tenant, "tax_id", &tax_id).await?;
         }
         let lines = request
             .lines
@@ -295,6 +309,65 @@ impl Commerce for CommerceService {
         let reply = self
             .handler
             .execute::<Payment>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn record_customer(
+        &self,
+        request: Request<pb::RecordCustomerRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let mut options = Options::parse("RecordCustomer", request.options.as_ref(), &request)?;
+        let external = external("external", request.external)?;
+        let credit_terms = request
+            .credit_terms
+            .map(|terms| {
+                Ok::<_, ServiceError>(CreditTerms {
+                    limit: money("credit_terms.limit", terms.limit)?,
+                    payment_days: terms.payment_days,
+                })
+            })
+            .transpose()?;
+        // Input errors before the lookups they would spoil.
+        let mut violations = crm_domain::Violations::default();
+        external.validate(&mut violations);
+        violations.into_result().map_err(ServiceError::Domain)?;
+        let mut account_id = optional_id("account_id", &request.account_id)?;
+        if account_id.is_none() {
+            let key = external_ref_key(&external.source, &external.external_id);
+            account_id = self.holder(&caller.tenant, EXTERNAL_REF, &key).await?;
+        }
+        if account_id.is_none() && !request.tax_id.is_empty() {
+            let tax_id = normalize_tax_id(&request.tax_id);
+            account_id = self.holder(&caller.tenant, "tax_id", &tax_id).await?;
+        }
+        let Some(account_id) = account_id else {
+            return Err(
+                ServiceError::Domain(crm_domain::DomainError::InvalidReference {
+                    field: "account_id",
+                })
+                .into(),
+            );
+        };
+        if options.idempotency_key.is_none() {
+            let version = external.external_version.to_string();
+            let account = account_id.to_string();
+            server_key(
+                &mut options,
+                "customer",
+                &[&external.source, &external.external_id, &version, &account],
+            );
+        }
+        let command = AccountCommand::SyncFromErp {
+            external,
+            tax_id: request.tax_id,
+            credit_terms,
+        };
+        let reply = self
+            .handler
+            .execute::<Account>(&caller, account_id, &options, command)
             .await?;
         Ok(Response::new(reply))
     }

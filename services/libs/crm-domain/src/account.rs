@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, Context, DomainEvent, MergeParties, UniqueKey};
+use crate::commerce::ExternalRef;
 use crate::common::{
-    Change, Lifecycle, LifecycleChanged, Reason, diff, is_code, is_domain, text_ok,
+    Change, Lifecycle, LifecycleChanged, Money, Reason, diff, is_code, is_domain, text_ok,
 };
 use crate::error::{DomainError, Violations};
 use crate::records::{CommonCommand, CommonEvent, RecordMeta};
@@ -101,6 +102,9 @@ pub struct AccountDetails {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccountDetailsPatch {
     pub name: Option<String>,
+    /// Refused once the account is linked to an ERP customer (the ERP owns
+    /// it then, DOMAIN.md §7).
+    pub tax_id: Option<String>,
     pub domains: Option<Vec<String>>,
     pub industry: Option<String>,
     pub parent_id: Option<Option<Uuid>>,
@@ -143,6 +147,26 @@ pub enum AccountCommand {
     Restore(Reason),
     /// Owner, tags and shares (see [`crate::records`]).
     Common(CommonCommand),
+    /// The ERP's customer master (DOMAIN.md §7): links the account to the
+    /// ERP's customer `external` and sets the fields the ERP owns. A version
+    /// not above the stored one for that source changes nothing.
+    SyncFromErp {
+        external: ExternalRef,
+        tax_id: String,
+        credit_terms: Option<CreditTerms>,
+    },
+}
+
+/// External records an account may be linked to (one per source).
+pub const MAX_EXTERNAL_REFS: usize = 10;
+
+/// Payment terms the ERP grants the customer; the CRM only shows them.
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditTerms {
+    pub limit: Money,
+    /// Days after invoicing that payment is due.
+    pub payment_days: u32,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -170,6 +194,14 @@ pub struct AccountChanges {
     #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<Change<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tax_id: Option<Change<String>>,
+    /// ERP-owned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credit_terms: Option<Change<Option<CreditTerms>>>,
+    /// The ERP records the account is linked to, with their versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_refs: Option<Change<Vec<ExternalRef>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domains: Option<Change<Vec<String>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -329,6 +361,25 @@ pub struct Account {
     /// A person account whose personal data was erased.
     #[serde(default)]
     pub erased: bool,
+    /// ERP customers this account is linked to: the ERP then owns its tax id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_refs: Vec<ExternalRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credit_terms: Option<CreditTerms>,
+}
+
+/// The normalized tax id, checked.
+fn validate_tax_id(field: &str, tax_id: &str, v: &mut Violations) -> String {
+    let tax_id = normalize_tax_id(tax_id);
+    v.check(
+        tax_id.len() <= 50
+            && tax_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+        field,
+        "must be at most 50 letters, digits or hyphens",
+    );
+    tax_id
 }
 
 fn validate_domains(domains: &[String], v: &mut Violations) -> Vec<String> {
@@ -365,6 +416,14 @@ fn validate_segment(segment: &str, v: &mut Violations) {
 }
 
 /// Letters, digits and hyphens, uppercased: the form uniqueness compares.
+/// The kind of unique key an ERP link holds: one account per ERP customer.
+pub const EXTERNAL_REF: &str = "external_ref";
+
+/// The unique value of an ERP link.
+pub fn external_ref_key(source: &str, external_id: &str) -> String {
+    format!("{source}:{external_id}")
+}
+
 pub fn normalize_tax_id(tax_id: &str) -> String {
     tax_id.trim().to_uppercase()
 }
@@ -457,15 +516,7 @@ impl Aggregate for Account {
                     "industry",
                     "must be at most 100 characters",
                 );
-                let tax_id = normalize_tax_id(&details.tax_id);
-                v.check(
-                    tax_id.len() <= 50
-                        && tax_id
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
-                    "tax_id",
-                    "must be at most 50 letters, digits or hyphens",
-                );
+                let tax_id = validate_tax_id("tax_id", &details.tax_id, &mut v);
                 v.check(
                     details.parent_id != Some(self_id),
                     "parent_id",
@@ -518,7 +569,16 @@ impl Aggregate for Account {
                 if let Some(segment) = &patch.segment {
                     validate_segment(segment, &mut v);
                 }
+                let tax_id = patch
+                    .tax_id
+                    .as_deref()
+                    .map(|t| validate_tax_id("tax_id", t, &mut v));
                 v.into_result()?;
+                if !self.external_refs.is_empty()
+                    && tax_id.as_ref().is_some_and(|t| t != &self.tax_id)
+                {
+                    return Err(DomainError::FieldOwnedExternally { field: "tax_id" });
+                }
                 if let Some(Some(parent_id)) = patch.parent_id
                     && self.parent_id != Some(parent_id)
                 {
@@ -527,14 +587,72 @@ impl Aggregate for Account {
                 let name = patch.name.map(|n| n.trim().to_owned());
                 let changes = AccountChanges {
                     name: diff(&self.name, name.as_ref()),
+                    tax_id: diff(&self.tax_id, tax_id.as_ref()),
                     domains: diff(&self.domains, domains.as_ref()),
                     industry: diff(&self.industry, patch.industry.as_ref()),
                     parent_id: diff(&self.parent_id, patch.parent_id.as_ref()),
                     segment: diff(&self.segment, patch.segment.as_ref()),
+                    ..AccountChanges::default()
                 };
                 if changes == AccountChanges::default() {
                     return Ok(vec![]);
                 }
+                Ok(vec![AccountEvent::DetailsUpdated(AccountDetailsUpdated {
+                    changes,
+                    occurred_at,
+                })])
+            }
+            AccountCommand::SyncFromErp {
+                external,
+                tax_id,
+                credit_terms,
+            } => {
+                self.live()?;
+                let mut v = Violations::default();
+                external.validate(&mut v);
+                let tax_id = validate_tax_id("tax_id", &tax_id, &mut v);
+                if let Some(terms) = &credit_terms {
+                    terms.limit.validate("credit_terms.limit", &mut v);
+                    v.check(
+                        terms.limit.amount_minor >= 0,
+                        "credit_terms.limit.amount_minor",
+                        "must not be negative",
+                    );
+                    v.check(
+                        terms.payment_days <= 3650,
+                        "credit_terms.payment_days",
+                        "must be at most 3650",
+                    );
+                }
+                v.into_result()?;
+                let mut refs = self.external_refs.clone();
+                let linked = refs.len();
+                match refs.iter_mut().find(|r| r.source == external.source) {
+                    Some(known) if known.external_id != external.external_id => {
+                        return Err(DomainError::invalid(
+                            "external.external_id",
+                            "the account is linked to another record of this source",
+                        ));
+                    }
+                    // Not newer than what the ERP sent before: no change.
+                    Some(known) if known.external_version >= external.external_version => {
+                        return Ok(vec![]);
+                    }
+                    Some(known) => known.external_version = external.external_version,
+                    None if linked >= MAX_EXTERNAL_REFS => {
+                        return Err(DomainError::invalid(
+                            "external.source",
+                            "the account is linked to 10 sources already",
+                        ));
+                    }
+                    None => refs.push(external),
+                }
+                let changes = AccountChanges {
+                    tax_id: diff(&self.tax_id, Some(&tax_id)),
+                    credit_terms: diff(&self.credit_terms, Some(&credit_terms)),
+                    external_refs: diff(&self.external_refs, Some(&refs)),
+                    ..AccountChanges::default()
+                };
                 Ok(vec![AccountEvent::DetailsUpdated(AccountDetailsUpdated {
                     changes,
                     occurred_at,
@@ -683,6 +801,15 @@ impl Aggregate for Account {
                 if let Some(change) = &c.segment {
                     self.segment = change.new.clone();
                 }
+                if let Some(change) = &c.tax_id {
+                    self.tax_id = change.new.clone();
+                }
+                if let Some(change) = &c.credit_terms {
+                    self.credit_terms = change.new.clone();
+                }
+                if let Some(change) = &c.external_refs {
+                    self.external_refs = change.new.clone();
+                }
             }
             AccountEvent::BecameCustomer(_) => self.status = AccountStatus::Customer,
             AccountEvent::Churned(_) => self.status = AccountStatus::Churned,
@@ -706,6 +833,10 @@ impl Aggregate for Account {
         tax_id
             .into_iter()
             .chain(self.domains.iter().map(|d| ("domain", d.to_lowercase())))
+            .chain(self.external_refs.iter().map(|r| {
+                let key = external_ref_key(&r.source, &r.external_id);
+                (EXTERNAL_REF, key)
+            }))
             .collect()
     }
 }
@@ -732,6 +863,33 @@ impl crate::aggregate::Mergeable for Account {
         let segment = pick("segment_from", choices.segment_from)?.segment.clone();
         let mut domains = survivor.domains.clone();
         let mut tax_id = None;
+        // ERP links move to the survivor; two customers of one ERP are not
+        // duplicates.
+        let mut refs = survivor.external_refs.clone();
+        let mut credit_terms = survivor.credit_terms.clone();
+        for (_, loser) in losers {
+            for link in &loser.external_refs {
+                match refs.iter().find(|r| r.source == link.source) {
+                    Some(known) if known.external_id != link.external_id => {
+                        return Err(DomainError::invalid(
+                            "loser_ids",
+                            "accounts linked to different customers of one ERP are not duplicates",
+                        ));
+                    }
+                    Some(_) => {}
+                    None => refs.push(link.clone()),
+                }
+            }
+            if credit_terms.is_none() {
+                credit_terms = loser.credit_terms.clone();
+            }
+        }
+        if refs.len() > MAX_EXTERNAL_REFS {
+            return Err(DomainError::invalid(
+                "loser_ids",
+                "the merged account would be linked to more than 10 sources",
+            ));
+        }
         for (_, loser) in losers {
             for domain in &loser.domains {
                 if !domains.contains(domain) {
@@ -762,6 +920,9 @@ impl crate::aggregate::Mergeable for Account {
             industry: diff(&survivor.industry, Some(&industry)),
             parent_id: None,
             segment: diff(&survivor.segment, Some(&segment)),
+            external_refs: diff(&survivor.external_refs, Some(&refs)),
+            credit_terms: diff(&survivor.credit_terms, Some(&credit_terms)),
+            tax_id: None,
         };
         Ok((
             vec![AccountEvent::Merged(AccountsMerged {
@@ -1163,6 +1324,116 @@ mod tests {
             })]);
         given::<Account>([])
             .when(AccountCommand::Archive(Reason::default()))
+            .then_error(DomainError::NotFound);
+    }
+
+    fn erp(version: u64) -> ExternalRef {
+        ExternalRef {
+            source: "sap".into(),
+            external_id: "C-100".into(),
+            external_version: version,
+        }
+    }
+
+    fn sync(version: u64, tax_id: &str) -> AccountCommand {
+        AccountCommand::SyncFromErp {
+            external: erp(version),
+            tax_id: tax_id.into(),
+            credit_terms: Some(CreditTerms {
+                limit: Money {
+                    amount_minor: 5_000_000,
+                    currency: "CNY".into(),
+                },
+                payment_days: 30,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_erp_links_an_account_and_then_owns_its_tax_id() {
+        let linked = given::<Account>([created()])
+            .when(sync(3, "91310000ma1fl0000y"))
+            .then_ok();
+        assert_eq!(linked.tax_id, "91310000MA1FL0000Y");
+        assert_eq!(linked.external_refs, [erp(3)]);
+        assert_eq!(
+            linked.credit_terms.as_ref().map(|t| t.payment_days),
+            Some(30)
+        );
+        assert!(
+            linked
+                .unique_keys()
+                .contains(&(EXTERNAL_REF, "sap:C-100".to_owned()))
+        );
+        let update_tax = |tax_id: &str| AccountCommand::UpdateDetails {
+            self_id: id(),
+            patch: AccountDetailsPatch {
+                tax_id: Some(tax_id.into()),
+                ..AccountDetailsPatch::default()
+            },
+        };
+        // The user may not change it now; naming the same value is no change.
+        assert_eq!(
+            linked.decide(update_tax("OTHER"), Context::at(now())),
+            Err(DomainError::FieldOwnedExternally { field: "tax_id" })
+        );
+        assert_eq!(
+            linked.decide(update_tax(" 91310000ma1fl0000y "), Context::at(now())),
+            Ok(vec![])
+        );
+        // An older or equal version changes nothing; another customer of the
+        // same ERP is refused.
+        assert_eq!(
+            linked.decide(sync(3, "NEWER"), Context::at(now())),
+            Ok(vec![])
+        );
+        let other = AccountCommand::SyncFromErp {
+            external: ExternalRef {
+                external_id: "C-200".into(),
+                ..erp(4)
+            },
+            tax_id: String::new(),
+            credit_terms: None,
+        };
+        assert!(matches!(
+            linked.decide(other, Context::at(now())),
+            Err(DomainError::Invalid(v)) if v[0].field == "external.external_id"
+        ));
+        // An unlinked account's tax id is the user's to change.
+        let unlinked = given::<Account>([created()])
+            .when(update_tax("NEW-1"))
+            .then_ok();
+        assert_eq!(unlinked.tax_id, "NEW-1");
+    }
+
+    #[test]
+    fn erp_syncs_are_checked() {
+        given::<Account>([created()])
+            .when(AccountCommand::SyncFromErp {
+                external: ExternalRef {
+                    source: "S A P".into(),
+                    external_id: String::new(),
+                    external_version: 0,
+                },
+                tax_id: "no spaces allowed".into(),
+                credit_terms: Some(CreditTerms {
+                    limit: Money {
+                        amount_minor: -1,
+                        currency: "CNY".into(),
+                    },
+                    payment_days: 4000,
+                }),
+            })
+            .then_invalid(&[
+                "external.source",
+                "external.external_id",
+                "external.external_version",
+                "tax_id",
+                "credit_terms.limit.amount_minor",
+                "credit_terms.payment_days",
+            ]);
+        given::<Account>([])
+            .when(sync(1, ""))
             .then_error(DomainError::NotFound);
     }
 }

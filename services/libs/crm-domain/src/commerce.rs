@@ -26,7 +26,7 @@ pub const MAX_ORDER_IDS: usize = 100;
 
 impl ExternalRef {
     /// Named as the requests carry it: their `external` field.
-    fn validate(&self, v: &mut Violations) {
+    pub fn validate(&self, v: &mut Violations) {
         v.check(
             is_code(&self.source, 64),
             "external.source",
