@@ -764,3 +764,99 @@ async fn a_deal_without_an_amount_is_not_won() {
     assert_eq!(app.stored().await.len(), before);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_deal_is_renamed_and_given_a_contact() {
+    use crm_proto::v1::{CreateContactRequest, PersonName, UpdateOpportunityDetailsRequest};
+    let app = TestApp::spawn().await;
+    let (account_id, pipeline_id) = setup(&app).await;
+    let id = app
+        .opportunities()
+        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let update = |name: Option<&str>, contact: Option<&str>| UpdateOpportunityDetailsRequest {
+        options: None,
+        opportunity_id: id.clone(),
+        name: name.map(Into::into),
+        contact_id: contact.map(Into::into),
+    };
+    let before = app.stored().await.len();
+    let status = app
+        .opportunities()
+        .update_opportunity_details(app.request(update(Some(" "), Some("not-a-uuid"))))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["contact_id"]);
+    let status = app
+        .opportunities()
+        .update_opportunity_details(app.request(update(Some(" "), None)))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["name"]);
+    let ghost = uuid::Uuid::now_v7().to_string();
+    let status = app
+        .opportunities()
+        .update_opportunity_details(app.request(update(None, Some(&ghost))))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).1["field"].as_str()),
+        (Code::FailedPrecondition, "contact_id")
+    );
+    let status = app
+        .opportunities()
+        .update_opportunity_details(app.request(UpdateOpportunityDetailsRequest {
+            opportunity_id: ghost,
+            ..update(Some("X"), None)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(app.stored().await.len(), before);
+
+    let contact_id = app
+        .contacts()
+        .create_contact(app.request(CreateContactRequest {
+            name: Some(PersonName {
+                given: "Ana".into(),
+                family: "Lima".into(),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let reply = app
+        .opportunities()
+        .update_opportunity_details(app.request(update(Some("Acme expansion"), Some(&contact_id))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.stream_version, 2);
+    let stored = app.stored().await;
+    let (event_type, payload, _) = stored.last().unwrap();
+    assert_eq!(event_type, "OpportunityDetailsUpdated");
+    assert_eq!(payload["changes"]["name"]["new"], "Acme expansion");
+    assert_eq!(payload["changes"]["contact_id"]["new"], contact_id.as_str());
+    let same = app
+        .opportunities()
+        .update_opportunity_details(
+            app.request(update(Some(" Acme expansion "), Some(&contact_id))),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(same.unchanged);
+    let cleared = app
+        .opportunities()
+        .update_opportunity_details(app.request(update(None, Some(""))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.stream_version, 3);
+    app.stop().await;
+}

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::contacts::reason;
-use super::fields::{date, money};
+use super::fields::{date, money, optional_id};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
 
 /// Roles that may reopen a won deal.
@@ -75,6 +75,19 @@ impl OpportunitiesService {
                 .iter()
                 .any(|r| REOPEN_WON_ROLES.contains(&r.as_str())),
         })
+    }
+
+    /// Whether `contact_id` names a contact a deal may name.
+    async fn contact_usable(
+        &self,
+        caller: &Caller,
+        contact_id: Uuid,
+    ) -> Result<bool, ServiceError> {
+        Ok(self
+            .handler
+            .state_or_default::<Contact>(&caller.tenant, contact_id)
+            .await?
+            .usable())
     }
 
     /// Facts for a command on an existing deal: its own pipeline.
@@ -199,17 +212,13 @@ impl Opportunities for OpportunitiesService {
         let facts = self
             .facts(&caller, Some(account_id), Some(pipeline_id))
             .await?;
-        if let Some(contact_id) = contact_id {
-            let contact = self
-                .handler
-                .state_or_default::<Contact>(&caller.tenant, contact_id)
-                .await?;
-            if !contact.usable() {
-                return Err(ServiceError::Domain(DomainError::InvalidReference {
-                    field: "contact_id",
-                })
-                .into());
-            }
+        if let Some(contact_id) = contact_id
+            && !self.contact_usable(&caller, contact_id).await?
+        {
+            return Err(ServiceError::Domain(DomainError::InvalidReference {
+                field: "contact_id",
+            })
+            .into());
         }
         let command = OpportunityCommand::Open(details, facts);
         let reply = self
@@ -231,6 +240,39 @@ impl Opportunities for OpportunitiesService {
         let command = OpportunityCommand::ChangeStage {
             to: request.stage,
             facts,
+        };
+        let reply = self
+            .handler
+            .execute::<Opportunity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn update_opportunity_details(
+        &self,
+        request: Request<pb::UpdateOpportunityDetailsRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse(
+            "UpdateOpportunityDetails",
+            request.options.as_ref(),
+            &request,
+        )?;
+        let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let contact_id = request
+            .contact_id
+            .as_deref()
+            .map(|c| optional_id("contact_id", c))
+            .transpose()?;
+        let contact_usable = match contact_id {
+            Some(Some(contact)) => self.contact_usable(&caller, contact).await?,
+            _ => true,
+        };
+        let command = OpportunityCommand::UpdateDetails {
+            name: request.name,
+            contact_id,
+            contact_usable,
         };
         let reply = self
             .handler

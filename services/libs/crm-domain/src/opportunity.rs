@@ -117,6 +117,14 @@ pub enum OpportunityCommand {
     },
     /// Owner, tags and shares (see [`crate::records`]).
     Common(CommonCommand),
+    /// Renames the deal or changes its primary contact (`Some(None)` clears
+    /// it); `contact_usable` is the handler's fact that a new contact exists
+    /// and is usable.
+    UpdateDetails {
+        name: Option<String>,
+        contact_id: Option<Option<Uuid>>,
+        contact_usable: bool,
+    },
     /// Replaces the line items; `products_exist` is the handler's fact that
     /// every product is a known product record.
     ChangeLineItems {
@@ -188,6 +196,22 @@ pub struct OpportunityStageChanged {
     pub probability_bp: u32,
     pub category: ForecastCategory,
     pub direction: Direction,
+    pub occurred_at: Timestamp,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DealChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Change<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_id: Option<Change<Option<Uuid>>>,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpportunityDetailsUpdated {
+    pub changes: DealChanges,
     pub occurred_at: Timestamp,
 }
 
@@ -266,6 +290,7 @@ pub enum OpportunityEvent {
     Reopened(OpportunityReopened),
     Common(CommonEvent),
     LineItemsChanged(OpportunityLineItemsChanged),
+    DetailsUpdated(OpportunityDetailsUpdated),
 }
 
 impl DomainEvent for OpportunityEvent {
@@ -280,6 +305,7 @@ impl DomainEvent for OpportunityEvent {
             Self::Lost(_) => "OpportunityLost",
             Self::Reopened(_) => "OpportunityReopened",
             Self::LineItemsChanged(_) => "OpportunityLineItemsChanged",
+            Self::DetailsUpdated(_) => "OpportunityDetailsUpdated",
         }
     }
 
@@ -294,6 +320,7 @@ impl DomainEvent for OpportunityEvent {
             Self::Lost(e) => e.occurred_at,
             Self::Reopened(e) => e.occurred_at,
             Self::LineItemsChanged(e) => e.occurred_at,
+            Self::DetailsUpdated(e) => e.occurred_at,
         }
     }
 
@@ -315,6 +342,7 @@ impl DomainEvent for OpportunityEvent {
             "OpportunityLineItemsChanged" => {
                 Self::LineItemsChanged(Deserialize::deserialize(payload)?)
             }
+            "OpportunityDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
             _ => return Ok(CommonEvent::decode(event_type, payload)?.map(Self::Common)),
         }))
     }
@@ -344,6 +372,17 @@ pub struct Opportunity {
     /// The primary contact given when the deal was opened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contact_id: Option<Uuid>,
+}
+
+/// A deal's name: 1 to 200 characters.
+fn v_name(name: &str) -> Result<(), DomainError> {
+    let mut v = Violations::default();
+    v.check(
+        text_ok(name, 200, false),
+        "name",
+        "must be 1 to 200 characters",
+    );
+    v.into_result()
 }
 
 /// `RequiredFieldsMissing` when a deal with this amount, contact and line
@@ -552,6 +591,39 @@ impl Aggregate for Opportunity {
                         } else {
                             Direction::Backward
                         },
+                        occurred_at,
+                    },
+                )])
+            }
+            OpportunityCommand::UpdateDetails {
+                name,
+                contact_id,
+                contact_usable,
+            } => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                let name = name.map(|n| n.trim().to_owned());
+                if let Some(name) = &name {
+                    v_name(name)?;
+                }
+                if matches!(contact_id, Some(Some(id)) if Some(id) != self.contact_id)
+                    && !contact_usable
+                {
+                    return Err(DomainError::InvalidReference {
+                        field: "contact_id",
+                    });
+                }
+                let changes = DealChanges {
+                    name: diff(&self.name, name.as_ref()),
+                    contact_id: diff(&self.contact_id, contact_id.as_ref()),
+                };
+                if changes == DealChanges::default() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![OpportunityEvent::DetailsUpdated(
+                    OpportunityDetailsUpdated {
+                        changes,
                         occurred_at,
                     },
                 )])
@@ -827,6 +899,14 @@ impl Aggregate for Opportunity {
                 self.close_date = Some(opened.close_date);
                 self.owner = opened.owner.clone();
                 self.contact_id = opened.contact_id;
+            }
+            OpportunityEvent::DetailsUpdated(updated) => {
+                if let Some(change) = &updated.changes.name {
+                    self.name = change.new.clone();
+                }
+                if let Some(change) = &updated.changes.contact_id {
+                    self.contact_id = change.new;
+                }
             }
             OpportunityEvent::StageChanged(changed) => {
                 self.stalled = false;
@@ -1354,5 +1434,48 @@ pub(crate) mod tests {
             )
             .expect("the won stage's contact is there");
         assert!(matches!(won[0], OpportunityEvent::Won(_)));
+    }
+
+    #[test]
+    fn details_change_only_what_differs_and_contacts_must_be_usable() {
+        let update = |name: Option<&str>, contact: Option<Option<u128>>, usable: bool| {
+            OpportunityCommand::UpdateDetails {
+                name: name.map(Into::into),
+                contact_id: contact.map(|c| c.map(Uuid::from_u128)),
+                contact_usable: usable,
+            }
+        };
+        given::<Opportunity>([opened()])
+            .when(update(Some(" Acme renewal "), Some(None), true))
+            .then(vec![]);
+        given::<Opportunity>([opened()])
+            .when(update(None, Some(Some(5)), false))
+            .then_error(DomainError::InvalidReference {
+                field: "contact_id",
+            });
+        given::<Opportunity>([opened()])
+            .when(update(Some(""), None, true))
+            .then_invalid(&["name"]);
+        given::<Opportunity>([])
+            .when(update(Some("X"), None, true))
+            .then_error(DomainError::NotFound);
+        let state = given::<Opportunity>([opened()])
+            .when(update(Some("Acme expansion"), Some(Some(5)), true))
+            .then(vec![OpportunityEvent::DetailsUpdated(
+                OpportunityDetailsUpdated {
+                    changes: DealChanges {
+                        name: Some(Change {
+                            old: "Acme renewal".into(),
+                            new: "Acme expansion".into(),
+                        }),
+                        contact_id: Some(Change {
+                            old: None,
+                            new: Some(Uuid::from_u128(5)),
+                        }),
+                    },
+                    occurred_at: now(),
+                },
+            )]);
+        assert_eq!(state.contact_id, Some(Uuid::from_u128(5)));
     }
 }

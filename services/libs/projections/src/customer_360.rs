@@ -629,6 +629,7 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         )),
         OpportunityEvent::ForecastFieldsChanged(_)
         | OpportunityEvent::LineItemsChanged(_)
+        | OpportunityEvent::DetailsUpdated(_)
         | OpportunityEvent::Common(_) => None,
     };
     if let Some(summary) = summary {
