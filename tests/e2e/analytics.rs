@@ -69,7 +69,7 @@ async fn paid_order(
     cost: Option<i64>,
 ) -> String {
     app.commerce()
-        .record_order(app.request(RecordOrderRequest {
+        .record_order(app.erp(RecordOrderRequest {
             options: at(when),
             external: Some(ExternalRef {
                 source: "erp".into(),
@@ -132,7 +132,7 @@ async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
     paid_order(&app, &a3, "O4", "2026-01-07T10:00:00Z", 5_000, None).await;
     paid_order(&app, &a4, "O5", "2026-01-08T10:00:00Z", 4_000, None).await;
     app.commerce()
-        .cancel_order(app.request(CancelOrderRequest {
+        .cancel_order(app.erp(CancelOrderRequest {
             options: at("2026-01-09T10:00:00Z"),
             external: Some(ExternalRef {
                 source: "erp".into(),
@@ -144,7 +144,7 @@ async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
         .await
         .unwrap();
     app.commerce()
-        .record_payment(app.request(RecordPaymentRequest {
+        .record_payment(app.erp(RecordPaymentRequest {
             options: at("2026-01-10T10:00:00Z"),
             external: Some(ExternalRef {
                 source: "erp".into(),
@@ -159,7 +159,7 @@ async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
         .await
         .unwrap();
     app.commerce()
-        .issue_refund(app.request(IssueRefundRequest {
+        .issue_refund(app.erp(IssueRefundRequest {
             options: at("2026-01-20T10:00:00Z"),
             payment: Some(ExternalRef {
                 source: "erp".into(),

@@ -66,13 +66,13 @@ async fn erp_orders_upsert_map_to_accounts_and_ignore_old_versions() {
 
     let first = app
         .commerce()
-        .record_order(app.request(order(1, "placed")))
+        .record_order(app.erp(order(1, "placed")))
         .await
         .unwrap()
         .into_inner();
     let resent = app
         .commerce()
-        .record_order(app.request(order(1, "placed")))
+        .record_order(app.erp(order(1, "placed")))
         .await
         .unwrap()
         .into_inner();
@@ -82,7 +82,7 @@ async fn erp_orders_upsert_map_to_accounts_and_ignore_old_versions() {
     );
     let paid = app
         .commerce()
-        .record_order(app.request(order(3, "paid")))
+        .record_order(app.erp(order(3, "paid")))
         .await
         .unwrap()
         .into_inner();
@@ -92,7 +92,7 @@ async fn erp_orders_upsert_map_to_accounts_and_ignore_old_versions() {
     );
     let late = app
         .commerce()
-        .record_order(app.request(order(2, "confirmed")))
+        .record_order(app.erp(order(2, "confirmed")))
         .await
         .unwrap()
         .into_inner();
@@ -105,7 +105,7 @@ async fn erp_orders_upsert_map_to_accounts_and_ignore_old_versions() {
     // reused-key error (the server's key stands for the ERP version).
     let again = app
         .commerce()
-        .record_order(app.request(order(3, "shipped")))
+        .record_order(app.erp(order(3, "shipped")))
         .await
         .unwrap()
         .into_inner();
@@ -117,12 +117,12 @@ async fn erp_orders_upsert_map_to_accounts_and_ignore_old_versions() {
     long.customer_tax_id = String::new();
     long.customer_ref = "C-43".into();
     app.commerce()
-        .record_order(app.request(long.clone()))
+        .record_order(app.erp(long.clone()))
         .await
         .unwrap();
     let replayed = app
         .commerce()
-        .record_order(app.request(long))
+        .record_order(app.erp(long))
         .await
         .unwrap()
         .into_inner();
@@ -143,7 +143,7 @@ async fn erp_orders_upsert_map_to_accounts_and_ignore_old_versions() {
     };
     assert_eq!(
         app.commerce()
-            .cancel_order(app.request(cancel))
+            .cancel_order(app.erp(cancel))
             .await
             .unwrap()
             .into_inner()
@@ -163,34 +163,19 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         currency: "EUR".into(),
     });
     assert_eq!(
-        bad_fields(
-            &app.commerce()
-                .record_order(app.request(bad))
-                .await
-                .unwrap_err()
-        ),
+        bad_fields(&app.commerce().record_order(app.erp(bad)).await.unwrap_err()),
         ["lines[1].line_total.currency", "net", "gross"]
     );
     let mut bad = order(0, "lost");
     bad.external.as_mut().unwrap().source = "ERP 1".into();
     assert_eq!(
-        bad_fields(
-            &app.commerce()
-                .record_order(app.request(bad))
-                .await
-                .unwrap_err()
-        ),
+        bad_fields(&app.commerce().record_order(app.erp(bad)).await.unwrap_err()),
         ["external.source", "external.external_version", "status"]
     );
     let mut bad = order(1, "placed");
     bad.external = None;
     assert_eq!(
-        bad_fields(
-            &app.commerce()
-                .record_order(app.request(bad))
-                .await
-                .unwrap_err()
-        ),
+        bad_fields(&app.commerce().record_order(app.erp(bad)).await.unwrap_err()),
         ["external"]
     );
 
@@ -207,7 +192,7 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
     assert_eq!(
         bad_fields(
             &app.commerce()
-                .record_invoice(app.request(invoice.clone()))
+                .record_invoice(app.erp(invoice.clone()))
                 .await
                 .unwrap_err()
         ),
@@ -219,7 +204,7 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         ..invoice
     };
     app.commerce()
-        .record_invoice(app.request(invoice))
+        .record_invoice(app.erp(invoice))
         .await
         .unwrap();
 
@@ -230,7 +215,7 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         ..Default::default()
     };
     app.commerce()
-        .record_payment(app.request(payment))
+        .record_payment(app.erp(payment))
         .await
         .unwrap();
     let refund = |minor: i64, id: &str| IssueRefundRequest {
@@ -241,12 +226,12 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         refunded_on: "2026-11-05".into(),
     };
     app.commerce()
-        .issue_refund(app.request(refund(20_000, "R-1")))
+        .issue_refund(app.erp(refund(20_000, "R-1")))
         .await
         .unwrap();
     assert!(
         app.commerce()
-            .issue_refund(app.request(refund(20_000, "R-1")))
+            .issue_refund(app.erp(refund(20_000, "R-1")))
             .await
             .unwrap()
             .into_inner()
@@ -256,7 +241,7 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
     assert_eq!(
         bad_fields(
             &app.commerce()
-                .issue_refund(app.request(refund(9_000, "R-2")))
+                .issue_refund(app.erp(refund(9_000, "R-2")))
                 .await
                 .unwrap_err()
         ),
@@ -264,7 +249,7 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
     );
     let status = app
         .commerce()
-        .issue_refund(app.request(IssueRefundRequest {
+        .issue_refund(app.erp(IssueRefundRequest {
             payment: external("PAY-404", 1),
             ..refund(1, "R-3")
         }))
@@ -274,7 +259,7 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
     // The same refund id on another payment of the same source is another
     // refund: recorded, not answered with the first one's outcome.
     app.commerce()
-        .record_payment(app.request(RecordPaymentRequest {
+        .record_payment(app.erp(RecordPaymentRequest {
             external: external("PAY-2", 1),
             amount: cny(28_250),
             paid_on: "2026-11-02".into(),
@@ -284,7 +269,7 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         .unwrap();
     let other = app
         .commerce()
-        .issue_refund(app.request(IssueRefundRequest {
+        .issue_refund(app.erp(IssueRefundRequest {
             payment: external("PAY-2", 1),
             ..refund(20_000, "R-1")
         }))
@@ -380,19 +365,43 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
     bad.credit_terms.as_mut().unwrap().limit = cny(-1);
     let status = app
         .commerce()
-        .record_customer(app.request(bad))
+        .record_customer(app.erp(bad))
         .await
         .unwrap_err();
-    assert_eq!(bad_fields(&status), ["external.source"]);
+    assert_eq!(
+        bad_fields(&status),
+        [
+            "external.source",
+            "tax_id",
+            "credit_terms.limit.amount_minor"
+        ]
+    );
+    // ERP data comes from the ERP's service account (or an admin) only.
+    for roles in [None, Some("sales_rep")] {
+        let mut request = app.request(customer(&acme, 1, ""));
+        if let Some(roles) = roles {
+            request
+                .metadata_mut()
+                .insert("x-roles", roles.parse().unwrap());
+        }
+        let status = app.commerce().record_customer(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let status = app
+            .commerce()
+            .record_order(app.request(order(1, "placed")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+    }
     let status = app
         .commerce()
-        .record_customer(app.request(customer(&acme, 1, "tax id with spaces")))
+        .record_customer(app.erp(customer(&acme, 1, "tax id with spaces")))
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["tax_id"]);
     let status = app
         .commerce()
-        .record_customer(app.request(customer("", 1, "TAX-UNKNOWN")))
+        .record_customer(app.erp(customer("", 1, "TAX-UNKNOWN")))
         .await
         .unwrap_err();
     assert_eq!(
@@ -404,7 +413,7 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
     // Linked by tax id; the ERP's tax id and terms replace the CRM's.
     let linked = app
         .commerce()
-        .record_customer(app.request(customer("", 1, "TAX-A2")))
+        .record_customer(app.erp(customer("", 1, "TAX-A2")))
         .await;
     assert_eq!(
         linked.unwrap_err().code(),
@@ -413,7 +422,7 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
     );
     let linked = app
         .commerce()
-        .record_customer(app.request(customer("", 1, "tax-a")))
+        .record_customer(app.erp(customer("", 1, "tax-a")))
         .await
         .unwrap()
         .into_inner();
@@ -424,7 +433,7 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
     assert_eq!(changes["external_refs"]["new"][0]["external_id"], "C-42");
     let renamed = app
         .commerce()
-        .record_customer(app.request(customer("", 2, "TAX-A2")))
+        .record_customer(app.erp(customer("", 2, "TAX-A2")))
         .await
         .unwrap()
         .into_inner();
@@ -434,7 +443,7 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
     );
     let resent = app
         .commerce()
-        .record_customer(app.request(customer("", 2, "TAX-A2")))
+        .record_customer(app.erp(customer("", 2, "TAX-A2")))
         .await
         .unwrap()
         .into_inner();
@@ -459,10 +468,18 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
         .await
         .unwrap();
 
-    // One account per ERP customer.
+    // One account per ERP customer, and one customer per source and account.
     let status = app
         .commerce()
-        .record_customer(app.request(customer(&globex, 3, "")))
+        .record_customer(app.erp(customer(&globex, 3, "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    let mut other = customer(&acme, 1, "");
+    other.external.as_mut().unwrap().external_id = "C-43".into();
+    let status = app
+        .commerce()
+        .record_customer(app.erp(other))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
@@ -472,10 +489,7 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
         customer_tax_id: "TAX-B2".into(),
         ..order(1, "placed")
     };
-    app.commerce()
-        .record_order(app.request(order))
-        .await
-        .unwrap();
+    app.commerce().record_order(app.erp(order)).await.unwrap();
     let stored = app.stored().await;
     let recorded = stored
         .iter()

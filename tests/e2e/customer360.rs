@@ -132,7 +132,7 @@ async fn order(
 ) -> String {
     let tax = net * 13 / 100;
     app.commerce()
-        .record_order(app.request(RecordOrderRequest {
+        .record_order(app.erp(RecordOrderRequest {
             options: at(when),
             external: external(id, 1),
             account_id: account.into(),
@@ -531,7 +531,7 @@ async fn the_360_shows_every_section_the_timeline_merges_them_and_erasure_blanks
     // One invoice for both: 3,000.00 + 390.00 = 3,390.00. A payment of
     // 1,130.00, 130.00 of it refunded: paid 1,000.00, balance 2,390.00.
     app.commerce()
-        .record_invoice(app.request(RecordInvoiceRequest {
+        .record_invoice(app.erp(RecordInvoiceRequest {
             options: at("2026-11-18T09:00:00Z"),
             external: external("INV-1", 1),
             account_id: acme.clone(),
@@ -547,7 +547,7 @@ async fn the_360_shows_every_section_the_timeline_merges_them_and_erasure_blanks
         .await
         .unwrap();
     app.commerce()
-        .record_payment(app.request(RecordPaymentRequest {
+        .record_payment(app.erp(RecordPaymentRequest {
             options: at("2026-11-19T02:00:00Z"),
             external: external("PAY-1", 1),
             account_id: acme.clone(),
@@ -558,7 +558,7 @@ async fn the_360_shows_every_section_the_timeline_merges_them_and_erasure_blanks
         .await
         .unwrap();
     app.commerce()
-        .issue_refund(app.request(IssueRefundRequest {
+        .issue_refund(app.erp(IssueRefundRequest {
             options: at("2026-11-19T03:00:00Z"),
             payment: external("PAY-1", 1),
             amount: cny(13_000),

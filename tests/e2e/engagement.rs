@@ -146,7 +146,7 @@ async fn stalled_deals_and_churn_risk_fire_once_when_their_condition_became_true
     // touch is the busy deal's call on Mar 10 (a deal's touch is its
     // account's too): at risk 90 days later, Jun 8 09:00.
     app.commerce()
-        .record_order(app.request(paid_order(&account, "SO-1", "2026-01-05T09:00:00Z")))
+        .record_order(app.erp(paid_order(&account, "SO-1", "2026-01-05T09:00:00Z")))
         .await
         .unwrap();
     app.activities()
@@ -162,7 +162,7 @@ async fn stalled_deals_and_churn_risk_fire_once_when_their_condition_became_true
     assert_eq!(scheduler.tick().await.appended, 0, "once");
     // A paid order on Jul 1 clears the flag: the next risk is Sep 29 09:00.
     app.commerce()
-        .record_order(app.request(paid_order(&account, "SO-2", "2026-07-01T09:00:00Z")))
+        .record_order(app.erp(paid_order(&account, "SO-2", "2026-07-01T09:00:00Z")))
         .await
         .unwrap();
     settled(&app).await;

@@ -82,7 +82,7 @@ async fn widget(app: &TestApp) -> String {
         ..Default::default()
     };
     app.commerce()
-        .record_product(app.request(product))
+        .record_product(app.erp(product))
         .await
         .unwrap()
         .into_inner()

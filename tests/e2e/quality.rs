@@ -663,11 +663,11 @@ async fn invalid_incomplete_stale_and_unmatched_records_add_up_by_hand() {
         .unwrap();
     // Orders: one matches no account; A1's paid order makes it a customer.
     app.commerce()
-        .record_order(app.request(order("SO-1", "", "91110000802100433B")))
+        .record_order(app.erp(order("SO-1", "", "91110000802100433B")))
         .await
         .unwrap();
     app.commerce()
-        .record_order(app.request(order("SO-2", &a1, "")))
+        .record_order(app.erp(order("SO-2", &a1, "")))
         .await
         .unwrap();
     // The lifecycle process manager marks A1 a customer; 103 days after its

@@ -127,21 +127,46 @@ impl TestApp {
         as_caller(message, Some(&self.tenant), Some("user:ada"))
     }
 
+    /// A request from this app's tenant as its ERP's service account (role
+    /// `erp_sync`, which `crm.v1.Commerce` requires).
+    pub fn erp<T>(&self, message: T) -> Request<T> {
+        let mut request = as_caller(message, Some(&self.tenant), Some("service:erp"));
+        request
+            .metadata_mut()
+            .insert("x-roles", "erp_sync".parse().unwrap());
+        request
+    }
+
     /// Every event row of this test's database, as (type, payload, metadata),
     /// but the data-quality process manager's `duplicate_pair` events: it
     /// appends them on its own, whenever two fixtures look alike.
+    ///
+    /// Each row's event type and version must have a checked-in JSON Schema
+    /// (`schemas/`): personal fields are found, and encrypted, by it.
     pub async fn stored(&self) -> Vec<(String, serde_json::Value, serde_json::Value)> {
-        self.db
+        let rows = self
+            .db
             .client()
             .await
             .query(
-                "SELECT event_type, payload, metadata FROM events \
+                "SELECT event_type, payload, metadata, stream_type, schema_version FROM events \
                  WHERE stream_type <> 'duplicate_pair' ORDER BY global_position",
                 &[],
             )
             .await
-            .unwrap()
-            .iter()
+            .unwrap();
+        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas");
+        for row in &rows {
+            let (event_type, stream_type, version): (String, String, i32) =
+                (row.get(0), row.get(3), row.get(4));
+            let path = schemas.join(format!("{stream_type}/{event_type}.v{version}.json"));
+            assert!(
+                path.exists(),
+                "no schema for a stored event: {}",
+                path.display()
+            );
+        }
+        rows.iter()
             .map(|row| (row.get(0), row.get(1), row.get(2)))
             .collect()
     }

@@ -500,6 +500,15 @@ macro_rules! send {
     }};
 }
 
+/// As the tenant's ERP service account (`crm.v1.Commerce` needs its role).
+fn as_erp<T>(tenant: &str, message: T) -> Request<T> {
+    let mut request = request(tenant, message);
+    request
+        .metadata_mut()
+        .insert("x-roles", "erp_sync".parse().expect("ASCII"));
+    request
+}
+
 fn as_admin<T>(tenant: &str, message: T) -> Request<T> {
     let mut request = request(tenant, message);
     request
@@ -749,7 +758,7 @@ async fn more(
             let order = send!(
                 seeded,
                 format!("order {n}"),
-                commerce.record_order(request(
+                commerce.record_order(as_erp(
                     tenant,
                     RecordOrderRequest {
                         options: ordered,
@@ -787,7 +796,7 @@ async fn more(
                 send!(
                     seeded,
                     format!("payment {n}"),
-                    commerce.record_payment(request(
+                    commerce.record_payment(as_erp(
                         tenant,
                         RecordPaymentRequest {
                             options: options(format!("demo-seed:payment:{n}"), days_ago),
@@ -802,7 +811,7 @@ async fn more(
                 send!(
                     seeded,
                     format!("refund {n}"),
-                    commerce.issue_refund(request(
+                    commerce.issue_refund(as_erp(
                         tenant,
                         IssueRefundRequest {
                             options: options(format!("demo-seed:refund:{n}"), days_ago),

@@ -1,6 +1,7 @@
 //! `crm.v1.Commerce`: ERP upserts keyed by (source, external id).
 use crm_domain::account::{
     Account, AccountCommand, CreditTerms, EXTERNAL_REF, external_ref_key, normalize_tax_id,
+    validate_erp_sync,
 };
 use crm_domain::commerce::{
     ExternalRef, Invoice, Order, OrderCommand, OrderLine, OrderTotals, Payment, PaymentCommand,
@@ -69,6 +70,15 @@ impl CommerceService {
     }
 }
 
+/// Who may send ERP records (DOMAIN.md §6-7): the ERP's service account
+/// (role `erp_sync`) or an admin. They own tax ids, credit terms and every
+/// commerce document; a user must not forge them.
+pub const ERP_ROLES: [&str; 2] = ["erp_sync", "admin"];
+
+fn require_erp(caller: &Caller) -> Result<(), ServiceError> {
+    super::configuration::require_role(caller, &ERP_ROLES, "record ERP data")
+}
+
 /// The idempotency key the server gives an ERP resend that came without
 /// one: `kind:` and the SHA-256 of the parts (each length-prefixed), 64 hex
 /// digits, so it stays within the 200-byte key limit however long the
@@ -119,6 +129,7 @@ impl Commerce for CommerceService {
         request: Request<pb::RecordProductRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
+        require_erp(&caller)?;
         let request = request.into_inner();
         let options = Options::parse("RecordProduct", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
@@ -139,6 +150,7 @@ impl Commerce for CommerceService {
         request: Request<pb::RecordOrderRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
+        require_erp(&caller)?;
         let request = request.into_inner();
         let options = Options::parse("RecordOrder", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
@@ -208,6 +220,7 @@ impl Commerce for CommerceService {
         request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
+        require_erp(&caller)?;
         let request = request.into_inner();
         let mut options = Options::parse("CancelOrder", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
@@ -234,6 +247,7 @@ impl Commerce for CommerceService {
         request: Request<pb::RecordInvoiceRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
+        require_erp(&caller)?;
         let request = request.into_inner();
         let options = Options::parse("RecordInvoice", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
@@ -265,6 +279,7 @@ impl Commerce for CommerceService {
         request: Request<pb::RecordPaymentRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
+        require_erp(&caller)?;
         let request = request.into_inner();
         let options = Options::parse("RecordPayment", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
@@ -289,6 +304,7 @@ impl Commerce for CommerceService {
         request: Request<pb::IssueRefundRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
+        require_erp(&caller)?;
         let request = request.into_inner();
         let mut options = Options::parse("IssueRefund", request.options.as_ref(), &request)?;
         let payment = external("payment", request.payment)?;
@@ -318,6 +334,7 @@ impl Commerce for CommerceService {
         request: Request<pb::RecordCustomerRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
+        require_erp(&caller)?;
         let request = request.into_inner();
         let mut options = Options::parse("RecordCustomer", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
@@ -331,9 +348,8 @@ impl Commerce for CommerceService {
             })
             .transpose()?;
         // Input errors before the lookups they would spoil.
-        let mut violations = crm_domain::Violations::default();
-        external.validate(&mut violations);
-        violations.into_result().map_err(ServiceError::Domain)?;
+        validate_erp_sync(&external, &request.tax_id, credit_terms.as_ref())
+            .map_err(ServiceError::Domain)?;
         let mut account_id = optional_id("account_id", &request.account_id)?;
         if account_id.is_none() {
             let key = external_ref_key(&external.source, &external.external_id);

@@ -963,6 +963,7 @@ impl CommandHandler {
                     )
                     .await?,
                 may_reopen_won: false,
+                contact_usable: true,
             }),
             None => None,
         };

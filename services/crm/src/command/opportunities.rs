@@ -68,6 +68,7 @@ impl OpportunitiesService {
             None => PipelineConfig::default(),
         };
         Ok(DealFacts {
+            contact_usable: false,
             account_active,
             pipeline,
             may_reopen_won: caller
@@ -212,14 +213,13 @@ impl Opportunities for OpportunitiesService {
         let facts = self
             .facts(&caller, Some(account_id), Some(pipeline_id))
             .await?;
-        if let Some(contact_id) = contact_id
-            && !self.contact_usable(&caller, contact_id).await?
-        {
-            return Err(ServiceError::Domain(DomainError::InvalidReference {
-                field: "contact_id",
-            })
-            .into());
-        }
+        let facts = DealFacts {
+            contact_usable: match contact_id {
+                Some(contact_id) => self.contact_usable(&caller, contact_id).await?,
+                None => true,
+            },
+            ..facts
+        };
         let command = OpportunityCommand::Open(details, facts);
         let reply = self
             .handler

@@ -47,6 +47,27 @@ pub fn follow_up_id(tenant: &crm_domain::TenantId, of: Uuid) -> Uuid {
 }
 
 impl TicketsService {
+    /// A ticket's subject, as its first event (`TicketOpened`) has it: the
+    /// state keeps no personal text.
+    async fn subject(&self, caller: &Caller, id: Uuid) -> Result<String, ServiceError> {
+        let events = self
+            .handler
+            .store
+            .read_stream(&caller.tenant, id, 1, 1)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        let opened = events
+            .first()
+            .filter(|e| e.event_type == "TicketOpened")
+            .ok_or_else(|| ServiceError::Internal(format!("ticket {id} has no TicketOpened")))?;
+        let payload: serde_json::Value = opened
+            .payload
+            .as_str()
+            .parse()
+            .map_err(|e| ServiceError::Internal(format!("ticket {id}: {e}")))?;
+        Ok(payload["subject"].as_str().unwrap_or_default().to_owned())
+    }
+
     /// A customer's reply to closed ticket `closed` (DOMAIN.md §2.6): it
     /// goes to the ticket's follow-up, opened with this reply when there is
     /// none yet; a closed follow-up passes it to its own follow-up. The
@@ -88,7 +109,8 @@ impl TicketsService {
                     body: body.clone(),
                 }
             } else {
-                let details = of_state.follow_up_details().ok_or_else(|| {
+                let subject = self.subject(caller, of).await?;
+                let details = of_state.follow_up_details(subject).ok_or_else(|| {
                     ServiceError::Internal(format!("closed ticket {of} has no details"))
                 })?;
                 TicketCommand::OpenFollowUp {

@@ -368,6 +368,33 @@ pub struct Account {
     pub credit_terms: Option<CreditTerms>,
 }
 
+/// Checks an ERP sync's input; its normalized tax id. The handler calls it
+/// before the lookups the input drives.
+pub fn validate_erp_sync(
+    external: &ExternalRef,
+    tax_id: &str,
+    credit_terms: Option<&CreditTerms>,
+) -> Result<String, DomainError> {
+    let mut v = Violations::default();
+    external.validate(&mut v);
+    let tax_id = validate_tax_id("tax_id", tax_id, &mut v);
+    if let Some(terms) = credit_terms {
+        terms.limit.validate("credit_terms.limit", &mut v);
+        v.check(
+            terms.limit.amount_minor >= 0,
+            "credit_terms.limit.amount_minor",
+            "must not be negative",
+        );
+        v.check(
+            terms.payment_days <= 3650,
+            "credit_terms.payment_days",
+            "must be at most 3650",
+        );
+    }
+    v.into_result()?;
+    Ok(tax_id)
+}
+
 /// The normalized tax id, checked.
 fn validate_tax_id(field: &str, tax_id: &str, v: &mut Violations) -> String {
     let tax_id = normalize_tax_id(tax_id);
@@ -415,7 +442,6 @@ fn validate_segment(segment: &str, v: &mut Violations) {
     );
 }
 
-/// Letters, digits and hyphens, uppercased: the form uniqueness compares.
 /// The kind of unique key an ERP link holds: one account per ERP customer.
 pub const EXTERNAL_REF: &str = "external_ref";
 
@@ -424,6 +450,7 @@ pub fn external_ref_key(source: &str, external_id: &str) -> String {
     format!("{source}:{external_id}")
 }
 
+/// Letters, digits and hyphens, uppercased: the form uniqueness compares.
 pub fn normalize_tax_id(tax_id: &str) -> String {
     tax_id.trim().to_uppercase()
 }
@@ -607,32 +634,17 @@ impl Aggregate for Account {
                 tax_id,
                 credit_terms,
             } => {
+                let tax_id = validate_erp_sync(&external, &tax_id, credit_terms.as_ref())?;
                 self.live()?;
-                let mut v = Violations::default();
-                external.validate(&mut v);
-                let tax_id = validate_tax_id("tax_id", &tax_id, &mut v);
-                if let Some(terms) = &credit_terms {
-                    terms.limit.validate("credit_terms.limit", &mut v);
-                    v.check(
-                        terms.limit.amount_minor >= 0,
-                        "credit_terms.limit.amount_minor",
-                        "must not be negative",
-                    );
-                    v.check(
-                        terms.payment_days <= 3650,
-                        "credit_terms.payment_days",
-                        "must be at most 3650",
-                    );
-                }
-                v.into_result()?;
                 let mut refs = self.external_refs.clone();
                 let linked = refs.len();
                 match refs.iter_mut().find(|r| r.source == external.source) {
+                    // Linked to another customer of this ERP already.
                     Some(known) if known.external_id != external.external_id => {
-                        return Err(DomainError::invalid(
-                            "external.external_id",
-                            "the account is linked to another record of this source",
-                        ));
+                        return Err(DomainError::AlreadyExists {
+                            key: "external_ref",
+                            holder: None,
+                        });
                     }
                     // Not newer than what the ERP sent before: no change.
                     Some(known) if known.external_version >= external.external_version => {
@@ -896,7 +908,10 @@ impl crate::aggregate::Mergeable for Account {
                     domains.push(domain.clone());
                 }
             }
-            if !loser.tax_id.is_empty() && loser.tax_id != survivor.tax_id {
+            // An ERP-linked survivor's tax id is the ERP's: a CRM-entered
+            // one of an unlinked loser does not fill it.
+            let adoptable = survivor.external_refs.is_empty() || !loser.external_refs.is_empty();
+            if adoptable && !loser.tax_id.is_empty() && loser.tax_id != survivor.tax_id {
                 if !survivor.tax_id.is_empty()
                     || tax_id.as_ref().is_some_and(|t| t != &loser.tax_id)
                 {
@@ -1395,10 +1410,13 @@ mod tests {
             tax_id: String::new(),
             credit_terms: None,
         };
-        assert!(matches!(
+        assert_eq!(
             linked.decide(other, Context::at(now())),
-            Err(DomainError::Invalid(v)) if v[0].field == "external.external_id"
-        ));
+            Err(DomainError::AlreadyExists {
+                key: "external_ref",
+                holder: None
+            })
+        );
         // An unlinked account's tax id is the user's to change.
         let unlinked = given::<Account>([created()])
             .when(update_tax("NEW-1"))

@@ -136,9 +136,11 @@ pub fn convert(
                 },
                 ..details
             };
-            // The account is created in this very append, or was checked.
+            // The account and contact are created in this very append, or
+            // were checked.
             let facts = DealFacts {
                 account_active: true,
+                contact_usable: true,
                 ..facts.clone()
             };
             Opportunity::default()

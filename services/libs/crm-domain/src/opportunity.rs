@@ -43,6 +43,8 @@ pub struct DealFacts {
     pub pipeline: PipelineConfig,
     /// The caller may reopen won deals (sales_manager or admin).
     pub may_reopen_won: bool,
+    /// The primary contact a new deal names exists and is usable.
+    pub contact_usable: bool,
 }
 
 /// Where a deal came from: the lead it was converted from, with the lead's
@@ -537,6 +539,11 @@ impl Aggregate for Opportunity {
                         field: "account_id",
                     });
                 }
+                if details.contact_id.is_some() && !facts.contact_usable {
+                    return Err(DomainError::InvalidReference {
+                        field: "contact_id",
+                    });
+                }
                 let version =
                     facts
                         .pipeline
@@ -975,6 +982,7 @@ pub(crate) mod tests {
             account_active: true,
             pipeline: PipelineConfig::default().replay([published()].iter()),
             may_reopen_won: false,
+            contact_usable: true,
         }
     }
 

@@ -68,7 +68,8 @@ pub struct Stage {
 pub const REQUIRABLE_FIELDS: [&str; 3] = ["amount", "contact_id", "line_items"];
 
 impl Stage {
-    /// The required fields `has` says a deal lacks, in the stage's order.
+    /// The required fields `has` says a deal lacks, in the order of
+    /// [`REQUIRABLE_FIELDS`].
     pub fn missing(&self, has: impl Fn(&str) -> bool) -> Vec<&'static str> {
         REQUIRABLE_FIELDS
             .into_iter()

@@ -31,9 +31,9 @@ use crate::lead::{
     LeadCaptured, LeadConverted, LeadDetailsUpdated, LeadMergedInto, LeadStatusChanged, LeadsMerged,
 };
 use crate::opportunity::{
-    OpportunityForecastFieldsChanged, OpportunityLineItemsChanged, OpportunityLost,
-    OpportunityOpened, OpportunityReopened, OpportunityStageChanged, OpportunityStalled,
-    OpportunityWon,
+    OpportunityDetailsUpdated, OpportunityForecastFieldsChanged, OpportunityLineItemsChanged,
+    OpportunityLost, OpportunityOpened, OpportunityReopened, OpportunityStageChanged,
+    OpportunityStalled, OpportunityWon,
 };
 use crate::pipeline::PipelinePublished;
 use crate::records::{OwnerChanged, RecordShareRevoked, RecordShared, TagsChanged};
@@ -142,6 +142,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         ),
         schema::<OpportunityWon>("opportunity", "OpportunityWon", 1),
         schema::<OpportunityLineItemsChanged>("opportunity", "OpportunityLineItemsChanged", 1),
+        schema::<OpportunityDetailsUpdated>("opportunity", "OpportunityDetailsUpdated", 1),
         schema::<OpportunityLost>("opportunity", "OpportunityLost", 1),
         schema::<OpportunityReopened>("opportunity", "OpportunityReopened", 1),
         schema::<PipelinePublished>("pipeline_config", "PipelinePublished", 1),

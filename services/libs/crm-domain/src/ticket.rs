@@ -343,15 +343,14 @@ pub struct Ticket {
     /// When the ticket entered its current status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_since: Option<Timestamp>,
-    /// What a follow-up copies (see [`Ticket::follow_up_details`]).
+    /// What a follow-up copies (see [`Ticket::follow_up_details`]); not the
+    /// subject, personal text the state does not hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requester_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<Channel>,
-    #[serde(default)]
-    pub subject: String,
     #[serde(default)]
     pub meta: RecordMeta,
 }
@@ -379,8 +378,9 @@ impl Ticket {
         self.exists && self.status == Some(TicketStatus::Closed)
     }
 
-    /// The details a follow-up of this ticket opens with.
-    pub fn follow_up_details(&self) -> Option<TicketDetails> {
+    /// The details a follow-up of this ticket opens with, given the
+    /// ticket's subject (from its `TicketOpened`).
+    pub fn follow_up_details(&self, subject: String) -> Option<TicketDetails> {
         Some(TicketDetails {
             requester_id: self.requester_id?,
             account_id: self.account_id,
@@ -388,7 +388,7 @@ impl Ticket {
             ticket_type: self.ticket_type?,
             category: self.category.clone(),
             priority: self.priority,
-            subject: self.subject.clone(),
+            subject,
         })
     }
 
@@ -862,7 +862,6 @@ impl Aggregate for Ticket {
                 self.requester_id = Some(opened.requester_id);
                 self.account_id = opened.account_id;
                 self.channel = Some(opened.channel);
-                self.subject = opened.subject.clone();
             }
             TicketEvent::Triaged(triaged) => {
                 let c = &triaged.changes;
@@ -1278,7 +1277,9 @@ mod tests {
             .when(TicketCommand::Close)
             .then(vec![]);
         assert!(closed.is_closed());
-        let details = closed.follow_up_details().expect("an opened ticket");
+        let details = closed
+            .follow_up_details("Charged twice".into())
+            .expect("an opened ticket");
         assert_eq!(
             details,
             TicketDetails {
@@ -1287,7 +1288,7 @@ mod tests {
             }
         );
         assert!(!Ticket::default().is_closed());
-        assert_eq!(Ticket::default().follow_up_details(), None);
+        assert_eq!(Ticket::default().follow_up_details(String::new()), None);
     }
 
     #[test]

@@ -262,6 +262,9 @@ fn account_changes(c: &AccountChanges) -> String {
         ("industry", c.industry.is_some()),
         ("parent", c.parent_id.is_some()),
         ("segment", c.segment.is_some()),
+        ("tax id", c.tax_id.is_some()),
+        ("credit terms", c.credit_terms.is_some()),
+        ("ERP link", c.external_refs.is_some()),
     ])
 }
 
