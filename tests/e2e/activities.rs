@@ -397,3 +397,131 @@ async fn the_scheduler_marks_a_task_overdue_exactly_once_at_its_due_time() {
     store.shutdown().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn rescheduled_work_falls_overdue_at_its_new_due_time() {
+    use std::sync::{Arc, Mutex};
+
+    use crm_proto::v1::UpdateActivityDetailsRequest;
+
+    use crate::support::{TestClock, test_scheduler};
+
+    let app = TestApp::spawn().await;
+    let ada = contact(&app).await;
+    let due = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1))
+        .round(jiff::Unit::Second)
+        .unwrap();
+    let later = due + jiff::SignedDuration::from_hours(3);
+    let task = app
+        .activities()
+        .schedule_activity(app.request(ScheduleActivityRequest {
+            kind: "task".into(),
+            targets: vec![target("contact", &ada)],
+            due: due.to_string(),
+            subject: "Send the offer".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let update = |due: Option<String>, assignee: Option<&str>| UpdateActivityDetailsRequest {
+        options: None,
+        activity_id: task.clone(),
+        due,
+        assignee: assignee.map(Into::into),
+        subject: None,
+    };
+
+    // Bad input and unknown items change nothing.
+    let before = app.stored().await.len();
+    let status = app
+        .activities()
+        .update_activity_details(app.request(update(Some("tomorrow".into()), None)))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["due"]);
+    let status = app
+        .activities()
+        .update_activity_details(app.request(update(None, Some(""))))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["assignee"]);
+    let status = app
+        .activities()
+        .update_activity_details(app.request(UpdateActivityDetailsRequest {
+            activity_id: uuid::Uuid::now_v7().to_string(),
+            ..update(Some(later.to_string()), None)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert_eq!(app.stored().await.len(), before);
+
+    let reply = app
+        .activities()
+        .update_activity_details(app.request(update(Some(later.to_string()), Some("user:ana"))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.stream_version, 2);
+    let db = app.db.client().await;
+    let later_at: std::time::SystemTime = later.into();
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "the new due time in scheduled_tasks",
+        || async {
+            db.query_opt(
+                "SELECT 1 FROM scheduled_tasks WHERE due = $1 AND assignee = 'user:ana'",
+                &[&later_at],
+            )
+            .await
+            .ok()
+            .flatten()
+        },
+    )
+    .await;
+    let clock = Arc::new(TestClock(Mutex::new(
+        due + jiff::SignedDuration::from_hours(1),
+    )));
+    let (scheduler, store) = test_scheduler(&app, clock.clone()).await;
+    assert_eq!(
+        scheduler.tick().await.appended,
+        0,
+        "the old due time passed"
+    );
+    *clock.0.lock().unwrap() = later + jiff::SignedDuration::from_hours(1);
+    assert_eq!(scheduler.tick().await.appended, 1);
+    let stored = app.stored().await;
+    let (_, overdue, _) = stored.iter().find(|(t, _, _)| t == "TaskOverdue").unwrap();
+    assert_eq!(
+        overdue["due"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .unwrap(),
+        later
+    );
+    assert_eq!(overdue["assignee"], "user:ana");
+
+    // Completed work is not rescheduled.
+    app.activities()
+        .complete_activity(app.request(crm_proto::v1::CompleteActivityRequest {
+            activity_id: task.clone(),
+            outcome: "done".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let status = app
+        .activities()
+        .update_activity_details(app.request(update(Some(due.to_string()), None)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (tonic::Code::FailedPrecondition, "INVALID_TRANSITION")
+    );
+    store.shutdown().await;
+    app.stop().await;
+}

@@ -183,4 +183,29 @@ impl Activities for ActivitiesService {
             .await?;
         Ok(Response::new(reply))
     }
+
+    async fn update_activity_details(
+        &self,
+        request: Request<pb::UpdateActivityDetailsRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        let caller = Caller::from_metadata(request.metadata())?;
+        let request = request.into_inner();
+        let options = Options::parse("UpdateActivityDetails", request.options.as_ref(), &request)?;
+        let id = parse_id("activity_id", &request.activity_id, false)?;
+        let due = request
+            .due
+            .as_deref()
+            .map(|due| super::fields::timestamp("due", due))
+            .transpose()?;
+        let command = ActivityCommand::UpdateDetails {
+            due,
+            assignee: request.assignee,
+            subject: request.subject,
+        };
+        let reply = self
+            .handler
+            .execute::<Activity>(&caller, id, &options, command)
+            .await?;
+        Ok(Response::new(reply))
+    }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, Context, DomainEvent};
-use crate::common::text_ok;
+use crate::common::{Change, diff, text_ok};
 use crate::error::{DomainError, Violations};
 
 pub const MAX_TARGETS: usize = 20;
@@ -55,6 +55,31 @@ pub enum ActivityCommand {
     /// Sent by the scheduler at the due time (`occurred_at` = the due
     /// instant): the scheduled item is still open [NotApplicable].
     MarkTaskOverdue,
+    /// Reschedules, reassigns or retitles a scheduled item that is not
+    /// completed; a new due time clears the overdue flag.
+    UpdateDetails {
+        due: Option<Timestamp>,
+        assignee: Option<String>,
+        subject: Option<String>,
+    },
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<Change<Timestamp>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignee: Option<Change<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Change<String>>,
+}
+
+#[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityDetailsUpdated {
+    pub changes: ActivityChanges,
+    pub occurred_at: Timestamp,
 }
 
 /// A scheduled item passed its due time while still open.
@@ -112,6 +137,7 @@ pub enum ActivityEvent {
     Scheduled(ActivityScheduled),
     Completed(ActivityCompleted),
     Overdue(TaskOverdue),
+    DetailsUpdated(ActivityDetailsUpdated),
 }
 
 impl DomainEvent for ActivityEvent {
@@ -121,6 +147,7 @@ impl DomainEvent for ActivityEvent {
             Self::Scheduled(_) => "ActivityScheduled",
             Self::Completed(_) => "ActivityCompleted",
             Self::Overdue(_) => "TaskOverdue",
+            Self::DetailsUpdated(_) => "ActivityDetailsUpdated",
         }
     }
 
@@ -130,6 +157,7 @@ impl DomainEvent for ActivityEvent {
             Self::Scheduled(e) => e.occurred_at,
             Self::Completed(e) => e.occurred_at,
             Self::Overdue(e) => e.occurred_at,
+            Self::DetailsUpdated(e) => e.occurred_at,
         }
     }
 
@@ -143,6 +171,7 @@ impl DomainEvent for ActivityEvent {
             "ActivityScheduled" => Self::Scheduled(Deserialize::deserialize(payload)?),
             "ActivityCompleted" => Self::Completed(Deserialize::deserialize(payload)?),
             "TaskOverdue" => Self::Overdue(Deserialize::deserialize(payload)?),
+            "ActivityDetailsUpdated" => Self::DetailsUpdated(Deserialize::deserialize(payload)?),
             _ => return Ok(None),
         }))
     }
@@ -171,6 +200,9 @@ pub struct Activity {
     pub assignee: String,
     #[serde(default)]
     pub overdue: bool,
+    /// A scheduled item's subject.
+    #[serde(default)]
+    pub subject: String,
 }
 
 /// Checks the targets' count and kinds into `v`. Whether they exist is
@@ -204,6 +236,8 @@ impl Aggregate for Activity {
     type Command = ActivityCommand;
     type Event = ActivityEvent;
     const STREAM_TYPE: &'static str = "activity";
+    /// 2: the state keeps a scheduled item's subject.
+    const SNAPSHOT_VERSION: u32 = 2;
 
     fn exists(&self) -> bool {
         self.state != ActivityState::None
@@ -323,6 +357,58 @@ impl Aggregate for Activity {
                     occurred_at,
                 })])
             }
+            ActivityCommand::UpdateDetails {
+                due,
+                assignee,
+                subject,
+            } => {
+                match self.state {
+                    ActivityState::None => return Err(DomainError::NotFound),
+                    ActivityState::Scheduled => {}
+                    ActivityState::Logged => {
+                        return Err(DomainError::InvalidTransition {
+                            from: "logged",
+                            to: "changed",
+                        });
+                    }
+                    ActivityState::Completed => {
+                        return Err(DomainError::InvalidTransition {
+                            from: "completed",
+                            to: "changed",
+                        });
+                    }
+                }
+                let mut v = Violations::default();
+                if let Some(assignee) = &assignee {
+                    v.check(
+                        text_ok(assignee, 200, false),
+                        "assignee",
+                        "must be 1 to 200 characters",
+                    );
+                }
+                if let Some(subject) = &subject {
+                    v.check(
+                        text_ok(subject, 300, false),
+                        "subject",
+                        "must be 1 to 300 characters",
+                    );
+                }
+                v.into_result()?;
+                let changes = ActivityChanges {
+                    due: self.due.and_then(|old| diff(&old, due.as_ref())),
+                    assignee: diff(&self.assignee, assignee.as_ref()),
+                    subject: diff(&self.subject, subject.as_ref()),
+                };
+                if changes == ActivityChanges::default() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![ActivityEvent::DetailsUpdated(
+                    ActivityDetailsUpdated {
+                        changes,
+                        occurred_at,
+                    },
+                )])
+            }
             ActivityCommand::MarkTaskOverdue => {
                 if self.state == ActivityState::None {
                     return Err(DomainError::NotFound);
@@ -396,6 +482,21 @@ impl Aggregate for Activity {
                 self.targets = scheduled.targets.clone();
                 self.due = Some(scheduled.due);
                 self.assignee = scheduled.assignee.clone();
+                self.subject = scheduled.subject.clone();
+            }
+            ActivityEvent::DetailsUpdated(updated) => {
+                let c = &updated.changes;
+                if let Some(change) = &c.due {
+                    self.due = Some(change.new);
+                    // A new due time: it may fall overdue again.
+                    self.overdue = false;
+                }
+                if let Some(change) = &c.assignee {
+                    self.assignee = change.new.clone();
+                }
+                if let Some(change) = &c.subject {
+                    self.subject = change.new.clone();
+                }
             }
             ActivityEvent::Overdue(_) => self.overdue = true,
             ActivityEvent::Completed(completed) => {
@@ -546,6 +647,73 @@ mod tests {
             .then_invalid(&["outcome"]);
         given::<Activity>([])
             .when(complete("done"))
+            .then_error(DomainError::NotFound);
+    }
+
+    #[test]
+    fn a_scheduled_item_is_rescheduled_and_may_fall_overdue_again() {
+        let later = now() + jiff::SignedDuration::from_hours(48);
+        let marked = ActivityEvent::Overdue(TaskOverdue {
+            due: now(),
+            assignee: "user:rep".into(),
+            occurred_at: now(),
+        });
+        let update = |due: Option<Timestamp>, assignee: Option<&str>, subject: Option<&str>| {
+            ActivityCommand::UpdateDetails {
+                due,
+                assignee: assignee.map(Into::into),
+                subject: subject.map(Into::into),
+            }
+        };
+        let state = given::<Activity>([scheduled(), marked])
+            .when(update(Some(later), Some("user:ana"), Some("Kick-off")))
+            .then(vec![ActivityEvent::DetailsUpdated(
+                ActivityDetailsUpdated {
+                    changes: ActivityChanges {
+                        due: Some(Change {
+                            old: now(),
+                            new: later,
+                        }),
+                        assignee: Some(Change {
+                            old: "user:rep".into(),
+                            new: "user:ana".into(),
+                        }),
+                        subject: None,
+                    },
+                    occurred_at: now(),
+                },
+            )]);
+        assert!(!state.overdue);
+        assert_eq!(state.due, Some(later));
+        // The scheduler's command for the old due time no longer applies.
+        assert_eq!(
+            state.decide(
+                ActivityCommand::MarkTaskOverdue,
+                crate::aggregate::Context::at(now())
+            ),
+            Err(DomainError::NotApplicable {
+                rule: "task overdue"
+            })
+        );
+        given::<Activity>([scheduled()])
+            .when(update(Some(now()), None, Some("Kick-off")))
+            .then(vec![]);
+        given::<Activity>([scheduled()])
+            .when(update(None, Some(""), Some(" ")))
+            .then_invalid(&["assignee", "subject"]);
+        let done = ActivityEvent::Completed(ActivityCompleted {
+            outcome: "done".into(),
+            notes: String::new(),
+            occurred_at: now(),
+        });
+        given::<Activity>([scheduled(), done])
+            .when(update(Some(later), None, None))
+            .then_error(DomainError::InvalidTransition {
+                from: "completed",
+                to: "changed",
+            });
+        given::<Activity>([])
+            .when(update(Some(later), None, None))
             .then_error(DomainError::NotFound);
     }
 }

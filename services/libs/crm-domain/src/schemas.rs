@@ -8,7 +8,9 @@ use crate::account::{
     AccountBecameCustomer, AccountChurnRiskFlagged, AccountChurned, AccountCreated,
     AccountDetailsUpdated, AccountMergedInto, AccountsMerged,
 };
-use crate::activity::{ActivityCompleted, ActivityLogged, ActivityScheduled, TaskOverdue};
+use crate::activity::{
+    ActivityCompleted, ActivityDetailsUpdated, ActivityLogged, ActivityScheduled, TaskOverdue,
+};
 use crate::campaign::{
     CampaignCostRecorded, CampaignDetailsUpdated, CampaignMemberAdded, CampaignMemberAddedV1,
     CampaignMemberResponded, CampaignMemberRespondedV1, CampaignPlanned,
@@ -89,6 +91,7 @@ pub fn event_schemas() -> Vec<EventSchema> {
         schema::<ActivityLogged>("activity", "ActivityLogged", 1),
         schema::<ActivityScheduled>("activity", "ActivityScheduled", 1),
         schema::<ActivityCompleted>("activity", "ActivityCompleted", 1),
+        schema::<ActivityDetailsUpdated>("activity", "ActivityDetailsUpdated", 1),
         schema::<TaskOverdue>("activity", "TaskOverdue", 1),
         schema::<AccountCreated>("account", "AccountCreated", 1),
         schema::<AccountsMerged>("account", "RecordsMerged", 1),

@@ -832,6 +832,27 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
             .await?;
             Some(format!("overdue since {}", overdue.due))
         }
+        ActivityEvent::DetailsUpdated(updated) => {
+            let c = &updated.changes;
+            let due: Option<Time> = c.due.as_ref().map(|d| d.new.into());
+            tx.execute(
+                "UPDATE c360_touches SET due = COALESCE($3, due), \
+                   overdue = CASE WHEN $3::timestamptz IS NULL THEN overdue ELSE false END, \
+                   assignee = COALESCE($4, assignee), subject = COALESCE($5, subject) \
+                 WHERE tenant_id = $1 AND activity_id = $2",
+                &[
+                    tenant,
+                    id,
+                    &due,
+                    &c.assignee.as_ref().map(|a| a.new.as_str()),
+                    &c.subject.as_ref().map(|s| s.new.as_str()),
+                ],
+            )
+            .await?;
+            c.due
+                .as_ref()
+                .map(|due| format!("rescheduled for {}", due.new))
+        }
     };
     if let Some(summary) = summary {
         timeline(tx, event, decoded.occurred_at(), "activity", &summary).await?;
