@@ -321,6 +321,22 @@ async fn time_driven_commands_are_for_the_scheduler_and_check_their_condition() 
     app.stop().await;
 }
 
+/// Schedules the task "Send the offer" about contact `ada`, due at `due`.
+async fn send_the_offer(app: &TestApp, ada: &str, due: jiff::Timestamp) -> String {
+    app.activities()
+        .schedule_activity(app.request(ScheduleActivityRequest {
+            kind: "task".into(),
+            targets: vec![target("contact", ada)],
+            due: due.to_string(),
+            subject: "Send the offer".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id
+}
+
 /// The scheduler, driven by a clock of the test's: a task falls due once,
 /// with `occurred_at` = its due time, and a repeated tick changes nothing.
 #[tokio::test]
@@ -334,19 +350,7 @@ async fn the_scheduler_marks_a_task_overdue_exactly_once_at_its_due_time() {
     let due = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1))
         .round(jiff::Unit::Second)
         .unwrap();
-    let task = app
-        .activities()
-        .schedule_activity(app.request(ScheduleActivityRequest {
-            kind: "task".into(),
-            targets: vec![target("contact", &ada)],
-            due: due.to_string(),
-            subject: "Send the offer".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let task = send_the_offer(&app, &ada, due).await;
     let db = app.db.client().await;
     crm_test_support::eventually(
         std::time::Duration::from_secs(20),
@@ -412,19 +416,7 @@ async fn rescheduled_work_falls_overdue_at_its_new_due_time() {
         .round(jiff::Unit::Second)
         .unwrap();
     let later = due + jiff::SignedDuration::from_hours(3);
-    let task = app
-        .activities()
-        .schedule_activity(app.request(ScheduleActivityRequest {
-            kind: "task".into(),
-            targets: vec![target("contact", &ada)],
-            due: due.to_string(),
-            subject: "Send the offer".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let task = send_the_offer(&app, &ada, due).await;
     let update = |due: Option<String>, assignee: Option<&str>| UpdateActivityDetailsRequest {
         options: None,
         activity_id: task.clone(),
