@@ -860,3 +860,126 @@ async fn a_deal_is_renamed_and_given_a_contact() {
     assert_eq!(cleared.stream_version, 3);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn open_deals_follow_a_new_pipeline_version_through_its_stage_mapping() {
+    let app = TestApp::spawn().await;
+    let (account_id, pipeline_id) = setup(&app).await;
+    let mut ids = Vec::new();
+    for stage in ["qualification", "proposal", "negotiation"] {
+        let mut request = deal(&account_id, &pipeline_id);
+        request.stage = stage.into();
+        let reply = app
+            .opportunities()
+            .open_opportunity(app.request(request))
+            .await
+            .unwrap();
+        ids.push(reply.into_inner().stream_id);
+    }
+    let (kept, mapped, won) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
+    app.opportunities()
+        .win_opportunity(app.request(WinOpportunityRequest {
+            opportunity_id: won.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+
+    // Version 2 drops `proposal` and adds `discovery`.
+    let mut stages = pipeline(1000);
+    stages.remove(1);
+    stages.insert(1, stage("discovery", StageKind::Open, 3000, "pipeline"));
+    let publish = |mapping: &[(&str, &str)]| PublishPipelineRequest {
+        pipeline_id: pipeline_id.clone(),
+        name: "Sales".into(),
+        stages: stages.clone(),
+        stage_mapping: mapping
+            .iter()
+            .map(|(from, to)| ((*from).to_owned(), (*to).to_owned()))
+            .collect(),
+        ..Default::default()
+    };
+    let before = app.stored().await.len();
+    for (mapping, field) in [
+        (vec![], "stage_mapping.proposal"),
+        (vec![("proposal", "won")], "stage_mapping.proposal"),
+        (
+            vec![("proposal", "negotiation"), ("qualification", "discovery")],
+            "stage_mapping.qualification",
+        ),
+    ] {
+        let status = app
+            .pipelines()
+            .publish_pipeline(with_roles(&app, publish(&mapping), "admin"))
+            .await
+            .unwrap_err();
+        assert_eq!(bad_fields(&status), [field], "{mapping:?}");
+    }
+    assert_eq!(app.stored().await.len(), before);
+    app.pipelines()
+        .publish_pipeline(with_roles(
+            &app,
+            publish(&[("proposal", "negotiation")]),
+            "admin",
+        ))
+        .await
+        .unwrap();
+
+    // The process manager moves both open deals; the won one stays.
+    let stored = crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "both open deals on version 2",
+        || async {
+            let stored = app.stored().await;
+            let moved = stored
+                .iter()
+                .filter(|(t, p, _)| {
+                    (t == "OpportunityStageChanged" && p["pipeline_version"] == 2)
+                        || (t == "OpportunityDetailsUpdated"
+                            && p["changes"]["pipeline_version"]["new"] == 2)
+                })
+                .count();
+            (moved == 2).then_some(stored)
+        },
+    )
+    .await;
+    let moved = stored
+        .iter()
+        .find(|(t, _, _)| t == "OpportunityStageChanged")
+        .unwrap();
+    assert_eq!(
+        (moved.1["from"].as_str(), moved.1["to"].as_str()),
+        (Some("proposal"), Some("negotiation"))
+    );
+    assert_eq!(moved.2["actor"], "system:pipelines");
+    let count = |stored: &[(String, serde_json::Value, serde_json::Value)]| {
+        stored
+            .iter()
+            .filter(|(t, _, _)| t.starts_with("Opportunity"))
+            .count()
+    };
+    let settled = count(&stored);
+
+    // The kept deal is on version 2: its new stage is open to it.
+    app.opportunities()
+        .change_opportunity_stage(app.request(ChangeOpportunityStageRequest {
+            opportunity_id: kept.clone(),
+            stage: "discovery".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let status = app
+        .opportunities()
+        .change_opportunity_stage(app.request(ChangeOpportunityStageRequest {
+            opportunity_id: mapped.clone(),
+            stage: "proposal".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&status).1["field"], "stage");
+    // Nothing else moved (the won deal keeps version 1).
+    assert_eq!(count(&app.stored().await), settled + 1);
+    app.stop().await;
+}

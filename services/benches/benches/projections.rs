@@ -113,6 +113,7 @@ fn unit(n: u64, pipeline: Uuid, at: Timestamp) -> Vec<Row> {
                     probability_bp: bp,
                     category: ForecastCategory::BestCase,
                     direction: Direction::Forward,
+                    pipeline_version: None,
                     occurred_at: at,
                 })),
             );

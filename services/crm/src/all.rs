@@ -304,6 +304,9 @@ fn projections(
     all.push(std::sync::Arc::new(crate::quality::DataQuality::new(
         commands.clone(),
     )));
+    all.push(std::sync::Arc::new(crate::pipelines::PipelineFollow::new(
+        commands.clone(),
+    )));
     all
 }
 

@@ -165,6 +165,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
                     stage("won", StageKind::Won, 10_000, "closed"),
                     stage("lost", StageKind::Lost, 0, "omitted"),
                 ],
+                stage_mapping: Default::default(),
             },
         ))
         .await

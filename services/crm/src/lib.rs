@@ -14,6 +14,7 @@ pub mod command;
 pub mod demo;
 mod grpc;
 pub mod lifecycle;
+pub mod pipelines;
 pub mod process;
 pub mod quality;
 pub mod query;

@@ -169,6 +169,7 @@ impl Pipelines for PipelinesService {
         let command = PipelineCommand::Publish {
             name: request.name,
             stages: stages(request.stages)?,
+            stage_mapping: request.stage_mapping.into_iter().collect(),
         };
         let reply = self
             .handler

@@ -119,6 +119,12 @@ pub enum OpportunityCommand {
     },
     /// Owner, tags and shares (see [`crate::records`]).
     Common(CommonCommand),
+    /// Sent by the pipeline process manager when its pipeline has a newer
+    /// version: an open deal moves to it, into the stage of the same key or,
+    /// when that version dropped it, the one its mapping names.
+    FollowPipeline {
+        pipeline: PipelineConfig,
+    },
     /// Renames the deal or changes its primary contact (`Some(None)` clears
     /// it); `contact_usable` is the handler's fact that a new contact exists
     /// and is usable.
@@ -198,6 +204,10 @@ pub struct OpportunityStageChanged {
     pub probability_bp: u32,
     pub category: ForecastCategory,
     pub direction: Direction,
+    /// Set when the move follows a new pipeline version that dropped
+    /// `from`: the version `to` belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_version: Option<u32>,
     pub occurred_at: Timestamp,
 }
 
@@ -208,6 +218,9 @@ pub struct DealChanges {
     pub name: Option<Change<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contact_id: Option<Change<Option<Uuid>>>,
+    /// An open deal following a new version of its pipeline, its stage kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_version: Option<Change<u32>>,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -598,6 +611,59 @@ impl Aggregate for Opportunity {
                         } else {
                             Direction::Backward
                         },
+                        pipeline_version: None,
+                        occurred_at,
+                    },
+                )])
+            }
+            OpportunityCommand::FollowPipeline { pipeline } => {
+                if !self.exists {
+                    return Err(DomainError::NotFound);
+                }
+                let not_applicable = DomainError::NotApplicable {
+                    rule: "pipeline version move",
+                };
+                if self.outcome != Outcome::Open {
+                    return Err(not_applicable);
+                }
+                let Some((version, to)) = pipeline.follow(self.pipeline_version, &self.stage)
+                else {
+                    return Err(not_applicable);
+                };
+                if to == self.stage {
+                    return Ok(vec![OpportunityEvent::DetailsUpdated(
+                        OpportunityDetailsUpdated {
+                            changes: DealChanges {
+                                pipeline_version: Some(Change {
+                                    old: self.pipeline_version,
+                                    new: version,
+                                }),
+                                ..DealChanges::default()
+                            },
+                            occurred_at,
+                        },
+                    )]);
+                }
+                let stage = pipeline
+                    .stage(version, &to)
+                    .filter(|s| s.kind == StageKind::Open)
+                    .ok_or(not_applicable)?;
+                let from_order = pipeline
+                    .open_order(self.pipeline_version, &self.stage)
+                    .unwrap_or(0);
+                let to_order = pipeline.open_order(version, &to).unwrap_or(0);
+                Ok(vec![OpportunityEvent::StageChanged(
+                    OpportunityStageChanged {
+                        from: self.stage.clone(),
+                        to,
+                        probability_bp: stage.probability_bp,
+                        category: stage.category,
+                        direction: if to_order >= from_order {
+                            Direction::Forward
+                        } else {
+                            Direction::Backward
+                        },
+                        pipeline_version: Some(version),
                         occurred_at,
                     },
                 )])
@@ -624,6 +690,7 @@ impl Aggregate for Opportunity {
                 let changes = DealChanges {
                     name: diff(&self.name, name.as_ref()),
                     contact_id: diff(&self.contact_id, contact_id.as_ref()),
+                    pipeline_version: None,
                 };
                 if changes == DealChanges::default() {
                     return Ok(vec![]);
@@ -914,8 +981,14 @@ impl Aggregate for Opportunity {
                 if let Some(change) = &updated.changes.contact_id {
                     self.contact_id = change.new;
                 }
+                if let Some(change) = &updated.changes.pipeline_version {
+                    self.pipeline_version = change.new;
+                }
             }
             OpportunityEvent::StageChanged(changed) => {
+                if let Some(version) = changed.pipeline_version {
+                    self.pipeline_version = version;
+                }
                 self.stalled = false;
                 self.stage = changed.to.clone();
                 self.probability_bp = changed.probability_bp;
@@ -1128,6 +1201,7 @@ pub(crate) mod tests {
                     probability_bp: 8000,
                     category: ForecastCategory::Commit,
                     direction: Direction::Forward,
+                    pipeline_version: None,
                     occurred_at: now(),
                 },
             )]);
@@ -1371,6 +1445,7 @@ pub(crate) mod tests {
                         version: 1,
                         name: "Sales".into(),
                         stages,
+                        stage_mapping: Default::default(),
                         occurred_at: now(),
                     },
                 )]
@@ -1480,10 +1555,82 @@ pub(crate) mod tests {
                             old: None,
                             new: Some(Uuid::from_u128(5)),
                         }),
+                        pipeline_version: None,
                     },
                     occurred_at: now(),
                 },
             )]);
         assert_eq!(state.contact_id, Some(Uuid::from_u128(5)));
+    }
+
+    #[test]
+    fn open_deals_follow_a_new_pipeline_version() {
+        use crate::pipeline::{PipelineEvent, PipelinePublished};
+        let mut next = crate::pipeline::tests::standard();
+        next.remove(0); // qualification, mapped to proposal
+        let v2 = PipelineEvent::Published(PipelinePublished {
+            version: 2,
+            name: "Sales".into(),
+            stages: next,
+            stage_mapping: [("qualification".to_owned(), "proposal".to_owned())].into(),
+            occurred_at: now(),
+        });
+        let pipeline = facts().pipeline.replay([v2].iter());
+        let follow = || OpportunityCommand::FollowPipeline {
+            pipeline: pipeline.clone(),
+        };
+        let moved = given::<Opportunity>([opened()]).when(follow()).then(vec![
+            OpportunityEvent::StageChanged(OpportunityStageChanged {
+                from: "qualification".into(),
+                to: "proposal".into(),
+                probability_bp: 5000,
+                category: ForecastCategory::BestCase,
+                direction: Direction::Forward,
+                pipeline_version: Some(2),
+                occurred_at: now(),
+            }),
+        ]);
+        assert_eq!(
+            (moved.pipeline_version, moved.stage.as_str()),
+            (2, "proposal")
+        );
+        // Current already: nothing applies.
+        assert_eq!(
+            moved.decide(follow(), crate::aggregate::Context::at(now())),
+            Err(DomainError::NotApplicable {
+                rule: "pipeline version move"
+            })
+        );
+        // A deal in a kept stage only changes version.
+        let in_negotiation = OpportunityEvent::StageChanged(OpportunityStageChanged {
+            from: "qualification".into(),
+            to: "negotiation".into(),
+            probability_bp: 8000,
+            category: ForecastCategory::Commit,
+            direction: Direction::Forward,
+            pipeline_version: None,
+            occurred_at: now(),
+        });
+        let kept = given::<Opportunity>([opened(), in_negotiation])
+            .when(follow())
+            .then(vec![OpportunityEvent::DetailsUpdated(
+                OpportunityDetailsUpdated {
+                    changes: DealChanges {
+                        pipeline_version: Some(Change { old: 1, new: 2 }),
+                        ..DealChanges::default()
+                    },
+                    occurred_at: now(),
+                },
+            )]);
+        assert_eq!(
+            (kept.pipeline_version, kept.stage.as_str()),
+            (2, "negotiation")
+        );
+        // Closed deals keep their version.
+        given::<Opportunity>([opened(), won()])
+            .when(follow())
+            .then_error(DomainError::NotApplicable {
+                rule: "pipeline version move",
+            });
     }
 }

@@ -1,6 +1,8 @@
-//! Pipeline configuration (DOMAIN.md §2.10): versioned stage lists. A deal
-//! keeps the version it was opened under; publishing a new version never
-//! rewrites deals.
+//! Pipeline configuration (DOMAIN.md §2.10): versioned stage lists. Closed
+//! deals keep the version they closed under. Open deals follow each new
+//! version (a process manager moves them): a deal whose open stage the new
+//! version drops goes to the stage the version's `stage_mapping` names, so
+//! a version that drops an open stage must map it.
 use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
@@ -80,8 +82,14 @@ impl Stage {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PipelineCommand {
-    /// Publishes a new version with these stages, open stages in order.
-    Publish { name: String, stages: Vec<Stage> },
+    /// Publishes a new version with these stages, open stages in order;
+    /// `stage_mapping` maps each open stage of the current version that the
+    /// new one drops to an open stage of the new one.
+    Publish {
+        name: String,
+        stages: Vec<Stage>,
+        stage_mapping: BTreeMap<String, String>,
+    },
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -90,6 +98,10 @@ pub struct PipelinePublished {
     pub version: u32,
     pub name: String,
     pub stages: Vec<Stage>,
+    /// Where open deals in a stage this version drops go (dropped key →
+    /// open stage of this version).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stage_mapping: BTreeMap<String, String>,
     pub occurred_at: Timestamp,
 }
 
@@ -127,6 +139,10 @@ pub struct PipelineConfig {
     pub name: String,
     /// Every published version's stages; deals refer to theirs.
     pub versions: BTreeMap<u32, Vec<Stage>>,
+    /// Each version's `stage_mapping` (versions that dropped no open stage
+    /// have none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mappings: BTreeMap<u32, BTreeMap<String, String>>,
 }
 
 impl PipelineConfig {
@@ -137,6 +153,30 @@ impl PipelineConfig {
     /// A stage of a given version.
     pub fn stage(&self, version: u32, key: &str) -> Option<&Stage> {
         self.versions.get(&version)?.iter().find(|s| s.key == key)
+    }
+
+    /// Whether `key` is an open stage of `version`.
+    pub fn is_open_stage(&self, version: u32, key: &str) -> bool {
+        self.stage(version, key)
+            .is_some_and(|s| s.kind == StageKind::Open)
+    }
+
+    /// Where an open deal in stage `stage` of version `from` stands in the
+    /// current version: `(version, stage)`, following each later version's
+    /// mapping for a stage it dropped. `None` when it is already current,
+    /// or a later version dropped its stage without mapping it.
+    pub fn follow(&self, from: u32, stage: &str) -> Option<(u32, String)> {
+        let current = self.current_version()?;
+        if current <= from {
+            return None;
+        }
+        let mut stage = stage.to_owned();
+        for (&version, _) in self.versions.range(from + 1..) {
+            if !self.is_open_stage(version, &stage) {
+                stage = self.mappings.get(&version)?.get(&stage)?.clone();
+            }
+        }
+        Some((current, stage))
     }
 
     /// An open stage's position among the open stages of its version.
@@ -250,6 +290,47 @@ fn validate(name: &str, stages: &[Stage]) -> Result<(), DomainError> {
     v.into_result()
 }
 
+/// Every open stage of `current` that `stages` drops (or makes won or lost)
+/// is mapped to an open stage of `stages`, and nothing else is mapped.
+fn validate_mapping(
+    current: &[Stage],
+    stages: &[Stage],
+    mapping: &BTreeMap<String, String>,
+) -> Result<(), DomainError> {
+    let open = |list: &[Stage], key: &str| {
+        list.iter()
+            .any(|s| s.key == key && s.kind == StageKind::Open)
+    };
+    let mut v = Violations::default();
+    v.check(
+        mapping.len() <= 30,
+        "stage_mapping",
+        "must have at most 30 entries",
+    );
+    v.into_result()?;
+    let mut v = Violations::default();
+    for stage in current.iter().filter(|s| s.kind == StageKind::Open) {
+        v.check(
+            open(stages, &stage.key) || mapping.contains_key(&stage.key),
+            format!("stage_mapping.{}", stage.key),
+            "is required: the new version drops this open stage",
+        );
+    }
+    for (from, to) in mapping {
+        v.check(
+            open(current, from) && !open(stages, from),
+            format!("stage_mapping.{from}"),
+            "must be an open stage of the current version that the new one drops",
+        );
+        v.check(
+            open(stages, to),
+            format!("stage_mapping.{from}"),
+            "must name an open stage of the new version",
+        );
+    }
+    v.into_result()
+}
+
 impl Aggregate for PipelineConfig {
     type Command = PipelineCommand;
     type Event = PipelineEvent;
@@ -265,8 +346,18 @@ impl Aggregate for PipelineConfig {
         context: Context,
     ) -> Result<Vec<PipelineEvent>, DomainError> {
         let occurred_at = context.occurred_at()?;
-        let PipelineCommand::Publish { name, stages } = command;
+        let PipelineCommand::Publish {
+            name,
+            stages,
+            stage_mapping,
+        } = command;
         validate(&name, &stages)?;
+        let current = self
+            .current_version()
+            .and_then(|v| self.versions.get(&v))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        validate_mapping(current, &stages, &stage_mapping)?;
         if let Some(current) = self.current_version()
             && self.versions.get(&current) == Some(&stages)
             && self.name == name
@@ -277,6 +368,7 @@ impl Aggregate for PipelineConfig {
             version: self.current_version().unwrap_or(0) + 1,
             name,
             stages,
+            stage_mapping,
             occurred_at,
         })])
     }
@@ -286,6 +378,10 @@ impl Aggregate for PipelineConfig {
         self.name = published.name.clone();
         self.versions
             .insert(published.version, published.stages.clone());
+        if !published.stage_mapping.is_empty() {
+            self.mappings
+                .insert(published.version, published.stage_mapping.clone());
+        }
         self
     }
 }
@@ -342,6 +438,7 @@ pub(crate) mod tests {
             version: 1,
             name: "Sales".into(),
             stages: standard(),
+            stage_mapping: BTreeMap::new(),
             occurred_at: now(),
         })
     }
@@ -352,12 +449,14 @@ pub(crate) mod tests {
             .when(PipelineCommand::Publish {
                 name: "Sales".into(),
                 stages: standard(),
+                stage_mapping: BTreeMap::new(),
             })
             .then(vec![published()]);
         given::<PipelineConfig>([published()])
             .when(PipelineCommand::Publish {
                 name: "Sales".into(),
                 stages: standard(),
+                stage_mapping: BTreeMap::new(),
             })
             .then(vec![]);
         let mut changed = standard();
@@ -366,11 +465,13 @@ pub(crate) mod tests {
             .when(PipelineCommand::Publish {
                 name: "Sales".into(),
                 stages: changed.clone(),
+                stage_mapping: BTreeMap::new(),
             })
             .then(vec![PipelineEvent::Published(PipelinePublished {
                 version: 2,
                 name: "Sales".into(),
                 stages: changed,
+                stage_mapping: BTreeMap::new(),
                 occurred_at: now(),
             })]);
         assert_eq!(state.current_version(), Some(2));
@@ -397,6 +498,7 @@ pub(crate) mod tests {
             .when(PipelineCommand::Publish {
                 name: "Sales".into(),
                 stages: bad,
+                stage_mapping: BTreeMap::new(),
             })
             .then_invalid(&[
                 "stages[3].probability_bp",
@@ -409,6 +511,7 @@ pub(crate) mod tests {
             .when(PipelineCommand::Publish {
                 name: String::new(),
                 stages: only_open,
+                stage_mapping: BTreeMap::new(),
             })
             .then_invalid(&["name", "stages[0].category", "stages", "stages"]);
     }
@@ -422,6 +525,7 @@ pub(crate) mod tests {
             .when(PipelineCommand::Publish {
                 name: "Sales".into(),
                 stages: stages.clone(),
+                stage_mapping: BTreeMap::new(),
             })
             .then_ok();
         stages[1].required_fields = vec!["budget".into(), "contact_id".into(), "contact_id".into()];
@@ -430,11 +534,67 @@ pub(crate) mod tests {
             .when(PipelineCommand::Publish {
                 name: "Sales".into(),
                 stages,
+                stage_mapping: BTreeMap::new(),
             })
             .then_invalid(&[
                 "stages[1].required_fields[0]",
                 "stages[1].required_fields[2]",
                 "stages[4].required_fields",
             ]);
+    }
+
+    #[test]
+    fn a_version_that_drops_an_open_stage_maps_it_and_deals_follow() {
+        let mut next = standard();
+        next.remove(1); // proposal
+        next[0].key = "discovery".into(); // qualification renamed
+        let publish = |mapping: &[(&str, &str)]| PipelineCommand::Publish {
+            name: "Sales".into(),
+            stages: next.clone(),
+            stage_mapping: mapping
+                .iter()
+                .map(|(from, to)| ((*from).to_owned(), (*to).to_owned()))
+                .collect(),
+        };
+        given::<PipelineConfig>([published()])
+            .when(publish(&[("proposal", "negotiation")]))
+            .then_invalid(&["stage_mapping.qualification"]);
+        given::<PipelineConfig>([published()])
+            .when(publish(&[
+                ("qualification", "won"),
+                ("proposal", "negotiation"),
+                ("negotiation", "discovery"),
+            ]))
+            .then_invalid(&["stage_mapping.negotiation", "stage_mapping.qualification"]);
+        let state = given::<PipelineConfig>([published()])
+            .when(publish(&[
+                ("qualification", "discovery"),
+                ("proposal", "negotiation"),
+            ]))
+            .then_ok();
+        assert_eq!(state.current_version(), Some(2));
+        assert_eq!(state.follow(1, "proposal"), Some((2, "negotiation".into())));
+        assert_eq!(
+            state.follow(1, "negotiation"),
+            Some((2, "negotiation".into()))
+        );
+        assert_eq!(state.follow(2, "negotiation"), None, "already current");
+        // A third version that keeps every stage: deals follow both steps.
+        let mut third = next.clone();
+        third[0].probability_bp = 1500;
+        let state = state.replay(
+            [PipelineEvent::Published(PipelinePublished {
+                version: 3,
+                name: "Sales".into(),
+                stages: third,
+                stage_mapping: BTreeMap::new(),
+                occurred_at: now(),
+            })]
+            .iter(),
+        );
+        assert_eq!(
+            state.follow(1, "qualification"),
+            Some((3, "discovery".into()))
+        );
     }
 }
