@@ -425,6 +425,36 @@ fn may_enter(
 }
 
 impl Opportunity {
+    /// The move of this open deal to `stage` of `version`; forward unless
+    /// the stage comes before its current one. `pipeline_version`: set when
+    /// the move changes the deal's version.
+    fn moved(
+        &self,
+        pipeline: &PipelineConfig,
+        version: u32,
+        stage: &Stage,
+        pipeline_version: Option<u32>,
+        occurred_at: Timestamp,
+    ) -> OpportunityEvent {
+        let from_order = pipeline
+            .open_order(self.pipeline_version, &self.stage)
+            .unwrap_or(0);
+        let to_order = pipeline.open_order(version, &stage.key).unwrap_or(0);
+        OpportunityEvent::StageChanged(OpportunityStageChanged {
+            from: self.stage.clone(),
+            to: stage.key.clone(),
+            probability_bp: stage.probability_bp,
+            category: stage.category,
+            direction: if to_order >= from_order {
+                Direction::Forward
+            } else {
+                Direction::Backward
+            },
+            pipeline_version,
+            occurred_at,
+        })
+    }
+
     /// Whether this deal may enter `stage` (its required fields).
     fn may_enter(&self, stage: &Stage) -> Result<(), DomainError> {
         may_enter(
@@ -598,22 +628,12 @@ impl Aggregate for Opportunity {
                     .filter(|s| s.kind == StageKind::Open)
                     .ok_or(DomainError::InvalidReference { field: "stage" })?;
                 self.may_enter(stage)?;
-                let from_order = facts.pipeline.open_order(version, &self.stage).unwrap_or(0);
-                let to_order = facts.pipeline.open_order(version, &to).unwrap_or(0);
-                Ok(vec![OpportunityEvent::StageChanged(
-                    OpportunityStageChanged {
-                        from: self.stage.clone(),
-                        to,
-                        probability_bp: stage.probability_bp,
-                        category: stage.category,
-                        direction: if to_order >= from_order {
-                            Direction::Forward
-                        } else {
-                            Direction::Backward
-                        },
-                        pipeline_version: None,
-                        occurred_at,
-                    },
+                Ok(vec![self.moved(
+                    &facts.pipeline,
+                    version,
+                    stage,
+                    None,
+                    occurred_at,
                 )])
             }
             OpportunityCommand::FollowPipeline { pipeline } => {
@@ -648,24 +668,12 @@ impl Aggregate for Opportunity {
                     .stage(version, &to)
                     .filter(|s| s.kind == StageKind::Open)
                     .ok_or(not_applicable)?;
-                let from_order = pipeline
-                    .open_order(self.pipeline_version, &self.stage)
-                    .unwrap_or(0);
-                let to_order = pipeline.open_order(version, &to).unwrap_or(0);
-                Ok(vec![OpportunityEvent::StageChanged(
-                    OpportunityStageChanged {
-                        from: self.stage.clone(),
-                        to,
-                        probability_bp: stage.probability_bp,
-                        category: stage.category,
-                        direction: if to_order >= from_order {
-                            Direction::Forward
-                        } else {
-                            Direction::Backward
-                        },
-                        pipeline_version: Some(version),
-                        occurred_at,
-                    },
+                Ok(vec![self.moved(
+                    &pipeline,
+                    version,
+                    stage,
+                    Some(version),
+                    occurred_at,
                 )])
             }
             OpportunityCommand::UpdateDetails {
