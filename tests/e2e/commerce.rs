@@ -498,3 +498,95 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
     assert_eq!(recorded.1["account_id"], acme.as_str());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn orders_recorded_before_their_customer_is_linked_resolve_in_the_read_models() {
+    let app = TestApp::spawn().await;
+    let account = CreateAccountRequest {
+        kind: AccountKind::Company.into(),
+        name: "Acme".into(),
+        ..Default::default()
+    };
+    let acme = app
+        .accounts()
+        .create_account(app.request(account))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    // No account, no tax id anyone holds: the order stays unlinked.
+    let unlinked = RecordOrderRequest {
+        customer_tax_id: String::new(),
+        ..order(1, "paid")
+    };
+    let order_id = app
+        .commerce()
+        .record_order(app.erp(unlinked))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let order_id = uuid::Uuid::parse_str(&order_id).unwrap();
+    let acme_id = uuid::Uuid::parse_str(&acme).unwrap();
+    let db = app.db.client().await;
+    let read = || async {
+        let c360: Option<Option<uuid::Uuid>> = db
+            .query_opt(
+                "SELECT account_id FROM c360_orders WHERE order_id = $1",
+                &[&order_id],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+        let analytics: Option<Option<uuid::Uuid>> = db
+            .query_opt(
+                "SELECT account_id FROM an_orders WHERE order_id = $1",
+                &[&order_id],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+        let unmatched = db
+            .query_opt(
+                "SELECT 1 FROM dq_unmatched_orders WHERE order_id = $1",
+                &[&order_id],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        (c360, analytics, unmatched)
+    };
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "the unlinked order in every read model",
+        || async { (read().await == (Some(None), Some(None), true)).then_some(()) },
+    )
+    .await;
+
+    // The ERP links Acme to customer C-42: the order is Acme's now.
+    app.commerce()
+        .record_customer(app.erp(customer(&acme, 1, "")))
+        .await
+        .unwrap();
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "the order resolved to its account",
+        || async {
+            (read().await == (Some(Some(acme_id)), Some(Some(acme_id)), false)).then_some(())
+        },
+    )
+    .await;
+    // Its events are not rewritten.
+    let stored = app.stored().await;
+    let recorded = stored
+        .iter()
+        .find(|(t, _, _)| t == "OrderRecorded")
+        .unwrap();
+    assert!(
+        recorded
+            .1
+            .get("account_id")
+            .is_none_or(serde_json::Value::is_null)
+    );
+    app.stop().await;
+}

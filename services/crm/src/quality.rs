@@ -163,7 +163,10 @@ CREATE TABLE IF NOT EXISTS dq_unmatched_orders (
     ordered_on  date        NOT NULL,
     recorded_at timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, order_id)
-)";
+);
+-- The ERP customer it names: linking an account to it resolves the order.
+ALTER TABLE dq_unmatched_orders ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '';
+ALTER TABLE dq_unmatched_orders ADD COLUMN IF NOT EXISTS customer_ref text NOT NULL DEFAULT ''";
 
 pub struct DataQuality {
     handler: CommandHandler,
@@ -493,6 +496,9 @@ struct Effect {
     time_only: bool,
     /// Nothing changes: a flag the scheduler raised is no modification.
     ignored: bool,
+    /// ERP customers (source, external id) the account is newly linked to:
+    /// their unmatched orders are matched now.
+    links: Vec<(String, String)>,
 }
 
 impl Effect {
@@ -1061,6 +1067,14 @@ impl DataQuality {
         if effect.ignored {
             return Ok(());
         }
+        for (source, customer_ref) in &effect.links {
+            tx.execute(
+                "DELETE FROM dq_unmatched_orders \
+                 WHERE tenant_id = $1 AND source = $2 AND customer_ref = $3",
+                &[&tenant.as_str(), source, customer_ref],
+            )
+            .await?;
+        }
         if effect.erased {
             return self.forget(tx, tenant.as_str(), id).await;
         }
@@ -1272,14 +1286,19 @@ impl DataQuality {
             } else {
                 let recorded: std::time::SystemTime = order.occurred_at.into();
                 tx.execute(
-                    "INSERT INTO dq_unmatched_orders (tenant_id, order_id, ordered_on, recorded_at) \
-                     VALUES ($1, $2, $3::text::date, $4) ON CONFLICT (tenant_id, order_id) DO UPDATE \
-                     SET ordered_on = EXCLUDED.ordered_on, recorded_at = EXCLUDED.recorded_at",
+                    "INSERT INTO dq_unmatched_orders \
+                       (tenant_id, order_id, ordered_on, recorded_at, source, customer_ref) \
+                     VALUES ($1, $2, $3::text::date, $4, $5, $6) \
+                     ON CONFLICT (tenant_id, order_id) DO UPDATE \
+                     SET ordered_on = EXCLUDED.ordered_on, recorded_at = EXCLUDED.recorded_at, \
+                       source = EXCLUDED.source, customer_ref = EXCLUDED.customer_ref",
                     &[
                         &event.tenant_id,
                         &event.stream_id,
                         &order.ordered_on.to_string(),
                         &recorded,
+                        &order.external.source,
+                        &order.customer_ref,
                     ],
                 )
                 .await?;
@@ -1449,15 +1468,25 @@ fn lead_effect(event: LeadEvent) -> Effect {
     }
 }
 
+fn links(changes: &crm_domain::account::AccountChanges) -> Vec<(String, String)> {
+    crm_domain::account::new_links(changes)
+        .into_iter()
+        .map(|(source, id)| (source.to_owned(), id.to_owned()))
+        .collect()
+}
+
 fn account_effect(event: AccountEvent) -> Effect {
     match event {
-        AccountEvent::Created(_) | AccountEvent::DetailsUpdated(_) | AccountEvent::Restored(_) => {
-            Effect::rematch()
-        }
+        AccountEvent::DetailsUpdated(updated) => Effect {
+            links: links(&updated.changes),
+            ..Effect::rematch()
+        },
+        AccountEvent::Created(_) | AccountEvent::Restored(_) => Effect::rematch(),
         AccountEvent::Common(common) => common_effect(&common),
         AccountEvent::ChurnRiskFlagged(_) => Effect::ignored(),
         AccountEvent::Merged(merged) => Effect {
             rematch: true,
+            links: links(&merged.changes),
             losers: merged.losers,
             ..Effect::default()
         },

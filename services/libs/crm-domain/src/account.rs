@@ -442,6 +442,26 @@ fn validate_segment(segment: &str, v: &mut Violations) {
     );
 }
 
+/// The ERP customers `changes` links the account to anew: (source,
+/// external id). Their orders recorded while unlinked now belong to the
+/// account (DOMAIN.md §7: past orders resolve, unrewritten).
+pub fn new_links(changes: &AccountChanges) -> Vec<(&str, &str)> {
+    let Some(change) = &changes.external_refs else {
+        return Vec::new();
+    };
+    change
+        .new
+        .iter()
+        .filter(|r| {
+            !change
+                .old
+                .iter()
+                .any(|o| o.source == r.source && o.external_id == r.external_id)
+        })
+        .map(|r| (r.source.as_str(), r.external_id.as_str()))
+        .collect()
+}
+
 /// The kind of unique key an ERP link holds: one account per ERP customer.
 pub const EXTERNAL_REF: &str = "external_ref";
 

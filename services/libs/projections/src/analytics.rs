@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS an_orders (
     PRIMARY KEY (tenant_id, order_id)
 ) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS an_orders_by_account ON an_orders (tenant_id, account_id, ordered_at);
+-- The ERP customer of an order recorded without an account: linking it
+-- later resolves the order.
+ALTER TABLE an_orders ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '';
+ALTER TABLE an_orders ADD COLUMN IF NOT EXISTS customer_ref text NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS an_orders_unlinked ON an_orders (tenant_id, source, customer_ref)
+    WHERE account_id IS NULL;
 CREATE TABLE IF NOT EXISTS an_payments (
     tenant_id  text NOT NULL,
     payment_id uuid NOT NULL,
@@ -162,7 +168,9 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             )
             .await?;
         }
+        AccountEvent::Merged(merged) => resolve_orders(tx, event, &merged.changes).await?,
         AccountEvent::DetailsUpdated(updated) => {
+            resolve_orders(tx, event, &updated.changes).await?;
             if let Some(segment) = &updated.changes.segment {
                 tx.execute(
                     "UPDATE an_accounts SET segment = $3 WHERE tenant_id = $1 AND account_id = $2",
@@ -194,6 +202,24 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Orders recorded without an account for an ERP customer the account is
+/// now linked to become the account's (revenue, RFM, cohorts count them).
+async fn resolve_orders(
+    tx: &Tx<'_>,
+    event: &RecordedEvent,
+    changes: &crm_domain::account::AccountChanges,
+) -> Result<(), ApplyError> {
+    for (source, customer_ref) in crm_domain::account::new_links(changes) {
+        tx.execute(
+            "UPDATE an_orders SET account_id = $2 \
+             WHERE tenant_id = $1 AND account_id IS NULL AND source = $3 AND customer_ref = $4",
+            &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match crate::state::decoded::<OrderEvent>(event)?.as_deref() {
@@ -207,9 +233,11 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             let ordered_at: Time = order.occurred_at.into();
             tx.execute(
                 "INSERT INTO an_orders (tenant_id, order_id, account_id, status, paid, cancelled, \
-                   net_minor, cost_minor, currency, ordered_at, deal_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-                 ON CONFLICT (tenant_id, order_id) DO UPDATE SET account_id = EXCLUDED.account_id, \
+                   net_minor, cost_minor, currency, ordered_at, deal_id, source, customer_ref) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 ON CONFLICT (tenant_id, order_id) DO UPDATE SET \
+                   account_id = COALESCE(EXCLUDED.account_id, an_orders.account_id), \
+                   customer_ref = EXCLUDED.customer_ref, \
                    status = EXCLUDED.status, paid = an_orders.paid OR EXCLUDED.paid, \
                    net_minor = EXCLUDED.net_minor, cost_minor = EXCLUDED.cost_minor, \
                    currency = EXCLUDED.currency, deal_id = EXCLUDED.deal_id",
@@ -226,6 +254,8 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                     &order.totals.net.currency,
                     &ordered_at,
                     &order.deal_id,
+                    &order.external.source,
+                    &order.customer_ref,
                 ],
             )
             .await?;

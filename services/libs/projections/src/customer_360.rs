@@ -163,6 +163,11 @@ CREATE TABLE IF NOT EXISTS c360_orders (
     PRIMARY KEY (tenant_id, order_id)
 ) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS c360_orders_by_account ON c360_orders (tenant_id, account_id);
+-- The ERP customer of an order recorded without an account: linking it
+-- later resolves the order.
+ALTER TABLE c360_orders ADD COLUMN IF NOT EXISTS customer_ref text NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS c360_orders_unlinked ON c360_orders (tenant_id, source, customer_ref)
+    WHERE account_id IS NULL;
 CREATE TABLE IF NOT EXISTS c360_invoices (
     tenant_id     text        NOT NULL,
     invoice_id    uuid        NOT NULL,
@@ -435,7 +440,10 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 AccountKind::Person => "person account created".to_owned(),
             })
         }
-        AccountEvent::DetailsUpdated(updated) => Some(account_changes(&updated.changes)),
+        AccountEvent::DetailsUpdated(updated) => {
+            resolve_orders(tx, event, &updated.changes).await?;
+            Some(account_changes(&updated.changes))
+        }
         AccountEvent::BecameCustomer(became) => {
             customer_since = Some(became.occurred_at.into());
             churned = (true, None);
@@ -458,10 +466,13 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         AccountEvent::Archived(_) => Some("archived".to_owned()),
         AccountEvent::Restored(_) => Some("restored".to_owned()),
         AccountEvent::Common(common_event) => common(common_event),
-        AccountEvent::Merged(merged) => Some(format!(
-            "{} duplicate account(s) merged into this one",
-            merged.losers.len()
-        )),
+        AccountEvent::Merged(merged) => {
+            resolve_orders(tx, event, &merged.changes).await?;
+            Some(format!(
+                "{} duplicate account(s) merged into this one",
+                merged.losers.len()
+            ))
+        }
         AccountEvent::MergedInto(merged) => {
             alias(tx, event, merged.survivor).await?;
             Some(format!("merged into account {}", merged.survivor))
@@ -860,6 +871,24 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
     Ok(())
 }
 
+/// Orders recorded without an account for an ERP customer the account is
+/// now linked to become the account's.
+async fn resolve_orders(
+    tx: &Tx<'_>,
+    event: &RecordedEvent,
+    changes: &AccountChanges,
+) -> Result<(), ApplyError> {
+    for (source, customer_ref) in crm_domain::account::new_links(changes) {
+        tx.execute(
+            "UPDATE c360_orders SET account_id = $2 \
+             WHERE tenant_id = $1 AND account_id IS NULL AND source = $3 AND customer_ref = $4",
+            &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match crate::state::decoded::<OrderEvent>(event)?.as_deref() {
@@ -868,10 +897,12 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             tx.execute(
                 "INSERT INTO c360_orders (tenant_id, order_id, account_id, source, external_id, \
                    status, cancelled, cancel_reason, net_minor, tax_minor, gross_minor, currency, \
-                   ordered_on, promised_delivery, deal_id, ordered_at, updated_at) \
+                   ordered_on, promised_delivery, deal_id, ordered_at, updated_at, customer_ref) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-                   $17) \
-                 ON CONFLICT (tenant_id, order_id) DO UPDATE SET account_id = EXCLUDED.account_id, \
+                   $17, $18) \
+                 ON CONFLICT (tenant_id, order_id) DO UPDATE SET \
+                   account_id = COALESCE(EXCLUDED.account_id, c360_orders.account_id), \
+                   customer_ref = EXCLUDED.customer_ref, \
                    status = EXCLUDED.status, net_minor = EXCLUDED.net_minor, \
                    tax_minor = EXCLUDED.tax_minor, gross_minor = EXCLUDED.gross_minor, \
                    currency = EXCLUDED.currency, ordered_on = EXCLUDED.ordered_on, \
@@ -897,6 +928,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                     &order.deal_id,
                     &at,
                     &at,
+                    &order.customer_ref,
                 ],
             )
             .await?;
