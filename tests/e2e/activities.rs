@@ -496,6 +496,40 @@ async fn rescheduled_work_falls_overdue_at_its_new_due_time() {
     );
     assert_eq!(overdue["assignee"], "user:ana");
 
+    // Moved away and back to the due time that already fired: it falls
+    // overdue again.
+    let mut position = 0;
+    for to in [later + jiff::SignedDuration::from_hours(3), later] {
+        let reply = app
+            .activities()
+            .update_activity_details(app.request(update(Some(to.to_string()), None)))
+            .await
+            .unwrap();
+        position = i64::try_from(reply.into_inner().global_position).unwrap();
+    }
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "the task open again at its old due time",
+        || async {
+            db.query_opt(
+                "SELECT 1 FROM scheduled_tasks WHERE due = $1 AND NOT overdue AND position = $2",
+                &[&later_at, &position],
+            )
+            .await
+            .ok()
+            .flatten()
+        },
+    )
+    .await;
+    assert_eq!(scheduler.tick().await.appended, 1);
+    let overdue = app
+        .stored()
+        .await
+        .into_iter()
+        .filter(|(t, _, _)| t == "TaskOverdue")
+        .count();
+    assert_eq!(overdue, 2);
+
     // Completed work is not rescheduled.
     app.activities()
         .complete_activity(app.request(crm_proto::v1::CompleteActivityRequest {

@@ -863,10 +863,11 @@ async fn a_deal_is_renamed_and_given_a_contact() {
 
 #[tokio::test]
 async fn open_deals_follow_a_new_pipeline_version_through_its_stage_mapping() {
+    use crm_proto::v1::{ArchiveRecordRequest, RecordRef, RestoreRecordRequest};
     let app = TestApp::spawn().await;
     let (account_id, pipeline_id) = setup(&app).await;
     let mut ids = Vec::new();
-    for stage in ["qualification", "proposal", "negotiation"] {
+    for stage in ["qualification", "proposal", "negotiation", "proposal"] {
         let mut request = deal(&account_id, &pipeline_id);
         request.stage = stage.into();
         let reply = app
@@ -876,7 +877,32 @@ async fn open_deals_follow_a_new_pipeline_version_through_its_stage_mapping() {
             .unwrap();
         ids.push(reply.into_inner().stream_id);
     }
-    let (kept, mapped, won) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
+    let (kept, mapped, won, archived) = (
+        ids[0].clone(),
+        ids[1].clone(),
+        ids[2].clone(),
+        ids[3].clone(),
+    );
+    let record = || {
+        Some(RecordRef {
+            r#type: "opportunity".into(),
+            id: archived.clone(),
+        })
+    };
+    let reason = || {
+        Some(Reason {
+            code: "on_hold".into(),
+            text: String::new(),
+        })
+    };
+    app.records()
+        .archive_record(app.request(ArchiveRecordRequest {
+            options: None,
+            record: record(),
+            reason: reason(),
+        }))
+        .await
+        .unwrap();
     app.opportunities()
         .win_opportunity(app.request(WinOpportunityRequest {
             opportunity_id: won.clone(),
@@ -979,7 +1005,35 @@ async fn open_deals_follow_a_new_pipeline_version_through_its_stage_mapping() {
         .await
         .unwrap_err();
     assert_eq!(error_info(&status).1["field"], "stage");
-    // Nothing else moved (the won deal keeps version 1).
-    assert_eq!(count(&app.stored().await), settled + 1);
+    // The archived deal stayed; restored, it follows too.
+    app.records()
+        .restore_record(app.request(RestoreRecordRequest {
+            options: None,
+            record: record(),
+            reason: reason(),
+        }))
+        .await
+        .unwrap();
+    let archived_id = archived.clone();
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "the restored deal on version 2",
+        || async {
+            let db = app.db.client().await;
+            let id = uuid::Uuid::parse_str(&archived_id).unwrap();
+            db.query_opt(
+                "SELECT 1 FROM events WHERE stream_id = $1 \
+                 AND event_type = 'OpportunityStageChanged' \
+                 AND (payload->>'pipeline_version')::int = 2",
+                &[&id],
+            )
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+    // Nothing else moved (the won deal keeps version 1): the user's move and
+    // the restored deal's follow.
+    assert_eq!(count(&app.stored().await), settled + 2);
     app.stop().await;
 }

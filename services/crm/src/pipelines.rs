@@ -3,8 +3,13 @@
 //! (`OpportunityCommand::FollowPipeline`): into the stage of the same key, or
 //! the one the version's `stage_mapping` names for a stage it dropped. A deal
 //! opened or reopened under an older version (one that raced the publish)
-//! follows as soon as the process manager sees it. Closed deals keep their
-//! version.
+//! follows as soon as the process manager sees it, and so does an archived
+//! deal once restored. Closed deals keep their version. A move is dated when
+//! the process manager makes it (history is not backdated), and it does not
+//! check the stage's required fields (they apply to users' moves).
+//!
+//! Versions published before stage mappings existed may have dropped a
+//! stage without one: deals left in such a stage stay on their version.
 //!
 //! Runs on the projection runtime like the other process managers (see
 //! [`crate::process`]): its tables know each deal's pipeline, version and
@@ -13,9 +18,9 @@
 use crm_domain::Aggregate;
 use crm_domain::opportunity::{Opportunity, OpportunityCommand, OpportunityEvent};
 use crm_domain::pipeline::{PipelineConfig, PipelineEvent};
+use crm_domain::records::CommonEvent;
 use crm_event_store::RecordedEvent;
 use crm_projections::{ApplyError, Projection, Tx};
-use jiff::Timestamp;
 use uuid::Uuid;
 
 use crate::command::{CommandHandler, ServiceError};
@@ -69,37 +74,60 @@ impl PipelineFollow {
             .map_or(0, |row| row.get(0)))
     }
 
-    /// Sends deal `deal_id` after its pipeline's current version (the
-    /// `n`-th command `event` causes).
+    /// The pipeline's configuration as it is now.
+    async fn config(
+        &self,
+        event: &RecordedEvent,
+        pipeline_id: Uuid,
+    ) -> Result<PipelineConfig, ApplyError> {
+        let tenant =
+            crm_domain::TenantId::parse(&event.tenant_id).map_err(|e| malformed(event, e))?;
+        self.handler
+            .state_or_default::<PipelineConfig>(&tenant, pipeline_id)
+            .await
+            .map_err(|e| match e {
+                ServiceError::Unavailable(why) => ApplyError::Transient(why),
+                other => malformed(event, other),
+            })
+    }
+
+    /// Sends deal `deal_id` after `pipeline`'s current version (the `n`-th
+    /// command `event` causes), dated now: that is when it moves.
     async fn follow(
         &self,
         tx: &Tx<'_>,
         event: &RecordedEvent,
         n: usize,
         deal_id: Uuid,
-        pipeline_id: Uuid,
-        occurred_at: Timestamp,
+        pipeline: PipelineConfig,
     ) -> Result<(), ApplyError> {
-        let tenant =
-            crm_domain::TenantId::parse(&event.tenant_id).map_err(|e| malformed(event, e))?;
-        let pipeline = self
-            .handler
-            .state_or_default::<PipelineConfig>(&tenant, pipeline_id)
-            .await
-            .map_err(|e| match e {
-                ServiceError::Unavailable(why) => ApplyError::Transient(why),
-                other => malformed(event, other),
-            })?;
         self.sender
             .send::<Opportunity>(
                 tx,
                 event,
                 n,
                 deal_id,
-                occurred_at,
+                jiff::Timestamp::now(),
                 OpportunityCommand::FollowPipeline { pipeline },
             )
             .await
+    }
+
+    /// Sends an open deal of `pipeline_id` at `version` after a newer
+    /// version, when the process manager has seen one.
+    async fn catch_up(
+        &self,
+        tx: &Tx<'_>,
+        event: &RecordedEvent,
+        deal_id: Uuid,
+        pipeline_id: Uuid,
+        version: i32,
+    ) -> Result<(), ApplyError> {
+        if Self::newest(tx, event, pipeline_id).await? > version {
+            let pipeline = self.config(event, pipeline_id).await?;
+            self.follow(tx, event, 0, deal_id, pipeline).await?;
+        }
+        Ok(())
     }
 
     async fn deal(&self, tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
@@ -114,17 +142,8 @@ impl PipelineFollow {
                     &[tenant, &deal_id, &opened.pipeline_id, &version],
                 )
                 .await?;
-                if Self::newest(tx, event, opened.pipeline_id).await? > version {
-                    self.follow(
-                        tx,
-                        event,
-                        0,
-                        deal_id,
-                        opened.pipeline_id,
-                        opened.occurred_at,
-                    )
+                self.catch_up(tx, event, deal_id, opened.pipeline_id, version)
                     .await?;
-                }
             }
             Some(OpportunityEvent::Won(_) | OpportunityEvent::Lost(_)) => {
                 tx.execute(
@@ -134,7 +153,7 @@ impl PipelineFollow {
                 )
                 .await?;
             }
-            Some(OpportunityEvent::Reopened(reopened)) => {
+            Some(OpportunityEvent::Reopened(_)) => {
                 let row = tx
                     .query_opt(
                         "UPDATE pipeline_follow_deals SET open = true \
@@ -143,11 +162,22 @@ impl PipelineFollow {
                     )
                     .await?;
                 if let Some(row) = row {
-                    let (pipeline_id, version): (Uuid, i32) = (row.get(0), row.get(1));
-                    if Self::newest(tx, event, pipeline_id).await? > version {
-                        self.follow(tx, event, 0, deal_id, pipeline_id, reopened.occurred_at)
-                            .await?;
-                    }
+                    self.catch_up(tx, event, deal_id, row.get(0), row.get(1))
+                        .await?;
+                }
+            }
+            // An archived deal refused to move; restored, it follows.
+            Some(OpportunityEvent::Common(CommonEvent::Restored(_))) => {
+                let row = tx
+                    .query_opt(
+                        "SELECT pipeline_id, version FROM pipeline_follow_deals \
+                         WHERE tenant_id = $1 AND deal_id = $2 AND open",
+                        &[tenant, &deal_id],
+                    )
+                    .await?;
+                if let Some(row) = row {
+                    self.catch_up(tx, event, deal_id, row.get(0), row.get(1))
+                        .await?;
                 }
             }
             Some(OpportunityEvent::StageChanged(changed)) => {
@@ -200,8 +230,12 @@ impl PipelineFollow {
                 &[tenant, &pipeline_id, &version],
             )
             .await?;
+        if deals.is_empty() {
+            return Ok(());
+        }
+        let pipeline = self.config(event, pipeline_id).await?;
         for (n, row) in deals.iter().enumerate() {
-            self.follow(tx, event, n, row.get(0), pipeline_id, published.occurred_at)
+            self.follow(tx, event, n, row.get(0), pipeline.clone())
                 .await?;
         }
         Ok(())

@@ -1150,8 +1150,21 @@ impl DataQuality {
         let Some(decoded) = decode::<OpportunityEvent>(event)? else {
             return Ok(());
         };
-        if matches!(decoded, OpportunityEvent::Stalled(_)) {
-            return Ok(()); // the scheduler's flag is no modification
+        let follows_pipeline = match &decoded {
+            OpportunityEvent::StageChanged(moved) => moved.pipeline_version.is_some(),
+            OpportunityEvent::DetailsUpdated(updated) => {
+                updated.changes
+                    == crm_domain::opportunity::DealChanges {
+                        pipeline_version: updated.changes.pipeline_version.clone(),
+                        ..Default::default()
+                    }
+            }
+            _ => false,
+        };
+        if matches!(decoded, OpportunityEvent::Stalled(_)) || follows_pipeline {
+            // The scheduler's flag, or a deal following a new version of
+            // its pipeline: no one modified the deal.
+            return Ok(());
         }
         let row = tx
             .query_opt(

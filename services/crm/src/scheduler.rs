@@ -220,7 +220,7 @@ impl Scheduler {
         let now_system: SystemTime = now.into();
         let rows = self
             .due_rows(
-                "SELECT tenant_id, activity_id, due FROM scheduled_tasks \
+                "SELECT tenant_id, activity_id, due, position FROM scheduled_tasks \
                  WHERE open AND NOT overdue AND due <= $1 ORDER BY due LIMIT $2",
                 &[&now_system, &BATCH],
             )
@@ -228,11 +228,15 @@ impl Scheduler {
         for row in &rows {
             let activity_id: Uuid = row.get(1);
             let due = timestamp(row.get(2))?;
+            // The position of the item's last event is part of the key: an
+            // item rescheduled back to a due time that already fired is
+            // marked again (the domain marks an item once per due anyway).
+            let position: i64 = row.get(3);
             self.send::<Activity>(
                 tick,
                 row.get(0),
                 activity_id,
-                format!("scheduler:task_overdue:{activity_id}:{due}"),
+                format!("scheduler:task_overdue:{activity_id}:{due}:{position}"),
                 due,
                 ActivityCommand::MarkTaskOverdue,
             )

@@ -994,10 +994,12 @@ impl Aggregate for Opportunity {
                 }
             }
             OpportunityEvent::StageChanged(changed) => {
-                if let Some(version) = changed.pipeline_version {
-                    self.pipeline_version = version;
+                match changed.pipeline_version {
+                    // Following a new pipeline version is no progress: a
+                    // stalled deal stays stalled.
+                    Some(version) => self.pipeline_version = version,
+                    None => self.stalled = false,
                 }
-                self.stalled = false;
                 self.stage = changed.to.clone();
                 self.probability_bp = changed.probability_bp;
                 self.category = Some(changed.category);
@@ -1602,6 +1604,17 @@ pub(crate) mod tests {
             (moved.pipeline_version, moved.stage.as_str()),
             (2, "proposal")
         );
+        // A stalled deal that follows stays stalled: it did not progress.
+        let stalled = OpportunityEvent::Stalled(OpportunityStalled {
+            rule: "stage_age".into(),
+            days: 14,
+            stage: "qualification".into(),
+            occurred_at: now(),
+        });
+        let still = given::<Opportunity>([opened(), stalled])
+            .when(follow())
+            .then_ok();
+        assert!(still.stalled);
         // Current already: nothing applies.
         assert_eq!(
             moved.decide(follow(), crate::aggregate::Context::at(now())),

@@ -335,6 +335,8 @@ impl Aggregate for PipelineConfig {
     type Command = PipelineCommand;
     type Event = PipelineEvent;
     const STREAM_TYPE: &'static str = "pipeline_config";
+    /// 2: the state keeps each version's stage mapping.
+    const SNAPSHOT_VERSION: u32 = 2;
 
     fn exists(&self) -> bool {
         !self.versions.is_empty()

@@ -184,6 +184,16 @@ async fn deal(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             )
             .await?;
         }
+        // A deal that follows a new pipeline version into the stage mapped
+        // for its dropped one did not progress: its stage clock and stalled
+        // flag stay.
+        Some(OpportunityEvent::StageChanged(changed)) if changed.pipeline_version.is_some() => {
+            tx.execute(
+                "UPDATE eng_deals SET stage = $3 WHERE tenant_id = $1 AND deal_id = $2",
+                &[&tenant, id, &changed.to],
+            )
+            .await?;
+        }
         Some(OpportunityEvent::StageChanged(changed)) => {
             let at: Time = changed.occurred_at.into();
             tx.execute(

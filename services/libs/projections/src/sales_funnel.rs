@@ -318,6 +318,38 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
     // What the event changes besides the state: visits, closing and reason.
     // (closes, closed_at, loss reason)
     let closing: Option<(Option<Time>, Option<String>)> = match &*decoded {
+        // Following a new pipeline version into the stage mapped for its
+        // dropped one: the same visit, under the stage's new key.
+        OpportunityEvent::StageChanged(changed) if changed.pipeline_version.is_some() => {
+            let version = changed
+                .pipeline_version
+                .map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+            tx.execute(
+                "UPDATE stage_visit SET stage = $3 \
+                 WHERE tenant_id = $1 AND deal_id = $2 AND exited_at IS NULL",
+                &[&event.tenant_id, &event.stream_id, &changed.to],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE sales_funnel_deals SET pipeline_version = $3 \
+                 WHERE tenant_id = $1 AND deal_id = $2",
+                &[&event.tenant_id, &event.stream_id, &version],
+            )
+            .await?;
+            None
+        }
+        OpportunityEvent::DetailsUpdated(updated) => {
+            if let Some(change) = &updated.changes.pipeline_version {
+                let version = i32::try_from(change.new).unwrap_or(i32::MAX);
+                tx.execute(
+                    "UPDATE sales_funnel_deals SET pipeline_version = $3 \
+                     WHERE tenant_id = $1 AND deal_id = $2",
+                    &[&event.tenant_id, &event.stream_id, &version],
+                )
+                .await?;
+            }
+            None
+        }
         OpportunityEvent::StageChanged(changed) => {
             let at: Time = changed.occurred_at.into();
             let kind = match changed.direction {
