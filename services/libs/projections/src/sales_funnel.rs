@@ -198,6 +198,24 @@ static OPEN_VISIT: &str = "sales_funnel: the deal's open visit";
 /// visit is closed before the next is entered). In a rebuild that
 /// remembers which it is, by its row's key: an UPDATE of a visit entered
 /// earlier in the chunk then folds into the visit's insert.
+/// The deal follows `version` of its pipeline, when set.
+async fn set_version(
+    tx: &crate::Tx<'_>,
+    event: &RecordedEvent,
+    version: Option<u32>,
+) -> Result<(), ApplyError> {
+    if let Some(version) = version {
+        let version = i32::try_from(version).unwrap_or(i32::MAX);
+        tx.execute(
+            "UPDATE sales_funnel_deals SET pipeline_version = $3 \
+             WHERE tenant_id = $1 AND deal_id = $2",
+            &[&event.tenant_id, &event.stream_id, &version],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn exit_visit(
     tx: &crate::Tx<'_>,
     event: &RecordedEvent,
@@ -321,33 +339,18 @@ async fn apply_deal(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(), App
         // Following a new pipeline version into the stage mapped for its
         // dropped one: the same visit, under the stage's new key.
         OpportunityEvent::StageChanged(changed) if changed.pipeline_version.is_some() => {
-            let version = changed
-                .pipeline_version
-                .map(|v| i32::try_from(v).unwrap_or(i32::MAX));
             tx.execute(
                 "UPDATE stage_visit SET stage = $3 \
                  WHERE tenant_id = $1 AND deal_id = $2 AND exited_at IS NULL",
                 &[&event.tenant_id, &event.stream_id, &changed.to],
             )
             .await?;
-            tx.execute(
-                "UPDATE sales_funnel_deals SET pipeline_version = $3 \
-                 WHERE tenant_id = $1 AND deal_id = $2",
-                &[&event.tenant_id, &event.stream_id, &version],
-            )
-            .await?;
+            set_version(tx, event, changed.pipeline_version).await?;
             None
         }
         OpportunityEvent::DetailsUpdated(updated) => {
-            if let Some(change) = &updated.changes.pipeline_version {
-                let version = i32::try_from(change.new).unwrap_or(i32::MAX);
-                tx.execute(
-                    "UPDATE sales_funnel_deals SET pipeline_version = $3 \
-                     WHERE tenant_id = $1 AND deal_id = $2",
-                    &[&event.tenant_id, &event.stream_id, &version],
-                )
-                .await?;
-            }
+            let version = updated.changes.pipeline_version.as_ref().map(|c| c.new);
+            set_version(tx, event, version).await?;
             None
         }
         OpportunityEvent::StageChanged(changed) => {
