@@ -1773,3 +1773,26 @@ async fn a_frozen_period_keeps_its_statement_and_late_credits_post_to_the_curren
         (4_000_000, 400_000)
     );
 }
+
+/// A read-model query PostgreSQL refuses for good is INTERNAL (a retry would
+/// fail the same way); one it could not finish this time is UNAVAILABLE.
+#[tokio::test]
+async fn deterministic_query_failures_are_internal_and_transient_ones_unavailable() {
+    let app = TestApp::spawn().await;
+    let db = app.db.client().await;
+    let status = crm::query::unavailable(db.query("SELECT 1 / 0", &[]).await.unwrap_err());
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("22012"), "{status:?}");
+    let status = crm::query::unavailable(
+        db.query("SELECT * FROM no_such_read_model", &[])
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    db.batch_execute("SET statement_timeout = 1").await.unwrap();
+    let status = crm::query::unavailable(db.query("SELECT pg_sleep(1)", &[]).await.unwrap_err());
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = crm::query::unavailable("pool timed out".to_owned());
+    assert_eq!(status.code(), Code::Unavailable);
+    app.stop().await;
+}

@@ -58,14 +58,10 @@ impl ProjectionsAdmin for ProjectionsAdminService {
         request: Request<ListProjectionsRequest>,
     ) -> Result<Response<ListProjectionsReply>, Status> {
         admin(request.metadata())?;
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+        let client = self.pool.get().await.map_err(super::unavailable)?;
         let statuses = crm_projections::statuses(&client)
             .await
-            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+            .map_err(super::unavailable)?;
         Ok(Response::new(ListProjectionsReply {
             projections: statuses
                 .into_iter()

@@ -214,7 +214,25 @@ pub(crate) fn date(field: &'static str, text: &str) -> Result<jiff::civil::Date,
     Ok(date)
 }
 
-pub(crate) fn unavailable(error: impl std::fmt::Display) -> Status {
+/// The status of a failed read-model query. PostgreSQL's deterministic
+/// refusals (SQLSTATE classes 22 data exception, 23 integrity, 42 syntax or
+/// access, XX internal) would fail again on retry: INTERNAL, naming only the
+/// SQLSTATE (the server logs the rest, which may quote data). Everything else
+/// (a lost connection, a busy pool, a cancelled or conflicting statement) is
+/// UNAVAILABLE: a retry may succeed.
+pub fn unavailable<E: std::fmt::Display + 'static>(error: E) -> Status {
+    let any: &dyn std::any::Any = &error;
+    if let Some(code) = any
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::code)
+        && matches!(code.code().get(..2), Some("22" | "23" | "42" | "XX"))
+    {
+        tracing::error!(%error, sqlstate = code.code(), "read-model query failed");
+        return Status::internal(format!(
+            "read models: the query failed (SQLSTATE {})",
+            code.code()
+        ));
+    }
     Status::unavailable(format!("read models: {error}"))
 }
 

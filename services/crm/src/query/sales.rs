@@ -351,7 +351,7 @@ impl SalesQueries for SalesService {
                 &[&caller.tenant.as_str(), &pipeline_id, &request.owner],
             )
             .await
-            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+            .map_err(super::unavailable)?;
         let stages = rows
             .iter()
             .map(|row| StageColumn {
@@ -396,7 +396,7 @@ impl SalesQueries for SalesService {
                 &[&caller.tenant.as_str(), &from, &to, &request.owner],
             )
             .await
-            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+            .map_err(super::unavailable)?;
         let rate = |won: i128, lost: i128| -> u32 {
             if won + lost <= 0 {
                 0
@@ -460,7 +460,7 @@ impl SalesQueries for SalesService {
                 ],
             )
             .await
-            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+            .map_err(super::unavailable)?;
         // Each category counts in itself and every wider one.
         const LADDER: [&str; 4] = ["closed", "commit", "best_case", "pipeline"];
         let mut currencies: Vec<ForecastByCurrency> = Vec::new();
