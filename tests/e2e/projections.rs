@@ -2446,7 +2446,7 @@ async fn a_projector_whose_deferred_write_fails_stops_on_that_event() {
 }
 
 #[tokio::test]
-async fn admins_list_and_rebuild_projections_over_grpc() {
+async fn operators_list_and_rebuild_projections_over_grpc() {
     use crm_proto::v1::projections_admin_client::ProjectionsAdminClient;
     use crm_proto::v1::{ListProjectionsRequest, RebuildProjectionRequest};
     use tokio_stream::StreamExt;
@@ -2459,15 +2459,30 @@ async fn admins_list_and_rebuild_projections_over_grpc() {
         .unwrap()
         .into_inner();
     let mut admin = ProjectionsAdminClient::new(app.channel.clone());
-    fn as_admin<T>(app: &TestApp, message: T) -> tonic::Request<T> {
+    fn with_role<T>(app: &TestApp, message: T, role: &str) -> tonic::Request<T> {
         let mut request = app.request(message);
         request
             .metadata_mut()
-            .insert("x-roles", "admin".parse().unwrap());
+            .insert("x-roles", role.parse().unwrap());
         request
+    }
+    fn as_admin<T>(app: &TestApp, message: T) -> tonic::Request<T> {
+        with_role(app, message, "operator")
     }
     let status = admin
         .list_projections(app.request(ListProjectionsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // A tenant's admin does not operate what every tenant shares.
+    let status = admin
+        .rebuild_projection(with_role(
+            &app,
+            RebuildProjectionRequest {
+                name: PIPELINE_BOARD.into(),
+            },
+            "admin",
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -2520,6 +2535,7 @@ async fn admins_list_and_rebuild_projections_over_grpc() {
         "customer_lifecycle",
         "router",
         "data_quality",
+        "pipeline_follow",
     ] {
         let status = admin
             .rebuild_projection(as_admin(

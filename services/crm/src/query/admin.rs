@@ -41,9 +41,11 @@ impl ProjectionsAdminService {
     }
 }
 
+/// The read models are shared by every tenant: operating them is for the
+/// platform's operators, not a tenant's admin.
 fn admin(request_metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
     let caller = Caller::from_metadata(request_metadata)?;
-    crate::command::require_role(&caller, &["admin"], "operate projections")?;
+    crate::command::require_role(&caller, &["operator"], "operate projections")?;
     Ok(())
 }
 
