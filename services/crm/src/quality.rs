@@ -166,7 +166,9 @@ CREATE TABLE IF NOT EXISTS dq_unmatched_orders (
 );
 -- The ERP customer it names: linking an account to it resolves the order.
 ALTER TABLE dq_unmatched_orders ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '';
-ALTER TABLE dq_unmatched_orders ADD COLUMN IF NOT EXISTS customer_ref text NOT NULL DEFAULT ''";
+ALTER TABLE dq_unmatched_orders ADD COLUMN IF NOT EXISTS customer_ref text NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS dq_unmatched_orders_by_customer
+    ON dq_unmatched_orders (tenant_id, source, customer_ref)";
 
 pub struct DataQuality {
     handler: CommandHandler,

@@ -122,7 +122,7 @@ pub(crate) async fn ready_all(
     options: Option<QueryOptions>,
     wait: Duration,
 ) -> Result<(deadpool_postgres::Object, u64), Status> {
-    let unavailable = |e: &dyn std::fmt::Display| Status::unavailable(format!("read models: {e}"));
+    let not_ready = |e: &dyn std::fmt::Display| Status::unavailable(format!("read models: {e}"));
     let min_position = options.map_or(0, |o| o.min_position);
     let deadline = tokio::time::Instant::now() + wait;
     // In-process projectors: wait on their positions.
@@ -144,13 +144,13 @@ pub(crate) async fn ready_all(
                 }
             }
         }
-        let client = read_models.pool.get().await.map_err(|e| unavailable(&e))?;
+        let client = read_models.pool.get().await.map_err(|e| not_ready(&e))?;
         return Ok((client, if lowest == u64::MAX { 0 } else { lowest }));
     }
     let names: Vec<&str> = projections.to_vec();
     let mut pause = Duration::from_millis(2);
     loop {
-        let client = read_models.pool.get().await.map_err(|e| unavailable(&e))?;
+        let client = read_models.pool.get().await.map_err(|e| not_ready(&e))?;
         let row = client
             .query_one(
                 "SELECT name, position FROM projections WHERE name = ANY($1) \
@@ -158,7 +158,7 @@ pub(crate) async fn ready_all(
                 &[&names],
             )
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| not_ready(&e))?;
         let lowest = row
             .get::<_, Option<i64>>(1)
             .map_or(0, |p| u64::try_from(p).unwrap_or(0));
@@ -218,14 +218,16 @@ pub(crate) fn date(field: &'static str, text: &str) -> Result<jiff::civil::Date,
 /// refusals (SQLSTATE classes 22 data exception, 23 integrity, 42 syntax or
 /// access, XX internal) would fail again on retry: INTERNAL, naming only the
 /// SQLSTATE (the server logs the rest, which may quote data). Everything else
-/// (a lost connection, a busy pool, a cancelled or conflicting statement) is
-/// UNAVAILABLE: a retry may succeed.
+/// (a lost connection, a busy pool, a cancelled or conflicting statement, and
+/// an undefined table or column, which a rolling deploy or a rebuild's swap
+/// can cause for a moment) is UNAVAILABLE: a retry may succeed.
 pub fn unavailable<E: std::fmt::Display + 'static>(error: E) -> Status {
     let any: &dyn std::any::Any = &error;
     if let Some(code) = any
         .downcast_ref::<tokio_postgres::Error>()
         .and_then(tokio_postgres::Error::code)
         && matches!(code.code().get(..2), Some("22" | "23" | "42" | "XX"))
+        && !matches!(code.code(), "42P01" | "42703")
     {
         tracing::error!(%error, sqlstate = code.code(), "read-model query failed");
         return Status::internal(format!(

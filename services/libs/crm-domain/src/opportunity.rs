@@ -484,8 +484,9 @@ impl Aggregate for Opportunity {
     type Event = OpportunityEvent;
     const STREAM_TYPE: &'static str = "opportunity";
     /// 2: an owner change moves `owner` (the outcome's credit) too; 3: the
-    /// state keeps the primary contact (stages may require one).
-    const SNAPSHOT_VERSION: u32 = 3;
+    /// state keeps the primary contact (stages may require one); 4: a deal
+    /// following a new pipeline version keeps its stalled flag.
+    const SNAPSHOT_VERSION: u32 = 4;
 
     fn exists(&self) -> bool {
         self.exists

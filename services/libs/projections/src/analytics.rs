@@ -237,7 +237,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
                  ON CONFLICT (tenant_id, order_id) DO UPDATE SET \
                    account_id = COALESCE(EXCLUDED.account_id, an_orders.account_id), \
-                   customer_ref = EXCLUDED.customer_ref, \
+                   source = EXCLUDED.source, customer_ref = EXCLUDED.customer_ref, \
                    status = EXCLUDED.status, paid = an_orders.paid OR EXCLUDED.paid, \
                    net_minor = EXCLUDED.net_minor, cost_minor = EXCLUDED.cost_minor, \
                    currency = EXCLUDED.currency, deal_id = EXCLUDED.deal_id",

@@ -194,10 +194,6 @@ async fn apply_settings(tx: &crate::Tx<'_>, event: &RecordedEvent) -> Result<(),
 /// `static`: the cache tells its entries apart by this text's address.
 static OPEN_VISIT: &str = "sales_funnel: the deal's open visit";
 
-/// Closes the deal's open visit, if any. A deal has at most one (each
-/// visit is closed before the next is entered). In a rebuild that
-/// remembers which it is, by its row's key: an UPDATE of a visit entered
-/// earlier in the chunk then folds into the visit's insert.
 /// The deal follows `version` of its pipeline, when set.
 async fn set_version(
     tx: &crate::Tx<'_>,
@@ -216,6 +212,10 @@ async fn set_version(
     Ok(())
 }
 
+/// Closes the deal's open visit, if any. A deal has at most one (each
+/// visit is closed before the next is entered). In a rebuild that
+/// remembers which it is, by its row's key: an UPDATE of a visit entered
+/// earlier in the chunk then folds into the visit's insert.
 async fn exit_visit(
     tx: &crate::Tx<'_>,
     event: &RecordedEvent,
