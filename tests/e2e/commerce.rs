@@ -590,3 +590,126 @@ async fn orders_recorded_before_their_customer_is_linked_resolve_in_the_read_mod
     );
     app.stop().await;
 }
+
+/// An order the command path recorded unlinked just as its ERP customer was
+/// linked (the lookup raced the link) resolves when the read models see it.
+#[tokio::test]
+async fn an_order_that_raced_its_customers_link_resolves_on_arrival() {
+    use crm_event_store::{
+        AppendEvents, EventStore, ExpectedVersion, Metadata, NewEvent, StoreOptions, StreamAppend,
+    };
+    let app = TestApp::spawn().await;
+    let account = CreateAccountRequest {
+        kind: AccountKind::Company.into(),
+        name: "Acme".into(),
+        ..Default::default()
+    };
+    let acme = app
+        .accounts()
+        .create_account(app.request(account))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let acme_id = uuid::Uuid::parse_str(&acme).unwrap();
+    app.commerce()
+        .record_customer(app.erp(customer(&acme, 1, "")))
+        .await
+        .unwrap();
+    // The order as the command path would have stored it had its lookup
+    // run just before the link: no account, the linked customer's ref.
+    let template = RecordOrderRequest {
+        customer_tax_id: String::new(),
+        customer_ref: "C-99".into(),
+        ..order(1, "paid")
+    };
+    app.commerce()
+        .record_order(app.erp(template))
+        .await
+        .unwrap();
+    let stored = app.stored().await;
+    let mut payload = stored
+        .iter()
+        .find(|(t, _, _)| t == "OrderRecorded")
+        .unwrap()
+        .1
+        .clone();
+    assert!(
+        payload
+            .get("account_id")
+            .is_none_or(serde_json::Value::is_null)
+    );
+    payload["customer_ref"] = "C-42".into();
+    payload["external"]["external_id"] = "SO-RACE".into();
+    let order_id = uuid::Uuid::now_v7();
+    let store = EventStore::connect(app.db.config(), StoreOptions::default())
+        .await
+        .unwrap();
+    store
+        .append(AppendEvents {
+            tenant_id: crm_domain::TenantId::parse(&app.tenant).unwrap(),
+            streams: vec![StreamAppend {
+                stream_type: "order".into(),
+                stream_id: order_id,
+                expected: ExpectedVersion::NoStream,
+                events: vec![NewEvent::new("OrderRecorded", payload)],
+            }],
+            idempotency_key: None,
+            metadata: Metadata {
+                actor: "service:erp".into(),
+                ..Metadata::default()
+            },
+            reservations: Vec::new(),
+            subject_keys: Vec::new(),
+            request_fingerprint: None,
+        })
+        .await
+        .unwrap();
+    let db = app.db.client().await;
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "the raced order on its account in every read model",
+        || async {
+            let c360: Option<uuid::Uuid> = db
+                .query_opt(
+                    "SELECT account_id FROM c360_orders WHERE order_id = $1",
+                    &[&order_id],
+                )
+                .await
+                .unwrap()?
+                .get(0);
+            let analytics: Option<uuid::Uuid> = db
+                .query_opt(
+                    "SELECT account_id FROM an_orders WHERE order_id = $1",
+                    &[&order_id],
+                )
+                .await
+                .unwrap()?
+                .get(0);
+            let unmatched = db
+                .query_opt(
+                    "SELECT 1 FROM dq_unmatched_orders WHERE order_id = $1",
+                    &[&order_id],
+                )
+                .await
+                .unwrap()
+                .is_some();
+            // The data-quality process manager has seen the raced order
+            // (the last event) when its position reached it.
+            let dq_caught_up = db
+                .query_opt(
+                    "SELECT 1 FROM projections WHERE name = 'data_quality' \
+                     AND position >= (SELECT max(global_position) FROM events)",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .is_some();
+            (c360 == Some(acme_id) && analytics == Some(acme_id) && !unmatched && dq_caught_up)
+                .then_some(())
+        },
+    )
+    .await;
+    store.shutdown().await;
+    app.stop().await;
+}

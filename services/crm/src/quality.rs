@@ -168,7 +168,15 @@ CREATE TABLE IF NOT EXISTS dq_unmatched_orders (
 ALTER TABLE dq_unmatched_orders ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '';
 ALTER TABLE dq_unmatched_orders ADD COLUMN IF NOT EXISTS customer_ref text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS dq_unmatched_orders_by_customer
-    ON dq_unmatched_orders (tenant_id, source, customer_ref)";
+    ON dq_unmatched_orders (tenant_id, source, customer_ref);
+-- Which account each ERP customer is linked to: an order recorded unlinked
+-- just as its customer was linked is matched on arrival.
+CREATE TABLE IF NOT EXISTS dq_erp_links (
+    tenant_id   text NOT NULL,
+    source      text NOT NULL,
+    external_id text NOT NULL,
+    PRIMARY KEY (tenant_id, source, external_id)
+)";
 
 pub struct DataQuality {
     handler: CommandHandler,
@@ -1071,6 +1079,12 @@ impl DataQuality {
         }
         for (source, customer_ref) in &effect.links {
             tx.execute(
+                "INSERT INTO dq_erp_links (tenant_id, source, external_id) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING",
+                &[&tenant.as_str(), source, customer_ref],
+            )
+            .await?;
+            tx.execute(
                 "DELETE FROM dq_unmatched_orders \
                  WHERE tenant_id = $1 AND source = $2 AND customer_ref = $3",
                 &[&tenant.as_str(), source, customer_ref],
@@ -1292,7 +1306,21 @@ impl DataQuality {
 
     async fn on_order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         if let Some(OrderEvent::Recorded(order)) = decode::<OrderEvent>(event)? {
-            if order.account_id.is_some() {
+            let linked = order.account_id.is_some()
+                || (!order.customer_ref.is_empty()
+                    && tx
+                        .query_opt(
+                            "SELECT 1 FROM dq_erp_links \
+                             WHERE tenant_id = $1 AND source = $2 AND external_id = $3",
+                            &[
+                                &event.tenant_id,
+                                &order.external.source,
+                                &order.customer_ref,
+                            ],
+                        )
+                        .await?
+                        .is_some());
+            if linked {
                 tx.execute(
                     "DELETE FROM dq_unmatched_orders WHERE tenant_id = $1 AND order_id = $2",
                     &[&event.tenant_id, &event.stream_id],
@@ -1529,6 +1557,7 @@ impl Projection for DataQuality {
             "dq_settings",
             "dq_activity_targets",
             "dq_unmatched_orders",
+            "dq_erp_links",
         ]
     );
 

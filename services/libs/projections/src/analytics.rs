@@ -70,6 +70,15 @@ ALTER TABLE an_orders ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '';
 ALTER TABLE an_orders ADD COLUMN IF NOT EXISTS customer_ref text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS an_orders_unlinked ON an_orders (tenant_id, source, customer_ref)
     WHERE account_id IS NULL;
+-- Which account each ERP customer is linked to: an order recorded unlinked
+-- just as its customer was linked resolves on arrival.
+CREATE TABLE IF NOT EXISTS an_erp_links (
+    tenant_id   text NOT NULL,
+    source      text NOT NULL,
+    external_id text NOT NULL,
+    account_id  uuid NOT NULL,
+    PRIMARY KEY (tenant_id, source, external_id)
+);
 CREATE TABLE IF NOT EXISTS an_payments (
     tenant_id  text NOT NULL,
     payment_id uuid NOT NULL,
@@ -211,6 +220,13 @@ async fn resolve_orders(
 ) -> Result<(), ApplyError> {
     for (source, customer_ref) in crm_domain::account::new_links(changes) {
         tx.execute(
+            "INSERT INTO an_erp_links (tenant_id, account_id, source, external_id) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, source, external_id) \
+             DO UPDATE SET account_id = EXCLUDED.account_id",
+            &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
+        )
+        .await?;
+        tx.execute(
             "UPDATE an_orders SET account_id = $2 \
              WHERE tenant_id = $1 AND account_id IS NULL AND source = $3 AND customer_ref = $4",
             &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
@@ -231,6 +247,18 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 .map(|line| line.line_cost.as_ref().map(|c| c.amount_minor))
                 .sum();
             let ordered_at: Time = order.occurred_at.into();
+            let account_id = match order.account_id {
+                Some(id) => Some(id),
+                None if !order.customer_ref.is_empty() => tx
+                    .query_opt(
+                        "SELECT account_id FROM an_erp_links \
+                         WHERE tenant_id = $1 AND source = $2 AND external_id = $3",
+                        &[tenant, &order.external.source, &order.customer_ref],
+                    )
+                    .await?
+                    .map(|row| row.get::<_, uuid::Uuid>(0)),
+                None => None,
+            };
             tx.execute(
                 "INSERT INTO an_orders (tenant_id, order_id, account_id, status, paid, cancelled, \
                    net_minor, cost_minor, currency, ordered_at, deal_id, source, customer_ref) \
@@ -244,7 +272,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 &[
                     tenant,
                     id,
-                    &order.account_id,
+                    &account_id,
                     &order.status,
                     &crm_domain::commerce::PAID_STATUSES.contains(&order.status.as_str()),
                     // Not cancelled (a parameter: see `bulk::CopyIn`).
@@ -490,6 +518,7 @@ impl Projection for Analytics {
             "an_accounts",
             "an_customer_spells",
             "an_orders",
+            "an_erp_links",
             "an_payments",
             "an_refunds",
             "an_nps",

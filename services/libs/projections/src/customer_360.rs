@@ -168,6 +168,15 @@ CREATE INDEX IF NOT EXISTS c360_orders_by_account ON c360_orders (tenant_id, acc
 ALTER TABLE c360_orders ADD COLUMN IF NOT EXISTS customer_ref text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS c360_orders_unlinked ON c360_orders (tenant_id, source, customer_ref)
     WHERE account_id IS NULL;
+-- Which account each ERP customer is linked to: an order recorded unlinked
+-- just as its customer was linked resolves on arrival.
+CREATE TABLE IF NOT EXISTS c360_erp_links (
+    tenant_id   text NOT NULL,
+    source      text NOT NULL,
+    external_id text NOT NULL,
+    account_id  uuid NOT NULL,
+    PRIMARY KEY (tenant_id, source, external_id)
+);
 CREATE TABLE IF NOT EXISTS c360_invoices (
     tenant_id     text        NOT NULL,
     invoice_id    uuid        NOT NULL,
@@ -880,6 +889,13 @@ async fn resolve_orders(
 ) -> Result<(), ApplyError> {
     for (source, customer_ref) in crm_domain::account::new_links(changes) {
         tx.execute(
+            "INSERT INTO c360_erp_links (tenant_id, account_id, source, external_id) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, source, external_id) \
+             DO UPDATE SET account_id = EXCLUDED.account_id",
+            &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
+        )
+        .await?;
+        tx.execute(
             "UPDATE c360_orders SET account_id = $2 \
              WHERE tenant_id = $1 AND account_id IS NULL AND source = $3 AND customer_ref = $4",
             &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
@@ -894,6 +910,18 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     match crate::state::decoded::<OrderEvent>(event)?.as_deref() {
         Some(OrderEvent::Recorded(order)) => {
             let at: Time = order.occurred_at.into();
+            let account_id = match order.account_id {
+                Some(id) => Some(id),
+                None if !order.customer_ref.is_empty() => tx
+                    .query_opt(
+                        "SELECT account_id FROM c360_erp_links \
+                         WHERE tenant_id = $1 AND source = $2 AND external_id = $3",
+                        &[tenant, &order.external.source, &order.customer_ref],
+                    )
+                    .await?
+                    .map(|row| row.get::<_, Uuid>(0)),
+                None => None,
+            };
             tx.execute(
                 "INSERT INTO c360_orders (tenant_id, order_id, account_id, source, external_id, \
                    status, cancelled, cancel_reason, net_minor, tax_minor, gross_minor, currency, \
@@ -911,7 +939,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 &[
                     tenant,
                     id,
-                    &order.account_id,
+                    &account_id,
                     &order.external.source,
                     &order.external.external_id,
                     &order.status,
@@ -1077,6 +1105,7 @@ impl Projection for Customer360 {
             "c360_invoices",
             "c360_payments",
             "c360_timeline",
+            "c360_erp_links",
         ]
     );
 
