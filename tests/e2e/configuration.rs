@@ -340,7 +340,21 @@ async fn sales_targets_are_allocated_top_down() {
                 .await
                 .unwrap_err()
         ),
-        ["period"]
+        ["quarter"]
+    );
+    let bad = AllocateSalesTargetRequest {
+        month: 4,
+        parent: "x".repeat(201),
+        ..allocate("user:rep", "team:emea", 1, 1)
+    };
+    assert_eq!(
+        bad_fields(
+            &app.configuration()
+                .allocate_sales_target(with_roles(&app, bad, "sales_manager"))
+                .await
+                .unwrap_err()
+        ),
+        ["month", "parent"]
     );
     app.stop().await;
 }

@@ -13,6 +13,7 @@ mod demo;
 mod engagement;
 mod event_log;
 mod leads;
+mod limits;
 mod opportunities;
 mod projections;
 mod quality;

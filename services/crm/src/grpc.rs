@@ -82,18 +82,30 @@ pub(crate) async fn serve(
     let configuration = command_service!(ConfigurationServer, ConfigurationService);
     let records = command_service!(RecordsServer, RecordsService);
     let event_log = services.event_log.map(EventLogServer::new);
-    let sales = services.sales.map(SalesQueriesServer::new);
-    let service = services.service.map(ServiceQueriesServer::new);
-    let analytics = services
-        .analytics
-        .map(crm_proto::v1::analytics_queries_server::AnalyticsQueriesServer::new);
-    let admin = services.admin.map(ProjectionsAdminServer::new);
-    let quality = services
-        .quality
-        .map(crm_proto::v1::data_quality_server::DataQualityServer::new);
-    let customer360 = services
-        .customer360
-        .map(crm_proto::v1::customer360_server::Customer360Server::new);
+    // Query requests are small; DataQuality also takes a command
+    // (DismissDuplicate): every service gets the commands' request limit.
+    let limit = crate::command::MAX_REQUEST_BYTES;
+    let sales = services
+        .sales
+        .map(|s| SalesQueriesServer::new(s).max_decoding_message_size(limit));
+    let service = services
+        .service
+        .map(|s| ServiceQueriesServer::new(s).max_decoding_message_size(limit));
+    let analytics = services.analytics.map(|s| {
+        crm_proto::v1::analytics_queries_server::AnalyticsQueriesServer::new(s)
+            .max_decoding_message_size(limit)
+    });
+    let admin = services
+        .admin
+        .map(|s| ProjectionsAdminServer::new(s).max_decoding_message_size(limit));
+    let quality = services.quality.map(|s| {
+        crm_proto::v1::data_quality_server::DataQualityServer::new(s)
+            .max_decoding_message_size(limit)
+    });
+    let customer360 = services.customer360.map(|s| {
+        crm_proto::v1::customer360_server::Customer360Server::new(s)
+            .max_decoding_message_size(limit)
+    });
     let address = listener.local_addr().ok();
     // Small unary replies must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener)

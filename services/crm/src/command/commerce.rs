@@ -1,7 +1,7 @@
 //! `crm.v1.Commerce`: ERP upserts keyed by (source, external id).
 use crm_domain::account::{
     Account, AccountCommand, CreditTerms, EXTERNAL_REF, external_ref_key, normalize_tax_id,
-    validate_erp_sync,
+    validate_erp_sync, validated_tax_id,
 };
 use crm_domain::commerce::{
     ExternalRef, Invoice, Order, OrderCommand, OrderLine, OrderTotals, Payment, PaymentCommand,
@@ -110,6 +110,25 @@ fn derived_id(tenant: &TenantId, stream_type: &str, external: &ExternalRef) -> U
     )
 }
 
+/// A reference to a record the ERP sent before: its key, checked before the
+/// record is looked up.
+fn reference(field: &str, key: &ExternalRef) -> Result<(), ServiceError> {
+    let mut v = crm_domain::Violations::default();
+    key.validate_key(field, &mut v);
+    v.into_result().map_err(ServiceError::Domain)
+}
+
+/// Counted before each is parsed.
+fn count_orders(order_ids: &[String]) -> Result<(), ServiceError> {
+    if order_ids.len() > crm_domain::commerce::MAX_ORDER_IDS {
+        return Err(ServiceError::invalid(
+            "order_ids",
+            "must have at most 100 orders",
+        ));
+    }
+    Ok(())
+}
+
 fn external(
     field: &'static str,
     value: Option<pb::ExternalRef>,
@@ -160,7 +179,8 @@ impl Commerce for CommerceService {
             account_id = self.holder(&caller.tenant, EXTERNAL_REF, &key).await?;
         }
         if account_id.is_none() && !request.customer_tax_id.is_empty() {
-            let tax_id = normalize_tax_id(&request.customer_tax_id);
+            let tax_id = validated_tax_id("customer_tax_id", &request.customer_tax_id)
+                .map_err(ServiceError::Domain)?;
             account_id = self.holder(&caller.tenant, "tax_id", &tax_id).await?;
         }
         let lines = request
@@ -224,6 +244,7 @@ impl Commerce for CommerceService {
         let request = request.into_inner();
         let mut options = Options::parse("CancelOrder", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
+        reference("external", &external)?;
         if options.idempotency_key.is_none() {
             server_key(
                 &mut options,
@@ -251,6 +272,7 @@ impl Commerce for CommerceService {
         let request = request.into_inner();
         let options = Options::parse("RecordInvoice", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
+        count_orders(&request.order_ids)?;
         let order_ids = request
             .order_ids
             .iter()
@@ -283,6 +305,7 @@ impl Commerce for CommerceService {
         let request = request.into_inner();
         let options = Options::parse("RecordPayment", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
+        count_orders(&request.order_ids)?;
         let order_ids = request
             .order_ids
             .iter()
@@ -308,6 +331,7 @@ impl Commerce for CommerceService {
         let request = request.into_inner();
         let mut options = Options::parse("IssueRefund", request.options.as_ref(), &request)?;
         let payment = external("payment", request.payment)?;
+        reference("payment", &payment)?;
         if options.idempotency_key.is_none() && !request.refund_id.is_empty() {
             // A refund id is unique within its payment, not its source.
             server_key(

@@ -147,7 +147,7 @@ impl Leads for LeadsService {
             Some(deal) => Some(crate::command::DealRequest {
                 name: deal.name,
                 pipeline_id: parse_id("opportunity.pipeline_id", &deal.pipeline_id, false)?,
-                stage: deal.stage,
+                stage: super::opportunities::stage_key("opportunity.stage", deal.stage)?,
                 amount: super::fields::money("opportunity.amount", deal.amount)?,
                 close_date: super::fields::date("opportunity.close_date", &deal.close_date)?,
                 owner: if deal.owner.is_empty() {

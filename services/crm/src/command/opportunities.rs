@@ -101,6 +101,15 @@ impl OpportunitiesService {
     }
 }
 
+/// A stage key as a request names it, checked before any lookup.
+pub(crate) fn stage_key(field: &str, value: String) -> Result<String, ServiceError> {
+    if crm_domain::common::is_code(&value, 64) {
+        Ok(value)
+    } else {
+        Err(ServiceError::invalid(field, "must be a code of [a-z0-9_]"))
+    }
+}
+
 fn category(field: &'static str, value: &str) -> Result<ForecastCategory, ServiceError> {
     ForecastCategory::parse(value).ok_or_else(|| {
         ServiceError::invalid(
@@ -201,7 +210,7 @@ impl Opportunities for OpportunitiesService {
             account_id,
             contact_id,
             pipeline_id,
-            stage: request.stage,
+            stage: stage_key("stage", request.stage)?,
             amount: money("amount", request.amount)?,
             close_date: date("close_date", &request.close_date)?,
             owner: if request.owner.is_empty() {
@@ -239,7 +248,7 @@ impl Opportunities for OpportunitiesService {
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
         let facts = self.deal_facts(&caller, id).await?;
         let command = OpportunityCommand::ChangeStage {
-            to: request.stage,
+            to: stage_key("stage", request.stage)?,
             facts,
         };
         let reply = self
@@ -460,7 +469,7 @@ impl Opportunities for OpportunitiesService {
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
         let facts = self.deal_facts(&caller, id).await?;
         let command = OpportunityCommand::Reopen {
-            stage: request.stage,
+            stage: stage_key("stage", request.stage)?,
             facts,
         };
         let reply = self

@@ -395,6 +395,14 @@ pub fn validate_erp_sync(
     Ok(tax_id)
 }
 
+/// The normalized tax id, checked, as field `field`.
+pub fn validated_tax_id(field: &str, tax_id: &str) -> Result<String, DomainError> {
+    let mut v = Violations::default();
+    let tax_id = validate_tax_id(field, tax_id, &mut v);
+    v.into_result()?;
+    Ok(tax_id)
+}
+
 /// The normalized tax id, checked.
 fn validate_tax_id(field: &str, tax_id: &str, v: &mut Violations) -> String {
     let tax_id = normalize_tax_id(tax_id);

@@ -27,20 +27,26 @@ pub const MAX_ORDER_IDS: usize = 100;
 impl ExternalRef {
     /// Named as the requests carry it: their `external` field.
     pub fn validate(&self, v: &mut Violations) {
-        v.check(
-            is_code(&self.source, 64),
-            "external.source",
-            "must be a code of [a-z0-9_]",
-        );
-        v.check(
-            text_ok(&self.external_id, 200, false),
-            "external.external_id",
-            "must be 1 to 200 characters",
-        );
+        self.validate_key("external", v);
         v.check(
             self.external_version >= 1,
             "external.external_version",
             "must be at least 1",
+        );
+    }
+
+    /// The source and external id alone (a reference to a record), named
+    /// `<field>.source` and `<field>.external_id`.
+    pub fn validate_key(&self, field: &str, v: &mut Violations) {
+        v.check(
+            is_code(&self.source, 64),
+            format!("{field}.source"),
+            "must be a code of [a-z0-9_]",
+        );
+        v.check(
+            text_ok(&self.external_id, 200, false),
+            format!("{field}.external_id"),
+            "must be 1 to 200 characters",
         );
     }
 }

@@ -216,6 +216,10 @@ pub fn is_e164(value: &str) -> bool {
 /// A well-formed BCP 47 tag (language, optional script, region, variants),
 /// e.g. `en`, `en-GB`, `zh-Hans-CN`.
 pub fn is_bcp47(value: &str) -> bool {
+    // RFC 5646 §4.4.1: 35 characters hold every tag worth keeping.
+    if value.len() > 35 {
+        return false;
+    }
     let mut parts = value.split('-');
     let Some(language) = parts.next() else {
         return false;

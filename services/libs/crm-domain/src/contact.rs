@@ -449,8 +449,9 @@ pub(crate) fn validate_emails(emails: &[Email], field: &str, v: &mut Violations)
     );
     let mut seen = BTreeSet::new();
     for (i, email) in emails.iter().enumerate() {
+        // A lead keeps the address as given: padding counts too.
         v.check(
-            is_email(email.address.trim()),
+            is_email(email.address.trim()) && email.address.len() <= 300,
             format!("{field}[{i}].address"),
             "must be an email address",
         );

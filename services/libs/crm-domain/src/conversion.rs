@@ -83,36 +83,41 @@ pub fn convert(
                     "is required when the lead has no company",
                 ));
             }
-            Account::default().decide(
-                AccountCommand::Create {
-                    self_id: targets.account_id,
-                    details: AccountDetails {
-                        kind: AccountKind::Company,
-                        name: lead.company.clone(),
-                        ..AccountDetails::default()
+            Account::default()
+                .decide(
+                    AccountCommand::Create {
+                        self_id: targets.account_id,
+                        details: AccountDetails {
+                            kind: AccountKind::Company,
+                            name: lead.company.clone(),
+                            ..AccountDetails::default()
+                        },
                     },
-                },
-                context,
-            )?
+                    context,
+                )
+                .map_err(|error| prefixed("lead", error))?
         }
     };
     let mut name = lead.name.clone();
     if name.given.trim().is_empty() {
-        return Err(DomainError::invalid(
-            "name.given",
-            "the lead needs a given name to become a contact",
-        ));
+        // The lead's data, not the request's: it cannot become a contact.
+        return Err(DomainError::RequiredFieldsMissing {
+            stage: "converted".to_owned(),
+            fields: vec!["name.given"],
+        });
     }
     name.given = name.given.trim().to_owned();
-    let created = Contact::default().decide(
-        ContactCommand::Create(ContactDetails {
-            name,
-            emails: lead.emails.clone(),
-            phones: lead.phones.clone(),
-            ..ContactDetails::default()
-        }),
-        context,
-    )?;
+    let created = Contact::default()
+        .decide(
+            ContactCommand::Create(ContactDetails {
+                name,
+                emails: lead.emails.clone(),
+                phones: lead.phones.clone(),
+                ..ContactDetails::default()
+            }),
+            context,
+        )
+        .map_err(|error| prefixed("lead", error))?;
     let state = Contact::default().replay(created.iter());
     let linked = state.decide(
         ContactCommand::LinkToAccount {

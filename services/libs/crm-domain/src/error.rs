@@ -12,11 +12,19 @@ pub struct Violation {
 }
 
 impl Violation {
+    /// A path longer than [`MAX_FIELD_PATH`] (one built from the caller's
+    /// own keys) is cut there, on a character boundary, and marked `…`.
     pub fn new(field: impl Into<String>, rule: &'static str) -> Self {
-        Self {
-            field: field.into(),
-            rule,
+        let mut field = field.into();
+        if field.len() > MAX_FIELD_PATH {
+            let mut end = MAX_FIELD_PATH;
+            while !field.is_char_boundary(end) {
+                end -= 1;
+            }
+            field.truncate(end);
+            field.push('…');
         }
+        Self { field, rule }
     }
 }
 
@@ -101,13 +109,24 @@ impl DomainError {
     }
 }
 
-/// Collects violations, so a command reports every bad field at once.
+/// Collects violations, so a command reports every bad field at once, up
+/// to [`MAX_VIOLATIONS`]: a huge invalid list must not make an error too
+/// large for the caller to read.
 #[derive(Default)]
 pub struct Violations(Vec<Violation>);
 
+/// Violations one error reports at most; later ones are dropped.
+pub const MAX_VIOLATIONS: usize = 100;
+
+/// Longest field path an error names: a path built from the caller's own
+/// keys (a map key, say) is cut there, on a character boundary.
+pub const MAX_FIELD_PATH: usize = 200;
+
 impl Violations {
     pub fn add(&mut self, field: impl Into<String>, rule: &'static str) {
-        self.0.push(Violation::new(field, rule));
+        if self.0.len() < MAX_VIOLATIONS {
+            self.0.push(Violation::new(field, rule));
+        }
     }
 
     pub fn check(&mut self, ok: bool, field: impl Into<String>, rule: &'static str) {
@@ -122,5 +141,33 @@ impl Violations {
         } else {
             Err(DomainError::Invalid(self.0))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_stay_readable_however_bad_the_request() {
+        let mut v = Violations::default();
+        for i in 0..10_000 {
+            v.add(format!("domains[{i}]"), "must be a domain");
+        }
+        v.add("é".repeat(300), "is wrong");
+        let Err(DomainError::Invalid(violations)) = v.into_result() else {
+            panic!("invalid");
+        };
+        assert_eq!(violations.len(), MAX_VIOLATIONS);
+        assert_eq!(violations[99].field, "domains[99]");
+
+        let mut v = Violations::default();
+        v.add(format!("stage_mapping.{}", "é".repeat(300)), "is wrong");
+        let Err(DomainError::Invalid(violations)) = v.into_result() else {
+            panic!("invalid");
+        };
+        assert!(violations[0].field.len() <= MAX_FIELD_PATH + '…'.len_utf8());
+        assert!(violations[0].field.starts_with("stage_mapping.é"));
+        assert!(violations[0].field.ends_with('…'));
     }
 }

@@ -10,6 +10,8 @@ use crate::common::{Lifecycle, LifecycleChanged, Reason, is_code, text_ok};
 use crate::error::{DomainError, Violations};
 
 pub const MAX_TAGS: usize = 50;
+/// Users and teams one record is shared with at most.
+pub const MAX_SHARES: usize = 200;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CommonCommand {
@@ -197,12 +199,22 @@ impl RecordMeta {
             }
             CommonCommand::ChangeTags { add, remove } => {
                 let mut v = Violations::default();
-                for (i, tag) in add.iter().enumerate() {
-                    v.check(
-                        is_code(tag, 64),
-                        format!("add[{i}]"),
-                        "must be a code of [a-z0-9_]",
-                    );
+                v.check(add.len() <= MAX_TAGS, "add", "must have at most 50 tags");
+                v.check(
+                    remove.len() <= MAX_TAGS,
+                    "remove",
+                    "must have at most 50 tags",
+                );
+                v.into_result()?;
+                let mut v = Violations::default();
+                for (field, tags) in [("add", &add), ("remove", &remove)] {
+                    for (i, tag) in tags.iter().enumerate() {
+                        v.check(
+                            is_code(tag, 64),
+                            format!("{field}[{i}]"),
+                            "must be a code of [a-z0-9_]",
+                        );
+                    }
                 }
                 let added: BTreeSet<String> =
                     add.into_iter().filter(|t| !self.tags.contains(t)).collect();
@@ -251,6 +263,11 @@ impl RecordMeta {
                     "grantee",
                     "is the owner already",
                 );
+                v.check(
+                    self.shares.len() < MAX_SHARES || self.shares.contains_key(&grantee),
+                    "grantee",
+                    "a record is shared with at most 200 grantees",
+                );
                 v.into_result()?;
                 if self.shares.get(&grantee)
                     == Some(&Share {
@@ -268,6 +285,12 @@ impl RecordMeta {
                 })])
             }
             CommonCommand::RevokeShare { grantee } => {
+                if !text_ok(&grantee, 200, false) {
+                    return Err(DomainError::invalid(
+                        "grantee",
+                        "must be 1 to 200 characters",
+                    ));
+                }
                 if !self.shares.contains_key(&grantee) {
                     return Ok(vec![]);
                 }

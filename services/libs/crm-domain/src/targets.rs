@@ -155,10 +155,25 @@ impl Aggregate for SalesTargets {
             "node",
             "must be 1 to 200 characters",
         );
+        // The request's fields: a quarter 1-4, a month 1-12 (within the
+        // quarter, when both are given).
+        let period = command.period;
+        let quarter_ok = period.quarter.is_none_or(|q| (1..=4).contains(&q));
+        let month_ok = period.month.is_none_or(|m| (1..=12).contains(&m));
+        v.check(quarter_ok, "quarter", "must be 0 (the year) or 1-4");
+        v.check(month_ok, "month", "must be 0 or 1-12");
         v.check(
-            command.period.valid(),
-            "period",
-            "must be the year, a quarter 1-4 or a month 1-12 (of that quarter)",
+            !(quarter_ok && month_ok) || period.valid(),
+            "month",
+            "must lie within the quarter",
+        );
+        v.check(
+            command
+                .parent
+                .as_deref()
+                .is_none_or(|parent| text_ok(parent, 200, false)),
+            "parent",
+            "must be 1 to 200 characters",
         );
         command.amount.validate("amount", &mut v);
         v.check(
@@ -347,6 +362,6 @@ mod tests {
         };
         given::<SalesTargets>([])
             .when(allocate("company", None, bad, -1))
-            .then_invalid(&["period", "amount.amount_minor"]);
+            .then_invalid(&["month", "amount.amount_minor"]);
     }
 }

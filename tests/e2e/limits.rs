@@ -1,0 +1,157 @@
+//! Request limits found by a systematic pass over the command requests: each
+//! oversized or malformed field is INVALID_ARGUMENT by name, before any
+//! lookup, and stores nothing.
+use crm_proto::v1::{
+    AccountKind, CancelOrderRequest, ChangeOpportunityStageRequest, ChangeTagsRequest,
+    ContactPreferences, CreateAccountRequest, CreateContactRequest, EmailAddress, ExternalRef,
+    IssueRefundRequest, PersonName, RecordOrderRequest, RecordRef, RevokeShareRequest,
+};
+
+use crate::support::{TestApp, bad_fields};
+
+#[tokio::test]
+async fn oversized_and_malformed_fields_are_refused_by_name() {
+    let app = TestApp::spawn().await;
+    let account = app
+        .accounts()
+        .create_account(app.request(CreateAccountRequest {
+            kind: AccountKind::Company.into(),
+            name: "Acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let before = app.stored().await.len();
+    let record = || {
+        Some(RecordRef {
+            r#type: "account".into(),
+            id: account.clone(),
+        })
+    };
+
+    let many: Vec<String> = (0..51).map(|i| format!("tag_{i}")).collect();
+    let status = app
+        .records()
+        .change_tags(app.request(ChangeTagsRequest {
+            record: record(),
+            add: many.clone(),
+            remove: many,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["add", "remove"]);
+    let status = app
+        .records()
+        .change_tags(app.request(ChangeTagsRequest {
+            record: record(),
+            remove: vec!["Not A Code".into()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["remove[0]"]);
+    let status = app
+        .records()
+        .revoke_share(app.request(RevokeShareRequest {
+            record: record(),
+            grantee: "u".repeat(201),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["grantee"]);
+
+    let status = app
+        .opportunities()
+        .change_opportunity_stage(app.request(ChangeOpportunityStageRequest {
+            opportunity_id: uuid::Uuid::now_v7().to_string(),
+            stage: "s".repeat(65),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["stage"]);
+
+    let contact = |language: &str, address: String| CreateContactRequest {
+        name: Some(PersonName {
+            given: "Ana".into(),
+            family: String::new(),
+        }),
+        emails: vec![EmailAddress {
+            address,
+            ..Default::default()
+        }],
+        preferences: Some(ContactPreferences {
+            language: language.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let long_tag = format!("en-{}", ["abcdefgh"; 5].join("-"));
+    let status = app
+        .contacts()
+        .create_contact(app.request(contact(&long_tag, "ana@example.com".into())))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["preferences.language"]);
+    let padded = format!("{}ana@example.com", " ".repeat(400));
+    let status = app
+        .contacts()
+        .create_contact(app.request(contact("en", padded)))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["emails[0].address"]);
+
+    // The ERP's references are checked before they are looked up.
+    let bad_ref = || {
+        Some(ExternalRef {
+            source: "S A P".into(),
+            external_id: "x".repeat(201),
+            external_version: 1,
+        })
+    };
+    let status = app
+        .commerce()
+        .cancel_order(app.erp(CancelOrderRequest {
+            external: bad_ref(),
+            reason: "cancelled".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        ["external.source", "external.external_id"]
+    );
+    let status = app
+        .commerce()
+        .issue_refund(app.erp(IssueRefundRequest {
+            payment: bad_ref(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        ["payment.source", "payment.external_id"]
+    );
+    let status = app
+        .commerce()
+        .record_order(app.erp(RecordOrderRequest {
+            external: Some(ExternalRef {
+                source: "erp".into(),
+                external_id: "SO-1".into(),
+                external_version: 1,
+            }),
+            customer_tax_id: "t".repeat(300),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["customer_tax_id"]);
+    assert_eq!(app.stored().await.len(), before);
+    app.stop().await;
+}
