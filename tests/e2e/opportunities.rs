@@ -344,6 +344,16 @@ async fn bad_deals_and_pipelines_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(error_info(&status).1["field"], "pipeline_id");
+    // Input errors come before the lookups: an unknown account and pipeline
+    // do not hide a bad name.
+    let mut nameless = deal(&unknown, &unknown);
+    nameless.name = " ".into();
+    let status = app
+        .opportunities()
+        .open_opportunity(app.request(nameless))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["name"]);
     let mut won_stage = deal(&account_id, &pipeline_id);
     won_stage.stage = "won".into();
     let status = app

@@ -220,6 +220,8 @@ impl Opportunities for OpportunitiesService {
             },
             source: crm_domain::opportunity::DealSource::default(),
         };
+        // Input errors before the lookups they would spoil.
+        crm_domain::opportunity::validate_details(&details).map_err(ServiceError::Domain)?;
         let facts = self
             .facts(&caller, Some(account_id), Some(pipeline_id))
             .await?;

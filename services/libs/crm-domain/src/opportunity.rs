@@ -389,6 +389,29 @@ pub struct Opportunity {
     pub contact_id: Option<Uuid>,
 }
 
+/// A new deal's own input (name, amount, owner), checked before its facts
+/// matter; the handler checks it before it looks them up.
+pub fn validate_details(details: &DealDetails) -> Result<(), DomainError> {
+    let mut v = Violations::default();
+    v.check(
+        text_ok(&details.name, 200, false),
+        "name",
+        "must be 1 to 200 characters",
+    );
+    details.amount.validate("amount", &mut v);
+    v.check(
+        details.amount.amount_minor >= 0,
+        "amount.amount_minor",
+        "must not be negative",
+    );
+    v.check(
+        text_ok(&details.owner, 200, false),
+        "owner",
+        "must be 1 to 200 characters",
+    );
+    v.into_result()
+}
+
 /// A deal's name: 1 to 200 characters.
 fn v_name(name: &str) -> Result<(), DomainError> {
     let mut v = Violations::default();
@@ -560,24 +583,7 @@ impl Aggregate for Opportunity {
                         holder: None,
                     });
                 }
-                let mut v = Violations::default();
-                v.check(
-                    text_ok(&details.name, 200, false),
-                    "name",
-                    "must be 1 to 200 characters",
-                );
-                details.amount.validate("amount", &mut v);
-                v.check(
-                    details.amount.amount_minor >= 0,
-                    "amount.amount_minor",
-                    "must not be negative",
-                );
-                v.check(
-                    text_ok(&details.owner, 200, false),
-                    "owner",
-                    "must be 1 to 200 characters",
-                );
-                v.into_result()?;
+                validate_details(&details)?;
                 if !facts.account_active {
                     return Err(DomainError::InvalidReference {
                         field: "account_id",
