@@ -72,6 +72,23 @@ fn from_external_id(tenant: &TenantId, external_id: &str) -> Uuid {
     tenant_scoped_id(tenant, &format!("activity:{external_id}"))
 }
 
+/// Input errors before the lookups they would spoil: the new item decided
+/// with its targets taken as found. Only a malformed request fails here; the
+/// real decision follows once the targets are looked up.
+fn precheck(command: &ActivityCommand) -> Result<(), ServiceError> {
+    use crm_domain::{Aggregate, Context, DomainError};
+    // The business time is the real decision's to check (by the handler's
+    // clock).
+    let context = Context {
+        now: jiff::Timestamp::now(),
+        occurred_at: None,
+    };
+    match Activity::default().decide(command.clone(), context) {
+        Err(invalid @ DomainError::Invalid(_)) => Err(ServiceError::Domain(invalid)),
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl Activities for ActivitiesService {
     async fn log_activity(
@@ -88,16 +105,24 @@ impl Activities for ActivitiesService {
             parse_id("activity_id", &request.activity_id, true)?
         };
         let targets = targets(request.targets)?;
-        let targets_exist = self.targets_exist(&caller.tenant, &targets).await?;
-        let command = ActivityCommand::Log {
+        let mut command = ActivityCommand::Log {
             kind: request.kind,
             direction: request.direction,
             targets,
             outcome: request.outcome,
             body: request.body,
             external_id: request.external_id,
-            targets_exist,
+            targets_exist: true,
         };
+        precheck(&command)?;
+        if let ActivityCommand::Log {
+            targets,
+            targets_exist,
+            ..
+        } = &mut command
+        {
+            *targets_exist = self.targets_exist(&caller.tenant, targets).await?;
+        }
         let reply = self
             .handler
             .execute::<Activity>(&caller, id, &options, command)
@@ -129,8 +154,7 @@ impl Activities for ActivitiesService {
         let id = parse_id("activity_id", &request.activity_id, true)?;
         let due = super::fields::timestamp("due", &request.due)?;
         let targets = targets(request.targets)?;
-        let targets_exist = self.targets_exist(&caller.tenant, &targets).await?;
-        let command = ActivityCommand::Schedule {
+        let mut command = ActivityCommand::Schedule {
             kind: request.kind,
             targets,
             due,
@@ -140,8 +164,17 @@ impl Activities for ActivitiesService {
                 request.assignee
             },
             subject: request.subject,
-            targets_exist,
+            targets_exist: true,
         };
+        precheck(&command)?;
+        if let ActivityCommand::Schedule {
+            targets,
+            targets_exist,
+            ..
+        } = &mut command
+        {
+            *targets_exist = self.targets_exist(&caller.tenant, targets).await?;
+        }
         let reply = self
             .handler
             .execute::<Activity>(&caller, id, &options, command)
