@@ -74,18 +74,27 @@ impl Accounts for AccountsService {
         };
         let parent_id = optional_id("parent_id", &request.parent_id)?;
         refuse_erp_fields(request.credit_terms.is_some())?;
+        let mut details = AccountDetails {
+            kind,
+            name: request.name,
+            domains: request.domains,
+            industry: request.industry,
+            tax_id: request.tax_id,
+            parent_id,
+            segment: request.segment,
+            parent: ParentFacts::default(),
+        };
+        precheck(
+            &Account::default(),
+            AccountCommand::Create {
+                self_id: id,
+                details: details.clone(),
+            },
+        )?;
+        details.parent = self.parent_facts(&caller, parent_id).await?;
         let command = AccountCommand::Create {
             self_id: id,
-            details: AccountDetails {
-                kind,
-                name: request.name,
-                domains: request.domains,
-                industry: request.industry,
-                tax_id: request.tax_id,
-                parent_id,
-                segment: request.segment,
-                parent: self.parent_facts(&caller, parent_id).await?,
-            },
+            details,
         };
         let reply = self
             .handler
@@ -155,18 +164,29 @@ impl Accounts for AccountsService {
             .map(|id| optional_id("parent_id", id))
             .transpose()?;
         refuse_erp_fields(request.credit_terms.is_some())?;
-        let command = AccountCommand::UpdateDetails {
-            self_id: id,
-            patch: AccountDetailsPatch {
-                name: request.name,
-                tax_id: request.tax_id,
-                domains: request.domains.map(|d| d.items),
-                industry: request.industry,
-                parent_id,
-                segment: request.segment,
-                parent: self.parent_facts(&caller, parent_id.flatten()).await?,
-            },
+        let mut patch = AccountDetailsPatch {
+            name: request.name,
+            tax_id: request.tax_id,
+            domains: request.domains.map(|d| d.items),
+            industry: request.industry,
+            parent_id,
+            segment: request.segment,
+            parent: ParentFacts::default(),
         };
+        // As if on some live account: only the input can fail here.
+        let live = Account {
+            exists: true,
+            ..Account::default()
+        };
+        precheck(
+            &live,
+            AccountCommand::UpdateDetails {
+                self_id: id,
+                patch: patch.clone(),
+            },
+        )?;
+        patch.parent = self.parent_facts(&caller, parent_id.flatten()).await?;
+        let command = AccountCommand::UpdateDetails { self_id: id, patch };
         let reply = self
             .handler
             .execute::<Account>(&caller, id, &options, command)
@@ -266,4 +286,19 @@ fn refuse_erp_fields(credit_terms: bool) -> Result<(), ServiceError> {
         }));
     }
     Ok(())
+}
+
+/// Input errors before the parent chain is walked (up to 33 reads): the
+/// command decided on `state` with no facts looked up. Only a malformed
+/// request fails here; the real decision follows.
+fn precheck(state: &Account, command: AccountCommand) -> Result<(), ServiceError> {
+    use crm_domain::{Aggregate, Context};
+    let context = Context {
+        now: jiff::Timestamp::now(),
+        occurred_at: None,
+    };
+    match state.decide(command, context) {
+        Err(invalid @ DomainError::Invalid(_)) => Err(ServiceError::Domain(invalid)),
+        _ => Ok(()),
+    }
 }
