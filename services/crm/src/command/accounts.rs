@@ -84,7 +84,7 @@ impl Accounts for AccountsService {
             segment: request.segment,
             parent: ParentFacts::default(),
         };
-        precheck(
+        super::precheck(
             &Account::default(),
             AccountCommand::Create {
                 self_id: id,
@@ -178,7 +178,7 @@ impl Accounts for AccountsService {
             exists: true,
             ..Account::default()
         };
-        precheck(
+        super::precheck(
             &live,
             AccountCommand::UpdateDetails {
                 self_id: id,
@@ -286,19 +286,4 @@ fn refuse_erp_fields(credit_terms: bool) -> Result<(), ServiceError> {
         }));
     }
     Ok(())
-}
-
-/// Input errors before the parent chain is walked (up to 33 reads): the
-/// command decided on `state` with no facts looked up. Only a malformed
-/// request fails here; the real decision follows.
-fn precheck(state: &Account, command: AccountCommand) -> Result<(), ServiceError> {
-    use crm_domain::{Aggregate, Context};
-    let context = Context {
-        now: jiff::Timestamp::now(),
-        occurred_at: None,
-    };
-    match state.decide(command, context) {
-        Err(invalid @ DomainError::Invalid(_)) => Err(ServiceError::Domain(invalid)),
-        _ => Ok(()),
-    }
 }

@@ -72,23 +72,6 @@ fn from_external_id(tenant: &TenantId, external_id: &str) -> Uuid {
     tenant_scoped_id(tenant, &format!("activity:{external_id}"))
 }
 
-/// Input errors before the lookups they would spoil: the new item decided
-/// with its targets taken as found. Only a malformed request fails here; the
-/// real decision follows once the targets are looked up.
-fn precheck(command: &ActivityCommand) -> Result<(), ServiceError> {
-    use crm_domain::{Aggregate, Context, DomainError};
-    // The business time is the real decision's to check (by the handler's
-    // clock).
-    let context = Context {
-        now: jiff::Timestamp::now(),
-        occurred_at: None,
-    };
-    match Activity::default().decide(command.clone(), context) {
-        Err(invalid @ DomainError::Invalid(_)) => Err(ServiceError::Domain(invalid)),
-        _ => Ok(()),
-    }
-}
-
 #[tonic::async_trait]
 impl Activities for ActivitiesService {
     async fn log_activity(
@@ -114,7 +97,7 @@ impl Activities for ActivitiesService {
             external_id: request.external_id,
             targets_exist: true,
         };
-        precheck(&command)?;
+        super::precheck(&Activity::default(), command.clone())?;
         if let ActivityCommand::Log {
             targets,
             targets_exist,
@@ -166,7 +149,7 @@ impl Activities for ActivitiesService {
             subject: request.subject,
             targets_exist: true,
         };
-        precheck(&command)?;
+        super::precheck(&Activity::default(), command.clone())?;
         if let ActivityCommand::Schedule {
             targets,
             targets_exist,

@@ -141,6 +141,22 @@ impl Options {
     }
 }
 
+/// Input errors before the lookups they would spoil (a parent chain, an
+/// activity's targets): `command` decided on `state` with its facts not yet
+/// looked up. Only a malformed request (`INVALID_ARGUMENT`) fails here; the
+/// real decision, with the facts and the handler's clock, follows.
+pub(crate) fn precheck<A: Aggregate>(state: &A, command: A::Command) -> Result<(), ServiceError> {
+    let context = Context {
+        now: Timestamp::now(),
+        // The business time is the real decision's to check.
+        occurred_at: None,
+    };
+    match state.decide(command, context) {
+        Err(invalid @ crm_domain::DomainError::Invalid(_)) => Err(ServiceError::Domain(invalid)),
+        _ => Ok(()),
+    }
+}
+
 /// Parses a record id. `new_if_empty` (creates): an empty id gets a fresh
 /// UUIDv7, and a given one must be a UUIDv7.
 pub fn parse_id(

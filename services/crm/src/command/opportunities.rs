@@ -277,15 +277,21 @@ impl Opportunities for OpportunitiesService {
             .as_deref()
             .map(|c| optional_id("contact_id", c))
             .transpose()?;
-        let contact_usable = match contact_id {
-            Some(Some(contact)) => self.contact_usable(&caller, contact).await?,
-            _ => true,
-        };
-        let command = OpportunityCommand::UpdateDetails {
+        let mut command = OpportunityCommand::UpdateDetails {
             name: request.name,
             contact_id,
-            contact_usable,
+            contact_usable: true,
         };
+        let live = Opportunity {
+            exists: true,
+            ..Opportunity::default()
+        };
+        super::precheck(&live, command.clone())?;
+        if let (Some(Some(contact)), OpportunityCommand::UpdateDetails { contact_usable, .. }) =
+            (contact_id, &mut command)
+        {
+            *contact_usable = self.contact_usable(&caller, contact).await?;
+        }
         let reply = self
             .handler
             .execute::<Opportunity>(&caller, id, &options, command)
