@@ -174,13 +174,21 @@ impl Commerce for CommerceService {
         let options = Options::parse("RecordOrder", request.options.as_ref(), &request)?;
         let external = external("external", request.external)?;
         let mut account_id = optional_id("account_id", &request.account_id)?;
+        // Only a lookup key: bounded always, and one that is no valid tax id
+        // matches no account (the order stays unlinked for data quality).
+        if request.customer_tax_id.chars().count() > 100 {
+            return Err(
+                ServiceError::invalid("customer_tax_id", "must be at most 100 characters").into(),
+            );
+        }
         if account_id.is_none() && !request.customer_ref.is_empty() {
             let key = external_ref_key(&external.source, &request.customer_ref);
             account_id = self.holder(&caller.tenant, EXTERNAL_REF, &key).await?;
         }
-        if account_id.is_none() && !request.customer_tax_id.is_empty() {
-            let tax_id = validated_tax_id("customer_tax_id", &request.customer_tax_id)
-                .map_err(ServiceError::Domain)?;
+        if account_id.is_none()
+            && let Ok(tax_id) = validated_tax_id("customer_tax_id", &request.customer_tax_id)
+            && !tax_id.is_empty()
+        {
             account_id = self.holder(&caller.tenant, "tax_id", &tax_id).await?;
         }
         let lines = request

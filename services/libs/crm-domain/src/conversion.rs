@@ -95,7 +95,23 @@ pub fn convert(
                     },
                     context,
                 )
-                .map_err(|error| prefixed("lead", error))?
+                // The account's name is the lead's company.
+                .map_err(|error| match error {
+                    DomainError::Invalid(violations) => DomainError::Invalid(
+                        violations
+                            .into_iter()
+                            .map(|v| {
+                                let field = if v.field == "name" {
+                                    "company"
+                                } else {
+                                    &v.field
+                                };
+                                crate::Violation::new(format!("lead.{field}"), v.rule)
+                            })
+                            .collect(),
+                    ),
+                    other => other,
+                })?
         }
     };
     let mut name = lead.name.clone();
@@ -111,7 +127,16 @@ pub fn convert(
         .decide(
             ContactCommand::Create(ContactDetails {
                 name,
-                emails: lead.emails.clone(),
+                // As a contact stores them: trimmed (a lead keeps them as
+                // given).
+                emails: lead
+                    .emails
+                    .iter()
+                    .map(|e| crate::contact::Email {
+                        address: e.address.trim().to_owned(),
+                        ..e.clone()
+                    })
+                    .collect(),
                 phones: lead.phones.clone(),
                 ..ContactDetails::default()
             }),

@@ -960,11 +960,8 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 ],
             )
             .await?;
-            let about: Vec<(&str, Uuid)> = order
-                .account_id
-                .map(|a| ("account", a))
-                .into_iter()
-                .collect();
+            // The resolved account: a raced order shows on its timeline too.
+            let about: Vec<(&str, Uuid)> = account_id.map(|a| ("account", a)).into_iter().collect();
             set_about(tx, event, &about).await?;
             let summary = format!(
                 "order {} {}: {}",
