@@ -141,7 +141,8 @@ async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
         .into_inner()
         .stream_id;
 
-    // A new pipeline version does not rewrite the open deal.
+    // A new pipeline version: the open deal follows it (the process
+    // manager), keeping its stage.
     let republish = PublishPipelineRequest {
         pipeline_id: pipeline_id.clone(),
         name: "Sales".into(),
@@ -157,6 +158,16 @@ async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
             .stream_version,
         2
     );
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(20),
+        "the open deal on version 2",
+        || async {
+            app.stored().await.into_iter().find(|(t, p, _)| {
+                t == "OpportunityDetailsUpdated" && p["changes"]["pipeline_version"]["new"] == 2
+            })
+        },
+    )
+    .await;
 
     app.opportunities()
         .change_opportunity_stage(app.request(to_stage(&id, "negotiation")))
@@ -184,7 +195,7 @@ async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(won.stream_version, 5);
+    assert_eq!(won.stream_version, 6);
 
     let stored: Vec<_> = app
         .stored()
@@ -197,6 +208,7 @@ async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
         types,
         [
             "OpportunityOpened",
+            "OpportunityDetailsUpdated",
             "OpportunityStageChanged",
             "OpportunityStageChanged",
             "OpportunityForecastFieldsChanged",
@@ -212,20 +224,21 @@ async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
     );
     assert_eq!(
         (
-            stored[1].1["probability_bp"].as_u64(),
-            stored[1].1["direction"].as_str()
-        ),
-        (Some(8000), Some("forward"))
-    );
-    // Back to qualification under version 1's default, not version 2's.
-    assert_eq!(
-        (
             stored[2].1["probability_bp"].as_u64(),
             stored[2].1["direction"].as_str()
         ),
-        (Some(1000), Some("backward"))
+        (Some(8000), Some("forward"))
     );
-    assert_eq!(stored[4].1["amount"]["amount_minor"], 30_000_000);
+    // Back to qualification under version 2's default, the deal's version
+    // now.
+    assert_eq!(
+        (
+            stored[3].1["probability_bp"].as_u64(),
+            stored[3].1["direction"].as_str()
+        ),
+        (Some(2000), Some("backward"))
+    );
+    assert_eq!(stored[5].1["amount"]["amount_minor"], 30_000_000);
     app.stop().await;
 }
 
