@@ -256,6 +256,13 @@ impl Configuration for ConfigurationService {
         let options = Options::parse("PublishTeam", request.options.as_ref(), &request)?;
         let id = id_or_new("team_id", &request.team_id)?;
         let parent_id = optional_id("parent_id", &request.parent_id)?;
+        let content = Team {
+            name: request.name,
+            parent_id,
+            manager: request.manager,
+            members: request.members,
+        };
+        super::precheck(&TeamConfig::default(), Publish(content.clone()))?;
         // The parent must be a team, and following parents must not lead back
         // here (bounded walk: trees deeper than 32 levels are refused too).
         let mut next = parent_id;
@@ -273,12 +280,6 @@ impl Configuration for ConfigurationService {
             next = team.parent_id;
             depth += 1;
         }
-        let content = Team {
-            name: request.name,
-            parent_id,
-            manager: request.manager,
-            members: request.members,
-        };
         let reply = self
             .handler
             .execute::<TeamConfig>(&caller, id, &options, Publish(content))
@@ -359,6 +360,7 @@ impl Configuration for ConfigurationService {
             overflow_queue_id: optional_id("overflow_queue_id", &request.overflow_queue_id)?,
             overflow_after_minutes: request.overflow_after_minutes,
         };
+        super::precheck(&QueueConfig::default(), Publish(content.clone()))?;
         if let Some(overflow) = content.overflow_queue_id {
             if overflow == id {
                 return Err(
