@@ -177,9 +177,11 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             )
             .await?;
         }
-        AccountEvent::Merged(merged) => resolve_orders(tx, event, &merged.changes).await?,
+        AccountEvent::Merged(merged) => {
+            crate::erp_links::resolve_orders(tx, event, &merged.changes, &LINKS).await?
+        }
         AccountEvent::DetailsUpdated(updated) => {
-            resolve_orders(tx, event, &updated.changes).await?;
+            crate::erp_links::resolve_orders(tx, event, &updated.changes, &LINKS).await?;
             if let Some(segment) = &updated.changes.segment {
                 tx.execute(
                     "UPDATE an_accounts SET segment = $3 WHERE tenant_id = $1 AND account_id = $2",
@@ -211,30 +213,16 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     Ok(())
 }
 
-/// Orders recorded without an account for an ERP customer the account is
-/// now linked to become the account's (revenue, RFM, cohorts count them).
-async fn resolve_orders(
-    tx: &Tx<'_>,
-    event: &RecordedEvent,
-    changes: &crm_domain::account::AccountChanges,
-) -> Result<(), ApplyError> {
-    for (source, customer_ref) in crm_domain::account::new_links(changes) {
-        tx.execute(
-            "INSERT INTO an_erp_links (tenant_id, account_id, source, external_id) \
+/// This read model's ERP link statements (see [`crate::erp_links`]).
+static LINKS: crate::erp_links::LinkStatements = crate::erp_links::LinkStatements {
+    record: "INSERT INTO an_erp_links (tenant_id, account_id, source, external_id) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, source, external_id) \
              DO UPDATE SET account_id = EXCLUDED.account_id",
-            &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE an_orders SET account_id = $2 \
-             WHERE tenant_id = $1 AND account_id IS NULL AND source = $3 AND customer_ref = $4",
-            &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
-        )
-        .await?;
-    }
-    Ok(())
-}
+    resolve: "UPDATE an_orders SET account_id = $2 \
+              WHERE tenant_id = $1 AND account_id IS NULL AND source = $3 AND customer_ref = $4",
+    lookup: "SELECT account_id FROM an_erp_links \
+             WHERE tenant_id = $1 AND source = $2 AND external_id = $3",
+};
 
 async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
@@ -247,18 +235,7 @@ async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
                 .map(|line| line.line_cost.as_ref().map(|c| c.amount_minor))
                 .sum();
             let ordered_at: Time = order.occurred_at.into();
-            let account_id = match order.account_id {
-                Some(id) => Some(id),
-                None if !order.customer_ref.is_empty() => tx
-                    .query_opt(
-                        "SELECT account_id FROM an_erp_links \
-                         WHERE tenant_id = $1 AND source = $2 AND external_id = $3",
-                        &[tenant, &order.external.source, &order.customer_ref],
-                    )
-                    .await?
-                    .map(|row| row.get::<_, uuid::Uuid>(0)),
-                None => None,
-            };
+            let account_id = crate::erp_links::order_account(tx, event, order, &LINKS).await?;
             tx.execute(
                 "INSERT INTO an_orders (tenant_id, order_id, account_id, status, paid, cancelled, \
                    net_minor, cost_minor, currency, ordered_at, deal_id, source, customer_ref) \

@@ -450,7 +450,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
             })
         }
         AccountEvent::DetailsUpdated(updated) => {
-            resolve_orders(tx, event, &updated.changes).await?;
+            crate::erp_links::resolve_orders(tx, event, &updated.changes, &LINKS).await?;
             Some(account_changes(&updated.changes))
         }
         AccountEvent::BecameCustomer(became) => {
@@ -476,7 +476,7 @@ async fn account(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
         AccountEvent::Restored(_) => Some("restored".to_owned()),
         AccountEvent::Common(common_event) => common(common_event),
         AccountEvent::Merged(merged) => {
-            resolve_orders(tx, event, &merged.changes).await?;
+            crate::erp_links::resolve_orders(tx, event, &merged.changes, &LINKS).await?;
             Some(format!(
                 "{} duplicate account(s) merged into this one",
                 merged.losers.len()
@@ -880,48 +880,23 @@ async fn activity(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> 
     Ok(())
 }
 
-/// Orders recorded without an account for an ERP customer the account is
-/// now linked to become the account's.
-async fn resolve_orders(
-    tx: &Tx<'_>,
-    event: &RecordedEvent,
-    changes: &AccountChanges,
-) -> Result<(), ApplyError> {
-    for (source, customer_ref) in crm_domain::account::new_links(changes) {
-        tx.execute(
-            "INSERT INTO c360_erp_links (tenant_id, account_id, source, external_id) \
+/// This read model's ERP link statements (see [`crate::erp_links`]).
+static LINKS: crate::erp_links::LinkStatements = crate::erp_links::LinkStatements {
+    record: "INSERT INTO c360_erp_links (tenant_id, account_id, source, external_id) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, source, external_id) \
              DO UPDATE SET account_id = EXCLUDED.account_id",
-            &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE c360_orders SET account_id = $2 \
-             WHERE tenant_id = $1 AND account_id IS NULL AND source = $3 AND customer_ref = $4",
-            &[&event.tenant_id, &event.stream_id, &source, &customer_ref],
-        )
-        .await?;
-    }
-    Ok(())
-}
+    resolve: "UPDATE c360_orders SET account_id = $2 \
+              WHERE tenant_id = $1 AND account_id IS NULL AND source = $3 AND customer_ref = $4",
+    lookup: "SELECT account_id FROM c360_erp_links \
+             WHERE tenant_id = $1 AND source = $2 AND external_id = $3",
+};
 
 async fn order(tx: &Tx<'_>, event: &RecordedEvent) -> Result<(), ApplyError> {
     let (tenant, id) = (&event.tenant_id, &event.stream_id);
     match crate::state::decoded::<OrderEvent>(event)?.as_deref() {
         Some(OrderEvent::Recorded(order)) => {
             let at: Time = order.occurred_at.into();
-            let account_id = match order.account_id {
-                Some(id) => Some(id),
-                None if !order.customer_ref.is_empty() => tx
-                    .query_opt(
-                        "SELECT account_id FROM c360_erp_links \
-                         WHERE tenant_id = $1 AND source = $2 AND external_id = $3",
-                        &[tenant, &order.external.source, &order.customer_ref],
-                    )
-                    .await?
-                    .map(|row| row.get::<_, Uuid>(0)),
-                None => None,
-            };
+            let account_id = crate::erp_links::order_account(tx, event, order, &LINKS).await?;
             tx.execute(
                 "INSERT INTO c360_orders (tenant_id, order_id, account_id, source, external_id, \
                    status, cancelled, cancel_reason, net_minor, tax_minor, gross_minor, currency, \

@@ -75,6 +75,7 @@ mod analytics;
 mod bulk;
 mod customer_360;
 mod engagement;
+mod erp_links;
 mod fresh;
 mod pipeline_board;
 mod rebuild;
