@@ -502,18 +502,7 @@ async fn the_erp_links_accounts_owns_their_tax_id_and_credit_terms_and_maps_orde
 #[tokio::test]
 async fn orders_recorded_before_their_customer_is_linked_resolve_in_the_read_models() {
     let app = TestApp::spawn().await;
-    let account = CreateAccountRequest {
-        kind: AccountKind::Company.into(),
-        name: "Acme".into(),
-        ..Default::default()
-    };
-    let acme = app
-        .accounts()
-        .create_account(app.request(account))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let acme = crate::support::company(&app, "Acme").await;
     // No account, no tax id anyone holds: the order stays unlinked.
     let unlinked = RecordOrderRequest {
         customer_tax_id: String::new(),
@@ -599,18 +588,7 @@ async fn an_order_that_raced_its_customers_link_resolves_on_arrival() {
         AppendEvents, EventStore, ExpectedVersion, Metadata, NewEvent, StoreOptions, StreamAppend,
     };
     let app = TestApp::spawn().await;
-    let account = CreateAccountRequest {
-        kind: AccountKind::Company.into(),
-        name: "Acme".into(),
-        ..Default::default()
-    };
-    let acme = app
-        .accounts()
-        .create_account(app.request(account))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let acme = crate::support::company(&app, "Acme").await;
     let acme_id = uuid::Uuid::parse_str(&acme).unwrap();
     app.commerce()
         .record_customer(app.erp(customer(&acme, 1, "")))

@@ -384,29 +384,9 @@ async fn conversion_links_an_existing_account_and_refuses_unusable_ones() {
 /// refusal stores nothing: restored, the same lead converts.
 #[tokio::test]
 async fn an_archived_lead_does_not_convert() {
-    use crm_proto::v1::{ArchiveRecordRequest, RecordRef, RestoreRecordRequest};
     let app = TestApp::spawn().await;
     let lead = qualified_lead(&app, "archived@example.cn", "Archived Trading").await;
-    let record = || {
-        Some(RecordRef {
-            r#type: "lead".into(),
-            id: lead.clone(),
-        })
-    };
-    let reason = || {
-        Some(Reason {
-            code: "duplicate".into(),
-            text: String::new(),
-        })
-    };
-    app.records()
-        .archive_record(app.request(ArchiveRecordRequest {
-            options: None,
-            record: record(),
-            reason: reason(),
-        }))
-        .await
-        .unwrap();
+    crate::support::set_archived(&app, "lead", &lead, true).await;
     let status = app
         .leads()
         .convert_lead(app.request(convert(&lead, "", "")))
@@ -416,14 +396,7 @@ async fn an_archived_lead_does_not_convert() {
         (status.code(), error_info(&status).0.as_str()),
         (Code::FailedPrecondition, "RECORD_ARCHIVED")
     );
-    app.records()
-        .restore_record(app.request(RestoreRecordRequest {
-            options: None,
-            record: record(),
-            reason: reason(),
-        }))
-        .await
-        .unwrap();
+    crate::support::set_archived(&app, "lead", &lead, false).await;
     let reply = app
         .leads()
         .convert_lead(app.request(convert(&lead, "", "")))

@@ -2,9 +2,9 @@
 //! oversized or malformed field is INVALID_ARGUMENT by name, before any
 //! lookup, and stores nothing.
 use crm_proto::v1::{
-    AccountKind, CancelOrderRequest, ChangeOpportunityStageRequest, ChangeTagsRequest,
-    ContactPreferences, CreateAccountRequest, CreateContactRequest, EmailAddress, ExternalRef,
-    IssueRefundRequest, PersonName, RecordOrderRequest, RecordRef, RevokeShareRequest,
+    CancelOrderRequest, ChangeOpportunityStageRequest, ChangeTagsRequest, ContactPreferences,
+    CreateContactRequest, EmailAddress, ExternalRef, IssueRefundRequest, PersonName,
+    RecordOrderRequest, RecordRef, RevokeShareRequest,
 };
 
 use crate::support::{TestApp, bad_fields};
@@ -12,17 +12,7 @@ use crate::support::{TestApp, bad_fields};
 #[tokio::test]
 async fn oversized_and_malformed_fields_are_refused_by_name() {
     let app = TestApp::spawn().await;
-    let account = app
-        .accounts()
-        .create_account(app.request(CreateAccountRequest {
-            kind: AccountKind::Company.into(),
-            name: "Acme".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let account = crate::support::company(&app, "Acme").await;
     let before = app.stored().await.len();
     let record = || {
         Some(RecordRef {

@@ -599,9 +599,7 @@ async fn line_items_need_recorded_products_and_set_the_amount() {
 
 #[tokio::test]
 async fn stages_refuse_deals_without_their_required_fields() {
-    use crm_proto::v1::{
-        ChangeOpportunityLineItemsRequest, CreateContactRequest, LineItem, PersonName,
-    };
+    use crm_proto::v1::{ChangeOpportunityLineItemsRequest, LineItem};
     let app = TestApp::spawn().await;
     let (account_id, _) = setup(&app).await;
     let mut stages = pipeline(1000);
@@ -695,19 +693,7 @@ async fn stages_refuse_deals_without_their_required_fields() {
     assert_eq!(app.stored().await.len(), before);
 
     // A deal with a contact and a line moves on and is won.
-    let contact_id = app
-        .contacts()
-        .create_contact(app.request(CreateContactRequest {
-            name: Some(PersonName {
-                given: "Ana".into(),
-                family: "Lima".into(),
-            }),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let contact_id = crate::support::person(&app, "Ana", "Lima").await;
     let mut with_contact = deal(&account_id, &pipeline_id);
     with_contact.contact_id = contact_id;
     let id = app
@@ -790,7 +776,7 @@ async fn a_deal_without_an_amount_is_not_won() {
 
 #[tokio::test]
 async fn a_deal_is_renamed_and_given_a_contact() {
-    use crm_proto::v1::{CreateContactRequest, PersonName, UpdateOpportunityDetailsRequest};
+    use crm_proto::v1::UpdateOpportunityDetailsRequest;
     let app = TestApp::spawn().await;
     let (account_id, pipeline_id) = setup(&app).await;
     let id = app
@@ -840,19 +826,7 @@ async fn a_deal_is_renamed_and_given_a_contact() {
     assert_eq!(status.code(), Code::NotFound);
     assert_eq!(app.stored().await.len(), before);
 
-    let contact_id = app
-        .contacts()
-        .create_contact(app.request(CreateContactRequest {
-            name: Some(PersonName {
-                given: "Ana".into(),
-                family: "Lima".into(),
-            }),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let contact_id = crate::support::person(&app, "Ana", "Lima").await;
     let reply = app
         .opportunities()
         .update_opportunity_details(app.request(update(Some("Acme expansion"), Some(&contact_id))))
@@ -886,7 +860,6 @@ async fn a_deal_is_renamed_and_given_a_contact() {
 
 #[tokio::test]
 async fn open_deals_follow_a_new_pipeline_version_through_its_stage_mapping() {
-    use crm_proto::v1::{ArchiveRecordRequest, RecordRef, RestoreRecordRequest};
     let app = TestApp::spawn().await;
     let (account_id, pipeline_id) = setup(&app).await;
     let mut ids = Vec::new();
@@ -906,26 +879,7 @@ async fn open_deals_follow_a_new_pipeline_version_through_its_stage_mapping() {
         ids[2].clone(),
         ids[3].clone(),
     );
-    let record = || {
-        Some(RecordRef {
-            r#type: "opportunity".into(),
-            id: archived.clone(),
-        })
-    };
-    let reason = || {
-        Some(Reason {
-            code: "on_hold".into(),
-            text: String::new(),
-        })
-    };
-    app.records()
-        .archive_record(app.request(ArchiveRecordRequest {
-            options: None,
-            record: record(),
-            reason: reason(),
-        }))
-        .await
-        .unwrap();
+    crate::support::set_archived(&app, "opportunity", &archived, true).await;
     app.opportunities()
         .win_opportunity(app.request(WinOpportunityRequest {
             opportunity_id: won.clone(),
@@ -1029,14 +983,7 @@ async fn open_deals_follow_a_new_pipeline_version_through_its_stage_mapping() {
         .unwrap_err();
     assert_eq!(error_info(&status).1["field"], "stage");
     // The archived deal stayed; restored, it follows too.
-    app.records()
-        .restore_record(app.request(RestoreRecordRequest {
-            options: None,
-            record: record(),
-            reason: reason(),
-        }))
-        .await
-        .unwrap();
+    crate::support::set_archived(&app, "opportunity", &archived, false).await;
     let archived_id = archived.clone();
     crm_test_support::eventually(
         std::time::Duration::from_secs(20),

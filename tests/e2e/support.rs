@@ -413,3 +413,70 @@ where
         .map(|row| row.get(0))
         .collect()
 }
+
+/// A company account named `name` of this app's tenant; its id.
+pub async fn company(app: &TestApp, name: &str) -> String {
+    let request = crm_proto::v1::CreateAccountRequest {
+        kind: crm_proto::v1::AccountKind::Company.into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    app.accounts()
+        .create_account(app.request(request))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id
+}
+
+/// A contact named `given family`, without emails; its id.
+pub async fn person(app: &TestApp, given: &str, family: &str) -> String {
+    let request = crm_proto::v1::CreateContactRequest {
+        name: Some(crm_proto::v1::PersonName {
+            given: given.into(),
+            family: family.into(),
+        }),
+        ..Default::default()
+    };
+    app.contacts()
+        .create_contact(app.request(request))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id
+}
+
+/// Archives (`true`) or restores record `id` of type `kind`, reason
+/// `on_hold`.
+pub async fn set_archived(app: &TestApp, kind: &str, id: &str, archived: bool) {
+    use crm_proto::v1::{ArchiveRecordRequest, Reason, RecordRef, RestoreRecordRequest};
+    let record = Some(RecordRef {
+        r#type: kind.into(),
+        id: id.into(),
+    });
+    let reason = Some(Reason {
+        code: "on_hold".into(),
+        text: String::new(),
+    });
+    if archived {
+        let request = ArchiveRecordRequest {
+            options: None,
+            record,
+            reason,
+        };
+        app.records()
+            .archive_record(app.request(request))
+            .await
+            .unwrap();
+    } else {
+        let request = RestoreRecordRequest {
+            options: None,
+            record,
+            reason,
+        };
+        app.records()
+            .restore_record(app.request(request))
+            .await
+            .unwrap();
+    }
+}
