@@ -232,13 +232,19 @@ async fn open_deals(store: &EventStore, pipeline: Uuid, count: usize, amount: i6
 async fn publish(setup: &Setup, positions: &[u64]) {
     use futures_util::StreamExt;
     let js = setup.nats.jetstream().await;
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+    // Under a full parallel suite JetStream's API may time out for a moment;
+    // the stream must exist before anything can be published.
+    let config = async_nats::jetstream::stream::Config {
         name: setup.nats.stream.clone(),
         subjects: vec![format!("{}.>", setup.nats.subject_prefix)],
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    let mut attempt = 0;
+    while let Err(error) = js.get_or_create_stream(config.clone()).await {
+        attempt += 1;
+        assert!(attempt < 10, "the test stream: {error}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let mut events = setup
         .store
         .read_all(0, &crm_event_store::Filter::default())
