@@ -1799,3 +1799,77 @@ async fn deterministic_query_failures_are_internal_and_transient_ones_unavailabl
     assert_eq!(status.code(), Code::Unavailable);
     app.stop().await;
 }
+
+/// Every statement of a query reads one snapshot, read-only, and the
+/// connection goes back to the pool outside any transaction however the
+/// query ended (answered, or dropped in the middle of a statement).
+#[tokio::test]
+async fn a_query_reads_one_snapshot_and_leaves_no_transaction_behind() {
+    let db = crm_test_support::TestDb::create().await;
+    let raw = db.client().await;
+    raw.batch_execute("CREATE TABLE snapshot_probe (n int); INSERT INTO snapshot_probe VALUES (1)")
+        .await
+        .unwrap();
+    let manager = deadpool_postgres::Manager::new(db.config().clone(), tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(1)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .unwrap();
+    // The rows `client` sees; outside any transaction (a read-only one
+    // answers true, an aborted one fails).
+    async fn rows_outside_a_transaction(client: &tokio_postgres::Client) -> i64 {
+        let row = client
+            .query_one(
+                "SELECT current_setting('transaction_read_only')::bool, \
+                        (SELECT count(*) FROM snapshot_probe)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(!row.get::<_, bool>(0), "left in a read-only transaction");
+        row.get(1)
+    }
+    let snapshot = crm::query::Snapshot::begin(&pool).await.unwrap();
+    let count = "SELECT count(*) FROM snapshot_probe";
+    let mut seen = Vec::new();
+    for insert in ["SELECT", "INSERT INTO snapshot_probe VALUES (2)"] {
+        raw.execute(insert, &[]).await.unwrap();
+        seen.push(
+            snapshot
+                .query_one(count, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0),
+        );
+    }
+    // The row committed by another connection after the first statement is
+    // unseen.
+    assert_eq!(seen, [1, 1]);
+    let refused = snapshot
+        .execute("INSERT INTO snapshot_probe VALUES (3)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code()), Some("25006"), "{refused}");
+    drop(snapshot);
+    // The pool's one connection, back outside the (failed) transaction.
+    assert_eq!(
+        rows_outside_a_transaction(&pool.get().await.unwrap()).await,
+        2
+    );
+
+    // A query cancelled mid-statement (the caller went away).
+    let snapshot = crm::query::Snapshot::begin(&pool).await.unwrap();
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(20),
+        snapshot.query_one("SELECT pg_sleep(0.3)", &[]),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    drop(snapshot);
+    let client = pool.get().await.unwrap();
+    raw.execute("INSERT INTO snapshot_probe VALUES (4)", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows_outside_a_transaction(&client).await, 3);
+}

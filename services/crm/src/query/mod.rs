@@ -67,14 +67,14 @@ impl ReadModels {
     }
 }
 
-/// A client on the read-model database, once `projection` has applied the
+/// A snapshot of the read-model database, once `projection` has applied the
 /// caller's `min_position`; with the position applied.
 pub(crate) async fn ready(
     read_models: &ReadModels,
     projection: &'static str,
     options: Option<QueryOptions>,
     wait: Duration,
-) -> Result<(deadpool_postgres::Object, u64), Status> {
+) -> Result<(Snapshot, u64), Status> {
     ready_all(read_models, &[projection], options, wait).await
 }
 
@@ -112,7 +112,7 @@ async fn not_yet(
     }
 }
 
-/// A client once every one of `projections` has applied the caller's
+/// A snapshot once every one of `projections` has applied the caller's
 /// `min_position` (one deadline for all), with the lowest position applied.
 /// While it waits it holds no connection: waiting queries must never starve
 /// the projectors they wait for of connections from the same pool.
@@ -121,7 +121,7 @@ pub(crate) async fn ready_all(
     projections: &[&'static str],
     options: Option<QueryOptions>,
     wait: Duration,
-) -> Result<(deadpool_postgres::Object, u64), Status> {
+) -> Result<(Snapshot, u64), Status> {
     let not_ready = |e: &dyn std::fmt::Display| Status::unavailable(format!("read models: {e}"));
     let min_position = options.map_or(0, |o| o.min_position);
     let deadline = tokio::time::Instant::now() + wait;
@@ -144,13 +144,15 @@ pub(crate) async fn ready_all(
                 }
             }
         }
-        let client = read_models.pool.get().await.map_err(|e| not_ready(&e))?;
-        return Ok((client, if lowest == u64::MAX { 0 } else { lowest }));
+        let snapshot = Snapshot::begin(&read_models.pool).await?;
+        return Ok((snapshot, if lowest == u64::MAX { 0 } else { lowest }));
     }
     let names: Vec<&str> = projections.to_vec();
     let mut pause = Duration::from_millis(2);
     loop {
-        let client = read_models.pool.get().await.map_err(|e| not_ready(&e))?;
+        // The positions are read in the snapshot the query then reads, so
+        // the position answered is exactly the one its rows reflect.
+        let client = Snapshot::begin(&read_models.pool).await?;
         let row = client
             .query_one(
                 "SELECT name, position FROM projections WHERE name = ANY($1) \
@@ -175,6 +177,63 @@ pub(crate) async fn ready_all(
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// A read-model connection inside one `REPEATABLE READ, READ ONLY`
+/// transaction: every statement of a query reads the same committed state,
+/// so a page and its total, or the parts of a Customer 360 view, agree even
+/// while the projectors commit between them. It derefs to the pooled client.
+///
+/// Dropping it, however the query ended (answered, an error, or the caller
+/// gone mid-statement), ends the transaction before the connection goes back
+/// to the pool: a task sends `ROLLBACK` (nothing was written) and, if that
+/// fails, closes the connection instead. A connection is never returned to
+/// the pool inside a transaction.
+pub struct Snapshot(Option<deadpool_postgres::Object>);
+
+impl Snapshot {
+    pub async fn begin(pool: &Pool) -> Result<Self, Status> {
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| Status::unavailable(format!("read models: {e}")))?;
+        // Owned before the first await that can fail or be cancelled, so
+        // the drop below ends whatever BEGIN started.
+        let snapshot = Self(Some(client));
+        snapshot
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(unavailable)?;
+        Ok(snapshot)
+    }
+}
+
+impl std::ops::Deref for Snapshot {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("a snapshot holds its client until dropped")
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(deadpool_postgres::Object::take(client)),
+        }
     }
 }
 
