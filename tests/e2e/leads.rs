@@ -5,6 +5,7 @@ use crm_proto::v1::{
     CreateContactRequest, EmailAddress, LeadSource, Money, PersonName, Reason,
 };
 use tonic::Code;
+use tonic_types::StatusExt;
 
 use crate::support::{TestApp, bad_fields, error_info};
 
@@ -38,9 +39,14 @@ fn move_to(id: &str, to: &str) -> ChangeLeadStatusRequest {
 
 /// A lead captured and moved to qualified; returns its id.
 async fn qualified_lead(app: &TestApp, email: &str, company: &str) -> String {
+    qualify(app, li_wei(email, company)).await
+}
+
+/// The lead `capture` captures, moved to qualified; returns its id.
+async fn qualify(app: &TestApp, capture: CaptureLeadRequest) -> String {
     let id = app
         .leads()
-        .capture_lead(app.request(li_wei(email, company)))
+        .capture_lead(app.request(capture))
         .await
         .unwrap()
         .into_inner()
@@ -640,5 +646,54 @@ async fn a_lead_can_be_erased_by_an_admin_and_then_refuses_commands() {
         .await
         .unwrap_err();
     assert_eq!(error_info(&status).0, "RECORD_ERASED");
+    app.stop().await;
+}
+
+/// Data the lead kept that its contact may not have (no given name) is the
+/// lead's to fix first: a precondition naming each field, not a bad request. The request's own
+/// fields are checked before anything is read: a malformed deal answers the
+/// same for a lead that does not exist.
+#[tokio::test]
+async fn a_lead_whose_data_cannot_become_a_contact_is_refused_as_a_precondition() {
+    let app = TestApp::spawn().await;
+    let mut nameless = li_wei("li.wei@example.cn", "Wei Trading");
+    nameless.name = Some(PersonName {
+        given: String::new(),
+        family: "Wei".into(),
+    });
+    let id = qualify(&app, nameless).await;
+    let before = app.stored().await.len();
+    let status = app
+        .leads()
+        .convert_lead(app.request(convert(&id, "", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let (reason, metadata) = error_info(&status);
+    assert_eq!(reason, "RECORD_DATA_INVALID");
+    assert_eq!(metadata["record"], "lead");
+    assert_eq!(metadata["fields"], "lead.name.given");
+    let failure = status.get_details_precondition_failure().unwrap();
+    assert_eq!(failure.violations[0].subject, "lead.name.given");
+    assert_eq!(app.stored().await.len(), before, "nothing stored");
+
+    let mut request = convert(&uuid::Uuid::now_v7().to_string(), "", "");
+    request.opportunity = Some(ConvertedOpportunity {
+        name: "x".repeat(201),
+        pipeline_id: uuid::Uuid::now_v7().to_string(),
+        stage: "qualification".into(),
+        amount: Some(Money {
+            amount_minor: 100,
+            currency: "EUR".into(),
+        }),
+        close_date: "2026-12-31".into(),
+        owner: String::new(),
+    });
+    let status = app
+        .leads()
+        .convert_lead(app.request(request))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["opportunity.name"]);
     app.stop().await;
 }

@@ -2,8 +2,9 @@
 //! oversized or malformed field is INVALID_ARGUMENT by name, before any
 //! lookup, and stores nothing.
 use crm_proto::v1::{
-    CancelOrderRequest, ChangeOpportunityStageRequest, ChangeTagsRequest, ContactPreferences,
-    CreateContactRequest, EmailAddress, ExternalRef, IssueRefundRequest, PersonName,
+    AddTicketMessageRequest, AssignTicketRequest, CancelOrderRequest,
+    ChangeOpportunityStageRequest, ChangeTagsRequest, ContactPreferences, CreateContactRequest,
+    EmailAddress, ExternalRef, IssueRefundRequest, LinkContactToAccountRequest, PersonName,
     RecordOrderRequest, RecordRef, RevokeShareRequest,
 };
 
@@ -143,5 +144,50 @@ async fn oversized_and_malformed_fields_are_refused_by_name() {
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["customer_tax_id"]);
     assert_eq!(app.stored().await.len(), before);
+    app.stop().await;
+}
+
+/// Input is checked before the lookups of the records it names: bad input
+/// naming records that do not exist is INVALID_ARGUMENT by field, not
+/// NOT_FOUND or INVALID_REFERENCE from a lookup made for nothing.
+#[tokio::test]
+async fn bad_input_is_refused_before_the_records_it_names_are_read() {
+    let app = TestApp::spawn().await;
+    let unknown = || uuid::Uuid::now_v7().to_string();
+    let status = app
+        .tickets()
+        .assign_ticket(app.request(AssignTicketRequest {
+            ticket_id: unknown(),
+            queue_id: unknown(),
+            assignee: "a".repeat(201),
+            method: "by_hand".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["method", "assignee"]);
+    let status = app
+        .contacts()
+        .link_contact_to_account(app.request(LinkContactToAccountRequest {
+            contact_id: unknown(),
+            account_id: unknown(),
+            role: "Decision Maker".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["role"]);
+    let status = app
+        .tickets()
+        .add_ticket_message(app.request(AddTicketMessageRequest {
+            ticket_id: unknown(),
+            author_role: "customer".into(),
+            public: true,
+            body: "b".repeat(100_001),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["body"]);
     app.stop().await;
 }

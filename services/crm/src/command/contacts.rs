@@ -208,17 +208,24 @@ impl Contacts for ContactsService {
         let options = Options::parse("LinkContactToAccount", request.options.as_ref(), &request)?;
         let id = parse_id("contact_id", &request.contact_id, false)?;
         let account_id = parse_id("account_id", &request.account_id, false)?;
+        let mut command = ContactCommand::LinkToAccount {
+            account_id,
+            role: request.role,
+            primary: request.primary,
+            account_active: true,
+        };
+        let live = Contact {
+            exists: true,
+            ..Contact::default()
+        };
+        super::precheck(&live, command.clone())?;
         let account = self
             .handler
             .state_or_default::<Account>(&caller.tenant, account_id)
             .await?;
-        let account_active = account.usable();
-        let command = ContactCommand::LinkToAccount {
-            account_id,
-            role: request.role,
-            primary: request.primary,
-            account_active,
-        };
+        if let ContactCommand::LinkToAccount { account_active, .. } = &mut command {
+            *account_active = account.usable();
+        }
         let reply = self
             .handler
             .execute::<Contact>(&caller, id, &options, command)

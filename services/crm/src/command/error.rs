@@ -115,6 +115,31 @@ impl From<ServiceError> for Status {
                     info(reason, vec![]),
                 )
             }
+            ServiceError::Domain(
+                ref error @ DomainError::RecordDataInvalid {
+                    record,
+                    ref violations,
+                },
+            ) => {
+                let reason = error.reason();
+                let message = error.to_string();
+                let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+                let mut details = info(
+                    reason,
+                    vec![
+                        ("record".to_owned(), record.to_owned()),
+                        ("fields".to_owned(), fields.join(",")),
+                    ],
+                );
+                for violation in violations {
+                    details.add_precondition_failure_violation(
+                        "RECORD_DATA",
+                        violation.field.clone(),
+                        violation.rule,
+                    );
+                }
+                Status::with_error_details(Code::FailedPrecondition, message, details)
+            }
             ServiceError::Domain(error) => {
                 let reason = error.reason();
                 let metadata = match &error {

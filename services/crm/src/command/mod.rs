@@ -969,6 +969,9 @@ impl CommandHandler {
         let opportunity_id = deal
             .as_ref()
             .map(|_| fields::tenant_scoped_id(&caller.tenant, &format!("{lead_id}:opportunity")));
+        if let Some(deal) = &deal {
+            crm_domain::conversion::check_deal(&deal.details())?;
+        }
         let pipeline = match &deal {
             Some(deal) => Some(crm_domain::opportunity::DealFacts {
                 account_active: true,

@@ -148,6 +148,15 @@ impl TicketsService {
     }
 }
 
+/// An open ticket, to check a command's input on before its lookups.
+fn live_ticket() -> Ticket {
+    Ticket {
+        exists: true,
+        status: Some(crm_domain::ticket::TicketStatus::Open),
+        ..Ticket::default()
+    }
+}
+
 fn one_of<T: Copy>(
     field: &'static str,
     value: &str,
@@ -172,12 +181,24 @@ impl Tickets for TicketsService {
         let options = Options::parse("AssignTicket", request.options.as_ref(), &request)?;
         let id = parse_id("ticket_id", &request.ticket_id, false)?;
         let queue_id = parse_id("queue_id", &request.queue_id, false)?;
+        let assignee = (!request.assignee.is_empty()).then_some(request.assignee);
+        let mut command = TicketCommand::Assign {
+            queue: queue_id.to_string(),
+            assignee: assignee.clone(),
+            method: if request.method.is_empty() {
+                "manual".to_owned()
+            } else {
+                request.method
+            },
+            eligible: true,
+            override_reason: request.override_reason,
+        };
+        super::precheck(&live_ticket(), command.clone())?;
         let queue: Queue = self
             .handler
             .published(&caller.tenant, queue_id, "queue_id")
             .await?;
-        let assignee = (!request.assignee.is_empty()).then_some(request.assignee);
-        let eligible = match &assignee {
+        let is_eligible = match &assignee {
             None => true,
             Some(agent) => {
                 let availability = self
@@ -196,17 +217,9 @@ impl Tickets for TicketsService {
                     })
             }
         };
-        let command = TicketCommand::Assign {
-            queue: queue_id.to_string(),
-            assignee,
-            method: if request.method.is_empty() {
-                "manual".to_owned()
-            } else {
-                request.method
-            },
-            eligible,
-            override_reason: request.override_reason,
-        };
+        if let TicketCommand::Assign { eligible, .. } = &mut command {
+            *eligible = is_eligible;
+        }
         self.run(caller, options, id, command).await
     }
 
@@ -299,6 +312,8 @@ impl Tickets for TicketsService {
             public: request.public,
             body: request.body.clone(),
         };
+        // Before a closed ticket's follow-up lookups.
+        super::precheck(&live_ticket(), command.clone())?;
         match self
             .handler
             .execute::<Ticket>(&caller, id, &options, command)

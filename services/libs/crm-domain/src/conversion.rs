@@ -97,7 +97,7 @@ pub fn convert(
                 )
                 // The account's name is the lead's company.
                 .map_err(|error| match error {
-                    DomainError::Invalid(violations) => DomainError::Invalid(
+                    DomainError::Invalid(violations) => lead_data(
                         violations
                             .into_iter()
                             .map(|v| {
@@ -106,7 +106,7 @@ pub fn convert(
                                 } else {
                                     &v.field
                                 };
-                                crate::Violation::new(format!("lead.{field}"), v.rule)
+                                crate::Violation::new(field, v.rule)
                             })
                             .collect(),
                     ),
@@ -116,11 +116,10 @@ pub fn convert(
     };
     let mut name = lead.name.clone();
     if name.given.trim().is_empty() {
-        // The lead's data, not the request's: it cannot become a contact.
-        return Err(DomainError::RequiredFieldsMissing {
-            stage: "converted".to_owned(),
-            fields: vec!["name.given"],
-        });
+        return Err(lead_data(vec![crate::Violation::new(
+            "name.given",
+            "is required to become a contact",
+        )]));
     }
     name.given = name.given.trim().to_owned();
     let created = Contact::default()
@@ -142,7 +141,10 @@ pub fn convert(
             }),
             context,
         )
-        .map_err(|error| prefixed("lead", error))?;
+        .map_err(|error| match error {
+            DomainError::Invalid(violations) => lead_data(violations),
+            other => other,
+        })?;
     let state = Contact::default().replay(created.iter());
     let linked = state.decide(
         ContactCommand::LinkToAccount {
@@ -191,6 +193,25 @@ pub fn convert(
         contact: created.into_iter().chain(linked).collect(),
         opportunity,
     })
+}
+
+/// The requested deal's own fields (name, amount, owner), named under
+/// `opportunity.`: checked before the conversion's lookups.
+pub fn check_deal(details: &DealDetails) -> Result<(), DomainError> {
+    crate::opportunity::validate_details(details).map_err(|error| prefixed("opportunity", error))
+}
+
+/// The lead's own data breaks a rule of the record it would become: not the
+/// request's fault (FAILED_PRECONDITION, fix the lead first), each field
+/// named under `lead.`.
+fn lead_data(violations: Vec<crate::Violation>) -> DomainError {
+    DomainError::RecordDataInvalid {
+        record: "lead",
+        violations: violations
+            .into_iter()
+            .map(|v| crate::Violation::new(format!("lead.{}", v.field), v.rule))
+            .collect(),
+    }
 }
 
 /// A part's invalid fields, named under the request field they came from.
@@ -363,6 +384,36 @@ mod tests {
         assert!(
             matches!(refused, Err(DomainError::Invalid(v)) if v[0].field == "opportunity.name")
         );
+    }
+
+    /// Data the lead kept that its contact or account may not have is the
+    /// lead's to fix, not the request's: a precondition, naming each field.
+    #[test]
+    fn a_lead_whose_data_cannot_become_a_contact_is_not_converted() {
+        let refused = |lead: &Lead| match convert(lead, targets(), Context::at(now())) {
+            Err(DomainError::RecordDataInvalid { record, violations }) => (
+                record,
+                violations.into_iter().map(|v| v.field).collect::<Vec<_>>(),
+            ),
+            other => panic!("expected RecordDataInvalid, got {other:?}"),
+        };
+        let mut lead = qualified("Acme");
+        lead.name.given = "  ".into();
+        assert_eq!(refused(&lead), ("lead", vec!["lead.name.given".to_owned()]));
+        let mut lead = qualified("Acme");
+        lead.emails[0].address = "not an address".into();
+        assert_eq!(
+            refused(&lead),
+            ("lead", vec!["lead.emails[0].address".to_owned()])
+        );
+        let lead = qualified(&"A".repeat(201));
+        assert_eq!(refused(&lead), ("lead", vec!["lead.company".to_owned()]));
+        // The request's own fault stays INVALID_ARGUMENT.
+        let lead = qualified("");
+        assert!(matches!(
+            convert(&lead, targets(), Context::at(now())),
+            Err(DomainError::Invalid(v)) if v[0].field == "account_id"
+        ));
     }
 
     #[test]

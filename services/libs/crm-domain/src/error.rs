@@ -82,6 +82,15 @@ pub enum DomainError {
     /// record is linked to it (DOMAIN.md §7).
     #[error("{field} is owned by the external system")]
     FieldOwnedExternally { field: &'static str },
+    /// The data of another record the command builds on (e.g. the lead a
+    /// conversion turns into a contact) breaks a rule the new record must
+    /// keep. Not the request's fault: the `record` is fixed by its own
+    /// commands first. Each bad field is named under `record`.
+    #[error("the {record}'s data cannot be used: {}", .violations.iter().map(|v| format!("{} {}", v.field, v.rule)).collect::<Vec<_>>().join("; "))]
+    RecordDataInvalid {
+        record: &'static str,
+        violations: Vec<Violation>,
+    },
 }
 
 impl DomainError {
@@ -105,6 +114,7 @@ impl DomainError {
             Self::ConsentMissing { .. } => "CONSENT_MISSING",
             Self::RequiredFieldsMissing { .. } => "REQUIRED_FIELDS_MISSING",
             Self::FieldOwnedExternally { .. } => "FIELD_OWNED_EXTERNALLY",
+            Self::RecordDataInvalid { .. } => "RECORD_DATA_INVALID",
         }
     }
 }
