@@ -189,5 +189,14 @@ async fn bad_input_is_refused_before_the_records_it_names_are_read() {
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["body"]);
+    // An amount the read models could not sum.
+    let mut huge = crate::opportunities::deal(&unknown(), &unknown());
+    huge.amount.as_mut().unwrap().amount_minor = 5_000_000_000_000_000_000;
+    let status = app
+        .opportunities()
+        .open_opportunity(app.request(huge))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["amount.amount_minor"]);
     app.stop().await;
 }

@@ -403,7 +403,7 @@ impl AnalyticsQueries for AnalyticsService {
             .map(|row| {
                 let net: i64 = row.get(1);
                 let costed: bool = row.get(3);
-                let margin = costed.then(|| net - row.get::<_, i64>(4));
+                let margin = costed.then(|| net.saturating_sub(row.get::<_, i64>(4)));
                 AccountValue {
                     currency: row.get(0),
                     net_revenue_minor: net,
@@ -480,7 +480,8 @@ impl AnalyticsQueries for AnalyticsService {
                 let aov = if orders == 0 { 0 } else { net / orders as i64 };
                 let margin_bp = if costed_net > 0 {
                     u32::try_from(
-                        ((costed_net - cost).max(0) as i128 * 10_000 / costed_net as i128)
+                        ((costed_net.saturating_sub(cost)).max(0) as i128 * 10_000
+                            / costed_net as i128)
                             .min(10_000),
                     )
                     .unwrap_or(10_000)

@@ -782,7 +782,7 @@ impl Customer360Service {
             .map(|row| {
                 let net: i64 = row.get(1);
                 let costed: bool = row.get(3);
-                let margin = costed.then(|| net - row.get::<_, i64>(4));
+                let margin = costed.then(|| net.saturating_sub(row.get::<_, i64>(4)));
                 AccountValue {
                     currency: row.get(0),
                     net_revenue_minor: net,

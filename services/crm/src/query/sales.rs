@@ -494,8 +494,8 @@ impl SalesQueries for SalesService {
             ];
             for level in levels.into_iter().skip(rung).flatten() {
                 level.deals += u64::try_from(deals).unwrap_or(0);
-                level.amount_minor += amount;
-                level.weighted_minor += weighted;
+                level.amount_minor = level.amount_minor.saturating_add(amount);
+                level.weighted_minor = level.weighted_minor.saturating_add(weighted);
             }
         }
         Ok(Response::new(Forecast {
@@ -764,9 +764,14 @@ impl SalesQueries for SalesService {
                 // open × (won ÷ (won + lost)) × (Σ won ÷ won) ÷ (Σ cycle ÷ won ÷
                 // 86400), exact, rounded down once.
                 let denominator = (won + lost) * cycle_seconds;
-                let velocity = (won > 0 && denominator > 0)
-                    .then(|| open * won * won_minor * 86_400 / denominator)
-                    .map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+                let velocity = (won > 0 && denominator > 0).then(|| {
+                    [won, won_minor, 86_400]
+                        .into_iter()
+                        .try_fold(open, i128::checked_mul)
+                        .map_or(i64::MAX, |v| {
+                            i64::try_from(v / denominator).unwrap_or(i64::MAX)
+                        })
+                });
                 VelocityByCurrency {
                     currency: row.get(0),
                     open_deals: u64::try_from(open).unwrap_or(0),

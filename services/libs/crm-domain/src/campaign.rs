@@ -445,7 +445,12 @@ impl Aggregate for Campaign {
                     "must not be zero",
                 );
                 v.check(
-                    self.cost_minor.checked_add(amount.amount_minor).is_some(),
+                    // (An amount itself out of range is named once, above.)
+                    !crate::common::amount_ok(amount.amount_minor)
+                        || self
+                            .cost_minor
+                            .checked_add(amount.amount_minor)
+                            .is_some_and(crate::common::amount_ok),
                     "amount.amount_minor",
                     "would take the campaign's total cost out of range",
                 );
@@ -711,12 +716,19 @@ mod tests {
         given::<Campaign>(planned("email"))
             .when(cost(1, "USD"))
             .then_invalid(&["amount.currency"]);
-        // A total beyond i64 is refused, not wrapped (nor a panic).
+        // A total beyond MAX_AMOUNT_MINOR is refused, not wrapped (nor a
+        // panic), and so is a single cost beyond it.
+        given::<Campaign>(planned("email"))
+            .when(cost(i64::MAX, "EUR"))
+            .then_invalid(&["amount.amount_minor"]);
         let mut history = planned("email");
         history.extend(
             Campaign::default()
                 .replay(history.iter())
-                .decide(cost(i64::MAX, "EUR"), crate::Context::at(now()))
+                .decide(
+                    cost(crate::common::MAX_AMOUNT_MINOR, "EUR"),
+                    crate::Context::at(now()),
+                )
                 .unwrap(),
         );
         given::<Campaign>(history)

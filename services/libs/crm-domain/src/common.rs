@@ -102,8 +102,24 @@ pub struct Money {
     pub currency: String,
 }
 
+/// The largest amount, either way, that a command may state: 10^15 minor
+/// units (ten trillion in a currency of cents). Far beyond any real deal or
+/// order, and small enough that the read models' sums over thousands of them
+/// stay within 64 bits.
+pub const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000_000;
+
+/// Whether `amount_minor` is within [`MAX_AMOUNT_MINOR`] either way.
+pub fn amount_ok(amount_minor: i64) -> bool {
+    amount_minor.unsigned_abs() <= MAX_AMOUNT_MINOR.unsigned_abs()
+}
+
 impl Money {
     pub(crate) fn validate(&self, field: &str, violations: &mut Violations) {
+        violations.check(
+            amount_ok(self.amount_minor),
+            format!("{field}.amount_minor"),
+            "must be at most 10^15 minor units either way",
+        );
         violations.check(
             self.currency.len() == 3 && self.currency.bytes().all(|b| b.is_ascii_uppercase()),
             format!("{field}.currency"),

@@ -800,9 +800,10 @@ impl Aggregate for Opportunity {
                         "must be the deal's currency",
                     );
                     v.check(
-                        line.unit_price.amount_minor >= 0,
+                        line.unit_price.amount_minor >= 0
+                            && crate::common::amount_ok(line.unit_price.amount_minor),
                         format!("lines[{i}].unit_price.amount_minor"),
-                        "must not be negative",
+                        "must be 0 to 10^15 minor units",
                     );
                     v.check(
                         products.insert(line.product_id),
@@ -821,8 +822,14 @@ impl Aggregate for Opportunity {
                     total += i128::from(line_total.unwrap_or(0));
                 }
                 // The deal's amount is their sum: refused, not capped.
-                let total = i64::try_from(total);
-                v.check(total.is_ok(), "lines", "their total amount is out of range");
+                let total = i64::try_from(total)
+                    .ok()
+                    .filter(|t| crate::common::amount_ok(*t));
+                v.check(
+                    total.is_some(),
+                    "lines",
+                    "their total must be at most 10^15 minor units",
+                );
                 let total = total.unwrap_or(0);
                 v.into_result()?;
                 if !lines.is_empty() && !products_exist {
@@ -1349,7 +1356,33 @@ pub(crate) mod tests {
                 lines: vec![line(7, 1, i64::MAX), line(8, 1, 1)],
                 products_exist: true,
             })
+            .then_invalid(&["lines[0].unit_price.amount_minor", "lines"]);
+        // Each price and their total stay within MAX_AMOUNT_MINOR, so the
+        // read models' sums stay within 64 bits.
+        given::<Opportunity>([opened()])
+            .when(OpportunityCommand::ChangeLineItems {
+                lines: vec![line(7, 2, 600_000_000_000_000)],
+                products_exist: true,
+            })
             .then_invalid(&["lines"]);
+        let too_much = DealDetails {
+            name: "Acme renewal".into(),
+            account_id: Uuid::from_u128(1),
+            contact_id: None,
+            pipeline_id: Uuid::from_u128(2),
+            stage: "qualification".into(),
+            amount: eur(crate::common::MAX_AMOUNT_MINOR + 1),
+            close_date: date(),
+            owner: "user:rep".into(),
+            source: DealSource::default(),
+        };
+        assert_eq!(
+            validate_details(&too_much),
+            Err(DomainError::invalid(
+                "amount.amount_minor",
+                "must be at most 10^15 minor units either way"
+            ))
+        );
     }
 
     #[test]

@@ -317,10 +317,18 @@ mod tests {
     }
 
     #[test]
-    fn children_beyond_i64_are_over_allocated_not_wrapped() {
+    fn the_largest_children_are_over_allocated_not_wrapped() {
+        given::<SalesTargets>([])
+            .when(allocate("company", None, Period::YEAR, i64::MAX))
+            .then_invalid(&["amount.amount_minor"]);
         let base = state(vec![
             allocate("company", None, Period::YEAR, 100),
-            allocate("team:a", Some("company"), Period::YEAR, i64::MAX),
+            allocate(
+                "team:a",
+                Some("company"),
+                Period::YEAR,
+                crate::common::MAX_AMOUNT_MINOR,
+            ),
         ]);
         let over = base
             .decide(
