@@ -235,7 +235,7 @@ async fn duplicate_accounts_merge_and_the_tax_id_moves() {
     };
     let merged = app
         .accounts()
-        .merge_accounts(app.request(merge.clone()))
+        .merge_accounts(app.manager(merge.clone()))
         .await
         .unwrap()
         .into_inner();
@@ -249,7 +249,7 @@ async fn duplicate_accounts_merge_and_the_tax_id_moves() {
     assert_eq!(error_info(&status).1["holder"], survivor);
     let status = app
         .accounts()
-        .merge_accounts(app.request(merge))
+        .merge_accounts(app.manager(merge))
         .await
         .unwrap_err();
     assert_eq!(error_info(&status).1["survivor"], survivor);

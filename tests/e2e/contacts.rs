@@ -757,9 +757,26 @@ async fn duplicates_merge_atomically_and_the_loser_points_to_the_survivor() {
         dry_run,
     };
     let before = app.stored().await.len();
+    // Only a sales manager or an admin merges (DOMAIN.md §6), a dry run
+    // too: its reply shows both parties' personal fields.
+    for (dry_run, roles) in [
+        (true, None),
+        (false, None),
+        (true, Some("sales_rep,auditor")),
+    ] {
+        let mut request = app.request(merge(dry_run));
+        if let Some(roles) = roles {
+            request
+                .metadata_mut()
+                .insert("x-roles", roles.parse().unwrap());
+        }
+        let status = app.contacts().merge_contacts(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    }
+    assert_eq!(app.stored().await.len(), before);
     let preview = app
         .contacts()
-        .merge_contacts(app.request(merge(true)))
+        .merge_contacts(app.manager(merge(true)))
         .await
         .unwrap()
         .into_inner();
@@ -768,7 +785,7 @@ async fn duplicates_merge_atomically_and_the_loser_points_to_the_survivor() {
 
     let merged = app
         .contacts()
-        .merge_contacts(app.request(merge(false)))
+        .merge_contacts(app.manager(merge(false)))
         .await
         .unwrap()
         .into_inner();
@@ -815,7 +832,7 @@ async fn duplicates_merge_atomically_and_the_loser_points_to_the_survivor() {
     // A merged record cannot be merged again, nor can the survivor absorb itself.
     let status = app
         .contacts()
-        .merge_contacts(app.request(merge(false)))
+        .merge_contacts(app.manager(merge(false)))
         .await
         .unwrap_err();
     assert_eq!(error_info(&status).0, "RECORD_MERGED");
@@ -824,7 +841,7 @@ async fn duplicates_merge_atomically_and_the_loser_points_to_the_survivor() {
     assert_eq!(
         bad_fields(
             &app.contacts()
-                .merge_contacts(app.request(itself))
+                .merge_contacts(app.manager(itself))
                 .await
                 .unwrap_err()
         ),

@@ -729,7 +729,7 @@ async fn the_360_shows_every_section_the_timeline_merges_them_and_erasure_blanks
         .unwrap();
     // Example C step 3: the duplicate merged into Li.
     app.contacts()
-        .merge_contacts(app.request(MergeContactsRequest {
+        .merge_contacts(app.manager(MergeContactsRequest {
             options: at("2026-11-19T06:00:00Z"),
             survivor_id: li.clone(),
             loser_ids: vec![dup.clone()],
@@ -1281,7 +1281,7 @@ async fn a_merged_account_answers_with_its_survivor_and_brings_what_it_had() {
     settled(&app).await;
     let merged = app
         .accounts()
-        .merge_accounts(app.request(MergeAccountsRequest {
+        .merge_accounts(app.manager(MergeAccountsRequest {
             options: at("2026-11-13T01:00:00Z"),
             survivor_id: globex.clone(),
             loser_ids: vec![globex_ltd.clone()],

@@ -581,7 +581,7 @@ async fn duplicate_leads_merge_in_one_append() {
     };
     let merged = app
         .leads()
-        .merge_leads(app.request(merge.clone()))
+        .merge_leads(app.manager(merge.clone()))
         .await
         .unwrap()
         .into_inner();
@@ -600,7 +600,7 @@ async fn duplicate_leads_merge_in_one_append() {
     );
     let status = app
         .leads()
-        .merge_leads(app.request(merge))
+        .merge_leads(app.manager(merge))
         .await
         .unwrap_err();
     assert_eq!(error_info(&status).0, "RECORD_MERGED");

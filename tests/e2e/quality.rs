@@ -196,7 +196,7 @@ async fn worked_example_c_suspects_phone_and_name_95_merges_and_a_dismissal_hold
     // 3. MergeRecords: P2 into P1; the pair shows merged.
     let merged = app
         .contacts()
-        .merge_contacts(app.request(MergeContactsRequest {
+        .merge_contacts(app.manager(MergeContactsRequest {
             survivor_id: p1.clone(),
             loser_ids: vec![p2.clone()],
             ..MergeContactsRequest::default()

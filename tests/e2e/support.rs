@@ -127,6 +127,16 @@ impl TestApp {
         as_caller(message, Some(&self.tenant), Some("user:ada"))
     }
 
+    /// A request from this app's tenant as a sales manager (who may merge
+    /// duplicates).
+    pub fn manager<T>(&self, message: T) -> Request<T> {
+        let mut request = self.request(message);
+        request
+            .metadata_mut()
+            .insert("x-roles", "sales_manager".parse().unwrap());
+        request
+    }
+
     /// A request from this app's tenant as its ERP's service account (role
     /// `erp_sync`, which `crm.v1.Commerce` requires).
     pub fn erp<T>(&self, message: T) -> Request<T> {

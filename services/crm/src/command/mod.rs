@@ -178,6 +178,9 @@ pub fn parse_id(
     Ok(id)
 }
 
+/// Who may merge duplicates (DOMAIN.md §6): a sales manager or an admin.
+pub const MERGE_ROLES: &[&str] = &["sales_manager", "admin"];
+
 /// Runs commands for every aggregate against one event store.
 #[derive(Clone)]
 pub struct CommandHandler {
@@ -813,6 +816,9 @@ impl CommandHandler {
         dry_run: bool,
         options: &Options,
     ) -> Result<Merged, ServiceError> {
+        // Before anything is read: the reply (a dry run's too) shows every
+        // party's personal fields in the clear.
+        configuration::require_role(caller, MERGE_ROLES, "merge records")?;
         let merged: Vec<String> = loser_ids.iter().map(Uuid::to_string).collect();
         if !dry_run
             && let Some(key) = &options.idempotency_key
