@@ -58,6 +58,20 @@ async fn calendars_and_policies_are_versioned_and_need_the_right_role() {
         .unwrap()
         .into_inner();
     assert_eq!((same.stream_version, same.unchanged), (1, true));
+    // A client's id is a UUIDv7: other versions are the server's derived ids
+    // (version 5), which a first publish would take over.
+    let derived = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"crm:tenant_settings");
+    for id in [
+        derived.to_string(),
+        "9f8b1c2e-4a5d-4e6f-8a7b-1c2d3e4f5a6b".to_owned(),
+    ] {
+        let status = app
+            .configuration()
+            .publish_business_calendar(with_roles(&app, calendar(&id), "admin"))
+            .await
+            .unwrap_err();
+        assert_eq!(crate::support::bad_fields(&status), ["calendar_id"]);
+    }
     let mut saturday = calendar(&first.stream_id);
     saturday.overrides.push(DateOverride {
         date: "2026-10-11".into(),

@@ -39,12 +39,12 @@ pub(crate) fn require_role(
     }
 }
 
+/// A configuration's id: new when empty, else a UUIDv7 as every id a client
+/// chooses (DOMAIN.md §1.1). Other versions are the server's own derived ids
+/// (tenant settings, an agent's availability, a conversion's records), which
+/// a configuration published first under them would take over.
 fn id_or_new(field: &'static str, value: &str) -> Result<Uuid, ServiceError> {
-    if value.is_empty() {
-        Ok(Uuid::now_v7())
-    } else {
-        parse_id(field, value, false)
-    }
+    parse_id(field, value, true)
 }
 
 #[tonic::async_trait]

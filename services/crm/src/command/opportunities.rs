@@ -170,11 +170,9 @@ impl Pipelines for PipelinesService {
         )?;
         let request = request.into_inner();
         let options = Options::parse("PublishPipeline", request.options.as_ref(), &request)?;
-        let id = if request.pipeline_id.is_empty() {
-            Uuid::now_v7()
-        } else {
-            parse_id("pipeline_id", &request.pipeline_id, false)?
-        };
+        // A UUIDv7, as every id a client chooses: not one of the server's
+        // derived ids, which a pipeline published first would take over.
+        let id = parse_id("pipeline_id", &request.pipeline_id, true)?;
         let command = PipelineCommand::Publish {
             name: request.name,
             stages: stages(request.stages)?,
