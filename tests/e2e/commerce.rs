@@ -247,6 +247,16 @@ async fn inconsistent_orders_and_excess_refunds_are_refused() {
         ),
         ["amount.amount_minor"]
     );
+    // Neither a refund id nor a key: a resend could not be told apart.
+    assert_eq!(
+        bad_fields(
+            &app.commerce()
+                .issue_refund(app.erp(refund(1_000, "")))
+                .await
+                .unwrap_err()
+        ),
+        ["refund_id"]
+    );
     let status = app
         .commerce()
         .issue_refund(app.erp(IssueRefundRequest {

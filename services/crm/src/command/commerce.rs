@@ -340,7 +340,15 @@ impl Commerce for CommerceService {
         let mut options = Options::parse("IssueRefund", request.options.as_ref(), &request)?;
         let payment = external("payment", request.payment)?;
         reference("payment", &payment)?;
-        if options.idempotency_key.is_none() && !request.refund_id.is_empty() {
+        if options.idempotency_key.is_none() {
+            // Without a key or an id, a resent refund would refund again.
+            if request.refund_id.is_empty() {
+                return Err(ServiceError::invalid(
+                    "refund_id",
+                    "is required without an idempotency key",
+                )
+                .into());
+            }
             // A refund id is unique within its payment, not its source.
             server_key(
                 &mut options,
