@@ -116,6 +116,39 @@ fn period(from: &str, to: &str) -> Option<AnalyticsPeriod> {
     })
 }
 
+/// A customer is one at `t` when a spell [start, end) holds `t`, at both
+/// ends of a month: a churn exactly at a month's end is that month's.
+#[tokio::test]
+async fn a_churn_exactly_at_a_month_end_counts_in_that_month() {
+    let app = TestApp::spawn().await;
+    let a1 = account(&app, "A1").await;
+    let a2 = account(&app, "A2").await;
+    paid_order(&app, &a1, "O1", "2026-01-05T10:00:00Z", 1_000, None).await;
+    paid_order(&app, &a2, "O2", "2026-01-06T10:00:00Z", 1_000, None).await;
+    caught_up(&app, 2).await;
+    churn(&app, &a1, "2026-03-01T00:00:00Z").await;
+    let options = caught_up(&app, 2).await;
+    let churned = AnalyticsQueriesClient::new(app.channel.clone())
+        .get_churn(app.request(GetChurnRequest {
+            options,
+            from_month: "2026-02".into(),
+            to_month: "2026-03".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let months: Vec<(String, u64, u64)> = churned
+        .months
+        .iter()
+        .map(|m| (m.month.clone(), m.customers_at_start, m.churned))
+        .collect();
+    assert_eq!(
+        months,
+        [("2026-02".to_owned(), 2, 1), ("2026-03".to_owned(), 1, 0)]
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
     let app = TestApp::spawn().await;

@@ -148,13 +148,16 @@ fn compound(rates: impl IntoIterator<Item = (u64, u64)>) -> u32 {
 }
 
 /// Customers at the start of `[start, end)` and those of them not customers
-/// at its end, optionally per segment.
+/// at its end, optionally per segment. An account is a customer at `t` when
+/// a spell `[started_at, ended_at)` holds `t`: the same rule at both ends, so
+/// a spell that ends exactly on a month's end is churn in that month, and
+/// one that starts exactly on its start is in its base.
 const CHURN_SQL: &str = "SELECT COALESCE(a.segment, ''), count(*), \
       count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM an_customer_spells e \
-        WHERE e.tenant_id = $1 AND e.account_id = b.account_id AND e.started_at < $3 \
-          AND (e.ended_at IS NULL OR e.ended_at >= $3))) \
+        WHERE e.tenant_id = $1 AND e.account_id = b.account_id AND e.started_at <= $3 \
+          AND (e.ended_at IS NULL OR e.ended_at > $3))) \
     FROM (SELECT DISTINCT account_id FROM an_customer_spells \
-          WHERE tenant_id = $1 AND started_at < $2 AND (ended_at IS NULL OR ended_at > $2)) b \
+          WHERE tenant_id = $1 AND started_at <= $2 AND (ended_at IS NULL OR ended_at > $2)) b \
     LEFT JOIN an_accounts a ON a.tenant_id = $1 AND a.account_id = b.account_id \
     GROUP BY 1";
 
