@@ -149,6 +149,37 @@ async fn a_churn_exactly_at_a_month_end_counts_in_that_month() {
     app.stop().await;
 }
 
+/// Purchase frequency counts the orders of buying customers: an ERP order
+/// linked to no account adds to revenue and orders, not to frequency.
+#[tokio::test]
+async fn unlinked_orders_do_not_inflate_purchase_frequency() {
+    let app = TestApp::spawn().await;
+    let a1 = account(&app, "A1").await;
+    paid_order(&app, &a1, "O1", "2026-01-05T10:00:00Z", 1_000, None).await;
+    paid_order(&app, &a1, "O2", "2026-01-06T10:00:00Z", 1_000, None).await;
+    paid_order(&app, "", "O3", "2026-01-07T10:00:00Z", 1_000, None).await;
+    let options = caught_up(&app, 1).await;
+    let revenue = AnalyticsQueriesClient::new(app.channel.clone())
+        .get_revenue(app.request(GetRevenueRequest {
+            options,
+            period: period("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let january = &revenue.currencies[0];
+    assert_eq!(
+        (
+            january.net_revenue_minor,
+            january.paid_orders,
+            january.buying_customers,
+            january.purchase_frequency_milli
+        ),
+        (3_000, 3, 1, 2_000)
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
     let app = TestApp::spawn().await;

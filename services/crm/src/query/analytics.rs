@@ -326,7 +326,8 @@ impl AnalyticsQueries for AnalyticsService {
                    WHERE tenant_id = $1 AND paid AND NOT cancelled \
                      AND ordered_at >= $2 AND ordered_at < $3), \
                  o AS (SELECT currency, sum(net_minor)::bigint AS net, count(*) AS orders, \
-                         count(DISTINCT account_id) AS customers FROM paid GROUP BY currency), \
+                         count(DISTINCT account_id) AS customers, count(account_id) AS linked \
+                       FROM paid GROUP BY currency), \
                  rep AS (SELECT currency, count(*) FILTER (WHERE n >= 2) AS repeaters \
                          FROM (SELECT currency, account_id, count(*) AS n FROM paid \
                                WHERE account_id IS NOT NULL GROUP BY 1, 2) x GROUP BY currency), \
@@ -334,7 +335,8 @@ impl AnalyticsQueries for AnalyticsService {
                        WHERE tenant_id = $1 AND refunded_at >= $2 AND refunded_at < $3 \
                        GROUP BY currency) \
                  SELECT cur.currency, COALESCE(o.net, 0) - COALESCE(r.refunded, 0), \
-                   COALESCE(o.orders, 0), COALESCE(o.customers, 0), COALESCE(rep.repeaters, 0) \
+                   COALESCE(o.orders, 0), COALESCE(o.customers, 0), COALESCE(rep.repeaters, 0), \
+                   COALESCE(o.linked, 0) \
                  FROM (SELECT currency FROM o UNION SELECT currency FROM r) cur \
                  LEFT JOIN o USING (currency) LEFT JOIN r USING (currency) \
                  LEFT JOIN rep USING (currency) ORDER BY 1",
@@ -347,13 +349,16 @@ impl AnalyticsQueries for AnalyticsService {
             .map(|row| {
                 let net: i64 = row.get(1);
                 let (orders, customers, repeaters) = (count(row, 2), count(row, 3), count(row, 4));
+                // Orders per buying customer: only orders with a customer
+                // (an unlinked ERP order has none to count it against).
+                let linked = count(row, 5);
                 CurrencyRevenue {
                     currency: row.get(0),
                     net_revenue_minor: net,
                     paid_orders: orders,
                     buying_customers: customers,
                     average_order_value_minor: if orders == 0 { 0 } else { net / orders as i64 },
-                    purchase_frequency_milli: (orders * 1000).checked_div(customers).unwrap_or(0),
+                    purchase_frequency_milli: (linked * 1000).checked_div(customers).unwrap_or(0),
                     repeat_purchase_bp: bp(repeaters, customers),
                 }
             })
