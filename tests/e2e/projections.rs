@@ -69,11 +69,16 @@ async fn a_command_position_as_min_position_reads_the_write_on_the_board() {
     assert!(board.position >= moved.global_position);
     // weighted = amount × probability ÷ 10000: 30,000,000 × 1000 ÷ 10000 and
     // 30,000,000 × 8000 ÷ 10000.
+    // The pipeline's open stages in order, an empty column where no deal is.
     assert_eq!(
         board.stages,
         vec![
-            column("negotiation", 1, 30_000_000, 24_000_000),
             column("qualification", 1, 30_000_000, 3_000_000),
+            StageColumn {
+                stage: "proposal".into(),
+                ..StageColumn::default()
+            },
+            column("negotiation", 1, 30_000_000, 24_000_000),
         ]
     );
     app.stop().await;
@@ -134,12 +139,12 @@ async fn board_queries_refuse_bad_input_and_say_when_the_model_lags() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    let empty = sales
+    // A pipeline never published.
+    let status = sales
         .get_pipeline_board(app.request(board_request(&pipeline, 0)))
         .await
-        .unwrap()
-        .into_inner();
-    assert!(empty.stages.is_empty());
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     app.stop().await;
 }
 
@@ -2558,7 +2563,15 @@ async fn operators_list_and_rebuild_projections_over_grpc() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(board.stages.len(), 1);
+    let held: Vec<(&str, u64)> = board
+        .stages
+        .iter()
+        .map(|c| (c.stage.as_str(), c.deal_count))
+        .collect();
+    assert_eq!(
+        held,
+        [("qualification", 1), ("proposal", 0), ("negotiation", 0)]
+    );
     app.stop().await;
 }
 

@@ -16,7 +16,7 @@ use crm_proto::v1::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{bad_token, bounded, page, page_size, ready, unavailable};
+use super::{bad_token, bounded, page, page_size, ready, ready_all, unavailable};
 use crate::command::{Caller, ServiceError};
 
 #[derive(Clone)]
@@ -173,6 +173,26 @@ async fn open_stages(
         return Err(Status::not_found(format!("no pipeline {pipeline_id}")));
     };
     Ok((version, rows.iter().map(|row| row.get(1)).collect()))
+}
+
+/// A board's columns: each of the pipeline's `open` stages in order, one
+/// column per currency or a single empty one; then the columns of stages the
+/// current version no longer has (deals that have not followed it yet), by
+/// stage code. `columns` comes ordered by stage, then currency.
+fn board_order(open: &[String], columns: &mut Vec<StageColumn>) -> Vec<StageColumn> {
+    let mut board = Vec::with_capacity(columns.len() + open.len());
+    for stage in open {
+        let before = board.len();
+        board.extend(columns.extract_if(.., |c| &c.stage == stage));
+        if board.len() == before {
+            board.push(StageColumn {
+                stage: stage.clone(),
+                ..StageColumn::default()
+            });
+        }
+    }
+    board.append(columns);
+    board
 }
 
 /// A fiscal period as the projection stores it: a month (quarter 0), a
@@ -338,8 +358,17 @@ impl SalesQueries for SalesService {
         if request.owner.len() > 200 {
             return Err(ServiceError::invalid("owner", "must be at most 200 characters").into());
         }
-        let (client, position) =
-            ready(&self.pool, PIPELINE_BOARD, request.options, self.wait).await?;
+        // The board's columns are the pipeline's open stages, in order
+        // (the sales funnel knows the pipeline's versions).
+        let (client, position) = ready_all(
+            &self.pool,
+            &[PIPELINE_BOARD, SALES_FUNNEL],
+            request.options,
+            self.wait,
+        )
+        .await?;
+        let tenant = caller.tenant.as_str();
+        let (_, open) = open_stages(&client, tenant, pipeline_id).await?;
         let rows = client
             .query(
                 "SELECT stage, COALESCE(currency, ''), count(*), \
@@ -348,11 +377,11 @@ impl SalesQueries for SalesService {
                  WHERE tenant_id = $1 AND pipeline_id = $2 AND outcome = 'open' AND NOT archived \
                    AND ($3 = '' OR owner = $3) \
                  GROUP BY 1, 2 ORDER BY 1, 2",
-                &[&caller.tenant.as_str(), &pipeline_id, &request.owner],
+                &[&tenant, &pipeline_id, &request.owner],
             )
             .await
             .map_err(super::unavailable)?;
-        let stages = rows
+        let mut columns: Vec<StageColumn> = rows
             .iter()
             .map(|row| StageColumn {
                 stage: row.get(0),
@@ -362,7 +391,10 @@ impl SalesQueries for SalesService {
                 weighted_minor: row.get(4),
             })
             .collect();
-        Ok(Response::new(PipelineBoard { stages, position }))
+        Ok(Response::new(PipelineBoard {
+            stages: board_order(&open, &mut columns),
+            position,
+        }))
     }
 
     async fn get_win_rate(
@@ -1282,5 +1314,44 @@ impl SalesQueries for SalesService {
             next_page_token,
             position,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(stage: &str, currency: &str, deal_count: u64) -> StageColumn {
+        StageColumn {
+            stage: stage.into(),
+            currency: currency.into(),
+            deal_count,
+            ..StageColumn::default()
+        }
+    }
+
+    #[test]
+    fn a_board_follows_the_stage_order_and_keeps_dropped_stages_last() {
+        let open = ["lead", "proposal", "closing"].map(str::to_owned);
+        // As the query orders them: by stage code, then currency.
+        let mut columns = vec![
+            column("closing", "EUR", 1),
+            column("closing", "USD", 2),
+            column("demo", "EUR", 3),
+            column("lead", "EUR", 4),
+        ];
+        let board: Vec<(String, String, u64)> = board_order(&open, &mut columns)
+            .into_iter()
+            .map(|c| (c.stage, c.currency, c.deal_count))
+            .collect();
+        let expected = [
+            ("lead", "EUR", 4),
+            ("proposal", "", 0),
+            ("closing", "EUR", 1),
+            ("closing", "USD", 2),
+            ("demo", "EUR", 3),
+        ]
+        .map(|(s, c, n)| (s.to_owned(), c.to_owned(), n));
+        assert_eq!(board, expected);
     }
 }
