@@ -181,6 +181,23 @@ async fn bad_campaign_inputs_are_refused() {
         .unwrap()
         .into_inner()
         .stream_id;
+    // A parent must be a campaign already planned: so parents never form a
+    // cycle (A under B, then B under A).
+    let child = |parent: &str| PlanCampaignRequest {
+        parent_id: parent.into(),
+        ..plan("email")
+    };
+    let status = app
+        .campaigns()
+        .plan_campaign(app.request(child(&uuid::Uuid::now_v7().to_string())))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(error_info(&status).1["field"], "parent_id");
+    app.campaigns()
+        .plan_campaign(app.request(child(&campaign)))
+        .await
+        .unwrap();
     let unknown = uuid::Uuid::now_v7().to_string();
     let status = app
         .campaigns()
@@ -292,9 +309,9 @@ async fn bad_campaign_inputs_are_refused() {
         .0,
         "INVALID_TRANSITION"
     );
-    // The plan, the one cost that fit and the archived contact (created,
-    // archived): every refusal stored nothing.
-    assert_eq!(app.stored().await.len(), 4);
+    // The plan, its child, the one cost that fit and the archived contact
+    // (created, archived): every refusal stored nothing.
+    assert_eq!(app.stored().await.len(), 5);
     app.stop().await;
 }
 

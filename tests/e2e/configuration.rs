@@ -111,6 +111,22 @@ async fn calendars_and_policies_are_versioned_and_need_the_right_role() {
         .publish_sla_policy(with_roles(&app, policy.clone(), "service_manager"))
         .await
         .unwrap();
+    // A calendar never published would silently count 24×7.
+    let unknown_calendar = PublishSlaPolicyRequest {
+        calendar_id: uuid::Uuid::now_v7().to_string(),
+        ..policy.clone()
+    };
+    let status = app
+        .configuration()
+        .publish_sla_policy(with_roles(&app, unknown_calendar, "service_manager"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let (reason, metadata) = crate::support::error_info(&status);
+    assert_eq!(
+        (reason.as_str(), metadata["field"].as_str()),
+        ("INVALID_REFERENCE", "calendar_id")
+    );
     let mut bad = policy;
     bad.targets.truncate(3);
     bad.warning_percent = 0;

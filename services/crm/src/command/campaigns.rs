@@ -63,13 +63,33 @@ impl Campaigns for CampaignsService {
             },
             utm_campaign: request.utm_campaign,
         };
-        self.run(
-            caller,
-            options,
-            id,
-            CampaignCommand::Plan { self_id: id, plan },
-        )
-        .await
+        let command = CampaignCommand::Plan { self_id: id, plan };
+        super::precheck(&Campaign::default(), command.clone())?;
+        // The parent must be a campaign that exists already: so it is older
+        // than this one, and parents can never form a cycle. (Existence only,
+        // which never changes back: a retry still replays.)
+        if let CampaignCommand::Plan {
+            plan:
+                CampaignPlan {
+                    parent_id: Some(parent),
+                    ..
+                },
+            ..
+        } = &command
+            && !self
+                .handler
+                .state_or_default::<Campaign>(&caller.tenant, *parent)
+                .await?
+                .exists
+        {
+            return Err(
+                ServiceError::Domain(crm_domain::DomainError::InvalidReference {
+                    field: "parent_id",
+                })
+                .into(),
+            );
+        }
+        self.run(caller, options, id, command).await
     }
 
     async fn change_campaign_status(

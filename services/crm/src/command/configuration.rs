@@ -145,6 +145,18 @@ impl Configuration for ConfigurationService {
             pause_statuses: request.pause_statuses,
             warning_percent: u8::try_from(request.warning_percent).unwrap_or(0),
         };
+        super::precheck(&SlaPolicyConfig::default(), Publish(content.clone()))?;
+        // A calendar that was never published would count every hour (24×7)
+        // without a word.
+        if let Some(calendar) = content.calendar_id {
+            self.handler
+                .published::<crm_domain::configuration::BusinessCalendar>(
+                    &caller.tenant,
+                    calendar,
+                    "calendar_id",
+                )
+                .await?;
+        }
         let reply = self
             .handler
             .execute::<SlaPolicyConfig>(&caller, id, &options, Publish(content))
