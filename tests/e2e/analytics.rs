@@ -59,7 +59,7 @@ async fn account(app: &TestApp, name: &str) -> String {
         .stream_id
 }
 
-/// A paid order of `net` (one line, with its cost when given) at `when`.
+/// A paid order of `net` CNY (one line, with its cost when given) at `when`.
 async fn paid_order(
     app: &TestApp,
     account: &str,
@@ -68,6 +68,20 @@ async fn paid_order(
     net: i64,
     cost: Option<i64>,
 ) -> String {
+    paid_order_in(app, account, id, when, net, cost, cny).await
+}
+
+/// [`paid_order`] in the currency `money` makes.
+async fn paid_order_in(
+    app: &TestApp,
+    account: &str,
+    id: &str,
+    when: &str,
+    net: i64,
+    cost: Option<i64>,
+    money: fn(i64) -> Option<crm_proto::v1::Money>,
+) -> String {
+    let cny = money;
     app.commerce()
         .record_order(app.erp(RecordOrderRequest {
             options: at(when),
@@ -146,6 +160,53 @@ async fn a_churn_exactly_at_a_month_end_counts_in_that_month() {
         months,
         [("2026-02".to_owned(), 2, 1), ("2026-03".to_owned(), 1, 0)]
     );
+    app.stop().await;
+}
+
+/// RFM never adds or compares amounts in different currencies: an account's
+/// monetary value is in its main currency (most orders), scored against the
+/// buyers of that currency.
+#[tokio::test]
+async fn rfm_keeps_each_currency_apart() {
+    let app = TestApp::spawn().await;
+    let (x, y) = (account(&app, "X").await, account(&app, "Y").await);
+    paid_order(&app, &x, "X1", "2026-01-05T10:00:00Z", 1_000, None).await;
+    paid_order(&app, &x, "X2", "2026-01-06T10:00:00Z", 2_000, None).await;
+    let eur = crate::support::eur;
+    paid_order_in(&app, &x, "X3", "2026-01-07T10:00:00Z", 900_000, None, eur).await;
+    paid_order_in(&app, &y, "Y1", "2026-01-08T10:00:00Z", 50, None, eur).await;
+    let options = caught_up(&app, 2).await;
+    let rfm = AnalyticsQueriesClient::new(app.channel.clone())
+        .get_rfm(app.request(GetRfmRequest {
+            options,
+            as_of: "2026-03-01T00:00:00Z".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let scores: Vec<(String, String, u32, i64, u32)> = rfm
+        .accounts
+        .iter()
+        .map(|s| {
+            let who = if s.account_id == x { "X" } else { "Y" };
+            (
+                who.to_owned(),
+                s.currency.clone(),
+                s.frequency,
+                s.monetary_minor,
+                s.m,
+            )
+        })
+        .collect();
+    let mut expected = vec![
+        ("X".to_owned(), "CNY".to_owned(), 3, 3_000, 1),
+        ("Y".to_owned(), "EUR".to_owned(), 1, 50, 1),
+    ];
+    if y < x {
+        expected.reverse();
+    }
+    assert_eq!(scores, expected);
     app.stop().await;
 }
 
@@ -412,8 +473,12 @@ async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
         ),
         (18, 2, 4_000, 4, 4, "champions")
     );
+    // A2's monetary value is net of the 500 refunded.
     let a2_score = rfm.accounts.iter().find(|s| s.account_id == a2).unwrap();
-    assert_eq!((a2_score.recency_days, a2_score.r), (53, 1));
+    assert_eq!(
+        (a2_score.recency_days, a2_score.r, a2_score.monetary_minor),
+        (53, 1, 1_500)
+    );
     // Pages of one, in account order, cover the same four.
     let mut token = String::new();
     let mut seen = Vec::new();

@@ -1049,7 +1049,8 @@ async fn the_360_shows_every_section_the_timeline_merges_them_and_erasure_blanks
         (287_000, None, 2, 287_000)
     );
     // RFM at the 21st: last paid order on the 18th at 04:00Z, 2 days 20 h
-    // ago: 2 days; 2 orders, 3,000.00; the tenant's only buyer: quintile 1.
+    // ago: 2 days; 2 orders, 3,000.00 less 130.00 refunded (as the CLV); the
+    // tenant's only buyer: quintile 1.
     let rfm = before.rfm.clone().unwrap();
     assert_eq!(
         (
@@ -1061,7 +1062,7 @@ async fn the_360_shows_every_section_the_timeline_merges_them_and_erasure_blanks
             rfm.m,
             rfm.segment.as_str()
         ),
-        (2, 2, 300_000, 1, 1, 1, "other")
+        (2, 2, 287_000, 1, 1, 1, "other")
     );
     // Churn risk: flagged on the 20th with nothing since; the last touch of
     // the account or its deals (the meeting, Thu 03:30Z) is 1 day 20.5 h

@@ -181,16 +181,6 @@ impl Commerce for CommerceService {
                 ServiceError::invalid("customer_tax_id", "must be at most 100 characters").into(),
             );
         }
-        if account_id.is_none() && !request.customer_ref.is_empty() {
-            let key = external_ref_key(&external.source, &request.customer_ref);
-            account_id = self.holder(&caller.tenant, EXTERNAL_REF, &key).await?;
-        }
-        if account_id.is_none()
-            && let Ok(tax_id) = validated_tax_id("customer_tax_id", &request.customer_tax_id)
-            && !tax_id.is_empty()
-        {
-            account_id = self.holder(&caller.tenant, "tax_id", &tax_id).await?;
-        }
         let lines = request
             .lines
             .into_iter()
@@ -221,9 +211,9 @@ impl Commerce for CommerceService {
                 })
             })
             .collect::<Result<Vec<_>, ServiceError>>()?;
-        let command = OrderCommand::Record(RecordOrder {
+        let mut order = RecordOrder {
             external: external.clone(),
-            account_id,
+            account_id: None,
             customer_ref: request.customer_ref,
             deal_id: optional_id("deal_id", &request.deal_id)?,
             status: request.status,
@@ -239,8 +229,23 @@ impl Commerce for CommerceService {
             } else {
                 Some(date("promised_delivery", &request.promised_delivery)?)
             },
-        });
-        self.run::<Order>(caller, options, &external, command).await
+        };
+        // The order's own checks (lines, totals, currency) before the
+        // lookups of its customer.
+        super::precheck(&Order::default(), OrderCommand::Record(order.clone()))?;
+        if account_id.is_none() && !order.customer_ref.is_empty() {
+            let key = external_ref_key(&external.source, &order.customer_ref);
+            account_id = self.holder(&caller.tenant, EXTERNAL_REF, &key).await?;
+        }
+        if account_id.is_none()
+            && let Ok(tax_id) = validated_tax_id("customer_tax_id", &request.customer_tax_id)
+            && !tax_id.is_empty()
+        {
+            account_id = self.holder(&caller.tenant, "tax_id", &tax_id).await?;
+        }
+        order.account_id = account_id;
+        self.run::<Order>(caller, options, &external, OrderCommand::Record(order))
+            .await
     }
 
     async fn cancel_order(

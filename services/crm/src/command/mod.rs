@@ -946,7 +946,12 @@ impl CommandHandler {
                         dry_run,
                     });
                 }
-                Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {
+                // The caller's expected version is the survivor's: a loser
+                // that moved meanwhile is decided again, not ABORTED with
+                // the loser's version (read as the survivor's).
+                Err(AppendError::VersionConflict { stream_id, .. })
+                    if options.expected_version.is_none() || stream_id != survivor_id =>
+                {
                     tracing::debug!("concurrent change; deciding the merge again");
                 }
                 Err(error) => return Err(error.into()),
@@ -1110,7 +1115,10 @@ impl CommandHandler {
                     self.remember(new_keys, &appended);
                     return Ok(answer(&appended));
                 }
-                Err(AppendError::VersionConflict { .. }) if options.expected_version.is_none() => {
+                // The caller's expected version is the lead's (see merges).
+                Err(AppendError::VersionConflict { stream_id, .. })
+                    if options.expected_version.is_none() || stream_id != lead_id =>
+                {
                     tracing::debug!("concurrent change; deciding the conversion again");
                 }
                 Err(error) => return Err(error.into()),

@@ -246,11 +246,9 @@ impl Opportunities for OpportunitiesService {
         let request = request.into_inner();
         let options = Options::parse("ChangeOpportunityStage", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let to = stage_key("stage", request.stage)?;
         let facts = self.deal_facts(&caller, id).await?;
-        let command = OpportunityCommand::ChangeStage {
-            to: stage_key("stage", request.stage)?,
-            facts,
-        };
+        let command = OpportunityCommand::ChangeStage { to, facts };
         let reply = self
             .handler
             .execute::<Opportunity>(&caller, id, &options, command)
@@ -374,6 +372,16 @@ impl Opportunities for OpportunitiesService {
                 },
             });
         }
+        // The lines' own checks (quantity, the deal's currency, totals) on
+        // the deal as it is, before one lookup per product.
+        let (deal, _, _) = self.handler.load::<Opportunity>(&caller.tenant, id).await?;
+        super::precheck(
+            &deal,
+            OpportunityCommand::ChangeLineItems {
+                lines: lines.clone(),
+                products_exist: true,
+            },
+        )?;
         let mut products_exist = true;
         let distinct: std::collections::BTreeSet<Uuid> =
             lines.iter().map(|line| line.product_id).collect();
@@ -473,11 +481,9 @@ impl Opportunities for OpportunitiesService {
         let request = request.into_inner();
         let options = Options::parse("ReopenOpportunity", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
+        let stage = stage_key("stage", request.stage)?;
         let facts = self.deal_facts(&caller, id).await?;
-        let command = OpportunityCommand::Reopen {
-            stage: stage_key("stage", request.stage)?,
-            facts,
-        };
+        let command = OpportunityCommand::Reopen { stage, facts };
         let reply = self
             .handler
             .execute::<Opportunity>(&caller, id, &options, command)

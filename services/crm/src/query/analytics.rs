@@ -203,20 +203,37 @@ async fn churn_by_segment(
         .collect())
 }
 
-/// RFM (DOMAIN.md §5.3) after an `orders` CTE the caller defines (the paid,
-/// not cancelled orders of the 365 days before `$3`: account_id, currency,
-/// ordered_at, net_minor): every buyer's recency, frequency and monetary
-/// value, scored in quintiles 1-5 (5 best; ties broken by account id) and
-/// segmented, as `segmented`.
-pub(super) const RFM_SEGMENTED: &str = "buyers AS ( \
-       SELECT account_id, min(currency) AS currency, \
-         floor(extract(epoch FROM ($3 - max(ordered_at))) / 86400)::bigint AS recency, \
-         count(*) AS frequency, sum(net_minor)::bigint AS monetary \
-       FROM orders GROUP BY account_id), \
+/// RFM (DOMAIN.md §5.3) after two CTEs the caller defines over the 365 days
+/// before `$3`: `orders` (the paid, not cancelled orders: account_id,
+/// currency, ordered_at, net_minor) and `refunds` (account_id, currency,
+/// amount_minor). Every buyer's recency, frequency and monetary value,
+/// scored in quintiles 1-5 (5 best; ties broken by account id) and
+/// segmented, as `segmented`. Monetary is net of refunds, in the buyer's
+/// main currency (most orders, then most revenue), and scored against the
+/// buyers of that currency only: amounts in different currencies are never
+/// added or compared.
+pub(super) const RFM_SEGMENTED: &str = "per_currency AS ( \
+       SELECT account_id, currency, count(*) AS n, sum(net_minor) AS net \
+       FROM orders GROUP BY account_id, currency), \
+     refunded AS ( \
+       SELECT account_id, currency, sum(amount_minor) AS amount \
+       FROM refunds GROUP BY account_id, currency), \
+     main AS ( \
+       SELECT DISTINCT ON (p.account_id) p.account_id, p.currency, \
+         p.net - COALESCE(rf.amount, 0) AS monetary \
+       FROM per_currency p LEFT JOIN refunded rf \
+         ON rf.account_id = p.account_id AND rf.currency = p.currency \
+       ORDER BY p.account_id, p.n DESC, p.net DESC, p.currency), \
+     buyers AS ( \
+       SELECT o.account_id, mc.currency, \
+         floor(extract(epoch FROM ($3 - max(o.ordered_at))) / 86400)::bigint AS recency, \
+         count(*) AS frequency, mc.monetary::bigint AS monetary \
+       FROM orders o JOIN main mc ON mc.account_id = o.account_id \
+       GROUP BY o.account_id, mc.currency, mc.monetary), \
      scored AS (SELECT *, \
        ntile(5) OVER (ORDER BY recency DESC, account_id) AS r, \
        ntile(5) OVER (ORDER BY frequency, account_id) AS f, \
-       ntile(5) OVER (ORDER BY monetary, account_id) AS m FROM buyers), \
+       ntile(5) OVER (PARTITION BY currency ORDER BY monetary, account_id) AS m FROM buyers), \
      segmented AS (SELECT *, CASE WHEN r >= 4 AND f >= 4 THEN 'champions' \
        WHEN r <= 2 AND f >= 3 THEN 'at_risk' ELSE 'other' END AS segment FROM scored)";
 
@@ -730,7 +747,10 @@ impl AnalyticsQueries for AnalyticsService {
         let scored = format!(
             "WITH orders AS (SELECT account_id, currency, ordered_at, net_minor FROM an_orders \
                WHERE tenant_id = $1 AND paid AND NOT cancelled AND account_id IS NOT NULL \
-                 AND ordered_at >= $2 AND ordered_at < $3), {RFM_SEGMENTED}"
+                 AND ordered_at >= $2 AND ordered_at < $3), \
+             refunds AS (SELECT account_id, currency, amount_minor FROM an_refunds \
+               WHERE tenant_id = $1 AND account_id IS NOT NULL \
+                 AND refunded_at >= $2 AND refunded_at < $3), {RFM_SEGMENTED}"
         );
         let tenant = caller.tenant.as_str();
         let counts = client

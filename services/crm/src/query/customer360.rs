@@ -816,7 +816,14 @@ impl Customer360Service {
                          ON al.tenant_id = o.tenant_id AND al.loser_id = o.account_id \
                        WHERE o.tenant_id = $1 AND o.paid AND NOT o.cancelled \
                          AND o.account_id IS NOT NULL AND o.ordered_at >= $2 \
-                         AND o.ordered_at < $3), {} \
+                         AND o.ordered_at < $3), \
+                     refunds AS ( \
+                       SELECT COALESCE(al.survivor_id, r.account_id) AS account_id, r.currency, \
+                         r.amount_minor \
+                       FROM an_refunds r LEFT JOIN c360_aliases al \
+                         ON al.tenant_id = r.tenant_id AND al.loser_id = r.account_id \
+                       WHERE r.tenant_id = $1 AND r.account_id IS NOT NULL \
+                         AND r.refunded_at >= $2 AND r.refunded_at < $3), {} \
                      SELECT {} FROM segmented WHERE account_id = $4",
                     super::analytics::RFM_SEGMENTED,
                     super::analytics::RFM_COLUMNS
