@@ -163,6 +163,19 @@ async fn a_churn_exactly_at_a_month_end_counts_in_that_month() {
     app.stop().await;
 }
 
+/// GetRfm as of 2026-03-01, every segment, the first page.
+async fn rfm_on_march_1st(app: &TestApp, options: Option<QueryOptions>) -> crm_proto::v1::Rfm {
+    AnalyticsQueriesClient::new(app.channel.clone())
+        .get_rfm(app.request(GetRfmRequest {
+            options,
+            as_of: "2026-03-01T00:00:00Z".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// RFM never adds or compares amounts in different currencies: an account's
 /// monetary value is in its main currency (most orders), scored against the
 /// buyers of that currency.
@@ -176,15 +189,7 @@ async fn rfm_keeps_each_currency_apart() {
     paid_order_in(&app, &x, "X3", "2026-01-07T10:00:00Z", 900_000, None, eur).await;
     paid_order_in(&app, &y, "Y1", "2026-01-08T10:00:00Z", 50, None, eur).await;
     let options = caught_up(&app, 2).await;
-    let rfm = AnalyticsQueriesClient::new(app.channel.clone())
-        .get_rfm(app.request(GetRfmRequest {
-            options,
-            as_of: "2026-03-01T00:00:00Z".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let rfm = rfm_on_march_1st(&app, options).await;
     let scores: Vec<(String, String, u32, i64, u32)> = rfm
         .accounts
         .iter()
@@ -439,19 +444,12 @@ async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
     assert_eq!(cohorts.cohorts[0].retained_bp, [7_500, 2_500, 0]);
 
     // RFM on March 1st over the year before (whole days since the last
-    // order, rounded down): A1 (18, 2 orders, 4,000), A2 (53, 1, 2,000), A3
+    // order, rounded down): A1 (18, 2 orders, 4,000), A2 (53, 1, 1,500 net of
+    // its refund), A3
     // (52, 1, 5,000), A5 (25, 1, 1,500). Four buyers fill quintiles 1-4: A1 is the most recent and the
     // most frequent (R 4, F 4): a champion; nobody else reaches F ≥ 3 with
     // R ≤ 2 (A2: R 1, A3: R 2, F 1 or 2).
-    let rfm = analytics
-        .get_rfm(app.request(GetRfmRequest {
-            options,
-            as_of: "2026-03-01T00:00:00Z".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let rfm = rfm_on_march_1st(&app, options).await;
     let segments: Vec<(String, u64)> = rfm
         .segments
         .iter()
