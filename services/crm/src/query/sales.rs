@@ -561,8 +561,22 @@ impl SalesQueries for SalesService {
         let tenant = caller.tenant.as_str();
         let zone = funnel_zone(&client, tenant).await?;
         let (version, stages) = open_stages(&client, tenant, pipeline_id).await?;
-        let start = month_start(&zone, first, 0)?;
-        let end = month_start(&zone, last, 1)?;
+        // Each cohort month's start in the tenant's zone, and the end of the
+        // last: deals are put in months by these instants (computed here,
+        // with the same zone rules the tenant's settings were checked
+        // against, not PostgreSQL's own zone database).
+        let bounds = (0..=i64::from(months) + 1)
+            .map(|k| month_start(&zone, first, k))
+            .collect::<Result<Vec<SystemTime>, Status>>()?;
+        let labels: Vec<String> = (0..=i64::from(months))
+            .map(|k| {
+                first
+                    .checked_add(jiff::Span::new().months(k))
+                    .map(|d| format!("{:04}-{:02}", d.year(), d.month()))
+                    .unwrap_or_default()
+            })
+            .collect();
+        let (start, end) = (bounds[0], bounds[bounds.len() - 1]);
         // Per deal the highest open stage (by the current version's order)
         // it ever visited; a won deal reaches every stage and `won`.
         let won_level = i32::try_from(stages.len()).unwrap_or(i32::MAX);
@@ -572,7 +586,7 @@ impl SalesQueries for SalesService {
                    SELECT stage, open_order FROM sales_funnel_stages \
                    WHERE tenant_id = $1 AND pipeline_id = $2 AND version = $3 AND kind = 'open'), \
                  deals AS ( \
-                   SELECT to_char(d.opened_at AT TIME ZONE $4::text, 'YYYY-MM') AS cohort, \
+                   SELECT width_bucket(d.opened_at, $4::timestamptz[]) AS cohort, \
                      CASE WHEN d.outcome = 'won' THEN $9::integer ELSE \
                        (SELECT max(s.open_order) FROM stage_visit v JOIN stages s USING (stage) \
                         WHERE v.tenant_id = $1 AND v.deal_id = d.deal_id) END AS level \
@@ -585,7 +599,7 @@ impl SalesQueries for SalesService {
                     &tenant,
                     &pipeline_id,
                     &version,
-                    &zone,
+                    &bounds,
                     &start,
                     &end,
                     &request.owner,
@@ -600,8 +614,15 @@ impl SalesQueries for SalesService {
         let mut cohorts: std::collections::BTreeMap<String, (u64, Vec<u64>)> =
             std::collections::BTreeMap::new();
         for row in &rows {
+            // Buckets 1..=months+1: every deal opened in [start, end).
+            let Some(label) = usize::try_from(row.get::<_, i32>(0) - 1)
+                .ok()
+                .and_then(|i| labels.get(i))
+            else {
+                continue;
+            };
             let entry = cohorts
-                .entry(row.get(0))
+                .entry(label.clone())
                 .or_insert_with(|| (0, vec![0; steps]));
             let deals = u64::try_from(row.get::<_, i64>(2)).unwrap_or(0);
             entry.0 += deals;
