@@ -746,6 +746,49 @@ async fn a_rebuild_credits_each_win_to_the_same_nested_teams_as_the_live_project
     app.stop().await;
 }
 
+/// Cohort months are the tenant's: in Asia/Shanghai (UTC+8), a deal opened
+/// at 2026-09-30T17:00Z is October's, one at 15:00Z September's.
+#[tokio::test]
+async fn funnel_cohorts_are_months_in_the_tenants_zone() {
+    let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
+    let mut s = scenario(&app).await;
+    let settings = PublishTenantSettingsRequest {
+        time_zone: "Asia/Shanghai".into(),
+        fiscal_year_start_month: 1,
+        reporting_currency: "EUR".into(),
+        duplicate_threshold: 80,
+        stale_days_lead: 30,
+        stale_days_deal: 14,
+        stale_days_customer: 90,
+        ..Default::default()
+    };
+    app.configuration()
+        .publish_tenant_settings(with_roles(&app, settings, "admin"))
+        .await
+        .unwrap();
+    for at in ["2026-09-30T15:00:00Z", "2026-09-30T17:00:00Z"] {
+        s.open("qualification", "user:ada", 1_000, "EUR", at).await;
+    }
+    let reply = sales(&app)
+        .get_funnel(app.request(GetFunnelRequest {
+            options: read(s.last),
+            pipeline_id: s.pipeline.clone(),
+            cohort_from: "2026-09".into(),
+            cohort_to: "2026-10".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let cohorts: Vec<(&str, u64)> = reply
+        .cohorts
+        .iter()
+        .map(|c| (c.cohort.as_str(), c.opened))
+        .collect();
+    assert_eq!(cohorts, [("2026-09", 1), ("2026-10", 1)]);
+    app.stop().await;
+}
+
 /// Stage conversion per creation cohort with a skip and a re-entry, stage
 /// durations, the sales cycle, velocity and loss reasons (DOMAIN.md §5.1),
 /// in UTC (no tenant settings).
