@@ -201,14 +201,8 @@ async fn tenant_settings_are_admin_only_and_teams_never_cycle() {
     use crm_proto::v1::{PublishTeamRequest, PublishTenantSettingsRequest};
     let app = TestApp::spawn().await;
     let settings = PublishTenantSettingsRequest {
-        time_zone: "Asia/Shanghai".into(),
         fiscal_year_start_month: 4,
-        reporting_currency: "CNY".into(),
-        duplicate_threshold: 80,
-        stale_days_lead: 30,
-        stale_days_deal: 14,
-        stale_days_customer: 90,
-        ..Default::default()
+        ..crate::support::tenant_settings("Asia/Shanghai", "CNY")
     };
     assert_eq!(
         app.configuration()
@@ -428,19 +422,12 @@ async fn uniqueness_modes_per_tenant_decide_which_values_are_reserved() {
 
     // The tenant makes phones hard and emails soft.
     let settings = PublishTenantSettingsRequest {
-        time_zone: "Europe/London".into(),
-        fiscal_year_start_month: 1,
-        reporting_currency: "GBP".into(),
-        duplicate_threshold: 80,
-        stale_days_lead: 30,
-        stale_days_deal: 14,
-        stale_days_customer: 90,
         uniqueness: [
             ("phone".to_owned(), "hard".to_owned()),
             ("email".to_owned(), "soft".to_owned()),
         ]
         .into(),
-        ..Default::default()
+        ..crate::support::tenant_settings("Europe/London", "GBP")
     };
     app.configuration()
         .publish_tenant_settings(with_roles(&app, settings.clone(), "admin"))

@@ -182,15 +182,8 @@ async fn stalled_deals_and_churn_risk_fire_once_when_their_condition_became_true
     // Inactivity churn, opted in at 365 days: the last paid order was Jul 1,
     // so the account is churned (`inactive`) on Jul 1 2027 09:00, once.
     let settings = crm_proto::v1::PublishTenantSettingsRequest {
-        time_zone: "UTC".into(),
-        fiscal_year_start_month: 1,
-        reporting_currency: "EUR".into(),
-        duplicate_threshold: 80,
-        stale_days_lead: 30,
-        stale_days_deal: 14,
-        stale_days_customer: 90,
         inactivity_churn_days: Some(365),
-        ..Default::default()
+        ..crate::support::tenant_settings("UTC", "EUR")
     };
     app.configuration()
         .publish_tenant_settings(crate::configuration::with_roles(&app, settings, "admin"))

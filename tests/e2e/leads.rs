@@ -528,15 +528,8 @@ async fn tenants_may_let_working_leads_convert() {
     assert_eq!(error_info(&status).1["from"], "working");
 
     let settings = PublishTenantSettingsRequest {
-        time_zone: "Asia/Shanghai".into(),
-        fiscal_year_start_month: 1,
-        reporting_currency: "CNY".into(),
         convert_from_working: true,
-        duplicate_threshold: 80,
-        stale_days_lead: 30,
-        stale_days_deal: 14,
-        stale_days_customer: 90,
-        ..Default::default()
+        ..crate::support::tenant_settings("Asia/Shanghai", "CNY")
     };
     let mut request = app.request(settings);
     request

@@ -421,15 +421,9 @@ async fn the_same_email_in_another_case_scores_100_and_the_tenant_threshold_appl
             &app,
             "admin",
             PublishTenantSettingsRequest {
-                time_zone: "Asia/Shanghai".into(),
-                fiscal_year_start_month: 1,
-                reporting_currency: "CNY".into(),
                 duplicate_threshold: 96,
-                stale_days_lead: 30,
-                stale_days_deal: 14,
-                stale_days_customer: 90,
                 uniqueness: [("email".to_owned(), "soft".to_owned())].into(),
-                ..PublishTenantSettingsRequest::default()
+                ..crate::support::tenant_settings("Asia/Shanghai", "CNY")
             },
         ))
         .await
@@ -893,14 +887,8 @@ async fn invalid_incomplete_stale_and_unmatched_records_add_up_by_hand() {
             &app,
             "admin",
             PublishTenantSettingsRequest {
-                time_zone: "Asia/Shanghai".into(),
-                fiscal_year_start_month: 1,
-                reporting_currency: "CNY".into(),
-                duplicate_threshold: 80,
                 stale_days_lead: 40,
-                stale_days_deal: 14,
-                stale_days_customer: 90,
-                ..PublishTenantSettingsRequest::default()
+                ..crate::support::tenant_settings("Asia/Shanghai", "CNY")
             },
         ))
         .await

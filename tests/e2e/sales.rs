@@ -309,14 +309,8 @@ async fn worked_example_a_attainment_and_commission_with_a_clawback() {
     let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
     let mut s = scenario(&app).await;
     let settings = PublishTenantSettingsRequest {
-        time_zone: "Asia/Shanghai".into(),
         fiscal_year_start_month: 4,
-        reporting_currency: "CNY".into(),
-        duplicate_threshold: 80,
-        stale_days_lead: 30,
-        stale_days_deal: 14,
-        stale_days_customer: 90,
-        ..Default::default()
+        ..crate::support::tenant_settings("Asia/Shanghai", "CNY")
     };
     app.configuration()
         .publish_tenant_settings(with_roles(&app, settings, "admin"))
@@ -752,16 +746,7 @@ async fn a_rebuild_credits_each_win_to_the_same_nested_teams_as_the_live_project
 async fn funnel_cohorts_are_months_in_the_tenants_zone() {
     let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
     let mut s = scenario(&app).await;
-    let settings = PublishTenantSettingsRequest {
-        time_zone: "Asia/Shanghai".into(),
-        fiscal_year_start_month: 1,
-        reporting_currency: "EUR".into(),
-        duplicate_threshold: 80,
-        stale_days_lead: 30,
-        stale_days_deal: 14,
-        stale_days_customer: 90,
-        ..Default::default()
-    };
+    let settings = crate::support::tenant_settings("Asia/Shanghai", "EUR");
     app.configuration()
         .publish_tenant_settings(with_roles(&app, settings, "admin"))
         .await

@@ -356,6 +356,25 @@ pub fn cny(amount_minor: i64) -> Option<crm_proto::v1::Money> {
     })
 }
 
+/// Tenant settings in `time_zone` reporting in `currency`, with the
+/// defaults a test does not care about (fiscal year from January, duplicate
+/// threshold 80, stale after 30/14/90 days); override fields as needed.
+pub fn tenant_settings(
+    time_zone: &str,
+    currency: &str,
+) -> crm_proto::v1::PublishTenantSettingsRequest {
+    crm_proto::v1::PublishTenantSettingsRequest {
+        time_zone: time_zone.into(),
+        fiscal_year_start_month: 1,
+        reporting_currency: currency.into(),
+        duplicate_threshold: 80,
+        stale_days_lead: 30,
+        stale_days_deal: 14,
+        stale_days_customer: 90,
+        ..Default::default()
+    }
+}
+
 /// An amount in EUR minor units.
 pub fn eur(amount_minor: i64) -> Option<crm_proto::v1::Money> {
     Some(crm_proto::v1::Money {
