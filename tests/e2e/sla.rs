@@ -514,6 +514,63 @@ async fn clocks_at_risk_page_soonest_first_and_bad_queries_are_refused() {
         .into_inner();
     assert_eq!(early.clocks.len(), 1);
 
+    // ListQueue: by priority, then by the earliest running due. Once the
+    // first ticket's first response is met, its next due (next response,
+    // resolution) is later than the others' first responses, so it moves
+    // behind them; the question, a normal ticket with no clock, comes after
+    // the (high) complaints.
+    let replied = app
+        .tickets()
+        .add_ticket_message(app.request(AddTicketMessageRequest {
+            options: at("2026-11-16T01:30:00Z"),
+            ticket_id: tickets[0].clone(),
+            author_role: "agent".into(),
+            author: "agent:g".into(),
+            public: true,
+            body: "On it".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    until(&app, &tickets[0], "first response met", |c| {
+        c.metric == "first_response" && c.state == "met"
+    })
+    .await;
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = queries
+            .list_queue(app.request(crm_proto::v1::ListQueueRequest {
+                options: Some(crm_proto::v1::QueryOptions {
+                    min_position: replied.global_position,
+                }),
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.tickets.into_iter().map(|t| (t.ticket_id, t.next_due)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let order: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            tickets[1].as_str(),
+            tickets[2].as_str(),
+            tickets[0].as_str(),
+            question.stream_id.as_str()
+        ]
+    );
+    assert_eq!(listed[0].1, ts("2026-11-16T04:00:00Z"));
+    assert!(listed[2].1 > listed[1].1, "{listed:?}");
+    assert_eq!(listed[3].1, "", "no clock, no due");
+
     // Bad queries name their field.
     let bad = |status: tonic::Status| {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");

@@ -15,7 +15,9 @@ use crm_proto::v1::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{bad_token, bounded, count, page, page_size, ready, token_parts, unavailable};
+use super::{
+    bad_token, bounded, count, page, page_size, ready, ready_all, token_parts, unavailable,
+};
 use crate::command::{Caller, ServiceError};
 
 #[derive(Clone)]
@@ -340,20 +342,34 @@ impl ServiceQueries for ServiceQueriesService {
         bounded("assignee", &request.assignee)?;
         let size = page_size(request.page_size)?;
         let after = parse_token(&request.page_token)?;
-        let (client, position) =
-            ready(&self.pool, SERVICE_QUEUE, request.options, self.wait).await?;
+        // Ordered as DOMAIN.md §5.2 says, by priority then due: the
+        // earliest due of the ticket's running SLA clocks (the `sla_clock`
+        // read model), tickets without one last; then by ticket id, which
+        // is a UUIDv7 and so the order of opening.
+        let (client, position) = ready_all(
+            &self.pool,
+            &[SERVICE_QUEUE, SLA_CLOCK],
+            request.options,
+            self.wait,
+        )
+        .await?;
         let (rank, micros, id) = after.unwrap_or((-1, i64::MIN, Uuid::nil()));
         let rows = client
             .query(
-                "SELECT ticket_id, queue, status, priority, ticket_type, complaint, assignee, \
-                   opened_at, escalation_level, priority_rank, \
-                   (EXTRACT(EPOCH FROM opened_at) * 1000000)::bigint \
-                 FROM service_queue \
-                 WHERE tenant_id = $1 AND status NOT IN ('solved', 'closed') \
-                   AND ($2 = '' OR queue = $2) AND ($3 = '' OR assignee = $3) \
-                   AND (priority_rank, (EXTRACT(EPOCH FROM opened_at) * 1000000)::bigint, ticket_id) \
-                       > ($4, $5, $6) \
-                 ORDER BY priority_rank, opened_at, ticket_id LIMIT $7",
+                "SELECT * FROM ( \
+                   SELECT q.ticket_id, q.queue, q.status, q.priority, q.ticket_type, q.complaint, \
+                     q.assignee, q.opened_at, q.escalation_level, q.priority_rank, \
+                     COALESCE((EXTRACT(EPOCH FROM d.due) * 1000000)::bigint, \
+                              9223372036854775807) AS due_micros, \
+                     d.due, COALESCE(d.breached, false) \
+                   FROM service_queue q LEFT JOIN LATERAL ( \
+                     SELECT min(c.due) AS due, bool_or(c.breached) AS breached FROM sla_clock c \
+                     WHERE c.tenant_id = q.tenant_id AND c.ticket_id = q.ticket_id \
+                       AND c.state = 'running') d ON true \
+                   WHERE q.tenant_id = $1 AND q.status NOT IN ('solved', 'closed') \
+                     AND ($2 = '' OR q.queue = $2) AND ($3 = '' OR q.assignee = $3)) t \
+                 WHERE (priority_rank, due_micros, ticket_id) > ($4, $5, $6) \
+                 ORDER BY priority_rank, due_micros, ticket_id LIMIT $7",
                 &[
                     &caller.tenant.as_str(),
                     &request.queue,
@@ -386,6 +402,11 @@ impl ServiceQueries for ServiceQueriesService {
                 assignee: row.get(6),
                 opened_at: rfc3339(row.get(7)),
                 escalation_level: u32::try_from(row.get::<_, i16>(8)).unwrap_or(0),
+                next_due: row
+                    .get::<_, Option<std::time::SystemTime>>(11)
+                    .map(rfc3339)
+                    .unwrap_or_default(),
+                sla_breached: row.get(12),
             })
             .collect();
         Ok(Response::new(ListQueueReply {
