@@ -17,7 +17,7 @@ use crm_proto::v1::{
 use jiff::Timestamp;
 use tonic::Code;
 
-use crate::support::{TestApp, TestClock, at, bad_fields, test_scheduler};
+use crate::support::{TestApp, TestClock, all_pages, at, bad_fields, test_scheduler};
 
 /// An app without its own scheduler, and a scheduler on a test clock.
 async fn app_and_scheduler() -> (
@@ -471,31 +471,27 @@ async fn clocks_at_risk_page_soonest_first_and_bad_queries_are_refused() {
     assert_eq!(status.code(), Code::NotFound);
 
     // First responses, two a page, soonest first: 11:00, 12:00, 13:00 local.
-    let mut seen = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = queries
-            .list_at_risk(app.request(ListAtRiskRequest {
-                due_before: "2030-01-01T00:00:00Z".into(),
-                metric: "first_response".into(),
-                page_size: 2,
-                page_token: token.clone(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.clocks.len() <= 2);
-        seen.extend(
-            page.clocks
-                .into_iter()
-                .map(|c| (c.ticket_id, c.clock.unwrap().due)),
-        );
-        if page.next_page_token.is_empty() {
-            break;
+    let seen = all_pages(|page_token| {
+        let (mut queries, app) = (queries.clone(), &app);
+        async move {
+            let page = queries
+                .list_at_risk(app.request(ListAtRiskRequest {
+                    due_before: "2030-01-01T00:00:00Z".into(),
+                    metric: "first_response".into(),
+                    page_size: 2,
+                    page_token,
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.clocks.len() <= 2);
+            let clocks = page.clocks.into_iter();
+            let items = clocks.map(|c| (c.ticket_id, c.clock.unwrap().due));
+            (items.collect(), page.next_page_token)
         }
-        token = page.next_page_token;
-    }
+    })
+    .await;
     let expected: Vec<(String, String)> = tickets
         .iter()
         .zip(["03", "04", "05"])
@@ -536,27 +532,27 @@ async fn clocks_at_risk_page_soonest_first_and_bad_queries_are_refused() {
         c.metric == "first_response" && c.state == "met"
     })
     .await;
-    let mut listed = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = queries
-            .list_queue(app.request(crm_proto::v1::ListQueueRequest {
-                options: Some(crm_proto::v1::QueryOptions {
-                    min_position: replied.global_position,
-                }),
-                page_size: 2,
-                page_token: token.clone(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        listed.extend(page.tickets.into_iter().map(|t| (t.ticket_id, t.next_due)));
-        if page.next_page_token.is_empty() {
-            break;
+    let listed = all_pages(|page_token| {
+        let (mut queries, app) = (queries.clone(), &app);
+        async move {
+            let page = queries
+                .list_queue(app.request(crm_proto::v1::ListQueueRequest {
+                    options: Some(crm_proto::v1::QueryOptions {
+                        min_position: replied.global_position,
+                    }),
+                    page_size: 2,
+                    page_token,
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            let tickets = page.tickets.into_iter();
+            let items = tickets.map(|t| (t.ticket_id, t.next_due));
+            (items.collect::<Vec<_>>(), page.next_page_token)
         }
-        token = page.next_page_token;
-    }
+    })
+    .await;
     let order: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(
         order,

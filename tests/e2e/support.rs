@@ -356,6 +356,25 @@ pub fn cny(amount_minor: i64) -> Option<crm_proto::v1::Money> {
     })
 }
 
+/// Every item of a paged query, in order: `page(token)` answers one page's
+/// items and the next page's token (empty after the last page).
+pub async fn all_pages<T, F, Fut>(mut page: F) -> Vec<T>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = (Vec<T>, String)>,
+{
+    let mut items = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (mut got, next) = page(token).await;
+        items.append(&mut got);
+        if next.is_empty() {
+            return items;
+        }
+        token = next;
+    }
+}
+
 /// Tenant settings in `time_zone` reporting in `currency`, with the
 /// defaults a test does not care about (fiscal year from January, duplicate
 /// threshold 80, stale after 30/14/90 days); override fields as needed.
