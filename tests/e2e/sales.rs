@@ -495,6 +495,7 @@ async fn worked_example_a_attainment_and_commission_with_a_clawback() {
         options: read(last),
         rep: rep.into(),
         period: fiscal(2026, 1, 0),
+        ..Default::default()
     };
     let statement = queries
         .get_commission_statement(app.request(statement_request("user:r", s.last)))
@@ -557,6 +558,42 @@ async fn worked_example_a_attainment_and_commission_with_a_clawback() {
             line(&o, "won", 30_000_000, 120_000_000, 1, 1_300_000, 4_000_000),
         ]
     );
+    assert!(statement.next_page_token.is_empty());
+    // Two lines a page: the same lines, each page with the whole totals.
+    let paged = |page_token: &str| GetCommissionStatementRequest {
+        page_size: 2,
+        page_token: page_token.into(),
+        ..statement_request("user:r", s.last)
+    };
+    let first = queries
+        .get_commission_statement(app.request(paged("")))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = queries
+        .get_commission_statement(app.request(paged(&first.next_page_token)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!([lines(&first), lines(&second)].concat(), lines(&statement));
+    assert_eq!(
+        (
+            first.payout_minor,
+            second.payout_minor,
+            second.next_page_token.as_str()
+        ),
+        (4_000_000, 4_000_000, "")
+    );
+    let status = queries
+        .get_commission_statement(app.request(paged("the third")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["page_token"]);
+    let status = queries
+        .get_commission_statement(app.request(paged("999999999")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(
         (statement.credited_minor, statement.payout_minor),
         (120_000_000, 4_000_000)
@@ -1526,6 +1563,7 @@ async fn sales_queries_refuse_bad_input_naming_the_field() {
         options: None,
         rep: "user:r".into(),
         period: fiscal(2026, 1, 0),
+        ..Default::default()
     };
     for (bad, field) in [
         (
@@ -1725,6 +1763,7 @@ async fn a_frozen_period_keeps_its_statement_and_late_credits_post_to_the_curren
         options: read(last),
         rep: "user:r".into(),
         period: fiscal(year as u32, 0, month as u32),
+        ..Default::default()
     };
     let lines = |statement: &crm_proto::v1::CommissionStatement| -> Vec<(String, i64, i64, bool)> {
         statement

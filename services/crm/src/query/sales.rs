@@ -1036,6 +1036,13 @@ impl SalesQueries for SalesService {
         }
         bounded("rep", &request.rep)?;
         let fiscal = Fiscal::parse(request.period)?;
+        let size = page_size(request.page_size)?;
+        // The last line of the page before: its event position.
+        let after: Option<u64> = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(request.page_token.parse().map_err(|_| bad_token())?)
+        };
         let (client, position) =
             ready(&self.pool, SALES_PERFORMANCE, request.options, self.wait).await?;
         let tenant = caller.tenant.as_str();
@@ -1179,9 +1186,35 @@ impl SalesQueries for SalesService {
             );
         }
         let computed = statement(&plan, target_minor, &credits);
-        let lines = computed
-            .lines
-            .iter()
+        // The whole statement is computed (each line's totals depend on all
+        // before it); the reply carries one page of its lines.
+        let first = match after {
+            None => 0,
+            Some(after) => {
+                computed
+                    .lines
+                    .iter()
+                    .position(|line| line.position == after)
+                    .ok_or_else(|| {
+                        Status::failed_precondition(
+                            "the statement no longer has the line the page token names \
+                             (a credit was withdrawn); start again from the first page",
+                        )
+                    })?
+                    + 1
+            }
+        };
+        let page_lines = computed.lines.iter().skip(first).take(size as usize);
+        let next_page_token = if computed.lines.len() > first + size as usize {
+            page_lines
+                .clone()
+                .last()
+                .map(|line| line.position.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let lines = page_lines
             .map(|line| {
                 let (deal, kind, occurred_at, posted_at) = cited
                     .get(&line.position)
@@ -1221,6 +1254,7 @@ impl SalesQueries for SalesService {
             credited_minor: computed.credited_total,
             payout_minor: computed.payout_total,
             position,
+            next_page_token,
         }))
     }
 
