@@ -1208,7 +1208,7 @@ impl SalesQueries for SalesService {
         let next_page_token = if computed.lines.len() > first + size as usize {
             page_lines
                 .clone()
-                .last()
+                .next_back()
                 .map(|line| line.position.to_string())
                 .unwrap_or_default()
         } else {
