@@ -576,6 +576,7 @@ async fn example_a_attribution_gives_campaign_roi_14_and_a_customer() {
     let mut captured = crate::leads::li_wei("li@example.cn", "Wei Trading");
     captured.options = at("2026-01-10T00:00:00Z");
     captured.source.as_mut().unwrap().campaign_id = c.clone();
+    captured.consent = vec![crate::leads::email_consent()];
     let lead = app
         .leads()
         .capture_lead(app.request(captured))

@@ -337,6 +337,23 @@ async fn leads_join_campaigns_and_respond_and_members_are_named_once() {
         lead_id: lead_id.into(),
         ..AddCampaignMemberRequest::default()
     };
+    // An email campaign takes a lead only with its consent to marketing
+    // email (DOMAIN.md §2.8), as it takes a contact.
+    let status = app
+        .campaigns()
+        .add_campaign_member(app.request(as_lead(&lead)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(error_info(&status).0, "CONSENT_MISSING");
+    app.leads()
+        .update_lead_details(app.request(crm_proto::v1::UpdateLeadDetailsRequest {
+            lead_id: lead.clone(),
+            consent: vec![crate::leads::email_consent()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
     app.campaigns()
         .add_campaign_member(app.request(as_lead(&lead)))
         .await

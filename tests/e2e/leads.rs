@@ -29,6 +29,16 @@ pub(crate) fn li_wei(email: &str, company: &str) -> CaptureLeadRequest {
     }
 }
 
+/// Consent to marketing email, ticked on a web form.
+pub(crate) fn email_consent() -> crm_proto::v1::LeadConsent {
+    crm_proto::v1::LeadConsent {
+        purpose: "marketing_email".into(),
+        granted: true,
+        source: "web_form".into(),
+        basis: "consent".into(),
+    }
+}
+
 fn move_to(id: &str, to: &str) -> ChangeLeadStatusRequest {
     ChangeLeadStatusRequest {
         lead_id: id.into(),

@@ -189,6 +189,27 @@ async fn bad_input_is_refused_before_the_records_it_names_are_read() {
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["body"]);
+    // A lead's consent: one decision per purpose, known purposes.
+    let mut lead = crate::leads::li_wei("li@example.cn", "Wei Trading");
+    lead.consent = vec![crate::leads::email_consent(); 6];
+    let status = app
+        .leads()
+        .capture_lead(app.request(lead.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["consent"]);
+    lead.consent = vec![crate::leads::email_consent(); 2];
+    lead.consent[0].purpose = "marketing_fax".into();
+    lead.consent[1].basis = "whim".into();
+    let status = app
+        .leads()
+        .capture_lead(app.request(lead))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        ["consent[0].purpose", "consent[1].basis"]
+    );
     // An amount the read models could not sum.
     let mut huge = crate::opportunities::deal(&unknown(), &unknown());
     huge.amount.as_mut().unwrap().amount_minor = 5_000_000_000_000_000_000;

@@ -230,6 +230,7 @@ fn unit(n: u64, pipeline: Uuid, at: Timestamp) -> Vec<Row> {
                 channel: "web".into(),
                 ..LeadSource::default()
             },
+            consent: Default::default(),
             occurred_at: at,
         })),
     );

@@ -13,9 +13,10 @@ use crm_proto::v1::pipelines_client::PipelinesClient;
 use crm_proto::v1::{
     AccountKind, CaptureLeadRequest, ChangeContactConsentRequest, ChangeLeadStatusRequest,
     ChangeOpportunityStageRequest, CommandOptions, ContactPreferences, ConvertLeadRequest,
-    ConvertedOpportunity, CreateAccountRequest, CreateContactRequest, EmailAddress, LeadSource,
-    LoseOpportunityRequest, Money, OpenOpportunityRequest, PersonName, PhoneNumber, PipelineStage,
-    PublishPipelineRequest, Reason, StageKind, WinOpportunityRequest,
+    ConvertedOpportunity, CreateAccountRequest, CreateContactRequest, EmailAddress, LeadConsent,
+    LeadSource, LoseOpportunityRequest, Money, OpenOpportunityRequest, PersonName, PhoneNumber,
+    PipelineStage, PublishPipelineRequest, Reason, StageKind, UpdateLeadDetailsRequest,
+    WinOpportunityRequest,
 };
 use tonic::Request;
 use tonic::transport::Channel;
@@ -25,6 +26,7 @@ use tonic::transport::Channel;
 pub struct Seeded {
     pub accounts: usize,
     pub contacts: usize,
+    /// Consent decisions (contacts', and leads' given after capture).
     pub consents: usize,
     pub leads: usize,
     pub conversions: usize,
@@ -302,6 +304,7 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
                         utm_source: ["newsletter", "linkedin", "", "search"][l % 4].to_owned(),
                         ..LeadSource::default()
                     }),
+                    consent: Vec::new(),
                 },
             ))
             .await
@@ -310,6 +313,31 @@ pub async fn seed(address: SocketAddr, tenant: &str) -> Result<Seeded, SeedError
         seeded.leads += 1;
         seeded.unchanged += usize::from(reply.unchanged);
         let lead_id = reply.stream_id;
+        // Every other lead ticked the newsletter box: it may join the email
+        // campaign below (a request of its own, so a database seeded before
+        // leads held consent takes it too).
+        if l % 2 == 0 {
+            let reply = leads
+                .update_lead_details(request(
+                    tenant,
+                    UpdateLeadDetailsRequest {
+                        options: options(format!("demo-seed:lead-consent:{l}"), days_ago),
+                        lead_id: lead_id.clone(),
+                        consent: vec![LeadConsent {
+                            purpose: "marketing_email".to_owned(),
+                            granted: true,
+                            source: "web_form".to_owned(),
+                            basis: "consent".to_owned(),
+                        }],
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .map_err(refused(format!("lead {l}'s consent")))?
+                .into_inner();
+            seeded.consents += 1;
+            seeded.unchanged += usize::from(reply.unchanged);
+        }
         lead_ids.push((lead_id.clone(), days_ago));
         // A path through the lifecycle, a few days apart.
         let path: &[&str] = match l % CONVERT_EVERY {

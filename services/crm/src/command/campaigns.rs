@@ -168,7 +168,14 @@ impl Campaigns for CampaignsService {
                     })
                     .into());
                 }
-                true
+                // As for a contact: the consent the lead was captured with
+                // (or given later) for the campaign's channel.
+                let campaign = self
+                    .handler
+                    .state_or_default::<Campaign>(&caller.tenant, id)
+                    .await?;
+                purpose_for(&campaign.channel)
+                    .is_none_or(|purpose| lead.consent.get(purpose).is_some_and(|c| c.granted))
             }
         };
         self.run(

@@ -1,7 +1,8 @@
 //! `crm.v1.Leads`: proto requests → lead commands and the conversion.
 use crm_domain::contact::PersonName;
 use crm_domain::lead::{
-    Lead, LeadCommand, LeadDetails, LeadDetailsPatch, LeadMergeChoices, LeadSource, LeadStatus,
+    Lead, LeadCommand, LeadConsent, LeadDetails, LeadDetailsPatch, LeadMergeChoices, LeadSource,
+    LeadStatus,
 };
 use crm_proto::v1 as pb;
 use crm_proto::v1::leads_server::Leads;
@@ -10,6 +11,27 @@ use tonic::{Request, Response, Status};
 use super::contacts::{emails, phones, reason};
 use super::fields::{merge_ids, optional_id};
 use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+
+/// One decision per purpose at most (there are five purposes).
+const MAX_CONSENT_DECISIONS: usize = 5;
+
+fn consent(decisions: Vec<pb::LeadConsent>) -> Result<Vec<LeadConsent>, ServiceError> {
+    if decisions.len() > MAX_CONSENT_DECISIONS {
+        return Err(ServiceError::invalid(
+            "consent",
+            "must hold at most 5 decisions, one per purpose",
+        ));
+    }
+    Ok(decisions
+        .into_iter()
+        .map(|c| LeadConsent {
+            purpose: c.purpose,
+            granted: c.granted,
+            source: c.source,
+            basis: c.basis,
+        })
+        .collect())
+}
 
 pub struct LeadsService {
     handler: CommandHandler,
@@ -53,6 +75,7 @@ impl Leads for LeadsService {
             emails: emails(request.emails),
             phones: phones(request.phones),
             source: source(request.source)?,
+            consent: consent(request.consent)?,
         });
         let reply = self
             .handler
@@ -77,6 +100,7 @@ impl Leads for LeadsService {
             company: request.company,
             emails: request.emails.map(|e| emails(e.items)),
             phones: request.phones.map(|p| phones(p.items)),
+            consent: consent(request.consent)?,
         });
         let reply = self
             .handler

@@ -155,6 +155,33 @@ pub fn convert(
         },
         context,
     )?;
+    // The consent the lead was given goes with the person (DOMAIN.md §2.3):
+    // one decision per purpose, as the contact's own commands record it.
+    let mut consented = Vec::new();
+    let mut contact_state = state.replay(linked.iter());
+    for (purpose, consent) in &lead.consent {
+        let events = contact_state
+            .decide(
+                ContactCommand::ChangeConsent {
+                    purpose: purpose.clone(),
+                    granted: consent.granted,
+                    source: consent.source.clone(),
+                    basis: consent.basis.clone(),
+                },
+                context,
+            )
+            .map_err(|error| match error {
+                DomainError::Invalid(violations) => lead_data(
+                    violations
+                        .into_iter()
+                        .map(|v| crate::Violation::new(format!("consent.{}", v.field), v.rule))
+                        .collect(),
+                ),
+                other => other,
+            })?;
+        contact_state = contact_state.replay(events.iter());
+        consented.extend(events);
+    }
     let opportunity_id = targets.opportunity.as_ref().map(|(id, _, _)| *id);
     let opportunity = match targets.opportunity {
         Some((_, details, facts)) => {
@@ -190,7 +217,7 @@ pub fn convert(
             occurred_at,
         })],
         account,
-        contact: created.into_iter().chain(linked).collect(),
+        contact: created.into_iter().chain(linked).chain(consented).collect(),
         opportunity,
     })
 }
@@ -258,6 +285,7 @@ mod tests {
                 channel: "web".into(),
                 ..LeadSource::default()
             },
+            consent: Default::default(),
             occurred_at: now(),
         });
         let steps = [
@@ -273,6 +301,30 @@ mod tests {
             })
         });
         Lead::default().replay([captured].iter().chain(steps.iter()))
+    }
+
+    /// The consent a lead was given goes to its contact, decision by
+    /// decision.
+    #[test]
+    fn the_leads_consent_goes_to_the_contact() {
+        let mut lead = qualified("Acme");
+        lead.consent.insert(
+            "marketing_email".into(),
+            crate::contact::Consent {
+                granted: true,
+                source: "web_form".into(),
+                basis: "consent".into(),
+                decided_at: now(),
+            },
+        );
+        let conversion = convert(&lead, targets(), Context::at(now())).unwrap();
+        let contact = Contact::default().replay(conversion.contact.iter());
+        let consent = &contact.consent["marketing_email"];
+        assert!(consent.granted);
+        assert_eq!(
+            (consent.source.as_str(), consent.basis.as_str()),
+            ("web_form", "consent")
+        );
     }
 
     /// An active company account, id 9.

@@ -4,12 +4,17 @@
 //! to `Disqualified` (with a reason) and back to `Working`. Converted is final.
 //! Leads reserve no unique values: duplicates among leads are data quality's
 //! business. Conversion is decided by [`crate::conversion`], across streams.
+use std::collections::BTreeMap;
+
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregate, Context, DomainEvent, MergeParties};
 use crate::common::{Change, Reason, is_code, text_ok};
-use crate::contact::{Email, PersonName, Phone, validate_emails, validate_phones};
+use crate::contact::{
+    CONSENT_PURPOSES, Consent, Email, LEGAL_BASES, PersonName, Phone, validate_emails,
+    validate_phones,
+};
 use crate::error::{DomainError, Violations};
 use crate::records::{CommonCommand, CommonEvent, RecordMeta};
 
@@ -94,6 +99,67 @@ pub struct LeadDetails {
     pub emails: Vec<Email>,
     pub phones: Vec<Phone>,
     pub source: LeadSource,
+    /// Consent decisions captured with the lead (e.g. a web form's box).
+    pub consent: Vec<LeadConsent>,
+}
+
+/// `current` consent with `decisions` applied (each decided at `at`; an
+/// unchanged decision keeps its time), every bad field in `v`.
+fn decide_consent(
+    mut current: BTreeMap<String, Consent>,
+    decisions: Vec<LeadConsent>,
+    at: Timestamp,
+    v: &mut Violations,
+) -> BTreeMap<String, Consent> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, decision) in decisions.into_iter().enumerate() {
+        v.check(
+            CONSENT_PURPOSES.contains(&decision.purpose.as_str()),
+            format!("consent[{i}].purpose"),
+            "must be a consent purpose",
+        );
+        v.check(
+            text_ok(&decision.source, 100, false),
+            format!("consent[{i}].source"),
+            "must be 1 to 100 characters",
+        );
+        v.check(
+            LEGAL_BASES.contains(&decision.basis.as_str()),
+            format!("consent[{i}].basis"),
+            "must be a legal basis",
+        );
+        v.check(
+            seen.insert(decision.purpose.clone()),
+            format!("consent[{i}].purpose"),
+            "appears twice",
+        );
+        let same = current.get(&decision.purpose).is_some_and(|c| {
+            c.granted == decision.granted
+                && c.source == decision.source
+                && c.basis == decision.basis
+        });
+        if !same {
+            current.insert(
+                decision.purpose,
+                Consent {
+                    granted: decision.granted,
+                    source: decision.source,
+                    basis: decision.basis,
+                    decided_at: at,
+                },
+            );
+        }
+    }
+    current
+}
+
+/// One consent decision given with a lead, as a contact's ChangeConsent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeadConsent {
+    pub purpose: String,
+    pub granted: bool,
+    pub source: String,
+    pub basis: String,
 }
 
 /// The fields an update replaces; `None` keeps the current value.
@@ -103,6 +169,8 @@ pub struct LeadDetailsPatch {
     pub company: Option<String>,
     pub emails: Option<Vec<Email>>,
     pub phones: Option<Vec<Phone>>,
+    /// Consent decisions to record, per purpose; other purposes stay.
+    pub consent: Vec<LeadConsent>,
 }
 
 /// Only the fields that really changed.
@@ -120,6 +188,9 @@ pub struct LeadChanges {
     #[cfg_attr(feature = "schemas", schemars(extend("x-personal" = true)))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phones: Option<Change<Vec<Phone>>>,
+    /// Consent per purpose (a merge keeps each purpose's latest decision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent: Option<Change<BTreeMap<String, Consent>>>,
 }
 
 #[cfg_attr(feature = "schemas", derive(schemars::JsonSchema))]
@@ -161,6 +232,9 @@ pub struct LeadCaptured {
     #[serde(default)]
     pub phones: Vec<Phone>,
     pub source: LeadSource,
+    /// Consent per purpose given with the lead, decided at `occurred_at`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consent: BTreeMap<String, Consent>,
     pub occurred_at: Timestamp,
 }
 
@@ -278,6 +352,9 @@ pub struct Lead {
     pub emails: Vec<Email>,
     pub phones: Vec<Phone>,
     pub source: LeadSource,
+    /// Consent per purpose (DOMAIN.md §2.3's purposes), as for a contact.
+    #[serde(default)]
+    pub consent: BTreeMap<String, Consent>,
     pub converted_to: Option<LeadConverted>,
     #[serde(default)]
     pub meta: RecordMeta,
@@ -418,6 +495,7 @@ impl Aggregate for Lead {
                         "must be at most 200 characters",
                     );
                 }
+                let consent = decide_consent(BTreeMap::new(), details.consent, occurred_at, &mut v);
                 v.into_result()?;
                 Ok(vec![LeadEvent::Captured(LeadCaptured {
                     name: details.name,
@@ -425,6 +503,7 @@ impl Aggregate for Lead {
                     emails: details.emails,
                     phones: details.phones,
                     source: details.source,
+                    consent,
                     occurred_at,
                 })])
             }
@@ -464,6 +543,8 @@ impl Aggregate for Lead {
                 if let Some(phones) = &patch.phones {
                     validate_phones(phones, "phones", &mut v);
                 }
+                let consent =
+                    decide_consent(self.consent.clone(), patch.consent, occurred_at, &mut v);
                 v.into_result()?;
                 let company = patch.company.map(|c| c.trim().to_owned());
                 let changes = LeadChanges {
@@ -471,6 +552,7 @@ impl Aggregate for Lead {
                     company: crate::common::diff(&self.company, company.as_ref()),
                     emails: crate::common::diff(&self.emails, patch.emails.as_ref()),
                     phones: crate::common::diff(&self.phones, patch.phones.as_ref()),
+                    consent: crate::common::diff(&self.consent, Some(&consent)),
                 };
                 if changes == LeadChanges::default() {
                     return Ok(vec![]);
@@ -536,6 +618,7 @@ impl Aggregate for Lead {
                 self.emails = captured.emails.clone();
                 self.phones = captured.phones.clone();
                 self.source = captured.source.clone();
+                self.consent = captured.consent.clone();
             }
             LeadEvent::DetailsUpdated(updated) => {
                 let c = &updated.changes;
@@ -550,6 +633,9 @@ impl Aggregate for Lead {
                 }
                 if let Some(change) = &c.phones {
                     self.phones = change.new.clone();
+                }
+                if let Some(change) = &c.consent {
+                    self.consent = change.new.clone();
                 }
             }
             LeadEvent::StatusChanged(changed) => self.status = changed.to,
@@ -625,11 +711,24 @@ impl crate::aggregate::Mergeable for Lead {
                 "the merged lead would have more than 10 emails or phones",
             ));
         }
+        // Consent by the latest decision per purpose (DOMAIN.md §2.11).
+        let mut consent = survivor.consent.clone();
+        for (_, loser) in losers {
+            for (purpose, decision) in &loser.consent {
+                if consent
+                    .get(purpose)
+                    .is_none_or(|kept| kept.decided_at < decision.decided_at)
+                {
+                    consent.insert(purpose.clone(), decision.clone());
+                }
+            }
+        }
         let changes = LeadChanges {
             name: crate::common::diff(&survivor.name, Some(&name)),
             company: crate::common::diff(&survivor.company, Some(&company)),
             emails: crate::common::diff(&survivor.emails, Some(&emails)),
             phones: crate::common::diff(&survivor.phones, Some(&phones)),
+            consent: crate::common::diff(&survivor.consent, Some(&consent)),
         };
         Ok((
             vec![LeadEvent::Merged(LeadsMerged {
@@ -671,6 +770,7 @@ mod tests {
                 channel: "web".into(),
                 ..LeadSource::default()
             },
+            consent: Default::default(),
             occurred_at: now(),
         })
     }
@@ -750,6 +850,91 @@ mod tests {
             ]);
     }
 
+    fn decision(purpose: &str, granted: bool) -> LeadConsent {
+        LeadConsent {
+            purpose: purpose.into(),
+            granted,
+            source: "web_form".into(),
+            basis: "consent".into(),
+        }
+    }
+
+    /// Consent captured with a lead, changed later per purpose, and merged
+    /// by the latest decision (DOMAIN.md §2.11).
+    #[test]
+    fn a_lead_keeps_consent_per_purpose_and_a_merge_keeps_the_latest() {
+        let details = |consent: Vec<LeadConsent>| LeadDetails {
+            company: "Wei Trading".into(),
+            source: LeadSource {
+                channel: "web".into(),
+                ..LeadSource::default()
+            },
+            consent,
+            ..LeadDetails::default()
+        };
+        let state = given::<Lead>([])
+            .when(LeadCommand::Capture(details(vec![decision(
+                "marketing_email",
+                true,
+            )])))
+            .then_ok();
+        assert!(state.consent["marketing_email"].granted);
+        let mut bad = decision("marketing_fax", true);
+        bad.source = String::new();
+        bad.basis = "because".into();
+        given::<Lead>([])
+            .when(LeadCommand::Capture(details(vec![
+                bad,
+                decision("profiling", true),
+                decision("profiling", false),
+            ])))
+            .then_invalid(&[
+                "consent[0].purpose",
+                "consent[0].source",
+                "consent[0].basis",
+                "consent[2].purpose",
+            ]);
+        // A later decision on one purpose; the same decision again is none.
+        let later = crate::Context::at(now() + jiff::SignedDuration::from_hours(1));
+        let update = |consent| {
+            LeadCommand::UpdateDetails(LeadDetailsPatch {
+                consent,
+                ..LeadDetailsPatch::default()
+            })
+        };
+        let events = state
+            .decide(update(vec![decision("marketing_sms", true)]), later)
+            .unwrap();
+        let updated = state.clone().replay(events.iter());
+        assert_eq!(updated.consent.len(), 2);
+        assert_eq!(
+            updated.decide(update(vec![decision("marketing_sms", true)]), later),
+            Ok(vec![])
+        );
+        // The survivor withdrew email consent after the loser gave it: the
+        // withdrawal stands; the loser's SMS consent, newer, is taken.
+        let survivor = given::<Lead>([])
+            .when(LeadCommand::Capture(details(vec![decision(
+                "marketing_email",
+                false,
+            )])))
+            .then_ok();
+        let mut loser = updated;
+        loser.consent.get_mut("marketing_email").unwrap().decided_at =
+            now() - jiff::SignedDuration::from_hours(1);
+        let (events, _) = <Lead as crate::aggregate::Mergeable>::merge(
+            uuid::Uuid::from_u128(1),
+            &survivor,
+            &[(uuid::Uuid::from_u128(2), loser)],
+            &LeadMergeChoices::default(),
+            crate::Context::at(now() + jiff::SignedDuration::from_hours(2)),
+        )
+        .unwrap();
+        let merged = survivor.replay(events.iter());
+        assert!(!merged.consent["marketing_email"].granted);
+        assert!(merged.consent["marketing_sms"].granted);
+    }
+
     #[test]
     fn duplicate_leads_merge_and_converted_ones_do_not() {
         use crate::aggregate::Mergeable;
@@ -768,6 +953,7 @@ mod tests {
                 channel: "event".into(),
                 ..LeadSource::default()
             },
+            consent: Default::default(),
             occurred_at: now(),
         });
         let survivor = Lead::default().replay([captured()].iter());
