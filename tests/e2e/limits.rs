@@ -221,3 +221,62 @@ async fn bad_input_is_refused_before_the_records_it_names_are_read() {
     assert_eq!(bad_fields(&status), ["amount.amount_minor"]);
     app.stop().await;
 }
+
+/// Ids a command stores as references must name records of the right kind:
+/// FAILED_PRECONDITION, INVALID_REFERENCE on the field, nothing stored.
+#[tokio::test]
+async fn references_to_records_that_do_not_exist_are_refused() {
+    let app = TestApp::spawn().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let expect = |status: tonic::Status, field: &str| {
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert_eq!(crate::support::error_info(&status).1["field"], field);
+    };
+    let mut lead = crate::leads::li_wei("li@example.cn", "Wei Trading");
+    lead.source.as_mut().unwrap().campaign_id = unknown.clone();
+    expect(
+        app.leads()
+            .capture_lead(app.request(lead))
+            .await
+            .unwrap_err(),
+        "source.campaign_id",
+    );
+    let order = |account_id: &str, deal_id: &str| RecordOrderRequest {
+        external: Some(ExternalRef {
+            source: "erp".into(),
+            external_id: "SO-1".into(),
+            external_version: 1,
+        }),
+        account_id: account_id.into(),
+        deal_id: deal_id.into(),
+        status: "paid".into(),
+        lines: vec![crm_proto::v1::OrderLine {
+            sku: "A".into(),
+            quantity: 1,
+            unit_price: crate::support::cny(100),
+            line_total: crate::support::cny(100),
+            line_cost: None,
+        }],
+        net: crate::support::cny(100),
+        tax: crate::support::cny(0),
+        gross: crate::support::cny(100),
+        ordered_on: "2026-01-05".into(),
+        ..Default::default()
+    };
+    expect(
+        app.commerce()
+            .record_order(app.erp(order(&unknown, "")))
+            .await
+            .unwrap_err(),
+        "account_id",
+    );
+    expect(
+        app.commerce()
+            .record_order(app.erp(order("", &unknown)))
+            .await
+            .unwrap_err(),
+        "deal_id",
+    );
+    assert!(app.stored().await.is_empty());
+    app.stop().await;
+}

@@ -2596,7 +2596,7 @@ async fn the_service_queue_lists_pages_counts_and_ages_open_tickets() {
                     occurred_at: opened,
                     ..CommandOptions::default()
                 }),
-                requester_id: Uuid::now_v7().to_string(),
+                requester_id: crate::support::person(&app, "Ticket", "Requester").await,
                 channel: "email".into(),
                 r#type: "incident".into(),
                 priority: priority.into(),

@@ -1212,7 +1212,7 @@ async fn the_lead_funnel_follows_each_source_to_the_won_deal() {
 
 /// Ties go to the first to reach the figure (DOMAIN.md §5.1), a reopened
 /// win lowers the running figure without moving when it was first
-/// reached; team scope by snapshot; pages by rank.
+/// reached; team scope by snapshot; pages that hold while ranks move.
 #[tokio::test]
 async fn the_leaderboard_ranks_ties_by_who_reached_the_figure_first() {
     let app = TestApp::spawn_with(|config| config.query_min_position_wait_ms = 10_000).await;
@@ -1335,6 +1335,38 @@ async fn the_leaderboard_ranks_ties_by_who_reached_the_figure_first() {
         ]
     );
     assert_eq!(second.next_page_token, "");
+    // A win landing between pages moves the ranks, not where the next page
+    // starts: E leads now, and the page after D's entry still starts at B.
+    let id = s
+        .open(
+            "qualification",
+            "user:e",
+            40_000_000,
+            "EUR",
+            "2026-09-20T00:00:00Z",
+        )
+        .await;
+    s.win(&id, "2026-10-08T10:00:00Z").await;
+    let again = queries
+        .get_leaderboard(app.request(GetLeaderboardRequest {
+            options: read(s.last),
+            period: fiscal(2026, 0, 10),
+            metric: "won_amount".into(),
+            scope: "all".into(),
+            currency: "EUR".into(),
+            page_size: 2,
+            page_token: first.next_page_token.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ranks(&again),
+        [
+            entry(4, "user:b", 20_000_000),
+            entry(5, "user:a", 20_000_000)
+        ]
+    );
     app.stop().await;
 }
 

@@ -82,7 +82,7 @@ async fn open(app: &TestApp, when: &str, channel: &str, kind: &str, category: &s
     app.tickets()
         .open_ticket(app.request(OpenTicketRequest {
             options: at(when),
-            requester_id: uuid::Uuid::now_v7().to_string(),
+            requester_id: crate::support::person(app, "Ticket", "Requester").await,
             channel: channel.into(),
             r#type: kind.into(),
             category: category.into(),
@@ -460,7 +460,7 @@ async fn round_robin_skips_offline_and_unskilled_agents_and_waiting_tickets_go_t
     crate::support::reset_position(&app, "router").await;
     let nudge = crate::support::nudge(&app).await;
     router_reached(&app, nudge).await;
-    assert_eq!(app.stored().await.len(), before + 1, "only the nudge");
+    assert_eq!(app.stored().await.len(), before + 2, "only the nudge");
     app.stop().await;
 }
 
@@ -672,7 +672,7 @@ async fn service_metrics_csat_and_complaint_figures_match_the_hand_computed_ones
         .tickets()
         .open_ticket(app.request(OpenTicketRequest {
             options: at("2026-05-01T00:00:00Z"),
-            requester_id: uuid::Uuid::now_v7().to_string(),
+            requester_id: crate::support::person(&app, "Ticket", "Requester").await,
             channel: "chat".into(),
             r#type: "question".into(),
             subject: "After the period".into(),

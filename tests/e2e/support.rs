@@ -432,11 +432,12 @@ pub async fn reached(app: &TestApp, projection: &str, position: u64) {
 }
 
 /// A question ticket nobody cares about, to make projectors take a batch;
-/// its position.
+/// its position. It appends two events: its requester's contact and the
+/// ticket.
 pub async fn nudge(app: &TestApp) -> u64 {
     app.tickets()
         .open_ticket(app.request(crm_proto::v1::OpenTicketRequest {
-            requester_id: uuid::Uuid::now_v7().to_string(),
+            requester_id: person(app, "Ticket", "Requester").await,
             channel: "chat".into(),
             r#type: "question".into(),
             subject: "Unrelated".into(),

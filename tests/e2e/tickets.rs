@@ -8,9 +8,10 @@ use tonic::Code;
 
 use crate::support::{TestApp, bad_fields, error_info};
 
-fn complaint() -> OpenTicketRequest {
+/// A complaint from a new contact.
+async fn complaint(app: &TestApp) -> OpenTicketRequest {
     OpenTicketRequest {
-        requester_id: uuid::Uuid::now_v7().to_string(),
+        requester_id: crate::support::person(app, "Li", "Wei").await,
         channel: "email".into(),
         r#type: "complaint".into(),
         category: "billing".into(),
@@ -34,7 +35,7 @@ async fn a_complaint_is_answered_waits_on_the_customer_is_solved_rated_and_close
     let app = TestApp::spawn().await;
     let id = app
         .tickets()
-        .open_ticket(app.request(complaint()))
+        .open_ticket(app.request(complaint(&app).await))
         .await
         .unwrap()
         .into_inner()
@@ -102,7 +103,8 @@ async fn a_complaint_is_answered_waits_on_the_customer_is_solved_rated_and_close
         .unwrap()
         .into_inner();
 
-    let stored: Vec<_> = app.stored().await;
+    // The ticket's events, after its requester's contact.
+    let stored: Vec<_> = app.stored().await.split_off(1);
     let types: Vec<&str> = stored.iter().map(|(t, _, _)| t.as_str()).collect();
     assert_eq!(
         types,
@@ -140,7 +142,7 @@ async fn a_complaint_is_answered_waits_on_the_customer_is_solved_rated_and_close
         (status.code(), error_info(&status).0.as_str()),
         (Code::FailedPrecondition, "INVALID_TRANSITION")
     );
-    assert_eq!(app.stored().await.len(), 10);
+    assert_eq!(app.stored().await.len(), 1 + 10);
     app.stop().await;
 }
 
@@ -161,7 +163,7 @@ fn with_options(
 async fn closed_complaint(app: &TestApp) -> String {
     let id = app
         .tickets()
-        .open_ticket(app.request(complaint()))
+        .open_ticket(app.request(complaint(app).await))
         .await
         .unwrap()
         .into_inner()
@@ -241,7 +243,11 @@ async fn a_customer_reply_to_a_closed_ticket_opens_a_linked_follow_up() {
         (opened.0.as_str(), stored[before + 1].0.as_str()),
         ("TicketOpened", "TicketMessageAdded")
     );
-    let original = &stored[0].1;
+    let original = &stored
+        .iter()
+        .find(|(t, _, _)| t == "TicketOpened")
+        .unwrap()
+        .1;
     assert_eq!(opened.1["follow_up_of"], id.as_str());
     for field in [
         "requester_id",
@@ -302,7 +308,8 @@ async fn a_customer_reply_to_a_closed_ticket_opens_a_linked_follow_up() {
 #[tokio::test]
 async fn bad_ticket_inputs_are_refused_and_store_nothing() {
     let app = TestApp::spawn().await;
-    let mut bad = complaint();
+    let base = complaint(&app).await;
+    let mut bad = base.clone();
     bad.r#type = "rant".into();
     assert_eq!(
         bad_fields(
@@ -313,7 +320,7 @@ async fn bad_ticket_inputs_are_refused_and_store_nothing() {
         ),
         ["type"]
     );
-    let mut bad = complaint();
+    let mut bad = base.clone();
     bad.channel = "pigeon".into();
     assert_eq!(
         bad_fields(
@@ -324,7 +331,7 @@ async fn bad_ticket_inputs_are_refused_and_store_nothing() {
         ),
         ["channel"]
     );
-    let mut bad = complaint();
+    let mut bad = base.clone();
     bad.requester_id = String::new();
     assert_eq!(
         bad_fields(
@@ -335,7 +342,7 @@ async fn bad_ticket_inputs_are_refused_and_store_nothing() {
         ),
         ["requester_id"]
     );
-    let mut bad = complaint();
+    let mut bad = base.clone();
     bad.subject = " ".into();
     bad.category = "Billing Stuff".into();
     assert_eq!(
@@ -347,11 +354,38 @@ async fn bad_ticket_inputs_are_refused_and_store_nothing() {
         ),
         ["subject", "category"]
     );
-    assert!(app.stored().await.is_empty());
+    // The requester is a contact (or a person account), the account an
+    // account: ids of nothing are refused.
+    for (field, requester, account) in [
+        (
+            "requester_id",
+            uuid::Uuid::now_v7().to_string(),
+            String::new(),
+        ),
+        (
+            "account_id",
+            base.requester_id.clone(),
+            base.requester_id.clone(),
+        ),
+    ] {
+        let status = app
+            .tickets()
+            .open_ticket(app.request(OpenTicketRequest {
+                requester_id: requester,
+                account_id: account,
+                ..base.clone()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(error_info(&status).1["field"], field);
+    }
+    // Only the requester's contact was stored.
+    assert_eq!(app.stored().await.len(), 1);
 
     let id = app
         .tickets()
-        .open_ticket(app.request(complaint()))
+        .open_ticket(app.request(complaint(&app).await))
         .await
         .unwrap()
         .into_inner()
@@ -440,7 +474,8 @@ async fn bad_ticket_inputs_are_refused_and_store_nothing() {
             .code(),
         Code::NotFound
     );
-    assert_eq!(app.stored().await.len(), 1);
+    // The two requesters' contacts and the one ticket opened.
+    assert_eq!(app.stored().await.len(), 3);
     app.stop().await;
 }
 
@@ -487,7 +522,7 @@ async fn tickets_go_to_eligible_agents_or_need_an_override() {
 
     let id = app
         .tickets()
-        .open_ticket(app.request(complaint()))
+        .open_ticket(app.request(complaint(&app).await))
         .await
         .unwrap()
         .into_inner()

@@ -233,6 +233,17 @@ impl Commerce for CommerceService {
         // The order's own checks (lines, totals, currency) before the
         // lookups of its customer.
         super::precheck(&Order::default(), OrderCommand::Record(order.clone()))?;
+        // Ids the ERP states must name the CRM's records.
+        if let Some(account) = account_id {
+            self.handler
+                .refers_to(&caller.tenant, account, &["account"], "account_id")
+                .await?;
+        }
+        if let Some(deal) = order.deal_id {
+            self.handler
+                .refers_to(&caller.tenant, deal, &["opportunity"], "deal_id")
+                .await?;
+        }
         if account_id.is_none() && !order.customer_ref.is_empty() {
             let key = external_ref_key(&external.source, &order.customer_ref);
             account_id = self.holder(&caller.tenant, EXTERNAL_REF, &key).await?;

@@ -77,6 +77,26 @@ impl Leads for LeadsService {
             source: source(request.source)?,
             consent: consent(request.consent)?,
         });
+        super::precheck(&Lead::default(), command.clone())?;
+        // The campaign the lead is attributed to must exist (ROI counts it).
+        if let LeadCommand::Capture(LeadDetails {
+            source:
+                LeadSource {
+                    campaign_id: Some(campaign),
+                    ..
+                },
+            ..
+        }) = &command
+        {
+            self.handler
+                .refers_to(
+                    &caller.tenant,
+                    *campaign,
+                    &["campaign"],
+                    "source.campaign_id",
+                )
+                .await?;
+        }
         let reply = self
             .handler
             .execute::<Lead>(&caller, id, &options, command)

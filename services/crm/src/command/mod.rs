@@ -506,6 +506,30 @@ impl CommandHandler {
             ))
     }
 
+    /// FAILED_PRECONDITION (INVALID_REFERENCE on `field`) unless `id` is a
+    /// stream of one of `types` in the tenant. Records are never deleted, so
+    /// a reference that held once holds on every retry.
+    pub(crate) async fn refers_to(
+        &self,
+        tenant: &TenantId,
+        id: Uuid,
+        types: &[&str],
+        field: &'static str,
+    ) -> Result<(), ServiceError> {
+        let found = self
+            .store
+            .stream_type(tenant, id)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        if found.is_some_and(|t| types.contains(&t.as_str())) {
+            Ok(())
+        } else {
+            Err(ServiceError::Domain(
+                crm_domain::DomainError::InvalidReference { field },
+            ))
+        }
+    }
+
     /// Folds a stream into state: the latest usable snapshot, then the events
     /// after it. Another stream type under this id reads as missing.
     pub(crate) async fn load<A: Aggregate>(

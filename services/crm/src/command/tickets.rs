@@ -258,6 +258,21 @@ impl Tickets for TicketsService {
             },
             subject: request.subject,
         };
+        super::precheck(&Ticket::default(), TicketCommand::Open(details.clone()))?;
+        // The requester is a person: a contact, or a person account (B2C).
+        self.handler
+            .refers_to(
+                &caller.tenant,
+                details.requester_id,
+                &["contact", "account"],
+                "requester_id",
+            )
+            .await?;
+        if let Some(account) = details.account_id {
+            self.handler
+                .refers_to(&caller.tenant, account, &["account"], "account_id")
+                .await?;
+        }
         self.run(caller, options, id, TicketCommand::Open(details))
             .await
     }

@@ -1285,15 +1285,21 @@ impl SalesQueries for SalesService {
             );
         }
         let size = page_size(request.page_size)?;
-        let after: i64 = if request.page_token.is_empty() {
-            0
+        // The last entry of the page before, by its place in the order (not
+        // its rank, which moves when credits land between pages): figure,
+        // when it was reached (µs), the event's position, the rep.
+        let after: Option<(i64, i64, i64, String)> = if request.page_token.is_empty() {
+            None
         } else {
-            request
-                .page_token
-                .parse()
-                .ok()
-                .filter(|rank| *rank > 0)
-                .ok_or_else(bad_token)?
+            let mut parts = request.page_token.splitn(4, '.');
+            let mut number = || parts.next().and_then(|p| p.parse::<i64>().ok());
+            let (total, micros, at) = (number(), number(), number());
+            match (total, micros, at, parts.next()) {
+                (Some(total), Some(micros), Some(at), Some(rep)) => {
+                    Some((total, micros, at, rep.to_owned()))
+                }
+                _ => return Err(bad_token().into()),
+            }
         };
         let (client, position) =
             ready(&self.pool, SALES_PERFORMANCE, request.options, self.wait).await?;
@@ -1336,9 +1342,12 @@ impl SalesQueries for SalesService {
                    WHERE running >= total ORDER BY owner, occurred_at, position), \
                  ranked AS ( \
                    SELECT row_number() OVER (ORDER BY total DESC, occurred_at, position, owner) \
-                     AS rank, owner, total, occurred_at FROM reached) \
-                 SELECT rank, owner, total::bigint, occurred_at FROM ranked \
-                 WHERE rank > $7 ORDER BY rank LIMIT $8",
+                     AS rank, owner, total::bigint AS total, occurred_at, position, \
+                     (EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint AS micros \
+                   FROM reached) \
+                 SELECT rank, owner, total, occurred_at, micros, position FROM ranked \
+                 WHERE NOT $7 OR total < $8 OR (total = $8 AND (micros, position, owner) > ($9, $10, $11)) \
+                 ORDER BY rank LIMIT $12",
                 &[
                     &tenant,
                     &start_time,
@@ -1346,13 +1355,25 @@ impl SalesQueries for SalesService {
                     &count,
                     &currency,
                     &scope,
-                    &after,
+                    &after.is_some(),
+                    &after.as_ref().map_or(0, |a| a.0),
+                    &after.as_ref().map_or(0, |a| a.1),
+                    &after.as_ref().map_or(0, |a| a.2),
+                    &after.as_ref().map_or("", |a| a.3.as_str()),
                     &i64::from(size + 1),
                 ],
             )
             .await
             .map_err(unavailable)?;
-        let (rows, next_page_token) = page(&rows, size, |last| last.get::<_, i64>(0).to_string());
+        let (rows, next_page_token) = page(&rows, size, |last| {
+            format!(
+                "{}.{}.{}.{}",
+                last.get::<_, i64>(2),
+                last.get::<_, i64>(4),
+                last.get::<_, i64>(5),
+                last.get::<_, &str>(1)
+            )
+        });
         let entries = rows
             .iter()
             .map(|row| LeaderboardEntry {
