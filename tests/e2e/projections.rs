@@ -61,6 +61,8 @@ async fn a_command_position_as_min_position_reads_the_write_on_the_board() {
         .await
         .unwrap()
         .into_inner();
+    // The columns' order comes from the sales funnel's copy of the pipeline.
+    crate::support::reached(&app, "sales_funnel", moved.global_position).await;
     let board = sales
         .get_pipeline_board(app.request(board_request(&pipeline, moved.global_position)))
         .await
@@ -2557,7 +2559,9 @@ async fn operators_list_and_rebuild_projections_over_grpc() {
             .unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{name}");
     }
-    // The board still answers, from the rebuilt tables.
+    // The board still answers, from the rebuilt tables (its columns in the
+    // order the sales funnel knows).
+    crate::support::reached(&app, "sales_funnel", opened.global_position).await;
     let board = SalesQueriesClient::new(app.channel.clone())
         .get_pipeline_board(app.request(board_request(&pipeline, opened.global_position)))
         .await

@@ -590,7 +590,7 @@ async fn worked_example_a_attainment_and_commission_with_a_clawback() {
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["page_token"]);
     let status = queries
-        .get_commission_statement(app.request(paged("999999999")))
+        .get_commission_statement(app.request(paged("999999999.0")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");

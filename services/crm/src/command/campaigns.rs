@@ -65,6 +65,9 @@ impl Campaigns for CampaignsService {
         };
         let command = CampaignCommand::Plan { self_id: id, plan };
         super::precheck(&Campaign::default(), command.clone())?;
+        if let Some(reply) = self.handler.replayed(&caller, id, &options).await? {
+            return Ok(Response::new(reply));
+        }
         // The parent must be a campaign that exists already: so it is older
         // than this one, and parents can never form a cycle. (Existence only,
         // which never changes back: a retry still replays.)
@@ -134,6 +137,10 @@ impl Campaigns for CampaignsService {
         let options = Options::parse("AddCampaignMember", request.options.as_ref(), &request)?;
         let id = parse_id("campaign_id", &request.campaign_id, false)?;
         let member = member(&request.contact_id, &request.lead_id)?;
+        // A retry replays whatever the member's consent or state is now.
+        if let Some(reply) = self.handler.replayed(&caller, id, &options).await? {
+            return Ok(Response::new(reply));
+        }
         let consented = match member {
             Member::Contact(contact_id) => {
                 let contact = self
@@ -168,14 +175,28 @@ impl Campaigns for CampaignsService {
                     })
                     .into());
                 }
-                // As for a contact: the consent the lead was captured with
-                // (or given later) for the campaign's channel.
                 let campaign = self
                     .handler
                     .state_or_default::<Campaign>(&caller.tenant, id)
                     .await?;
-                purpose_for(&campaign.channel)
-                    .is_none_or(|purpose| lead.consent.get(purpose).is_some_and(|c| c.granted))
+                match &lead.converted_to {
+                    // The person lives on as the contact: its consent and
+                    // do-not-contact decide, not the lead's frozen copy.
+                    Some(converted) => {
+                        let contact = self
+                            .handler
+                            .state_or_default::<Contact>(&caller.tenant, converted.contact_id)
+                            .await?;
+                        purpose_for(&campaign.channel).is_none_or(|purpose| {
+                            contact.consent.get(purpose).is_some_and(|c| c.granted)
+                                && !contact.preferences.do_not_contact
+                        })
+                    }
+                    // As for a contact: the consent the lead was captured
+                    // with (or given later) for the campaign's channel.
+                    None => purpose_for(&campaign.channel)
+                        .is_none_or(|purpose| lead.consent.get(purpose).is_some_and(|c| c.granted)),
+                }
             }
         };
         self.run(

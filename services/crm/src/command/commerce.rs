@@ -36,21 +36,27 @@ impl CommerceService {
     where
         A::Command: Clone,
     {
-        let id = derived_id(&caller.tenant, A::STREAM_TYPE, external);
-        if options.idempotency_key.is_none() {
-            let version = external.external_version.to_string();
-            server_key(
-                &mut options,
-                A::STREAM_TYPE,
-                &[&external.source, &external.external_id, &version],
-            );
-        }
+        let id = keyed::<A>(&caller, &mut options, external);
         let reply = self
             .handler
             .execute::<A>(&caller, id, &options, command)
             .await?;
         Ok(Response::new(reply))
     }
+}
+
+/// The record's id, derived from its external reference, and (unless the
+/// caller gave one) the idempotency key of this version of it.
+fn keyed<A: Aggregate>(caller: &Caller, options: &mut Options, external: &ExternalRef) -> Uuid {
+    if options.idempotency_key.is_none() {
+        let version = external.external_version.to_string();
+        server_key(
+            options,
+            A::STREAM_TYPE,
+            &[&external.source, &external.external_id, &version],
+        );
+    }
+    derived_id(&caller.tenant, A::STREAM_TYPE, external)
 }
 
 impl CommerceService {
@@ -233,6 +239,13 @@ impl Commerce for CommerceService {
         // The order's own checks (lines, totals, currency) before the
         // lookups of its customer.
         super::precheck(&Order::default(), OrderCommand::Record(order.clone()))?;
+        // A resend of an order recorded earlier replays, whatever the
+        // lookups below would say now.
+        let mut keyed_options = options.clone();
+        let id = keyed::<Order>(&caller, &mut keyed_options, &external);
+        if let Some(reply) = self.handler.replayed(&caller, id, &keyed_options).await? {
+            return Ok(Response::new(reply));
+        }
         // Ids the ERP states must name the CRM's records.
         if let Some(account) = account_id {
             self.handler

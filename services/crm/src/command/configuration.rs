@@ -42,9 +42,32 @@ pub(crate) fn require_role(
 /// A configuration's id: new when empty, else a UUIDv7 as every id a client
 /// chooses (DOMAIN.md §1.1). Other versions are the server's own derived ids
 /// (tenant settings, an agent's availability, a conversion's records), which
-/// a configuration published first under them would take over.
-fn id_or_new(field: &'static str, value: &str) -> Result<Uuid, ServiceError> {
-    parse_id(field, value, true)
+/// a configuration published first under them would take over; such an id
+/// is taken only for a record that exists under it already (published before
+/// ids had to be UUIDv7: its new versions; a record of another kind answers
+/// NOT_FOUND as before).
+pub(crate) async fn config_id(
+    handler: &CommandHandler,
+    tenant: &crm_domain::TenantId,
+    field: &'static str,
+    value: &str,
+) -> Result<Uuid, ServiceError> {
+    match parse_id(field, value, true) {
+        Ok(id) => Ok(id),
+        Err(not_v7) => {
+            let id = parse_id(field, value, false)?;
+            let existing = handler
+                .store
+                .stream_type(tenant, id)
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            if existing.is_some() {
+                Ok(id)
+            } else {
+                Err(not_v7)
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -65,7 +88,13 @@ impl Configuration for ConfigurationService {
             request.options.as_ref(),
             &request,
         )?;
-        let id = id_or_new("calendar_id", &request.calendar_id)?;
+        let id = config_id(
+            &self.handler,
+            &caller.tenant,
+            "calendar_id",
+            &request.calendar_id,
+        )
+        .await?;
         let weekly = request
             .weekly
             .iter()
@@ -126,7 +155,13 @@ impl Configuration for ConfigurationService {
         )?;
         let request = request.into_inner();
         let options = Options::parse("PublishSlaPolicy", request.options.as_ref(), &request)?;
-        let id = id_or_new("policy_id", &request.policy_id)?;
+        let id = config_id(
+            &self.handler,
+            &caller.tenant,
+            "policy_id",
+            &request.policy_id,
+        )
+        .await?;
         let content = SlaPolicy {
             name: request.name,
             order: request.order,
@@ -146,6 +181,9 @@ impl Configuration for ConfigurationService {
             warning_percent: u8::try_from(request.warning_percent).unwrap_or(0),
         };
         super::precheck(&SlaPolicyConfig::default(), Publish(content.clone()))?;
+        if let Some(reply) = self.handler.replayed(&caller, id, &options).await? {
+            return Ok(Response::new(reply));
+        }
         // A calendar that was never published would count every hour (24×7)
         // without a word.
         if let Some(calendar) = content.calendar_id {
@@ -176,7 +214,7 @@ impl Configuration for ConfigurationService {
         )?;
         let request = request.into_inner();
         let options = Options::parse("PublishCommissionPlan", request.options.as_ref(), &request)?;
-        let id = id_or_new("plan_id", &request.plan_id)?;
+        let id = config_id(&self.handler, &caller.tenant, "plan_id", &request.plan_id).await?;
         let content = CommissionPlan {
             name: request.name,
             effective_from: date("effective_from", &request.effective_from)?,
@@ -266,7 +304,7 @@ impl Configuration for ConfigurationService {
         )?;
         let request = request.into_inner();
         let options = Options::parse("PublishTeam", request.options.as_ref(), &request)?;
-        let id = id_or_new("team_id", &request.team_id)?;
+        let id = config_id(&self.handler, &caller.tenant, "team_id", &request.team_id).await?;
         let parent_id = optional_id("parent_id", &request.parent_id)?;
         let content = Team {
             name: request.name,
@@ -363,7 +401,7 @@ impl Configuration for ConfigurationService {
         require_role(&caller, &["admin", "service_manager"], "publish queues")?;
         let request = request.into_inner();
         let options = Options::parse("PublishQueue", request.options.as_ref(), &request)?;
-        let id = id_or_new("queue_id", &request.queue_id)?;
+        let id = config_id(&self.handler, &caller.tenant, "queue_id", &request.queue_id).await?;
         let content = Queue {
             name: request.name,
             members: request.members,

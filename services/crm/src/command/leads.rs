@@ -78,6 +78,9 @@ impl Leads for LeadsService {
             consent: consent(request.consent)?,
         });
         super::precheck(&Lead::default(), command.clone())?;
+        if let Some(reply) = self.handler.replayed(&caller, id, &options).await? {
+            return Ok(Response::new(reply));
+        }
         // The campaign the lead is attributed to must exist (ROI counts it).
         if let LeadCommand::Capture(LeadDetails {
             source:

@@ -614,6 +614,34 @@ impl CommandHandler {
         Ok((state, version, position))
     }
 
+    /// The first outcome of this request's idempotency key, if it has one:
+    /// the reply a retry gets. Handlers that check anything against other
+    /// records before [`Self::execute`] ask first, so a retry of a request
+    /// accepted earlier replays even where those checks would now refuse it
+    /// (IDEMPOTENCY_KEY_REUSED for another request under the key).
+    pub(crate) async fn replayed(
+        &self,
+        caller: &Caller,
+        stream_id: Uuid,
+        options: &Options,
+    ) -> Result<Option<CommandReply>, ServiceError> {
+        let Some(key) = &options.idempotency_key else {
+            return Ok(None);
+        };
+        let stored = self
+            .store
+            .idempotent_outcome(&caller.tenant, key)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        match stored {
+            Some((fingerprint, _)) if fingerprint != options.fingerprint => {
+                Err(ServiceError::IdempotencyKeyReused)
+            }
+            Some((_, appended)) => Ok(Some(reply(stream_id, &appended))),
+            None => Ok(None),
+        }
+    }
+
     /// Decides `command` against the stream's state and appends the result.
     #[tracing::instrument(
         name = "command",
@@ -631,18 +659,8 @@ impl CommandHandler {
     where
         A::Command: Clone,
     {
-        if let Some(key) = &options.idempotency_key {
-            let stored = self
-                .store
-                .idempotent_outcome(&caller.tenant, key)
-                .await
-                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-            if let Some((fingerprint, appended)) = stored {
-                if fingerprint != options.fingerprint {
-                    return Err(ServiceError::IdempotencyKeyReused);
-                }
-                return Ok(reply(stream_id, &appended));
-            }
+        if let Some(replayed) = self.replayed(caller, stream_id, options).await? {
+            return Ok(replayed);
         }
         // A create is first decided on empty state, without reading: the
         // append's "no stream" expectation catches an existing record.
@@ -1004,23 +1022,6 @@ impl CommandHandler {
         let opportunity_id = deal
             .as_ref()
             .map(|_| fields::tenant_scoped_id(&caller.tenant, &format!("{lead_id}:opportunity")));
-        if let Some(deal) = &deal {
-            crm_domain::conversion::check_deal(&deal.details())?;
-        }
-        let pipeline = match &deal {
-            Some(deal) => Some(crm_domain::opportunity::DealFacts {
-                account_active: true,
-                pipeline: self
-                    .state_or_default::<crm_domain::pipeline::PipelineConfig>(
-                        &caller.tenant,
-                        deal.pipeline_id,
-                    )
-                    .await?,
-                may_reopen_won: false,
-                contact_usable: true,
-            }),
-            None => None,
-        };
         let answer = |appended: &Appended| ConvertLeadReply {
             opportunity_id: opportunity_id.map(|id| id.to_string()).unwrap_or_default(),
             lead: Some(reply(lead_id, appended)),
@@ -1042,6 +1043,25 @@ impl CommandHandler {
             }
             return Ok(answer(&appended));
         }
+        // The deal's own fields before the pipeline is read (after the
+        // replay: a retry of a conversion done earlier answers as it did).
+        if let Some(deal) = &deal {
+            crm_domain::conversion::check_deal(&deal.details())?;
+        }
+        let pipeline = match &deal {
+            Some(deal) => Some(crm_domain::opportunity::DealFacts {
+                account_active: true,
+                pipeline: self
+                    .state_or_default::<crm_domain::pipeline::PipelineConfig>(
+                        &caller.tenant,
+                        deal.pipeline_id,
+                    )
+                    .await?,
+                may_reopen_won: false,
+                contact_usable: true,
+            }),
+            None => None,
+        };
         for _ in 0..MAX_ATTEMPTS {
             let (lead, lead_version, _) = self.load::<Lead>(&caller.tenant, lead_id).await?;
             if let Some(expected) = options.expected_version

@@ -172,7 +172,13 @@ impl Pipelines for PipelinesService {
         let options = Options::parse("PublishPipeline", request.options.as_ref(), &request)?;
         // A UUIDv7, as every id a client chooses: not one of the server's
         // derived ids, which a pipeline published first would take over.
-        let id = parse_id("pipeline_id", &request.pipeline_id, true)?;
+        let id = super::configuration::config_id(
+            &self.handler,
+            &caller.tenant,
+            "pipeline_id",
+            &request.pipeline_id,
+        )
+        .await?;
         let command = PipelineCommand::Publish {
             name: request.name,
             stages: stages(request.stages)?,

@@ -259,7 +259,10 @@ impl Tickets for TicketsService {
             subject: request.subject,
         };
         super::precheck(&Ticket::default(), TicketCommand::Open(details.clone()))?;
-        // The requester is a person: a contact, or a person account (B2C).
+        if let Some(reply) = self.handler.replayed(&caller, id, &options).await? {
+            return Ok(Response::new(reply));
+        }
+        // The requester: a contact, or an account (a person's, B2C).
         self.handler
             .refers_to(
                 &caller.tenant,

@@ -32,18 +32,6 @@ impl ServiceQueriesService {
     }
 }
 
-/// The keyset a page starts after: (priority rank, opened at in
-/// microseconds, ticket id), written as `rank.micros.uuid`.
-fn parse_token(token: &str) -> Result<Option<(i16, i64, Uuid)>, ServiceError> {
-    let Some([rank, micros, id]) = token_parts(token)? else {
-        return Ok(None);
-    };
-    match (rank.parse(), micros.parse(), Uuid::parse_str(id)) {
-        (Ok(rank), Ok(micros), Ok(id)) => Ok(Some((rank, micros, id))),
-        _ => Err(bad_token()),
-    }
-}
-
 fn rfc3339(time: std::time::SystemTime) -> String {
     jiff::Timestamp::try_from(time)
         .map(|t| t.to_string())
@@ -341,11 +329,25 @@ impl ServiceQueries for ServiceQueriesService {
         bounded("queue", &request.queue)?;
         bounded("assignee", &request.assignee)?;
         let size = page_size(request.page_size)?;
-        let after = parse_token(&request.page_token)?;
+        // rank.due.opened.ticket (µs), as the order below.
+        let after: Option<(i16, i64, i64, Uuid)> = if request.page_token.is_empty() {
+            None
+        } else {
+            let mut parts = request.page_token.splitn(4, '.');
+            let (rank, due, opened, id) = (parts.next(), parts.next(), parts.next(), parts.next());
+            match (
+                rank.and_then(|p| p.parse().ok()),
+                due.and_then(|p| p.parse().ok()),
+                opened.and_then(|p| p.parse().ok()),
+                id.and_then(|p| Uuid::parse_str(p).ok()),
+            ) {
+                (Some(rank), Some(due), Some(opened), Some(id)) => Some((rank, due, opened, id)),
+                _ => return Err(bad_token().into()),
+            }
+        };
         // Ordered as DOMAIN.md §5.2 says, by priority then due: the
         // earliest due of the ticket's running SLA clocks (the `sla_clock`
-        // read model), tickets without one last; then by ticket id, which
-        // is a UUIDv7 and so the order of opening.
+        // read model), tickets without one last; then the oldest first.
         let (client, position) = ready_all(
             &self.pool,
             &[SERVICE_QUEUE, SLA_CLOCK],
@@ -353,7 +355,7 @@ impl ServiceQueries for ServiceQueriesService {
             self.wait,
         )
         .await?;
-        let (rank, micros, id) = after.unwrap_or((-1, i64::MIN, Uuid::nil()));
+        let (rank, due, opened, id) = after.unwrap_or((-1, i64::MIN, i64::MIN, Uuid::nil()));
         let rows = client
             .query(
                 "SELECT * FROM ( \
@@ -361,21 +363,23 @@ impl ServiceQueries for ServiceQueriesService {
                      q.assignee, q.opened_at, q.escalation_level, q.priority_rank, \
                      COALESCE((EXTRACT(EPOCH FROM d.due) * 1000000)::bigint, \
                               9223372036854775807) AS due_micros, \
-                     d.due, COALESCE(d.breached, false) \
+                     d.due, COALESCE(d.breached, false), \
+                     (EXTRACT(EPOCH FROM q.opened_at) * 1000000)::bigint AS opened_micros \
                    FROM service_queue q LEFT JOIN LATERAL ( \
                      SELECT min(c.due) AS due, bool_or(c.breached) AS breached FROM sla_clock c \
                      WHERE c.tenant_id = q.tenant_id AND c.ticket_id = q.ticket_id \
                        AND c.state = 'running') d ON true \
                    WHERE q.tenant_id = $1 AND q.status NOT IN ('solved', 'closed') \
                      AND ($2 = '' OR q.queue = $2) AND ($3 = '' OR q.assignee = $3)) t \
-                 WHERE (priority_rank, due_micros, ticket_id) > ($4, $5, $6) \
-                 ORDER BY priority_rank, due_micros, ticket_id LIMIT $7",
+                 WHERE (priority_rank, due_micros, opened_micros, ticket_id) > ($4, $5, $6, $7) \
+                 ORDER BY priority_rank, due_micros, opened_micros, ticket_id LIMIT $8",
                 &[
                     &caller.tenant.as_str(),
                     &request.queue,
                     &request.assignee,
                     &rank,
-                    &micros,
+                    &due,
+                    &opened,
                     &id,
                     &i64::from(size + 1),
                 ],
@@ -384,9 +388,10 @@ impl ServiceQueries for ServiceQueriesService {
             .map_err(unavailable)?;
         let (rows, next_page_token) = page(&rows, size, |last| {
             format!(
-                "{}.{}.{}",
+                "{}.{}.{}.{}",
                 last.get::<_, i16>(9),
                 last.get::<_, i64>(10),
+                last.get::<_, i64>(13),
                 last.get::<_, Uuid>(0)
             )
         });

@@ -179,6 +179,20 @@ pub fn convert(
                 ),
                 other => other,
             })?;
+        // Dated when the person decided, not when the lead converted: a
+        // later merge keeps each purpose's latest decision by that date.
+        let events: Vec<ContactEvent> = events
+            .into_iter()
+            .map(|event| match event {
+                ContactEvent::ConsentChanged(changed) => {
+                    ContactEvent::ConsentChanged(crate::contact::ContactConsentChanged {
+                        occurred_at: consent.decided_at,
+                        ..changed
+                    })
+                }
+                other => other,
+            })
+            .collect();
         contact_state = contact_state.replay(events.iter());
         consented.extend(events);
     }
@@ -317,10 +331,12 @@ mod tests {
                 decided_at: now(),
             },
         );
-        let conversion = convert(&lead, targets(), Context::at(now())).unwrap();
+        let later = Context::at(now() + jiff::SignedDuration::from_hours(24));
+        let conversion = convert(&lead, targets(), later).unwrap();
         let contact = Contact::default().replay(conversion.contact.iter());
         let consent = &contact.consent["marketing_email"];
         assert!(consent.granted);
+        assert_eq!(consent.decided_at, now(), "when the person decided");
         assert_eq!(
             (consent.source.as_str(), consent.basis.as_str()),
             ("web_form", "consent")
