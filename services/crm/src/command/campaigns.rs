@@ -38,6 +38,16 @@ impl CampaignsService {
     }
 }
 
+/// Whether a campaign on `channel` may reach the person `contact`: the
+/// consent the channel needs (if any) is granted and they did not ask not to
+/// be contacted.
+fn may_contact(contact: &Contact, channel: &str) -> bool {
+    purpose_for(channel).is_none_or(|purpose| {
+        contact.consent.get(purpose).is_some_and(|c| c.granted)
+            && !contact.preferences.do_not_contact
+    })
+}
+
 #[tonic::async_trait]
 impl Campaigns for CampaignsService {
     async fn plan_campaign(
@@ -159,10 +169,7 @@ impl Campaigns for CampaignsService {
                     .handler
                     .state_or_default::<Campaign>(&caller.tenant, id)
                     .await?;
-                purpose_for(&campaign.channel).is_none_or(|purpose| {
-                    contact.consent.get(purpose).is_some_and(|c| c.granted)
-                        && !contact.preferences.do_not_contact
-                })
+                may_contact(&contact, &campaign.channel)
             }
             Member::Lead(lead_id) => {
                 let lead = self
@@ -187,10 +194,7 @@ impl Campaigns for CampaignsService {
                             .handler
                             .state_or_default::<Contact>(&caller.tenant, converted.contact_id)
                             .await?;
-                        purpose_for(&campaign.channel).is_none_or(|purpose| {
-                            contact.consent.get(purpose).is_some_and(|c| c.granted)
-                                && !contact.preferences.do_not_contact
-                        })
+                        may_contact(&contact, &campaign.channel)
                     }
                     // As for a contact: the consent the lead was captured
                     // with (or given later) for the campaign's channel.
