@@ -410,3 +410,65 @@ async fn leads_join_campaigns_and_respond_and_members_are_named_once() {
     assert_eq!(bad_fields(&status), vec!["contact_id"]);
     app.stop().await;
 }
+
+/// A converted lead lives on as its contact: the lead's consent went with
+/// the person, and the contact's later do-not-contact decides whether a
+/// campaign may still take the lead.
+#[tokio::test]
+async fn a_converted_lead_joins_campaigns_on_its_contacts_consent() {
+    let app = TestApp::spawn().await;
+    let campaign = app
+        .campaigns()
+        .plan_campaign(app.request(plan("email")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let mut capture = crate::leads::li_wei("li@example.com", "Wei Trading");
+    capture.consent = vec![crate::leads::email_consent()];
+    let lead = crate::leads::qualify(&app, capture).await;
+    let converted = app
+        .leads()
+        .convert_lead(app.request(crm_proto::v1::ConvertLeadRequest {
+            lead_id: lead.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let stored = app.stored().await;
+    let consent = stored
+        .iter()
+        .find(|(t, _, _)| t == "ContactConsentChanged")
+        .expect("the lead's consent went to the contact");
+    assert_eq!(
+        (
+            consent.1["purpose"].as_str(),
+            consent.1["granted"].as_bool()
+        ),
+        (Some("marketing_email"), Some(true))
+    );
+    app.contacts()
+        .update_contact_details(app.request(crm_proto::v1::UpdateContactDetailsRequest {
+            contact_id: converted.contact_id.clone(),
+            preferences: Some(crm_proto::v1::ContactPreferences {
+                do_not_contact: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let status = app
+        .campaigns()
+        .add_campaign_member(app.request(AddCampaignMemberRequest {
+            campaign_id: campaign,
+            lead_id: lead,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(error_info(&status).0, "CONSENT_MISSING");
+    app.stop().await;
+}

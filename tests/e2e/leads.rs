@@ -53,7 +53,7 @@ async fn qualified_lead(app: &TestApp, email: &str, company: &str) -> String {
 }
 
 /// The lead `capture` captures, moved to qualified; returns its id.
-async fn qualify(app: &TestApp, capture: CaptureLeadRequest) -> String {
+pub(crate) async fn qualify(app: &TestApp, capture: CaptureLeadRequest) -> String {
     let id = app
         .leads()
         .capture_lead(app.request(capture))
