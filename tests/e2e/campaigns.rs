@@ -48,16 +48,20 @@ fn member(campaign: &str, contact: &str) -> AddCampaignMemberRequest {
     }
 }
 
-#[tokio::test]
-async fn email_campaign_members_need_marketing_email_consent() {
-    let app = TestApp::spawn().await;
-    let campaign = app
-        .campaigns()
-        .plan_campaign(app.request(plan("email")))
+/// A campaign planned on `channel`; its id.
+async fn planned(app: &TestApp, channel: &str) -> String {
+    app.campaigns()
+        .plan_campaign(app.request(plan(channel)))
         .await
         .unwrap()
         .into_inner()
-        .stream_id;
+        .stream_id
+}
+
+#[tokio::test]
+async fn email_campaign_members_need_marketing_email_consent() {
+    let app = TestApp::spawn().await;
+    let campaign = planned(&app, "email").await;
     let ada = contact(&app).await;
     let status = app
         .campaigns()
@@ -174,13 +178,7 @@ async fn bad_campaign_inputs_are_refused() {
         ),
         ["starts_on"]
     );
-    let campaign = app
-        .campaigns()
-        .plan_campaign(app.request(plan("event")))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let campaign = planned(&app, "event").await;
     // A parent must be a campaign already planned: so parents never form a
     // cycle (A under B, then B under A).
     let child = |parent: &str| PlanCampaignRequest {
@@ -318,13 +316,7 @@ async fn bad_campaign_inputs_are_refused() {
 #[tokio::test]
 async fn leads_join_campaigns_and_respond_and_members_are_named_once() {
     let app = TestApp::spawn().await;
-    let campaign = app
-        .campaigns()
-        .plan_campaign(app.request(plan("email")))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let campaign = planned(&app, "email").await;
     let lead = app
         .leads()
         .capture_lead(app.request(crate::leads::li_wei("li@example.com", "Wei Trading")))
@@ -417,13 +409,7 @@ async fn leads_join_campaigns_and_respond_and_members_are_named_once() {
 #[tokio::test]
 async fn a_converted_lead_joins_campaigns_on_its_contacts_consent() {
     let app = TestApp::spawn().await;
-    let campaign = app
-        .campaigns()
-        .plan_campaign(app.request(plan("email")))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let campaign = planned(&app, "email").await;
     let mut capture = crate::leads::li_wei("li@example.com", "Wei Trading");
     capture.consent = vec![crate::leads::email_consent()];
     let lead = crate::leads::qualify(&app, capture).await;
