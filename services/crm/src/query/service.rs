@@ -15,9 +15,7 @@ use crm_proto::v1::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{
-    bad_token, bounded, count, page, page_size, ready, ready_all, token_parts, unavailable,
-};
+use super::{bad_token, bounded, count, page, page_size, ready, token_parts, unavailable};
 use crate::command::{Caller, ServiceError};
 
 #[derive(Clone)]
@@ -347,14 +345,12 @@ impl ServiceQueries for ServiceQueriesService {
         };
         // Ordered as DOMAIN.md §5.2 says, by priority then due: the
         // earliest due of the ticket's running SLA clocks (the `sla_clock`
-        // read model), tickets without one last; then the oldest first.
-        let (client, position) = ready_all(
-            &self.pool,
-            &[SERVICE_QUEUE, SLA_CLOCK],
-            request.options,
-            self.wait,
-        )
-        .await?;
+        // read model), tickets without one last; then the oldest first. The
+        // list waits only for its own read model: the clocks order it as far
+        // as they have been applied (a stopped SLA projection does not stop
+        // the queue).
+        let (client, position) =
+            ready(&self.pool, SERVICE_QUEUE, request.options, self.wait).await?;
         let (rank, due, opened, id) = after.unwrap_or((-1, i64::MIN, i64::MIN, Uuid::nil()));
         let rows = client
             .query(
