@@ -2641,10 +2641,23 @@ async fn the_service_queue_lists_pages_counts_and_ages_open_tickets() {
     let stats = service
         .get_queue_stats(app.request(GetQueueStatsRequest {
             options: read(last),
+            queue: String::new(),
         }))
         .await
         .unwrap()
         .into_inner();
+    assert!(!stats.truncated);
+    // Another queue's stats hold none of these (unrouted: no queue).
+    let elsewhere = service
+        .get_queue_stats(app.request(GetQueueStatsRequest {
+            options: read(last),
+            queue: "nowhere".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(elsewhere.rows.is_empty());
+
     let counted: Vec<(String, u64)> = stats
         .rows
         .iter()

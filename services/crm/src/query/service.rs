@@ -30,6 +30,9 @@ impl ServiceQueriesService {
     }
 }
 
+/// Rows GetQueueStats answers at most (queue × priority × assignee).
+const MAX_QUEUE_STATS_ROWS: i64 = 10_000;
+
 fn rfc3339(time: std::time::SystemTime) -> String {
     jiff::Timestamp::try_from(time)
         .map(|t| t.to_string())
@@ -423,21 +426,30 @@ impl ServiceQueries for ServiceQueriesService {
     ) -> Result<Response<QueueStats>, Status> {
         let caller = Caller::from_metadata(request.metadata())?;
         let request = request.into_inner();
+        bounded("queue", &request.queue)?;
         let (client, position) =
             ready(&self.pool, SERVICE_QUEUE, request.options, self.wait).await?;
         let rows = client
             .query(
                 "SELECT queue, priority, assignee, count(*) FROM service_queue \
                  WHERE tenant_id = $1 AND status NOT IN ('solved', 'closed') \
+                   AND ($2 = '' OR queue = $2) \
                  GROUP BY queue, priority, priority_rank, assignee \
-                 ORDER BY queue, priority_rank, assignee",
-                &[&caller.tenant.as_str()],
+                 ORDER BY queue, priority_rank, assignee LIMIT $3",
+                &[
+                    &caller.tenant.as_str(),
+                    &request.queue,
+                    &(MAX_QUEUE_STATS_ROWS + 1),
+                ],
             )
             .await
             .map_err(unavailable)?;
+        let truncated = rows.len() as i64 > MAX_QUEUE_STATS_ROWS;
         Ok(Response::new(QueueStats {
+            truncated,
             rows: rows
                 .iter()
+                .take(MAX_QUEUE_STATS_ROWS as usize)
                 .map(|row| QueueStatsRow {
                     queue: row.get(0),
                     priority: row.get(1),
