@@ -26,13 +26,11 @@ impl ActivitiesService {
         targets: &[Target],
     ) -> Result<bool, ServiceError> {
         for target in targets {
-            let found = self
+            if !self
                 .handler
-                .store
-                .stream_type(tenant, target.id)
-                .await
-                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-            if found.as_deref() != Some(target.kind.as_str()) {
+                .is_a(tenant, target.id, &[target.kind.as_str()])
+                .await?
+            {
                 return Ok(false);
             }
         }

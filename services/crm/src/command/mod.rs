@@ -516,18 +516,28 @@ impl CommandHandler {
         types: &[&str],
         field: &'static str,
     ) -> Result<(), ServiceError> {
-        let found = self
-            .store
-            .stream_type(tenant, id)
-            .await
-            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-        if found.is_some_and(|t| types.contains(&t.as_str())) {
+        if self.is_a(tenant, id, types).await? {
             Ok(())
         } else {
             Err(ServiceError::Domain(
                 crm_domain::DomainError::InvalidReference { field },
             ))
         }
+    }
+
+    /// Whether `id` is a stream of one of `types` in the tenant.
+    pub(crate) async fn is_a(
+        &self,
+        tenant: &TenantId,
+        id: Uuid,
+        types: &[&str],
+    ) -> Result<bool, ServiceError> {
+        let found = self
+            .store
+            .stream_type(tenant, id)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        Ok(found.is_some_and(|t| types.contains(&t.as_str())))
     }
 
     /// Folds a stream into state: the latest usable snapshot, then the events
@@ -625,6 +635,20 @@ impl CommandHandler {
         stream_id: Uuid,
         options: &Options,
     ) -> Result<Option<CommandReply>, ServiceError> {
+        Ok(self
+            .first_outcome(caller, options)
+            .await?
+            .map(|appended| reply(stream_id, &appended)))
+    }
+
+    /// What the first request under this request's idempotency key
+    /// appended, if there was one; IDEMPOTENCY_KEY_REUSED when that request
+    /// was another. Every command's replay rests on it.
+    async fn first_outcome(
+        &self,
+        caller: &Caller,
+        options: &Options,
+    ) -> Result<Option<Appended>, ServiceError> {
         let Some(key) = &options.idempotency_key else {
             return Ok(None);
         };
@@ -637,7 +661,7 @@ impl CommandHandler {
             Some((fingerprint, _)) if fingerprint != options.fingerprint => {
                 Err(ServiceError::IdempotencyKeyReused)
             }
-            Some((_, appended)) => Ok(Some(reply(stream_id, &appended))),
+            Some((_, appended)) => Ok(Some(appended)),
             None => Ok(None),
         }
     }
@@ -862,17 +886,7 @@ impl CommandHandler {
         // party's personal fields in the clear.
         configuration::require_role(caller, MERGE_ROLES, "merge records")?;
         let merged: Vec<String> = loser_ids.iter().map(Uuid::to_string).collect();
-        if !dry_run
-            && let Some(key) = &options.idempotency_key
-            && let Some((fingerprint, appended)) = self
-                .store
-                .idempotent_outcome(&caller.tenant, key)
-                .await
-                .map_err(|e| ServiceError::Unavailable(e.to_string()))?
-        {
-            if fingerprint != options.fingerprint {
-                return Err(ServiceError::IdempotencyKeyReused);
-            }
+        if !dry_run && let Some(appended) = self.first_outcome(caller, options).await? {
             return Ok(Merged {
                 survivor: Some(reply(survivor_id, &appended)),
                 merged,
@@ -1031,16 +1045,7 @@ impl CommandHandler {
             global_position: appended.last_position,
             unchanged: appended.replayed,
         };
-        if let Some(key) = &options.idempotency_key
-            && let Some((fingerprint, appended)) = self
-                .store
-                .idempotent_outcome(&caller.tenant, key)
-                .await
-                .map_err(|e| ServiceError::Unavailable(e.to_string()))?
-        {
-            if fingerprint != options.fingerprint {
-                return Err(ServiceError::IdempotencyKeyReused);
-            }
+        if let Some(appended) = self.first_outcome(caller, options).await? {
             return Ok(answer(&appended));
         }
         // The deal's own fields before the pipeline is read (after the

@@ -392,13 +392,11 @@ impl Opportunities for OpportunitiesService {
         let distinct: std::collections::BTreeSet<Uuid> =
             lines.iter().map(|line| line.product_id).collect();
         for product_id in distinct {
-            let found = self
+            if !self
                 .handler
-                .store
-                .stream_type(&caller.tenant, product_id)
-                .await
-                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-            if found.as_deref() != Some("product") {
+                .is_a(&caller.tenant, product_id, &["product"])
+                .await?
+            {
                 products_exist = false;
                 break;
             }
