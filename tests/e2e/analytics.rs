@@ -163,6 +163,22 @@ async fn a_churn_exactly_at_a_month_end_counts_in_that_month() {
     app.stop().await;
 }
 
+/// GetRevenue for January 2026, its first currency.
+async fn january_revenue(
+    app: &TestApp,
+    options: Option<QueryOptions>,
+) -> crm_proto::v1::CurrencyRevenue {
+    let revenue = AnalyticsQueriesClient::new(app.channel.clone())
+        .get_revenue(app.request(GetRevenueRequest {
+            options,
+            period: period("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    revenue.currencies[0].clone()
+}
+
 /// GetRfm as of 2026-03-01, every segment, the first page.
 async fn rfm_on_march_1st(app: &TestApp, options: Option<QueryOptions>) -> crm_proto::v1::Rfm {
     AnalyticsQueriesClient::new(app.channel.clone())
@@ -225,15 +241,7 @@ async fn unlinked_orders_do_not_inflate_purchase_frequency() {
     paid_order(&app, &a1, "O2", "2026-01-06T10:00:00Z", 1_000, None).await;
     paid_order(&app, "", "O3", "2026-01-07T10:00:00Z", 1_000, None).await;
     let options = caught_up(&app, 1).await;
-    let revenue = AnalyticsQueriesClient::new(app.channel.clone())
-        .get_revenue(app.request(GetRevenueRequest {
-            options,
-            period: period("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let january = &revenue.currencies[0];
+    let january = january_revenue(&app, options).await;
     assert_eq!(
         (
             january.net_revenue_minor,
@@ -348,15 +356,7 @@ async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
 
     // Revenue in January: 1,000 + 2,000 + 5,000 (A4's cancelled) − 500
     // refunded = 7,500 over 3 orders from 3 customers.
-    let revenue = analytics
-        .get_revenue(app.request(GetRevenueRequest {
-            options,
-            period: period("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let january = &revenue.currencies[0];
+    let january = january_revenue(&app, options).await;
     assert_eq!(
         (
             january.net_revenue_minor,

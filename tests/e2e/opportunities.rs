@@ -104,6 +104,16 @@ pub(crate) fn deal(account_id: &str, pipeline_id: &str) -> OpenOpportunityReques
     }
 }
 
+/// A deal opened on `account_id` in `pipeline_id` (see [`deal`]); its id.
+async fn open_deal(app: &TestApp, account_id: &str, pipeline_id: &str) -> String {
+    app.opportunities()
+        .open_opportunity(app.request(deal(account_id, pipeline_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id
+}
+
 pub(crate) fn to_stage(id: &str, stage: &str) -> ChangeOpportunityStageRequest {
     ChangeOpportunityStageRequest {
         options: None,
@@ -133,13 +143,7 @@ pub(crate) fn lost(
 async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
     let app = TestApp::spawn().await;
     let (account_id, pipeline_id) = setup(&app).await;
-    let id = app
-        .opportunities()
-        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let id = open_deal(&app, &account_id, &pipeline_id).await;
 
     // A new pipeline version: the open deal follows it (the process
     // manager), keeping its stage.
@@ -246,13 +250,7 @@ async fn a_deal_moves_through_its_pipeline_version_and_is_won() {
 async fn reopening_a_won_deal_needs_a_sales_manager() {
     let app = TestApp::spawn().await;
     let (account_id, pipeline_id) = setup(&app).await;
-    let id = app
-        .opportunities()
-        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let id = open_deal(&app, &account_id, &pipeline_id).await;
     app.opportunities()
         .win_opportunity(app.request(WinOpportunityRequest {
             options: None,
@@ -469,13 +467,7 @@ async fn bad_deals_and_pipelines_are_refused() {
         );
     }
 
-    let id = app
-        .opportunities()
-        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let id = open_deal(&app, &account_id, &pipeline_id).await;
     let other_currency = ChangeOpportunityForecastRequest {
         opportunity_id: id.clone(),
         amount: Some(Money {
@@ -512,13 +504,7 @@ async fn line_items_need_recorded_products_and_set_the_amount() {
     use crm_proto::v1::{ChangeOpportunityLineItemsRequest, LineItem};
     let app = TestApp::spawn().await;
     let (account_id, pipeline_id) = setup(&app).await;
-    let id = app
-        .opportunities()
-        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let id = open_deal(&app, &account_id, &pipeline_id).await;
     let product_id = widget(&app).await;
     let lines = |product: &str, quantity: u32| ChangeOpportunityLineItemsRequest {
         options: None,
@@ -631,13 +617,7 @@ async fn stages_refuse_deals_without_their_required_fields() {
         .unwrap()
         .into_inner()
         .stream_id;
-    let id = app
-        .opportunities()
-        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let id = open_deal(&app, &account_id, &pipeline_id).await;
     let before = app.stored().await.len();
 
     let missing = |status: tonic::Status| {
@@ -779,13 +759,7 @@ async fn a_deal_is_renamed_and_given_a_contact() {
     use crm_proto::v1::UpdateOpportunityDetailsRequest;
     let app = TestApp::spawn().await;
     let (account_id, pipeline_id) = setup(&app).await;
-    let id = app
-        .opportunities()
-        .open_opportunity(app.request(deal(&account_id, &pipeline_id)))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let id = open_deal(&app, &account_id, &pipeline_id).await;
     let update = |name: Option<&str>, contact: Option<&str>| UpdateOpportunityDetailsRequest {
         options: None,
         opportunity_id: id.clone(),
