@@ -1,27 +1,10 @@
 //! `crm.v1.Activities`: logged interactions, scheduled work, synced messages.
 use crm_proto::v1::{
-    ActivityTarget, CompleteActivityRequest, CreateContactRequest, LogActivityRequest, PersonName,
-    ScheduleActivityRequest,
+    ActivityTarget, CompleteActivityRequest, LogActivityRequest, ScheduleActivityRequest,
 };
 use tonic::Code;
 
 use crate::support::{TestApp, bad_fields, error_info};
-
-async fn contact(app: &TestApp) -> String {
-    let request = CreateContactRequest {
-        name: Some(PersonName {
-            given: "Ada".into(),
-            family: String::new(),
-        }),
-        ..Default::default()
-    };
-    app.contacts()
-        .create_contact(app.request(request))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id
-}
 
 fn target(kind: &str, id: &str) -> ActivityTarget {
     ActivityTarget {
@@ -44,7 +27,7 @@ fn email(contact_id: &str, external_id: &str) -> LogActivityRequest {
 #[tokio::test]
 async fn synced_messages_converge_and_scheduled_work_completes() {
     let app = TestApp::spawn().await;
-    let ada = contact(&app).await;
+    let ada = crate::support::person(&app, "Ada", "").await;
     let first = app
         .activities()
         .log_activity(app.request(email(&ada, "<msg-1@mail>")))
@@ -128,7 +111,7 @@ async fn synced_messages_converge_and_scheduled_work_completes() {
 #[tokio::test]
 async fn activities_need_existing_targets_of_the_named_kind() {
     let app = TestApp::spawn().await;
-    let ada = contact(&app).await;
+    let ada = crate::support::person(&app, "Ada", "").await;
     let status = app
         .activities()
         .log_activity(app.request(email(&uuid::Uuid::now_v7().to_string(), "")))
@@ -292,7 +275,7 @@ async fn time_driven_commands_are_for_the_scheduler_and_check_their_condition() 
     assert_eq!(error_info(&status).0, "NOT_APPLICABLE");
 
     // A task not due yet is not overdue.
-    let ada = contact(&app).await;
+    let ada = crate::support::person(&app, "Ada", "").await;
     let task = app
         .activities()
         .schedule_activity(app.request(ScheduleActivityRequest {
@@ -346,7 +329,7 @@ async fn the_scheduler_marks_a_task_overdue_exactly_once_at_its_due_time() {
     use crate::support::{TestClock, test_scheduler};
 
     let app = TestApp::spawn().await;
-    let ada = contact(&app).await;
+    let ada = crate::support::person(&app, "Ada", "").await;
     let due = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1))
         .round(jiff::Unit::Second)
         .unwrap();
@@ -411,7 +394,7 @@ async fn rescheduled_work_falls_overdue_at_its_new_due_time() {
     use crate::support::{TestClock, test_scheduler};
 
     let app = TestApp::spawn().await;
-    let ada = contact(&app).await;
+    let ada = crate::support::person(&app, "Ada", "").await;
     let due = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1))
         .round(jiff::Unit::Second)
         .unwrap();

@@ -142,15 +142,7 @@ async fn a_churn_exactly_at_a_month_end_counts_in_that_month() {
     caught_up(&app, 2).await;
     churn(&app, &a1, "2026-03-01T00:00:00Z").await;
     let options = caught_up(&app, 2).await;
-    let churned = AnalyticsQueriesClient::new(app.channel.clone())
-        .get_churn(app.request(GetChurnRequest {
-            options,
-            from_month: "2026-02".into(),
-            to_month: "2026-03".into(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let churned = churn_in(&app, options, "2026-02", "2026-03").await;
     let months: Vec<(String, u64, u64)> = churned
         .months
         .iter()
@@ -161,6 +153,24 @@ async fn a_churn_exactly_at_a_month_end_counts_in_that_month() {
         [("2026-02".to_owned(), 2, 1), ("2026-03".to_owned(), 1, 0)]
     );
     app.stop().await;
+}
+
+/// GetChurn for the months `from` to `to` (`YYYY-MM`).
+async fn churn_in(
+    app: &TestApp,
+    options: Option<QueryOptions>,
+    from: &str,
+    to: &str,
+) -> crm_proto::v1::Churn {
+    AnalyticsQueriesClient::new(app.channel.clone())
+        .get_churn(app.request(GetChurnRequest {
+            options,
+            from_month: from.into(),
+            to_month: to.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// GetRevenue for January 2026, its first currency.
@@ -330,15 +340,7 @@ async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
     // Churn. January: nobody was a customer on Jan 1. February: A1..A4 were
     // (A5 was won in February and does not count); A1 left: 1/4. March: A2,
     // A3, A4, A5; A2 left: 1/4. Compound: 1 − 0.75 × 0.75 = 43.75 %.
-    let churned = analytics
-        .get_churn(app.request(GetChurnRequest {
-            options,
-            from_month: "2026-01".into(),
-            to_month: "2026-03".into(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let churned = churn_in(&app, options, "2026-01", "2026-03").await;
     let months: Vec<(String, u64, u64, Option<u32>)> = churned
         .months
         .iter()

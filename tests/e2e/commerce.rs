@@ -522,33 +522,7 @@ async fn orders_recorded_before_their_customer_is_linked_resolve_in_the_read_mod
     let order_id = uuid::Uuid::parse_str(&order_id).unwrap();
     let acme_id = uuid::Uuid::parse_str(&acme).unwrap();
     let db = app.db.client().await;
-    let read = || async {
-        let c360: Option<Option<uuid::Uuid>> = db
-            .query_opt(
-                "SELECT account_id FROM c360_orders WHERE order_id = $1",
-                &[&order_id],
-            )
-            .await
-            .unwrap()
-            .map(|row| row.get(0));
-        let analytics: Option<Option<uuid::Uuid>> = db
-            .query_opt(
-                "SELECT account_id FROM an_orders WHERE order_id = $1",
-                &[&order_id],
-            )
-            .await
-            .unwrap()
-            .map(|row| row.get(0));
-        let unmatched = db
-            .query_opt(
-                "SELECT 1 FROM dq_unmatched_orders WHERE order_id = $1",
-                &[&order_id],
-            )
-            .await
-            .unwrap()
-            .is_some();
-        (c360, analytics, unmatched)
-    };
+    let read = || order_in_read_models(&db, order_id);
     crm_test_support::eventually(
         std::time::Duration::from_secs(20),
         "the unlinked order in every read model",
@@ -652,30 +626,7 @@ async fn an_order_that_raced_its_customers_link_resolves_on_arrival() {
         std::time::Duration::from_secs(20),
         "the raced order on its account in every read model",
         || async {
-            let c360: Option<uuid::Uuid> = db
-                .query_opt(
-                    "SELECT account_id FROM c360_orders WHERE order_id = $1",
-                    &[&order_id],
-                )
-                .await
-                .unwrap()?
-                .get(0);
-            let analytics: Option<uuid::Uuid> = db
-                .query_opt(
-                    "SELECT account_id FROM an_orders WHERE order_id = $1",
-                    &[&order_id],
-                )
-                .await
-                .unwrap()?
-                .get(0);
-            let unmatched = db
-                .query_opt(
-                    "SELECT 1 FROM dq_unmatched_orders WHERE order_id = $1",
-                    &[&order_id],
-                )
-                .await
-                .unwrap()
-                .is_some();
+            let (c360, analytics, unmatched) = order_in_read_models(&db, order_id).await;
             // The data-quality process manager has seen the raced order
             // (the last event) when its position reached it.
             let dq_caught_up = db
@@ -687,11 +638,42 @@ async fn an_order_that_raced_its_customers_link_resolves_on_arrival() {
                 .await
                 .unwrap()
                 .is_some();
-            (c360 == Some(acme_id) && analytics == Some(acme_id) && !unmatched && dq_caught_up)
-                .then_some(())
+            let acme = Some(Some(acme_id));
+            (c360 == acme && analytics == acme && !unmatched && dq_caught_up).then_some(())
         },
     )
     .await;
     store.shutdown().await;
     app.stop().await;
+}
+
+/// Where an order stands in the read models: its account in Customer 360
+/// and in analytics (`None` before the row is there), and whether data
+/// quality lists it as unmatched.
+async fn order_in_read_models(
+    db: &tokio_postgres::Client,
+    order_id: uuid::Uuid,
+) -> (Option<Option<uuid::Uuid>>, Option<Option<uuid::Uuid>>, bool) {
+    let account = |table: &'static str| async move {
+        db.query_opt(
+            &format!("SELECT account_id FROM {table} WHERE order_id = $1"),
+            &[&order_id],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get::<_, Option<uuid::Uuid>>(0))
+    };
+    let unmatched = db
+        .query_opt(
+            "SELECT 1 FROM dq_unmatched_orders WHERE order_id = $1",
+            &[&order_id],
+        )
+        .await
+        .unwrap()
+        .is_some();
+    (
+        account("c360_orders").await,
+        account("an_orders").await,
+        unmatched,
+    )
 }
