@@ -23,22 +23,6 @@ fn plan(channel: &str) -> PlanCampaignRequest {
     }
 }
 
-async fn contact(app: &TestApp) -> String {
-    let request = CreateContactRequest {
-        name: Some(PersonName {
-            given: "Ada".into(),
-            family: String::new(),
-        }),
-        ..Default::default()
-    };
-    app.contacts()
-        .create_contact(app.request(request))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id
-}
-
 fn member(campaign: &str, contact: &str) -> AddCampaignMemberRequest {
     AddCampaignMemberRequest {
         options: None,
@@ -62,7 +46,7 @@ async fn planned(app: &TestApp, channel: &str) -> String {
 async fn email_campaign_members_need_marketing_email_consent() {
     let app = TestApp::spawn().await;
     let campaign = planned(&app, "email").await;
-    let ada = contact(&app).await;
+    let ada = crate::support::person(&app, "Ada", "").await;
     let status = app
         .campaigns()
         .add_campaign_member(app.request(member(&campaign, &ada)))
