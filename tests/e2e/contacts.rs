@@ -228,6 +228,70 @@ async fn a_client_chosen_id_and_an_idempotency_key_make_retries_safe() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_request_that_changes_nothing_is_kept_under_its_idempotency_key() {
+    let app = TestApp::spawn().await;
+    let created = app
+        .contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.stream_id.clone();
+    let keyed = |title: &str| {
+        let mut request = update_title(&id, title, None);
+        request.options.as_mut().unwrap().idempotency_key = "same-title".into();
+        request
+    };
+    let unchanged = (1, created.global_position, true);
+
+    // The title is already "Analyst": nothing to change.
+    let first = app
+        .contacts()
+        .update_contact_details(app.request(keyed("Analyst")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (first.stream_version, first.global_position, first.unchanged),
+        unchanged
+    );
+
+    // The title moves on; a late retry of the first request replays its
+    // outcome instead of setting the title back.
+    let moved = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&id, "CTO", None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((moved.stream_version, moved.unchanged), (2, false));
+    let retry = app
+        .contacts()
+        .update_contact_details(app.request(keyed("Analyst")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (retry.stream_version, retry.global_position, retry.unchanged),
+        unchanged
+    );
+    assert_eq!(app.stored().await.len(), 2, "the retry appended nothing");
+
+    // Another request under the key is refused and changes nothing.
+    let status = app
+        .contacts()
+        .update_contact_details(app.request(keyed("CEO")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(error_info(&status).0, "IDEMPOTENCY_KEY_REUSED");
+    let stored = app.stored().await;
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[1].1["changes"]["title"]["new"], "CTO");
+    app.stop().await;
+}
+
 /// Personal text that reads like an encrypted value is encrypted like any
 /// other: never stored in the clear, and read back as sent.
 #[tokio::test]

@@ -73,6 +73,12 @@ pub struct Options {
     pub occurred_at: Option<Timestamp>,
     /// Hash of the whole request: a retry with the same key must match it.
     pub fingerprint: [u8; 32],
+    /// A request that changes nothing is recorded under its idempotency key
+    /// too, so that a retry replays "unchanged" and another request under
+    /// the key is refused. Callers' requests are; the system's own commands
+    /// (process managers, the scheduler) are not: their keys name a trigger,
+    /// and a command that had nothing to do yet may act on a later attempt.
+    pub record_unchanged: bool,
 }
 
 impl Options {
@@ -85,6 +91,7 @@ impl Options {
             expected_version: None,
             occurred_at: Some(occurred_at),
             fingerprint,
+            record_unchanged: false,
         }
     }
 
@@ -105,6 +112,7 @@ impl Options {
                 expected_version: None,
                 occurred_at: None,
                 fingerprint,
+                record_unchanged: true,
             });
         };
         let key = &options.idempotency_key;
@@ -137,6 +145,7 @@ impl Options {
             expected_version: options.expected_version,
             occurred_at,
             fingerprint,
+            record_unchanged: true,
         })
     }
 }
@@ -706,12 +715,9 @@ impl CommandHandler {
             };
             let events = state.decide(command.clone(), context)?;
             if events.is_empty() {
-                return Ok(CommandReply {
-                    stream_id: stream_id.to_string(),
-                    stream_version: version,
-                    global_position: position,
-                    unchanged: true,
-                });
+                return self
+                    .unchanged(caller, stream_id, version, position, options)
+                    .await;
             }
             let uniqueness = self.uniqueness(&caller.tenant).await?;
             let before = uniqueness.hard(state.unique_keys());
@@ -764,6 +770,45 @@ impl CommandHandler {
             }
         }
         Err(ServiceError::Contention)
+    }
+
+    /// The reply to a request that changes nothing: `stream_id` stays at
+    /// `version` (its last event at `position`). Recorded under the
+    /// request's idempotency key when it has one (see
+    /// [`Options::record_unchanged`]); if a concurrent request under the key
+    /// was recorded first, its outcome is the answer.
+    async fn unchanged(
+        &self,
+        caller: &Caller,
+        stream_id: Uuid,
+        version: u64,
+        position: u64,
+        options: &Options,
+    ) -> Result<CommandReply, ServiceError> {
+        if options.record_unchanged
+            && let Some(key) = &options.idempotency_key
+        {
+            let outcome = self
+                .store
+                .record_unchanged(
+                    &caller.tenant,
+                    key,
+                    options.fingerprint,
+                    stream_id,
+                    version,
+                    position,
+                )
+                .await?;
+            if outcome.replayed {
+                return Ok(reply(stream_id, &outcome));
+            }
+        }
+        Ok(CommandReply {
+            stream_id: stream_id.to_string(),
+            stream_version: version,
+            global_position: position,
+            unchanged: true,
+        })
     }
 
     /// Stores a snapshot in the background: it only speeds up later loads.

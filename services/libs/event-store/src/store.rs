@@ -398,6 +398,101 @@ impl EventStore {
         )))
     }
 
+    /// Records under an idempotency key that the request changed nothing:
+    /// `stream_id` stays at `version`, whose last event is at `position`. A
+    /// retry with the key then replays that outcome, and another request
+    /// under the key is refused, as after an append. When the key already
+    /// holds an outcome (a concurrent request under it won), that outcome is
+    /// returned as replayed, or [`AppendError::IdempotencyKeyReused`] if it
+    /// belongs to another request. Nothing else is written.
+    #[tracing::instrument(
+        name = "record_unchanged",
+        skip_all,
+        err(Display),
+        fields(%tenant_id, %stream_id, version = version, replayed)
+    )]
+    pub async fn record_unchanged(
+        &self,
+        tenant_id: &TenantId,
+        key: &str,
+        fingerprint: [u8; 32],
+        stream_id: Uuid,
+        version: u64,
+        position: u64,
+    ) -> Result<Appended, AppendError> {
+        if key.is_empty() || key.len() > crate::limits::MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(AppendError::Invalid {
+                field: "idempotency_key".into(),
+                rule: "must be 1 to 200 bytes",
+            });
+        }
+        let unavailable = |error: &dyn std::fmt::Display| AppendError::Unavailable {
+            message: error.to_string(),
+            // A lost reply may hide a committed insert: a retry with the key
+            // is safe either way.
+            outcome_unknown: true,
+        };
+        let out_of_range = |field: &str| AppendError::Invalid {
+            field: field.into(),
+            rule: "must be below 2^63",
+        };
+        let position_sql = i64::try_from(position).map_err(|_| out_of_range("position"))?;
+        if i64::try_from(version).is_err() {
+            return Err(out_of_range("version"));
+        }
+        let outcome = Appended {
+            first_position: position,
+            last_position: position,
+            streams: vec![crate::AppendedStream {
+                stream_id,
+                first_version: version,
+                last_version: version,
+            }],
+            replayed: false,
+        };
+        let streams = serde_json::to_string(&outcome.streams).map_err(|e| unavailable(&e))?;
+        let client = self.inner.pool.get().await.map_err(|e| unavailable(&e))?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO idempotency_keys \
+                   (tenant_id, key, request_hash, first_position, last_position, streams) \
+                 VALUES ($1, $2, $3, $4, $4, $5::text::jsonb) \
+                 ON CONFLICT (tenant_id, key) DO NOTHING",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let inserted = client
+            .execute(
+                &statement,
+                &[
+                    &tenant_id.as_str(),
+                    &key,
+                    &fingerprint.as_slice(),
+                    &position_sql,
+                    &streams,
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let span = tracing::Span::current();
+        span.record("replayed", inserted == 0);
+        if inserted == 1 {
+            return Ok(outcome);
+        }
+        drop(client);
+        match self
+            .idempotent_outcome(tenant_id, key)
+            .await
+            .map_err(|e| unavailable(&e))?
+        {
+            Some((stored, appended)) if stored == fingerprint => Ok(appended),
+            Some(_) => Err(AppendError::IdempotencyKeyReused {
+                key: key.to_owned(),
+            }),
+            None => Err(unavailable(&"the key's outcome vanished")),
+        }
+    }
+
     /// The writer's totals since this store started (batches, appends, events).
     pub fn writer_stats(&self) -> WriterStats {
         self.inner.stats.snapshot()

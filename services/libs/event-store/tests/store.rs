@@ -1400,3 +1400,122 @@ async fn subject_keys_land_with_their_append_and_erasure_is_final() {
     );
     store.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_unchanged_outcome_is_kept_under_its_key_like_an_append() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let t = tenant("t");
+    let id = Uuid::now_v7();
+    let first = store
+        .append(request(
+            "t",
+            vec![one(
+                "contact",
+                id,
+                ExpectedVersion::NoStream,
+                vec![created(1)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    let (fingerprint, other) = ([7u8; 32], [8u8; 32]);
+
+    let recorded = store
+        .record_unchanged(&t, "noop", fingerprint, id, 1, first.last_position)
+        .await
+        .unwrap();
+    assert!(!recorded.replayed);
+    assert_eq!(
+        (recorded.first_position, recorded.last_position),
+        (first.last_position, first.last_position)
+    );
+    assert_eq!(
+        (
+            recorded.streams[0].stream_id,
+            recorded.streams[0].last_version
+        ),
+        (id, 1)
+    );
+    // Recorded again: the first outcome, replayed.
+    let again = store
+        .record_unchanged(&t, "noop", fingerprint, id, 1, first.last_position)
+        .await
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(
+        (again.last_position, again.streams.clone()),
+        (recorded.last_position, recorded.streams.clone())
+    );
+    // An append under the key with the same request replays the unchanged
+    // outcome and writes nothing; another request under it is refused.
+    let mut keyed = request(
+        "t",
+        vec![one(
+            "contact",
+            id,
+            ExpectedVersion::Exact(1),
+            vec![created(2)],
+        )],
+        Some("noop"),
+    );
+    keyed.request_fingerprint = Some(fingerprint);
+    let replayed = store.append(keyed.clone()).await.unwrap();
+    assert!(replayed.replayed);
+    assert_eq!(
+        (replayed.last_position, replayed.streams.clone()),
+        (recorded.last_position, recorded.streams.clone())
+    );
+    keyed.request_fingerprint = Some(other);
+    assert!(matches!(
+        store.append(keyed).await,
+        Err(AppendError::IdempotencyKeyReused { .. })
+    ));
+    assert!(matches!(
+        store
+            .record_unchanged(&t, "noop", other, id, 1, first.last_position)
+            .await,
+        Err(AppendError::IdempotencyKeyReused { .. })
+    ));
+    // A key an append holds: that append's outcome, or refused.
+    let mut appended = request(
+        "t",
+        vec![one(
+            "contact",
+            id,
+            ExpectedVersion::Exact(1),
+            vec![created(3)],
+        )],
+        Some("append"),
+    );
+    appended.request_fingerprint = Some(fingerprint);
+    let appended = store.append(appended).await.unwrap();
+    let late = store
+        .record_unchanged(&t, "append", fingerprint, id, 1, first.last_position)
+        .await
+        .unwrap();
+    assert!(late.replayed);
+    assert_eq!(
+        (late.first_position, late.streams.clone()),
+        (appended.first_position, appended.streams.clone())
+    );
+    assert!(matches!(
+        store.record_unchanged(&t, "append", other, id, 1, 1).await,
+        Err(AppendError::IdempotencyKeyReused { .. })
+    ));
+    // Keys are per tenant; an empty key is refused.
+    assert!(
+        !store
+            .record_unchanged(&tenant("u"), "noop", other, id, 0, 0)
+            .await
+            .unwrap()
+            .replayed
+    );
+    assert!(matches!(
+        store.record_unchanged(&t, "", fingerprint, id, 1, 1).await,
+        Err(AppendError::Invalid { .. })
+    ));
+    assert_eq!(count_events(&db).await, 2);
+    store.shutdown().await;
+}
