@@ -1121,11 +1121,17 @@ impl CommandHandler {
                     current: lead_version,
                 });
             }
-            let account = match existing_account {
-                // Not an account (or another stream type): the empty
-                // state, which conversion refuses as not usable.
-                Some(id) => Some(self.state_or_default::<Account>(&caller.tenant, id).await?),
-                None => None,
+            let (account, account_version) = match existing_account {
+                Some(id) => match self.load::<Account>(&caller.tenant, id).await {
+                    Ok((state, version, _)) => (Some(state), version),
+                    // Not an account (or another stream type): the empty
+                    // state, which conversion refuses as not usable.
+                    Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => {
+                        (Some(Account::default()), 0)
+                    }
+                    Err(other) => return Err(other),
+                },
+                None => (None, 0),
             };
             let uniqueness = self.uniqueness(&caller.tenant).await?;
             let allow_working = self
@@ -1162,6 +1168,12 @@ impl CommandHandler {
             )?];
             let mut reservations = Vec::new();
             let mut subjects = vec![lead_id];
+            if let Some(id) = existing_account.filter(|_| account_version > 0) {
+                // Pinned at the version the conversion was decided on: an
+                // archive or merge of the account meanwhile fails the append,
+                // and the conversion is decided again.
+                streams.push(stream_append::<Account>(id, account_version, &[])?);
+            }
             if !conversion.account.is_empty() {
                 let (stream, claims, personal) = self.new_stream::<Account>(
                     &caller.tenant,

@@ -69,6 +69,12 @@ impl NewEvent {
 }
 
 /// Events for one stream, checked against the stream's expected version.
+///
+/// With no events the stream is only checked (a pin): an append that read
+/// another record to decide (e.g. a conversion onto an existing account)
+/// names it at the version it read, so the append fails with a version
+/// conflict if that record moved meanwhile. A pin must expect an exact
+/// version of an existing stream, and an append needs at least one event.
 #[derive(Clone, Debug)]
 pub struct StreamAppend {
     pub stream_type: String,
@@ -243,8 +249,13 @@ impl PreparedAppend {
                     "appears twice in one append",
                 ));
             }
-            if stream.events.is_empty() {
-                return Err(invalid(format!("streams[{i}].events"), "must not be empty"));
+            if stream.events.is_empty()
+                && !matches!(stream.expected, ExpectedVersion::Exact(n) if n > 0)
+            {
+                return Err(invalid(
+                    format!("streams[{i}].events"),
+                    "must not be empty unless the stream is pinned at an exact version",
+                ));
             }
             if let ExpectedVersion::Exact(n) = stream.expected
                 && n > i64::MAX as u64
@@ -296,6 +307,9 @@ impl PreparedAppend {
                 // freeing it on the writer's task after the commit.
                 event.payload = serde_json::Value::Null;
             }
+        }
+        if n_events == 0 {
+            return Err(invalid("streams", "must hold at least one event"));
         }
         let mut keyed = std::collections::HashSet::new();
         for (i, subject) in request.subject_keys.iter().enumerate() {
@@ -444,5 +458,10 @@ mod tests {
         let mut r = request(serde_json::json!({}));
         r.streams[0].events.clear();
         assert_eq!(field_of(r), "streams[0].events");
+        // A pin alone appends nothing.
+        let mut r = request(serde_json::json!({}));
+        r.streams[0].events.clear();
+        r.streams[0].expected = ExpectedVersion::Exact(1);
+        assert_eq!(field_of(r), "streams");
     }
 }

@@ -846,11 +846,14 @@ impl<'a> WritePlan<'a> {
                     .push(payloads.next().map(String::as_str).unwrap_or("{}"));
                 self.metadata.push(&append.metadata);
             }
-            appended.push(AppendedStream {
-                stream_id: stream.stream_id,
-                first_version,
-                last_version: state.current,
-            });
+            // A pin was only checked: the outcome lists what was written.
+            if !stream.events.is_empty() {
+                appended.push(AppendedStream {
+                    stream_id: stream.stream_id,
+                    first_version,
+                    last_version: state.current,
+                });
+            }
         }
         for subject in &request.subject_keys {
             self.subject_tenants.push(tenant);
@@ -968,6 +971,13 @@ fn optimistic_plan<'a>(appends: &[&'a PreparedAppend]) -> Option<WritePlan<'a>> 
             }
         }
         for stream in &request.streams {
+            // A pin is checked by the guard alone, which reads a snapshot
+            // from before the lock when the statement waited for it: a write
+            // to the stream meanwhile would pass unseen, with no unique
+            // constraint to catch it. Pins are decided under the lock.
+            if stream.events.is_empty() {
+                return None;
+            }
             let expected = match stream.expected {
                 ExpectedVersion::Any => return None,
                 ExpectedVersion::NoStream => 0,

@@ -1519,3 +1519,127 @@ async fn an_unchanged_outcome_is_kept_under_its_key_like_an_append() {
     assert_eq!(count_events(&db).await, 2);
     store.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_pinned_stream_is_checked_and_not_written() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let (account, contact) = (Uuid::now_v7(), Uuid::now_v7());
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "account",
+                account,
+                ExpectedVersion::NoStream,
+                vec![created(1)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    let pinned = |version: u64, stream_type: &str| {
+        request(
+            "t",
+            vec![
+                one(
+                    stream_type,
+                    account,
+                    ExpectedVersion::Exact(version),
+                    Vec::new(),
+                ),
+                one(
+                    "contact",
+                    Uuid::now_v7(),
+                    ExpectedVersion::NoStream,
+                    vec![created(2)],
+                ),
+            ],
+            None,
+        )
+    };
+    // At the version read: the other stream is written, the pin is not.
+    let appended = store.append(pinned(1, "account")).await.unwrap();
+    assert_eq!(appended.streams.len(), 1);
+    assert_ne!(appended.streams[0].stream_id, account);
+    assert_eq!(
+        store
+            .read_stream(&tenant("t"), account, 1, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // The pinned stream moved on: a conflict naming it, and nothing written.
+    store
+        .append(request(
+            "t",
+            vec![one(
+                "account",
+                account,
+                ExpectedVersion::Exact(1),
+                vec![created(3)],
+            )],
+            None,
+        ))
+        .await
+        .unwrap();
+    match store.append(pinned(1, "account")).await {
+        Err(AppendError::VersionConflict {
+            stream_id, current, ..
+        }) => assert_eq!((stream_id, current), (account, 2)),
+        other => panic!("expected a conflict on the pin, got {other:?}"),
+    }
+    // Of another type, or missing.
+    assert!(matches!(
+        store.append(pinned(2, "contact")).await,
+        Err(AppendError::WrongStreamType { .. })
+    ));
+    let missing = request(
+        "t",
+        vec![
+            one(
+                "account",
+                Uuid::now_v7(),
+                ExpectedVersion::Exact(1),
+                Vec::new(),
+            ),
+            one(
+                "contact",
+                contact,
+                ExpectedVersion::NoStream,
+                vec![created(4)],
+            ),
+        ],
+        None,
+    );
+    assert!(matches!(
+        store.append(missing).await,
+        Err(AppendError::VersionConflict { current: 0, .. })
+    ));
+    // A pin needs an exact version, and an append needs an event.
+    for (expected, events) in [
+        (ExpectedVersion::NoStream, true),
+        (ExpectedVersion::Any, true),
+        (ExpectedVersion::Exact(2), false),
+    ] {
+        let mut streams = vec![one("account", account, expected, Vec::new())];
+        if events {
+            streams.push(one(
+                "contact",
+                contact,
+                ExpectedVersion::NoStream,
+                vec![created(5)],
+            ));
+        }
+        assert!(
+            matches!(
+                store.append(request("t", streams, None)).await,
+                Err(AppendError::Invalid { .. })
+            ),
+            "{expected:?}"
+        );
+    }
+    assert_eq!(count_events(&db).await, 3);
+    store.shutdown().await;
+}
