@@ -51,6 +51,38 @@ async fn synced_messages_converge_and_scheduled_work_completes() {
         .unwrap()
         .into_inner();
     assert_ne!(other.stream_id, first.stream_id);
+    // A re-sync under an idempotency key is kept under it like any request
+    // that changed nothing: another message under the key is refused.
+    let keyed = |external_id: &str| {
+        let mut request = email(&ada, external_id);
+        request.options = Some(crm_proto::v1::CommandOptions {
+            idempotency_key: "sync-batch-7".into(),
+            ..Default::default()
+        });
+        app.request(request)
+    };
+    let resynced = app
+        .activities()
+        .log_activity(keyed("<msg-1@mail>"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (resynced.stream_id.as_str(), resynced.unchanged),
+        (first.stream_id.as_str(), true)
+    );
+    let status = app
+        .activities()
+        .log_activity(keyed("<msg-3@mail>"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            status.code(),
+            crate::support::error_info(&status).0.as_str()
+        ),
+        (tonic::Code::FailedPrecondition, "IDEMPOTENCY_KEY_REUSED")
+    );
 
     let schedule = ScheduleActivityRequest {
         kind: "meeting".into(),

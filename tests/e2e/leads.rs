@@ -48,7 +48,7 @@ fn move_to(id: &str, to: &str) -> ChangeLeadStatusRequest {
 }
 
 /// A lead captured and moved to qualified; returns its id.
-async fn qualified_lead(app: &TestApp, email: &str, company: &str) -> String {
+pub(crate) async fn qualified_lead(app: &TestApp, email: &str, company: &str) -> String {
     qualify(app, li_wei(email, company)).await
 }
 
@@ -70,7 +70,7 @@ pub(crate) async fn qualify(app: &TestApp, capture: CaptureLeadRequest) -> Strin
     id
 }
 
-fn convert(lead: &str, account: &str, key: &str) -> ConvertLeadRequest {
+pub(crate) fn convert(lead: &str, account: &str, key: &str) -> ConvertLeadRequest {
     ConvertLeadRequest {
         options: Some(CommandOptions {
             idempotency_key: key.into(),

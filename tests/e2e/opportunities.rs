@@ -990,3 +990,75 @@ async fn open_deals_follow_a_new_pipeline_version_through_its_stage_mapping() {
     assert_eq!(count(&app.stored().await), settled + 2);
     app.stop().await;
 }
+
+/// Commands read other records to decide (an account's state) before their
+/// append. With the log held, an account is archived while a deal opens on
+/// it, a contact links to it and a lead converts into it: each reads it
+/// active, then finds at its append that it moved, reads it again and is
+/// refused. Without the pins, all three would land on the archived account.
+#[tokio::test]
+async fn a_command_decided_on_a_record_that_moved_before_its_append_decides_again() {
+    use crm_proto::v1::{ArchiveRecordRequest, LinkContactToAccountRequest, RecordRef};
+    let app = TestApp::spawn().await;
+    let (account_id, pipeline_id) = setup(&app).await;
+    let contact_id = crate::support::person(&app, "Ada", "Lovelace").await;
+    let lead = crate::leads::qualified_lead(&app, "li.wei@example.cn", "").await;
+    let before = app.stored().await.len();
+
+    let mut db = app.db.client().await;
+    let hold = db.transaction().await.unwrap();
+    hold.execute("SELECT position FROM log_head WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let archive = app.request(ArchiveRecordRequest {
+        options: None,
+        record: Some(RecordRef {
+            r#type: "account".into(),
+            id: account_id.clone(),
+        }),
+        reason: Some(Reason {
+            code: "on_hold".into(),
+            text: String::new(),
+        }),
+    });
+    let mut records = app.records();
+    let archive = tokio::spawn(async move { records.archive_record(archive).await });
+    // The archive waits for the log; the two commands read the account as
+    // it is until the archive commits.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (mut deals, open) = (
+        app.opportunities(),
+        app.request(deal(&account_id, &pipeline_id)),
+    );
+    let open = tokio::spawn(async move { deals.open_opportunity(open).await });
+    let (mut leads, convert) = (
+        app.leads(),
+        app.request(crate::leads::convert(&lead, &account_id, "")),
+    );
+    let convert = tokio::spawn(async move { leads.convert_lead(convert).await });
+    let link = app.request(LinkContactToAccountRequest {
+        contact_id,
+        account_id,
+        ..Default::default()
+    });
+    let mut contacts = app.contacts();
+    let link = tokio::spawn(async move { contacts.link_contact_to_account(link).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    hold.rollback().await.unwrap();
+
+    archive.await.unwrap().unwrap();
+    for status in [
+        open.await.unwrap().unwrap_err(),
+        link.await.unwrap().unwrap_err(),
+        convert.await.unwrap().unwrap_err(),
+    ] {
+        assert_eq!(
+            (status.code(), error_info(&status).0.as_str()),
+            (Code::FailedPrecondition, "INVALID_REFERENCE"),
+            "{status:?}"
+        );
+    }
+    let stored = app.stored().await;
+    assert_eq!(stored.len(), before + 1, "only the archive: {stored:?}");
+    app.stop().await;
+}

@@ -113,12 +113,9 @@ impl Activities for ActivitiesService {
             Err(ServiceError::Domain(crm_domain::DomainError::AlreadyExists { .. })) if derived => {
                 let (_, version, position) =
                     self.handler.load::<Activity>(&caller.tenant, id).await?;
-                pb::CommandReply {
-                    stream_id: id.to_string(),
-                    stream_version: version,
-                    global_position: position,
-                    unchanged: true,
-                }
+                self.handler
+                    .unchanged(&caller, id, version, position, &options)
+                    .await?
             }
             other => other?,
         };

@@ -208,27 +208,24 @@ impl Contacts for ContactsService {
         let options = Options::parse("LinkContactToAccount", request.options.as_ref(), &request)?;
         let id = parse_id("contact_id", &request.contact_id, false)?;
         let account_id = parse_id("account_id", &request.account_id, false)?;
-        let mut command = ContactCommand::LinkToAccount {
+        let command = |account_active| ContactCommand::LinkToAccount {
             account_id,
-            role: request.role,
+            role: request.role.clone(),
             primary: request.primary,
-            account_active: true,
+            account_active,
         };
         let live = Contact {
             exists: true,
             ..Contact::default()
         };
-        super::precheck(&live, command.clone())?;
-        let account = self
-            .handler
-            .state_or_default::<Account>(&caller.tenant, account_id)
-            .await?;
-        if let ContactCommand::LinkToAccount { account_active, .. } = &mut command {
-            *account_active = account.usable();
-        }
+        super::precheck(&live, command(true))?;
+        let (handler, tenant, command) = (&self.handler, &caller.tenant, &command);
         let reply = self
             .handler
-            .execute::<Contact>(&caller, id, &options, command)
+            .execute_on::<Contact, _>(&caller, id, &options, || async move {
+                let (account, pin) = handler.fact::<Account>(tenant, account_id).await?;
+                Ok((command(account.usable()), pin.into_iter().collect()))
+            })
             .await?;
         Ok(Response::new(reply))
     }

@@ -27,6 +27,10 @@ pub enum ServiceError {
     /// Concurrent writers kept moving the record; the caller may retry.
     #[error("the record kept changing; retry")]
     Contention,
+    /// A record the command was decided on moved before its append (see
+    /// `CommandHandler::execute_on`, which decides again).
+    #[error("a record the command depends on changed")]
+    FactMoved,
     /// A position or version beyond what exists; `current` is the newest.
     #[error("{field} is beyond the current {current}")]
     OutOfRange { field: &'static str, current: u64 },
@@ -211,7 +215,9 @@ impl From<ServiceError> for Status {
                 "the idempotency key was used for a different request",
                 info("IDEMPOTENCY_KEY_REUSED", vec![]),
             ),
-            ServiceError::Contention => Status::aborted("the record kept changing; retry"),
+            ServiceError::Contention | ServiceError::FactMoved => {
+                Status::aborted("the record kept changing; retry")
+            }
             ServiceError::Unavailable(message) => {
                 tracing::warn!(%message, "command unavailable");
                 Status::unavailable("temporarily unavailable; retry with the same idempotency key")

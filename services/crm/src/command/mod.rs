@@ -676,18 +676,95 @@ impl CommandHandler {
     }
 
     /// Decides `command` against the stream's state and appends the result.
-    #[tracing::instrument(
-        name = "command",
-        skip_all,
-        err(Display),
-        fields(tenant_id = %caller.tenant, %stream_id, stream_type = A::STREAM_TYPE, idempotent = options.idempotency_key.is_some())
-    )]
     pub async fn execute<A: Aggregate>(
         &self,
         caller: &Caller,
         stream_id: Uuid,
         options: &Options,
         command: A::Command,
+    ) -> Result<CommandReply, ServiceError>
+    where
+        A::Command: Clone,
+    {
+        match self
+            .execute_pinned::<A>(caller, stream_id, options, command, &[])
+            .await
+        {
+            // Nothing is pinned, so nothing pinned can move.
+            Err(ServiceError::FactMoved) => Err(ServiceError::Contention),
+            other => other,
+        }
+    }
+
+    /// The state of another record a command's decision depends on (an
+    /// account a deal opens on, a pipeline), with a pin at the version read:
+    /// see [`Self::execute_on`]. The empty state and no pin when there is no
+    /// such record (or it is another kind of record).
+    pub(crate) async fn fact<A: Aggregate>(
+        &self,
+        tenant: &TenantId,
+        stream_id: Uuid,
+    ) -> Result<(A, Option<Pinned>), ServiceError> {
+        match self.load::<A>(tenant, stream_id).await {
+            Ok((state, version, _)) => Ok((
+                state,
+                Some(Pinned {
+                    stream_type: A::STREAM_TYPE,
+                    stream_id,
+                    version,
+                }),
+            )),
+            Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => {
+                Ok((A::default(), None))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// [`Self::execute`] for a command decided on facts about other records:
+    /// `build` reads them ([`Self::fact`]) and returns the command with a pin
+    /// on each record it read. The append checks that no pinned record moved
+    /// since; if one did (an account archived while a deal opened on it),
+    /// `build` reads the facts again and the command is decided anew.
+    pub async fn execute_on<A: Aggregate, Facts>(
+        &self,
+        caller: &Caller,
+        stream_id: Uuid,
+        options: &Options,
+        mut build: impl FnMut() -> Facts,
+    ) -> Result<CommandReply, ServiceError>
+    where
+        A::Command: Clone,
+        Facts: Future<Output = Result<(A::Command, Vec<Pinned>), ServiceError>>,
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let (command, pins) = build().await?;
+            match self
+                .execute_pinned::<A>(caller, stream_id, options, command, &pins)
+                .await
+            {
+                Err(ServiceError::FactMoved) => {
+                    tracing::debug!("a record the command read moved; reading it again");
+                }
+                other => return other,
+            }
+        }
+        Err(ServiceError::Contention)
+    }
+
+    #[tracing::instrument(
+        name = "command",
+        skip_all,
+        err(Display),
+        fields(tenant_id = %caller.tenant, %stream_id, stream_type = A::STREAM_TYPE, idempotent = options.idempotency_key.is_some(), pins = pins.len())
+    )]
+    async fn execute_pinned<A: Aggregate>(
+        &self,
+        caller: &Caller,
+        stream_id: Uuid,
+        options: &Options,
+        command: A::Command,
+        pins: &[Pinned],
     ) -> Result<CommandReply, ServiceError>
     where
         A::Command: Clone,
@@ -726,6 +803,10 @@ impl CommandHandler {
             let mut request = self.append_request::<A>(
                 caller, stream_id, version, options, &events, &before, &after,
             )?;
+            // The command's own stream is checked anyway.
+            for pin in pins.iter().filter(|pin| pin.stream_id != stream_id) {
+                request.streams.push(pin.stream_append());
+            }
             let subjects: &[Uuid] = if new_state.holds_personal_data() {
                 &[stream_id]
             } else {
@@ -750,6 +831,16 @@ impl CommandHandler {
                         self.save_snapshot(caller, stream_id, new_state, version, position);
                     }
                     return Ok(reply);
+                }
+                Err(AppendError::VersionConflict {
+                    stream_id: moved, ..
+                }) if moved != stream_id => {
+                    if pins.iter().any(|pin| pin.stream_id == moved) {
+                        return Err(ServiceError::FactMoved);
+                    }
+                    return Err(ServiceError::Internal(format!(
+                        "a conflict on stream {moved}, which the command did not write"
+                    )));
                 }
                 Err(AppendError::VersionConflict { .. })
                     if options.expected_version.is_none() || version == 0 =>
@@ -777,7 +868,7 @@ impl CommandHandler {
     /// request's idempotency key when it has one (see
     /// [`Options::record_unchanged`]); if a concurrent request under the key
     /// was recorded first, its outcome is the answer.
-    async fn unchanged(
+    pub(crate) async fn unchanged(
         &self,
         caller: &Caller,
         stream_id: Uuid,
@@ -1121,17 +1212,14 @@ impl CommandHandler {
                     current: lead_version,
                 });
             }
-            let (account, account_version) = match existing_account {
-                Some(id) => match self.load::<Account>(&caller.tenant, id).await {
-                    Ok((state, version, _)) => (Some(state), version),
-                    // Not an account (or another stream type): the empty
-                    // state, which conversion refuses as not usable.
-                    Err(ServiceError::Domain(crm_domain::DomainError::NotFound)) => {
-                        (Some(Account::default()), 0)
-                    }
-                    Err(other) => return Err(other),
-                },
-                None => (None, 0),
+            let (account, account_pin) = match existing_account {
+                // Not an account (or another stream type): the empty state,
+                // which conversion refuses as not usable.
+                Some(id) => {
+                    let (state, pin) = self.fact::<Account>(&caller.tenant, id).await?;
+                    (Some(state), pin)
+                }
+                None => (None, None),
             };
             let uniqueness = self.uniqueness(&caller.tenant).await?;
             let allow_working = self
@@ -1168,11 +1256,11 @@ impl CommandHandler {
             )?];
             let mut reservations = Vec::new();
             let mut subjects = vec![lead_id];
-            if let Some(id) = existing_account.filter(|_| account_version > 0) {
+            if let Some(pin) = account_pin {
                 // Pinned at the version the conversion was decided on: an
                 // archive or merge of the account meanwhile fails the append,
                 // and the conversion is decided again.
-                streams.push(stream_append::<Account>(id, account_version, &[])?);
+                streams.push(pin.stream_append());
             }
             if !conversion.account.is_empty() {
                 let (stream, claims, personal) = self.new_stream::<Account>(
@@ -1231,6 +1319,27 @@ impl CommandHandler {
             }
         }
         Err(ServiceError::Contention)
+    }
+}
+
+/// Another record a command was decided on, at the version read: the
+/// command's append fails if it moved meanwhile (a stream pinned in the
+/// append, see [`crm_event_store::StreamAppend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pinned {
+    stream_type: &'static str,
+    stream_id: Uuid,
+    version: u64,
+}
+
+impl Pinned {
+    fn stream_append(self) -> StreamAppend {
+        StreamAppend {
+            stream_type: self.stream_type.to_owned(),
+            stream_id: self.stream_id,
+            expected: ExpectedVersion::Pinned(self.version),
+            events: Vec::new(),
+        }
     }
 }
 

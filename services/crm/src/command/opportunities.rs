@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::contacts::reason;
 use super::fields::{date, money, optional_id};
-use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+use super::{Caller, CommandHandler, Options, Pinned, ServiceError, parse_id};
 
 /// Roles that may reopen a won deal.
 const REOPEN_WON_ROLES: &[&str] = &["sales_manager", "admin"];
@@ -41,33 +41,36 @@ impl OpportunitiesService {
         Self { handler }
     }
 
-    /// A record's state, or the empty state when there is none (or it is
-    /// another kind of record).
+    /// The facts a deal's command is decided on, from its account and
+    /// pipeline (the empty state for one that does not exist or is another
+    /// kind of record), with a pin on each record read.
     async fn facts(
         &self,
         caller: &Caller,
         account_id: Option<Uuid>,
         pipeline_id: Option<Uuid>,
-    ) -> Result<DealFacts, ServiceError> {
+    ) -> Result<(DealFacts, Vec<Pinned>), ServiceError> {
+        let mut pins = Vec::new();
         let account_active = match account_id {
             Some(id) => {
-                let account = self
-                    .handler
-                    .state_or_default::<Account>(&caller.tenant, id)
-                    .await?;
+                let (account, pin) = self.handler.fact::<Account>(&caller.tenant, id).await?;
+                pins.extend(pin);
                 account.usable()
             }
             None => false,
         };
         let pipeline = match pipeline_id {
             Some(id) => {
-                self.handler
-                    .state_or_default::<PipelineConfig>(&caller.tenant, id)
-                    .await?
+                let (pipeline, pin) = self
+                    .handler
+                    .fact::<PipelineConfig>(&caller.tenant, id)
+                    .await?;
+                pins.extend(pin);
+                pipeline
             }
             None => PipelineConfig::default(),
         };
-        Ok(DealFacts {
+        let facts = DealFacts {
             contact_usable: false,
             account_active,
             pipeline,
@@ -75,24 +78,30 @@ impl OpportunitiesService {
                 .roles
                 .iter()
                 .any(|r| REOPEN_WON_ROLES.contains(&r.as_str())),
-        })
+        };
+        Ok((facts, pins))
     }
 
-    /// Whether `contact_id` names a contact a deal may name.
+    /// Whether `contact_id` names a contact a deal may name, and the pin on
+    /// it.
     async fn contact_usable(
         &self,
         caller: &Caller,
         contact_id: Uuid,
-    ) -> Result<bool, ServiceError> {
-        Ok(self
+    ) -> Result<(bool, Option<Pinned>), ServiceError> {
+        let (contact, pin) = self
             .handler
-            .state_or_default::<Contact>(&caller.tenant, contact_id)
-            .await?
-            .usable())
+            .fact::<Contact>(&caller.tenant, contact_id)
+            .await?;
+        Ok((contact.usable(), pin))
     }
 
-    /// Facts for a command on an existing deal: its own pipeline.
-    async fn deal_facts(&self, caller: &Caller, id: Uuid) -> Result<DealFacts, ServiceError> {
+    /// Facts for a command on an existing deal: its account and pipeline.
+    async fn deal_facts(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+    ) -> Result<(DealFacts, Vec<Pinned>), ServiceError> {
         let deal = self
             .handler
             .state_or_default::<Opportunity>(&caller.tenant, id)
@@ -226,20 +235,27 @@ impl Opportunities for OpportunitiesService {
         };
         // Input errors before the lookups they would spoil.
         crm_domain::opportunity::validate_details(&details).map_err(ServiceError::Domain)?;
-        let facts = self
-            .facts(&caller, Some(account_id), Some(pipeline_id))
-            .await?;
-        let facts = DealFacts {
-            contact_usable: match contact_id {
-                Some(contact_id) => self.contact_usable(&caller, contact_id).await?,
-                None => true,
-            },
-            ..facts
-        };
-        let command = OpportunityCommand::Open(details, facts);
+        let (this, caller, details) = (self, &caller, &details);
         let reply = self
             .handler
-            .execute::<Opportunity>(&caller, id, &options, command)
+            .execute_on::<Opportunity, _>(caller, id, &options, || async move {
+                let (facts, mut pins) = this
+                    .facts(caller, Some(account_id), Some(pipeline_id))
+                    .await?;
+                let contact_usable = match contact_id {
+                    Some(contact_id) => {
+                        let (usable, pin) = this.contact_usable(caller, contact_id).await?;
+                        pins.extend(pin);
+                        usable
+                    }
+                    None => true,
+                };
+                let facts = DealFacts {
+                    contact_usable,
+                    ..facts
+                };
+                Ok((OpportunityCommand::Open(details.clone(), facts), pins))
+            })
             .await?;
         Ok(Response::new(reply))
     }
@@ -253,11 +269,14 @@ impl Opportunities for OpportunitiesService {
         let options = Options::parse("ChangeOpportunityStage", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
         let to = stage_key("stage", request.stage)?;
-        let facts = self.deal_facts(&caller, id).await?;
-        let command = OpportunityCommand::ChangeStage { to, facts };
+        let (this, caller, to) = (self, &caller, &to);
         let reply = self
             .handler
-            .execute::<Opportunity>(&caller, id, &options, command)
+            .execute_on::<Opportunity, _>(caller, id, &options, || async move {
+                let (facts, pins) = this.deal_facts(caller, id).await?;
+                let to = to.clone();
+                Ok((OpportunityCommand::ChangeStage { to, facts }, pins))
+            })
             .await?;
         Ok(Response::new(reply))
     }
@@ -279,24 +298,29 @@ impl Opportunities for OpportunitiesService {
             .as_deref()
             .map(|c| optional_id("contact_id", c))
             .transpose()?;
-        let mut command = OpportunityCommand::UpdateDetails {
-            name: request.name,
+        let name = &request.name;
+        let command = |contact_usable| OpportunityCommand::UpdateDetails {
+            name: name.clone(),
             contact_id,
-            contact_usable: true,
+            contact_usable,
         };
         let live = Opportunity {
             exists: true,
             ..Opportunity::default()
         };
-        super::precheck(&live, command.clone())?;
-        if let (Some(Some(contact)), OpportunityCommand::UpdateDetails { contact_usable, .. }) =
-            (contact_id, &mut command)
-        {
-            *contact_usable = self.contact_usable(&caller, contact).await?;
-        }
+        super::precheck(&live, command(true))?;
+        let (this, caller, command) = (self, &caller, &command);
         let reply = self
             .handler
-            .execute::<Opportunity>(&caller, id, &options, command)
+            .execute_on::<Opportunity, _>(caller, id, &options, || async move {
+                Ok(match contact_id {
+                    Some(Some(contact)) => {
+                        let (usable, pin) = this.contact_usable(caller, contact).await?;
+                        (command(usable), pin.into_iter().collect())
+                    }
+                    _ => (command(true), Vec::new()),
+                })
+            })
             .await?;
         Ok(Response::new(reply))
     }
@@ -442,17 +466,18 @@ impl Opportunities for OpportunitiesService {
         let request = request.into_inner();
         let options = Options::parse("WinOpportunity", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
-        // Only the pipeline: the won stage's required fields.
-        let deal = self
-            .handler
-            .state_or_default::<Opportunity>(&caller.tenant, id)
-            .await?;
-        let command = OpportunityCommand::Win {
-            facts: self.facts(&caller, None, deal.pipeline_id).await?,
-        };
+        let (this, caller) = (self, &caller);
         let reply = self
             .handler
-            .execute::<Opportunity>(&caller, id, &options, command)
+            .execute_on::<Opportunity, _>(caller, id, &options, || async move {
+                // Only the pipeline: the won stage's required fields.
+                let deal = this
+                    .handler
+                    .state_or_default::<Opportunity>(&caller.tenant, id)
+                    .await?;
+                let (facts, pins) = this.facts(caller, None, deal.pipeline_id).await?;
+                Ok((OpportunityCommand::Win { facts }, pins))
+            })
             .await?;
         Ok(Response::new(reply))
     }
@@ -486,11 +511,14 @@ impl Opportunities for OpportunitiesService {
         let options = Options::parse("ReopenOpportunity", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
         let stage = stage_key("stage", request.stage)?;
-        let facts = self.deal_facts(&caller, id).await?;
-        let command = OpportunityCommand::Reopen { stage, facts };
+        let (this, caller, stage) = (self, &caller, &stage);
         let reply = self
             .handler
-            .execute::<Opportunity>(&caller, id, &options, command)
+            .execute_on::<Opportunity, _>(caller, id, &options, || async move {
+                let (facts, pins) = this.deal_facts(caller, id).await?;
+                let stage = stage.clone();
+                Ok((OpportunityCommand::Reopen { stage, facts }, pins))
+            })
             .await?;
         Ok(Response::new(reply))
     }

@@ -34,6 +34,9 @@ pub enum ExpectedVersion {
     NoStream,
     /// The stream's last event has exactly this version (1-based).
     Exact(u64),
+    /// The stream is only checked, as with `Exact`, and gets no event (a
+    /// pin, see [`StreamAppend`]). The version is at least 1.
+    Pinned(u64),
 }
 
 impl ExpectedVersion {
@@ -41,7 +44,7 @@ impl ExpectedVersion {
         match self {
             Self::Any => "any".to_owned(),
             Self::NoStream | Self::Exact(0) => "no stream".to_owned(),
-            Self::Exact(n) => n.to_string(),
+            Self::Exact(n) | Self::Pinned(n) => n.to_string(),
         }
     }
 }
@@ -70,11 +73,11 @@ impl NewEvent {
 
 /// Events for one stream, checked against the stream's expected version.
 ///
-/// With no events the stream is only checked (a pin): an append that read
-/// another record to decide (e.g. a conversion onto an existing account)
-/// names it at the version it read, so the append fails with a version
-/// conflict if that record moved meanwhile. A pin must expect an exact
-/// version of an existing stream, and an append needs at least one event.
+/// A stream expected [`ExpectedVersion::Pinned`] has no events and is only
+/// checked (a pin): an append decided on another record (e.g. a conversion
+/// onto an existing account) names it at the version it read, so the append
+/// fails with a version conflict if that record moved meanwhile. Every other
+/// stream has events, and claims, releases and subject keys name those.
 #[derive(Clone, Debug)]
 pub struct StreamAppend {
     pub stream_type: String,
@@ -249,18 +252,27 @@ impl PreparedAppend {
                     "appears twice in one append",
                 ));
             }
-            if stream.events.is_empty()
-                && !matches!(stream.expected, ExpectedVersion::Exact(n) if n > 0)
-            {
-                return Err(invalid(
-                    format!("streams[{i}].events"),
-                    "must not be empty unless the stream is pinned at an exact version",
-                ));
-            }
-            if let ExpectedVersion::Exact(n) = stream.expected
-                && n > i64::MAX as u64
-            {
-                return Err(invalid(format!("streams[{i}].expected"), "out of range"));
+            match stream.expected {
+                ExpectedVersion::Pinned(n) if n == 0 || n > i64::MAX as u64 => {
+                    return Err(invalid(
+                        format!("streams[{i}].expected"),
+                        "a pin's version must be 1 to 2^63-1",
+                    ));
+                }
+                ExpectedVersion::Pinned(_) if !stream.events.is_empty() => {
+                    return Err(invalid(
+                        format!("streams[{i}].events"),
+                        "must be empty for a pinned stream",
+                    ));
+                }
+                ExpectedVersion::Pinned(_) => {}
+                ExpectedVersion::Exact(n) if n > i64::MAX as u64 => {
+                    return Err(invalid(format!("streams[{i}].expected"), "out of range"));
+                }
+                _ if stream.events.is_empty() => {
+                    return Err(invalid(format!("streams[{i}].events"), "must not be empty"));
+                }
+                _ => {}
             }
             feed(stream.stream_type.as_bytes());
             feed(stream.stream_id.as_bytes());
@@ -311,6 +323,13 @@ impl PreparedAppend {
         if n_events == 0 {
             return Err(invalid("streams", "must hold at least one event"));
         }
+        // Streams that get events: the only ones values and keys may name.
+        let written: std::collections::HashSet<Uuid> = request
+            .streams
+            .iter()
+            .filter(|s| !s.events.is_empty())
+            .map(|s| s.stream_id)
+            .collect();
         let mut keyed = std::collections::HashSet::new();
         for (i, subject) in request.subject_keys.iter().enumerate() {
             if subject.key.len() != 32 {
@@ -319,14 +338,10 @@ impl PreparedAppend {
                     "must be 32 bytes",
                 ));
             }
-            if !request
-                .streams
-                .iter()
-                .any(|s| s.stream_id == subject.subject_id)
-            {
+            if !written.contains(&subject.subject_id) {
                 return Err(invalid(
                     format!("subject_keys[{i}].subject_id"),
-                    "must be one of the append's streams",
+                    "must be one of the append's written streams",
                 ));
             }
             if !keyed.insert(subject.subject_id) {
@@ -358,10 +373,10 @@ impl PreparedAppend {
                     "must be 1 to 64 bytes",
                 ));
             }
-            if !seen.contains(&reservation.stream_id) {
+            if !written.contains(&reservation.stream_id) {
                 return Err(invalid(
                     format!("reservations[{i}].stream_id"),
-                    "must be one of the append's streams",
+                    "must be one of the append's written streams",
                 ));
             }
             if !reserved.insert((&reservation.kind, &reservation.key_hash)) {
@@ -377,10 +392,10 @@ impl PreparedAppend {
                 ReservationAction::Claim => feed(b"claim"),
                 ReservationAction::Release => feed(b"release"),
                 ReservationAction::Transfer { from } => {
-                    if !seen.contains(&from) || from == reservation.stream_id {
+                    if !written.contains(&from) || from == reservation.stream_id {
                         return Err(invalid(
                             format!("reservations[{i}].from"),
-                            "must be another of the append's streams",
+                            "must be another of the append's written streams",
                         ));
                     }
                     feed(b"transfer");
@@ -458,10 +473,21 @@ mod tests {
         let mut r = request(serde_json::json!({}));
         r.streams[0].events.clear();
         assert_eq!(field_of(r), "streams[0].events");
-        // A pin alone appends nothing.
+        // A pin alone appends nothing; a pin has no events and a version.
+        let mut r = request(serde_json::json!({}));
+        r.streams[0].events.clear();
+        r.streams[0].expected = ExpectedVersion::Pinned(1);
+        assert_eq!(field_of(r), "streams");
+        let mut r = request(serde_json::json!({}));
+        r.streams[0].expected = ExpectedVersion::Pinned(1);
+        assert_eq!(field_of(r), "streams[0].events");
+        let mut r = request(serde_json::json!({}));
+        r.streams[0].events.clear();
+        r.streams[0].expected = ExpectedVersion::Pinned(0);
+        assert_eq!(field_of(r), "streams[0].expected");
         let mut r = request(serde_json::json!({}));
         r.streams[0].events.clear();
         r.streams[0].expected = ExpectedVersion::Exact(1);
-        assert_eq!(field_of(r), "streams");
+        assert_eq!(field_of(r), "streams[0].events");
     }
 }

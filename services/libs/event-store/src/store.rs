@@ -452,11 +452,16 @@ impl EventStore {
         };
         let streams = serde_json::to_string(&outcome.streams).map_err(|e| unavailable(&e))?;
         let client = self.inner.pool.get().await.map_err(|e| unavailable(&e))?;
+        // Under the log's lock, like every write of a key: the writer reads
+        // keys under it and then writes with a guard that no key it read as
+        // free exists, so a key must not appear in between.
         let statement = client
             .prepare_cached(
-                "INSERT INTO idempotency_keys \
+                "WITH head AS (SELECT position FROM log_head WHERE id = 1 FOR UPDATE) \
+                 INSERT INTO idempotency_keys \
                    (tenant_id, key, request_hash, first_position, last_position, streams) \
-                 VALUES ($1, $2, $3, $4, $4, $5::text::jsonb) \
+                 SELECT $1::text, $2::text, $3::bytea, $4::bigint, $4::bigint, $5::text::jsonb \
+                 FROM head \
                  ON CONFLICT (tenant_id, key) DO NOTHING",
             )
             .await
@@ -474,9 +479,8 @@ impl EventStore {
             )
             .await
             .map_err(|e| unavailable(&e))?;
-        let span = tracing::Span::current();
-        span.record("replayed", inserted == 0);
         if inserted == 1 {
+            tracing::Span::current().record("replayed", false);
             return Ok(outcome);
         }
         drop(client);
@@ -485,7 +489,10 @@ impl EventStore {
             .await
             .map_err(|e| unavailable(&e))?
         {
-            Some((stored, appended)) if stored == fingerprint => Ok(appended),
+            Some((stored, appended)) if stored == fingerprint => {
+                tracing::Span::current().record("replayed", true);
+                Ok(appended)
+            }
             Some(_) => Err(AppendError::IdempotencyKeyReused {
                 key: key.to_owned(),
             }),

@@ -8,8 +8,10 @@
 //! gets its own conflict, replay or success.
 //!
 //! **Fast path: one statement.** When every append states the exact version
-//! of its streams (or "no stream") and no key repeats within the batch, the
-//! writer already knows every stream version it will write. It sends one
+//! of its streams (or "no stream"), pins none (a pin has no row of its own
+//! for a constraint to catch a stale guard with) and no key repeats within
+//! the batch, the writer already knows every stream version it will write.
+//! It sends one
 //! guarded write in autocommit: the statement locks `log_head`, checks that
 //! each existing stream is at the version the batch assumes, writes at
 //! head + offset, and commits. If the guard fails, nothing is written and the
@@ -971,15 +973,13 @@ fn optimistic_plan<'a>(appends: &[&'a PreparedAppend]) -> Option<WritePlan<'a>> 
             }
         }
         for stream in &request.streams {
-            // A pin is checked by the guard alone, which reads a snapshot
-            // from before the lock when the statement waited for it: a write
-            // to the stream meanwhile would pass unseen, with no unique
-            // constraint to catch it. Pins are decided under the lock.
-            if stream.events.is_empty() {
-                return None;
-            }
             let expected = match stream.expected {
-                ExpectedVersion::Any => return None,
+                // A pin is checked by the guard alone, which reads a
+                // snapshot from before the lock when the statement waited
+                // for it: a write to the stream meanwhile would pass unseen,
+                // with no unique constraint to catch it. Pins are decided
+                // under the lock.
+                ExpectedVersion::Any | ExpectedVersion::Pinned(_) => return None,
                 ExpectedVersion::NoStream => 0,
                 ExpectedVersion::Exact(n) => n,
             };
@@ -1711,7 +1711,7 @@ fn check_versions(
         let ok = match stream.expected {
             ExpectedVersion::Any => true,
             ExpectedVersion::NoStream => state.current == 0,
-            ExpectedVersion::Exact(n) => state.current == n,
+            ExpectedVersion::Exact(n) | ExpectedVersion::Pinned(n) => state.current == n,
         };
         if !ok {
             return Err(AppendError::VersionConflict {

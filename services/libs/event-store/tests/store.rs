@@ -18,6 +18,20 @@ async fn store(db: &TestDb) -> EventStore {
         .expect("connect store")
 }
 
+/// A store (another process, say) whose every batch holds the log's lock
+/// for 400 ms before it commits.
+async fn pausing_store(db: &TestDb) -> EventStore {
+    EventStore::connect(
+        db.config(),
+        StoreOptions {
+            pause_before_commit: Some(Duration::from_millis(400)),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .expect("connect store")
+}
+
 fn tenant(name: &str) -> TenantId {
     TenantId::parse(name).unwrap()
 }
@@ -1545,7 +1559,7 @@ async fn a_pinned_stream_is_checked_and_not_written() {
                 one(
                     stream_type,
                     account,
-                    ExpectedVersion::Exact(version),
+                    ExpectedVersion::Pinned(version),
                     Vec::new(),
                 ),
                 one(
@@ -1601,7 +1615,7 @@ async fn a_pinned_stream_is_checked_and_not_written() {
             one(
                 "account",
                 Uuid::now_v7(),
-                ExpectedVersion::Exact(1),
+                ExpectedVersion::Pinned(1),
                 Vec::new(),
             ),
             one(
@@ -1617,11 +1631,14 @@ async fn a_pinned_stream_is_checked_and_not_written() {
         store.append(missing).await,
         Err(AppendError::VersionConflict { current: 0, .. })
     ));
-    // A pin needs an exact version, and an append needs an event.
+    // Only a pin has no events; a pin has a version; an append needs an
+    // event.
     for (expected, events) in [
         (ExpectedVersion::NoStream, true),
         (ExpectedVersion::Any, true),
-        (ExpectedVersion::Exact(2), false),
+        (ExpectedVersion::Exact(2), true),
+        (ExpectedVersion::Pinned(0), true),
+        (ExpectedVersion::Pinned(2), false),
     ] {
         let mut streams = vec![one("account", account, expected, Vec::new())];
         if events {
@@ -1641,5 +1658,97 @@ async fn a_pinned_stream_is_checked_and_not_written() {
         );
     }
     assert_eq!(count_events(&db).await, 3);
+    store.shutdown().await;
+}
+
+/// A pin is decided under the log's lock. Another writer (another process)
+/// holds the lock while it writes the pinned stream; an append pinning the
+/// version before that write waits, then conflicts. On the one-statement
+/// fast path its guard would read the snapshot from before the wait and pass.
+#[tokio::test]
+async fn a_pin_sees_a_write_committed_while_it_waited_for_the_lock() {
+    let db = TestDb::create().await;
+    let slow = pausing_store(&db).await;
+    let store = store(&db).await;
+    let account = Uuid::now_v7();
+    let write = |expected, n| {
+        request(
+            "t",
+            vec![one("account", account, expected, vec![created(n)])],
+            None,
+        )
+    };
+    store
+        .append(write(ExpectedVersion::NoStream, 1))
+        .await
+        .unwrap();
+    let moving = tokio::spawn({
+        let slow = slow.clone();
+        let request = write(ExpectedVersion::Exact(1), 2);
+        async move { slow.append(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let pinned = request(
+        "t",
+        vec![
+            one("account", account, ExpectedVersion::Pinned(1), Vec::new()),
+            one(
+                "contact",
+                Uuid::now_v7(),
+                ExpectedVersion::NoStream,
+                vec![created(3)],
+            ),
+        ],
+        None,
+    );
+    let outcome = store.append(pinned).await;
+    moving.await.unwrap().unwrap();
+    match outcome {
+        Err(AppendError::VersionConflict {
+            stream_id, current, ..
+        }) => assert_eq!((stream_id, current), (account, 2)),
+        other => panic!("expected a conflict on the pin, got {other:?}"),
+    }
+    assert_eq!(count_events(&db).await, 2);
+    slow.shutdown().await;
+    store.shutdown().await;
+}
+
+/// A no-op recorded while an append under the same key is in flight waits
+/// for it and answers its outcome.
+#[tokio::test]
+async fn an_unchanged_outcome_recorded_during_an_append_under_its_key_answers_the_append() {
+    let db = TestDb::create().await;
+    let slow = pausing_store(&db).await;
+    let store = store(&db).await;
+    let id = Uuid::now_v7();
+    let fingerprint = [9u8; 32];
+    let mut keyed = request(
+        "t",
+        vec![one(
+            "contact",
+            id,
+            ExpectedVersion::NoStream,
+            vec![created(1)],
+        )],
+        Some("k"),
+    );
+    keyed.request_fingerprint = Some(fingerprint);
+    let appending = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.append(keyed).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let recorded = store
+        .record_unchanged(&tenant("t"), "k", fingerprint, id, 0, 0)
+        .await
+        .unwrap();
+    let appended = appending.await.unwrap().unwrap();
+    assert!(recorded.replayed && !appended.replayed);
+    assert_eq!(
+        (recorded.last_position, recorded.streams),
+        (appended.last_position, appended.streams)
+    );
+    slow.shutdown().await;
     store.shutdown().await;
 }
