@@ -362,8 +362,8 @@ async fn parents_must_exist_and_the_hierarchy_never_loops() {
 }
 
 /// Long streams load from a snapshot plus the newer events; a snapshot of an
-/// older state format is ignored. (Contacts and leads, whose states hold
-/// personal data, are never snapshotted; accounts are.)
+/// older state format is ignored. (Contacts' and leads' snapshots are sealed:
+/// see `a_subjects_snapshot_is_sealed_and_erasure_makes_it_unreadable`.)
 #[tokio::test]
 async fn long_streams_load_from_snapshots_and_ignore_outdated_ones() {
     let app = TestApp::spawn().await;

@@ -34,6 +34,16 @@ fn ada(email: &str) -> CreateContactRequest {
     }
 }
 
+/// Creates [`ada`] with `ada@example.com`; her id.
+async fn create_ada(app: &TestApp) -> String {
+    app.contacts()
+        .create_contact(app.request(ada("ada@example.com")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id
+}
+
 fn with_key(mut request: CreateContactRequest, key: &str) -> CreateContactRequest {
     request.options = Some(CommandOptions {
         idempotency_key: key.into(),
@@ -680,13 +690,7 @@ async fn updates_check_versions_skip_no_ops_and_respect_tenants() {
 #[tokio::test]
 async fn consent_archive_and_restore() {
     let app = TestApp::spawn().await;
-    let id = app
-        .contacts()
-        .create_contact(app.request(ada("ada@example.com")))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let id = create_ada(&app).await;
     let consent = ChangeContactConsentRequest {
         options: None,
         contact_id: id.clone(),
@@ -1019,13 +1023,7 @@ async fn contacts_link_to_active_accounts_and_answer_nps() {
 async fn erasing_personal_data_shreds_it_everywhere_and_frees_the_email() {
     use crm_proto::v1::ErasePersonalDataRequest;
     let app = TestApp::spawn().await;
-    let id = app
-        .contacts()
-        .create_contact(app.request(ada("ada@example.com")))
-        .await
-        .unwrap()
-        .into_inner()
-        .stream_id;
+    let id = create_ada(&app).await;
     app.contacts()
         .update_contact_details(app.request(update_title(&id, "Countess", None)))
         .await
@@ -1142,5 +1140,83 @@ async fn erasing_personal_data_shreds_it_everywhere_and_frees_the_email() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    app.stop().await;
+}
+
+/// A contact's long stream is snapshotted sealed under the contact's key:
+/// the stored row holds none of its personal data, loads open and use it,
+/// a sealed text that does not open is ignored, and erasure deletes it.
+#[tokio::test]
+async fn a_subjects_snapshot_is_sealed_and_erasure_makes_it_unreadable() {
+    use crm_proto::v1::ErasePersonalDataRequest;
+    let app = TestApp::spawn().await;
+    let id = create_ada(&app).await;
+    let title = |title: &str| app.request(update_title(&id, title, None));
+    // Version n + 2 has title "Title n".
+    for n in 0..120 {
+        app.contacts()
+            .update_contact_details(title(&format!("Title {n}")))
+            .await
+            .unwrap();
+    }
+    let client = app.db.client().await;
+    let state: String =
+        crm_test_support::eventually(std::time::Duration::from_secs(10), "a snapshot", || async {
+            client
+                .query_opt(
+                    "SELECT state::text FROM snapshots WHERE stream_id = $1::text::uuid",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get::<_, String>(0))
+        })
+        .await;
+    assert!(state.starts_with("{\"sealed\": \"enc:v1:"), "{state}");
+    for secret in ["Ada", "Lovelace", "ada@example.com", "Title"] {
+        assert!(!state.contains(secret), "{secret} in {state}");
+    }
+    let unchanged = |title: &str| {
+        let request = self::update_title(&id, title, None);
+        let mut contacts = app.contacts();
+        let request = app.request(request);
+        async move {
+            contacts
+                .update_contact_details(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .unchanged
+        }
+    };
+    // Loads use it: claimed to cover every event, its state (version 100,
+    // "Title 98") is what a command sees.
+    client
+        .execute("UPDATE snapshots SET version = 121", &[])
+        .await
+        .unwrap();
+    assert!(unchanged("Title 98").await, "the sealed snapshot was read");
+    // A sealed text that does not open is ignored: the events decide.
+    client
+        .execute(
+            "UPDATE snapshots SET state = jsonb_build_object('sealed', \
+               'enc:v1:' || md5(random()::text))",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(unchanged("Title 119").await, "folded from the events");
+
+    let mut erase = app.request(ErasePersonalDataRequest {
+        contact_id: id.clone(),
+        request: "DSR-2026-0043".into(),
+        ..Default::default()
+    });
+    erase
+        .metadata_mut()
+        .insert("x-roles", "admin".parse().unwrap());
+    app.contacts().erase_personal_data(erase).await.unwrap();
+    let left: Vec<i64> = first_column(&client, "SELECT version FROM snapshots").await;
+    assert!(left.is_empty(), "erasure deletes the snapshot: {left:?}");
     app.stop().await;
 }

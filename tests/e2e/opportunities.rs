@@ -1023,9 +1023,26 @@ async fn a_command_decided_on_a_record_that_moved_before_its_append_decides_agai
     });
     let mut records = app.records();
     let archive = tokio::spawn(async move { records.archive_record(archive).await });
-    // The archive waits for the log; the two commands read the account as
-    // it is until the archive commits.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The archive waits for the log; the commands read the account as it is
+    // until the archive commits.
+    let client = app.db.client().await;
+    crm_test_support::eventually(
+        std::time::Duration::from_secs(10),
+        "the archive waiting",
+        || async {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
     let (mut deals, open) = (
         app.opportunities(),
         app.request(deal(&account_id, &pipeline_id)),
@@ -1043,6 +1060,9 @@ async fn a_command_decided_on_a_record_that_moved_before_its_append_decides_agai
     });
     let mut contacts = app.contacts();
     let link = tokio::spawn(async move { contacts.link_contact_to_account(link).await });
+    // Time for the three to read the account and queue their appends (were
+    // they slower, they would read it archived and the test would still
+    // pass, without testing the pins).
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     hold.rollback().await.unwrap();
 

@@ -557,19 +557,37 @@ impl CommandHandler {
         stream_id: Uuid,
     ) -> Result<(A, u64, u64), ServiceError> {
         let unavailable = |e: crm_event_store::ReadError| ServiceError::Unavailable(e.to_string());
-        let snapshot = self
+        let stored = self
             .store
             .load_snapshot(tenant, stream_id)
             .await
             .map_err(unavailable)?
-            .filter(|s| s.stream_type == A::STREAM_TYPE && s.schema_version == A::SNAPSHOT_VERSION)
-            .and_then(|s| match s.state.parse::<Snapshotted<A>>() {
-                Ok(snapshotted) => Some((snapshotted.state, s.version, snapshotted.position)),
-                Err(error) => {
-                    tracing::warn!(%error, %stream_id, "unreadable snapshot ignored; folding all events");
-                    None
+            .filter(|s| s.stream_type == A::STREAM_TYPE && s.schema_version == A::SNAPSHOT_VERSION);
+        let mut snapshot = None;
+        if let Some(stored) = stored {
+            let json = match serde_json::from_str::<SealedSnapshot>(stored.state.as_str()) {
+                // A subject's, sealed: no key (erased) or one it does not
+                // open under leaves it unread.
+                Ok(SealedSnapshot { sealed }) => {
+                    match self.subject_key(tenant, stream_id, false).await? {
+                        Some(key) => personal::open_text(&sealed, &key),
+                        None => None,
+                    }
                 }
-            });
+                Err(_) => Some(stored.state.as_str().to_owned()),
+            };
+            match json.map(|json| serde_json::from_str::<Snapshotted<A>>(&json)) {
+                Some(Ok(snapshotted)) => {
+                    snapshot = Some((snapshotted.state, stored.version, snapshotted.position));
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, %stream_id, "unreadable snapshot ignored; folding all events");
+                }
+                None => {
+                    tracing::warn!(%stream_id, "sealed snapshot does not open; folding all events");
+                }
+            }
+        }
         let from = snapshot.unwrap_or_default();
         let events = self
             .store
@@ -708,7 +726,8 @@ impl CommandHandler {
         match self.load::<A>(tenant, stream_id).await {
             Ok((state, version, _)) => Ok((
                 state,
-                Some(Pinned {
+                // A missing stream folds to the empty state at version 0.
+                (version > 0).then_some(Pinned {
                     stream_type: A::STREAM_TYPE,
                     stream_id,
                     version,
@@ -911,21 +930,41 @@ impl CommandHandler {
         version: u64,
         position: u64,
     ) {
-        if state.holds_personal_data() {
-            // A subject's state holds its personal data in the clear: its
-            // (short) stream is folded from the encrypted events instead.
-            return;
-        }
-        let state = match serde_json::to_string(&Snapshotted { position, state }) {
-            Ok(json) => crm_event_store::JsonText(json),
+        let personal = state.holds_personal_data();
+        let json = match serde_json::to_string(&Snapshotted { position, state }) {
+            Ok(json) => json,
             Err(error) => {
                 tracing::warn!(%error, %stream_id, "state does not serialize; no snapshot");
                 return;
             }
         };
-        let store = self.store.clone();
+        let handler = self.clone();
         let tenant = caller.tenant.clone();
         tokio::spawn(async move {
+            // A subject's state holds its personal data in the clear: it is
+            // stored sealed under the subject's key, so erasing the key makes
+            // the snapshot unreadable with the events.
+            let state = if personal {
+                match handler.subject_key(&tenant, stream_id, false).await {
+                    Ok(Some(key)) => match personal::seal_text(&json, &key) {
+                        Ok(sealed) => serde_json::json!({ SEALED_SNAPSHOT: sealed }).to_string(),
+                        Err(error) => {
+                            tracing::warn!(%error, %stream_id, "snapshot not sealed; not saved");
+                            return;
+                        }
+                    },
+                    // Erased meanwhile, or the key is unreadable now.
+                    Ok(None) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, %stream_id, "no subject key; snapshot not saved");
+                        return;
+                    }
+                }
+            } else {
+                json
+            };
+            let state = crm_event_store::JsonText(state);
+            let store = &handler.store;
             let snapshot = crm_event_store::Snapshot {
                 stream_type: A::STREAM_TYPE.to_owned(),
                 stream_id,
@@ -1378,6 +1417,16 @@ pub struct Merged {
     /// The survivor's merge event as JSON: what changed.
     pub changes_json: String,
     pub dry_run: bool,
+}
+
+/// The one field of a data subject's snapshot: its [`Snapshotted`] JSON
+/// sealed under the subject's key.
+const SEALED_SNAPSHOT: &str = "sealed";
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealedSnapshot {
+    sealed: String,
 }
 
 /// A snapshot's content: the state and the position of its last event.

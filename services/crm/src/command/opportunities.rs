@@ -43,7 +43,10 @@ impl OpportunitiesService {
 
     /// The facts a deal's command is decided on, from its account and
     /// pipeline (the empty state for one that does not exist or is another
-    /// kind of record), with a pin on each record read.
+    /// kind of record), with a pin on the account: only opening a deal reads
+    /// whether it is active. A pipeline needs none: a deal decides on its own
+    /// published version of the pipeline, and published versions never
+    /// change.
     async fn facts(
         &self,
         caller: &Caller,
@@ -61,12 +64,9 @@ impl OpportunitiesService {
         };
         let pipeline = match pipeline_id {
             Some(id) => {
-                let (pipeline, pin) = self
-                    .handler
-                    .fact::<PipelineConfig>(&caller.tenant, id)
-                    .await?;
-                pins.extend(pin);
-                pipeline
+                self.handler
+                    .state_or_default::<PipelineConfig>(&caller.tenant, id)
+                    .await?
             }
             None => PipelineConfig::default(),
         };
@@ -96,17 +96,14 @@ impl OpportunitiesService {
         Ok((contact.usable(), pin))
     }
 
-    /// Facts for a command on an existing deal: its account and pipeline.
-    async fn deal_facts(
-        &self,
-        caller: &Caller,
-        id: Uuid,
-    ) -> Result<(DealFacts, Vec<Pinned>), ServiceError> {
+    /// Facts for a command on an existing deal: its pipeline (the deal's
+    /// account is not asked about once the deal is open).
+    async fn deal_facts(&self, caller: &Caller, id: Uuid) -> Result<DealFacts, ServiceError> {
         let deal = self
             .handler
             .state_or_default::<Opportunity>(&caller.tenant, id)
             .await?;
-        self.facts(caller, deal.account_id, deal.pipeline_id).await
+        Ok(self.facts(caller, None, deal.pipeline_id).await?.0)
     }
 }
 
@@ -269,14 +266,11 @@ impl Opportunities for OpportunitiesService {
         let options = Options::parse("ChangeOpportunityStage", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
         let to = stage_key("stage", request.stage)?;
-        let (this, caller, to) = (self, &caller, &to);
+        let facts = self.deal_facts(&caller, id).await?;
+        let command = OpportunityCommand::ChangeStage { to, facts };
         let reply = self
             .handler
-            .execute_on::<Opportunity, _>(caller, id, &options, || async move {
-                let (facts, pins) = this.deal_facts(caller, id).await?;
-                let to = to.clone();
-                Ok((OpportunityCommand::ChangeStage { to, facts }, pins))
-            })
+            .execute::<Opportunity>(&caller, id, &options, command)
             .await?;
         Ok(Response::new(reply))
     }
@@ -466,18 +460,13 @@ impl Opportunities for OpportunitiesService {
         let request = request.into_inner();
         let options = Options::parse("WinOpportunity", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
-        let (this, caller) = (self, &caller);
+        // Only the pipeline: the won stage's required fields.
+        let command = OpportunityCommand::Win {
+            facts: self.deal_facts(&caller, id).await?,
+        };
         let reply = self
             .handler
-            .execute_on::<Opportunity, _>(caller, id, &options, || async move {
-                // Only the pipeline: the won stage's required fields.
-                let deal = this
-                    .handler
-                    .state_or_default::<Opportunity>(&caller.tenant, id)
-                    .await?;
-                let (facts, pins) = this.facts(caller, None, deal.pipeline_id).await?;
-                Ok((OpportunityCommand::Win { facts }, pins))
-            })
+            .execute::<Opportunity>(&caller, id, &options, command)
             .await?;
         Ok(Response::new(reply))
     }
@@ -511,14 +500,11 @@ impl Opportunities for OpportunitiesService {
         let options = Options::parse("ReopenOpportunity", request.options.as_ref(), &request)?;
         let id = parse_id("opportunity_id", &request.opportunity_id, false)?;
         let stage = stage_key("stage", request.stage)?;
-        let (this, caller, stage) = (self, &caller, &stage);
+        let facts = self.deal_facts(&caller, id).await?;
+        let command = OpportunityCommand::Reopen { stage, facts };
         let reply = self
             .handler
-            .execute_on::<Opportunity, _>(caller, id, &options, || async move {
-                let (facts, pins) = this.deal_facts(caller, id).await?;
-                let stage = stage.clone();
-                Ok((OpportunityCommand::Reopen { stage, facts }, pins))
-            })
+            .execute::<Opportunity>(&caller, id, &options, command)
             .await?;
         Ok(Response::new(reply))
     }

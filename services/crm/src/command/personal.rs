@@ -233,6 +233,16 @@ fn seal_strings(value: &mut Value, key: &mut Sealer<'_>) -> Result<(), String> {
     Ok(())
 }
 
+/// `text` encrypted whole under `key` (a subject's snapshot).
+pub fn seal_text(text: &str, key: &SubjectKey) -> Result<String, String> {
+    Sealer::new(key).seal(text)
+}
+
+/// What [`seal_text`] sealed, or `None` when it does not open under `key`.
+pub fn open_text(sealed: &str, key: &SubjectKey) -> Option<String> {
+    key.open(sealed)
+}
+
 /// Whether stored JSON text holds encrypted strings.
 pub fn is_sealed(json: &str) -> bool {
     json.contains(PREFIX)

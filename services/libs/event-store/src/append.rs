@@ -122,7 +122,8 @@ pub struct Reservation {
     /// What kind of value, e.g. `email`, `tax_id`.
     pub kind: String,
     pub key_hash: Vec<u8>,
-    /// The stream that claims or releases it: one of the append's streams.
+    /// The stream that claims or releases it: one of the append's written
+    /// streams (not a pin).
     pub stream_id: Uuid,
     pub action: ReservationAction,
 }
@@ -130,7 +131,7 @@ pub struct Reservation {
 /// A data subject's encryption key, written with an append.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubjectKey {
-    /// One of the append's streams.
+    /// One of the append's written streams (not a pin).
     pub subject_id: Uuid,
     /// 32 random bytes.
     pub key: Vec<u8>,

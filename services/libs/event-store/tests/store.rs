@@ -32,6 +32,29 @@ async fn pausing_store(db: &TestDb) -> EventStore {
     .expect("connect store")
 }
 
+/// Returns once a [`pausing_store`]'s batch holds its transaction (and the
+/// log's lock) open.
+async fn holding_the_log(db: &TestDb) {
+    let client = db.client().await;
+    crm_test_support::eventually(
+        Duration::from_secs(10),
+        "a batch holding the log",
+        || async {
+            let open: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND state = 'idle in transaction'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (open > 0).then_some(())
+        },
+    )
+    .await;
+}
+
 fn tenant(name: &str) -> TenantId {
     TenantId::parse(name).unwrap()
 }
@@ -1687,7 +1710,7 @@ async fn a_pin_sees_a_write_committed_while_it_waited_for_the_lock() {
         let request = write(ExpectedVersion::Exact(1), 2);
         async move { slow.append(request).await }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    holding_the_log(&db).await;
     let pinned = request(
         "t",
         vec![
@@ -1715,7 +1738,7 @@ async fn a_pin_sees_a_write_committed_while_it_waited_for_the_lock() {
 }
 
 /// A no-op recorded while an append under the same key is in flight waits
-/// for it and answers its outcome.
+/// for it and answers its outcome (the concurrent winner's, replayed).
 #[tokio::test]
 async fn an_unchanged_outcome_recorded_during_an_append_under_its_key_answers_the_append() {
     let db = TestDb::create().await;
@@ -1738,7 +1761,7 @@ async fn an_unchanged_outcome_recorded_during_an_append_under_its_key_answers_th
         let slow = slow.clone();
         async move { slow.append(keyed).await }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    holding_the_log(&db).await;
     let recorded = store
         .record_unchanged(&tenant("t"), "k", fingerprint, id, 0, 0)
         .await
