@@ -1025,24 +1025,7 @@ async fn a_command_decided_on_a_record_that_moved_before_its_append_decides_agai
     let archive = tokio::spawn(async move { records.archive_record(archive).await });
     // The archive waits for the log; the commands read the account as it is
     // until the archive commits.
-    let client = app.db.client().await;
-    crm_test_support::eventually(
-        std::time::Duration::from_secs(10),
-        "the archive waiting",
-        || async {
-            let waiting: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    app.db.until_a_backend("wait_event_type = 'Lock'").await;
     let (mut deals, open) = (
         app.opportunities(),
         app.request(deal(&account_id, &pipeline_id)),

@@ -1113,7 +1113,15 @@ async fn write_and_commit(
     let write = write_statement(client, plan, checked, false).await?;
     let written = client.query_one(&write, &params);
     let row = if let Some(pause) = config.pause_before_commit {
-        let row = written.await.map_err(pg)?;
+        let row = match written.await {
+            Ok(row) => row,
+            Err(error) => {
+                // The fast path decides again under the lock on this
+                // connection: end the failed transaction first.
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(pg(error));
+            }
+        };
         tokio::time::sleep(pause).await;
         client
             .execute(&statements.commit, &[])

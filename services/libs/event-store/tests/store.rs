@@ -32,29 +32,6 @@ async fn pausing_store(db: &TestDb) -> EventStore {
     .expect("connect store")
 }
 
-/// Returns once a [`pausing_store`]'s batch holds its transaction (and the
-/// log's lock) open.
-async fn holding_the_log(db: &TestDb) {
-    let client = db.client().await;
-    crm_test_support::eventually(
-        Duration::from_secs(10),
-        "a batch holding the log",
-        || async {
-            let open: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND state = 'idle in transaction'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (open > 0).then_some(())
-        },
-    )
-    .await;
-}
-
 fn tenant(name: &str) -> TenantId {
     TenantId::parse(name).unwrap()
 }
@@ -1710,7 +1687,9 @@ async fn a_pin_sees_a_write_committed_while_it_waited_for_the_lock() {
         let request = write(ExpectedVersion::Exact(1), 2);
         async move { slow.append(request).await }
     });
-    holding_the_log(&db).await;
+    // The slow batch holds its transaction, and the log's lock, open.
+    db.until_a_backend("state = 'idle in transaction' AND query LIKE 'WITH head AS%'")
+        .await;
     let pinned = request(
         "t",
         vec![
@@ -1761,7 +1740,9 @@ async fn an_unchanged_outcome_recorded_during_an_append_under_its_key_answers_th
         let slow = slow.clone();
         async move { slow.append(keyed).await }
     });
-    holding_the_log(&db).await;
+    // The slow batch holds its transaction, and the log's lock, open.
+    db.until_a_backend("state = 'idle in transaction' AND query LIKE 'WITH head AS%'")
+        .await;
     let recorded = store
         .record_unchanged(&tenant("t"), "k", fingerprint, id, 0, 0)
         .await

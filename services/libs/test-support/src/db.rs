@@ -71,6 +71,22 @@ impl TestDb {
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.config).await
     }
+
+    /// Returns once some backend on this database matches `condition`, a
+    /// SQL condition on `pg_stat_activity` (e.g. `wait_event_type = 'Lock'`):
+    /// for tests that must act while a transaction holds or waits.
+    pub async fn until_a_backend(&self, condition: &str) {
+        let client = self.client().await;
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND ({condition})"
+        );
+        crate::eventually(std::time::Duration::from_secs(10), condition, || async {
+            let n: i64 = client.query_one(&sql, &[]).await.ok()?.get(0);
+            (n > 0).then_some(())
+        })
+        .await;
+    }
 }
 
 async fn ensure_template(admin: &Config, client: &tokio_postgres::Client, template: &str) {
