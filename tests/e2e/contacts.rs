@@ -1220,3 +1220,53 @@ async fn a_subjects_snapshot_is_sealed_and_erasure_makes_it_unreadable() {
     assert!(left.is_empty(), "erasure deletes the snapshot: {left:?}");
     app.stop().await;
 }
+
+/// A merge decided on a loser that changes before the merge's append is
+/// decided again on the loser as it now is (its new title is the one the
+/// survivor takes), not refused with the loser's version.
+#[tokio::test]
+async fn a_merge_whose_loser_moved_before_its_append_is_decided_again() {
+    use crm_proto::v1::MergeContactsRequest;
+    let app = TestApp::spawn().await;
+    let survivor = create_ada(&app).await;
+    let loser = app
+        .contacts()
+        .create_contact(app.request(ada("ada.l@work.example")))
+        .await
+        .unwrap()
+        .into_inner()
+        .stream_id;
+    let hold = crate::support::LogHold::take(&app).await;
+    let (mut contacts, retitle) = (
+        app.contacts(),
+        app.request(update_title(&loser, "CTO", None)),
+    );
+    let retitle = tokio::spawn(async move { contacts.update_contact_details(retitle).await });
+    hold.until_an_append_waits(&app).await;
+    let (mut contacts, merge) = (
+        app.contacts(),
+        app.manager(MergeContactsRequest {
+            options: Some(CommandOptions {
+                expected_version: Some(1),
+                ..CommandOptions::default()
+            }),
+            survivor_id: survivor.clone(),
+            loser_ids: vec![loser.clone()],
+            title_from: loser.clone(),
+            ..MergeContactsRequest::default()
+        }),
+    );
+    let merge = tokio::spawn(async move { contacts.merge_contacts(merge).await });
+    hold.release().await;
+    retitle.await.unwrap().unwrap();
+    let merged = merge.await.unwrap().unwrap().into_inner();
+    assert_eq!(merged.survivor.unwrap().stream_version, 2);
+    let same = app
+        .contacts()
+        .update_contact_details(app.request(update_title(&survivor, "CTO", None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(same.unchanged, "the survivor took the loser's new title");
+    app.stop().await;
+}

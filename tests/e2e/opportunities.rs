@@ -1005,11 +1005,7 @@ async fn a_command_decided_on_a_record_that_moved_before_its_append_decides_agai
     let lead = crate::leads::qualified_lead(&app, "li.wei@example.cn", "").await;
     let before = app.stored().await.len();
 
-    let mut db = app.db.client().await;
-    let hold = db.transaction().await.unwrap();
-    hold.execute("SELECT position FROM log_head WHERE id = 1 FOR UPDATE", &[])
-        .await
-        .unwrap();
+    let hold = crate::support::LogHold::take(&app).await;
     let archive = app.request(ArchiveRecordRequest {
         options: None,
         record: Some(RecordRef {
@@ -1025,7 +1021,7 @@ async fn a_command_decided_on_a_record_that_moved_before_its_append_decides_agai
     let archive = tokio::spawn(async move { records.archive_record(archive).await });
     // The archive waits for the log; the commands read the account as it is
     // until the archive commits.
-    app.db.until_a_backend("wait_event_type = 'Lock'").await;
+    hold.until_an_append_waits(&app).await;
     let (mut deals, open) = (
         app.opportunities(),
         app.request(deal(&account_id, &pipeline_id)),
@@ -1043,11 +1039,10 @@ async fn a_command_decided_on_a_record_that_moved_before_its_append_decides_agai
     });
     let mut contacts = app.contacts();
     let link = tokio::spawn(async move { contacts.link_contact_to_account(link).await });
-    // Time for the three to read the account and queue their appends (were
-    // they slower, they would read it archived and the test would still
-    // pass, without testing the pins).
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    hold.rollback().await.unwrap();
+    // (Were the three slower to read the account than the release's pause,
+    // they would read it archived and the test would pass without testing
+    // the pins.)
+    hold.release().await;
 
     archive.await.unwrap().unwrap();
     for status in [
@@ -1063,5 +1058,44 @@ async fn a_command_decided_on_a_record_that_moved_before_its_append_decides_agai
     }
     let stored = app.stored().await;
     assert_eq!(stored.len(), before + 1, "only the archive: {stored:?}");
+    app.stop().await;
+}
+
+/// A pin refuses nothing by itself: a conversion onto an account that
+/// changed in a way that does not matter (its industry) before the
+/// conversion's append reads it again and converts.
+#[tokio::test]
+async fn a_conversion_onto_an_account_that_changed_harmlessly_converts() {
+    use crm_proto::v1::UpdateAccountDetailsRequest;
+    let app = TestApp::spawn().await;
+    let (account_id, _) = setup(&app).await;
+    let lead = crate::leads::qualified_lead(&app, "li.wei@example.cn", "").await;
+    let hold = crate::support::LogHold::take(&app).await;
+    let (mut accounts, update) = (
+        app.accounts(),
+        app.request(UpdateAccountDetailsRequest {
+            account_id: account_id.clone(),
+            industry: Some("Retail".into()),
+            ..Default::default()
+        }),
+    );
+    let update = tokio::spawn(async move { accounts.update_account_details(update).await });
+    hold.until_an_append_waits(&app).await;
+    let (mut leads, convert) = (
+        app.leads(),
+        app.request(crate::leads::convert(&lead, &account_id, "")),
+    );
+    let convert = tokio::spawn(async move { leads.convert_lead(convert).await });
+    hold.release().await;
+    let updated = update.await.unwrap().unwrap().into_inner();
+    let converted = convert.await.unwrap().unwrap().into_inner();
+    assert_eq!(
+        (converted.account_id.as_str(), converted.account_created),
+        (account_id.as_str(), false)
+    );
+    assert!(
+        converted.global_position > updated.global_position,
+        "stored after the update"
+    );
     app.stop().await;
 }

@@ -529,3 +529,31 @@ pub async fn set_archived(app: &TestApp, kind: &str, id: &str, archived: bool) {
             .unwrap();
     }
 }
+
+/// The log's lock held from a connection of the test's own: appends wait
+/// (each command has read what it decides on, and waits at its append)
+/// until [`LogHold::release`].
+pub struct LogHold(tokio_postgres::Client);
+
+impl LogHold {
+    pub async fn take(app: &TestApp) -> Self {
+        let client = app.db.client().await;
+        client
+            .batch_execute("BEGIN; SELECT position FROM log_head WHERE id = 1 FOR UPDATE")
+            .await
+            .unwrap();
+        Self(client)
+    }
+
+    /// Returns once an append waits for the lock.
+    pub async fn until_an_append_waits(&self, app: &TestApp) {
+        app.db.until_a_backend("wait_event_type = 'Lock'").await;
+    }
+
+    /// Gives commands sent after the first waiting append time to read
+    /// what they decide on and queue their appends, then lets the log go.
+    pub async fn release(self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.batch_execute("ROLLBACK").await.unwrap();
+    }
+}
