@@ -514,3 +514,34 @@ async fn person_accounts_keep_their_name_encrypted_and_can_be_erased() {
     assert_eq!(error_info(&status).0, "RECORD_ERASED");
     app.stop().await;
 }
+
+/// Two accounts made each other's parent at once: each read the other
+/// without a parent, but only one lands; the other, decided again once the
+/// first is stored, would close a loop and is refused.
+#[tokio::test]
+async fn two_accounts_made_each_others_parent_at_once_form_no_loop() {
+    let app = TestApp::spawn().await;
+    let a = crate::support::company(&app, "A").await;
+    let b = crate::support::company(&app, "B").await;
+    let reparent = |id: &str, parent: &str| {
+        let request = app.request(UpdateAccountDetailsRequest {
+            account_id: id.into(),
+            parent_id: Some(parent.into()),
+            ..UpdateAccountDetailsRequest::default()
+        });
+        let mut accounts = app.accounts();
+        tokio::spawn(async move { accounts.update_account_details(request).await })
+    };
+    let hold = crate::support::LogHold::take(&app).await;
+    let first = reparent(&a, &b);
+    hold.until_an_append_waits(&app).await;
+    let second = reparent(&b, &a);
+    hold.release().await;
+    first.await.unwrap().unwrap();
+    let status = second.await.unwrap().unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (Code::FailedPrecondition, "INVALID_REFERENCE")
+    );
+    app.stop().await;
+}

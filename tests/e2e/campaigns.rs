@@ -442,3 +442,39 @@ async fn a_converted_lead_joins_campaigns_on_its_contacts_consent() {
     assert_eq!(error_info(&status).0, "CONSENT_MISSING");
     app.stop().await;
 }
+
+/// Consent withdrawn while a member is being added (read granted, then
+/// withdrawn before the member's append) keeps the person out: the pin on
+/// the contact makes the command read the consent again.
+#[tokio::test]
+async fn consent_withdrawn_while_a_member_is_added_keeps_the_person_out() {
+    let app = TestApp::spawn().await;
+    let campaign = planned(&app, "email").await;
+    let ada = crate::support::person(&app, "Ada", "").await;
+    let consent = |granted: bool| ChangeContactConsentRequest {
+        options: None,
+        contact_id: ada.clone(),
+        purpose: "marketing_email".into(),
+        granted,
+        source: "web_form".into(),
+        basis: "consent".into(),
+    };
+    app.contacts()
+        .change_contact_consent(app.request(consent(true)))
+        .await
+        .unwrap();
+    let hold = crate::support::LogHold::take(&app).await;
+    let (mut contacts, withdraw) = (app.contacts(), app.request(consent(false)));
+    let withdraw = tokio::spawn(async move { contacts.change_contact_consent(withdraw).await });
+    hold.until_an_append_waits(&app).await;
+    let (mut campaigns, add) = (app.campaigns(), app.request(member(&campaign, &ada)));
+    let add = tokio::spawn(async move { campaigns.add_campaign_member(add).await });
+    hold.release().await;
+    withdraw.await.unwrap().unwrap();
+    let status = add.await.unwrap().unwrap_err();
+    assert_eq!(
+        (status.code(), error_info(&status).0.as_str()),
+        (Code::FailedPrecondition, "CONSENT_MISSING")
+    );
+    app.stop().await;
+}

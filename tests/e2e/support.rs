@@ -536,7 +536,10 @@ pub async fn set_archived(app: &TestApp, kind: &str, id: &str, archived: bool) {
 pub struct LogHold(tokio_postgres::Client);
 
 impl LogHold {
+    /// Takes the lock once the process managers are done with what came
+    /// before (none of their appends then waits in the test's place).
     pub async fn take(app: &TestApp) -> Self {
+        settled(app).await;
         let client = app.db.client().await;
         client
             .batch_execute("BEGIN; SELECT position FROM log_head WHERE id = 1 FOR UPDATE")
@@ -547,7 +550,9 @@ impl LogHold {
 
     /// Returns once an append waits for the lock.
     pub async fn until_an_append_waits(&self, app: &TestApp) {
-        app.db.until_a_backend("wait_event_type = 'Lock'").await;
+        app.db
+            .until_a_backend("wait_event_type = 'Lock' AND query LIKE '%log_head%'")
+            .await;
     }
 
     /// Gives commands sent after the first waiting append time to read

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::contacts::reason;
 use super::fields::{merge_ids, optional_id};
-use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+use super::{Caller, CommandHandler, Options, Pinned, ServiceError, parse_id};
 
 pub struct AccountsService {
     handler: CommandHandler,
@@ -24,19 +24,21 @@ impl AccountsService {
 
     /// Whether `parent_id` can be a parent, and its ancestors (nearest
     /// first), read up the hierarchy until the top, a repeat, or one past
-    /// the depth limit.
+    /// the depth limit; with a pin on each account read, so two accounts
+    /// made each other's parent at once cannot both land (a cycle).
     async fn parent_facts(
         &self,
         caller: &Caller,
         parent_id: Option<Uuid>,
-    ) -> Result<ParentFacts, ServiceError> {
+    ) -> Result<(ParentFacts, Vec<Pinned>), ServiceError> {
         let Some(parent_id) = parent_id else {
-            return Ok(ParentFacts::default());
+            return Ok((ParentFacts::default(), Vec::new()));
         };
-        let parent = self
+        let (parent, pin) = self
             .handler
-            .state_or_default::<Account>(&caller.tenant, parent_id)
+            .fact::<Account>(&caller.tenant, parent_id)
             .await?;
+        let mut pins: Vec<Pinned> = pin.into_iter().collect();
         let mut facts = ParentFacts {
             usable: parent.usable(),
             ancestors: Vec::new(),
@@ -47,13 +49,11 @@ impl AccountsService {
                 break;
             }
             facts.ancestors.push(id);
-            next = self
-                .handler
-                .state_or_default::<Account>(&caller.tenant, id)
-                .await?
-                .parent_id;
+            let (ancestor, pin) = self.handler.fact::<Account>(&caller.tenant, id).await?;
+            pins.extend(pin);
+            next = ancestor.parent_id;
         }
-        Ok(facts)
+        Ok((facts, pins))
     }
 }
 
@@ -74,7 +74,7 @@ impl Accounts for AccountsService {
         };
         let parent_id = optional_id("parent_id", &request.parent_id)?;
         refuse_erp_fields(request.credit_terms.is_some())?;
-        let mut details = AccountDetails {
+        let details = AccountDetails {
             kind,
             name: request.name,
             domains: request.domains,
@@ -91,14 +91,23 @@ impl Accounts for AccountsService {
                 details: details.clone(),
             },
         )?;
-        details.parent = self.parent_facts(&caller, parent_id).await?;
-        let command = AccountCommand::Create {
-            self_id: id,
-            details,
-        };
+        let (this, caller, details) = (self, &caller, &details);
         let reply = self
             .handler
-            .execute::<Account>(&caller, id, &options, command)
+            .execute_on::<Account, _>(caller, id, &options, || async move {
+                let (parent, pins) = this.parent_facts(caller, parent_id).await?;
+                let details = AccountDetails {
+                    parent,
+                    ..details.clone()
+                };
+                Ok((
+                    AccountCommand::Create {
+                        self_id: id,
+                        details,
+                    },
+                    pins,
+                ))
+            })
             .await?;
         Ok(Response::new(reply))
     }
@@ -164,7 +173,7 @@ impl Accounts for AccountsService {
             .map(|id| optional_id("parent_id", id))
             .transpose()?;
         refuse_erp_fields(request.credit_terms.is_some())?;
-        let mut patch = AccountDetailsPatch {
+        let patch = AccountDetailsPatch {
             name: request.name,
             tax_id: request.tax_id,
             domains: request.domains.map(|d| d.items),
@@ -185,11 +194,17 @@ impl Accounts for AccountsService {
                 patch: patch.clone(),
             },
         )?;
-        patch.parent = self.parent_facts(&caller, parent_id.flatten()).await?;
-        let command = AccountCommand::UpdateDetails { self_id: id, patch };
+        let (this, caller, patch) = (self, &caller, &patch);
         let reply = self
             .handler
-            .execute::<Account>(&caller, id, &options, command)
+            .execute_on::<Account, _>(caller, id, &options, || async move {
+                let (parent, pins) = this.parent_facts(caller, parent_id.flatten()).await?;
+                let patch = AccountDetailsPatch {
+                    parent,
+                    ..patch.clone()
+                };
+                Ok((AccountCommand::UpdateDetails { self_id: id, patch }, pins))
+            })
             .await?;
         Ok(Response::new(reply))
     }

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::fields::{date, money, optional_id};
-use super::{Caller, CommandHandler, Options, ServiceError, parse_id};
+use super::{Caller, CommandHandler, Options, Pinned, ServiceError, parse_id};
 
 pub struct CampaignsService {
     handler: CommandHandler,
@@ -21,6 +21,65 @@ pub struct CampaignsService {
 impl CampaignsService {
     pub fn new(handler: CommandHandler) -> Self {
         Self { handler }
+    }
+
+    /// Whether campaign `id` may reach `member` (its consent for the
+    /// campaign's channel, and not do-not-contact), with a pin on each
+    /// person record read: consent withdrawn before the member's append makes
+    /// the command read it again.
+    async fn consent_of(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        member: Member,
+    ) -> Result<(bool, Vec<Pinned>), ServiceError> {
+        let tenant = &caller.tenant;
+        let campaign = self
+            .handler
+            .state_or_default::<Campaign>(tenant, id)
+            .await?;
+        match member {
+            Member::Contact(contact_id) => {
+                let (contact, pin) = self.handler.fact::<Contact>(tenant, contact_id).await?;
+                // An erased person keeps no consent to act on, a merged one
+                // lives on as the survivor, an archived one is out of use.
+                if !contact.usable() {
+                    return Err(ServiceError::Domain(DomainError::InvalidReference {
+                        field: "contact_id",
+                    }));
+                }
+                Ok((
+                    may_contact(&contact, &campaign.channel),
+                    pin.into_iter().collect(),
+                ))
+            }
+            Member::Lead(lead_id) => {
+                let (lead, pin) = self.handler.fact::<Lead>(tenant, lead_id).await?;
+                if !lead.usable() {
+                    return Err(ServiceError::Domain(DomainError::InvalidReference {
+                        field: "lead_id",
+                    }));
+                }
+                let mut pins: Vec<Pinned> = pin.into_iter().collect();
+                let consented = match &lead.converted_to {
+                    // The person lives on as the contact: its consent and
+                    // do-not-contact decide, not the lead's frozen copy.
+                    Some(converted) => {
+                        let (contact, pin) = self
+                            .handler
+                            .fact::<Contact>(tenant, converted.contact_id)
+                            .await?;
+                        pins.extend(pin);
+                        may_contact(&contact, &campaign.channel)
+                    }
+                    // As for a contact: the consent the lead was captured
+                    // with (or given later) for the campaign's channel.
+                    None => purpose_for(&campaign.channel)
+                        .is_none_or(|purpose| lead.consent.get(purpose).is_some_and(|c| c.granted)),
+                };
+                Ok((consented, pins))
+            }
+        }
     }
 
     async fn run(
@@ -151,65 +210,15 @@ impl Campaigns for CampaignsService {
         if let Some(reply) = self.handler.replayed(&caller, id, &options).await? {
             return Ok(Response::new(reply));
         }
-        let consented = match member {
-            Member::Contact(contact_id) => {
-                let contact = self
-                    .handler
-                    .state_or_default::<Contact>(&caller.tenant, contact_id)
-                    .await?;
-                // An erased person keeps no consent to act on, a merged one
-                // lives on as the survivor, an archived one is out of use.
-                if !contact.usable() {
-                    return Err(ServiceError::Domain(DomainError::InvalidReference {
-                        field: "contact_id",
-                    })
-                    .into());
-                }
-                let campaign = self
-                    .handler
-                    .state_or_default::<Campaign>(&caller.tenant, id)
-                    .await?;
-                may_contact(&contact, &campaign.channel)
-            }
-            Member::Lead(lead_id) => {
-                let lead = self
-                    .handler
-                    .state_or_default::<Lead>(&caller.tenant, lead_id)
-                    .await?;
-                if !lead.usable() {
-                    return Err(ServiceError::Domain(DomainError::InvalidReference {
-                        field: "lead_id",
-                    })
-                    .into());
-                }
-                let campaign = self
-                    .handler
-                    .state_or_default::<Campaign>(&caller.tenant, id)
-                    .await?;
-                match &lead.converted_to {
-                    // The person lives on as the contact: its consent and
-                    // do-not-contact decide, not the lead's frozen copy.
-                    Some(converted) => {
-                        let contact = self
-                            .handler
-                            .state_or_default::<Contact>(&caller.tenant, converted.contact_id)
-                            .await?;
-                        may_contact(&contact, &campaign.channel)
-                    }
-                    // As for a contact: the consent the lead was captured
-                    // with (or given later) for the campaign's channel.
-                    None => purpose_for(&campaign.channel)
-                        .is_none_or(|purpose| lead.consent.get(purpose).is_some_and(|c| c.granted)),
-                }
-            }
-        };
-        self.run(
-            caller,
-            options,
-            id,
-            CampaignCommand::AddMember { member, consented },
-        )
-        .await
+        let (this, caller) = (self, &caller);
+        let reply = self
+            .handler
+            .execute_on::<Campaign, _>(caller, id, &options, || async move {
+                let (consented, pins) = this.consent_of(caller, id, member).await?;
+                Ok((CampaignCommand::AddMember { member, consented }, pins))
+            })
+            .await?;
+        Ok(Response::new(reply))
     }
 
     async fn record_campaign_response(

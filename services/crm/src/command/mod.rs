@@ -565,27 +565,35 @@ impl CommandHandler {
             .filter(|s| s.stream_type == A::STREAM_TYPE && s.schema_version == A::SNAPSHOT_VERSION);
         let mut snapshot = None;
         if let Some(stored) = stored {
-            let json = match serde_json::from_str::<SealedSnapshot>(stored.state.as_str()) {
-                // A subject's, sealed: no key (erased) or one it does not
-                // open under leaves it unread.
+            let (sealed, json) = match serde_json::from_str::<SealedSnapshot>(stored.state.as_str())
+            {
+                // A subject's, sealed: no key (erased: its snapshot goes
+                // with it) or one it does not open under leaves it unread.
                 Ok(SealedSnapshot { sealed }) => {
-                    match self.subject_key(tenant, stream_id, false).await? {
-                        Some(key) => personal::open_text(&sealed, &key),
-                        None => None,
-                    }
+                    let json = match self.subject_key(tenant, stream_id, false).await? {
+                        Some(key) => personal::open_text(&sealed, &key)
+                            .ok_or("sealed snapshot does not open under the subject's key"),
+                        None => Err("erased"),
+                    };
+                    (true, json)
                 }
-                Err(_) => Some(stored.state.as_str().to_owned()),
+                Err(_) => (false, Ok(stored.state.as_str().to_owned())),
             };
             match json.map(|json| serde_json::from_str::<Snapshotted<A>>(&json)) {
-                Some(Ok(snapshotted)) => {
+                // A plain snapshot of a state holding personal data was
+                // taken in the clear before snapshots were sealed, in an
+                // older state format: not trusted.
+                Ok(Ok(snapshotted)) if !sealed && snapshotted.state.holds_personal_data() => {
+                    tracing::warn!(%stream_id, "unsealed snapshot of a data subject ignored");
+                }
+                Ok(Ok(snapshotted)) => {
                     snapshot = Some((snapshotted.state, stored.version, snapshotted.position));
                 }
-                Some(Err(error)) => {
+                Ok(Err(error)) => {
                     tracing::warn!(%error, %stream_id, "unreadable snapshot ignored; folding all events");
                 }
-                None => {
-                    tracing::warn!(%stream_id, "sealed snapshot does not open; folding all events");
-                }
+                Err("erased") => {}
+                Err(why) => tracing::warn!(%stream_id, why, "folding all events"),
             }
         }
         let from = snapshot.unwrap_or_default();
@@ -694,6 +702,12 @@ impl CommandHandler {
     }
 
     /// Decides `command` against the stream's state and appends the result.
+    #[tracing::instrument(
+        name = "command",
+        skip_all,
+        err(Display),
+        fields(tenant_id = %caller.tenant, %stream_id, stream_type = A::STREAM_TYPE, idempotent = options.idempotency_key.is_some())
+    )]
     pub async fn execute<A: Aggregate>(
         &self,
         caller: &Caller,
@@ -745,6 +759,12 @@ impl CommandHandler {
     /// on each record it read. The append checks that no pinned record moved
     /// since; if one did (an account archived while a deal opened on it),
     /// `build` reads the facts again and the command is decided anew.
+    #[tracing::instrument(
+        name = "command",
+        skip_all,
+        err(Display),
+        fields(tenant_id = %caller.tenant, %stream_id, stream_type = A::STREAM_TYPE, idempotent = options.idempotency_key.is_some())
+    )]
     pub async fn execute_on<A: Aggregate, Facts>(
         &self,
         caller: &Caller,
@@ -771,12 +791,9 @@ impl CommandHandler {
         Err(ServiceError::Contention)
     }
 
-    #[tracing::instrument(
-        name = "command",
-        skip_all,
-        err(Display),
-        fields(tenant_id = %caller.tenant, %stream_id, stream_type = A::STREAM_TYPE, idempotent = options.idempotency_key.is_some(), pins = pins.len())
-    )]
+    /// One decision and append; a pin that moved is `FactMoved`, for the
+    /// caller to read its facts again (logged by the callers' spans only
+    /// when it is their answer).
     async fn execute_pinned<A: Aggregate>(
         &self,
         caller: &Caller,
@@ -868,7 +885,9 @@ impl CommandHandler {
                 }
                 // A create whose id names a record of another type: the id
                 // is taken (DOMAIN.md §1.1), not unknown.
-                Err(AppendError::WrongStreamType { .. }) if A::creates(&command) => {
+                Err(AppendError::WrongStreamType {
+                    stream_id: taken, ..
+                }) if A::creates(&command) && taken == stream_id => {
                     return Err(ServiceError::Domain(
                         crm_domain::DomainError::AlreadyExists {
                             key: id_field(A::STREAM_TYPE),
@@ -972,7 +991,12 @@ impl CommandHandler {
                 schema_version: A::SNAPSHOT_VERSION,
                 state,
             };
-            if let Err(error) = store.save_snapshot(&tenant, &snapshot).await {
+            let saved = if personal {
+                store.save_subject_snapshot(&tenant, &snapshot).await
+            } else {
+                store.save_snapshot(&tenant, &snapshot).await
+            };
+            if let Err(error) = saved {
                 tracing::warn!(%error, %stream_id, "snapshot not saved");
             }
         });

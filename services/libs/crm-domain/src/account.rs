@@ -895,6 +895,15 @@ impl crate::aggregate::Mergeable for Account {
         let parties = MergeParties::check(survivor_id, survivor, losers, |account: &Account| {
             account.live()
         })?;
+        // A person's name and a company's are kept differently (a person's
+        // sealed, DOMAIN.md §1.2): a company must not take a person's
+        // fields, nor the other way round.
+        if losers.iter().any(|(_, loser)| loser.kind != survivor.kind) {
+            return Err(DomainError::invalid(
+                "loser_ids",
+                "a person account and a company are not duplicates",
+            ));
+        }
         let pick = |field, from| parties.pick(field, from);
         let name = pick("name_from", choices.name_from)?.name.clone();
         let industry = pick("industry_from", choices.industry_from)?
@@ -1280,6 +1289,35 @@ mod tests {
                 occurred_at: now(),
             })]);
         assert_eq!(back.status, AccountStatus::Customer);
+    }
+
+    #[test]
+    fn a_person_account_and_a_company_do_not_merge() {
+        use crate::aggregate::Mergeable;
+        let company = Account::default().replay([created()].iter());
+        let person = Account {
+            kind: AccountKind::Person,
+            ..company.clone()
+        };
+        for (survivor, loser) in [(&company, &person), (&person, &company)] {
+            let refused = Account::merge(
+                id(),
+                survivor,
+                &[(Uuid::from_u128(8), loser.clone())],
+                &AccountMergeChoices {
+                    name_from: Some(Uuid::from_u128(8)),
+                    ..AccountMergeChoices::default()
+                },
+                crate::Context::at(now()),
+            );
+            assert_eq!(
+                refused,
+                Err(DomainError::invalid(
+                    "loser_ids",
+                    "a person account and a company are not duplicates",
+                ))
+            );
+        }
     }
 
     #[test]

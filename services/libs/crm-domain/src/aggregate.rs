@@ -74,7 +74,8 @@ pub trait Aggregate:
     }
 
     /// Whether the state holds a person's data (a contact, a lead, a person
-    /// account): such state is never stored in the clear (no snapshots).
+    /// account): such state is never stored in the clear (its snapshots are
+    /// sealed under the person's key).
     fn holds_personal_data(&self) -> bool {
         false
     }

@@ -37,7 +37,8 @@ impl Outcome {
 /// What the handler knows about other aggregates when the command is decided.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DealFacts {
-    /// The deal's account exists and is active.
+    /// The deal's account exists and is active. Only opening a deal reads
+    /// it (commands on an open deal leave it false).
     pub account_active: bool,
     /// The pipeline's configuration (all versions).
     pub pipeline: PipelineConfig,

@@ -23,5 +23,19 @@ pub(crate) const SAVE: &str = "INSERT INTO snapshots \
            state = EXCLUDED.state, taken_at = now() \
      WHERE snapshots.version <= EXCLUDED.version";
 
+/// [`SAVE`] for a data subject's (sealed) snapshot: only while the subject's
+/// key exists, whose row it locks, so an erasure (which deletes the key, then
+/// the snapshots) either waits for it and deletes it, or went first and
+/// leaves nothing to save.
+pub(crate) const SAVE_SUBJECT: &str = "WITH k AS ( \
+       SELECT 1 FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2 FOR KEY SHARE) \
+     INSERT INTO snapshots \
+       (tenant_id, stream_id, stream_type, version, schema_version, state) \
+     SELECT $1, $2, $3, $4, $5, $6::text::jsonb FROM k \
+     ON CONFLICT (tenant_id, stream_id) DO UPDATE \
+       SET version = EXCLUDED.version, schema_version = EXCLUDED.schema_version, \
+           state = EXCLUDED.state, taken_at = now() \
+     WHERE snapshots.version <= EXCLUDED.version";
+
 pub(crate) const LOAD: &str = "SELECT stream_type, version, schema_version, state \
      FROM snapshots WHERE tenant_id = $1 AND stream_id = $2";

@@ -654,8 +654,8 @@ impl EventStore {
         .transpose()
     }
 
-    /// Destroys a subject's key (and its stream's snapshot, which holds its
-    /// state in the clear) and remembers the erasure. Idempotent.
+    /// Destroys a subject's key (and its stream's snapshot, sealed under that
+    /// key) and remembers the erasure. Idempotent.
     #[tracing::instrument(name = "erase_subject", skip(self), fields(tenant_id = %tenant_id), err(Display))]
     pub async fn erase_subject(
         &self,
@@ -717,9 +717,31 @@ impl EventStore {
 
     /// Stores `state` as the snapshot of a stream at `version`, unless a newer
     /// snapshot is already stored.
-    #[tracing::instrument(name = "save_snapshot", skip_all, err(Display), fields(tenant_id = %tenant_id, stream_id = %snapshot.stream_id, version = snapshot.version))]
     pub async fn save_snapshot(
         &self,
+        tenant_id: &TenantId,
+        snapshot: &Snapshot,
+    ) -> Result<(), ReadError> {
+        self.save_snapshot_with(snapshot::SAVE, tenant_id, snapshot)
+            .await
+    }
+
+    /// [`Self::save_snapshot`] for a data subject's stream, whose snapshot is
+    /// sealed under its key: stored only while the key exists, so it never
+    /// outlives an erasure (see [`Self::erase_subject`]).
+    pub async fn save_subject_snapshot(
+        &self,
+        tenant_id: &TenantId,
+        snapshot: &Snapshot,
+    ) -> Result<(), ReadError> {
+        self.save_snapshot_with(snapshot::SAVE_SUBJECT, tenant_id, snapshot)
+            .await
+    }
+
+    #[tracing::instrument(name = "save_snapshot", skip_all, err(Display), fields(tenant_id = %tenant_id, stream_id = %snapshot.stream_id, version = snapshot.version))]
+    async fn save_snapshot_with(
+        &self,
+        sql: &str,
         tenant_id: &TenantId,
         snapshot: &Snapshot,
     ) -> Result<(), ReadError> {
@@ -730,7 +752,7 @@ impl EventStore {
                 rule: "out of range",
             })?;
         let client = self.inner.pool.get().await?;
-        let statement = client.prepare_cached(snapshot::SAVE).await?;
+        let statement = client.prepare_cached(sql).await?;
         client
             .execute(
                 &statement,

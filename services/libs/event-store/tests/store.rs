@@ -65,6 +65,23 @@ fn request(tenant_id: &str, streams: Vec<StreamAppend>, key: Option<&str>) -> Ap
     }
 }
 
+/// The creation of contact `id` under idempotency `key`, standing for a
+/// request with `fingerprint`.
+fn keyed_create(id: Uuid, key: &str, fingerprint: [u8; 32]) -> AppendEvents {
+    let mut keyed = request(
+        "t",
+        vec![one(
+            "contact",
+            id,
+            ExpectedVersion::NoStream,
+            vec![created(1)],
+        )],
+        Some(key),
+    );
+    keyed.request_fingerprint = Some(fingerprint);
+    keyed
+}
+
 fn created(n: u64) -> NewEvent {
     NewEvent::new("ContactCreated", json!({ "n": n }))
 }
@@ -1725,17 +1742,7 @@ async fn an_unchanged_outcome_recorded_during_an_append_under_its_key_answers_th
     let store = store(&db).await;
     let id = Uuid::now_v7();
     let fingerprint = [9u8; 32];
-    let mut keyed = request(
-        "t",
-        vec![one(
-            "contact",
-            id,
-            ExpectedVersion::NoStream,
-            vec![created(1)],
-        )],
-        Some("k"),
-    );
-    keyed.request_fingerprint = Some(fingerprint);
+    let keyed = keyed_create(id, "k", fingerprint);
     let appending = tokio::spawn({
         let slow = slow.clone();
         async move { slow.append(keyed).await }
@@ -1754,5 +1761,67 @@ async fn an_unchanged_outcome_recorded_during_an_append_under_its_key_answers_th
         (appended.last_position, appended.streams)
     );
     slow.shutdown().await;
+    store.shutdown().await;
+}
+
+/// The fault-injected fast path (a transaction held open before its commit)
+/// ends a write that a constraint refused before it decides again under the
+/// lock: an append under a key a no-op holds replays it.
+#[tokio::test]
+async fn a_pausing_store_replays_a_key_its_fast_path_collided_with() {
+    let db = TestDb::create().await;
+    let slow = pausing_store(&db).await;
+    let id = Uuid::now_v7();
+    let fingerprint = [5u8; 32];
+    let recorded = slow
+        .record_unchanged(&tenant("t"), "k", fingerprint, id, 0, 0)
+        .await
+        .unwrap();
+    let keyed = keyed_create(id, "k", fingerprint);
+    let replayed = slow.append(keyed).await.unwrap();
+    assert!(replayed.replayed);
+    assert_eq!(replayed.streams, recorded.streams);
+    assert_eq!(count_events(&db).await, 0);
+    slow.shutdown().await;
+}
+
+/// A subject's snapshot is stored only while the subject's key exists: never
+/// without one, and never again once the subject is erased.
+#[tokio::test]
+async fn a_subjects_snapshot_is_saved_only_while_its_key_exists() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let t = tenant("t");
+    let subject = Uuid::now_v7();
+    let snapshot = Snapshot {
+        stream_type: "contact".into(),
+        stream_id: subject,
+        version: 100,
+        schema_version: 1,
+        state: JsonText(r#"{"sealed": "enc:v1:AAAA"}"#.into()),
+    };
+    store.save_subject_snapshot(&t, &snapshot).await.unwrap();
+    assert_eq!(
+        store.load_snapshot(&t, subject).await.unwrap(),
+        None,
+        "no key"
+    );
+    store
+        .subject_key_or_insert(&t, subject, &[7u8; 32])
+        .await
+        .unwrap();
+    store.save_subject_snapshot(&t, &snapshot).await.unwrap();
+    assert_eq!(
+        store.load_snapshot(&t, subject).await.unwrap(),
+        Some(snapshot.clone())
+    );
+    store.erase_subject(&t, subject).await.unwrap();
+    assert_eq!(store.load_snapshot(&t, subject).await.unwrap(), None);
+    store.save_subject_snapshot(&t, &snapshot).await.unwrap();
+    assert_eq!(
+        store.load_snapshot(&t, subject).await.unwrap(),
+        None,
+        "erased"
+    );
     store.shutdown().await;
 }
