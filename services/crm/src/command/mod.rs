@@ -207,9 +207,12 @@ pub struct CommandHandler {
     clock: std::sync::Arc<dyn Fn() -> Timestamp + Send + Sync>,
 }
 
+/// A subject's key when it was read, or `None` once this process erased
+/// the subject (erasure is final: no key is ever made again, so the marker
+/// never goes stale; it keeps a read that raced the erasure out).
 type SubjectKeys = std::collections::HashMap<
     (TenantId, Uuid),
-    (std::time::Instant, std::sync::Arc<personal::SubjectKey>),
+    (std::time::Instant, Option<std::sync::Arc<personal::SubjectKey>>),
 >;
 
 /// The keys [`CommandHandler::seal`] made for new subjects of one tenant.
@@ -280,11 +283,14 @@ impl CommandHandler {
         create: bool,
     ) -> Result<Option<std::sync::Arc<personal::SubjectKey>>, ServiceError> {
         let cache_key = (tenant.clone(), subject);
-        if let Ok(cache) = self.subject_keys.lock()
-            && let Some((read_at, key)) = cache.get(&cache_key)
-            && read_at.elapsed() < SUBJECT_KEY_TTL
-        {
-            return Ok(Some(key.clone()));
+        if let Ok(cache) = self.subject_keys.lock() {
+            match cache.get(&cache_key) {
+                Some((_, None)) => return Ok(None),
+                Some((read_at, Some(key))) if read_at.elapsed() < SUBJECT_KEY_TTL => {
+                    return Ok(Some(key.clone()));
+                }
+                _ => {}
+            }
         }
         let unavailable = |e: crm_event_store::ReadError| ServiceError::Unavailable(e.to_string());
         let bytes = if create {
@@ -310,7 +316,11 @@ impl CommandHandler {
             if cache.len() > 100_000 {
                 cache.clear();
             }
-            cache.insert(cache_key, (std::time::Instant::now(), key.clone()));
+            // Erased while the key was being read: the erasure wins.
+            if matches!(cache.get(&cache_key), Some((_, None))) {
+                return Ok(None);
+            }
+            cache.insert(cache_key, (std::time::Instant::now(), Some(key.clone())));
         }
         Ok(Some(key))
     }
@@ -398,7 +408,7 @@ impl CommandHandler {
             }
             let now = std::time::Instant::now();
             for (subject, key) in new_keys.keys {
-                cache.insert((new_keys.tenant.clone(), subject), (now, key));
+                cache.insert((new_keys.tenant.clone(), subject), (now, Some(key)));
             }
         }
     }
@@ -436,7 +446,10 @@ impl CommandHandler {
             .await
             .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
         if let Ok(mut cache) = self.subject_keys.lock() {
-            cache.remove(&(tenant.clone(), subject));
+            cache.insert(
+                (tenant.clone(), subject),
+                (std::time::Instant::now(), None),
+            );
         }
         Ok(())
     }
