@@ -212,7 +212,10 @@ pub struct CommandHandler {
 /// never goes stale; it keeps a read that raced the erasure out).
 type SubjectKeys = std::collections::HashMap<
     (TenantId, Uuid),
-    (std::time::Instant, Option<std::sync::Arc<personal::SubjectKey>>),
+    (
+        std::time::Instant,
+        Option<std::sync::Arc<personal::SubjectKey>>,
+    ),
 >;
 
 /// The keys [`CommandHandler::seal`] made for new subjects of one tenant.
@@ -446,10 +449,7 @@ impl CommandHandler {
             .await
             .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
         if let Ok(mut cache) = self.subject_keys.lock() {
-            cache.insert(
-                (tenant.clone(), subject),
-                (std::time::Instant::now(), None),
-            );
+            cache.insert((tenant.clone(), subject), (std::time::Instant::now(), None));
         }
         Ok(())
     }

@@ -189,6 +189,9 @@ pub(crate) struct PreparedAppend {
     /// (all zeros for a request without an idempotency key).
     pub fingerprint: [u8; 32],
     pub n_events: usize,
+    /// Whether a stream is pinned: the writer decides such appends under
+    /// the lock, in batches of their own.
+    pub pinned: bool,
 }
 
 fn invalid(field: impl Into<String>, rule: &'static str) -> AppendError {
@@ -409,12 +412,17 @@ impl PreparedAppend {
         let fingerprint = request
             .request_fingerprint
             .unwrap_or_else(|| hasher.finalize().into());
+        let pinned = request
+            .streams
+            .iter()
+            .any(|s| matches!(s.expected, ExpectedVersion::Pinned(_)));
         Ok(Self {
             request,
             payloads,
             metadata,
             fingerprint,
             n_events,
+            pinned,
         })
     }
 }

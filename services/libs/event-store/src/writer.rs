@@ -89,6 +89,7 @@ pub(crate) struct Counters {
     pub events: AtomicU64,
     pub written_ahead: AtomicU64,
     pub fell_back: AtomicU64,
+    pub decided_under_lock: AtomicU64,
 }
 
 /// A snapshot of the writer's totals since the store started.
@@ -104,6 +105,9 @@ pub struct WriterStats {
     pub written_ahead: u64,
     /// Batches that tried to and rolled back (then took the lock first).
     pub fell_back: u64,
+    /// Appends decided the careful way (read under the lock, then written:
+    /// two round trips), rather than in one guarded statement.
+    pub decided_under_lock: u64,
 }
 
 impl Counters {
@@ -114,6 +118,7 @@ impl Counters {
             events: self.events.load(Ordering::Relaxed),
             written_ahead: self.written_ahead.load(Ordering::Relaxed),
             fell_back: self.fell_back.load(Ordering::Relaxed),
+            decided_under_lock: self.decided_under_lock.load(Ordering::Relaxed),
         }
     }
 }
@@ -462,6 +467,12 @@ pub(crate) async fn run(
 /// caller needs to be woken, prepare its append and send it, and on two
 /// worker threads one turn is not enough for most of them (one yield gave
 /// ~27 appends per transaction at 32 callers, two give 32).
+///
+/// Appends that pin a stream are decided under the lock (see
+/// [`optimistic_plan`]), so a batch holds either only them or none of them:
+/// one pinned append does not take a whole batch off the one-statement
+/// path. Those of the other kind met while gathering go first into the next
+/// batch, in their order.
 async fn gather(
     first: Job,
     deferred: &mut VecDeque<Job>,
@@ -469,10 +480,13 @@ async fn gather(
     config: &WriterConfig,
     busy: bool,
 ) -> Vec<Job> {
+    let pinned = first.append.pinned;
     let mut n_events = first.append.n_events;
     let mut batch = vec![first];
+    let mut other = Vec::new();
     let mut yields = if busy { 2 } else { 0 };
-    while batch.len() < config.max_batch_appends && n_events < config.max_batch_events {
+    while batch.len() + other.len() < config.max_batch_appends && n_events < config.max_batch_events
+    {
         let next = match deferred.pop_front() {
             Some(job) => job,
             None => match queue.try_recv() {
@@ -485,8 +499,15 @@ async fn gather(
                 Err(_) => break,
             },
         };
+        if next.append.pinned != pinned {
+            other.push(next);
+            continue;
+        }
         n_events += next.append.n_events;
         batch.push(next);
+    }
+    for job in other.into_iter().rev() {
+        deferred.push_front(job);
     }
     batch
 }
@@ -1490,6 +1511,10 @@ async fn run_careful(
     config: &WriterConfig,
 ) -> Result<(Vec<Decision>, u64), BatchError> {
     let pg = |e| BatchError::from_pg(e, false);
+    config
+        .stats
+        .decided_under_lock
+        .fetch_add(appends.len() as u64, Ordering::Relaxed);
     let statements = statements(client).await?;
     let select_streams = client.prepare_cached(SELECT_STREAMS).await.map_err(pg)?;
     let select_keys = client.prepare_cached(SELECT_KEYS).await.map_err(pg)?;

@@ -1825,3 +1825,75 @@ async fn a_subjects_snapshot_is_saved_only_while_its_key_exists() {
     );
     store.shutdown().await;
 }
+
+/// An append with a pin is decided under the lock, in a batch of its own:
+/// the appends queued with it stay on the one-statement path.
+#[tokio::test]
+async fn a_pinned_append_does_not_take_its_neighbours_off_the_fast_path() {
+    let db = TestDb::create().await;
+    let slow = pausing_store(&db).await;
+    let account = Uuid::now_v7();
+    let create =
+        |id, expected, events| request("t", vec![one("contact", id, expected, events)], None);
+    slow.append(request(
+        "t",
+        vec![one(
+            "account",
+            account,
+            ExpectedVersion::NoStream,
+            vec![created(0)],
+        )],
+        None,
+    ))
+    .await
+    .unwrap();
+    // One batch holds the writer while the others queue behind it.
+    let first = tokio::spawn({
+        let slow = slow.clone();
+        let request = create(Uuid::now_v7(), ExpectedVersion::NoStream, vec![created(1)]);
+        async move { slow.append(request).await }
+    });
+    db.until_a_backend("state = 'idle in transaction' AND query LIKE 'WITH head AS%'")
+        .await;
+    let before = slow.writer_stats();
+    let mut queued = Vec::new();
+    for n in 0..21 {
+        let store = slow.clone();
+        let request = if n == 10 {
+            request_with_pin(account)
+        } else {
+            create(Uuid::now_v7(), ExpectedVersion::NoStream, vec![created(n)])
+        };
+        queued.push(tokio::spawn(async move { store.append(request).await }));
+    }
+    first.await.unwrap().unwrap();
+    for append in queued {
+        append.await.unwrap().unwrap();
+    }
+    let after = slow.writer_stats();
+    assert_eq!(after.appends - before.appends, 21, "the queued ones");
+    assert_eq!(
+        after.decided_under_lock - before.decided_under_lock,
+        1,
+        "only the pinned append: {after:?}"
+    );
+    assert_eq!(count_events(&db).await, 23);
+    slow.shutdown().await;
+}
+
+/// A new contact's creation pinned to `account` at version 1.
+fn request_with_pin(account: Uuid) -> AppendEvents {
+    request(
+        "t",
+        vec![
+            one("account", account, ExpectedVersion::Pinned(1), Vec::new()),
+            one(
+                "contact",
+                Uuid::now_v7(),
+                ExpectedVersion::NoStream,
+                vec![created(99)],
+            ),
+        ],
+        None,
+    )
+}
