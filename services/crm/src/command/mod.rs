@@ -218,6 +218,17 @@ type SubjectKeys = std::collections::HashMap<
     ),
 >;
 
+/// Keeps the key cache bounded: past 100,000 entries the keys go (they are
+/// read again), the erasure markers stay unless they alone fill it.
+fn trim(cache: &mut SubjectKeys) {
+    if cache.len() > 100_000 {
+        cache.retain(|_, (_, key)| key.is_none());
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+    }
+}
+
 /// The keys [`CommandHandler::seal`] made for new subjects of one tenant.
 struct NewKeys {
     tenant: TenantId,
@@ -316,13 +327,11 @@ impl CommandHandler {
         })?;
         let key = std::sync::Arc::new(key);
         if let Ok(mut cache) = self.subject_keys.lock() {
-            if cache.len() > 100_000 {
-                cache.clear();
-            }
             // Erased while the key was being read: the erasure wins.
             if matches!(cache.get(&cache_key), Some((_, None))) {
                 return Ok(None);
             }
+            trim(&mut cache);
             cache.insert(cache_key, (std::time::Instant::now(), Some(key.clone())));
         }
         Ok(Some(key))
@@ -406,12 +415,16 @@ impl CommandHandler {
             return;
         }
         if let Ok(mut cache) = self.subject_keys.lock() {
-            if cache.len() > 100_000 {
-                cache.clear();
-            }
+            trim(&mut cache);
             let now = std::time::Instant::now();
             for (subject, key) in new_keys.keys {
-                cache.insert((new_keys.tenant.clone(), subject), (now, Some(key)));
+                let entry = cache
+                    .entry((new_keys.tenant.clone(), subject))
+                    .or_insert((now, Some(key.clone())));
+                // Erased here meanwhile: the marker stays.
+                if entry.1.is_some() {
+                    *entry = (now, Some(key));
+                }
             }
         }
     }

@@ -471,8 +471,8 @@ pub(crate) async fn run(
 /// Appends that pin a stream are decided under the lock (see
 /// [`optimistic_plan`]), so a batch holds either only them or none of them:
 /// one pinned append does not take a whole batch off the one-statement
-/// path. Those of the other kind met while gathering go first into the next
-/// batch, in their order.
+/// path. The batch ends at the first append of the other kind, which starts
+/// the next one: batches stay in queue order.
 async fn gather(
     first: Job,
     deferred: &mut VecDeque<Job>,
@@ -483,10 +483,8 @@ async fn gather(
     let pinned = first.append.pinned;
     let mut n_events = first.append.n_events;
     let mut batch = vec![first];
-    let mut other = Vec::new();
     let mut yields = if busy { 2 } else { 0 };
-    while batch.len() + other.len() < config.max_batch_appends && n_events < config.max_batch_events
-    {
+    while batch.len() < config.max_batch_appends && n_events < config.max_batch_events {
         let next = match deferred.pop_front() {
             Some(job) => job,
             None => match queue.try_recv() {
@@ -500,14 +498,11 @@ async fn gather(
             },
         };
         if next.append.pinned != pinned {
-            other.push(next);
-            continue;
+            deferred.push_front(next);
+            break;
         }
         n_events += next.append.n_events;
         batch.push(next);
-    }
-    for job in other.into_iter().rev() {
-        deferred.push_front(job);
     }
     batch
 }
@@ -1511,10 +1506,6 @@ async fn run_careful(
     config: &WriterConfig,
 ) -> Result<(Vec<Decision>, u64), BatchError> {
     let pg = |e| BatchError::from_pg(e, false);
-    config
-        .stats
-        .decided_under_lock
-        .fetch_add(appends.len() as u64, Ordering::Relaxed);
     let statements = statements(client).await?;
     let select_streams = client.prepare_cached(SELECT_STREAMS).await.map_err(pg)?;
     let select_keys = client.prepare_cached(SELECT_KEYS).await.map_err(pg)?;
@@ -1665,6 +1656,15 @@ async fn run_careful(
         // not what this writer expects. Report rather than guess.
         return Err(BatchError::Inconsistent);
     }
+    let decided = plan
+        .decisions
+        .iter()
+        .filter(|d| matches!(d, Decision::Done(_)))
+        .count();
+    config
+        .stats
+        .decided_under_lock
+        .fetch_add(decided as u64, Ordering::Relaxed);
     let new_head = head + plan.n_events;
     Ok((plan.into_decisions(head), new_head))
 }
