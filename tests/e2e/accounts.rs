@@ -392,18 +392,7 @@ async fn long_streams_load_from_snapshots_and_ignore_outdated_ones() {
             .unwrap();
     }
     let client = app.db.client().await;
-    let snapshot_version =
-        crm_test_support::eventually(std::time::Duration::from_secs(10), "a snapshot", || async {
-            client
-                .query_opt(
-                    "SELECT version FROM snapshots WHERE stream_id = $1::text::uuid",
-                    &[&id],
-                )
-                .await
-                .unwrap()
-                .map(|row| row.get::<_, i64>(0))
-        })
-        .await;
+    let (snapshot_version, _) = crate::support::snapshot_of(&app, &id).await;
     assert_eq!(snapshot_version, 100);
     // Loading from the snapshot sees the current state: a repeat is a no-op.
     let same = app

@@ -178,10 +178,19 @@ async fn january_revenue(
     app: &TestApp,
     options: Option<QueryOptions>,
 ) -> crm_proto::v1::CurrencyRevenue {
+    revenue_from_january(app, options, "2026-02-01T00:00:00Z").await
+}
+
+/// GetRevenue from January 2026 until `to`, its first currency.
+async fn revenue_from_january(
+    app: &TestApp,
+    options: Option<QueryOptions>,
+    to: &str,
+) -> crm_proto::v1::CurrencyRevenue {
     let revenue = AnalyticsQueriesClient::new(app.channel.clone())
         .get_revenue(app.request(GetRevenueRequest {
             options,
-            period: period("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+            period: period("2026-01-01T00:00:00Z", to),
         }))
         .await
         .unwrap()
@@ -372,15 +381,7 @@ async fn churn_revenue_value_cohorts_and_rfm_follow_the_formulas() {
     );
     // January and February: + 3,000 (A1) + 1,500 (A5) = 12,000 over 5
     // orders from 4 customers: AOV 2,400, 1.25 orders each, 1 of 4 repeat.
-    let revenue = analytics
-        .get_revenue(app.request(GetRevenueRequest {
-            options,
-            period: period("2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z"),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let both = &revenue.currencies[0];
+    let both = &revenue_from_january(&app, options, "2026-03-01T00:00:00Z").await;
     assert_eq!(
         (
             both.net_revenue_minor,

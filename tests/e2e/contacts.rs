@@ -34,6 +34,17 @@ fn ada(email: &str) -> CreateContactRequest {
     }
 }
 
+/// Sends UpdateContactDetails as the test's caller.
+async fn update_details(
+    app: &TestApp,
+    request: UpdateContactDetailsRequest,
+) -> Result<crm_proto::v1::CommandReply, tonic::Status> {
+    app.contacts()
+        .update_contact_details(app.request(request))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// Creates [`ada`] with `ada@example.com`; her id.
 async fn create_ada(app: &TestApp) -> String {
     app.contacts()
@@ -256,12 +267,7 @@ async fn a_request_that_changes_nothing_is_kept_under_its_idempotency_key() {
     let unchanged = (1, created.global_position, true);
 
     // The title is already "Analyst": nothing to change.
-    let first = app
-        .contacts()
-        .update_contact_details(app.request(keyed("Analyst")))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = update_details(&app, keyed("Analyst")).await.unwrap();
     assert_eq!(
         (first.stream_version, first.global_position, first.unchanged),
         unchanged
@@ -269,19 +275,11 @@ async fn a_request_that_changes_nothing_is_kept_under_its_idempotency_key() {
 
     // The title moves on; a late retry of the first request replays its
     // outcome instead of setting the title back.
-    let moved = app
-        .contacts()
-        .update_contact_details(app.request(update_title(&id, "CTO", None)))
+    let moved = update_details(&app, update_title(&id, "CTO", None))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!((moved.stream_version, moved.unchanged), (2, false));
-    let retry = app
-        .contacts()
-        .update_contact_details(app.request(keyed("Analyst")))
-        .await
-        .unwrap()
-        .into_inner();
+    let retry = update_details(&app, keyed("Analyst")).await.unwrap();
     assert_eq!(
         (retry.stream_version, retry.global_position, retry.unchanged),
         unchanged
@@ -289,11 +287,7 @@ async fn a_request_that_changes_nothing_is_kept_under_its_idempotency_key() {
     assert_eq!(app.stored().await.len(), 2, "the retry appended nothing");
 
     // Another request under the key is refused and changes nothing.
-    let status = app
-        .contacts()
-        .update_contact_details(app.request(keyed("CEO")))
-        .await
-        .unwrap_err();
+    let status = update_details(&app, keyed("CEO")).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(error_info(&status).0, "IDEMPOTENCY_KEY_REUSED");
     let stored = app.stored().await;
@@ -1151,27 +1145,14 @@ async fn a_subjects_snapshot_is_sealed_and_erasure_makes_it_unreadable() {
     use crm_proto::v1::ErasePersonalDataRequest;
     let app = TestApp::spawn().await;
     let id = create_ada(&app).await;
-    let title = |title: &str| app.request(update_title(&id, title, None));
     // Version n + 2 has title "Title n".
     for n in 0..120 {
-        app.contacts()
-            .update_contact_details(title(&format!("Title {n}")))
+        update_details(&app, update_title(&id, &format!("Title {n}"), None))
             .await
             .unwrap();
     }
     let client = app.db.client().await;
-    let state: String =
-        crm_test_support::eventually(std::time::Duration::from_secs(10), "a snapshot", || async {
-            client
-                .query_opt(
-                    "SELECT state::text FROM snapshots WHERE stream_id = $1::text::uuid",
-                    &[&id],
-                )
-                .await
-                .unwrap()
-                .map(|row| row.get::<_, String>(0))
-        })
-        .await;
+    let (_, state) = crate::support::snapshot_of(&app, &id).await;
     // One string and nothing else: the state is sealed whole.
     let stored: serde_json::Value = serde_json::from_str(&state).unwrap();
     let fields = stored.as_object().unwrap();
@@ -1181,17 +1162,9 @@ async fn a_subjects_snapshot_is_sealed_and_erasure_makes_it_unreadable() {
         "{state}"
     );
     let unchanged = |title: &str| {
-        let request = self::update_title(&id, title, None);
-        let mut contacts = app.contacts();
-        let request = app.request(request);
-        async move {
-            contacts
-                .update_contact_details(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .unchanged
-        }
+        let request = update_title(&id, title, None);
+        let app = &app;
+        async move { update_details(app, request).await.unwrap().unchanged }
     };
     // Loads use it: claimed to cover every event, its state (version 100,
     // "Title 98") is what a command sees.
@@ -1265,12 +1238,9 @@ async fn a_merge_whose_loser_moved_before_its_append_is_decided_again() {
     retitle.await.unwrap().unwrap();
     let merged = merge.await.unwrap().unwrap().into_inner();
     assert_eq!(merged.survivor.unwrap().stream_version, 2);
-    let same = app
-        .contacts()
-        .update_contact_details(app.request(update_title(&survivor, "CTO", None)))
+    let same = update_details(&app, update_title(&survivor, "CTO", None))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(same.unchanged, "the survivor took the loser's new title");
     app.stop().await;
 }

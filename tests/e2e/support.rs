@@ -530,6 +530,23 @@ pub async fn set_archived(app: &TestApp, kind: &str, id: &str, archived: bool) {
     }
 }
 
+/// The snapshot of stream `id` once one is saved (saves run in the
+/// background): its version and its state as JSON text.
+pub async fn snapshot_of(app: &TestApp, id: &str) -> (i64, String) {
+    let client = app.db.client().await;
+    eventually(Duration::from_secs(10), "a snapshot", || async {
+        client
+            .query_opt(
+                "SELECT version, state::text FROM snapshots WHERE stream_id = $1::text::uuid",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .map(|row| (row.get(0), row.get(1)))
+    })
+    .await
+}
+
 /// The log's lock held from a connection of the test's own: appends wait
 /// (each command has read what it decides on, and waits at its append)
 /// until [`LogHold::release`].

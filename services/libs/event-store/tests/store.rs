@@ -32,6 +32,45 @@ async fn pausing_store(db: &TestDb) -> EventStore {
     .expect("connect store")
 }
 
+/// Starts `request` on a [`pausing_store`] and returns once its batch has
+/// written and holds its transaction, and the log's lock, open.
+async fn holding_the_log(
+    db: &TestDb,
+    slow: &EventStore,
+    request: AppendEvents,
+) -> tokio::task::JoinHandle<Result<crm_event_store::Appended, AppendError>> {
+    let append = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.append(request).await }
+    });
+    db.until_a_backend("state = 'idle in transaction' AND query LIKE 'WITH head AS%'")
+        .await;
+    append
+}
+
+/// A new contact's creation with stream `pinned` (of `stream_type`) pinned
+/// at `version`.
+fn pinned_create(stream_type: &str, pinned: Uuid, version: u64) -> AppendEvents {
+    request(
+        "t",
+        vec![
+            one(
+                stream_type,
+                pinned,
+                ExpectedVersion::Pinned(version),
+                Vec::new(),
+            ),
+            one(
+                "contact",
+                Uuid::now_v7(),
+                ExpectedVersion::NoStream,
+                vec![created(2)],
+            ),
+        ],
+        None,
+    )
+}
+
 fn tenant(name: &str) -> TenantId {
     TenantId::parse(name).unwrap()
 }
@@ -1569,26 +1608,7 @@ async fn a_pinned_stream_is_checked_and_not_written() {
         ))
         .await
         .unwrap();
-    let pinned = |version: u64, stream_type: &str| {
-        request(
-            "t",
-            vec![
-                one(
-                    stream_type,
-                    account,
-                    ExpectedVersion::Pinned(version),
-                    Vec::new(),
-                ),
-                one(
-                    "contact",
-                    Uuid::now_v7(),
-                    ExpectedVersion::NoStream,
-                    vec![created(2)],
-                ),
-            ],
-            None,
-        )
-    };
+    let pinned = |version, stream_type| pinned_create(stream_type, account, version);
     // At the version read: the other stream is written, the pin is not.
     let appended = store.append(pinned(1, "account")).await.unwrap();
     assert_eq!(appended.streams.len(), 1);
@@ -1626,24 +1646,7 @@ async fn a_pinned_stream_is_checked_and_not_written() {
         store.append(pinned(2, "contact")).await,
         Err(AppendError::WrongStreamType { .. })
     ));
-    let missing = request(
-        "t",
-        vec![
-            one(
-                "account",
-                Uuid::now_v7(),
-                ExpectedVersion::Pinned(1),
-                Vec::new(),
-            ),
-            one(
-                "contact",
-                contact,
-                ExpectedVersion::NoStream,
-                vec![created(4)],
-            ),
-        ],
-        None,
-    );
+    let missing = pinned_create("account", Uuid::now_v7(), 1);
     assert!(matches!(
         store.append(missing).await,
         Err(AppendError::VersionConflict { current: 0, .. })
@@ -1699,28 +1702,8 @@ async fn a_pin_sees_a_write_committed_while_it_waited_for_the_lock() {
         .append(write(ExpectedVersion::NoStream, 1))
         .await
         .unwrap();
-    let moving = tokio::spawn({
-        let slow = slow.clone();
-        let request = write(ExpectedVersion::Exact(1), 2);
-        async move { slow.append(request).await }
-    });
-    // The slow batch holds its transaction, and the log's lock, open.
-    db.until_a_backend("state = 'idle in transaction' AND query LIKE 'WITH head AS%'")
-        .await;
-    let pinned = request(
-        "t",
-        vec![
-            one("account", account, ExpectedVersion::Pinned(1), Vec::new()),
-            one(
-                "contact",
-                Uuid::now_v7(),
-                ExpectedVersion::NoStream,
-                vec![created(3)],
-            ),
-        ],
-        None,
-    );
-    let outcome = store.append(pinned).await;
+    let moving = holding_the_log(&db, &slow, write(ExpectedVersion::Exact(1), 2)).await;
+    let outcome = store.append(pinned_create("account", account, 1)).await;
     moving.await.unwrap().unwrap();
     match outcome {
         Err(AppendError::VersionConflict {
@@ -1743,13 +1726,7 @@ async fn an_unchanged_outcome_recorded_during_an_append_under_its_key_answers_th
     let id = Uuid::now_v7();
     let fingerprint = [9u8; 32];
     let keyed = keyed_create(id, "k", fingerprint);
-    let appending = tokio::spawn({
-        let slow = slow.clone();
-        async move { slow.append(keyed).await }
-    });
-    // The slow batch holds its transaction, and the log's lock, open.
-    db.until_a_backend("state = 'idle in transaction' AND query LIKE 'WITH head AS%'")
-        .await;
+    let appending = holding_the_log(&db, &slow, keyed).await;
     let recorded = store
         .record_unchanged(&tenant("t"), "k", fingerprint, id, 0, 0)
         .await
@@ -1848,19 +1825,14 @@ async fn a_pinned_append_does_not_take_its_neighbours_off_the_fast_path() {
     .await
     .unwrap();
     // One batch holds the writer while the others queue behind it.
-    let first = tokio::spawn({
-        let slow = slow.clone();
-        let request = create(Uuid::now_v7(), ExpectedVersion::NoStream, vec![created(1)]);
-        async move { slow.append(request).await }
-    });
-    db.until_a_backend("state = 'idle in transaction' AND query LIKE 'WITH head AS%'")
-        .await;
+    let first = create(Uuid::now_v7(), ExpectedVersion::NoStream, vec![created(1)]);
+    let first = holding_the_log(&db, &slow, first).await;
     let before = slow.writer_stats();
     let mut queued = Vec::new();
     for n in 0..21 {
         let store = slow.clone();
         let request = if n == 10 {
-            request_with_pin(account)
+            pinned_create("account", account, 1)
         } else {
             create(Uuid::now_v7(), ExpectedVersion::NoStream, vec![created(n)])
         };
@@ -1879,21 +1851,4 @@ async fn a_pinned_append_does_not_take_its_neighbours_off_the_fast_path() {
     );
     assert_eq!(count_events(&db).await, 23);
     slow.shutdown().await;
-}
-
-/// A new contact's creation pinned to `account` at version 1.
-fn request_with_pin(account: Uuid) -> AppendEvents {
-    request(
-        "t",
-        vec![
-            one("account", account, ExpectedVersion::Pinned(1), Vec::new()),
-            one(
-                "contact",
-                Uuid::now_v7(),
-                ExpectedVersion::NoStream,
-                vec![created(99)],
-            ),
-        ],
-        None,
-    )
 }
